@@ -1,0 +1,90 @@
+"""``invtract`` command line: a thin argparse front over the library.
+
+Each sub-command lives in ``invtract/commands/<name>.py`` as a class with ``name``, ``help``,
+``add_arguments(parser)`` and ``run(args) -> int``; its module docstring is its long help.
+An :class:`~invtract.errors.InvtractError` becomes one line on stderr and exit code 1
+(``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import InvtractError
+
+__all__ = ["main"]
+
+#: name -> "module:Class" (imported lazily so ``invtract --help`` stays fast)
+_COMMANDS: dict[str, str] = {
+    "track": "invtract.commands.track:Track",
+    "compare": "invtract.commands.compare:Compare",
+    "connectome": "invtract.commands.connectome:Connectome",
+    "fit": "invtract.commands.fit:Fit",
+    "calibrate": "invtract.commands.calibrate:Calibrate",
+}
+
+
+def _load(spec: str):
+    module, _, cls = spec.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return None
+        raise
+    return getattr(mod, cls)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="invtract",
+        description="Differentiable SD_Stream tractography and inverse tractography.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, spec in _COMMANDS.items():
+        cls = _load(spec)
+        if cls is None:
+            continue
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+        p = sub.add_parser(
+            name,
+            help=cls.help,
+            description=doc or cls.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+        cls.add_arguments(p)
+        p.set_defaults(_command=cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_command", None) is None:
+        parser.print_help()
+        return 1
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="invtract: %(message)s",
+    )
+    try:
+        return int(args._command.run(args) or 0)
+    except InvtractError as exc:
+        if args.debug:
+            raise
+        print(f"invtract {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"invtract {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

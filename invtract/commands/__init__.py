@@ -1,0 +1,1 @@
+"""invtract.commands."""

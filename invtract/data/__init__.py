@@ -1,0 +1,1 @@
+"""Bundled example data (a small FOD and a target bundle)."""
