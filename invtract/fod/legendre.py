@@ -1,0 +1,98 @@
+"""Normalised associated Legendre functions and MRtrix3's precomputed lookup table.
+
+Convention: ``core/math/legendre.h`` (``Plm_sph``, array form) and ``core/math/SH.h``
+(``PrecomputedAL``). Values include the Condon-Shortley phase and are orthonormal on the sphere.
+The table has 512 rows at polar angles theta_n = n * float(pi/511); row entries are indexed
+``l*l/4 + m`` for even l and 0 <= m <= l. Everything is computed in float32 with MRtrix's order
+of operations, so lookups match tckgen bit for bit in practice.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = [
+    "LUT_SIZE",
+    "n_legendre",
+    "legendre_index",
+    "plm_sph_column",
+    "legendre_table",
+    "lut_increment",
+]
+
+f32 = np.float32
+LUT_SIZE = 512
+_INV_SQRT_4PI = 0.282094791773878
+
+
+def n_legendre(lmax: int) -> int:
+    """Number of (l, m >= 0) entries for even l <= lmax: (lmax/2 + 1)^2."""
+    return (lmax // 2 + 1) ** 2
+
+
+def legendre_index(l: int, m: int) -> int:
+    """Entry of P_l^m (l even, 0 <= m <= l) in a table row (MRtrix ``index_mpos``)."""
+    return l * l // 4 + m
+
+
+def _helper(x: float, m: float) -> float:
+    # product over the odd factors, in double (MRtrix evaluates it with double arguments)
+    out = 1.0
+    factors = []
+    while m >= 1.0:
+        factors.append(x * (m - 1.0) / m)
+        m -= 2.0
+    for f in reversed(factors):
+        out = f * out
+    return out
+
+
+def plm_sph_column(lmax: int, m: int, x: np.float32) -> np.ndarray:
+    """P-bar_n^m(x) for n = 0..lmax (entries n < m are 0), float32, MRtrix's recursion."""
+    x = f32(x)
+    out = np.zeros(lmax + 1, dtype=np.float32)
+    x2 = f32(x * x)
+    if m and x2 >= 1.0:
+        return out
+    v = f32(_INV_SQRT_4PI)
+    if m:
+        v = f32(float(v) * math.sqrt(float(f32(2 * m + 1)) * _helper(1.0 - float(x2), 2.0 * m)))
+    if m & 1:
+        v = -v
+    out[m] = v
+    if lmax == m:
+        return out
+    f = f32(math.sqrt(float(f32(2 * m + 3))))
+    out[m + 1] = f32(f32(x * f) * out[m])
+    for n in range(m + 2, lmax + 1):
+        val = f32(f32(x * out[n - 1]) - f32(out[n - 2] / f))
+        f = f32(math.sqrt(float(f32(f32(4 * n * n - 1) / f32(n * n - m * m)))))
+        out[n] = f32(val * f)
+    return out
+
+
+def lut_increment() -> np.float32:
+    """Polar-angle spacing of the table rows, float(pi / 511)."""
+    return f32(math.pi / (LUT_SIZE - 1))
+
+
+@lru_cache(maxsize=8)
+def legendre_table(lmax: int) -> np.ndarray:
+    """MRtrix's ``PrecomputedAL<float>`` table, ``[512, (lmax/2+1)^2]`` float32 (read-only).
+
+    Row n holds P-bar_l^m(cos(n * inc)) for even l <= lmax, 0 <= m <= l, at ``legendre_index``.
+    """
+    inc = lut_increment()
+    table = np.zeros((LUT_SIZE, n_legendre(lmax)), dtype=np.float32)
+    for n in range(LUT_SIZE):
+        cos_el = f32(math.cos(float(f32(f32(n) * inc))))
+        for m in range(lmax + 1):
+            col = plm_sph_column(lmax, m, cos_el)
+            start = m + 1 if (m & 1) else m
+            for l in range(start, lmax + 1, 2):
+                table[n, legendre_index(l, m)] = col[l]
+    table.setflags(write=False)
+    return table
