@@ -1,0 +1,64 @@
+"""A random stream that replays MRtrix3's tractography RNG.
+
+Convention (spec §8.1; ``core/math/rng.h``): tckgen with ``-nthreads 0`` seeds one
+``std::mt19937`` with ``MRTRIX_RNG_SEED``; numpy's ``MT19937`` with legacy seeding produces the
+same 32-bit stream. Floats are libstdc++'s ``generate_canonical<float>`` (one draw / 2^32,
+1.0 mapped to the largest float below 1); integers use GCC's nearly-divisionless method.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["MRtrixRNG"]
+
+_TWO32 = float(2**32)
+_BELOW_ONE = np.float32(1.0) - np.float32(2.0**-24)
+
+
+class MRtrixRNG:
+    """``std::mt19937(seed)`` as tckgen uses it (single-threaded)."""
+
+    def __init__(self, seed: int, block: int = 1 << 16) -> None:
+        self._bg = np.random.MT19937()
+        self._bg._legacy_seeding(int(seed))
+        self._block = block
+        self._buf = np.zeros(0, dtype=np.uint64)
+        self._i = 0
+
+    def raw(self) -> int:
+        """The next 32-bit output."""
+        if self._i >= self._buf.shape[0]:
+            self._buf = self._bg.random_raw(self._block)
+            self._i = 0
+        v = int(self._buf[self._i])
+        self._i += 1
+        return v
+
+    def uniform(self) -> np.float32:
+        """Uniform float32 in [0, 1) (``uniform_real_distribution<float>``)."""
+        u = np.float32(np.float32(self.raw()) / np.float32(_TWO32))
+        return _BELOW_ONE if u >= 1.0 else u
+
+    def randint(self, n: int) -> int:
+        """Uniform integer in [0, n-1] (``uniform_int_distribution<int>``, GCC 12)."""
+        product = self.raw() * n
+        low = product & 0xFFFFFFFF
+        if low < n:
+            threshold = (2**32 - n) % n
+            while low < threshold:
+                product = self.raw() * n
+                low = product & 0xFFFFFFFF
+        return product >> 32
+
+    def direction(self) -> np.ndarray:
+        """A random direction as ``MethodBase::random_direction`` draws it (not normalised)."""
+        one, two = np.float32(1.0), np.float32(2.0)
+        while True:
+            d = np.array(
+                [two * self.uniform() - one, two * self.uniform() - one, two * self.uniform() - one],
+                dtype=np.float32,
+            )
+            n2 = d[0] * d[0] + (d[1] * d[1] + d[2] * d[2])
+            if n2 <= 1.0:
+                return d
