@@ -57,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
             description=doc or cls.help,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-        p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
+        p.add_argument(
+            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="less output"
+        )
         cls.add_arguments(p)
         p.set_defaults(_command=cls)
     return parser

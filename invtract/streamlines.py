@@ -121,7 +121,9 @@ class Streamlines:
             return Streamlines.empty(dtype=self.dtype, device=self.device)
         lengths = self.lengths[index]
         starts = self.offsets[index]
-        point_index = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
+        point_index = torch.repeat_interleave(
+            starts - (torch.cumsum(lengths, 0) - lengths), lengths
+        )
         point_index = point_index + torch.arange(int(lengths.sum()), device=lengths.device)
         return Streamlines(self.points[point_index], lengths)
 

@@ -81,7 +81,9 @@ class PeakTables:
                         j1[e], k1[e] = legendre_index(l, m - 2), s3
                     if l > m + 1:
                         j2[e] = legendre_index(l, m + 2)
-                        k2[e] = f32(math.sqrt(f32((l - m) * (l + m + 1) * (l - m - 1) * (l + m + 2))))
+                        k2[e] = f32(
+                            math.sqrt(f32((l - m) * (l + m + 1) * (l - m - 1) * (l + m + 2)))
+                        )
                     kd[e] = 0.25
         self.arrays = dict(
             ls=ls, ms=ms, ip=ip, im=im, ia=ia, ib=ib, ka=ka, kb=kb, kc=kc,
@@ -117,7 +119,9 @@ def _lookup(T: dict, el: torch.Tensor, inc: float) -> torch.Tensor:
     low = i < 0
     high = i >= LUT_SIZE - 1
     frac = torch.where(low | high, torch.zeros_like(f2), f2 - i)
-    idx = torch.where(low, torch.zeros_like(i), torch.where(high, torch.full_like(i, LUT_SIZE - 1), i))
+    idx = torch.where(
+        low, torch.zeros_like(i), torch.where(high, torch.full_like(i, LUT_SIZE - 1), i)
+    )
     idx = idx.to(torch.int64)
     table = T["table"]
     r1 = table[idx]

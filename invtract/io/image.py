@@ -1,16 +1,47 @@
-"""Images: FODs and masks from NIfTI (nibabel) and MRtrix .mif/.mih.
+"""Images: FODs and masks from NIfTI (nibabel) and MRtrix ``.mif`` / ``.mih`` / ``.mif.gz``.
 
-PLACEHOLDER: minimal NIfTI-only version; the io helper replaces it.
+Every image comes back as an :class:`Image`: a numpy array in voxel index order ``(i, j, k,
+vol)`` plus the ``[4, 4]`` affine that maps voxel indices (voxel centres at integers) to
+scanner mm (RAS+). For NIfTI this is nibabel's ``img.affine`` (sform when ``sform_code > 0``,
+else qform) and data order; for MRtrix images it is what nibabel would report after
+``mrconvert x.mif x.nii`` (see :mod:`invtract.io.mif`).
+
+Convention: spec sections 1.1 (FOD input, SH count check), 1.4 (transform, voxel sizes) and
+4.1 (mask voxel truth value); MRtrix3 ``core/math/SH.h`` (``Math::SH::check``),
+``core/image_io/fetch_store.cpp`` (float -> bool).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
-__all__ = ["Image", "load_image", "load_fod", "load_mask"]
+from ..errors import FormatError, ShapeError
+from .mif import MIF_SUFFIXES, atomic_output, read_mif, write_mif
+from .sh_basis import _check_basis, lmax_for_n, to_mrtrix_basis, valid_sh_counts
+
+__all__ = [
+    "Image",
+    "load_image",
+    "load_fod",
+    "load_mask",
+    "save_nifti",
+    "save_mif",
+    "check_same_grid",
+    "NIFTI_SUFFIXES",
+    "IMAGE_SUFFIXES",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + MIF_SUFFIXES
+
+#: Affine tolerance (mm) for "same grid" checks.
+GRID_ATOL_MM = 1e-4
 
 
 @dataclass
@@ -20,7 +51,7 @@ class Image:
     Attributes:
         data: ``[X, Y, Z]`` or ``[X, Y, Z, K]`` array (float32 for FODs, bool for masks).
         affine: ``[4, 4]`` float64, voxel indices (centres at integers) -> scanner mm (RAS+).
-        voxel_sizes: ``(3,)`` voxel sizes in mm (pixdim).
+        voxel_sizes: ``(3,)`` voxel sizes in mm (NIfTI pixdim / MRtrix ``vox``).
         path: source file, if any.
     """
 
@@ -31,25 +62,278 @@ class Image:
 
     @property
     def shape(self) -> tuple:
+        """Shape of ``data``."""
         return self.data.shape
 
     @property
     def scanner2voxel(self) -> np.ndarray:
-        """``[3, 4]`` float64 inverse of the affine."""
+        """``[3, 4]`` float64 inverse of the affine (scanner mm -> voxel index)."""
         return np.linalg.inv(self.affine)[:3]
 
 
-def load_image(path) -> Image:
-    img = nib.load(str(path))
-    data = np.asarray(img.get_fdata(dtype=np.float32))
-    return Image(data, np.asarray(img.affine, np.float64), tuple(img.header.get_zooms()[:3]), str(path))
+def _suffix(path: str) -> str:
+    low = path.lower()
+    for suf in (".nii.gz", ".mif.gz"):
+        if low.endswith(suf):
+            return suf
+    return os.path.splitext(low)[1]
 
 
-def load_fod(path, sh_basis: str = "mrtrix") -> Image:
-    return load_image(path)
+def _read_raw(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple, tuple, str]:
+    """``(raw data, affine, voxel_sizes, (inter, slope), path)`` with no scaling applied."""
+    path = str(path)
+    suffix = _suffix(path)
+    if suffix not in IMAGE_SUFFIXES:
+        raise FormatError(
+            f"{path}: unsupported image format {suffix or '(no extension)'!r}; "
+            f"supported: {', '.join(IMAGE_SUFFIXES)}"
+        )
+    if not os.path.isfile(path):
+        raise FormatError(f"{path}: no such file")
+    if suffix in MIF_SUFFIXES:
+        data, affine, voxel_sizes, header = read_mif(path)
+        return data, affine, voxel_sizes, header.scaling, path
+    try:
+        img = nib.load(path)
+        raw = np.asanyarray(img.dataobj.get_unscaled())
+        slope, inter = img.dataobj.slope, img.dataobj.inter
+        affine = np.asarray(img.affine, dtype=np.float64)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    except FormatError:
+        raise
+    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, ...)
+        raise FormatError(
+            f"{path}: cannot read NIfTI image ({type(err).__name__}: {err})"
+        ) from err
+    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    return raw, affine, zooms, (inter, slope), path
 
 
-def load_mask(path) -> Image:
-    im = load_image(path)
-    d = im.data
-    return Image(np.isfinite(d) & (np.abs(d) >= 0.5), im.affine, im.voxel_sizes, im.path)
+def _scaled_float32(raw: np.ndarray, scaling: tuple) -> np.ndarray:
+    inter, slope = scaling
+    data = raw.astype(np.float32)
+    if slope != 1.0 or inter != 0.0:
+        data = (data.astype(np.float64) * slope + inter).astype(np.float32)
+    return data
+
+
+def load_image(path: str | os.PathLike) -> Image:
+    """Load a NIfTI or MRtrix image as float32.
+
+    Args:
+        path: ``.nii``, ``.nii.gz``, ``.mif``, ``.mih`` (data file next to it) or ``.mif.gz``.
+
+    Returns:
+        :class:`Image` with float32 ``data`` (intensity scaling -- NIfTI ``scl_slope`` /
+        ``scl_inter``, MRtrix ``scaling`` -- applied), ``affine`` voxel index -> scanner mm
+        (RAS+) and voxel sizes in mm.
+
+    Raises:
+        FormatError: unknown extension, missing or unreadable/malformed file (names the path).
+    """
+    raw, affine, zooms, scaling, path = _read_raw(path)
+    return Image(_scaled_float32(raw, scaling), affine, zooms, path)
+
+
+def _check_affine(affine: np.ndarray, path: str | None) -> None:
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise FormatError(f"{path}: image affine is not finite:\n{affine}")
+    det = float(np.linalg.det(affine[:3, :3]))
+    scale = float(np.prod(np.linalg.norm(affine[:3, :3], axis=0)))
+    if scale == 0.0 or abs(det) <= 1e-8 * scale:
+        raise FormatError(f"{path}: image affine is singular (det {det:g}):\n{affine}")
+
+
+def load_fod(path: str | os.PathLike, sh_basis: str = "mrtrix") -> Image:
+    """Load and validate a spherical-harmonic FOD image.
+
+    NaN voxels are kept (the tracker treats them as "no data", as MRtrix does).
+
+    Args:
+        path: 4-D image file (see :func:`load_image`), 4th axis = SH coefficients.
+        sh_basis: coefficient convention of the file, one of
+            :data:`invtract.io.sh_basis.SH_BASES`; converted to MRtrix3's basis. Directions
+            stay in the image's own frame (MRtrix FODs are in scanner space).
+
+    Returns:
+        :class:`Image` with float32 ``data`` ``[X, Y, Z, K]`` in the MRtrix3 SH basis.
+
+    Shape:
+        ``data``: ``(X, Y, Z, K)`` with K = (lmax+1)(lmax+2)/2, lmax even.
+
+    Raises:
+        FormatError: missing/unreadable file, singular or non-finite affine.
+        ShapeError: not 4-D, or K is not a valid SH coefficient count.
+        ConfigError: unknown ``sh_basis``.
+
+    Convention:
+        ``Math::SH::check`` (core/math/SH.h): 4-D and N == (lmax+1)(lmax+2)/2, lmax even.
+    """
+    _check_basis(sh_basis)
+    image = load_image(path)
+    if image.data.ndim != 4:
+        raise ShapeError(
+            f"{image.path}: FOD image must be 4-D [X, Y, Z, K] (SH coefficients on the 4th "
+            f"axis), got shape {image.data.shape}"
+        )
+    K = image.data.shape[3]
+    if lmax_for_n(K) is None:
+        raise ShapeError(
+            f"{image.path}: {K} volumes is not a spherical-harmonic coefficient count; "
+            f"valid counts (lmax 0, 2, 4, ...) are "
+            f"{', '.join(str(n) for n in valid_sh_counts())}"
+        )
+    _check_affine(image.affine, image.path)
+    if sh_basis not in ("mrtrix", "tournier07"):
+        image.data = np.ascontiguousarray(to_mrtrix_basis(image.data, sh_basis), np.float32)
+    return image
+
+
+def load_mask(path: str | os.PathLike) -> Image:
+    """Load a mask / ROI as a boolean image.
+
+    A floating-point (or intensity-scaled) voxel is true iff it is finite and
+    ``|v| >= 0.5`` (i.e. ``round(v) != 0``); an integer or bit voxel is true iff non-zero.
+
+    Args:
+        path: 3-D image, or 4-D with a single volume (see :func:`load_image`).
+
+    Returns:
+        :class:`Image` with bool ``data`` ``[X, Y, Z]``.
+
+    Raises:
+        FormatError: missing/unreadable file, singular or non-finite affine.
+        ShapeError: not 3-D (or 4-D with one volume).
+
+    Convention:
+        ``core/image_io/fetch_store.cpp`` (float to bool conversion), spec section 4.1.
+    """
+    raw, affine, zooms, scaling, path = _read_raw(path)
+    if raw.ndim == 4 and raw.shape[3] == 1:
+        raw = raw[..., 0]
+    if raw.ndim != 3:
+        raise ShapeError(
+            f"{path}: mask must be 3-D (or 4-D with one volume), got shape {raw.shape}"
+        )
+    _check_affine(affine, path)
+    identity = scaling == (0.0, 1.0)
+    if identity and (raw.dtype == bool or raw.dtype.kind in "iu"):
+        data = raw != 0
+    else:
+        values = _scaled_float32(raw, scaling)
+        with np.errstate(invalid="ignore"):
+            data = np.isfinite(values) & (np.abs(values) >= 0.5)
+    return Image(np.ascontiguousarray(data, dtype=bool), affine, zooms, path)
+
+
+def check_same_grid(a: Image, b: Image, what: str) -> None:
+    """Raise if two images are not on the same voxel grid.
+
+    Args:
+        a: first image.
+        b: second image.
+        what: description used in the message, e.g. ``"mask vs FOD"``.
+
+    Raises:
+        ShapeError: spatial shapes differ, or affines differ by more than 1e-4 mm
+            ("affine mismatch").
+    """
+    sa, sb = tuple(a.shape[:3]), tuple(b.shape[:3])
+    if sa != sb:
+        raise ShapeError(
+            f"{what}: grid mismatch, spatial shapes {sa} ({a.path}) and {sb} ({b.path}) differ"
+        )
+    if not np.allclose(a.affine, b.affine, rtol=0.0, atol=GRID_ATOL_MM):
+        diff = float(np.max(np.abs(np.asarray(a.affine) - np.asarray(b.affine))))
+        raise ShapeError(
+            f"{what}: affine mismatch (max difference {diff:.3g} mm > {GRID_ATOL_MM} mm) "
+            f"between {a.path} and {b.path}:\n{np.asarray(a.affine)}\nvs\n{np.asarray(b.affine)}"
+        )
+
+
+def _as_numpy(data: np.ndarray | torch.Tensor) -> np.ndarray:
+    if torch.is_tensor(data):
+        return data.detach().cpu().numpy()
+    return np.asarray(data)
+
+
+def _like_header(like: Image | str | os.PathLike | None) -> nib.Nifti1Header | None:
+    if like is None:
+        return None
+    src = like.path if isinstance(like, Image) else str(like)
+    if src is None or _suffix(src) not in NIFTI_SUFFIXES or not os.path.isfile(src):
+        return None
+    try:
+        hdr = nib.load(src).header
+    except Exception:  # a header we cannot read is simply not reused
+        return None
+    return hdr.copy() if isinstance(hdr, nib.Nifti1Header) else None
+
+
+def save_nifti(
+    path: str | os.PathLike,
+    data: np.ndarray | torch.Tensor,
+    affine: np.ndarray,
+    like: Image | str | os.PathLike | None = None,
+    *,
+    overwrite: bool = True,
+) -> None:
+    """Write a NIfTI image atomically (temporary file in the same folder, then ``os.replace``).
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` output.
+        data: ``[X, Y, Z]`` or ``[X, Y, Z, K]`` array or tensor (detached, moved to CPU).
+            Floats are written as float32, bools as uint8.
+        affine: ``[4, 4]`` voxel index -> scanner mm (RAS+); stored as sform and qform.
+        like: image (or NIfTI file) whose header is reused (description, units, codes,
+            xyzt); must be on the same grid as ``affine``.
+        overwrite: if False, refuse to replace an existing file.
+
+    Raises:
+        FormatError: ``path`` is not a NIfTI name; ``path`` exists and ``overwrite`` is False.
+        ShapeError: ``like`` is on a different grid.
+    """
+    path = str(path)
+    suffix = _suffix(path)
+    if suffix not in NIFTI_SUFFIXES:
+        raise FormatError(f"{path}: save_nifti needs a .nii or .nii.gz file name")
+    if not overwrite and os.path.lexists(path):
+        raise FormatError(f"{path}: output exists (pass overwrite=True to replace it)")
+    arr = _as_numpy(data)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        arr = arr.astype(np.float32, copy=False)
+    affine = np.asarray(affine, dtype=np.float64)
+    _check_affine(affine, path)
+    if isinstance(like, Image):
+        check_same_grid(Image(arr, affine, (), path), like, f"save_nifti({path})")
+    header = _like_header(like)
+    if header is not None:
+        header.set_data_dtype(arr.dtype)
+    img = nib.Nifti1Image(arr, affine, header=header)
+    s_code = int(header["sform_code"]) if header is not None else 0
+    q_code = int(header["qform_code"]) if header is not None else 0
+    img.set_sform(affine, code=s_code if s_code > 0 else 1)
+    img.set_qform(affine, code=q_code if q_code > 0 else 1)
+    img.header.set_slope_inter(1.0, 0.0)
+    with atomic_output(path, suffix=suffix) as tmp:
+        nib.save(img, tmp)
+
+
+def save_mif(path: str | os.PathLike, image: Image, *, overwrite: bool = True) -> None:
+    """Write an :class:`Image` as MRtrix ``.mif`` / ``.mif.gz`` (atomically).
+
+    Args:
+        path: output file name.
+        image: image to write; bool data become ``Bit``, floats ``Float32LE``.
+        overwrite: if False, refuse to replace an existing file.
+
+    Raises:
+        FormatError: bad suffix, singular affine, or existing file with ``overwrite=False``.
+    """
+    path = str(path)
+    if not overwrite and os.path.lexists(path):
+        raise FormatError(f"{path}: output exists (pass overwrite=True to replace it)")
+    write_mif(Path(path), _as_numpy(image.data), np.asarray(image.affine, dtype=np.float64))

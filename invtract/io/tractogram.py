@@ -1,18 +1,361 @@
-"""Tractogram files (.tck, .trk, .trx) <-> Streamlines in scanner mm.
+"""Tractogram files (``.tck``, ``.trk``, ``.trx``) <-> :class:`~invtract.streamlines.Streamlines`.
 
-PLACEHOLDER: minimal .tck read via nibabel; the io helper replaces it.
+Points are always float32 scanner mm (RAS+), as ``.tck`` stores them. ``.trk`` files are
+converted to RAS+ mm by nibabel (``Tractogram.to_world``); ``.trx`` stores RAS+ mm positions.
+``ArraySequence`` and nibabel/trx objects never leave this module.
+
+Convention: ``.tck`` layout of MRtrix3 ``src/dwi/tractography/file.h`` / ``file_base.h``
+(spec section 7.2): text header from ``mrtrix tracks`` to ``END`` with ``key: value`` lines
+(repeated keys for multi-line values), ``file: . OFFSET``, then float32 LE triplets with a NaN
+triplet after each streamline and an Inf triplet at the end.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
+from nibabel.streamlines import Field, Tractogram
+from nibabel.streamlines.tck import TckFile
+from nibabel.streamlines.tractogram_file import DataError, HeaderError
 
+from ..errors import FormatError, InvtractError
 from ..streamlines import Streamlines
+from .image import Image
+from .mif import atomic_output
 
-__all__ = ["load_tractogram"]
+__all__ = [
+    "TRACTOGRAM_SUFFIXES",
+    "load_tractogram",
+    "load_tractogram_header",
+    "save_tractogram",
+]
+
+TRACTOGRAM_SUFFIXES = (".tck", ".trk", ".trx")
+
+_TCK_MAGIC = b"mrtrix tracks"
+#: Keys written by the writer itself; user values for them are ignored.
+_TCK_RESERVED = ("count", "datatype", "file")
 
 
-def load_tractogram(path, reference=None) -> Streamlines:
-    tck = nib.streamlines.load(str(path))
-    return Streamlines.from_list([np.asarray(s, np.float32) for s in tck.streamlines])
+def _suffix(path: str) -> str:
+    return os.path.splitext(path.lower())[1]
+
+
+def _check_readable(path: str) -> str:
+    suffix = _suffix(path)
+    if suffix not in TRACTOGRAM_SUFFIXES:
+        raise FormatError(
+            f"{path}: unknown tractogram extension {suffix or '(none)'!r}; "
+            f"supported: {', '.join(TRACTOGRAM_SUFFIXES)}"
+        )
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such file")
+    return suffix
+
+
+def _trx_module():
+    try:
+        from trx import trx_file_memmap
+    except ImportError as err:  # pragma: no cover - trx-python is a declared dependency
+        raise FormatError(
+            ".trx support needs trx-python (pip install trx-python); "
+            "convert to .tck with `tff_convert_tractogram` otherwise"
+        ) from err
+    return trx_file_memmap
+
+
+def load_tractogram(path: str | os.PathLike, reference: Image | None = None) -> Streamlines:
+    """Load a tractogram as packed float32 streamlines in scanner mm (RAS+).
+
+    An empty tractogram (valid header, no streamlines) loads as an empty :class:`Streamlines`;
+    callers decide whether that is an error.
+
+    Args:
+        path: ``.tck``, ``.trk`` or ``.trx`` file.
+        reference: unused for these formats (all three carry world coordinates / their own
+            grid); accepted for API symmetry with :func:`save_tractogram`.
+
+    Returns:
+        :class:`Streamlines` on CPU with float32 ``points`` ``[P, 3]`` (scanner mm).
+
+    Raises:
+        FormatError: missing file, unknown extension, malformed or truncated file (no magic
+            number, no END, missing delimiter, header ``count`` larger than the data),
+            non-finite coordinates. The message includes the path.
+    """
+    del reference
+    path = str(path)
+    suffix = _check_readable(path)
+    if suffix == ".trx":
+        lines = _load_trx(path)
+    else:
+        lines = _load_nibabel(path, suffix)
+    if len(lines) == 0:
+        return Streamlines.empty()
+    sl = Streamlines.from_list(lines)
+    if not bool(np.isfinite(sl.points.numpy()).all()):
+        bad = np.flatnonzero(~np.isfinite(sl.points.numpy()).all(axis=1))
+        raise FormatError(
+            f"{path}: tractogram contains {bad.size} vertices with non-finite coordinates"
+        )
+    return sl
+
+
+def _load_nibabel(path: str, suffix: str) -> list[np.ndarray]:
+    try:
+        tfile = nib.streamlines.load(path)
+        streamlines = tfile.streamlines  # RAS+ mm (to_world applied by nibabel)
+        lines = [np.asarray(s, dtype=np.float32) for s in streamlines]
+    except (HeaderError, DataError) as err:
+        raise FormatError(f"{path}: malformed {suffix} file ({err})") from err
+    except (ValueError, OSError, EOFError, UnicodeDecodeError, KeyError) as err:
+        raise FormatError(
+            f"{path}: cannot read {suffix} file ({type(err).__name__}: {err})"
+        ) from err
+    if suffix == ".tck":
+        count = tfile.header.get("count")
+        if count is not None:
+            try:
+                expected = int(str(count).strip())
+            except ValueError:
+                expected = None
+            if expected is not None and expected != len(lines):
+                raise FormatError(
+                    f"{path}: header says count: {expected} but the file holds {len(lines)} "
+                    "streamlines (truncated or still being written?)"
+                )
+    return lines
+
+
+def _load_trx(path: str) -> list[np.ndarray]:
+    tmm = _trx_module()
+    try:
+        trx = tmm.load(path)
+    except Exception as err:  # trx-python raises assorted types on bad input
+        raise FormatError(f"{path}: cannot read .trx file ({type(err).__name__}: {err})") from err
+    try:
+        seq = trx.streamlines
+        lines = [np.array(s, dtype=np.float32) for s in seq]
+    finally:
+        trx.close()
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# headers
+
+
+def _read_tck_header(path: str) -> dict[str, str]:
+    """Parse the text header of a .tck file; repeated keys are joined with newlines."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.readline()
+            if magic.rstrip(b"\r\n").rstrip() != _TCK_MAGIC:
+                raise FormatError(
+                    f"{path}: not a .tck file (invalid magic number {magic[:20]!r}, expected "
+                    f"{_TCK_MAGIC!r})"
+                )
+            out: dict[str, list[str]] = {}
+            for raw in f:
+                line = raw.decode("utf-8", errors="replace").strip()
+                if line == "END":
+                    return {k: "\n".join(v) for k, v in out.items()}
+                if not line or ":" not in line:
+                    continue
+                key, value = (s.strip() for s in line.split(":", 1))
+                out.setdefault(key, []).append(value)
+    except OSError as err:
+        raise FormatError(f"{path}: cannot read ({err})") from err
+    raise FormatError(f"{path}: malformed .tck header (missing END; truncated?)")
+
+
+def load_tractogram_header(path: str | os.PathLike) -> dict[str, str]:
+    """Header key/values of a tractogram file, as strings.
+
+    For ``.tck`` these are MRtrix's own keys (``step_size``, ``max_angle``, ``threshold``,
+    ``min_dist``, ``max_dist``, ``init_direction``, ``count``, ``total_count``,
+    ``command_history``, ``file``, ``datatype``, ...); repeated keys are joined with ``"\\n"``.
+    For ``.trk`` the nibabel header fields are returned (``count`` = number of streamlines);
+    for ``.trx`` the JSON header (``count`` = ``NB_STREAMLINES``).
+
+    Args:
+        path: tractogram file.
+
+    Returns:
+        ``dict[str, str]``.
+
+    Raises:
+        FormatError: missing file, unknown extension or malformed header.
+    """
+    path = str(path)
+    suffix = _check_readable(path)
+    if suffix == ".tck":
+        return _read_tck_header(path)
+    if suffix == ".trk":
+        try:
+            hdr = nib.streamlines.load(path, lazy_load=True).header
+        except (HeaderError, DataError, ValueError, OSError, EOFError) as err:
+            raise FormatError(f"{path}: malformed .trk file ({err})") from err
+        out = {str(k): _to_str(v) for k, v in hdr.items() if not str(k).startswith("_")}
+        out["count"] = str(int(hdr[Field.NB_STREAMLINES]))
+        return out
+    tmm = _trx_module()
+    try:
+        trx = tmm.load(path)
+    except Exception as err:
+        raise FormatError(f"{path}: cannot read .trx file ({type(err).__name__}: {err})") from err
+    try:
+        out = {str(k): _to_str(v) for k, v in trx.header.items()}
+        out["count"] = str(int(trx.header["NB_STREAMLINES"]))
+    finally:
+        trx.close()
+    return out
+
+
+def _to_str(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "S":
+            return b"".join(value.ravel().tolist()).decode("latin-1").rstrip("\x00")
+        return json.dumps(value.tolist())
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+class _TckWriter(TckFile):
+    """nibabel's TckFile with an MRtrix-style header writer.
+
+    nibabel's own header writer rejects values that contain ``:`` and cannot write multi-line
+    values; MRtrix splits a key/value line at its first colon and writes one line per value
+    line under the same key (e.g. ``command_history``). The body (NaN-delimited float32 LE
+    triplets, Inf terminator) and the final in-place count update are nibabel's.
+    """
+
+    @staticmethod
+    def _write_header(fileobj, header):
+        lines = [
+            f"count: {header[Field.NB_STREAMLINES]:010}",
+            "datatype: Float32LE",
+        ]
+        skip = {Field.MAGIC_NUMBER, Field.NB_STREAMLINES, Field.ENDIANNESS, Field.VOXEL_TO_RASMM}
+        for key, value in header.items():
+            if key in skip or key in _TCK_RESERVED or str(key).startswith("_"):
+                continue
+            for part in str(value).split("\n"):
+                lines.append(f"{key}: {part}")
+        text = header[Field.MAGIC_NUMBER] + b"\n" + "\n".join(lines).encode("utf-8")
+        # Data offset: the header plus "\nfile: . <offset>\nEND\n" (offset digits included).
+        offset = len(text) + len(b"\nfile: . \nEND\n")
+        while offset != len(text) + len(f"\nfile: . {offset}\nEND\n".encode()):
+            offset = len(text) + len(f"\nfile: . {offset}\nEND\n".encode())
+        fileobj.write(text)
+        fileobj.write(f"\nfile: . {offset}\nEND\n".encode())
+
+
+def _validate_header(header: dict[str, str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in (header or {}).items():
+        key = str(key)
+        if not key or ":" in key or "\n" in key or key != key.strip() or key.startswith("_"):
+            raise InvtractError(f"invalid .tck header key {key!r}")
+        if key in _TCK_RESERVED:
+            continue
+        out[key] = str(value)
+    return out
+
+
+def _reference_grid(reference: Image | str | os.PathLike | None, path: str):
+    if reference is None:
+        raise InvtractError(
+            f"{path}: saving .trk/.trx needs a reference image (the grid: affine and shape)"
+        )
+    if not isinstance(reference, Image):
+        from .image import load_image
+
+        reference = load_image(reference)
+    affine = np.asarray(reference.affine, dtype=np.float64)
+    shape = tuple(int(s) for s in reference.shape[:3])
+    zooms = tuple(float(z) for z in reference.voxel_sizes)
+    return affine, shape, zooms
+
+
+def save_tractogram(
+    path: str | os.PathLike,
+    streamlines: Streamlines,
+    header: dict[str, str] | None = None,
+    reference: Image | str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write streamlines (scanner mm, RAS+) to ``.tck``, ``.trk`` or ``.trx``.
+
+    The file is written under a temporary name in the same folder and moved into place with
+    ``os.replace`` only when complete, so an interrupted write leaves nothing at ``path``.
+
+    Args:
+        path: output file; the extension selects the format.
+        streamlines: streamlines to write (detached and moved to CPU as float32).
+        header: ``.tck`` only: extra header entries under these exact MRtrix names
+            (``step_size``, ``max_angle``, ``threshold``, ``min_dist``, ``max_dist``,
+            ``init_direction``, ``total_count``, ...); multi-line values become repeated keys.
+            ``count`` is always the number of streamlines written.
+        reference: image (or image file) defining the voxel grid; required for ``.trk`` and
+            ``.trx``, ignored for ``.tck``.
+        overwrite: replace an existing file.
+
+    Raises:
+        InvtractError: ``path`` exists and ``overwrite`` is False; ``.trk``/``.trx`` without
+            ``reference``; invalid header key.
+        FormatError: unknown extension; trx-python missing.
+    """
+    path = str(path)
+    suffix = _suffix(path)
+    if suffix not in TRACTOGRAM_SUFFIXES:
+        raise FormatError(
+            f"{path}: unknown tractogram extension {suffix or '(none)'!r}; "
+            f"supported: {', '.join(TRACTOGRAM_SUFFIXES)}"
+        )
+    if os.path.lexists(path) and not overwrite:
+        raise InvtractError(f"{path}: output exists (use overwrite=True / -f to replace it)")
+    if not Path(path).parent.is_dir():
+        raise InvtractError(f"{path}: output folder does not exist")
+    lines = [np.asarray(s, dtype=np.float32) for s in streamlines.to_list()]
+    tractogram = Tractogram(lines, affine_to_rasmm=np.eye(4))
+
+    if suffix == ".tck":
+        tck_header = _validate_header(header)
+        with atomic_output(path, suffix=".tck") as tmp:
+            _TckWriter(tractogram, header=tck_header).save(tmp)
+        return
+
+    affine, shape, zooms = _reference_grid(reference, path)
+    if suffix == ".trk":
+        trk_header = {
+            Field.VOXEL_TO_RASMM: affine,
+            Field.DIMENSIONS: shape,
+            Field.VOXEL_SIZES: zooms,
+            Field.VOXEL_ORDER: "".join(nib.aff2axcodes(affine)),
+        }
+        with atomic_output(path, suffix=".trk") as tmp:
+            nib.streamlines.TrkFile(tractogram, header=trk_header).save(tmp)
+        return
+
+    tmm = _trx_module()
+    ref_header = nib.Nifti1Header()
+    ref_header.set_data_shape(shape)
+    ref_header.set_zooms(zooms)
+    ref_header.set_sform(affine, code=1)
+    ref_header.set_qform(affine, code=1)
+    trx = tmm.TrxFile.from_tractogram(tractogram, ref_header)
+    try:
+        with atomic_output(path, suffix=".trx") as tmp:
+            tmm.save(trx, tmp)
+    finally:
+        trx.close()

@@ -22,7 +22,16 @@ from ..streamlines import Streamlines
 from .rng import MRtrixRNG
 from .seeding import MaskGrid, SeedImageSampler, grid_per_voxel, random_per_voxel
 from .tracker import concat_results, run_engine
-from .types import REJECT_NAMES, TERM_NAMES, EngineResult, ImageRoi, Reject, RoiSet, SphereRoi, Term
+from .types import (
+    REJECT_NAMES,
+    TERM_NAMES,
+    EngineResult,
+    ImageRoi,
+    Reject,
+    RoiSet,
+    SphereRoi,
+    Term,
+)
 
 __all__ = ["Seeding", "TrackingResult", "track", "SeedChecker"]
 

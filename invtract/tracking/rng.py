@@ -56,7 +56,11 @@ class MRtrixRNG:
         one, two = np.float32(1.0), np.float32(2.0)
         while True:
             d = np.array(
-                [two * self.uniform() - one, two * self.uniform() - one, two * self.uniform() - one],
+                [
+                    two * self.uniform() - one,
+                    two * self.uniform() - one,
+                    two * self.uniform() - one,
+                ],
                 dtype=np.float32,
             )
             n2 = d[0] * d[0] + (d[1] * d[1] + d[2] * d[2])

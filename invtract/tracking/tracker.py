@@ -281,9 +281,7 @@ def track_torch(
     parts = []
     for start in range(0, max(n, 1), batch_size):
         stop = min(n, start + batch_size)
-        parts.append(
-            _track_chunk(field, seeds[start:stop], init_dirs[start:stop], params, rois)
-        )
+        parts.append(_track_chunk(field, seeds[start:stop], init_dirs[start:stop], params, rois))
         if progress is not None:
             progress(stop - start)
     return concat_results(parts)

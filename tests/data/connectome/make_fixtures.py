@@ -1,0 +1,126 @@
+"""Regenerate the connectome fixtures in this folder (needs MRtrix3 ``tck2connectome``).
+
+Run from the repository root: ``python tests/data/connectome/make_fixtures.py``. It rebuilds the
+two parcellations with ``tests/connectome/connectome_data.py`` and runs tck2connectome for
+every entry of ``TRACTS`` x ``VARIANTS``; the exact commands are printed and listed in README.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+SHARED = REPO.parent / "shared" / "data"
+
+#: fixture prefix -> (case, tractogram file name)
+TRACTS = {
+    "phantom_whole": ("phantom_cross90", "whole.tck"),
+    "phantom_bundleB": ("phantom_cross90", "bundleB_default.tck"),
+    "real_whole": ("real_msmt15", "whole.tck"),
+    "real_bundleA": ("real_msmt15", "bundleA_default.tck"),
+}
+
+#: variant -> tck2connectome options (the invtract CLI spells them with -- and dashes)
+VARIANTS = {
+    "r4": [],
+    "r2": ["-assignment_radial_search", "2"],
+    "r4_symmetric": ["-symmetric"],
+    "r4_zerodiag": ["-zero_diagonal"],
+    "r4_keep": ["-keep_unassigned"],
+    "r2_symmetric_zerodiag_keep": [
+        "-assignment_radial_search",
+        "2",
+        "-symmetric",
+        "-zero_diagonal",
+        "-keep_unassigned",
+    ],
+}
+
+#: library-only variants (no invtract CLI flag), whole tractograms only
+EXTRA = {
+    "endvoxels": ["-assignment_end_voxels"],
+    "invnodevol": ["-scale_invnodevol"],
+}
+
+#: per-streamline assignments (-out_assignments) kept for these (prefix, variant) pairs
+ASSIGNMENTS = [("phantom_whole", "r4"), ("phantom_whole", "r2"), ("real_bundleA", "r2")]
+
+
+#: hand-made streamlines (scanner mm) probing ties, rounding of halves, one-vertex streamlines
+#: and points outside the image; used with the phantom parcellation (2 mm voxels, origin -39)
+EDGE_CASES = [
+    [[-20.0, -1.0, -1.0], [-20.0, 0.0, -1.0]],  # equidistant from 2, then 4 labels: ties
+    [[-30.0, -20.0, 0.0]],  # one vertex, voxel coordinate (4.5, 9.5, 2.5): halves
+    [[100.0, 100.0, 100.0], [30.0, -20.0, 0.0]],  # far outside; background
+    [[-40.5, -1.0, -1.0], [39.9, -1.0, 5.5]],  # just outside the field of view
+    [[-19.0, 3.0, 0.0], [-21.0, 3.0, 0.0], [-20.0, 3.0, 0.0]],  # on a voxel centre; tie
+]
+
+
+def write_edge_cases(path: Path) -> None:
+    """Write :data:`EDGE_CASES` as a .tck file (float32, identity affine)."""
+    import nibabel as nib
+    import numpy as np
+
+    lines = [np.asarray(s, dtype=np.float32) for s in EDGE_CASES]
+    tractogram = nib.streamlines.Tractogram(lines, affine_to_rasmm=np.eye(4))
+    nib.streamlines.save(tractogram, str(path))
+
+
+def _data_module():
+    spec = importlib.util.spec_from_file_location(
+        "connectome_data", REPO / "tests" / "connectome" / "connectome_data.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> int:
+    conf = _data_module()
+    for case in conf.PARCELLATION_SPECS:
+        conf.make_parcellation_nifti(case, HERE / f"{case}_parc.nii.gz", SHARED)
+    write_edge_cases(HERE / "edge_cases.tck")
+    jobs = [
+        [
+            "tck2connectome",
+            "tests/data/connectome/edge_cases.tck",
+            "tests/data/connectome/phantom_cross90_parc.nii.gz",
+            "tests/data/connectome/edge_cases_r4_keep.csv",
+            "-keep_unassigned",
+            "-out_assignments",
+            "tests/data/connectome/edge_cases_r4_assign.txt",
+            "-nthreads",
+            "0",
+            "-quiet",
+            "-force",
+        ]
+    ]
+    for prefix, (case, tck) in TRACTS.items():
+        variants = dict(VARIANTS)
+        if prefix.endswith("whole"):
+            variants.update(EXTRA)
+        for name, opts in variants.items():
+            cmd = [
+                "tck2connectome",
+                f"../shared/data/{case}/{tck}",
+                f"tests/data/connectome/{case}_parc.nii.gz",
+                f"tests/data/connectome/{prefix}_{name}.csv",
+                *opts,
+            ]
+            if (prefix, name) in ASSIGNMENTS:
+                cmd += ["-out_assignments", f"tests/data/connectome/{prefix}_{name}_assign.txt"]
+            jobs.append(cmd + ["-nthreads", "0", "-quiet", "-force"])
+    for cmd in jobs:
+        print(shlex.join(cmd))
+        subprocess.run(cmd, cwd=REPO, check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
