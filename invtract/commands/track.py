@@ -100,8 +100,16 @@ class Track:
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("fod", help="FOD image (.nii, .nii.gz, .mif, .mih), SH coefficients")
-        p.add_argument("output", help="output tractogram (.tck, .trk, .trx)")
+        p.add_argument(
+            "fod", nargs="?", help="FOD image (.nii, .nii.gz, .mif, .mih), SH coefficients"
+        )
+        p.add_argument("output", nargs="?", help="output tractogram (.tck, .trk, .trx)")
+        p.add_argument(
+            "--example",
+            action="store_true",
+            help="use the bundled phantom FOD (then the only positional argument is OUTPUT); "
+            "seeds on a 1-per-voxel grid in its mask unless a seeding option is given",
+        )
         s = p.add_argument_group("seeding (exactly one)")
         s.add_argument("--seeds", metavar="FILE", help="seed list: N x 3 / N x 6 / tckgen CSV")
         s.add_argument("--seed-image", metavar="MASK", help="random seeds in a mask")
@@ -141,6 +149,18 @@ class Track:
         from ..tracking.types import RoiSet
 
         # ------- CHECKS -------
+        if args.example:
+            from ..data import example_path
+
+            if args.output is None:
+                args.fod, args.output = str(example_path("fod")), args.fod
+            if not (args.seeds or args.seed_image or args.seed_random_per_voxel):
+                if not (args.seed_grid_per_voxel or args.seed_sphere):
+                    args.seed_grid_per_voxel = [str(example_path("mask")), "1"]
+            if args.rng_seed is None:
+                args.rng_seed = 1
+        if args.fod is None or args.output is None:
+            raise ConfigError("usage: invtract track FOD OUTPUT [options] (or --example OUTPUT)")
         mechs = [
             m
             for m in ("seeds", "seed_image", "seed_grid_per_voxel", "seed_random_per_voxel")
