@@ -38,7 +38,7 @@ def test_directional_derivatives_match_autograd():
     ref = torch.einsum("knd,nd->nk", J, d[0])
     torch.testing.assert_close(dY[0], ref, rtol=1e-10, atol=1e-12)
     t = torch.tensor(1e-4, dtype=torch.float64)
-    fd2 = (sh_basis(u + t * d[0], LMAX) - 2 * sh_basis(u, LMAX) + sh_basis(u - t * d[0], LMAX))
+    fd2 = sh_basis(u + t * d[0], LMAX) - 2 * sh_basis(u, LMAX) + sh_basis(u - t * d[0], LMAX)
     torch.testing.assert_close(d2Y[0], fd2 / t**2, rtol=1e-5, atol=1e-5)
 
 
