@@ -54,7 +54,11 @@ def _write_fod(path, n_vol):
 
 @pytest.mark.parametrize(
     "problem,message",
-    [("sh_count", "spherical-harmonic coefficient count"), ("missing", "not found"), ("no_seed", "seeding")],
+    [
+        ("sh_count", "spherical-harmonic coefficient count"),
+        ("missing", "not found"),
+        ("no_seed", "seeding"),
+    ],
 )
 def test_clear_errors(tmp_path, capsys, problem, message):
     fod = tmp_path / "fod.nii.gz"

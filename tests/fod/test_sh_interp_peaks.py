@@ -51,7 +51,9 @@ def test_legendre_table_matches_scipy():
         th = n * inc
         for l in range(0, 9, 2):
             for m in range(l + 1):
-                norm = math.sqrt((2 * l + 1) / (4 * math.pi) * math.factorial(l - m) / math.factorial(l + m))
+                norm = math.sqrt(
+                    (2 * l + 1) / (4 * math.pi) * math.factorial(l - m) / math.factorial(l + m)
+                )
                 ref = norm * sp.lpmv(m, l, math.cos(th))
                 # MRtrix builds the table in float32: near the pole 1 - x^2 loses ~4 digits
                 assert abs(table[n, legendre_index(l, m)] - ref) < 1e-5 + 5e-4 * abs(ref)
@@ -80,7 +82,9 @@ def test_convention_voxel_centre_and_boundaries():
     flat = torch.tensor(vol.reshape(-1, 2))
 
     def at(v):
-        p = torch.tensor([v], dtype=torch.float64) @ torch.tensor(aff[:3, :3]).T + torch.tensor(aff[:3, 3])
+        p = torch.tensor([v], dtype=torch.float64) @ torch.tensor(aff[:3, :3]).T + torch.tensor(
+            aff[:3, 3]
+        )
         return sample_fod(flat, (4, 4, 4), s2v, p)
 
     c, ok = at([1.0, 2.0, 1.0])  # voxel centre samples exactly that voxel

@@ -108,7 +108,9 @@ def test_whole_volume_random_directions_replay_tckgen(shared_data):
 )
 def test_parity_with_tckgen_references(shared_data, case, name):
     d = shared_data / case
-    r = compare_reference(d / f"{name}.tck", d / f"{name}_seeds.txt", d / "fod.nii.gz", engine="torch")
+    r = compare_reference(
+        d / f"{name}.tck", d / f"{name}_seeds.txt", d / "fod.nii.gz", engine="torch"
+    )
     assert r["frac_hausdorff_lt_0.5"] >= 0.98
     assert r["frac_same_count"] >= 0.98
 
