@@ -3,8 +3,9 @@
 Convention (``core/math/SH.h``, spec §1.2): real, orthonormal, even degrees only, Condon-Shortley
 phase included; coefficient (l, m) is stored at ``l(l+1)/2 + m``; Y_l0 = P_l^0,
 Y_l,+m = sqrt2 P_l^m cos(m phi), Y_l,-m = sqrt2 P_l^m sin(m phi). Directions are unit vectors in
-the scanner (world) frame, never voxel axes. This module gives the *exact* basis in Cartesian form (differentiable,
-any float dtype); the tracker's forward pass uses MRtrix's lookup table (``legendre.py``).
+the scanner (world) frame, never voxel axes. This module gives the *exact* basis in Cartesian
+form (differentiable, any float dtype); the tracker forward pass uses the MRtrix lookup table
+(``legendre.py``).
 """
 
 from __future__ import annotations
