@@ -160,7 +160,7 @@ class Calibrate:
             tensorboard=not args.no_tensorboard,
             progress=sys.stderr.isatty(),
         )
-        argv = ["invtract"] + [shlex.quote(a) for a in sys.argv[1:]]
+        argv = ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", sys.argv[1:])]
         search.record_run(
             run_dir,
             dataclasses.replace(job, storage=search._redact(storage)),

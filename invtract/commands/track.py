@@ -224,7 +224,9 @@ class Track:
         )
         if bar:
             bar.close()
-        command = " ".join(["invtract"] + [shlex.quote(a) for a in sys.argv[1:]])
+        command = " ".join(
+            ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", sys.argv[1:])]
+        )
         header = dict(resolved.header())
         header.update(
             {

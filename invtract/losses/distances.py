@@ -220,14 +220,19 @@ def min_mdf(
         raise ShapeError(f"weights_b must be [{rb.shape[0]}], got {tuple(weights_b.shape)}")
     cand = _candidates(rb, flip)
     if weights_b is None:
-        logw = ra.new_zeros(cand.shape[0])
+        w = ra.new_ones(cand.shape[0])
     else:
         w = weights_b.to(ra.dtype)
-        logw = torch.log(torch.cat([w, w]) if flip else w)
+        w = torch.cat([w, w]) if flip else w
+    # a zero weight gives a -inf logit (no candidate) with a finite (zero) gradient
+    pos = w > 0
+    if not bool(pos.any()):
+        raise ConfigError("min_mdf: every candidate weight is zero")
+    logw = torch.where(pos, torch.log(torch.where(pos, w, torch.ones_like(w))), -math.inf)
     if T == 0.0:
         with torch.no_grad():
             best = torch.empty(ra.shape[0], dtype=torch.int64, device=ra.device)
-            penalty = torch.where(torch.isfinite(logw), 0.0, math.inf)
+            penalty = torch.where(w.detach() > 0, 0.0, math.inf)
             for i in range(0, ra.shape[0], c):
                 vals, idx = [], []
                 for j in range(0, cand.shape[0], c):

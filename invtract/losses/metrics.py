@@ -355,6 +355,12 @@ def bounding_grid(
     Returns:
         ``(shape, affine)``: grid size and ``[4, 4]`` voxel -> scanner mm (voxel centres at
         ``lo + voxel_size_mm * ijk``).
+
+    Shape:
+        ``(P, 3)`` points per set -> ``(X, Y, Z)``, ``(4, 4)``.
+
+    Gradients:
+        None.
     """
     pts = torch.cat([s.points.detach().to(torch.float64).cpu() for s in sets])
     if pts.shape[0] == 0:
