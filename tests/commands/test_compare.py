@@ -86,3 +86,18 @@ def test_errors(shared_data, tmp_path, capsys):
     assert "does not cover" in capsys.readouterr().err
     assert main([*args, "--json", str(tmp_path / "nodir" / "x.json")]) == 1
     assert main([*args, "--n-points", "1"]) == 1
+
+
+def test_compare_with_parcellation(shared_data, tmp_path):
+    pytest.importorskip("invtract.losses.connectome")
+    parc = (
+        Path(__file__).resolve().parents[1] / "data" / "connectome" / "phantom_cross90_parc.nii.gz"
+    )
+    if not parc.exists():
+        pytest.skip(f"parcellation fixture missing: {parc}")
+    d = shared_data / "phantom_cross90"
+    out = tmp_path / "c.json"
+    tck = str(d / "bundleB_default.tck")
+    argv = ["compare", tck, tck, "--parcellation", str(parc), "--json", str(out), "-q"]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["connectome_correlation"] == pytest.approx(1.0)

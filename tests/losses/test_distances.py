@@ -156,6 +156,9 @@ def test_weights_remove_candidates():
     soft = float(min_mdf(a, b, temperature_mm=0.01, weights_b=w))
     # only the two orientations of the second candidate remain: bound T log 2
     assert 5 * math.sqrt(3) <= soft <= 5 * math.sqrt(3) + 0.01 * math.log(2)
+    w = w.clone().requires_grad_()
+    chamfer_loss(a, b, temperature_mm=0.5, weights_b=w).backward()
+    assert torch.isfinite(w.grad).all()
 
 
 def _rand(*shape, seed):

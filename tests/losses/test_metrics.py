@@ -99,7 +99,7 @@ def test_bundle_minima_point_metrics_match_references(real):
     from dipy.tracking.distances import bundles_distances_mam, bundles_distances_mdf
 
     a, b = real
-    ra, rb = resample(_sl(a[:40]), 12), resample(_sl(b[:30]), 12)
+    ra, rb = resample(_sl(a[:24]), 12), resample(_sl(b[:18]), 12)
     m = bundle_minima(ra, rb, point_metrics=True, chunk_size=8)
     la, lb = list(ra.numpy()), list(rb.numpy())
     np.testing.assert_allclose(
