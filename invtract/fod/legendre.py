@@ -74,6 +74,31 @@ def plm_sph_column(lmax: int, m: int, x: np.float32) -> np.ndarray:
     return out
 
 
+def _load_cosf():
+    """glibc's single-precision ``cosf`` (what MRtrix's float table uses), or None."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        fn = libm.cosf
+        fn.restype = ctypes.c_float
+        fn.argtypes = [ctypes.c_float]
+        return fn
+    except (OSError, AttributeError):  # pragma: no cover - non-glibc platforms
+        return None
+
+
+_COSF = _load_cosf()
+
+
+def cosf(x: np.float32) -> np.float32:
+    """float32 cosine as C's ``cosf`` computes it (double cos rounded where libm is absent)."""
+    if _COSF is not None:
+        return f32(_COSF(float(f32(x))))
+    return f32(math.cos(float(f32(x))))
+
+
 def lut_increment() -> np.float32:
     """Polar-angle spacing of the table rows, float(pi / 511)."""
     return f32(math.pi / (LUT_SIZE - 1))
@@ -88,7 +113,7 @@ def legendre_table(lmax: int) -> np.ndarray:
     inc = lut_increment()
     table = np.zeros((LUT_SIZE, n_legendre(lmax)), dtype=np.float32)
     for n in range(LUT_SIZE):
-        cos_el = f32(math.cos(float(f32(f32(n) * inc))))
+        cos_el = cosf(f32(f32(n) * inc))
         for m in range(lmax + 1):
             col = plm_sph_column(lmax, m, cos_el)
             start = m + 1 if (m & 1) else m

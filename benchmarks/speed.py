@@ -1,0 +1,240 @@
+"""Throughput of the fused CPU engine against ``tckgen -nthreads 2`` on the same FOD and seeds.
+
+Case: ``../shared/data/real_msmt15`` with ``-seed_grid_per_voxel mask.mif 2`` (17,744 seeds) and
+tckgen's random initial directions. Our side rebuilds the grid seeds (spec §4.1) and replays
+tckgen's single-thread RNG stream (spec §8.1: mt19937 seeded with ``MRTRIX_RNG_SEED``, one random
+direction per seed that has FOD data), then tracks with :func:`track_fused_cpu`.
+
+Timings are wall clock of whole processes: ``cold`` runs with an empty numba cache (includes
+compilation), ``warm`` runs in fresh processes that load the cache; tckgen is timed the same
+way, interleaved with ours because the machine is shared. Prints one JSON object.
+
+Usage: ``python benchmarks/speed.py [--repeats 3] [--threads 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CASE = REPO.parent / "shared" / "data" / "real_msmt15"
+RNG_SEED = 20240601
+GRID = 2
+
+
+def grid_seeds(mask: np.ndarray, affine: np.ndarray, grid: int) -> np.ndarray:
+    """``-seed_grid_per_voxel mask grid`` positions in tckgen's order (spec §4.1), float32 mm.
+
+    The mask is cropped to its bounding box plus one voxel, as MRtrix does; voxels are visited in
+    index order with axis 2 fastest (file axes = MRtrix's near-RAS axes here); voxel (0,0,0) of
+    the cropped mask is skipped (traversal starts one step after it). Positions are formed in float
+    and mapped with the voxel->scanner affine cast to float32, evaluated as (a0 + a1) + (a2 + t).
+    """
+    f32 = np.float32
+    offset = f32(-0.5 + 1.0 / (2 * grid))
+    step = f32(1.0 / grid)
+    # MRtrix crops a seed mask to its bounding box plus a 1-voxel margin (where available)
+    true = np.argwhere(mask)
+    lo = np.maximum(true.min(axis=0) - 1, 0)
+    hi = np.minimum(true.max(axis=0) + 1, np.asarray(mask.shape) - 1)
+    crop = mask[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
+    A64 = np.asarray(affine, dtype=np.float64)[:3, :4].copy()
+    A64[:, 3] = A64[:, :3] @ lo + A64[:, 3]
+    A = A64.astype(np.float32)
+    vox = np.argwhere(crop)  # C order: axis 2 fastest
+    vox = vox[np.any(vox != 0, axis=1)]
+    sub = np.array([(a, b, c) for a in range(grid) for b in range(grid) for c in range(grid)])
+    sub_f = sub.astype(np.float32) * step  # pos * step (int * float -> float)
+    idx = (vox[:, None, :].astype(np.float32) + offset) + sub_f[None, :, :]
+    p = idx.reshape(-1, 3).astype(np.float32)
+    out = np.empty_like(p)
+    for r in range(3):
+        out[:, r] = (A[r, 0] * p[:, 0] + A[r, 1] * p[:, 1]) + (A[r, 2] * p[:, 2] + A[r, 3])
+    return out
+
+
+def tckgen_directions(n: int, has_data: np.ndarray, seed: int) -> np.ndarray:
+    """Raw (unnormalised) random directions as tckgen's single-thread run draws them.
+
+    One direction per seed that passes the seed checks and has data (others get NaN); each
+    trial takes three U = float32(raw)/2^32 (1.0 becomes 1 - 2^-24), d = 2U - 1, until
+    d.d <= 1 (float32, Eigen's order).
+    """
+    bg = np.random.MT19937()
+    bg._legacy_seeding(seed)
+    f32 = np.float32
+    out = np.full((n, 3), np.nan, dtype=np.float32)
+    need = int(np.count_nonzero(has_data))
+    # every trial consumes 3 draws; accepted trials (|d|^2 <= 1) go to seeds in order, so the
+    # stream can be generated in bulk (acceptance rate pi/6)
+    accepted = np.empty((0, 3), dtype=np.float32)
+    while len(accepted) < need:
+        raw = bg.random_raw(3 * max(1024, 2 * (need - len(accepted))))
+        u = raw.astype(np.float32) / f32(2.0**32)  # float32(raw) rounds to nearest
+        u[u >= f32(1.0)] = f32(1.0) - f32(2.0**-24)
+        d = (f32(2.0) * u - f32(1.0)).reshape(-1, 3)
+        ok = d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]) <= f32(1.0)
+        accepted = np.concatenate([accepted, d[ok]])
+    out[np.flatnonzero(has_data)] = accepted[:need]
+    return out
+
+
+def run_ours(threads: int, memory: bool = False) -> dict:
+    """One tracking run in this process; returns timings and counts (JSON-able).
+
+    With ``memory`` a second, untimed tracking call runs under tracemalloc (which slows Python
+    code and compilation, so it never runs in a timed process).
+    """
+    import tracemalloc
+
+    t_start = time.perf_counter()
+    import nibabel as nib
+
+    from invtract.params import TrackingParameters
+    from invtract.tracking import fused_cpu
+
+    t_import = time.perf_counter()
+    img = nib.load(str(CASE / "fod.nii.gz"))
+    sh = np.asarray(img.dataobj, dtype=np.float32)
+    s2v = np.linalg.inv(img.affine)[:3]
+    mask = np.asarray(nib.load(str(CASE / "mask.nii.gz")).dataobj) != 0
+    seeds = grid_seeds(mask, img.affine, GRID)
+    params = TrackingParameters().resolve(img.header.get_zooms()[:3])
+    t_load = time.perf_counter()
+    has_data = fused_cpu.seeds_have_data(sh, s2v, seeds)
+    dirs = tckgen_directions(len(seeds), has_data, RNG_SEED)
+    t_dirs = time.perf_counter()
+    res = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params, nthreads=threads)
+    t_track = time.perf_counter()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    py_peak = float("nan")
+    if memory:
+        tracemalloc.start()
+        fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params, nthreads=threads)
+        _, py_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    acc = res.accepted
+    return {
+        "seeds": int(len(seeds)),
+        "accepted": int(acc.sum()),
+        "vertices": int(res.lengths[acc].sum()),
+        "steps": int(res.counts["steps"]),
+        "t_import_s": t_import - t_start,
+        "t_load_s": t_load - t_import,
+        "t_seeds_dirs_s": t_dirs - t_load,
+        "t_track_s": t_track - t_dirs,
+        "t_track_kernel_s": float(res.counts["seconds"]),
+        "t_total_s": t_track - t_start,
+        "tracemalloc_peak_MB": py_peak / 1e6,
+        "rss_peak_MB": rss,
+    }
+
+
+def _child(threads: int, cache_dir: str, memory: bool = False) -> dict:
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    cmd = [sys.executable, __file__, "--child", "--threads", str(threads)]
+    cmd += ["--memory"] if memory else []
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t0
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    data["wall_s"] = wall
+    return data
+
+
+def _tckgen(threads: int, out_dir: str) -> dict:
+    out = os.path.join(out_dir, "tckgen.tck")
+    cmd = ["tckgen", "fod.mif", out, "-algorithm", "SD_Stream", "-seed_grid_per_voxel"]
+    cmd += ["mask.mif", str(GRID), "-nthreads", str(threads), "-force", "-quiet"]
+    env = dict(os.environ, MRTRIX_RNG_SEED=str(RNG_SEED))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, cwd=CASE, check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    import nibabel as nib
+
+    tck = nib.streamlines.load(out)
+    lengths = [len(s) for s in tck.streamlines]
+    return {"wall_s": wall, "accepted": len(lengths), "vertices": int(sum(lengths))}
+
+
+def _rate(d: dict) -> dict:
+    w = d["wall_s"]
+    out = {"streamlines_per_s": d["accepted"] / w, "vertices_per_s": d["vertices"] / w}
+    if "steps" in d:
+        out["steps_per_s"] = d["steps"] / w
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_ours(args.threads, args.memory)))
+        return 0
+    if not CASE.exists():
+        print(json.dumps({"error": f"reference data not found at {CASE}"}))
+        return 1
+    work = tempfile.mkdtemp(prefix="invtract_speed_")
+    cache = os.path.join(work, "numba_cache")
+    try:
+        cold = _child(args.threads, cache)
+        warm, tck = [], []
+        for _ in range(args.repeats):
+            tck.append(_tckgen(args.threads, work))
+            warm.append(_child(args.threads, cache))
+        tck0 = _tckgen(0, work)
+        mem = _child(args.threads, cache, memory=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def median_run(runs):
+        return sorted(runs, key=lambda d: d["wall_s"])[len(runs) // 2]
+
+    w, t = median_run(warm), median_run(tck)
+    result = {
+        "case": "real_msmt15 -seed_grid_per_voxel mask.mif 2 (random initial directions)",
+        "threads": args.threads,
+        "seeds": w["seeds"],
+        "tckgen": {
+            **t,
+            **_rate(t),
+            "wall_all_s": [round(x["wall_s"], 3) for x in tck],
+            "nthreads0_single": tck0,
+        },
+        "fused_cold": {**cold, **_rate(cold)},
+        "fused_warm": {**w, **_rate(w), "wall_all_s": [round(x["wall_s"], 3) for x in warm]},
+        "fused_memory": {
+            "tracemalloc_peak_MB": mem["tracemalloc_peak_MB"],
+            "rss_peak_MB": mem["rss_peak_MB"],
+        },
+        "compile_s_estimate": cold["t_track_s"] - w["t_track_s"],
+        "ratio_vertices_per_s_warm_vs_tckgen": _rate(w)["vertices_per_s"]
+        / _rate(t)["vertices_per_s"],
+        "ratio_vertices_per_s_cold_vs_tckgen": _rate(cold)["vertices_per_s"]
+        / _rate(t)["vertices_per_s"],
+        "ratio_tracking_kernel_only_vs_tckgen": (w["vertices"] / w["t_track_kernel_s"])
+        / _rate(t)["vertices_per_s"],
+        "reference_nthreads0_accepted": 7132,
+        "load_average": os.getloadavg(),
+    }
+    print(json.dumps(result, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,352 @@
+"""Fused CPU engine: parity with tckgen reference tractograms, and every tracking rule.
+
+Reference data: ``<repo>/../shared/data`` (see its README). Streamlines are re-tracked from
+their own seeds (``X_seeds.txt``) with p0 = tck[s] and u_init = normalize(tck[s-1] - tck[s]).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from invtract.fod.legendre import plm_sph_column
+from invtract.params import TrackingParameters
+from invtract.tracking import fused_cpu
+from invtract.tracking.types import ImageRoi, Reject, RoiSet, SphereRoi, Term
+
+pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not available")
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+#: (case, tractogram, every-k-th streamline) -- whole-brain files are subsampled for speed
+REFERENCES = [
+    ("real_msmt15", "bundleA_default", 1),
+    ("real_msmt15", "bundleA_cutoff0.3", 1),
+    ("real_msmt15", "bundleA_angle30", 1),
+    ("real_msmt15", "bundleA_step0.5", 1),
+    ("real_msmt15", "whole", 7),
+    ("phantom_cross90", "bundleB_default", 1),
+    ("phantom_cross90", "bundleB_cutoff1.0", 1),
+    ("phantom_cross90", "bundleB_angle1", 1),
+    ("phantom_cross90", "bundleB_step1.0", 1),
+    ("phantom_cross90", "whole", 3),
+]
+
+
+def _need_data(*parts: str) -> Path:
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"reference data not found: {path}")
+    return path
+
+
+def _load_fod(case: str):
+    nib = pytest.importorskip("nibabel")
+    img = nib.load(str(_need_data(case, "fod.nii.gz")))
+    sh = np.asarray(img.dataobj, dtype=np.float32)
+    return sh, np.linalg.inv(img.affine)[:3], img.header.get_zooms()[:3]
+
+
+def _load_reference(case: str, name: str):
+    nib = pytest.importorskip("nibabel")
+    tck = nib.streamlines.load(str(_need_data(case, f"{name}.tck")))
+    table = np.loadtxt(
+        _need_data(case, f"{name}_seeds.txt"), delimiter=",", comments="#", usecols=(0, 1)
+    ).astype(int)
+    streamlines = [np.asarray(s, dtype=np.float32) for s in tck.streamlines]
+    return tck.header, streamlines, table
+
+
+def _params_from_header(header, voxel_sizes, **extra) -> TrackingParameters:
+    def f(key):
+        return float(header[key])
+
+    return TrackingParameters(
+        step_mm=f("step_size"),
+        angle_deg=f("max_angle"),
+        cutoff=f("threshold"),
+        min_length_mm=f("min_dist"),
+        max_length_mm=f("max_dist"),
+        **extra,
+    )
+
+
+def _split(res):
+    offsets = np.concatenate([[0], np.cumsum(res.lengths)])
+    return [res.points[offsets[i] : offsets[i + 1]] for i in range(len(res.lengths))]
+
+
+@pytest.mark.parametrize("case,name,every", REFERENCES)
+def test_parity_with_tckgen(case, name, every):
+    sh, s2v, vox = _load_fod(case)
+    header, streamlines, table = _load_reference(case, name)
+    rows = table[::every]
+    refs, seeds, dirs = [], [], []
+    for track, s in rows:
+        ref = streamlines[track]
+        nb = ref[s - 1] if s > 0 else ref[s + 1]
+        refs.append((ref, s))
+        seeds.append(ref[s])
+        dirs.append((nb - ref[s]) if s > 0 else (ref[s] - nb))
+    params = _params_from_header(header, vox).resolve(vox)
+    res = fused_cpu.track_fused_cpu(sh, s2v, np.array(seeds), np.array(dirs), params)
+    ours = _split(res)
+    same, close, misses = 0, 0, []
+    for i, (ref, s) in enumerate(refs):
+        if len(ours[i]) == len(ref) and res.seed_index[i] == s:
+            same += 1
+            dist = float(np.linalg.norm(ours[i] - ref, axis=1).max())
+            if dist < 1e-3:
+                close += 1
+            else:
+                misses.append((i, "distance", dist))
+        else:
+            misses.append((i, "count", len(ours[i]), len(ref), int(res.status[i])))
+    n = len(refs)
+    for miss in misses[:20]:
+        print(f"{case}/{name} miss:", miss)
+    print(f"{case}/{name}: {n} streamlines, same count {same}, within 1e-3 mm {close}")
+    assert same >= 0.99 * n
+    assert close >= 0.99 * n
+    assert res.counts["steps"] > 0
+
+
+def test_phantom_bundle_is_bit_exact():
+    """Axis-aligned phantom + exact -seed_direction: identical float32 vertices to tckgen."""
+    sh, s2v, vox = _load_fod("phantom_cross90")
+    header, streamlines, table = _load_reference("phantom_cross90", "bundleB_default")
+    seeds = np.array([streamlines[t][s] for t, s in table])
+    dirs = np.tile(np.float32([1, 0, 0]), (len(seeds), 1))
+    params = _params_from_header(header, vox).resolve(vox)
+    res = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params)
+    ours = _split(res)
+    exact = sum(np.array_equal(ours[i], streamlines[t]) for i, (t, _) in enumerate(table))
+    assert exact == len(table)
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic single-fibre FOD along +x (hand-computable geometry)
+# --------------------------------------------------------------------------------------------
+
+LMAX = 8
+SHAPE = (60, 7, 7)  # 1 mm voxels, identity affine: voxel (i, j, k) is at (i, j, k) mm
+
+
+def _fibre_x_coefficients(lmax: int = LMAX) -> np.ndarray:
+    """SH of an axially symmetric lobe around +x: c_lm = Y_lm(x) (MRtrix basis)."""
+    K = (lmax + 1) * (lmax + 2) // 2
+    c = np.zeros(K, dtype=np.float64)
+    for m in range(lmax + 1):
+        col = plm_sph_column(lmax, m, np.float32(0.0))  # theta = pi/2
+        start = m if m % 2 == 0 else m + 1
+        for l in range(start, lmax + 1, 2):
+            base = l * (l + 1) // 2
+            c[base + m] = col[l] * (math.sqrt(2.0) if m else 1.0)  # cos(0) = 1, sin(0) = 0
+    return c.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def straight():
+    sh = np.broadcast_to(_fibre_x_coefficients(), SHAPE + (45,)).copy()
+    s2v = np.hstack([np.eye(3), np.zeros((3, 1))])
+    return sh, s2v
+
+
+def _track(straight, seeds, dirs=None, rois=None, **kw):
+    sh, s2v = straight
+    seeds = np.asarray(seeds, dtype=np.float32).reshape(-1, 3)
+    if dirs is None:
+        dirs = np.tile(np.float32([1, 0, 0]), (len(seeds), 1))
+    params = TrackingParameters(**kw).resolve((1.0, 1.0, 1.0))
+    return params, fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params, rois=rois)
+
+
+def test_straight_fibre_geometry(straight):
+    params, res = _track(straight, [[30.0, 3.0, 3.0]])
+    assert res.status[0] == Reject.ACCEPTED
+    pts = _split(res)[0]
+    s = res.seed_index[0]
+    np.testing.assert_array_equal(pts[s], [30.0, 3.0, 3.0])
+    # the first half runs along +u0 and is stored reversed: x decreases along the output
+    assert pts[0, 0] > 59.0 and pts[-1, 0] < 0.0
+    np.testing.assert_allclose(np.abs(res.init_dir[0]), [1, 0, 0], atol=1e-6)
+    seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+    np.testing.assert_allclose(seg, params.step_mm, rtol=1e-4)
+    # both halves end one step outside the FOV (x <= -0.5 or x >= 59.5): EXIT_IMAGE
+    assert list(res.term[0]) == [Term.EXIT_IMAGE, Term.EXIT_IMAGE]
+    assert 59.5 <= pts[0, 0] < 59.5 + params.step_mm + 1e-4
+    assert -0.5 - params.step_mm - 1e-4 < pts[-1, 0] <= -0.5
+    assert res.counts["steps"] == len(pts) - 1
+
+
+def test_seed_rejections(straight):
+    sh, _ = straight
+    seeds = [[np.nan, 3, 3], [-1.0, 3, 3], [30.0, 3, 3], [30.0, 3, 3]]
+    dirs = np.float32([[1, 0, 0], [1, 0, 0], [0, 1, 0], [np.nan, 0, 0]])
+    _, res = _track(straight, seeds, dirs=dirs)
+    # NaN seed, outside the image, and a NaN start direction are invalid seeds
+    assert res.status[0] == Reject.INVALID_SEED and res.status[1] == Reject.INVALID_SEED
+    assert res.status[3] == Reject.INVALID_SEED
+    assert list(res.term[0]) == [-1, -1]
+    # starting orthogonal to the fibre: gradient ascent stays on the y great circle where the
+    # lobe is a minimum -> amplitude below cutoff (or no convergence) -> invalid seed
+    assert res.status[2] in (Reject.INVALID_SEED, Reject.ACCEPTED)
+    assert res.lengths[0] == res.lengths[1] == 0 and res.seed_index[0] == -1
+
+
+def test_max_length_counts_points(straight):
+    params, res = _track(straight, [[30.0, 3.0, 3.0]], max_length_mm=2.0, min_length_mm=0.5)
+    n_max = params.max_points
+    # the first half saturates at n_max points, the second half still takes one step
+    assert res.lengths[0] == n_max + 1
+    assert res.seed_index[0] == n_max - 1
+    assert list(res.term[0]) == [Term.LENGTH_EXCEED, Term.LENGTH_EXCEED]
+
+
+def test_min_length_rule(straight):
+    # seeds closer and closer to the far +x end: total length shrinks only on one side, so use
+    # unidirectional tracking to get lengths (59.5 - x0) / h
+    xs = np.array([57.0, 58.0, 58.6, 59.0, 59.3], dtype=np.float32)
+    seeds = np.stack([xs, np.full_like(xs, 3), np.full_like(xs, 3)], axis=1)
+    _, free = _track(straight, seeds, unidirectional=True, min_length_mm=0.0)
+    assert np.all(free.status == Reject.ACCEPTED)
+    params, res = _track(straight, seeds, unidirectional=True, min_length_mm=1.0)
+    for i in range(len(xs)):
+        n = free.lengths[i]
+        if n == 1:
+            expected = Reject.NO_PROPAGATION_FROM_SEED
+        elif n < params.min_points:
+            expected = Reject.TRACK_TOO_SHORT
+        else:
+            expected = Reject.ACCEPTED
+        assert res.status[i] == expected, (i, n, params.min_points)
+    assert (res.status == Reject.TRACK_TOO_SHORT).any() and (res.status == Reject.ACCEPTED).any()
+
+
+def test_include_exclude_mask_spheres(straight):
+    seed = [[30.0, 3.0, 3.0]]
+    _, hit = _track(straight, seed, rois=RoiSet(include=(SphereRoi((40.0, 3.0, 3.0), 1.0),)))
+    _, miss = _track(straight, seed, rois=RoiSet(include=(SphereRoi((40.0, 6.0, 3.0), 1.0),)))
+    assert hit.status[0] == Reject.ACCEPTED
+    assert miss.status[0] == Reject.MISSED_INCLUDE_REGION
+    # exclude on the +x (first) half: appended, whole streamline rejected, 2nd half not tracked
+    _, exc = _track(straight, seed, rois=RoiSet(exclude=(SphereRoi((35.0, 3.0, 3.0), 1.0),)))
+    assert exc.status[0] == Reject.ENTER_EXCLUDE_REGION
+    assert list(exc.term[0]) == [Term.ENTER_EXCLUDE, -1]
+    _, exc_seed = _track(straight, seed, rois=RoiSet(exclude=(SphereRoi((30.0, 3.0, 3.0), 0.5),)))
+    assert exc_seed.status[0] == Reject.INVALID_SEED
+    # -mask sphere of radius 2: the point leaving it is not appended
+    mask = RoiSet(mask=(SphereRoi((30.0, 3.0, 3.0), 2.0),))
+    params, msk = _track(straight, seed, rois=mask, min_length_mm=1.0)
+    assert msk.status[0] == Reject.ACCEPTED
+    pts = _split(msk)[0]
+    assert list(msk.term[0]) == [Term.EXIT_MASK, Term.EXIT_MASK]
+    assert np.all(np.linalg.norm(pts - [30.0, 3.0, 3.0], axis=1) <= 2.0 + 1e-5)
+    assert abs(len(pts) - (2 * round(2.0 / params.step_mm) + 1)) <= 2
+    _, out = _track(straight, seed, rois=RoiSet(mask=(SphereRoi((10.0, 3.0, 3.0), 2.0),)))
+    assert out.status[0] == Reject.INVALID_SEED
+
+
+def test_stop_at_include(straight):
+    seed = [[30.0, 3.0, 3.0]]
+    rois = RoiSet(include=(SphereRoi((35.0, 3.0, 3.0), 0.5),))
+    params, res = _track(straight, seed, rois=rois, stop=True, min_length_mm=0.0)
+    pts = _split(res)[0]
+    s = res.seed_index[0]
+    assert list(res.term[0]) == [Term.TRAVERSE_ALL_INCLUDE, Term.TRAVERSE_ALL_INCLUDE]
+    # first half stops at the first point inside the sphere (appended) ...
+    assert np.linalg.norm(pts[0] - [35.0, 3.0, 3.0]) <= 0.5 + 1e-5
+    assert np.linalg.norm(pts[1] - [35.0, 3.0, 3.0]) > 0.5
+    # ... and the second half, with every region already visited, after one step
+    assert len(pts) == s + 2
+
+
+def test_image_rois(straight):
+    sh, _ = straight
+    s2v = np.hstack([np.eye(3), np.zeros((3, 1))])
+    block = np.zeros(SHAPE, dtype=bool)
+    block[44:46, 2:5, 2:5] = True  # contains x in [43.5, 45.5)
+    seed = [[30.0, 3.0, 3.0]]
+    _, inc = _track(straight, seed, rois=RoiSet(include=(ImageRoi(block, s2v),)))
+    assert inc.status[0] == Reject.ACCEPTED
+    _, exc = _track(straight, seed, rois=RoiSet(exclude=(ImageRoi(block, s2v),)))
+    assert exc.status[0] == Reject.ENTER_EXCLUDE_REGION
+    assert list(exc.term[0]) == [Term.ENTER_EXCLUDE, -1]
+    # as -mask: voxels x in 26..34 keep the streamline within [25.5, 34.5)
+    slab = np.zeros(SHAPE, dtype=bool)
+    slab[26:35] = True
+    _, msk = _track(straight, seed, rois=RoiSet(mask=(ImageRoi(slab, s2v),)), min_length_mm=1.0)
+    pts = _split(msk)[0]
+    assert list(msk.term[0]) == [Term.EXIT_MASK, Term.EXIT_MASK]
+    assert pts[:, 0].max() < 34.5 and pts[:, 0].max() >= 34.4 - 1e-4
+    assert pts[:, 0].min() >= 25.5 and pts[:, 0].min() < 25.6 + 1e-4
+    off_path = np.zeros(SHAPE, dtype=bool)
+    off_path[44:46, 5:7, 5:7] = True
+    _, miss = _track(straight, seed, rois=RoiSet(include=(ImageRoi(off_path, s2v),)))
+    assert miss.status[0] == Reject.MISSED_INCLUDE_REGION
+    # an image ROI with its own (shifted, 2 mm) grid: voxel centres at 2*i - 10 mm
+    grid = np.zeros((40, 8, 8), dtype=bool)
+    grid[25, 6:8, 6:8] = True  # x in [39, 41), y and z in [1, 5) mm: crossed at x = 40
+    s2v2 = np.array([[0.5, 0, 0, 5.0], [0, 0.5, 0, 5.0], [0, 0, 0.5, 5.0]])
+    _, inc2 = _track(straight, seed, rois=RoiSet(include=(ImageRoi(grid, s2v2),)))
+    assert inc2.status[0] == Reject.ACCEPTED
+
+
+def test_rk4_and_downsample_smoke(straight):
+    seed = [[30.0, 3.0, 3.0]]
+    p_rk4, rk4 = _track(straight, seed, rk4=True)
+    assert rk4.status[0] == Reject.ACCEPTED
+    pts = _split(rk4)[0]
+    np.testing.assert_allclose(np.linalg.norm(np.diff(pts, axis=0), axis=1), p_rk4.step_mm, 1e-4)
+    # RK4 tests the end point of each step, so even the last point has data (inside the FOV)
+    assert list(rk4.term[0]) == [Term.EXIT_IMAGE, Term.EXIT_IMAGE]
+    assert pts[:, 0].max() < 59.5 and pts[:, 0].min() > -0.5
+    p_ds, ds = _track(straight, seed, downsample=3)
+    _, full = _track(straight, seed)
+    d, f = _split(ds)[0], _split(full)[0]
+    s_full, s_ds = full.seed_index[0], ds.seed_index[0]
+    np.testing.assert_array_equal(d[s_ds], f[s_full])
+    np.testing.assert_array_equal(d[0], f[0])
+    np.testing.assert_array_equal(d[-1], f[-1])
+    seg = np.linalg.norm(np.diff(d[1:-1], axis=0), axis=1)
+    np.testing.assert_allclose(seg, 3 * p_ds.step_mm, rtol=1e-3)
+    # downsampling with a maximum length truncates to exactly that length
+    p_tr, tr = _track(straight, seed, downsample=3, max_length_mm=5.0, min_length_mm=1.0)
+    t = _split(tr)[0]
+    assert tr.status[0] == Reject.ACCEPTED
+    assert abs(np.linalg.norm(np.diff(t, axis=0), axis=1).sum() - 5.0) < 1e-4
+
+
+def test_rk4_and_downsample_on_real_fod():
+    sh, s2v, vox = _load_fod("real_msmt15")
+    header, streamlines, table = _load_reference("real_msmt15", "bundleA_default")
+    seeds = np.array([streamlines[t][s] for t, s in table])
+    dirs = np.tile(np.float32([0.55, 0.8, 0.23]), (len(seeds), 1))
+    for kw in ({"rk4": True}, {"downsample": 4}, {"rk4": True, "downsample": 2}):
+        params = TrackingParameters(**kw).resolve(vox)
+        res = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params, nthreads=1)
+        acc = res.accepted
+        assert acc.mean() > 0.8, kw
+        assert np.all(res.seed_index[acc] >= 0)
+        assert np.all(res.seed_index[acc] < res.lengths[acc])
+        assert res.points.shape[0] == res.lengths.sum()
+
+
+def test_chunking_and_threads_do_not_change_results(straight):
+    rng = np.random.default_rng(0)
+    seeds = np.stack(
+        [rng.uniform(5, 55, 64), rng.uniform(1, 5, 64), rng.uniform(1, 5, 64)], axis=1
+    ).astype(np.float32)
+    dirs = rng.normal(size=(64, 3)).astype(np.float32)
+    sh, s2v = straight
+    params = TrackingParameters().resolve((1.0, 1.0, 1.0))
+    a = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params, nthreads=1, chunk_size=7)
+    b = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params, nthreads=2)
+    np.testing.assert_array_equal(a.points, b.points)
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    np.testing.assert_array_equal(a.status, b.status)
+    np.testing.assert_array_equal(a.term, b.term)
+    assert a.counts["steps"] == b.counts["steps"]
