@@ -584,6 +584,108 @@ def soft_connectome(
     return _layout(full, keep_unassigned, symmetric, zero_diagonal)
 
 
+def _half_tail(seed_index, lengths, tail: int, half: int, L: int):
+    """Vertex indices ``[S, tail]`` of one half's last ``tail`` vertices, innermost first."""
+    dev = seed_index.device
+    k = torch.arange(tail, device=dev)
+    if half == 0:  # from the seed towards vertex 0
+        end = torch.zeros_like(seed_index)
+        n_half = seed_index + 1
+        start = torch.clamp(n_half - tail, min=0)  # offset from the seed outward
+        idx = seed_index[:, None] - (start[:, None] + k[None])
+        valid = (start[:, None] + k[None]) < n_half[:, None]
+        idx = torch.where(valid, idx, end[:, None])
+    else:  # from the seed towards the last vertex
+        n_half = lengths - seed_index
+        start = torch.clamp(n_half - tail, min=0)
+        idx = seed_index[:, None] + start[:, None] + k[None]
+        valid = (start[:, None] + k[None]) < n_half[:, None]
+        idx = torch.where(valid, idx, (lengths - 1)[:, None])
+    return idx.clamp(0, max(L - 1, 0)), valid
+
+
+def expected_endpoint_connectome(
+    points: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    seed_index: torch.Tensor,
+    labels,
+    temperature_mm: float,
+    radius_mm: float = 4.0,
+    *,
+    tail: int = 40,
+    symmetric: bool = False,
+    zero_diagonal: bool = False,
+    keep_unassigned: bool = False,
+) -> torch.Tensor:
+    """Soft connectome whose endpoints are *expected* under the tracker's survival weights.
+
+    With survival weights w (cumulative from the seed outward along each half, as
+    :func:`~invtract.tracking.differentiable.track_differentiable` returns them), a half ends at
+    vertex j with mass ``w_j - w_next`` and at its last vertex with mass ``w_last``. Each half's
+    endpoint node distribution is ``e_h = sum_j mass_j * a(p_j)`` with ``a`` the soft radial
+    assignment of :func:`soft_connectome`, and streamline s adds ``outer(e_1, e_2) / w_seed``.
+    When the weights are hard (0/1) this equals :func:`soft_connectome` on the same streamlines
+    weighted by ``w_seed``. Only the last ``tail`` vertices of each half are considered; the mass
+    of the vertices before them is placed on the first tail vertex.
+
+    Args:
+        points: ``[S, L, 3]`` padded vertices, scanner mm.
+        mask: ``[S, L]`` bool, real vertices.
+        weights: ``[S, L]`` survival weights in [0, 1].
+        seed_index: ``[S]`` index of the seed vertex.
+        labels: parcellation (see :func:`as_label_volume`).
+        temperature_mm: softness of the label assignment (mm).
+        radius_mm: radial search distance (mm).
+        tail: vertices per half that may carry end mass.
+
+    Returns:
+        ``[N, N]`` tensor laid out as :func:`connectome_matrix`.
+
+    Gradients:
+        Flow to ``points`` (tail vertices) and to ``weights`` (hence to cutoff and angle
+        through the soft survival surrogate).
+    """
+    if not (np.isfinite(temperature_mm) and temperature_mm > 0):
+        raise ConfigError(f"temperature_mm must be > 0, got {temperature_mm}")
+    if points.ndim != 3 or weights.shape != points.shape[:2] or mask.shape != points.shape[:2]:
+        raise ShapeError(
+            f"need points [S, L, 3] with mask/weights [S, L]; got {tuple(points.shape)}, "
+            f"{tuple(mask.shape)}, {tuple(weights.shape)}"
+        )
+    vol = as_label_volume(labels)
+    S, L = points.shape[:2]
+    dev, dtype = points.device, points.dtype
+    n = vol.n_nodes + 1
+    if S == 0:
+        return _layout(points.new_zeros(n, n), keep_unassigned, symmetric, zero_diagonal)
+    lengths = mask.sum(1)
+    seed_index = seed_index.to(device=dev, dtype=torch.int64)
+    w = torch.where(mask, weights.to(dtype), torch.zeros_like(weights, dtype=dtype))
+    rows = torch.arange(S, device=dev)[:, None]
+    w_seed = w[rows[:, 0], seed_index]
+    offsets = torch.as_tensor(radial_search_offsets(vol.spacing, radius_mm), device=dev)
+    label_t = torch.as_tensor(vol.labels.ravel(), device=dev)
+    ends = []
+    for half in (0, 1):
+        idx, valid = _half_tail(seed_index, lengths, tail, half, L)
+        wt = torch.where(valid, w[rows, idx], torch.zeros_like(w[rows, idx]))
+        nxt = torch.cat([wt[:, 1:], wt.new_zeros(S, 1)], 1)
+        mass = (wt - nxt).clamp_min(0.0)
+        # mass inside the tail start goes to its first vertex: w_seed - w_first
+        mass = mass.clone()
+        mass[:, 0] = mass[:, 0] + (w_seed - wt[:, 0]).clamp_min(0.0)
+        pts = points[rows, idx].reshape(-1, 3)
+        probs = _soft_node_probs(
+            pts, vol, label_t, offsets, float(radius_mm), float(temperature_mm)
+        ).reshape(S, tail, n)
+        ends.append((mass[..., None] * probs).sum(1))  # [S, n]
+    scale = torch.where(w_seed > 0, 1.0 / w_seed.clamp_min(1e-30), torch.zeros_like(w_seed))
+    full = (ends[0] * scale[:, None]).T @ ends[1]
+    full = torch.triu(full) + torch.tril(full, -1).T
+    return _layout(full, keep_unassigned, symmetric, zero_diagonal)
+
+
 # ------------------------------------------------------------------------------------------
 # comparing connectomes
 # ------------------------------------------------------------------------------------------
