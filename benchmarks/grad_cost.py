@@ -1,29 +1,46 @@
 """Cost of differentiable tracking: time and added memory, plain autograd vs efficient path.
 
-Run with no arguments: prints one JSON object ``{"runs": [...]}``; each record has ``n``,
-``max_points``, ``path`` (``plain`` / ``efficient``), ``device``, ``forward_s`` (no-grad forward),
-``forward_backward_s`` and ``peak_mem_mb`` (CPU: peak RSS minus RSS before tracking; CUDA:
-``torch.cuda.max_memory_allocated``), each measured in a fresh process.
+Run with no arguments: prints one JSON object ``{"runs": [...], "workload": {...}}``. Each run
+record has ``n``, ``max_points``, ``path`` (``plain`` / ``efficient``), ``device``,
+``forward_s`` (the differentiable path's forward: ``track_differentiable`` until it returns,
+graph recording on), ``forward_backward_s`` (forward plus ``loss.backward()``),
+``peak_mem_mb`` (memory added by the run: CPU peak RSS minus RSS before tracking; CUDA
+``torch.cuda.max_memory_allocated`` minus the allocation before), plus ``nograd_forward_s``
+(the hard tracker, ``track_torch``, same seeds and device, no gradients: the baseline of the
+"forward + backward <= 2x forward" goal), ``fb_over_nograd`` and ``points`` (streamline
+vertices produced). Every record is measured in a fresh process.
 
-Seeds: uniform random points (fixed RNG) in the mask voxels of the shared real FOD
-(``../shared/data/real_msmt15``), fixed ``seed_direction`` (0, 0, 1) as initial direction; "full
-default length" is tckgen's default max length (max_points 1003), "double" is 2x max_length_mm.
-On this FOD streamlines end well before max length, so doubling it changes few tracks.
-``--n 200 1000`` etc. reduces the sizes; ``--paths efficient`` skips plain autograd.
+Workload (synthetic, generated here, deterministic): a single-fibre lmax-8 FOD on a
+12 x 12 x 220 grid of 2.5 mm voxels whose fibre runs along +z and sways gently in x and y
+(direction (0.08 sin(2 pi z / 60), 0.08 cos(2 pi z / 50), 1), z in voxels; lateral drift
+< 1 voxel), a delta-like lobe (the truncated SH expansion of a point at the fibre direction) plus
+a 5 % isotropic floor. Seeds: uniform in the 2 x 2 voxel core near z = 4 voxels, initial
+direction (0, 0, 1). At tckgen's defaults (step 0.25 mm, max length 250 mm = 1003 points) every
+streamline runs the full length; "double" doubles ``max_length_mm`` (2003 points). So
+N = 10,000 at full length is 10^7 streamline-steps.
+
+Plain autograd keeps a graph of ~20 kB per streamline-step (it would need ~200 GB at N = 10,000,
+full length), so it runs at ``--plain-n`` (default 100) and its memory and time are also
+reported linearly extrapolated to the efficient runs' N (``plain_extrapolated``: memory and time
+of the plain path scale linearly in N at fixed length; measured records are kept as they are).
+Threads: ``--threads`` (default 1; the machine is shared, and single-threaded timings are
+steadier; all paths and the baseline use the same setting).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_msmt15"
+SHAPE = (12, 12, 220)
+VOXEL_MM = 2.5
+LMAX = 8
 
 
 def _rss_mb() -> float:
@@ -34,26 +51,69 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def _child(n: int, factor: int, path: str, device: str) -> dict:
-    import nibabel as nib
+def make_phantom():
+    """``(sh [X, Y, Z, 45] float32, affine [4, 4])``: the gently swaying single-fibre FOD."""
     import numpy as np
     import torch
 
+    from invtract.fod.sh import sh_basis
+
+    z = torch.arange(SHAPE[2], dtype=torch.float64)
+    d = torch.stack(
+        [
+            0.08 * torch.sin(2 * math.pi * z / 60.0),
+            0.08 * torch.cos(2 * math.pi * z / 50.0),
+            torch.ones_like(z),
+        ],
+        -1,
+    )
+    d = torch.nn.functional.normalize(d, dim=-1)
+    lobe = sh_basis(d, LMAX)  # [Z, K]: delta at d, truncated at lmax 8
+    iso = torch.zeros_like(lobe[0])
+    iso[0] = 0.05 * float(lobe[0].abs().max())
+    sh = (lobe + iso).to(torch.float32)[None, None].expand(SHAPE[0], SHAPE[1], -1, -1)
+    affine = np.diag([VOXEL_MM, VOXEL_MM, VOXEL_MM, 1.0])
+    affine[:3, 3] = [-15.0, -15.0, -20.0]
+    return sh.contiguous(), affine
+
+
+def _seeds(n: int, affine):
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    vox = np.stack(
+        [rng.uniform(5.0, 7.0, n), rng.uniform(5.0, 7.0, n), rng.uniform(3.5, 4.5, n)], -1
+    )
+    seeds = torch.tensor(vox @ affine[:3, :3].T + affine[:3, 3], dtype=torch.float32)
+    dirs = torch.tensor([[0.0, 0.0, 1.0]]).expand(n, 3).contiguous()
+    return seeds, dirs
+
+
+def _child(n: int, factor: int, path: str, device: str) -> dict:
+    import torch
+
+    from invtract.fod.field import FODField
     from invtract.params import TrackingParameters
     from invtract.tracking.differentiable import track_differentiable
+    from invtract.tracking.tracker import track_torch
 
-    img = nib.load(str(DATA / "fod.nii.gz"))
-    sh = torch.tensor(np.asarray(img.dataobj, np.float32), device=device)
-    mask = np.asarray(nib.load(str(DATA / "mask.nii.gz")).dataobj) > 0
-    rng = np.random.default_rng(0)
-    vox = np.argwhere(mask)[rng.integers(0, int(mask.sum()), n)] + rng.uniform(-0.5, 0.5, (n, 3))
-    seeds = torch.tensor(vox @ img.affine[:3, :3].T + img.affine[:3, 3], dtype=torch.float32)
-    dirs = torch.tensor([[0.0, 0.0, 1.0]]).expand(n, 3).contiguous()
-    zooms = img.header.get_zooms()[:3]
+    sh, affine = make_phantom()
+    sh = sh.to(device)
+    seeds, dirs = _seeds(n, affine)
+    zooms = (VOXEL_MM,) * 3
     base = TrackingParameters().resolve(zooms)
     params = TrackingParameters(max_length_mm=base.max_length_mm * factor).resolve(zooms)
     seeds, dirs = seeds.to(device), dirs.to(device)
     cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    # warm-up (tables, allocator, lazy imports) on a few seeds
+    track_differentiable(sh, affine, seeds[:8], dirs[:8], params, path=path, voxel_sizes=zooms)
+    sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -61,22 +121,24 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
         before = _rss_mb()
     shg = sh.clone().requires_grad_(True)
     t0 = time.perf_counter()
-    res = track_differentiable(shg, img.affine, seeds, dirs, params, path=path, voxel_sizes=zooms)
+    res = track_differentiable(shg, affine, seeds, dirs, params, path=path, voxel_sizes=zooms)
+    sync()
+    fw = time.perf_counter() - t0
     loss = (res.points.sum(-1) * res.weights).sum()
     loss.backward()
-    if cuda:
-        torch.cuda.synchronize()
+    sync()
     fb = time.perf_counter() - t0
     if cuda:
         mem = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - before
-    steps = int(res.lengths.sum())
-    del res, loss
+    points = int(res.lengths.sum())
+    del res, loss, shg
+    field = FODField.from_array(sh, affine, device=device)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        track_differentiable(sh, img.affine, seeds, dirs, params, voxel_sizes=zooms)
-    fw = time.perf_counter() - t0
+    track_torch(field, seeds, dirs, params, batch_size=max(n, 1))
+    sync()
+    ng = time.perf_counter() - t0
     return {
         "n": n,
         "max_points": params.max_points,
@@ -85,7 +147,9 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
         "forward_s": round(fw, 3),
         "forward_backward_s": round(fb, 3),
         "peak_mem_mb": round(mem, 1),
-        "points": steps,
+        "nograd_forward_s": round(ng, 3),
+        "fb_over_nograd": round(fb / ng, 3),
+        "points": points,
     }
 
 
@@ -94,35 +158,103 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--paths", nargs="+", default=["plain", "efficient"])
     ap.add_argument("--factors", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--plain-n", type=int, default=100, help="N of the (measured) plain runs")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--devices", nargs="+", default=None, help="default: cpu (+ cuda)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
         n, f, path, dev = args.child
         print(json.dumps(_child(int(n), int(f), path, dev)))
         return 0
     import torch
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     runs = []
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+
+    def run(n, f, path, dev):
+        cmd = [sys.executable, __file__, "--child", str(n), str(f), path, dev]
+        cmd += ["--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            err = out.stderr.strip().splitlines()[-1:]
+            return {"n": n, "path": path, "device": dev, "factor": f, "error": err}
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     for dev in devices:
-        for n in args.n:
-            for f in args.factors:
-                for path in args.paths:
-                    cmd = [sys.executable, __file__, "--child", str(n), str(f), path, dev]
-                    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                    if out.returncode != 0:
-                        runs.append(
-                            {
-                                "n": n,
-                                "path": path,
-                                "device": dev,
-                                "error": out.stderr.strip().splitlines()[-1:],
-                            }
-                        )
-                        continue
-                    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(json.dumps({"runs": runs}))
+        for f in args.factors:
+            if "plain" in args.paths:
+                runs.append(run(args.plain_n, f, "plain", dev))
+            if "efficient" in args.paths:
+                for n in args.n:
+                    runs.append(run(n, f, "efficient", dev))
+    # plain extrapolated linearly in N to each efficient run, and the goal ratios
+    summary = []
+    for r in runs:
+        if r.get("path") != "efficient" or "error" in r:
+            continue
+        p = next(
+            (
+                q
+                for q in runs
+                if q.get("path") == "plain"
+                and "error" not in q
+                and q["device"] == r["device"]
+                and q["max_points"] == r["max_points"]
+            ),
+            None,
+        )
+        row = {"n": r["n"], "max_points": r["max_points"], "device": r["device"]}
+        if p is not None:
+            scale = r["n"] / p["n"]
+            row["plain_extrapolated"] = {
+                "from_n": p["n"],
+                "peak_mem_mb": round(p["peak_mem_mb"] * scale, 1),
+                "forward_backward_s": round(p["forward_backward_s"] * scale, 2),
+            }
+            row["mem_ratio_plain_over_efficient"] = round(
+                p["peak_mem_mb"] * scale / max(r["peak_mem_mb"], 1e-9), 1
+            )
+        row["fb_over_nograd"] = r["fb_over_nograd"]
+        summary.append(row)
+    for row in summary:
+        twin = next(
+            (
+                q
+                for q in summary
+                if q["n"] == row["n"]
+                and q["device"] == row["device"]
+                and q["max_points"] > row["max_points"]
+            ),
+            None,
+        )
+        if twin is not None:
+            a = next(
+                r["peak_mem_mb"]
+                for r in runs
+                if r.get("path") == "efficient"
+                and r["n"] == row["n"]
+                and r.get("max_points") == row["max_points"]
+                and r["device"] == row["device"]
+            )
+            b = next(
+                r["peak_mem_mb"]
+                for r in runs
+                if r.get("path") == "efficient"
+                and r["n"] == row["n"]
+                and r.get("max_points") == twin["max_points"]
+                and r["device"] == row["device"]
+            )
+            row["mem_growth_double_length"] = round(b / max(a, 1e-9), 2)
+    workload = {
+        "fod": f"synthetic single fibre, lmax {LMAX}, {SHAPE} voxels of {VOXEL_MM} mm",
+        "threads": args.threads,
+    }
+    print(json.dumps({"runs": runs, "summary": summary, "workload": workload}))
     return 0
 
 

@@ -14,13 +14,19 @@ envelope-theorem one (dA*/dc = Y(u*)).
 
 Derivatives of the basis are taken in Cartesian form (no arccos/atan2, no pole
 singularities) by evaluating the polynomial basis on second-order Taylor jets along tangent
-directions, in float64.
+directions, in float64. :class:`PeakJet` is the closed-form, matrix-free equivalent used by the
+reverse sweep of :mod:`invtract.tracking.differentiable`: it factors each basis function as
+Q_lm(z) W_m(x + iy) (a polynomial in z times a power of x + iy), so the six directional
+derivatives contracted with c (forward) and their transpose applied to an adjoint (backward)
+cost a few ``[N, K]`` operations instead of building the ``[N, 6, K]`` operator.
 """
 
 from __future__ import annotations
 
 import math
+from functools import cache
 
+import numpy as np
 import torch
 
 from .sh import lmax_from_n, n_coeffs, sh_basis, sh_index
@@ -32,6 +38,8 @@ __all__ = [
     "implicit_peak",
     "peak_amplitude",
     "refine_peak",
+    "PeakJet",
+    "fast_sh_basis",
 ]
 
 
@@ -261,3 +269,181 @@ def refine_peak(
         w = w - (x[:, 0:1] * e1 + x[:, 1:2] * e2)
         w = w / w.norm(dim=-1, keepdim=True)
     return torch.where(finite[:, None], w.to(u.dtype), u)
+
+
+# ----------------------------------------------------------------------------------------------
+# closed-form, matrix-free peak geometry (reverse sweep of the differentiable tracker)
+# ----------------------------------------------------------------------------------------------
+
+
+@cache
+def _jet_tables(lmax: int):
+    """Host tables: polynomial coefficients of Q_lm(z) = P-bar_l^m(z) / s^m and the K mapping.
+
+    Returns ``(A0, A1, A2, e_of_k, j_of_k, scale)``: ``A0 [lmax+1, E]`` coefficients of z^i of
+    Q_e (entries e = (l even, 0 <= m <= l)), ``A1``/``A2`` those of Q_e' and Q_e''; coefficient k
+    of the basis is ``scale_k * Q_{e(k)}(z) * RI_{j(k)}`` where RI = [Re W_0..Re W_lmax,
+    Im W_1..Im W_lmax] and W_m = (x + iy)^m (same recursion as :func:`~invtract.fod.sh.sh_basis`).
+    """
+    n = lmax + 1
+    P = {}
+    pmm = np.zeros(n)
+    pmm[0] = 1.0 / math.sqrt(4.0 * math.pi)
+    for m in range(lmax + 1):
+        if m > 0:
+            pmm = -math.sqrt((2.0 * m + 1.0) / (2.0 * m)) * pmm
+        P[(m, m)] = pmm
+        if m + 1 <= lmax:
+            P[(m + 1, m)] = math.sqrt(2.0 * m + 3.0) * np.roll(pmm, 1)
+        for k in range(m + 2, lmax + 1):
+            a = math.sqrt((4.0 * k * k - 1.0) / (k * k - m * m))
+            b = math.sqrt(((k - 1.0) ** 2 - m * m) / (4.0 * (k - 1.0) ** 2 - 1.0))
+            P[(k, m)] = a * np.roll(P[(k - 1, m)], 1) - a * b * P[(k - 2, m)]
+    entries = [(l, m) for l in range(0, lmax + 1, 2) for m in range(l + 1)]
+    A0 = np.stack([P[e] for e in entries], 1)  # [n, E]
+    i = np.arange(n, dtype=np.float64)[:, None]
+    A1 = np.zeros_like(A0)
+    A1[:-1] = i[1:] * A0[1:]
+    A2 = np.zeros_like(A0)
+    A2[:-1] = i[1:] * A1[1:]
+    K = n_coeffs(lmax)
+    e_of_k = np.zeros(K, np.int64)
+    j_of_k = np.zeros(K, np.int64)
+    scale = np.zeros(K)
+    for e, (l, m) in enumerate(entries):
+        e_of_k[sh_index(l, m)] = e
+        j_of_k[sh_index(l, m)] = m
+        scale[sh_index(l, m)] = 1.0 if m == 0 else math.sqrt(2.0)
+        if m > 0:
+            e_of_k[sh_index(l, -m)] = e
+            j_of_k[sh_index(l, -m)] = lmax + m
+            scale[sh_index(l, -m)] = math.sqrt(2.0)
+    return A0, A1, A2, e_of_k, j_of_k, scale
+
+
+_DEVICE_TABLES: dict = {}
+
+
+def _tables_on(lmax: int, device, dtype=torch.float64):
+    key = (lmax, str(device), dtype)
+    if key not in _DEVICE_TABLES:
+        A0, A1, A2, e_of_k, j_of_k, scale = _jet_tables(lmax)
+        Ak = np.stack([A0[:, e_of_k], A1[:, e_of_k], A2[:, e_of_k]], 0)  # [3, n, K]
+        sel = np.zeros((len(e_of_k), 2 * lmax + 1))
+        sel[np.arange(len(e_of_k)), j_of_k] = 1.0
+
+        def t(a):
+            return torch.tensor(a, dtype=dtype, device=device)
+
+        _DEVICE_TABLES[key] = (
+            t(Ak),
+            t(sel),  # [K, 2 lmax + 1]
+            t(sel.T.copy()),
+            t(scale),
+            torch.arange(lmax + 1, dtype=dtype, device=device),
+        )
+    return _DEVICE_TABLES[key]
+
+
+class PeakJet:
+    """Closed-form Riemannian geometry of f(u) = c . Y(u) at fixed unit directions ``u`` (float64).
+
+    Equivalent to the ``[N, 6, K]`` operator of :func:`peak_geometry` (same tangent basis, same
+    rows g1, g2, gu, h11, h22, h++), but applied matrix-free:
+
+    * :meth:`apply` contracts the coefficients: ``c [N, K] -> (q [N, 6], A [N])``;
+    * :meth:`transpose` applies the transpose: ``(q_bar [N, 6], a_bar [N]) -> c_bar [N, K]``.
+
+    Each basis function is Q_lm(z) W_m with W_m = (x + iy)^m; directional derivatives along a
+    direction d = (d_xy, d_z) are d_z Q' W + Q m W_{m-1} (d_x + i d_y) (and the second-order
+    analogue), so only ``[N, lmax + 1]`` tables depend on the direction.
+
+    Gradients: none (a constant linear map; run under ``no_grad``).
+    """
+
+    @torch.no_grad()
+    def __init__(self, u: torch.Tensor, lmax: int, dtype: torch.dtype = torch.float64) -> None:
+        u = u.detach().to(dtype)
+        Ak, self._sel, self._selT, self._scale, mvec = _tables_on(lmax, u.device, dtype)
+        self.lmax = lmax
+        self.e1, self.e2 = tangent_basis(u)
+        z = u[:, 2]
+        ones = torch.ones_like(z)[:, None]
+        zp = torch.cumprod(torch.cat([ones, z[:, None].expand(-1, lmax)], 1), 1)  # [N, n]
+        self._Q = torch.matmul(zp, Ak)  # [3, N, K]: Q, Q', Q'' of each coefficient
+        w = torch.complex(u[:, 0], u[:, 1])
+        W = torch.cumprod(
+            torch.cat([torch.ones_like(w)[:, None], w[:, None].expand(-1, lmax)], 1), 1
+        )  # [N, n]: (x + iy)^m
+        zero = torch.zeros_like(W[:, :1])
+        W1 = torch.cat([zero, W[:, :-1]], 1) * mvec  # m W_{m-1}
+        W2 = torch.cat([zero, zero, W[:, :-2]], 1) * (mvec * (mvec - 1.0))  # m(m-1) W_{m-2}
+        d = torch.stack([self.e1, self.e2, self.e1 + self.e2, u], 1)  # [N, 4, 3]
+        zeta = torch.complex(d[..., 0], d[..., 1])[..., None]  # [N, 4, 1]
+        self._dz = d[..., 2]  # [N, 4]
+        self._W = W
+        self._DW = W1[:, None, :] * zeta  # [N, 4, n]: first directional derivatives of W
+        self._D2W = W2[:, None, :] * (zeta[:, :3] ** 2)  # [N, 3, n]: second ones
+
+    def _contract(self, c64: torch.Tensor) -> torch.Tensor:
+        U = torch.matmul(self._Q * (c64 * self._scale), self._sel)  # [3, N, 2 lmax + 1]
+        lm = self.lmax
+        Ur = U[..., : lm + 1]
+        Ui = torch.cat([torch.zeros_like(Ur[..., :1]), U[..., lm + 1 :]], -1)
+        return torch.complex(Ur, -Ui)  # conj(U~): Re(conj(U~) W) = Ur Re W + Ui Im W
+
+    @torch.no_grad()
+    def apply(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q [N, 6], A [N])`` float64: q = (g1, g2, gu, h11, h22, h++) as in
+        :func:`peak_geometry`'s operator, A = c . Y(u)."""
+        U = self._contract(c.to(self._scale.dtype))  # [3, N, n] conj
+        W, DW, D2W, dz = self._W, self._DW, self._D2W, self._dz
+        A = (U[0] * W).real.sum(-1)
+        U0W = (U[1] * W).real.sum(-1)  # sum conj(U1) W
+        U2W = (U[2] * W).real.sum(-1)
+        p0 = (U[0][:, None, :] * DW).real.sum(-1)  # [N, 4]
+        p1 = (U[1][:, None, :] * DW[:, :3]).real.sum(-1)  # [N, 3]
+        s0 = (U[0][:, None, :] * D2W).real.sum(-1)  # [N, 3]
+        first = dz * U0W[:, None] + p0  # [N, 4]: e1, e2, e1+e2, u
+        dz3 = dz[:, :3]
+        second = dz3 * dz3 * U2W[:, None] + 2.0 * dz3 * p1 + s0  # [N, 3]: e1, e2, e1+e2
+        q = torch.stack(
+            [first[:, 0], first[:, 1], first[:, 3], second[:, 0], second[:, 1], second[:, 2]], -1
+        )
+        return q.to(torch.float64), A.to(torch.float64)
+
+    @torch.no_grad()
+    def transpose(self, q_bar: torch.Tensor, a_bar: torch.Tensor) -> torch.Tensor:
+        """``c_bar [N, K]`` float64 = M^T q_bar + a_bar Y(u) (M: the operator of :meth:`apply`)."""
+        W, DW, D2W, dz = self._W, self._DW, self._D2W, self._dz
+        q_bar, a_bar = q_bar.to(dz.dtype), a_bar.to(dz.dtype)
+        qf = torch.stack([q_bar[:, 0], q_bar[:, 1], torch.zeros_like(a_bar), q_bar[:, 2]], -1)
+        qs = q_bar[:, 3:6]  # [N, 3]
+        T0 = a_bar[:, None] * W + (qf[:, :, None] * DW).sum(1) + (qs[:, :, None] * D2W).sum(1)
+        dz3 = dz[:, :3]
+        T1 = ((qf * dz)[:, :, None].sum(1) * W) + ((2.0 * qs * dz3)[:, :, None] * DW[:, :3]).sum(1)
+        T2 = (qs * dz3 * dz3).sum(-1)[:, None] * W
+        T = torch.stack([T0, T1, T2], 0)  # [3, N, n]
+        Tc = torch.cat([T.real, T.imag[..., 1:]], -1)  # [3, N, 2 lmax + 1]
+        return (self._Q * torch.matmul(Tc, self._selT)).sum(0) * self._scale
+
+
+@torch.no_grad()
+def fast_sh_basis(u: torch.Tensor, lmax: int) -> torch.Tensor:
+    """:func:`~invtract.fod.sh.sh_basis` in float64 from the factored tables (no grad).
+
+    Same values to rounding (each Y_lm = scale Q_lm(z) W_m with Q from a polynomial table), in
+    about a dozen tensor operations instead of one per (l, m): used for the soft weights of the
+    differentiable tracker's forward pass.
+
+    Shape:
+        u: ``(N, 3)`` unit directions -> ``(N, K)`` float64.
+    """
+    Ak, _, selT, scale, _ = _tables_on(lmax, u.device, torch.float64)
+    u = u.to(torch.float64)
+    z = u[:, 2]
+    zp = torch.cumprod(torch.cat([torch.ones_like(z)[:, None], z[:, None].expand(-1, lmax)], 1), 1)
+    w = torch.complex(u[:, 0], u[:, 1])
+    W = torch.cumprod(torch.cat([torch.ones_like(w)[:, None], w[:, None].expand(-1, lmax)], 1), 1)
+    RI = torch.cat([W.real, W.imag[:, 1:]], 1)
+    return torch.matmul(zp, Ak[0]) * torch.matmul(RI, selT) * scale

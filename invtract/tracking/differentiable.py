@@ -18,10 +18,12 @@ they only carry gradients to ``cutoff`` and ``angle_deg``.
 Two gradient paths evaluate the same formulation:
 
 * ``path="plain"``: one autograd graph over all steps (memory grows with length; reference).
-* ``path="efficient"``: a custom :class:`torch.autograd.Function` whose backward sweeps the steps
-  in reverse, rebuilding one step's local graph at a time from the stored points and peak
-  directions (an adjoint of the discrete recursion). Extra memory: 24 bytes (float32) per
-  streamline-step besides the outputs, independent of graph size.
+* ``path="efficient"``: a custom :class:`torch.autograd.Function` whose forward returns the hard
+  pass's points and weights and whose backward is a closed-form reverse sweep of the discrete
+  recursion (its adjoint), batched over the streamlines alive at each step, with the implicit
+  peak derivatives from :class:`~invtract.fod.peak_grad.PeakJet`; no autograd graph is built.
+  Extra memory: the stored peak direction, 12 bytes (float32) per streamline-step besides the
+  outputs.
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ import torch.nn.functional as F
 from ..errors import ConfigError, ShapeError
 from ..fod.field import FODField
 from ..fod.interp import corner_weights, world_to_voxel
-from ..fod.peak_grad import implicit_peak, peak_amplitude, refine_peak
+from ..fod.peak_grad import (
+    PeakJet,
+    fast_sh_basis,
+    implicit_peak,
+    peak_amplitude,
+    refine_peak,
+)
 from ..params import ResolvedParameters, TrackingParameters
 from ..streamlines import Streamlines
-from .propagator import normalise_eigen, sd_stream_next
+from .propagator import normalise_eigen
 from .types import Reject, Term
 
 __all__ = ["DiffTrackResult", "track_differentiable"]
@@ -80,75 +88,124 @@ class DiffTrackResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# hard forward pass: records the discrete structure and the converged peaks
+# hard forward pass: the tracker's points, plus the converged peaks and the soft weights
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Half:
-    start_rows: torch.Tensor  # [n0] accepted-local rows that start this half
-    rows: list  # per step: [n_k] accepted-local rows (sorted)
-    sub: list  # per step: [n_k] positions of rows in the previous step's rows
-    p: list  # per step: [n_k, 3] point before the step
-    u_star: list  # per step: [n_k, 3] converged peak used for the step
+class _Consts:
+    shape: tuple
+    s2v: torch.Tensor
+    lmax: int
+    t_amp: float
+    t_cos: float
+    eps: float
+    cut: torch.Tensor  # 0-d float64 (value of the cutoff)
+    cos_max: torch.Tensor  # 0-d float64
+
+    def __post_init__(self):
+        dev = self.s2v.device
+        bits = torch.tensor([[c & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)], device=dev)
+        self.bits = bits.bool()  # [8, 3] corner c = x + 2y + 4z
+        self.signs = 2.0 * bits.to(torch.float64) - 1.0
+        self.shape_t = torch.tensor(self.shape, dtype=torch.float64, device=dev)
+        self.nmax = torch.tensor(self.shape, dtype=torch.int64, device=dev) - 1
+        self.strides = torch.tensor(
+            [self.shape[1] * self.shape[2], self.shape[2], 1], dtype=torch.int64, device=dev
+        )
 
 
 @dataclass
-class _Structure:
+class _Tape:
+    """The accepted streamlines in the padded output layout (values only, no graph).
+
+    Column ``n1[s]`` of row s is the seed; the first half's step k wrote column n1 - 1 - k, the
+    second half's step k column n1 + 1 + k. ``u_pad`` holds, at each non-seed column, the
+    converged peak that produced that point (12 bytes per streamline-step: the only state the
+    reverse sweep stores besides the outputs).
+    """
+
     seeds: torch.Tensor  # [S, 3] hard seed points (field dtype)
-    u0: torch.Tensor  # [S, 3] seed peak direction u*_0
-    halves: list  # [_Half, _Half]
+    u0: torch.Tensor  # [S, 3] seed peak u*_0
     n1: torch.Tensor  # [S] points added by the first half
     n2: torch.Tensor  # [S]
+    L: int
+    points: torch.Tensor  # [S, L, 3] hard points, zero padding
+    u_pad: torch.Tensor  # [S, L, 3] peak per point (undefined at the seed column and padding)
+    cl: torch.Tensor  # [S, L] float64 log survival weight, -inf padding
+    cl_seed: torch.Tensor  # [S] float64
     seed_ids: torch.Tensor  # [S]
     status: torch.Tensor  # [N]
     term: torch.Tensor  # [N, 2]
 
-
-def _hard_step(field, pos, u, params, refine):
-    if refine <= 0:
-        return sd_stream_next(field, pos, u, params)
-    c, valid = field.sample(pos)
-    term = torch.full((pos.shape[0],), int(Term.CONTINUE), dtype=torch.int64, device=pos.device)
-    term[~valid] = int(Term.EXIT_IMAGE)
-    amp, new_u = field.peak(c, u)
-    new_u = refine_peak(c, new_u, field.lmax, refine)
-    ok_amp = torch.isfinite(amp) & (amp >= params.cutoff)
-    term[valid & ~ok_amp] = int(Term.MODEL)
-    dot = u[:, 0] * new_u[:, 0] + (u[:, 1] * new_u[:, 1] + u[:, 2] * new_u[:, 2])
-    term[valid & ok_amp & (dot < params.dot_threshold)] = int(Term.HIGH_CURVATURE)
-    go = term == int(Term.CONTINUE)
-    step = torch.tensor(params.step_mm, dtype=pos.dtype, device=pos.device)
-    new_pos = torch.where(go[:, None], pos + new_u * step, pos)
-    return new_pos, torch.where(go[:, None], new_u, u), amp, term
+    def half(self, hi: int):
+        """``(perm, counts, base, sgn)``: rows sorted by decreasing half length; step k of the
+        half involves rows ``perm[:counts[k]]`` and writes flat index ``base[:m] + sgn * k``."""
+        nh = self.n1 if hi == 0 else self.n2
+        order = torch.argsort(nh, descending=True, stable=True)
+        hist = torch.bincount(nh, minlength=1).flip(0).cumsum(0).flip(0)  # [max+1]: #(n >= k)
+        counts = hist[1:].tolist()  # m_k = #(n > k), k = 0 .. max - 1
+        sgn = -1 if hi == 0 else 1
+        base = order * self.L + self.n1[order] + sgn  # flat index of step 0's point
+        return order, counts, base, sgn
 
 
-def _run_half(field, p0, u0, count0, active, params, refine):
-    """Hard-track one half for ``active`` rows; returns per-step records (global rows)."""
-    rows, ps, us = [], [], []
+def _log_weight(c, u_star, u_prev, consts: _Consts):
+    """log sig((A - cutoff)/T_A) + log sig((u_prev . u - cos_max)/T_c), float64 (no grad)."""
+    # = peak_amplitude(c, u_star) (the plain path's value, to rounding), in fewer operations
+    A = (c.to(torch.float64) * fast_sh_basis(u_star, consts.lmax)).sum(-1).to(c.dtype)
+    cos = (u_prev.to(torch.float64) * u_star.to(torch.float64)).sum(-1)
+    A = A.to(torch.float64)
+    return F.logsigmoid((A - consts.cut) / consts.t_amp) + F.logsigmoid(
+        (cos - consts.cos_max) / consts.t_cos
+    )
+
+
+def _run_half(field, p0, u0, cl0, count0, active, params, refine, consts):
+    """Hard-track one half for ``active`` rows (global rows); records every accepted step."""
+    recs = []
     n = p0.shape[0]
-    nadd = torch.zeros(n, dtype=torch.int64, device=p0.device)
-    term = torch.full((n,), -1, dtype=torch.int64, device=p0.device)
+    dev = p0.device
+    nadd = torch.zeros(n, dtype=torch.int64, device=dev)
+    term = torch.full((n,), -1, dtype=torch.int64, device=dev)
     idx = torch.nonzero(active, as_tuple=False).flatten()
-    pos, u, count = p0[idx], u0[idx], count0[idx].clone()
+    pos, u, cl, count = p0[idx], u0[idx], cl0[idx], count0[idx]
+    step = torch.tensor(params.step_mm, dtype=p0.dtype, device=dev)
+    CONT = int(Term.CONTINUE)
     while idx.numel() > 0:
-        new_p, new_u, _, t = _hard_step(field, pos, u, params, refine)
-        cont = t == int(Term.CONTINUE)
-        rows.append(idx[cont])
-        ps.append(pos[cont])
-        us.append(new_u[cont])
-        nadd[idx[cont]] += 1
-        count = count + cont.to(torch.int64)
-        t = torch.where(cont & (count >= params.max_points), int(Term.LENGTH_EXCEED), t)
-        fin = t != int(Term.CONTINUE)
-        term[idx[fin]] = t[fin]
-        keep = ~fin
-        idx, pos, u, count = idx[keep], new_p[keep], new_u[keep], count[keep]
-    return rows, ps, us, nadd, term
+        # SDStream::next (propagator.sd_stream_next), keeping c for the soft weight
+        c, valid = field.sample(pos)
+        t = torch.full((pos.shape[0],), CONT, dtype=torch.int64, device=dev)
+        t[~valid] = int(Term.EXIT_IMAGE)
+        amp, new_u = field.peak(c, u)
+        if refine > 0:
+            new_u = refine_peak(c, new_u, field.lmax, refine)
+        ok_amp = torch.isfinite(amp) & (amp >= params.cutoff)
+        t[valid & ~ok_amp] = int(Term.MODEL)
+        dot = u[:, 0] * new_u[:, 0] + (u[:, 1] * new_u[:, 1] + u[:, 2] * new_u[:, 2])
+        t[valid & ok_amp & (dot < params.dot_threshold)] = int(Term.HIGH_CURVATURE)
+        cont = t == CONT
+        stop = ~cont
+        term[idx[stop]] = t[stop]
+        ci = torch.nonzero(cont, as_tuple=False).flatten()
+        if ci.numel() == 0:
+            break
+        uc = new_u[ci]
+        pn = pos[ci] + uc * step
+        cln = cl[ci] + _log_weight(c[ci], uc, u[ci], consts)
+        rows = idx[ci]
+        recs.append((rows, pn, uc, cln))
+        nadd[rows] += 1
+        count = count[ci] + 1
+        le = count >= params.max_points
+        term[rows[le]] = int(Term.LENGTH_EXCEED)
+        keep = ~le
+        idx, pos, u, cl, count = rows[keep], pn[keep], uc[keep], cln[keep], count[keep]
+    return recs, nadd, term
 
 
 @torch.no_grad()
-def _hard_forward(field: FODField, seeds, init_dirs, params: ResolvedParameters, refine: int):
+def _hard_forward(field: FODField, seeds, init_dirs, params, refine: int, consts) -> _Tape:
     dev, dt = field.device, field.dtype
     n = seeds.shape[0]
     seeds = seeds.detach().to(device=dev, dtype=dt)
@@ -166,11 +223,13 @@ def _hard_forward(field: FODField, seeds, init_dirs, params: ResolvedParameters,
     ok &= torch.isfinite(amp) & (amp >= params.cutoff)
     status[~ok] = int(Reject.INVALID_SEED)
     u0 = torch.where(ok[:, None], u0, torch.zeros_like(u0))
+    A0 = peak_amplitude(c, u0, field.lmax).to(torch.float64)
+    cl_seed = F.logsigmoid((A0 - consts.cut) / consts.t_amp)
     ones = torch.ones(n, dtype=torch.int64, device=dev)
-    r1, p1, s1, n1, t1 = _run_half(field, safe, u0, ones, ok, params, refine)
+    r1, n1, t1 = _run_half(field, safe, u0, cl_seed, ones, ok, params, refine, consts)
     term[:, 0] = torch.where(ok, t1, term[:, 0])
     second = ok & (not params.unidirectional)
-    r2, p2, s2, n2, t2 = _run_half(field, safe, -u0, 1 + n1, second, params, refine)
+    r2, n2, t2 = _run_half(field, safe, -u0, cl_seed, 1 + n1, second, params, refine, consts)
     term[:, 1] = torch.where(second, t2, term[:, 1])
     total = 1 + n1 + n2
     status = torch.where(ok & (total == 1), int(Reject.NO_PROPAGATION_FROM_SEED), status)
@@ -179,44 +238,48 @@ def _hard_forward(field: FODField, seeds, init_dirs, params: ResolvedParameters,
     )
     acc = status == int(Reject.ACCEPTED)
     seed_ids = torch.nonzero(acc, as_tuple=False).flatten()
+    S = seed_ids.numel()
     local = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    local[seed_ids] = torch.arange(seed_ids.numel(), device=dev)
-
-    def restrict(start_mask, rows, ps, us):
-        start = local[torch.nonzero(start_mask & acc, as_tuple=False).flatten()]
-        out = _Half(start, [], [], [], [])
-        prev = start
-        for r, p, u in zip(rows, ps, us):
-            keep = acc[r]
-            if not bool(keep.any()):
-                break
-            lr = local[r[keep]]
-            out.rows.append(lr)
-            out.sub.append(torch.searchsorted(prev, lr))
-            out.p.append(p[keep])
-            out.u_star.append(u[keep])
-            prev = lr
-        return out
-
-    halves = [restrict(ok, r1, p1, s1), restrict(second, r2, p2, s2)]
-    return _Structure(
-        safe[seed_ids], u0[seed_ids], halves, n1[seed_ids], n2[seed_ids], seed_ids, status, term
+    local[seed_ids] = torch.arange(S, device=dev)
+    n1a, n2a = n1[seed_ids], n2[seed_ids]
+    L = int((1 + n1a + n2a).max()) if S else 0
+    points = torch.zeros((S * L, 3), dtype=dt, device=dev)
+    u_pad = torch.empty((S * L, 3), dtype=dt, device=dev)
+    cl = torch.full((S * L,), -math.inf, dtype=torch.float64, device=dev)
+    seed_flat = torch.arange(S, device=dev) * L + n1a
+    points[seed_flat] = safe[seed_ids]
+    cl[seed_flat] = cl_seed[seed_ids]
+    for sgn, recs in ((-1, r1), (1, r2)):
+        k = 0
+        while recs:
+            rows, pn, uc, cln = recs.pop(0)
+            loc = local[rows]
+            keep = loc >= 0
+            loc = loc[keep]
+            flat = loc * L + n1[rows[keep]] + sgn * (k + 1)
+            points[flat] = pn[keep]
+            u_pad[flat] = uc[keep]
+            cl[flat] = cln[keep]
+            k += 1
+    return _Tape(
+        seeds=safe[seed_ids],
+        u0=u0[seed_ids],
+        n1=n1a,
+        n2=n2a,
+        L=L,
+        points=points.reshape(S, L, 3),
+        u_pad=u_pad.reshape(S, L, 3),
+        cl=cl.reshape(S, L),
+        cl_seed=cl_seed[seed_ids],
+        seed_ids=seed_ids,
+        status=status,
+        term=term,
     )
 
 
 # ----------------------------------------------------------------------------------------------
-# the differentiable formulation (shared by both gradient paths)
+# the differentiable formulation: plain autograd (reference)
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Consts:
-    shape: tuple
-    s2v: torch.Tensor
-    lmax: int
-    t_amp: float
-    t_cos: float
-    eps: float
 
 
 def _gather_corners(sh_flat, p, consts):
@@ -233,17 +296,17 @@ def _interp(corners, weights):
     return out
 
 
-def _seed_fn(corners, weights, u0_star, cutoff, consts, need_grad=True):
+def _seed_fn(corners, weights, u0_star, cutoff, consts):
     c = _interp(corners, weights)
-    u0 = implicit_peak(c, u0_star, consts.lmax, consts.eps) if need_grad else u0_star
+    u0 = implicit_peak(c, u0_star, consts.lmax, consts.eps)
     A = peak_amplitude(c, u0_star, consts.lmax).to(torch.float64)
     cl = F.logsigmoid((A - cutoff.to(torch.float64)) / consts.t_amp)
     return u0, cl
 
 
-def _step_fn(corners, weights, p, u_prev, u_star, h, cutoff, cos_max, consts, need_grad=True):
+def _step_fn(corners, weights, p, u_prev, u_star, h, cutoff, cos_max, consts):
     c = _interp(corners, weights)
-    u = implicit_peak(c, u_star, consts.lmax, consts.eps) if need_grad else u_star
+    u = implicit_peak(c, u_star, consts.lmax, consts.eps)
     A = peak_amplitude(c, u_star, consts.lmax).to(torch.float64)
     cos = (u_prev.to(torch.float64) * u.to(torch.float64)).sum(-1)
     logw = F.logsigmoid((A - cutoff.to(torch.float64)) / consts.t_amp) + F.logsigmoid(
@@ -253,176 +316,214 @@ def _step_fn(corners, weights, p, u_prev, u_star, h, cutoff, cos_max, consts, ne
     return p_next, u, logw
 
 
-def _plain(sh_flat, seeds, h, cutoff, cos_max, st: _Structure, consts: _Consts):
-    """One autograd graph through all steps. Returns (pts_rec, cl_rec, cl_seed)."""
+def _plain(sh_flat, seeds, h, cutoff, cos_max, tp: _Tape, consts: _Consts):
+    """One autograd graph through all steps. Returns (points [S, L, 3], cl [S, L])."""
+    S, L = tp.n1.numel(), tp.L
     idx, w = _gather_corners(sh_flat, seeds, consts)
-    u0, cl_seed = _seed_fn(sh_flat[idx], w, st.u0, cutoff, consts)
-    pts, cls = [], []
-    for hi, half in enumerate(st.halves):
-        sign = 1.0 if hi == 0 else -1.0
-        rows = half.start_rows
-        p, u_prev, cl = seeds[rows], sign * u0[rows], cl_seed[rows]
-        for k in range(len(half.rows)):
-            sub = half.sub[k]
-            p, u_prev, cl = p[sub], u_prev[sub], cl[sub]
+    u0, cl_seed = _seed_fn(sh_flat[idx], w, tp.u0, cutoff, consts)
+    u_flat = tp.u_pad.reshape(-1, 3)
+    flats = [torch.arange(S, device=seeds.device) * L + tp.n1]
+    pts, cls = [seeds], [cl_seed]
+    for hi in (0, 1):
+        order, counts, base, sgn = tp.half(hi)
+        if not counts:
+            continue
+        p, u_prev, cl = seeds[order], -u0[order] if hi else u0[order], cl_seed[order]
+        for k, m in enumerate(counts):
+            p, u_prev, cl = p[:m], u_prev[:m], cl[:m]
+            flat = base[:m] + sgn * k
             idx, w = _gather_corners(sh_flat, p, consts)
             p, u_prev, logw = _step_fn(
-                sh_flat[idx], w, p, u_prev, half.u_star[k], h, cutoff, cos_max, consts
+                sh_flat[idx], w, p, u_prev, u_flat[flat], h, cutoff, cos_max, consts
             )
             cl = cl + logw
             pts.append(p)
             cls.append(cl)
-    empty3 = seeds.new_zeros((0, 3))
-    pts_rec = torch.cat(pts, 0) if pts else empty3
-    cl_rec = torch.cat(cls, 0) if cls else cl_seed.new_zeros(0)
-    return pts_rec, cl_rec, cl_seed
+            flats.append(flat)
+    flat = torch.cat(flats)
+    points = seeds.new_zeros((S * L, 3)).index_put((flat,), torch.cat(pts, 0))
+    cl_all = cl_seed.new_full((S * L,), -math.inf).index_put((flat,), torch.cat(cls, 0))
+    return points.reshape(S, L, 3), cl_all.reshape(S, L)
+
+
+# ----------------------------------------------------------------------------------------------
+# the memory-efficient path: closed-form reverse sweep over the stored peaks
+# ----------------------------------------------------------------------------------------------
+
+
+class _Grads:
+    """Accumulators of the reverse sweep."""
+
+    def __init__(self, sh_flat, want_sh: bool):
+        self.sh = torch.zeros_like(sh_flat) if want_sh else None
+        z = torch.zeros((), dtype=torch.float64, device=sh_flat.device)
+        self.h, self.cut, self.cos = z.clone(), z.clone(), z.clone()
+
+
+def _local_adjoint(sh_flat, consts, p, u_star, u_prev, a_p, a_u, a_l, h, grads, step=True):
+    """Adjoint of one step (or of the seed evaluation when ``step`` is False).
+
+    The step maps (p, u_prev) to (p + h u, u, logw) with u = implicit_peak(c(p), u*) and
+    logw = log sig((A - cutoff)/T_A) + log sig((u_prev . u - cos_max)/T_c); the seed maps p to
+    (u_0, log sig((A_0 - cutoff)/T_A)). Given the adjoints ``a_p`` [m, 3] of the next point
+    (step only; the seed's direct term is added by the caller), ``a_u`` [m, 3] of u and ``a_l``
+    [m] of logw, returns (adjoint of p [m, 3], adjoint of u_prev [m, 3] or None), float64, and
+    adds the FOD / step / cutoff / angle gradients to ``grads``. Closed form, batched over the
+    m rows; only [m, 8, K] corner gathers and [m, K] jets, no autograd graph.
+    """
+    f64 = torch.float64
+    dt = sh_flat.dtype
+    m = p.shape[0]
+    K = sh_flat.shape[1]
+    # trilinear corners and weights (as interp.corner_weights, all 8 corners at once), plus
+    # their derivatives w.r.t. the per-axis fractions
+    v = world_to_voxel(p, consts.s2v)
+    n = consts.shape_t
+    fl = torch.floor(v)
+    edge = (v < 0) | (v > n - 1)
+    f = torch.where(edge, torch.zeros_like(v), v - fl).to(dt)  # [m, 3]
+    bits = consts.bits  # [8, 3] bool
+    wax = torch.where(bits, f[:, None, :], 1.0 - f[:, None, :])  # [m, 8, 3]
+    w = wax[..., 0] * (wax[..., 1] * wax[..., 2])
+    live = w >= 1e-6  # weights zeroed below 1e-6 have no gradient
+    w = torch.where(live, w, torch.zeros_like(w))  # [m, 8]
+    flo = fl.to(torch.int64)
+    i0 = torch.minimum(flo.clamp(min=0), consts.nmax)
+    i1 = torch.minimum((flo + 1).clamp(min=0), consts.nmax)
+    index = (torch.where(bits, i1[:, None, :], i0[:, None, :]) * consts.strides).sum(-1)
+    wax = wax.to(f64)
+    # d w_c / d f_x = sign_x(c) * product of the other two axis weights
+    dwdf = torch.stack(
+        [wax[..., 1] * wax[..., 2], wax[..., 0] * wax[..., 2], wax[..., 0] * wax[..., 1]], -1
+    ) * (consts.signs * live[..., None])  # [m, 8, 3]
+    corners = sh_flat.index_select(0, index.reshape(-1)).reshape(m, 8, K)
+    c = (w[:, :, None] * corners).sum(1)  # [m, K]
+    # implicit peak geometry at u*
+    us = u_star.to(f64)
+    jet = PeakJet(us, consts.lmax, dtype=dt)
+    q, A = jet.apply(c)
+    g1, g2, gu, h11, h22, hpp = q.unbind(-1)
+    a = h11 - gu
+    d = h22 - gu
+    b = 0.5 * (hpp - h11 - h22)
+    lam = 0.5 * (a + d) + torch.sqrt((0.5 * (a - d)) ** 2 + b * b)
+    shift = torch.nan_to_num(torch.clamp(lam + consts.eps, min=0.0), nan=0.0, posinf=0.0)
+    a, d = a - shift, d - shift
+    det = a * d - b * b
+    x0 = (d * g1 - b * g2) / det
+    x1 = (a * g2 - b * g1) / det
+    # amplitude term (the plain path rounds A to the FOD dtype before the sigmoid)
+    zA = (A.to(dt).to(f64) - consts.cut) / consts.t_amp
+    sA = torch.sigmoid(-zA) * a_l / consts.t_amp  # d/dA of the log-weight, times a_l
+    grads.cut -= sA.sum()
+    ubar = a_u
+    g_prev = None
+    if step:
+        cos = (u_prev.to(f64) * us).sum(-1)
+        zc = (cos - consts.cos_max) / consts.t_cos
+        sc = torch.sigmoid(-zc) * a_l / consts.t_cos
+        grads.cos -= sc.sum()
+        ubar = ubar + h * a_p + sc[:, None] * u_prev.to(f64)
+        g_prev = sc[:, None] * us
+        grads.h += (a_p * us).sum()
+    # u = u* - E x (value u*): x_bar = -E^T u_bar; y = H^-1 x_bar; q_bar by the chain rule
+    xb0 = -(ubar * jet.e1).sum(-1)
+    xb1 = -(ubar * jet.e2).sum(-1)
+    y0 = (d * xb0 - b * xb1) / det
+    y1 = (a * xb1 - b * xb0) / det
+    ok = torch.isfinite(x0) & torch.isfinite(x1) & torch.isfinite(y0) & torch.isfinite(y1)
+    bb = -(y0 * x1 + y1 * x0)
+    qb = torch.stack(
+        [y0, y1, y0 * x0 + y1 * x1, -y0 * x0 - 0.5 * bb, -y1 * x1 - 0.5 * bb, 0.5 * bb], -1
+    )
+    qb = torch.where(ok[:, None], qb, torch.zeros_like(qb))
+    cbar = jet.transpose(qb, sA).to(dt)  # [m, K]
+    # through the interpolation: corners get w_c * c_bar, the weights C_c . c_bar
+    if grads.sh is not None:
+        grads.sh.index_add_(
+            0, index.reshape(-1), (w[:, :, None] * cbar[:, None, :]).reshape(-1, K)
+        )
+    wbar = (corners * cbar[:, None, :]).sum(-1).to(f64)  # [m, 8]
+    fbar = (wbar[..., None] * dwdf).sum(1)  # [m, 3]
+    fbar = torch.where(edge, torch.zeros_like(fbar), fbar)
+    pbar = fbar @ consts.s2v[:, :3].to(f64)
+    if step:
+        pbar = pbar + a_p
+    return pbar, g_prev
 
 
 class _Adjoint(torch.autograd.Function):
-    """Forward: outputs of the recursion from stored values (no graph). Backward: reverse sweep
-    that rebuilds each step's local graph from the stored point and peak direction."""
+    """Forward: the recorded outputs (no graph). Backward: closed-form reverse sweep over the
+    stored peak directions, batched over all streamlines alive at each step."""
 
     @staticmethod
-    def forward(ctx, sh_flat, seeds, h, cutoff, cos_max, st, consts):
-        ctx.st, ctx.consts = st, consts
-        ctx.save_for_backward(sh_flat, seeds, h, cutoff, cos_max)
-        with torch.no_grad():
-            idx, w = _gather_corners(sh_flat, seeds, consts)
-            _, cl_seed = _seed_fn(sh_flat[idx], w, st.u0, cutoff, consts, need_grad=False)
-            pts, cls = [], []
-            for hi, half in enumerate(st.halves):
-                sign = 1.0 if hi == 0 else -1.0
-                rows = half.start_rows
-                u_prev, cl = sign * st.u0[rows], cl_seed[rows]
-                for k in range(len(half.rows)):
-                    sub = half.sub[k]
-                    u_prev, cl = u_prev[sub], cl[sub]
-                    p = half.p[k]
-                    idx, w = _gather_corners(sh_flat, p, consts)
-                    p_next, u_prev, logw = _step_fn(
-                        sh_flat[idx],
-                        w,
-                        p,
-                        u_prev,
-                        half.u_star[k],
-                        h,
-                        cutoff,
-                        cos_max,
-                        consts,
-                        need_grad=False,
-                    )
-                    cl = cl + logw
-                    pts.append(p_next)
-                    cls.append(cl)
-        pts_rec = torch.cat(pts, 0) if pts else seeds.new_zeros((0, 3))
-        cl_rec = torch.cat(cls, 0) if cls else cl_seed.new_zeros(0)
-        return pts_rec, cl_rec, cl_seed
+    def forward(ctx, sh_flat, seeds, h, cutoff, cos_max, tp, consts):
+        ctx.tp, ctx.consts = tp, consts
+        ctx.scalar_dtypes = (h.dtype, cutoff.dtype, cos_max.dtype)
+        ctx.save_for_backward(sh_flat, h)
+        return tp.points.clone(), tp.cl.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_pts, g_cl, g_seed):
-        sh_flat, seeds, h, cutoff, cos_max = ctx.saved_tensors
-        st, consts = ctx.st, ctx.consts
-        dt = seeds.dtype
-        dev = seeds.device
-        S = seeds.shape[0]
+    def backward(ctx, g_pts, g_cl):
+        sh_flat, h = ctx.saved_tensors
+        tp, consts = ctx.tp, ctx.consts
+        f64 = torch.float64
         want = ctx.needs_input_grad
-        g_sh = torch.zeros_like(sh_flat) if want[0] else None
-        scal = [torch.zeros((), dtype=torch.float64, device=dev) for _ in range(3)]
-        sh_det = sh_flat.detach()
-        h_l = h.detach().requires_grad_(True)
-        cut_l = cutoff.detach().requires_grad_(True)
-        cm_l = cos_max.detach().requires_grad_(True)
-        a_p0 = torch.zeros((S, 3), dtype=dt, device=dev)
-        a_u0 = torch.zeros((S, 3), dtype=dt, device=dev)
-        a_cl0 = (
-            g_seed.to(torch.float64).clone()
-            if g_seed is not None
-            else torch.zeros(S, dtype=torch.float64, device=dev)
-        )
-        g_pts = g_pts if g_pts is not None else torch.zeros((0, 3), dtype=dt, device=dev)
-        g_cl = g_cl if g_cl is not None else torch.zeros(0, dtype=torch.float64, device=dev)
-        # record offsets in output order
-        offsets, off = [], 0
-        for half in st.halves:
-            o = []
-            for r in half.rows:
-                o.append(off)
-                off += r.numel()
-            offsets.append(o)
-        full_g_pts = g_pts.numel() > 0
-        full_g_cl = g_cl.numel() > 0
+        dev = sh_flat.device
+        S, L = tp.n1.numel(), tp.L
+        grads = _Grads(sh_flat.detach(), want[0])
+        sh = sh_flat.detach()
+        hv = h.detach().to(f64)
+        P = tp.points.reshape(-1, 3)
+        U = tp.u_pad.reshape(-1, 3)
+        gP = g_pts.reshape(-1, 3).to(f64) if g_pts is not None else None
+        gC = g_cl.reshape(-1).to(f64) if g_cl is not None else None
+        seed_flat = torch.arange(S, device=dev) * L + tp.n1
+        a_p0 = gP[seed_flat] if gP is not None else torch.zeros((S, 3), dtype=f64, device=dev)
+        a_l0 = gC[seed_flat] if gC is not None else torch.zeros(S, dtype=f64, device=dev)
+        a_u0 = torch.zeros((S, 3), dtype=f64, device=dev)
         for hi in (1, 0):
-            half = st.halves[hi]
-            K = len(half.rows)
-            if K == 0:
+            order, counts, base, sgn = tp.half(hi)
+            if not counts:
                 continue
-            sign = 1.0 if hi == 0 else -1.0
-            n_last = half.rows[-1].numel()
-            a_p = torch.zeros((n_last, 3), dtype=dt, device=dev)
-            a_u = torch.zeros((n_last, 3), dtype=dt, device=dev)
-            a_cl = torch.zeros(n_last, dtype=torch.float64, device=dev)
-            for k in range(K - 1, -1, -1):
-                o, n_k = offsets[hi][k], half.rows[k].numel()
-                if full_g_pts:
-                    a_p = a_p + g_pts[o : o + n_k]
-                if full_g_cl:
-                    a_cl = a_cl + g_cl[o : o + n_k].to(torch.float64)
-                # previous state (point before the step and previous direction), leaves
-                p_l = half.p[k].detach().requires_grad_(True)
-                if k > 0:
-                    up = half.u_star[k - 1][half.sub[k]]
-                else:
-                    up = sign * st.u0[half.start_rows][half.sub[0]]
-                up_l = up.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    idx, w = _gather_corners(sh_det, p_l, consts)
-                    corners = sh_det[idx].requires_grad_(want[0])
-                    p_next, u, logw = _step_fn(
-                        corners, w, p_l, up_l, half.u_star[k], h_l, cut_l, cm_l, consts
-                    )
-                    inputs = [p_l, up_l, h_l, cut_l, cm_l] + ([corners] if want[0] else [])
-                    grads = torch.autograd.grad(
-                        [p_next, u, logw], inputs, [a_p, a_u, a_cl], allow_unused=True
-                    )
-                gp, gu = grads[0], grads[1]
-                for j in range(3):
-                    if grads[2 + j] is not None:
-                        scal[j] = scal[j] + grads[2 + j].to(torch.float64)
-                if want[0] and grads[5] is not None:
-                    g_sh.index_add_(0, idx.reshape(-1), grads[5].reshape(-1, g_sh.shape[1]))
-                gp = gp if gp is not None else torch.zeros_like(a_p)
-                gu = gu if gu is not None else torch.zeros_like(a_u)
-                # scatter to the previous step's rows
-                n_prev = half.rows[k - 1].numel() if k > 0 else half.start_rows.numel()
-                sub = half.sub[k]
-                a_p = torch.zeros((n_prev, 3), dtype=dt, device=dev).index_add_(0, sub, gp)
-                a_u = torch.zeros((n_prev, 3), dtype=dt, device=dev).index_add_(0, sub, gu)
-                a_cl = torch.zeros(n_prev, dtype=torch.float64, device=dev).index_add_(
-                    0, sub, a_cl
+            s_h = counts[0]
+            a_p = torch.zeros((s_h, 3), dtype=f64, device=dev)
+            a_u = torch.zeros((s_h, 3), dtype=f64, device=dev)
+            a_l = torch.zeros(s_h, dtype=f64, device=dev)
+            u0 = -tp.u0[order[:s_h]] if hi else tp.u0[order[:s_h]]
+            for k in range(len(counts) - 1, -1, -1):
+                m = counts[k]
+                f_out = base[:m] + sgn * k
+                f_in = f_out - sgn
+                if gP is not None:
+                    a_p[:m] += gP[f_out]
+                if gC is not None:
+                    a_l[:m] += gC[f_out]
+                u_prev = U[f_in] if k > 0 else u0[:m]
+                pbar, ubar = _local_adjoint(
+                    sh, consts, P[f_in], U[f_out], u_prev, a_p[:m], a_u[:m], a_l[:m], hv, grads
                 )
-            rows = half.start_rows
+                a_p[:m] = pbar
+                a_u[:m] = ubar
+            rows = order[:s_h]
             a_p0.index_add_(0, rows, a_p)
-            a_u0.index_add_(0, rows, sign * a_u)
-            a_cl0.index_add_(0, rows, a_cl)
-        # seed
-        p_l = seeds.detach().requires_grad_(True)
-        with torch.enable_grad():
-            idx, w = _gather_corners(sh_det, p_l, consts)
-            corners = sh_det[idx].requires_grad_(want[0])
-            u0, cl_seed = _seed_fn(corners, w, st.u0, cut_l, consts)
-            inputs = [p_l, cut_l] + ([corners] if want[0] else [])
-            grads = torch.autograd.grad([u0, cl_seed], inputs, [a_u0, a_cl0], allow_unused=True)
-        if grads[0] is not None:
-            a_p0 = a_p0 + grads[0]
-        if grads[1] is not None:
-            scal[1] = scal[1] + grads[1].to(torch.float64)
-        if want[0] and grads[2] is not None:
-            g_sh.index_add_(0, idx.reshape(-1), grads[2].reshape(-1, g_sh.shape[1]))
-        outs = [g_sh, a_p0 if want[1] else None]
-        for j, t in enumerate((h, cutoff, cos_max)):
-            outs.append(scal[j].to(t.dtype).reshape(t.shape) if want[2 + j] else None)
-        return (*outs, None, None)
+            a_u0.index_add_(0, rows, -a_u if hi else a_u)
+            a_l0.index_add_(0, rows, a_l)
+        pbar, _ = _local_adjoint(
+            sh, consts, tp.seeds, tp.u0, None, None, a_u0, a_l0, hv, grads, step=False
+        )
+        a_p0 = a_p0 + pbar
+        dts = ctx.scalar_dtypes
+        return (
+            grads.sh,
+            a_p0.to(tp.seeds.dtype) if want[1] else None,
+            grads.h.to(dts[0]).reshape(h.shape) if want[2] else None,
+            grads.cut.to(dts[1]) if want[3] else None,
+            grads.cos.to(dts[2]) if want[4] else None,
+            None,
+            None,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,9 +655,7 @@ def track_differentiable(
     field = FODField.from_array(sh.detach(), affine, device=sh.device, dtype=dt)
     if torch.is_tensor(step_mm):  # move by the exact step (float64 runs); decisions unchanged
         rp = dataclasses.replace(rp, step_mm=float(step_mm.detach()))
-    st = _hard_forward(field, seeds, init_dirs, rp, refine)
     t_amp, t_cos = (temperature, temperature) if np.isscalar(temperature) else temperature
-    consts = _Consts(field.shape, field.scanner2voxel, field.lmax, float(t_amp), float(t_cos), eps)
     h = _as_scalar(step_mm, rp.step_mm, dt).to(dt)
     if not torch.is_tensor(step_mm):
         h = torch.tensor(rp.step_mm, dtype=dt)
@@ -565,47 +664,43 @@ def track_differentiable(
         cos_max = torch.cos(angle_deg.reshape(()).to(torch.float64) * (math.pi / 180.0))
     else:
         cos_max = torch.tensor(rp.dot_threshold, dtype=torch.float64)
+    dev = sh.device
+    consts = _Consts(
+        field.shape,
+        field.scanner2voxel,
+        field.lmax,
+        float(t_amp),
+        float(t_cos),
+        eps,
+        cut.detach().to(device=dev, dtype=torch.float64),
+        cos_max.detach().to(device=dev, dtype=torch.float64),
+    )
+    tp = _hard_forward(field, seeds, init_dirs, rp, refine, consts)
     sh_flat = sh.reshape(-1, sh.shape[-1])
-    sid = st.seed_ids
+    sid = tp.seed_ids
     # seeds of accepted streamlines: hard values, gradient routed to the caller's tensor
-    seeds_acc = st.seeds + (seeds[sid].to(dt) - seeds[sid].to(dt).detach())
+    seeds_acc = tp.seeds + (seeds[sid].to(dt) - seeds[sid].to(dt).detach())
+    h, cut, cos_max = h.to(dev), cut.to(dev), cos_max.to(dev)
     if path == "plain":
-        pts_rec, cl_rec, cl_seed = _plain(sh_flat, seeds_acc, h, cut, cos_max, st, consts)
+        points, cl = _plain(sh_flat, seeds_acc, h, cut, cos_max, tp, consts)
     else:
-        pts_rec, cl_rec, cl_seed = _Adjoint.apply(sh_flat, seeds_acc, h, cut, cos_max, st, consts)
+        points, cl = _Adjoint.apply(sh_flat, seeds_acc, h, cut, cos_max, tp, consts)
     if init_dirs.requires_grad:  # documented zero gradient (basin of attraction)
         zero = torch.nan_to_num(init_dirs[sid]).sum(-1) * 0.0
-        cl_seed = cl_seed + zero.to(cl_seed.dtype)
-    return _assemble(st, seeds_acc, pts_rec, cl_rec, cl_seed)
+        cl = cl + zero.to(cl.dtype)[:, None]
+    return _assemble(tp, points, cl)
 
 
-def _assemble(st: _Structure, seeds_acc, pts_rec, cl_rec, cl_seed) -> DiffTrackResult:
-    S = st.seed_ids.numel()
-    dev = seeds_acc.device
-    lengths = 1 + st.n1 + st.n2
-    L = int(lengths.max()) if S else 0
-    rows_all, cols_all = [], []
-    for hi, half in enumerate(st.halves):
-        for k, r in enumerate(half.rows):
-            rows_all.append(r)
-            cols_all.append(st.n1[r] - 1 - k if hi == 0 else st.n1[r] + 1 + k)
-    ar = torch.arange(S, device=dev)
-    rows_all.append(ar)
-    cols_all.append(st.n1)
-    flat = torch.cat(rows_all) * L + torch.cat(cols_all) if S else ar
-    pts = torch.cat([pts_rec, seeds_acc], 0)
-    cls = torch.cat([cl_rec, cl_seed], 0)
-    points = pts.new_zeros((S * L, 3)).index_put((flat,), pts).reshape(S, L, 3)
-    logw = cls.new_full((S * L,), -math.inf).index_put((flat,), cls).reshape(S, L)
-    mask = torch.arange(L, device=dev)[None, :] < lengths[:, None]
-    weights = torch.exp(logw)
+def _assemble(tp: _Tape, points, cl) -> DiffTrackResult:
+    lengths = 1 + tp.n1 + tp.n2
+    mask = torch.arange(tp.L, device=points.device)[None, :] < lengths[:, None]
     return DiffTrackResult(
         points=points,
         mask=mask,
         lengths=lengths,
-        weights=weights,
-        seed_index=st.n1.clone(),
-        seed_ids=st.seed_ids,
-        status=st.status,
-        term=st.term,
+        weights=torch.exp(cl),
+        seed_index=tp.n1.clone(),
+        seed_ids=tp.seed_ids,
+        status=tp.status,
+        term=tp.term,
     )

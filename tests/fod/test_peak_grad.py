@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 from invtract.fod.peak_grad import (
+    PeakJet,
+    _peak_operator,
     basis_directional_derivatives,
+    fast_sh_basis,
     implicit_peak,
     peak_amplitude,
     peak_geometry,
@@ -88,3 +91,27 @@ def test_degenerate_hessian_stays_finite():
     c2 = torch.ones(1, 15, dtype=torch.float64, requires_grad=True)
     implicit_peak(c2, nan_u, LMAX).nan_to_num().sum().backward()
     assert torch.isfinite(c2.grad).all()
+
+
+def test_peak_jet_matches_operator():
+    # the matrix-free closed form (reverse sweep) equals the jet operator and its transpose,
+    # including at the poles (x + iy = 0)
+    for lmax in (2, 4, 8):
+        K = (lmax + 1) * (lmax + 2) // 2
+        g = torch.Generator().manual_seed(lmax)
+        u = torch.nn.functional.normalize(
+            torch.randn(20, 3, generator=g, dtype=torch.float64), dim=-1
+        )
+        u[0] = torch.tensor([0.0, 0.0, 1.0])
+        u[1] = torch.tensor([0.0, 0.0, -1.0])
+        c = torch.randn(20, K, generator=g, dtype=torch.float64)
+        Y, M, _, _ = _peak_operator(u, lmax)
+        jet = PeakJet(u, lmax)
+        q, A = jet.apply(c)
+        torch.testing.assert_close(q, torch.bmm(M, c[:, :, None])[..., 0], rtol=1e-12, atol=1e-11)
+        torch.testing.assert_close(A, (Y * c).sum(-1), rtol=1e-12, atol=1e-12)
+        qb = torch.randn(20, 6, generator=g, dtype=torch.float64)
+        ab = torch.randn(20, generator=g, dtype=torch.float64)
+        ref = torch.bmm(M.transpose(1, 2), qb[:, :, None])[..., 0] + ab[:, None] * Y
+        torch.testing.assert_close(jet.transpose(qb, ab), ref, rtol=1e-12, atol=1e-11)
+        torch.testing.assert_close(fast_sh_basis(u, lmax), sh_basis(u, lmax), rtol=0, atol=1e-13)

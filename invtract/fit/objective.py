@@ -1,0 +1,460 @@
+"""The fit objective: paired loss terms between tracked and target streamlines, plus FOD priors.
+
+Every target streamline ``i`` provides one seed, so tracked streamline ``i`` is compared with
+target streamline ``i`` (the *paired* setting). Both are split at their seed vertex into two
+halves that run outward from the seed; the first tracked half (tckgen's first direction,
+stored reversed before the seed) is matched with the target half that leaves the seed in the
+same direction.
+
+Terms (all scanner mm unless stated; each is a mean over paired streamlines):
+
+* ``mdf``: common-extent paired MDF. Each half pair is resampled at ``n_points`` equal arc
+  lengths over ``min(len_tracked, len_target)`` (the extent both reach; detached) and the mean
+  point distance is taken, weighted by that extent. A length mismatch (a wrong cutoff or
+  angle) therefore does not bend the shape term, so the step gradient comes from geometry
+  (e.g. the outward drift of Euler steps on a curve, ~ length x step / (2 radius)).
+* ``extent``: survival-weighted mis-extent. For every tracked vertex at arc length ``a`` from
+  the seed, with segment length ``d`` and soft survival weight ``s`` (from
+  :func:`~invtract.tracking.differentiable.track_differentiable`): ``d (1 - s)`` if the target
+  half reaches ``a`` (the vertex should survive), ``d s`` otherwise (it overshoots), plus the
+  length the tracked half falls short of the target (a constant). Its gradient is the only one
+  that reaches ``angle_deg`` and ``cutoff``: overshooting vertices pull the thresholds tighter,
+  vertices inside the target's extent pull them looser. At a low temperature it tends to
+  ``|len_tracked - len_target|`` per half.
+* ``paired``, ``chamfer``, ``length``, ``density``: :func:`invtract.losses.paired_loss` (full
+  streamlines, MDF + coverage, weighted by each streamline's mean survival weight),
+  :func:`~invtract.losses.chamfer_loss` (unpaired), :func:`~invtract.losses.length_loss` (W1
+  of the length histograms) and ``1 - corr`` of the track-density maps (unitless).
+* FOD priors (:func:`fod_priors`): ``nonneg`` (squared negative amplitude on a dense sphere),
+  ``smooth`` (squared difference of the coefficient *change* between 6-neighbour voxels),
+  ``prior`` (squared change from the starting FOD).
+
+A seed that gives no tracked streamline is charged its target's whole length in ``extent``
+(a constant: no gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..streamlines import Streamlines
+
+__all__ = [
+    "TERMS",
+    "FOD_TERMS",
+    "LossConfig",
+    "PairedTarget",
+    "split_halves",
+    "resample_halves",
+    "paired_terms",
+    "fod_priors",
+    "fibonacci_sphere",
+    "soft_temperature",
+]
+
+#: tractogram loss terms (keys of ``LossConfig.weights``)
+TERMS = ("mdf", "extent", "paired", "chamfer", "length", "density")
+#: FOD regulariser terms
+FOD_TERMS = ("nonneg", "smooth", "prior")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The ``[loss]`` table of a fit config.
+
+    Attributes:
+        weights: term name -> weight (missing or 0 = not computed). Tractogram terms are in mm
+            (``density`` unitless); FOD terms in squared SH units.
+        n_points: resampling points per half (``mdf``) or streamline (``paired``, ``chamfer``).
+        temperature_mm: softness of the soft minima in ``paired`` / ``chamfer`` (mm).
+        radius_mm: coverage radius of ``paired`` (mm).
+        coverage_weight: mm per unit uncovered fraction in ``paired``.
+        sphere_points: directions of the dense sphere for ``nonneg``.
+    """
+
+    weights: dict = field(default_factory=lambda: {"mdf": 1.0, "extent": 1.0})
+    n_points: int = 16
+    temperature_mm: float = 0.5
+    radius_mm: float = 1.0
+    coverage_weight: float = 1.0
+    sphere_points: int = 256
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None) -> LossConfig:
+        """Validate a ``[loss]`` table (``weights`` is its ``[loss.weights]`` sub-table)."""
+        d = dict(d or {})
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"[loss]: unknown keys {unknown}")
+        w = {k: float(v) for k, v in dict(d.pop("weights", {"mdf": 1.0, "extent": 1.0})).items()}
+        bad = sorted(set(w) - set(TERMS) - set(FOD_TERMS))
+        if bad:
+            raise ConfigError(f"[loss.weights]: unknown terms {bad}; known {TERMS + FOD_TERMS}")
+        if any(not math.isfinite(v) or v < 0 for v in w.values()):
+            raise ConfigError(f"[loss.weights] must be finite and >= 0: {w}")
+        cfg = cls(weights=w, **d)
+        if int(cfg.n_points) < 2:
+            raise ConfigError(f"[loss] n_points must be >= 2, got {cfg.n_points}")
+        return cfg
+
+    def active(self, names=TERMS) -> list[str]:
+        """Names among ``names`` with a non-zero weight."""
+        return [k for k in names if self.weights.get(k, 0.0) > 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# halves
+# ----------------------------------------------------------------------------------------------
+def split_halves(
+    points: torch.Tensor, lengths: torch.Tensor, seed_index: torch.Tensor, extra=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Split padded streamlines at their seed into two halves running outward from the seed.
+
+    Half 0 is vertices ``seed, seed-1, ..., 0`` (tckgen's first direction), half 1 is
+    ``seed, seed+1, ..., n-1``. Padding repeats each half's last vertex (zero-length segments).
+
+    Args:
+        points: ``[S, L, 3]`` padded vertices (mm).
+        lengths: ``[S]`` vertex counts.
+        seed_index: ``[S]`` seed vertex of each streamline.
+        extra: optional ``[S, L]`` per-vertex values (e.g. survival weights) split the same way.
+
+    Returns:
+        ``(halves [S, 2, H, 3], counts [S, 2], extra_halves [S, 2, H] or None)``.
+
+    Gradients:
+        Through ``points`` and ``extra`` (a gather).
+    """
+    S, L = points.shape[:2]
+    dev = points.device
+    si = seed_index.to(dev).long()
+    n = lengths.to(dev).long()
+    c0 = si + 1
+    c1 = n - si
+    H = int(max(int(c0.max()) if S else 1, int(c1.max()) if S else 1, 1))
+    j = torch.arange(H, device=dev)
+    i0 = (si[:, None] - torch.minimum(j[None], (c0 - 1)[:, None])).clamp(0, max(L - 1, 0))
+    i1 = (si[:, None] + torch.minimum(j[None], (c1 - 1)[:, None])).clamp(0, max(L - 1, 0))
+    idx = torch.stack([i0, i1], 1)  # [S, 2, H]
+    flat = idx.reshape(S, 2 * H)
+    halves = torch.gather(points, 1, flat[..., None].expand(S, 2 * H, 3)).reshape(S, 2, H, 3)
+    ex = None
+    if extra is not None:
+        ex = torch.gather(extra, 1, flat).reshape(S, 2, H)
+    return halves, torch.stack([c0, c1], 1), ex
+
+
+def _arc(halves: torch.Tensor) -> torch.Tensor:
+    """``[..., H]`` cumulative arc length from the seed (padding adds zero)."""
+    seg = (halves[..., 1:, :] - halves[..., :-1, :]).pow(2).sum(-1).clamp_min(1e-20).sqrt()
+    seg = torch.where(seg > 1e-9, seg, torch.zeros_like(seg))
+    return torch.cat([torch.zeros_like(seg[..., :1]), seg.cumsum(-1)], -1)
+
+
+def resample_halves(
+    halves: torch.Tensor, counts: torch.Tensor, extent: torch.Tensor, n_points: int
+) -> torch.Tensor:
+    """Points at ``n_points`` equal arc lengths in ``[0, extent]`` along each half.
+
+    Args:
+        halves: ``[S, 2, H, 3]`` from :func:`split_halves`.
+        counts: ``[S, 2]`` vertex counts per half.
+        extent: ``[S, 2]`` arc length to cover (mm; detached; clipped to the half's length).
+        n_points: samples per half.
+
+    Returns:
+        ``[S, 2, n_points, 3]`` (mm).
+
+    Gradients:
+        Through the vertices (not through ``extent``).
+    """
+    S, _, H, _ = halves.shape
+    cum = _arc(halves)  # [S, 2, H]
+    total = cum[..., -1].detach()
+    ext = torch.minimum(extent.detach().to(cum.dtype), total)
+    t = torch.linspace(0.0, 1.0, n_points, dtype=cum.dtype, device=cum.device)
+    q = ext[..., None] * t  # [S, 2, n]
+    if H < 2:
+        return halves[..., :1, :].expand(S, 2, n_points, 3)
+    k = torch.searchsorted(cum.detach().contiguous(), q.contiguous(), right=True) - 1
+    hi = (counts.to(k.device)[..., None] - 2).clamp_min(0)
+    k = torch.minimum(k.clamp_min(0), hi).clamp(0, H - 2)
+    c_k = torch.gather(cum, 2, k)
+    c_k1 = torch.gather(cum, 2, k + 1)
+    seg = c_k1 - c_k
+    frac = torch.where(seg > 1e-9, (q - c_k) / seg.clamp_min(1e-9), torch.zeros_like(q))
+    frac = frac.clamp(0.0, 1.0)
+    p_k = torch.gather(halves, 2, k[..., None].expand(S, 2, n_points, 3))
+    p_k1 = torch.gather(halves, 2, (k + 1)[..., None].expand(S, 2, n_points, 3))
+    return p_k + frac[..., None].to(halves.dtype) * (p_k1 - p_k)
+
+
+# ----------------------------------------------------------------------------------------------
+# target
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PairedTarget:
+    """Target streamlines split at their seeds, ready for :func:`paired_terms`.
+
+    Attributes:
+        streamlines: the ``S`` target streamlines (mm).
+        seeds: ``[S, 3]`` seed points (mm).
+        directions: ``[S, 3]`` initial tracking directions.
+        halves: ``[S, 2, H, 3]`` target halves, oriented like the tracked ones (half 0 leaves
+            the seed along ``directions``).
+        counts: ``[S, 2]`` vertices per half.
+        half_length: ``[S, 2]`` arc length of each half (mm).
+    """
+
+    streamlines: Streamlines
+    seeds: torch.Tensor
+    directions: torch.Tensor
+    halves: torch.Tensor
+    counts: torch.Tensor
+    half_length: torch.Tensor
+
+    @classmethod
+    def build(cls, target: Streamlines, seeds, directions) -> PairedTarget:
+        """Split ``target`` at the vertex nearest to each seed and orient the halves.
+
+        Args:
+            target: ``S`` target streamlines (mm).
+            seeds: ``[S, 3]`` seed points (mm), seed ``i`` on streamline ``i``.
+            directions: ``[S, 3]`` initial directions of the tracker at the seeds.
+        """
+        if len(target) != len(seeds):
+            raise ConfigError(f"{len(target)} target streamlines but {len(seeds)} seeds")
+        pts, pmask = target.to(dtype=torch.float32).to_padded()
+        pts = pts.detach()
+        lengths = pmask.sum(-1)
+        seeds_t = torch.as_tensor(np.asarray(seeds), dtype=torch.float32)
+        dirs_t = torch.as_tensor(np.asarray(directions), dtype=torch.float32)
+        L = pts.shape[1]
+        valid = torch.arange(L)[None] < lengths[:, None]
+        d = (pts - seeds_t[:, None]).pow(2).sum(-1).masked_fill(~valid, float("inf"))
+        si = d.argmin(1)
+        halves, counts, _ = split_halves(pts, lengths, si)
+        # orient: half 0 must leave the seed along the tracker's first direction
+        step0 = halves[:, 0, 1] - halves[:, 0, 0]
+        step1 = halves[:, 1, 1] - halves[:, 1, 0]
+        s0 = (step0 * dirs_t).sum(-1)
+        s1 = (step1 * dirs_t).sum(-1)
+        swap = torch.where(counts[:, 0] > 1, s0 < 0, s1 > 0)
+        halves = torch.where(swap[:, None, None, None], halves.flip(1), halves)
+        counts = torch.where(swap[:, None], counts.flip(1), counts)
+        hl = _arc(halves)[..., -1]
+        return cls(target, seeds_t, dirs_t, halves, counts, hl)
+
+    def __len__(self) -> int:
+        return int(self.seeds.shape[0])
+
+    def subset(self, index) -> PairedTarget:
+        """The pairs ``index`` (a ``[M]`` index tensor or array)."""
+        idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        return PairedTarget(
+            self.streamlines.select(idx),
+            self.seeds[idx],
+            self.directions[idx],
+            self.halves[idx],
+            self.counts[idx],
+            self.half_length[idx],
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# terms
+# ----------------------------------------------------------------------------------------------
+def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, affine=None):
+    """Loss terms of one tracking result against its paired target.
+
+    Args:
+        res: a :class:`~invtract.tracking.differentiable.DiffTrackResult` tracked from
+            ``target.seeds`` / ``target.directions`` (``res.seed_ids`` index the pairs).
+        target: the paired target.
+        config: weights and settings.
+        shape, affine: FOD grid, needed for ``density``.
+
+    Returns:
+        ``{name: 0-d tensor}`` for every active term (mm; ``density`` unitless), plus
+        ``"n_missing"`` (float: seeds without a tracked streamline).
+
+    Gradients:
+        Through ``res.points`` and ``res.weights`` (hence to sh, step, angle and cutoff).
+    """
+    active = config.active(TERMS)
+    n_pairs = len(target)
+    ids = res.seed_ids.long().cpu()
+    S = int(ids.numel())
+    out: dict = {"n_missing": float(n_pairs - S)}
+    dev = res.points.device
+    dt = torch.float64
+    tl = target.half_length.to(dev, dt)  # [P, 2]
+    missing = torch.ones(n_pairs, dtype=torch.bool)
+    missing[ids] = False
+    missing_len = tl.sum(-1)[missing.to(dev)].sum()
+    if S == 0:
+        zero = torch.zeros((), dtype=dt, device=dev)
+        for k in active:
+            out[k] = zero + (missing_len / max(n_pairs, 1) if k == "extent" else 0.0)
+        return out
+    halves, counts, w = split_halves(res.points, res.lengths, res.seed_index, res.weights)
+    cum = _arc(halves.detach()).to(dt)  # [S, 2, H]
+    mylen = cum[..., -1]
+    t_sel = tl[ids.to(dev)]
+    if "mdf" in active:
+        ext = torch.minimum(mylen, t_sel)
+        a = resample_halves(halves, counts, ext, config.n_points)
+        th = target.halves[ids].to(dev)
+        b = resample_halves(th, target.counts[ids].to(dev), ext, config.n_points)
+        per_half = (a - b).to(dt).pow(2).sum(-1).clamp_min(1e-12).sqrt().mean(-1)  # [S, 2]
+        wt = ext
+        per = (per_half * wt).sum(-1) / wt.sum(-1).clamp_min(1e-6)
+        # a missing streamline scores the MDF of its target against its seed point
+        miss_pen = _missing_mdf(target, missing).to(dev, dt)
+        out["mdf"] = (per.sum() + miss_pen) / n_pairs
+    if "extent" in active:
+        seg = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., 1:] - cum[..., :-1]], -1)
+        H = halves.shape[2]
+        real = torch.arange(H, device=dev)[None, None] < counts[..., None]
+        inside = (cum <= t_sel[..., None] + 1e-6) & real
+        outside = (~inside) & real
+        s = w.to(dt)
+        over = (seg * s * outside).sum((-1, -2))
+        under = (seg * (1 - s) * inside).sum((-1, -2))
+        short = (t_sel - mylen).clamp_min(0).sum(-1)
+        out["extent"] = (over.sum() + under.sum() + short.sum() + missing_len) / n_pairs
+    need_sl = [k for k in ("paired", "chamfer", "length", "density") if k in active]
+    if need_sl:
+        sl = res.streamlines()
+        sl = Streamlines(sl.points.to(dt), sl.lengths)
+        tgt = target.streamlines.select(ids).to(dtype=dt)
+        mask = res.mask
+        mean_w = (res.weights * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        from ..losses import chamfer_loss, length_loss, paired_loss
+
+        if "paired" in active:
+            out["paired"] = paired_loss(
+                sl,
+                tgt,
+                config.n_points,
+                coverage_weight=config.coverage_weight,
+                radius_mm=config.radius_mm,
+                temperature_mm=config.temperature_mm,
+                weights=mean_w.to(dt),
+            )
+        if "chamfer" in active:
+            full = target.streamlines.to(dtype=dt)
+            out["chamfer"] = chamfer_loss(
+                sl, full, config.n_points, temperature_mm=config.temperature_mm
+            )
+        if "length" in active:
+            out["length"] = length_loss(sl, target.streamlines.to(dtype=dt), weights=mean_w.to(dt))
+        if "density" in active:
+            if shape is None or affine is None:
+                raise ConfigError("the density term needs the FOD grid (shape, affine)")
+            from ..losses import density_correlation, track_density
+
+            d_a = track_density(sl, shape, affine)
+            d_b = track_density(target.streamlines.to(dtype=dt), shape, affine)
+            out["density"] = 1.0 - density_correlation(d_a.to(dt), d_b.to(dt))
+    return out
+
+
+def _missing_mdf(target: PairedTarget, missing: torch.Tensor) -> torch.Tensor:
+    """Sum over missing pairs of the mean distance of the target's vertices to its seed."""
+    if not bool(missing.any()):
+        return torch.zeros((), dtype=torch.float64)
+    h = target.halves[missing].to(torch.float64)
+    c = target.counts[missing]
+    H = h.shape[2]
+    real = (torch.arange(H)[None, None] < c[..., None]).to(torch.float64)
+    d = (h - target.seeds[missing].to(torch.float64)[:, None, None]).norm(dim=-1)
+    return ((d * real).sum((-1, -2)) / real.sum((-1, -2)).clamp_min(1)).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# FOD regularisers
+# ----------------------------------------------------------------------------------------------
+def fibonacci_sphere(n: int, dtype=torch.float64) -> torch.Tensor:
+    """``[n, 3]`` near-uniform unit directions (Fibonacci lattice, one hemisphere pair)."""
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    z = 1.0 - 2.0 * i / n
+    r = (1.0 - z * z).clamp_min(0).sqrt()
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    return torch.stack([r * torch.cos(phi), r * torch.sin(phi), z], -1).to(dtype)
+
+
+def fod_priors(
+    sh_learn: torch.Tensor,
+    delta: torch.Tensor,
+    voxels: torch.Tensor,
+    shape,
+    config: LossConfig,
+    basis: torch.Tensor | None = None,
+) -> dict:
+    """FOD regularisers on the learned voxels.
+
+    Args:
+        sh_learn: ``[V, K]`` current coefficients of the learned voxels.
+        delta: ``[V, K]`` change from the starting FOD.
+        voxels: ``[V]`` flat voxel indices (C order of ``shape``).
+        shape: the grid ``(X, Y, Z)``.
+        config: which terms are active (``nonneg``, ``smooth``, ``prior``).
+        basis: ``[M, K]`` SH basis on the dense sphere (computed when None).
+
+    Returns:
+        ``{name: 0-d tensor}``: ``nonneg`` = mean over voxels of the mean squared negative
+        amplitude; ``smooth`` = mean squared difference of ``delta`` between learned
+        6-neighbours; ``prior`` = mean squared ``delta`` per voxel (summed over coefficients).
+
+    Gradients:
+        Through ``sh_learn`` and ``delta``.
+    """
+    out = {}
+    active = config.active(FOD_TERMS)
+    if "nonneg" in active:
+        if basis is None:
+            from ..fod.sh import lmax_from_n, sh_basis
+
+            basis = sh_basis(
+                fibonacci_sphere(config.sphere_points), lmax_from_n(sh_learn.shape[1])
+            )
+        amp = sh_learn.to(basis.dtype) @ basis.T
+        out["nonneg"] = torch.relu(-amp).pow(2).mean()
+    if "smooth" in active:
+        X, Y, Z = (int(s) for s in shape)
+        lookup = torch.full((X * Y * Z,), -1, dtype=torch.long)
+        lookup[voxels.cpu()] = torch.arange(voxels.numel())
+        ijk = np.stack(np.unravel_index(voxels.cpu().numpy(), (X, Y, Z)), -1)
+        diffs = []
+        for ax in range(3):
+            nb = ijk.copy()
+            nb[:, ax] += 1
+            ok = nb[:, ax] < (X, Y, Z)[ax]
+            flat = np.ravel_multi_index(tuple(np.where(ok[:, None], nb, 0).T), (X, Y, Z))
+            j = lookup[torch.as_tensor(flat)]
+            good = torch.as_tensor(ok) & (j >= 0)
+            a = torch.nonzero(good).flatten()
+            if a.numel():
+                diffs.append((delta[a] - delta[j[a].to(delta.device)]).pow(2).sum(-1))
+        out["smooth"] = torch.cat(diffs).mean() if diffs else delta.sum() * 0.0
+    if "prior" in active:
+        out["prior"] = delta.pow(2).sum(-1).mean()
+    return out
+
+
+def soft_temperature(t_amp: float, t_angle_deg: float, angle_deg: float) -> tuple[float, float]:
+    """``(T_amplitude, T_cos)`` for :func:`track_differentiable` from a temperature in degrees.
+
+    The cosine test ``u.u' >= cos(angle)`` is softened with ``T_cos = T_angle (rad) x
+    sin(angle)``, i.e. a fixed softness in degrees whatever the angle (the cosine moves
+    ~60x less per degree at 1 degree than at 60).
+    """
+    s = math.sin(math.radians(max(min(float(angle_deg), 179.0), 0.05)))
+    return float(t_amp), max(math.radians(float(t_angle_deg)) * s, 1e-9)

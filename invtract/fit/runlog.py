@@ -1,0 +1,221 @@
+"""Run folders: TensorBoard events, ``metrics.jsonl``, JSON/text records, all written safely.
+
+A :class:`RunLogger` owns ``runs/NAME/``; :func:`invtract.fit.optimise.fit` receives one and
+never creates writers itself. TensorBoard goes through ``torch.utils.tensorboard`` (no
+TensorFlow needed) into ``<run>/tb``. On resume, ``purge_step`` drops events and metric lines
+from the interrupted tail so the folder reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["RunLogger", "resolve_run_dir", "atomic_write_text", "bundle_figure"]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def resolve_run_dir(run: str | os.PathLike | None, root: str | os.PathLike = "runs") -> Path:
+    """``runs/NAME`` for a bare name, the path itself for a path, a timestamped name if None."""
+    if run is None:
+        return Path(root) / time.strftime("%Y%m%d-%H%M%S_fit")
+    s = str(run)
+    if os.sep in s or "/" in s or s.startswith("."):
+        return Path(s)
+    return Path(root) / s
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+class RunLogger:
+    """Writer for one run folder.
+
+    Args:
+        run_dir: the run folder (created).
+        tensorboard: write TensorBoard events under ``run_dir/tb``.
+        purge_step: resuming: drop TensorBoard events and ``metrics.jsonl`` lines at or after
+            this iteration (the ones the interrupted run wrote after its last checkpoint).
+    """
+
+    def __init__(
+        self, run_dir: str | os.PathLike, *, tensorboard: bool = True, purge_step=None
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if purge_step is not None:
+            self.truncate_metrics(int(purge_step))
+        self.writer = None
+        if tensorboard:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
+
+    # -- scalars / metrics ----------------------------------------------------------------------
+    def scalars(self, step: int, values: dict) -> None:
+        """``add_scalar(tag, value, step)`` for every finite number in ``values``."""
+        if self.writer is None:
+            return
+        for tag, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                self.writer.add_scalar(tag, float(v), step)
+
+    def metrics(self, record: dict) -> None:
+        """Append one JSON line to ``metrics.jsonl`` (flushed)."""
+        line = json.dumps({k: _jsonable(v) for k, v in record.items()})
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+
+    def truncate_metrics(self, keep_below: int) -> None:
+        """Keep only metric lines whose ``iteration`` is below ``keep_below``."""
+        if not self.metrics_path.is_file():
+            return
+        keep = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line).get("iteration", -1)) < keep_below:
+                    keep.append(line)
+            except (ValueError, json.JSONDecodeError):
+                continue
+        atomic_write_text(self.metrics_path, "".join(x + "\n" for x in keep))
+
+    # -- histograms / images --------------------------------------------------------------------
+    def histogram(self, tag: str, values, step: int) -> None:
+        if self.writer is not None and np.asarray(values).size:
+            self.writer.add_histogram(tag, np.asarray(values, np.float64), step)
+
+    def figure(self, tag: str, fig, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_figure(tag, fig, step, close=True)
+        else:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        """One ``add_hparams`` record (HPARAMS tab), in the run's own event file."""
+        if self.writer is None:
+            return
+        hp = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in hparams.items()
+        }
+        mt = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        self.writer.add_hparams(hp, mt, run_name=".")
+
+    # -- files ----------------------------------------------------------------------------------
+    def write_json(self, name: str, obj) -> Path:
+        path = self.run_dir / name
+        atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+        return path
+
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.run_dir / name
+        atomic_write_text(path, text)
+        return path
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class WriterLogger:
+    """Adapter: a bare ``SummaryWriter`` (e.g. an Optuna trial's) used as a :class:`RunLogger`."""
+
+    def __init__(self, writer) -> None:
+        self.writer = writer
+
+    def scalars(self, step: int, values: dict) -> None:
+        for tag, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                self.writer.add_scalar(tag, float(v), step)
+
+    def metrics(self, record: dict) -> None:
+        pass
+
+    def histogram(self, tag, values, step) -> None:
+        pass
+
+    def figure(self, tag, fig, step) -> None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+    def flush(self) -> None:
+        pass
+
+
+def bundle_figure(target: list, tracked: list, title: str = "", *, density: bool = False):
+    """Matplotlib figure: axial (x-y) and coronal (x-z) projections, target grey vs tracked.
+
+    Args:
+        target, tracked: lists of ``[n, 3]`` arrays (mm).
+        title: figure title.
+        density: draw 2-D vertex-density maps (target | tracked) instead of lines.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), dpi=80)
+    allp = np.concatenate([np.asarray(s) for s in (target + tracked)] or [np.zeros((1, 3))])
+    lo, hi = allp.min(0) - 1, allp.max(0) + 1
+    for ax, (i, j, name) in zip(axes, ((0, 1, "x-y"), (0, 2, "x-z"))):
+        if density:
+            rng = [[lo[i], hi[i]], [lo[j], hi[j]]]
+            a = np.concatenate(target or [np.zeros((0, 3))])
+            b = np.concatenate(tracked or [np.zeros((0, 3))])
+            ha, *_ = np.histogram2d(a[:, i], a[:, j], bins=48, range=rng)
+            hb, *_ = np.histogram2d(b[:, i], b[:, j], bins=48, range=rng)
+            img = np.stack([ha / max(ha.max(), 1), hb / max(hb.max(), 1), 0 * ha], -1)
+            ax.imshow(img.transpose(1, 0, 2), origin="lower", extent=(*rng[0], *rng[1]))
+            ax.set_title(f"{name}: density (red target, green fitted)")
+        else:
+            for s in target:
+                ax.plot(s[:, i], s[:, j], color="0.5", lw=0.8, alpha=0.7)
+            for s in tracked:
+                ax.plot(s[:, i], s[:, j], color="tab:red", lw=0.6, alpha=0.8)
+            ax.set_title(f"{name}: target (grey) vs tracked (red)")
+            ax.set_xlim(lo[i], hi[i])
+            ax.set_ylim(lo[j], hi[j])
+        ax.set_aspect("equal")
+        ax.set_xlabel("xyz"[i] + " (mm)")
+        ax.set_ylabel("xyz"[j] + " (mm)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

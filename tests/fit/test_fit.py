@@ -1,0 +1,115 @@
+"""invtract.fit: objective pieces, a tiny params fit, a tiny FOD fit, divergence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from invtract.data import example_path
+from invtract.errors import FitDiverged
+from invtract.fit import objective
+from invtract.fit.objective import PairedTarget, resample_halves, split_halves
+from invtract.fit.optimise import fit
+from invtract.io.image import load_fod
+from invtract.io.seeds import seeds_from_reference
+from invtract.io.tractogram import load_tractogram
+from invtract.params import TrackingParameters
+from invtract.streamlines import Streamlines
+from invtract.tracking.api import Seeding
+
+
+def _tiny(n=5):
+    img = load_fod(example_path("fod"))
+    pos, dirs, ti = seeds_from_reference(example_path("target"), example_path("target_seeds"))
+    idx = np.arange(0, 96, 96 // n)[:n]
+    sl = load_tractogram(example_path("target")).select(torch.as_tensor(ti[idx]))
+    return img, sl, Seeding("list", positions=pos[idx], directions=dirs[idx])
+
+
+def test_split_and_resample_line():
+    pts = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [2, 0, 0], [3, 0, 0], [0, 0, 0]]])
+    halves, counts, _ = split_halves(pts, torch.tensor([4]), torch.tensor([1]))
+    assert counts.tolist() == [[2, 3]]
+    torch.testing.assert_close(halves[0, 0, :2], torch.tensor([[1.0, 0, 0], [0, 0, 0]]))
+    r = resample_halves(halves, counts, torch.tensor([[1.0, 2.0]]), 3)
+    torch.testing.assert_close(r[0, 1, :, 0], torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(r[0, 0, :, 0], torch.tensor([1.0, 0.5, 0.0]))
+
+
+def test_paired_target_orients_halves():
+    sl = Streamlines.from_list([np.array([[0.0, 0, 0], [1, 0, 0], [2, 0, 0]], np.float32)])
+    t = PairedTarget.build(sl, np.array([[1.0, 0, 0]]), np.array([[1.0, 0, 0]]))
+    # half 0 leaves the seed along +x (the tracker's first direction)
+    assert float(t.halves[0, 0, 1, 0]) == 2.0
+    torch.testing.assert_close(t.half_length[0].double(), torch.tensor([1.0, 1.0]).double())
+
+
+def test_params_fit_moves_step_towards_truth():
+    img, sl, seeding = _tiny(4)
+    res = fit(
+        img,
+        sl,
+        TrackingParameters(step_mm=0.6, min_length_mm=10.0, max_length_mm=200.0),
+        seeding=seeding,
+        voxel_sizes=img.voxel_sizes,
+        learn=("step_mm",),
+        config={"fit": {"iterations": 3, "heldout_fraction": 0.25}, "optimizer": {"lr": 0.1}},
+    )
+    assert res.iterations == 3 and len(res.history) == 3
+    assert res.params.step_mm > 0.6  # the target was tracked at 1.0 mm
+    assert res.best_loss <= res.history[0]["loss/total"]
+    assert len(res.heldout_index) == 1 and "mdf" in res.heldout
+    assert all("param/step_mm" in r for r in res.history)
+
+
+def test_fod_fit_changes_only_learned_voxels():
+    img, sl, seeding = _tiny(3)
+    res = fit(
+        img,
+        sl,
+        TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0),
+        seeding=seeding,
+        voxel_sizes=img.voxel_sizes,
+        learn=("sh",),
+        config={
+            "fit": {"iterations": 2, "heldout_fraction": 0.0},
+            "loss": {
+                "weights": {"mdf": 1.0, "extent": 0.2, "nonneg": 1.0, "smooth": 1.0, "prior": 0.5}
+            },
+        },  # fmt: skip
+    )
+    changed = (res.sh.reshape(-1, res.sh.shape[-1]) != torch.as_tensor(img.data).reshape(
+        -1, res.sh.shape[-1])).any(-1)  # fmt: skip
+    learned = torch.zeros_like(changed)
+    learned[res.learned_voxels] = True
+    assert bool(changed.any()) and not bool((changed & ~learned).any())
+    assert {"nonneg", "smooth", "prior"} <= {k.split("/")[-1] for k in res.history[-1]}
+
+
+def test_nan_loss_raises_fit_diverged_and_keeps_checkpoint(tmp_path, monkeypatch):
+    img, sl, seeding = _tiny(3)
+    real = objective.paired_terms
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            out["mdf"] = out["mdf"] * float("nan")
+        return out
+
+    monkeypatch.setattr("invtract.fit.optimise.paired_terms", poisoned)
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(FitDiverged, match="nan"):
+        fit(
+            img,
+            sl,
+            TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0),
+            seeding=seeding,
+            voxel_sizes=img.voxel_sizes,
+            learn=("step_mm",),
+            checkpoint=ck,
+            config={"fit": {"iterations": 3, "heldout_fraction": 0.0}},
+        )
+    assert torch.load(ck, weights_only=False)["iteration"] == 1
