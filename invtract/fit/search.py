@@ -607,6 +607,7 @@ class Objective:
             on_step=on_step,
             logger=writer,
             score=self.problem.score,
+            voxel_sizes=self.problem.voxel_sizes,
             **({"learn": tuple(hy["learn"])} if "learn" in hy else {}),
             **hyper,
         )

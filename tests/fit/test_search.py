@@ -328,6 +328,21 @@ def test_hybrid_without_fit_module(phantom, tmp_path, monkeypatch):
         search.run_search(job, 1)
 
 
+def test_hybrid_with_real_fit(phantom, tmp_path):
+    """Hybrid trials run the real gradient fit (a few iterations) and report to Optuna."""
+    space = write_space(
+        tmp_path,
+        extra_study="mode = 'hybrid'",
+        params='[params.lr]\ntype = "float"\nlow = 0.01\nhigh = 0.1\nlog = true\n'
+        '[hybrid]\nsteps = 2\nreport_every = 1\nlearn = ["cutoff"]\n',
+    )
+    job = make_job(phantom, tmp_path / "run", space, mode="hybrid")
+    study = search.run_search(job, 2)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for t in study.trials:
+        assert np.isfinite(t.value) and len(t.intermediate_values) >= 1
+
+
 def test_mode_mismatch_on_resume(phantom, tmp_path, monkeypatch):
     space = write_space(tmp_path)
     job = make_job(phantom, tmp_path / "run", space)
