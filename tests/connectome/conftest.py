@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# the helpers module beside this file (pytest runs with --import-mode=importlib)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from connectome_data import FIXTURES, PARCELLATION_SPECS, SHARED, make_parcellation_nifti
 
 
