@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,11 +112,3 @@ def test_flag_clash_and_bad_inputs(phantom, tmp_path, capsys):
     bad[bad.index("--fod") + 1] = str(tmp_path / "missing.nii.gz")
     assert main(bad) == 1
     assert "not found" in capsys.readouterr().err
-
-
-def test_hybrid_needs_fit(phantom, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "invtract.fit.optimise", None)
-    args = base_args(phantom, tmp_path / "h")
-    args[args.index("--space") + 1] = "fit_hparams"
-    assert main(args + ["--mode", "hybrid"]) == 1
-    assert "hybrid mode needs invtract fit (not available yet)" in capsys.readouterr().err
