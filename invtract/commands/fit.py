@@ -192,6 +192,22 @@ class Fit:
             action="store_true",
             help="fit the bundled phantom target (true step 1.0 mm) from tckgen's defaults",
         )
+        c = p.add_argument_group(
+            "connectome target (instead of --target; see docs/connectome_fit.md)"
+        )
+        c.add_argument(
+            "--target-connectome",
+            metavar="MATRIX",
+            help="target connectome (tck2connectome CSV/TSV): fit whole-brain tracking to it",
+        )
+        c.add_argument(
+            "--parcellation", metavar="LABELS", help="node parcellation image (with MATRIX)"
+        )
+        c.add_argument(
+            "--seed-image",
+            metavar="MASK",
+            help="whole-brain seed mask (default: voxels with a non-zero FOD); see [seeding]",
+        )
         r = p.add_argument_group("fit")
         r.add_argument(
             "--fit",
@@ -201,8 +217,9 @@ class Fit:
         )
         r.add_argument(
             "--config",
-            help="config TOML (path, or a name in configs/: fit_params, fit_fod); "
-            "default fit_params for --fit params, fit_fod otherwise",
+            help="config TOML (path, or a name in configs/: fit_params, fit_fod, "
+            "fit_connectome); default fit_params for --fit params, fit_fod otherwise, "
+            "fit_connectome with --target-connectome",
         )
         r.add_argument("--run", help="run folder: a bare NAME goes to runs/NAME, a path as given")
         r.add_argument("--iterations", type=int, help="iterations (overrides [fit] iterations)")
@@ -240,6 +257,10 @@ class Fit:
         from ..fit.optimise import fit, load_config
         from ..fit.runlog import RunLogger, resolve_run_dir
 
+        if getattr(args, "target_connectome", None) or getattr(args, "parcellation", None):
+            return _run_connectome(args)
+        if getattr(args, "seed_image", None):
+            raise ConfigError("--seed-image applies to --target-connectome fits only")
         # ------- CHECKS -------
         if args.example:
             from ..data import example_path
@@ -495,3 +516,166 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) ->
         metrics["hparam/heldout_loss"] = summary["heldout_loss"]
     logger.hparams(hp, metrics)
     return summary
+
+
+def _collect_overrides(args) -> dict:
+    over: dict = {}
+    for k, v in vars(args).items():
+        if k.startswith("cfg:") and v is not None:
+            _set_key(over, k[4:], _parse_value(v))
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set needs SECTION.KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        _set_key(over, k.strip(), _parse_value(v))
+    _set_key(over, "fit.learn", _LEARN[args.fit])
+    if args.iterations is not None:
+        _set_key(over, "fit.iterations", args.iterations)
+    if args.device:
+        _set_key(over, "fit.device", args.device)
+    return over
+
+
+def _run_connectome(args) -> int:
+    """``invtract fit --target-connectome MATRIX --parcellation LABELS --fod FOD``."""
+    import numpy as np
+    import torch
+
+    from ..fit.checkpoint import checkpoint_iteration
+    from ..fit.connectome_fit import fit_connectome, load_connectome_config, read_connectome
+    from ..fit.runlog import RunLogger, resolve_run_dir
+    from ..losses.connectome import as_label_volume, csv_delimiter, format_connectome
+
+    # ------- CHECKS -------
+    if args.example or args.target or args.target_seeds:
+        raise ConfigError("--target-connectome replaces --target / --target-seeds / --example")
+    for flag in ("target_connectome", "parcellation", "fod"):
+        v = getattr(args, flag)
+        name = "--" + flag.replace("_", "-")
+        if not v:
+            raise ConfigError(f"{name} is required with --target-connectome")
+        if not os.path.exists(v):
+            raise InvtractError(f"{name}: file not found: {v}")
+    if args.seed_image and not os.path.exists(args.seed_image):
+        raise InvtractError(f"--seed-image: file not found: {args.seed_image}")
+    if args.iterations is not None and args.iterations < 0:
+        raise ConfigError(f"--iterations must be >= 0, got {args.iterations}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available")
+    cfg_path = find_config(args.config or "fit_connectome")
+    cfg = load_connectome_config(cfg_path, _collect_overrides(args))
+    run_dir = resolve_run_dir(args.run)
+    ckpt = run_dir / "checkpoint.pt"
+    start_it = checkpoint_iteration(ckpt) if args.resume else None
+    if args.resume and start_it is None:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir}")
+    if not args.resume and ckpt.exists():
+        raise ConfigError(f"{run_dir} already holds a run: use --resume or another --run")
+    params0 = tracking_parameters(args)
+
+    # ------- DATA -------
+    from ..io.image import load_fod, load_image, load_mask
+
+    img = load_fod(args.fod, sh_basis=args.sh_basis)
+    labels = as_label_volume(load_image(args.parcellation))
+    target = read_connectome(args.target_connectome)
+    seed_mask = None
+    if args.seed_image:
+        m = load_mask(args.seed_image)
+        if tuple(np.asarray(m.data).shape[:3]) != tuple(img.data.shape[:3]) or not np.allclose(
+            m.affine, img.affine, atol=1e-4
+        ):
+            raise ConfigError("--seed-image must be on the FOD's voxel grid")
+        seed_mask = np.asarray(m.data) != 0
+
+    # ------- RUN -------
+    argv = ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", sys.argv[1:])]
+    logger = RunLogger(run_dir, tensorboard=not args.no_tensorboard, purge_step=start_it)
+    record = dict(cfg)
+    record["tracking"] = {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in dataclasses.asdict(params0).items()
+        if v is not None
+    }
+    record["inputs"] = {
+        "target_connectome": os.path.abspath(args.target_connectome),
+        "parcellation": os.path.abspath(args.parcellation),
+        "fod": os.path.abspath(args.fod),
+        "seed_image": os.path.abspath(args.seed_image) if args.seed_image else "",
+        "fit": args.fit,
+        "config": str(cfg_path),
+    }
+    if not args.resume:
+        logger.write_text("config.toml", toml_dumps(record))
+        logger.write_text("command.txt", " ".join(argv) + "\n")
+        logger.write_json("versions.json", _versions())
+    else:
+        with open(run_dir / "command.txt", "a", encoding="utf-8") as f:
+            f.write(" ".join(argv) + "\n")
+    try:
+        result = fit_connectome(
+            img,
+            labels,
+            target,
+            params0,
+            seed_mask=seed_mask,
+            config=cfg,
+            logger=logger,
+            voxel_sizes=img.voxel_sizes,
+            checkpoint=ckpt,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+        vsz = tuple(img.voxel_sizes)
+        r0, r1 = params0.resolve(vsz), result.params.resolve(vsz)
+        rb = result.best_params.resolve(vsz)
+        summary = {
+            "step_mm": r1.step_mm,
+            "angle_deg": r1.angle_deg,
+            "cutoff": r1.cutoff,
+            "start_correlation": result.start_correlation,
+            "final_correlation": result.final_correlation,
+            "final_loss": result.final_loss,
+            "best_loss": result.best_loss,
+            "best_iteration": result.best_iteration,
+            "best_params": {"step_mm": rb.step_mm, "angle_deg": rb.angle_deg, "cutoff": rb.cutoff},
+            "start": {"step_mm": r0.step_mm, "angle_deg": r0.angle_deg, "cutoff": r0.cutoff},
+            "iterations": result.iterations,
+            "learned": list(cfg["fit"]["learn"]),
+            "fitted_connectome": "fitted_connectome.csv",
+        }
+        delim = csv_delimiter(args.target_connectome)
+        logger.write_text(
+            "fitted_connectome.csv", format_connectome(result.final_matrix, delimiter=delim)
+        )
+        if result.sh is not None:
+            from ..io.image import save_nifti
+
+            save_nifti(run_dir / "fitted_fod.nii.gz", result.sh.numpy(), img.affine, like=img.path)
+            summary["fitted_fod"] = "fitted_fod.nii.gz"
+        logger.write_json("result.json", summary)
+        logger.hparams(
+            {
+                "fit": ",".join(cfg["fit"]["learn"]),
+                "lr": cfg["optimizer"]["lr"],
+                "iterations": cfg["fit"]["iterations"],
+                "normalise": cfg["loss"]["normalise"],
+                "start_cutoff": r0.cutoff,
+            },
+            {
+                "hparam/final_correlation": summary["final_correlation"],
+                "hparam/start_correlation": summary["start_correlation"],
+                "hparam/final_loss": summary["final_loss"],
+                "hparam/cutoff": r1.cutoff,
+            },
+        )
+    except KeyboardInterrupt:
+        logger.close()
+        log.warning("interrupted: continue with the same command and --resume")
+        raise
+    finally:
+        logger.close()
+    keys = ("step_mm", "angle_deg", "cutoff", "start_correlation", "final_correlation",
+            "final_loss", "best_loss")  # fmt: skip
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    return 0

@@ -1,0 +1,120 @@
+"""invtract.fit.connectome_fit: the survival connectome, its gradient, config, a tiny fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from invtract.data import example_path
+from invtract.errors import ConfigError, ShapeError
+from invtract.fit.connectome_fit import (
+    fast_tracking,
+    fit_connectome,
+    hard_connectome,
+    load_connectome_config,
+    read_connectome,
+    survival_connectome,
+    whole_brain_seeds,
+)
+from invtract.io.image import load_fod, load_image, load_mask
+from invtract.losses.connectome import (
+    as_label_volume,
+    connectome_loss,
+    format_connectome,
+)
+from invtract.params import TrackingParameters
+
+PARC = Path(__file__).resolve().parents[1] / "data" / "connectome" / "phantom_cross90_parc.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    fod = load_fod(example_path("fod"))
+    mask = load_mask(example_path("mask"))
+    vol = as_label_volume(load_image(PARC))
+    pos, dirs = whole_brain_seeds(mask.data, fod.affine, max_seeds=300, seed=3)
+    sh = torch.as_tensor(np.asarray(fod.data, np.float32))
+    return fod, mask, vol, sh, pos, dirs
+
+
+def test_whole_brain_seeds_grid_and_random():
+    m = np.zeros((3, 3, 3), bool)
+    m[1, 1, 1] = True
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    p, d = whole_brain_seeds(m, aff, per_voxel=2)
+    assert p.shape == (8, 3) and np.allclose(np.linalg.norm(d, axis=1), 1, atol=1e-6)
+    assert np.allclose(p.mean(0), [2.0, 2.0, 2.0]) and np.abs(p - 2.0).max() == pytest.approx(0.5)
+    p, _ = whole_brain_seeds(m, aff, per_voxel=5, placement="random", seed=1)
+    assert p.shape == (5, 3) and np.all(np.abs(p - 2.0) <= 1.0)
+    with pytest.raises(ConfigError):
+        whole_brain_seeds(np.zeros((2, 2, 2)), aff)
+
+
+def test_survival_connectome_hard_limit_equals_tck2connectome(phantom):
+    fod, _, vol, sh, pos, dirs = phantom
+    rp = TrackingParameters().resolve(fod.voxel_sizes)
+    res = fast_tracking(sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters())
+    pred = survival_connectome(
+        res, sh, fod.affine, vol, cutoff=rp.cutoff, angle_deg=rp.angle_deg,
+        temperature=(1e-5, 1e-5), min_points=rp.min_points, step_mm=rp.step_mm,
+        temperature_mm=0.01,
+    )  # fmt: skip
+    hard, n = hard_connectome(sh, fod.affine, fod.voxel_sizes, pos, dirs, rp, vol, 4.0)
+    assert n > 20 and hard.sum() == n
+    np.testing.assert_allclose(pred.detach().numpy(), hard, atol=1e-6)
+
+
+def test_cutoff_gradient_points_towards_the_target(phantom):
+    fod, _, vol, sh, pos, dirs = phantom
+    target, _ = hard_connectome(
+        sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0
+    )
+    rp = TrackingParameters().resolve(fod.voxel_sizes)
+    cut = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    res = fast_tracking(sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=0.5))
+    pred = survival_connectome(
+        res, sh, fod.affine, vol, cutoff=cut, angle_deg=rp.angle_deg, temperature=(0.3, 0.05),
+        min_points=rp.min_points, step_mm=rp.step_mm,
+    )  # fmt: skip
+    loss = connectome_loss(pred, target, normalise="density")
+    loss.backward()
+    assert float(loss) > 0.1
+    assert float(cut.grad) < 0  # raise the cutoff
+
+
+def test_read_connectome_and_config(tmp_path):
+    m = np.array([[1.0, 2, 0], [0, 0, 3], [0, 0, 4]])
+    (tmp_path / "m.csv").write_text(format_connectome(m))
+    np.testing.assert_array_equal(read_connectome(tmp_path / "m.csv"), m)
+    (tmp_path / "bad.csv").write_text("1,2\n3\n")
+    with pytest.raises(ConfigError):
+        read_connectome(tmp_path / "bad.csv")
+    cfg = load_connectome_config(None, {"loss": {"normalise": "row"}})
+    assert cfg["loss"]["normalise"] == "row"
+    for over in ({"loss": {"normalise": "x"}}, {"fit": {"tracker": "x"}}, {"nope": {}}):
+        with pytest.raises(ConfigError):
+            load_connectome_config(None, over)
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_connectome_config(repo / "configs" / "fit_connectome.toml")
+    assert cfg["loss"]["weights"] == {"connectome": 1.0}
+
+
+def test_tiny_fit_raises_cutoff(phantom, tmp_path):
+    fod, mask, vol, sh, pos, dirs = phantom
+    target, _ = hard_connectome(
+        sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0
+    )
+    with pytest.raises(ShapeError):
+        fit_connectome(fod, vol, target[:3, :3], seeds=(pos, dirs), voxel_sizes=fod.voxel_sizes)
+    cfg = {"fit": {"iterations": 3, "learn": ["cutoff"]}, "optimizer": {"lr": 0.3}}
+    res = fit_connectome(
+        fod, vol, target, TrackingParameters(cutoff=0.5), seeds=(pos, dirs), config=cfg,
+        voxel_sizes=fod.voxel_sizes, checkpoint=tmp_path / "c.pt",
+    )  # fmt: skip
+    assert res.iterations == 3 and (tmp_path / "c.pt").is_file()
+    assert res.params.cutoff > 0.5
+    assert np.isfinite(res.start_correlation) and np.isfinite(res.final_correlation)
+    assert "connectome/correlation_hard" in res.history[-1]
