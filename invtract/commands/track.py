@@ -132,7 +132,10 @@ class Track:
         r.add_argument("--stop", action="store_true", help="stop once all includes are visited")
         e = p.add_argument_group("execution")
         e.add_argument(
-            "--engine", default="auto", choices=["auto", "torch", "numba"], help="tracking engine"
+            "--engine",
+            default="auto",
+            choices=["auto", "torch", "numba", "triton"],
+            help="tracking engine",
         )
         e.add_argument("--device", default="cpu", help="cpu or cuda (torch engine)")
         e.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -215,7 +218,7 @@ class Track:
             seeding,
             resolved,
             rois=rois,
-            engine=args.engine if args.device == "cpu" else "torch",
+            engine=args.engine,
             select=args.select,
             max_seeds=args.max_seeds,
             rng_seed=args.rng_seed,

@@ -8,6 +8,7 @@ per-streamline alive masks; there is no Python loop over streamlines. Positions 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 
@@ -300,8 +301,18 @@ def _numba_engine(field, seeds, init_dirs, params, rois=None, batch_size=8192, p
     return out
 
 
+def _triton_engine(*args, **kwargs):  # lazy: importing triton takes about a second
+    from .fused_triton import triton_engine
+
+    return triton_engine(*args, **kwargs)
+
+
 #: name -> engine function (same signature as :func:`track_torch`)
-ENGINES: dict[str, Callable[..., EngineResult]] = {"torch": track_torch, "numba": _numba_engine}
+ENGINES: dict[str, Callable[..., EngineResult]] = {
+    "torch": track_torch,
+    "numba": _numba_engine,
+    "triton": _triton_engine,
+}
 
 
 def numba_available() -> bool:
@@ -314,6 +325,8 @@ def numba_available() -> bool:
 
 def default_engine(device: torch.device | str) -> str:
     """The fastest engine available for ``device``."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
     if torch.device(device).type == "cpu" and numba_available():
         return "numba"
     return "torch"

@@ -1,0 +1,976 @@
+"""Fused Triton engine: MRtrix3 3.0.3 ``tckgen -algorithm SD_Stream`` in one GPU kernel.
+
+One Triton program owns ``BLOCK`` lanes; each lane owns one streamline at a time and loops over
+its evaluations inside the kernel: the seed's peak search, then every step of the first half,
+then every step of the second half (interpolation, peak ascent to convergence, the cutoff /
+angle / FOV / length tests, the move), and when its streamline ends it takes the next seed of its
+strided list (seed ``lane + k * lanes``). One launch tracks a whole chunk of seeds; chunks bound
+the output buffer (``[chunk, max_points + 2, 3]`` float32). On CPU the same kernel runs under
+the Triton interpreter (``TRITON_INTERPRET=1`` set before this module is imported), which is how
+CI tests it.
+
+Arithmetic mirrors :mod:`invtract.tracking.fused_cpu` operation by operation (float32 where
+MRtrix uses ``float``, float64 where it uses ``double``; the same summation orders, the
+interpolation's Eigen packet order, the peak finder's sequential sums over its (l, m) tables):
+
+* divisions and square roots use ``tl.div_rn`` / ``tl.sqrt_rn`` (Triton's ``/`` and
+  ``tl.sqrt`` are approximate on NVIDIA GPUs);
+* launches pass ``enable_fp_fusion=False`` so that no multiply-add is contracted to an FMA;
+* ``sinf``/``cosf``/``acosf``/``atan2f``: under the interpreter they are glibc's own float
+  functions (numba ufuncs: the very calls the numba engine and tckgen make), so interpreted runs
+  reproduce the numba engine bit for bit; on CUDA they are evaluated in float64 (libdevice) and
+  rounded to float32, which differs from glibc by one ulp in a few percent of calls (glibc's float
+  functions are not correctly rounded). The effect on GPU points is to be measured (see
+  ``docs/engines.md``).
+
+Scope: first-order SD_Stream with the default rules (FOV / zero-voxel / NaN interpolation, LUT
+peak ascent with the 50-iteration cap, cutoff, angle, minimum / maximum length by point count,
+bidirectional joining or ``unidirectional``). RK4, ``downsample > 1`` and ROIs are not in the
+kernel: :func:`supported` says so, and :func:`triton_engine` falls back to the numba or torch
+engine with an :class:`~invtract.errors.InvtractWarning`.
+
+Public API: :func:`track_fused_triton`, :func:`triton_engine`, :func:`supported`,
+:func:`available`, :func:`unavailable_reason`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from ..errors import InvtractWarning
+from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
+from ..params import ResolvedParameters
+from .types import EngineResult, Reject, RoiSet, Term
+
+__all__ = [
+    "track_fused_triton",
+    "triton_engine",
+    "supported",
+    "available",
+    "unavailable_reason",
+    "INTERPRET",
+]
+
+try:  # pragma: no cover - depends on the installation
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERROR: Exception | None = None
+except Exception as exc:  # pragma: no cover - only without triton
+    triton = None
+    tl = None
+    _TRITON_ERROR = exc
+
+#: The kernels were built for the Triton interpreter (``TRITON_INTERPRET=1`` at import).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+_CONTINUE = int(Term.CONTINUE)
+_EXIT_IMAGE = int(Term.EXIT_IMAGE)
+_MODEL = int(Term.MODEL)
+_HIGH_CURVATURE = int(Term.HIGH_CURVATURE)
+_LENGTH_EXCEED = int(Term.LENGTH_EXCEED)
+_ACCEPTED = int(Reject.ACCEPTED)
+_INVALID_SEED = int(Reject.INVALID_SEED)
+_NO_PROPAGATION = int(Reject.NO_PROPAGATION_FROM_SEED)
+_TOO_SHORT = int(Reject.TRACK_TOO_SHORT)
+
+_MAX_BUFFER_POINTS = 1_000_000
+_SQRT2 = 1.41421356237309504880  # Math::sqrt2 (double)
+
+
+def unavailable_reason() -> str | None:
+    """Why the engine cannot run in this process, or None when it can."""
+    if triton is None:
+        return f"triton is not importable: {_TRITON_ERROR}"
+    if not INTERPRET and not torch.cuda.is_available():
+        return (
+            "no CUDA device, and the Triton interpreter is off (set TRITON_INTERPRET=1 before "
+            "invtract.tracking.fused_triton is imported to run the kernel on CPU)"
+        )
+    return None
+
+
+def available() -> bool:
+    """True when the kernel can run: triton imported, and CUDA present or interpreter on."""
+    return unavailable_reason() is None
+
+
+def supported(params: ResolvedParameters, rois: RoiSet | None = None) -> bool:
+    """True when the kernel implements this configuration (otherwise use numba / torch).
+
+    Not in the kernel: RK4 (``params.rk4``), ``downsample > 1``, include / exclude / mask
+    regions, and unbounded ``max_points`` (``downsample x angle >= 360 deg``).
+    """
+    if params.rk4 or int(params.downsample) != 1:
+        return False
+    if rois is not None and bool(rois):
+        return False
+    return int(params.max_points) + 2 <= _MAX_BUFFER_POINTS
+
+
+# --------------------------------------------------------------------------------------------
+# float32 transcendental functions (see the module notes)
+# --------------------------------------------------------------------------------------------
+
+if triton is not None and INTERPRET:
+    from triton.runtime.interpreter import TensorHandle as _TensorHandle
+
+    def _glibc_ufuncs():
+        try:
+            import numba
+
+            sig1 = ["float32(float32)"]
+            sig2 = ["float32(float32, float32)"]
+            return (
+                numba.vectorize(sig1)(lambda x: math.sin(x)),
+                numba.vectorize(sig1)(lambda x: math.cos(x)),
+                numba.vectorize(sig1)(lambda x: math.acos(x)),
+                numba.vectorize(sig2)(lambda y, x: math.atan2(y, x)),
+            )
+        except Exception:  # pragma: no cover - numba missing: float64 then round
+
+            def via64(f):
+                return lambda *a: f(*(np.asarray(v, np.float64) for v in a)).astype(np.float32)
+
+            return via64(np.sin), via64(np.cos), via64(np.arccos), via64(np.arctan2)
+
+    _UF_SIN = _UF_COS = _UF_ACOS = _UF_ATAN2 = None
+
+    def _ufuncs():
+        global _UF_SIN, _UF_COS, _UF_ACOS, _UF_ATAN2
+        if _UF_SIN is None:
+            _UF_SIN, _UF_COS, _UF_ACOS, _UF_ATAN2 = _glibc_ufuncs()
+        return _UF_SIN, _UF_COS, _UF_ACOS, _UF_ATAN2
+
+    def _wrap(data, like):
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        return tl.core.tensor(_TensorHandle(data, tl.float32), like.type)
+
+    def _sinf(x):
+        return _wrap(_ufuncs()[0](x.handle.data), x)
+
+    def _cosf(x):
+        return _wrap(_ufuncs()[1](x.handle.data), x)
+
+    def _acosf(x):
+        return _wrap(_ufuncs()[2](x.handle.data), x)
+
+    def _atan2f(y, x):
+        return _wrap(_ufuncs()[3](y.handle.data, x.handle.data), y)
+
+elif triton is not None:  # pragma: no cover - compiled for CUDA
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _sinf(x):
+        return libdevice.sin(x.to(tl.float64)).to(tl.float32)
+
+    @triton.jit
+    def _cosf(x):
+        return libdevice.cos(x.to(tl.float64)).to(tl.float32)
+
+    @triton.jit
+    def _acosf(x):
+        return libdevice.acos(x.to(tl.float64)).to(tl.float32)
+
+    @triton.jit
+    def _atan2f(y, x):
+        return libdevice.atan2(y.to(tl.float64), x.to(tl.float64)).to(tl.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# kernel
+# --------------------------------------------------------------------------------------------
+
+if triton is not None:
+    # Kernels may only read constexpr globals. Float64 constants (sqrt(2), the 1e-4 tolerances)
+    # travel in the transform array instead: a Python float constant would be rounded to
+    # float32 before it meets a float64 operand.
+    _K_NAN = tl.constexpr(float("nan"))
+    # scalar arguments that may equal 1 must not become constexpr (the kernel calls .to on some)
+    _NO_SPECIALIZE = ["C", "NX", "NY", "NZ", "K", "NAL", "max_points",
+                      "min_points", "L", "unidir"]  # fmt: skip
+    _K_CONTINUE = tl.constexpr(_CONTINUE)
+    _K_EXIT_IMAGE = tl.constexpr(_EXIT_IMAGE)
+    _K_MODEL = tl.constexpr(_MODEL)
+    _K_HIGH_CURVATURE = tl.constexpr(_HIGH_CURVATURE)
+    _K_LENGTH_EXCEED = tl.constexpr(_LENGTH_EXCEED)
+    _K_ACCEPTED = tl.constexpr(_ACCEPTED)
+    _K_INVALID_SEED = tl.constexpr(_INVALID_SEED)
+    _K_NO_PROPAGATION = tl.constexpr(_NO_PROPAGATION)
+    _K_TOO_SHORT = tl.constexpr(_TOO_SHORT)
+
+    @triton.jit
+    def _normalize3(x, y, z):
+        """Eigen normalize(): divide by sqrt(x*x + (y*y + z*z)) when that is > 0 (float32)."""
+        sq = x * x + (y * y + z * z)
+        pos = sq > 0.0
+        s = tl.sqrt_rn(tl.where(pos, sq, 1.0))
+        return (
+            tl.where(pos, tl.div_rn(x, s), x),
+            tl.where(pos, tl.div_rn(y, s), y),
+            tl.where(pos, tl.div_rn(z, s), z),
+        )
+
+    @triton.jit
+    def _sample(px, py, pz, live, sh_ptr, nz_ptr, m_ptr, cs_ptr, lane, LANES, NX, NY, NZ, K,
+                BLOCK: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr):  # fmt: skip
+        """Interpolate the SH coefficients at p into the scratch ``cs[k * LANES + lane]``.
+
+        Returns the per-lane "has data" flag (FOV, nearest voxel not all-zero, c_0 not NaN);
+        spec §2, fused_cpu ``_sample``.
+        """
+        dx = px.to(tl.float64)
+        dy = py.to(tl.float64)
+        dz = pz.to(tl.float64)
+        m00 = tl.load(m_ptr + 0)
+        m01 = tl.load(m_ptr + 1)
+        m02 = tl.load(m_ptr + 2)
+        m03 = tl.load(m_ptr + 3)
+        m10 = tl.load(m_ptr + 4)
+        m11 = tl.load(m_ptr + 5)
+        m12 = tl.load(m_ptr + 6)
+        m13 = tl.load(m_ptr + 7)
+        m20 = tl.load(m_ptr + 8)
+        m21 = tl.load(m_ptr + 9)
+        m22 = tl.load(m_ptr + 10)
+        m23 = tl.load(m_ptr + 11)
+        v0 = ((m00 * dx + m01 * dy) + m02 * dz) + m03
+        v1 = ((m10 * dx + m11 * dy) + m12 * dz) + m13
+        v2 = (m20 * dx + m21 * dy) + (m22 * dz + m23)
+        nxf = NX.to(tl.float64)
+        nyf = NY.to(tl.float64)
+        nzf = NZ.to(tl.float64)
+        inside = live & (v0 > -0.5) & (v0 < nxf - 0.5)
+        inside = inside & (v1 > -0.5) & (v1 < nyf - 0.5)
+        inside = inside & (v2 > -0.5) & (v2 < nzf - 0.5)
+        v0 = tl.where(inside, v0, 0.0)
+        v1 = tl.where(inside, v1, 0.0)
+        v2 = tl.where(inside, v2, 0.0)
+        # std::round (half away from zero) of the in-FOV coordinates (v > -0.5 there)
+        g0 = tl.floor(tl.abs(v0))
+        g1 = tl.floor(tl.abs(v1))
+        g2 = tl.floor(tl.abs(v2))
+        r0 = tl.where(tl.abs(v0) - g0 >= 0.5, g0 + 1.0, g0)
+        r1 = tl.where(tl.abs(v1) - g1 >= 0.5, g1 + 1.0, g1)
+        r2 = tl.where(tl.abs(v2) - g2 >= 0.5, g2 + 1.0, g2)
+        r0 = tl.where(v0 < 0.0, -r0, r0).to(tl.int32)
+        r1 = tl.where(v1 < 0.0, -r1, r1).to(tl.int32)
+        r2 = tl.where(v2 < 0.0, -r2, r2).to(tl.int32)
+        nzv = tl.load(nz_ptr + ((r0 * NY + r1) * NZ + r2), mask=inside, other=0)
+        ok = inside & (nzv != 0)
+        fl0 = tl.floor(v0)
+        fl1 = tl.floor(v1)
+        fl2 = tl.floor(v2)
+        f0 = tl.where((v0 < 0.0) | (v0 > nxf - 1.0), 0.0, v0 - fl0)
+        f1 = tl.where((v1 < 0.0) | (v1 > nyf - 1.0), 0.0, v1 - fl1)
+        f2 = tl.where((v2 < 0.0) | (v2 > nzf - 1.0), 0.0, v2 - fl2)
+        c0 = fl0.to(tl.int32)
+        c1 = fl1.to(tl.int32)
+        c2 = fl2.to(tl.int32)
+        x0 = tl.minimum(tl.maximum(c0, 0), NX - 1)
+        x1 = tl.minimum(tl.maximum(c0 + 1, 0), NX - 1)
+        y0 = tl.minimum(tl.maximum(c1, 0), NY - 1)
+        y1 = tl.minimum(tl.maximum(c1 + 1, 0), NY - 1)
+        z0 = tl.minimum(tl.maximum(c2, 0), NZ - 1)
+        z1 = tl.minimum(tl.maximum(c2 + 1, 0), NZ - 1)
+        wx0 = (1.0 - f0).to(tl.float32)
+        wx1 = f0.to(tl.float32)
+        wy0 = (1.0 - f1).to(tl.float32)
+        wy1 = f1.to(tl.float32)
+        wz0 = (1.0 - f2).to(tl.float32)
+        wz1 = f2.to(tl.float32)
+        eps = 1.0e-6
+        w0 = wx0 * (wy0 * wz0)
+        w1 = wx1 * (wy0 * wz0)
+        w2 = wx0 * (wy1 * wz0)
+        w3 = wx1 * (wy1 * wz0)
+        w4 = wx0 * (wy0 * wz1)
+        w5 = wx1 * (wy0 * wz1)
+        w6 = wx0 * (wy1 * wz1)
+        w7 = wx1 * (wy1 * wz1)
+        w0 = tl.where(w0 < eps, 0.0, w0)
+        w1 = tl.where(w1 < eps, 0.0, w1)
+        w2 = tl.where(w2 < eps, 0.0, w2)
+        w3 = tl.where(w3 < eps, 0.0, w3)
+        w4 = tl.where(w4 < eps, 0.0, w4)
+        w5 = tl.where(w5 < eps, 0.0, w5)
+        w6 = tl.where(w6 < eps, 0.0, w6)
+        w7 = tl.where(w7 < eps, 0.0, w7)
+        # corner k = x + 2y + 4z; voxel offsets in int64 (large volumes x K)
+        Kl = K.to(tl.int64)
+        o0 = (((x0 * NY + y0) * NZ + z0).to(tl.int64) * Kl)[:, None]
+        o1 = (((x1 * NY + y0) * NZ + z0).to(tl.int64) * Kl)[:, None]
+        o2 = (((x0 * NY + y1) * NZ + z0).to(tl.int64) * Kl)[:, None]
+        o3 = (((x1 * NY + y1) * NZ + z0).to(tl.int64) * Kl)[:, None]
+        o4 = (((x0 * NY + y0) * NZ + z1).to(tl.int64) * Kl)[:, None]
+        o5 = (((x1 * NY + y0) * NZ + z1).to(tl.int64) * Kl)[:, None]
+        o6 = (((x0 * NY + y1) * NZ + z1).to(tl.int64) * Kl)[:, None]
+        o7 = (((x1 * NY + y1) * NZ + z1).to(tl.int64) * Kl)[:, None]
+        # KC coefficients at a time (registers on CUDA; one pass under the interpreter)
+        for k0 in tl.static_range(0, KP, KC):
+            kk = k0 + tl.arange(0, KC)[None, :]
+            m2 = ok[:, None] & (kk < K)
+            a0 = tl.load(sh_ptr + (o0 + kk), mask=m2, other=0.0)
+            a1 = tl.load(sh_ptr + (o1 + kk), mask=m2, other=0.0)
+            a2 = tl.load(sh_ptr + (o2 + kk), mask=m2, other=0.0)
+            a3 = tl.load(sh_ptr + (o3 + kk), mask=m2, other=0.0)
+            a4 = tl.load(sh_ptr + (o4 + kk), mask=m2, other=0.0)
+            a5 = tl.load(sh_ptr + (o5 + kk), mask=m2, other=0.0)
+            a6 = tl.load(sh_ptr + (o6 + kk), mask=m2, other=0.0)
+            a7 = tl.load(sh_ptr + (o7 + kk), mask=m2, other=0.0)
+            # Eigen's 4-wide packet order of the 8-corner dot product (fused_cpu
+            # _SUM_ORDER_EIGEN)
+            t0 = a0 * w0[:, None] + a4 * w4[:, None]
+            t1 = a1 * w1[:, None] + a5 * w5[:, None]
+            t2 = a2 * w2[:, None] + a6 * w6[:, None]
+            t3 = a3 * w3[:, None] + a7 * w7[:, None]
+            c = (t0 + t2) + (t1 + t3)
+            tl.store(cs_ptr + (kk.to(tl.int64) * LANES + lane[:, None]), c, mask=m2)
+        tl.debug_barrier()
+        first = tl.load(cs_ptr + lane, mask=ok, other=0.0)
+        return ok & (first == first)
+
+    @triton.jit
+    def _derivs_seq(cs_ptr, lane, LANES, lut_ptr, ra, rb, w1, w2, ic, az, atpole, tab_ptr,
+                    flt_ptr, sqrt2, active, BLOCK: tl.constexpr,
+                    NS: tl.constexpr):  # fmt: skip
+        """The six sums of SH.h ``derivatives``, one slot after the other (a lane per thread).
+
+        Same terms and order of additions as the tiled variant in :func:`_get_peak`; this form
+        keeps a lane's state in one thread's registers (meant for CUDA; slow to interpret).
+        ``ra``/``rb``/``w1``/``w2``/``ic``: ``[BLOCK]`` LUT rows and weights.
+        """
+        amplitude = tl.zeros([BLOCK], tl.float32)
+        dEl = tl.zeros([BLOCK], tl.float32)
+        dEl2 = tl.zeros([BLOCK], tl.float32)
+        dAz = tl.zeros([BLOCK], tl.float32)
+        dElAz = tl.zeros([BLOCK], tl.float32)
+        dAz2 = tl.zeros([BLOCK], tl.float32)
+        caz = tl.zeros([BLOCK], tl.float32)
+        saz = tl.zeros([BLOCK], tl.float32)
+        mprev = -1
+        for sl in range(NS):
+            zon = tl.load(tab_ptr + 9 * sl) != 0
+            cp = tl.load(tab_ptr + 9 * sl + 1)
+            cm = tl.load(tab_ptr + 9 * sl + 2)
+            m = tl.load(tab_ptr + 9 * sl + 3)
+            i0 = tl.load(tab_ptr + 9 * sl + 4)
+            i1 = tl.load(tab_ptr + 9 * sl + 5)
+            i2 = tl.load(tab_ptr + 9 * sl + 6)
+            i3 = tl.load(tab_ptr + 9 * sl + 7)
+            i4 = tl.load(tab_ptr + 9 * sl + 8)
+            f0 = tl.load(flt_ptr + 5 * sl)
+            f1 = tl.load(flt_ptr + 5 * sl + 1)
+            f2 = tl.load(flt_ptr + 5 * sl + 2)
+            f3 = tl.load(flt_ptr + 5 * sl + 3)
+            f4 = tl.load(flt_ptr + 5 * sl + 4)
+            vp = tl.load(cs_ptr + (cp * LANES + lane), mask=active, other=0.0)
+            vm = tl.load(cs_ptr + (cm * LANES + lane), mask=active, other=0.0)
+            la = tl.load(lut_ptr + (ra + i0), mask=active, other=0.0)
+            lb = tl.load(lut_ptr + (rb + i0), mask=active, other=0.0)
+            al0 = tl.where(ic, w1 * la + w2 * lb, w1 * la)
+            la = tl.load(lut_ptr + (ra + i1), mask=active, other=0.0)
+            lb = tl.load(lut_ptr + (rb + i1), mask=active, other=0.0)
+            al1 = tl.where(ic, w1 * la + w2 * lb, w1 * la)
+            la = tl.load(lut_ptr + (ra + i2), mask=active, other=0.0)
+            lb = tl.load(lut_ptr + (rb + i2), mask=active, other=0.0)
+            al2 = tl.where(ic, w1 * la + w2 * lb, w1 * la)
+            la = tl.load(lut_ptr + (ra + i3), mask=active, other=0.0)
+            lb = tl.load(lut_ptr + (rb + i3), mask=active, other=0.0)
+            al3 = tl.where(ic, w1 * la + w2 * lb, w1 * la)
+            la = tl.load(lut_ptr + (ra + i4), mask=active, other=0.0)
+            lb = tl.load(lut_ptr + (rb + i4), mask=active, other=0.0)
+            al4 = tl.where(ic, w1 * la + w2 * lb, w1 * la)
+            if m != mprev:  # slots are sorted by m: cos / sin once per m
+                maz = m.to(tl.float32) * az
+                caz = (sqrt2 * _cosf(maz).to(tl.float64)).to(tl.float32)
+                saz = (sqrt2 * _sinf(maz).to(tl.float64)).to(tl.float32)
+            mprev = m
+            fm = m.to(tl.float32)
+            z_amp = vp * al0
+            z_del = (vp * f0) * al1
+            z_del2 = (vp * (f1 * al2 - f2 * al0)) * 0.5
+            A = vp * caz + vm * saz
+            tmp = f0 * al1
+            tmp = tmp - f1 * al2
+            tmp = tmp * -0.5
+            tmp2 = f2 * al0
+            tmp2 = tmp2 + f3 * al3
+            tmp2 = tmp2 + f4 * al4
+            tmp2 = tmp2 * 0.25
+            B = vm * caz - vp * saz
+            mB = fm * B
+            amplitude = amplitude + tl.where(zon, z_amp, A * al0)
+            dEl = dEl + tl.where(zon, z_del, A * tmp)
+            dEl2 = dEl2 + tl.where(zon, z_del2, A * tmp2)
+            dAz = dAz + tl.where(zon, 0.0, tl.where(atpole, B * tmp, mB * al0))
+            dElAz = dElAz + tl.where(zon | atpole, 0.0, mB * tmp)
+            dAz2 = dAz2 + tl.where(zon | atpole, 0.0, -(((A * fm) * fm) * al0))
+        return amplitude, dEl, dEl2, dAz, dElAz, dAz2
+
+    @triton.jit
+    def _derivs_tile(lut_ptr, ra, rb, w1c, w2c, ic, act2, i0, i1, i2, i3, i4, f0, f1, f2, f3,
+                     f4, fm, t_zon, vp, vm, az, atpole, sqrt2, k8, s3, BLOCK: tl.constexpr,
+                     NS: tl.constexpr):  # fmt: skip
+        """The six sums of SH.h ``derivatives`` with every slot's terms in a ``[BLOCK, SP]`` tile.
+
+        The terms are formed elementwise as fused_cpu forms them; the sums then add them one slot
+        after the other in float32 (extraction of one slot per row by a masked sum is exact), in
+        the C++ order. Few, wide operations: the variant the interpreter runs quickly.
+        """
+        # PrecomputedAL::get, inlined (the interpreter pays for every nested call):
+        # (1 - w) row_i + w row_{i+1}, or row_i when w == 0
+        la = tl.load(lut_ptr + (ra + i0), mask=act2, other=0.0)
+        lb = tl.load(lut_ptr + (rb + i0), mask=act2, other=0.0)
+        al0 = tl.where(ic, w1c * la + w2c * lb, w1c * la)
+        la = tl.load(lut_ptr + (ra + i1), mask=act2, other=0.0)
+        lb = tl.load(lut_ptr + (rb + i1), mask=act2, other=0.0)
+        al1 = tl.where(ic, w1c * la + w2c * lb, w1c * la)
+        la = tl.load(lut_ptr + (ra + i2), mask=act2, other=0.0)
+        lb = tl.load(lut_ptr + (rb + i2), mask=act2, other=0.0)
+        al2 = tl.where(ic, w1c * la + w2c * lb, w1c * la)
+        la = tl.load(lut_ptr + (ra + i3), mask=act2, other=0.0)
+        lb = tl.load(lut_ptr + (rb + i3), mask=act2, other=0.0)
+        al3 = tl.where(ic, w1c * la + w2c * lb, w1c * la)
+        la = tl.load(lut_ptr + (ra + i4), mask=act2, other=0.0)
+        lb = tl.load(lut_ptr + (rb + i4), mask=act2, other=0.0)
+        al4 = tl.where(ic, w1c * la + w2c * lb, w1c * la)
+        # --- zonal slots (l, 0): v = c_l0; AL at (a, a+1, a+2)
+        z_amp = vp * al0
+        z_del = (vp * f0) * al1
+        z_del2 = (vp * (f1 * al2 - f2 * al0)) * 0.5
+        # --- pair slots (l, +-m): AL at (m, m-1, m+1, |m-2| or 1, m+2); absent terms
+        # have zero factors (t - 0 * x == t exactly)
+        maz = fm * az[:, None]
+        caz = (sqrt2 * _cosf(maz).to(tl.float64)).to(tl.float32)
+        saz = (sqrt2 * _sinf(maz).to(tl.float64)).to(tl.float32)
+        A = vp * caz + vm * saz
+        p_amp = A * al0
+        tmp = f0 * al1
+        tmp = tmp - f1 * al2
+        tmp = tmp * -0.5
+        p_del = A * tmp
+        # f3 carries the sign of the P_l^{|m-2|} term (negative for m == 1)
+        tmp2 = f2 * al0
+        tmp2 = tmp2 + f3 * al3
+        tmp2 = tmp2 + f4 * al4
+        tmp2 = tmp2 * 0.25
+        p_del2 = A * tmp2
+        B = vm * caz - vp * saz
+        mB = fm * B
+        pole2 = atpole[:, None]
+        p_daz = tl.where(pole2, B * tmp, mB * al0)
+        p_delaz = tl.where(pole2, 0.0, mB * tmp)
+        p_daz2 = tl.where(pole2, 0.0, -(((A * fm) * fm) * al0))
+        # --- the six sums, stacked as [BLOCK, 8, SP] and folded slot by slot
+        T = tl.where(t_zon, z_amp, p_amp)[:, None, :]
+        T = tl.where(k8 == 1, tl.where(t_zon, z_del, p_del)[:, None, :], T)
+        T = tl.where(k8 == 2, tl.where(t_zon, z_del2, p_del2)[:, None, :], T)
+        T = tl.where(k8 == 3, tl.where(t_zon, 0.0, p_daz)[:, None, :], T)
+        T = tl.where(k8 == 4, tl.where(t_zon, 0.0, p_delaz)[:, None, :], T)
+        T = tl.where(k8 == 5, tl.where(t_zon, 0.0, p_daz2)[:, None, :], T)
+        acc = tl.zeros([BLOCK, 8], tl.float32)
+        for j in tl.static_range(NS):
+            # one non-zero term per row plus zeros: the extraction is exact
+            acc = acc + tl.sum(tl.where(s3 == j, T, 0.0), axis=2)
+        k2 = tl.arange(0, 8)[None, :]
+        amplitude = tl.sum(tl.where(k2 == 0, acc, 0.0), axis=1)
+        dEl = tl.sum(tl.where(k2 == 1, acc, 0.0), axis=1)
+        dEl2 = tl.sum(tl.where(k2 == 2, acc, 0.0), axis=1)
+        dAz = tl.sum(tl.where(k2 == 3, acc, 0.0), axis=1)
+        dElAz = tl.sum(tl.where(k2 == 4, acc, 0.0), axis=1)
+        dAz2 = tl.sum(tl.where(k2 == 5, acc, 0.0), axis=1)
+        return amplitude, dEl, dEl2, dAz, dElAz, dAz2
+
+    @triton.jit
+    def _get_peak(cs_ptr, lane, LANES, ux, uy, uz, active, lut_ptr, NAL, inc, tab_ptr,
+                  flt_ptr, k_ptr, BLOCK: tl.constexpr, SP: tl.constexpr, NS: tl.constexpr,
+                  SEQ: tl.constexpr):  # fmt: skip
+        """Math::SH::get_peak (float32, LUT): returns (amplitude, ux, uy, uz) per lane.
+
+        Lanes that do not converge within 50 iterations (or take a NaN step) get NaN. The
+        ``NS`` (l, m) terms are formed in a ``[BLOCK, SP]`` tile exactly as fused_cpu
+        ``_get_peak`` forms them, then summed one slot after the other in float32, in the
+        tables' order (zonal l = 0, 2, ..., then m = 1..lmax, l ascending): the same order of
+        additions as the C++ loops, so the results are the same bits.
+        """
+        r_amp = tl.full([BLOCK], _K_NAN, tl.float32)
+        r_x = tl.full([BLOCK], _K_NAN, tl.float32)
+        r_y = tl.full([BLOCK], _K_NAN, tl.float32)
+        r_z = tl.full([BLOCK], _K_NAN, tl.float32)
+        sqrt2 = tl.load(k_ptr)  # float64 Math::sqrt2
+        tol = tl.load(k_ptr + 1)  # float64 1e-4 (ANGLE_TOLERANCE and the pole test)
+        lane2 = lane[:, None]
+        # --- slot tables (see _tables): padded slots have zero factors and index 0
+        ss = tl.arange(0, SP)
+        sm = ss < NS
+        t_zon = tl.load(tab_ptr + 9 * ss, mask=sm, other=0)[None, :] != 0
+        t_cp = tl.load(tab_ptr + 9 * ss + 1, mask=sm, other=0)[None, :]
+        t_cm = tl.load(tab_ptr + 9 * ss + 2, mask=sm, other=0)[None, :]
+        t_m = tl.load(tab_ptr + 9 * ss + 3, mask=sm, other=0)[None, :]
+        i0 = tl.load(tab_ptr + 9 * ss + 4, mask=sm, other=0)[None, :]
+        i1 = tl.load(tab_ptr + 9 * ss + 5, mask=sm, other=0)[None, :]
+        i2 = tl.load(tab_ptr + 9 * ss + 6, mask=sm, other=0)[None, :]
+        i3 = tl.load(tab_ptr + 9 * ss + 7, mask=sm, other=0)[None, :]
+        i4 = tl.load(tab_ptr + 9 * ss + 8, mask=sm, other=0)[None, :]
+        f0 = tl.load(flt_ptr + 5 * ss, mask=sm, other=0.0)[None, :]
+        f1 = tl.load(flt_ptr + 5 * ss + 1, mask=sm, other=0.0)[None, :]
+        f2 = tl.load(flt_ptr + 5 * ss + 2, mask=sm, other=0.0)[None, :]
+        f3 = tl.load(flt_ptr + 5 * ss + 3, mask=sm, other=0.0)[None, :]
+        f4 = tl.load(flt_ptr + 5 * ss + 4, mask=sm, other=0.0)[None, :]
+        fm = t_m.to(tl.float32)
+        # --- the coefficients do not change during the search
+        cmask = active[:, None] & sm[None, :]
+        vp = tl.load(cs_ptr + (t_cp * LANES + lane2), mask=cmask, other=0.0)
+        vm = tl.load(cs_ptr + (t_cm * LANES + lane2), mask=cmask & (~t_zon), other=0.0)
+        k8 = tl.arange(0, 8)[None, :, None]
+        s3 = ss[None, None, :]
+        it = tl.zeros([BLOCK], tl.int32)
+        while tl.max(active.to(tl.int32), axis=0) > 0:
+            az = _atan2f(uy, ux)
+            el = _acosf(uz)
+            sel = _sinf(el)
+            atpole = sel.to(tl.float64) < tol
+            # --- Legendre lookup (PrecomputedAL::set)
+            fr = tl.div_rn(el, inc)
+            isnan = fr != fr
+            frs = tl.where(isnan, 0.0, fr)
+            ii = frs.to(tl.int32)
+            edge = isnan | (ii < 0) | (ii >= 511)
+            row = tl.where(ii < 0, 0, tl.where(ii >= 511, 511, ii))
+            row = tl.where(isnan, 0, row)
+            w2 = tl.where(edge, 0.0, frs - ii.to(tl.float32))
+            w1 = tl.where(edge, 1.0, 1.0 - w2)
+            ra = (row * NAL)[:, None]
+            rb = (tl.minimum(row + 1, 511) * NAL)[:, None]
+            w1c = w1[:, None]
+            w2c = w2[:, None]
+            ic = (w2 != 0.0)[:, None]
+            act2 = active[:, None]
+            if SEQ:
+                amplitude, dEl, dEl2, dAz, dElAz, dAz2 = _derivs_seq(
+                    cs_ptr, lane, LANES, lut_ptr, row * NAL, tl.minimum(row + 1, 511) * NAL,
+                    w1, w2, w2 != 0.0, az, atpole, tab_ptr, flt_ptr, sqrt2, active, BLOCK, NS
+                )  # fmt: skip
+            else:
+                amplitude, dEl, dEl2, dAz, dElAz, dAz2 = _derivs_tile(
+                    lut_ptr, ra, rb, w1c, w2c, ic, act2, i0, i1, i2, i3, i4, f0, f1, f2, f3,
+                    f4, fm, t_zon, vp, vm, az, atpole, sqrt2, k8, s3, BLOCK, NS
+                )  # fmt: skip
+            sel_safe = tl.where(atpole, 1.0, sel)
+            dAz = tl.where(atpole, dAz, tl.div_rn(dAz, sel_safe))
+            dElAz = tl.where(atpole, dElAz, tl.div_rn(dElAz, sel_safe))
+            dAz2 = tl.where(atpole, dAz2, tl.div_rn(dAz2, sel_safe * sel_safe))
+            # --- one ascent step
+            nrm = tl.sqrt_rn(dEl * dEl + dAz * dAz)
+            nz = nrm != 0.0
+            nrm_safe = tl.where(nz, nrm, 1.0)
+            gAz = tl.where(nz, tl.div_rn(dAz, nrm_safe), 0.0)
+            gEl = tl.where(nz, tl.div_rn(dEl, nrm_safe), 0.0)
+            s1 = gAz * dAz + gEl * dEl
+            s2 = (
+                ((gAz * gAz) * dAz2).to(tl.float64)
+                + ((2.0 * gAz.to(tl.float64)) * gEl.to(tl.float64)) * dElAz.to(tl.float64)
+            ) + ((gEl * gEl) * dEl2).to(tl.float64)
+            s2 = s2.to(tl.float32)
+            s2nz = s2 != 0.0
+            dt = tl.where(s2nz, tl.div_rn(-s1, tl.where(s2nz, s2, 1.0)), 0.0)
+            dt = tl.where(dt < 0.0, -dt, dt)
+            dt = tl.where(dt > 0.2, 0.2, dt)
+            active = active & (dt == dt)  # NaN step: the search fails (result stays NaN)
+            gEl = gEl * dt
+            gAz = gAz * dt
+            caz1 = _cosf(az)
+            saz1 = _sinf(az)
+            cel = _cosf(el)
+            nx = ux + ((gEl * caz1) * cel - gAz * saz1)
+            ny = uy + ((gEl * saz1) * cel + gAz * caz1)
+            nzz = uz - gEl * sel
+            nx, ny, nzz = _normalize3(nx, ny, nzz)
+            conv = active & (dt.to(tl.float64) < tol)
+            r_amp = tl.where(conv, amplitude, r_amp)
+            r_x = tl.where(conv, nx, r_x)
+            r_y = tl.where(conv, ny, r_y)
+            r_z = tl.where(conv, nzz, r_z)
+            ux = tl.where(active, nx, ux)
+            uy = tl.where(active, ny, uy)
+            uz = tl.where(active, nzz, uz)
+            it += 1
+            active = active & (~conv) & (it < 50)
+        return r_amp, r_x, r_y, r_z
+
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
+    def _sd_stream_kernel(
+        seeds_ptr, dirs_ptr, sh_ptr, nz_ptr, m_ptr, lut_ptr, tab_ptr, flt_ptr, cs_ptr, pts_ptr,
+        n_ptr, n1_ptr, status_ptr, term_ptr, u0_ptr, steps_ptr, C, NX, NY, NZ, K, NAL, step,
+        cutoff, dot_thr, inc, max_points, min_points, L, unidir, BLOCK: tl.constexpr,
+        KP: tl.constexpr, KC: tl.constexpr, SP: tl.constexpr, NS: tl.constexpr,
+        SEQ: tl.constexpr,
+    ):  # fmt: skip
+        """Track seeds ``lane, lane + lanes, ...`` of a chunk (Exec::operator(), gen_track,
+        gen_track_unidir, SDStream::init / next, track_rejected for the default rules).
+
+        Lane phases: 0 = a new seed (sample + peak at the seed), 1 = first half, 2 = second
+        half, 3 = no seeds left. Every loop iteration is one evaluation (sample + peak) per lane.
+        """
+        pid = tl.program_id(0)
+        LANES = tl.num_programs(0) * BLOCK
+        lane = pid * BLOCK + tl.arange(0, BLOCK)
+        sid = lane
+        phase = tl.where(sid < C, 0, 3)
+        px = tl.zeros([BLOCK], tl.float32)
+        py = tl.zeros([BLOCK], tl.float32)
+        pz = tl.zeros([BLOCK], tl.float32)
+        ux = tl.zeros([BLOCK], tl.float32)
+        uy = tl.zeros([BLOCK], tl.float32)
+        uz = tl.zeros([BLOCK], tl.float32)
+        p0x = tl.zeros([BLOCK], tl.float32)
+        p0y = tl.zeros([BLOCK], tl.float32)
+        p0z = tl.zeros([BLOCK], tl.float32)
+        u0x = tl.zeros([BLOCK], tl.float32)
+        u0y = tl.zeros([BLOCK], tl.float32)
+        u0z = tl.zeros([BLOCK], tl.float32)
+        n = tl.zeros([BLOCK], tl.int32)
+        n1 = tl.zeros([BLOCK], tl.int32)
+        steps = tl.zeros([BLOCK], tl.int32)
+        uni = (tl.zeros([BLOCK], tl.int32) + unidir) != 0
+        while tl.max((phase < 3).to(tl.int32), axis=0) > 0:
+            live = phase < 3
+            isseed = phase == 0
+            stepping = (phase == 1) | (phase == 2)
+            s64 = sid.to(tl.int64)
+            # --- a new seed: position and the twice-normalised raw start direction
+            sx = tl.load(seeds_ptr + s64 * 3, mask=isseed, other=0.0)
+            sy = tl.load(seeds_ptr + s64 * 3 + 1, mask=isseed, other=0.0)
+            sz = tl.load(seeds_ptr + s64 * 3 + 2, mask=isseed, other=0.0)
+            ddx = tl.load(dirs_ptr + s64 * 3, mask=isseed, other=1.0)
+            ddy = tl.load(dirs_ptr + s64 * 3 + 1, mask=isseed, other=0.0)
+            ddz = tl.load(dirs_ptr + s64 * 3 + 2, mask=isseed, other=0.0)
+            ddx, ddy, ddz = _normalize3(ddx, ddy, ddz)
+            ddx, ddy, ddz = _normalize3(ddx, ddy, ddz)
+            px = tl.where(isseed, sx, px)
+            py = tl.where(isseed, sy, py)
+            pz = tl.where(isseed, sz, pz)
+            ux = tl.where(isseed, ddx, ux)
+            uy = tl.where(isseed, ddy, uy)
+            uz = tl.where(isseed, ddz, uz)
+            dfin = (ddx - ddx == 0.0) & (ddy - ddy == 0.0) & (ddz - ddz == 0.0)
+            # --- one evaluation: FOD at p, peak from u
+            ok = _sample(px, py, pz, live, sh_ptr, nz_ptr, m_ptr, cs_ptr, lane, LANES, NX, NY,
+                         NZ, K, BLOCK, KP, KC)  # fmt: skip
+            tl.debug_barrier()
+            search = ok & (stepping | dfin)
+            amp, vx, vy, vz = _get_peak(cs_ptr, lane, LANES, ux, uy, uz, search, lut_ptr, NAL,
+                                        inc, tab_ptr, flt_ptr, m_ptr + 12, BLOCK, SP, NS,
+                                        SEQ)  # fmt: skip
+            good = search & (amp - amp == 0.0) & (amp >= cutoff)
+            # --- seed lanes (SDStream::init)
+            tl.store(u0_ptr + s64 * 3, vx, mask=isseed & search)
+            tl.store(u0_ptr + s64 * 3 + 1, vy, mask=isseed & search)
+            tl.store(u0_ptr + s64 * 3 + 2, vz, mask=isseed & search)
+            seed_ok = isseed & good
+            seed_bad = isseed & (~good)
+            pbase = s64 * L * 3
+            tl.store(pts_ptr + pbase, px, mask=seed_ok)
+            tl.store(pts_ptr + pbase + 1, py, mask=seed_ok)
+            tl.store(pts_ptr + pbase + 2, pz, mask=seed_ok)
+            p0x = tl.where(seed_ok, px, p0x)
+            p0y = tl.where(seed_ok, py, p0y)
+            p0z = tl.where(seed_ok, pz, p0z)
+            u0x = tl.where(seed_ok, vx, u0x)
+            u0y = tl.where(seed_ok, vy, u0y)
+            u0z = tl.where(seed_ok, vz, u0z)
+            n = tl.where(isseed, 1, n)
+            steps = tl.where(isseed, 0, steps)
+            # --- stepping lanes (SDStream::next, first order)
+            t = tl.where(ok, _K_CONTINUE, _K_EXIT_IMAGE)
+            t = tl.where(ok & (~good), _K_MODEL, t)
+            dot = ux * vx + (uy * vy + uz * vz)
+            t = tl.where((t == _K_CONTINUE) & (dot < dot_thr), _K_HIGH_CURVATURE, t)
+            cont = stepping & (t == _K_CONTINUE)
+            px = tl.where(cont, px + vx * step, px)
+            py = tl.where(cont, py + vy * step, py)
+            pz = tl.where(cont, pz + vz * step, pz)
+            ux = tl.where(cont | seed_ok, vx, ux)
+            uy = tl.where(cont | seed_ok, vy, uy)
+            uz = tl.where(cont | seed_ok, vz, uz)
+            pb = pbase + n.to(tl.int64) * 3
+            tl.store(pts_ptr + pb, px, mask=cont)
+            tl.store(pts_ptr + pb + 1, py, mask=cont)
+            tl.store(pts_ptr + pb + 2, pz, mask=cont)
+            n = tl.where(cont, n + 1, n)
+            steps = tl.where(cont, steps + 1, steps)
+            t = tl.where(cont & (n >= max_points), _K_LENGTH_EXCEED, t)
+            ended = stepping & (t != _K_CONTINUE)
+            end1 = ended & (phase == 1)
+            end2 = ended & (phase == 2)
+            tl.store(term_ptr + s64 * 2, t.to(tl.int8), mask=end1)
+            tl.store(term_ptr + s64 * 2 + 1, t.to(tl.int8), mask=end2)
+            n1 = tl.where(end1, n, n1)
+            go2 = end1 & (~uni)
+            px = tl.where(go2, p0x, px)
+            py = tl.where(go2, p0y, py)
+            pz = tl.where(go2, p0z, pz)
+            ux = tl.where(go2, -u0x, ux)
+            uy = tl.where(go2, -u0y, uy)
+            uz = tl.where(go2, -u0z, uz)
+            phase = tl.where(seed_ok | go2, phase + 1, phase)
+            # --- finished streamlines (track_rejected) and the next seed
+            fin = (end1 & uni) | end2
+            status = tl.where(n < min_points, _K_TOO_SHORT, _K_ACCEPTED)
+            status = tl.where((n == 1) & (min_points > 1), _K_NO_PROPAGATION, status)
+            status = tl.where(seed_bad, _K_INVALID_SEED, status)
+            done = fin | seed_bad
+            tl.store(status_ptr + s64, status.to(tl.int8), mask=done)
+            tl.store(n_ptr + s64, tl.where(status == _K_ACCEPTED, n, 0), mask=done)
+            tl.store(n1_ptr + s64, n1, mask=fin)
+            tl.store(steps_ptr + s64, steps, mask=fin)
+            sid = tl.where(done, sid + LANES, sid)
+            phase = tl.where(done, tl.where(sid < C, 0, 3), phase)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+
+def _tables(lmax: int):
+    """Slot tables of the kernel's peak search (SH.h ``derivatives``), in the C++ sum order.
+
+    One slot per (l, m >= 0), l even: first the zonal slots l = 0, 2, ..., lmax, then for
+    m = 1..lmax the pair slots (l, +-m), l ascending (fused_cpu's loops). Integer row
+    ``(zonal, c index (c_{l,0} or c_{l,+m}), c_{l,-m}, m, i0..i4)`` and float row ``f0..f4``:
+
+    * zonal: LUT entries ``i0..i2 = P_l^0, P_l^1, P_l^2`` and factors ``sqrt(l(l+1))``,
+      ``sqrt(l(l+1)(l-1)(l+2))``, ``l(l+1)`` (all zero for l = 0, which only adds c_0 P_0^0);
+    * pair: ``i0..i4 = P_l^m, P_l^{m-1}, P_l^{m+1}, P_l^{|m-2|} (P_l^1 if m = 1), P_l^{m+2}``
+      and fused_cpu's float32 factors; absent terms get index 0 and factor 0, and the m = 1
+      subtraction is folded into the sign of its factor (exact in IEEE arithmetic).
+    """
+    from .fused_cpu import _sh_tables
+
+    _, zflt_cpu, pint, pflt, mstart = _sh_tables(lmax)
+    tab = [(1, 0, 0, 0, legendre_index(0, 0), 0, 0, 0, 0)]
+    flt = [(0.0, 0.0, 0.0, 0.0, 0.0)]
+    for i, l in enumerate(range(2, lmax + 1, 2)):
+        a = legendre_index(l, 0)
+        tab.append((1, l * (l + 1) // 2, 0, 0, a, a + 1, a + 2, 0, 0))
+        flt.append((*(np.float32(v) for v in zflt_cpu[i]), 0.0, 0.0))
+    for m in range(1, lmax + 1):
+        for q in range(int(mstart[m]), int(mstart[m + 1])):
+            cp, cm, am, amm1, amp1, amm2, amp2 = (int(v) for v in pint[q])
+            f0, f1, f2, f3, f4 = (np.float32(v) for v in pflt[q])
+            if amp1 < 0:
+                amp1, f1 = 0, np.float32(0.0)
+            if amp2 < 0:
+                amp2, f4 = 0, np.float32(0.0)
+            if m == 1:
+                f3 = -f3
+            tab.append((0, cp, cm, m, am, amm1, amp1, amm2, amp2))
+            flt.append((f0, f1, f2, f3, f4))
+    return (
+        np.array(tab, dtype=np.int32).reshape(-1),
+        np.array(flt, dtype=np.float32).reshape(-1),
+        len(tab),
+    )
+
+
+def _device() -> torch.device:
+    return torch.device("cpu") if INTERPRET else torch.device("cuda")
+
+
+def _pack(buf, n, n1, unidir):
+    """Packed accepted points in streamline order: first half reversed, then the second half.
+
+    The kernel writes each streamline forward from the seed (seed, first half, second half);
+    tckgen's layout reverses the first ``n1`` points. ``buf [C, L, 3]``, ``n``/``n1 [C]``.
+    """
+    dev = buf.device
+    lengths = n.to(torch.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return torch.zeros((0, 3), dtype=torch.float32, device=dev)
+    rows = torch.repeat_interleave(torch.arange(buf.shape[0], device=dev), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    k = torch.arange(total, device=dev) - starts[rows]
+    if unidir:
+        src = k
+    else:
+        h = n1.to(torch.int64)[rows]
+        src = torch.where(k < h, h - 1 - k, k)
+    return buf[rows, src]
+
+
+def track_fused_triton(
+    sh: np.ndarray | torch.Tensor,
+    scanner2voxel: np.ndarray,
+    seeds: np.ndarray | torch.Tensor,
+    init_dirs: np.ndarray | torch.Tensor,
+    params: ResolvedParameters,
+    rois: RoiSet | None = None,
+    chunk_size: int | None = None,
+    block: int | None = None,
+    programs: int | None = None,
+    variant: str = "auto",
+    num_warps: int = 4,
+) -> EngineResult:
+    """Track SD_Stream streamlines from every seed with the fused Triton kernel.
+
+    Args:
+        sh: ``[X, Y, Z, K]`` float32 SH coefficients (MRtrix basis, scanner frame); a CUDA
+            tensor is used in place.
+        scanner2voxel: ``[3, 4]`` float64, scanner mm -> voxel coordinates of ``sh``.
+        seeds: ``[N, 3]`` float32 seed points (scanner mm).
+        init_dirs: ``[N, 3]`` raw start directions (normalised twice in float32, as tckgen
+            does; see :func:`~invtract.tracking.fused_cpu.track_fused_cpu`).
+        params: resolved parameters; must satisfy :func:`supported`.
+        rois: must be empty (regions are not in the kernel).
+        chunk_size: seeds per launch; the output buffer holds ``chunk x (max_points + 2) x 3``
+            float32 (default: about 2 GB of buffer on CUDA, 4096 seeds under the interpreter).
+        block: lanes per program (default 128 on CUDA, up to 64 under the interpreter).
+        programs: programs per launch (default 8 per SM on CUDA, 1 under the interpreter).
+        variant: how the peak search forms its sums (same bits either way): ``"seq"``, one slot
+            after the other with a lane per thread (default on CUDA), or ``"tile"``, every slot
+            in a ``[lanes, slots]`` tile (default under the interpreter, which it runs ~5x
+            faster); ``"auto"`` picks as stated.
+        num_warps: warps per program (CUDA).
+
+    Returns:
+        :class:`EngineResult` (numpy, CPU), as the numba engine; ``counts`` has ``steps``,
+        ``seconds`` (wall time of the kernels and packing), ``chunks``.
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    if not supported(params, rois):
+        raise ValueError(
+            "the Triton kernel covers first-order SD_Stream without ROIs or downsampling "
+            "(use triton_engine(), which falls back, or the numba / torch engine)"
+        )
+    dev = _device()
+    sh_t = torch.as_tensor(sh).detach().to(device=dev, dtype=torch.float32).contiguous()
+    if sh_t.ndim != 4:
+        raise ValueError(f"sh must be [X, Y, Z, K], got shape {tuple(sh_t.shape)}")
+    NX, NY, NZ, K = (int(s) for s in sh_t.shape)
+    lmax = 2 * int(math.floor((math.sqrt(1.0 + 8.0 * K) - 3.0) / 4.0))
+    if (lmax + 1) * (lmax + 2) // 2 != K:
+        raise ValueError(f"{K} volumes is not a valid number of even-degree SH coefficients")
+    nonzero = (sh_t != 0).any(dim=-1).to(torch.int8).contiguous()  # NaN counts as non-zero
+    M = np.ascontiguousarray(np.asarray(scanner2voxel, dtype=np.float64)[:3, :4])
+    m_t = torch.as_tensor(np.concatenate([M.reshape(-1), [_SQRT2, 1e-4]]), device=dev)
+    lut = torch.as_tensor(np.array(legendre_table(lmax), dtype=np.float32).reshape(-1), device=dev)
+    NAL = n_legendre(lmax)
+    tab_np, flt_np, NS = _tables(lmax)
+    tab = torch.as_tensor(tab_np, device=dev)
+    flt = torch.as_tensor(flt_np, device=dev)
+    SP = triton.next_power_of_2(NS)
+
+    seeds_t = torch.as_tensor(seeds).detach().to(device=dev, dtype=torch.float32)
+    seeds_t = seeds_t.reshape(-1, 3).contiguous()
+    dirs_t = torch.as_tensor(init_dirs).detach().to(device=dev, dtype=torch.float32)
+    dirs_t = dirs_t.reshape(-1, 3).contiguous()
+    if dirs_t.shape[0] != seeds_t.shape[0]:
+        raise ValueError(f"{seeds_t.shape[0]} seeds but {dirs_t.shape[0]} initial directions")
+    N = seeds_t.shape[0]
+    L = int(params.max_points) + 2
+    KP = triton.next_power_of_2(K)
+    KC = KP if INTERPRET else min(KP, 8)
+    if INTERPRET:
+        chunk = int(chunk_size or 4096)
+        blk = int(block or min(64, triton.next_power_of_2(max(1, min(N, 64)))))
+        nprog_cap = int(programs or 1)
+    else:  # pragma: no cover - needs CUDA
+        chunk = int(chunk_size or max(1, min(N, (2 << 30) // (L * 12))))
+        blk = int(block or 128)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        nprog_cap = int(programs or 8 * sms)
+    chunk = max(1, chunk)
+
+    lengths = np.zeros(N, dtype=np.int64)
+    seed_index = np.full(N, -1, dtype=np.int64)
+    status = np.full(N, _INVALID_SEED, dtype=np.int8)
+    term = np.full((N, 2), -1, dtype=np.int8)
+    init_dir = np.full((N, 3), np.nan, dtype=np.float32)
+    packed = []
+    steps = 0
+    if variant not in ("auto", "seq", "tile"):
+        raise ValueError(f"variant must be 'auto', 'seq' or 'tile', got {variant!r}")
+    seq = variant == "seq" or (variant == "auto" and not INTERPRET)
+    launch_kw = {"enable_fp_fusion": False, "num_warps": int(num_warps)}
+    t0 = time.perf_counter()
+    with np.errstate(all="ignore"):
+        for start in range(0, N, chunk):
+            stop = min(N, start + chunk)
+            C = stop - start
+            grid = (max(1, min(triton.cdiv(C, blk), nprog_cap)),)
+            lanes = grid[0] * blk
+            cs = torch.empty(KP * lanes, dtype=torch.float32, device=dev)
+            buf = torch.empty((C, L, 3), dtype=torch.float32, device=dev)
+            c_n = torch.zeros(C, dtype=torch.int32, device=dev)
+            c_n1 = torch.zeros(C, dtype=torch.int32, device=dev)
+            c_status = torch.full((C,), _INVALID_SEED, dtype=torch.int8, device=dev)
+            c_term = torch.full((C, 2), -1, dtype=torch.int8, device=dev)
+            c_u0 = torch.full((C, 3), float("nan"), dtype=torch.float32, device=dev)
+            c_steps = torch.zeros(C, dtype=torch.int32, device=dev)
+            _sd_stream_kernel[grid](
+                seeds_t[start:stop], dirs_t[start:stop], sh_t, nonzero, m_t, lut, tab, flt,
+                cs, buf, c_n, c_n1, c_status, c_term, c_u0, c_steps,
+                C, NX, NY, NZ, K, NAL, float(params.step_mm),
+                float(params.cutoff), float(params.dot_threshold), float(lut_increment()),
+                int(params.max_points), int(params.min_points), L,
+                int(bool(params.unidirectional)), BLOCK=blk, KP=KP, KC=KC, SP=SP, NS=NS, SEQ=seq,
+                **launch_kw,
+            )  # fmt: skip
+            pts = _pack(buf, c_n, c_n1, params.unidirectional)
+            packed.append(pts.cpu().numpy())
+            del buf
+            n_np = c_n.cpu().numpy().astype(np.int64)
+            st_np = c_status.cpu().numpy()
+            lengths[start:stop] = n_np
+            acc = st_np == _ACCEPTED
+            si = np.where(params.unidirectional, 0, c_n1.cpu().numpy().astype(np.int64) - 1)
+            seed_index[start:stop] = np.where(acc, si, -1)
+            status[start:stop] = st_np
+            term[start:stop] = c_term.cpu().numpy()
+            init_dir[start:stop] = c_u0.cpu().numpy()
+            steps += int(c_steps.sum())
+    seconds = time.perf_counter() - t0
+    points = np.concatenate(packed) if packed else np.zeros((0, 3), dtype=np.float32)
+    return EngineResult(
+        points=points,
+        lengths=lengths,
+        seed_index=seed_index,
+        status=status,
+        term=term,
+        init_dir=init_dir,
+        counts={"steps": steps, "seconds": seconds, "chunks": len(packed)},
+    )
+
+
+def triton_engine(field, seeds, init_dirs, params, rois=None, batch_size=None, progress=None):
+    """Engine-registry adapter (signature of ``track_torch``); falls back when unsupported.
+
+    Unsupported configurations (see :func:`supported`) run on the numba engine when the field
+    is on the CPU and numba is available, otherwise on the torch engine, with a warning.
+    """
+    rois = rois or RoiSet()
+    if not supported(params, rois) or not available():
+        from .tracker import ENGINES, numba_available
+
+        why = unavailable_reason() or "RK4 / downsample / ROIs are not in the Triton kernel"
+        name = "numba" if field.device.type == "cpu" and numba_available() else "torch"
+        warnings.warn(f"triton engine: {why}; using the {name} engine", InvtractWarning, 2)
+        return ENGINES[name](field, seeds, init_dirs, params, rois, progress=progress)
+    sh = field.sh_flat.detach().reshape(*field.shape, -1)
+    s2v = field.scanner2voxel.detach().cpu().numpy()
+    out = track_fused_triton(sh, s2v, seeds, init_dirs, params, rois, chunk_size=batch_size)
+    if progress is not None:
+        progress(int(np.asarray(out.lengths).shape[0]))
+    return out
