@@ -118,3 +118,23 @@ def test_tiny_fit_raises_cutoff(phantom, tmp_path):
     assert res.params.cutoff > 0.5
     assert np.isfinite(res.start_correlation) and np.isfinite(res.final_correlation)
     assert "connectome/correlation_hard" in res.history[-1]
+
+
+@pytest.mark.parametrize("learn", [["sh"], ["sh", "cutoff"]])
+def test_tiny_fod_and_joint_fit(phantom, tmp_path, learn):
+    """--fit fod / both: SH coefficients in the seed mask are learned; the loss does not rise."""
+    fod, mask, vol, sh, pos, dirs = phantom
+    target, _ = hard_connectome(
+        sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0
+    )
+    cfg = {"fit": {"iterations": 2, "learn": learn}, "optimizer": {"lr": 0.3}}
+    res = fit_connectome(
+        fod, vol, target, TrackingParameters(cutoff=0.5), seeds=(pos, dirs), config=cfg,
+        voxel_sizes=fod.voxel_sizes, seed_mask=mask.data,
+    )  # fmt: skip
+    assert res.iterations == 2 and res.sh is not None
+    fitted = np.asarray(res.sh.detach().cpu() if hasattr(res.sh, "detach") else res.sh)
+    assert fitted.shape == tuple(fod.data.shape)
+    assert np.isfinite(fitted).all() and not np.array_equal(fitted, fod.data)
+    losses = [h["loss/total"] for h in res.history if "loss/total" in h]
+    assert len(losses) == 2 and all(np.isfinite(losses))
