@@ -68,8 +68,7 @@ _LEARN = {
 }
 #: settings of ``--example`` (a complete params fit on CPU in under 2 minutes)
 EXAMPLE_OVERRIDES = {
-    "fit": {"iterations": 14, "seeds_per_iteration": 8, "image_every": 5},
-    "optimizer": {"lr": 0.12},
+    "fit": {"iterations": 24, "seeds_per_iteration": 8, "image_every": 5},
 }
 
 

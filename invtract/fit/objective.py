@@ -21,6 +21,21 @@ Terms (all scanner mm unless stated; each is a mean over paired streamlines):
   that reaches ``angle_deg`` and ``cutoff``: overshooting vertices pull the thresholds tighter,
   vertices inside the target's extent pull them looser. At a low temperature it tends to
   ``|len_tracked - len_target|`` per half.
+* ``margin``: a hinge on the hard survival test in log-threshold space, the params fit's
+  threshold term (mm x log units). Along each tracked half, ``M_j`` is the largest turn
+  (degrees) and ``m_j`` the smallest peak amplitude met from the seed to vertex ``j``
+  (:func:`running_features`); the vertex survives the hard test iff
+  ``a_j = log angle - log M_j > 0`` and ``c_j = log m_j - log cutoff > 0``. Vertices within
+  the target's extent are charged how far either margin is negative; a half that overshoots
+  the target charges its overshoot times the positive margin of its first vertex beyond the
+  target's end, for the test that can kill it without killing a vertex that must survive;
+  a half that stopped short of the target charges the violations of the target's own
+  vertices beyond its end (features computed along the target) (:func:`margin_hinge`).
+  Unlike survival weights (a product of per-step sigmoids, whose gradient vanishes a few
+  temperatures from the threshold), the hinge's gradient does not vanish however far the
+  threshold is from where it binds (60 deg when the target stopped at 1 deg), and it is zero
+  on the interval of thresholds that reproduce the target. Gradients reach only
+  ``angle_deg`` and ``cutoff`` (the features are detached).
 * ``paired``, ``chamfer``, ``length``, ``density``: :func:`invtract.losses.paired_loss` (full
   streamlines, MDF + coverage, weighted by each streamline's mean survival weight),
   :func:`~invtract.losses.chamfer_loss` (unpaired), :func:`~invtract.losses.length_loss` (W1
@@ -56,12 +71,16 @@ __all__ = [
     "fod_priors",
     "fibonacci_sphere",
     "soft_temperature",
+    "running_features",
+    "margin_hinge",
 ]
 
 #: tractogram loss terms (keys of ``LossConfig.weights``)
-TERMS = ("mdf", "extent", "paired", "chamfer", "length", "density")
+TERMS = ("mdf", "extent", "margin", "paired", "chamfer", "length", "density")
 #: FOD regulariser terms
 FOD_TERMS = ("nonneg", "smooth", "prior")
+#: regulariser of the learned thresholds (computed by :func:`invtract.fit.optimise.fit`)
+PARAM_TERMS = ("anchor",)
 
 
 @dataclass(frozen=True)
@@ -93,9 +112,10 @@ class LossConfig:
         if unknown:
             raise ConfigError(f"[loss]: unknown keys {unknown}")
         w = {k: float(v) for k, v in dict(d.pop("weights", {"mdf": 1.0, "extent": 1.0})).items()}
-        bad = sorted(set(w) - set(TERMS) - set(FOD_TERMS))
+        known = TERMS + FOD_TERMS + PARAM_TERMS
+        bad = sorted(set(w) - set(known))
         if bad:
-            raise ConfigError(f"[loss.weights]: unknown terms {bad}; known {TERMS + FOD_TERMS}")
+            raise ConfigError(f"[loss.weights]: unknown terms {bad}; known {known}")
         if any(not math.isfinite(v) or v < 0 for v in w.values()):
             raise ConfigError(f"[loss.weights] must be finite and >= 0: {w}")
         cfg = cls(weights=w, **d)
@@ -270,7 +290,18 @@ class PairedTarget:
 # ----------------------------------------------------------------------------------------------
 # terms
 # ----------------------------------------------------------------------------------------------
-def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, affine=None):
+def paired_terms(
+    res,
+    target: PairedTarget,
+    config: LossConfig,
+    *,
+    shape=None,
+    affine=None,
+    field=None,
+    angle_deg=None,
+    cutoff=None,
+    log_temperature=0.05,
+):
     """Loss terms of one tracking result against its paired target.
 
     Args:
@@ -279,6 +310,10 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
         target: the paired target.
         config: weights and settings.
         shape, affine: FOD grid, needed for ``density``.
+        field, angle_deg, cutoff: the FOD (:class:`~invtract.fod.field.FODField`) and the
+            current thresholds (floats or 0-d tensors, may require grad), needed by
+            ``margin``.
+        log_temperature: hinge softness ``tau`` of ``margin`` (log units).
 
     Returns:
         ``{name: 0-d tensor}`` for every active term (mm; ``density`` unitless), plus
@@ -324,11 +359,26 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
         real = torch.arange(H, device=dev)[None, None] < counts[..., None]
         inside = (cum <= t_sel[..., None] + 1e-6) & real
         outside = (~inside) & real
+        short = (t_sel - mylen).clamp_min(0)  # [S, 2]
         s = w.to(dt)
         over = (seg * s * outside).sum((-1, -2))
         under = (seg * (1 - s) * inside).sum((-1, -2))
-        short = (t_sel - mylen).clamp_min(0).sum(-1)
         out["extent"] = (over.sum() + under.sum() + short.sum() + missing_len) / n_pairs
+    if "margin" in active:
+        if field is None or angle_deg is None or cutoff is None:
+            raise ConfigError("the margin term needs the FOD field, angle_deg and cutoff")
+        feats = running_features(halves.detach(), counts, res.term[ids.to(res.term.device)], field)
+        th = target.halves[ids].to(dev)
+        tc = target.counts[ids].to(dev)
+        tfeats = running_features(th, tc, torch.zeros_like(tc), field)
+        tfeats["cum"] = _arc(th.to(dt))
+        tfeats["counts"] = tc
+        out["margin"] = (
+            margin_hinge(
+                feats, cum, t_sel, counts, angle_deg, cutoff, log_temperature, target=tfeats
+            ).to(dev)
+            / n_pairs
+        )
     need_sl = [k for k in ("paired", "chamfer", "length", "density") if k in active]
     if need_sl:
         sl = res.streamlines()
@@ -364,6 +414,195 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
             d_b = track_density(target.streamlines.to(dtype=dt), shape, affine)
             out["density"] = 1.0 - density_correlation(d_a.to(dt), d_b.to(dt))
     return out
+
+
+@torch.no_grad()
+def running_features(
+    halves: torch.Tensor, counts: torch.Tensor, term: torch.Tensor, field
+) -> dict:
+    """Running max turn and min amplitude along each half, and the event that stopped it.
+
+    Vertex ``j >= 1`` of a half was reached by a step from vertex ``j-1`` along
+    ``u_{j-1} = normalise(p_j - p_{j-1})`` (SD_Stream: the FOD peak at ``p_{j-1}``); its amplitude
+    is ``A_j = FOD(p_{j-1}) . Y(u_{j-1})`` and its turn ``theta_j = angle(u_{j-2}, u_{j-1})``
+    (``theta_1 = 0``: the first step leaves along the seed peak). The *stop event* of a half
+    is the rejected step from its last vertex: the peak search from ``u_{n-2}`` at ``p_{n-1}``
+    gives its amplitude and turn.
+
+    Args:
+        halves: ``[S, 2, H, 3]`` from :func:`split_halves` (detached, mm).
+        counts: ``[S, 2]`` vertices per half.
+        term: ``[S, 2]`` :class:`~invtract.tracking.types.Term` of each half.
+        field: the :class:`~invtract.fod.field.FODField` that was tracked.
+
+    Returns:
+        dict of float64 tensors: ``max_turn`` / ``min_amp`` ``[S, 2, H]`` (degrees / FOD
+        amplitude, running from the seed), ``stop_turn`` / ``stop_amp`` ``[S, 2]`` (running
+        values including the stop event) and ``stopped`` ``[S, 2]`` bool (the half ended on
+        the cutoff or the angle test and has a stop event).
+    """
+    from ..fod.peak_grad import peak_amplitude
+    from ..tracking.types import Term
+
+    S, _, H, _ = halves.shape
+    dev = halves.device
+    h = halves.to(field.dtype)
+    d = h[..., 1:, :] - h[..., :-1, :]  # [S, 2, H-1, 3]
+    nrm = d.norm(dim=-1, keepdim=True)
+    steps = counts[..., None].to(dev) - 1  # valid step directions: j < n-1
+    jj = torch.arange(max(H - 1, 0), device=dev)
+    valid = jj[None, None] < steps
+    u = torch.where(valid[..., None], d / nrm.clamp_min(1e-12), torch.zeros_like(d))
+    # amplitude of each step (at its start vertex, along its direction)
+    amp = torch.zeros(S, 2, max(H - 1, 0), dtype=torch.float64, device=dev)
+    if valid.any():
+        c, _ = field.sample(h[..., :-1, :][valid])
+        amp[valid] = peak_amplitude(c, u[valid], field.lmax).to(torch.float64)
+    cos = (u[..., 1:, :].double() * u[..., :-1, :].double()).sum(-1).clamp(-1, 1)
+    turn = torch.rad2deg(torch.arccos(cos))  # step j+1 vs step j
+    turn = torch.where(valid[..., 1:], turn, torch.zeros_like(turn))
+    turn = torch.cat([torch.zeros_like(amp[..., :1]), turn], -1)  # per step; step 0: 0
+    big = torch.full_like(amp, math.inf)
+    amp_v = torch.where(valid, amp, big)
+    # per vertex j (j >= 1 <- step j-1); vertex 0: the seed (amplitude of step 0, no turn)
+    max_turn = torch.cat([torch.zeros_like(turn[..., :1]), turn.cummax(-1).values], -1)
+    min_amp = torch.cat([amp_v[..., :1], amp_v.cummin(-1).values], -1)
+    # padding repeats the last real value
+    n = counts.to(dev).long()
+    last = (n - 1).clamp_min(0)
+    idx = torch.minimum(torch.arange(H, device=dev)[None, None], last[..., None])
+    max_turn = torch.gather(max_turn, 2, idx)
+    min_amp = torch.gather(min_amp, 2, idx)
+    # stop event from the last vertex
+    stopped = (term.to(dev) == int(Term.MODEL)) | (term.to(dev) == int(Term.HIGH_CURVATURE))
+    stopped &= n >= 2
+    stop_turn = torch.gather(max_turn, 2, last[..., None])[..., 0].clone()
+    stop_amp = torch.gather(min_amp, 2, last[..., None])[..., 0].clone()
+    if stopped.any():
+        sel = torch.nonzero(stopped, as_tuple=False)
+        si, hi = sel[:, 0], sel[:, 1]
+        k = last[si, hi]
+        p_last = h[si, hi, k]
+        u_prev = u[si, hi, (k - 1).clamp_min(0)]
+        c, ok = field.sample(p_last)
+        a_new, u_new = field.peak(c, u_prev)
+        a_new = torch.where(ok & torch.isfinite(a_new), a_new, torch.zeros_like(a_new))
+        u_new = torch.nan_to_num(u_new, nan=0.0)
+        cs = (u_prev.double() * u_new.double()).sum(-1).clamp(-1, 1)
+        t_new = torch.rad2deg(torch.arccos(cs))
+        stop_turn[si, hi] = torch.maximum(stop_turn[si, hi], t_new)
+        stop_amp[si, hi] = torch.minimum(stop_amp[si, hi], a_new.to(torch.float64))
+    return {
+        "max_turn": max_turn,
+        "min_amp": min_amp,
+        "stop_turn": stop_turn,
+        "stop_amp": stop_amp,
+        "stopped": stopped,
+    }
+
+
+def margin_hinge(
+    feats: dict, cum, target_len, counts, angle_deg, cutoff, tau, target: dict | None = None
+) -> torch.Tensor:
+    """Sum over halves of the ``margin`` hinge (mm x log units; see the module docstring).
+
+    With ``a_j = log angle - log M_j`` and ``c_j = log m_j - log cutoff`` (a vertex survives the
+    hard test iff both are > 0) and ``h(x) = tau softplus(x / tau)`` (~ ``max(x, 0)``):
+
+    * vertex within the target's extent (must survive both tests): ``d (h(-a_j) + h(-c_j))``;
+    * a half that runs beyond the target: its first vertex beyond the target's end must fail
+      a test (margins are monotone along a half, so the rest then fail too). Which test can
+      kill it is read from the vertices that must survive (this batch): the angle only if
+      ``M`` there exceeds every inside turn, the cutoff only if ``m`` is below every inside
+      amplitude. The overshoot length is charged ``h(a)`` or ``h(c)`` for the test that can
+      kill it, ``min(h(a), h(c))`` if both can (the nearer test; zero once either kills it),
+      nothing if neither can;
+    * a half stopped short of the target: the target's own vertices beyond the tracked end
+      must survive, ``d (h(-a) + h(-c))`` with the target's running features (``target``;
+      without it, the half's missing length times the violation of its rejected step).
+
+    Args:
+        feats: :func:`running_features` of the tracked halves.
+        cum: ``[S, 2, H]`` arc length of each tracked vertex from the seed (mm).
+        target_len: ``[S, 2]`` arc length of the paired target halves (mm).
+        counts: ``[S, 2]`` vertices per tracked half.
+        angle_deg, cutoff: current thresholds (0-d tensors may require grad).
+        tau: hinge softness (log units).
+        target: :func:`running_features` of the paired target halves plus ``cum`` and
+            ``counts`` (as for the tracked ones).
+
+    Returns:
+        0-d float64 tensor (gradient to ``angle_deg`` and ``cutoff``).
+    """
+    tau = float(tau[0] if isinstance(tau, (tuple, list)) else tau)
+    dt = torch.float64
+    dev = cum.device
+    la = torch.log(torch.as_tensor(angle_deg, dtype=dt)).to(dev)
+    lc = torch.log(torch.as_tensor(cutoff, dtype=dt)).to(dev)
+
+    def h(x):
+        return tau * torch.nn.functional.softplus(x / tau)
+
+    def margins(turn, amp):
+        lt = torch.log(turn.to(dev, dt).clamp_min(1e-3))
+        lm = torch.log(torch.nan_to_num(amp.to(dev, dt), nan=1e-6, posinf=1e6).clamp_min(1e-6))
+        return la - lt, lm - lc
+
+    cum = cum.to(dt)
+    seg = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., 1:] - cum[..., :-1]], -1)
+    H = cum.shape[-1]
+    real = torch.arange(H, device=dev)[None, None] < counts.to(dev)[..., None]
+    tl = target_len.to(dev, dt)
+    inside = (cum <= tl[..., None] + 1e-6) & real
+    outside = (~inside) & real
+    a, c = margins(feats["max_turn"], feats["min_amp"])
+    under = (seg * (h(-a) + h(-c)) * inside).sum()
+    short = (tl - cum[..., -1]).clamp_min(0)
+    if target is not None:
+        tcum = target["cum"].to(dev, dt)
+        tseg = torch.cat([torch.zeros_like(tcum[..., :1]), tcum[..., 1:] - tcum[..., :-1]], -1)
+        treal = torch.arange(tcum.shape[-1], device=dev)[None, None] < target["counts"][..., None]
+        beyond = treal & (tcum > cum[..., -1:] + 1e-6)
+        ta, tc = margins(target["max_turn"], target["min_amp"])
+        early = (tseg * (h(-ta) + h(-tc)) * beyond).sum()
+    else:
+        stopped = feats["stopped"].to(dev)
+        a_s, c_s = margins(feats["stop_turn"], feats["stop_amp"])
+        early = (short * (h(-a_s) + h(-c_s)) * stopped).sum()
+    # the feasible box left by the vertices that must survive: angle > every inside turn,
+    # cutoff < every inside amplitude (this batch)
+    with torch.no_grad():
+        mt = feats["max_turn"].to(dev, dt)
+        ma = feats["min_amp"].to(dev, dt)
+        a_lo = torch.where(inside, mt, torch.zeros_like(mt)).max()
+        c_hi = torch.where(inside, ma, torch.full_like(ma, math.inf)).min()
+        if target is not None:
+            tt = target["max_turn"].to(dev, dt)
+            tm = target["min_amp"].to(dev, dt)
+            a_lo = torch.maximum(a_lo, torch.where(beyond, tt, torch.zeros_like(tt)).max())
+            c_hi = torch.minimum(
+                c_hi, torch.where(beyond, tm, torch.full_like(tm, math.inf)).min()
+            )
+        has_over = outside.any(-1)  # [S, 2]
+        first = (
+            torch.where(outside, torch.arange(H, device=dev), H).min(-1).values.clamp_max(H - 1)
+        )
+        m_first = torch.gather(mt, 2, first[..., None])[..., 0]
+        a_first = torch.gather(ma, 2, first[..., None])[..., 0]
+        # 5% slack: features of the tracked and the target path differ slightly while the
+        # step is not yet fitted (turns per step scale with the step)
+        can_a = has_over & (m_first > 0.95 * a_lo)
+        can_c = has_over & (a_first < 1.05 * c_hi)
+        over_len = (cum[..., -1] - tl).clamp_min(0)
+    af = torch.gather(a, 2, first[..., None])[..., 0]
+    cf = torch.gather(c, 2, first[..., None])[..., 0]
+    pen = torch.where(
+        can_a & can_c,
+        torch.minimum(h(af), h(cf)),
+        torch.where(can_a, h(af), torch.where(can_c, h(cf), torch.zeros_like(af))),
+    )
+    over = (over_len * pen).sum()
+    return under + over + early
 
 
 def _missing_mdf(target: PairedTarget, missing: torch.Tensor) -> torch.Tensor:

@@ -8,14 +8,24 @@ for gradients; its losses are evaluated every ``eval_every`` iterations.
 
 Learned quantities (``learn``):
 
-* ``step_mm``, ``angle_deg``, ``cutoff``: each through an unconstrained ``z`` with
-  ``value = exp(log lo + (log hi - log lo) sigmoid(z))`` (bounds from ``[bounds]``).
+* ``step_mm``, ``angle_deg``, ``cutoff``: ``[fit] space = "log"`` (default) learns
+  ``z = log(value)``, projected back into ``[bounds]`` after every step, so an optimiser step
+  is a relative change of the same size anywhere in the range (60 -> 1 degree takes as many
+  steps as 1 -> 0.017); ``"bounded"`` uses ``value = exp(log lo + (log hi - log lo)
+  sigmoid(z))``, whose steps shrink near the bounds.
 * ``sh``: an additive change of the SH coefficients of the voxels the training target passes
   through (dilated by ``margin_vox``; voxels where the FOD is all-zero stay zero).
 
 The survival weights' temperature anneals geometrically from ``*_start`` to ``*_end``
 (amplitude units, and degrees for the angle test; see
-:func:`~invtract.fit.objective.soft_temperature`).
+:func:`~invtract.fit.objective.soft_temperature`), and the ``margin`` hinge's from
+``margin_start`` to ``margin_end`` (log units). The learning rate decays geometrically from
+``[optimizer] lr`` to ``lr_end``.
+
+``anchor`` (a ``[loss.weights]`` term): ``sum_k sqrt((log v_k - log v0_k)^2 + 1e-4)`` over the
+learned angle and cutoff, ``v0`` the starting (tckgen default) values. A weak pull back to the
+defaults: where the target does not constrain a threshold (the data terms are flat there), it
+stays at tckgen's value instead of drifting.
 
 Determinism and resume: the minibatch of iteration ``k`` is drawn from a generator seeded with
 ``(seed, k)``, and the checkpoint holds the learned tensors, optimiser states, history and
@@ -70,7 +80,7 @@ PARAM_NAMES = ("step_mm", "angle_deg", "cutoff")
 DEFAULT_CONFIG: dict = {
     "fit": {
         "learn": ["step_mm", "angle_deg", "cutoff"],
-        "iterations": 40,
+        "iterations": 60,
         "seeds_per_iteration": 32,
         "heldout_fraction": 0.2,
         "seed": 0,
@@ -80,13 +90,24 @@ DEFAULT_CONFIG: dict = {
         "checkpoint_every": 1,
         "path": "efficient",
         "device": "cpu",
+        "space": "log",
     },
-    "optimizer": {"name": "adam", "lr": 0.08, "lr_sh": 0.01, "grad_clip": 0.0},
+    "optimizer": {
+        "name": "signum",
+        "lr": 0.3,
+        "lr_end": 0.005,
+        "beta1": 0.5,
+        "beta2": 0.999,
+        "lr_sh": 0.01,
+        "grad_clip": 0.0,
+    },
     "temperature": {
         "amplitude_start": 0.1,
         "amplitude_end": 0.02,
         "angle_start_deg": 2.0,
         "angle_end_deg": 0.5,
+        "margin_start": 0.1,
+        "margin_end": 0.003,
         "schedule": "geometric",
     },
     "bounds": {"step_mm": [0.02, 5.0], "angle_deg": [0.5, 90.0], "cutoff": [0.01, 3.0]},
@@ -97,7 +118,7 @@ DEFAULT_CONFIG: dict = {
         "radius_mm": 1.0,
         "coverage_weight": 1.0,
         "sphere_points": 256,
-        "weights": {"mdf": 1.0, "extent": 1.0},
+        "weights": {"mdf": 1.0, "margin": 1.0, "anchor": 0.01},
     },
 }
 
@@ -178,6 +199,8 @@ class FitConfig:
     margin_vox: int
     loss: LossConfig
     raw: dict = field(default_factory=dict)
+    space: str = "log"
+    lr_end: float | None = None
 
     @classmethod
     def from_dict(cls, cfg: Mapping) -> FitConfig:
@@ -193,8 +216,8 @@ class FitConfig:
             raise ConfigError("[fit] heldout_fraction must be in [0, 1)")
         if int(f["iterations"]) < 0 or int(f["seeds_per_iteration"]) < 1:
             raise ConfigError("[fit] iterations must be >= 0 and seeds_per_iteration >= 1")
-        if o["name"] not in ("adam", "sgd"):
-            raise ConfigError(f"[optimizer] name must be adam or sgd, got {o['name']!r}")
+        if o["name"] not in ("adam", "sgd", "signum"):
+            raise ConfigError(f"[optimizer] name must be adam, sgd or signum, got {o['name']!r}")
         bounds = {}
         for k in PARAM_NAMES:
             lo, hi = (float(x) for x in cfg["bounds"][k])
@@ -204,11 +227,26 @@ class FitConfig:
         t = cfg["temperature"]
         if t["schedule"] not in ("geometric", "linear", "constant"):
             raise ConfigError("[temperature] schedule must be geometric, linear or constant")
-        for k in ("amplitude_start", "amplitude_end", "angle_start_deg", "angle_end_deg"):
+        for k in (
+            "amplitude_start",
+            "amplitude_end",
+            "angle_start_deg",
+            "angle_end_deg",
+            "margin_start",
+            "margin_end",
+        ):
             if not float(t[k]) > 0:
                 raise ConfigError(f"[temperature] {k} must be > 0")
         if f["path"] not in ("efficient", "plain"):
             raise ConfigError("[fit] path must be efficient or plain")
+        if f["space"] not in ("log", "bounded"):
+            raise ConfigError(f"[fit] space must be log or bounded, got {f['space']!r}")
+        for b in ("beta1", "beta2"):
+            if not 0 <= float(o[b]) < 1:
+                raise ConfigError(f"[optimizer] {b} must be in [0, 1)")
+        lr_end = o.get("lr_end")
+        if lr_end is not None and not float(lr_end) > 0:
+            raise ConfigError("[optimizer] lr_end must be > 0")
         return cls(
             learn=learn,
             iterations=int(f["iterations"]),
@@ -230,7 +268,33 @@ class FitConfig:
             margin_vox=int(cfg["fod"]["margin_vox"]),
             loss=LossConfig.from_dict(cfg["loss"]),
             raw=cfg,
+            space=str(f["space"]),
+            lr_end=None if lr_end is None else float(lr_end),
         )
+
+    def _frac(self, it: int) -> float:
+        return min(it / max(self.iterations - 1, 1), 1.0)
+
+    def lr_at(self, it: int) -> float:
+        """Learning rate of the tracking parameters at iteration ``it`` (geometric decay)."""
+        if self.lr_end is None:
+            return self.lr
+        return self.lr * (self.lr_end / self.lr) ** self._frac(it)
+
+    def margin_temperature(self, it: int) -> float:
+        """Hinge softness of the ``margin`` term at iteration ``it`` (log units)."""
+        t = self.temperature
+        f = self._frac(it)
+
+        def sched(a, b):
+            a, b = float(a), float(b)
+            if t["schedule"] == "constant":
+                return a
+            if t["schedule"] == "linear":
+                return a + (b - a) * f
+            return a * (b / a) ** f
+
+        return sched(t["margin_start"], t["margin_end"])
 
     def temperatures(self, it: int, angle_deg: float) -> tuple[float, float, float, float]:
         """``(T_amp, T_cos, T_amp, T_angle_deg)`` at iteration ``it``."""
@@ -314,6 +378,44 @@ def _to_z(value: float, lo: float, hi: float) -> float:
 
 def _from_z(z: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * torch.sigmoid(z))
+
+
+def _to_param(value: float, lo: float, hi: float, space: str) -> float:
+    if space == "log":
+        return math.log(min(max(value, lo), hi))
+    return _to_z(value, lo, hi)
+
+
+def _from_param(z: torch.Tensor, lo: float, hi: float, space: str) -> torch.Tensor:
+    if space == "log":
+        return torch.exp(z)
+    return _from_z(z, lo, hi)
+
+
+class Signum(torch.optim.Optimizer):
+    """Sign of the gradient's moving average: ``m = beta m + (1 - beta) g; x -= lr sign(m)``.
+
+    Scale-free like Adam but without its second-moment memory: the thresholds' gradients
+    span orders of magnitude (a large hinge far from the threshold, a tiny anchor once a
+    threshold is released), and after a large one Adam's steps stay small for ~1/(1-beta2)
+    iterations. In log space every step is a relative change of ``lr``.
+    """
+
+    def __init__(self, params, lr: float = 0.1, beta: float = 0.5):
+        super().__init__(params, {"lr": lr, "beta": beta})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                m = st.get("m")
+                if m is None:
+                    m = st["m"] = torch.zeros_like(p)
+                m.mul_(group["beta"]).add_(p.grad, alpha=1 - group["beta"])
+                p.add_(torch.sign(m), alpha=-group["lr"])
 
 
 def _fod_arrays(fod, voxel_sizes):
@@ -479,7 +581,9 @@ def fit(
         "cutoff": resolved.cutoff,
     }
     z = {
-        k: torch.tensor(_to_z(start[k], *cfg.bounds[k]), dtype=torch.float64, requires_grad=True)
+        k: torch.tensor(
+            _to_param(start[k], *cfg.bounds[k], cfg.space), dtype=torch.float64, requires_grad=True
+        )
         for k in PARAM_NAMES
         if k in cfg.learn
     }
@@ -491,8 +595,16 @@ def fit(
     if learn_sh:
         voxels = _learned_voxels(sh0, affine, train_t.streamlines, cfg.margin_vox).to(dev)
         delta = torch.zeros(voxels.numel(), K, dtype=torch.float32, device=dev, requires_grad=True)
-    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
-    opt_p = opt_cls(list(z.values()), lr=cfg.lr) if z else None
+    opt_cls = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam
+    betas = (float(cfg.raw["optimizer"]["beta1"]), float(cfg.raw["optimizer"]["beta2"]))
+    if not z:
+        opt_p = None
+    elif cfg.optimizer == "adam":
+        opt_p = torch.optim.Adam(list(z.values()), lr=cfg.lr, betas=betas)
+    elif cfg.optimizer == "signum":
+        opt_p = Signum(list(z.values()), lr=cfg.lr, beta=betas[0])
+    else:
+        opt_p = opt_cls(list(z.values()), lr=cfg.lr)
     opt_sh = opt_cls([delta], lr=cfg.lr_sh) if learn_sh else None
     basis = None
     if learn_sh and "nonneg" in cfg.loss.active(FOD_TERMS):
@@ -505,7 +617,7 @@ def fit(
         out = {}
         for k in PARAM_NAMES:
             if k in z:
-                v = _from_z(z[k], *cfg.bounds[k])
+                v = _from_param(z[k], *cfg.bounds[k], cfg.space)
                 out[k] = v.detach() if detach else v
             else:
                 out[k] = start[k]
@@ -515,6 +627,22 @@ def fit(
         if not learn_sh:
             return sh0_flat.reshape(sh0.shape)
         return sh0_flat.index_add(0, voxels, delta).reshape(sh0.shape)
+
+    running = "margin" in cfg.loss.active(TERMS)
+    fixed_field = None
+    if running and not learn_sh:
+        from ..fod.field import FODField
+
+        fixed_field = FODField.from_array(sh0.to(dev), affine)
+
+    def feature_field(sh):
+        if not running:
+            return None
+        if fixed_field is not None:
+            return fixed_field
+        from ..fod.field import FODField
+
+        return FODField.from_array(sh.detach(), affine)
 
     def run_terms(sub: PairedTarget, it: int, grad: bool):
         vals = values(detach=not grad)
@@ -535,7 +663,25 @@ def fit(
                 path=cfg.path,
                 voxel_sizes=vsz,
             )
-            terms = paired_terms(res, sub, cfg.loss, shape=tuple(sh0.shape[:3]), affine=affine)
+            terms = paired_terms(
+                res,
+                sub,
+                cfg.loss,
+                shape=tuple(sh0.shape[:3]),
+                affine=affine,
+                field=feature_field(sh),
+                angle_deg=vals["angle_deg"],
+                cutoff=vals["cutoff"],
+                log_temperature=cfg.margin_temperature(it),
+            )
+            if "anchor" in cfg.loss.active(("anchor",)) and grad:
+                anc = [
+                    (torch.log(vals[k]) - math.log(start[k])).pow(2).add(1e-4).sqrt()
+                    for k in ("angle_deg", "cutoff")
+                    if k in z
+                ]
+                if anc:
+                    terms["anchor"] = torch.stack(anc).sum()
             if learn_sh:
                 sh_l = sh0_flat[voxels] + delta
                 terms.update(fod_priors(sh_l, delta, voxels, sh0.shape[:3], cfg.loss, basis))
@@ -638,7 +784,14 @@ def fit(
             if cfg.mode == "alternate" and opt_p is not None and opt_sh is not None:
                 which = ("p",) if it % 2 == 0 else ("sh",)
             if opt_p is not None and "p" in which:
+                for grp in opt_p.param_groups:
+                    grp["lr"] = cfg.lr_at(it)
                 opt_p.step()
+                if cfg.space == "log":
+                    with torch.no_grad():
+                        for k, v in z.items():
+                            lo, hi = cfg.bounds[k]
+                            v.clamp_(math.log(lo), math.log(hi))
             if opt_sh is not None and "sh" in which:
                 opt_sh.step()
             vals = {k: float(v) for k, v in values(detach=True).items()}
@@ -660,6 +813,8 @@ def fit(
                 "temperature/amplitude": ta,
                 "temperature/angle_deg": tdeg,
                 "temperature/cos": t_cos,
+                "temperature/margin": cfg.margin_temperature(it),
+                "lr/params": cfg.lr_at(it),
                 "grad_norm/params": gn_p,
                 "grad_norm/sh": gn_sh,
                 **grads,

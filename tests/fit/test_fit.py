@@ -113,3 +113,57 @@ def test_nan_loss_raises_fit_diverged_and_keeps_checkpoint(tmp_path, monkeypatch
             config={"fit": {"iterations": 3, "heldout_fraction": 0.0}},
         )
     assert torch.load(ck, weights_only=False)["iteration"] == 1
+
+
+def _feats(halves):
+    """Running features of ``[(turns, amps), (turns, amps)]`` (one streamline, two halves)."""
+    mt = torch.tensor([[t for t, _ in halves]], dtype=torch.float64).cummax(-1).values
+    ma = torch.tensor([[a for _, a in halves]], dtype=torch.float64).cummin(-1).values
+    return {
+        "max_turn": mt,
+        "min_amp": ma,
+        "stop_turn": mt[..., -1],
+        "stop_amp": ma[..., -1],
+        "stopped": torch.zeros(1, 2, dtype=torch.bool),
+    }
+
+
+def test_margin_hinge_pulls_the_binding_threshold_from_far_away():
+    # half 0: 6 vertices 1 mm apart, the target stops after vertex 2 where the turn jumps from
+    # 0.9 to 1.5 degrees; half 1 (within the target) has lower amplitudes, so raising the
+    # cutoff would kill it: only the angle can explain the overshoot
+    feats = _feats(
+        [([0.0, 0.5, 0.9, 1.5, 1.5, 1.5], [1.0] * 6), ([0.0, 0.1, 0.2, 0.3, 0.3, 0.3], [0.5] * 6)]
+    )
+    cum = torch.tensor([[[0.0, 1, 2, 3, 4, 5]] * 2], dtype=torch.float64)
+    counts = torch.tensor([[6, 6]])
+    tl = torch.tensor([[2.0, 5.0]], dtype=torch.float64)
+    angle = torch.tensor(60.0, dtype=torch.float64, requires_grad=True)
+    cutoff = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    loss = objective.margin_hinge(feats, cum, tl, counts, angle, cutoff, 0.01)
+    loss.backward()
+    assert float(angle.grad) > 0.01  # 60 deg, far from 1.5: still pulled down
+    assert abs(float(cutoff.grad)) < 1e-12
+    # inside the interval (0.9, 1.5) the loss is ~0; below 0.9 a surviving vertex is killed
+    for a, zero in ((1.2, True), (0.5, False), (60.0, False)):
+        v = objective.margin_hinge(feats, cum, tl, counts, a, 0.1, 0.01)
+        assert (float(v) < 0.05) == zero
+
+
+def test_log_space_and_signum_keep_parameters_in_bounds():
+    img, sl, seeding = _tiny(3)
+    res = fit(
+        img,
+        sl,
+        TrackingParameters(min_length_mm=10.0, max_length_mm=200.0),
+        seeding=seeding,
+        voxel_sizes=img.voxel_sizes,
+        learn=("angle_deg", "cutoff"),
+        config={
+            "fit": {"iterations": 2, "heldout_fraction": 0.0},
+            "optimizer": {"name": "signum", "lr": 5.0},
+            "bounds": {"angle_deg": [1.0, 90.0], "cutoff": [0.05, 3.0]},
+        },
+    )
+    assert 1.0 <= res.params.angle_deg <= 90.0 and 0.05 <= res.params.cutoff <= 3.0
+    assert {"loss/margin", "loss/anchor"} <= set(res.history[-1])
