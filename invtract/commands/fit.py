@@ -327,7 +327,7 @@ class Fit:
             pos, dirs, ti = seeds_from_reference(args.target, args.target_seeds)
             target = target.select(torch.as_tensor(ti))
         else:
-            from ..fit.optimise import midpoint_seeds
+            from ..io.seeds import midpoint_seeds
 
             pos, dirs = midpoint_seeds(target)
         if str(args.target).endswith(".tck"):

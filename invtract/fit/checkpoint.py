@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_iteration"]
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_iteration", "restore_fit_state"]
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -40,3 +40,28 @@ def checkpoint_iteration(path: str | os.PathLike) -> int | None:
     if not Path(path).is_file():
         return None
     return int(load_checkpoint(path)["iteration"])
+
+
+def restore_fit_state(path, config: dict, z: dict, delta, opt_p, opt_sh) -> dict:
+    """Load a fit checkpoint made with ``config`` and copy its state back in place.
+
+    Copies the unconstrained parameters ``z`` (name -> tensor), the SH change ``delta`` (when
+    not None) and the optimiser states; returns the whole checkpoint dict for the rest (history,
+    best, iteration, ...). Raises ConfigError if the checkpoint was made with another config.
+    """
+    st = load_checkpoint(path)
+    if st.get("config") != config:
+        raise ConfigError(
+            f"{path}: the checkpoint was made with another configuration; "
+            "start a new run instead of --resume"
+        )
+    with torch.no_grad():
+        for k, v in st["z"].items():
+            z[k].copy_(v)
+        if delta is not None:
+            delta.copy_(st["delta"].to(delta.device))
+    if opt_p is not None and st.get("opt_p") is not None:
+        opt_p.load_state_dict(st["opt_p"])
+    if opt_sh is not None and st.get("opt_sh") is not None:
+        opt_sh.load_state_dict(st["opt_sh"])
+    return st

@@ -61,7 +61,7 @@ from ..losses.connectome import (
     radial_search_offsets,
 )
 from ..params import TrackingParameters
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import restore_fit_state, save_checkpoint
 from .objective import FOD_TERMS, LossConfig, fod_priors, soft_temperature
 from .optimise import PARAM_NAMES, _fod_arrays, _from_z, _to_z, merge_config
 
@@ -789,21 +789,7 @@ def fit_connectome(
     it0 = 0
     start_corr, start_m = math.nan, np.zeros_like(target)
     if resume and checkpoint is not None and Path(checkpoint).is_file():
-        st = load_checkpoint(checkpoint)
-        if st.get("config") != raw:
-            raise ConfigError(
-                f"{checkpoint}: the checkpoint was made with another configuration; "
-                "start a new run instead of --resume"
-            )
-        with torch.no_grad():
-            for k, v in st["z"].items():
-                z[k].copy_(v)
-            if learn_sh:
-                delta.copy_(st["delta"].to(dev))
-        if opt_p is not None and st.get("opt_p") is not None:
-            opt_p.load_state_dict(st["opt_p"])
-        if opt_sh is not None and st.get("opt_sh") is not None:
-            opt_sh.load_state_dict(st["opt_sh"])
+        st = restore_fit_state(checkpoint, raw, z, delta if learn_sh else None, opt_p, opt_sh)
         history, best, it0 = st["history"], st["best"], st["iteration"]
         start_corr, start_m = st["start_correlation"], np.asarray(st["start_matrix"])
         log.info("resumed from %s at iteration %d", checkpoint, it0)

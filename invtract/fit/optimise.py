@@ -47,9 +47,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, FitDiverged
+from ..io.seeds import midpoint_seeds
 from ..params import TrackingParameters
 from ..streamlines import Streamlines
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import restore_fit_state, save_checkpoint
 from .objective import (
     FOD_TERMS,
     TERMS,
@@ -348,23 +349,6 @@ class FitResult:
     iterations: int
     wall_s: float
     learned_voxels: torch.Tensor | None = None
-
-
-def midpoint_seeds(sl: Streamlines) -> tuple[np.ndarray, np.ndarray]:
-    """Each streamline's middle vertex and its local (central-difference) direction."""
-    pos = np.empty((len(sl), 3), np.float32)
-    dirs = np.empty((len(sl), 3), np.float32)
-    for i, p in enumerate(sl.to_list()):
-        p = np.asarray(p, np.float64)
-        if p.shape[0] < 2:
-            raise ConfigError(f"target streamline {i} has fewer than 2 vertices")
-        m = p.shape[0] // 2
-        d = p[min(m + 1, p.shape[0] - 1)] - p[max(m - 1, 0)]
-        nrm = np.linalg.norm(d)
-        if not nrm > 0:
-            raise ConfigError(f"target streamline {i} has a zero-length middle segment")
-        pos[i], dirs[i] = p[m], d / nrm
-    return pos, dirs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -699,21 +683,7 @@ def fit(
     it0 = 0
     ckpt_cfg = {k: v for k, v in raw.items()}
     if resume and checkpoint is not None and Path(checkpoint).is_file():
-        st = load_checkpoint(checkpoint)
-        if st.get("config") != ckpt_cfg:
-            raise ConfigError(
-                f"{checkpoint}: the checkpoint was made with another configuration; "
-                "start a new run instead of --resume"
-            )
-        with torch.no_grad():
-            for k, v in st["z"].items():
-                z[k].copy_(v)
-            if learn_sh:
-                delta.copy_(st["delta"].to(dev))
-        if opt_p is not None and st.get("opt_p") is not None:
-            opt_p.load_state_dict(st["opt_p"])
-        if opt_sh is not None and st.get("opt_sh") is not None:
-            opt_sh.load_state_dict(st["opt_sh"])
+        st = restore_fit_state(checkpoint, ckpt_cfg, z, delta if learn_sh else None, opt_p, opt_sh)
         history, best, heldout, it0 = st["history"], st["best"], st["heldout"], st["iteration"]
         log.info("resumed from %s at iteration %d", checkpoint, it0)
 

@@ -53,6 +53,7 @@ import optuna
 import torch
 
 from ..errors import ConfigError, FitDiverged, InvtractError
+from ..io.seeds import midpoint_seeds
 from ..params import TrackingParameters
 from ..streamlines import Streamlines
 from .scoring import Score, ScoreConfig, score_tracking
@@ -376,23 +377,6 @@ class CalibrationProblem:
         return sc, res
 
 
-def _midpoint_seeds(sl: Streamlines) -> tuple[np.ndarray, np.ndarray]:
-    """Each streamline's middle vertex and its local (central-difference) direction."""
-    pos = np.empty((len(sl), 3), np.float32)
-    dirs = np.empty((len(sl), 3), np.float32)
-    for i, p in enumerate(sl.to_list()):
-        p = np.asarray(p, np.float64)
-        if p.shape[0] < 2:
-            raise ConfigError(f"target streamline {i} has fewer than 2 vertices")
-        m = p.shape[0] // 2
-        d = p[min(m + 1, p.shape[0] - 1)] - p[max(m - 1, 0)]
-        n = np.linalg.norm(d)
-        if not n > 0:
-            raise ConfigError(f"target streamline {i} has a zero-length middle segment")
-        pos[i], dirs[i] = p[m], d / n
-    return pos, dirs
-
-
 def _header_fixed(header: Mapping, fixed: TrackingParameters) -> TrackingParameters:
     """Fill unset length limits and ``rk4`` from a tckgen header (``min_dist``/``max_dist``)."""
     changes = {}
@@ -455,7 +439,7 @@ def load_problem(
         pos, dirs, ti = seeds_from_reference(target, target_seeds)
         sl = sl.select(torch.as_tensor(ti))
     else:
-        pos, dirs = _midpoint_seeds(sl)
+        pos, dirs = midpoint_seeds(sl)
     if use_header and str(target).endswith(".tck"):
         try:
             fixed = _header_fixed(load_tractogram_header(target), fixed)

@@ -20,10 +20,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import FormatError, ShapeError
+from ..errors import ConfigError, FormatError, ShapeError
 from .mif import atomic_output
 
-__all__ = ["SeedTable", "load_seeds", "write_seeds", "seeds_from_reference", "SEEDS_HEADER"]
+__all__ = [
+    "SeedTable",
+    "load_seeds",
+    "write_seeds",
+    "seeds_from_reference",
+    "midpoint_seeds",
+    "SEEDS_HEADER",
+]
 
 #: Column header line written by tckgen (line 2 of an ``-output_seeds`` file).
 SEEDS_HEADER = "#Track_index,Seed_index,Pos_x,Pos_y,Pos_z,"
@@ -281,3 +288,20 @@ def seeds_from_reference(
         positions[r] = p0
         directions[r] = step / norm
     return positions, directions, table.track_index.copy()
+
+
+def midpoint_seeds(sl) -> tuple[np.ndarray, np.ndarray]:
+    """Each streamline's middle vertex and its local (central-difference) direction."""
+    pos = np.empty((len(sl), 3), np.float32)
+    dirs = np.empty((len(sl), 3), np.float32)
+    for i, p in enumerate(sl.to_list()):
+        p = np.asarray(p, np.float64)
+        if p.shape[0] < 2:
+            raise ConfigError(f"target streamline {i} has fewer than 2 vertices")
+        m = p.shape[0] // 2
+        d = p[min(m + 1, p.shape[0] - 1)] - p[max(m - 1, 0)]
+        nrm = np.linalg.norm(d)
+        if not nrm > 0:
+            raise ConfigError(f"target streamline {i} has a zero-length middle segment")
+        pos[i], dirs[i] = p[m], d / nrm
+    return pos, dirs
