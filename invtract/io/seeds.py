@@ -227,14 +227,19 @@ def write_seeds(
 
 
 def seeds_from_reference(
-    tck_path: str | os.PathLike, seeds_path: str | os.PathLike
+    tck_path: str | os.PathLike,
+    seeds_path: str | os.PathLike,
+    unidirectional: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seed positions and initial directions that reproduce an existing tckgen output.
 
     For every row of the seeds file (streamline ``t``, seed vertex ``s``), with ``p`` the
     vertices of streamline ``t``: ``p0 = p[s]`` and ``u = normalize(p[s-1] - p[s])`` (the
     first tracking direction of a bidirectional track, stored reversed before the seed), or
-    ``u = normalize(p[1] - p[0])`` when ``s == 0`` (the track only grew one way).
+    ``u = normalize(p[1] - p[0])`` when ``s == 0`` for a unidirectional track; for a
+    bidirectional one with ``s == 0`` the first half was empty and ``p[1]`` lies along ``-u0``,
+    so ``u = normalize(p[0] - p[1])``. ``unidirectional`` None reads the ``.tck`` header
+    (absent key: forward difference).
 
     Args:
         tck_path: the ``.tck`` written by tckgen.
@@ -253,6 +258,12 @@ def seeds_from_reference(
     """
     from .tractogram import load_tractogram
 
+    if unidirectional is None:
+        from .tractogram import load_tractogram_header
+
+        # tckgen always records it; without the key the file's direction convention is unknown,
+        # so keep the plain forward difference
+        unidirectional = load_tractogram_header(tck_path).get("unidirectional", "1") == "1"
     table = load_seeds(seeds_path)
     if table.track_index is None or table.seed_index is None:
         raise FormatError(
@@ -281,7 +292,12 @@ def seeds_from_reference(
             raise FormatError(f"{tck_path}: streamline {t} has a single vertex (no direction)")
         base = offsets[t]
         p0 = pts[base + s]
-        step = pts[base + s - 1] - p0 if s > 0 else pts[base + 1] - pts[base]
+        if s > 0:
+            step = pts[base + s - 1] - p0
+        else:
+            step = pts[base + 1] - pts[base]
+            if not unidirectional:
+                step = -step
         norm = float(np.linalg.norm(step))
         if norm == 0.0 or not math.isfinite(norm):
             raise FormatError(f"{tck_path}: streamline {t} has a zero-length step at the seed")

@@ -17,12 +17,12 @@ from scipy.spatial.distance import directed_hausdorff
 
 from ..fod.field import FODField
 from ..io.image import load_fod
-from ..io.seeds import load_seeds
+from ..io.seeds import seeds_from_reference
 from ..io.tractogram import load_tractogram, load_tractogram_header
 from ..params import TrackingParameters
 from .api import Seeding, track
 
-__all__ = ["parameters_from_header", "reference_seeds", "compare_reference"]
+__all__ = ["parameters_from_header", "compare_reference"]
 
 
 def parameters_from_header(header: dict) -> TrackingParameters:
@@ -41,23 +41,6 @@ def parameters_from_header(header: dict) -> TrackingParameters:
         downsample=int(float(header.get("downsample_factor", 1))),
         unidirectional=header.get("unidirectional", "0") == "1",
     )
-
-
-def reference_seeds(ref_points: list[np.ndarray], seed_index: np.ndarray, unidirectional: bool):
-    """Seed positions and initial directions that reproduce each reference streamline."""
-    pos = np.empty((len(ref_points), 3), np.float32)
-    dirs = np.empty((len(ref_points), 3), np.float32)
-    for i, (pts, s) in enumerate(zip(ref_points, seed_index)):
-        s = int(s)
-        pos[i] = pts[s]
-        if s > 0:
-            d = pts[s - 1].astype(np.float64) - pts[s]
-        else:  # first half empty: tck[1] lies along -u0 (bidirectional) or +u0 (unidirectional)
-            d = pts[1].astype(np.float64) - pts[0]
-            if not unidirectional:
-                d = -d
-        dirs[i] = d / np.linalg.norm(d)
-    return pos, dirs
 
 
 def symmetric_hausdorff(a: np.ndarray, b: np.ndarray) -> float:
@@ -81,18 +64,14 @@ def compare_reference(
     identical counts), ``rejected_by_us`` and the lists of mismatching indices.
     """
     header = load_tractogram_header(tck_path)
-    ref = load_tractogram(tck_path)
-    table = load_seeds(seeds_path)
-    order = np.argsort(table.track_index)
-    track_index = table.track_index[order]
-    seed_index = table.seed_index[order]
-    ref_list = ref.to_list()
-    if limit is not None and limit < len(track_index):
-        pick = np.linspace(0, len(track_index) - 1, limit).round().astype(int)
-        track_index, seed_index = track_index[pick], seed_index[pick]
-    ref_sel = [ref_list[int(t)] for t in track_index]
     params = parameters_from_header(header)
-    pos, dirs = reference_seeds(ref_sel, seed_index, params.unidirectional)
+    ref_list = load_tractogram(tck_path).to_list()
+    pos, dirs, track_index = seeds_from_reference(tck_path, seeds_path, params.unidirectional)
+    order = np.argsort(track_index)
+    if limit is not None and limit < len(order):
+        order = order[np.linspace(0, len(order) - 1, limit).round().astype(int)]
+    pos, dirs, track_index = pos[order], dirs[order], track_index[order]
+    ref_sel = [ref_list[int(t)] for t in track_index]
     fod = load_fod(fod_path)
     field = FODField.from_array(fod.data, fod.affine, device=device)
     res = track(
