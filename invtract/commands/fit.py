@@ -72,6 +72,21 @@ EXAMPLE_OVERRIDES = {
 }
 
 
+def _run_folder(args):
+    """``(run_dir, checkpoint path, completed iterations or None)``; checks --resume."""
+    from ..fit.checkpoint import checkpoint_iteration
+    from ..fit.runlog import resolve_run_dir
+
+    run_dir = resolve_run_dir(args.run)
+    ckpt = run_dir / "checkpoint.pt"
+    start_it = checkpoint_iteration(ckpt) if args.resume else None
+    if args.resume and start_it is None:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir}")
+    if not args.resume and ckpt.exists():
+        raise ConfigError(f"{run_dir} already holds a run: use --resume or another --run")
+    return run_dir, ckpt, start_it
+
+
 def find_config(spec: str) -> Path:
     """A config path, or a bare name looked up in ``./configs`` then the repository's."""
     cands = [Path(spec), Path(spec + ".toml")]
@@ -252,9 +267,8 @@ class Fit:
     def run(args) -> int:
         import torch
 
-        from ..fit.checkpoint import checkpoint_iteration
         from ..fit.optimise import fit, load_config
-        from ..fit.runlog import RunLogger, resolve_run_dir
+        from ..fit.runlog import RunLogger
 
         if getattr(args, "target_connectome", None) or getattr(args, "parcellation", None):
             return _run_connectome(args)
@@ -304,13 +318,7 @@ class Fit:
         from ..fit.optimise import FitConfig
 
         FitConfig.from_dict(cfg)  # validate before loading data
-        run_dir = resolve_run_dir(args.run)
-        ckpt = run_dir / "checkpoint.pt"
-        start_it = checkpoint_iteration(ckpt) if args.resume else None
-        if args.resume and start_it is None:
-            raise ConfigError(f"--resume: no checkpoint in {run_dir}")
-        if not args.resume and ckpt.exists():
-            raise ConfigError(f"{run_dir} already holds a run: use --resume or another --run")
+        run_dir, ckpt, start_it = _run_folder(args)
         params0 = tracking_parameters(args)
 
         # ------- DATA -------
@@ -540,9 +548,8 @@ def _run_connectome(args) -> int:
     import numpy as np
     import torch
 
-    from ..fit.checkpoint import checkpoint_iteration
     from ..fit.connectome_fit import fit_connectome, load_connectome_config, read_connectome
-    from ..fit.runlog import RunLogger, resolve_run_dir
+    from ..fit.runlog import RunLogger
     from ..losses.connectome import as_label_volume, csv_delimiter, format_connectome
 
     # ------- CHECKS -------
@@ -563,13 +570,7 @@ def _run_connectome(args) -> int:
         raise ConfigError("--device cuda: CUDA is not available")
     cfg_path = find_config(args.config or "fit_connectome")
     cfg = load_connectome_config(cfg_path, _collect_overrides(args))
-    run_dir = resolve_run_dir(args.run)
-    ckpt = run_dir / "checkpoint.pt"
-    start_it = checkpoint_iteration(ckpt) if args.resume else None
-    if args.resume and start_it is None:
-        raise ConfigError(f"--resume: no checkpoint in {run_dir}")
-    if not args.resume and ckpt.exists():
-        raise ConfigError(f"{run_dir} already holds a run: use --resume or another --run")
+    run_dir, ckpt, start_it = _run_folder(args)
     params0 = tracking_parameters(args)
 
     # ------- DATA -------
