@@ -164,9 +164,12 @@ def _seed_stream(seeding: Seeding, checker: SeedChecker, rng: MRtrixRNG, fixed_d
             p = pos[start : start + chunk]
             if given is not None:
                 d = np.asarray(given[start : start + chunk], np.float32)
-            else:
+            elif fixed_dir is not None:
+                d = np.broadcast_to(fixed_dir, p.shape).astype(np.float32)
+            else:  # one random direction per seed that passes the checks, in seed order
                 ok = checker(p)
-                d = np.stack([direction_for(bool(o)) for o in ok]) if len(p) else p.copy()
+                d = np.full(p.shape, np.nan, np.float32)
+                d[ok] = rng.directions(int(ok.sum()))
             yield p, d
         return
     if seeding.kind == "random_per_voxel":

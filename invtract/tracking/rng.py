@@ -35,6 +35,20 @@ class MRtrixRNG:
         self._i += 1
         return v
 
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` 32-bit outputs as ``uint64`` (the same values ``n`` calls of
+        :meth:`raw` return, consuming exactly ``n``)."""
+        parts = []
+        while n > 0:
+            if self._i >= self._buf.shape[0]:
+                self._buf = self._bg.random_raw(self._block)
+                self._i = 0
+            m = min(n, self._buf.shape[0] - self._i)
+            parts.append(self._buf[self._i : self._i + m])
+            self._i += m
+            n -= m
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
     def uniform(self) -> np.float32:
         """Uniform float32 in [0, 1) (``uniform_real_distribution<float>``)."""
         u = np.float32(np.float32(self.raw()) / np.float32(_TWO32))
@@ -66,3 +80,18 @@ class MRtrixRNG:
             n2 = d[0] * d[0] + (d[1] * d[1] + d[2] * d[2])
             if n2 <= 1.0:
                 return d
+
+    def directions(self, k: int) -> np.ndarray:
+        """``[k, 3]`` float32: exactly what ``k`` successive :meth:`direction` calls return,
+        drawn in bulk (each trial takes three uniforms; rejected trials are skipped)."""
+        out = np.zeros((0, 3), np.float32)
+        one, two = np.float32(1.0), np.float32(2.0)
+        while out.shape[0] < k:
+            need = k - out.shape[0]
+            # ``need`` trials accept at most ``need`` directions, so nothing is over-drawn
+            u = self.take(3 * need).astype(np.float32) / np.float32(_TWO32)
+            u[u >= one] = _BELOW_ONE
+            d = (two * u - one).reshape(need, 3)
+            n2 = d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2])
+            out = np.concatenate([out, d[n2 <= one]])
+        return out

@@ -40,6 +40,15 @@ def test_rng_uniform_and_randint_ranges():
     assert float(d @ d) <= 1.0
 
 
+@pytest.mark.parametrize("block", [64, 1 << 16])
+def test_bulk_directions_consume_the_stream_like_single_draws(block):
+    one, bulk = MRtrixRNG(20240601, block=block), MRtrixRNG(20240601, block=997)
+    singles = np.stack([one.direction() for _ in range(3000)])
+    assert np.array_equal(bulk.directions(3000), singles)
+    assert bulk.directions(0).shape == (0, 3)
+    assert [bulk.raw() for _ in range(5)] == [one.raw() for _ in range(5)]
+
+
 @pytest.mark.parametrize(
     "vox,step,lmin,lmax,nmin,nmax",
     [((2.5,) * 3, 0.25, 12.5, 250, 51, 1003), ((2.0,) * 3, 0.2, 10, 200, 51, 1003)],
