@@ -27,6 +27,13 @@ bits; checked against the disassembly of the Debian 3.0.3 ``tckgen``, SSE2, no F
   FOD's scanner->voxel matrix computed as MRtrix does (from the image header, Eigen's cofactor
   inverse); with those, every tested configuration (first order, RK4, downsampling with
   truncation, include / exclude / mask spheres, min / max length) matched tckgen bit for bit.
+* Inputs decide marginal steps: a peak search that converges on its 50th iteration, or a
+  cutoff / angle test within float32 rounding, follows ulp-level changes of p and u. The
+  transform must therefore be the one tckgen read (``fod.mif``'s double-precision header, not a
+  NIfTI copy's float32 sform), and seeds/directions tckgen's own: real_msmt15 ``whole.tck``
+  streamline 2168 re-tracked on ``fod.nii.gz`` has 103 points here *and in tckgen run on that
+  file*, 84 on ``fod.mif``; with the seeds file's positions and the replayed random directions
+  all 7132 streamlines of that file come out bit for bit (``test_fused_cpu.py``).
 
 Public API: :func:`track_fused_cpu` and :func:`available`.
 """
@@ -39,6 +46,7 @@ import time
 import numpy as np
 
 from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
+from ..fod.peaks import peak_tables
 from ..params import ResolvedParameters
 from .types import TERM_ADD_TO_TCK, EngineResult, ImageRoi, Reject, RoiSet, SphereRoi, Term
 
@@ -858,42 +866,33 @@ def _has_data_kernel(sh, nonzero, M, seeds, out):
 
 
 def _sh_tables(lmax: int):
-    """Per-(l, m) index and float32 constant tables for ``_get_peak`` (SH.h ``derivatives``)."""
-    f32 = np.float32
+    """``_get_peak``'s index and float32 factor tables, in SH.h ``derivatives``' loop order.
 
-    def sqrtf(x: int) -> np.float32:
-        return np.sqrt(f32(x))
+    Zonal rows (l = 2, 4, ..., lmax), then for m = 1..lmax the rows (l, m) with l ascending
+    (``mstart[m]:mstart[m + 1]``). The factors are those of :class:`invtract.fod.peaks.PeakTables`
+    (one place for the derivative rule, shared with the torch engine); only the layout differs:
 
+    * ``zint`` = (SH index of (l, 0), table entry of (l, 0)); ``zflt`` = (sqrt(l(l+1)),
+      sqrt(l(l+1)(l-1)(l+2)), l(l+1)).
+    * ``pint`` = (SH index of (l, +m), of (l, -m), entries of P_l^m, P_l^{m-1}, P_l^{m+1} or -1,
+      P_l^{|m-2|}, P_l^{m+2} or -1); ``pflt`` = the five square-root factors, the fourth
+      unsigned (the kernel subtracts it for m = 1).
+    """
+    T = peak_tables(lmax).arrays
     zint, zflt = [], []
     for l in range(2, lmax + 1, 2):
-        zint.append((l * (l + 1) // 2, legendre_index(l, 0)))
-        zflt.append((sqrtf(l * (l + 1)), sqrtf(l * (l + 1) * (l - 1) * (l + 2)), f32(l * (l + 1))))
+        e = legendre_index(l, 0)
+        zint.append((T["ip"][e], e))
+        zflt.append((T["ka"][e], T["k0"][e], -T["k1"][e]))
     pint, pflt = [], []
     mstart = [0, 0]
     for m in range(1, lmax + 1):
-        start = m + 1 if (m & 1) else m
-        for l in range(start, lmax + 1, 2):
-            base = l * (l + 1) // 2
-            pint.append(
-                (
-                    base + m,
-                    base - m,
-                    legendre_index(l, m),
-                    legendre_index(l, m - 1),
-                    legendre_index(l, m + 1) if l > m else -1,
-                    legendre_index(l, 1) if m == 1 else legendre_index(l, m - 2),
-                    legendre_index(l, m + 2) if l > m + 1 else -1,
-                )
-            )
-            pflt.append(
-                (
-                    sqrtf((l + m) * (l - m + 1)),
-                    sqrtf((l - m) * (l + m + 1)),
-                    f32(-((l + m) * (l - m + 1) + (l - m) * (l + m + 1))),
-                    sqrtf((l + m) * (l - m + 1) * (l + m - 1) * (l - m + 2)),
-                    sqrtf((l - m) * (l + m + 1) * (l - m - 1) * (l + m + 2)),
-                )
-            )
+        for l in range(m + (m & 1), lmax + 1, 2):
+            e = legendre_index(l, m)
+            ib = T["ib"][e] if l > m else -1
+            j2 = T["j2"][e] if l > m + 1 else -1
+            pint.append((T["ip"][e], T["im"][e], e, T["ia"][e], ib, T["j1"][e], j2))
+            pflt.append((T["ka"][e], T["kb"][e], T["k0"][e], abs(T["k1"][e]), T["k2"][e]))
         mstart.append(len(pint))
     zint_a = np.array(zint, dtype=np.int64).reshape(-1, 2)
     zflt_a = np.array(zflt, dtype=np.float32).reshape(-1, 3)

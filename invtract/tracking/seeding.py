@@ -70,12 +70,14 @@ class MaskGrid:
         return cls(np.ascontiguousarray(data), M)
 
     def to_scanner(self, v: np.ndarray) -> np.ndarray:
-        """Float32 voxel coordinates ``[N, 3]`` -> scanner mm (Eigen's float order)."""
+        """Float32 voxel coordinates ``[N, 3]`` -> scanner mm, in tckgen's compiled order
+        ``(m0 v0 + m1 v1) + (m2 v2 + t)`` per row (as for float32 image ROIs in ``fused_cpu``);
+        with it the grid seeds equal tckgen's ``-output_seeds`` positions bit for bit."""
         M = self.vox2scanner
         v = v.astype(np.float32)
         out = np.empty_like(v)
         for r in range(3):
-            out[:, r] = (M[r, 0] * v[:, 0] + (M[r, 1] * v[:, 1] + M[r, 2] * v[:, 2])) + M[r, 3]
+            out[:, r] = (M[r, 0] * v[:, 0] + M[r, 1] * v[:, 1]) + (M[r, 2] * v[:, 2] + M[r, 3])
         return out
 
     def true_voxels(self) -> np.ndarray:

@@ -350,3 +350,81 @@ def test_chunking_and_threads_do_not_change_results(straight):
     np.testing.assert_array_equal(a.status, b.status)
     np.testing.assert_array_equal(a.term, b.term)
     assert a.counts["steps"] == b.counts["steps"]
+
+
+# --------------------------------------------------------------------------------------------
+# real_msmt15/whole.tck with tckgen's own inputs: fod.mif's transform, the seeds file's
+# positions, the replayed random directions
+# --------------------------------------------------------------------------------------------
+
+#: ``MRTRIX_RNG_SEED`` of the shared whole-volume tractograms (data README, "Determinism")
+RNG_SEED = 20240601
+
+
+def _read_mif(case: str, name: str):
+    """An image as tckgen read it: the ``.mif`` header keeps the transform in double precision
+    (a NIfTI copy's float32 sform moves real-data points by up to 1e-4 mm, enough to flip a
+    marginal peak search or threshold test)."""
+    from invtract.io.mif import read_mif
+
+    data, affine, voxel_sizes, _ = read_mif(str(_need_data(case, name)))
+    return np.asarray(data), np.asarray(affine, np.float64), tuple(voxel_sizes)[:3]
+
+
+def test_whole_streamline_2168_matches_tckgen():
+    """Regression: streamline 2168 (84 points) ends at a step whose peak search gives up after
+    50 iterations in tckgen. On fod.mif this engine reproduces it bit for bit; on fod.nii.gz
+    it has 103 points, as tckgen itself has when run on fod.nii.gz (a different input)."""
+    from invtract.io.seeds import seeds_from_reference
+
+    data, affine, vox = _read_mif("real_msmt15", "fod.mif")
+    header, streamlines, _ = _load_reference("real_msmt15", "whole")
+    pos, dirs, track = seeds_from_reference(
+        _need_data("real_msmt15", "whole.tck"), _need_data("real_msmt15", "whole_seeds.txt")
+    )
+    row = int(np.flatnonzero(track == 2168)[0])
+    params = _params_from_header(header, vox).resolve(vox)
+    res = fused_cpu.track_fused_cpu(
+        data.astype(np.float32), np.linalg.inv(affine)[:3], pos[row : row + 1],
+        dirs[row : row + 1], params,
+    )  # fmt: skip
+    ref = streamlines[2168]
+    assert len(ref) == 84
+    assert res.lengths.tolist() == [84] and res.seed_index.tolist() == [40]
+    assert np.abs(res.points.astype(np.float64) - ref).max() <= 1e-4
+
+
+@pytest.mark.parity
+def test_whole_volume_replay_is_bit_exact():
+    """-seed_grid_per_voxel mask.mif 2 with tckgen's RNG replayed: the same 13,598 of 17,744
+    seeds produce streamlines (e.g. seed 17,456's peak search gives up), and all 7132 kept
+    streamlines equal tckgen's bit for bit, seeds included."""
+    from invtract.io.seeds import load_seeds
+    from invtract.tracking.rng import MRtrixRNG
+    from invtract.tracking.seeding import MaskGrid, grid_per_voxel
+
+    data, affine, vox = _read_mif("real_msmt15", "fod.mif")
+    mask, mask_affine, _ = _read_mif("real_msmt15", "mask.mif")
+    header, streamlines, _ = _load_reference("real_msmt15", "whole")
+    sh, s2v = data.astype(np.float32), np.linalg.inv(affine)[:3]
+    seeds = grid_per_voxel(MaskGrid.from_image(mask.astype(bool), mask_affine), 2)
+    assert len(seeds) == int(header["max_num_seeds"]) == 17744
+    # one random direction per seed with data, drawn in seed order
+    has_data = fused_cpu.seeds_have_data(sh, s2v, seeds)
+    dirs = np.full(seeds.shape, np.nan, np.float32)
+    dirs[has_data] = MRtrixRNG(RNG_SEED).directions(int(has_data.sum()))
+    params = _params_from_header(header, vox).resolve(vox)
+    res = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params)
+    generated = res.status != int(Reject.INVALID_SEED)
+    assert not generated[17456]
+    assert int(generated.sum()) == int(header["total_count"]) == 13598
+    kept = np.flatnonzero(res.accepted)
+    assert len(kept) == int(header["count"]) == len(streamlines) == 7132
+    table = load_seeds(_need_data("real_msmt15", "whole_seeds.txt"))
+    np.testing.assert_array_equal(seeds[kept], np.asarray(table.positions, np.float32))
+    ours = _split(res)
+    exact = sum(
+        ours[i].shape == streamlines[k].shape and np.array_equal(ours[i], streamlines[k])
+        for k, i in enumerate(kept)
+    )
+    assert exact == 7132

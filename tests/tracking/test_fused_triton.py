@@ -178,6 +178,38 @@ def test_parity_whole_brain_slow():
     _check_reference("real_msmt15", "whole", slice(0, None, 97), tol_tckgen=1e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.parity
+def test_whole_streamline_2168_matches_tckgen_slow():
+    """Regression (numba twin in test_fused_cpu.py): real whole.tck streamline 2168, whose last
+    step's peak search gives up after 50 iterations in tckgen, on fod.mif: 84 points, bit for
+    bit as tckgen and the numba engine (~35 s under the interpreter)."""
+    from invtract.io.seeds import seeds_from_reference
+
+    sh, affine, vox = _load_fod("real_msmt15")
+    header, streamlines, _ = _load_reference("real_msmt15", "whole")
+    pos, dirs, track = seeds_from_reference(
+        _need_data("real_msmt15", "whole.tck"), _need_data("real_msmt15", "whole_seeds.txt")
+    )
+    i = int(np.flatnonzero(track == 2168)[0])
+    pos, dirs = pos[i : i + 1], dirs[i : i + 1]
+    params = TrackingParameters(
+        step_mm=float(header["step_size"]),
+        angle_deg=float(header["max_angle"]),
+        cutoff=float(header["threshold"]),
+        min_length_mm=float(header["min_dist"]),
+        max_length_mm=float(header["max_dist"]),
+    ).resolve(vox)
+    s2v = np.linalg.inv(affine)[:3]
+    ours = fused_triton.track_fused_triton(sh, s2v, pos, dirs, params)
+    numba = fused_cpu.track_fused_cpu(sh, s2v, pos, dirs, params)
+    _assert_same(ours, numba)
+    ref = streamlines[2168]
+    assert len(ref) == 84
+    assert ours.lengths.tolist() == [84] and ours.seed_index.tolist() == [40]
+    assert np.abs(ours.points.astype(np.float64) - ref).max() <= 1e-4
+
+
 # --------------------------------------------------------------------------------------------
 # a short synthetic fibre along +x: every rule of the kernel, checked against numba
 # --------------------------------------------------------------------------------------------
