@@ -19,11 +19,14 @@ Two gradient paths evaluate the same formulation:
 
 * ``path="plain"``: one autograd graph over all steps (memory grows with length; reference).
 * ``path="efficient"``: a custom :class:`torch.autograd.Function` whose forward returns the hard
-  pass's points and weights and whose backward is a closed-form reverse sweep of the discrete
-  recursion (its adjoint), batched over the streamlines alive at each step, with the implicit
-  peak derivatives from :class:`~invtract.fod.peak_grad.PeakJet`; no autograd graph is built.
-  Extra memory: the stored peak direction, 12 bytes (float32) per streamline-step besides the
-  outputs.
+  pass's points and weights (as they are, no copies) and whose backward is a closed-form reverse
+  sweep of the discrete recursion (its adjoint); no autograd graph is built. On CPU with numba
+  the sweep is compiled (:mod:`~invtract.tracking.adjoint_cpu`: one streamline at a time, last
+  step to first); otherwise (CUDA, no numba, ``ADJOINT_BACKEND = "torch"``) it is vectorised in
+  torch, batched over the streamlines alive at each step, with the implicit peak derivatives
+  from :class:`~invtract.fod.peak_grad.PeakJet`. The hard pass records only the converged peak
+  of every step (12 bytes per streamline-step in float32, the only state kept besides the
+  outputs); the points and weights are then recomputed from the seeds and the peaks.
 """
 
 from __future__ import annotations
@@ -132,8 +135,7 @@ class _Tape:
     L: int
     points: torch.Tensor  # [S, L, 3] hard points, zero padding
     u_pad: torch.Tensor  # [S, L, 3] peak per point (undefined at the seed column and padding)
-    cl: torch.Tensor  # [S, L] float64 log survival weight, -inf padding
-    cl_seed: torch.Tensor  # [S] float64
+    weights: torch.Tensor  # [S, L] float64 soft survival weight, 0 padding
     seed_ids: torch.Tensor  # [S]
     status: torch.Tensor  # [N]
     term: torch.Tensor  # [N, 2]
@@ -161,19 +163,74 @@ def _log_weight(c, u_star, u_prev, consts: _Consts):
     )
 
 
-def _run_half(field, p0, u0, cl0, count0, active, params, refine, consts):
-    """Hard-track one half for ``active`` rows (global rows); records every accepted step."""
-    recs = []
+class _Arena:
+    """Append-only store of the per-step peaks ``[m, 3]`` in large chunks.
+
+    A chunk holds ``rows`` rows (48 MB in float32 at the default): above glibc's largest mmap
+    threshold, so each chunk is its own mapping and is returned to the system as soon as
+    :meth:`drain` has passed it (many small per-step tensors would stay in the heap's resident
+    memory after being freed). Untouched chunk pages cost no memory.
+    """
+
+    def __init__(self, dtype, device, rows: int = 1 << 22):
+        self.dtype, self.device, self.rows = dtype, device, rows
+        self.chunks: list = []
+        self.sizes: list[int] = []
+        self.fill = 0
+
+    def append(self, x: torch.Tensor) -> None:
+        m = x.shape[0]
+        self.sizes.append(m)
+        i = 0
+        while i < m:
+            if not self.chunks or self.fill == self.rows:
+                self.chunks.append(
+                    torch.empty((self.rows, 3), dtype=self.dtype, device=self.device)
+                )
+                self.fill = 0
+            t = min(m - i, self.rows - self.fill)
+            self.chunks[-1][self.fill : self.fill + t] = x[i : i + t]
+            self.fill += t
+            i += t
+
+    def drain(self):
+        """Yields the appended blocks in order, releasing every chunk once it is read."""
+        ci, off = 0, 0
+        for m in self.sizes:
+            parts = []
+            while m:
+                t = min(m, self.rows - off)
+                parts.append(self.chunks[ci][off : off + t])
+                off += t
+                m -= t
+                if off == self.rows:
+                    self.chunks[ci] = None
+                    ci, off = ci + 1, 0
+            yield parts[0] if len(parts) == 1 else torch.cat(parts)
+        self.chunks, self.sizes = [], []
+
+
+def _run_half(field, p0, u0, count0, active, params, refine):
+    """Hard-track one half for ``active`` rows (global rows).
+
+    Returns ``(arena, nadd, term)``: the arena holds, per step k, the converged peaks of the rows
+    that moved at step k, in increasing row order (they are the rows with ``nadd > k``: rows only
+    ever leave the moving set), so neither the rows nor the points need storing (the points are
+    recomputed from the seeds and the peaks exactly, see ``_tape_values``).
+    """
     n = p0.shape[0]
     dev = p0.device
+    # CPU: untouched chunk pages cost nothing; CUDA: size the chunks to the problem
+    rows = 1 << 22 if dev.type == "cpu" else min(1 << 22, max(1 << 16, 256 * n))
+    arena = _Arena(p0.dtype, dev, rows)
     nadd = torch.zeros(n, dtype=torch.int64, device=dev)
     term = torch.full((n,), -1, dtype=torch.int64, device=dev)
     idx = torch.nonzero(active, as_tuple=False).flatten()
-    pos, u, cl, count = p0[idx], u0[idx], cl0[idx], count0[idx]
+    pos, u, count = p0[idx], u0[idx], count0[idx]
     step = torch.tensor(params.step_mm, dtype=p0.dtype, device=dev)
     CONT = int(Term.CONTINUE)
     while idx.numel() > 0:
-        # SDStream::next (propagator.sd_stream_next), keeping c for the soft weight
+        # SDStream::next (propagator.sd_stream_next)
         c, valid = field.sample(pos)
         t = torch.full((pos.shape[0],), CONT, dtype=torch.int64, device=dev)
         t[~valid] = int(Term.EXIT_IMAGE)
@@ -192,16 +249,74 @@ def _run_half(field, p0, u0, cl0, count0, active, params, refine, consts):
             break
         uc = new_u[ci]
         pn = pos[ci] + uc * step
-        cln = cl[ci] + _log_weight(c[ci], uc, u[ci], consts)
         rows = idx[ci]
-        recs.append((rows, pn, uc, cln))
+        arena.append(uc)
         nadd[rows] += 1
         count = count[ci] + 1
         le = count >= params.max_points
         term[rows[le]] = int(Term.LENGTH_EXCEED)
         keep = ~le
-        idx, pos, u, cl, count = rows[keep], pn[keep], uc[keep], cln[keep], count[keep]
-    return recs, nadd, term
+        idx, pos, u, count = rows[keep], pn[keep], uc[keep], count[keep]
+    return arena, nadd, term
+
+
+def _tape_values(tp: _Tape, sh_flat, h: float, consts: _Consts, cl_seed):
+    """Fill ``tp.points`` and ``tp.weights`` from the seeds and the stored peaks.
+
+    p_{k+1} = p_k + h u_k in the FOD dtype, as the hard pass moved (same values), and the soft
+    weights s_k (the formulation of the module docstring, log-weights accumulated in float64).
+    Compiled on CPU when numba is available, else one vectorised torch step at a time.
+    """
+    if _use_numba(sh_flat.device):
+        from . import adjoint_cpu
+
+        adjoint_cpu.tape_values(
+            tp.points.numpy(),
+            tp.weights.numpy(),
+            tp.seeds.numpy(),
+            tp.u0.numpy(),
+            tp.u_pad.numpy(),
+            tp.n1.numpy(),
+            tp.n2.numpy(),
+            cl_seed.numpy(),
+            h,
+            sh_flat.contiguous().numpy(),
+            consts.s2v.cpu().to(torch.float64).numpy(),
+            consts.shape,
+            consts.lmax,
+            consts.t_amp,
+            consts.t_cos,
+            float(consts.cut),
+            float(consts.cos_max),
+            threads=torch.get_num_threads(),
+        )
+        return
+    S, L = tp.n1.numel(), tp.L
+    P = tp.points.view(-1, 3)
+    Wf = tp.weights.view(-1)
+    U = tp.u_pad.view(-1, 3)
+    P.zero_()
+    Wf.fill_(-math.inf)
+    seed_flat = torch.arange(S, device=P.device) * L + tp.n1
+    P[seed_flat] = tp.seeds
+    Wf[seed_flat] = cl_seed
+    step = torch.tensor(h, dtype=P.dtype, device=P.device)
+    for hi in (0, 1):
+        order, counts, base, sgn = tp.half(hi)
+        if not counts:
+            continue
+        p, u_prev, cl = tp.seeds[order], -tp.u0[order] if hi else tp.u0[order], cl_seed[order]
+        for k, m in enumerate(counts):
+            p, u_prev, cl = p[:m], u_prev[:m], cl[:m]
+            flat = base[:m] + sgn * k
+            u = U[flat]
+            idx, w = _gather_corners(sh_flat, p, consts)
+            cl = cl + _log_weight(_interp(sh_flat[idx], w), u, u_prev, consts)
+            p = p + u * step
+            P[flat] = p
+            Wf[flat] = cl
+            u_prev = u
+    Wf.exp_()
 
 
 @torch.no_grad()
@@ -226,10 +341,10 @@ def _hard_forward(field: FODField, seeds, init_dirs, params, refine: int, consts
     A0 = peak_amplitude(c, u0, field.lmax).to(torch.float64)
     cl_seed = F.logsigmoid((A0 - consts.cut) / consts.t_amp)
     ones = torch.ones(n, dtype=torch.int64, device=dev)
-    r1, n1, t1 = _run_half(field, safe, u0, cl_seed, ones, ok, params, refine, consts)
+    r1, n1, t1 = _run_half(field, safe, u0, ones, ok, params, refine)
     term[:, 0] = torch.where(ok, t1, term[:, 0])
     second = ok & (not params.unidirectional)
-    r2, n2, t2 = _run_half(field, safe, -u0, cl_seed, 1 + n1, second, params, refine, consts)
+    r2, n2, t2 = _run_half(field, safe, -u0, 1 + n1, second, params, refine)
     term[:, 1] = torch.where(second, t2, term[:, 1])
     total = 1 + n1 + n2
     status = torch.where(ok & (total == 1), int(Reject.NO_PROPAGATION_FROM_SEED), status)
@@ -243,38 +358,35 @@ def _hard_forward(field: FODField, seeds, init_dirs, params, refine: int, consts
     local[seed_ids] = torch.arange(S, device=dev)
     n1a, n2a = n1[seed_ids], n2[seed_ids]
     L = int((1 + n1a + n2a).max()) if S else 0
-    points = torch.zeros((S * L, 3), dtype=dt, device=dev)
-    u_pad = torch.empty((S * L, 3), dtype=dt, device=dev)
-    cl = torch.full((S * L,), -math.inf, dtype=torch.float64, device=dev)
-    seed_flat = torch.arange(S, device=dev) * L + n1a
-    points[seed_flat] = safe[seed_ids]
-    cl[seed_flat] = cl_seed[seed_ids]
-    for sgn, recs in ((-1, r1), (1, r2)):
-        k = 0
-        while recs:
-            rows, pn, uc, cln = recs.pop(0)
+    # allocated in the output shape (not views of flat buffers): _Adjoint returns them as is.
+    # The peaks first (the arena is released chunk by chunk), then points and weights.
+    u_pad_o = torch.empty((S, L, 3), dtype=dt, device=dev)
+    u_pad = u_pad_o.view(-1, 3)
+    for sgn, arena, nadd in ((-1, r1, n1), (1, r2, n2)):
+        rows = torch.nonzero(nadd > 0, as_tuple=False).flatten()
+        for k, uc in enumerate(arena.drain()):
+            if k:
+                rows = rows[nadd[rows] > k]
             loc = local[rows]
             keep = loc >= 0
-            loc = loc[keep]
-            flat = loc * L + n1[rows[keep]] + sgn * (k + 1)
-            points[flat] = pn[keep]
+            flat = loc[keep] * L + n1[rows[keep]] + sgn * (k + 1)
             u_pad[flat] = uc[keep]
-            cl[flat] = cln[keep]
-            k += 1
-    return _Tape(
+    del r1, r2
+    tp = _Tape(
         seeds=safe[seed_ids],
         u0=u0[seed_ids],
         n1=n1a,
         n2=n2a,
         L=L,
-        points=points.reshape(S, L, 3),
-        u_pad=u_pad.reshape(S, L, 3),
-        cl=cl.reshape(S, L),
-        cl_seed=cl_seed[seed_ids],
+        points=torch.empty((S, L, 3), dtype=dt, device=dev),
+        u_pad=u_pad_o,
+        weights=torch.empty((S, L), dtype=torch.float64, device=dev),
         seed_ids=seed_ids,
         status=status,
         term=term,
     )
+    _tape_values(tp, field.sh_flat, params.step_mm, consts, cl_seed[seed_ids])
+    return tp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,78 +564,145 @@ def _local_adjoint(sh_flat, consts, p, u_star, u_prev, a_p, a_u, a_l, h, grads, 
     return pbar, g_prev
 
 
+#: compiled helpers of the efficient path (the reverse sweep and the tape's points / weights):
+#: "auto" (:mod:`~invtract.tracking.adjoint_cpu` for CPU tensors when numba is available, else
+#: the vectorised torch code, also used on CUDA), "numba" or "torch"
+ADJOINT_BACKEND = "auto"
+
+
+def _use_numba(device) -> bool:
+    if ADJOINT_BACKEND == "torch" or torch.device(device).type != "cpu":
+        return False
+    from . import adjoint_cpu
+
+    if ADJOINT_BACKEND == "numba" and not adjoint_cpu.available():
+        raise ConfigError("ADJOINT_BACKEND='numba' needs numba")
+    return adjoint_cpu.available()
+
+
 class _Adjoint(torch.autograd.Function):
-    """Forward: the recorded outputs (no graph). Backward: closed-form reverse sweep over the
-    stored peak directions, batched over all streamlines alive at each step."""
+    """Forward: the recorded points and weights (returned as they are, no copy, no graph).
+    Backward: closed-form reverse sweep over the stored peak directions (compiled per streamline
+    on CPU, or batched over all streamlines alive at each step in torch)."""
 
     @staticmethod
     def forward(ctx, sh_flat, seeds, h, cutoff, cos_max, tp, consts):
         ctx.tp, ctx.consts = tp, consts
         ctx.scalar_dtypes = (h.dtype, cutoff.dtype, cos_max.dtype)
-        ctx.save_for_backward(sh_flat, h)
-        return tp.points.clone(), tp.cl.clone()
+        # outputs saved (not copied): an in-place change of them is caught by autograd
+        ctx.save_for_backward(sh_flat, h, tp.points, tp.weights)
+        return tp.points, tp.weights
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_pts, g_cl):
-        sh_flat, h = ctx.saved_tensors
-        tp, consts = ctx.tp, ctx.consts
-        f64 = torch.float64
+    def backward(ctx, g_pts, g_w):
+        sh_flat, h, points, weights = ctx.saved_tensors
         want = ctx.needs_input_grad
-        dev = sh_flat.device
-        S, L = tp.n1.numel(), tp.L
-        grads = _Grads(sh_flat.detach(), want[0])
-        sh = sh_flat.detach()
-        hv = h.detach().to(f64)
-        P = tp.points.reshape(-1, 3)
-        U = tp.u_pad.reshape(-1, 3)
-        gP = g_pts.reshape(-1, 3).to(f64) if g_pts is not None else None
-        gC = g_cl.reshape(-1).to(f64) if g_cl is not None else None
-        seed_flat = torch.arange(S, device=dev) * L + tp.n1
-        a_p0 = gP[seed_flat] if gP is not None else torch.zeros((S, 3), dtype=f64, device=dev)
-        a_l0 = gC[seed_flat] if gC is not None else torch.zeros(S, dtype=f64, device=dev)
-        a_u0 = torch.zeros((S, 3), dtype=f64, device=dev)
-        for hi in (1, 0):
-            order, counts, base, sgn = tp.half(hi)
-            if not counts:
-                continue
-            s_h = counts[0]
-            a_p = torch.zeros((s_h, 3), dtype=f64, device=dev)
-            a_u = torch.zeros((s_h, 3), dtype=f64, device=dev)
-            a_l = torch.zeros(s_h, dtype=f64, device=dev)
-            u0 = -tp.u0[order[:s_h]] if hi else tp.u0[order[:s_h]]
-            for k in range(len(counts) - 1, -1, -1):
-                m = counts[k]
-                f_out = base[:m] + sgn * k
-                f_in = f_out - sgn
-                if gP is not None:
-                    a_p[:m] += gP[f_out]
-                if gC is not None:
-                    a_l[:m] += gC[f_out]
-                u_prev = U[f_in] if k > 0 else u0[:m]
-                pbar, ubar = _local_adjoint(
-                    sh, consts, P[f_in], U[f_out], u_prev, a_p[:m], a_u[:m], a_l[:m], hv, grads
-                )
-                a_p[:m] = pbar
-                a_u[:m] = ubar
-            rows = order[:s_h]
-            a_p0.index_add_(0, rows, a_p)
-            a_u0.index_add_(0, rows, -a_u if hi else a_u)
-            a_l0.index_add_(0, rows, a_l)
-        pbar, _ = _local_adjoint(
-            sh, consts, tp.seeds, tp.u0, None, None, a_u0, a_l0, hv, grads, step=False
-        )
-        a_p0 = a_p0 + pbar
+        if _use_numba(sh_flat.device):
+            g_sh, g_seeds, (gh, gcut, gcos) = _backward_numba(
+                ctx.tp, ctx.consts, sh_flat, h, points, weights, g_pts, g_w, want[0]
+            )
+        else:
+            g_sh, g_seeds, (gh, gcut, gcos) = _backward_torch(
+                ctx.tp, ctx.consts, sh_flat, h, points, weights, g_pts, g_w, want[0]
+            )
         dts = ctx.scalar_dtypes
         return (
-            grads.sh,
-            a_p0.to(tp.seeds.dtype) if want[1] else None,
-            grads.h.to(dts[0]).reshape(h.shape) if want[2] else None,
-            grads.cut.to(dts[1]) if want[3] else None,
-            grads.cos.to(dts[2]) if want[4] else None,
+            g_sh,
+            g_seeds.to(ctx.tp.seeds.dtype) if want[1] else None,
+            gh.to(dts[0]).reshape(h.shape) if want[2] else None,
+            gcut.to(dts[1]) if want[3] else None,
+            gcos.to(dts[2]) if want[4] else None,
             None,
             None,
         )
+
+
+def _backward_numba(tp, consts, sh_flat, h, points, weights, g_pts, g_w, want_sh):
+    """The reverse sweep compiled (:func:`~invtract.tracking.adjoint_cpu.reverse_sweep`)."""
+    from . import adjoint_cpu
+
+    def arr(t):
+        return None if t is None else t.detach().numpy()
+
+    sh = sh_flat.detach()
+    g_sh, g_seeds, scal = adjoint_cpu.reverse_sweep(
+        sh.contiguous().numpy(),
+        consts.s2v.detach().cpu().to(torch.float64).numpy(),
+        consts.shape,
+        consts.lmax,
+        arr(points),
+        arr(tp.u_pad),
+        arr(tp.seeds),
+        arr(tp.u0),
+        arr(tp.n1),
+        arr(tp.n2),
+        arr(g_pts),
+        arr(g_w),
+        arr(weights),
+        float(h.detach()),
+        consts.t_amp,
+        consts.t_cos,
+        consts.eps,
+        float(consts.cut),
+        float(consts.cos_max),
+        want_sh,
+        threads=torch.get_num_threads(),
+    )
+    f64 = torch.float64
+    g_sh = torch.from_numpy(g_sh).to(sh.dtype) if g_sh is not None else None
+    scal = tuple(torch.tensor(v, dtype=f64) for v in scal)
+    return g_sh, torch.from_numpy(g_seeds), scal
+
+
+def _backward_torch(tp, consts, sh_flat, h, points, weights, g_pts, g_w, want_sh):
+    """The reverse sweep in torch: at step k (last to first) all rows alive at k at once."""
+    f64 = torch.float64
+    dev = sh_flat.device
+    S, L = tp.n1.numel(), tp.L
+    grads = _Grads(sh_flat.detach(), want_sh)
+    sh = sh_flat.detach()
+    hv = h.detach().to(f64)
+    P = points.detach().reshape(-1, 3)
+    U = tp.u_pad.reshape(-1, 3)
+    gP = g_pts.reshape(-1, 3).to(f64) if g_pts is not None else None
+    # adjoint of the log-weight: weights = exp(log-weight)
+    gC = (g_w.to(f64) * weights.detach()).reshape(-1) if g_w is not None else None
+    seed_flat = torch.arange(S, device=dev) * L + tp.n1
+    a_p0 = gP[seed_flat] if gP is not None else torch.zeros((S, 3), dtype=f64, device=dev)
+    a_l0 = gC[seed_flat] if gC is not None else torch.zeros(S, dtype=f64, device=dev)
+    a_u0 = torch.zeros((S, 3), dtype=f64, device=dev)
+    for hi in (1, 0):
+        order, counts, base, sgn = tp.half(hi)
+        if not counts:
+            continue
+        s_h = counts[0]
+        a_p = torch.zeros((s_h, 3), dtype=f64, device=dev)
+        a_u = torch.zeros((s_h, 3), dtype=f64, device=dev)
+        a_l = torch.zeros(s_h, dtype=f64, device=dev)
+        u0 = -tp.u0[order[:s_h]] if hi else tp.u0[order[:s_h]]
+        for k in range(len(counts) - 1, -1, -1):
+            m = counts[k]
+            f_out = base[:m] + sgn * k
+            f_in = f_out - sgn
+            if gP is not None:
+                a_p[:m] += gP[f_out]
+            if gC is not None:
+                a_l[:m] += gC[f_out]
+            u_prev = U[f_in] if k > 0 else u0[:m]
+            pbar, ubar = _local_adjoint(
+                sh, consts, P[f_in], U[f_out], u_prev, a_p[:m], a_u[:m], a_l[:m], hv, grads
+            )
+            a_p[:m] = pbar
+            a_u[:m] = ubar
+        rows = order[:s_h]
+        a_p0.index_add_(0, rows, a_p)
+        a_u0.index_add_(0, rows, -a_u if hi else a_u)
+        a_l0.index_add_(0, rows, a_l)
+    pbar, _ = _local_adjoint(
+        sh, consts, tp.seeds, tp.u0, None, None, a_u0, a_l0, hv, grads, step=False
+    )
+    return grads.sh, a_p0 + pbar, (grads.h, grads.cut, grads.cos)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -683,22 +862,23 @@ def track_differentiable(
     h, cut, cos_max = h.to(dev), cut.to(dev), cos_max.to(dev)
     if path == "plain":
         points, cl = _plain(sh_flat, seeds_acc, h, cut, cos_max, tp, consts)
+        weights = torch.exp(cl)
     else:
-        points, cl = _Adjoint.apply(sh_flat, seeds_acc, h, cut, cos_max, tp, consts)
+        points, weights = _Adjoint.apply(sh_flat, seeds_acc, h, cut, cos_max, tp, consts)
     if init_dirs.requires_grad:  # documented zero gradient (basin of attraction)
         zero = torch.nan_to_num(init_dirs[sid]).sum(-1) * 0.0
-        cl = cl + zero.to(cl.dtype)[:, None]
-    return _assemble(tp, points, cl)
+        weights = weights + zero.to(weights.dtype)[:, None]
+    return _assemble(tp, points, weights)
 
 
-def _assemble(tp: _Tape, points, cl) -> DiffTrackResult:
+def _assemble(tp: _Tape, points, weights) -> DiffTrackResult:
     lengths = 1 + tp.n1 + tp.n2
     mask = torch.arange(tp.L, device=points.device)[None, :] < lengths[:, None]
     return DiffTrackResult(
         points=points,
         mask=mask,
         lengths=lengths,
-        weights=torch.exp(cl),
+        weights=weights,
         seed_index=tp.n1.clone(),
         seed_ids=tp.seed_ids,
         status=tp.status,
