@@ -12,11 +12,16 @@ grid's end means the parameter never binds.
 FOD part: the phantom FOD blurred (Gaussian, ``--blur`` voxels) plus Gaussian noise
 (``--noise`` x the mean |l=0| coefficient), fitted to ``bundleB_default`` (tracked by tckgen on
 the clean FOD); reports the held-out paired MDF before/after and the angular error of FOD peaks
-against the ground-truth bundle-B directions (``gt_dirs.nii.gz``) in the learned voxels.
+against the ground-truth bundle-B directions (``gt_dirs.nii.gz``) in the learned voxels. The
+goals (held-out MDF at least halved, peak error reduced) are measured on the default
+perturbation (blur 1 voxel + noise 0.2); ``--mild-noise`` (default 0.05, same blur; 0 to skip)
+adds the milder perturbation as an extra case (``fod_mild``): blurring alone moves the peaks
+*closer* to the truth than the clean CSD FOD the target was tracked on, so fitting the target
+cannot reduce that case's peak error (it moves the peaks towards the clean FOD's).
 
     python benchmarks/recover.py [--cases bundleB_step1.0,...] [--iterations 60] [--seeds 32]
-        [--per-iteration 24] [--fod-iterations 30] [--noise 0.05] [--blur 1.0] [--no-fod]
-        [--data ../shared/data]
+        [--per-iteration 24] [--fod-iterations 40] [--noise 0.2] [--blur 1.0]
+        [--mild-noise 0.05] [--no-fod] [--adjoint auto|numba|torch] [--data ../shared/data]
 
 The params fit uses ``configs/fit_params.toml`` (``--iterations``, ``--per-iteration`` seeds
 per iteration, 20% of the ``--seeds`` target streamlines held out). The interval scan is a grid
@@ -292,6 +297,11 @@ def run_fod(data: Path, iterations: int, n_seeds: int, blur: float, noise: float
     after = _hard_mdf(f1, img, base, pos[ho], dirs[ho], sub)
     gt = np.asarray(nib.load(str(d / "gt_dirs.nii.gz")).dataobj, np.float32)
     vox = res.learned_voxels.numpy()
+    peaks = {
+        "before": _peak_error(pert, gt, vox),
+        "after": _peak_error(res.sh.numpy(), gt, vox),
+        "clean_fod": _peak_error(clean, gt, vox),
+    }
     return {
         "case": f"{case} (FOD blurred sigma={blur} vox + noise {noise} x mean|c00|)",
         "n_streamlines": len(sl),
@@ -303,10 +313,10 @@ def run_fod(data: Path, iterations: int, n_seeds: int, blur: float, noise: float
         "clean_fod_heldout_mdf_mm": _hard_mdf(
             FODField.from_array(clean, img.affine), img, base, pos[ho], dirs[ho], sub
         ),
-        "peak_angular_error_deg": {
-            "before": _peak_error(pert, gt, vox),
-            "after": _peak_error(res.sh.numpy(), gt, vox),
-            "clean_fod": _peak_error(clean, gt, vox),
+        "peak_angular_error_deg": peaks,
+        "goals": {
+            "heldout_mdf_at_least_halved": bool(after <= 0.5 * before),
+            "peak_error_reduced": bool(peaks["after"] < peaks["before"]),
         },
     }
 
@@ -318,15 +328,27 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=60)
     p.add_argument("--seeds", type=int, default=32, help="target streamlines used per case")
     p.add_argument("--per-iteration", type=int, default=24, help="training seeds per iteration")
-    p.add_argument("--fod-iterations", type=int, default=30)
-    p.add_argument("--blur", type=float, default=1.0)
-    p.add_argument("--noise", type=float, default=0.05)
+    p.add_argument("--fod-iterations", type=int, default=40)
+    p.add_argument("--blur", type=float, default=1.0, help="FOD blur sigma (voxels)")
+    p.add_argument("--noise", type=float, default=0.2, help="noise x mean |c00| (goals)")
+    p.add_argument(
+        "--mild-noise", type=float, default=0.05, help="extra mild case's noise (0: skip)"
+    )
     p.add_argument("--no-fod", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--adjoint",
+        choices=("auto", "numba", "torch"),
+        default="auto",
+        help="backward of the efficient gradient path (invtract.tracking.differentiable)",
+    )
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    import invtract.tracking.differentiable as diff
+
+    diff.ADJOINT_BACKEND = a.adjoint
     data = Path(a.data)
-    out = {"params": [], "fod": None}
+    out = {"params": [], "fod": None, "fod_mild": None}
     for case in [c for c in a.cases.split(",") if c]:
         if not (data / CASES[case][0] / f"{case}.tck").is_file():
             out["params"].append({"case": case, "skipped": "data not found"})
@@ -335,6 +357,16 @@ def main(argv=None) -> int:
         print(json.dumps(out["params"][-1]), file=sys.stderr, flush=True)
     if not a.no_fod and (data / "phantom_cross90").is_dir():
         out["fod"] = run_fod(data, a.fod_iterations, a.seeds, a.blur, a.noise)
+        print(json.dumps(out["fod"]), file=sys.stderr, flush=True)
+        if a.mild_noise > 0:
+            mild = run_fod(data, a.fod_iterations, a.seeds, a.blur, a.mild_noise)
+            mild["note"] = (
+                "extra case, not the goal's: blurring alone leaves the peaks closer to the "
+                "truth than the clean CSD FOD the target was tracked on (compare "
+                "peak_angular_error_deg before and clean_fod), so fitting the target moves "
+                "them towards the clean FOD's peaks and cannot reduce this error"
+            )
+            out["fod_mild"] = mild
     print(json.dumps(out, indent=2))
     return 0
 

@@ -13,6 +13,18 @@ Terms (all scanner mm unless stated; each is a mean over paired streamlines):
   point distance is taken, weighted by that extent. A length mismatch (a wrong cutoff or
   angle) therefore does not bend the shape term, so the step gradient comes from geometry
   (e.g. the outward drift of Euler steps on a curve, ~ length x step / (2 radius)).
+* ``vertex``: index-paired vertex distance. tckgen puts vertex ``k`` of a half ``k`` steps
+  from the seed (arc length ~ ``k x step``), and so does the tracker; vertex ``k`` of each
+  tracked half is compared with vertex ``k`` of its target half, over the common index range
+  ``k < min(n_tracked, n_target)`` of the pair, weighted by the tracked vertex's survival
+  weight (detached, so the term never pays to kill a vertex) and averaged per pair. A step
+  error ``e`` displaces vertex ``k`` by ~``k e`` along the path, so the term is a V in the step
+  with its minimum (zero) at the target's step and a gradient of ~the mean vertex arc length
+  per unit ``log step`` everywhere; the arc-length-resampled ``mdf`` compares the same curve
+  at any step and only feels the step through the small geometric drift of Euler steps,
+  which on real data is non-monotone (it fitted ``bundleA_step0.5`` at 0.55). A wrong angle or
+  cutoff changes only where the halves end, not the common range, so it does not bias the
+  step. Gradients reach the step (and the SH coefficients) through the tracked points.
 * ``extent``: survival-weighted mis-extent. For every tracked vertex at arc length ``a`` from
   the seed, with segment length ``d`` and soft survival weight ``s`` (from
   :func:`~invtract.tracking.differentiable.track_differentiable`): ``d (1 - s)`` if the target
@@ -36,6 +48,16 @@ Terms (all scanner mm unless stated; each is a mean over paired streamlines):
   threshold is from where it binds (60 deg when the target stopped at 1 deg), and it is zero
   on the interval of thresholds that reproduce the target. Gradients reach only
   ``angle_deg`` and ``cutoff`` (the features are detached).
+* ``centre``: a tie-break inside the interval of thresholds that reproduce the target (where
+  ``margin`` is ~0): ``sqrt((log v - log v_c)^2 + 1e-4)`` for the angle and the cutoff, ``v_c``
+  the geometric centre of the threshold's feasible interval read from the batch's *target*
+  halves (:func:`feasible_box`: the angle must exceed every target turn and be below the turn
+  of every target stop that only the angle test can explain; the cutoff must be below every
+  target amplitude and above the amplitude of every stop only the cutoff test can explain).
+  Only where both ends are known (the threshold binds somewhere); elsewhere ``anchor`` keeps
+  the threshold at tckgen's default. Without it ``anchor`` leaves the threshold on the edge of
+  the interval nearest the default (34.4 deg on ``bundleA_angle30``, interval [29.8, 34.2]);
+  the centre halves the worst-case error over the values the target cannot tell apart.
 * ``paired``, ``chamfer``, ``length``, ``density``: :func:`invtract.losses.paired_loss` (full
   streamlines, MDF + coverage, weighted by each streamline's mean survival weight),
   :func:`~invtract.losses.chamfer_loss` (unpaired), :func:`~invtract.losses.length_loss` (W1
@@ -73,10 +95,12 @@ __all__ = [
     "soft_temperature",
     "running_features",
     "margin_hinge",
+    "vertex_distance",
+    "feasible_box",
 ]
 
 #: tractogram loss terms (keys of ``LossConfig.weights``)
-TERMS = ("mdf", "extent", "margin", "paired", "chamfer", "length", "density")
+TERMS = ("mdf", "vertex", "extent", "margin", "centre", "paired", "chamfer", "length", "density")
 #: FOD regulariser terms
 FOD_TERMS = ("nonneg", "smooth", "prior")
 #: regulariser of the learned thresholds (computed by :func:`invtract.fit.optimise.fit`)
@@ -353,6 +377,11 @@ def paired_terms(
         # a missing streamline scores the MDF of its target against its seed point
         miss_pen = _missing_mdf(target, missing).to(dev, dt)
         out["mdf"] = (per.sum() + miss_pen) / n_pairs
+    if "vertex" in active:
+        per = vertex_distance(
+            halves, counts, w, target.halves[ids].to(dev), target.counts[ids].to(dev)
+        )
+        out["vertex"] = per.sum() / n_pairs
     if "extent" in active:
         seg = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., 1:] - cum[..., :-1]], -1)
         H = halves.shape[2]
@@ -364,20 +393,32 @@ def paired_terms(
         over = (seg * s * outside).sum((-1, -2))
         under = (seg * (1 - s) * inside).sum((-1, -2))
         out["extent"] = (over.sum() + under.sum() + short.sum() + missing_len) / n_pairs
-    if "margin" in active:
+    if "margin" in active or "centre" in active:
         if field is None or angle_deg is None or cutoff is None:
-            raise ConfigError("the margin term needs the FOD field, angle_deg and cutoff")
-        feats = running_features(halves.detach(), counts, res.term[ids.to(res.term.device)], field)
+            raise ConfigError("margin / centre need the FOD field, angle_deg and cutoff")
         th = target.halves[ids].to(dev)
         tc = target.counts[ids].to(dev)
-        tfeats = running_features(th, tc, torch.zeros_like(tc), field)
+        # every target half gets its stop event (the peak search from its last vertex)
+        tfeats = running_features(th, tc, torch.full_like(tc, int(_term_model())), field)
         tfeats["cum"] = _arc(th.to(dt))
         tfeats["counts"] = tc
+    if "margin" in active:
+        feats = running_features(halves.detach(), counts, res.term[ids.to(res.term.device)], field)
         out["margin"] = (
             margin_hinge(
                 feats, cum, t_sel, counts, angle_deg, cutoff, log_temperature, target=tfeats
             ).to(dev)
             / n_pairs
+        )
+    if "centre" in active:
+        box = feasible_box(tfeats)
+        parts = []
+        for v, (lo, hi) in ((angle_deg, box["angle_deg"]), (cutoff, box["cutoff"])):
+            if torch.is_tensor(v) and v.requires_grad and 0 < lo < hi < math.inf:
+                c = 0.5 * (math.log(lo) + math.log(hi))
+                parts.append((torch.log(v.to(dt)) - c).pow(2).add(1e-4).sqrt())
+        out["centre"] = (
+            torch.stack(parts).sum().to(dev) if parts else torch.zeros((), dtype=dt, device=dev)
         )
     need_sl = [k for k in ("paired", "chamfer", "length", "density") if k in active]
     if need_sl:
@@ -414,6 +455,87 @@ def paired_terms(
             d_b = track_density(target.streamlines.to(dtype=dt), shape, affine)
             out["density"] = 1.0 - density_correlation(d_a.to(dt), d_b.to(dt))
     return out
+
+
+def vertex_distance(
+    halves: torch.Tensor,
+    counts: torch.Tensor,
+    weights: torch.Tensor | None,
+    target_halves: torch.Tensor,
+    target_counts: torch.Tensor,
+) -> torch.Tensor:
+    """Index-paired distance of each pair: vertex ``k`` of a tracked half vs vertex ``k`` of its
+    target half (``k`` steps from the seed), over their common index range.
+
+    Args:
+        halves: ``[S, 2, H, 3]`` tracked halves (:func:`split_halves`, mm).
+        counts: ``[S, 2]`` vertices per tracked half.
+        weights: ``[S, 2, H]`` survival weights of the tracked vertices (detached here: the
+            term never pays to kill a vertex), or None (all 1).
+        target_halves: ``[S, 2, H', 3]`` the paired target halves, oriented alike (mm).
+        target_counts: ``[S, 2]`` vertices per target half.
+
+    Returns:
+        ``[S]`` float64 weighted mean distance (mm) over vertices ``1 <= k < min(n, n')`` of
+        both halves (0 for a pair with no common vertex beyond the seed).
+
+    Gradients:
+        Through ``halves`` (hence to the step and the SH coefficients), not ``weights``.
+    """
+    dt = torch.float64
+    dev = halves.device
+    H = min(int(halves.shape[2]), int(target_halves.shape[2]))
+    k = torch.minimum(counts.to(dev), target_counts.to(dev))  # [S, 2]
+    j = torch.arange(H, device=dev)
+    m = ((j[None, None] < k[..., None]) & (j[None, None] >= 1)).to(dt)
+    if weights is not None:
+        m = m * weights[..., :H].detach().to(dt)
+    diff = halves[:, :, :H].to(dt) - target_halves[:, :, :H].to(dev, dt)
+    d = diff.pow(2).sum(-1).clamp_min(1e-12).sqrt()
+    return (d * m).sum((-1, -2)) / m.sum((-1, -2)).clamp_min(1e-6)
+
+
+def _term_model():
+    from ..tracking.types import Term
+
+    return Term.MODEL
+
+
+@torch.no_grad()
+def feasible_box(tfeats: dict) -> dict:
+    """Intervals of angle and cutoff that the target halves' features allow (this batch).
+
+    Every target vertex survived, so ``angle > a_lo`` (the largest target turn) and
+    ``cutoff < c_hi`` (the smallest target amplitude). A target half whose stop event (the
+    peak search from its last vertex, :func:`running_features` with every half ``stopped``)
+    has amplitude ``>= c_hi`` cannot have been stopped by the cutoff; if its turn exceeds
+    ``a_lo`` the angle stopped it: ``angle < turn``. One whose turn is ``<= a_lo`` cannot have
+    been stopped by the angle; if its amplitude is in ``(0, c_hi)`` the cutoff stopped it:
+    ``cutoff > amplitude`` (amplitude 0: it left the FOD's support or the image). Stops that
+    either test could explain are ignored.
+
+    Args:
+        tfeats: :func:`running_features` of the target halves plus their ``counts``.
+
+    Returns:
+        ``{"angle_deg": (lo, hi), "cutoff": (lo, hi)}`` floats; ``hi = inf`` / ``lo = 0`` where
+        no stop bounds that side.
+    """
+    n = tfeats["counts"].to(tfeats["max_turn"].device)
+    real = n >= 2
+    last = (n - 1).clamp_min(0)[..., None]
+    mt = torch.gather(tfeats["max_turn"], 2, last)[..., 0]
+    ma = torch.gather(tfeats["min_amp"], 2, last)[..., 0]
+    if not bool(real.any()):
+        return {"angle_deg": (0.0, math.inf), "cutoff": (0.0, math.inf)}
+    a_lo = float(mt[real].max())
+    c_hi = float(ma[real].min())
+    st, sa = tfeats["stop_turn"], tfeats["stop_amp"]
+    by_angle = real & (sa >= c_hi) & (st > a_lo)
+    by_cut = real & (st <= a_lo) & (sa > 0) & (sa < c_hi)
+    a_hi = float(st[by_angle].min()) if bool(by_angle.any()) else math.inf
+    c_lo = float(sa[by_cut].max()) if bool(by_cut.any()) else 0.0
+    return {"angle_deg": (a_lo, a_hi), "cutoff": (c_lo, c_hi)}
 
 
 @torch.no_grad()

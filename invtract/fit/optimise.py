@@ -25,7 +25,9 @@ The survival weights' temperature anneals geometrically from ``*_start`` to ``*_
 ``anchor`` (a ``[loss.weights]`` term): ``sum_k sqrt((log v_k - log v0_k)^2 + 1e-4)`` over the
 learned angle and cutoff, ``v0`` the starting (tckgen default) values. A weak pull back to the
 defaults: where the target does not constrain a threshold (the data terms are flat there), it
-stays at tckgen's value instead of drifting.
+stays at tckgen's value instead of drifting. Where the target bounds a threshold on both sides,
+``centre`` (weighted above ``anchor``; :func:`~invtract.fit.objective.feasible_box`) moves it
+to the middle of that interval instead of its edge nearest the default.
 
 Determinism and resume: the minibatch of iteration ``k`` is drawn from a generator seeded with
 ``(seed, k)``, and the checkpoint holds the learned tensors, optimiser states, history and
@@ -119,7 +121,7 @@ DEFAULT_CONFIG: dict = {
         "radius_mm": 1.0,
         "coverage_weight": 1.0,
         "sphere_points": 256,
-        "weights": {"mdf": 1.0, "margin": 1.0, "anchor": 0.01},
+        "weights": {"mdf": 1.0, "vertex": 1.0, "margin": 1.0, "centre": 0.05, "anchor": 0.01},
     },
 }
 
@@ -612,7 +614,7 @@ def fit(
             return sh0_flat.reshape(sh0.shape)
         return sh0_flat.index_add(0, voxels, delta).reshape(sh0.shape)
 
-    running = "margin" in cfg.loss.active(TERMS)
+    running = bool({"margin", "centre"} & set(cfg.loss.active(TERMS)))
     fixed_field = None
     if running and not learn_sh:
         from ..fod.field import FODField

@@ -167,3 +167,78 @@ def test_log_space_and_signum_keep_parameters_in_bounds():
     )
     assert 1.0 <= res.params.angle_deg <= 90.0 and 0.05 <= res.params.cutoff <= 3.0
     assert {"loss/margin", "loss/anchor"} <= set(res.history[-1])
+
+
+def _arc_halves(step):
+    """Two halves of ``n`` vertices ``step`` apart on a circle of radius 10 mm, from (10, 0, 0)."""
+    k = torch.arange(8, dtype=torch.float64)
+    th = k * step / 10.0
+    h0 = torch.stack([10 * torch.cos(th), 10 * torch.sin(th), torch.zeros_like(th)], -1)
+    h1 = torch.stack([10 * torch.cos(-th), 10 * torch.sin(-th), torch.zeros_like(th)], -1)
+    return torch.stack([h0, h1])[None]  # [1, 2, 8, 3]
+
+
+def test_vertex_distance_is_zero_when_identical_and_a_v_in_the_step():
+    target = _arc_halves(torch.tensor(0.5, dtype=torch.float64))
+    counts = torch.tensor([[8, 5]])
+    w = torch.ones(1, 2, 8, dtype=torch.float64)
+    same = objective.vertex_distance(target.clone(), counts, w, target, counts)
+    assert float(same) < 1e-5
+    for s, sign in ((0.3, -1.0), (0.45, -1.0), (0.55, 1.0), (0.9, 1.0)):
+        step = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+        # half 1 of the tracked pair stops earlier (3 vertices): only the common range counts
+        tracked = _arc_halves(step)
+        d = objective.vertex_distance(tracked, torch.tensor([[8, 3]]), w, target, counts)
+        d.sum().backward()
+        assert torch.isfinite(step.grad) and float(step.grad) * sign > 1.0
+        assert float(d.detach()) > 0.05
+    # the survival weights are detached: the term never pays to kill a vertex
+    wg = w.clone().requires_grad_(True)
+    step = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    objective.vertex_distance(_arc_halves(step), counts, wg, target, counts).sum().backward()
+    assert wg.grad is None and float(step.grad) > 0
+
+
+def test_paired_terms_vertex_term_vanishes_at_the_target_step():
+    from invtract.tracking.differentiable import track_differentiable
+
+    img, sl, seeding = _tiny(3)
+    pt = PairedTarget.build(sl, seeding.positions, seeding.directions)
+    cfg = objective.LossConfig.from_dict({"weights": {"vertex": 1.0}})
+    params = TrackingParameters(min_length_mm=10.0, max_length_mm=200.0).resolve(img.voxel_sizes)
+    sh = torch.as_tensor(np.asarray(img.data, np.float32))
+    out = {}
+    for s in (0.8, 1.0, 1.2):
+        step = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+        res = track_differentiable(
+            sh, img.affine, pt.seeds, pt.directions, params, step_mm=step,
+            voxel_sizes=img.voxel_sizes,
+        )  # fmt: skip
+        v = objective.paired_terms(res, pt, cfg)["vertex"]
+        v.backward()
+        out[s] = (float(v.detach()), float(step.grad))
+    assert out[1.0][0] < 1e-3  # the example target was tracked at 1.0 mm
+    assert out[0.8][1] < 0 < out[1.2][1]
+
+
+def test_feasible_box_reads_threshold_intervals_from_target_stops():
+    # 2 streamlines x 2 halves, 3 vertices each; every target vertex survived: angle > 30,
+    # cutoff < 0.4. Stops: (35 deg, amp 0.6) only the angle explains -> angle < 35;
+    # (10 deg, amp 0.2) only the cutoff explains -> cutoff > 0.2; amp 0 (left the FOD) and
+    # (40 deg, amp 0.1) (either test) bound nothing.
+    turns = torch.tensor([[[0, 5, 30], [0, 2, 3]], [[0, 1, 1], [0, 4, 4]]], dtype=torch.float64)
+    amps = torch.tensor([[[1, 0.9, 0.5], [0.7, 0.4, 0.4]], [[1, 1, 1], [0.8, 0.8, 0.8]]])
+    tf = {
+        "max_turn": turns,
+        "min_amp": amps.double(),
+        "stop_turn": torch.tensor([[35.0, 10.0], [20.0, 40.0]], dtype=torch.float64),
+        "stop_amp": torch.tensor([[0.6, 0.2], [0.0, 0.1]], dtype=torch.float64),
+        "counts": torch.tensor([[3, 3], [3, 3]]),
+    }
+    box = objective.feasible_box(tf)
+    assert box["angle_deg"] == pytest.approx((30.0, 35.0))
+    assert box["cutoff"] == pytest.approx((0.2, 0.4))
+    # without the two informative stops neither threshold is bounded on both sides
+    tf["stop_amp"] = torch.tensor([[0.0, 0.0], [0.0, 0.1]], dtype=torch.float64)
+    box = objective.feasible_box(tf)
+    assert box["angle_deg"][1] == float("inf") and box["cutoff"][0] == 0.0
