@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -428,3 +429,49 @@ def test_postgres_two_workers(phantom, tmp_path):
         assert len(study.trials) == 8
     finally:
         optuna.delete_study(study_name=name, storage=url)
+
+
+# ------------------------------------------------------------------------------------------
+# benchmarks/search_vs_gradient.py: pass accounting (the acceptance benchmark's own logic)
+# ------------------------------------------------------------------------------------------
+def _benchmark_module():
+    import importlib.util
+
+    path = REPO / "benchmarks" / "search_vs_gradient.py"
+    spec = importlib.util.spec_from_file_location("search_vs_gradient", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_threshold_and_ratio_bounds():
+    b = _benchmark_module()
+    assert b.threshold(1.0) == pytest.approx(1.05)
+    assert b.threshold(1e-6, floor=1e-3) == pytest.approx(1e-6 + 1e-3)  # exact reproductions
+    trace = [{"passes": i + 1, "wall_s": float(i), "loss": v} for i, v in enumerate([3, 2, 1])]
+    assert b.first_reach(trace, 2.0)["passes"] == 2 and b.first_reach(trace, 0.5) is None
+    assert b.median_passes([10, None, 30]) == 30 and b.median_passes([None, None, 5]) == math.inf
+    assert b.ratio(50, 10, 300, 61) == {"value": 5.0, "bound": "exact", "text": "5.00"}
+    assert b.ratio(math.inf, 10, 300, 61)["bound"] == "lower"  # black-box never reached
+    assert b.ratio(math.inf, 10, 300, 61)["value"] == 30.0
+    assert b.ratio(50, math.inf, 300, 61)["bound"] == "upper"  # the gradient fit never reached
+    assert b.ratio(math.inf, math.inf, 300, 61)["value"] is None
+    assert b.finite_or_none({"a": [math.inf, 1.0], "b": math.nan}) == {"a": [None, 1.0], "b": None}
+
+
+def test_benchmark_scores_every_method_with_the_common_score(phantom):
+    """Black-box trial n = n passes; gradient iterate k = k + 1 passes, scored like black-box."""
+    b = _benchmark_module()
+    b._setup_worker()
+    space = search.load_space("sd_stream")
+    prob = search.load_problem(
+        phantom["target"], phantom["fod"], target_seeds=phantom["seeds"], score=space.loss
+    )
+    bb = b.run_blackbox(prob, space, 3, seed=0)
+    assert [p["passes"] for p in bb["trace"]] == [1, 2, 3]
+    assert bb["trace"][0]["loss"] == pytest.approx(prob.evaluate(bb["trace"][0]["params"])[0].loss)
+    gr = b.run_gradient(prob, iterations=2, n_seeds=4, seed=0)
+    assert [p["passes"] for p in gr["trace"]] == [1, 2, 3]  # theta_0, theta_1, final theta_2
+    assert gr["trace"][0]["loss"] == pytest.approx(prob.evaluate({})[0].loss)  # tckgen defaults
+    walls = [p["wall_s"] for p in gr["trace"]]
+    assert walls == sorted(walls) and gr["seeds_per_iteration"] == 4
