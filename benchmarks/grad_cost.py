@@ -6,12 +6,15 @@ record has ``n``, ``max_points``, ``path`` (``plain`` / ``efficient``), ``device
 graph recording on), ``forward_backward_s`` (forward plus ``loss.backward()``),
 ``peak_mem_mb`` (memory added by the run: CPU peak RSS minus RSS before tracking; CUDA
 ``torch.cuda.max_memory_allocated`` minus the allocation before) and ``points`` (streamline
-vertices produced); efficient records also have ``nograd_forward_s`` (the hard tracker,
-``track_torch``, same seeds and device, no gradients: the baseline of the "forward + backward
-<= 2x forward" goal; the differentiable forward's hard pass is the same torch engine),
-``fb_over_nograd`` and ``fb_over_nograd_cpu``. Every record is measured in a fresh process,
-after a short warm-up (forward, backward and baseline on 8 seeds, 10 mm) that loads compiled
-kernels, so none of that is timed.
+vertices produced); efficient records also have ``nograd_forward_s`` (the fastest hard
+tracker for the device, same seeds, no gradients: the baseline of the "forward + backward <= 2x
+forward" goal; on CPU the fused numba engine, ``invtract track``'s default, on CUDA the Triton
+engine when it imports, else ``track_torch``; named in ``nograd_engine``), ``fb_over_nograd``
+and ``fb_over_nograd_cpu``, and the same against the torch engine (``track_torch``):
+``nograd_forward_torch_s``, ``fb_over_nograd_torch``, ``fb_over_nograd_torch_cpu``. Every record
+is measured in a fresh process, after a short warm-up (forward, backward and baselines on 8
+seeds, 10 mm) that loads compiled kernels, so none of that is timed (the baseline engine's
+warm-up runs after the differentiable run, so that its thread pool cannot affect it).
 
 Workload (synthetic, generated here, deterministic): a single-fibre lmax-8 FOD on a
 12 x 12 x 220 grid of 2.5 mm voxels whose fibre runs along +z and sways gently in x and y
@@ -31,7 +34,8 @@ per-step Python overhead, nearly independent of N.
 Plain records carry no baseline (``nograd_forward_s``): the time goal concerns the efficient
 path.
 Threads: ``--threads`` (default 1; the machine is shared, and single-threaded timings are
-steadier; all paths and the baseline use the same setting). Under load, wall-clock ratios are
+steadier; all paths and the baselines use the same setting: torch threads, and
+``NUMBA_NUM_THREADS`` for the numba engine). Under load, wall-clock ratios are
 noisy: ``fb_over_nograd_cpu`` is the same ratio in process CPU time (``time.process_time``).
 """
 
@@ -109,7 +113,7 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
     from invtract.fod.field import FODField
     from invtract.params import TrackingParameters
     from invtract.tracking.differentiable import track_differentiable
-    from invtract.tracking.tracker import track_torch
+    from invtract.tracking.tracker import ENGINES, numba_available, track_torch
 
     sh, affine = make_phantom()
     sh = sh.to(device)
@@ -166,14 +170,44 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
     if path == "plain":  # the time goal concerns the efficient path: no baseline here
         return rec
     field = FODField.from_array(sh, affine, device=device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    track_torch(field, seeds, dirs, params, batch_size=max(n, 1))
-    sync()
-    ng, ng_cpu = time.perf_counter() - t0, time.process_time() - c0
+    name, engine = _fastest_engine(device, ENGINES, numba_available)
+    if name != "torch":  # load its compiled kernels (after the differentiable run)
+        engine(field, seeds[:8], dirs[:8], short)
+        sync()
+
+    def timed(fn, **kw):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn(field, seeds, dirs, params, **kw)
+        sync()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    ng, ng_cpu = timed(engine) if name != "torch" else (None, None)
+    nt, nt_cpu = timed(track_torch, batch_size=max(n, 1))
+    if ng is None:
+        ng, ng_cpu = nt, nt_cpu
+    rec["nograd_engine"] = name
     rec["nograd_forward_s"] = round(ng, 3)
     rec["fb_over_nograd"] = round(fb / ng, 3)
     rec["fb_over_nograd_cpu"] = round(fb_cpu / ng_cpu, 3)
+    rec["nograd_forward_torch_s"] = round(nt, 3)
+    rec["fb_over_nograd_torch"] = round(fb / nt, 3)
+    rec["fb_over_nograd_torch_cpu"] = round(fb_cpu / nt_cpu, 3)
     return rec
+
+
+def _fastest_engine(device: str, engines, numba_available):
+    """``(name, engine)``: the fastest hard tracker for the device (numba on CPU, Triton on
+    CUDA when it imports), else the torch engine."""
+    if device.startswith("cuda"):
+        try:
+            import triton  # noqa: F401
+
+            return "triton", engines["triton"]
+        except Exception:
+            return "torch", engines["torch"]
+    if numba_available():
+        return "numba", engines["numba"]
+    return "torch", engines["torch"]
 
 
 def main(argv=None) -> int:
@@ -198,7 +232,12 @@ def main(argv=None) -> int:
     import torch
 
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        NUMBA_NUM_THREADS=str(args.threads),
+    )
     runs = []
 
     def run(n, f, path, dev):
@@ -253,6 +292,9 @@ def main(argv=None) -> int:
             row["mem_ratio_plain_over_efficient"] = round(mem / max(r["peak_mem_mb"], 1e-9), 1)
         row["fb_over_nograd"] = r["fb_over_nograd"]
         row["fb_over_nograd_cpu"] = r.get("fb_over_nograd_cpu")
+        row["nograd_engine"] = r.get("nograd_engine")
+        row["fb_over_nograd_torch"] = r.get("fb_over_nograd_torch")
+        row["fb_over_nograd_torch_cpu"] = r.get("fb_over_nograd_torch_cpu")
         summary.append(row)
     for row in summary:
         twin = next(

@@ -27,6 +27,11 @@ Two gradient paths evaluate the same formulation:
   from :class:`~invtract.fod.peak_grad.PeakJet`. The hard pass records only the converged peak
   of every step (12 bytes per streamline-step in float32, the only state kept besides the
   outputs); the points and weights are then recomputed from the seeds and the peaks.
+
+The hard pass (both paths) is, on CPU with numba for a float32 FOD (``refine=0``, both halves),
+the fused numba engine of ``invtract track``
+(:func:`~invtract.tracking.fused_cpu.track_fused_cpu_peaks`, same streamlines bit for bit),
+else the torch tracker (``_run_half``; ``HARD_PASS = "torch"`` forces it).
 """
 
 from __future__ import annotations
@@ -319,8 +324,38 @@ def _tape_values(tp: _Tape, sh_flat, h: float, consts: _Consts, cl_seed):
     Wf.exp_()
 
 
+#: engine of the hard pass (both paths): "auto" (the fused numba kernel,
+#: :func:`~invtract.tracking.fused_cpu.track_fused_cpu_peaks`, when :func:`_use_fused` allows
+#: it, else the torch tracker ``_run_half``), "fused" (as "auto", but an error where the fused
+#: kernel cannot run) or "torch"
+HARD_PASS = "auto"
+
+
+def _use_fused(field: FODField, params, refine: int) -> bool:
+    """The fused kernel runs the hard pass: CPU, numba, float32 FOD (the kernel is float32-only,
+    so float64 runs keep the torch tracker), ``refine == 0``, both halves."""
+    if HARD_PASS == "torch":
+        return False
+    from . import fused_cpu
+
+    ok = (
+        field.device.type == "cpu"
+        and fused_cpu.available()
+        and field.dtype == torch.float32
+        and refine == 0
+        and not params.unidirectional
+    )
+    if HARD_PASS == "fused" and not ok:
+        raise ConfigError(
+            "HARD_PASS='fused' needs numba, a float32 CPU FOD, refine=0 and both halves"
+        )
+    return ok
+
+
 @torch.no_grad()
 def _hard_forward(field: FODField, seeds, init_dirs, params, refine: int, consts) -> _Tape:
+    if seeds.shape[0] > 0 and _use_fused(field, params, refine):
+        return _hard_forward_fused(field, seeds, init_dirs, params, consts)
     dev, dt = field.device, field.dtype
     n = seeds.shape[0]
     seeds = seeds.detach().to(device=dev, dtype=dt)
@@ -386,6 +421,81 @@ def _hard_forward(field: FODField, seeds, init_dirs, params, refine: int, consts
         term=term,
     )
     _tape_values(tp, field.sh_flat, params.step_mm, consts, cl_seed[seed_ids])
+    return tp
+
+
+#: seeds per call of the fused hard pass: each call holds ``[chunk, max_points + 2, 3]``
+#: float32 points and peaks (untouched pages cost nothing) until its accepted rows' peaks are
+#: copied out
+FUSED_CHUNK = 8192
+
+
+@torch.no_grad()
+def _hard_forward_fused(field: FODField, seeds, init_dirs, params, consts) -> _Tape:
+    """The hard pass in the fused numba kernel (``invtract track``'s CPU engine: the same points,
+    lengths and decisions), which also records every point's peak; then as ``_hard_forward``."""
+    from . import fused_cpu
+
+    dt = field.dtype
+    n = seeds.shape[0]
+    sh = field.sh_flat.detach().numpy().reshape(*field.shape, -1)
+    s2v = field.scanner2voxel.numpy()
+    seeds_np = seeds.detach().to(torch.float32).numpy()
+    init_np = init_dirs.detach().to(torch.float32).numpy()
+    status = np.empty(n, np.int64)
+    term = np.empty((n, 2), np.int64)
+    ids, n1s, lens, u0s, peaks = [], [], [], [], []
+    for a in range(0, n, FUSED_CHUNK):
+        b = min(n, a + FUSED_CHUNK)
+        out = fused_cpu.track_fused_cpu_peaks(
+            sh, s2v, seeds_np[a:b], init_np[a:b], params, threads=torch.get_num_threads()
+        )
+        del out["points"]  # recomputed from the seeds and the peaks (same values) below
+        status[a:b], term[a:b] = out["status"], out["term"]
+        acc = np.flatnonzero(out["status"] == int(Reject.ACCEPTED))
+        ln = out["lengths"][acc]
+        Lc = int(ln.max()) if acc.size else 0
+        ids.append(acc + a)
+        n1s.append(out["seed_index"][acc])
+        lens.append(ln)
+        u0s.append(out["init_dir"][acc])
+        # the kernel's rows are already in the output layout: seed at column n1, the first
+        # half reversed before it, the second after it (step k at n1 - 1 - k / n1 + 1 + k)
+        peaks.append(out.pop("peaks")[acc, :Lc])  # a copy; the chunk's buffer is released
+    seed_ids_np = np.concatenate(ids)
+    lens_np = np.concatenate(lens)
+    S = seed_ids_np.size
+    L = int(lens_np.max()) if S else 0
+    if len(peaks) == 1 and peaks[0].shape[1] == L:
+        u_pad = torch.from_numpy(peaks.pop())
+    else:
+        u_pad = torch.empty((S, L, 3), dtype=torch.float32)
+        r = 0
+        while peaks:
+            pc = peaks.pop(0)
+            u_pad[r : r + pc.shape[0], : pc.shape[1]] = torch.from_numpy(pc)
+            r += pc.shape[0]
+    seed_ids = torch.from_numpy(seed_ids_np)
+    seeds_acc = seeds.detach()[seed_ids].to(dt)
+    u0 = torch.from_numpy(np.concatenate(u0s))
+    c, _ = field.sample(seeds_acc)
+    A0 = peak_amplitude(c, u0, field.lmax).to(torch.float64)
+    cl_seed = F.logsigmoid((A0 - consts.cut) / consts.t_amp)
+    n1_t = torch.from_numpy(np.concatenate(n1s))
+    tp = _Tape(
+        seeds=seeds_acc,
+        u0=u0,
+        n1=n1_t,
+        n2=torch.from_numpy(lens_np) - 1 - n1_t,
+        L=L,
+        points=torch.empty((S, L, 3), dtype=dt),
+        u_pad=u_pad,
+        weights=torch.empty((S, L), dtype=torch.float64),
+        seed_ids=seed_ids,
+        status=torch.from_numpy(status),
+        term=torch.from_numpy(term),
+    )
+    _tape_values(tp, field.sh_flat, params.step_mm, consts, cl_seed)
     return tp
 
 

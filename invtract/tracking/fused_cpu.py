@@ -35,7 +35,9 @@ bits; checked against the disassembly of the Debian 3.0.3 ``tckgen``, SSE2, no F
   file*, 84 on ``fod.mif``; with the seeds file's positions and the replayed random directions
   all 7132 streamlines of that file come out bit for bit (``test_fused_cpu.py``).
 
-Public API: :func:`track_fused_cpu` and :func:`available`.
+Public API: :func:`track_fused_cpu`, :func:`track_fused_cpu_peaks` (the same kernel, serial
+per Python thread, also returning each point's peak direction: the hard pass of the
+differentiable tracker) and :func:`available`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from ..fod.peaks import peak_tables
 from ..params import ResolvedParameters
 from .types import TERM_ADD_TO_TCK, EngineResult, ImageRoi, Reject, RoiSet, SphereRoi, Term
 
-__all__ = ["track_fused_cpu", "available", "warmup"]
+__all__ = ["track_fused_cpu", "track_fused_cpu_peaks", "available", "warmup"]
 
 try:  # pragma: no cover - exercised implicitly
     import numba
@@ -618,10 +620,14 @@ def _truncate_maxlength(buf, n, seed, max_dist):
 
 
 @njit(**_JIT)
-def _track_half(buf, n, px, py, pz, ux, uy, uz, state, sh, nonzero, M, cbuf, fp, ip, lut, zint,
-                zflt, pint, pflt, mstart, AL, roi_set, roi_bit, roi_kind, roi_sph, roi_mat,
-                roi_dim, roi_off, roi_mask, add_to_tck):  # fmt: skip
-    """Exec::gen_track_unidir: returns (n, term, steps)."""
+def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, nonzero, M, cbuf, fp, ip,
+                lut, zint, zflt, pint, pflt, mstart, AL, roi_set, roi_bit, roi_kind, roi_sph,
+                roi_mat, roi_dim, roi_off, roi_mask, add_to_tck):  # fmt: skip
+    """Exec::gen_track_unidir: returns (n, term, steps).
+
+    With ``rec``, ``ubuf[n]`` receives the direction u held when point ``buf[n]`` was written
+    (the converged peak that produced it); stores only, the tracking is unchanged.
+    """
     rk4 = ip[_IP_RK4] != 0
     lmax = ip[_IP_LMAX]
     max_points = ip[_IP_MAXPTS]
@@ -654,6 +660,10 @@ def _track_half(buf, n, px, py, pz, ux, uy, uz, state, sh, nonzero, M, cbuf, fp,
             buf[n, 0] = px
             buf[n, 1] = py
             buf[n, 2] = pz
+            if rec:
+                ubuf[n, 0] = ux
+                ubuf[n, 1] = uy
+                ubuf[n, 2] = uz
             n += 1
         if term == _CONTINUE and n >= max_points:
             term = _LENGTH_EXCEED
@@ -662,10 +672,12 @@ def _track_half(buf, n, px, py, pz, ux, uy, uz, state, sh, nonzero, M, cbuf, fp,
 
 
 @njit(**_JIT)
-def _track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_u0, out_steps,
-                sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set, roi_bit,
-                roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask, add_to_tck, cbuf, AL,
-                state):  # fmt: skip
+def _track_seed(i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out_term, out_u0,
+                out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set,
+                roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask, add_to_tck, cbuf,
+                AL, state):  # fmt: skip
+    """Track seed ``i`` into ``buf[i]`` (and its per-point peaks into ``ubuf[i]`` with ``rec``;
+    ``ubuf`` is then laid out like ``buf``, else it is a dummy and never written)."""
     state[0] = 0
     state[1] = 0
     state[2] = 1
@@ -714,24 +726,28 @@ def _track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_
         _visit(px, py, pz, state, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim,
                roi_off, roi_mask)  # fmt: skip
     b = buf[i]
+    ub = ubuf[i] if rec else ubuf[0]
     b[0, 0] = px
     b[0, 1] = py
     b[0, 2] = pz
-    n, t0, s0 = _track_half(b, 1, px, py, pz, ux, uy, uz, state, sh, nonzero, M, cbuf, fp, ip,
-                            lut, zint, zflt, pint, pflt, mstart, AL, roi_set, roi_bit, roi_kind,
-                            roi_sph, roi_mat, roi_dim, roi_off, roi_mask, add_to_tck)  # fmt: skip
+    n, t0, s0 = _track_half(b, ub, rec, 1, px, py, pz, ux, uy, uz, state, sh, nonzero, M, cbuf,
+                            fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, roi_set, roi_bit,
+                            roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
+                            add_to_tck)  # fmt: skip
     out_term[i, 0] = t0
     steps = s0
     excluded = t0 == _ENTER_EXCLUDE
     seed = 0
     if not excluded and ip[_IP_UNIDIR] == 0:
         _reverse(b, n)
+        if rec:
+            _reverse(ub, n)
         seed = n - 1
         qx = b[n - 1, 0]
         qy = b[n - 1, 1]
         qz = b[n - 1, 2]
-        n, t1, s1 = _track_half(b, n, qx, qy, qz, -ux, -uy, -uz, state, sh, nonzero, M, cbuf,
-                                fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, roi_set,
+        n, t1, s1 = _track_half(b, ub, rec, n, qx, qy, qz, -ux, -uy, -uz, state, sh, nonzero, M,
+                                cbuf, fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, roi_set,
                                 roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                                 add_to_tck)  # fmt: skip
         out_term[i, 1] = t1
@@ -826,12 +842,46 @@ def _track_chunk(seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_u0
         cbuf = np.empty(sh.shape[3], dtype=np.float32)
         AL = np.empty(n_legendre_nb(ip[_IP_LMAX]), dtype=np.float32)
         state = np.zeros(3, dtype=np.int64)
+        no_u = np.empty((1, 1, 3), dtype=np.float32)  # peaks not recorded
         for i in range(w, N, nworkers):
-            _track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_u0,
-                        out_steps, sh_w, nonzero_w, M_w, fp_w, ip_w, lut_w, zint_w, zflt_w,
+            _track_seed(i, seeds, dirs, buf, no_u, False, out_n, out_seed, out_status, out_term,
+                        out_u0, out_steps, sh_w, nonzero_w, M_w, fp_w, ip_w, lut_w, zint_w, zflt_w,
                         pint_w, pflt_w, mstart_w, roi_set_w, roi_bit_w, roi_kind_w, roi_sph_w,
                         roi_mat_w, roi_dim_w, roi_off_w, roi_mask_w, add_w, cbuf, AL,
                         state)  # fmt: skip
+
+
+@njit(**_JIT)
+def _track_rows(w, nworkers, seeds, dirs, buf, ubuf, out_n, out_seed, out_status, out_term,
+                out_u0, out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
+                roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
+                add_to_tck):  # fmt: skip
+    """Serial (no numba thread pool): seeds ``w, w + nworkers, ...``, recording each point's
+    peak in ``ubuf`` (laid out like ``buf``). One call per Python thread (the GIL is released);
+    with several workers each tracks with its own copies of the read-only inputs, as in
+    :func:`_track_chunk`."""
+    N = seeds.shape[0]
+    own = nworkers > 1
+    sh_w = sh.copy() if own else sh
+    nonzero_w = nonzero.copy() if own else nonzero
+    M_w = M.copy() if own else M
+    fp_w = fp.copy() if own else fp
+    ip_w = ip.copy() if own else ip
+    lut_w = lut.copy() if own else lut
+    zint_w = zint.copy() if own else zint
+    zflt_w = zflt.copy() if own else zflt
+    pint_w = pint.copy() if own else pint
+    pflt_w = pflt.copy() if own else pflt
+    mstart_w = mstart.copy() if own else mstart
+    add_w = add_to_tck.copy() if own else add_to_tck
+    cbuf = np.empty(sh.shape[3], dtype=np.float32)
+    AL = np.empty(n_legendre_nb(ip[_IP_LMAX]), dtype=np.float32)
+    state = np.zeros(3, dtype=np.int64)
+    for i in range(w, N, nworkers):
+        _track_seed(i, seeds, dirs, buf, ubuf, True, out_n, out_seed, out_status, out_term,
+                    out_u0, out_steps, sh_w, nonzero_w, M_w, fp_w, ip_w, lut_w, zint_w, zflt_w,
+                    pint_w, pflt_w, mstart_w, roi_set, roi_bit, roi_kind, roi_sph, roi_mat,
+                    roi_dim, roi_off, roi_mask, add_w, cbuf, AL, state)  # fmt: skip
 
 
 @njit(**_JIT)
@@ -1144,6 +1194,101 @@ def track_fused_cpu(
         init_dir=init_dir,
         counts={"steps": steps, "seconds": seconds, "chunks": len(packed)},
     )
+
+
+def track_fused_cpu_peaks(
+    sh: np.ndarray,
+    scanner2voxel: np.ndarray,
+    seeds: np.ndarray,
+    init_dirs: np.ndarray,
+    params: ResolvedParameters,
+    threads: int = 1,
+) -> dict:
+    """:func:`track_fused_cpu` (no ROIs) that also returns every point's converged peak.
+
+    The same kernel and arithmetic (every point, length, status and term is the one
+    :func:`track_fused_cpu` gives), run serially on ``threads`` Python threads (numba's thread
+    pool is not started: see :mod:`~invtract.tracking.adjoint_cpu`), unchunked, and unpacked.
+    Used by the hard pass of :func:`~invtract.tracking.differentiable.track_differentiable`.
+
+    Returns:
+        dict with ``points`` ``[N, L, 3]`` float32 (row i: ``lengths[i]`` vertices, the rest
+        undefined; ``L = max_points + 2``), ``peaks`` ``[N, L, 3]`` float32 (at each vertex but
+        the seed, the peak direction u the step that wrote it moved along: p = p_prev + h u;
+        undefined at the seed and beyond the length), ``lengths``, ``seed_index``, ``status``
+        ``[N]`` int64, ``term`` ``[N, 2]`` int64, ``init_dir`` ``[N, 3]`` float32 (the seed
+        peak), ``steps``.
+    """
+    if not available():
+        raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
+    if params.rk4 or params.downsample > 1:
+        raise ValueError("track_fused_cpu_peaks supports first-order stepping only")
+    sh, M, nonzero, lmax = _prepare_fod(sh, scanner2voxel)
+    seeds = np.ascontiguousarray(seeds, dtype=np.float32).reshape(-1, 3)
+    init_dirs = np.ascontiguousarray(init_dirs, dtype=np.float32).reshape(-1, 3)
+    if init_dirs.shape[0] != seeds.shape[0]:
+        raise ValueError(f"{seeds.shape[0]} seeds but {init_dirs.shape[0]} initial directions")
+    N = seeds.shape[0]
+    lut = np.ascontiguousarray(legendre_table(lmax), dtype=np.float32)
+    zint, zflt, pint, pflt, mstart = _sh_tables(lmax)
+    roi_arrays, _ = _flatten_rois(None)
+    max_points = int(params.max_points)
+    if max_points + 2 > _MAX_BUFFER_POINTS:
+        raise ValueError(f"max_points={max_points} is unbounded; not supported")
+    L = max_points + 2
+    fp = np.array(
+        [
+            params.step_mm,
+            params.cutoff,
+            params.dot_threshold,
+            params.cos_max_rk4,
+            params.min_length_mm,
+            params.max_length_mm,
+            lut_increment(),
+        ],
+        dtype=np.float32,
+    )
+    ip = np.array(
+        [
+            max_points,
+            params.min_points,
+            min(int(params.min_points_post), 2**62),
+            min(int(params.max_points_post), 2**62),
+            params.downsample,
+            0,
+            int(params.unidirectional),
+            int(params.stop),
+            lmax,
+            0,
+            0,
+            0,
+            0,
+        ],
+        dtype=np.int64,
+    )
+    buf = np.empty((N, L, 3), dtype=np.float32)
+    ubuf = np.empty((N, L, 3), dtype=np.float32)
+    out = {
+        "lengths": np.zeros(N, dtype=np.int64),
+        "seed_index": np.zeros(N, dtype=np.int64),
+        "status": np.zeros(N, dtype=np.int64),
+        "term": np.zeros((N, 2), dtype=np.int64),
+        "init_dir": np.zeros((N, 3), dtype=np.float32),
+    }
+    c_steps = np.zeros(N, dtype=np.int64)
+    T = max(1, min(int(threads), N))
+    args = (seeds, init_dirs, buf, ubuf, out["lengths"], out["seed_index"], out["status"],
+            out["term"], out["init_dir"], c_steps, sh, nonzero, M, fp, ip, lut, zint, zflt,
+            pint, pflt, mstart, *roi_arrays, _ADD_TO_TCK)  # fmt: skip
+    if T == 1:
+        _track_rows(0, 1, *args)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(T) as ex:
+            list(ex.map(lambda w: _track_rows(w, T, *args), range(T)))
+    out["points"], out["peaks"], out["steps"] = buf, ubuf, int(c_steps.sum())
+    return out
 
 
 def warmup() -> float:

@@ -11,8 +11,10 @@ import torch
 from invtract.fod.field import FODField
 from invtract.fod.sh import sh_basis
 from invtract.params import TrackingParameters
+from invtract.tracking import differentiable
 from invtract.tracking.differentiable import track_differentiable
-from invtract.tracking.tracker import track_torch
+from invtract.tracking.tracker import ENGINES, numba_available, track_torch
+from invtract.tracking.types import Reject
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 REAL = DATA / "real_msmt15"
@@ -53,7 +55,7 @@ def _real(dtype=torch.float64, n=2, max_length=12.1):
 
 
 @pytest.mark.parity
-def test_forward_equals_hard_tracker_on_shared_bundle():
+def test_forward_equals_hard_tracker_on_shared_bundle(monkeypatch):
     nib = pytest.importorskip("nibabel")
     if not (REAL / "fod.nii.gz").exists():
         pytest.skip("shared data not available")
@@ -66,12 +68,30 @@ def test_forward_equals_hard_tracker_on_shared_bundle():
     )
     pos, d = torch.tensor(pos[:24]), torch.tensor(d[:24])
     params = TrackingParameters().resolve(img.header.get_zooms()[:3])
-    hard = track_torch(FODField.from_array(sh, img.affine), pos, d, params)
-    res = track_differentiable(torch.tensor(sh, requires_grad=True), img.affine, pos, d, params)
+    field = FODField.from_array(sh, img.affine)
+    hard = track_torch(field, pos, d, params)
+    with monkeypatch.context() as mp:  # the torch hard pass (CUDA / no-numba fallback)
+        mp.setattr(differentiable, "HARD_PASS", "torch")
+        res = track_differentiable(
+            torch.tensor(sh, requires_grad=True), img.affine, pos, d, params
+        )
     sl = res.streamlines()
     assert np.array_equal(sl.lengths.numpy(), hard.lengths[hard.lengths > 0])
     assert np.abs(sl.points.detach().numpy() - hard.points).max() <= 1e-5
     assert np.array_equal(res.seed_index.numpy(), hard.seed_index[hard.lengths > 0])
+    if not numba_available():
+        return
+    # default on CPU: the fused numba hard pass, bit for bit the numba engine's streamlines
+    # (tckgen's); the torch engine can differ from them by float32 ulps (up to ~1e-4 mm at
+    # full length), never in lengths here
+    nb = ENGINES["numba"](field, pos, d, params)
+    res = track_differentiable(torch.tensor(sh, requires_grad=True), img.affine, pos, d, params)
+    sl = res.streamlines()
+    assert np.array_equal(sl.lengths.numpy(), nb.lengths[nb.lengths > 0])
+    assert np.array_equal(sl.points.detach().numpy(), nb.points)
+    assert np.array_equal(res.seed_index.numpy(), nb.seed_index[nb.lengths > 0])
+    assert np.array_equal(res.status.numpy(), nb.status.astype(np.int64))
+    assert np.array_equal(res.term.numpy(), nb.term.astype(np.int64))
 
 
 def _grads(path, sh, affine, seeds, dirs, params, refine=0):
@@ -256,3 +276,60 @@ def test_compiled_backward_equals_torch_sweep(monkeypatch, dtype):
     for a, b in zip(out["numba"], g3):
         a, b = a.double(), b.double()
         assert float((a - b).abs().max() / a.abs().max().clamp_min(1e-300)) <= tol * 1e-2
+
+
+def test_fused_hard_pass_float32(monkeypatch):
+    # float32 on CPU: the hard pass runs in the fused numba kernel (chunked over the seeds);
+    # its tape gives the torch hard pass's lengths and decisions, and gradients within float32
+    # rounding of the torch pass's, with plain and efficient agreeing on it; NaN seeds /
+    # directions are rejected, never NaN gradients
+    if not numba_available():
+        pytest.skip("numba not available")
+    sh, affine = _phantom((6, 6, 6), dtype=torch.float32)
+    g = torch.Generator().manual_seed(7)
+    seeds = ((torch.rand(9, 3, generator=g, dtype=torch.float64) - 0.5) * 6.0).float()
+    dirs = torch.tensor([[0.0, 0.0, 1.0]] * 9)
+    seeds[4] = float("nan")
+    params = TrackingParameters(step_mm=0.3, min_length_mm=0.5, max_length_mm=30.0).resolve(
+        (2.0, 2.0, 2.0)
+    )
+    calls = []
+    from invtract.tracking import fused_cpu
+
+    real = fused_cpu.track_fused_cpu_peaks
+    monkeypatch.setattr(
+        fused_cpu, "track_fused_cpu_peaks", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    res, out = {}, {}
+    for hp in ("torch", "fused"):
+        monkeypatch.setattr(differentiable, "HARD_PASS", hp)
+        res[hp], out[hp] = _grads("efficient", sh, affine, seeds, dirs, params)
+    assert len(calls) == 1
+    a, b = res["torch"], res["fused"]
+    assert len(set(b.lengths.tolist())) > 1 and torch.equal(a.lengths, b.lengths)
+    assert torch.equal(a.seed_ids, b.seed_ids) and torch.equal(a.seed_index, b.seed_index)
+    assert 4 not in b.seed_ids.tolist()
+    assert (a.points - b.points).abs().max() <= 1e-4
+    for x, y in zip(out["torch"], out["fused"]):
+        assert torch.isfinite(y).all()
+        x, y = x.double(), y.double()
+        assert float((x - y).abs().max() / x.abs().max().clamp_min(1e-300)) <= 1e-3
+    # chunking over the seeds changes nothing
+    monkeypatch.setattr(differentiable, "FUSED_CHUNK", 2)
+    c, gc = _grads("efficient", sh, affine, seeds, dirs, params)
+    assert torch.equal(c.points, b.points) and torch.equal(c.weights, b.weights)
+    for x, y in zip(out["fused"], gc):
+        assert torch.equal(x, y)
+    assert len(calls) == 6
+    # a NaN start direction rejects the seed (tckgen; the torch pass tracks from the zero
+    # vector instead)
+    dn = dirs.clone()
+    dn[6] = float("nan")
+    d, gd = _grads("efficient", sh, affine, seeds, dn, params)
+    assert int(d.status[6]) == int(Reject.INVALID_SEED) and 6 not in d.seed_ids.tolist()
+    assert all(torch.isfinite(x).all() for x in gd)
+    # plain autograd on the fused tape agrees with the efficient sweep
+    _, gp = _grads("plain", sh, affine, seeds, dirs, params)
+    for x, y in zip(gp, out["fused"]):
+        x, y = x.double(), y.double()
+        assert float((x - y).abs().max() / x.abs().max().clamp_min(1e-300)) <= 1e-4

@@ -428,3 +428,57 @@ def test_whole_volume_replay_is_bit_exact():
         for k, i in enumerate(kept)
     )
     assert exact == 7132
+
+
+@pytest.mark.parametrize(
+    "case,name", [("real_msmt15", "bundleA_default"), ("phantom_cross90", "whole")]
+)
+def test_peaks_variant_same_streamlines(case, name):
+    # track_fused_cpu_peaks (the differentiable tracker's hard pass): the same kernel, so the
+    # same points, lengths, statuses and terms bit for bit, on 1 and 2 threads; its recorded
+    # peak at each vertex is the direction that step moved along (p = p_prev + h u, float32)
+    sh, s2v, vox = _load_fod(case)
+    header, streamlines, table = _load_reference(case, name)
+    rows = table[:300]
+    seeds = np.array([streamlines[t][s] for t, s in rows])
+    dirs = np.array(
+        [
+            (streamlines[t][s - 1] - streamlines[t][s])
+            if s > 0
+            else (streamlines[t][s] - streamlines[t][s + 1])
+            for t, s in rows
+        ]
+    )
+    dirs[::17] = np.nan  # a few rejected seeds
+    params = _params_from_header(header, vox).resolve(vox)
+    ref = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params)
+    h = np.float32(params.step_mm)
+    for threads in (1, 2):
+        out = fused_cpu.track_fused_cpu_peaks(sh, s2v, seeds, dirs, params, threads=threads)
+        assert np.array_equal(out["lengths"], ref.lengths)
+        assert np.array_equal(out["status"], ref.status.astype(np.int64))
+        assert np.array_equal(out["term"], ref.term.astype(np.int64))
+        acc = ref.lengths > 0
+        assert np.array_equal(out["seed_index"][acc], ref.seed_index[acc])
+        assert np.array_equal(out["init_dir"], ref.init_dir, equal_nan=True)
+        assert out["steps"] == ref.counts["steps"]
+        P, U = out["points"], out["peaks"]
+        pts = np.concatenate([P[i, :n] for i, n in enumerate(ref.lengths)])
+        assert np.array_equal(pts, ref.points)
+        checked = 0
+        for i in np.flatnonzero(acc):
+            s, n = out["seed_index"][i], out["lengths"][i]
+            after = P[i, s : n - 1] + U[i, s + 1 : n] * h  # second half, outward
+            before = P[i, 1 : s + 1] + U[i, :s] * h  # first half, outward (reversed)
+            assert np.array_equal(after, P[i, s + 1 : n])
+            assert np.array_equal(before, P[i, :s])
+            assert np.allclose(np.linalg.norm(U[i, :s], axis=-1), 1.0, atol=1e-5)
+            checked += n - 1
+        assert checked > 1000
+
+
+def test_peaks_variant_rejects_rk4(straight):
+    sh, s2v = straight
+    params = TrackingParameters(rk4=True).resolve((1.0, 1.0, 1.0))
+    with pytest.raises(ValueError):
+        fused_cpu.track_fused_cpu_peaks(sh, s2v, np.zeros((1, 3)), np.ones((1, 3)), params)
