@@ -21,7 +21,7 @@ from ..params import ResolvedParameters, TrackingParameters
 from ..streamlines import Streamlines
 from .rng import MRtrixRNG
 from .seeding import MaskGrid, SeedImageSampler, grid_per_voxel, random_per_voxel
-from .tracker import concat_results, run_engine
+from .tracker import run_engine
 from .types import (
     REJECT_NAMES,
     TERM_NAMES,
@@ -31,6 +31,7 @@ from .types import (
     RoiSet,
     SphereRoi,
     Term,
+    concat_results,
 )
 
 __all__ = ["Seeding", "TrackingResult", "track", "SeedChecker"]
@@ -325,12 +326,6 @@ def track(
             (select and n_selected >= select) or (max_seeds and n_seen >= max_seeds)
         ):
             break
-    if not parts:
-        empty = EngineResult(
-            np.zeros((0, 3), np.float32), *(np.zeros(0, np.int64) for _ in range(2)),
-            np.zeros(0, np.int8), np.zeros((0, 2), np.int8), np.zeros((0, 3), np.float32),
-        )  # fmt: skip
-        parts = [empty]
     res = concat_results(parts)
     acc = res.accepted
     sl = Streamlines(torch.from_numpy(res.points), torch.from_numpy(res.lengths[acc]))

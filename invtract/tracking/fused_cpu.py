@@ -44,13 +44,24 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
 from ..fod.peaks import peak_tables
+from ..fod.sh import lmax_from_n
 from ..params import ResolvedParameters
-from .types import TERM_ADD_TO_TCK, EngineResult, ImageRoi, Reject, RoiSet, SphereRoi, Term
+from .types import (
+    TERM_ADD_TO_TCK,
+    EngineResult,
+    ImageRoi,
+    Reject,
+    RoiSet,
+    SphereRoi,
+    Term,
+    concat_results,
+)
 
 __all__ = ["track_fused_cpu", "track_fused_cpu_peaks", "available", "warmup"]
 
@@ -1010,10 +1021,7 @@ def _prepare_fod(sh: np.ndarray, scanner2voxel: np.ndarray):
     sh = np.ascontiguousarray(sh, dtype=np.float32)
     if sh.ndim != 4:
         raise ValueError(f"sh must be [X, Y, Z, K], got shape {sh.shape}")
-    K = sh.shape[3]
-    lmax = 2 * int(math.floor((math.sqrt(1.0 + 8.0 * K) - 3.0) / 4.0))
-    if (lmax + 1) * (lmax + 2) // 2 != K:
-        raise ValueError(f"{K} volumes is not a valid number of even-degree SH coefficients")
+    lmax = lmax_from_n(sh.shape[3])
     M = np.ascontiguousarray(np.asarray(scanner2voxel, dtype=np.float64)[:3, :4])
     if M.shape != (3, 4):
         raise ValueError(f"scanner2voxel must be [3, 4], got {M.shape}")
@@ -1041,6 +1049,70 @@ def seeds_have_data(sh: np.ndarray, scanner2voxel: np.ndarray, seeds: np.ndarray
     out = np.zeros(seeds.shape[0], dtype=np.bool_)
     _has_data_kernel(sh, nonzero, M, seeds, out)
     return out
+
+
+@dataclass
+class _KernelInputs:
+    """Everything the kernels take besides the per-seed arrays and outputs."""
+
+    seeds: np.ndarray  # [N, 3] float32
+    init_dirs: np.ndarray  # [N, 3] float32
+    fod: tuple  # (sh, nonzero, M)
+    consts: tuple  # (fp, ip, lut, zint, zflt, pint, pflt, mstart)
+    rois: tuple  # the arrays of _flatten_rois
+    L: int  # buffer points per streamline (max_points + 2)
+
+
+def _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois) -> _KernelInputs:
+    """Validate and lay out the inputs of :func:`track_fused_cpu` for the kernels."""
+    if not available():
+        raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
+    sh, M, nonzero, lmax = _prepare_fod(sh, scanner2voxel)
+    seeds = np.ascontiguousarray(seeds, dtype=np.float32).reshape(-1, 3)
+    init_dirs = np.ascontiguousarray(init_dirs, dtype=np.float32).reshape(-1, 3)
+    if init_dirs.shape[0] != seeds.shape[0]:
+        raise ValueError(f"{seeds.shape[0]} seeds but {init_dirs.shape[0]} initial directions")
+    lut = np.ascontiguousarray(legendre_table(lmax), dtype=np.float32)
+    assert lut.shape[1] == n_legendre(lmax)
+    roi_arrays, roi_counts = _flatten_rois(rois)
+    max_points = int(params.max_points)
+    if max_points + 2 > _MAX_BUFFER_POINTS:
+        raise ValueError(
+            f"max_points={max_points} is unbounded for the fused engine (downsample "
+            f"{params.downsample} x angle {params.angle_deg} deg >= 360 deg); not supported"
+        )
+    fp = np.array(
+        [
+            params.step_mm,
+            params.cutoff,
+            params.dot_threshold,
+            params.cos_max_rk4,
+            params.min_length_mm,
+            params.max_length_mm,
+            lut_increment(),
+        ],
+        dtype=np.float32,
+    )
+    ip = np.array(
+        [
+            max_points,
+            params.min_points,
+            min(int(params.min_points_post), 2**62),
+            min(int(params.max_points_post), 2**62),
+            params.downsample,
+            int(params.rk4),
+            int(params.unidirectional),
+            int(params.stop),
+            lmax,
+            roi_counts["include"],
+            roi_counts["ordered"],
+            roi_counts["exclude"],
+            roi_counts["mask"],
+        ],
+        dtype=np.int64,
+    )
+    consts = (fp, ip, lut, *_sh_tables(lmax))
+    return _KernelInputs(seeds, init_dirs, (sh, nonzero, M), consts, roi_arrays, max_points + 2)
 
 
 def track_fused_cpu(
@@ -1072,64 +1144,9 @@ def track_fused_cpu(
         :class:`EngineResult`; ``counts`` has ``steps`` (successful propagation steps),
         ``seconds`` (wall time of the tracking kernels) and ``chunks``.
     """
-    if not available():
-        raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
-    sh, M, nonzero, lmax = _prepare_fod(sh, scanner2voxel)
-    seeds = np.ascontiguousarray(seeds, dtype=np.float32).reshape(-1, 3)
-    init_dirs = np.ascontiguousarray(init_dirs, dtype=np.float32).reshape(-1, 3)
-    if init_dirs.shape[0] != seeds.shape[0]:
-        raise ValueError(f"{seeds.shape[0]} seeds but {init_dirs.shape[0]} initial directions")
-    N = seeds.shape[0]
-    lut = np.ascontiguousarray(legendre_table(lmax), dtype=np.float32)
-    assert lut.shape[1] == n_legendre(lmax)
-    zint, zflt, pint, pflt, mstart = _sh_tables(lmax)
-    roi_arrays, roi_counts = _flatten_rois(rois)
-
-    max_points = int(params.max_points)
-    if max_points + 2 > _MAX_BUFFER_POINTS:
-        raise ValueError(
-            f"max_points={max_points} is unbounded for the fused engine (downsample "
-            f"{params.downsample} x angle {params.angle_deg} deg >= 360 deg); not supported"
-        )
-    L = max_points + 2
-    fp = np.array(
-        [
-            params.step_mm,
-            params.cutoff,
-            params.dot_threshold,
-            params.cos_max_rk4,
-            params.min_length_mm,
-            params.max_length_mm,
-            lut_increment(),
-        ],
-        dtype=np.float32,
-    )
-    ip = np.array(
-        [
-            max_points,
-            params.min_points,
-            min(int(params.min_points_post), 2**62),
-            min(int(params.max_points_post), 2**62),
-            params.downsample,
-            int(params.rk4),
-            int(params.unidirectional),
-            int(params.stop),
-            lmax,
-            roi_counts["include"],
-            roi_counts["ordered"],
-            roi_counts["exclude"],
-            roi_counts["mask"],
-        ],
-        dtype=np.int64,
-    )
-
-    lengths = np.zeros(N, dtype=np.int64)
-    seed_index = np.full(N, -1, dtype=np.int64)
-    status = np.full(N, _INVALID_SEED, dtype=np.int8)
-    term = np.full((N, 2), -1, dtype=np.int8)
-    init_dir = np.full((N, 3), np.nan, dtype=np.float32)
-    steps = 0
-    packed = []
+    k = _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois)
+    N = k.seeds.shape[0]
+    parts = []
     chunk_size = max(1, int(chunk_size))
     old_threads = _set_threads(nthreads)
     nworkers = numba.get_num_threads()
@@ -1138,7 +1155,7 @@ def track_fused_cpu(
         for start in range(0, N, chunk_size):
             stop = min(N, start + chunk_size)
             C = stop - start
-            buf = np.empty((C, L, 3), dtype=np.float32)
+            buf = np.empty((C, k.L, 3), dtype=np.float32)
             c_n = np.zeros(C, dtype=np.int64)
             c_seed = np.zeros(C, dtype=np.int64)
             c_status = np.zeros(C, dtype=np.int64)
@@ -1146,54 +1163,33 @@ def track_fused_cpu(
             c_u0 = np.zeros((C, 3), dtype=np.float32)
             c_steps = np.zeros(C, dtype=np.int64)
             _track_chunk(
-                seeds[start:stop],
-                init_dirs[start:stop],
-                buf,
-                c_n,
-                c_seed,
-                c_status,
-                c_term,
-                c_u0,
-                c_steps,
-                sh,
-                nonzero,
-                M,
-                fp,
-                ip,
-                lut,
-                zint,
-                zflt,
-                pint,
-                pflt,
-                mstart,
-                *roi_arrays,
-                _ADD_TO_TCK,
-                nworkers,
-            )
+                k.seeds[start:stop], k.init_dirs[start:stop], buf, c_n, c_seed, c_status,
+                c_term, c_u0, c_steps, *k.fod, *k.consts, *k.rois, _ADD_TO_TCK, nworkers,
+            )  # fmt: skip
             out = np.empty((int(c_n.sum()), 3), dtype=np.float32)
             _pack(buf, c_n, out, 0)
-            packed.append(out)
             del buf
-            lengths[start:stop] = c_n
-            seed_index[start:stop] = c_seed
-            status[start:stop] = c_status
-            term[start:stop] = c_term
-            init_dir[start:stop] = c_u0
-            steps += int(c_steps.sum())
+            parts.append(
+                EngineResult(
+                    out,
+                    c_n,
+                    c_seed,
+                    c_status.astype(np.int8),
+                    c_term.astype(np.int8),
+                    c_u0,
+                    counts={"steps": int(c_steps.sum())},
+                )  # fmt: skip
+            )
     finally:
         if old_threads is not None:
             numba.set_num_threads(old_threads)
-    seconds = time.perf_counter() - t0
-    points = np.concatenate(packed) if packed else np.zeros((0, 3), dtype=np.float32)
-    return EngineResult(
-        points=points,
-        lengths=lengths,
-        seed_index=seed_index,
-        status=status,
-        term=term,
-        init_dir=init_dir,
-        counts={"steps": steps, "seconds": seconds, "chunks": len(packed)},
-    )
+    res = concat_results(parts)
+    res.counts = {
+        "steps": int(res.counts.get("steps", 0)),
+        "seconds": time.perf_counter() - t0,
+        "chunks": len(parts),
+    }
+    return res
 
 
 def track_fused_cpu_peaks(
@@ -1219,55 +1215,12 @@ def track_fused_cpu_peaks(
         ``[N]`` int64, ``term`` ``[N, 2]`` int64, ``init_dir`` ``[N, 3]`` float32 (the seed
         peak), ``steps``.
     """
-    if not available():
-        raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
     if params.rk4 or params.downsample > 1:
         raise ValueError("track_fused_cpu_peaks supports first-order stepping only")
-    sh, M, nonzero, lmax = _prepare_fod(sh, scanner2voxel)
-    seeds = np.ascontiguousarray(seeds, dtype=np.float32).reshape(-1, 3)
-    init_dirs = np.ascontiguousarray(init_dirs, dtype=np.float32).reshape(-1, 3)
-    if init_dirs.shape[0] != seeds.shape[0]:
-        raise ValueError(f"{seeds.shape[0]} seeds but {init_dirs.shape[0]} initial directions")
-    N = seeds.shape[0]
-    lut = np.ascontiguousarray(legendre_table(lmax), dtype=np.float32)
-    zint, zflt, pint, pflt, mstart = _sh_tables(lmax)
-    roi_arrays, _ = _flatten_rois(None)
-    max_points = int(params.max_points)
-    if max_points + 2 > _MAX_BUFFER_POINTS:
-        raise ValueError(f"max_points={max_points} is unbounded; not supported")
-    L = max_points + 2
-    fp = np.array(
-        [
-            params.step_mm,
-            params.cutoff,
-            params.dot_threshold,
-            params.cos_max_rk4,
-            params.min_length_mm,
-            params.max_length_mm,
-            lut_increment(),
-        ],
-        dtype=np.float32,
-    )
-    ip = np.array(
-        [
-            max_points,
-            params.min_points,
-            min(int(params.min_points_post), 2**62),
-            min(int(params.max_points_post), 2**62),
-            params.downsample,
-            0,
-            int(params.unidirectional),
-            int(params.stop),
-            lmax,
-            0,
-            0,
-            0,
-            0,
-        ],
-        dtype=np.int64,
-    )
-    buf = np.empty((N, L, 3), dtype=np.float32)
-    ubuf = np.empty((N, L, 3), dtype=np.float32)
+    k = _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, None)
+    N = k.seeds.shape[0]
+    buf = np.empty((N, k.L, 3), dtype=np.float32)
+    ubuf = np.empty((N, k.L, 3), dtype=np.float32)
     out = {
         "lengths": np.zeros(N, dtype=np.int64),
         "seed_index": np.zeros(N, dtype=np.int64),
@@ -1277,9 +1230,9 @@ def track_fused_cpu_peaks(
     }
     c_steps = np.zeros(N, dtype=np.int64)
     T = max(1, min(int(threads), N))
-    args = (seeds, init_dirs, buf, ubuf, out["lengths"], out["seed_index"], out["status"],
-            out["term"], out["init_dir"], c_steps, sh, nonzero, M, fp, ip, lut, zint, zflt,
-            pint, pflt, mstart, *roi_arrays, _ADD_TO_TCK)  # fmt: skip
+    outputs = (out["lengths"], out["seed_index"], out["status"], out["term"], out["init_dir"])
+    args = (k.seeds, k.init_dirs, buf, ubuf, *outputs, c_steps, *k.fod, *k.consts, *k.rois,
+            _ADD_TO_TCK)  # fmt: skip
     if T == 1:
         _track_rows(0, 1, *args)
     else:

@@ -45,8 +45,9 @@ import torch
 
 from ..errors import InvtractWarning
 from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
+from ..fod.sh import lmax_from_n
 from ..params import ResolvedParameters
-from .types import EngineResult, Reject, RoiSet, Term
+from .types import EngineResult, Reject, RoiSet, Term, concat_results
 
 __all__ = [
     "track_fused_triton",
@@ -859,9 +860,7 @@ def track_fused_triton(
     if sh_t.ndim != 4:
         raise ValueError(f"sh must be [X, Y, Z, K], got shape {tuple(sh_t.shape)}")
     NX, NY, NZ, K = (int(s) for s in sh_t.shape)
-    lmax = 2 * int(math.floor((math.sqrt(1.0 + 8.0 * K) - 3.0) / 4.0))
-    if (lmax + 1) * (lmax + 2) // 2 != K:
-        raise ValueError(f"{K} volumes is not a valid number of even-degree SH coefficients")
+    lmax = lmax_from_n(K)
     nonzero = (sh_t != 0).any(dim=-1).to(torch.int8).contiguous()  # NaN counts as non-zero
     M = np.ascontiguousarray(np.asarray(scanner2voxel, dtype=np.float64)[:3, :4])
     m_t = torch.as_tensor(np.concatenate([M.reshape(-1), [_SQRT2, 1e-4]]), device=dev)
@@ -893,13 +892,7 @@ def track_fused_triton(
         nprog_cap = int(programs or 8 * sms)
     chunk = max(1, chunk)
 
-    lengths = np.zeros(N, dtype=np.int64)
-    seed_index = np.full(N, -1, dtype=np.int64)
-    status = np.full(N, _INVALID_SEED, dtype=np.int8)
-    term = np.full((N, 2), -1, dtype=np.int8)
-    init_dir = np.full((N, 3), np.nan, dtype=np.float32)
-    packed = []
-    steps = 0
+    parts = []
     if variant not in ("auto", "seq", "tile"):
         raise ValueError(f"variant must be 'auto', 'seq' or 'tile', got {variant!r}")
     seq = variant == "seq" or (variant == "auto" and not INTERPRET)
@@ -928,30 +921,28 @@ def track_fused_triton(
                 int(bool(params.unidirectional)), BLOCK=blk, KP=KP, KC=KC, SP=SP, NS=NS, SEQ=seq,
                 **launch_kw,
             )  # fmt: skip
-            pts = _pack(buf, c_n, c_n1, params.unidirectional)
-            packed.append(pts.cpu().numpy())
+            pts = _pack(buf, c_n, c_n1, params.unidirectional).cpu().numpy()
             del buf
-            n_np = c_n.cpu().numpy().astype(np.int64)
             st_np = c_status.cpu().numpy()
-            lengths[start:stop] = n_np
-            acc = st_np == _ACCEPTED
             si = np.where(params.unidirectional, 0, c_n1.cpu().numpy().astype(np.int64) - 1)
-            seed_index[start:stop] = np.where(acc, si, -1)
-            status[start:stop] = st_np
-            term[start:stop] = c_term.cpu().numpy()
-            init_dir[start:stop] = c_u0.cpu().numpy()
-            steps += int(c_steps.sum())
-    seconds = time.perf_counter() - t0
-    points = np.concatenate(packed) if packed else np.zeros((0, 3), dtype=np.float32)
-    return EngineResult(
-        points=points,
-        lengths=lengths,
-        seed_index=seed_index,
-        status=status,
-        term=term,
-        init_dir=init_dir,
-        counts={"steps": steps, "seconds": seconds, "chunks": len(packed)},
-    )
+            parts.append(
+                EngineResult(
+                    pts,
+                    c_n.cpu().numpy().astype(np.int64),
+                    np.where(st_np == _ACCEPTED, si, -1),
+                    st_np,
+                    c_term.cpu().numpy(),
+                    c_u0.cpu().numpy(),
+                    counts={"steps": int(c_steps.sum())},
+                )  # fmt: skip
+            )
+    res = concat_results(parts)
+    res.counts = {
+        "steps": int(res.counts.get("steps", 0)),
+        "seconds": time.perf_counter() - t0,
+        "chunks": len(parts),
+    }
+    return res
 
 
 def triton_engine(field, seeds, init_dirs, params, rois=None, batch_size=None, progress=None):

@@ -20,7 +20,7 @@ from ..fod.field import FODField
 from ..params import ResolvedParameters
 from .propagator import normalise_eigen, sd_stream_step
 from .rois import any_contains, roi_contains
-from .types import EngineResult, Reject, RoiSet, Term
+from .types import EngineResult, Reject, RoiSet, Term, concat_results
 
 __all__ = ["track_torch", "ENGINES", "run_engine", "downsample_track", "check_length_post"]
 
@@ -225,25 +225,6 @@ def _track_chunk(field: FODField, seeds, init_dirs, params: ResolvedParameters, 
         term=term.cpu().numpy().astype(np.int8),
         init_dir=u0.cpu().numpy().astype(np.float32),
         counts={"steps": int(steps1 + steps2)},
-    )
-
-
-def concat_results(parts: list[EngineResult]) -> EngineResult:
-    """Concatenate engine results of consecutive seed chunks."""
-    if len(parts) == 1:
-        return parts[0]
-    counts: dict = {}
-    for p in parts:
-        for k, v in p.counts.items():
-            counts[k] = counts.get(k, 0) + v
-    return EngineResult(
-        points=np.concatenate([p.points for p in parts], 0),
-        lengths=np.concatenate([p.lengths for p in parts]),
-        seed_index=np.concatenate([p.seed_index for p in parts]),
-        status=np.concatenate([p.status for p in parts]),
-        term=np.concatenate([p.term for p in parts], 0),
-        init_dir=np.concatenate([p.init_dir for p in parts], 0),
-        counts=counts,
     )
 
 

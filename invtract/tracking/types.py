@@ -152,3 +152,32 @@ class EngineResult:
     @property
     def accepted(self) -> np.ndarray:
         return self.status == int(Reject.ACCEPTED)
+
+    @classmethod
+    def empty(cls) -> EngineResult:
+        """The result for zero seeds."""
+        return cls(
+            np.zeros((0, 3), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64),
+            np.zeros(0, np.int8), np.zeros((0, 2), np.int8), np.zeros((0, 3), np.float32),
+        )  # fmt: skip
+
+
+def concat_results(parts: list[EngineResult]) -> EngineResult:
+    """Concatenate engine results of consecutive seed chunks (``counts`` summed per key)."""
+    if not parts:
+        return EngineResult.empty()
+    if len(parts) == 1:
+        return parts[0]
+    counts: dict = {}
+    for p in parts:
+        for k, v in p.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    return EngineResult(
+        points=np.concatenate([p.points for p in parts], 0),
+        lengths=np.concatenate([p.lengths for p in parts]),
+        seed_index=np.concatenate([p.seed_index for p in parts]),
+        status=np.concatenate([p.status for p in parts]),
+        term=np.concatenate([p.term for p in parts], 0),
+        init_dir=np.concatenate([p.init_dir for p in parts], 0),
+        counts=counts,
+    )
