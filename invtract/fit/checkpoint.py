@@ -10,7 +10,13 @@ import torch
 
 from ..errors import ConfigError, FormatError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_iteration", "restore_fit_state"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_iteration",
+    "fit_state",
+    "restore_fit_state",
+]
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -40,6 +46,21 @@ def checkpoint_iteration(path: str | os.PathLike) -> int | None:
     if not Path(path).is_file():
         return None
     return int(load_checkpoint(path)["iteration"])
+
+
+def fit_state(iteration: int, config: dict, z: dict, delta, opt_p, opt_sh, **extra) -> dict:
+    """The checkpoint dict of a fit after ``iteration`` completed iterations (what
+    :func:`restore_fit_state` reads back): copies of ``z`` and ``delta``, the optimiser states,
+    the ``config`` it was made with, and ``extra`` entries (history, best, ...) as given."""
+    return {
+        "iteration": iteration,
+        "z": {k: v.detach().clone() for k, v in z.items()},
+        "delta": None if delta is None else delta.detach().cpu().clone(),
+        "opt_p": None if opt_p is None else opt_p.state_dict(),
+        "opt_sh": None if opt_sh is None else opt_sh.state_dict(),
+        "config": config,
+        **extra,
+    }
 
 
 def restore_fit_state(path, config: dict, z: dict, delta, opt_p, opt_sh) -> dict:

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, FitDiverged, ShapeError
+from ..errors import ConfigError, ShapeError
 from ..losses.connectome import (
     _layout,
     _soft_node_probs,
@@ -61,7 +61,8 @@ from ..losses.connectome import (
     radial_search_offsets,
 )
 from ..params import TrackingParameters
-from .checkpoint import restore_fit_state, save_checkpoint
+from .checkpoint import fit_state, restore_fit_state, save_checkpoint
+from .descent import descend
 from .objective import FOD_TERMS, LossConfig, fod_priors, soft_temperature
 from .optimise import PARAM_NAMES, _fod_arrays, _from_z, _to_z, merge_config
 
@@ -799,21 +800,11 @@ def fit_connectome(
     def save(it_done: int) -> None:
         if checkpoint is None:
             return
-        save_checkpoint(
-            checkpoint,
-            {
-                "iteration": it_done,
-                "z": {k: v.detach().clone() for k, v in z.items()},
-                "delta": None if delta is None else delta.detach().cpu().clone(),
-                "opt_p": None if opt_p is None else opt_p.state_dict(),
-                "opt_sh": None if opt_sh is None else opt_sh.state_dict(),
-                "history": history,
-                "best": best,
-                "config": raw,
-                "start_correlation": start_corr,
-                "start_matrix": start_m,
-            },
-        )
+        state = fit_state(
+            it_done, raw, z, delta, opt_p, opt_sh, history=history, best=best,
+            start_correlation=start_corr, start_matrix=start_m,
+        )  # fmt: skip
+        save_checkpoint(checkpoint, state)
 
     if logger is not None and it0 == 0 and getattr(logger, "writer", None) is not None:
         logger.writer.add_image("connectome/target", _matrix_image(target), 0)
@@ -886,37 +877,16 @@ def fit_connectome(
             total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
             if not torch.is_tensor(total):
                 total = torch.tensor(float(total), dtype=torch.float64)
-            loss = float(total.detach())
-            if not math.isfinite(loss):
-                raise FitDiverged(
-                    f"the loss became {loss} at iteration {it}; "
-                    + (f"the last good checkpoint is kept in {checkpoint}" if checkpoint else "")
-                )
-            for o in (opt_p, opt_sh):
-                if o is not None:
-                    o.zero_grad(set_to_none=True)
-            if total.requires_grad:
-                total.backward()
-            grads = {
-                f"grad/{k}": float(v.grad) if v.grad is not None else 0.0 for k, v in z.items()
-            }
-            gn_p = math.sqrt(sum(x * x for x in grads.values()))
-            gn_sh = float(delta.grad.norm()) if learn_sh and delta.grad is not None else 0.0
-            if not (math.isfinite(gn_p) and math.isfinite(gn_sh)):
-                raise FitDiverged(f"a gradient became non-finite at iteration {it}")
-            if float(ocfg["grad_clip"]) > 0:
-                allp = list(z.values()) + ([delta] if learn_sh else [])
-                torch.nn.utils.clip_grad_norm_(allp, float(ocfg["grad_clip"]))
             vals_before = {k: float(torch.as_tensor(v).detach()) for k, v in vals.items()}
+            step = descend(
+                total, it, z, delta if learn_sh else None, opt_p, opt_sh,
+                grad_clip=float(ocfg["grad_clip"]), alternate=fcfg["mode"] == "alternate",
+                checkpoint=checkpoint,
+            )  # fmt: skip
+            loss, grads = step["loss"], step["grads"]
+            gn_p, gn_sh = step["grad_norm_params"], step["grad_norm_sh"]
             if loss < best["loss"]:
                 best = {"loss": loss, "iteration": it, "values": vals_before}
-            which = ("p", "sh")
-            if fcfg["mode"] == "alternate" and opt_p is not None and opt_sh is not None:
-                which = ("p",) if it % 2 == 0 else ("sh",)
-            if opt_p is not None and "p" in which:
-                opt_p.step()
-            if opt_sh is not None and "sh" in which:
-                opt_sh.step()
             pred_np = pred.detach().cpu().numpy()
             rec = {
                 "iteration": it,

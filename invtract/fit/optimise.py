@@ -48,11 +48,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, FitDiverged
+from ..errors import ConfigError
 from ..io.seeds import midpoint_seeds
 from ..params import TrackingParameters
 from ..streamlines import Streamlines
-from .checkpoint import restore_fit_state, save_checkpoint
+from .checkpoint import fit_state, restore_fit_state, save_checkpoint
+from .descent import descend
 from .objective import (
     FOD_TERMS,
     TERMS,
@@ -692,22 +693,11 @@ def fit(
     def save(it_done: int) -> None:
         if checkpoint is None:
             return
-        save_checkpoint(
-            checkpoint,
-            {
-                "iteration": it_done,
-                "z": {k: v.detach().clone() for k, v in z.items()},
-                "delta": None if delta is None else delta.detach().cpu().clone(),
-                "opt_p": None if opt_p is None else opt_p.state_dict(),
-                "opt_sh": None if opt_sh is None else opt_sh.state_dict(),
-                "history": history,
-                "best": best,
-                "heldout": heldout,
-                "config": ckpt_cfg,
-                "train_index": train_idx,
-                "heldout_index": held_idx,
-            },
-        )
+        state = fit_state(
+            it_done, ckpt_cfg, z, delta, opt_p, opt_sh, history=history, best=best,
+            heldout=heldout, train_index=train_idx, heldout_index=held_idx,
+        )  # fmt: skip
+        save_checkpoint(checkpoint, state)
 
     bar = None
     if progress:
@@ -724,48 +714,30 @@ def fit(
             batch = torch.randperm(n_train, generator=g)[:m].sort().values
             sub = train_t.subset(batch.numpy())
             total, terms, res = run_terms(sub, it, grad=True)
-            loss = float(total.detach())
-            if not math.isfinite(loss):
-                raise FitDiverged(
-                    f"the loss became {loss} at iteration {it} "
-                    f"({ {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()} }); "
-                    + (f"the last good checkpoint is kept in {checkpoint}" if checkpoint else "")
-                )
-            for o in (opt_p, opt_sh):
-                if o is not None:
-                    o.zero_grad(set_to_none=True)
-            if total.requires_grad:
-                total.backward()
-            grads = {
-                f"grad/{k}": float(v.grad) if v.grad is not None else 0.0 for k, v in z.items()
-            }
-            gn_p = math.sqrt(sum(x * x for x in grads.values()))
-            gn_sh = float(delta.grad.norm()) if learn_sh and delta.grad is not None else 0.0
-            if not (math.isfinite(gn_p) and math.isfinite(gn_sh)):
-                raise FitDiverged(
-                    f"a gradient became non-finite at iteration {it}; "
-                    + (f"the last good checkpoint is kept in {checkpoint}" if checkpoint else "")
-                )
-            if cfg.grad_clip > 0:
-                params_all = list(z.values()) + ([delta] if learn_sh else [])
-                torch.nn.utils.clip_grad_norm_(params_all, cfg.grad_clip)
             vals_before = {k: float(v) for k, v in values(detach=True).items()}
-            if loss < best["loss"]:
-                best = {"loss": loss, "iteration": it, "values": vals_before}
-            which = ("p", "sh")
-            if cfg.mode == "alternate" and opt_p is not None and opt_sh is not None:
-                which = ("p",) if it % 2 == 0 else ("sh",)
-            if opt_p is not None and "p" in which:
+
+            def set_lr(it=it):
                 for grp in opt_p.param_groups:
                     grp["lr"] = cfg.lr_at(it)
-                opt_p.step()
+
+            def project():
                 if cfg.space == "log":
                     with torch.no_grad():
                         for k, v in z.items():
                             lo, hi = cfg.bounds[k]
                             v.clamp_(math.log(lo), math.log(hi))
-            if opt_sh is not None and "sh" in which:
-                opt_sh.step()
+
+            step = descend(
+                total, it, z, delta if learn_sh else None, opt_p, opt_sh,
+                grad_clip=cfg.grad_clip, alternate=cfg.mode == "alternate",
+                checkpoint=checkpoint,
+                detail=f" ({ {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()} })",
+                before_params_step=set_lr, after_params_step=project,
+            )  # fmt: skip
+            loss, grads = step["loss"], step["grads"]
+            gn_p, gn_sh = step["grad_norm_params"], step["grad_norm_sh"]
+            if loss < best["loss"]:
+                best = {"loss": loss, "iteration": it, "values": vals_before}
             vals = {k: float(v) for k, v in values(detach=True).items()}
             t_amp, t_cos, ta, tdeg = cfg.temperatures(it, vals_before["angle_deg"])
             rec = {
