@@ -298,23 +298,8 @@ class Fit:
         cfg_path = find_config(
             args.config or ("fit_params" if args.fit == "params" else "fit_fod")
         )
-        over: dict = {}
-        if args.example:
-            over = json.loads(json.dumps(EXAMPLE_OVERRIDES))
-        for k, v in vars(args).items():
-            if k.startswith("cfg:") and v is not None:
-                _set_key(over, k[4:], _parse_value(v))
-        for item in args.set:
-            if "=" not in item:
-                raise ConfigError(f"--set needs SECTION.KEY=VALUE, got {item!r}")
-            k, v = item.split("=", 1)
-            _set_key(over, k.strip(), _parse_value(v))
-        _set_key(over, "fit.learn", _LEARN[args.fit])
-        if args.iterations is not None:
-            _set_key(over, "fit.iterations", args.iterations)
-        if args.device:
-            _set_key(over, "fit.device", args.device)
-        cfg = load_config(cfg_path, over)
+        start = json.loads(json.dumps(EXAMPLE_OVERRIDES)) if args.example else {}
+        cfg = load_config(cfg_path, _collect_overrides(args, start))
         from ..fit.optimise import FitConfig
 
         FitConfig.from_dict(cfg)  # validate before loading data
@@ -525,8 +510,10 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) ->
     return summary
 
 
-def _collect_overrides(args) -> dict:
-    over: dict = {}
+def _collect_overrides(args, over: dict | None = None) -> dict:
+    """Config overrides from the command line (flags per key, ``--set``, ``--fit``,
+    ``--iterations``, ``--device``), applied on top of ``over``."""
+    over = {} if over is None else over
     for k, v in vars(args).items():
         if k.startswith("cfg:") and v is not None:
             _set_key(over, k[4:], _parse_value(v))

@@ -500,19 +500,7 @@ def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_m
     Returns:
         An object with ``points [S, L, 3]``, ``seed_index [S]``, ``lengths [S]``.
     """
-    from ..fod.field import FODField
-    from ..tracking.api import Seeding, track
-
-    sh_np = sh.detach().cpu().numpy() if torch.is_tensor(sh) else np.asarray(sh)
-    field = FODField.from_array(sh_np, np.asarray(affine, np.float64))
-    with torch.no_grad():
-        res = track(
-            field,
-            Seeding("list", positions=positions, directions=directions),
-            params,
-            voxel_sizes=voxel_sizes,
-            rng_seed=0,
-        )
+    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params)
     pts, _ = res.streamlines.to_padded()
     lengths = res.streamlines.lengths.to(torch.int64)
     pts = pts.to(torch.float64)
@@ -524,25 +512,30 @@ def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_m
     return _Tracked(pts, seed_index, lengths.to(torch.int64))
 
 
-def hard_connectome(sh, affine, voxel_sizes, positions, directions, params, labels, radius_mm):
-    """tck2connectome counts of hard tracking (fast engine) from the given seeds.
-
-    Returns:
-        ``(matrix [N, N] float64, n_streamlines)``.
-    """
+def _track_hard(sh, affine, voxel_sizes, positions, directions, params):
+    """Hard tracking (the fastest engine) of ``sh`` from explicit seeds and directions."""
     from ..fod.field import FODField
     from ..tracking.api import Seeding, track
 
     sh_np = sh.detach().cpu().numpy() if torch.is_tensor(sh) else np.asarray(sh)
     field = FODField.from_array(sh_np, np.asarray(affine, np.float64))
     with torch.no_grad():
-        res = track(
+        return track(
             field,
             Seeding("list", positions=positions, directions=directions),
             params,
             voxel_sizes=voxel_sizes,
             rng_seed=0,
         )
+
+
+def hard_connectome(sh, affine, voxel_sizes, positions, directions, params, labels, radius_mm):
+    """tck2connectome counts of hard tracking (fast engine) from the given seeds.
+
+    Returns:
+        ``(matrix [N, N] float64, n_streamlines)``.
+    """
+    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params)
     return connectome_matrix(res.streamlines, labels, radius_mm), len(res.streamlines)
 
 
