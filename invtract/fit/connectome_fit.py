@@ -62,7 +62,7 @@ from ..losses.connectome import (
 )
 from ..params import TrackingParameters
 from .checkpoint import fit_state, restore_fit_state, save_checkpoint
-from .descent import descend
+from .descent import annealed, descend
 from .objective import FOD_TERMS, LossConfig, fod_priors, soft_temperature
 from .optimise import PARAM_NAMES, _fod_arrays, _from_z, _to_z, merge_config
 
@@ -574,17 +574,6 @@ class ConnectomeFitResult:
     wall_s: float
 
 
-def _schedule(t: Mapping, it: int, iterations: int, a: str, b: str) -> float:
-    n = max(iterations - 1, 1)
-    f = min(it / n, 1.0)
-    x, y = float(t[a]), float(t[b])
-    if t["schedule"] == "constant":
-        return x
-    if t["schedule"] == "linear":
-        return x + (y - x) * f
-    return x * (y / x) ** f
-
-
 def matrix_figure(current: np.ndarray, target: np.ndarray, title: str = ""):
     """Matplotlib figure: current and target connectomes (density-normalised) side by side."""
     import matplotlib
@@ -817,8 +806,8 @@ def fit_connectome(
                 pos_t = torch.as_tensor(p_np, device=dev)
                 dirs_t = torch.as_tensor(d_np, device=dev)
             vals = values()
-            ta = _schedule(tcfg, it, iterations, "amplitude_start", "amplitude_end")
-            tdeg = _schedule(tcfg, it, iterations, "angle_start_deg", "angle_end_deg")
+            ta = annealed(tcfg, it, iterations, "amplitude_start", "amplitude_end")
+            tdeg = annealed(tcfg, it, iterations, "angle_start_deg", "angle_end_deg")
             ang = float(torch.as_tensor(vals["angle_deg"]).detach())
             t_amp, t_cos = soft_temperature(ta, tdeg, ang)
             sh = current_sh()

@@ -1,4 +1,5 @@
-"""One gradient-descent step, shared by the bundle fit and the connectome fit.
+"""One gradient-descent step and the annealing schedule, shared by the bundle fit and the
+connectome fit.
 
 The rules live here once: a non-finite loss or gradient stops the run with
 :class:`~invtract.errors.FitDiverged` (the last good checkpoint stays on disk), gradients are
@@ -9,13 +10,13 @@ parameters and odd ones the SH coefficients.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
 from ..errors import FitDiverged
 
-__all__ = ["descend"]
+__all__ = ["descend", "annealed"]
 
 
 def descend(
@@ -81,3 +82,16 @@ def descend(
     if step_sh:
         opt_sh.step()
     return {"loss": loss, "grads": grads, "grad_norm_params": gn_p, "grad_norm_sh": gn_sh}
+
+
+def annealed(t: Mapping, it: int, iterations: int, start: str, end: str) -> float:
+    """The value of ``t[start]`` -> ``t[end]`` at iteration ``it`` of ``iterations`` under
+    ``t["schedule"]``: ``"constant"`` (start), ``"linear"`` or geometric (otherwise); the end
+    value is reached at the last iteration."""
+    f = min(it / max(iterations - 1, 1), 1.0)
+    a, b = float(t[start]), float(t[end])
+    if t["schedule"] == "constant":
+        return a
+    if t["schedule"] == "linear":
+        return a + (b - a) * f
+    return a * (b / a) ** f

@@ -53,7 +53,7 @@ from ..io.seeds import midpoint_seeds
 from ..params import TrackingParameters
 from ..streamlines import Streamlines
 from .checkpoint import fit_state, restore_fit_state, save_checkpoint
-from .descent import descend
+from .descent import annealed, descend
 from .objective import (
     FOD_TERMS,
     TERMS,
@@ -287,35 +287,12 @@ class FitConfig:
 
     def margin_temperature(self, it: int) -> float:
         """Hinge softness of the ``margin`` term at iteration ``it`` (log units)."""
-        t = self.temperature
-        f = self._frac(it)
-
-        def sched(a, b):
-            a, b = float(a), float(b)
-            if t["schedule"] == "constant":
-                return a
-            if t["schedule"] == "linear":
-                return a + (b - a) * f
-            return a * (b / a) ** f
-
-        return sched(t["margin_start"], t["margin_end"])
+        return annealed(self.temperature, it, self.iterations, "margin_start", "margin_end")
 
     def temperatures(self, it: int, angle_deg: float) -> tuple[float, float, float, float]:
         """``(T_amp, T_cos, T_amp, T_angle_deg)`` at iteration ``it``."""
-        t = self.temperature
-        n = max(self.iterations - 1, 1)
-        f = min(it / n, 1.0)
-
-        def sched(a, b):
-            a, b = float(a), float(b)
-            if t["schedule"] == "constant":
-                return a
-            if t["schedule"] == "linear":
-                return a + (b - a) * f
-            return a * (b / a) ** f
-
-        ta = sched(t["amplitude_start"], t["amplitude_end"])
-        tdeg = sched(t["angle_start_deg"], t["angle_end_deg"])
+        ta = annealed(self.temperature, it, self.iterations, "amplitude_start", "amplitude_end")
+        tdeg = annealed(self.temperature, it, self.iterations, "angle_start_deg", "angle_end_deg")
         amp, cos = soft_temperature(ta, tdeg, angle_deg)
         return amp, cos, ta, tdeg
 
