@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,10 +25,8 @@ from .types import (
     REJECT_NAMES,
     TERM_NAMES,
     EngineResult,
-    ImageRoi,
     Reject,
     RoiSet,
-    SphereRoi,
     Term,
     concat_results,
 )
@@ -96,51 +93,18 @@ class TrackingResult:
 
 
 class SeedChecker:
-    """Vectorised numpy version of ``check_seed`` + "has data at the seed" (spec §4.2 step 1,
-    2.1): decides which seeds consume a random direction, before tracking."""
+    """Which seeds consume a random direction, decided before tracking (spec §4.2 step 1, 2.1):
+    ``check_seed`` and "data at the seed", with the fused kernel's own rule
+    (:class:`~invtract.tracking.fused_cpu.SeedTest`) whatever engine then tracks."""
 
     def __init__(self, field: FODField, rois: RoiSet) -> None:
-        sh0 = field.sh_flat[:, 0].detach().cpu().numpy()
-        self.nan0 = np.isnan(sh0).reshape(field.shape)
-        self.nonzero = field.nonzero_flat.cpu().numpy().reshape(field.shape)
-        self.M = field.scanner2voxel.cpu().numpy()
-        self.shape = np.array(field.shape)
-        self.rois = rois
+        from .fused_cpu import SeedTest
 
-    @staticmethod
-    def _contains(roi, p: np.ndarray) -> np.ndarray:
-        if isinstance(roi, SphereRoi):
-            d = (p - np.asarray(roi.centre, np.float32)).astype(np.float32)
-            d2 = d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2])
-            return d2 <= np.float32(roi.radius) * np.float32(roi.radius)
-        M = roi.scanner2voxel
-        v = p.astype(np.float64) @ M[:, :3].T + M[:, 3]
-        r = np.sign(v) * np.floor(np.abs(v) + 0.5)
-        shp = np.array(roi.mask.shape[:3])
-        ok = ((r >= 0) & (r < shp)).all(-1)
-        ri = np.where(ok[:, None], r, 0).astype(np.int64)
-        return ok & roi.mask[ri[:, 0], ri[:, 1], ri[:, 2]]
+        sh = field.sh_flat.detach().cpu().numpy().reshape(*field.shape, -1)
+        self._test = SeedTest(sh, field.scanner2voxel.cpu().numpy(), rois)
 
     def __call__(self, p: np.ndarray) -> np.ndarray:
-        p = np.asarray(p, np.float32).reshape(-1, 3)
-        ok = np.isfinite(p).all(-1)
-        q = np.where(ok[:, None], p, 0).astype(np.float32)
-        if self.rois.mask:
-            ok &= np.any([self._contains(r, q) for r in self.rois.mask], axis=0)
-        if self.rois.exclude:
-            ok &= ~np.any([self._contains(r, q) for r in self.rois.exclude], axis=0)
-        v = q.astype(np.float64) @ self.M[:, :3].T + self.M[:, 3]
-        inside = ((v > -0.5) & (v < self.shape - 0.5)).all(-1)
-        r = np.sign(v) * np.floor(np.abs(v) + 0.5)
-        r = np.clip(r, 0, self.shape - 1).astype(np.int64)
-        data = inside & self.nonzero[r[:, 0], r[:, 1], r[:, 2]]
-        fl = np.floor(v).astype(np.int64)
-        nan = np.zeros(len(p), bool)
-        for c in range(8):
-            o = np.array([c & 1, (c >> 1) & 1, (c >> 2) & 1])
-            ci = np.clip(fl + o, 0, self.shape - 1)
-            nan |= self.nan0[ci[:, 0], ci[:, 1], ci[:, 2]]
-        return ok & data & ~nan
+        return self._test(p)
 
 
 def _seed_stream(seeding: Seeding, checker: SeedChecker, rng: MRtrixRNG, fixed_dir, chunk: int):
@@ -352,6 +316,3 @@ def _truncate_result(res: EngineResult, n: int) -> EngineResult:
         term=res.term[:n],
         init_dir=res.init_dir[:n],
     )
-
-
-_ = (math, ImageRoi)

@@ -128,7 +128,7 @@ _FP_STEP, _FP_CUTOFF, _FP_DOT, _FP_COS_RK4, _FP_MINLEN, _FP_MAXLEN, _FP_INC = ra
     _IP_NORD,
     _IP_NEXC,
     _IP_NMASK,
-) = range(13)
+) = range(_IP_LEN := 13)
 
 _SQRT2 = 1.41421356237309504880  # Math::sqrt2 (double)
 _MAX_BUFFER_POINTS = 1_000_000
@@ -486,6 +486,23 @@ def _visit(px, py, pz, state, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_
                     break
 
 
+@njit(inline="always", **_JIT)
+def _seed_usable(px, py, pz, sh, nonzero, M, cbuf, ip, roi_set, roi_kind, roi_sph, roi_mat,
+                 roi_dim, roi_off, roi_mask):  # fmt: skip
+    """``check_seed`` (finite, inside the masks, outside the excludes) and SDStream::init's
+    "data at the seed" (``cbuf`` gets the coefficients): whether the seed is tracked at all,
+    and so whether tckgen draws a random direction for it."""
+    if not (np.isfinite(px) and np.isfinite(py) and np.isfinite(pz)):
+        return False
+    if ip[_IP_NMASK] > 0 and not _in_set(_ROI_MASK, px, py, pz, roi_set, roi_kind, roi_sph,
+                                         roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
+        return False
+    if ip[_IP_NEXC] > 0 and _in_set(_ROI_EXCLUDE, px, py, pz, roi_set, roi_kind, roi_sph,
+                                    roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
+        return False
+    return _sample(sh, nonzero, M, px, py, pz, cbuf)
+
+
 @njit(**_JIT)
 def _all_visited(state, n_inc, n_ord):
     full = (np.int64(1) << n_inc) - 1
@@ -705,17 +722,8 @@ def _track_seed(i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out
     px = seeds[i, 0]
     py = seeds[i, 1]
     pz = seeds[i, 2]
-    # --- check_seed
-    if not (np.isfinite(px) and np.isfinite(py) and np.isfinite(pz)):
-        return
-    if ip[_IP_NMASK] > 0 and not _in_set(_ROI_MASK, px, py, pz, roi_set, roi_kind, roi_sph,
-                                         roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
-        return
-    if ip[_IP_NEXC] > 0 and _in_set(_ROI_EXCLUDE, px, py, pz, roi_set, roi_kind, roi_sph,
-                                    roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
-        return
-    # --- SDStream::init
-    if not _sample(sh, nonzero, M, px, py, pz, cbuf):
+    if not _seed_usable(px, py, pz, sh, nonzero, M, cbuf, ip, roi_set, roi_kind, roi_sph,
+                        roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
         return
     # tckgen normalises the start direction twice: once where it is made (random_direction()
     # or the -seed_direction parser in SharedBase) and again in SDStream::init().
@@ -907,18 +915,14 @@ def _pack(buf, lengths, out, start):
     return o
 
 
-@njit(parallel=True, **_JIT)
-def _has_data_kernel(sh, nonzero, M, seeds, out):
-    K = sh.shape[3]
-    for i in prange(seeds.shape[0]):
-        cbuf = np.empty(K, dtype=np.float32)
-        px = seeds[i, 0]
-        py = seeds[i, 1]
-        pz = seeds[i, 2]
-        if np.isfinite(px) and np.isfinite(py) and np.isfinite(pz):
-            out[i] = _sample(sh, nonzero, M, px, py, pz, cbuf)
-        else:
-            out[i] = False
+@njit(**_JIT)
+def _seeds_usable_kernel(sh, nonzero, M, ip, roi_set, roi_bit, roi_kind, roi_sph, roi_mat,
+                         roi_dim, roi_off, roi_mask, seeds, out):  # fmt: skip
+    cbuf = np.empty(sh.shape[3], dtype=np.float32)
+    for i in range(seeds.shape[0]):
+        px, py, pz = seeds[i, 0], seeds[i, 1], seeds[i, 2]
+        out[i] = _seed_usable(px, py, pz, sh, nonzero, M, cbuf, ip, roi_set, roi_kind, roi_sph,
+                              roi_mat, roi_dim, roi_off, roi_mask)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -1037,18 +1041,35 @@ def _set_threads(nthreads: int | None):
     return old
 
 
-def seeds_have_data(sh: np.ndarray, scanner2voxel: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-    """``[N]`` bool: the FOD has data at each seed (tckgen draws a random direction only then).
+class SeedTest:
+    """Which seeds the tracker tracks at all (``check_seed`` + data at the seed; tckgen draws a
+    random start direction for exactly these): the kernel's own rule, for the seeding code.
 
-    Private helper for RNG replication (spec §8.1); same interpolation rules as the tracker.
+    Args:
+        sh: ``[X, Y, Z, K]`` SH coefficients; scanner2voxel: ``[3, 4]``; rois: the regions
+            (only ``mask`` and ``exclude`` matter here).
     """
-    if not available():
-        raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
-    sh, M, nonzero, _ = _prepare_fod(sh, scanner2voxel)
-    seeds = np.ascontiguousarray(seeds, dtype=np.float32).reshape(-1, 3)
-    out = np.zeros(seeds.shape[0], dtype=np.bool_)
-    _has_data_kernel(sh, nonzero, M, seeds, out)
-    return out
+
+    def __init__(self, sh: np.ndarray, scanner2voxel: np.ndarray, rois: RoiSet | None = None):
+        if not available():
+            raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
+        sh, M, nonzero, _ = _prepare_fod(sh, scanner2voxel)
+        self._rois, counts = _flatten_rois(rois)
+        ip = np.zeros(_IP_LEN, dtype=np.int64)
+        ip[_IP_NMASK], ip[_IP_NEXC] = counts["mask"], counts["exclude"]
+        self._fod = (sh, nonzero, M, ip)
+
+    def __call__(self, seeds: np.ndarray) -> np.ndarray:
+        """``[N]`` bool for ``[N, 3]`` scanner-mm seeds."""
+        seeds = np.ascontiguousarray(seeds, dtype=np.float32).reshape(-1, 3)
+        out = np.zeros(seeds.shape[0], dtype=np.bool_)
+        _seeds_usable_kernel(*self._fod, *self._rois, seeds, out)
+        return out
+
+
+def seeds_have_data(sh: np.ndarray, scanner2voxel: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """``[N]`` bool: the FOD has data at each seed (no regions; see :class:`SeedTest`)."""
+    return SeedTest(sh, scanner2voxel)(seeds)
 
 
 @dataclass

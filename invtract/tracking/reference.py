@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 from scipy.spatial.distance import directed_hausdorff
 
 from ..errors import ConfigError
@@ -208,6 +207,3 @@ def _pair_metrics(ours: list, refs: list, track_index: np.ndarray) -> dict:
         "rejected_by_us": rejected,
         "count_mismatch": mismatched,
     }
-
-
-_ = torch

@@ -9,7 +9,6 @@ per-streamline alive masks; there is no Python loop over streamlines. Positions 
 from __future__ import annotations
 
 import importlib.util
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -320,6 +319,3 @@ def run_engine(name: str, *args, **kwargs) -> EngineResult:
     if name not in ENGINES:
         raise ConfigError(f"unknown engine {name!r}; valid: auto, {', '.join(ENGINES)}")
     return ENGINES[name](*args, **kwargs)
-
-
-_ = math
