@@ -1,9 +1,9 @@
 """Throughput of the fused CPU engine against ``tckgen -nthreads 2`` on the same FOD and seeds.
 
 Case: ``../shared/data/real_msmt15`` with ``-seed_grid_per_voxel mask.mif 2`` (17,744 seeds) and
-tckgen's random initial directions. Our side rebuilds the grid seeds (spec §4.1) and replays
-tckgen's single-thread RNG stream (spec §8.1: mt19937 seeded with ``MRTRIX_RNG_SEED``, one random
-direction per seed that has FOD data), then tracks with :func:`track_fused_cpu`.
+tckgen's random initial directions. Our side builds the grid seeds and replays tckgen's
+single-thread RNG stream with the package's own seeding code (``tracking.seeding``,
+``tracking.rng``), then tracks with :func:`track_fused_cpu`.
 
 Timings are wall clock of whole processes: ``cold`` runs with an empty numba cache (includes
 compilation), ``warm`` runs in fresh processes that load the cache; tckgen is timed the same
@@ -36,63 +36,6 @@ RNG_SEED = 20240601
 GRID = 2
 
 
-def grid_seeds(mask: np.ndarray, affine: np.ndarray, grid: int) -> np.ndarray:
-    """``-seed_grid_per_voxel mask grid`` positions in tckgen's order (spec §4.1), float32 mm.
-
-    The mask is cropped to its bounding box plus one voxel, as MRtrix does; voxels are visited in
-    index order with axis 2 fastest (file axes = MRtrix's near-RAS axes here); voxel (0,0,0) of
-    the cropped mask is skipped (traversal starts one step after it). Positions are formed in float
-    and mapped with the voxel->scanner affine cast to float32, evaluated as (a0 + a1) + (a2 + t).
-    """
-    f32 = np.float32
-    offset = f32(-0.5 + 1.0 / (2 * grid))
-    step = f32(1.0 / grid)
-    # MRtrix crops a seed mask to its bounding box plus a 1-voxel margin (where available)
-    true = np.argwhere(mask)
-    lo = np.maximum(true.min(axis=0) - 1, 0)
-    hi = np.minimum(true.max(axis=0) + 1, np.asarray(mask.shape) - 1)
-    crop = mask[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
-    A64 = np.asarray(affine, dtype=np.float64)[:3, :4].copy()
-    A64[:, 3] = A64[:, :3] @ lo + A64[:, 3]
-    A = A64.astype(np.float32)
-    vox = np.argwhere(crop)  # C order: axis 2 fastest
-    vox = vox[np.any(vox != 0, axis=1)]
-    sub = np.array([(a, b, c) for a in range(grid) for b in range(grid) for c in range(grid)])
-    sub_f = sub.astype(np.float32) * step  # pos * step (int * float -> float)
-    idx = (vox[:, None, :].astype(np.float32) + offset) + sub_f[None, :, :]
-    p = idx.reshape(-1, 3).astype(np.float32)
-    out = np.empty_like(p)
-    for r in range(3):
-        out[:, r] = (A[r, 0] * p[:, 0] + A[r, 1] * p[:, 1]) + (A[r, 2] * p[:, 2] + A[r, 3])
-    return out
-
-
-def tckgen_directions(n: int, has_data: np.ndarray, seed: int) -> np.ndarray:
-    """Raw (unnormalised) random directions as tckgen's single-thread run draws them.
-
-    One direction per seed that passes the seed checks and has data (others get NaN); each
-    trial takes three U = float32(raw)/2^32 (1.0 becomes 1 - 2^-24), d = 2U - 1, until
-    d.d <= 1 (float32, Eigen's order).
-    """
-    bg = np.random.MT19937()
-    bg._legacy_seeding(seed)
-    f32 = np.float32
-    out = np.full((n, 3), np.nan, dtype=np.float32)
-    need = int(np.count_nonzero(has_data))
-    # every trial consumes 3 draws; accepted trials (|d|^2 <= 1) go to seeds in order, so the
-    # stream can be generated in bulk (acceptance rate pi/6)
-    accepted = np.empty((0, 3), dtype=np.float32)
-    while len(accepted) < need:
-        raw = bg.random_raw(3 * max(1024, 2 * (need - len(accepted))))
-        u = raw.astype(np.float32) / f32(2.0**32)  # float32(raw) rounds to nearest
-        u[u >= f32(1.0)] = f32(1.0) - f32(2.0**-24)
-        d = (f32(2.0) * u - f32(1.0)).reshape(-1, 3)
-        ok = d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]) <= f32(1.0)
-        accepted = np.concatenate([accepted, d[ok]])
-    out[np.flatnonzero(has_data)] = accepted[:need]
-    return out
-
-
 def run_ours(threads: int, memory: bool = False) -> dict:
     """One tracking run in this process; returns timings and counts (JSON-able).
 
@@ -106,17 +49,20 @@ def run_ours(threads: int, memory: bool = False) -> dict:
 
     from invtract.params import TrackingParameters
     from invtract.tracking import fused_cpu
+    from invtract.tracking.rng import MRtrixRNG
+    from invtract.tracking.seeding import MaskGrid, grid_per_voxel
 
     t_import = time.perf_counter()
     img = nib.load(str(CASE / "fod.nii.gz"))
     sh = np.asarray(img.dataobj, dtype=np.float32)
     s2v = np.linalg.inv(img.affine)[:3]
     mask = np.asarray(nib.load(str(CASE / "mask.nii.gz")).dataobj) != 0
-    seeds = grid_seeds(mask, img.affine, GRID)
+    seeds = grid_per_voxel(MaskGrid.from_image(mask, img.affine), GRID)
     params = TrackingParameters().resolve(img.header.get_zooms()[:3])
     t_load = time.perf_counter()
-    has_data = fused_cpu.seeds_have_data(sh, s2v, seeds)
-    dirs = tckgen_directions(len(seeds), has_data, RNG_SEED)
+    has_data = fused_cpu.seeds_have_data(sh, s2v, seeds)  # tckgen draws a direction for these
+    dirs = np.full(seeds.shape, np.nan, np.float32)
+    dirs[has_data] = MRtrixRNG(RNG_SEED).directions(int(has_data.sum()))
     t_dirs = time.perf_counter()
     res = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params, nthreads=threads)
     t_track = time.perf_counter()
@@ -156,34 +102,29 @@ def _child(threads: int, cache_dir: str, memory: bool = False) -> dict:
     return data
 
 
+def _timed_run(cmd: list, env: dict, out: str) -> dict:
+    """Wall time of a tracking command run in the case folder, and what it wrote to ``out``."""
+    import nibabel as nib
+
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, cwd=CASE, check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    lengths = [len(s) for s in nib.streamlines.load(out).streamlines]
+    return {"wall_s": wall, "accepted": len(lengths), "vertices": int(sum(lengths))}
+
+
 def _tckgen(threads: int, out_dir: str) -> dict:
     out = os.path.join(out_dir, "tckgen.tck")
     cmd = ["tckgen", "fod.mif", out, "-algorithm", "SD_Stream", "-seed_grid_per_voxel"]
     cmd += ["mask.mif", str(GRID), "-nthreads", str(threads), "-force", "-quiet"]
-    env = dict(os.environ, MRTRIX_RNG_SEED=str(RNG_SEED))
-    t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, cwd=CASE, check=True, capture_output=True)
-    wall = time.perf_counter() - t0
-    import nibabel as nib
-
-    tck = nib.streamlines.load(out)
-    lengths = [len(s) for s in tck.streamlines]
-    return {"wall_s": wall, "accepted": len(lengths), "vertices": int(sum(lengths))}
+    return _timed_run(cmd, dict(os.environ, MRTRIX_RNG_SEED=str(RNG_SEED)), out)
 
 
 def _cli(cache_dir: str, out_dir: str) -> dict:
     out = os.path.join(out_dir, "invtract.tck")
     cmd = [sys.executable, "-m", "invtract.cli", "-q", "track", "fod.mif", out]
     cmd += ["--seed-grid-per-voxel", "mask.mif", str(GRID), "--rng-seed", str(RNG_SEED), "--force"]
-    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, cwd=CASE, check=True, capture_output=True)
-    wall = time.perf_counter() - t0
-    import nibabel as nib
-
-    tck = nib.streamlines.load(out)
-    lengths = [len(s) for s in tck.streamlines]
-    return {"wall_s": wall, "accepted": len(lengths), "vertices": int(sum(lengths))}
+    return _timed_run(cmd, dict(os.environ, NUMBA_CACHE_DIR=cache_dir), out)
 
 
 def _rate(d: dict) -> dict:
