@@ -308,22 +308,18 @@ def main(argv=None) -> int:
             None,
         )
         if twin is not None:
-            a = next(
-                r["peak_mem_mb"]
-                for r in runs
-                if r.get("path") == "efficient"
-                and r["n"] == row["n"]
-                and r.get("max_points") == row["max_points"]
-                and r["device"] == row["device"]
-            )
-            b = next(
-                r["peak_mem_mb"]
-                for r in runs
-                if r.get("path") == "efficient"
-                and r["n"] == row["n"]
-                and r.get("max_points") == twin["max_points"]
-                and r["device"] == row["device"]
-            )
+
+            def efficient_mem(max_points, row=row):
+                return next(
+                    r["peak_mem_mb"]
+                    for r in runs
+                    if r.get("path") == "efficient"
+                    and r["n"] == row["n"]
+                    and r.get("max_points") == max_points
+                    and r["device"] == row["device"]
+                )
+
+            a, b = efficient_mem(row["max_points"]), efficient_mem(twin["max_points"])
             row["mem_growth_double_length"] = round(b / max(a, 1e-9), 2)
     workload = {
         "fod": f"synthetic single fibre, lmax {LMAX}, {SHAPE} voxels of {VOXEL_MM} mm",

@@ -191,6 +191,17 @@ def run_blackbox(problem, space, trials: int, seed: int) -> dict:
     }
 
 
+def _scored_iterates(problem, res, stamps: list, fit_wall: float) -> tuple[list, list, list]:
+    """Every iterate of a fit (parameters before each step, then the final ones), its common
+    score, and the wall time at which the fit had tracked it. Iterate k < K is tracked by the
+    fit's (k+1)-th pass; the final one costs one more pass (timed as an average scoring pass)."""
+    traj = [_vals(h) for h in res.history] + [_vals(res.params)]
+    t1 = time.perf_counter()
+    losses = [_score(problem, v) for v in traj]
+    hard_s = (time.perf_counter() - t1) / len(traj)
+    return traj, losses, stamps + [fit_wall + hard_s]
+
+
 def run_gradient(problem, iterations, n_seeds, seed: int) -> dict:
     """The fit from tckgen's defaults; every iterate scored with the common score."""
     cfg = _fit_config(iterations, n_seeds, seed)
@@ -206,12 +217,7 @@ def run_gradient(problem, iterations, n_seeds, seed: int) -> dict:
         on_step=lambda *a, **k: stamps.append(time.perf_counter() - t0),
     )
     fit_wall = time.perf_counter() - t0
-    traj = [_vals(h) for h in res.history] + [_vals(res.params)]
-    t1 = time.perf_counter()
-    losses = [_score(problem, v) for v in traj]
-    hard_s = (time.perf_counter() - t1) / len(traj)
-    # theta_k (k < K) is tracked by the fit's (k+1)-th pass; theta_K costs one more pass
-    walls = stamps + [fit_wall + hard_s]
+    traj, losses, walls = _scored_iterates(problem, res, stamps, fit_wall)
     trace = [
         {"passes": k + 1, "wall_s": walls[k], "loss": losses[k], "params": traj[k]}
         for k in range(len(traj))
@@ -254,11 +260,7 @@ def run_hybrid(problem, space, n_seeds, trials: int, steps: int, seed: int) -> d
         kw["config"] = copy.deepcopy(base_cfg)
         res = fit(fod, target, init, on_step=step_cb, **kw)
         fit_wall = time.perf_counter() - t0
-        traj = [_vals(h) for h in res.history] + [_vals(res.params)]
-        t1 = time.perf_counter()
-        losses = [_score(problem, v) for v in traj]
-        hard_s = (time.perf_counter() - t1) / len(traj)
-        walls = stamps + [fit_wall + hard_s]
+        traj, losses, walls = _scored_iterates(problem, res, stamps, fit_wall)
         for k, (v, loss) in enumerate(zip(traj, losses)):
             trace.append(
                 {
