@@ -7,10 +7,10 @@ their own seeds (``X_seeds.txt``) with p0 = tck[s] and u_init = normalize(tck[s-
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from reference_data import load_reference, need_data, split
 
 from invtract.fod.legendre import plm_sph_column
 from invtract.params import TrackingParameters
@@ -19,7 +19,6 @@ from invtract.tracking.types import ImageRoi, Reject, RoiSet, SphereRoi, Term
 
 pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not available")
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 #: (case, tractogram, every-k-th streamline) -- whole-brain files are subsampled for speed
 REFERENCES = [
@@ -36,28 +35,11 @@ REFERENCES = [
 ]
 
 
-def _need_data(*parts: str) -> Path:
-    path = DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"reference data not found: {path}")
-    return path
-
-
 def _load_fod(case: str):
     nib = pytest.importorskip("nibabel")
-    img = nib.load(str(_need_data(case, "fod.nii.gz")))
+    img = nib.load(str(need_data(case, "fod.nii.gz")))
     sh = np.asarray(img.dataobj, dtype=np.float32)
     return sh, np.linalg.inv(img.affine)[:3], img.header.get_zooms()[:3]
-
-
-def _load_reference(case: str, name: str):
-    nib = pytest.importorskip("nibabel")
-    tck = nib.streamlines.load(str(_need_data(case, f"{name}.tck")))
-    table = np.loadtxt(
-        _need_data(case, f"{name}_seeds.txt"), delimiter=",", comments="#", usecols=(0, 1)
-    ).astype(int)
-    streamlines = [np.asarray(s, dtype=np.float32) for s in tck.streamlines]
-    return tck.header, streamlines, table
 
 
 def _params_from_header(header, voxel_sizes, **extra) -> TrackingParameters:
@@ -74,15 +56,10 @@ def _params_from_header(header, voxel_sizes, **extra) -> TrackingParameters:
     )
 
 
-def _split(res):
-    offsets = np.concatenate([[0], np.cumsum(res.lengths)])
-    return [res.points[offsets[i] : offsets[i + 1]] for i in range(len(res.lengths))]
-
-
 @pytest.mark.parametrize("case,name,every", REFERENCES)
 def test_parity_with_tckgen(case, name, every):
     sh, s2v, vox = _load_fod(case)
-    header, streamlines, table = _load_reference(case, name)
+    header, streamlines, table = load_reference(case, name)
     rows = table[::every]
     refs, seeds, dirs = [], [], []
     for track, s in rows:
@@ -93,7 +70,7 @@ def test_parity_with_tckgen(case, name, every):
         dirs.append((nb - ref[s]) if s > 0 else (ref[s] - nb))
     params = _params_from_header(header, vox).resolve(vox)
     res = fused_cpu.track_fused_cpu(sh, s2v, np.array(seeds), np.array(dirs), params)
-    ours = _split(res)
+    ours = split(res)
     same, close, misses = 0, 0, []
     for i, (ref, s) in enumerate(refs):
         if len(ours[i]) == len(ref) and res.seed_index[i] == s:
@@ -117,12 +94,12 @@ def test_parity_with_tckgen(case, name, every):
 def test_phantom_bundle_is_bit_exact():
     """Axis-aligned phantom + exact -seed_direction: identical float32 vertices to tckgen."""
     sh, s2v, vox = _load_fod("phantom_cross90")
-    header, streamlines, table = _load_reference("phantom_cross90", "bundleB_default")
+    header, streamlines, table = load_reference("phantom_cross90", "bundleB_default")
     seeds = np.array([streamlines[t][s] for t, s in table])
     dirs = np.tile(np.float32([1, 0, 0]), (len(seeds), 1))
     params = _params_from_header(header, vox).resolve(vox)
     res = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params)
-    ours = _split(res)
+    ours = split(res)
     exact = sum(np.array_equal(ours[i], streamlines[t]) for i, (t, _) in enumerate(table))
     assert exact == len(table)
 
@@ -167,7 +144,7 @@ def _track(straight, seeds, dirs=None, rois=None, **kw):
 def test_straight_fibre_geometry(straight):
     params, res = _track(straight, [[30.0, 3.0, 3.0]])
     assert res.status[0] == Reject.ACCEPTED
-    pts = _split(res)[0]
+    pts = split(res)[0]
     s = res.seed_index[0]
     np.testing.assert_array_equal(pts[s], [30.0, 3.0, 3.0])
     # the first half runs along +u0 and is stored reversed: x decreases along the output
@@ -242,7 +219,7 @@ def test_include_exclude_mask_spheres(straight):
     mask = RoiSet(mask=(SphereRoi((30.0, 3.0, 3.0), 2.0),))
     params, msk = _track(straight, seed, rois=mask, min_length_mm=1.0)
     assert msk.status[0] == Reject.ACCEPTED
-    pts = _split(msk)[0]
+    pts = split(msk)[0]
     assert list(msk.term[0]) == [Term.EXIT_MASK, Term.EXIT_MASK]
     assert np.all(np.linalg.norm(pts - [30.0, 3.0, 3.0], axis=1) <= 2.0 + 1e-5)
     assert abs(len(pts) - (2 * round(2.0 / params.step_mm) + 1)) <= 2
@@ -254,7 +231,7 @@ def test_stop_at_include(straight):
     seed = [[30.0, 3.0, 3.0]]
     rois = RoiSet(include=(SphereRoi((35.0, 3.0, 3.0), 0.5),))
     params, res = _track(straight, seed, rois=rois, stop=True, min_length_mm=0.0)
-    pts = _split(res)[0]
+    pts = split(res)[0]
     s = res.seed_index[0]
     assert list(res.term[0]) == [Term.TRAVERSE_ALL_INCLUDE, Term.TRAVERSE_ALL_INCLUDE]
     # first half stops at the first point inside the sphere (appended) ...
@@ -279,7 +256,7 @@ def test_image_rois(straight):
     slab = np.zeros(SHAPE, dtype=bool)
     slab[26:35] = True
     _, msk = _track(straight, seed, rois=RoiSet(mask=(ImageRoi(slab, s2v),)), min_length_mm=1.0)
-    pts = _split(msk)[0]
+    pts = split(msk)[0]
     assert list(msk.term[0]) == [Term.EXIT_MASK, Term.EXIT_MASK]
     assert pts[:, 0].max() < 34.5 and pts[:, 0].max() >= 34.4 - 1e-4
     assert pts[:, 0].min() >= 25.5 and pts[:, 0].min() < 25.6 + 1e-4
@@ -299,14 +276,14 @@ def test_rk4_and_downsample_smoke(straight):
     seed = [[30.0, 3.0, 3.0]]
     p_rk4, rk4 = _track(straight, seed, rk4=True)
     assert rk4.status[0] == Reject.ACCEPTED
-    pts = _split(rk4)[0]
+    pts = split(rk4)[0]
     np.testing.assert_allclose(np.linalg.norm(np.diff(pts, axis=0), axis=1), p_rk4.step_mm, 1e-4)
     # RK4 tests the end point of each step, so even the last point has data (inside the FOV)
     assert list(rk4.term[0]) == [Term.EXIT_IMAGE, Term.EXIT_IMAGE]
     assert pts[:, 0].max() < 59.5 and pts[:, 0].min() > -0.5
     p_ds, ds = _track(straight, seed, downsample=3)
     _, full = _track(straight, seed)
-    d, f = _split(ds)[0], _split(full)[0]
+    d, f = split(ds)[0], split(full)[0]
     s_full, s_ds = full.seed_index[0], ds.seed_index[0]
     np.testing.assert_array_equal(d[s_ds], f[s_full])
     np.testing.assert_array_equal(d[0], f[0])
@@ -315,14 +292,14 @@ def test_rk4_and_downsample_smoke(straight):
     np.testing.assert_allclose(seg, 3 * p_ds.step_mm, rtol=1e-3)
     # downsampling with a maximum length truncates to exactly that length
     p_tr, tr = _track(straight, seed, downsample=3, max_length_mm=5.0, min_length_mm=1.0)
-    t = _split(tr)[0]
+    t = split(tr)[0]
     assert tr.status[0] == Reject.ACCEPTED
     assert abs(np.linalg.norm(np.diff(t, axis=0), axis=1).sum() - 5.0) < 1e-4
 
 
 def test_rk4_and_downsample_on_real_fod():
     sh, s2v, vox = _load_fod("real_msmt15")
-    header, streamlines, table = _load_reference("real_msmt15", "bundleA_default")
+    header, streamlines, table = load_reference("real_msmt15", "bundleA_default")
     seeds = np.array([streamlines[t][s] for t, s in table])
     dirs = np.tile(np.float32([0.55, 0.8, 0.23]), (len(seeds), 1))
     for kw in ({"rk4": True}, {"downsample": 4}, {"rk4": True, "downsample": 2}):
@@ -367,7 +344,7 @@ def _read_mif(case: str, name: str):
     marginal peak search or threshold test)."""
     from invtract.io.mif import read_mif
 
-    data, affine, voxel_sizes, _ = read_mif(str(_need_data(case, name)))
+    data, affine, voxel_sizes, _ = read_mif(str(need_data(case, name)))
     return np.asarray(data), np.asarray(affine, np.float64), tuple(voxel_sizes)[:3]
 
 
@@ -378,9 +355,9 @@ def test_whole_streamline_2168_matches_tckgen():
     from invtract.io.seeds import seeds_from_reference
 
     data, affine, vox = _read_mif("real_msmt15", "fod.mif")
-    header, streamlines, _ = _load_reference("real_msmt15", "whole")
+    header, streamlines, _ = load_reference("real_msmt15", "whole")
     pos, dirs, track = seeds_from_reference(
-        _need_data("real_msmt15", "whole.tck"), _need_data("real_msmt15", "whole_seeds.txt")
+        need_data("real_msmt15", "whole.tck"), need_data("real_msmt15", "whole_seeds.txt")
     )
     row = int(np.flatnonzero(track == 2168)[0])
     params = _params_from_header(header, vox).resolve(vox)
@@ -405,7 +382,7 @@ def test_whole_volume_replay_is_bit_exact():
 
     data, affine, vox = _read_mif("real_msmt15", "fod.mif")
     mask, mask_affine, _ = _read_mif("real_msmt15", "mask.mif")
-    header, streamlines, _ = _load_reference("real_msmt15", "whole")
+    header, streamlines, _ = load_reference("real_msmt15", "whole")
     sh, s2v = data.astype(np.float32), np.linalg.inv(affine)[:3]
     seeds = grid_per_voxel(MaskGrid.from_image(mask.astype(bool), mask_affine), 2)
     assert len(seeds) == int(header["max_num_seeds"]) == 17744
@@ -420,9 +397,9 @@ def test_whole_volume_replay_is_bit_exact():
     assert int(generated.sum()) == int(header["total_count"]) == 13598
     kept = np.flatnonzero(res.accepted)
     assert len(kept) == int(header["count"]) == len(streamlines) == 7132
-    table = load_seeds(_need_data("real_msmt15", "whole_seeds.txt"))
+    table = load_seeds(need_data("real_msmt15", "whole_seeds.txt"))
     np.testing.assert_array_equal(seeds[kept], np.asarray(table.positions, np.float32))
-    ours = _split(res)
+    ours = split(res)
     exact = sum(
         ours[i].shape == streamlines[k].shape and np.array_equal(ours[i], streamlines[k])
         for k, i in enumerate(kept)
@@ -438,7 +415,7 @@ def test_peaks_variant_same_streamlines(case, name):
     # same points, lengths, statuses and terms bit for bit, on 1 and 2 threads; its recorded
     # peak at each vertex is the direction that step moved along (p = p_prev + h u, float32)
     sh, s2v, vox = _load_fod(case)
-    header, streamlines, table = _load_reference(case, name)
+    header, streamlines, table = load_reference(case, name)
     rows = table[:300]
     seeds = np.array([streamlines[t][s] for t, s in rows])
     dirs = np.array(

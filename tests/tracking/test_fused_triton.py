@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+from reference_data import load_reference, need_data, split
 
 from invtract.errors import InvtractWarning  # noqa: E402
 from invtract.fod.field import FODField  # noqa: E402
@@ -36,15 +37,7 @@ pytestmark = [
     pytest.mark.skipif(not fused_cpu.available(), reason="numba (the reference) is missing"),
 ]
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 TOL_MM = 1e-5
-
-
-def _need_data(*parts: str) -> Path:
-    path = DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"reference data not found: {path}")
-    return path
 
 
 def _load_fod(case: str):
@@ -52,22 +45,8 @@ def _load_fod(case: str):
     precision (the NIfTI copy's float32 sform moves real-data points by up to 1e-4 mm)."""
     from invtract.io.mif import read_mif
 
-    data, affine, voxel_sizes, _ = read_mif(str(_need_data(case, "fod.mif")))
+    data, affine, voxel_sizes, _ = read_mif(str(need_data(case, "fod.mif")))
     return np.asarray(data, dtype=np.float32), np.asarray(affine), tuple(voxel_sizes)[:3]
-
-
-def _load_reference(case: str, name: str):
-    nib = pytest.importorskip("nibabel")
-    tck = nib.streamlines.load(str(_need_data(case, f"{name}.tck")))
-    table = np.loadtxt(
-        _need_data(case, f"{name}_seeds.txt"), delimiter=",", comments="#", usecols=(0, 1)
-    ).astype(int)
-    return tck.header, [np.asarray(s, dtype=np.float32) for s in tck.streamlines], table
-
-
-def _split(res):
-    offsets = np.concatenate([[0], np.cumsum(res.lengths)])
-    return [res.points[offsets[i] : offsets[i + 1]] for i in range(len(res.lengths))]
 
 
 def _assert_same(ours, ref, tol=TOL_MM):
@@ -93,7 +72,7 @@ def _retrack(case: str, name: str, rows: slice, max_length_mm: float | None = No
     seed of tckgen's streamline.
     """
     sh, affine, vox = _load_fod(case)
-    header, streamlines, table = _load_reference(case, name)
+    header, streamlines, table = load_reference(case, name)
     table = table[rows]
     seeds, dirs, refs = [], [], []
     for track, s in table:
@@ -123,7 +102,7 @@ def _check_reference(case, name, rows, max_length_mm=None, tol_tckgen=TOL_MM):
     ours, numba, refs = _retrack(case, name, rows, max_length_mm)
     d_numba = _assert_same(ours, numba)
     worst = 0.0
-    for pts, s_ours, (ref, s) in zip(_split(ours), ours.seed_index, refs):
+    for pts, s_ours, (ref, s) in zip(split(ours), ours.seed_index, refs):
         if max_length_mm is None:
             assert len(pts) == len(ref) and s_ours == s
             window = ref
@@ -187,9 +166,9 @@ def test_whole_streamline_2168_matches_tckgen_slow():
     from invtract.io.seeds import seeds_from_reference
 
     sh, affine, vox = _load_fod("real_msmt15")
-    header, streamlines, _ = _load_reference("real_msmt15", "whole")
+    header, streamlines, _ = load_reference("real_msmt15", "whole")
     pos, dirs, track = seeds_from_reference(
-        _need_data("real_msmt15", "whole.tck"), _need_data("real_msmt15", "whole_seeds.txt")
+        need_data("real_msmt15", "whole.tck"), need_data("real_msmt15", "whole_seeds.txt")
     )
     i = int(np.flatnonzero(track == 2168)[0])
     pos, dirs = pos[i : i + 1], dirs[i : i + 1]
