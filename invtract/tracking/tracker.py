@@ -92,56 +92,57 @@ def downsample_track(points: np.ndarray, seed_index: int, ratio: int) -> tuple[n
     return points[keep], new_seed
 
 
-def _polyline_length(points: np.ndarray) -> float:
+def _segment_lengths(points: np.ndarray) -> np.ndarray:
+    """``[n - 1]`` float32 |p_i - p_{i-1}|, summed as x² + (y² + z²) (MRtrix's float order)."""
+    d = np.diff(points.astype(np.float32), axis=0)
+    return np.sqrt(d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]))
+
+
+def _cut_index(seg: np.ndarray, lmax: float) -> tuple[int, np.float32]:
+    """First vertex index whose segment would take the float32 running length past ``lmax``
+    (``len(seg) + 1`` if none), and the length up to the vertex before it."""
     total = np.float32(0.0)
-    for i in range(1, points.shape[0]):
-        total = np.float32(total + np.float32(np.linalg.norm(points[i] - points[i - 1])))
-    return float(total)
+    for i, s in enumerate(seg, start=1):
+        if total + s > np.float32(lmax):
+            return i, total
+        total = np.float32(total + s)
+    return len(seg) + 1, total
 
 
 def check_length_post(points: np.ndarray, seed_index: int, params: ResolvedParameters):
-    """Length rule after downsampling (spec §5.4): ``(points, seed_index, reject_or_None)``."""
+    """Length rule after downsampling (spec §5.4): ``(points, seed_index, reject_or_None)``.
+
+    Convention: ``Exec::check_length`` / ``truncate_maxlength``: a track longer than maxlength
+    is cut where its length from the first vertex reaches maxlength; if that would drop the
+    seed, the part up to the seed is reversed (the seed becomes vertex 0) and cut instead.
+    """
     n = points.shape[0]
     if params.min_points_post < n < params.max_points_post:
         return points, seed_index, None
-    length = _polyline_length(points)
+    pts = points.astype(np.float32)
+    seg = _segment_lengths(pts)
+    length = np.float32(0.0)
+    for s_k in seg:  # sequential float32 sum, as MRtrix
+        length = np.float32(length + s_k)
     if length < params.min_length_mm:
         return points, seed_index, Reject.TRACK_TOO_SHORT
     if length <= params.max_length_mm:
         return points, seed_index, None
-    # truncate to exactly max_length from the start, keeping the seed
-    pts = points.astype(np.float32)
     s = seed_index
-    if _cut_index(pts, params.max_length_mm) <= s:
-        pts = pts[: s + 1][::-1].copy()
-        s = 0
-        pts = _truncate(pts, params.max_length_mm)
-        return pts[::-1].copy(), pts.shape[0] - 1, None
-    return _truncate(pts, params.max_length_mm), s, None
-
-
-def _cut_index(pts, lmax):
-    total = 0.0
-    for i in range(1, pts.shape[0]):
-        seg = float(np.linalg.norm(pts[i] - pts[i - 1]))
-        if total + seg > lmax:
-            return i
-        total += seg
-    return pts.shape[0]
-
-
-def _truncate(pts, lmax):
-    total = 0.0
-    for i in range(1, pts.shape[0]):
-        seg_v = pts[i] - pts[i - 1]
-        seg = float(np.linalg.norm(seg_v))
-        if total + seg > lmax:
-            frac = (lmax - total) / seg if seg > 0 else 0.0
-            out = pts[: i + 1].copy()
-            out[i] = pts[i - 1] + np.float32(frac) * seg_v
-            return out
-        total += seg
-    return pts
+    cut, done = _cut_index(seg, params.max_length_mm)
+    if cut <= s:
+        pts, s = pts[: s + 1][::-1].copy(), 0
+        seg = _segment_lengths(pts)
+        cut, done = _cut_index(seg, params.max_length_mm)
+    if cut >= pts.shape[0]:
+        return pts, s, None
+    out = pts[: cut + 1].copy()
+    d = out[cut] - out[cut - 1]
+    sq = d[0] * d[0] + (d[1] * d[1] + d[2] * d[2])
+    if sq > 0:
+        d = d / np.sqrt(sq)
+    out[cut] = out[cut - 1] + d * (np.float32(params.max_length_mm) - done)
+    return out, s, None
 
 
 @torch.no_grad()
@@ -189,33 +190,47 @@ def _track_chunk(field: FODField, seeds, init_dirs, params: ResolvedParameters, 
     status_np = status.cpu().numpy()
     status_np[(excluded & ok).cpu().numpy()] = int(Reject.ENTER_EXCLUDE_REGION)
     missed = (~visited.all(-1)).cpu().numpy() if n_inc else np.zeros(n, bool)
-    lines = []
+    # the rejections of gen_track / track_rejected, in their order
+    total = 1 + n1_np + n2_np
+    for reject, hit in (
+        (Reject.NO_PROPAGATION_FROM_SEED, total == 1),
+        (Reject.TRACK_TOO_SHORT, total < params.min_points),
+        (Reject.MISSED_INCLUDE_REGION, missed),
+    ):
+        status_np[(status_np == int(Reject.ACCEPTED)) & hit] = int(reject)
+    rows = np.flatnonzero(status_np == int(Reject.ACCEPTED))
+    # streamline of row i: the first half reversed, the seed, the second half (seed at index
+    # n1); unidirectional: the seed, then the one half (seed at index 0). Built packed:
+    # vertex j of row r comes from the reversed half, the seed or the forward half.
+    if params.unidirectional:
+        rev, n_rev, fwd = buf2, np.zeros_like(n1_np), buf1
+    else:
+        rev, n_rev, fwd = buf1, n1_np, buf2
+    counts = total[rows]
+    r = np.repeat(rows, counts)
+    j = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    a = n_rev[r]
+    points = np.empty((r.size, 3), buf1.dtype)
+    m1, m0, m2 = j < a, j == a, j > a
+    points[m1] = rev[r[m1], a[m1] - 1 - j[m1]]
+    points[m0] = p0[r[m0]]
+    points[m2] = fwd[r[m2], j[m2] - a[m2] - 1]
     lengths = np.zeros(n, np.int64)
     seed_index = np.full(n, -1, np.int64)
-    for i in np.flatnonzero(status_np == int(Reject.ACCEPTED)):
-        a, b = int(n1_np[i]), int(n2_np[i])
-        total = 1 + a + b
-        if total == 1:
-            status_np[i] = int(Reject.NO_PROPAGATION_FROM_SEED)
-            continue
-        if total < params.min_points:
-            status_np[i] = int(Reject.TRACK_TOO_SHORT)
-            continue
-        if missed[i]:
-            status_np[i] = int(Reject.MISSED_INCLUDE_REGION)
-            continue
-        pts = np.concatenate([buf1[i, :a][::-1], p0[i : i + 1], buf2[i, :b]], 0)
-        s = a
-        if params.downsample > 1:
-            pts, s = downsample_track(pts, s, params.downsample)
-            pts, s, rej = check_length_post(pts, s, params)
+    lengths[rows], seed_index[rows] = counts, n_rev[rows]
+    if params.downsample > 1:
+        lines = np.split(points, np.cumsum(counts)[:-1]) if rows.size else []
+        kept = []
+        for i, pts in zip(rows, lines):
+            pts, s_i = downsample_track(pts, int(n_rev[i]), params.downsample)
+            pts, s_i, rej = check_length_post(pts, s_i, params)
             if rej is not None:
-                status_np[i] = int(rej)
+                status_np[i], lengths[i], seed_index[i] = int(rej), 0, -1
                 continue
-        lines.append(pts.astype(np.float32, copy=False))
-        lengths[i] = pts.shape[0]
-        seed_index[i] = s
-    points = np.concatenate(lines, 0) if lines else np.zeros((0, 3), np.float32)
+            kept.append(pts)
+            lengths[i], seed_index[i] = pts.shape[0], s_i
+        points = np.concatenate(kept, 0) if kept else np.zeros((0, 3), np.float32)
+    points = points.astype(np.float32, copy=False)
     return EngineResult(
         points=points,
         lengths=lengths,
