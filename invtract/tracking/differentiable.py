@@ -978,18 +978,28 @@ def track_differentiable(
     if init_dirs.requires_grad:  # documented zero gradient (basin of attraction)
         zero = torch.nan_to_num(init_dirs[sid]).sum(-1) * 0.0
         weights = weights + zero.to(weights.dtype)[:, None]
-    return _assemble(tp, points, weights)
+    return _assemble(tp, points, weights, rp.unidirectional)
 
 
-def _assemble(tp: _Tape, points, weights) -> DiffTrackResult:
+def _assemble(tp: _Tape, points, weights, unidirectional: bool) -> DiffTrackResult:
+    """The output layout. The tape keeps the half tracked along u0 reversed before the seed
+    (index n1); a unidirectional track is that half alone, which tckgen writes seed first, so
+    its rows are turned round here (a gather: gradients pass through)."""
     lengths = 1 + tp.n1 + tp.n2
-    mask = torch.arange(tp.L, device=points.device)[None, :] < lengths[:, None]
+    j = torch.arange(tp.L, device=points.device)[None, :]
+    mask = j < lengths[:, None]
+    seed_index = tp.n1.clone()
+    if unidirectional and points.shape[0]:
+        idx = torch.where(mask, (lengths[:, None] - 1 - j), j)
+        points = points.gather(1, idx[..., None].expand(-1, -1, 3))
+        weights = weights.gather(1, idx)
+        seed_index = torch.zeros_like(seed_index)
     return DiffTrackResult(
         points=points,
         mask=mask,
         lengths=lengths,
         weights=weights,
-        seed_index=tp.n1.clone(),
+        seed_index=seed_index,
         seed_ids=tp.seed_ids,
         status=tp.status,
         term=tp.term,
