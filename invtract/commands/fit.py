@@ -291,10 +291,7 @@ class Fit:
                 raise InvtractError(f"--{flag}: file not found: {v}")
         if args.target_seeds and not os.path.exists(args.target_seeds):
             raise InvtractError(f"--target-seeds: file not found: {args.target_seeds}")
-        if args.iterations is not None and args.iterations < 0:
-            raise ConfigError(f"--iterations must be >= 0, got {args.iterations}")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: CUDA is not available")
+        _check_run_options(args)
         cfg_path = find_config(
             args.config or ("fit_params" if args.fit == "params" else "fit_fod")
         )
@@ -510,6 +507,16 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) ->
     return summary
 
 
+def _check_run_options(args) -> None:
+    """``--iterations`` and ``--device``, for either kind of target."""
+    import torch
+
+    if args.iterations is not None and args.iterations < 0:
+        raise ConfigError(f"--iterations must be >= 0, got {args.iterations}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available")
+
+
 def _collect_overrides(args, over: dict | None = None) -> dict:
     """Config overrides from the command line (flags per key, ``--set``, ``--fit``,
     ``--iterations``, ``--device``), applied on top of ``over``."""
@@ -533,7 +540,6 @@ def _collect_overrides(args, over: dict | None = None) -> dict:
 def _run_connectome(args) -> int:
     """``invtract fit --target-connectome MATRIX --parcellation LABELS --fod FOD``."""
     import numpy as np
-    import torch
 
     from ..fit.connectome_fit import fit_connectome, load_connectome_config, read_connectome
     from ..fit.runlog import RunLogger
@@ -551,10 +557,7 @@ def _run_connectome(args) -> int:
             raise InvtractError(f"{name}: file not found: {v}")
     if args.seed_image and not os.path.exists(args.seed_image):
         raise InvtractError(f"--seed-image: file not found: {args.seed_image}")
-    if args.iterations is not None and args.iterations < 0:
-        raise ConfigError(f"--iterations must be >= 0, got {args.iterations}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available")
+    _check_run_options(args)
     cfg_path = find_config(args.config or "fit_connectome")
     cfg = load_connectome_config(cfg_path, _collect_overrides(args))
     run_dir, ckpt, start_it = _run_folder(args)

@@ -39,7 +39,6 @@ small (faithful).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -64,7 +63,7 @@ from ..params import TrackingParameters
 from .checkpoint import fit_state, restore_fit_state, save_checkpoint
 from .descent import annealed, descend
 from .objective import FOD_TERMS, LossConfig, fod_priors, soft_temperature
-from .optimise import PARAM_NAMES, _fod_arrays, _from_z, _to_z, merge_config
+from .optimise import PARAM_NAMES, _fod_arrays, _from_z, _to_z, layered_config, merge_config
 
 __all__ = [
     "CONNECTOME_DEFAULTS",
@@ -128,21 +127,7 @@ _LOSS_TERMS = ("connectome",)
 
 def load_connectome_config(path: str | Path | None, overrides: Mapping | None = None) -> dict:
     """:data:`CONNECTOME_DEFAULTS` < TOML ``path`` < ``overrides`` (unknown keys raise)."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    cfg = copy.deepcopy(CONNECTOME_DEFAULTS)
-    if path is not None:
-        try:
-            doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read config ({err})") from err
-        doc.pop("tracking", None)
-        doc.pop("inputs", None)
-        cfg = merge_config(cfg, doc)
-    if overrides:
-        cfg = merge_config(cfg, overrides)
+    cfg = layered_config(CONNECTOME_DEFAULTS, path, overrides, ignore=("tracking", "inputs"))
     validate_config(cfg)
     return cfg
 

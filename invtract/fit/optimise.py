@@ -160,23 +160,36 @@ def merge_config(base: Mapping, override: Mapping) -> dict:
     return out
 
 
-def load_config(path: str | Path | None, overrides: Mapping | None = None) -> dict:
-    """:data:`DEFAULT_CONFIG` < TOML file ``path`` < ``overrides``."""
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict; ConfigError when it cannot be read or parsed."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
-    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read config ({err})") from err
+
+
+def layered_config(
+    defaults: Mapping, path: str | Path | None, overrides: Mapping | None, ignore=("tracking",)
+) -> dict:
+    """``defaults`` < TOML file ``path`` (its ``ignore`` sections dropped) < ``overrides``."""
+    cfg = copy.deepcopy(dict(defaults))
     if path is not None:
-        try:
-            doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read config ({err})") from err
-        doc.pop("tracking", None)
+        doc = read_toml(path)
+        for section in ignore:
+            doc.pop(section, None)
         cfg = merge_config(cfg, doc)
     if overrides:
         cfg = merge_config(cfg, overrides)
     return cfg
+
+
+def load_config(path: str | Path | None, overrides: Mapping | None = None) -> dict:
+    """:data:`DEFAULT_CONFIG` < TOML file ``path`` < ``overrides``."""
+    return layered_config(DEFAULT_CONFIG, path, overrides)
 
 
 @dataclass(frozen=True)

@@ -56,12 +56,8 @@ from ..errors import ConfigError, FitDiverged, InvtractError
 from ..io.seeds import midpoint_seeds
 from ..params import TrackingParameters
 from ..streamlines import Streamlines
+from .optimise import read_toml
 from .scoring import Score, ScoreConfig, score_tracking
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
     "TRACKING_NAMES",
@@ -304,10 +300,7 @@ def load_space(spec: str | os.PathLike) -> SearchSpace:
         raise ConfigError(
             f"search space {s!r} not found (tried {', '.join(str(c) for c in candidates)})"
         )
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read search space ({err})") from err
+    doc = read_toml(path)
     name = path.name[: -len(".toml")] if path.name.endswith(".toml") else path.name
     return SearchSpace.from_dict(doc, name=name, path=str(path.resolve()))
 
