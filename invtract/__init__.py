@@ -6,7 +6,6 @@ __version__ = "0.1.0"
 
 from .errors import ConfigError, FitDiverged, FormatError, InvtractError, ShapeError
 from .params import ResolvedParameters, TrackingParameters
-from .streamlines import Streamlines
 
 __all__ = [
     "__version__",
@@ -19,3 +18,13 @@ __all__ = [
     "ShapeError",
     "FitDiverged",
 ]
+
+
+def __getattr__(name: str):
+    # Streamlines holds torch tensors; importing torch takes about a second, which the
+    # compiled ``invtract track`` path never needs.
+    if name == "Streamlines":
+        from .streamlines import Streamlines
+
+        return Streamlines
+    raise AttributeError(f"module 'invtract' has no attribute {name!r}")

@@ -38,7 +38,9 @@ def _load(spec: str):
     return getattr(mod, cls)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``invtract`` parser with every sub-command, or with ``only`` that one (its module
+    alone is imported: ``invtract track`` then never imports the fitting stack)."""
     parser = argparse.ArgumentParser(
         prog="invtract",
         description="Differentiable SD_Stream tractography and inverse tractography.",
@@ -47,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, spec in _COMMANDS.items():
+        if only is not None and name != only:
+            continue
         cls = _load(spec)
         if cls is None:
             continue
@@ -69,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=first if first in _COMMANDS else None)
     args = parser.parse_args(argv)
     args._argv = argv
     if getattr(args, "_command", None) is None:

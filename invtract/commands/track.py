@@ -27,7 +27,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError, InvtractError
 from ..params import TrackingParameters
@@ -144,11 +143,10 @@ class Track:
 
     @staticmethod
     def run(args) -> int:
-        from ..fod.field import FODField
         from ..io.image import load_fod, load_mask
         from ..io.seeds import load_seeds, write_seeds
         from ..io.tractogram import save_tractogram
-        from ..tracking.api import Seeding, track
+        from ..tracking.runner import Seeding, default_engine, run_seeding
         from ..tracking.types import RoiSet
 
         # ------- CHECKS -------
@@ -179,15 +177,13 @@ class Track:
         for out in [args.output] + ([args.output_seeds] if args.output_seeds else []):
             if os.path.exists(out) and not args.force:
                 raise InvtractError(f"output exists: {out} (use --force to overwrite)")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
+        if args.device.startswith("cuda") and not _cuda_available():
             raise ConfigError("--device cuda requested but CUDA is not available")
         params = tracking_parameters(args)
 
         # ------- LOAD -------
         t0 = time.time()
         fod = load_fod(args.fod, sh_basis=args.sh_basis)
-        dtype = torch.float64 if args.dtype == "float64" else torch.float32
-        field = FODField.from_array(fod.data, fod.affine, device=args.device, dtype=dtype)
         rois = RoiSet(
             include=tuple(parse_roi(x, "include") for x in args.include),
             exclude=tuple(parse_roi(x, "exclude") for x in args.exclude),
@@ -212,13 +208,17 @@ class Track:
         resolved = params.resolve(fod.voxel_sizes)
 
         # ------- TRACK -------
+        engine = default_engine(args.device) if args.engine == "auto" else args.engine
+        sh = np.ascontiguousarray(fod.data, np.float32)
+        scanner2voxel = np.linalg.inv(np.asarray(fod.affine, np.float64))[:3]
         bar = _progress_bar(args)
-        res = track(
-            field,
+        res = run_seeding(
+            sh,
+            scanner2voxel,
             seeding,
             resolved,
+            _chunk_runner(engine, sh, scanner2voxel, fod, args, resolved, rois),
             rois=rois,
-            engine=args.engine,
             select=args.select,
             max_seeds=args.max_seeds,
             rng_seed=args.rng_seed,
@@ -237,7 +237,7 @@ class Track:
                 "command_history": command,
                 "total_count": str(res.summary["generated"] - _seed_fail(res.summary)),
                 "max_num_seeds": str(res.summary["seeds"]),
-                "invtract_engine": res.engine,
+                "invtract_engine": engine,
             }
         )
         for kind, regions in (("include", rois.include), ("exclude", rois.exclude)):
@@ -246,18 +246,45 @@ class Track:
                 header["roi"] += f"{kind} {roi.name}\n"
         if "roi" in header:
             header["roi"] = header["roi"].rstrip("\n")
-        save_tractogram(args.output, res.streamlines, header=header, overwrite=args.force,
+        save_tractogram(args.output, res, header=header, overwrite=args.force,
                         reference=args.fod)  # fmt: skip
         if args.output_seeds:
             write_seeds(
                 args.output_seeds,
-                np.arange(len(res.streamlines)),
+                np.arange(len(res.lengths)),
                 res.seed_index,
                 res.seed_points,
                 command,
             )
-        _print_summary(res, time.time() - t0)
+        _print_summary(res.summary, engine, time.time() - t0)
         return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _chunk_runner(engine: str, sh, scanner2voxel, fod, args, params, rois):
+    """The engine as ``run(positions [n, 3], directions [n, 3]) -> EngineResult``.
+
+    The compiled CPU engine (numba, float32 whatever ``--dtype``) tracks the numpy arrays
+    directly, so this path never imports torch (about a second of start-up); the others track
+    an :class:`~invtract.fod.field.FODField` on ``--device`` in ``--dtype``.
+    """
+    if engine == "numba":
+        from ..tracking.fused_cpu import track_fused_cpu
+
+        return lambda pos, dirs: track_fused_cpu(sh, scanner2voxel, pos, dirs, params, rois)
+    import torch
+
+    from ..fod.field import FODField
+    from ..tracking.tracker import run_engine
+
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    field = FODField.from_array(fod.data, fod.affine, device=args.device, dtype=dtype)
+    return lambda pos, dirs: run_engine(engine, field, pos, dirs, params, rois)
 
 
 def _seed_fail(summary: dict) -> int:
@@ -287,8 +314,7 @@ def _progress_bar(args):
         return None
 
 
-def _print_summary(res, seconds: float) -> None:
-    s = res.summary
+def _print_summary(s: dict, engine: str, seconds: float) -> None:
     lines = [
         f"  seeds tried:           {s['seeds']}",
         f"  streamlines generated: {s['generated']}",
@@ -298,6 +324,6 @@ def _print_summary(res, seconds: float) -> None:
         *[f"    {k}: {v}" for k, v in s["rejected"].items()],
         "  terminations (per half):",
         *[f"    {k}: {v}" for k, v in s["terminations"].items()],
-        f"  engine: {res.engine}; {seconds:.2f} s; {s['steps']} steps",
+        f"  engine: {engine}; {seconds:.2f} s; {s['steps']} steps",
     ]
     log.info("summary\n" + "\n".join(lines))

@@ -15,32 +15,9 @@ import math
 import torch
 
 from ..errors import ShapeError
+from .sh_layout import lmax_from_n, n_coeffs, sh_index
 
 __all__ = ["n_coeffs", "lmax_from_n", "sh_index", "sh_basis", "sh_amplitude"]
-
-
-def n_coeffs(lmax: int) -> int:
-    """Number of coefficients for even ``lmax``: (lmax+1)(lmax+2)/2."""
-    return (lmax + 1) * (lmax + 2) // 2
-
-
-def lmax_from_n(n: int) -> int:
-    """lmax for ``n`` coefficients; raises ShapeError if ``n`` is not a valid count.
-
-    Convention: ``Math::SH::LforN`` and ``Math::SH::check``.
-    """
-    lmax = 2 * int(math.floor((math.sqrt(1.0 + 8.0 * n) - 3.0) / 4.0))
-    if n < 1 or n_coeffs(lmax) != n:
-        valid = ", ".join(f"{n_coeffs(lm)} (lmax {lm})" for lm in range(0, 13, 2))
-        raise ShapeError(
-            f"{n} volumes is not a valid number of SH coefficients; expected one of {valid}"
-        )
-    return lmax
-
-
-def sh_index(l: int, m: int) -> int:
-    """Volume index of coefficient (l, m): l(l+1)/2 + m."""
-    return l * (l + 1) // 2 + m
 
 
 def _legendre_normalised(lmax: int, x: torch.Tensor, s: torch.Tensor) -> dict:

@@ -16,14 +16,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import torch
 
+from ..arrays import to_numpy
 from ..errors import FormatError, ShapeError
 from .mif import MIF_SUFFIXES, atomic_output, read_mif, write_mif
 from .sh_basis import _check_basis, lmax_for_n, to_mrtrix_basis, valid_sh_counts
+
+if TYPE_CHECKING:  # annotations only
+    import torch
 
 __all__ = [
     "Image",
@@ -252,12 +256,6 @@ def check_same_grid(a: Image, b: Image, what: str) -> None:
         )
 
 
-def _as_numpy(data: np.ndarray | torch.Tensor) -> np.ndarray:
-    if torch.is_tensor(data):
-        return data.detach().cpu().numpy()
-    return np.asarray(data)
-
-
 def _like_header(like: Image | str | os.PathLike | None) -> nib.Nifti1Header | None:
     if like is None:
         return None
@@ -300,7 +298,7 @@ def save_nifti(
         raise FormatError(f"{path}: save_nifti needs a .nii or .nii.gz file name")
     if not overwrite and os.path.lexists(path):
         raise FormatError(f"{path}: output exists (pass overwrite=True to replace it)")
-    arr = _as_numpy(data)
+    arr = to_numpy(data)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     elif arr.dtype.kind == "f":
@@ -336,4 +334,4 @@ def save_mif(path: str | os.PathLike, image: Image, *, overwrite: bool = True) -
     path = str(path)
     if not overwrite and os.path.lexists(path):
         raise FormatError(f"{path}: output exists (pass overwrite=True to replace it)")
-    write_mif(Path(path), _as_numpy(image.data), np.asarray(image.affine, dtype=np.float64))
+    write_mif(Path(path), to_numpy(image.data), np.asarray(image.affine, dtype=np.float64))

@@ -12,11 +12,17 @@ Convention: MRtrix3 ``core/math/SH.h`` (``index``: volume ``l(l+1)/2 + m``) and
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from ..arrays import is_tensor
 from ..errors import ConfigError, ShapeError
+from ..fod.sh_layout import lmax_for_n, valid_sh_counts
+from ..fod.sh_layout import n_coeffs as n_for_lmax
+
+if TYPE_CHECKING:  # annotations only
+    import torch
 
 __all__ = [
     "SH_BASES",
@@ -37,28 +43,6 @@ SH_BASES: tuple[str, ...] = (
     "descoteaux07",
     "descoteaux07_legacy",
 )
-
-
-def n_for_lmax(lmax: int) -> int:
-    """Number of even-order SH coefficients, ``(lmax+1)(lmax+2)/2``, for an even ``lmax``."""
-    return (lmax + 1) * (lmax + 2) // 2
-
-
-def lmax_for_n(n: int) -> int | None:
-    """The even ``lmax`` that has exactly ``n`` coefficients, or ``None`` if there is none.
-
-    Convention: MRtrix3 ``core/math/SH.h`` (``LforN``), plus the exact-count check of
-    ``Math::SH::check``.
-    """
-    if n < 1:
-        return None
-    lmax = 2 * int((math.sqrt(1.0 + 8.0 * n) - 3.0) / 4.0)
-    return lmax if n_for_lmax(lmax) == n else None
-
-
-def valid_sh_counts(max_lmax: int = 16) -> list[int]:
-    """Valid volume counts ``[1, 6, 15, 28, 45, ...]`` for lmax = 0, 2, ..., ``max_lmax``."""
-    return [n_for_lmax(lmax) for lmax in range(0, max_lmax + 1, 2)]
 
 
 def _index_map(lmax: int, basis: str) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +78,9 @@ def _check_basis(basis: str) -> None:
 
 
 def _apply(coeffs, src: np.ndarray, scale: np.ndarray):
-    if torch.is_tensor(coeffs):
+    if is_tensor(coeffs):
+        import torch
+
         idx = torch.as_tensor(src, device=coeffs.device)
         sc = torch.as_tensor(scale, dtype=coeffs.dtype, device=coeffs.device)
         return coeffs.index_select(-1, idx) * sc

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import nibabel as nib
 import numpy as np
@@ -22,10 +23,21 @@ from nibabel.streamlines import Field, Tractogram
 from nibabel.streamlines.tck import TckFile
 from nibabel.streamlines.tractogram_file import DataError, HeaderError
 
+from ..arrays import to_numpy
 from ..errors import FormatError, InvtractError
-from ..streamlines import Streamlines
 from .image import Image
 from .mif import atomic_output
+
+if TYPE_CHECKING:  # annotations only
+    from ..streamlines import Streamlines
+
+
+class PackedLike(Protocol):
+    """Anything holding packed streamlines: ``points`` ``[P, 3]`` and ``lengths`` ``[S]``."""
+
+    points: object
+    lengths: object
+
 
 __all__ = [
     "TRACTOGRAM_SUFFIXES",
@@ -87,6 +99,8 @@ def load_tractogram(path: str | os.PathLike, reference: Image | None = None) -> 
             number, no END, missing delimiter, header ``count`` larger than the data),
             non-finite coordinates. The message includes the path.
     """
+    from ..streamlines import Streamlines
+
     del reference
     path = str(path)
     suffix = _check_readable(path)
@@ -260,6 +274,25 @@ class _TckWriter(TckFile):
         fileobj.write(f"\nfile: . {offset}\nEND\n".encode())
 
 
+def _write_tck(path: str, points: np.ndarray, lengths: np.ndarray, header: dict) -> None:
+    """Write a complete ``.tck``: the header (:class:`_TckWriter`'s) and, in one block, the body
+    nibabel's ``TckFile.save`` writes streamline by streamline (each streamline's float32 LE
+    triplets, a NaN triplet after each, an Inf triplet at the end)."""
+    full = TckFile.create_empty_header()
+    full.update(header)
+    full[Field.NB_STREAMLINES] = int(lengths.size)
+    body = np.empty((points.shape[0] + lengths.size + 1, 3), dtype="<f4")
+    delimiters = np.cumsum(lengths + 1) - 1
+    is_point = np.ones(body.shape[0] - 1, dtype=bool)
+    is_point[delimiters] = False
+    body[:-1][is_point] = points
+    body[delimiters] = np.nan
+    body[-1] = np.inf
+    with open(path, "wb") as f:
+        _TckWriter._write_header(f, full)
+        f.write(body.tobytes())
+
+
 def _validate_header(header: dict[str, str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in (header or {}).items():
@@ -289,7 +322,7 @@ def _reference_grid(reference: Image | str | os.PathLike | None, path: str):
 
 def save_tractogram(
     path: str | os.PathLike,
-    streamlines: Streamlines,
+    streamlines: Streamlines | PackedLike,
     header: dict[str, str] | None = None,
     reference: Image | str | os.PathLike | None = None,
     overwrite: bool = False,
@@ -301,7 +334,9 @@ def save_tractogram(
 
     Args:
         path: output file; the extension selects the format.
-        streamlines: streamlines to write (detached and moved to CPU as float32).
+        streamlines: streamlines to write: a :class:`Streamlines`, or any object with packed
+            ``points`` ``[P, 3]`` and ``lengths`` ``[S]`` (numpy arrays or tensors; detached
+            and moved to CPU as float32).
         header: ``.tck`` only: extra header entries under these exact MRtrix names
             (``step_size``, ``max_angle``, ``threshold``, ``min_dist``, ``max_dist``,
             ``init_direction``, ``total_count``, ...); multi-line values become repeated keys.
@@ -326,14 +361,18 @@ def save_tractogram(
         raise InvtractError(f"{path}: output exists (use overwrite=True / -f to replace it)")
     if not Path(path).parent.is_dir():
         raise InvtractError(f"{path}: output folder does not exist")
-    lines = [np.asarray(s, dtype=np.float32) for s in streamlines.to_list()]
-    tractogram = Tractogram(lines, affine_to_rasmm=np.eye(4))
+    points = np.ascontiguousarray(to_numpy(streamlines.points), dtype=np.float32)
+    lengths = to_numpy(streamlines.lengths).astype(np.int64)
 
     if suffix == ".tck":
         tck_header = _validate_header(header)
         with atomic_output(path, suffix=".tck") as tmp:
-            _TckWriter(tractogram, header=tck_header).save(tmp)
+            _write_tck(tmp, points, lengths, tck_header)
         return
+
+    ends = np.cumsum(lengths)
+    lines = np.split(points, ends[:-1]) if lengths.size else []
+    tractogram = Tractogram(lines, affine_to_rasmm=np.eye(4))
 
     affine, shape, zooms = _reference_grid(reference, path)
     if suffix == ".trk":

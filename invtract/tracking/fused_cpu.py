@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
-from ..fod.peaks import peak_tables
-from ..fod.sh import lmax_from_n
+from ..fod.peak_tables import peak_tables
+from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
 from .types import (
     TERM_ADD_TO_TCK,
@@ -84,6 +84,36 @@ except Exception as exc:  # pragma: no cover - only without numba
 def available() -> bool:
     """True when numba imported, i.e. the compiled engine can run."""
     return numba is not None
+
+
+_TARGET_READY = False
+
+
+def _prepare_numba_target() -> None:
+    """Initialise numba's CPU target (once) without letting it import scipy.linalg.
+
+    On first use numba imports ``scipy.linalg`` (0.3 s, a fifth of ``invtract track``'s whole
+    run) only to record whether a BLAS exists for ``np.correlate`` / ``np.convolve``; no kernel
+    uses them. When scipy.linalg is not loaded yet, that import is made to fail for the
+    duration, so numba records "no BLAS" for those two functions in this process (they then use
+    a plain loop); everything else, ``np.dot`` included, still finds scipy's BLAS when compiled.
+    """
+    global _TARGET_READY
+    if _TARGET_READY or numba is None:
+        return
+    import sys
+
+    from numba.core.registry import cpu_target
+
+    blocked = "scipy.linalg" not in sys.modules
+    if blocked:
+        sys.modules["scipy.linalg"] = None  # type: ignore[assignment]
+    try:
+        cpu_target.target_context.refresh()
+    finally:
+        if blocked:
+            del sys.modules["scipy.linalg"]
+    _TARGET_READY = True
 
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy", boundscheck=False, nogil=True)
@@ -1053,6 +1083,7 @@ class SeedTest:
     def __init__(self, sh: np.ndarray, scanner2voxel: np.ndarray, rois: RoiSet | None = None):
         if not available():
             raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
+        _prepare_numba_target()
         sh, M, nonzero, _ = _prepare_fod(sh, scanner2voxel)
         self._rois, counts = _flatten_rois(rois)
         ip = np.zeros(_IP_LEN, dtype=np.int64)
@@ -1088,6 +1119,7 @@ def _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois) -> _Kernel
     """Validate and lay out the inputs of :func:`track_fused_cpu` for the kernels."""
     if not available():
         raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
+    _prepare_numba_target()
     sh, M, nonzero, lmax = _prepare_fod(sh, scanner2voxel)
     seeds = np.ascontiguousarray(seeds, dtype=np.float32).reshape(-1, 3)
     init_dirs = np.ascontiguousarray(init_dirs, dtype=np.float32).reshape(-1, 3)

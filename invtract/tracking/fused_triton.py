@@ -45,7 +45,7 @@ import torch
 
 from ..errors import InvtractWarning
 from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
-from ..fod.sh import lmax_from_n
+from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
 from .types import EngineResult, Reject, RoiSet, Term, concat_results
 

@@ -8,7 +8,6 @@ per-streamline alive masks; there is no Python loop over streamlines. Positions 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 import numpy as np
@@ -19,9 +18,18 @@ from ..fod.field import FODField
 from ..params import ResolvedParameters
 from .propagator import normalise_eigen, sd_stream_step
 from .rois import any_contains, roi_contains
+from .runner import default_engine, numba_available
 from .types import EngineResult, Reject, RoiSet, Term, concat_results
 
-__all__ = ["track_torch", "ENGINES", "run_engine", "downsample_track", "check_length_post"]
+__all__ = [
+    "track_torch",
+    "ENGINES",
+    "run_engine",
+    "default_engine",
+    "numba_available",
+    "downsample_track",
+    "check_length_post",
+]
 
 
 def _track_half(field, p0, u0, count0, active, visited, params, rois, max_new):
@@ -308,23 +316,6 @@ ENGINES: dict[str, Callable[..., EngineResult]] = {
     "numba": _numba_engine,
     "triton": _triton_engine,
 }
-
-
-def numba_available() -> bool:
-    try:
-        from . import fused_cpu
-    except Exception:  # pragma: no cover - depends on installation
-        return False
-    return bool(getattr(fused_cpu, "available", lambda: False)())
-
-
-def default_engine(device: torch.device | str) -> str:
-    """The fastest engine available for ``device``."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
-        return "triton"
-    if torch.device(device).type == "cpu" and numba_available():
-        return "numba"
-    return "torch"
 
 
 def run_engine(name: str, *args, **kwargs) -> EngineResult:

@@ -81,3 +81,27 @@ def test_bad_seed_file(tmp_path, capsys):
     assert "column" in capsys.readouterr().err
     seeds.write_text("1 2 nan\n")
     assert main(["track", str(fod), str(tmp_path / "o.tck"), "--seeds", str(seeds)]) == 1
+
+
+def test_compiled_cpu_path_never_imports_torch(tmp_path):
+    """`invtract track` with the compiled CPU engine (the default on CPU) runs without torch
+    (its import is about a second of a whole run): same streamlines as the torch engine."""
+    import subprocess
+    import sys
+
+    from invtract.tracking.runner import numba_available
+
+    if not numba_available():
+        pytest.skip("numba is not installed: the compiled CPU engine is unavailable")
+    out, ref = tmp_path / "numba.tck", tmp_path / "torch.tck"
+    code = (
+        "import sys; from invtract.cli import main; "
+        f"rc = main(['-q', 'track', '--example', {str(out)!r}, '--engine', 'numba']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert main(["-q", "track", "--example", str(ref), "--engine", "torch"]) == 0
+    ours, theirs = load_tractogram(out), load_tractogram(ref)
+    assert len(ours) > 0 and ours.lengths.tolist() == theirs.lengths.tolist()
+    assert np.allclose(ours.points.numpy(), theirs.points.numpy(), atol=1e-4)

@@ -204,20 +204,40 @@ def test_overwrite_and_reference_errors(tmp_path):
 
 @pytest.mark.parametrize("ext", ["tck", "trk"])
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, ext):
-    from nibabel.streamlines import tck, trk
+    from nibabel.streamlines import trk
 
-    cls = tck.TckFile if ext == "tck" else trk.TrkFile
-    original = cls.save
+    import invtract.io.tractogram as tractogram_io
 
-    def partial(self, fileobj):
-        original(self, fileobj)
+    owner, name = (tractogram_io, "_write_tck") if ext == "tck" else (trk.TrkFile, "save")
+    original = getattr(owner, name)
+
+    def partial(*args):
+        original(*args)
         raise KeyboardInterrupt  # interrupted after bytes were written
 
-    monkeypatch.setattr(cls, "save", partial)
+    monkeypatch.setattr(owner, name, partial)
     target = tmp_path / f"o.{ext}"
     with pytest.raises(KeyboardInterrupt):
         save_tractogram(target, _lines(2), reference=_grid())
     assert os.listdir(tmp_path) == []
+
+
+def test_tck_body_matches_nibabel_writer(tmp_path):
+    """The block-written .tck is byte for byte what nibabel's streamline-by-streamline
+    ``TckFile.save`` writes with the same header writer (including an empty tractogram)."""
+    from nibabel.streamlines import Tractogram
+
+    import invtract.io.tractogram as tractogram_io
+
+    for n in (0, 1, 4):
+        sl = _lines(n) if n else Streamlines.empty()
+        ours, theirs = tmp_path / f"ours{n}.tck", tmp_path / f"theirs{n}.tck"
+        header = {"step_size": "0.5", "command_history": "a: b\nc"}
+        save_tractogram(ours, sl, header=header)
+        lines = [np.asarray(line, np.float32) for line in sl.to_list()]
+        writer = tractogram_io._TckWriter(Tractogram(lines, affine_to_rasmm=np.eye(4)), header)
+        writer.save(str(theirs))
+        assert ours.read_bytes() == theirs.read_bytes()
 
 
 def test_cuda_or_grad_tensors_are_detached(tmp_path):

@@ -459,3 +459,23 @@ def test_peaks_variant_rejects_rk4(straight):
     params = TrackingParameters(rk4=True).resolve((1.0, 1.0, 1.0))
     with pytest.raises(ValueError):
         fused_cpu.track_fused_cpu_peaks(sh, s2v, np.zeros((1, 3)), np.ones((1, 3)), params)
+
+
+def test_target_preparation_skips_scipy_but_leaves_it_usable():
+    """The compiled engine starts numba without importing scipy.linalg (0.3 s), and scipy and
+    numba's BLAS-backed np.dot still work afterwards in the same process."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, numpy as np
+from invtract.tracking import fused_cpu
+fused_cpu.seeds_have_data(np.ones((2, 2, 2, 1), np.float32), np.eye(4)[:3], np.zeros((1, 3)))
+assert 'scipy.linalg' not in sys.modules, 'scipy.linalg was imported'
+import scipy.linalg
+import numba
+dot = numba.njit(lambda a, b: np.dot(a, b))
+assert dot(np.ones(3), np.arange(3.0)) == 3.0
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

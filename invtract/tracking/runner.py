@@ -1,0 +1,335 @@
+"""Seeds to streamlines with tckgen's rules, for any engine, without torch.
+
+:func:`run_seeding` draws seeds in tckgen's order (:class:`Seeding`), gives every seed that
+passes ``check_seed`` one start direction from the MRtrix-compatible random stream, hands
+chunks of seeds to an engine, stops infinite seeders at ``select`` / ``max_seeds`` exactly as
+``tckgen -nthreads 0`` does, and counts the outcome in MRtrix's categories. Positions are
+scanner mm (RAS+). :func:`invtract.tracking.api.track` is the torch front (an FOD field in,
+:class:`~invtract.streamlines.Streamlines` out); ``invtract track`` calls this module directly,
+so its compiled CPU path never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..params import ResolvedParameters
+from .rng import MRtrixRNG
+from .seeding import MaskGrid, SeedImageSampler, grid_per_voxel, random_per_voxel
+from .types import (
+    REJECT_NAMES,
+    TERM_NAMES,
+    EngineResult,
+    Reject,
+    RoiSet,
+    Term,
+    concat_results,
+)
+
+__all__ = [
+    "Seeding",
+    "SeedChecker",
+    "SeedingResult",
+    "run_seeding",
+    "summarise",
+    "default_engine",
+    "numba_available",
+]
+
+#: a chunk of seeds ``[n, 3]`` and start directions ``[n, 3]`` -> the engine's result
+ChunkRunner = Callable[[np.ndarray, np.ndarray], EngineResult]
+
+
+@dataclass
+class Seeding:
+    """How seeds are generated (one mechanism per run, as tckgen's finite/infinite rules).
+
+    Attributes:
+        kind: ``"list"`` (explicit positions), ``"grid"`` (``-seed_grid_per_voxel``),
+            ``"random_per_voxel"`` (``-seed_random_per_voxel``), ``"image"`` (``-seed_image``)
+            or ``"sphere"`` (``-seed_sphere``).
+        positions: ``[N, 3]`` scanner mm, for ``"list"``.
+        directions: ``[N, 3]`` initial directions for ``"list"`` (optional).
+        mask: ``[X, Y, Z]`` bool mask and ``affine`` ``[4, 4]`` for the mask-based kinds.
+        count: grid points per axis (``grid``) or seeds per voxel (``random_per_voxel``).
+        sphere: ``(x, y, z, r)`` mm for ``"sphere"``.
+    """
+
+    kind: str
+    positions: np.ndarray | None = None
+    directions: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    affine: np.ndarray | None = None
+    count: int = 1
+    sphere: tuple | None = None
+
+    @property
+    def finite(self) -> bool:
+        return self.kind in ("list", "grid", "random_per_voxel")
+
+
+@dataclass
+class SeedingResult:
+    """Output of :func:`run_seeding` (numpy; positions in scanner mm).
+
+    Attributes:
+        points: ``[P, 3]`` float32 vertices of the accepted streamlines, packed in seed order.
+        lengths: ``[S]`` vertex count of each accepted streamline.
+        seed_index: ``[S]`` index of the seed vertex in each streamline.
+        seed_ids: ``[S]`` index of the seed (in generation order) each streamline came from.
+        summary: counts in MRtrix's categories (see :func:`summarise`).
+    """
+
+    points: np.ndarray
+    lengths: np.ndarray
+    seed_index: np.ndarray
+    seed_ids: np.ndarray
+    summary: dict
+
+    @property
+    def seed_points(self) -> np.ndarray:
+        """``[S, 3]`` the seed vertex of each streamline (scanner mm)."""
+        offsets = np.cumsum(self.lengths) - self.lengths
+        return self.points[offsets + self.seed_index].reshape(-1, 3)
+
+
+def numba_available() -> bool:
+    """True when the compiled CPU engine imports (numba installed)."""
+    try:
+        from . import fused_cpu
+    except Exception:  # pragma: no cover - depends on installation
+        return False
+    return bool(getattr(fused_cpu, "available", lambda: False)())
+
+
+def default_engine(device) -> str:
+    """The fastest engine available for ``device`` (a torch device or its name)."""
+    kind = str(device).split(":")[0]
+    if kind == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    if kind == "cpu" and numba_available():
+        return "numba"
+    return "torch"
+
+
+def run_seeding(
+    sh: np.ndarray,
+    scanner2voxel: np.ndarray,
+    seeding: Seeding,
+    params: ResolvedParameters,
+    run_chunk: ChunkRunner,
+    *,
+    rois: RoiSet | None = None,
+    select: int | None = None,
+    max_seeds: int | None = None,
+    rng_seed: int | None = None,
+    batch_size: int = 4096,
+    progress: Callable[[int, int], None] | None = None,
+) -> SeedingResult:
+    """Track from every seed of ``seeding`` as ``tckgen -algorithm SD_Stream -nthreads 0``.
+
+    Args:
+        sh: ``[X, Y, Z, K]`` SH coefficients (MRtrix3 basis, scanner frame) and
+            ``scanner2voxel`` ``[3, 4]``: the FOD the engine tracks, used here for the seed
+            checks that decide which seeds draw a random direction.
+        seeding: the seed mechanism.
+        params: resolved tracking parameters.
+        run_chunk: ``run_chunk(positions [n, 3], directions [n, 3]) -> EngineResult``.
+        rois: include / exclude / mask regions (the engine must use the same).
+        select: stop once this many streamlines are accepted (infinite seeders; tckgen default
+            5000). Ignored for finite seeders, which track every seed.
+        max_seeds: stop after this many seeds (tckgen ``-seeds``; default 1000 x select).
+        rng_seed: seed of the MRtrix-compatible random stream (``MRTRIX_RNG_SEED``); random
+            when None.
+        batch_size: seeds per engine call.
+        progress: called as ``progress(seeds_done, selected)``.
+    """
+    rois = rois or RoiSet()
+    if rng_seed is None:
+        rng_seed = int.from_bytes(os.urandom(4), "little")
+    rng = MRtrixRNG(rng_seed)
+    fixed = None
+    if params.seed_direction is not None:
+        fixed = np.asarray(params.seed_direction, np.float32)
+    if not seeding.finite:
+        select = 5000 if select is None else int(select)
+        if max_seeds is None:
+            max_seeds = 1000 * select if select > 0 else 0
+        if select <= 0 and max_seeds <= 0:
+            raise ConfigError("an infinite seed mechanism needs --select or a seed count")
+    checker = SeedChecker(sh, scanner2voxel, rois)
+    parts: list[EngineResult] = []
+    n_seen = 0
+    n_selected = 0
+    for pos, dirs in _seed_stream(seeding, checker, rng, fixed, batch_size):
+        if not seeding.finite and max_seeds:
+            pos, dirs = pos[: max_seeds - n_seen], dirs[: max_seeds - n_seen]
+        if pos.shape[0] == 0:
+            break
+        res = run_chunk(pos, dirs)
+        acc = res.accepted
+        if not seeding.finite and select and n_selected + int(acc.sum()) >= select:
+            cut = int(np.flatnonzero(acc)[select - n_selected - 1]) + 1
+            res = _truncate_result(res, cut)
+        parts.append(res)
+        n_seen += res.status.shape[0]
+        n_selected += int(res.accepted.sum())
+        if progress is not None:
+            progress(n_seen, n_selected)
+        if not seeding.finite and (
+            (select and n_selected >= select) or (max_seeds and n_seen >= max_seeds)
+        ):
+            break
+    res = concat_results(parts)
+    acc = res.accepted
+    return SeedingResult(
+        points=res.points,
+        lengths=res.lengths[acc],
+        seed_index=res.seed_index[acc],
+        seed_ids=np.flatnonzero(acc),
+        summary=summarise(res, params),
+    )
+
+
+class SeedChecker:
+    """Which seeds consume a random direction, decided before tracking (spec §4.2 step 1, 2.1):
+    ``check_seed`` and "data at the seed", with the fused kernel's own rule
+    (:class:`~invtract.tracking.fused_cpu.SeedTest`) whatever engine then tracks.
+
+    Args:
+        sh: ``[X, Y, Z, K]`` SH coefficients; scanner2voxel: ``[3, 4]`` (scanner mm -> voxel).
+    """
+
+    def __init__(self, sh: np.ndarray, scanner2voxel: np.ndarray, rois: RoiSet) -> None:
+        from .fused_cpu import SeedTest
+
+        self._test = SeedTest(sh, scanner2voxel, rois)
+
+    def __call__(self, p: np.ndarray) -> np.ndarray:
+        return self._test(p)
+
+
+def _seed_stream(seeding: Seeding, checker: SeedChecker, rng: MRtrixRNG, fixed_dir, chunk: int):
+    """Yield ``(positions [n, 3], directions [n, 3])`` chunks in tckgen's draw order."""
+
+    def direction_for(ok: bool):
+        if fixed_dir is not None:
+            return fixed_dir
+        if not ok:
+            return np.full(3, np.nan, np.float32)
+        return rng.direction()
+
+    if seeding.kind in ("list", "grid"):
+        if seeding.kind == "grid":
+            grid = MaskGrid.from_image(seeding.mask, seeding.affine)
+            pos = grid_per_voxel(grid, seeding.count)
+            given = None
+        else:
+            pos = np.asarray(seeding.positions, np.float32).reshape(-1, 3)
+            given = seeding.directions
+        for start in range(0, pos.shape[0], chunk):
+            p = pos[start : start + chunk]
+            if given is not None:
+                d = np.asarray(given[start : start + chunk], np.float32)
+            elif fixed_dir is not None:
+                d = np.broadcast_to(fixed_dir, p.shape).astype(np.float32)
+            else:  # one random direction per seed that passes the checks, in seed order
+                ok = checker(p)
+                d = np.full(p.shape, np.nan, np.float32)
+                d[ok] = rng.directions(int(ok.sum()))
+            yield p, d
+        return
+    if seeding.kind == "random_per_voxel":
+        grid = MaskGrid.from_image(seeding.mask, seeding.affine)
+        gen = random_per_voxel(grid, seeding.count, rng)
+        done = False
+        while not done:
+            ps, ds = [], []
+            for _ in range(chunk):
+                try:
+                    p = next(gen)
+                except StopIteration:
+                    done = True
+                    break
+                ps.append(p)
+                ds.append(direction_for(bool(checker(p[None])[0])))
+            if ps:
+                yield np.stack(ps), np.stack(ds)
+        return
+    if seeding.kind in ("image", "sphere"):
+        if seeding.kind == "image":
+            sampler = SeedImageSampler(MaskGrid.from_image(seeding.mask, seeding.affine), rng)
+            draw = sampler.next
+        else:
+            cx, cy, cz, r = (np.float32(v) for v in seeding.sphere)
+            centre = np.array([cx, cy, cz], np.float32)
+
+            def draw():
+                while True:
+                    q = np.array(
+                        [np.float32(2) * rng.uniform() - np.float32(1) for _ in range(3)],
+                        np.float32,
+                    )
+                    if q[0] * q[0] + (q[1] * q[1] + q[2] * q[2]) <= 1.0:
+                        return centre + r * q
+
+        while True:
+            ps, ds = [], []
+            for _ in range(chunk):
+                p = draw()
+                ps.append(p)
+                ds.append(direction_for(bool(checker(p[None])[0])))
+            yield np.stack(ps), np.stack(ds)
+    raise ConfigError(f"unknown seeding kind {seeding.kind!r}")
+
+
+def summarise(result: EngineResult, params: ResolvedParameters) -> dict:
+    """Counts in MRtrix's categories: seeds, streamlines generated, selected, rejections by
+    reason, terminations by reason (per half), mean length (mm)."""
+    status = result.status.astype(int)
+    accepted = status == int(Reject.ACCEPTED)
+    rejected = {
+        REJECT_NAMES.get(Reject(r), Reject(r).name): int((status == int(r)).sum())
+        for r in Reject
+        if r != Reject.ACCEPTED and (status == int(r)).any()
+    }
+    terms = result.term.astype(int).ravel()
+    terminations = {
+        TERM_NAMES.get(Term(t), Term(t).name): int((terms == int(t)).sum())
+        for t in Term
+        if (terms == int(t)).any()
+    }
+    lengths = result.lengths[accepted]
+    seed_rejected = int((status == int(Reject.INVALID_SEED)).sum())
+    step = params.step_mm * max(params.downsample, 1)
+    mean_len = float((lengths - 1).mean() * step) if lengths.size else 0.0
+    return {
+        "seeds": int(status.size),
+        "generated": int(status.size - seed_rejected),
+        "selected": int(accepted.sum()),
+        "rejected": rejected,
+        "terminations": terminations,
+        "mean_length_mm": mean_len,
+        "steps": int(result.counts.get("steps", 0)),
+    }
+
+
+def _truncate_result(res: EngineResult, n: int) -> EngineResult:
+    acc = res.accepted[:n]
+    npts = int(res.lengths[:n][acc].sum())
+    return dataclasses.replace(
+        res,
+        points=res.points[:npts],
+        lengths=res.lengths[:n],
+        seed_index=res.seed_index[:n],
+        status=res.status[:n],
+        term=res.term[:n],
+        init_dir=res.init_dir[:n],
+    )
