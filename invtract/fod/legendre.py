@@ -19,6 +19,7 @@ __all__ = [
     "n_legendre",
     "legendre_index",
     "plm_sph_column",
+    "plm_sph_columns",
     "legendre_table",
     "lut_increment",
 ]
@@ -38,40 +39,9 @@ def legendre_index(l: int, m: int) -> int:
     return l * l // 4 + m
 
 
-def _helper(x: float, m: float) -> float:
-    # product over the odd factors, in double (MRtrix evaluates it with double arguments)
-    out = 1.0
-    factors = []
-    while m >= 1.0:
-        factors.append(x * (m - 1.0) / m)
-        m -= 2.0
-    for f in reversed(factors):
-        out = f * out
-    return out
-
-
 def plm_sph_column(lmax: int, m: int, x: np.float32) -> np.ndarray:
     """P-bar_n^m(x) for n = 0..lmax (entries n < m are 0), float32, MRtrix's recursion."""
-    x = f32(x)
-    out = np.zeros(lmax + 1, dtype=np.float32)
-    x2 = f32(x * x)
-    if m and x2 >= 1.0:
-        return out
-    v = f32(_INV_SQRT_4PI)
-    if m:
-        v = f32(float(v) * math.sqrt(float(f32(2 * m + 1)) * _helper(1.0 - float(x2), 2.0 * m)))
-    if m & 1:
-        v = -v
-    out[m] = v
-    if lmax == m:
-        return out
-    f = f32(math.sqrt(float(f32(2 * m + 3))))
-    out[m + 1] = f32(f32(x * f) * out[m])
-    for n in range(m + 2, lmax + 1):
-        val = f32(f32(x * out[n - 1]) - f32(out[n - 2] / f))
-        f = f32(math.sqrt(float(f32(f32(4 * n * n - 1) / f32(n * n - m * m)))))
-        out[n] = f32(val * f)
-    return out
+    return plm_sph_columns(lmax, m, np.array([x], dtype=np.float32))[0]
 
 
 def _load_cosf():
@@ -104,6 +74,44 @@ def lut_increment() -> np.float32:
     return f32(math.pi / (LUT_SIZE - 1))
 
 
+def plm_sph_columns(lmax: int, m: int, x: np.ndarray) -> np.ndarray:
+    """P-bar_n^m(x_i) for n = 0..lmax at each ``x_i``: ``[len(x), lmax + 1]`` float32.
+
+    MRtrix's ``Plm_sph`` recursion with its float32 / double types, evaluated element-wise
+    (numpy's arithmetic and square roots are IEEE-rounded, so each value is what the scalar C++
+    code gives); entries n < m are 0, as are rows with m > 0 and x^2 >= 1.
+    """
+    x = x.astype(np.float32)
+    out = np.zeros((x.size, lmax + 1), dtype=np.float32)
+    x2 = (x * x).astype(np.float32)
+    v = np.full(x.size, f32(_INV_SQRT_4PI), dtype=np.float32)
+    if m:
+        h = np.ones(x.size)  # _helper(1 - x2, 2m), factors multiplied in the same order
+        one_minus = 1.0 - x2.astype(np.float64)
+        factors = []
+        k = 2.0 * m
+        while k >= 1.0:
+            factors.append(one_minus * (k - 1.0) / k)
+            k -= 2.0
+        for factor in reversed(factors):
+            h = factor * h
+        scale = np.sqrt(float(f32(2 * m + 1)) * h)
+        v = (v.astype(np.float64) * scale).astype(np.float32)
+    if m & 1:
+        v = -v
+    out[:, m] = v
+    if lmax > m:
+        f = f32(math.sqrt(float(f32(2 * m + 3))))
+        out[:, m + 1] = ((x * f).astype(np.float32) * out[:, m]).astype(np.float32)
+        for n in range(m + 2, lmax + 1):
+            val = ((x * out[:, n - 1]).astype(np.float32) - (out[:, n - 2] / f)).astype(np.float32)
+            f = f32(math.sqrt(float(f32(f32(4 * n * n - 1) / f32(n * n - m * m)))))
+            out[:, n] = (val * f).astype(np.float32)
+    if m:
+        out[x2 >= 1.0] = 0.0
+    return out
+
+
 @lru_cache(maxsize=8)
 def legendre_table(lmax: int) -> np.ndarray:
     """MRtrix's ``PrecomputedAL<float>`` table, ``[512, (lmax/2+1)^2]`` float32 (read-only).
@@ -111,13 +119,12 @@ def legendre_table(lmax: int) -> np.ndarray:
     Row n holds P-bar_l^m(cos(n * inc)) for even l <= lmax, 0 <= m <= l, at ``legendre_index``.
     """
     inc = lut_increment()
+    cos_el = np.array([cosf(f32(f32(n) * inc)) for n in range(LUT_SIZE)], dtype=np.float32)
     table = np.zeros((LUT_SIZE, n_legendre(lmax)), dtype=np.float32)
-    for n in range(LUT_SIZE):
-        cos_el = cosf(f32(f32(n) * inc))
-        for m in range(lmax + 1):
-            col = plm_sph_column(lmax, m, cos_el)
-            start = m + 1 if (m & 1) else m
-            for l in range(start, lmax + 1, 2):
-                table[n, legendre_index(l, m)] = col[l]
+    for m in range(lmax + 1):
+        cols = plm_sph_columns(lmax, m, cos_el)
+        start = m + 1 if (m & 1) else m
+        for l in range(start, lmax + 1, 2):
+            table[:, legendre_index(l, m)] = cols[:, l]
     table.setflags(write=False)
     return table

@@ -161,6 +161,8 @@ _FP_STEP, _FP_CUTOFF, _FP_DOT, _FP_COS_RK4, _FP_MINLEN, _FP_MAXLEN, _FP_INC = ra
 ) = range(_IP_LEN := 13)
 
 _SQRT2 = 1.41421356237309504880  # Math::sqrt2 (double)
+#: "no such Legendre term" in the kernel's unsigned index tables (see _kernel_tables)
+_ABSENT = np.uint64(2**63)
 _MAX_BUFFER_POINTS = 1_000_000
 
 
@@ -334,6 +336,9 @@ def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
         az = math.atan2(uy, ux)
         el = math.acos(uz)
         sel = math.sin(el)
+        cel = math.cos(el)
+        caz1 = math.cos(az)
+        saz1 = math.sin(az)
         atpole = sel < 1e-4
         # --- Legendre lookup (PrecomputedAL::set / get)
         fr2 = el / inc
@@ -355,12 +360,16 @@ def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
                 row = ii
                 fr2 = fr2 - np.float32(ii)
                 fr1 = f1c - fr2
+        r0 = np.uint64(row) * np.uint64(nAL)
         if fr2 != f0:
+            r1 = r0 + np.uint64(nAL)
             for e in range(nAL):
-                AL[e] = fr1 * lut[row, e] + fr2 * lut[row + 1, e]
+                ue = np.uint64(e)
+                AL[ue] = fr1 * lut[r0 + ue] + fr2 * lut[r1 + ue]
         else:
             for e in range(nAL):
-                AL[e] = fr1 * lut[row, e]
+                ue = np.uint64(e)
+                AL[ue] = fr1 * lut[r0 + ue]
         # --- derivatives
         amplitude = c[0] * AL[0]
         dEl = f0
@@ -372,31 +381,37 @@ def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
             v = c[zint[z, 0]]
             a = zint[z, 1]
             amplitude += v * AL[a]
-            dEl += v * zflt[z, 0] * AL[a + 1]
-            dEl2 += (v * (zflt[z, 1] * AL[a + 2] - zflt[z, 2] * AL[a])) * half
+            dEl += v * zflt[z, 0] * AL[a + np.uint64(1)]
+            dEl2 += (v * (zflt[z, 1] * AL[a + np.uint64(2)] - zflt[z, 2] * AL[a])) * half
         for m in range(1, lmax + 1):
             fm = np.float32(m)
-            maz = fm * az
-            caz = np.float32(_SQRT2 * np.float64(math.cos(maz)))
-            saz = np.float32(_SQRT2 * np.float64(math.sin(maz)))
-            for q in range(mstart[m], mstart[m + 1]):
-                vp = c[pint[q, 0]]
-                vm = c[pint[q, 1]]
-                alm = AL[pint[q, 2]]
+            if m == 1:  # 1 * az == az exactly: the same cosf / sinf values
+                caz = np.float32(_SQRT2 * np.float64(caz1))
+                saz = np.float32(_SQRT2 * np.float64(saz1))
+            else:
+                maz = fm * az
+                caz = np.float32(_SQRT2 * np.float64(math.cos(maz)))
+                saz = np.float32(_SQRT2 * np.float64(math.sin(maz)))
+            for qq in range(mstart[m], mstart[m + 1]):
+                qi = np.uint64(qq) * np.uint64(7)
+                qf = np.uint64(qq) * np.uint64(5)
+                vp = c[pint[qi]]
+                vm = c[pint[qi + np.uint64(1)]]
+                alm = AL[pint[qi + np.uint64(2)]]
                 A = vp * caz + vm * saz
                 amplitude += A * alm
-                tmp = pflt[q, 0] * AL[pint[q, 3]]
-                if pint[q, 4] >= 0:
-                    tmp -= pflt[q, 1] * AL[pint[q, 4]]
+                tmp = pflt[qf] * AL[pint[qi + np.uint64(3)]]
+                if pint[qi + np.uint64(4)] != _ABSENT:
+                    tmp -= pflt[qf + np.uint64(1)] * AL[pint[qi + np.uint64(4)]]
                 tmp = tmp * mhalf
                 dEl += A * tmp
-                tmp2 = pflt[q, 2] * alm
+                tmp2 = pflt[qf + np.uint64(2)] * alm
                 if m == 1:
-                    tmp2 -= pflt[q, 3] * AL[pint[q, 5]]
+                    tmp2 -= pflt[qf + np.uint64(3)] * AL[pint[qi + np.uint64(5)]]
                 else:
-                    tmp2 += pflt[q, 3] * AL[pint[q, 5]]
-                if pint[q, 6] >= 0:
-                    tmp2 += pflt[q, 4] * AL[pint[q, 6]]
+                    tmp2 += pflt[qf + np.uint64(3)] * AL[pint[qi + np.uint64(5)]]
+                if pint[qi + np.uint64(6)] != _ABSENT:
+                    tmp2 += pflt[qf + np.uint64(4)] * AL[pint[qi + np.uint64(6)]]
                 tmp2 = tmp2 * quarter
                 dEl2 += A * tmp2
                 B = vm * caz - vp * saz
@@ -439,9 +454,6 @@ def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
             return np.float32(np.nan), np.float32(np.nan), np.float32(np.nan), np.float32(np.nan)
         gEl = gEl * dt
         gAz = gAz * dt
-        caz1 = math.cos(az)
-        saz1 = math.sin(az)
-        cel = math.cos(el)
         ux = ux + ((gEl * caz1) * cel - gAz * saz1)
         uy = uy + ((gEl * saz1) * cel + gAz * caz1)
         uz = uz - gEl * sel
@@ -996,6 +1008,17 @@ def _sh_tables(lmax: int):
     return zint_a, zflt_a, pint_a, pflt_a, np.array(mstart, dtype=np.int64)
 
 
+def _kernel_tables(lmax: int):
+    """:func:`_sh_tables` in the layout ``_get_peak`` reads: index tables unsigned (numba
+    then emits no negative-index wraparound on each table lookup), ``pint`` and ``pflt``
+    flattened row-major (rows of 7 and 5), -1 ("no such term") as :data:`_ABSENT`.
+    About 8 % of the kernel's time on a real FOD; the arithmetic is unchanged."""
+    zint, zflt, pint, pflt, mstart = _sh_tables(lmax)
+    pint_u = np.where(pint < 0, 0, pint).astype(np.uint64)
+    pint_u[pint < 0] = _ABSENT
+    return zint.astype(np.uint64), zflt, pint_u.reshape(-1), pflt.reshape(-1), mstart
+
+
 def _flatten_rois(rois: RoiSet | None):
     """Flatten a RoiSet into the kernel's arrays; returns (arrays tuple, counts dict)."""
     entries = []
@@ -1127,6 +1150,7 @@ def _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois) -> _Kernel
         raise ValueError(f"{seeds.shape[0]} seeds but {init_dirs.shape[0]} initial directions")
     lut = np.ascontiguousarray(legendre_table(lmax), dtype=np.float32)
     assert lut.shape[1] == n_legendre(lmax)
+    lut = lut.reshape(-1)  # row-major, rows of n_legendre(lmax), read with unsigned offsets
     roi_arrays, roi_counts = _flatten_rois(rois)
     max_points = int(params.max_points)
     if max_points + 2 > _MAX_BUFFER_POINTS:
@@ -1164,7 +1188,7 @@ def _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois) -> _Kernel
         ],
         dtype=np.int64,
     )
-    consts = (fp, ip, lut, *_sh_tables(lmax))
+    consts = (fp, ip, lut, *_kernel_tables(lmax))
     return _KernelInputs(seeds, init_dirs, (sh, nonzero, M), consts, roi_arrays, max_points + 2)
 
 
