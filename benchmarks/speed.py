@@ -12,6 +12,10 @@ runs, ``invtract track fod.mif out.tck --seed-grid-per-voxel mask.mif 2 --rng-se
 process: imports, loading, seeding, tracking, writing the .tck), which is what the goal is about;
 ``fused_warm`` is the same work as a lean script that skips the CLI. Prints one JSON object.
 
+The package's bytecode is compiled first (``compileall``), as ``pip install`` does: in an
+editable checkout under ``PYTHONDONTWRITEBYTECODE=1`` (these machines set it) every process
+would otherwise recompile every invtract module from source.
+
 Usage: ``python benchmarks/speed.py [--repeats 3] [--threads 2]``
 """
 
@@ -148,6 +152,11 @@ def main(argv=None) -> int:
     if not CASE.exists():
         print(json.dumps({"error": f"reference data not found at {CASE}"}))
         return 1
+    import compileall
+
+    import invtract
+
+    compileall.compile_dir(os.path.dirname(invtract.__file__), quiet=1)
     work = tempfile.mkdtemp(prefix="invtract_speed_")
     cache = os.path.join(work, "numba_cache")
     try:
