@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .errors import InvtractError
 
-__all__ = ["main"]
+__all__ = ["main", "entry"]
 
 #: name -> "module:Class" (imported lazily so ``invtract --help`` stays fast)
 _COMMANDS: dict[str, str] = {
@@ -97,5 +98,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """Console-script entry (``invtract``, ``python -m invtract.cli``): :func:`main`, then exit.
+
+    A command whose class sets ``fast_exit = True`` (``track``: everything it writes is closed
+    and renamed into place before it returns) leaves with ``os._exit`` once the standard
+    streams and logging are flushed, skipping the interpreter's teardown of the numba / LLVM
+    modules it loaded (0.1-0.2 s, over a tenth of a typical run). Every other command exits
+    normally, so its atexit handlers (TensorBoard writers, databases) run.
+    """
+    argv = sys.argv[1:]
+    code = main(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    module, _, name = _COMMANDS.get(first or "", "").partition(":")
+    command = getattr(sys.modules.get(module), name, None) if module else None
+    if getattr(command, "fast_exit", False):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -97,6 +97,7 @@ def tracking_parameters(args) -> TrackingParameters:
 class Track:
     name = "track"
     help = "track streamlines with SD_Stream (tckgen-compatible)"
+    fast_exit = True  # see invtract.cli.entry
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -105,3 +105,18 @@ def test_compiled_cpu_path_never_imports_torch(tmp_path):
     ours, theirs = load_tractogram(out), load_tractogram(ref)
     assert len(ours) > 0 and ours.lengths.tolist() == theirs.lengths.tolist()
     assert np.allclose(ours.points.numpy(), theirs.points.numpy(), atol=1e-4)
+
+
+def test_console_entry_fast_exit_keeps_outputs_and_exit_codes(tmp_path):
+    """`python -m invtract.cli track` leaves through the fast exit: the .tck is complete and
+    the exit code is the command's (0, then 1 for an existing output)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ex.tck"
+    cmd = [sys.executable, "-m", "invtract.cli", "-q", "track", "--example", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert len(load_tractogram(out)) == int(load_tractogram_header(out)["count"]) > 0
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 1 and "output exists" in again.stderr
