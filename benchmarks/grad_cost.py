@@ -1,7 +1,7 @@
 """Cost of differentiable tracking: time and added memory, plain autograd vs efficient path.
 
 Run with no arguments: prints one JSON object ``{"runs": [...], "workload": {...}}``. Each run
-record has ``n``, ``max_points``, ``path`` (``plain`` / ``efficient``), ``device``,
+record has ``n``, ``max_points``, ``path`` (``plain`` / ``efficient`` / ``chunked``), ``device``,
 ``forward_s`` (the differentiable path's forward: ``track_differentiable`` until it returns,
 graph recording on), ``forward_backward_s`` (forward plus ``loss.backward()``),
 ``peak_mem_mb`` (memory added by the run: CPU peak RSS minus RSS before tracking; CUDA
@@ -15,6 +15,11 @@ and ``fb_over_nograd_cpu``, and the same against the torch engine (``track_torch
 is measured in a fresh process, after a short warm-up (forward, backward and baselines on 8
 seeds, 10 mm) that loads compiled kernels, so none of that is timed (the baseline engine's
 warm-up runs after the differentiable run, so that its thread pool cannot affect it).
+
+``chunked`` is the efficient path run through
+:func:`~invtract.tracking.chunked.accumulate_gradients` (the same loss, a sum over streamlines,
+back-propagated chunk by chunk, at most ``DEFAULT_MAX_STEPS`` streamline-steps alive at once);
+its ``forward_s`` is the chunks' tracking and loss evaluation, ``chunks`` their number.
 
 Workload (synthetic, generated here, deterministic): a single-fibre lmax-8 FOD on a
 12 x 12 x 220 grid of 2.5 mm voxels whose fibre runs along +z and sways gently in x and y
@@ -112,6 +117,7 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
 
     from invtract.fod.field import FODField
     from invtract.params import TrackingParameters
+    from invtract.tracking.chunked import accumulate_gradients
     from invtract.tracking.differentiable import track_differentiable
     from invtract.tracking.tracker import ENGINES, numba_available, track_torch
 
@@ -132,7 +138,10 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
     # forward, backward and the baseline, so that none of it is timed below
     short = TrackingParameters(max_length_mm=10.0, min_length_mm=1.0).resolve(zooms)
     shw = sh.clone().requires_grad_(True)
-    w = track_differentiable(shw, affine, seeds[:8], dirs[:8], short, path=path, voxel_sizes=zooms)
+    diff_path = "efficient" if path == "chunked" else path
+    w = track_differentiable(
+        shw, affine, seeds[:8], dirs[:8], short, path=diff_path, voxel_sizes=zooms
+    )
     (w.points.sum(-1) * w.weights).sum().backward()
     track_torch(FODField.from_array(sh, affine, device=device), seeds[:8], dirs[:8], short)
     del w, shw
@@ -144,19 +153,33 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
         before = _rss_mb()
     shg = sh.clone().requires_grad_(True)
     t0, c0 = time.perf_counter(), time.process_time()
-    res = track_differentiable(shg, affine, seeds, dirs, params, path=path, voxel_sizes=zooms)
-    sync()
-    fw = time.perf_counter() - t0
-    loss = (res.points.sum(-1) * res.weights).sum()
-    loss.backward()
+    if path == "chunked":  # gradient accumulation over chunks of seeds (a separable loss)
+        counted, timings = [], {}
+
+        def loss_fn(out, start):
+            counted.append(int(out.lengths.sum()))
+            return (out.points.sum(-1) * out.weights).sum()
+
+        accumulate_gradients(loss_fn, shg, affine, seeds, dirs, params, voxel_sizes=zooms,
+                             timings=timings)  # fmt: skip
+        sync()
+        fw = timings["forward_s"]
+        points = sum(counted)
+    else:
+        res = track_differentiable(shg, affine, seeds, dirs, params, path=path, voxel_sizes=zooms)
+        sync()
+        fw = time.perf_counter() - t0
+        loss = (res.points.sum(-1) * res.weights).sum()
+        loss.backward()
+        points = int(res.lengths.sum())
+        del res, loss
     sync()
     fb, fb_cpu = time.perf_counter() - t0, time.process_time() - c0
     if cuda:
         mem = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - before
-    points = int(res.lengths.sum())
-    del res, loss, shg
+    del shg
     rec = {
         "n": n,
         "max_points": params.max_points,
@@ -167,7 +190,9 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
         "peak_mem_mb": round(mem, 1),
         "points": points,
     }
-    if path == "plain":  # the time goal concerns the efficient path: no baseline here
+    if path == "chunked":
+        rec["chunks"] = timings["chunks"]
+    if path == "plain":  # the time goal concerns the efficient paths: no baseline here
         return rec
     field = FODField.from_array(sh, affine, device=device)
     name, engine = _fastest_engine(device, ENGINES, numba_available)
@@ -213,7 +238,7 @@ def _fastest_engine(device: str, engines, numba_available):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 10000])
-    ap.add_argument("--paths", nargs="+", default=["plain", "efficient"])
+    ap.add_argument("--paths", nargs="+", default=["plain", "efficient", "chunked"])
     ap.add_argument("--factors", type=int, nargs="+", default=[1, 2])
     ap.add_argument(
         "--plain-n", type=int, nargs="+", default=[25, 50], help="N of the (measured) plain runs"
@@ -254,9 +279,10 @@ def main(argv=None) -> int:
             if "plain" in args.paths:
                 for n in args.plain_n:
                     runs.append(run(n, f, "plain", dev))
-            if "efficient" in args.paths:
-                for n in args.n:
-                    runs.append(run(n, f, "efficient", dev))
+            for path in ("efficient", "chunked"):
+                if path in args.paths:
+                    for n in args.n:
+                        runs.append(run(n, f, path, dev))
 
     # plain extrapolated in N to each efficient run (affine a + b N through the two largest
     # measured N: the plain run has an N-independent part, ~170 MB here, that a proportional
@@ -269,7 +295,7 @@ def main(argv=None) -> int:
 
     summary = []
     for r in runs:
-        if r.get("path") != "efficient" or "error" in r:
+        if r.get("path") not in ("efficient", "chunked") or "error" in r:
             continue
         ps = sorted(
             (
@@ -283,6 +309,7 @@ def main(argv=None) -> int:
             key=lambda q: q["n"],
         )
         row = {"n": r["n"], "max_points": r["max_points"], "device": r["device"]}
+        row["path"] = r["path"]
         if ps:
             mem = extrapolate(ps, "peak_mem_mb", r["n"])
             row["plain_extrapolated"] = {
@@ -303,6 +330,7 @@ def main(argv=None) -> int:
                 for q in summary
                 if q["n"] == row["n"]
                 and q["device"] == row["device"]
+                and q["path"] == row["path"]
                 and q["max_points"] > row["max_points"]
             ),
             None,
@@ -313,7 +341,7 @@ def main(argv=None) -> int:
                 return next(
                     r["peak_mem_mb"]
                     for r in runs
-                    if r.get("path") == "efficient"
+                    if r.get("path") == row["path"]
                     and r["n"] == row["n"]
                     and r.get("max_points") == max_points
                     and r["device"] == row["device"]

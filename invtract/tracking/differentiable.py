@@ -697,9 +697,13 @@ class _Adjoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sh_flat, seeds, h, cutoff, cos_max, tp, consts):
-        ctx.tp, ctx.consts = tp, consts
+        # The outputs go through save_for_backward only (not copied: an in-place change of them
+        # is caught by autograd). Kept on ctx as well, they would form a cycle (output ->
+        # grad_fn -> ctx -> output) that only the cycle collector frees: the tape of every
+        # backward would outlive it, and memory would pile up across a fitting loop.
+        ctx.tp = dataclasses.replace(tp, points=None, weights=None)
+        ctx.consts = consts
         ctx.scalar_dtypes = (h.dtype, cutoff.dtype, cos_max.dtype)
-        # outputs saved (not copied): an in-place change of them is caught by autograd
         ctx.save_for_backward(sh_flat, h, tp.points, tp.weights)
         return tp.points, tp.weights
 
@@ -830,6 +834,17 @@ def _as_scalar(x, default: float, dtype) -> torch.Tensor:
     return torch.tensor(float(x), dtype=dtype)
 
 
+def resolved_parameters(
+    affine, params=None, voxel_sizes=None, step_mm=None, angle_deg=None, cutoff=None
+) -> ResolvedParameters:
+    """The parameters :func:`track_differentiable` tracks with for these arguments: defaults
+    resolved with ``voxel_sizes`` (the header's) or, when None, the ``[4, 4]`` affine's column
+    norms; ``step_mm`` / ``angle_deg`` / ``cutoff`` (floats or 0-d tensors) override."""
+    affine = np.asarray(affine.detach().cpu() if torch.is_tensor(affine) else affine, np.float64)
+    vox = np.sqrt((affine[:3, :3] ** 2).sum(0)) if voxel_sizes is None else voxel_sizes
+    return _resolve(params, vox, step_mm, angle_deg, cutoff)
+
+
 def _resolve(params, voxel_sizes, step, angle, cutoff) -> ResolvedParameters:
     if isinstance(params, ResolvedParameters):
         base = TrackingParameters(
@@ -939,8 +954,7 @@ def track_differentiable(
         )
     dt = sh.dtype
     affine = np.asarray(affine.detach().cpu() if torch.is_tensor(affine) else affine, np.float64)
-    vox = np.sqrt((affine[:3, :3] ** 2).sum(0)) if voxel_sizes is None else voxel_sizes
-    rp = _resolve(params, vox, step_mm, angle_deg, cutoff)
+    rp = resolved_parameters(affine, params, voxel_sizes, step_mm, angle_deg, cutoff)
     field = FODField.from_array(sh.detach(), affine, device=sh.device, dtype=dt)
     if torch.is_tensor(step_mm):  # move by the exact step (float64 runs); decisions unchanged
         rp = dataclasses.replace(rp, step_mm=float(step_mm.detach()))

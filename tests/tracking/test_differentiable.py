@@ -360,3 +360,28 @@ def test_unidirectional_forward_is_seed_first_like_the_tracker():
     assert all(a.shape == b.shape and np.abs(a - b).max() < 1e-4 for a, b in zip(ours, ref))
     (res.points[..., 0] * res.weights).sum().backward()
     assert torch.isfinite(sh.grad).all() and sh.grad.abs().sum() > 0
+
+
+def test_outputs_and_tape_are_freed_without_the_cycle_collector():
+    """Once the loss and result are dropped, the points (and the tape the backward node holds)
+    are freed by reference counting alone: no output -> grad_fn -> ctx -> output cycle that
+    would keep every iteration's tape alive in a fitting loop until a garbage collection."""
+    import gc
+    import weakref
+
+    sh, affine = _phantom()
+    seeds = torch.tensor([[0.1, 0.2, 0.3], [-0.4, 0.1, 0.2]], dtype=torch.float64)
+    dirs = torch.tensor([[0.0, 0.2, 1.0]], dtype=torch.float64).expand(2, 3).contiguous()
+    params = TrackingParameters(max_length_mm=10.0, min_length_mm=1.0)
+    gc.disable()
+    try:
+        learn = sh.clone().requires_grad_(True)
+        res = track_differentiable(learn, affine, seeds, dirs, params)
+        assert len(res.lengths) > 0
+        alive = weakref.ref(res.points)
+        loss = _loss(res)
+        loss.backward()
+        del res, loss
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -1,0 +1,112 @@
+"""Gradient accumulation over chunks of seeds: memory bounded whatever the streamline length.
+
+:func:`accumulate_gradients` tracks the seeds of :func:`~invtract.tracking.differentiable.
+track_differentiable` a chunk at a time, at most ``max_steps // max_points`` streamlines per
+chunk (so at most about ``max_steps`` streamline-steps are alive at once), evaluates the
+caller's loss on each chunk and back-propagates it before the next chunk is tracked. The
+gradients reaching the inputs are those of the sum of the chunk losses, which is the loss of
+all streamlines whenever that loss is a sum over streamlines (a paired distance to target
+streamlines, a sum of per-point terms, ...). Losses that need every streamline at once (a
+density map, bundle overlap) need :func:`track_differentiable` itself.
+
+Memory is then that of one chunk plus the gradients of the inputs: doubling the length halves
+the streamlines per chunk instead of doubling what is kept. Time is that of one
+forward+backward over all seeds, plus a small per-chunk overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..params import ResolvedParameters, TrackingParameters
+from .differentiable import DiffTrackResult, resolved_parameters, track_differentiable
+
+__all__ = ["accumulate_gradients", "DEFAULT_MAX_STEPS"]
+
+#: streamline-steps alive at once by default (about 60 MB on CPU at ~56 bytes per step)
+DEFAULT_MAX_STEPS = 2**20
+
+#: keyword arguments of track_differentiable that may hold tensors requiring grad
+_PARAMETERS = ("step_mm", "angle_deg", "cutoff")
+
+
+def accumulate_gradients(
+    loss_fn: Callable[[DiffTrackResult, int], torch.Tensor],
+    sh: torch.Tensor,
+    affine,
+    seeds: torch.Tensor,
+    init_dirs: torch.Tensor,
+    params: TrackingParameters | ResolvedParameters | None = None,
+    *,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    voxel_sizes=None,
+    timings: dict | None = None,
+    **track_kwargs,
+) -> torch.Tensor:
+    """Sum of ``loss_fn`` over chunks of seeds, with gradients accumulated into the inputs.
+
+    Args:
+        loss_fn: ``loss_fn(result, start) -> 0-d tensor`` for the chunk of seeds
+            ``seeds[start:start + n]`` (``result.seed_ids`` index within the chunk).
+        sh, affine, seeds, init_dirs, params, voxel_sizes, track_kwargs: as for
+            :func:`~invtract.tracking.differentiable.track_differentiable` (``step_mm``,
+            ``angle_deg``, ``cutoff``, ``temperature``, ``path``, ...). Positions in scanner
+            mm, ``seeds`` / ``init_dirs`` ``[N, 3]``.
+        max_steps: streamline-steps per chunk (at least one streamline per chunk).
+        timings: if a dict, receives ``forward_s`` (tracking and loss evaluation) and
+            ``backward_s`` (back-propagation) summed over chunks, and ``chunks``.
+
+    Returns:
+        The total loss, detached. Gradients are added to ``.grad`` of the leaves behind
+        ``sh``, ``seeds``, ``init_dirs`` and tensor-valued ``step_mm`` / ``angle_deg`` /
+        ``cutoff`` (as ``total.backward()`` would do): inputs that are themselves computed
+        (``torch.where(mask, learn, fixed)``) are back-propagated through once, at the end.
+    """
+    inputs = {"sh": sh, "seeds": seeds, "init_dirs": init_dirs}
+    inputs.update({k: track_kwargs.pop(k) for k in _PARAMETERS if k in track_kwargs})
+    resolved = resolved_parameters(
+        affine, params, voxel_sizes, *(inputs.get(k) for k in _PARAMETERS)
+    )
+    # detached stand-ins: each chunk's graph ends at them, so the inputs' own graphs (if any)
+    # are traversed once, at the end, with the accumulated gradients
+    local = {
+        k: v.detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
+        for k, v in inputs.items()
+    }
+    wanted = [k for k, v in local.items() if torch.is_tensor(v) and v.requires_grad]
+    grads = {k: torch.zeros_like(local[k]) for k in wanted}
+    per_chunk = max(1, int(max_steps) // max(int(resolved.max_points), 1))
+    n = int(seeds.shape[0])
+    total = torch.zeros((), dtype=torch.float64)
+    t_fwd = t_bwd = 0.0
+    chunks = 0
+    for start in range(0, n, per_chunk):
+        stop = min(n, start + per_chunk)
+        t0 = time.perf_counter()
+        out = track_differentiable(
+            local["sh"], affine, local["seeds"][start:stop], local["init_dirs"][start:stop],
+            params, voxel_sizes=voxel_sizes, **{k: local[k] for k in _PARAMETERS if k in local},
+            **track_kwargs,
+        )  # fmt: skip
+        loss = loss_fn(out, start)
+        t1 = time.perf_counter()
+        if wanted and loss.requires_grad:
+            got = torch.autograd.grad(loss, [local[k] for k in wanted], allow_unused=True)
+            for k, g in zip(wanted, got):
+                if g is not None:
+                    grads[k] += g
+        total += loss.detach().double().cpu()
+        t_bwd += time.perf_counter() - t1
+        t_fwd += t1 - t0
+        chunks += 1
+        del out, loss
+    t1 = time.perf_counter()
+    if wanted:
+        torch.autograd.backward([inputs[k] for k in wanted], [grads[k] for k in wanted])
+    t_bwd += time.perf_counter() - t1
+    if timings is not None:
+        timings.update(forward_s=t_fwd, backward_s=t_bwd, chunks=chunks)
+    return total
