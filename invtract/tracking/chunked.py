@@ -104,8 +104,15 @@ def accumulate_gradients(
         chunks += 1
         del out, loss
     t1 = time.perf_counter()
-    if wanted:
-        torch.autograd.backward([inputs[k] for k in wanted], [grads[k] for k in wanted])
+    computed = []
+    for k in wanted:  # leaves accumulate as backward() would; computed inputs propagate once
+        if inputs[k].is_leaf:
+            g = grads[k].to(inputs[k].dtype)
+            inputs[k].grad = g if inputs[k].grad is None else inputs[k].grad + g
+        else:
+            computed.append(k)
+    if computed:
+        torch.autograd.backward([inputs[k] for k in computed], [grads[k] for k in computed])
     t_bwd += time.perf_counter() - t1
     if timings is not None:
         timings.update(forward_s=t_fwd, backward_s=t_bwd, chunks=chunks)
