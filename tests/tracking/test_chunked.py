@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from phantoms import bending_fibre_fod
 
-from invtract.fod.sh import sh_basis
 from invtract.params import TrackingParameters
 from invtract.tracking.chunked import accumulate_gradients
 from invtract.tracking.differentiable import resolved_parameters, track_differentiable
@@ -15,15 +15,8 @@ AXIS = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
 
 
 def _phantom():
-    """A bending single-fibre FOD (lmax 4) on a 2 mm grid, 5 x 5 x 5 voxels."""
-    shape = (5, 5, 5)
-    ijk = torch.stack(torch.meshgrid(*[torch.arange(s) for s in shape], indexing="ij"), -1)
-    ang = 0.25 * ijk[..., 0].to(torch.float64) + 0.1 * ijk[..., 1]
-    d = torch.stack([torch.sin(ang), 0.2 * torch.ones_like(ang), torch.cos(ang)], -1)
-    d = torch.nn.functional.normalize(d, dim=-1)
-    sh = sh_basis(d, 4) + 0.02 * sh_basis(torch.tensor([1.0, 0.0, 0.0]).double(), 4)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = [-4.1, -3.9, -4.05]
+    """The bending-fibre phantom, 7 seeds inside it, a 12 mm maximum length."""
+    sh, affine = bending_fibre_fod()
     rng = np.random.default_rng(3)
     seeds = torch.tensor(rng.uniform(-2.0, 2.0, (7, 3)))
     dirs = torch.tensor([[0.1, 0.2, 1.0]]).double().expand(7, 3).contiguous()
