@@ -6,8 +6,13 @@ chunk (so at most about ``max_steps`` streamline-steps are alive at once), evalu
 caller's loss on each chunk and back-propagates it before the next chunk is tracked. The
 gradients reaching the inputs are those of the sum of the chunk losses, which is the loss of
 all streamlines whenever that loss is a sum over streamlines (a paired distance to target
-streamlines, a sum of per-point terms, ...). Losses that need every streamline at once (a
-density map, bundle overlap) need :func:`track_differentiable` itself.
+streamlines, a sum of per-point terms, ...).
+
+:func:`accumulate_map_gradients` covers losses of a map that streamlines add up to (a density
+map, endpoint counts, a connectivity matrix): ``L = reduce_fn(M)``, ``M = sum of
+contribution_fn(chunk)``. A first pass sums M without gradients, dL/dM is taken once, and a
+second pass back-propagates ``<dL/dM, contribution>`` chunk by chunk (the chain rule, M being
+a sum): exact gradients for one more forward pass.
 
 Memory is then that of one chunk plus the gradients of the inputs: doubling the length halves
 the streamlines per chunk instead of doubling what is kept. Time is that of one
@@ -24,7 +29,7 @@ import torch
 from ..params import ResolvedParameters, TrackingParameters
 from .differentiable import DiffTrackResult, resolved_parameters, track_differentiable
 
-__all__ = ["accumulate_gradients", "DEFAULT_MAX_STEPS"]
+__all__ = ["accumulate_gradients", "accumulate_map_gradients", "DEFAULT_MAX_STEPS"]
 
 #: streamline-steps alive at once by default (about 60 MB on CPU at ~56 bytes per step)
 DEFAULT_MAX_STEPS = 2**20
@@ -117,3 +122,68 @@ def accumulate_gradients(
     if timings is not None:
         timings.update(forward_s=t_fwd, backward_s=t_bwd, chunks=chunks)
     return total
+
+
+def accumulate_map_gradients(
+    contribution_fn: Callable[[DiffTrackResult, int], torch.Tensor],
+    reduce_fn: Callable[[torch.Tensor], torch.Tensor],
+    sh: torch.Tensor,
+    affine,
+    seeds: torch.Tensor,
+    init_dirs: torch.Tensor,
+    params: TrackingParameters | ResolvedParameters | None = None,
+    *,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    voxel_sizes=None,
+    timings: dict | None = None,
+    **track_kwargs,
+) -> torch.Tensor:
+    """``reduce_fn(M)`` for the map ``M = sum over chunks of contribution_fn(result, start)``,
+    with its gradients accumulated into the inputs, one chunk of streamlines in memory at once.
+
+    Args:
+        contribution_fn: a chunk's additive share of the map (any fixed shape, e.g. a soft
+            density ``[X, Y, Z]``), from its :class:`DiffTrackResult` and first seed's index.
+        reduce_fn: the loss of the whole map (a 0-d tensor); it should depend on ``M`` and
+            constants only (its own parameters get no gradient here).
+        The other arguments: as :func:`accumulate_gradients`; ``timings`` also receives
+        ``map_pass_s``, the first (no-gradient) pass.
+
+    Returns:
+        The loss, detached; the inputs' ``.grad`` as after ``reduce_fn(M).backward()``.
+    """
+    kw = dict(track_kwargs, voxel_sizes=voxel_sizes)
+    params_now = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    resolved = resolved_parameters(
+        affine, params, voxel_sizes, *(track_kwargs.get(k) for k in _PARAMETERS)
+    )
+    per_chunk = max(1, int(max_steps) // max(int(resolved.max_points), 1))
+    t0 = time.perf_counter()
+    total_map = None
+    with torch.no_grad():
+        for start in range(0, int(seeds.shape[0]), per_chunk):
+            stop = min(int(seeds.shape[0]), start + per_chunk)
+            out = track_differentiable(
+                sh.detach(), affine, seeds.detach()[start:stop], init_dirs.detach()[start:stop],
+                params, **params_now,
+            )  # fmt: skip
+            share = contribution_fn(out, start)
+            total_map = share if total_map is None else total_map + share
+            del out
+    if total_map is None:
+        raise ValueError("no seeds: the map is empty")
+    map_pass = time.perf_counter() - t0
+    total_map = total_map.detach().requires_grad_(True)
+    loss = reduce_fn(total_map)
+    (map_grad,) = torch.autograd.grad(loss, [total_map])
+
+    def linearised(out: DiffTrackResult, start: int) -> torch.Tensor:
+        return (contribution_fn(out, start) * map_grad).sum()
+
+    accumulate_gradients(
+        linearised, sh, affine, seeds, init_dirs, params, max_steps=max_steps, timings=timings,
+        **kw,
+    )  # fmt: skip
+    if timings is not None:
+        timings["map_pass_s"] = map_pass
+    return loss.detach()

@@ -8,7 +8,7 @@ import torch
 from phantoms import bending_fibre_fod
 
 from invtract.params import TrackingParameters
-from invtract.tracking.chunked import accumulate_gradients
+from invtract.tracking.chunked import accumulate_gradients, accumulate_map_gradients
 from invtract.tracking.differentiable import resolved_parameters, track_differentiable
 
 AXIS = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
@@ -77,3 +77,34 @@ def test_computed_inputs_are_back_propagated_once():
     _loss(track_differentiable(full_ref, affine, seeds, dirs, params, refine=2)).backward()
     assert torch.allclose(learn.grad, learn_ref.grad, rtol=1e-10, atol=1e-12)
     assert float(learn.grad[~mask].abs().sum()) == 0.0
+
+
+def _contribution(res, start=0):
+    """An additive 'map' of the chunk: weighted sums of the x and y coordinates."""
+    return torch.stack([(res.points[..., i] * res.weights).sum() for i in (0, 1)])
+
+
+def _reduce(m):
+    """Not a sum over streamlines: the squared distance of the whole map to a target."""
+    return ((m - torch.tensor([3.0, -2.0], dtype=m.dtype)) ** 2).sum()
+
+
+def test_map_gradients_equal_one_pass():
+    sh, affine, seeds, dirs, params = _phantom()
+    ref = _leaves(sh, seeds, dirs)
+    res = track_differentiable(ref[0], affine, ref[1], ref[2], params, step_mm=ref[3],
+                               cutoff=ref[4], refine=2)  # fmt: skip
+    loss_ref = _reduce(_contribution(res))
+    loss_ref.backward()
+
+    ours = _leaves(sh, seeds, dirs)
+    timings = {}
+    max_points = resolved_parameters(affine, params, step_mm=1.0).max_points
+    loss = accumulate_map_gradients(_contribution, _reduce, ours[0], affine, ours[1], ours[2],
+                                    params, step_mm=ours[3], cutoff=ours[4], refine=2,
+                                    max_steps=3 * max_points, timings=timings)  # fmt: skip
+    assert timings["chunks"] == 3 and timings["map_pass_s"] > 0
+    assert float(loss) == pytest.approx(float(loss_ref.detach()), rel=1e-12)
+    for a, b in zip(ours[:2] + ours[3:], ref[:2] + ref[3:]):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    assert float(ours[0].grad.abs().sum()) > 0 and float(ours[4].grad.abs()) > 0
