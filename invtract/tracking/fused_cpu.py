@@ -2,10 +2,11 @@
 
 Each seed's whole streamline (seed checks, peak search at the seed, both halves, RK4, ROIs,
 length rules, downsampling, max-length truncation) is tracked inside compiled code, in parallel
-over seeds with ``numba.prange``. Arithmetic follows the C++ types step by step (float32 where
-MRtrix uses ``float``, float64 where it uses ``double``) so that streamlines match tckgen point
-for point; the rules and the order of operations are those of the spec (``sd_stream_spec.md``
-§2-§7) and of the MRtrix3 sources named next to each helper below.
+over seeds on Python threads (the kernel releases the GIL; see ``_run_rows``). Arithmetic
+follows the C++ types step by step (float32 where MRtrix uses ``float``, float64 where it uses
+``double``) so that streamlines match tckgen point for point; the rules and the order of
+operations are those of the spec (``sd_stream_spec.md`` §2-§7) and of the MRtrix3 sources named
+next to each helper below.
 
 Exactness notes (places where the C++ source or its compiled form, not the maths, decides the
 bits; checked against the disassembly of the Debian 3.0.3 ``tckgen``, SSE2, no FMA):
@@ -35,14 +36,15 @@ bits; checked against the disassembly of the Debian 3.0.3 ``tckgen``, SSE2, no F
   file*, 84 on ``fod.mif``; with the seeds file's positions and the replayed random directions
   all 7132 streamlines of that file come out bit for bit (``test_fused_cpu.py``).
 
-Public API: :func:`track_fused_cpu`, :func:`track_fused_cpu_peaks` (the same kernel, serial
-per Python thread, also returning each point's peak direction: the hard pass of the
-differentiable tracker) and :func:`available`.
+Public API: :func:`track_fused_cpu`, :func:`track_fused_cpu_peaks` (the same kernel, also
+returning each point's peak direction: the hard pass of the differentiable tracker) and
+:func:`available`.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -913,14 +915,15 @@ def _track_chunk(seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_u0
 
 
 @njit(**_JIT)
-def _track_rows(w, nworkers, seeds, dirs, buf, ubuf, out_n, out_seed, out_status, out_term,
+def _track_rows(w, nworkers, rec, seeds, dirs, buf, ubuf, out_n, out_seed, out_status, out_term,
                 out_u0, out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
                 roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                 add_to_tck):  # fmt: skip
-    """Serial (no numba thread pool): seeds ``w, w + nworkers, ...``, recording each point's
-    peak in ``ubuf`` (laid out like ``buf``). One call per Python thread (the GIL is released);
-    with several workers each tracks with its own copies of the read-only inputs, as in
-    :func:`_track_chunk`."""
+    """Seeds ``w, w + nworkers, ...`` into their rows of ``buf`` (with ``rec``, each point's
+    peak into ``ubuf``, laid out like ``buf``; else ``ubuf`` is a dummy). Serial: one call per
+    Python thread (the GIL is released; see :func:`_run_rows`). With several workers each
+    tracks with its own copies of the read-only inputs: numba reference-counts array arguments
+    at each call, and atomics on shared ``meminfo`` cache lines would serialise the threads."""
     N = seeds.shape[0]
     own = nworkers > 1
     sh_w = sh.copy() if own else sh
@@ -934,15 +937,24 @@ def _track_rows(w, nworkers, seeds, dirs, buf, ubuf, out_n, out_seed, out_status
     pint_w = pint.copy() if own else pint
     pflt_w = pflt.copy() if own else pflt
     mstart_w = mstart.copy() if own else mstart
+    roi_set_w = roi_set.copy() if own else roi_set
+    roi_bit_w = roi_bit.copy() if own else roi_bit
+    roi_kind_w = roi_kind.copy() if own else roi_kind
+    roi_sph_w = roi_sph.copy() if own else roi_sph
+    roi_mat_w = roi_mat.copy() if own else roi_mat
+    roi_dim_w = roi_dim.copy() if own else roi_dim
+    roi_off_w = roi_off.copy() if own else roi_off
+    roi_mask_w = roi_mask.copy() if own else roi_mask
     add_w = add_to_tck.copy() if own else add_to_tck
     cbuf = np.empty(sh.shape[3], dtype=np.float32)
     AL = np.empty(n_legendre_nb(ip[_IP_LMAX]), dtype=np.float32)
     state = np.zeros(3, dtype=np.int64)
     for i in range(w, N, nworkers):
-        _track_seed(i, seeds, dirs, buf, ubuf, True, out_n, out_seed, out_status, out_term,
+        _track_seed(i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out_term,
                     out_u0, out_steps, sh_w, nonzero_w, M_w, fp_w, ip_w, lut_w, zint_w, zflt_w,
-                    pint_w, pflt_w, mstart_w, roi_set, roi_bit, roi_kind, roi_sph, roi_mat,
-                    roi_dim, roi_off, roi_mask, add_w, cbuf, AL, state)  # fmt: skip
+                    pint_w, pflt_w, mstart_w, roi_set_w, roi_bit_w, roi_kind_w, roi_sph_w,
+                    roi_mat_w, roi_dim_w, roi_off_w, roi_mask_w, add_w, cbuf, AL,
+                    state)  # fmt: skip
 
 
 @njit(**_JIT)
@@ -1086,12 +1098,30 @@ def _prepare_fod(sh: np.ndarray, scanner2voxel: np.ndarray):
     return sh, M, nonzero, lmax
 
 
-def _set_threads(nthreads: int | None):
-    if nthreads is None:
-        return None
-    old = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(nthreads), numba.config.NUMBA_NUM_THREADS)))
-    return old
+def _default_threads() -> int:
+    """numba's configured thread count (reading it does not start numba's thread pool)."""
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))
+
+
+def _run_rows(threads: int, rec: bool, args: tuple) -> None:
+    """:func:`_track_rows` over all seeds of ``args`` on ``threads`` Python threads.
+
+    Python threads rather than numba's ``prange`` (:func:`_track_chunk`): the kernel releases
+    the GIL, numba's threading layer (an OpenMP runtime beside torch's in the same process
+    slowed every later torch operation ~20x) is never started, and the differentiable
+    tracker's hard pass and a fit's scoring runs share one compiled kernel (one cold compile,
+    not two). About 5 % slower than ``prange`` on its own, so ``invtract track`` (no torch)
+    keeps numba's pool.
+    """
+    n = int(args[0].shape[0])
+    T = max(1, min(int(threads), n))
+    if T == 1:
+        _track_rows(0, 1, rec, *args)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(T) as ex:
+        list(ex.map(lambda w: _track_rows(w, T, rec, *args), range(T)))
 
 
 class SeedTest:
@@ -1201,6 +1231,7 @@ def track_fused_cpu(
     rois: RoiSet | None = None,
     nthreads: int | None = None,
     chunk_size: int = 8192,
+    pool: str = "auto",
 ) -> EngineResult:
     """Track SD_Stream streamlines from every seed, tckgen-exactly, in compiled parallel code.
 
@@ -1214,8 +1245,13 @@ def track_fused_cpu(
             be NaN for seeds that get rejected anyway (a NaN row rejects the seed).
         params: resolved tracking parameters (``TrackingParameters.resolve``).
         rois: include / exclude / mask regions, or None.
-        nthreads: numba threads (default: numba's current setting).
+        nthreads: threads (default: ``NUMBA_NUM_THREADS``, the number of cores).
         chunk_size: seeds per chunk; each chunk holds ``[chunk, max_points + 2, 3]`` float32.
+        pool: ``"numba"`` (``prange`` over workers: numba's thread pool, the fastest on its
+            own), ``"threads"`` (Python threads over the serial kernel: no second OpenMP
+            runtime beside torch's, whose operations it slowed ~20x, and the kernel the
+            differentiable tracker compiles anyway), or ``"auto"``: threads when torch is
+            loaded in the process, else numba (``invtract track``'s torch-free path).
 
     Returns:
         :class:`EngineResult`; ``counts`` has ``steps`` (successful propagation steps),
@@ -1225,8 +1261,17 @@ def track_fused_cpu(
     N = k.seeds.shape[0]
     parts = []
     chunk_size = max(1, int(chunk_size))
-    old_threads = _set_threads(nthreads)
-    nworkers = numba.get_num_threads()
+    threads = _default_threads() if nthreads is None else max(1, int(nthreads))
+    if pool == "auto":
+        pool = "threads" if "torch" in sys.modules else "numba"
+    if pool not in ("numba", "threads"):
+        raise ValueError(f"pool must be 'auto', 'numba' or 'threads', got {pool!r}")
+    old_threads = None
+    if pool == "numba":
+        old_threads = numba.get_num_threads()
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        threads = numba.get_num_threads()
+    no_u = np.empty((1, 1, 3), dtype=np.float32)  # peaks not recorded
     t0 = time.perf_counter()
     try:
         for start in range(0, N, chunk_size):
@@ -1239,10 +1284,12 @@ def track_fused_cpu(
             c_term = np.zeros((C, 2), dtype=np.int64)
             c_u0 = np.zeros((C, 3), dtype=np.float32)
             c_steps = np.zeros(C, dtype=np.int64)
-            _track_chunk(
-                k.seeds[start:stop], k.init_dirs[start:stop], buf, c_n, c_seed, c_status,
-                c_term, c_u0, c_steps, *k.fod, *k.consts, *k.rois, _ADD_TO_TCK, nworkers,
-            )  # fmt: skip
+            args = (k.seeds[start:stop], k.init_dirs[start:stop], buf, no_u, c_n, c_seed, c_status,
+                    c_term, c_u0, c_steps, *k.fod, *k.consts, *k.rois, _ADD_TO_TCK)  # fmt: skip
+            if pool == "numba":
+                _track_chunk(*args[:3], *args[4:], threads)
+            else:
+                _run_rows(threads, False, args)
             out = np.empty((int(c_n.sum()), 3), dtype=np.float32)
             _pack(buf, c_n, out, 0)
             del buf
@@ -1306,17 +1353,10 @@ def track_fused_cpu_peaks(
         "init_dir": np.zeros((N, 3), dtype=np.float32),
     }
     c_steps = np.zeros(N, dtype=np.int64)
-    T = max(1, min(int(threads), N))
     outputs = (out["lengths"], out["seed_index"], out["status"], out["term"], out["init_dir"])
     args = (k.seeds, k.init_dirs, buf, ubuf, *outputs, c_steps, *k.fod, *k.consts, *k.rois,
             _ADD_TO_TCK)  # fmt: skip
-    if T == 1:
-        _track_rows(0, 1, *args)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(T) as ex:
-            list(ex.map(lambda w: _track_rows(w, T, *args), range(T)))
+    _run_rows(threads, True, args)
     out["points"], out["peaks"], out["steps"] = buf, ubuf, int(c_steps.sum())
     return out
 

@@ -321,12 +321,15 @@ def test_chunking_and_threads_do_not_change_results(straight):
     sh, s2v = straight
     params = TrackingParameters().resolve((1.0, 1.0, 1.0))
     a = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params, nthreads=1, chunk_size=7)
-    b = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params, nthreads=2)
-    np.testing.assert_array_equal(a.points, b.points)
-    np.testing.assert_array_equal(a.lengths, b.lengths)
-    np.testing.assert_array_equal(a.status, b.status)
-    np.testing.assert_array_equal(a.term, b.term)
-    assert a.counts["steps"] == b.counts["steps"]
+    for pool in ("numba", "threads"):
+        b = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params, nthreads=2, pool=pool)
+        np.testing.assert_array_equal(a.points, b.points)
+        np.testing.assert_array_equal(a.lengths, b.lengths)
+        np.testing.assert_array_equal(a.status, b.status)
+        np.testing.assert_array_equal(a.term, b.term)
+        assert a.counts["steps"] == b.counts["steps"]
+    with pytest.raises(ValueError, match="pool"):
+        fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params, pool="openmp")
 
 
 # --------------------------------------------------------------------------------------------
