@@ -869,51 +869,6 @@ def n_legendre_nb(lmax):
     return h * h
 
 
-@njit(parallel=True, **_JIT)
-def _track_chunk(seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_u0, out_steps, sh,
-                 nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set, roi_bit,
-                 roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask, add_to_tck,
-                 nworkers):  # fmt: skip
-    """Seeds are dealt round-robin to ``nworkers`` workers (one prange iteration each).
-
-    Every worker tracks with its own copies of the read-only inputs and its own scratch
-    buffers: numba reference-counts array arguments at each call, and atomics on shared
-    ``meminfo`` cache lines would otherwise serialise the threads.
-    """
-    N = seeds.shape[0]
-    for w in prange(nworkers):
-        sh_w = sh.copy()
-        nonzero_w = nonzero.copy()
-        M_w = M.copy()
-        fp_w = fp.copy()
-        ip_w = ip.copy()
-        lut_w = lut.copy()
-        zint_w = zint.copy()
-        zflt_w = zflt.copy()
-        pint_w = pint.copy()
-        pflt_w = pflt.copy()
-        mstart_w = mstart.copy()
-        roi_set_w = roi_set.copy()
-        roi_bit_w = roi_bit.copy()
-        roi_kind_w = roi_kind.copy()
-        roi_sph_w = roi_sph.copy()
-        roi_mat_w = roi_mat.copy()
-        roi_dim_w = roi_dim.copy()
-        roi_off_w = roi_off.copy()
-        roi_mask_w = roi_mask.copy()
-        add_w = add_to_tck.copy()
-        cbuf = np.empty(sh.shape[3], dtype=np.float32)
-        AL = np.empty(n_legendre_nb(ip[_IP_LMAX]), dtype=np.float32)
-        state = np.zeros(3, dtype=np.int64)
-        no_u = np.empty((1, 1, 3), dtype=np.float32)  # peaks not recorded
-        for i in range(w, N, nworkers):
-            _track_seed(i, seeds, dirs, buf, no_u, False, out_n, out_seed, out_status, out_term,
-                        out_u0, out_steps, sh_w, nonzero_w, M_w, fp_w, ip_w, lut_w, zint_w, zflt_w,
-                        pint_w, pflt_w, mstart_w, roi_set_w, roi_bit_w, roi_kind_w, roi_sph_w,
-                        roi_mat_w, roi_dim_w, roi_off_w, roi_mask_w, add_w, cbuf, AL,
-                        state)  # fmt: skip
-
-
 @njit(**_JIT)
 def _track_rows(w, nworkers, rec, seeds, dirs, buf, ubuf, out_n, out_seed, out_status, out_term,
                 out_u0, out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
@@ -955,6 +910,20 @@ def _track_rows(w, nworkers, rec, seeds, dirs, buf, ubuf, out_n, out_seed, out_s
                     pint_w, pflt_w, mstart_w, roi_set_w, roi_bit_w, roi_kind_w, roi_sph_w,
                     roi_mat_w, roi_dim_w, roi_off_w, roi_mask_w, add_w, cbuf, AL,
                     state)  # fmt: skip
+
+
+@njit(parallel=True, **_JIT)
+def _track_chunk(nworkers, seeds, dirs, buf, ubuf, out_n, out_seed, out_status, out_term,
+                 out_u0, out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
+                 roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
+                 add_to_tck):  # fmt: skip
+    """:func:`_track_rows` for workers ``0 .. nworkers - 1``, one ``prange`` iteration each
+    (numba's thread pool; peaks not recorded)."""
+    for w in prange(nworkers):
+        _track_rows(w, nworkers, False, seeds, dirs, buf, ubuf, out_n, out_seed, out_status,
+                    out_term, out_u0, out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint,
+                    pflt, mstart, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off,
+                    roi_mask, add_to_tck)  # fmt: skip
 
 
 @njit(**_JIT)
@@ -1287,7 +1256,7 @@ def track_fused_cpu(
             args = (k.seeds[start:stop], k.init_dirs[start:stop], buf, no_u, c_n, c_seed, c_status,
                     c_term, c_u0, c_steps, *k.fod, *k.consts, *k.rois, _ADD_TO_TCK)  # fmt: skip
             if pool == "numba":
-                _track_chunk(*args[:3], *args[4:], threads)
+                _track_chunk(threads, *args)
             else:
                 _run_rows(threads, False, args)
             out = np.empty((int(c_n.sum()), 3), dtype=np.float32)
@@ -1307,13 +1276,7 @@ def track_fused_cpu(
     finally:
         if old_threads is not None:
             numba.set_num_threads(old_threads)
-    res = concat_results(parts)
-    res.counts = {
-        "steps": int(res.counts.get("steps", 0)),
-        "seconds": time.perf_counter() - t0,
-        "chunks": len(parts),
-    }
-    return res
+    return concat_results(parts, seconds=time.perf_counter() - t0)
 
 
 def track_fused_cpu_peaks(

@@ -936,13 +936,7 @@ def track_fused_triton(
                     counts={"steps": int(c_steps.sum())},
                 )  # fmt: skip
             )
-    res = concat_results(parts)
-    res.counts = {
-        "steps": int(res.counts.get("steps", 0)),
-        "seconds": time.perf_counter() - t0,
-        "chunks": len(parts),
-    }
-    return res
+    return concat_results(parts, seconds=time.perf_counter() - t0)
 
 
 def triton_engine(field, seeds, init_dirs, params, rois=None, batch_size=None, progress=None):

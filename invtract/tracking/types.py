@@ -162,8 +162,20 @@ class EngineResult:
         )  # fmt: skip
 
 
-def concat_results(parts: list[EngineResult]) -> EngineResult:
-    """Concatenate engine results of consecutive seed chunks (``counts`` summed per key)."""
+def concat_results(parts: list[EngineResult], seconds: float | None = None) -> EngineResult:
+    """Concatenate engine results of consecutive seed chunks (``counts`` summed per key).
+
+    With ``seconds`` (an engine's wall time over all chunks), ``counts`` becomes the engines'
+    summary: ``steps`` (summed), ``seconds`` and ``chunks``.
+    """
+    res = _concat(parts)
+    if seconds is not None:
+        steps = int(res.counts.get("steps", 0))
+        res.counts = {"steps": steps, "seconds": seconds, "chunks": len(parts)}
+    return res
+
+
+def _concat(parts: list[EngineResult]) -> EngineResult:
     if not parts:
         return EngineResult.empty()
     if len(parts) == 1:
