@@ -72,9 +72,7 @@ def accumulate_gradients(
     """
     inputs = {"sh": sh, "seeds": seeds, "init_dirs": init_dirs}
     inputs.update({k: track_kwargs.pop(k) for k in _PARAMETERS if k in track_kwargs})
-    resolved = resolved_parameters(
-        affine, params, voxel_sizes, *(inputs.get(k) for k in _PARAMETERS)
-    )
+    bounds = _chunk_bounds(affine, params, voxel_sizes, inputs, int(seeds.shape[0]), max_steps)
     # detached stand-ins: each chunk's graph ends at them, so the inputs' own graphs (if any)
     # are traversed once, at the end, with the accumulated gradients
     local = {
@@ -83,13 +81,9 @@ def accumulate_gradients(
     }
     wanted = [k for k, v in local.items() if torch.is_tensor(v) and v.requires_grad]
     grads = {k: torch.zeros_like(local[k]) for k in wanted}
-    per_chunk = max(1, int(max_steps) // max(int(resolved.max_points), 1))
-    n = int(seeds.shape[0])
     total = torch.zeros((), dtype=torch.float64)
     t_fwd = t_bwd = 0.0
-    chunks = 0
-    for start in range(0, n, per_chunk):
-        stop = min(n, start + per_chunk)
+    for start, stop in bounds:
         t0 = time.perf_counter()
         out = track_differentiable(
             local["sh"], affine, local["seeds"][start:stop], local["init_dirs"][start:stop],
@@ -106,7 +100,6 @@ def accumulate_gradients(
         total += loss.detach().double().cpu()
         t_bwd += time.perf_counter() - t1
         t_fwd += t1 - t0
-        chunks += 1
         del out, loss
     t1 = time.perf_counter()
     computed = []
@@ -120,7 +113,7 @@ def accumulate_gradients(
         torch.autograd.backward([inputs[k] for k in computed], [grads[k] for k in computed])
     t_bwd += time.perf_counter() - t1
     if timings is not None:
-        timings.update(forward_s=t_fwd, backward_s=t_bwd, chunks=chunks)
+        timings.update(forward_s=t_fwd, backward_s=t_bwd, chunks=len(bounds))
     return total
 
 
@@ -154,15 +147,12 @@ def accumulate_map_gradients(
     """
     kw = dict(track_kwargs, voxel_sizes=voxel_sizes)
     params_now = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kw.items()}
-    resolved = resolved_parameters(
-        affine, params, voxel_sizes, *(track_kwargs.get(k) for k in _PARAMETERS)
-    )
-    per_chunk = max(1, int(max_steps) // max(int(resolved.max_points), 1))
+    bounds = _chunk_bounds(affine, params, voxel_sizes, track_kwargs, int(seeds.shape[0]),
+                           max_steps)  # fmt: skip
     t0 = time.perf_counter()
     total_map = None
     with torch.no_grad():
-        for start in range(0, int(seeds.shape[0]), per_chunk):
-            stop = min(int(seeds.shape[0]), start + per_chunk)
+        for start, stop in bounds:
             out = track_differentiable(
                 sh.detach(), affine, seeds.detach()[start:stop], init_dirs.detach()[start:stop],
                 params, **params_now,
@@ -187,3 +177,13 @@ def accumulate_map_gradients(
     if timings is not None:
         timings["map_pass_s"] = map_pass
     return loss.detach()
+
+
+def _chunk_bounds(affine, params, voxel_sizes, values: dict, n: int, max_steps: int) -> list:
+    """``[(start, stop), ...]`` over ``n`` seeds, at most ``max_steps // max_points`` seeds
+    (at least one) per chunk, for the parameters the tracker will resolve (``values`` holds
+    any ``step_mm`` / ``angle_deg`` / ``cutoff`` overrides)."""
+    overrides = (values.get(k) for k in _PARAMETERS)
+    resolved = resolved_parameters(affine, params, voxel_sizes, *overrides)
+    per_chunk = max(1, int(max_steps) // max(int(resolved.max_points), 1))
+    return [(a, min(n, a + per_chunk)) for a in range(0, n, per_chunk)]
