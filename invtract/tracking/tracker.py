@@ -294,7 +294,8 @@ def track_torch(
 def _numba_engine(field, seeds, init_dirs, params, rois=None, batch_size=8192, progress=None):
     from . import fused_cpu
 
-    sh = field.sh_flat.detach().cpu().numpy().reshape(*field.shape, -1).astype(np.float32)
+    # a view of a float32 CPU field (no copy of the whole FOD per chunk of seeds)
+    sh = np.asarray(field.sh_flat.detach().cpu().numpy(), np.float32).reshape(*field.shape, -1)
     s2v = field.scanner2voxel.cpu().numpy()
     seeds = np.asarray(seeds.cpu() if torch.is_tensor(seeds) else seeds, np.float32)
     init = np.asarray(init_dirs.cpu() if torch.is_tensor(init_dirs) else init_dirs, np.float32)
