@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..arrays import to_numpy
 from ..errors import ConfigError, ShapeError
 from ..losses.connectome import (
     _layout,
@@ -502,7 +503,7 @@ def _track_hard(sh, affine, voxel_sizes, positions, directions, params):
     from ..fod.field import FODField
     from ..tracking.api import Seeding, track
 
-    sh_np = sh.detach().cpu().numpy() if torch.is_tensor(sh) else np.asarray(sh)
+    sh_np = to_numpy(sh)
     field = FODField.from_array(sh_np, np.asarray(affine, np.float64))
     with torch.no_grad():
         return track(
@@ -661,9 +662,7 @@ def fit_connectome(
     dev = torch.device(fcfg["device"])
     sh0, affine, vsz = _fod_arrays(fod, voxel_sizes)
     vol = as_label_volume(labels)
-    target = np.asarray(
-        target.detach().cpu().numpy() if torch.is_tensor(target) else target, np.float64
-    )
+    target = np.asarray(to_numpy(target), np.float64)
     n_nodes = vol.n_nodes
     if target.shape != (n_nodes, n_nodes):
         raise ShapeError(

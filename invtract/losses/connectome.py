@@ -46,6 +46,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..arrays import to_numpy
 from ..errors import ConfigError, FormatError, ShapeError
 from ..streamlines import Streamlines
 
@@ -396,7 +397,7 @@ def connectome_matrix(
         factor = np.where(total > 0, 2.0 / np.where(total > 0, total, 1.0), 0.0)
     factor = factor.astype(np.float32).astype(np.float64)  # MRtrix stores factors as float
     if weights is not None:
-        w = weights.detach().cpu().numpy() if torch.is_tensor(weights) else np.asarray(weights)
+        w = to_numpy(weights)
         if w.shape != (S,):
             raise ShapeError(f"weights must be [S] = [{S}], got {tuple(w.shape)}")
         factor = factor * w.astype(np.float32).astype(np.float64)

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..fod.field import FODField
 from ..params import ResolvedParameters, TrackingParameters
 from ..streamlines import Streamlines
-from .runner import SeedChecker, Seeding, default_engine, run_seeding
+from .runner import SeedChecker, Seeding, default_engine, run_seeding, seed_vertices
 from .tracker import run_engine
 from .types import RoiSet
 
@@ -50,10 +50,8 @@ class TrackingResult:
     @property
     def seed_points(self) -> np.ndarray:
         """``[S, 3]`` the seed vertex of each streamline (scanner mm)."""
-        if len(self.streamlines) == 0:
-            return np.zeros((0, 3), np.float32)
-        offs = self.streamlines.offsets.cpu().numpy()
-        return self.streamlines.points.cpu().numpy()[offs + self.seed_index]
+        points = self.streamlines.points.detach().cpu().numpy()
+        return seed_vertices(points, self.streamlines.lengths.cpu().numpy(), self.seed_index)
 
 
 def track(

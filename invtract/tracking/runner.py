@@ -41,6 +41,7 @@ __all__ = [
     "summarise",
     "default_engine",
     "numba_available",
+    "seed_vertices",
 ]
 
 #: a chunk of seeds ``[n, 3]`` and start directions ``[n, 3]`` -> the engine's result
@@ -96,8 +97,14 @@ class SeedingResult:
     @property
     def seed_points(self) -> np.ndarray:
         """``[S, 3]`` the seed vertex of each streamline (scanner mm)."""
-        offsets = np.cumsum(self.lengths) - self.lengths
-        return self.points[offsets + self.seed_index].reshape(-1, 3)
+        return seed_vertices(self.points, self.lengths, self.seed_index)
+
+
+def seed_vertices(points: np.ndarray, lengths: np.ndarray, seed_index: np.ndarray) -> np.ndarray:
+    """``[S, 3]`` the seed vertex of each of the packed streamlines (``points`` ``[P, 3]``,
+    ``lengths`` ``[S]``, ``seed_index`` ``[S]`` within each streamline)."""
+    offsets = np.cumsum(lengths) - lengths
+    return np.asarray(points)[offsets + np.asarray(seed_index)].reshape(-1, 3)
 
 
 def numba_available() -> bool:
