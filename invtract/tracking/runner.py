@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..params import ResolvedParameters
 from .rng import MRtrixRNG
+from .rules import seed_limits
 from .seeding import MaskGrid, SeedImageSampler, grid_per_voxel, random_per_voxel
 from .types import (
     REJECT_NAMES,
@@ -166,9 +167,7 @@ def run_seeding(
     if params.seed_direction is not None:
         fixed = np.asarray(params.seed_direction, np.float32)
     if not seeding.finite:
-        select = 5000 if select is None else int(select)
-        if max_seeds is None:
-            max_seeds = 1000 * select if select > 0 else 0
+        select, max_seeds = seed_limits(select, max_seeds)
         if select <= 0 and max_seeds <= 0:
             raise ConfigError("an infinite seed mechanism needs --select or a seed count")
     checker = SeedChecker(sh, scanner2voxel, rois)
