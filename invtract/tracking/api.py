@@ -20,7 +20,7 @@ from ..fod.field import FODField
 from ..params import ResolvedParameters, TrackingParameters
 from ..streamlines import Streamlines
 from .runner import SeedChecker, Seeding, default_engine, run_seeding, seed_vertices
-from .tracker import run_engine
+from .engines import run_engine
 from .types import RoiSet
 
 __all__ = ["Seeding", "TrackingResult", "track", "SeedChecker"]

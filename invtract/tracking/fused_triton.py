@@ -26,11 +26,12 @@ interpolation's Eigen packet order, the peak finder's sequential sums over its (
 Scope: first-order SD_Stream with the default rules (FOV / zero-voxel / NaN interpolation, LUT
 peak ascent with the 50-iteration cap, cutoff, angle, minimum / maximum length by point count,
 bidirectional joining or ``unidirectional``). RK4, ``downsample > 1`` and ROIs are not in the
-kernel: :func:`supported` says so, and :func:`triton_engine` falls back to the numba or torch
-engine with an :class:`~invtract.errors.InvtractWarning`.
+kernel: :func:`supported` says so, and the ``triton`` engine
+(:mod:`invtract.tracking.engines.triton_gpu`) falls back to the numba or torch engine with an
+:class:`~invtract.errors.InvtractWarning`.
 
-Public API: :func:`track_fused_triton`, :func:`triton_engine`, :func:`supported`,
-:func:`available`, :func:`unavailable_reason`.
+Public API: :func:`track_fused_triton`, :func:`supported`, :func:`available`,
+:func:`unavailable_reason`.
 """
 
 from __future__ import annotations
@@ -38,12 +39,10 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 
 import numpy as np
 import torch
 
-from ..errors import InvtractWarning
 from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
 from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
@@ -61,7 +60,6 @@ from .types import EngineResult, Reject, RoiSet, Term, concat_results
 
 __all__ = [
     "track_fused_triton",
-    "triton_engine",
     "supported",
     "available",
     "unavailable_reason",
@@ -873,7 +871,7 @@ def track_fused_triton(
     if not supported(params, rois):
         raise ValueError(
             "the Triton kernel covers first-order SD_Stream without ROIs or downsampling "
-            "(use triton_engine(), which falls back, or the numba / torch engine)"
+            "(use the 'triton' engine of invtract.tracking.engines, which falls back)"
         )
     dev = _device()
     sh_t = torch.as_tensor(sh).detach().to(device=dev, dtype=torch.float32).contiguous()
@@ -957,25 +955,3 @@ def track_fused_triton(
                 )  # fmt: skip
             )
     return concat_results(parts, seconds=time.perf_counter() - t0)
-
-
-def triton_engine(field, seeds, init_dirs, params, rois=None, batch_size=None, progress=None):
-    """Engine-registry adapter (signature of ``track_torch``); falls back when unsupported.
-
-    Unsupported configurations (see :func:`supported`) run on the numba engine when the field
-    is on the CPU and numba is available, otherwise on the torch engine, with a warning.
-    """
-    rois = rois or RoiSet()
-    if not supported(params, rois) or not available():
-        from .tracker import ENGINES, numba_available
-
-        why = unavailable_reason() or "RK4 / downsample / ROIs are not in the Triton kernel"
-        name = "numba" if field.device.type == "cpu" and numba_available() else "torch"
-        warnings.warn(f"triton engine: {why}; using the {name} engine", InvtractWarning, 2)
-        return ENGINES[name](field, seeds, init_dirs, params, rois, progress=progress)
-    sh = field.sh_flat.detach().reshape(*field.shape, -1)
-    s2v = field.scanner2voxel.detach().cpu().numpy()
-    out = track_fused_triton(sh, s2v, seeds, init_dirs, params, rois, chunk_size=batch_size)
-    if progress is not None:
-        progress(int(np.asarray(out.lengths).shape[0]))
-    return out
