@@ -7,8 +7,8 @@ a NaN voxel, all-zero voxels and a sub-threshold column; the seeds sit on voxel 
 and edges, just inside and exactly on the field-of-view bounds, next to the NaN voxel and in
 the weak column. The cases: default rules, minimum length 0 (single-point streamlines),
 include / exclude / mask regions, ``-stop``, ordered include regions (in and out of order),
-RK4, downsampling with truncation at the maximum length, unidirectional tracking, maximum
-length by point count, a small angle.
+RK4 (also with minimum length 0), downsampling with truncation at the maximum length,
+unidirectional tracking, maximum length by point count, a small angle.
 
 * numba: bit for bit what tckgen wrote, seed by seed (the references).
 * torch: the same decisions (status, point counts, seed index, terminations) and points within
@@ -49,8 +49,10 @@ _spec.loader.exec_module(fixtures)
 
 CASES = list(fixtures.CASES)
 #: cases outside the Triton kernel (it has no RK4, downsampling or regions)
-NOT_IN_TRITON = {"minlength0", "regions", "stop", "ordered", "ordered_reversed", "rk4",
-                 "downsample"}  # fmt: skip
+NOT_IN_TRITON = {
+    "minlength0", "regions", "stop", "ordered", "ordered_reversed", "rk4", "rk4_minlength0",
+    "downsample",
+}  # fmt: skip
 
 needs_numba = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
 

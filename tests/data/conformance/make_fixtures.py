@@ -40,7 +40,7 @@ WEAK_X = 11
 
 #: seeds in voxel coordinates (scanner = voxel + OFFSET): centres, voxel faces and edges, the
 #: field-of-view edges (-0.5 and n - 0.5 are outside, both bounds exclusive), next to the NaN
-#: voxel, in the weak region, on the zero-voxel boundary
+#: voxel, in the weak region, on the zero-voxel boundary, in a corner of the field of view
 SEEDS_VOX = [
     (3.0, 5.0, 2.0),
     (3.5, 5.0, 2.0),
@@ -57,6 +57,7 @@ SEEDS_VOX = [
     (11.0, 5.0, 2.0),
     (12.5, 5.0, 2.0),
     (8.0, 2.0, 1.0),
+    (-0.45, -0.45, 2.0),
 ]
 
 #: tckgen options of each case (``-step 0.5`` unless given); ROI spheres in voxel coordinates
@@ -75,6 +76,7 @@ CASES = {
         include_ordered=[(8.3, 4.3, 3.1, 0.6), (4.5, 4.7, 2.3, 0.6)], unidirectional=True
     ),
     "rk4": dict(rk4=True),
+    "rk4_minlength0": dict(rk4=True, minlength=0.0),
     "downsample": dict(downsample=3, maxlength=4.0, minlength=1.0),
     "unidirectional": dict(unidirectional=True),
     "maxlength": dict(maxlength=3.0),
