@@ -218,3 +218,32 @@ def test_seed_test_is_one_rule(case):
     ref = fused_cpu.SeedTest(sh, s2v, rois)(seeds)
     np.testing.assert_array_equal(ours, ref)
     assert ours.any() and not ours.all()
+
+
+#: cases the differentiable tracker's hard pass covers (no RK4, downsampling, regions)
+_DIFF_CASES = ["default", "maxlength", "unidirectional", "angle"]
+
+
+@needs_numba
+@pytest.mark.parametrize("hard_pass", ["auto", "torch"])
+@pytest.mark.parametrize("case", _DIFF_CASES)
+def test_differentiable_hard_pass_follows_the_same_rules(case, hard_pass, monkeypatch):
+    """``track_differentiable``'s forward points are the tracker's: through the fused kernel
+    ("auto", bidirectional float32) and through its own torch pass ("torch")."""
+    from invtract.tracking import differentiable
+
+    monkeypatch.setattr(differentiable, "HARD_PASS", hard_pass)
+    sh, s2v, seeds, dirs, params, _ = _inputs(case)
+    affine = np.vstack([np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))[:3], [0, 0, 0, 1]])
+    out = differentiable.track_differentiable(
+        torch.as_tensor(sh), affine, torch.as_tensor(seeds), torch.as_tensor(dirs), params
+    )
+    ref = _numba(case)
+    np.testing.assert_array_equal(out.status.numpy(), ref.status)
+    np.testing.assert_array_equal(out.term.numpy(), ref.term)
+    acc = np.flatnonzero(ref.status == int(Reject.ACCEPTED))
+    np.testing.assert_array_equal(out.seed_ids.numpy(), acc)
+    np.testing.assert_array_equal(out.lengths.numpy(), ref.lengths[acc])
+    np.testing.assert_array_equal(out.seed_index.numpy(), ref.seed_index[acc])
+    ours = out.streamlines().points.detach().numpy()
+    assert float(np.abs(ours.astype(np.float64) - ref.points).max()) <= TOL_TORCH_MM
