@@ -8,6 +8,11 @@ tracker and the seeding code import them. ``tests/tracking/test_rules.py`` pins 
 to these values (no kernel may carry its own copy of a number below), and
 ``tests/tracking/test_conformance.py`` checks that every engine follows the rules.
 
+Numba's on-disk cache (``cache=True``) is keyed by the kernel's own source file, not by the
+globals it froze: after changing a value here, delete the ``*.nbi`` / ``*.nbc`` files under
+``invtract/tracking/__pycache__`` (or touch ``fused_cpu.py`` and ``adjoint_cpu.py``) so that
+the kernels recompile with it.
+
 This module is a leaf: it imports nothing from invtract but :mod:`invtract.tracking.types` and
 :data:`invtract.params.DEFAULTS`, needs neither torch nor numba, and anything may import it
 (the FOD modules included).
