@@ -119,7 +119,8 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
     from invtract.params import TrackingParameters
     from invtract.tracking.chunked import accumulate_gradients
     from invtract.tracking.differentiable import track_differentiable
-    from invtract.tracking.tracker import ENGINES, numba_available, track_torch
+    from invtract.tracking.engines import ENGINES, numba_available
+    from invtract.tracking.tracker import track_torch
 
     sh, affine = make_phantom()
     sh = sh.to(device)

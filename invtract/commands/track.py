@@ -292,7 +292,7 @@ def _chunk_runner(engine: str, sh, scanner2voxel, fod, args, params, rois):
     import torch
 
     from ..fod.field import FODField
-    from ..tracking.tracker import run_engine
+    from ..tracking.engines import run_engine
 
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     field = FODField.from_array(fod.data, fod.affine, device=args.device, dtype=dtype)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tracking.rules import FOV_HALF_VOXEL, WEIGHT_THRESHOLD
+
 __all__ = ["VoxelGrid", "world_to_voxel", "corner_weights", "sample_fod"]
 
 
@@ -60,7 +62,7 @@ def corner_weights(v: torch.Tensor, shape, weight_dtype: torch.dtype = torch.flo
         ``weights`` are differentiable w.r.t. ``v`` (piecewise linear; kinks at voxel centres).
     """
     n = torch.tensor(shape, dtype=v.dtype, device=v.device)
-    inside = ((v > -0.5) & (v < n - 0.5)).all(-1)
+    inside = ((v > -FOV_HALF_VOXEL) & (v < n - FOV_HALF_VOXEL)).all(-1)
     fl = torch.floor(v.detach())
     f = v - fl
     edge = (v.detach() < 0) | (v.detach() > n - 1)
@@ -84,7 +86,7 @@ def corner_weights(v: torch.Tensor, shape, weight_dtype: torch.dtype = torch.flo
         wy = w1[:, 1] if y else w0[:, 1]
         wz = w1[:, 2] if z else w0[:, 2]
         w = wx * (wy * wz)
-        w = torch.where(w.detach() < 1e-6, torch.zeros_like(w), w)
+        w = torch.where(w.detach() < WEIGHT_THRESHOLD, torch.zeros_like(w), w)
         weights.append(w)
         ix = i1[:, 0] if x else i0[:, 0]
         iy = i1[:, 1] if y else i0[:, 1]

@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..tracking.rules import LUT_ROWS
+
 __all__ = [
     "LUT_SIZE",
     "n_legendre",
@@ -25,7 +27,7 @@ __all__ = [
 ]
 
 f32 = np.float32
-LUT_SIZE = 512
+LUT_SIZE = LUT_ROWS  # the rulebook's table size, under this module's historical name
 _INV_SQRT_4PI = 0.282094791773878
 
 

@@ -13,19 +13,24 @@ to the SH coefficients come from the implicit function theorem at the converged 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .legendre import LUT_SIZE
+from ..tracking.rules import (
+    LUT_LAST_ROW,
+    PEAK_MAX_ITERATIONS,
+    PEAK_MAX_STEP_RAD,
+    PEAK_TOLERANCE_RAD,
+    POLE_SIN_THRESHOLD,
+    SQRT2,
+)
 from .peak_tables import PeakTables, peak_tables
 
 __all__ = ["PeakTables", "peak_tables", "sh_derivatives", "mrtrix_peak", "MAX_ITERATIONS"]
 
-MAX_ITERATIONS = 50
-MAX_DIR_CHANGE = 0.2
-ANGLE_TOLERANCE = 1e-4
-_SQRT2 = math.sqrt(2.0)
+# the rulebook's names under MRtrix's (SH.h)
+MAX_ITERATIONS = PEAK_MAX_ITERATIONS
+MAX_DIR_CHANGE = PEAK_MAX_STEP_RAD
+ANGLE_TOLERANCE = PEAK_TOLERANCE_RAD
 
 
 def _lookup(T: dict, el: torch.Tensor, inc: float) -> torch.Tensor:
@@ -33,15 +38,15 @@ def _lookup(T: dict, el: torch.Tensor, inc: float) -> torch.Tensor:
     f2 = el / inc
     i = torch.nan_to_num(f2, nan=-1.0).trunc()
     low = i < 0
-    high = i >= LUT_SIZE - 1
+    high = i >= LUT_LAST_ROW
     frac = torch.where(low | high, torch.zeros_like(f2), f2 - i)
     idx = torch.where(
-        low, torch.zeros_like(i), torch.where(high, torch.full_like(i, LUT_SIZE - 1), i)
+        low, torch.zeros_like(i), torch.where(high, torch.full_like(i, LUT_LAST_ROW), i)
     )
     idx = idx.to(torch.int64)
     table = T["table"]
     r1 = table[idx]
-    r2 = table[(idx + 1).clamp(max=LUT_SIZE - 1)]
+    r2 = table[(idx + 1).clamp(max=LUT_LAST_ROW)]
     f1 = (1.0 - frac)[:, None]
     return f1 * r1 + frac[:, None] * r2
 
@@ -60,11 +65,11 @@ def sh_derivatives(c: torch.Tensor, el: torch.Tensor, az: torch.Tensor, tables: 
     T = tables.on(c.device, c.dtype)
     AL = _lookup(T, el, tables.inc)
     sel = torch.sin(el)
-    atpole = sel < 1e-4
+    atpole = sel < POLE_SIN_THRESHOLD
     mf = T["m_float"]
     ang = az[:, None] * mf[None, :]
-    caz = (torch.cos(ang).double() * _SQRT2).to(c.dtype)
-    saz = (torch.sin(ang).double() * _SQRT2).to(c.dtype)
+    caz = (torch.cos(ang).double() * SQRT2).to(c.dtype)
+    saz = (torch.sin(ang).double() * SQRT2).to(c.dtype)
     vp = c[:, T["ip"]]
     vm = c[:, T["im"]]
     mpos = T["mpos"][None, :]

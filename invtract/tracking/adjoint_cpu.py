@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .rules import WEIGHT_THRESHOLD
+
 try:  # pragma: no cover - exercised implicitly
     import numba
     from numba import njit
@@ -109,7 +111,7 @@ def _corners(M, shape, px, py, pz, idx, wd):
         wz = fz if bz else 1.0 - fz
         ww = wx * (wy * wz)
         idx[c] = (hx if bx else lx) * s0 + (hy if by else ly) * s1 + (hz if bz else lz)
-        if ww >= 1e-6:
+        if ww >= WEIGHT_THRESHOLD:
             wd[0, c] = ww
             wd[1, c] = (1.0 if bx else -1.0) * (wy * wz)
             wd[2, c] = (1.0 if by else -1.0) * (wx * wz)

@@ -19,8 +19,8 @@ from ..errors import ConfigError
 from ..fod.field import FODField
 from ..params import ResolvedParameters, TrackingParameters
 from ..streamlines import Streamlines
+from .engines import run_engine
 from .runner import SeedChecker, Seeding, default_engine, run_seeding, seed_vertices
-from .tracker import run_engine
 from .types import RoiSet
 
 __all__ = ["Seeding", "TrackingResult", "track", "SeedChecker"]

@@ -57,6 +57,7 @@ from ..fod.peak_grad import (
 from ..params import ResolvedParameters, TrackingParameters
 from ..streamlines import Streamlines
 from .propagator import normalise_eigen
+from .rules import WEIGHT_THRESHOLD, no_propagation, too_short
 from .types import Reject, Term
 
 __all__ = ["DiffTrackResult", "track_differentiable"]
@@ -382,9 +383,10 @@ def _hard_forward(field: FODField, seeds, init_dirs, params, refine: int, consts
     r2, n2, t2 = _run_half(field, safe, -u0, 1 + n1, second, params, refine)
     term[:, 1] = torch.where(second, t2, term[:, 1])
     total = 1 + n1 + n2
-    status = torch.where(ok & (total == 1), int(Reject.NO_PROPAGATION_FROM_SEED), status)
+    nprop = no_propagation(total, params.min_points)
+    status = torch.where(ok & nprop, int(Reject.NO_PROPAGATION_FROM_SEED), status)
     status = torch.where(
-        ok & (total > 1) & (total < params.min_points), int(Reject.TRACK_TOO_SHORT), status
+        ok & ~nprop & too_short(total, params.min_points), int(Reject.TRACK_TOO_SHORT), status
     )
     acc = status == int(Reject.ACCEPTED)
     seed_ids = torch.nonzero(acc, as_tuple=False).flatten()
@@ -607,7 +609,7 @@ def _local_adjoint(sh_flat, consts, p, u_star, u_prev, a_p, a_u, a_l, h, grads, 
     bits = consts.bits  # [8, 3] bool
     wax = torch.where(bits, f[:, None, :], 1.0 - f[:, None, :])  # [m, 8, 3]
     w = wax[..., 0] * (wax[..., 1] * wax[..., 2])
-    live = w >= 1e-6  # weights zeroed below 1e-6 have no gradient
+    live = w >= WEIGHT_THRESHOLD  # weights zeroed below the threshold have no gradient
     w = torch.where(live, w, torch.zeros_like(w))  # [m, 8]
     flo = fl.to(torch.int64)
     i0 = torch.minimum(flo.clamp(min=0), consts.nmax)

@@ -54,6 +54,17 @@ from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_lege
 from ..fod.peak_tables import peak_tables
 from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
+from .rules import (
+    FOV_HALF_VOXEL,
+    LUT_LAST_ROW,
+    PEAK_MAX_ITERATIONS,
+    PEAK_MAX_STEP_RAD,
+    PEAK_TOLERANCE_RAD,
+    POLE_SIN_THRESHOLD,
+    SQRT2,
+    WEIGHT_THRESHOLD,
+    track_rejection,
+)
 from .types import (
     TERM_ADD_TO_TCK,
     EngineResult,
@@ -136,10 +147,7 @@ _ADD_TO_TCK = np.array([bool(TERM_ADD_TO_TCK[Term(t)]) for t in range(len(Term))
 
 _ACCEPTED = int(Reject.ACCEPTED)
 _INVALID_SEED = int(Reject.INVALID_SEED)
-_NO_PROPAGATION = int(Reject.NO_PROPAGATION_FROM_SEED)
 _TOO_SHORT = int(Reject.TRACK_TOO_SHORT)
-_EXCLUDED = int(Reject.ENTER_EXCLUDE_REGION)
-_MISSED_INCLUDE = int(Reject.MISSED_INCLUDE_REGION)
 
 # ROI set identifiers
 _ROI_INCLUDE, _ROI_EXCLUDE, _ROI_MASK, _ROI_ORDERED = 0, 1, 2, 3
@@ -162,7 +170,7 @@ _FP_STEP, _FP_CUTOFF, _FP_DOT, _FP_COS_RK4, _FP_MINLEN, _FP_MAXLEN, _FP_INC = ra
     _IP_NMASK,
 ) = range(_IP_LEN := 13)
 
-_SQRT2 = 1.41421356237309504880  # Math::sqrt2 (double)
+_SQRT2 = SQRT2  # Math::sqrt2 (double), from the rulebook
 #: "no such Legendre term" in the kernel's unsigned index tables (see _kernel_tables)
 _ABSENT = np.uint64(2**63)
 _MAX_BUFFER_POINTS = 1_000_000
@@ -171,6 +179,9 @@ _MAX_BUFFER_POINTS = 1_000_000
 # --------------------------------------------------------------------------------------------
 # small float helpers
 # --------------------------------------------------------------------------------------------
+
+#: the rulebook's ``track_rejected``, compiled into the kernel
+_track_rejection = njit(inline="always", **_JIT)(track_rejection)
 
 
 @njit(inline="always", **_JIT)
@@ -225,11 +236,11 @@ def _sample(sh, nonzero, M, px, py, pz, out):
     v1 = ((M[1, 0] * dx + M[1, 1] * dy) + M[1, 2] * dz) + M[1, 3]
     v2 = (M[2, 0] * dx + M[2, 1] * dy) + (M[2, 2] * dz + M[2, 3])
     # exclusive FOV test; written so that NaN counts as outside
-    if not (v0 > -0.5 and v0 < nx - 0.5):
+    if not (v0 > -FOV_HALF_VOXEL and v0 < nx - FOV_HALF_VOXEL):
         return False
-    if not (v1 > -0.5 and v1 < ny - 0.5):
+    if not (v1 > -FOV_HALF_VOXEL and v1 < ny - FOV_HALF_VOXEL):
         return False
-    if not (v2 > -0.5 and v2 < nz - 0.5):
+    if not (v2 > -FOV_HALF_VOXEL and v2 < nz - FOV_HALF_VOXEL):
         return False
     if not nonzero[_round_half_away(v0), _round_half_away(v1), _round_half_away(v2)]:
         return False
@@ -260,7 +271,7 @@ def _sample(sh, nonzero, M, px, py, pz, out):
     wy1 = np.float32(f1)
     wz0 = np.float32(1.0 - f2)
     wz1 = np.float32(f2)
-    eps = np.float32(1.0e-6)
+    eps = np.float32(WEIGHT_THRESHOLD)
     zero = np.float32(0.0)
     # corner k = x + 2y + 4z; weight = wx * (wy * wz)
     w0 = wx0 * (wy0 * wz0)
@@ -334,14 +345,14 @@ def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
     quarter = np.float32(0.25)
     nAL = AL.shape[0]
     nzon = zint.shape[0]
-    for _it in range(50):
+    for _it in range(PEAK_MAX_ITERATIONS):
         az = math.atan2(uy, ux)
         el = math.acos(uz)
         sel = math.sin(el)
         cel = math.cos(el)
         caz1 = math.cos(az)
         saz1 = math.sin(az)
-        atpole = sel < 1e-4
+        atpole = sel < POLE_SIN_THRESHOLD
         # --- Legendre lookup (PrecomputedAL::set / get)
         fr2 = el / inc
         if fr2 != fr2:
@@ -354,8 +365,8 @@ def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
                 row = 0
                 fr1 = f1c
                 fr2 = f0
-            elif ii >= 511:
-                row = 511
+            elif ii >= LUT_LAST_ROW:
+                row = LUT_LAST_ROW
                 fr1 = f1c
                 fr2 = f0
             else:
@@ -449,8 +460,8 @@ def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
             dt = f0
         if dt < 0.0:
             dt = -dt
-        if dt > 0.2:
-            dt = np.float32(0.2)
+        if dt > PEAK_MAX_STEP_RAD:
+            dt = np.float32(PEAK_MAX_STEP_RAD)
         if dt != dt:
             # NaN step: u becomes NaN and stays NaN; the search can only fail
             return np.float32(np.nan), np.float32(np.nan), np.float32(np.nan), np.float32(np.nan)
@@ -460,7 +471,7 @@ def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
         uy = uy + ((gEl * saz1) * cel + gAz * caz1)
         uz = uz - gEl * sel
         ux, uy, uz = _normalize3(ux, uy, uz)
-        if dt < 1e-4:
+        if dt < PEAK_TOLERANCE_RAD:
             return amplitude, ux, uy, uz
     nan = np.float32(np.nan)
     return nan, nan, nan, nan
@@ -817,18 +828,11 @@ def _track_seed(i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out
         steps += s1
         excluded = t1 == _ENTER_EXCLUDE
     out_steps[i] = steps
-    # --- track_rejected
-    if excluded:
-        out_status[i] = _EXCLUDED
-        return
-    if n == 1 and ip[_IP_MINPTS] > 1:
-        out_status[i] = _NO_PROPAGATION
-        return
-    if n < ip[_IP_MINPTS]:
-        out_status[i] = _TOO_SHORT
-        return
-    if n_inc + n_ord > 0 and not _all_visited(state, n_inc, n_ord):
-        out_status[i] = _MISSED_INCLUDE
+    # --- track_rejected (the rulebook's tests, in its order)
+    missed = n_inc + n_ord > 0 and not _all_visited(state, n_inc, n_ord)
+    reject = _track_rejection(n, excluded, missed, ip[_IP_MINPTS])
+    if reject != _ACCEPTED:
+        out_status[i] = reject
         return
     # --- Downsampler + check_downsampled_length
     R = ip[_IP_DOWNSAMPLE]

@@ -26,11 +26,12 @@ interpolation's Eigen packet order, the peak finder's sequential sums over its (
 Scope: first-order SD_Stream with the default rules (FOV / zero-voxel / NaN interpolation, LUT
 peak ascent with the 50-iteration cap, cutoff, angle, minimum / maximum length by point count,
 bidirectional joining or ``unidirectional``). RK4, ``downsample > 1`` and ROIs are not in the
-kernel: :func:`supported` says so, and :func:`triton_engine` falls back to the numba or torch
-engine with an :class:`~invtract.errors.InvtractWarning`.
+kernel: :func:`supported` says so, and the ``triton`` engine
+(:mod:`invtract.tracking.engines.triton_gpu`) falls back to the numba or torch engine with an
+:class:`~invtract.errors.InvtractWarning`.
 
-Public API: :func:`track_fused_triton`, :func:`triton_engine`, :func:`supported`,
-:func:`available`, :func:`unavailable_reason`.
+Public API: :func:`track_fused_triton`, :func:`supported`, :func:`available`,
+:func:`unavailable_reason`.
 """
 
 from __future__ import annotations
@@ -38,20 +39,27 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 
 import numpy as np
 import torch
 
-from ..errors import InvtractWarning
 from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
 from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
+from .rules import (
+    FOV_HALF_VOXEL,
+    LUT_LAST_ROW,
+    PEAK_MAX_ITERATIONS,
+    PEAK_MAX_STEP_RAD,
+    PEAK_TOLERANCE_RAD,
+    POLE_SIN_THRESHOLD,
+    SQRT2,
+    WEIGHT_THRESHOLD,
+)
 from .types import EngineResult, Reject, RoiSet, Term, concat_results
 
 __all__ = [
     "track_fused_triton",
-    "triton_engine",
     "supported",
     "available",
     "unavailable_reason",
@@ -82,7 +90,10 @@ _NO_PROPAGATION = int(Reject.NO_PROPAGATION_FROM_SEED)
 _TOO_SHORT = int(Reject.TRACK_TOO_SHORT)
 
 _MAX_BUFFER_POINTS = 1_000_000
-_SQRT2 = 1.41421356237309504880  # Math::sqrt2 (double)
+#: float64 constants the kernel reads from the end of its transform array (``k_ptr``):
+#: ``Math::sqrt2``, then ANGLE_TOLERANCE, which is also the pole test's threshold
+_F64_CONSTANTS = (SQRT2, PEAK_TOLERANCE_RAD)
+assert POLE_SIN_THRESHOLD == PEAK_TOLERANCE_RAD  # one launch value serves both tests
 
 
 def unavailable_reason() -> str | None:
@@ -206,6 +217,12 @@ if triton is not None:
     _K_INVALID_SEED = tl.constexpr(_INVALID_SEED)
     _K_NO_PROPAGATION = tl.constexpr(_NO_PROPAGATION)
     _K_TOO_SHORT = tl.constexpr(_TOO_SHORT)
+    # the rulebook's float32 / integer constants
+    _K_FOV_HALF = tl.constexpr(FOV_HALF_VOXEL)
+    _K_WEIGHT_EPS = tl.constexpr(WEIGHT_THRESHOLD)
+    _K_MAX_STEP = tl.constexpr(PEAK_MAX_STEP_RAD)
+    _K_MAX_ITERATIONS = tl.constexpr(PEAK_MAX_ITERATIONS)
+    _K_LUT_LAST_ROW = tl.constexpr(LUT_LAST_ROW)
 
     @triton.jit
     def _normalize3(x, y, z):
@@ -248,9 +265,9 @@ if triton is not None:
         nxf = NX.to(tl.float64)
         nyf = NY.to(tl.float64)
         nzf = NZ.to(tl.float64)
-        inside = live & (v0 > -0.5) & (v0 < nxf - 0.5)
-        inside = inside & (v1 > -0.5) & (v1 < nyf - 0.5)
-        inside = inside & (v2 > -0.5) & (v2 < nzf - 0.5)
+        inside = live & (v0 > -_K_FOV_HALF) & (v0 < nxf - _K_FOV_HALF)
+        inside = inside & (v1 > -_K_FOV_HALF) & (v1 < nyf - _K_FOV_HALF)
+        inside = inside & (v2 > -_K_FOV_HALF) & (v2 < nzf - _K_FOV_HALF)
         v0 = tl.where(inside, v0, 0.0)
         v1 = tl.where(inside, v1, 0.0)
         v2 = tl.where(inside, v2, 0.0)
@@ -287,7 +304,7 @@ if triton is not None:
         wy1 = f1.to(tl.float32)
         wz0 = (1.0 - f2).to(tl.float32)
         wz1 = f2.to(tl.float32)
-        eps = 1.0e-6
+        eps = _K_WEIGHT_EPS
         w0 = wx0 * (wy0 * wz0)
         w1 = wx1 * (wy0 * wz0)
         w2 = wx0 * (wy1 * wz0)
@@ -544,20 +561,21 @@ if triton is not None:
             isnan = fr != fr
             frs = tl.where(isnan, 0.0, fr)
             ii = frs.to(tl.int32)
-            edge = isnan | (ii < 0) | (ii >= 511)
-            row = tl.where(ii < 0, 0, tl.where(ii >= 511, 511, ii))
+            edge = isnan | (ii < 0) | (ii >= _K_LUT_LAST_ROW)
+            row = tl.where(ii < 0, 0, tl.where(ii >= _K_LUT_LAST_ROW, _K_LUT_LAST_ROW, ii))
             row = tl.where(isnan, 0, row)
             w2 = tl.where(edge, 0.0, frs - ii.to(tl.float32))
             w1 = tl.where(edge, 1.0, 1.0 - w2)
             ra = (row * NAL)[:, None]
-            rb = (tl.minimum(row + 1, 511) * NAL)[:, None]
+            rb = (tl.minimum(row + 1, _K_LUT_LAST_ROW) * NAL)[:, None]
             w1c = w1[:, None]
             w2c = w2[:, None]
             ic = (w2 != 0.0)[:, None]
             act2 = active[:, None]
             if SEQ:
                 amplitude, dEl, dEl2, dAz, dElAz, dAz2 = _derivs_seq(
-                    cs_ptr, lane, LANES, lut_ptr, row * NAL, tl.minimum(row + 1, 511) * NAL,
+                    cs_ptr, lane, LANES, lut_ptr, row * NAL,
+                    tl.minimum(row + 1, _K_LUT_LAST_ROW) * NAL,
                     w1, w2, w2 != 0.0, az, atpole, tab_ptr, flt_ptr, sqrt2, active, BLOCK, NS
                 )  # fmt: skip
             else:
@@ -584,7 +602,7 @@ if triton is not None:
             s2nz = s2 != 0.0
             dt = tl.where(s2nz, tl.div_rn(-s1, tl.where(s2nz, s2, 1.0)), 0.0)
             dt = tl.where(dt < 0.0, -dt, dt)
-            dt = tl.where(dt > 0.2, 0.2, dt)
+            dt = tl.where(dt > _K_MAX_STEP, _K_MAX_STEP, dt)
             active = active & (dt == dt)  # NaN step: the search fails (result stays NaN)
             gEl = gEl * dt
             gAz = gAz * dt
@@ -604,7 +622,7 @@ if triton is not None:
             uy = tl.where(active, ny, uy)
             uz = tl.where(active, nzz, uz)
             it += 1
-            active = active & (~conv) & (it < 50)
+            active = active & (~conv) & (it < _K_MAX_ITERATIONS)
         return r_amp, r_x, r_y, r_z
 
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -853,7 +871,7 @@ def track_fused_triton(
     if not supported(params, rois):
         raise ValueError(
             "the Triton kernel covers first-order SD_Stream without ROIs or downsampling "
-            "(use triton_engine(), which falls back, or the numba / torch engine)"
+            "(use the 'triton' engine of invtract.tracking.engines, which falls back)"
         )
     dev = _device()
     sh_t = torch.as_tensor(sh).detach().to(device=dev, dtype=torch.float32).contiguous()
@@ -863,7 +881,7 @@ def track_fused_triton(
     lmax = lmax_from_n(K)
     nonzero = (sh_t != 0).any(dim=-1).to(torch.int8).contiguous()  # NaN counts as non-zero
     M = np.ascontiguousarray(np.asarray(scanner2voxel, dtype=np.float64)[:3, :4])
-    m_t = torch.as_tensor(np.concatenate([M.reshape(-1), [_SQRT2, 1e-4]]), device=dev)
+    m_t = torch.as_tensor(np.concatenate([M.reshape(-1), _F64_CONSTANTS]), device=dev)
     lut = torch.as_tensor(np.array(legendre_table(lmax), dtype=np.float32).reshape(-1), device=dev)
     NAL = n_legendre(lmax)
     tab_np, flt_np, NS = _tables(lmax)
@@ -937,25 +955,3 @@ def track_fused_triton(
                 )  # fmt: skip
             )
     return concat_results(parts, seconds=time.perf_counter() - t0)
-
-
-def triton_engine(field, seeds, init_dirs, params, rois=None, batch_size=None, progress=None):
-    """Engine-registry adapter (signature of ``track_torch``); falls back when unsupported.
-
-    Unsupported configurations (see :func:`supported`) run on the numba engine when the field
-    is on the CPU and numba is available, otherwise on the torch engine, with a warning.
-    """
-    rois = rois or RoiSet()
-    if not supported(params, rois) or not available():
-        from .tracker import ENGINES, numba_available
-
-        why = unavailable_reason() or "RK4 / downsample / ROIs are not in the Triton kernel"
-        name = "numba" if field.device.type == "cpu" and numba_available() else "torch"
-        warnings.warn(f"triton engine: {why}; using the {name} engine", InvtractWarning, 2)
-        return ENGINES[name](field, seeds, init_dirs, params, rois, progress=progress)
-    sh = field.sh_flat.detach().reshape(*field.shape, -1)
-    s2v = field.scanner2voxel.detach().cpu().numpy()
-    out = track_fused_triton(sh, s2v, seeds, init_dirs, params, rois, chunk_size=batch_size)
-    if progress is not None:
-        progress(int(np.asarray(out.lengths).shape[0]))
-    return out

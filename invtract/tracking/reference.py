@@ -165,7 +165,9 @@ def load_seeds_for(tck_path) -> np.ndarray:
     name = header.get("seed_output")
     if not name:
         raise ConfigError(f"{tck_path}: no seed_output in the header")
-    table = load_seeds(os.path.join(os.path.dirname(str(tck_path)), name))
+    # tckgen records the -output_seeds path as given (possibly absolute, on another machine):
+    # the seeds file is looked up beside the .tck
+    table = load_seeds(os.path.join(os.path.dirname(str(tck_path)), os.path.basename(name)))
     return np.asarray(table.positions, np.float32)[np.argsort(table.track_index)]
 
 

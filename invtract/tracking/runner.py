@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..params import ResolvedParameters
 from .rng import MRtrixRNG
+from .rules import seed_limits
 from .seeding import MaskGrid, SeedImageSampler, grid_per_voxel, random_per_voxel
 from .types import (
     REJECT_NAMES,
@@ -166,9 +167,7 @@ def run_seeding(
     if params.seed_direction is not None:
         fixed = np.asarray(params.seed_direction, np.float32)
     if not seeding.finite:
-        select = 5000 if select is None else int(select)
-        if max_seeds is None:
-            max_seeds = 1000 * select if select > 0 else 0
+        select, max_seeds = seed_limits(select, max_seeds)
         if select <= 0 and max_seeds <= 0:
             raise ConfigError("an infinite seed mechanism needs --select or a seed count")
     checker = SeedChecker(sh, scanner2voxel, rois)
@@ -207,17 +206,24 @@ def run_seeding(
 
 class SeedChecker:
     """Which seeds consume a random direction, decided before tracking (spec §4.2 step 1, 2.1):
-    ``check_seed`` and "data at the seed", with the fused kernel's own rule
-    (:class:`~invtract.tracking.fused_cpu.SeedTest`) whatever engine then tracks.
+    ``check_seed`` and "data at the seed" (:func:`~invtract.tracking.rules.seed_usable`), with
+    the fused kernel's own test (:class:`~invtract.tracking.fused_cpu.SeedTest`) whatever
+    engine then tracks, or the torch engine's when numba is absent (the same rule:
+    ``test_conformance.py``).
 
     Args:
         sh: ``[X, Y, Z, K]`` SH coefficients; scanner2voxel: ``[3, 4]`` (scanner mm -> voxel).
     """
 
     def __init__(self, sh: np.ndarray, scanner2voxel: np.ndarray, rois: RoiSet) -> None:
-        from .fused_cpu import SeedTest
+        if numba_available():
+            from .fused_cpu import SeedTest
 
-        self._test = SeedTest(sh, scanner2voxel, rois)
+            self._test = SeedTest(sh, scanner2voxel, rois)
+        else:
+            from .tracker import seed_usable_torch
+
+            self._test = lambda p: seed_usable_torch(sh, scanner2voxel, p, rois)
 
     def __call__(self, p: np.ndarray) -> np.ndarray:
         return self._test(p)

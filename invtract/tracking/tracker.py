@@ -1,4 +1,4 @@
-"""The batched SD_Stream tracker (plain PyTorch reference engine) and the engine registry.
+"""The batched SD_Stream tracker: the plain PyTorch reference engine (``engines.torch``).
 
 Convention: ``tracking/exec.h`` (``gen_track``, ``gen_track_unidir``, ``iterate``,
 ``track_rejected``) and spec §4.2-§5.4, §7.1. All streamlines of a chunk advance together with
@@ -13,30 +13,62 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..fod.field import FODField
+from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
 from .propagator import normalise_eigen, sd_stream_step
 from .rois import any_contains, roi_contains
-from .runner import default_engine, numba_available
-from .types import EngineResult, Reject, RoiSet, Term, concat_results
+from .rules import seed_usable, track_rejection
+from .types import TERM_ADD_TO_TCK, EngineResult, Reject, RoiSet, Term, concat_results
 
-__all__ = [
-    "track_torch",
-    "ENGINES",
-    "run_engine",
-    "default_engine",
-    "numba_available",
-    "downsample_track",
-    "check_length_post",
-]
+__all__ = ["track_torch", "seed_usable_torch", "downsample_track", "check_length_post"]
 
 
-def _track_half(field, p0, u0, count0, active, visited, params, rois, max_new):
+class _IncludeState:
+    """``IncludeROIVisitation`` for a batch of ``n`` streamlines (``roi.h``).
+
+    ``visited [n, n_inc]``: which ``-include`` regions were entered; ``ord_next [n]``: the next
+    ``-include_ordered`` region expected; ``ord_valid [n]``: no ordered region was entered out
+    of order (re-entering the previous one is allowed).
+    """
+
+    def __init__(self, rois: RoiSet, n: int, device) -> None:
+        self.rois = rois
+        self.visited = torch.zeros((n, len(rois.include)), dtype=torch.bool, device=device)
+        self.ord_next = torch.zeros(n, dtype=torch.int64, device=device)
+        self.ord_valid = torch.ones(n, dtype=torch.bool, device=device)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.rois.include or self.rois.include_ordered)
+
+    def visit(self, rows: torch.Tensor, pos: torch.Tensor) -> None:
+        """Record the points ``pos [m, 3]`` of streamlines ``rows [m]``."""
+        for j, roi in enumerate(self.rois.include):
+            self.visited[rows, j] |= roi_contains(roi, pos)
+        if not self.rois.include_ordered:
+            return
+        # the first ordered region (in order) containing the point, or -1
+        first = torch.full((rows.shape[0],), -1, dtype=torch.int64, device=pos.device)
+        for j in reversed(range(len(self.rois.include_ordered))):
+            first = torch.where(roi_contains(self.rois.include_ordered[j], pos), j, first)
+        nxt, valid = self.ord_next[rows], self.ord_valid[rows]
+        hit = valid & (first >= 0)
+        self.ord_next[rows] = torch.where(hit & (first == nxt), nxt + 1, nxt)
+        self.ord_valid[rows] = valid & ~(hit & (first != nxt) & (first != nxt - 1))
+
+    def all_visited(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[m]`` bool: every include region visited, the ordered ones all and in order."""
+        rows = slice(None) if rows is None else rows
+        n_ord = len(self.rois.include_ordered)
+        return self.visited[rows].all(-1) & self.ord_valid[rows] & (self.ord_next[rows] == n_ord)
+
+
+def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois, max_new):
     """Track one half for all ``active`` rows from ``(p0, u0)``.
 
-    Returns ``(buf [n, max_new, 3], nadd [n], term [n], excluded [n], visited, steps)``; ``buf``
-    rows hold the appended points in order (not including the seed).
+    Returns ``(buf [n, max_new, 3], nadd [n], term [n], excluded [n], steps)``; ``buf`` rows hold
+    the appended points in order (not including the seed). ``inc`` records include visits.
     """
     n = p0.shape[0]
     dev = p0.device
@@ -61,15 +93,14 @@ def _track_half(field, p0, u0, count0, active, visited, params, rois, max_new):
         if rois.exclude:
             t = torch.where(cont & any_contains(rois.exclude, new_p), int(Term.ENTER_EXCLUDE), t)
             cont = t == CONT
-        if rois.include:
-            vis = visited[idx]
-            for j, roi in enumerate(rois.include):
-                vis[:, j] |= cont & roi_contains(roi, new_p)
-            visited[idx] = vis
+        if inc.any:
+            inc.visit(idx[cont], new_p[cont])
             if params.stop:
-                t = torch.where(cont & vis.all(-1), int(Term.TRAVERSE_ALL_INCLUDE), t)
+                done = torch.zeros_like(cont)
+                done[cont] = inc.all_visited(idx[cont])
+                t = torch.where(done, int(Term.TRAVERSE_ALL_INCLUDE), t)
                 cont = t == CONT
-        add = cont | (t == int(Term.ENTER_EXCLUDE)) | (t == int(Term.TRAVERSE_ALL_INCLUDE))
+        add = _ADD_TO_TCK.to(t.device)[t]
         ai = idx[add]
         buf[ai, nadd[ai]] = new_p[add]
         nadd[ai] += 1
@@ -82,7 +113,11 @@ def _track_half(field, p0, u0, count0, active, visited, params, rois, max_new):
         term[idx[fin]] = t[fin]
         excluded[idx[fin & (t == int(Term.ENTER_EXCLUDE))]] = True
         alive[idx[fin]] = False
-    return buf, nadd, term, excluded, visited, steps
+    return buf, nadd, term, excluded, steps
+
+
+#: the rulebook's "which points are kept", indexed by Term code
+_ADD_TO_TCK = torch.tensor([bool(TERM_ADD_TO_TCK[Term(t)]) for t in range(len(Term))])
 
 
 def downsample_track(points: np.ndarray, seed_index: int, ratio: int) -> tuple[np.ndarray, int]:
@@ -153,6 +188,39 @@ def check_length_post(points: np.ndarray, seed_index: int, params: ResolvedParam
     return out, s, None
 
 
+def _seed_check(field: FODField, seeds: torch.Tensor, rois: RoiSet):
+    """``check_seed`` and the data at the seed (:func:`~invtract.tracking.rules.seed_usable`).
+
+    Returns ``(ok [N] bool, safe [N, 3] (non-finite rows zeroed), coeffs [N, K])``.
+    """
+    finite = torch.isfinite(seeds).all(-1)
+    safe = torch.where(finite[:, None], seeds, torch.zeros_like(seeds))
+    in_mask = any_contains(rois.mask, safe) if rois.mask else torch.ones_like(finite)
+    in_exclude = any_contains(rois.exclude, safe) if rois.exclude else torch.zeros_like(finite)
+    c, has_data = field.sample(safe)
+    return seed_usable(finite, in_mask, in_exclude, has_data), safe, c
+
+
+@torch.no_grad()
+def seed_usable_torch(
+    sh: np.ndarray, scanner2voxel: np.ndarray, seeds: np.ndarray, rois: RoiSet | None = None
+) -> np.ndarray:
+    """``[N]`` bool: which ``seeds [N, 3]`` (scanner mm) the torch engine tracks at all, for
+    an FOD ``sh [X, Y, Z, K]`` with ``scanner2voxel [3, 4]`` (the seeding code's check when
+    numba is absent; the numba kernel's ``SeedTest`` otherwise)."""
+    sh_t = torch.as_tensor(np.ascontiguousarray(sh, np.float32))
+    flat = sh_t.reshape(-1, sh_t.shape[-1])
+    field = FODField(
+        flat,
+        tuple(int(v) for v in sh_t.shape[:3]),
+        torch.as_tensor(np.asarray(scanner2voxel, np.float64)[:3, :4]),
+        (flat != 0).any(-1),
+        lmax_from_n(int(sh_t.shape[-1])),
+    )
+    pos = torch.as_tensor(np.asarray(seeds, np.float32).reshape(-1, 3))
+    return _seed_check(field, pos, rois or RoiSet())[0].numpy()
+
+
 @torch.no_grad()
 def _track_chunk(field: FODField, seeds, init_dirs, params: ResolvedParameters, rois: RoiSet):
     dev = field.device
@@ -162,32 +230,24 @@ def _track_chunk(field: FODField, seeds, init_dirs, params: ResolvedParameters, 
     init = init_dirs.to(device=dev, dtype=dt)
     status = torch.full((n,), int(Reject.ACCEPTED), dtype=torch.int64, device=dev)
     term = torch.full((n, 2), -1, dtype=torch.int64, device=dev)
-    ok = torch.isfinite(seeds).all(-1)
-    safe = torch.where(ok[:, None], seeds, torch.zeros_like(seeds))
-    if rois.mask:
-        ok &= any_contains(rois.mask, safe)
-    if rois.exclude:
-        ok &= ~any_contains(rois.exclude, safe)
-    c, valid = field.sample(safe)
-    ok &= valid
+    ok, safe, c = _seed_check(field, seeds, rois)
     d = normalise_eigen(torch.nan_to_num(init, nan=0.0))
     amp, u0 = field.peak(c, torch.where(ok[:, None], d, torch.ones_like(d)))
     ok &= torch.isfinite(amp) & (amp >= params.cutoff)
     status[~ok] = int(Reject.INVALID_SEED)
     u0 = torch.where(ok[:, None], u0, torch.full_like(u0, float("nan")))
-    n_inc = len(rois.include)
-    visited = torch.zeros((n, n_inc), dtype=torch.bool, device=dev)
-    for j, roi in enumerate(rois.include):
-        visited[:, j] = roi_contains(roi, safe)
+    inc = _IncludeState(rois, n, dev)
+    if inc.any:  # gen_track: the seed itself is a visit
+        inc.visit(torch.arange(n, device=dev), safe)
     max_new = params.max_points + 1
     ones = torch.ones(n, dtype=torch.int64, device=dev)
-    buf1, n1, t1, exc1, visited, steps1 = _track_half(
-        field, safe, torch.nan_to_num(u0), ones, ok, visited, params, rois, max_new
+    buf1, n1, t1, exc1, steps1 = _track_half(
+        field, safe, torch.nan_to_num(u0), ones, ok, inc, params, rois, max_new
     )
     term[:, 0] = torch.where(ok, t1, term[:, 0])
     second = ok & ~exc1 & (not params.unidirectional)
-    buf2, n2, t2, exc2, visited, steps2 = _track_half(
-        field, safe, -torch.nan_to_num(u0), 1 + n1, second, visited, params, rois, max_new
+    buf2, n2, t2, exc2, steps2 = _track_half(
+        field, safe, -torch.nan_to_num(u0), 1 + n1, second, inc, params, rois, max_new
     )
     term[:, 1] = torch.where(second, t2, term[:, 1])
     excluded = exc1 | exc2
@@ -196,16 +256,14 @@ def _track_chunk(field: FODField, seeds, init_dirs, params: ResolvedParameters, 
     n1_np, n2_np = n1.cpu().numpy(), n2.cpu().numpy()
     p0 = safe.cpu().numpy()
     status_np = status.cpu().numpy()
-    status_np[(excluded & ok).cpu().numpy()] = int(Reject.ENTER_EXCLUDE_REGION)
-    missed = (~visited.all(-1)).cpu().numpy() if n_inc else np.zeros(n, bool)
-    # the rejections of gen_track / track_rejected, in their order
+    missed = (~inc.all_visited()).cpu().numpy() if inc.any else np.zeros(n, bool)
     total = 1 + n1_np + n2_np
-    for reject, hit in (
-        (Reject.NO_PROPAGATION_FROM_SEED, total == 1),
-        (Reject.TRACK_TOO_SHORT, total < params.min_points),
-        (Reject.MISSED_INCLUDE_REGION, missed),
-    ):
-        status_np[(status_np == int(Reject.ACCEPTED)) & hit] = int(reject)
+    # track_rejected: the rulebook's tests in its order, for every tracked seed
+    excl = excluded.cpu().numpy()
+    for i in np.flatnonzero(ok.cpu().numpy()):
+        status_np[i] = track_rejection(
+            int(total[i]), bool(excl[i]), bool(missed[i]), int(params.min_points)
+        )
     rows = np.flatnonzero(status_np == int(Reject.ACCEPTED))
     # streamline of row i: the first half reversed, the seed, the second half (seed at index
     # n1); unidirectional: the seed, then the one half (seed at index 0). Built packed:
@@ -275,8 +333,6 @@ def track_torch(
         An :class:`~invtract.tracking.types.EngineResult` (accepted streamlines in seed order).
     """
     rois = rois or RoiSet()
-    if rois.include_ordered:
-        raise ConfigError("ordered include regions are not supported yet")
     seeds = torch.as_tensor(np.asarray(seeds) if not torch.is_tensor(seeds) else seeds)
     init_dirs = torch.as_tensor(
         np.asarray(init_dirs) if not torch.is_tensor(init_dirs) else init_dirs
@@ -289,40 +345,3 @@ def track_torch(
         if progress is not None:
             progress(stop - start)
     return concat_results(parts)
-
-
-def _numba_engine(field, seeds, init_dirs, params, rois=None, batch_size=8192, progress=None):
-    from . import fused_cpu
-
-    # a view of a float32 CPU field (no copy of the whole FOD per chunk of seeds)
-    sh = np.asarray(field.sh_flat.detach().cpu().numpy(), np.float32).reshape(*field.shape, -1)
-    s2v = field.scanner2voxel.cpu().numpy()
-    seeds = np.asarray(seeds.cpu() if torch.is_tensor(seeds) else seeds, np.float32)
-    init = np.asarray(init_dirs.cpu() if torch.is_tensor(init_dirs) else init_dirs, np.float32)
-    out = fused_cpu.track_fused_cpu(sh, s2v, seeds, init, params, rois or RoiSet())
-    if progress is not None:
-        progress(seeds.shape[0])
-    return out
-
-
-def _triton_engine(*args, **kwargs):  # lazy: importing triton takes about a second
-    from .fused_triton import triton_engine
-
-    return triton_engine(*args, **kwargs)
-
-
-#: name -> engine function (same signature as :func:`track_torch`)
-ENGINES: dict[str, Callable[..., EngineResult]] = {
-    "torch": track_torch,
-    "numba": _numba_engine,
-    "triton": _triton_engine,
-}
-
-
-def run_engine(name: str, *args, **kwargs) -> EngineResult:
-    """Dispatch to ``ENGINES[name]``; unknown names raise ConfigError listing valid ones."""
-    if name == "auto":
-        name = default_engine(args[0].device)
-    if name not in ENGINES:
-        raise ConfigError(f"unknown engine {name!r}; valid: auto, {', '.join(ENGINES)}")
-    return ENGINES[name](*args, **kwargs)

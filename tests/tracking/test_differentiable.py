@@ -13,7 +13,8 @@ from invtract.fod.field import FODField
 from invtract.params import TrackingParameters
 from invtract.tracking import differentiable
 from invtract.tracking.differentiable import track_differentiable
-from invtract.tracking.tracker import ENGINES, numba_available, track_torch
+from invtract.tracking.engines import ENGINES, numba_available
+from invtract.tracking.tracker import track_torch
 from invtract.tracking.types import Reject
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"

@@ -28,6 +28,7 @@ from invtract.fod.field import FODField  # noqa: E402
 from invtract.fod.legendre import plm_sph_column  # noqa: E402
 from invtract.params import TrackingParameters  # noqa: E402
 from invtract.tracking import fused_cpu, fused_triton  # noqa: E402
+from invtract.tracking.engines import triton_gpu  # noqa: E402
 from invtract.tracking.types import Reject, RoiSet, SphereRoi, Term  # noqa: E402
 
 pytestmark = [
@@ -280,11 +281,11 @@ def test_supported_and_fallback(fibre):
     seeds = np.float32([[4.0, 2.0, 2.0]])
     dirs = np.float32([[1.0, 0.0, 0.0]])
     with pytest.warns(InvtractWarning, match="using the numba engine"):
-        fb = fused_triton.triton_engine(field, seeds, dirs, base, rois)
+        fb = triton_gpu.track(field, seeds, dirs, base, rois)
     assert fb.status[0] == Reject.ACCEPTED
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        direct = fused_triton.triton_engine(field, seeds, dirs, base)
+        direct = triton_gpu.track(field, seeds, dirs, base)
     ref = fused_cpu.track_fused_cpu(sh, np.hstack([np.eye(3), np.zeros((3, 1))]), seeds, dirs,
                                     base)  # fmt: skip
     _assert_same(direct, ref, tol=0.0)
