@@ -257,16 +257,23 @@ def _padded_lookup(vol: LabelVolume, centre: np.ndarray, offsets: np.ndarray) ->
     return lab
 
 
+def _voxel_distance(vol: LabelVolume, p: np.ndarray, vox: np.ndarray) -> np.ndarray:
+    """``|p - voxel2scanner @ vox|`` in float64 with MRtrix's operation order; ``[E]`` mm."""
+    diff = p - _apply_affine(vol.voxel2scanner, vox.astype(np.float64))
+    return np.sqrt(diff[:, 0] ** 2 + diff[:, 1] ** 2 + diff[:, 2] ** 2)
+
+
 def _radial_nodes(vol: LabelVolume, p: np.ndarray, radius_mm: float, max_pairs: int):
     """Radial-search node of each point ``p [E, 3]`` (float64 scanner mm) -> ``[E]`` int64.
 
-    The distance (MRtrix's arithmetic) is only evaluated for labelled voxels whose grid length
-    is at most the first labelled voxel's plus a voxel diagonal: the point lies within half a
-    diagonal of its centre voxel, so no voxel farther out in the table can be closer.
+    The distance is only evaluated for labelled voxels whose grid length is at most
+    ``min(d0, R) + h``, with d0 the distance to the first labelled voxel in table order: the
+    point lies within h (half a voxel diagonal) of its centre voxel, so every voxel farther
+    out in the table is at least as far as that one.
     """
     offsets = radial_search_offsets(vol.spacing, radius_mm)  # [K, 3]
     grid = np.sqrt(((offsets * vol.spacing) ** 2).sum(axis=1))  # ascending
-    diag = 2.0 * np.sqrt(((0.5 * vol.spacing) ** 2).sum())
+    half_diag = np.sqrt(((0.5 * vol.spacing) ** 2).sum())
     out = np.zeros(p.shape[0], dtype=np.int64)
     step = max(1, max_pairs // max(offsets.shape[0], 1))
     for start in range(0, p.shape[0], step):
@@ -277,11 +284,11 @@ def _radial_nodes(vol: LabelVolume, p: np.ndarray, radius_mm: float, max_pairs: 
         lab = _padded_lookup(vol, centre, offsets)  # [E, K]
         has = lab > 0
         first = np.argmax(has, axis=1)
-        reach = np.searchsorted(grid, grid[first] * (1 + 1e-9) + diag * 1.01, side="right")
+        d0 = np.where(has.any(axis=1), _voxel_distance(vol, pc, centre + offsets[first]), np.inf)
+        bound = (np.minimum(d0, radius_mm) + half_diag) * (1 + 1e-9)
+        reach = np.searchsorted(grid, bound, side="right")
         e, k = np.nonzero(has & (np.arange(offsets.shape[0])[None, :] < reach[:, None]))
-        vox = (centre[e] + offsets[k]).astype(np.float64)
-        diff = pc[e] - _apply_affine(vol.voxel2scanner, vox)
-        d = np.sqrt(diff[:, 0] ** 2 + diff[:, 1] ** 2 + diff[:, 2] ** 2)
+        d = _voxel_distance(vol, pc[e], centre[e] + offsets[k])
         dist = np.full(lab.shape, np.inf)
         dist[e, k] = np.where(d < radius_mm, d, np.inf)
         best = np.argmin(dist, axis=1)  # first in table order on exact ties
@@ -338,8 +345,10 @@ def assign_endpoints(
 def mrtrix_lengths(streamlines, *, max_elements: int = 1 << 24) -> np.ndarray:
     """Polyline length of each streamline as ``Tractography::length`` computes it (float32).
 
-    Each segment's norm is ``sqrt((dx^2 + dy^2) + dz^2)`` in float32 and the norms are summed
-    in float32 from the first segment on, so the result is bit-identical to MRtrix's.
+    Each segment's norm is ``sqrt(dx^2 + (dy^2 + dz^2))`` in float32 (the order of Eigen's
+    vectorised ``Vector3f::norm`` in the 3.0.3 build: ``((dx^2 + dy^2) + dz^2)`` differs in the
+    last bit for a few streamlines in a hundred, found by running tck2connectome -scale_length on
+    single streamlines) and the norms are summed in float32 from the first segment on.
 
     Args:
         streamlines: streamlines in scanner mm (see :func:`~invtract.evaluation.tracks.as_packed`).
@@ -351,11 +360,11 @@ def mrtrix_lengths(streamlines, *, max_elements: int = 1 << 24) -> np.ndarray:
     tracks = as_packed(streamlines)
     pts = tracks.points.astype(np.float32)
     n = tracks.lengths
-    out = np.full(len(tracks), np.nan, dtype=np.float32)
-    if len(tracks) == 0:
+    out = np.where(n > 0, np.float32(0), np.float32(np.nan)).astype(np.float32)
+    if pts.shape[0] < 2:
         return out
     diff = pts[1:] - pts[:-1]
-    seg = np.sqrt((diff[:, 0] * diff[:, 0] + diff[:, 1] * diff[:, 1]) + diff[:, 2] * diff[:, 2])
+    seg = np.sqrt(diff[:, 0] * diff[:, 0] + (diff[:, 1] * diff[:, 1] + diff[:, 2] * diff[:, 2]))
     first = tracks.first
     width = max(int(n.max()) - 1, 1)
     step = max(1, max_elements // width)

@@ -96,7 +96,7 @@ def _tck_body(path: str) -> Packed | None:
         return None
     raw = np.fromfile(path, dtype=dtype, offset=int(where[1]))
     raw = raw[: raw.size - raw.size % 3].reshape(-1, 3)
-    end = np.flatnonzero(np.isinf(raw).all(axis=1))
+    end = np.flatnonzero(np.isinf(raw[:, 0]))
     if end.size == 0:
         return None
     raw = raw[: end[0]]
@@ -109,7 +109,9 @@ def _tck_body(path: str) -> Packed | None:
     lengths = np.diff(np.concatenate([[-1], delim])) - 1
     keep = np.ones(raw.shape[0], dtype=bool)
     keep[delim] = False
-    return Packed(raw[keep].astype(np.float32), lengths.astype(np.int64))
+    rows = np.ascontiguousarray(raw, dtype=np.float32).view("V12").ravel()  # 1 item per vertex
+    points = rows[keep].view(np.float32).reshape(-1, 3)  # (a 1-D mask is ~20x faster)
+    return Packed(points, lengths.astype(np.int64))
 
 
 def load_packed(path: str | os.PathLike) -> Packed:
