@@ -33,7 +33,9 @@ counts may differ); without them, index i against index i when the counts are eq
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -71,6 +73,14 @@ class EmptyTractogramError(InvtractError, ValueError):
 
 class SpaceError(InvtractError, ValueError):
     """Two tractograms (or a tractogram and a reference image) do not share a space."""
+
+
+@contextmanager
+def _mam_on_unequal_counts():
+    """DIPY warns that MAM's inputs should be resampled; MAM is defined on any vertex counts."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Streamlines do not have the same number of points")
+        yield
 
 
 def as_lines(streamlines) -> list[np.ndarray]:
@@ -160,7 +170,8 @@ def mam_minima(
     out = np.full(len(queries), np.inf)
     per = max(1, max_pairs // max(1, len(others)))
     for i0, i1 in _blocks(len(queries), per):
-        d = bundles_distances_mam(list(queries[i0:i1]), list(others), metric="avg")
+        with _mam_on_unequal_counts():
+            d = bundles_distances_mam(list(queries[i0:i1]), list(others), metric="avg")
         out[i0:i1] = d.min(axis=1)
     return out
 
@@ -226,7 +237,10 @@ def paired_mam(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
     from dipy.tracking.distances import bundles_distances_mam
 
     _check_paired(a, b)
-    return np.array([bundles_distances_mam([x], [y], metric="avg")[0, 0] for x, y in zip(a, b)])
+    with _mam_on_unequal_counts():
+        return np.array(
+            [bundles_distances_mam([x], [y], metric="avg")[0, 0] for x, y in zip(a, b)]
+        )
 
 
 def paired_mdf(ra: Sequence[np.ndarray], rb: Sequence[np.ndarray]) -> np.ndarray:
