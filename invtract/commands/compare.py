@@ -66,7 +66,7 @@ def _fmt(v) -> str:
 
 
 def format_table(res: dict, names: tuple[str, str] = ("A", "B")) -> str:
-    """The metrics of :func:`~invtract.losses.metrics.compare_tractograms` as a text table."""
+    """The metrics of :func:`~invtract.evaluation.compare.compare_tractograms` as a table."""
     units = res.get("units", {})
     rows = [(k, _fmt(res[k]), units[k]) for k in units]
     w0 = max(len(r[0]) for r in rows)
