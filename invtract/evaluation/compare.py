@@ -166,7 +166,7 @@ def _sample(n: int, k: int, rng) -> np.ndarray:
     return np.arange(n) if n <= k else np.sort(rng.permutation(n)[:k])
 
 
-def _bundle_metrics(la, lb, ra, rb, pa, pb, thr, sample, seed, notes) -> dict:
+def _bundle_metrics(ra, rb, pa, pb, thr, sample, seed, notes) -> dict:
     """Nearest-neighbour distances both ways: MDF on ``ra/rb``, MAM/Hausdorff on ``pa/pb``."""
     mdf_ab, mdf_ba = mdf_minima(ra, rb)
     res = {"bundle_adjacency": adjacency(mdf_ab, mdf_ba, thr)}
@@ -312,7 +312,7 @@ def compare_tractograms(
     pa, pb = (ra, rb) if resample == n_points else (resample_lines(la, resample),
                                                      resample_lines(lb, resample))  # fmt: skip
     thr = float(ba_threshold_mm)
-    res.update(_bundle_metrics(la, lb, ra, rb, pa, pb, thr, bundle_sample, seed, notes))
+    res.update(_bundle_metrics(ra, rb, pa, pb, thr, bundle_sample, seed, notes))
     pairs = _pairs(len(la), len(lb), seeds, notes)
     res.update(_paired_metrics(la, lb, ra, rb, pairs, within_mm))
     res["buan_shape_similarity"] = (
