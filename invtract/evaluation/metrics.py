@@ -217,19 +217,35 @@ def hausdorff_distances(
     for i0, i1 in _group_blocks(a, max_points):
         pa, sa = _packed_block(a[i0:i1])
         for j0, j1, pb, sb in b_groups:
-            d = cdist(pa, pb)  # [pa, pb]
-            to_b = np.minimum.reduceat(d, sb, axis=1)  # [pa, nb]: a vertex -> nearest of b_j
-            to_a = np.minimum.reduceat(d, sa, axis=0)  # [na, pb]: b vertex -> nearest of a_i
-            h_ab = np.maximum.reduceat(to_b, sa, axis=0)  # [na, nb]
-            h_ba = np.maximum.reduceat(to_a, sb, axis=1)  # [na, nb]
-            out[i0:i1, j0:j1] = np.maximum(h_ab, h_ba)
+            out[i0:i1, j0:j1] = _block_hausdorff(cdist(pa, pb), a[i0:i1], b[j0:j1], sa, sb)
     return out
 
 
+def _block_hausdorff(d: np.ndarray, a, b, sa: np.ndarray, sb: np.ndarray) -> np.ndarray:
+    """``[na, nb]`` Hausdorff distances from the vertex distances ``d [pa, pb]`` of two blocks
+    (``sa`` / ``sb``: first vertex of each streamline in the block)."""
+    la, lb = {len(s) for s in a}, {len(s) for s in b}
+    if len(la) == 1 and len(lb) == 1:  # equal vertex counts (resampled): plain reshapes
+        d4 = d.reshape(len(a), la.pop(), len(b), lb.pop())
+        return np.maximum(d4.min(axis=3).max(axis=1), d4.min(axis=1).max(axis=2))
+    to_b = np.minimum.reduceat(d, sb, axis=1)  # [pa, nb]: a vertex -> nearest of b_j
+    to_a = np.minimum.reduceat(d, sa, axis=0)  # [na, pb]: b vertex -> nearest of a_i
+    h_ab = np.maximum.reduceat(to_b, sa, axis=0)  # [na, nb]
+    h_ba = np.maximum.reduceat(to_a, sb, axis=1)  # [na, nb]
+    return np.maximum(h_ab, h_ba)
+
+
 def paired_hausdorff(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
-    """Symmetric Hausdorff distance of ``a[i]`` and ``b[i]`` on their vertices; ``[S]`` mm."""
+    """Symmetric Hausdorff distance of ``a[i]`` and ``b[i]`` on their vertices
+    (``scipy.spatial.distance.directed_hausdorff`` both ways); ``[S]`` mm."""
+    from scipy.spatial.distance import directed_hausdorff
+
     _check_paired(a, b)
-    return np.array([hausdorff_distances([x], [y])[0, 0] for x, y in zip(a, b)])
+    if any(len(s) == 0 for s in a) or any(len(s) == 0 for s in b):
+        raise ShapeError("Hausdorff distance: every streamline needs at least one vertex")
+    return np.array(
+        [max(directed_hausdorff(x, y)[0], directed_hausdorff(y, x)[0]) for x, y in zip(a, b)]
+    )
 
 
 def paired_mam(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
