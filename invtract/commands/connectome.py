@@ -1,22 +1,35 @@
-"""Build a streamline-count connectome from a tractogram and a node parcellation.
+"""Build a connectome from a tractogram and a node parcellation, as MRtrix3 ``tck2connectome``.
 
-Re-implements MRtrix3 ``tck2connectome`` with its default assignment and output: each
-streamline endpoint gets the label of the nearest labelled voxel centre of the parcellation
-strictly within the radial search distance (``-assignment_radial_search``, default 4 mm), 0 if
-there is none; the streamline adds 1 to the edge between its two nodes. The output is a CSV in
-tck2connectome's format: one row per node 1..max(label) (labels absent from the image keep an
-all-zero row), upper triangle with diagonal, comma-separated, every row ending in a newline.
-Streamlines not assigned at both ends are dropped unless --keep-unassigned (node 0 then is the
-first row and column).
+Re-implements MRtrix3 3.0.3 ``tck2connectome``: output byte-identical to its file for every
+option below (rules and sources in ``invtract.evaluation.connectome``).
+
+Assignment: each streamline endpoint gets the label of the nearest labelled voxel centre
+strictly within the radial search distance (--assignment-radial-search, default 4 mm), 0 if
+there is none; or, with --assignment-end-voxels, the label of the voxel holding the endpoint.
+
+Contribution of a streamline to the edge between its two nodes: 1, times its length
+(--scale-length) or its inverse (--scale-invlength), times its value in --scale-file, times
+2 / (sum of the two node volumes in voxels) (--scale-invnodevol); weighted by its
+--tck-weights-in value. --stat-edge combines the contributions of an edge: sum (default),
+mean (weighted), min or max (NaN for edges no streamline reached).
+
+Output: a matrix with one row per node 1..max(label) (labels absent from the image keep an
+all-zero row), upper triangle with diagonal (--symmetric: both), values separated by commas
+(*.csv), tabs (*.tsv) or spaces, every row ending in a newline. Streamlines not assigned at
+both ends are dropped unless --keep-unassigned (node 0 then is the first row and column).
+--out-assignments writes each streamline's two nodes, one line per streamline.
 
 Inputs: TRACKS is a tractogram (.tck/.trk/.trx; points in scanner mm, RAS+); PARCELLATION is a
 3-D image of non-negative integer labels (0 = no node), NIfTI or MRtrix .mif.
 
-Example:
+Examples:
     invtract connectome whole.tck parcellation.nii.gz connectome.csv --symmetric
+    invtract connectome whole.tck nodes.mif lengths.csv --scale-length --stat-edge mean
+    invtract connectome whole.tck nodes.mif sift2.csv --tck-weights-in weights.txt \\
+        --out-assignments assignments.txt
 
-equals ``tck2connectome whole.tck parcellation.nii.gz connectome.csv -symmetric`` (MRtrix3
-3.0.3), count for count.
+The first equals ``tck2connectome whole.tck parcellation.nii.gz connectome.csv -symmetric``
+(MRtrix3 3.0.3), byte for byte.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -34,6 +48,8 @@ from ..errors import ConfigError, FormatError, InvtractError
 __all__ = ["Connectome"]
 
 log = logging.getLogger("invtract")
+
+STATISTICS = ("sum", "mean", "min", "max")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -49,11 +65,159 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _add_assignment(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("streamline assignment (tck2connectome's)")
+    exclusive = group.add_mutually_exclusive_group()
+    exclusive.add_argument(
+        "--assignment-radial-search",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="radial search from each endpoint for the nearest node voxel within MM (default 4)",
+    )
+    exclusive.add_argument(
+        "--assignment-end-voxels",
+        action="store_true",
+        help="use the label of the voxel holding each endpoint",
+    )
+
+
+def _add_metric(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("edge values (tck2connectome's metric options)")
+    lengths = group.add_mutually_exclusive_group()
+    lengths.add_argument(
+        "--scale-length", action="store_true", help="scale each contribution by its length (mm)"
+    )
+    lengths.add_argument(
+        "--scale-invlength", action="store_true", help="scale each contribution by 1 / length"
+    )
+    group.add_argument(
+        "--scale-invnodevol",
+        action="store_true",
+        help="scale each contribution by 2 / (sum of the two node volumes, in voxels)",
+    )
+    group.add_argument(
+        "--scale-file",
+        metavar="PATH",
+        help="scale each contribution by the streamline's value in this vector file",
+    )
+    group.add_argument(
+        "--stat-edge",
+        choices=STATISTICS,
+        default="sum",
+        help="statistic combining the contributions of an edge (default: sum)",
+    )
+    group.add_argument(
+        "--tck-weights-in", metavar="PATH", help="text file of per-streamline weights"
+    )
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--symmetric", action="store_true", help="fill the lower triangle too")
+    group.add_argument(
+        "--zero-diagonal", action="store_true", help="set the matrix diagonal to zero"
+    )
+    group.add_argument(
+        "--keep-unassigned",
+        action="store_true",
+        help="keep unassigned streamlines as node 0 (first row and column)",
+    )
+    group.add_argument(
+        "--out-assignments",
+        metavar="PATH",
+        help="write the two nodes of each streamline to this text file",
+    )
+    group.add_argument(
+        "-f", "--force", action="store_true", help="overwrite output files that exist"
+    )
+
+
+def _check_output(path: Path, force: bool, what: str) -> None:
+    if path.exists() and not force:
+        raise ConfigError(f"{what} {path} exists (use --force to overwrite)")
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{what} directory {path.parent} does not exist")
+
+
+def _check_args(args: argparse.Namespace) -> tuple[float, list[Path]]:
+    """Validate every option before any data is read; ``(radius, outputs)``."""
+    radius = 4.0 if args.assignment_radial_search is None else args.assignment_radial_search
+    if not (np.isfinite(radius) and radius > 0):
+        raise ConfigError(f"--assignment-radial-search must be > 0 mm, got {radius}")
+    inputs = [("tractogram", args.tracks), ("parcellation", args.parcellation)]
+    inputs += [("--scale-file", args.scale_file), ("--tck-weights-in", args.tck_weights_in)]
+    for what, p in inputs:
+        if p is not None and not Path(p).is_file():
+            raise FormatError(f"{what} not found: {p}")
+    outputs = [Path(args.output)]
+    _check_output(outputs[0], args.force, "output")
+    if args.out_assignments is not None:
+        outputs.append(Path(args.out_assignments))
+        _check_output(outputs[1], args.force, "--out-assignments")
+        if outputs[1].resolve() == outputs[0].resolve():
+            raise ConfigError("--out-assignments must differ from the connectome output")
+    return float(radius), outputs
+
+
+def _load_inputs(args: argparse.Namespace):
+    """``(labels, tracks)``; reader failures become one-line :class:`FormatError`."""
+    from ..evaluation.connectome import as_label_volume
+    from ..evaluation.tracks import load_packed
+    from ..io.image import load_image
+
+    log.info("Loading parcellation %s", args.parcellation)
+    try:
+        labels = as_label_volume(load_image(args.parcellation))
+    except InvtractError:
+        raise
+    except Exception as exc:  # nibabel / parser errors -> one-line user error
+        raise FormatError(f"cannot read parcellation {args.parcellation}: {exc}") from exc
+    if labels.n_nodes == 0:
+        raise FormatError(f"parcellation {args.parcellation} contains no labels > 0")
+    log.info("Loading tractogram %s", args.tracks)
+    try:
+        tracks = load_packed(args.tracks)
+    except InvtractError:
+        raise
+    except Exception as exc:
+        raise FormatError(f"cannot read tractogram {args.tracks}: {exc}") from exc
+    if len(tracks) == 0:
+        raise FormatError(f"tractogram {args.tracks} contains no streamlines")
+    return labels, tracks
+
+
+def _per_streamline(path: str | None, what: str, n: int) -> np.ndarray | None:
+    """A per-streamline vector file, checked against the streamline count (as MRtrix)."""
+    if path is None:
+        return None
+    from ..evaluation.connectome import read_vector
+
+    values = read_vector(path, what)
+    if values.shape[0] < n:
+        raise FormatError(f"{what} {path} has {values.shape[0]} values for {n} streamlines")
+    if values.shape[0] > n:
+        log.warning("%s %s has %d values for %d streamlines", what, path, values.shape[0], n)
+    return values[:n]
+
+
+def _warn_empty_nodes(matrix_full: np.ndarray, missing: list[int]) -> None:
+    """tck2connectome's warning for nodes (present in the image) that no streamline reached."""
+    upper = np.triu(matrix_full)
+    hit = np.isfinite(upper) & (upper != 0)
+    visited = hit.any(axis=0) | hit.any(axis=1)
+    empty = [i for i in range(1, visited.size) if not visited[i] and i not in missing]
+    if empty:
+        log.warning("nodes without any streamline assigned: %s", ", ".join(map(str, empty)))
+
+
 class Connectome:
-    """``invtract connectome``: tck2connectome-compatible streamline-count matrix."""
+    """``invtract connectome``: tck2connectome-compatible connectome matrix."""
 
     name = "connectome"
-    help = "streamline-count connectome from a tractogram and a parcellation (tck2connectome)"
+    help = "connectome from a tractogram and a parcellation (tck2connectome, byte-identical)"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,83 +228,41 @@ class Connectome:
             help="3-D image of node labels (non-negative integers; 0 = no node)",
         )
         parser.add_argument("output", metavar="OUT.csv", help="output connectome matrix")
-        parser.add_argument(
-            "--assignment-radial-search",
-            type=float,
-            default=4.0,
-            metavar="MM",
-            help="radial search distance for endpoint assignment, in mm (default: 4)",
-        )
-        parser.add_argument("--symmetric", action="store_true", help="fill the lower triangle too")
-        parser.add_argument(
-            "--zero-diagonal", action="store_true", help="set the matrix diagonal to zero"
-        )
-        parser.add_argument(
-            "--keep-unassigned",
-            action="store_true",
-            help="keep unassigned streamlines as node 0 (first row and column)",
-        )
-        parser.add_argument("--force", action="store_true", help="overwrite OUT.csv if it exists")
+        _add_assignment(parser)
+        _add_metric(parser)
+        _add_output(parser)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        # ------- CHECKS (before loading any data) -------
-        radius = float(args.assignment_radial_search)
-        if not (np.isfinite(radius) and radius > 0):
-            raise ConfigError(f"--assignment-radial-search must be > 0 mm, got {radius}")
-        for what, p in (("tractogram", args.tracks), ("parcellation", args.parcellation)):
-            if not Path(p).is_file():
-                raise FormatError(f"{what} not found: {p}")
-        out = Path(args.output)
-        if out.exists() and not args.force:
-            raise ConfigError(f"output {out} exists (use --force to overwrite)")
-        if out.is_dir():
-            raise ConfigError(f"output {out} is a directory")
-        if not out.parent.is_dir():
-            raise ConfigError(f"output directory {out.parent} does not exist")
+        radius, outputs = _check_args(args)
+        from ..evaluation import connectome as ev
 
-        from ..io.image import load_image
-        from ..io.tractogram import load_tractogram
-        from ..losses.connectome import (
-            as_label_volume,
-            connectome_matrix,
-            csv_delimiter,
-            format_connectome,
-        )
-
-        log.info("Loading parcellation %s", args.parcellation)
-        try:
-            image = load_image(args.parcellation)
-        except InvtractError:
-            raise
-        except Exception as exc:  # nibabel / parser errors -> one-line user error
-            raise FormatError(f"cannot read parcellation {args.parcellation}: {exc}") from exc
-        labels = as_label_volume(image)
-        if labels.n_nodes == 0:
-            raise FormatError(f"parcellation {args.parcellation} contains no labels > 0")
-
-        log.info("Loading tractogram %s", args.tracks)
-        try:
-            tracks = load_tractogram(args.tracks)
-        except InvtractError:
-            raise
-        except Exception as exc:
-            raise FormatError(f"cannot read tractogram {args.tracks}: {exc}") from exc
-        if len(tracks) == 0:
-            raise FormatError(f"tractogram {args.tracks} contains no streamlines")
-
-        missing = sorted(set(range(1, labels.n_nodes + 1)) - set(np.unique(labels.labels)))
+        labels, tracks = _load_inputs(args)
+        missing = labels.missing_nodes()
         if missing:
             log.warning("nodes missing from the parcellation: %s", ", ".join(map(str, missing)))
-
-        matrix = connectome_matrix(
+        n = len(tracks)
+        weights = _per_streamline(args.tck_weights_in, "streamline weights file", n)
+        values = _per_streamline(args.scale_file, "scale file", n)
+        assignment = "end_voxels" if args.assignment_end_voxels else "radial"
+        nodes = ev.assign_endpoints(tracks, labels, radius, assignment=assignment)
+        scale = "length" if args.scale_length else "invlength" if args.scale_invlength else "none"
+        factors = ev.edge_factors(
             tracks,
-            labels,
-            radius,
-            symmetric=args.symmetric,
-            zero_diagonal=args.zero_diagonal,
-            keep_unassigned=args.keep_unassigned,
+            nodes,
+            scale=scale,
+            scale_values=values,
+            node_volumes=labels.node_volumes() if args.scale_invnodevol else None,
         )
-        _write_atomic(out, format_connectome(matrix, csv_delimiter(out)))
-        log.info("Wrote %d x %d connectome to %s", matrix.shape[0], matrix.shape[1], out)
+        w = np.ones(n, np.float32) if weights is None else weights.astype(np.float32)
+        full = ev.accumulate_edges(nodes, factors, w, labels.n_nodes, args.stat_edge)
+        _warn_empty_nodes(full, missing)
+        matrix = ev.layout_matrix(full, args.keep_unassigned, args.symmetric, args.zero_diagonal)
+        _write_atomic(outputs[0], ev.format_connectome(matrix, ev.csv_delimiter(outputs[0])))
+        log.info("Wrote %d x %d connectome to %s", matrix.shape[0], matrix.shape[1], outputs[0])
+        if len(outputs) > 1:
+            argv = getattr(args, "_argv", None) or []
+            command = shlex.join(["invtract", *argv])
+            _write_atomic(outputs[1], ev.format_assignments(nodes, command))
+            log.info("Wrote the assignments of %d streamlines to %s", n, outputs[1])
         return 0

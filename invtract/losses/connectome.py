@@ -1,36 +1,8 @@
-"""Structural connectomes from streamlines: ``tck2connectome``'s hard counts and a soft version.
+"""Structural connectomes from streamlines: the soft, differentiable version of ``tck2connectome``.
 
-Hard assignment (:func:`assign_endpoints`, :func:`connectome_matrix`) re-expresses MRtrix3
-3.0.x ``tck2connectome`` with its defaults (``src/dwi/tractography/connectome/tck2nodes.cpp``,
-``matrix.cpp``, ``metric.h``; ``cmd/tck2connectome.cpp``):
-
-* **Radial search** (``-assignment_radial_search R``, default 4 mm). A table of integer voxel
-  offsets is built once: every offset o in the cube ``|o_i| <= ceil((R + h) / min(spacing))``
-  whose grid length ``|o * spacing|`` is ``< R + h`` (h = half the voxel diagonal), sorted by
-  that length, ties kept in z-outer/y/x-inner order. For an endpoint p the walk starts at the
-  voxel ``c = round(scanner2voxel @ p)`` (halves away from zero) and visits ``c + o`` in table
-  order, with ``d = |p - voxel2scanner @ (c + o)|`` in mm; the best distance starts at R. A
-  voxel whose ``d`` is below the best so far, that lies inside the image and has a non-zero
-  label becomes the answer; the walk stops once ``d > best + 2 h``. So the node is the label of
-  the nearest labelled voxel centre strictly closer than R (first in table order on exact ties),
-  or 0. Endpoints outside the image are searched the same way (only voxels inside count).
-* **End voxels** (``-assignment_end_voxels``): the label of ``round(scanner2voxel @ p)``, 0
-  outside the image.
-* A streamline's two endpoints are its first and last vertex; a one-vertex streamline uses that
-  vertex for both ends (as MRtrix). A streamline with no vertex, which crashes
-  ``tck2connectome`` 3.0.3, is assigned (0, 0) here.
-* **Matrix.** Nodes are ``0..max(label)`` (``max`` over the whole image; labels missing from
-  the image keep an all-zero row and column). A streamline adds its weight (1 by default, times
-  the optional metric factor) to the edge ``(min(a, b), max(a, b))``. The output drops node 0
-  unless ``keep_unassigned``; it is the upper triangle (diagonal included) unless ``symmetric``;
-  ``zero_diagonal`` clears the diagonal after that.
-
-Conventions: streamline points are scanner mm (RAS+); the label image affine maps voxel indices
-(integer = voxel centre) to scanner mm; all hard geometry is done in float64 from the float32
-(or other) points, like MRtrix. MRtrix additionally re-orients images so that their voxel axes
-are near the scanner axes before searching; for images whose affine is already near-diagonal
-with positive diagonal (all test data) this is the identity. For other orientations only the
-tie-breaking order between exactly equidistant voxels can differ.
+The hard connectome (``tck2connectome``'s exact counts, scalings and statistics) lives in
+:mod:`invtract.evaluation.connectome` (numpy only) and is re-exported here:
+:func:`assign_endpoints`, :func:`connectome_matrix`, :func:`format_connectome`, ...
 
 The soft connectome (:func:`soft_connectome`) gives each endpoint a distribution over nodes
 ``0..L``: for every label l within the radius, with ``d_l`` the distance to its nearest voxel
@@ -41,13 +13,20 @@ search radius) and, as ``T -> 0``, all the mass goes to the hard assignment.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
-from ..arrays import to_numpy
-from ..errors import ConfigError, FormatError, ShapeError
+from ..errors import ConfigError, ShapeError
+from ..evaluation.connectome import (
+    LabelVolume,
+    as_label_volume,
+    assign_endpoints,
+    connectome_matrix,
+    csv_delimiter,
+    format_connectome,
+    layout_matrix,
+    radial_search_offsets,
+)
 from ..streamlines import Streamlines
 
 __all__ = [
@@ -63,375 +42,17 @@ __all__ = [
     "csv_delimiter",
 ]
 
-_ASSIGNMENTS = ("radial", "end_voxels")
-_SCALES = ("none", "length", "invlength", "invnodevol")
 
-
-# ------------------------------------------------------------------------------------------
-# label volumes
-# ------------------------------------------------------------------------------------------
-class LabelVolume:
-    """A validated parcellation: integer labels on a voxel grid.
-
-    Attributes:
-        labels: ``[X, Y, Z]`` int64 array, 0 = no node.
-        affine: ``[4, 4]`` float64, voxel indices (centres at integers) -> scanner mm (RAS+).
-        spacing: ``(3,)`` float64 voxel sizes in mm (column norms of the affine).
-        n_nodes: the largest label (nodes are ``1..n_nodes``; some may be absent).
-    """
-
-    def __init__(self, labels: np.ndarray, affine: np.ndarray, name: str = "labels") -> None:
-        self.labels = labels
-        self.affine = affine
-        self.name = name
-        self.spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        self.n_nodes = int(labels.max()) if labels.size else 0
-        self.scanner2voxel = np.linalg.inv(affine)[:3]
-        self.voxel2scanner = affine[:3].copy()
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(n) for n in self.labels.shape)
-
-    def node_volumes(self) -> np.ndarray:
-        """``[n_nodes + 1]`` number of voxels of each label (index 0 = background)."""
-        return np.bincount(self.labels.ravel(), minlength=self.n_nodes + 1).astype(np.float64)
-
-
-def as_label_volume(labels) -> LabelVolume:
-    """Validate a parcellation given as an ``Image``, a ``(data, affine)`` pair or a LabelVolume.
-
-    Args:
-        labels: an object with ``data`` and ``affine`` attributes (``invtract.io.image.Image``),
-            a ``(data [X, Y, Z], affine [4, 4])`` tuple, or a :class:`LabelVolume`.
-
-    Returns:
-        The :class:`LabelVolume`.
-
-    Raises:
-        ShapeError: the data are not 3-D (a trailing axis of size 1 is dropped, as MRtrix does)
-            or the affine is not a finite invertible ``[4, 4]``.
-        FormatError: a label is not a finite non-negative integer.
-    """
-    if isinstance(labels, LabelVolume):
-        return labels
-    if hasattr(labels, "data") and hasattr(labels, "affine"):
-        data, affine = labels.data, labels.affine
-        name = str(getattr(labels, "path", None) or "labels")
-    elif isinstance(labels, (tuple, list)) and len(labels) == 2:
-        data, affine = labels
-        name = "labels"
-    else:
-        raise ConfigError(
-            "labels must be an Image, a (data, affine) pair or a LabelVolume, "
-            f"got {type(labels).__name__}"
-        )
-    if torch.is_tensor(data):
-        data = data.detach().cpu().numpy()
-    if torch.is_tensor(affine):
-        affine = affine.detach().cpu().numpy()
-    data = np.asarray(data)
-    affine = np.asarray(affine, dtype=np.float64)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ShapeError(
-            f"{name}: parcellation must be a 3-D volume of node labels, got shape {data.shape}"
-        )
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise ShapeError(f"{name}: affine must be a finite [4, 4] matrix, got {affine.shape}")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ShapeError(f"{name}: affine is singular")
-    if data.dtype == bool:
-        data = data.astype(np.int64)
-    if np.issubdtype(data.dtype, np.floating):
-        if not np.all(np.isfinite(data)):
-            raise FormatError(f"{name}: parcellation contains NaN or infinite values")
-        if np.any(np.round(data) != data):
-            raise FormatError(f"{name}: parcellation must contain integer labels only")
-    elif not np.issubdtype(data.dtype, np.integer):
-        raise FormatError(f"{name}: parcellation has non-numeric type {data.dtype}")
-    if data.size and data.min() < 0:
-        raise FormatError(f"{name}: parcellation labels must be non-negative")
-    return LabelVolume(data.astype(np.int64), affine, name)
-
-
-def radial_search_offsets(spacing: Sequence[float], radius_mm: float) -> np.ndarray:
-    """The integer voxel offsets of MRtrix's radial search, in the order they are visited.
-
-    Args:
-        spacing: voxel sizes (mm) along the three voxel axes.
-        radius_mm: the search radius R (mm).
-
-    Returns:
-        ``[K, 3]`` int64 offsets (i, j, k), sorted by grid length ``|o * spacing|`` (ties in
-        z-outer, y, x-inner order); only offsets shorter than ``R + h`` are kept, with h the
-        half voxel diagonal.
-    """
-    sx, sy, sz = (float(s) for s in spacing)
-    half_diag = np.sqrt((0.5 * sz) ** 2 + (0.5 * sy) ** 2 + (0.5 * sx) ** 2)
-    reach = radius_mm + half_diag
-    m = int(np.ceil(reach / min(sx, sy, sz)))
-    r = np.arange(-m, m + 1)
-    oz, oy, ox = np.meshgrid(r, r, r, indexing="ij")  # z outer, x inner (C order)
-    ox, oy, oz = ox.ravel(), oy.ravel(), oz.ravel()
-    dist = np.sqrt((oz * sz) ** 2 + (oy * sy) ** 2 + (ox * sx) ** 2)
-    keep = dist < reach
-    order = np.argsort(dist[keep], kind="stable")
-    return np.stack([ox[keep], oy[keep], oz[keep]], axis=1)[order].astype(np.int64)
-
-
-def _round_half_away(v: np.ndarray) -> np.ndarray:
-    """``std::round``: nearest integer, halves away from zero (exact for all floats)."""
-    t = np.trunc(v)
-    return (t + np.where(np.abs(v - t) >= 0.5, np.sign(v), 0.0)).astype(np.int64)
-
-
-def _apply_affine(m34: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``m34 @ [x, 1]`` for ``x [..., 3]`` float64, summed left to right like Eigen."""
-    out = np.empty(x.shape, dtype=np.float64)
-    for r in range(3):
-        out[..., r] = m34[r, 0] * x[..., 0] + m34[r, 1] * x[..., 1] + m34[r, 2] * x[..., 2]
-        out[..., r] += m34[r, 3]
-    return out
-
-
-def _lookup(vol: LabelVolume, vox: np.ndarray) -> np.ndarray:
-    """Labels at integer voxels ``[..., 3]``; 0 outside the image."""
-    shape = np.asarray(vol.shape)
-    inside = np.all((vox >= 0) & (vox < shape), axis=-1)
-    out = np.zeros(vox.shape[:-1], dtype=np.int64)
-    v = vox[inside]
-    out[inside] = vol.labels[v[:, 0], v[:, 1], v[:, 2]]
-    return out
-
-
-# ------------------------------------------------------------------------------------------
-# hard assignment
-# ------------------------------------------------------------------------------------------
-def _endpoints(streamlines) -> tuple[np.ndarray, np.ndarray]:
-    """``(ends [S, 2, 3] float64, has_points [S] bool)`` from Streamlines or a list of arrays."""
-    if isinstance(streamlines, Streamlines):
-        pts = streamlines.points.detach().cpu().numpy()
-        lengths = streamlines.lengths.detach().cpu().numpy().astype(np.int64)
-    else:
-        arrs = [np.asarray(s, dtype=np.float64).reshape(-1, 3) for s in streamlines]
-        lengths = np.array([a.shape[0] for a in arrs], dtype=np.int64)
-        pts = np.concatenate(arrs, axis=0) if arrs else np.zeros((0, 3))
-    pts = pts.astype(np.float64)
-    S = lengths.shape[0]
-    has = lengths > 0
-    first = np.cumsum(lengths) - lengths
-    ends = np.full((S, 2, 3), np.nan, dtype=np.float64)
-    ends[has, 0] = pts[first[has]]
-    ends[has, 1] = pts[first[has] + lengths[has] - 1]
-    return ends, has
-
-
-def _radial_nodes(
-    vol: LabelVolume, p: np.ndarray, radius_mm: float, chunk_size: int
-) -> np.ndarray:
-    """Radial-search node of each point ``p [E, 3]`` (float64 scanner mm) -> ``[E]`` int64."""
-    offsets = radial_search_offsets(vol.spacing, radius_mm)  # [K, 3]
-    sx, sy, sz = vol.spacing
-    half_diag = np.sqrt((0.5 * sz) ** 2 + (0.5 * sy) ** 2 + (0.5 * sx) ** 2)
-    out = np.zeros(p.shape[0], dtype=np.int64)
-    K = offsets.shape[0]
-    step = max(1, chunk_size // max(K, 1))
-    for start in range(0, p.shape[0], step):
-        pc = p[start : start + step]  # [E, 3]
-        ok = np.all(np.isfinite(pc), axis=1)
-        pc = np.where(ok[:, None], pc, 0.0)
-        centre = _round_half_away(_apply_affine(vol.scanner2voxel, pc))  # [E, 3]
-        vox = centre[:, None, :] + offsets[None]  # [E, K, 3]
-        pos = _apply_affine(vol.voxel2scanner, vox.astype(np.float64))
-        diff = pc[:, None, :] - pos
-        dist = np.sqrt(diff[..., 0] ** 2 + diff[..., 1] ** 2 + diff[..., 2] ** 2)  # [E, K]
-        lab = _lookup(vol, vox)  # [E, K]
-        # best distance *before* visiting offset k: min(R, candidate distances seen so far)
-        cand = np.where(lab > 0, dist, np.inf)
-        best = np.minimum.accumulate(cand, axis=1)
-        before = np.concatenate([np.full((pc.shape[0], 1), np.inf), best[:, :-1]], axis=1)
-        before = np.minimum(before, radius_mm)
-        stop = dist > before + 2.0 * half_diag
-        alive = ~np.logical_or.accumulate(stop, axis=1)
-        update = alive & (lab > 0) & (dist < before)
-        k_last = K - 1 - np.argmax(update[:, ::-1], axis=1)
-        found = update.any(axis=1) & ok
-        out[start : start + step] = np.where(found, lab[np.arange(pc.shape[0]), k_last], 0)
-    return out
-
-
-def assign_endpoints(
-    streamlines: Streamlines | Sequence[np.ndarray],
-    labels,
-    radius_mm: float = 4.0,
-    *,
-    assignment: str = "radial",
-    chunk_size: int = 4_000_000,
-) -> np.ndarray:
-    """Node of each streamline endpoint, exactly as ``tck2connectome``.
-
-    Args:
-        streamlines: :class:`~invtract.streamlines.Streamlines` or a sequence of ``[L_i, 3]``
-            arrays, scanner mm (RAS+).
-        labels: the parcellation (see :func:`as_label_volume`).
-        radius_mm: radial search radius R in mm (``-assignment_radial_search``); an endpoint
-            gets a node only from a labelled voxel centre strictly closer than R.
-        assignment: ``"radial"`` (default) or ``"end_voxels"`` (``-assignment_end_voxels``:
-            the label of the voxel containing the endpoint).
-        chunk_size: number of (endpoint, offset) pairs processed at once (memory bound).
-
-    Returns:
-        ``[S, 2]`` int64 node indices of the first and last vertex (0 = unassigned).
-
-    Shape:
-        streamlines: ``S`` streamlines; output ``(S, 2)``.
-
-    Gradients:
-        None (integer output).
-
-    Raises:
-        ConfigError: unknown ``assignment`` or a non-positive radius.
-    """
-    if assignment not in _ASSIGNMENTS:
-        raise ConfigError(f"assignment must be one of {_ASSIGNMENTS}, got {assignment!r}")
-    if assignment == "radial" and not (np.isfinite(radius_mm) and radius_mm > 0):
-        raise ConfigError(f"radius_mm must be a positive number of mm, got {radius_mm}")
-    vol = as_label_volume(labels)
-    ends, _ = _endpoints(streamlines)
-    flat = ends.reshape(-1, 3)
-    if assignment == "end_voxels":
-        ok = np.all(np.isfinite(flat), axis=1)
-        vox = _round_half_away(_apply_affine(vol.scanner2voxel, np.where(ok[:, None], flat, 0)))
-        nodes = np.where(ok, _lookup(vol, vox), 0)
-    else:
-        nodes = _radial_nodes(vol, flat, float(radius_mm), chunk_size)
-    return nodes.reshape(-1, 2)
-
-
-def _layout(
-    full: np.ndarray | torch.Tensor, keep_unassigned: bool, symmetric: bool, zero_diagonal: bool
-):
-    """tck2connectome's output layout from an upper-triangular ``[N+1, N+1]`` accumulator."""
-    if torch.is_tensor(full):
-        upper = torch.triu(full)
-        out = upper + torch.triu(upper, 1).T if symmetric else upper
-        if zero_diagonal:
-            out = out * (1.0 - torch.eye(out.shape[0], dtype=out.dtype, device=out.device))
-    else:
-        upper = np.triu(full)
-        out = upper + np.triu(upper, 1).T if symmetric else upper
-        if zero_diagonal:
-            out = out * (1.0 - np.eye(out.shape[0]))
+def _layout(full, keep_unassigned: bool, symmetric: bool, zero_diagonal: bool):
+    """tck2connectome's output layout from an upper-triangular ``[N+1, N+1]`` accumulator
+    (tensor: differentiable; array: :func:`~invtract.evaluation.connectome.layout_matrix`)."""
+    if not torch.is_tensor(full):
+        return layout_matrix(full, keep_unassigned, symmetric, zero_diagonal)
+    upper = torch.triu(full)
+    out = upper + torch.triu(upper, 1).T if symmetric else upper
+    if zero_diagonal:
+        out = out * (1.0 - torch.eye(out.shape[0], dtype=out.dtype, device=out.device))
     return out if keep_unassigned else out[1:, 1:]
-
-
-def connectome_matrix(
-    streamlines: Streamlines | Sequence[np.ndarray],
-    labels,
-    radius_mm: float = 4.0,
-    symmetric: bool = False,
-    zero_diagonal: bool = False,
-    keep_unassigned: bool = False,
-    *,
-    assignment: str = "radial",
-    weights: np.ndarray | torch.Tensor | None = None,
-    scale: str = "none",
-    assignments: np.ndarray | None = None,
-) -> np.ndarray:
-    """Streamline-count connectome, laid out exactly like ``tck2connectome``'s CSV.
-
-    Args:
-        streamlines: :class:`~invtract.streamlines.Streamlines` or ``[L_i, 3]`` arrays (mm).
-        labels: parcellation (see :func:`as_label_volume`).
-        radius_mm: radial search radius (mm).
-        symmetric: fill the lower triangle too (``-symmetric``).
-        zero_diagonal: set the diagonal to 0 (``-zero_diagonal``).
-        keep_unassigned: keep node 0 as the first row/column (``-keep_unassigned``).
-        assignment: ``"radial"`` or ``"end_voxels"`` (see :func:`assign_endpoints`).
-        weights: optional ``[S]`` per-streamline weights (``-tck_weights_in``).
-        scale: ``"none"`` (counts), ``"length"`` / ``"invlength"`` (times / divided by the
-            polyline length in mm; ``-scale_length`` / ``-scale_invlength``) or
-            ``"invnodevol"`` (times ``2 / (V_a + V_b)``, node volumes in voxels;
-            ``-scale_invnodevol``).
-        assignments: precomputed ``[S, 2]`` output of :func:`assign_endpoints` (skips it).
-
-    Counts (and ``end_voxels``, ``invnodevol``) reproduce tck2connectome 3.0.3 to the printed
-    digit; ``length``/``invlength`` agree to about 1e-8 relative (MRtrix sums lengths in float32
-    in an order that is not reproduced).
-
-    Returns:
-        ``[N, N]`` float64 matrix, ``N = max(label)`` (``+ 1`` with ``keep_unassigned``);
-        row/column i is node i (i + 1 without node 0); upper triangle unless ``symmetric``.
-
-    Shape:
-        weights: ``(S,)``; output ``(N, N)``.
-
-    Gradients:
-        None (see :func:`soft_connectome` for a differentiable version).
-    """
-    if scale not in _SCALES:
-        raise ConfigError(f"scale must be one of {_SCALES}, got {scale!r}")
-    vol = as_label_volume(labels)
-    nodes = (
-        assign_endpoints(streamlines, vol, radius_mm, assignment=assignment)
-        if assignments is None
-        else np.asarray(assignments, dtype=np.int64)
-    )
-    S = nodes.shape[0]
-    factor = np.ones(S, dtype=np.float64)
-    if scale in ("length", "invlength"):
-        sl = streamlines
-        if not isinstance(sl, Streamlines):
-            sl = Streamlines.from_list(list(sl), dtype=torch.float64)
-        length = sl.segment_lengths().detach().cpu().double().numpy()
-        if scale == "length":
-            factor = length
-        else:
-            npts = sl.lengths.cpu().numpy()
-            factor = np.where(npts > 1, 1.0 / np.where(length > 0, length, 1.0), 0.0)
-    elif scale == "invnodevol":
-        vols = vol.node_volumes()
-        total = vols[nodes[:, 0]] + vols[nodes[:, 1]]
-        factor = np.where(total > 0, 2.0 / np.where(total > 0, total, 1.0), 0.0)
-    factor = factor.astype(np.float32).astype(np.float64)  # MRtrix stores factors as float
-    if weights is not None:
-        w = to_numpy(weights)
-        if w.shape != (S,):
-            raise ShapeError(f"weights must be [S] = [{S}], got {tuple(w.shape)}")
-        factor = factor * w.astype(np.float32).astype(np.float64)
-    n = vol.n_nodes + 1
-    lo, hi = np.minimum(nodes[:, 0], nodes[:, 1]), np.maximum(nodes[:, 0], nodes[:, 1])
-    full = np.zeros(n * n, dtype=np.float64)
-    np.add.at(full, lo * n + hi, factor)
-    return _layout(full.reshape(n, n), keep_unassigned, symmetric, zero_diagonal)
-
-
-# ------------------------------------------------------------------------------------------
-# CSV formatting (tck2connectome's)
-# ------------------------------------------------------------------------------------------
-def csv_delimiter(path) -> str:
-    """MRtrix's delimiter for a matrix file: tab for ``*tsv``, comma for ``*csv``, else space."""
-    name = str(path)
-    if name.endswith("tsv"):
-        return "\t"
-    if name.endswith("csv"):
-        return ","
-    return " "
-
-
-def format_connectome(matrix: np.ndarray, delimiter: str = ",") -> str:
-    """Text of a matrix as ``tck2connectome`` writes it.
-
-    Each row on one line, values joined by ``delimiter``, each value printed like a C++ stream
-    at 15 significant digits (``%.15g``: integers without a decimal point), ``\\n`` after every
-    row including the last.
-    """
-    m = np.asarray(matrix, dtype=np.float64)
-    if m.ndim != 2:
-        raise ShapeError(f"matrix must be 2-D, got shape {m.shape}")
-    return "".join(delimiter.join(f"{v:.15g}" for v in row) + "\n" for row in m)
 
 
 # ------------------------------------------------------------------------------------------

@@ -101,3 +101,37 @@ def test_compare_with_parcellation(shared_data, tmp_path):
     argv = ["compare", tck, tck, "--parcellation", str(parc), "--json", str(out), "-q"]
     assert main(argv) == 0
     assert json.loads(out.read_text())["connectome_correlation"] == pytest.approx(1.0)
+
+
+def test_compare_seed_files_raw_vertices_and_table(shared_data, tmp_path, capsys):
+    """--seeds-a/--seeds-b pair 214 vs 210 streamlines; --resample none is stated and stored."""
+    d = shared_data / "real_msmt15"
+    out = tmp_path / "m.json"
+    argv = ["compare", str(d / "bundleA_default.tck"), str(d / "bundleA_cutoff0.3.tck"),
+            "--seeds-a", str(d / "bundleA_default_seeds.txt"),
+            "--seeds-b", str(d / "bundleA_cutoff0.3_seeds.txt"),
+            "--resample", "none", "--bundle-sample", "40", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "bundle-level MAM / Hausdorff on the raw vertices" in table
+    assert "pairs by seeds" in table and "buan_shape_similarity" in table
+    res = json.loads(out.read_text())
+    assert (res["count_a"], res["count_b"]) == (214, 210)
+    assert res["resample"] is None and res["pairing"] == "seeds"
+    assert 200 <= res["paired_count"] <= 210 and res["paired_hausdorff_median_mm"] is not None
+    assert res["inputs"]["seeds_b"].endswith("bundleA_cutoff0.3_seeds.txt")
+    assert 0.0 < res["buan_shape_similarity"] <= 1.0
+
+
+def test_compare_option_errors(shared_data, tmp_path, capsys):
+    d = shared_data / "real_msmt15"
+    args = ["compare", str(d / "bundleA_default.tck"), str(d / "bundleA_cutoff0.3.tck")]
+    assert main([*args, "--seeds-a", str(d / "bundleA_default_seeds.txt")]) == 1
+    assert "go together" in capsys.readouterr().err
+    swapped = ["--seeds-a", str(d / "bundleA_cutoff0.3_seeds.txt"),
+               "--seeds-b", str(d / "bundleA_default_seeds.txt")]  # fmt: skip
+    assert main([*args, *swapped]) == 1
+    assert "do not give one seed to each" in capsys.readouterr().err
+    for bad in (["--resample", "1"], ["--resample", "lots"]):
+        with pytest.raises(SystemExit):
+            main([*args, *bad])

@@ -28,7 +28,9 @@ def test_help(capsys):
     text = capsys.readouterr().out
     for token in ("TRACKS", "PARCELLATION", "OUT.csv", "--assignment-radial-search",
                   "--symmetric", "--zero-diagonal", "--keep-unassigned", "--force",
-                  "tck2connectome"):  # fmt: skip
+                  "tck2connectome", "--stat-edge", "--scale-length", "--scale-invlength",
+                  "--scale-invnodevol", "--scale-file", "--tck-weights-in", "--out-assignments",
+                  "--assignment-end-voxels"):  # fmt: skip
         assert token in text
 
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics vs scipy/dipy on real tractograms, and compare_tractograms."""
+"""Evaluation metrics against DIPY and scipy on real tractograms, and compare_tractograms."""
 
 from __future__ import annotations
 
@@ -11,21 +11,22 @@ import torch
 from scipy.spatial.distance import directed_hausdorff
 
 from invtract.errors import InvtractError, ShapeError
+from invtract.evaluation import metrics as ev
+from invtract.evaluation.compare import compare_tractograms
+from invtract.io.seeds import load_seeds
 from invtract.losses import (
     EmptyTractogramError,
     SpaceError,
     bounding_grid,
-    bundle_adjacency,
     bundle_minima,
-    compare_tractograms,
     connectome_correlation,
     dice,
     mam_distances,
     overlap_overreach,
     paired_hausdorff,
-    resample,
     weighted_dice,
 )
+from invtract.losses import bundle_adjacency as losses_bundle_adjacency
 from invtract.streamlines import Streamlines
 
 
@@ -43,45 +44,54 @@ def _hausdorff(x, y):
     return max(directed_hausdorff(x, y)[0], directed_hausdorff(y, x)[0])
 
 
+def _seeds(path, count):
+    table = load_seeds(path)
+    out = np.empty((count, 3))
+    out[table.track_index] = table.positions
+    return out
+
+
 @pytest.fixture(scope="module")
 def real(shared_data):
     d = shared_data / "real_msmt15"
     return _lines(d / "bundleA_default.tck"), _lines(d / "bundleA_step0.5.tck")
 
 
-def test_paired_hausdorff_matches_scipy_different_steps(shared_data):
+def test_hausdorff_matches_scipy_different_steps(shared_data):
     d = shared_data / "phantom_cross90"
-    a, b = _lines(d / "bundleB_default.tck"), _lines(d / "bundleB_step1.0.tck")
-    assert len(a) == len(b) == 96
-    assert np.mean([len(x) for x in a]) > 2 * np.mean([len(x) for x in b])  # steps 0.2 vs 1 mm
+    a, b = _lines(d / "bundleB_default.tck")[:40], _lines(d / "bundleB_step1.0.tck")[:40]
+    assert np.mean([len(x) for x in a]) > 2 * np.mean([len(x) for x in b])  # 0.2 vs 1 mm steps
     ref = np.array([_hausdorff(x, y) for x, y in zip(a, b)])
-    got = paired_hausdorff(_sl(a), _sl(b), max_elements=1 << 20).numpy()
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
-
-
-def test_paired_hausdorff_real_and_float32(real):
-    a, b = real
-    n = 120
-    ref = np.array([_hausdorff(x, y) for x, y in zip(a[:n], b[:n])])
-    sa = Streamlines.from_list(a[:n])  # float32 in, float64 out
-    got = paired_hausdorff(sa, Streamlines.from_list(b[:n]))
-    assert got.dtype == torch.float64
-    np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
+    np.testing.assert_allclose(ev.paired_hausdorff(a, b), ref, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(paired_hausdorff(_sl(a), _sl(b)), ref, rtol=0, atol=1e-9)
+    full = np.array([[_hausdorff(x, y) for y in b[:7]] for x in a[:9]])
+    got = ev.hausdorff_distances(a[:9], b[:7], max_points=700)  # blocks split streamlines sets
+    np.testing.assert_allclose(got, full, rtol=0, atol=1e-9)
     with pytest.raises(ShapeError):
-        paired_hausdorff(sa, sa.select(range(3)))
+        ev.paired_hausdorff(a[:3], b[:2])
 
 
-def test_mam_matches_dipy(real):
-    from dipy.tracking.distances import bundles_distances_mam
+def test_mam_and_mdf_minima_match_dipy(real):
+    from dipy.tracking.distances import bundles_distances_mam, bundles_distances_mdf
 
     a, b = real
-    a32, b32 = [x.astype(np.float32) for x in a[:30]], [x.astype(np.float32) for x in b[:25]]
+    a, b = a[:30], b[:25]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dipy warns on unequal point counts (fine for MAM)
+        mam = bundles_distances_mam(a, b)
+        np.testing.assert_array_equal(ev.mam_minima(a, b, max_pairs=100), mam.min(1))
         for metric in ("avg", "min", "max"):
-            ref = bundles_distances_mam(a32, b32, metric=metric)
-            got = mam_distances(_sl(a[:30]), _sl(b[:25]), metric=metric, max_elements=1 << 20)
-            np.testing.assert_allclose(got.numpy(), ref, atol=1e-4)
+            ref = bundles_distances_mam(a, b, metric=metric)
+            np.testing.assert_array_equal(mam_distances(_sl(a), _sl(b), metric=metric), ref)
+    ra, rb = ev.resample_lines(a, 12), ev.resample_lines(b, 12)
+    mdf = bundles_distances_mdf(ra, rb)
+    ab, ba = ev.mdf_minima(ra, rb, block=7)
+    np.testing.assert_array_equal(ab, mdf.min(1))
+    np.testing.assert_array_equal(ba, mdf.min(0))
+    m = bundle_minima(np.stack(ra), np.stack(rb), point_metrics=True)
+    np.testing.assert_array_equal(m["mam_ab"], bundles_distances_mam(ra, rb).min(1))
+    h = np.array([[_hausdorff(x, y) for y in rb] for x in ra])
+    np.testing.assert_allclose(m["hausdorff_ba"], h.min(0), atol=1e-12)
 
 
 @pytest.mark.parametrize("threshold", [1.0, 5.0])
@@ -92,28 +102,18 @@ def test_bundle_adjacency_matches_dipy(shared_data, threshold):
     d = shared_data / "real_msmt15"
     a, b = _lines(d / "bundleA_default.tck"), _lines(d / "bundleA_cutoff0.3.tck")
     ref = dipy_ba(set_number_of_points(a, 20), set_number_of_points(b, 20), threshold)
-    assert bundle_adjacency(_sl(a), _sl(b), threshold, 20, chunk_size=50) == pytest.approx(ref)
+    assert ev.bundle_adjacency(a, b, threshold, 20) == ref
+    assert losses_bundle_adjacency(_sl(a), _sl(b), threshold, 20) == ref
 
 
-def test_bundle_minima_point_metrics_match_references(real):
-    from dipy.tracking.distances import bundles_distances_mam, bundles_distances_mdf
+def test_buan_matches_dipy(real):
+    from dipy.segment.bundles import bundle_shape_similarity
 
     a, b = real
-    ra, rb = resample(_sl(a[:24]), 12), resample(_sl(b[:18]), 12)
-    m = bundle_minima(ra, rb, point_metrics=True, chunk_size=8)
-    la, lb = list(ra.numpy()), list(rb.numpy())
-    np.testing.assert_allclose(
-        m["mdf_ab"].numpy(), bundles_distances_mdf(la, lb).min(1), atol=1e-5
-    )
-    np.testing.assert_allclose(
-        m["mdf_ba"].numpy(), bundles_distances_mdf(la, lb).min(0), atol=1e-5
-    )
-    mam = bundles_distances_mam(la, lb)
-    np.testing.assert_allclose(m["mam_ab"].numpy(), mam.min(1), atol=1e-5)
-    np.testing.assert_allclose(m["mam_ba"].numpy(), mam.min(0), atol=1e-5)
-    h = np.array([[_hausdorff(x, y) for y in lb] for x in la])
-    np.testing.assert_allclose(m["hausdorff_ab"].numpy(), h.min(1), atol=1e-9)
-    np.testing.assert_allclose(m["hausdorff_ba"].numpy(), h.min(0), atol=1e-9)
+    ref = bundle_shape_similarity(a, b, np.random.default_rng(3), threshold=6)
+    assert ev.buan_shape_similarity(a, b, seed=3) == ref
+    assert ev.buan_shape_similarity(a, a) == 1.0
+    assert ev.buan_shape_similarity(a, [s + 30.0 for s in a]) == 0.0
 
 
 def test_voxel_set_metrics():
@@ -159,29 +159,66 @@ def test_compare_contract_with_reference(shared_data, real):
     a, b = real
     n = min(len(a), len(b))
     ref = load_image(shared_data / "real_msmt15" / "mask.nii.gz")
-    res = compare_tractograms(_sl(a[:n]), _sl(b[:n]), reference=ref)
+    res = compare_tractograms(_sl(a[:n]), b[:n], reference=ref, buan=False)
     assert res["count_a"] == res["count_b"] == n
     assert res["dice"] == pytest.approx(_dipy_dice(a[:n], b[:n], ref.data.shape, ref.affine))
     ba = dipy_ba(set_number_of_points(a[:n], 20), set_number_of_points(b[:n], 20), 5.0)
-    assert res["bundle_adjacency"] == pytest.approx(ba)
+    assert res["bundle_adjacency"] == ba
     ph = np.array([_hausdorff(x, y) for x, y in zip(a[:n], b[:n])])
     assert res["paired_hausdorff_median_mm"] == pytest.approx(np.median(ph))
     assert res["paired_hausdorff_frac_within_1mm"] == pytest.approx(np.mean(ph <= 1.0))
+    assert res["pairing"] == "index" and res["paired_count"] == n
     assert res["reference_grid"]["source"] == "reference image"
+    assert res["resample"] == 20 and res["n_points"] == 20 and "mam" in res["methods"]
     for key, unit in res["units"].items():
         assert key in res and unit
         assert not key.endswith("_mm") or unit == "mm"
-    assert res["units"]["dice"] == "ratio"
-    # self comparison is perfect
-    same = compare_tractograms(_sl(a[:50]), _sl(a[:50]), reference=ref)
+    assert res["units"]["dice"] == "ratio" and res["buan_shape_similarity"] is None
+    same = compare_tractograms(a[:50], a[:50], reference=ref)
     assert same["dice"] == 1.0 and same["bundle_adjacency"] == 1.0
     assert same["paired_hausdorff_max_mm"] == 0.0 and same["overreach"] == 0.0
+    assert same["buan_shape_similarity"] == 1.0
 
 
-def test_compare_without_reference_and_unequal_counts(shared_data):
+def test_compare_raw_vertices_is_dipy_on_the_vertices(real):
+    """--resample none: bundle-level MAM is DIPY's bundles_distances_mam on the raw vertices."""
+    from dipy.tracking.distances import bundles_distances_mam
+
+    a, b = real[0][:40], real[1][:30]
+    raw = compare_tractograms(a, b, resample=None, buan=False)
+    mam = bundles_distances_mam(a, b)
+    assert raw["resample"] is None
+    assert raw["bundle_mam_a_to_b_mean_mm"] == pytest.approx(mam.min(1).mean(), rel=1e-12)
+    assert raw["bundle_mam_b_to_a_median_mm"] == pytest.approx(np.median(mam.min(0)))
+    h = np.array([[_hausdorff(x, y) for y in b] for x in a])
+    assert raw["bundle_hausdorff_a_to_b_mean_mm"] == pytest.approx(h.min(1).mean(), rel=1e-12)
+    sampled = compare_tractograms(a, b, resample=20, buan=False)
+    assert sampled["bundle_mam_a_to_b_mean_mm"] != raw["bundle_mam_a_to_b_mean_mm"]
+
+
+def test_seed_pairing_with_unequal_counts(shared_data):
+    d = shared_data / "real_msmt15"
+    a, b = _lines(d / "bundleA_default.tck"), _lines(d / "bundleA_cutoff0.3.tck")
+    assert (len(a), len(b)) == (214, 210)
+    sa = _seeds(d / "bundleA_default_seeds.txt", len(a))
+    sb = _seeds(d / "bundleA_cutoff0.3_seeds.txt", len(b))
+    ia, ib = ev.pair_by_seeds(sa, sb)
+    assert len(ia) >= 200 and np.all(np.abs(sa[ia] - sb[ib]) < 1e-4)
+    res = compare_tractograms(a, b, seeds=(sa, sb), buan=False)
+    assert res["pairing"] == "seeds" and res["paired_count"] == len(ia)
+    ph = np.array([_hausdorff(a[i], b[j]) for i, j in zip(ia, ib)])
+    assert res["paired_hausdorff_median_mm"] == pytest.approx(np.median(ph))
+    assert res["paired_hausdorff_max_mm"] == pytest.approx(ph.max())
+    unpaired = compare_tractograms(a, b, buan=False)
+    assert unpaired["paired_hausdorff_median_mm"] is None and unpaired["pairing"] is None
+    with pytest.raises(SpaceError, match="seeds of B"):
+        compare_tractograms(a, b, seeds=(sa, sb[:5]), buan=False)
+
+
+def test_compare_without_reference_and_sample(shared_data):
     d = shared_data / "phantom_cross90"
     a, b = _lines(d / "bundleB_default.tck")[:40], _lines(d / "bundleB_cutoff1.0.tck")[:30]
-    res = compare_tractograms(_sl(a), _sl(b), bundle_sample=10)
+    res = compare_tractograms(_sl(a), _sl(b), bundle_sample=10, buan=False)
     assert "bounding box" in res["reference_grid"]["source"]
     assert res["reference_grid"]["voxel_size_mm"] == pytest.approx([1.0, 1.0, 1.0])
     shape, affine = bounding_grid(_sl(a), _sl(b))
@@ -194,15 +231,14 @@ def test_compare_without_reference_and_unequal_counts(shared_data):
 
 def test_compare_errors(shared_data):
     line = np.array([[0.0, 0, 0], [10, 0, 0]])
-    a = _sl([line])
     with pytest.raises(EmptyTractogramError):
-        compare_tractograms(a, Streamlines.empty(dtype=torch.float64))
+        compare_tractograms([line], Streamlines.empty(dtype=torch.float64))
     with pytest.raises(SpaceError, match="do not overlap"):
-        compare_tractograms(a, _sl([line + 500.0]))
+        compare_tractograms([line], [line + 500.0])
     from invtract.io.image import load_image
 
     ref = load_image(shared_data / "real_msmt15" / "mask.nii.gz")
     with pytest.raises(SpaceError, match="does not cover"):
-        compare_tractograms(_sl([line + 300.0]), _sl([line + 300.0]), reference=ref)
+        compare_tractograms([line + 300.0], [line + 300.0], reference=ref)
     assert issubclass(SpaceError, InvtractError)
     assert issubclass(EmptyTractogramError, InvtractError)

@@ -1,6 +1,7 @@
 """Regenerate the connectome fixtures in this folder (needs MRtrix3 ``tck2connectome``).
 
-Run from the repository root: ``python tests/data/connectome/make_fixtures.py``. It rebuilds the
+Run from the repository root: ``python tests/data/connectome/make_fixtures.py`` (add
+``--options-only`` for the scaling / statistic / weight fixtures alone). It rebuilds the
 two parcellations with ``tests/connectome/connectome_data.py`` and runs tck2connectome for
 every entry of ``TRACTS`` x ``VARIANTS``; the exact commands are printed and listed in README.md.
 """
@@ -47,6 +48,68 @@ EXTRA = {
     "invnodevol": ["-scale_invnodevol"],
 }
 
+#: tck2connectome's metric, statistic and weight options (issue 15): tract prefix -> variants.
+#: ``{w}`` / ``{v}`` are the tract's weights / scale-value files written by write_vectors.
+OPTION_TRACTS = {
+    "real_whole": ("real_msmt15", "whole.tck", "tests/data/connectome/real_msmt15_parc.nii.gz"),
+    "sift_gmwmi": ("sift_phantom", "act_gmwmi.tck", "../shared/data/sift_phantom/parc.mif"),
+}
+OPTION_VARIANTS = {
+    "length": ["-scale_length"],
+    "invlength_mean": ["-scale_invlength", "-stat_edge", "mean"],
+    "length_max_symmetric": ["-scale_length", "-stat_edge", "max", "-symmetric"],
+    "length_min_keep": ["-scale_length", "-stat_edge", "min", "-keep_unassigned"],
+    "weights": ["-tck_weights_in", "{w}"],
+    "weights_invnodevol_mean": [
+        "-tck_weights_in", "{w}", "-scale_invnodevol", "-stat_edge", "mean",
+    ],
+    "scalefile_invlength_zerodiag": ["-scale_file", "{v}", "-scale_invlength", "-zero_diagonal"],
+    "endvoxels_length_mean_symmetric": [
+        "-assignment_end_voxels", "-scale_length", "-stat_edge", "mean", "-symmetric",
+    ],
+    "r2_weights_scalefile_max_keep": [
+        "-assignment_radial_search", "2", "-tck_weights_in", "{w}", "-scale_file", "{v}",
+        "-stat_edge", "max", "-keep_unassigned",
+    ],
+}  # fmt: skip
+
+
+def write_vectors(prefix: str, count: int) -> tuple[str, str]:
+    """Deterministic per-streamline weights (one row, some zeros) and scale values (one column).
+
+    Returns the two paths relative to the repository root.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(15)
+    w = rng.uniform(0.0, 2.0, count)
+    w[::7] = 0.0
+    v = rng.uniform(0.1, 3.0, count)
+    wp = f"tests/data/connectome/{prefix}_weights.txt"
+    vp = f"tests/data/connectome/{prefix}_scale.txt"
+    (REPO / wp).write_text("# weights\n" + " ".join(f"{x:.9g}" for x in w) + "\n")
+    (REPO / vp).write_text("".join(f"{x:.9g}\n" for x in v))
+    return wp, vp
+
+
+def option_jobs() -> list[list[str]]:
+    """tck2connectome commands for :data:`OPTION_VARIANTS` (writes the vector files)."""
+    import nibabel as nib
+
+    jobs = []
+    for prefix, (case, tck, parc) in OPTION_TRACTS.items():
+        count = len(nib.streamlines.load(str(SHARED / case / tck)).streamlines)
+        wp, vp = write_vectors(prefix, count)
+        for name, opts in OPTION_VARIANTS.items():
+            opts = [o.format(w=wp, v=vp) for o in opts]
+            out = f"tests/data/connectome/{prefix}_{name}.csv"
+            cmd = ["tck2connectome", f"../shared/data/{case}/{tck}", parc, out, *opts]
+            if name == "weights":
+                cmd += ["-out_assignments", f"tests/data/connectome/{prefix}_assign.txt"]
+            jobs.append(cmd + ["-nthreads", "0", "-quiet", "-force"])
+    return jobs
+
+
 #: per-streamline assignments (-out_assignments) kept for these (prefix, variant) pairs
 ASSIGNMENTS = [("phantom_whole", "r4"), ("phantom_whole", "r2"), ("real_bundleA", "r2")]
 
@@ -81,7 +144,10 @@ def _data_module():
     return mod
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """All fixtures; ``--options-only``: only those of :data:`OPTION_VARIANTS`."""
+    if "--options-only" in argv:
+        return _run(option_jobs())
     conf = _data_module()
     for case in conf.PARCELLATION_SPECS:
         conf.make_parcellation_nifti(case, HERE / f"{case}_parc.nii.gz", SHARED)
@@ -116,6 +182,10 @@ def main() -> int:
             if (prefix, name) in ASSIGNMENTS:
                 cmd += ["-out_assignments", f"tests/data/connectome/{prefix}_{name}_assign.txt"]
             jobs.append(cmd + ["-nthreads", "0", "-quiet", "-force"])
+    return _run(jobs + option_jobs())
+
+
+def _run(jobs: list[list[str]]) -> int:
     for cmd in jobs:
         print(shlex.join(cmd))
         subprocess.run(cmd, cwd=REPO, check=True)
@@ -123,4 +193,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
