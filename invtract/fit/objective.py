@@ -396,12 +396,7 @@ def paired_terms(
     if "margin" in active or "centre" in active:
         if field is None or angle_deg is None or cutoff is None:
             raise ConfigError("margin / centre need the FOD field, angle_deg and cutoff")
-        th = target.halves[ids].to(dev)
-        tc = target.counts[ids].to(dev)
-        # every target half gets its stop event (the peak search from its last vertex)
-        tfeats = running_features(th, tc, torch.full_like(tc, int(_term_model())), field)
-        tfeats["cum"] = _arc(th.to(dt))
-        tfeats["counts"] = tc
+        tfeats = target_features(target, ids, field, dev)
     if "margin" in active:
         feats = running_features(halves.detach(), counts, res.term[ids.to(res.term.device)], field)
         out["margin"] = (
@@ -411,15 +406,7 @@ def paired_terms(
             / n_pairs
         )
     if "centre" in active:
-        box = feasible_box(tfeats)
-        parts = []
-        for v, (lo, hi) in ((angle_deg, box["angle_deg"]), (cutoff, box["cutoff"])):
-            if torch.is_tensor(v) and v.requires_grad and 0 < lo < hi < math.inf:
-                c = 0.5 * (math.log(lo) + math.log(hi))
-                parts.append((torch.log(v.to(dt)) - c).pow(2).add(1e-4).sqrt())
-        out["centre"] = (
-            torch.stack(parts).sum().to(dev) if parts else torch.zeros((), dtype=dt, device=dev)
-        )
+        out["centre"] = centre_term(tfeats, angle_deg, cutoff).to(dev)
     need_sl = [k for k in ("paired", "chamfer", "length", "density") if k in active]
     if need_sl:
         sl = res.streamlines()
@@ -455,6 +442,33 @@ def paired_terms(
             d_b = track_density(target.streamlines.to(dtype=dt), shape, affine)
             out["density"] = 1.0 - density_correlation(d_a.to(dt), d_b.to(dt))
     return out
+
+
+def target_features(target: PairedTarget, ids: torch.Tensor, field, device=None) -> dict:
+    """Running features (:func:`running_features`) of the target halves of pairs ``ids``,
+    each half ending with its stop event (the peak search from its last vertex), plus their
+    arc lengths ``cum [S, 2, H]`` (mm) and ``counts [S, 2]``."""
+    dev = device if device is not None else target.halves.device
+    th = target.halves[ids].to(dev)
+    tc = target.counts[ids].to(dev)
+    tfeats = running_features(th, tc, torch.full_like(tc, int(_term_model())), field)
+    tfeats["cum"] = _arc(th.to(torch.float64))
+    tfeats["counts"] = tc
+    return tfeats
+
+
+def centre_term(tfeats: dict, angle_deg, cutoff) -> torch.Tensor:
+    """The ``centre`` term: ``sum_k sqrt((log v_k - c_k)^2 + 1e-4)`` over the learned (grad-
+    requiring) angle and cutoff, ``c_k`` the log-centre of the interval
+    :func:`feasible_box` reads from the target features ``tfeats``; 0 where an end is unknown."""
+    dt = torch.float64
+    box = feasible_box(tfeats)
+    parts = []
+    for v, (lo, hi) in ((angle_deg, box["angle_deg"]), (cutoff, box["cutoff"])):
+        if torch.is_tensor(v) and v.requires_grad and 0 < lo < hi < math.inf:
+            c = 0.5 * (math.log(lo) + math.log(hi))
+            parts.append((torch.log(v.to(dt)) - c).pow(2).add(1e-4).sqrt())
+    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=dt)
 
 
 def vertex_distance(
