@@ -144,7 +144,9 @@ class BundleProblem(Problem):
     def _track(self, sub: PairedTarget, it: int, vals: Mapping, sh, grad: bool):
         from ..tracking.differentiable import track_differentiable
 
-        t_amp, t_cos, _, _ = self.cfg.temperatures(it, float(vals["angle_deg"]))
+        t_amp, t_cos, _, _ = self.cfg.temperatures(
+            it, float(torch.as_tensor(vals["angle_deg"]).detach())
+        )
         return track_differentiable(
             sh if grad else sh.detach(), self.affine, sub.seeds.to(self.dev),
             sub.directions.to(self.dev), self.resolved, step_mm=vals["step_mm"],

@@ -76,13 +76,14 @@ class TrainSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> TrainSettings:
-        """From a validated config dict (keys missing from a table keep the defaults here)."""
+        """From a validated config dict (keys missing from a table keep the defaults here;
+        ``lr_end`` 0 or absent: a constant learning rate)."""
         f, o = cfg["fit"], cfg["optimizer"]
         return cls(
             iterations=int(f["iterations"]),
             optimizer=str(o["name"]),
             lr=float(o["lr"]),
-            lr_end=None if o.get("lr_end") is None else float(o["lr_end"]),
+            lr_end=float(o["lr_end"]) if o.get("lr_end") else None,
             beta1=float(o.get("beta1", 0.9)),
             beta2=float(o.get("beta2", 0.999)),
             flip_decay=float(o.get("flip_decay", 1.0)),
