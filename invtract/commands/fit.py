@@ -273,9 +273,12 @@ def _bundle_checks(args) -> tuple[dict, Path]:
     if args.target_seeds and not os.path.exists(args.target_seeds):
         raise InvtractError(f"--target-seeds: file not found: {args.target_seeds}")
     _check_run_options(args)
-    cfg_path = find_config(args.config or ("fit_params" if args.fit == "params" else "fit_fod"))
+    default = find_config("fit_params" if args.fit == "params" else "fit_fod")
+    cfg_path = find_config(args.config) if args.config else None
     example = EXAMPLE_OVERRIDES if args.example else None
-    return load_config(cfg_path, _collect_overrides(args), example=example), cfg_path
+    over = _collect_overrides(args)
+    cfg = load_config(cfg_path, over, example=example, base=None if cfg_path else default)
+    return cfg, cfg_path or default
 
 
 def _bundle_data(args) -> dict:

@@ -209,7 +209,9 @@ class BundleProblem(Problem):
                 "tracking/points": n_pts,
             },  # fmt: skip
             n_tracked=int(res.seed_ids.numel()),
-            record=self._temperature_record(it, float(vals["angle_deg"])),
+            record=self._temperature_record(
+                it, float(torch.as_tensor(vals["angle_deg"]).detach())
+            ),
             aux=(sub, res),
         )
 

@@ -142,24 +142,32 @@ def layered_config(
     overrides: Mapping | None = None,
     *,
     example: Mapping | None = None,
+    base: str | Path | None = None,
     ignore=("tracking", "inputs"),
 ) -> dict:
-    """``defaults`` < ``example`` < TOML file ``path`` (``ignore`` sections dropped) <
-    ``overrides``, each layer type-checked against the defaults."""
+    """``defaults`` < TOML file ``base`` (the default config file of the fit, part of the
+    defaults) < ``example`` < TOML file ``path`` (the user's ``--config``) < ``overrides``;
+    ``ignore`` sections of the files are dropped; each layer is type-checked."""
     cfg = copy.deepcopy(dict(defaults))
+    if base is not None:
+        cfg = _merge_file(cfg, base, ignore)
     if example:
         cfg = merge_config(cfg, example)
     if path is not None:
-        doc = read_toml(path)
-        for section in ignore:
-            doc.pop(section, None)
-        try:
-            cfg = merge_config(cfg, doc)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+        cfg = _merge_file(cfg, path, ignore)
     if overrides:
         cfg = merge_config(cfg, overrides)
     return cfg
+
+
+def _merge_file(cfg: dict, path: str | Path, ignore) -> dict:
+    doc = read_toml(path)
+    for section in ignore:
+        doc.pop(section, None)
+    try:
+        return merge_config(cfg, doc)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def _get(cfg: Mapping, dotted: str):

@@ -188,10 +188,15 @@ _ALIASES = {
 
 
 def load_config(
-    path: str | Path | None, overrides: Mapping | None = None, *, example: Mapping | None = None
+    path: str | Path | None,
+    overrides: Mapping | None = None,
+    *,
+    example: Mapping | None = None,
+    base: str | Path | None = None,
 ) -> dict:
-    """:data:`DEFAULT_CONFIG` < ``example`` < TOML file ``path`` < ``overrides``, validated."""
-    cfg = layered_config(DEFAULT_CONFIG, path, overrides, example=example)
+    """:data:`DEFAULT_CONFIG` < default file ``base`` < ``example`` < TOML file ``path`` <
+    ``overrides``, validated (:func:`~invtract.fit.config.layered_config`)."""
+    cfg = layered_config(DEFAULT_CONFIG, path, overrides, example=example, base=base)
     FitConfig.from_dict(cfg)
     return cfg
 

@@ -173,6 +173,11 @@ class Problem:
         """Evaluation records (``{tag: float}``) after iteration ``it``'s step."""
         return {}
 
+    def summarise(self, counts: dict) -> dict:
+        """The log records of ``counts`` summed over ranks (e.g. a mean from a sum and a
+        count); default: as they are."""
+        return counts
+
     def log_images(self, logger, it: int, out: StepOutput) -> None:
         """Images / histograms of iteration ``it`` (rank 0)."""
 
@@ -427,7 +432,7 @@ class Trainer:
         step = self._step(it, out, state, opts)
         rec = {"iteration": it, "loss/total": step["loss"]}
         rec.update({f"loss/{k}": v for k, v in self.world.sum(out.terms).items()})
-        rec.update(self.world.sum(out.counts))
+        rec.update(problem.summarise(self.world.sum(out.counts)))
         rec.update({f"param/{k}": v for k, v in before.items()})
         rec.update(out.record)
         rec.update({"lr/params": self.s.lr_at(it), "grad_norm/params": step["grad_norm/params"]})
