@@ -206,7 +206,8 @@ class BundleProblem(Problem):
             counts={
                 "tracking/n_missing": n_missing,
                 "tracking/n_seeds": float(len(sub)),
-                "tracking/points": n_pts,
+                "points": n_pts,
+                "tracked": float(res.seed_ids.numel()),
             },  # fmt: skip
             n_tracked=int(res.seed_ids.numel()),
             record=self._temperature_record(
@@ -249,6 +250,13 @@ class BundleProblem(Problem):
             out.update(
                 fod_priors(sh_l, st.delta, st.voxels, st.shape[:3], self.cfg.loss, self.basis)
             )
+        return out
+
+    def summarise(self, counts: dict) -> dict:
+        """``tracking/mean_points`` (vertices per tracked streamline) from the summed counts."""
+        out = dict(counts)
+        pts, n = out.pop("points", 0.0), out.pop("tracked", 0.0)
+        out["tracking/mean_points"] = pts / n if n else 0.0
         return out
 
     def _temperature_record(self, it: int, angle: float) -> dict:
