@@ -390,12 +390,10 @@ def _hard_score(field, vsz, params, pos, dirs, target, index) -> tuple[float, ob
 
 def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) -> dict:
     """Write fitted.tck, fitted_fod.nii.gz, result.json and the hparams record."""
-    import torch
 
+    from ..fit.outputs import save_fitted_tck
     from ..fod.field import FODField
     from ..io.image import save_nifti
-    from ..io.tractogram import save_tractogram
-    from ..tracking.api import Seeding, track
 
     run_dir = Path(run_dir)
     vsz = tuple(img.voxel_sizes)
@@ -407,15 +405,9 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) ->
     final_h, _ = _hard_score(field1, vsz, p1, pos, dirs, target, ho)
     start_t, _ = _hard_score(field0, vsz, params0, pos, dirs, target, tr)
     final_t, _ = _hard_score(field1, vsz, p1, pos, dirs, target, tr)
-    with torch.no_grad():
-        res = track(
-            field1,
-            Seeding("list", positions=pos, directions=dirs),
-            p1,
-            voxel_sizes=vsz,
-            rng_seed=0,
-        )
-    save_tractogram(run_dir / "fitted.tck", res.streamlines, header=res.header, overwrite=True)
+    res = save_fitted_tck(
+        run_dir / "fitted.tck", field1, p1, pos, dirs, vsz, source=getattr(img, "path", None)
+    )
     if result.sh is not None:
         save_nifti(run_dir / "fitted_fod.nii.gz", result.sh.numpy(), img.affine, like=img.path)
     r0 = params0.resolve(vsz)

@@ -154,7 +154,8 @@ class BundleProblem(Problem):
             path=self.cfg.path, voxel_sizes=self.vsz,
         )  # fmt: skip
 
-    def _data_terms(self, sub: PairedTarget, it: int, vals, sh, n_batch: int, grad: bool):
+    def _data_terms(self, sub: PairedTarget, it: int, vals, sh, n_batch: int, grad: bool,
+                    world: World):  # fmt: skip
         """This shard's data terms (scaled to the batch) and its tracking result."""
         with torch.set_grad_enabled(grad):
             res = self._track(sub, it, vals, sh, grad)
@@ -162,6 +163,7 @@ class BundleProblem(Problem):
                 res, sub, self.data_cfg, shape=self.state.shape[:3], affine=self.affine,
                 field=self._field(sh), angle_deg=vals["angle_deg"], cutoff=vals["cutoff"],
                 log_temperature=self.cfg.margin_temperature(it),
+                box_reduce=world.box if world.size > 1 else None,
             )  # fmt: skip
         n_missing = terms.pop("n_missing", 0.0)
         share = len(sub) / max(n_batch, 1)
@@ -173,7 +175,7 @@ class BundleProblem(Problem):
         mine = target.subset(world.shard(len(target)))
         it = self.cfg.iterations - 1 if final else it
         vals = self.state.values(detach=True)
-        terms, _, res = self._data_terms(mine, it, vals, self.state.sh(), len(target), grad)
+        terms, _, res = self._data_terms(mine, it, vals, self.state.sh(), len(target), grad, world)
         w = self.cfg.loss.weights
         part = {"loss": float(sum(w.get(k, 0.0) * float(v) for k, v in terms.items()))}
         part["n"] = float(res.seed_ids.numel())
@@ -190,7 +192,7 @@ class BundleProblem(Problem):
         mine = batch[world.shard(len(batch))]
         sub = self.train.subset(mine)
         vals, sh = self.state.values(), self.state.sh()
-        terms, n_missing, res = self._data_terms(sub, it, vals, sh, len(batch), True)
+        terms, n_missing, res = self._data_terms(sub, it, vals, sh, len(batch), True, world)
         ctx = {"iteration": it, "values": vals, "sh": sh, "result": res, "world": world}
         terms.update(self._param_terms(batch, res, mine, vals, world))
         terms.update(self._extra(ctx))
@@ -278,7 +280,7 @@ class BundleProblem(Problem):
         mine = self.held.subset(world.shard(len(self.held)))
         vals = self.state.values(detach=True)
         terms, n_missing, _ = self._data_terms(
-            mine, it, vals, self.state.sh(), len(self.held), False
+            mine, it, vals, self.state.sh(), len(self.held), False, world
         )
         part = {k: float(v) for k, v in terms.items()}
         w = self.cfg.loss.weights

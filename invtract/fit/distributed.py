@@ -53,13 +53,27 @@ class World:
             a += n
 
     def sum(self, values: dict) -> dict:
-        """``{key: float}`` summed over ranks (same keys on every rank)."""
-        if self.size == 1 or not values:
-            return dict(values)
-        keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        self.all_reduce_([t])
-        return dict(zip(keys, t.tolist()))
+        """``{key: float}`` summed over ranks, in rank order; a key missing on a rank counts
+        as 0 there (rank 0 alone computes the parameter terms)."""
+        if self.size == 1:
+            return {k: float(v) for k, v in values.items()}
+        import torch.distributed as dist
+
+        parts: list = [None] * self.size
+        dist.all_gather_object(parts, {k: float(v) for k, v in values.items()})
+        keys = list(dict.fromkeys(k for p in parts for k in p))
+        return {k: sum(p.get(k, 0.0) for p in parts) for k in keys}
+
+    def box(self, a_lo: torch.Tensor, c_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(max over ranks of a_lo, min over ranks of c_hi)`` (0-d tensors; the ``margin``
+        term's batch bounds)."""
+        if self.size == 1:
+            return a_lo, c_hi
+        import torch.distributed as dist
+
+        t = torch.stack([a_lo.detach().cpu().double(), -c_hi.detach().cpu().double()])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t[0].to(a_lo), (-t[1]).to(c_hi)
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -325,6 +325,7 @@ def paired_terms(
     angle_deg=None,
     cutoff=None,
     log_temperature=0.05,
+    box_reduce=None,
 ):
     """Loss terms of one tracking result against its paired target.
 
@@ -338,6 +339,8 @@ def paired_terms(
             current thresholds (floats or 0-d tensors, may require grad), needed by
             ``margin``.
         log_temperature: hinge softness ``tau`` of ``margin`` (log units).
+        box_reduce: combines ``margin``'s batch bounds across the shards of a data-parallel
+            batch (see :func:`margin_hinge`); called even when nothing was tracked here.
 
     Returns:
         ``{name: 0-d tensor}`` for every active term (mm; ``density`` unitless), plus
@@ -358,6 +361,8 @@ def paired_terms(
     missing[ids] = False
     missing_len = tl.sum(-1)[missing.to(dev)].sum()
     if S == 0:
+        if box_reduce is not None and "margin" in active:  # take part in the collective
+            box_reduce(torch.zeros((), dtype=dt), torch.full((), math.inf, dtype=dt))
         zero = torch.zeros((), dtype=dt, device=dev)
         for k in active:
             out[k] = zero + (missing_len / max(n_pairs, 1) if k == "extent" else 0.0)
@@ -401,7 +406,15 @@ def paired_terms(
         feats = running_features(halves.detach(), counts, res.term[ids.to(res.term.device)], field)
         out["margin"] = (
             margin_hinge(
-                feats, cum, t_sel, counts, angle_deg, cutoff, log_temperature, target=tfeats
+                feats,
+                cum,
+                t_sel,
+                counts,
+                angle_deg,
+                cutoff,
+                log_temperature,
+                target=tfeats,
+                box_reduce=box_reduce,
             ).to(dev)
             / n_pairs
         )
@@ -638,7 +651,15 @@ def running_features(
 
 
 def margin_hinge(
-    feats: dict, cum, target_len, counts, angle_deg, cutoff, tau, target: dict | None = None
+    feats: dict,
+    cum,
+    target_len,
+    counts,
+    angle_deg,
+    cutoff,
+    tau,
+    target: dict | None = None,
+    box_reduce=None,
 ) -> torch.Tensor:
     """Sum over halves of the ``margin`` hinge (mm x log units; see the module docstring).
 
@@ -666,6 +687,9 @@ def margin_hinge(
         tau: hinge softness (log units).
         target: :func:`running_features` of the paired target halves plus ``cum`` and
             ``counts`` (as for the tracked ones).
+        box_reduce: ``box_reduce(a_lo, c_hi) -> (a_lo, c_hi)``: combines this batch's bounds
+            (the largest inside turn, the smallest inside amplitude, 0-d tensors) with those
+            of the other shards of a data-parallel batch (max / min); None: this batch alone.
 
     Returns:
         0-d float64 tensor (gradient to ``angle_deg`` and ``cutoff``).
@@ -719,6 +743,8 @@ def margin_hinge(
             c_hi = torch.minimum(
                 c_hi, torch.where(beyond, tm, torch.full_like(tm, math.inf)).min()
             )
+        if box_reduce is not None:
+            a_lo, c_hi = box_reduce(a_lo, c_hi)
         has_over = outside.any(-1)  # [S, 2]
         first = (
             torch.where(outside, torch.arange(H, device=dev), H).min(-1).values.clamp_max(H - 1)

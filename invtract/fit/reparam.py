@@ -139,10 +139,17 @@ class Signum(torch.optim.Optimizer):
     back by 1.2 (up to 1) while it holds. On a V-shaped loss (the ``vertex`` term in the
     step) a fixed step oscillates around the minimum with the step's amplitude; halving on
     every flip converges to it geometrically. ``flip_decay = 1`` is plain Signum.
+
+    ``eps``: a parameter whose ``|m|`` is at most ``eps`` (loss units per unit of the
+    parameter) does not move. Such a gradient carries no information (e.g. ~1e-12 from a hinge
+    far from binding), and its sign depends on the order of floating-point sums, so a
+    data-parallel fit would otherwise step it differently from a single process.
     """
 
-    def __init__(self, params, lr: float = 0.1, beta: float = 0.5, flip_decay: float = 1.0):
-        super().__init__(params, {"lr": lr, "beta": beta, "flip_decay": flip_decay})
+    def __init__(
+        self, params, lr: float = 0.1, beta: float = 0.5, flip_decay: float = 1.0, eps=1e-9
+    ):
+        super().__init__(params, {"lr": lr, "beta": beta, "flip_decay": flip_decay, "eps": eps})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -155,7 +162,7 @@ class Signum(torch.optim.Optimizer):
                     st["m"] = torch.zeros_like(p)
                     st["scale"] = torch.ones_like(p)
                 m = st["m"].mul_(group["beta"]).add_(p.grad, alpha=1 - group["beta"])
-                sign = torch.sign(m)
+                sign = torch.sign(m) * (m.abs() > group["eps"])
                 prev = st.get("sign")
                 if prev is not None and group["flip_decay"] < 1:
                     flipped = (sign * prev) < 0
@@ -165,18 +172,21 @@ class Signum(torch.optim.Optimizer):
                 p.add_(sign * st["scale"], alpha=-group["lr"])
 
 
-#: optimiser name -> builder ``(params, lr, beta1, beta2, flip_decay) -> Optimizer``
+#: optimiser name -> builder ``(params, lr, beta1, beta2, flip_decay, eps) -> Optimizer``
 OPTIMIZERS = {
-    "signum": lambda ps, lr, b1, b2, fd: Signum(ps, lr=lr, beta=b1, flip_decay=fd),
-    "adam": lambda ps, lr, b1, b2, fd: torch.optim.Adam(ps, lr=lr, betas=(b1, b2)),
-    "sgd": lambda ps, lr, b1, b2, fd: torch.optim.SGD(ps, lr=lr),
+    "signum": lambda ps, lr, b1, b2, fd, eps: Signum(ps, lr=lr, beta=b1, flip_decay=fd, eps=eps),
+    "adam": lambda ps, lr, b1, b2, fd, eps: torch.optim.Adam(ps, lr=lr, betas=(b1, b2)),
+    "sgd": lambda ps, lr, b1, b2, fd, eps: torch.optim.SGD(ps, lr=lr),
 }
 
 
-def build_optimizer(name: str, params: list, lr: float, beta1=0.9, beta2=0.999, flip_decay=1.0):
+def build_optimizer(
+    name: str, params: list, lr: float, beta1=0.9, beta2=0.999, flip_decay=1.0, sign_eps=1e-9
+):
     """An optimiser of :data:`OPTIMIZERS` over ``params`` (None when ``params`` is empty)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     if not params:
         return None
-    return OPTIMIZERS[name](params, float(lr), float(beta1), float(beta2), float(flip_decay))
+    args = (float(lr), float(beta1), float(beta2), float(flip_decay), float(sign_eps))
+    return OPTIMIZERS[name](params, *args)

@@ -67,6 +67,7 @@ class TrainSettings:
     beta1: float = 0.9
     beta2: float = 0.999
     flip_decay: float = 1.0
+    sign_eps: float = 1e-9
     lr_sh: float = 0.01
     grad_clip: float = 0.0
     alternate: bool = False
@@ -87,6 +88,7 @@ class TrainSettings:
             beta1=float(o.get("beta1", 0.9)),
             beta2=float(o.get("beta2", 0.999)),
             flip_decay=float(o.get("flip_decay", 1.0)),
+            sign_eps=float(o.get("sign_eps", 1e-9)),
             lr_sh=float(o["lr_sh"]),
             grad_clip=float(o["grad_clip"]),
             alternate=f.get("mode", "joint") == "alternate",
@@ -271,7 +273,7 @@ class Trainer:
     def _optimisers(self, state: LearnedState):
         s = self.s
         opt_p = build_optimizer(
-            s.optimizer, list(state.z.values()), s.lr, s.beta1, s.beta2, s.flip_decay
+            s.optimizer, list(state.z.values()), s.lr, s.beta1, s.beta2, s.flip_decay, s.sign_eps
         )
         opt_sh = None
         if state.delta is not None:
