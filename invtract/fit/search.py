@@ -53,10 +53,11 @@ import optuna
 import torch
 
 from ..errors import ConfigError, FitDiverged, InvtractError
+from ..io.atomic import atomic_write_bytes, atomic_write_text
 from ..io.seeds import midpoint_seeds
 from ..params import TrackingParameters
 from ..streamlines import Streamlines
-from .optimise import read_toml
+from .config import read_toml, toml_dumps
 from .scoring import Score, ScoreConfig, score_tracking
 
 __all__ = [
@@ -454,29 +455,68 @@ def load_problem(
 # the objective
 # ------------------------------------------------------------------------------------------
 def load_fit() -> Callable:
-    """``invtract.fit.optimise.fit``, or :class:`ConfigError` if the module is absent."""
-    try:
-        from .optimise import fit  # type: ignore[import-not-found]
-    except ImportError as err:
-        raise ConfigError("hybrid mode needs invtract fit (not available yet)") from err
-    return fit
+    """:func:`hybrid_fit` (kept for callers that check hybrid mode is available)."""
+    return hybrid_fit
 
 
-def _call_fit(fit_fn: Callable, problem: CalibrationProblem, init, kwargs: dict):
-    """Call ``fit_fn(field, target, init, **kwargs)``, dropping keywords it does not take.
+class OptunaPruning:
+    """Trainer callback: report the iteration's loss to an Optuna trial every ``every``
+    iterations (and at the last) and raise :class:`optuna.TrialPruned` when its pruner says so;
+    a non-finite loss raises :class:`~invtract.errors.FitDiverged`."""
 
-    The hybrid hook's contract with the fit module: ``fit(fod, target, params, *, seeding,
-    steps, on_step, logger, learn, score, **hyper_parameters)`` returning an object with
-    ``best_loss`` (or a number). ``on_step(step, loss, ...)`` is called after each iteration.
+    def __init__(self, trial: optuna.Trial, every: int, steps: int, writer=None) -> None:
+        self.trial, self.every, self.steps, self.writer = trial, max(int(every), 1), steps, writer
+
+    def __call__(self, step: int, loss, *args, **kwargs) -> None:
+        loss = float(loss)
+        self.trial.set_user_attr("forward_passes", int(step) + 1)
+        self.trial.set_user_attr("last_loss", loss)
+        if self.writer is not None:
+            self.writer.add_scalar("loss/total", loss, step)
+        if not math.isfinite(loss):
+            raise FitDiverged(f"loss {loss} at iteration {step}")
+        if step % self.every == 0 or step == self.steps - 1:
+            self.trial.report(loss, step)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at iteration {step} (loss {loss:.4g})")
+
+
+def hybrid_fit(
+    problem: CalibrationProblem,
+    init: TrackingParameters,
+    *,
+    steps: int,
+    callbacks=(),
+    logger=None,
+    learn=None,
+    hyper: Mapping | None = None,
+) -> float:
+    """A short gradient fit from ``init`` (the bundle fit's Problem run by the one
+    :class:`~invtract.fit.trainer.Trainer`); returns its best (selection) loss.
+
+    Args:
+        problem: the calibration problem (FOD field, target, seeds).
+        init: starting tracking parameters (the trial's suggestion).
+        steps: iterations.
+        callbacks: Trainer callbacks (e.g. :class:`OptunaPruning`).
+        logger: a bare ``SummaryWriter`` (the trial's) or None.
+        learn: what to learn (default: the fit config's).
+        hyper: fit config overrides by alias (``lr``, ``temperature_mm``, ...).
     """
-    sig = inspect.signature(fit_fn)
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    if not takes_any:
-        dropped = sorted(k for k in kwargs if k not in sig.parameters)
-        if dropped:
-            log.debug("fit() does not take %s; not passed", dropped)
-        kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
-    return fit_fn(problem.field, problem.target, init, **kwargs)
+    from .optimise import build_problem, resolve_config
+    from .runlog import WriterLogger
+    from .trainer import Trainer, TrainSettings
+
+    cfg = resolve_config(None, steps, learn, hyper or {})
+    fit_problem = build_problem(
+        cfg, problem.field, problem.target, init, problem.seeding(), problem.voxel_sizes
+    )
+    trainer = Trainer(
+        TrainSettings.from_config(cfg.raw),
+        logger=None if logger is None else WriterLogger(logger),
+        callbacks=list(callbacks),
+    )
+    return float(trainer.fit(fit_problem).best["loss"])
 
 
 class Objective:
@@ -487,7 +527,10 @@ class Objective:
         space: the search space.
         mode: ``"blackbox"`` or ``"hybrid"``.
         tb_dir: folder for per-trial TensorBoard runs (``None``: no TensorBoard).
-        fit_fn: hybrid mode's fit function (default :func:`load_fit`).
+        fit_fn: hybrid mode's fit function ``fit_fn(fod, target, init, *, seeding, steps,
+            on_step, logger, voxel_sizes, [learn], **hyper) -> result with best_loss`` (e.g. a
+            wrapper of :func:`invtract.fit.optimise.fit`); default None: :func:`hybrid_fit`
+            (the Trainer directly).
 
     Returns (when called):
         The trial's loss (mm), or NaN for a failed trial (Optuna records FAIL); raises
@@ -509,8 +552,6 @@ class Objective:
         self.mode = mode
         self.tb_dir = Path(tb_dir) if tb_dir is not None else None
         self.fit_fn = fit_fn
-        if mode == "hybrid" and fit_fn is None:
-            self.fit_fn = load_fit()
 
     def __call__(self, trial: optuna.Trial) -> float:
         values = self.space.suggest(trial)
@@ -565,32 +606,18 @@ class Objective:
         hyper = dict(hy.get("fixed") or {})
         hyper.update({k: v for k, v in values.items() if k not in TRACKING_NAMES})
 
-        def on_step(step: int, loss, *args, **kwargs) -> None:
-            loss = float(loss)
-            trial.set_user_attr("forward_passes", int(step) + 1)
-            trial.set_user_attr("last_loss", loss)
-            if writer is not None:
-                writer.add_scalar("loss/total", loss, step)
-            if not math.isfinite(loss):
-                raise FitDiverged(f"loss {loss} at iteration {step}")
-            if step % every == 0 or step == steps - 1:
-                trial.report(loss, step)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at iteration {step} (loss {loss:.4g})")
-
-        kwargs = dict(
-            seeding=self.problem.seeding(),
-            steps=steps,
-            on_step=on_step,
-            logger=writer,
-            score=self.problem.score,
-            voxel_sizes=self.problem.voxel_sizes,
-            **({"learn": tuple(hy["learn"])} if "learn" in hy else {}),
-            **hyper,
-        )
-        result = _call_fit(self.fit_fn, self.problem, init, kwargs)
-        loss = getattr(result, "best_loss", result)
-        return float(loss)
+        prune = OptunaPruning(trial, every, steps, writer)
+        learn = tuple(hy["learn"]) if "learn" in hy else None
+        if self.fit_fn is None:
+            return hybrid_fit(self.problem, init, steps=steps, callbacks=[prune], logger=writer,
+                              learn=learn, hyper=hyper)  # fmt: skip
+        # a caller's own fit function: fit_fn(fod, target, init, **keywords) -> best_loss
+        result = self.fit_fn(
+            self.problem.field, self.problem.target, init, seeding=self.problem.seeding(),
+            steps=steps, on_step=prune, logger=writer, voxel_sizes=self.problem.voxel_sizes,
+            **({"learn": learn} if learn else {}), **hyper,
+        )  # fmt: skip
+        return float(getattr(result, "best_loss", result))
 
     # -- TensorBoard ---------------------------------------------------------------------------
     def _writer(self, number: int):
@@ -996,47 +1023,6 @@ def resolve_run_dir(run: str | None, study_name: str, root: str | os.PathLike = 
     return root / f"{time.strftime('%Y%m%d-%H%M%S')}_{study_name}"
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return repr(float(v)) if isinstance(v, float) and not math.isfinite(v) else repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    return json.dumps(str(v))
-
-
-def _toml_key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
-
-
-def _to_toml(doc: Mapping, prefix: str = "") -> str:
-    """A small TOML writer for nested tables of scalars and lists (``None`` is skipped)."""
-    lines = [f"[{prefix}]"] if prefix else []
-    tables = []
-    for k, v in doc.items():
-        if isinstance(v, Mapping):
-            tables.append((k, v))
-        elif v is not None:
-            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    text = "\n".join(lines)
-    for k, v in tables:
-        name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
-        text += "\n\n" + _to_toml(v, name)
-    return text.strip("\n") + "\n"
-
-
 def record_run(
     run_dir: Path, job: SearchJob, space: SearchSpace, argv: Sequence[str], extra: Mapping
 ) -> None:
@@ -1057,7 +1043,7 @@ def record_run(
         },
         "space": space.to_dict(),
     }
-    _atomic_write(run_dir / "config.toml", _to_toml(doc))
+    atomic_write_text(run_dir / "config.toml", toml_dumps(doc))
     with open(run_dir / "commands.txt", "a", encoding="utf-8") as f:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\t{' '.join(argv)}\n")
 
@@ -1233,13 +1219,13 @@ def write_outputs(study: optuna.Study, run_dir: str | os.PathLike) -> dict[str, 
         "best_trial_attrs": b.get("user_attrs"),
     }
     paths = {"best": run_dir / "best.json", "trials": run_dir / "trials.csv"}
-    _atomic_write(paths["best"], json.dumps(best, indent=2, default=str) + "\n")
+    atomic_write_text(paths["best"], json.dumps(best, indent=2, default=str) + "\n")
     header, rows = _trial_rows(study)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     w.writerows([["" if v is None else v for v in r] for r in rows])
-    _atomic_write(paths["trials"], buf.getvalue())
+    atomic_write_text(paths["trials"], buf.getvalue())
     paths.update(_plots(study, s, run_dir))
     return paths
 
@@ -1299,5 +1285,5 @@ def _plots(study: optuna.Study, s: dict, run_dir: Path) -> dict[str, Path]:
 def _save_fig(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
