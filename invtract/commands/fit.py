@@ -264,14 +264,7 @@ def _bundle_checks(args) -> tuple[dict, Path]:
         args.target = str(example_path("target"))
         args.target_seeds = str(example_path("target_seeds"))
         args.fod = str(example_path("fod"))
-    for flag in ("target", "fod"):
-        v = getattr(args, flag)
-        if not v:
-            raise ConfigError(f"--{flag} is required (or --example)")
-        if not os.path.exists(v):
-            raise InvtractError(f"--{flag}: file not found: {v}")
-    if args.target_seeds and not os.path.exists(args.target_seeds):
-        raise InvtractError(f"--target-seeds: file not found: {args.target_seeds}")
+    _require_files(args, ("target", "fod"), ("target_seeds",), "(or --example)")
     _check_run_options(args)
     default = find_config("fit_params" if args.fit == "params" else "fit_fod")
     cfg_path = find_config(args.config) if args.config else None
@@ -285,6 +278,7 @@ def _bundle_data(args) -> dict:
     """The FOD image, the target (with its seeds) and the starting tracking parameters."""
     import torch
 
+    from ..fit.config import header_lengths
     from ..io.image import load_fod
     from ..io.seeds import midpoint_seeds, seeds_from_reference
     from ..io.tractogram import load_tractogram, load_tractogram_header
@@ -300,7 +294,7 @@ def _bundle_data(args) -> dict:
     else:
         pos, dirs = midpoint_seeds(target)
     if str(args.target).endswith(".tck"):
-        params0 = _header_lengths(load_tractogram_header(args.target), params0)
+        params0 = header_lengths(load_tractogram_header(args.target), params0)
     return {"img": img, "target": target, "pos": pos, "dirs": dirs, "params0": params0}
 
 
@@ -353,17 +347,6 @@ _PRINTED = (
     "start_heldout_mdf_mm",
     "final_heldout_mdf_mm",
 )
-
-
-def _header_lengths(header: dict, params):
-    changes = {}
-    for key, name in (("min_dist", "min_length_mm"), ("max_dist", "max_length_mm")):
-        if getattr(params, name) is None and key in header:
-            try:
-                changes[name] = float(header[key])
-            except ValueError:
-                pass
-    return params.replace(**changes) if changes else params
 
 
 def _hard_score(field, vsz, params, pos, dirs, target, index) -> tuple[float, object]:
@@ -466,6 +449,17 @@ def _values(params, vsz) -> dict:
     return {"step_mm": r.step_mm, "angle_deg": r.angle_deg, "cutoff": r.cutoff}
 
 
+def _require_files(args, required, optional, context: str) -> None:
+    """Each ``required`` option is given and exists, each given ``optional`` one exists."""
+    for flag in (*required, *optional):
+        v = getattr(args, flag)
+        name = "--" + flag.replace("_", "-")
+        if not v and flag in required:
+            raise ConfigError(f"{name} is required {context}")
+        if v and not os.path.exists(v):
+            raise InvtractError(f"{name}: file not found: {v}")
+
+
 def _check_run_options(args) -> None:
     """``--iterations`` and ``--device``, for either kind of target."""
     import torch
@@ -510,15 +504,8 @@ def _run_connectome(args) -> int:
         raise ConfigError("--target-connectome replaces --target / --target-seeds / --example")
     if args.nproc != 1:
         raise ConfigError("--nproc applies to bundle fits (--target) only")
-    for flag in ("target_connectome", "parcellation", "fod"):
-        v = getattr(args, flag)
-        name = "--" + flag.replace("_", "-")
-        if not v:
-            raise ConfigError(f"{name} is required with --target-connectome")
-        if not os.path.exists(v):
-            raise InvtractError(f"{name}: file not found: {v}")
-    if args.seed_image and not os.path.exists(args.seed_image):
-        raise InvtractError(f"--seed-image: file not found: {args.seed_image}")
+    required = ("target_connectome", "parcellation", "fod")
+    _require_files(args, required, ("seed_image",), "with --target-connectome")
     _check_run_options(args)
     cfg_path = find_config(args.config or "fit_connectome")
     cfg = load_connectome_config(cfg_path, _collect_overrides(args))

@@ -35,6 +35,8 @@ __all__ = [
     "parse_value",
     "set_dotted",
     "flat_keys",
+    "table_fields",
+    "header_lengths",
     "CONFIG_DIRS",
 ]
 
@@ -208,6 +210,30 @@ def validate(cfg: Mapping, rules: Mapping) -> None:
     ``in``, ``subset``, ``bounds``) to ``cfg``; :class:`ConfigError` on the first violation."""
     for key, (op, arg) in rules.items():
         _check(key, _get(cfg, key), op, arg)
+
+
+def table_fields(cls, d: Mapping | None, table: str) -> dict:
+    """``d`` as keyword arguments of dataclass ``cls``; ConfigError naming ``[table]`` for a key
+    ``cls`` does not have."""
+    d = dict(d or {})
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"[{table}]: unknown keys {unknown}; known: {sorted(known)}")
+    return d
+
+
+def header_lengths(header: Mapping, params):
+    """``params`` with unset ``min_length_mm`` / ``max_length_mm`` taken from a tckgen
+    header's ``min_dist`` / ``max_dist`` (mm)."""
+    changes = {}
+    for key, name in (("min_dist", "min_length_mm"), ("max_dist", "max_length_mm")):
+        if getattr(params, name) is None and key in header:
+            try:
+                changes[name] = float(header[key])
+            except ValueError:
+                pass
+    return params.replace(**changes) if changes else params
 
 
 def parse_value(text: str):

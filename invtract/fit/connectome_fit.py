@@ -64,7 +64,7 @@ from .config import layered_config, merge_config, validate
 from .descent import annealed
 from .distributed import SINGLE, World
 from .objective import FOD_TERMS, LossConfig, fod_priors, soft_temperature
-from .optimise import COMMON_RULES, fod_arrays
+from .optimise import COMMON_DEFAULTS, COMMON_RULES, fod_arrays, rules
 from .reparam import PARAM_NAMES, LearnedState
 from .trainer import Problem, StepOutput, Trainer, TrainSettings
 
@@ -85,44 +85,30 @@ log = logging.getLogger(__name__)
 
 #: defaults of every key of a connectome fit config (configs/fit_connectome.toml documents them)
 CONNECTOME_DEFAULTS: dict = {
+    **COMMON_DEFAULTS,
     "fit": {
-        "learn": ["step_mm", "angle_deg", "cutoff"],
+        **COMMON_DEFAULTS["fit"],
         "iterations": 30,
-        "seed": 0,
-        "eval_every": 5,
         "image_every": 5,
-        "checkpoint_every": 1,
-        "path": "efficient",
-        "device": "cpu",
-        "mode": "joint",
         "tracker": "fast",
         "space": "bounded",
-    },
-    "seeding": {
-        "per_voxel": 1,
-        "placement": "grid",
-        "resample": False,
-        "max_seeds": 0,
-    },
+    },  # fmt: skip
+    "seeding": {"per_voxel": 1, "placement": "grid", "resample": False, "max_seeds": 0},
     "optimizer": {
+        **COMMON_DEFAULTS["optimizer"],
         "name": "adam",
         "lr": 0.15,
         "lr_end": 0.0,
         "beta1": 0.9,
-        "beta2": 0.999,
         "flip_decay": 1.0,
-        "sign_eps": 1e-9,
-        "lr_sh": 0.01,
-        "grad_clip": 0.0,
-    },
+    },  # fmt: skip
     "temperature": {
+        **COMMON_DEFAULTS["temperature"],
         "amplitude_start": 0.3,
         "amplitude_end": 0.03,
         "angle_start_deg": 5.0,
         "angle_end_deg": 1.0,
-        "schedule": "geometric",
-    },
-    "bounds": {"step_mm": [0.02, 5.0], "angle_deg": [0.5, 90.0], "cutoff": [0.01, 3.0]},
+    },  # fmt: skip
     "fod": {"region": "mask", "margin_vox": 0},
     "loss": {
         "kind": "correlation",
@@ -142,23 +128,18 @@ _LOSS_TERMS = ("connectome",)
 #: validation rules of the connectome fit config (the shared ones plus its own)
 CONNECTOME_RULES: dict = {
     **COMMON_RULES,
-    "fit.tracker": ("in", ("fast", "differentiable")),
-    "fit.space": ("in", ("log", "bounded")),
-    "seeding.per_voxel": (">=", 1),
-    "seeding.max_seeds": (">=", 0),
-    "seeding.placement": ("in", ("grid", "random")),
-    "optimizer.name": ("in", ("adam", "sgd", "signum")),
-    "optimizer.lr_end": (">=", 0),
-    "optimizer.beta1": ("[0,1)", None),
-    "optimizer.beta2": ("[0,1)", None),
-    "optimizer.flip_decay": (">", 0),
-    "optimizer.sign_eps": (">=", 0),
-    "loss.kind": ("in", ("correlation", "frobenius")),
-    "loss.normalise": ("in", ("counts", "density", "row")),
-    "loss.temperature_mm": (">", 0),
-    "loss.radius_mm": (">", 0),
-    "loss.bin_mm": (">", 0),
-    "fod.region": ("in", ("mask", "nonzero")),
+    **rules(
+        positive=["loss.temperature_mm", "loss.radius_mm", "loss.bin_mm"],
+        choices={
+            "fit.tracker": ("fast", "differentiable"),
+            "seeding.placement": ("grid", "random"),
+            "optimizer.name": ("adam", "sgd", "signum"),
+            "loss.kind": ("correlation", "frobenius"),
+            "loss.normalise": ("counts", "density", "row"),
+            "fod.region": ("mask", "nonzero"),
+        },
+        at_least={"seeding.per_voxel": 1, "seeding.max_seeds": 0},
+    ),
 }
 
 
@@ -782,13 +763,13 @@ def fit_connectome(
     seed_mask: np.ndarray | None = None,
     seeds: tuple[np.ndarray, np.ndarray] | None = None,
     config: Mapping | None = None,
+    evaluate: bool = True,
     logger=None,
     voxel_sizes=None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
-    progress: bool = False,
     on_step: Callable | None = None,
-    evaluate: bool = True,
+    progress: bool = False,
     callbacks=(),
     world: World = SINGLE,
 ) -> ConnectomeFitResult:

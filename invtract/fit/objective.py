@@ -131,10 +131,9 @@ class LossConfig:
     @classmethod
     def from_dict(cls, d: Mapping | None) -> LossConfig:
         """Validate a ``[loss]`` table (``weights`` is its ``[loss.weights]`` sub-table)."""
-        d = dict(d or {})
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"[loss]: unknown keys {unknown}")
+        from .config import table_fields
+
+        d = table_fields(cls, d, "loss")
         w = {k: float(v) for k, v in dict(d.pop("weights", {"mdf": 1.0, "extent": 1.0})).items()}
         known = TERMS + FOD_TERMS + PARAM_TERMS
         bad = sorted(set(w) - set(known))

@@ -82,13 +82,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: defaults of every config key (the TOML files in configs/ document them)
-DEFAULT_CONFIG: dict = {
+#: the keys every fit config has (the bundle fit's values; the connectome fit replaces some)
+COMMON_DEFAULTS: dict = {
     "fit": {
         "learn": ["step_mm", "angle_deg", "cutoff"],
         "iterations": 60,
-        "seeds_per_iteration": 32,
-        "heldout_fraction": 0.2,
         "seed": 0,
         "mode": "joint",
         "eval_every": 5,
@@ -114,11 +112,16 @@ DEFAULT_CONFIG: dict = {
         "amplitude_end": 0.02,
         "angle_start_deg": 2.0,
         "angle_end_deg": 0.5,
-        "margin_start": 0.1,
-        "margin_end": 0.003,
         "schedule": "geometric",
     },
     "bounds": {"step_mm": [0.02, 5.0], "angle_deg": [0.5, 90.0], "cutoff": [0.01, 3.0]},
+}
+
+#: defaults of every config key (the TOML files in configs/ document them)
+DEFAULT_CONFIG: dict = {
+    **COMMON_DEFAULTS,
+    "fit": {**COMMON_DEFAULTS["fit"], "seeds_per_iteration": 32, "heldout_fraction": 0.2},
+    "temperature": {**COMMON_DEFAULTS["temperature"], "margin_start": 0.1, "margin_end": 0.003},
     "fod": {"margin_vox": 1},
     "loss": {
         "n_points": 16,
@@ -130,62 +133,70 @@ DEFAULT_CONFIG: dict = {
     },
 }
 
+
+def rules(*, positive=(), non_negative=(), unit=(), choices=None, at_least=None) -> dict:
+    """A rules table for :func:`~invtract.fit.config.validate`: keys that must be > 0,
+    >= 0, in [0, 1), one of some ``choices`` (key -> tuple), or >= a number (key -> n)."""
+    out: dict = {k: (">", 0) for k in positive}
+    out.update({k: (">=", 0) for k in non_negative})
+    out.update({k: ("[0,1)", None) for k in unit})
+    out.update({k: ("in", tuple(v)) for k, v in (choices or {}).items()})
+    out.update({k: (">=", v) for k, v in (at_least or {}).items()})
+    return out
+
+
 #: validation rules shared by every fit config (see :func:`invtract.fit.config.validate`)
 COMMON_RULES: dict = {
     "fit.learn": ("subset", PARAM_NAMES + ("sh",)),
-    "fit.iterations": (">=", 0),
-    "fit.eval_every": (">=", 1),
-    "fit.image_every": (">=", 0),
-    "fit.checkpoint_every": (">=", 1),
-    "fit.mode": ("in", ("joint", "alternate")),
-    "fit.path": ("in", ("efficient", "plain")),
-    "fit.device": ("in", ("cpu", "cuda")),
-    "optimizer.lr": (">", 0),
-    "optimizer.lr_sh": (">", 0),
-    "optimizer.grad_clip": (">=", 0),
-    "temperature.amplitude_start": (">", 0),
-    "temperature.amplitude_end": (">", 0),
-    "temperature.angle_start_deg": (">", 0),
-    "temperature.angle_end_deg": (">", 0),
-    "temperature.schedule": ("in", ("geometric", "linear", "constant")),
     **{f"bounds.{k}": ("bounds", None) for k in PARAM_NAMES},
+    **rules(
+        positive=["optimizer.lr", "optimizer.lr_sh", "optimizer.flip_decay"]
+        + [f"temperature.{k}" for k in COMMON_DEFAULTS["temperature"] if k != "schedule"],
+        non_negative=[
+            "fit.iterations",
+            "fit.image_every",
+            "optimizer.grad_clip",
+            "optimizer.sign_eps",
+            "optimizer.lr_end",
+        ],  # fmt: skip
+        unit=["optimizer.beta1", "optimizer.beta2"],
+        choices={
+            "fit.mode": ("joint", "alternate"),
+            "fit.path": ("efficient", "plain"),
+            "fit.device": ("cpu", "cuda"),
+            "fit.space": ("log", "bounded"),
+            "temperature.schedule": ("geometric", "linear", "constant"),
+        },
+        at_least={"fit.eval_every": 1, "fit.checkpoint_every": 1},
+    ),
 }
 
 #: rules of the bundle fit's config
 RULES: dict = {
     **COMMON_RULES,
-    "fit.seeds_per_iteration": (">=", 1),
-    "fit.heldout_fraction": ("[0,1)", None),
-    "fit.space": ("in", ("log", "bounded")),
-    "optimizer.name": ("in", ("signum", "adam", "sgd")),
-    "optimizer.lr_end": (">", 0),
-    "optimizer.beta1": ("[0,1)", None),
-    "optimizer.beta2": ("[0,1)", None),
-    "optimizer.flip_decay": (">", 0),
-    "optimizer.sign_eps": (">=", 0),
-    "temperature.margin_start": (">", 0),
-    "temperature.margin_end": (">", 0),
-    "fod.margin_vox": (">=", 0),
-    "loss.n_points": (">=", 2),
-    "loss.temperature_mm": (">", 0),
-    "loss.radius_mm": (">", 0),
-    "loss.sphere_points": (">=", 4),
+    **rules(
+        positive=[
+            "temperature.margin_start",
+            "temperature.margin_end",
+            "loss.temperature_mm",
+            "loss.radius_mm",
+        ],  # fmt: skip
+        non_negative=["fod.margin_vox"],
+        unit=["fit.heldout_fraction"],
+        choices={"optimizer.name": ("signum", "adam", "sgd")},
+        at_least={"fit.seeds_per_iteration": 1, "loss.n_points": 2, "loss.sphere_points": 4},
+    ),
 }
 
 #: keyword aliases accepted by fit() (Optuna hybrid names) -> config keys
 _ALIASES = {
-    "lr": ("optimizer", "lr"),
-    "lr_sh": ("optimizer", "lr_sh"),
-    "optimizer": ("optimizer", "name"),
-    "temperature_mm": ("loss", "temperature_mm"),
-    "coverage_weight": ("loss", "coverage_weight"),
-    "radius_mm": ("loss", "radius_mm"),
-    "n_points": ("loss", "n_points"),
-    "seeds_per_iteration": ("fit", "seeds_per_iteration"),
-    "heldout_fraction": ("fit", "heldout_fraction"),
-    "iterations": ("fit", "iterations"),
-    "mode": ("fit", "mode"),
-    "seed": ("fit", "seed"),
+    key: (section, name or key)
+    for section, keys in {
+        "optimizer": ("lr", "lr_sh", ("optimizer", "name")),
+        "loss": ("temperature_mm", "coverage_weight", "radius_mm", "n_points"),
+        "fit": ("seeds_per_iteration", "heldout_fraction", "iterations", "mode", "seed"),
+    }.items()
+    for key, name in ((k, None) if isinstance(k, str) else k for k in keys)
 }
 
 

@@ -373,18 +373,14 @@ class CalibrationProblem:
 
 def _header_fixed(header: Mapping, fixed: TrackingParameters) -> TrackingParameters:
     """Fill unset length limits and ``rk4`` from a tckgen header (``min_dist``/``max_dist``)."""
-    changes = {}
-    for key, name in (("min_dist", "min_length_mm"), ("max_dist", "max_length_mm")):
-        if getattr(fixed, name) is None and key in header:
-            try:
-                changes[name] = float(header[key])
-            except ValueError:
-                pass
+    from .config import header_lengths
+
+    out = header_lengths(header, fixed)
     if not fixed.rk4 and str(header.get("rk4", "0")).strip() == "1":
-        changes["rk4"] = True
-    if changes:
-        log.info("from the target header: %s", changes)
-    return fixed.replace(**changes)
+        out = out.replace(rk4=True)
+    if out != fixed:
+        log.info("from the target header: %s", out)
+    return out
 
 
 def load_problem(
@@ -713,8 +709,6 @@ def _redact(url: str) -> str:
 def build_sampler(study_cfg: Mapping, seed: int | None = None) -> optuna.samplers.BaseSampler:
     """Sampler from ``[study] sampler`` (``tpe`` default, ``random``, ``qmc``, ``gp``,
     ``cmaes``) and ``sampler_options``; seeded with ``seed``."""
-    name = study_cfg.get("sampler", "tpe")
-    opts = dict(study_cfg.get("sampler_options") or {})
     table = {
         "tpe": optuna.samplers.TPESampler,
         "random": optuna.samplers.RandomSampler,
@@ -722,25 +716,32 @@ def build_sampler(study_cfg: Mapping, seed: int | None = None) -> optuna.sampler
         "gp": getattr(optuna.samplers, "GPSampler", None),
         "cmaes": optuna.samplers.CmaEsSampler,
     }
+    extra = {"constant_liar": True} if study_cfg.get("sampler", "tpe") == "tpe" else {}
+    # constant_liar: parallel TPE workers do not all pick one point
+    return _from_table(study_cfg, "sampler", "tpe", table, seed=seed, defaults=extra)
+
+
+def _from_table(study_cfg: Mapping, kind: str, default: str, table: Mapping, *, defaults=None,
+                **kwargs):  # fmt: skip
+    """``table[study_cfg[kind]](**kwargs, **study_cfg[kind + "_options"])`` with one-line
+    ConfigErrors for an unknown name or bad options (``defaults``: options set unless given)."""
+    name = study_cfg.get(kind, default)
+    opts = {**(defaults or {}), **dict(study_cfg.get(f"{kind}_options") or {})}
     cls = table.get(name)
     if cls is None:
-        raise ConfigError(f"[study] sampler must be one of {sorted(table)}, got {name!r}")
-    if name == "tpe":
-        opts.setdefault("constant_liar", True)  # parallel workers do not all pick one point
+        raise ConfigError(f"[study] {kind} must be one of {sorted(table)}, got {name!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return cls(seed=seed, **opts)
+            return cls(**kwargs, **opts)
         except TypeError as err:
-            raise ConfigError(f"[study] sampler_options for {name}: {err}") from err
+            raise ConfigError(f"[study] {kind}_options for {name}: {err}") from err
 
 
 def build_pruner(study_cfg: Mapping) -> optuna.pruners.BasePruner:
     """Pruner from ``[study] pruner`` (``median`` default, ``hyperband``, ``percentile``,
     ``successive_halving``, ``none``) and ``pruner_options``, wrapped in
     ``PatientPruner`` when ``patience`` is set."""
-    name = study_cfg.get("pruner", "median")
-    opts = dict(study_cfg.get("pruner_options") or {})
     table = {
         "median": optuna.pruners.MedianPruner,
         "hyperband": optuna.pruners.HyperbandPruner,
@@ -748,13 +749,7 @@ def build_pruner(study_cfg: Mapping) -> optuna.pruners.BasePruner:
         "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
         "none": optuna.pruners.NopPruner,
     }
-    cls = table.get(name)
-    if cls is None:
-        raise ConfigError(f"[study] pruner must be one of {sorted(table)}, got {name!r}")
-    try:
-        pruner = cls(**opts)
-    except TypeError as err:
-        raise ConfigError(f"[study] pruner_options for {name}: {err}") from err
+    pruner = _from_table(study_cfg, "pruner", "median", table)
     if study_cfg.get("patience") is not None:
         pruner = optuna.pruners.PatientPruner(pruner, patience=int(study_cfg["patience"]))
     return pruner
