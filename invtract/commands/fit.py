@@ -494,10 +494,7 @@ def _collect_overrides(args, over: dict | None = None) -> dict:
 
 def _run_connectome(args) -> int:
     """``invtract fit --target-connectome MATRIX --parcellation LABELS --fod FOD``."""
-    import numpy as np
-
-    from ..fit.connectome_fit import fit_connectome, load_connectome_config, read_connectome
-    from ..losses.connectome import as_label_volume, csv_delimiter, format_connectome
+    from ..fit.connectome_fit import fit_connectome, load_connectome_config
 
     # ------- CHECKS -------
     if args.example or args.target or args.target_seeds:
@@ -511,21 +508,7 @@ def _run_connectome(args) -> int:
     cfg = load_connectome_config(cfg_path, _collect_overrides(args))
     run_dir, ckpt, start_it = _run_folder(args)
     params0 = tracking_parameters(args)
-
-    # ------- DATA -------
-    from ..io.image import load_fod, load_image, load_mask
-
-    img = load_fod(args.fod, sh_basis=args.sh_basis)
-    labels = as_label_volume(load_image(args.parcellation))
-    target = read_connectome(args.target_connectome)
-    seed_mask = None
-    if args.seed_image:
-        m = load_mask(args.seed_image)
-        if tuple(np.asarray(m.data).shape[:3]) != tuple(img.data.shape[:3]) or not np.allclose(
-            m.affine, img.affine, atol=1e-4
-        ):
-            raise ConfigError("--seed-image must be on the FOD's voxel grid")
-        seed_mask = np.asarray(m.data) != 0
+    img, labels, target, seed_mask = _connectome_data(args)
 
     # ------- RUN -------
     inputs = {
@@ -539,64 +522,12 @@ def _run_connectome(args) -> int:
     logger = _open_run(args, run_dir, start_it, cfg, params0, inputs)
     try:
         result = fit_connectome(
-            img,
-            labels,
-            target,
-            params0,
-            seed_mask=seed_mask,
-            config=cfg,
-            logger=logger,
-            voxel_sizes=img.voxel_sizes,
-            checkpoint=ckpt,
-            resume=args.resume,
+            img, labels, target, params0, seed_mask=seed_mask, config=cfg, logger=logger,
+            voxel_sizes=img.voxel_sizes, checkpoint=ckpt, resume=args.resume,
             progress=not args.no_progress,
-        )
-        vsz = tuple(img.voxel_sizes)
-        r0, r1 = params0.resolve(vsz), result.params.resolve(vsz)
-        rb = result.best_params.resolve(vsz)
-        summary = {
-            "step_mm": r1.step_mm,
-            "angle_deg": r1.angle_deg,
-            "cutoff": r1.cutoff,
-            "start_correlation": result.start_correlation,
-            "final_correlation": result.final_correlation,
-            "final_loss": result.final_loss,
-            "best_loss": result.best_loss,
-            "best_iteration": result.best_iteration,
-            "best_params": {"step_mm": rb.step_mm, "angle_deg": rb.angle_deg, "cutoff": rb.cutoff},
-            "final_params": _values(result.final_params or result.params, vsz),
-            "start": {"step_mm": r0.step_mm, "angle_deg": r0.angle_deg, "cutoff": r0.cutoff},
-            "iterations": result.iterations,
-            "learned": list(cfg["fit"]["learn"]),
-            "fitted_connectome": "fitted_connectome.csv",
-        }
-        delim = csv_delimiter(args.target_connectome)
-        logger.write_text(
-            "fitted_connectome.csv", format_connectome(result.final_matrix, delimiter=delim)
-        )
-        if result.sh is not None:
-            from ..io.image import save_nifti
-
-            save_nifti(run_dir / "fitted_fod.nii.gz", result.sh.numpy(), img.affine, like=img.path)
-            summary["fitted_fod"] = "fitted_fod.nii.gz"
-        logger.write_json("result.json", summary)
-        logger.hparams(
-            {
-                "fit": ",".join(cfg["fit"]["learn"]),
-                "lr": cfg["optimizer"]["lr"],
-                "iterations": cfg["fit"]["iterations"],
-                "normalise": cfg["loss"]["normalise"],
-                "start_cutoff": r0.cutoff,
-            },
-            {
-                "hparam/final_correlation": summary["final_correlation"],
-                "hparam/start_correlation": summary["start_correlation"],
-                "hparam/final_loss": summary["final_loss"],
-                "hparam/cutoff": r1.cutoff,
-            },
-        )
+        )  # fmt: skip
+        summary = _finish_connectome(args, run_dir, logger, result, img, params0, cfg)
     except KeyboardInterrupt:
-        logger.close()
         log.warning("interrupted: continue with the same command and --resume")
         raise
     finally:
@@ -605,3 +536,73 @@ def _run_connectome(args) -> int:
             "final_loss", "best_loss")  # fmt: skip
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     return 0
+
+
+def _connectome_data(args):
+    """``(FOD image, label volume, target matrix, seed mask or None)``."""
+    import numpy as np
+
+    from ..fit.connectome_fit import read_connectome
+    from ..io.image import load_fod, load_image, load_mask
+    from ..losses.connectome import as_label_volume
+
+    img = load_fod(args.fod, sh_basis=args.sh_basis)
+    labels = as_label_volume(load_image(args.parcellation))
+    target = read_connectome(args.target_connectome)
+    seed_mask = None
+    if args.seed_image:
+        m = load_mask(args.seed_image)
+        if tuple(np.asarray(m.data).shape[:3]) != tuple(img.data.shape[:3]) or not np.allclose(
+            m.affine, img.affine, atol=1e-4
+        ):
+            raise ConfigError("--seed-image must be on the FOD's voxel grid")
+        seed_mask = np.asarray(m.data) != 0
+    return img, labels, target, seed_mask
+
+
+def _finish_connectome(args, run_dir, logger, result, img, params0, cfg) -> dict:
+    """Write fitted_connectome.csv, fitted_fod.nii.gz, result.json and the hparams record."""
+    from ..losses.connectome import csv_delimiter, format_connectome
+
+    vsz = tuple(img.voxel_sizes)
+    r0, r1 = params0.resolve(vsz), result.params.resolve(vsz)
+    summary = {
+        **_values(result.params, vsz),
+        "start_correlation": result.start_correlation,
+        "final_correlation": result.final_correlation,
+        "final_loss": result.final_loss,
+        "best_loss": result.best_loss,
+        "best_iteration": result.best_iteration,
+        "best_params": _values(result.best_params, vsz),
+        "final_params": _values(result.final_params or result.params, vsz),
+        "start": _values(params0, vsz),
+        "iterations": result.iterations,
+        "learned": list(cfg["fit"]["learn"]),
+        "fitted_connectome": "fitted_connectome.csv",
+    }
+    delim = csv_delimiter(args.target_connectome)
+    logger.write_text(
+        "fitted_connectome.csv", format_connectome(result.final_matrix, delimiter=delim)
+    )
+    if result.sh is not None:
+        from ..io.image import save_nifti
+
+        save_nifti(run_dir / "fitted_fod.nii.gz", result.sh.numpy(), img.affine, like=img.path)
+        summary["fitted_fod"] = "fitted_fod.nii.gz"
+    logger.write_json("result.json", summary)
+    logger.hparams(
+        {
+            "fit": ",".join(cfg["fit"]["learn"]),
+            "lr": cfg["optimizer"]["lr"],
+            "iterations": cfg["fit"]["iterations"],
+            "normalise": cfg["loss"]["normalise"],
+            "start_cutoff": r0.cutoff,
+        },
+        {
+            "hparam/final_correlation": summary["final_correlation"],
+            "hparam/start_correlation": summary["start_correlation"],
+            "hparam/final_loss": summary["final_loss"],
+            "hparam/cutoff": r1.cutoff,
+        },
+    )
+    return summary

@@ -326,6 +326,52 @@ def _margins_at(points, idx, s_, k_, sh_flat, s2v, shape, lmax, cutoff, cos_max,
     return torch.minimum((amp - cut) / t_amp, (cos - cmax) / t_cos)
 
 
+def _half_end_mass(points, seed_index, lengths, half: int, ctx: dict):
+    """End mass of one half of every streamline, binned along the half, with its soft node
+    assignment: ``(E [S, nb, n] float64, R [S, nb])`` (``R``: each bin's representative vertex
+    step count, a large negative number for an empty bin). See :func:`survival_connectome`."""
+    S, L = points.shape[:2]
+    dev = points.device
+    rows = torch.arange(S, device=dev)
+    b, n = ctx["b"], ctx["n"]
+    margin_args = (ctx["sh_flat"], ctx["s2v"], ctx["shape"], ctx["lmax"], ctx["cutoff"],
+                   ctx["cos_max"], ctx["t_amp"], ctx["t_cos"])  # fmt: skip
+    idx, nst = _half_index(seed_index, lengths, half, L)
+    H = idx.shape[1]
+    x = half_margins(points, idx, nst, *margin_args)
+    cm, cm_i = torch.cummin(x, dim=1)  # cm[j] = min_{k <= j} x_k
+    # bins: representatives r_i = n - i b (i = 0..), covering (r_i - b, r_i] within [1, n]
+    nb = max(1, (H - 1 + b - 1) // b)
+    i = torch.arange(nb, device=dev)[None]
+    r = nst[:, None] - i * b  # [S, nb]
+    ok = r >= 1
+    lo = (r - b + 1).clamp_min(1)
+    # S(j) = sig(cm[j - 1]) for j >= 2, 1 for j <= 1; S(n + 1) = 0 (the half ends at n)
+    need_j = torch.stack([lo, r + 1], -1)  # [S, nb, 2]
+    jm1 = (need_j - 1).clamp(0, H - 1)
+    k_arg = torch.gather(cm_i, 1, jm1.reshape(S, -1)).reshape(S, nb, 2)
+    finite = torch.isfinite(torch.gather(cm, 1, jm1.reshape(S, -1)).reshape(S, nb, 2))
+    use = finite & (need_j >= 2) & ok[..., None]
+    surv = torch.ones(S, nb, 2, dtype=torch.float64, device=dev)
+    if bool(use.any()):
+        ss = rows[:, None, None].expand(S, nb, 2)[use]
+        key = ss * H + k_arg[use]
+        uniq, inv = torch.unique(key, return_inverse=True)
+        xs = _margins_at(points, idx, uniq // H, uniq % H, *margin_args)
+        surv = surv.masked_scatter(use, torch.sigmoid(xs[inv]))
+    # the last bin ends the half: no survival beyond n
+    past_end = (need_j[..., 1] > nst[:, None]) & ok
+    s_hi = torch.where(past_end, torch.zeros_like(surv[..., 1]), surv[..., 1])
+    mass = torch.where(ok, (surv[..., 0] - s_hi).clamp_min(0.0), torch.zeros_like(s_hi))
+    rep = idx.gather(1, r.clamp(0, H - 1))  # vertex of each representative
+    pr = points[rows[:, None], rep].reshape(-1, 3)
+    probs = _soft_node_probs(
+        pr, ctx["vol"], ctx["label_t"], ctx["offsets"], ctx["radius_mm"], ctx["temperature_mm"]
+    ).reshape(S, nb, n)
+    reps = torch.where(ok, r, torch.full_like(r, -(10**9)))
+    return mass[..., None] * probs.to(torch.float64), reps
+
+
 def survival_connectome(
     res,
     sh: torch.Tensor,
@@ -398,48 +444,17 @@ def survival_connectome(
     a_seed = _amplitude(sh_flat, s2v, shape, p_seed, u_seed, lmax)
     cut64 = torch.as_tensor(cutoff, dtype=torch.float64)
     w_seed = torch.sigmoid((a_seed - cut64) / t_amp)  # [S]
+    ctx = {
+        "sh_flat": sh_flat, "s2v": s2v, "shape": shape, "lmax": lmax, "cutoff": cutoff,
+        "cos_max": cos_max, "t_amp": t_amp, "t_cos": t_cos, "b": b, "vol": vol,
+        "label_t": label_t, "offsets": offsets, "radius_mm": float(radius_mm),
+        "temperature_mm": float(temperature_mm), "n": n,
+    }  # fmt: skip
     E, R = [], []
     for half in (0, 1):
-        idx, nst = _half_index(seed_index, lengths, half, L)
-        H = idx.shape[1]
-        x = half_margins(
-            points, idx, nst, sh_flat, s2v, shape, lmax, cutoff, cos_max, t_amp, t_cos
-        )
-        cm, cm_i = torch.cummin(x, dim=1)  # cm[j] = min_{k <= j} x_k
-        # bins: representatives r_i = n - i b (i = 0..), covering (r_i - b, r_i] within [1, n]
-        nb = max(1, (H - 1 + b - 1) // b)
-        i = torch.arange(nb, device=dev)[None]
-        r = nst[:, None] - i * b  # [S, nb]
-        ok = r >= 1
-        lo = (r - b + 1).clamp_min(1)
-        # S(j) = sig(cm[j - 1]) for j >= 2, 1 for j <= 1; S(n + 1) = 0 (the half ends at n)
-        need_j = torch.stack([lo, r + 1], -1)  # [S, nb, 2]
-        jm1 = (need_j - 1).clamp(0, H - 1)
-        k_arg = torch.gather(cm_i, 1, jm1.reshape(S, -1)).reshape(S, nb, 2)
-        finite = torch.isfinite(torch.gather(cm, 1, jm1.reshape(S, -1)).reshape(S, nb, 2))
-        use = finite & (need_j >= 2) & ok[..., None]
-        surv = torch.ones(S, nb, 2, dtype=torch.float64, device=dev)
-        if bool(use.any()):
-            ss = rows[:, None, None].expand(S, nb, 2)[use]
-            kk = k_arg[use]
-            key = ss * H + kk
-            uniq, inv = torch.unique(key, return_inverse=True)
-            xs = _margins_at(
-                points, idx, uniq // H, uniq % H, sh_flat, s2v, shape, lmax,
-                cutoff, cos_max, t_amp, t_cos,
-            )  # fmt: skip
-            surv = surv.masked_scatter(use, torch.sigmoid(xs[inv]))
-        # the last bin ends the half: no survival beyond n
-        past_end = (need_j[..., 1] > nst[:, None]) & ok
-        s_hi = torch.where(past_end, torch.zeros_like(surv[..., 1]), surv[..., 1])
-        mass = torch.where(ok, (surv[..., 0] - s_hi).clamp_min(0.0), torch.zeros_like(s_hi))
-        rep = idx.gather(1, r.clamp(0, H - 1))  # vertex of each representative
-        pr = points[rows[:, None], rep].reshape(-1, 3)
-        probs = _soft_node_probs(
-            pr, vol, label_t, offsets, float(radius_mm), float(temperature_mm)
-        ).reshape(S, nb, n)
-        E.append(mass[..., None] * probs.to(torch.float64))
-        R.append(torch.where(ok, r, torch.full_like(r, -(10**9))))
+        mass_probs, reps = _half_end_mass(points, seed_index, lengths, half, ctx)
+        E.append(mass_probs)
+        R.append(reps)
     ok_len = (1 + R[0][:, :, None] + R[1][:, None, :]) >= int(min_points)  # [S, nb0, nb1]
     F2 = torch.einsum("sij,sjm->sim", ok_len.to(torch.float64), E[1])
     full = torch.einsum("sin,sim->nm", E[0] * w_seed[:, None, None], F2)

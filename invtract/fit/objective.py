@@ -371,32 +371,14 @@ def paired_terms(
     mylen = cum[..., -1]
     t_sel = tl[ids.to(dev)]
     if "mdf" in active:
-        ext = torch.minimum(mylen, t_sel)
-        a = resample_halves(halves, counts, ext, config.n_points)
-        th = target.halves[ids].to(dev)
-        b = resample_halves(th, target.counts[ids].to(dev), ext, config.n_points)
-        per_half = (a - b).to(dt).pow(2).sum(-1).clamp_min(1e-12).sqrt().mean(-1)  # [S, 2]
-        wt = ext
-        per = (per_half * wt).sum(-1) / wt.sum(-1).clamp_min(1e-6)
-        # a missing streamline scores the MDF of its target against its seed point
-        miss_pen = _missing_mdf(target, missing).to(dev, dt)
-        out["mdf"] = (per.sum() + miss_pen) / n_pairs
+        out["mdf"] = _mdf_term(halves, counts, mylen, t_sel, target, ids, missing, config)
     if "vertex" in active:
         per = vertex_distance(
             halves, counts, w, target.halves[ids].to(dev), target.counts[ids].to(dev)
         )
         out["vertex"] = per.sum() / n_pairs
     if "extent" in active:
-        seg = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., 1:] - cum[..., :-1]], -1)
-        H = halves.shape[2]
-        real = torch.arange(H, device=dev)[None, None] < counts[..., None]
-        inside = (cum <= t_sel[..., None] + 1e-6) & real
-        outside = (~inside) & real
-        short = (t_sel - mylen).clamp_min(0)  # [S, 2]
-        s = w.to(dt)
-        over = (seg * s * outside).sum((-1, -2))
-        under = (seg * (1 - s) * inside).sum((-1, -2))
-        out["extent"] = (over.sum() + under.sum() + short.sum() + missing_len) / n_pairs
+        out["extent"] = (_extent_sum(cum, counts, t_sel, w) + missing_len) / n_pairs
     if "margin" in active or "centre" in active:
         if field is None or angle_deg is None or cutoff is None:
             raise ConfigError("margin / centre need the FOD field, angle_deg and cutoff")
@@ -419,40 +401,77 @@ def paired_terms(
         )
     if "centre" in active:
         out["centre"] = centre_term(tfeats, angle_deg, cutoff).to(dev)
+    out.update(_streamline_terms(res, target, ids, config, active, shape, affine))
+    return out
+
+
+def _mdf_term(halves, counts, mylen, t_sel, target: PairedTarget, ids, missing, config):
+    """``mdf``: the common-extent paired MDF per pair (missing pairs: target vs seed point),
+    summed and divided by the number of pairs."""
+    dev, dt = halves.device, torch.float64
+    ext = torch.minimum(mylen, t_sel)
+    a = resample_halves(halves, counts, ext, config.n_points)
+    th = target.halves[ids].to(dev)
+    b = resample_halves(th, target.counts[ids].to(dev), ext, config.n_points)
+    per_half = (a - b).to(dt).pow(2).sum(-1).clamp_min(1e-12).sqrt().mean(-1)  # [S, 2]
+    per = (per_half * ext).sum(-1) / ext.sum(-1).clamp_min(1e-6)
+    miss_pen = _missing_mdf(target, missing).to(dev, dt)
+    return (per.sum() + miss_pen) / len(target)
+
+
+def _extent_sum(cum, counts, t_sel, w) -> torch.Tensor:
+    """Survival-weighted over- and under-reach plus the short fall of every half (mm)."""
+    dev, dt = cum.device, torch.float64
+    seg = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., 1:] - cum[..., :-1]], -1)
+    real = torch.arange(cum.shape[2], device=dev)[None, None] < counts[..., None]
+    inside = (cum <= t_sel[..., None] + 1e-6) & real
+    outside = (~inside) & real
+    short = (t_sel - cum[..., -1]).clamp_min(0)  # [S, 2]
+    s = w.to(dt)
+    over = (seg * s * outside).sum((-1, -2))
+    under = (seg * (1 - s) * inside).sum((-1, -2))
+    return over.sum() + under.sum() + short.sum()
+
+
+def _streamline_terms(res, target: PairedTarget, ids, config, active, shape, affine) -> dict:
+    """The whole-streamline terms ``paired``, ``chamfer``, ``length``, ``density``."""
+    out: dict = {}
+    dt = torch.float64
     need_sl = [k for k in ("paired", "chamfer", "length", "density") if k in active]
-    if need_sl:
-        sl = res.streamlines()
-        sl = Streamlines(sl.points.to(dt), sl.lengths)
-        tgt = target.streamlines.select(ids).to(dtype=dt)
-        mask = res.mask
-        mean_w = (res.weights * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        from ..losses import chamfer_loss, length_loss, paired_loss
+    if not need_sl:
+        return out
+    sl = res.streamlines()
+    sl = Streamlines(sl.points.to(dt), sl.lengths)
+    tgt = target.streamlines.select(ids).to(dtype=dt)
+    mask = res.mask
+    mean_w = (res.weights * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    from ..losses import chamfer_loss, length_loss, paired_loss
 
-        if "paired" in active:
-            out["paired"] = paired_loss(
-                sl,
-                tgt,
-                config.n_points,
-                coverage_weight=config.coverage_weight,
-                radius_mm=config.radius_mm,
-                temperature_mm=config.temperature_mm,
-                weights=mean_w.to(dt),
-            )
-        if "chamfer" in active:
-            full = target.streamlines.to(dtype=dt)
-            out["chamfer"] = chamfer_loss(
-                sl, full, config.n_points, temperature_mm=config.temperature_mm
-            )
-        if "length" in active:
-            out["length"] = length_loss(sl, target.streamlines.to(dtype=dt), weights=mean_w.to(dt))
-        if "density" in active:
-            if shape is None or affine is None:
-                raise ConfigError("the density term needs the FOD grid (shape, affine)")
-            from ..losses import density_correlation, track_density
+    if "paired" in active:
+        out["paired"] = paired_loss(
+            sl,
+            tgt,
+            config.n_points,
+            coverage_weight=config.coverage_weight,
+            radius_mm=config.radius_mm,
+            temperature_mm=config.temperature_mm,
+            weights=mean_w.to(dt),
+        )
+    if "chamfer" in active:
+        full = target.streamlines.to(dtype=dt)
+        out["chamfer"] = chamfer_loss(
+            sl, full, config.n_points, temperature_mm=config.temperature_mm
+        )
+    if "length" in active:
+        out["length"] = length_loss(sl, target.streamlines.to(dtype=dt), weights=mean_w.to(dt))
+    if "density" in active:
+        if shape is None or affine is None:
+            raise ConfigError("the density term needs the FOD grid (shape, affine)")
+        from ..losses import density_correlation, track_density
 
-            d_a = track_density(sl, shape, affine)
-            d_b = track_density(target.streamlines.to(dtype=dt), shape, affine)
-            out["density"] = 1.0 - density_correlation(d_a.to(dt), d_b.to(dt))
+        d_a = track_density(sl, shape, affine)
+        d_b = track_density(target.streamlines.to(dtype=dt), shape, affine)
+        out["density"] = 1.0 - density_correlation(d_a.to(dt), d_b.to(dt))
     return out
 
 
@@ -728,6 +747,17 @@ def margin_hinge(
         stopped = feats["stopped"].to(dev)
         a_s, c_s = margins(feats["stop_turn"], feats["stop_amp"])
         early = (short * (h(-a_s) + h(-c_s)) * stopped).sum()
+    beyond_t = beyond if target is not None else None
+    over = _overshoot(feats, a, c, h, cum, tl, inside, outside, target, beyond_t, box_reduce)
+    return under + over + early
+
+
+def _overshoot(feats, a, c, h, cum, tl, inside, outside, target, beyond, box_reduce):
+    """``margin``'s overshoot charge: the overshoot length of every half that runs beyond its
+    target times the hinge of the test that can kill its first vertex past the target's end
+    (see :func:`margin_hinge`)."""
+    dev, dt = cum.device, torch.float64
+    H = cum.shape[-1]
     # the feasible box left by the vertices that must survive: angle > every inside turn,
     # cutoff < every inside amplitude (this batch)
     with torch.no_grad():
@@ -763,7 +793,7 @@ def margin_hinge(
         torch.where(can_a, h(af), torch.where(can_c, h(cf), torch.zeros_like(af))),
     )
     over = (over_len * pen).sum()
-    return under + over + early
+    return over
 
 
 def _missing_mdf(target: PairedTarget, missing: torch.Tensor) -> torch.Tensor:
