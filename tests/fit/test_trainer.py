@@ -156,3 +156,13 @@ def test_precedence_defaults_example_config_set(tmp_path):
     assert cfg["fit"]["iterations"] == 7
     # an integer where a float is expected is accepted as the float
     assert merge_config(DEFAULT_CONFIG, {"optimizer": {"lr": 1}})["optimizer"]["lr"] == 1.0
+
+
+def test_shipped_configs_are_the_defaults():
+    from invtract.fit.config import find_config
+    from invtract.fit.connectome_fit import CONNECTOME_DEFAULTS, load_connectome_config
+
+    assert load_config(find_config("fit_params")) == DEFAULT_CONFIG
+    assert load_connectome_config(find_config("fit_connectome")) == CONNECTOME_DEFAULTS
+    fod = load_config(find_config("fit_fod"))
+    assert fod["optimizer"]["name"] == "adam" and "nonneg" in fod["loss"]["weights"]
