@@ -127,3 +127,29 @@ def test_two_process_fit_equals_one_process(tmp_path, small_target):
     la = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss/total"] for x in lb] == pytest.approx([x["loss/total"] for x in la], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_two_process_resume_of_an_interrupted_run(tmp_path, small_target, monkeypatch):
+    from invtract.fit import runlog
+
+    full = tmp_path / "full"
+    assert main(_args(small_target, full, ["--iterations", "3"])) == 0
+    real = runlog.RunLogger.metrics
+    count = {"n": 0}
+
+    def interrupting(self, record):
+        real(self, record)
+        count["n"] += 1
+        if count["n"] == 2:
+            raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(runlog.RunLogger, "metrics", interrupting)
+    assert main(_args(small_target, part, ["--iterations", "3"])) == 130
+    monkeypatch.setattr(runlog.RunLogger, "metrics", real)
+    assert main(_args(small_target, part, ["--iterations", "3", "--resume", "--nproc", "2"])) == 0
+    a, b = _strict(full / "result.json"), _strict(part / "result.json")
+    for k in ("step_mm", "angle_deg", "cutoff", "best_loss", "final_loss"):
+        assert b[k] == pytest.approx(a[k], rel=1e-9), k
+    assert len((part / "metrics.jsonl").read_text().splitlines()) == 3
