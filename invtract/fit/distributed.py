@@ -25,9 +25,11 @@ __all__ = ["World", "SINGLE", "from_environment", "spawn", "free_port"]
 class World:
     """A rank of a process group (``size == 1``: a plain single-process fit)."""
 
-    def __init__(self, rank: int = 0, size: int = 1) -> None:
+    def __init__(self, rank: int = 0, size: int = 1, comm_device: str = "cpu") -> None:
         self.rank = int(rank)
         self.size = int(size)
+        #: where collective buffers live (``cuda`` for NCCL, ``cpu`` for gloo)
+        self.comm_device = torch.device(comm_device)
 
     @property
     def is_main(self) -> bool:
@@ -44,12 +46,13 @@ class World:
             return
         import torch.distributed as dist
 
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64).cpu() for t in tensors])
+        dev = self.comm_device
+        flat = torch.cat([t.detach().reshape(-1).to(dev, torch.float64) for t in tensors])
         dist.all_reduce(flat)
         a = 0
         for t in tensors:
             n = t.numel()
-            t.copy_(flat[a : a + n].reshape(t.shape).to(t.dtype))
+            t.copy_(flat[a : a + n].reshape(t.shape).to(t.device, t.dtype))
             a += n
 
     def sum(self, values: dict) -> dict:
@@ -71,7 +74,8 @@ class World:
             return a_lo, c_hi
         import torch.distributed as dist
 
-        t = torch.stack([a_lo.detach().cpu().double(), -c_hi.detach().cpu().double()])
+        dev = self.comm_device
+        t = torch.stack([a_lo.detach().to(dev).double(), -c_hi.detach().to(dev).double()])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t[0].to(a_lo), (-t[1]).to(c_hi)
 
@@ -94,10 +98,12 @@ def from_environment(device: str = "cpu") -> World:
         return SINGLE
     import torch.distributed as dist
 
+    cuda = device.startswith("cuda")
+    if cuda:  # one GPU per local rank
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-    return World(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), "cuda" if cuda else "cpu")
 
 
 def free_port() -> int:
