@@ -68,7 +68,8 @@ __all__ = [
     "CalibrationProblem",
     "load_problem",
     "Objective",
-    "load_fit",
+    "hybrid_fit",
+    "OptunaPruning",
     "default_storage_url",
     "make_storage",
     "build_sampler",
@@ -450,11 +451,6 @@ def load_problem(
 # ------------------------------------------------------------------------------------------
 # the objective
 # ------------------------------------------------------------------------------------------
-def load_fit() -> Callable:
-    """:func:`hybrid_fit` (kept for callers that check hybrid mode is available)."""
-    return hybrid_fit
-
-
 class OptunaPruning:
     """Trainer callback: report the iteration's loss to an Optuna trial every ``every``
     iterations (and at the last) and raise :class:`optuna.TrialPruned` when its pruner says so;
@@ -942,8 +938,6 @@ def run_search(job: SearchJob, n_trials: int, *, workers: int = 1) -> optuna.Stu
         raise ConfigError(f"need trials >= 0 and workers >= 1, got {n_trials}, {workers}")
     space = load_space(job.space)
     space.check_mode(job.mode)
-    if job.mode == "hybrid":
-        load_fit()
     clash = sorted(set(job.fixed) & set(space.params))
     if clash:
         raise ConfigError(f"{clash} are searched by {space.name}; do not also fix them")
