@@ -135,8 +135,6 @@ class Calibrate:
         space = search.load_space(space_spec)
         mode = args.mode or space.mode
         space.check_mode(mode)
-        if mode == "hybrid":
-            search.load_fit()
         fixed = _fixed_parameters(args)
         study_name = args.study or f"{_stem(args.target)}_{space.name}"
         run_dir = search.resolve_run_dir(args.run, study_name)

@@ -44,13 +44,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import logging
 import math
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -60,22 +58,32 @@ from .track import add_tracking_options, tracking_parameters
 
 log = logging.getLogger("invtract.fit")
 
-_CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parents[2] / "configs")
 _LEARN = {
     "params": ["step_mm", "angle_deg", "cutoff"],
     "fod": ["sh"],
     "both": ["step_mm", "angle_deg", "cutoff", "sh"],
 }
-#: settings of ``--example`` (a complete params fit on CPU in under 2 minutes)
+#: settings of ``--example`` (a complete params fit on CPU in under 2 minutes); they sit
+#: between the defaults and --config: defaults < --example < --config < --set / flags
 EXAMPLE_OVERRIDES = {
     "fit": {"iterations": 24, "seeds_per_iteration": 8, "image_every": 5},
 }
 
 
-def _run_folder(args):
-    """``(run_dir, checkpoint path, completed iterations or None)``; checks --resume."""
+def find_config(spec: str) -> Path:
+    """A config path, or a bare name looked up in ``./configs`` then the package's configs
+    (:func:`invtract.fit.config.find_config`, the one lookup)."""
+    from ..fit.config import find_config as find
+
+    return find(spec)
+
+
+def _run_folder(args, world_main: bool = True):
+    """``(run_dir, checkpoint path, completed iterations or None)``; checks --resume and that
+    the folder can be written (one-line errors)."""
     from ..fit.checkpoint import checkpoint_iteration
     from ..fit.runlog import resolve_run_dir
+    from ..io.atomic import check_writable_dir
 
     run_dir = resolve_run_dir(args.run)
     ckpt = run_dir / "checkpoint.pt"
@@ -84,109 +92,36 @@ def _run_folder(args):
         raise ConfigError(f"--resume: no checkpoint in {run_dir}")
     if not args.resume and ckpt.exists():
         raise ConfigError(f"{run_dir} already holds a run: use --resume or another --run")
+    if world_main:
+        check_writable_dir(run_dir)
     return run_dir, ckpt, start_it
 
 
-def find_config(spec: str) -> Path:
-    """A config path, or a bare name looked up in ``./configs`` then the repository's."""
-    cands = [Path(spec), Path(spec + ".toml")]
-    if "/" not in spec and os.sep not in spec:
-        for d in _CONFIG_DIRS:
-            cands += [d / spec, d / f"{spec}.toml"]
-    else:
-        cands += [_CONFIG_DIRS[1].parent / spec, _CONFIG_DIRS[1].parent / (spec + ".toml")]
-    for c in cands:
-        if c.is_file():
-            return c
-    raise ConfigError(f"config {spec!r} not found (tried {', '.join(map(str, cands))})")
+def _argv(args) -> list[str]:
+    return ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", None) or sys.argv[1:]]
 
 
-def _parse_value(text: str):
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+def _tracking_record(params0) -> dict:
+    return {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in dataclasses.asdict(params0).items()
+        if v is not None
+    }
 
 
-def _set_key(over: dict, dotted: str, value) -> None:
-    parts = dotted.split(".")
-    if len(parts) < 2:
-        raise ConfigError(f"config key must be SECTION.KEY, got {dotted!r}")
-    d = over
-    for p in parts[:-1]:
-        d = d.setdefault(p, {})
-    d[parts[-1]] = value
+def _open_run(args, run_dir, start_it, cfg: dict, params0, inputs: dict):
+    """The run's :class:`~invtract.fit.runlog.RunLogger`, with config.toml, command.txt and
+    versions.json written (a resumed run appends to command.txt)."""
+    from ..fit.config import toml_dumps
+    from ..fit.runlog import RunLogger
 
-
-def _flat_keys(cfg: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in cfg.items():
-        if isinstance(v, dict) and k != "weights":
-            out += _flat_keys(v, f"{prefix}{k}.")
-        elif k == "weights":
-            from ..fit.objective import FOD_TERMS, TERMS
-
-            out += [f"{prefix}weights.{t}" for t in TERMS + FOD_TERMS]
-        else:
-            out.append(prefix + k)
-    return out
-
-
-def toml_dumps(cfg: dict) -> str:
-    """A small TOML writer for nested tables of numbers, strings, bools and lists."""
-
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v) if math.isfinite(v) else ('"nan"' if v != v else '"inf"')
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return json.dumps(str(v))
-
-    lines: list[str] = []
-
-    def table(name: str, d: dict) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
-        subs = {k: v for k, v in d.items() if isinstance(v, dict)}
-        if name:
-            lines.append(f"\n[{name}]")
-        for k, v in scalars.items():
-            if v is not None:
-                lines.append(f"{k} = {val(v)}")
-        for k, v in subs.items():
-            table(f"{name}.{k}" if name else k, v)
-
-    table("", cfg)
-    return "\n".join(lines).lstrip() + "\n"
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("invtract", "torch", "numpy", "scipy", "nibabel", "dipy", "tensorboard"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    try:
-        import subprocess
-
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parents[2],
-        ).stdout.strip()
-        out["git_sha"] = sha or None
-    except (OSError, subprocess.SubprocessError):
-        out["git_sha"] = None
-    return out
+    logger = RunLogger(run_dir, tensorboard=not args.no_tensorboard, purge_step=start_it)
+    record = {**cfg, "tracking": _tracking_record(params0), "inputs": inputs}
+    logger.record_run(toml_dumps(record), _argv(args), resume=args.resume)
+    log.info(
+        "run folder %s%s", run_dir, f" (resuming at iteration {start_it})" if start_it else ""
+    )
+    return logger
 
 
 class Fit:
@@ -250,10 +185,21 @@ class Fit:
         )
         r.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events")
         r.add_argument("--no-progress", action="store_true", help="no progress bar")
+        r.add_argument(
+            "--nproc",
+            type=int,
+            default=1,
+            metavar="N",
+            help="data-parallel fit in N local processes (torch.distributed, gloo on CPU): "
+            "seeds sharded, gradients summed, the same result as one process; under torchrun "
+            "the environment's process group is used instead",
+        )
+        from ..fit.config import flat_keys
+        from ..fit.objective import FOD_TERMS, TERMS
         from ..fit.optimise import DEFAULT_CONFIG
 
         c = p.add_argument_group("config keys (each overrides the config file)")
-        for key in _flat_keys(DEFAULT_CONFIG):
+        for key in flat_keys(DEFAULT_CONFIG, free={"weights": TERMS + FOD_TERMS}):
             c.add_argument(
                 f"--{key}",
                 dest=f"cfg:{key}",
@@ -265,117 +211,130 @@ class Fit:
 
     @staticmethod
     def run(args) -> int:
-        import torch
-
-        from ..fit.optimise import fit, load_config
-        from ..fit.runlog import RunLogger
-
         if getattr(args, "target_connectome", None) or getattr(args, "parcellation", None):
             return _run_connectome(args)
         if getattr(args, "seed_image", None):
             raise ConfigError("--seed-image applies to --target-connectome fits only")
-        # ------- CHECKS -------
-        if args.example:
-            from ..data import example_path
+        cfg, cfg_path = _bundle_checks(args)
+        if _spawned(args, cfg):
+            return 0
+        from ..fit.distributed import from_environment
 
-            if args.target or args.fod:
-                raise ConfigError("--example uses the bundled data: no --target / --fod")
-            args.target = str(example_path("target"))
-            args.target_seeds = str(example_path("target_seeds"))
-            args.fod = str(example_path("fod"))
-        for flag in ("target", "fod"):
-            v = getattr(args, flag)
-            if not v:
-                raise ConfigError(f"--{flag} is required (or --example)")
-            if not os.path.exists(v):
-                raise InvtractError(f"--{flag}: file not found: {v}")
-        if args.target_seeds and not os.path.exists(args.target_seeds):
-            raise InvtractError(f"--target-seeds: file not found: {args.target_seeds}")
-        _check_run_options(args)
-        cfg_path = find_config(
-            args.config or ("fit_params" if args.fit == "params" else "fit_fod")
-        )
-        start = json.loads(json.dumps(EXAMPLE_OVERRIDES)) if args.example else {}
-        cfg = load_config(cfg_path, _collect_overrides(args, start))
-        from ..fit.optimise import FitConfig
-
-        FitConfig.from_dict(cfg)  # validate before loading data
-        run_dir, ckpt, start_it = _run_folder(args)
-        params0 = tracking_parameters(args)
-
-        # ------- DATA -------
-        from ..io.image import load_fod
-        from ..io.seeds import seeds_from_reference
-        from ..io.tractogram import load_tractogram, load_tractogram_header
-        from ..tracking.api import Seeding
-
-        img = load_fod(args.fod, sh_basis=args.sh_basis)
-        target = load_tractogram(args.target)
-        if len(target) == 0:
-            raise ConfigError(f"{args.target}: the target bundle has no streamlines")
-        if args.target_seeds:
-            pos, dirs, ti = seeds_from_reference(args.target, args.target_seeds)
-            target = target.select(torch.as_tensor(ti))
-        else:
-            from ..io.seeds import midpoint_seeds
-
-            pos, dirs = midpoint_seeds(target)
-        if str(args.target).endswith(".tck"):
-            params0 = _header_lengths(load_tractogram_header(args.target), params0)
-        seeding = Seeding("list", positions=pos, directions=dirs)
-
-        # ------- RUN -------
-        argv = ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", sys.argv[1:])]
-        logger = RunLogger(run_dir, tensorboard=not args.no_tensorboard, purge_step=start_it)
-        record = dict(cfg)
-        record["tracking"] = {
-            k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in dataclasses.asdict(params0).items()
-            if v is not None
-        }
-        record["inputs"] = {
-            "target": os.path.abspath(args.target),
-            "target_seeds": os.path.abspath(args.target_seeds) if args.target_seeds else "",
-            "fod": os.path.abspath(args.fod),
-            "fit": args.fit,
-            "config": str(cfg_path),
-        }
-        if not args.resume:
-            logger.write_text("config.toml", toml_dumps(record))
-            logger.write_text("command.txt", " ".join(argv) + "\n")
-            logger.write_json("versions.json", _versions())
-        else:
-            with open(run_dir / "command.txt", "a", encoding="utf-8") as f:
-                f.write(" ".join(argv) + "\n")
-        log.info(
-            "run folder %s%s", run_dir, f" (resuming at iteration {start_it})" if start_it else ""
-        )
+        world = from_environment(cfg["fit"]["device"])
+        run_dir, ckpt, start_it = _run_folder(args, world.is_main)
+        data = _bundle_data(args)
+        params0 = data["params0"]
+        logger = None
+        if world.is_main:
+            inputs = {
+                "target": os.path.abspath(args.target),
+                "target_seeds": os.path.abspath(args.target_seeds) if args.target_seeds else "",
+                "fod": os.path.abspath(args.fod),
+                "fit": args.fit,
+                "config": str(cfg_path),
+            }
+            logger = _open_run(args, run_dir, start_it, cfg, params0, inputs)
         try:
-            result = fit(
-                img,
-                target,
-                params0,
-                seeding=seeding,
-                config=cfg,
-                logger=logger,
-                voxel_sizes=img.voxel_sizes,
-                checkpoint=ckpt,
-                resume=args.resume,
-                progress=not args.no_progress,
-            )
+            result = _bundle_fit(args, cfg, data, logger, ckpt, world)
+            if not world.is_main:
+                return 0
+            summary = finish_run(
+                run_dir, logger, result, data["img"], data["target"], data["pos"], data["dirs"],
+                params0, cfg,
+            )  # fmt: skip
         except KeyboardInterrupt:
-            logger.close()
             log.warning("interrupted: continue with the same command and --resume")
             raise
-        except InvtractError:
-            logger.close()
-            raise
-        try:
-            summary = finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg)
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
         print(json.dumps({k: summary[k] for k in _PRINTED if k in summary}, indent=2))
         return 0
+
+
+def _bundle_checks(args) -> tuple[dict, Path]:
+    """Inputs exist, options and the layered config are valid: ``(config, config path)``."""
+    from ..fit.optimise import load_config
+
+    if args.example:
+        from ..data import example_path
+
+        if args.target or args.fod:
+            raise ConfigError("--example uses the bundled data: no --target / --fod")
+        args.target = str(example_path("target"))
+        args.target_seeds = str(example_path("target_seeds"))
+        args.fod = str(example_path("fod"))
+    _require_files(args, ("target", "fod"), ("target_seeds",), "(or --example)")
+    _check_run_options(args)
+    default = find_config("fit_params" if args.fit == "params" else "fit_fod")
+    cfg_path = find_config(args.config) if args.config else None
+    example = EXAMPLE_OVERRIDES if args.example else None
+    over = _collect_overrides(args)
+    cfg = load_config(cfg_path, over, example=example, base=None if cfg_path else default)
+    return cfg, cfg_path or default
+
+
+def _bundle_data(args) -> dict:
+    """The FOD image, the target (with its seeds) and the starting tracking parameters."""
+    import torch
+
+    from ..fit.config import header_lengths
+    from ..io.image import load_fod
+    from ..io.seeds import midpoint_seeds, seeds_from_reference
+    from ..io.tractogram import load_tractogram, load_tractogram_header
+
+    params0 = tracking_parameters(args)
+    img = load_fod(args.fod, sh_basis=args.sh_basis)
+    target = load_tractogram(args.target)
+    if len(target) == 0:
+        raise ConfigError(f"{args.target}: the target bundle has no streamlines")
+    if args.target_seeds:
+        pos, dirs, ti = seeds_from_reference(args.target, args.target_seeds)
+        target = target.select(torch.as_tensor(ti))
+    else:
+        pos, dirs = midpoint_seeds(target)
+    if str(args.target).endswith(".tck"):
+        params0 = header_lengths(load_tractogram_header(args.target), params0)
+    return {"img": img, "target": target, "pos": pos, "dirs": dirs, "params0": params0}
+
+
+def _bundle_fit(args, cfg, data, logger, ckpt, world):
+    from ..fit.optimise import fit
+    from ..tracking.api import Seeding
+
+    img = data["img"]
+    return fit(
+        img, data["target"], data["params0"],
+        seeding=Seeding("list", positions=data["pos"], directions=data["dirs"]),
+        config=cfg, logger=logger, voxel_sizes=img.voxel_sizes, checkpoint=ckpt,
+        resume=args.resume, progress=not args.no_progress, world=world,
+    )  # fmt: skip
+
+
+def _spawned(args, cfg: dict) -> bool:
+    """With ``--nproc N > 1`` outside a process group: check the run folder, then run this
+    same command in N processes (:func:`invtract.fit.distributed.spawn`); True when done."""
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    from ..fit.distributed import spawn
+
+    _run_folder(args)
+    argv = list(getattr(args, "_argv", None) or sys.argv[1:])
+    try:
+        spawn(_rank_main, (argv,), args.nproc)
+    except Exception as err:  # a rank failed: its last line is the message
+        lines = [x for x in str(err).strip().splitlines() if x.strip()]
+        last = lines[-1] if lines else repr(err)
+        raise InvtractError(f"--nproc {args.nproc}: a rank failed: {last}") from None
+    return True
+
+
+def _rank_main(argv: list[str]) -> int:
+    from ..cli import main
+
+    return main(argv)
 
 
 _PRINTED = (
@@ -388,17 +347,6 @@ _PRINTED = (
     "start_heldout_mdf_mm",
     "final_heldout_mdf_mm",
 )
-
-
-def _header_lengths(header: dict, params):
-    changes = {}
-    for key, name in (("min_dist", "min_length_mm"), ("max_dist", "max_length_mm")):
-        if getattr(params, name) is None and key in header:
-            try:
-                changes[name] = float(header[key])
-            except ValueError:
-                pass
-    return params.replace(**changes) if changes else params
 
 
 def _hard_score(field, vsz, params, pos, dirs, target, index) -> tuple[float, object]:
@@ -425,12 +373,10 @@ def _hard_score(field, vsz, params, pos, dirs, target, index) -> tuple[float, ob
 
 def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) -> dict:
     """Write fitted.tck, fitted_fod.nii.gz, result.json and the hparams record."""
-    import torch
 
+    from ..fit.outputs import save_fitted_tck
     from ..fod.field import FODField
     from ..io.image import save_nifti
-    from ..io.tractogram import save_tractogram
-    from ..tracking.api import Seeding, track
 
     run_dir = Path(run_dir)
     vsz = tuple(img.voxel_sizes)
@@ -442,15 +388,9 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) ->
     final_h, _ = _hard_score(field1, vsz, p1, pos, dirs, target, ho)
     start_t, _ = _hard_score(field0, vsz, params0, pos, dirs, target, tr)
     final_t, _ = _hard_score(field1, vsz, p1, pos, dirs, target, tr)
-    with torch.no_grad():
-        res = track(
-            field1,
-            Seeding("list", positions=pos, directions=dirs),
-            p1,
-            voxel_sizes=vsz,
-            rng_seed=0,
-        )
-    save_tractogram(run_dir / "fitted.tck", res.streamlines, header=res.header, overwrite=True)
+    res = save_fitted_tck(
+        run_dir / "fitted.tck", field1, p1, pos, dirs, vsz, source=getattr(img, "path", None)
+    )
     if result.sh is not None:
         save_nifti(run_dir / "fitted_fod.nii.gz", result.sh.numpy(), img.affine, like=img.path)
     r0 = params0.resolve(vsz)
@@ -462,11 +402,8 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) ->
         "final_loss": result.final_loss,
         "best_loss": result.best_loss,
         "best_iteration": result.best_iteration,
-        "best_params": {
-            "step_mm": result.best_params.resolve(vsz).step_mm,
-            "angle_deg": result.best_params.resolve(vsz).angle_deg,
-            "cutoff": result.best_params.resolve(vsz).cutoff,
-        },
+        "best_params": _values(result.best_params, vsz),
+        "final_params": _values(result.final_params or result.params, vsz),
         "heldout_loss": result.heldout.get("total"),
         "heldout_terms": result.heldout,
         "start": {"step_mm": r0.step_mm, "angle_deg": r0.angle_deg, "cutoff": r0.cutoff},
@@ -507,6 +444,22 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) ->
     return summary
 
 
+def _values(params, vsz) -> dict:
+    r = params.resolve(vsz)
+    return {"step_mm": r.step_mm, "angle_deg": r.angle_deg, "cutoff": r.cutoff}
+
+
+def _require_files(args, required, optional, context: str) -> None:
+    """Each ``required`` option is given and exists, each given ``optional`` one exists."""
+    for flag in (*required, *optional):
+        v = getattr(args, flag)
+        name = "--" + flag.replace("_", "-")
+        if not v and flag in required:
+            raise ConfigError(f"{name} is required {context}")
+        if v and not os.path.exists(v):
+            raise InvtractError(f"{name}: file not found: {v}")
+
+
 def _check_run_options(args) -> None:
     """``--iterations`` and ``--device``, for either kind of target."""
     import torch
@@ -520,51 +473,78 @@ def _check_run_options(args) -> None:
 def _collect_overrides(args, over: dict | None = None) -> dict:
     """Config overrides from the command line (flags per key, ``--set``, ``--fit``,
     ``--iterations``, ``--device``), applied on top of ``over``."""
+    from ..fit.config import parse_value, set_dotted
+
     over = {} if over is None else over
     for k, v in vars(args).items():
         if k.startswith("cfg:") and v is not None:
-            _set_key(over, k[4:], _parse_value(v))
+            set_dotted(over, k[4:], parse_value(v))
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set needs SECTION.KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        _set_key(over, k.strip(), _parse_value(v))
-    _set_key(over, "fit.learn", _LEARN[args.fit])
+        set_dotted(over, k.strip(), parse_value(v))
+    set_dotted(over, "fit.learn", _LEARN[args.fit])
     if args.iterations is not None:
-        _set_key(over, "fit.iterations", args.iterations)
+        set_dotted(over, "fit.iterations", args.iterations)
     if args.device:
-        _set_key(over, "fit.device", args.device)
+        set_dotted(over, "fit.device", args.device)
     return over
 
 
 def _run_connectome(args) -> int:
     """``invtract fit --target-connectome MATRIX --parcellation LABELS --fod FOD``."""
-    import numpy as np
-
-    from ..fit.connectome_fit import fit_connectome, load_connectome_config, read_connectome
-    from ..fit.runlog import RunLogger
-    from ..losses.connectome import as_label_volume, csv_delimiter, format_connectome
+    from ..fit.connectome_fit import fit_connectome, load_connectome_config
 
     # ------- CHECKS -------
     if args.example or args.target or args.target_seeds:
         raise ConfigError("--target-connectome replaces --target / --target-seeds / --example")
-    for flag in ("target_connectome", "parcellation", "fod"):
-        v = getattr(args, flag)
-        name = "--" + flag.replace("_", "-")
-        if not v:
-            raise ConfigError(f"{name} is required with --target-connectome")
-        if not os.path.exists(v):
-            raise InvtractError(f"{name}: file not found: {v}")
-    if args.seed_image and not os.path.exists(args.seed_image):
-        raise InvtractError(f"--seed-image: file not found: {args.seed_image}")
+    if args.nproc != 1:
+        raise ConfigError("--nproc applies to bundle fits (--target) only")
+    required = ("target_connectome", "parcellation", "fod")
+    _require_files(args, required, ("seed_image",), "with --target-connectome")
     _check_run_options(args)
     cfg_path = find_config(args.config or "fit_connectome")
     cfg = load_connectome_config(cfg_path, _collect_overrides(args))
     run_dir, ckpt, start_it = _run_folder(args)
     params0 = tracking_parameters(args)
+    img, labels, target, seed_mask = _connectome_data(args)
 
-    # ------- DATA -------
+    # ------- RUN -------
+    inputs = {
+        "target_connectome": os.path.abspath(args.target_connectome),
+        "parcellation": os.path.abspath(args.parcellation),
+        "fod": os.path.abspath(args.fod),
+        "seed_image": os.path.abspath(args.seed_image) if args.seed_image else "",
+        "fit": args.fit,
+        "config": str(cfg_path),
+    }
+    logger = _open_run(args, run_dir, start_it, cfg, params0, inputs)
+    try:
+        result = fit_connectome(
+            img, labels, target, params0, seed_mask=seed_mask, config=cfg, logger=logger,
+            voxel_sizes=img.voxel_sizes, checkpoint=ckpt, resume=args.resume,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        summary = _finish_connectome(args, run_dir, logger, result, img, params0, cfg)
+    except KeyboardInterrupt:
+        log.warning("interrupted: continue with the same command and --resume")
+        raise
+    finally:
+        logger.close()
+    keys = ("step_mm", "angle_deg", "cutoff", "start_correlation", "final_correlation",
+            "final_loss", "best_loss")  # fmt: skip
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    return 0
+
+
+def _connectome_data(args):
+    """``(FOD image, label volume, target matrix, seed mask or None)``."""
+    import numpy as np
+
+    from ..fit.connectome_fit import read_connectome
     from ..io.image import load_fod, load_image, load_mask
+    from ..losses.connectome import as_label_volume
 
     img = load_fod(args.fod, sh_basis=args.sh_basis)
     labels = as_label_volume(load_image(args.parcellation))
@@ -577,95 +557,52 @@ def _run_connectome(args) -> int:
         ):
             raise ConfigError("--seed-image must be on the FOD's voxel grid")
         seed_mask = np.asarray(m.data) != 0
+    return img, labels, target, seed_mask
 
-    # ------- RUN -------
-    argv = ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", sys.argv[1:])]
-    logger = RunLogger(run_dir, tensorboard=not args.no_tensorboard, purge_step=start_it)
-    record = dict(cfg)
-    record["tracking"] = {
-        k: (list(v) if isinstance(v, tuple) else v)
-        for k, v in dataclasses.asdict(params0).items()
-        if v is not None
-    }
-    record["inputs"] = {
-        "target_connectome": os.path.abspath(args.target_connectome),
-        "parcellation": os.path.abspath(args.parcellation),
-        "fod": os.path.abspath(args.fod),
-        "seed_image": os.path.abspath(args.seed_image) if args.seed_image else "",
-        "fit": args.fit,
-        "config": str(cfg_path),
-    }
-    if not args.resume:
-        logger.write_text("config.toml", toml_dumps(record))
-        logger.write_text("command.txt", " ".join(argv) + "\n")
-        logger.write_json("versions.json", _versions())
-    else:
-        with open(run_dir / "command.txt", "a", encoding="utf-8") as f:
-            f.write(" ".join(argv) + "\n")
-    try:
-        result = fit_connectome(
-            img,
-            labels,
-            target,
-            params0,
-            seed_mask=seed_mask,
-            config=cfg,
-            logger=logger,
-            voxel_sizes=img.voxel_sizes,
-            checkpoint=ckpt,
-            resume=args.resume,
-            progress=not args.no_progress,
-        )
-        vsz = tuple(img.voxel_sizes)
-        r0, r1 = params0.resolve(vsz), result.params.resolve(vsz)
-        rb = result.best_params.resolve(vsz)
-        summary = {
-            "step_mm": r1.step_mm,
-            "angle_deg": r1.angle_deg,
-            "cutoff": r1.cutoff,
-            "start_correlation": result.start_correlation,
-            "final_correlation": result.final_correlation,
-            "final_loss": result.final_loss,
-            "best_loss": result.best_loss,
-            "best_iteration": result.best_iteration,
-            "best_params": {"step_mm": rb.step_mm, "angle_deg": rb.angle_deg, "cutoff": rb.cutoff},
-            "start": {"step_mm": r0.step_mm, "angle_deg": r0.angle_deg, "cutoff": r0.cutoff},
-            "iterations": result.iterations,
-            "learned": list(cfg["fit"]["learn"]),
-            "fitted_connectome": "fitted_connectome.csv",
-        }
-        delim = csv_delimiter(args.target_connectome)
-        logger.write_text(
-            "fitted_connectome.csv", format_connectome(result.final_matrix, delimiter=delim)
-        )
-        if result.sh is not None:
-            from ..io.image import save_nifti
 
-            save_nifti(run_dir / "fitted_fod.nii.gz", result.sh.numpy(), img.affine, like=img.path)
-            summary["fitted_fod"] = "fitted_fod.nii.gz"
-        logger.write_json("result.json", summary)
-        logger.hparams(
-            {
-                "fit": ",".join(cfg["fit"]["learn"]),
-                "lr": cfg["optimizer"]["lr"],
-                "iterations": cfg["fit"]["iterations"],
-                "normalise": cfg["loss"]["normalise"],
-                "start_cutoff": r0.cutoff,
-            },
-            {
-                "hparam/final_correlation": summary["final_correlation"],
-                "hparam/start_correlation": summary["start_correlation"],
-                "hparam/final_loss": summary["final_loss"],
-                "hparam/cutoff": r1.cutoff,
-            },
-        )
-    except KeyboardInterrupt:
-        logger.close()
-        log.warning("interrupted: continue with the same command and --resume")
-        raise
-    finally:
-        logger.close()
-    keys = ("step_mm", "angle_deg", "cutoff", "start_correlation", "final_correlation",
-            "final_loss", "best_loss")  # fmt: skip
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    return 0
+def _finish_connectome(args, run_dir, logger, result, img, params0, cfg) -> dict:
+    """Write fitted_connectome.csv, fitted_fod.nii.gz, result.json and the hparams record."""
+    from ..losses.connectome import csv_delimiter, format_connectome
+
+    vsz = tuple(img.voxel_sizes)
+    r0, r1 = params0.resolve(vsz), result.params.resolve(vsz)
+    summary = {
+        **_values(result.params, vsz),
+        "start_correlation": result.start_correlation,
+        "final_correlation": result.final_correlation,
+        "final_loss": result.final_loss,
+        "best_loss": result.best_loss,
+        "best_iteration": result.best_iteration,
+        "best_params": _values(result.best_params, vsz),
+        "final_params": _values(result.final_params or result.params, vsz),
+        "start": _values(params0, vsz),
+        "iterations": result.iterations,
+        "learned": list(cfg["fit"]["learn"]),
+        "fitted_connectome": "fitted_connectome.csv",
+    }
+    delim = csv_delimiter(args.target_connectome)
+    logger.write_text(
+        "fitted_connectome.csv", format_connectome(result.final_matrix, delimiter=delim)
+    )
+    if result.sh is not None:
+        from ..io.image import save_nifti
+
+        save_nifti(run_dir / "fitted_fod.nii.gz", result.sh.numpy(), img.affine, like=img.path)
+        summary["fitted_fod"] = "fitted_fod.nii.gz"
+    logger.write_json("result.json", summary)
+    logger.hparams(
+        {
+            "fit": ",".join(cfg["fit"]["learn"]),
+            "lr": cfg["optimizer"]["lr"],
+            "iterations": cfg["fit"]["iterations"],
+            "normalise": cfg["loss"]["normalise"],
+            "start_cutoff": r0.cutoff,
+        },
+        {
+            "hparam/final_correlation": summary["final_correlation"],
+            "hparam/start_correlation": summary["start_correlation"],
+            "hparam/final_loss": summary["final_loss"],
+            "hparam/cutoff": r1.cutoff,
+        },
+    )
+    return summary

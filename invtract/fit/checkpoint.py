@@ -1,44 +1,44 @@
-"""Fit checkpoints: one file, written atomically (temporary name, then ``os.replace``)."""
+"""Fit checkpoints: one file of tensors, numbers, strings, lists and dicts.
+
+Written through the one atomic writer (:func:`invtract.io.atomic.atomic_write`) and read with
+``torch.load(..., weights_only=True)``: a checkpoint is data, never code, so a crafted pickle
+(e.g. one that would call a function on load) is refused with a one-line
+:class:`~invtract.errors.FormatError`.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
 from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, FormatError
+from ..errors import FormatError
+from ..io.atomic import atomic_write
 
-__all__ = [
-    "save_checkpoint",
-    "load_checkpoint",
-    "checkpoint_iteration",
-    "fit_state",
-    "restore_fit_state",
-]
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_iteration"]
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write ``state`` (tensors, numbers, lists, dicts) to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) to ``path`` atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Raises:
+        FormatError: unreadable, not a checkpoint, or holding anything but plain data.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise FormatError(f"{path}: cannot read checkpoint ({err})") from err
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FormatError(f"{path}: not a plain-data invtract checkpoint ({first})") from None
+    if not isinstance(st, dict) or "iteration" not in st:
+        raise FormatError(f"{path}: not an invtract fit checkpoint")
+    return st
 
 
 def checkpoint_iteration(path: str | os.PathLike) -> int | None:
@@ -46,43 +46,3 @@ def checkpoint_iteration(path: str | os.PathLike) -> int | None:
     if not Path(path).is_file():
         return None
     return int(load_checkpoint(path)["iteration"])
-
-
-def fit_state(iteration: int, config: dict, z: dict, delta, opt_p, opt_sh, **extra) -> dict:
-    """The checkpoint dict of a fit after ``iteration`` completed iterations (what
-    :func:`restore_fit_state` reads back): copies of ``z`` and ``delta``, the optimiser states,
-    the ``config`` it was made with, and ``extra`` entries (history, best, ...) as given."""
-    return {
-        "iteration": iteration,
-        "z": {k: v.detach().clone() for k, v in z.items()},
-        "delta": None if delta is None else delta.detach().cpu().clone(),
-        "opt_p": None if opt_p is None else opt_p.state_dict(),
-        "opt_sh": None if opt_sh is None else opt_sh.state_dict(),
-        "config": config,
-        **extra,
-    }
-
-
-def restore_fit_state(path, config: dict, z: dict, delta, opt_p, opt_sh) -> dict:
-    """Load a fit checkpoint made with ``config`` and copy its state back in place.
-
-    Copies the unconstrained parameters ``z`` (name -> tensor), the SH change ``delta`` (when
-    not None) and the optimiser states; returns the whole checkpoint dict for the rest (history,
-    best, iteration, ...). Raises ConfigError if the checkpoint was made with another config.
-    """
-    st = load_checkpoint(path)
-    if st.get("config") != config:
-        raise ConfigError(
-            f"{path}: the checkpoint was made with another configuration; "
-            "start a new run instead of --resume"
-        )
-    with torch.no_grad():
-        for k, v in st["z"].items():
-            z[k].copy_(v)
-        if delta is not None:
-            delta.copy_(st["delta"].to(delta.device))
-    if opt_p is not None and st.get("opt_p") is not None:
-        opt_p.load_state_dict(st["opt_p"])
-    if opt_sh is not None and st.get("opt_sh") is not None:
-        opt_sh.load_state_dict(st["opt_sh"])
-    return st

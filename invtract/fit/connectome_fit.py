@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +60,13 @@ from ..losses.connectome import (
     radial_search_offsets,
 )
 from ..params import TrackingParameters
-from .checkpoint import fit_state, restore_fit_state, save_checkpoint
-from .descent import annealed, descend
+from .config import layered_config, merge_config, validate
+from .descent import annealed
+from .distributed import SINGLE, World
 from .objective import FOD_TERMS, LossConfig, fod_priors, soft_temperature
-from .optimise import PARAM_NAMES, _fod_arrays, _from_z, _to_z, layered_config, merge_config
+from .optimise import COMMON_DEFAULTS, COMMON_RULES, fod_arrays, rules
+from .reparam import PARAM_NAMES, LearnedState
+from .trainer import Problem, StepOutput, Trainer, TrainSettings
 
 __all__ = [
     "CONNECTOME_DEFAULTS",
@@ -83,33 +85,30 @@ log = logging.getLogger(__name__)
 
 #: defaults of every key of a connectome fit config (configs/fit_connectome.toml documents them)
 CONNECTOME_DEFAULTS: dict = {
+    **COMMON_DEFAULTS,
     "fit": {
-        "learn": ["step_mm", "angle_deg", "cutoff"],
+        **COMMON_DEFAULTS["fit"],
         "iterations": 30,
-        "seed": 0,
-        "eval_every": 5,
         "image_every": 5,
-        "checkpoint_every": 1,
-        "path": "efficient",
-        "device": "cpu",
-        "mode": "joint",
         "tracker": "fast",
-    },
-    "seeding": {
-        "per_voxel": 1,
-        "placement": "grid",
-        "resample": False,
-        "max_seeds": 0,
-    },
-    "optimizer": {"name": "adam", "lr": 0.15, "lr_sh": 0.01, "grad_clip": 0.0},
+        "space": "bounded",
+    },  # fmt: skip
+    "seeding": {"per_voxel": 1, "placement": "grid", "resample": False, "max_seeds": 0},
+    "optimizer": {
+        **COMMON_DEFAULTS["optimizer"],
+        "name": "adam",
+        "lr": 0.15,
+        "lr_end": 0.0,
+        "beta1": 0.9,
+        "flip_decay": 1.0,
+    },  # fmt: skip
     "temperature": {
+        **COMMON_DEFAULTS["temperature"],
         "amplitude_start": 0.3,
         "amplitude_end": 0.03,
         "angle_start_deg": 5.0,
         "angle_end_deg": 1.0,
-        "schedule": "geometric",
-    },
-    "bounds": {"step_mm": [0.02, 5.0], "angle_deg": [0.5, 90.0], "cutoff": [0.01, 3.0]},
+    },  # fmt: skip
     "fod": {"region": "mask", "margin_vox": 0},
     "loss": {
         "kind": "correlation",
@@ -126,6 +125,24 @@ CONNECTOME_DEFAULTS: dict = {
 _LOSS_TERMS = ("connectome",)
 
 
+#: validation rules of the connectome fit config (the shared ones plus its own)
+CONNECTOME_RULES: dict = {
+    **COMMON_RULES,
+    **rules(
+        positive=["loss.temperature_mm", "loss.radius_mm", "loss.bin_mm"],
+        choices={
+            "fit.tracker": ("fast", "differentiable"),
+            "seeding.placement": ("grid", "random"),
+            "optimizer.name": ("adam", "sgd", "signum"),
+            "loss.kind": ("correlation", "frobenius"),
+            "loss.normalise": ("counts", "density", "row"),
+            "fod.region": ("mask", "nonzero"),
+        },
+        at_least={"seeding.per_voxel": 1, "seeding.max_seeds": 0},
+    ),
+}
+
+
 def load_connectome_config(path: str | Path | None, overrides: Mapping | None = None) -> dict:
     """:data:`CONNECTOME_DEFAULTS` < TOML ``path`` < ``overrides`` (unknown keys raise)."""
     cfg = layered_config(CONNECTOME_DEFAULTS, path, overrides, ignore=("tracking", "inputs"))
@@ -135,53 +152,15 @@ def load_connectome_config(path: str | Path | None, overrides: Mapping | None = 
 
 def validate_config(cfg: Mapping) -> None:
     """Raise :class:`ConfigError` for an invalid connectome fit config."""
-    f, s, o, t, ls = cfg["fit"], cfg["seeding"], cfg["optimizer"], cfg["temperature"], cfg["loss"]
-    learn = tuple(f["learn"])
-    bad = sorted(set(learn) - set(PARAM_NAMES) - {"sh"})
-    if bad or not learn:
-        raise ConfigError(f"[fit] learn must name {PARAM_NAMES + ('sh',)}, got {learn}")
-    if int(f["iterations"]) < 0:
-        raise ConfigError("[fit] iterations must be >= 0")
-    if f["mode"] not in ("joint", "alternate"):
-        raise ConfigError(f"[fit] mode must be joint or alternate, got {f['mode']!r}")
-    if f["path"] not in ("efficient", "plain"):
-        raise ConfigError("[fit] path must be efficient or plain")
-    if f["tracker"] not in ("fast", "differentiable"):
-        raise ConfigError(f"[fit] tracker must be fast or differentiable, got {f['tracker']!r}")
-    if int(s["per_voxel"]) < 1 or int(s["max_seeds"]) < 0:
-        raise ConfigError("[seeding] per_voxel must be >= 1 and max_seeds >= 0")
-    if s["placement"] not in ("grid", "random"):
-        raise ConfigError(f"[seeding] placement must be grid or random, got {s['placement']!r}")
-    if o["name"] not in ("adam", "sgd"):
-        raise ConfigError(f"[optimizer] name must be adam or sgd, got {o['name']!r}")
-    if t["schedule"] not in ("geometric", "linear", "constant"):
-        raise ConfigError("[temperature] schedule must be geometric, linear or constant")
-    for k in ("amplitude_start", "amplitude_end", "angle_start_deg", "angle_end_deg"):
-        if not float(t[k]) > 0:
-            raise ConfigError(f"[temperature] {k} must be > 0")
-    for k in PARAM_NAMES:
-        lo, hi = (float(x) for x in cfg["bounds"][k])
-        if not (0 < lo < hi and math.isfinite(hi)):
-            raise ConfigError(f"[bounds] {k} needs 0 < low < high, got {lo}, {hi}")
-    if ls["kind"] not in ("correlation", "frobenius"):
-        raise ConfigError(f"[loss] kind must be correlation or frobenius, got {ls['kind']!r}")
-    if ls["normalise"] not in ("counts", "density", "row"):
-        raise ConfigError(
-            f"[loss] normalise must be counts, density or row, got {ls['normalise']!r}"
-        )
-    for k in ("temperature_mm", "radius_mm", "bin_mm"):
-        if not float(ls[k]) > 0:
-            raise ConfigError(f"[loss] {k} must be > 0")
-    w = {k: float(v) for k, v in ls["weights"].items()}
+    validate(cfg, CONNECTOME_RULES)
+    w = cfg["loss"]["weights"]
     unknown = sorted(set(w) - set(_LOSS_TERMS) - set(FOD_TERMS))
     if unknown:
         raise ConfigError(
-            f"[loss.weights]: unknown terms {unknown}; known {_LOSS_TERMS + FOD_TERMS}"
+            f"loss.weights: unknown terms {unknown}; known {_LOSS_TERMS + FOD_TERMS}"
         )
-    if any(not math.isfinite(v) or v < 0 for v in w.values()):
-        raise ConfigError(f"[loss.weights] must be finite and >= 0: {w}")
-    if cfg["fod"]["region"] not in ("mask", "nonzero"):
-        raise ConfigError("[fod] region must be mask or nonzero")
+    if any(not math.isfinite(float(v)) or float(v) < 0 for v in w.values()):
+        raise ConfigError(f"loss.weights must be finite and >= 0: {dict(w)}")
 
 
 def read_connectome(path: str | Path) -> np.ndarray:
@@ -347,6 +326,52 @@ def _margins_at(points, idx, s_, k_, sh_flat, s2v, shape, lmax, cutoff, cos_max,
     return torch.minimum((amp - cut) / t_amp, (cos - cmax) / t_cos)
 
 
+def _half_end_mass(points, seed_index, lengths, half: int, ctx: dict):
+    """End mass of one half of every streamline, binned along the half, with its soft node
+    assignment: ``(E [S, nb, n] float64, R [S, nb])`` (``R``: each bin's representative vertex
+    step count, a large negative number for an empty bin). See :func:`survival_connectome`."""
+    S, L = points.shape[:2]
+    dev = points.device
+    rows = torch.arange(S, device=dev)
+    b, n = ctx["b"], ctx["n"]
+    margin_args = (ctx["sh_flat"], ctx["s2v"], ctx["shape"], ctx["lmax"], ctx["cutoff"],
+                   ctx["cos_max"], ctx["t_amp"], ctx["t_cos"])  # fmt: skip
+    idx, nst = _half_index(seed_index, lengths, half, L)
+    H = idx.shape[1]
+    x = half_margins(points, idx, nst, *margin_args)
+    cm, cm_i = torch.cummin(x, dim=1)  # cm[j] = min_{k <= j} x_k
+    # bins: representatives r_i = n - i b (i = 0..), covering (r_i - b, r_i] within [1, n]
+    nb = max(1, (H - 1 + b - 1) // b)
+    i = torch.arange(nb, device=dev)[None]
+    r = nst[:, None] - i * b  # [S, nb]
+    ok = r >= 1
+    lo = (r - b + 1).clamp_min(1)
+    # S(j) = sig(cm[j - 1]) for j >= 2, 1 for j <= 1; S(n + 1) = 0 (the half ends at n)
+    need_j = torch.stack([lo, r + 1], -1)  # [S, nb, 2]
+    jm1 = (need_j - 1).clamp(0, H - 1)
+    k_arg = torch.gather(cm_i, 1, jm1.reshape(S, -1)).reshape(S, nb, 2)
+    finite = torch.isfinite(torch.gather(cm, 1, jm1.reshape(S, -1)).reshape(S, nb, 2))
+    use = finite & (need_j >= 2) & ok[..., None]
+    surv = torch.ones(S, nb, 2, dtype=torch.float64, device=dev)
+    if bool(use.any()):
+        ss = rows[:, None, None].expand(S, nb, 2)[use]
+        key = ss * H + k_arg[use]
+        uniq, inv = torch.unique(key, return_inverse=True)
+        xs = _margins_at(points, idx, uniq // H, uniq % H, *margin_args)
+        surv = surv.masked_scatter(use, torch.sigmoid(xs[inv]))
+    # the last bin ends the half: no survival beyond n
+    past_end = (need_j[..., 1] > nst[:, None]) & ok
+    s_hi = torch.where(past_end, torch.zeros_like(surv[..., 1]), surv[..., 1])
+    mass = torch.where(ok, (surv[..., 0] - s_hi).clamp_min(0.0), torch.zeros_like(s_hi))
+    rep = idx.gather(1, r.clamp(0, H - 1))  # vertex of each representative
+    pr = points[rows[:, None], rep].reshape(-1, 3)
+    probs = _soft_node_probs(
+        pr, ctx["vol"], ctx["label_t"], ctx["offsets"], ctx["radius_mm"], ctx["temperature_mm"]
+    ).reshape(S, nb, n)
+    reps = torch.where(ok, r, torch.full_like(r, -(10**9)))
+    return mass[..., None] * probs.to(torch.float64), reps
+
+
 def survival_connectome(
     res,
     sh: torch.Tensor,
@@ -419,48 +444,17 @@ def survival_connectome(
     a_seed = _amplitude(sh_flat, s2v, shape, p_seed, u_seed, lmax)
     cut64 = torch.as_tensor(cutoff, dtype=torch.float64)
     w_seed = torch.sigmoid((a_seed - cut64) / t_amp)  # [S]
+    ctx = {
+        "sh_flat": sh_flat, "s2v": s2v, "shape": shape, "lmax": lmax, "cutoff": cutoff,
+        "cos_max": cos_max, "t_amp": t_amp, "t_cos": t_cos, "b": b, "vol": vol,
+        "label_t": label_t, "offsets": offsets, "radius_mm": float(radius_mm),
+        "temperature_mm": float(temperature_mm), "n": n,
+    }  # fmt: skip
     E, R = [], []
     for half in (0, 1):
-        idx, nst = _half_index(seed_index, lengths, half, L)
-        H = idx.shape[1]
-        x = half_margins(
-            points, idx, nst, sh_flat, s2v, shape, lmax, cutoff, cos_max, t_amp, t_cos
-        )
-        cm, cm_i = torch.cummin(x, dim=1)  # cm[j] = min_{k <= j} x_k
-        # bins: representatives r_i = n - i b (i = 0..), covering (r_i - b, r_i] within [1, n]
-        nb = max(1, (H - 1 + b - 1) // b)
-        i = torch.arange(nb, device=dev)[None]
-        r = nst[:, None] - i * b  # [S, nb]
-        ok = r >= 1
-        lo = (r - b + 1).clamp_min(1)
-        # S(j) = sig(cm[j - 1]) for j >= 2, 1 for j <= 1; S(n + 1) = 0 (the half ends at n)
-        need_j = torch.stack([lo, r + 1], -1)  # [S, nb, 2]
-        jm1 = (need_j - 1).clamp(0, H - 1)
-        k_arg = torch.gather(cm_i, 1, jm1.reshape(S, -1)).reshape(S, nb, 2)
-        finite = torch.isfinite(torch.gather(cm, 1, jm1.reshape(S, -1)).reshape(S, nb, 2))
-        use = finite & (need_j >= 2) & ok[..., None]
-        surv = torch.ones(S, nb, 2, dtype=torch.float64, device=dev)
-        if bool(use.any()):
-            ss = rows[:, None, None].expand(S, nb, 2)[use]
-            kk = k_arg[use]
-            key = ss * H + kk
-            uniq, inv = torch.unique(key, return_inverse=True)
-            xs = _margins_at(
-                points, idx, uniq // H, uniq % H, sh_flat, s2v, shape, lmax,
-                cutoff, cos_max, t_amp, t_cos,
-            )  # fmt: skip
-            surv = surv.masked_scatter(use, torch.sigmoid(xs[inv]))
-        # the last bin ends the half: no survival beyond n
-        past_end = (need_j[..., 1] > nst[:, None]) & ok
-        s_hi = torch.where(past_end, torch.zeros_like(surv[..., 1]), surv[..., 1])
-        mass = torch.where(ok, (surv[..., 0] - s_hi).clamp_min(0.0), torch.zeros_like(s_hi))
-        rep = idx.gather(1, r.clamp(0, H - 1))  # vertex of each representative
-        pr = points[rows[:, None], rep].reshape(-1, 3)
-        probs = _soft_node_probs(
-            pr, vol, label_t, offsets, float(radius_mm), float(temperature_mm)
-        ).reshape(S, nb, n)
-        E.append(mass[..., None] * probs.to(torch.float64))
-        R.append(torch.where(ok, r, torch.full_like(r, -(10**9))))
+        mass_probs, reps = _half_end_mass(points, seed_index, lengths, half, ctx)
+        E.append(mass_probs)
+        R.append(reps)
     ok_len = (1 + R[0][:, :, None] + R[1][:, None, :]) >= int(min_points)  # [S, nb0, nb1]
     F2 = torch.einsum("sij,sjm->sim", ok_len.to(torch.float64), E[1])
     full = torch.einsum("sin,sim->nm", E[0] * w_seed[:, None, None], F2)
@@ -533,13 +527,15 @@ class ConnectomeFitResult:
     """What :func:`fit_connectome` returns.
 
     Attributes:
-        params: fitted tracking parameters (final iterate).
-        sh: fitted SH coefficients ``[X, Y, Z, K]`` float32 when ``sh`` was learned, else None.
+        params: the selected (best) iterate's tracking parameters (what result.json reports).
+        sh: its SH coefficients ``[X, Y, Z, K]`` float32 when ``sh`` was learned, else None.
         history: one dict per iteration (as ``metrics.jsonl``).
-        best_loss, best_iteration, best_params: lowest training loss and where.
-        final_loss: loss of the last iteration.
+        best_loss, best_iteration, best_params: the selection loss (connectome loss of the
+            evaluation seeds at the last iteration's temperatures) of ``params``, the completed
+            iterations there (0: the start), and ``params`` again.
+        final_loss: selection loss of the last iterate; final_params: its parameters.
         start_correlation, final_correlation: hard (tck2connectome) correlation of the
-            evaluation tracking with the target, before and after.
+            evaluation tracking with the target, at the start and at ``params``.
         start_matrix, final_matrix: those hard connectomes.
         iterations: iterations run in total (including before a resume).
         wall_s: seconds spent in this call.
@@ -558,6 +554,7 @@ class ConnectomeFitResult:
     final_matrix: np.ndarray
     iterations: int
     wall_s: float
+    final_params: TrackingParameters | None = None
 
 
 def matrix_figure(current: np.ndarray, target: np.ndarray, title: str = ""):
@@ -604,6 +601,174 @@ def _learned_region(sh0: torch.Tensor, mask, region: str, margin: int) -> torch.
     return torch.as_tensor(np.flatnonzero(nz.ravel()), dtype=torch.long)
 
 
+class ConnectomeProblem(Problem):
+    """Whole-brain tracking scored against a target connectome (see the module docstring).
+
+    Args:
+        raw: the validated connectome config.
+        sh0: ``[X, Y, Z, K]`` float32 SH coefficients (on the fit's device).
+        affine, vsz: FOD grid (voxel -> scanner mm) and voxel sizes (mm).
+        params: starting / fixed tracking parameters; ``resolved`` with tckgen's defaults.
+        vol: the parcellation (:class:`~invtract.losses.connectome.LabelVolume`).
+        target: ``[N, N]`` target (upper triangle).
+        seed_set: ``seed_set(iteration or None) -> (positions [N, 3], directions [N, 3])``.
+        voxels: ``[V]`` learned voxels (``sh``) or None.
+        evaluate: compute hard (tck2connectome) correlations.
+    """
+
+    def __init__(self, raw, sh0, affine, vsz, params, vol, target, seed_set, voxels, evaluate):
+        super().__init__()
+        self.config, self.raw = raw, raw
+        self.affine, self.vsz, self.params, self.vol = affine, vsz, params, vol
+        self.resolved = params.resolve(vsz)
+        self.target = target
+        self.target_t = torch.as_tensor(target, dtype=torch.float64, device=sh0.device)
+        self.seed_set, self.do_eval = seed_set, evaluate
+        self.iterations = int(raw["fit"]["iterations"])
+        start = {k: getattr(self.resolved, k) for k in PARAM_NAMES}
+        self.state = LearnedState(
+            start, raw["fit"]["learn"], raw["bounds"], raw["fit"]["space"], sh0, voxels
+        )
+        self.eval_pos, self.eval_dirs = seed_set(None)
+        w = {k: float(v) for k, v in raw["loss"]["weights"].items()}
+        self.weights = w
+        self.prior_cfg = LossConfig(
+            weights={k: v for k, v in w.items() if k in FOD_TERMS},
+            sphere_points=int(raw["loss"]["sphere_points"]),
+        )
+        self.basis = None
+        if voxels is not None and w.get("nonneg", 0.0) > 0:
+            from ..fod.sh import lmax_from_n, sh_basis
+            from .objective import fibonacci_sphere
+
+            n = int(raw["loss"]["sphere_points"])
+            self.basis = sh_basis(fibonacci_sphere(n), lmax_from_n(sh0.shape[-1])).to(sh0.device)
+        self.start_corr, self.start_m = math.nan, np.zeros_like(target)
+
+    def as_params(self, vals: Mapping) -> TrackingParameters:
+        return self.params.replace(**{k: float(vals[k]) for k in PARAM_NAMES if k in self.state.z})
+
+    def hard_eval(self, vals: Mapping, sh) -> tuple[float, np.ndarray]:
+        m, _ = hard_connectome(
+            sh, self.affine, self.vsz, self.eval_pos, self.eval_dirs, self.as_params(vals),
+            self.vol, float(self.raw["loss"]["radius_mm"]),
+        )  # fmt: skip
+        return connectome_correlation(m, self.target), m
+
+    def check(self, world: World) -> None:
+        if world.size > 1:
+            raise ConfigError("--nproc > 1 is not supported for connectome fits yet")
+        if self.do_eval:
+            self.start_corr, self.start_m = self.hard_eval(self.state.start, self.state.sh())
+
+    def _loss(self, it: int, pos, dirs, grad: bool):
+        """``(total, terms, pred, res)`` of the seeds ``pos`` / ``dirs`` at iteration ``it``."""
+        f, t, ls = self.raw["fit"], self.raw["temperature"], self.raw["loss"]
+        with torch.set_grad_enabled(grad):
+            vals = self.state.values(detach=not grad)
+            ta = annealed(t, it, self.iterations, "amplitude_start", "amplitude_end")
+            tdeg = annealed(t, it, self.iterations, "angle_start_deg", "angle_end_deg")
+            t_amp, t_cos = soft_temperature(ta, tdeg, float(vals["angle_deg"]))
+            sh = self.state.sh() if grad else self.state.sh().detach()
+            fl = {k: float(v) for k, v in vals.items()}
+            res = self._track(f, sh, pos, dirs, vals, fl, (t_amp, t_cos))
+            pred = survival_connectome(
+                res, sh, self.affine, self.vol, cutoff=vals["cutoff"],
+                angle_deg=vals["angle_deg"], temperature=(t_amp, t_cos),
+                min_points=self.as_params(fl).resolve(self.vsz).min_points,
+                step_mm=fl["step_mm"], temperature_mm=float(ls["temperature_mm"]),
+                radius_mm=float(ls["radius_mm"]), bin_mm=float(ls["bin_mm"]),
+            )  # fmt: skip
+            terms = {"connectome": connectome_loss(
+                pred, self.target_t, kind=str(ls["kind"]), normalise=str(ls["normalise"]),
+                include_diagonal=bool(ls["include_diagonal"]),
+            )}  # fmt: skip
+            st = self.state
+            if grad and st.delta is not None:
+                sh_l = st.sh0_flat[st.voxels] + st.delta
+                terms.update(
+                    fod_priors(sh_l, st.delta, st.voxels, st.shape[:3], self.prior_cfg, self.basis)
+                )
+            total = sum(self.weights.get(k, 0.0) * v for k, v in terms.items())
+        return total, terms, pred, res, (ta, tdeg)
+
+    def _track(self, f, sh, pos, dirs, vals, fl, temperature):
+        if f["tracker"] == "fast":
+            return fast_tracking(
+                sh, self.affine, self.vsz, pos, dirs, self.as_params(fl), vals["step_mm"]
+            )
+        from ..tracking.differentiable import track_differentiable
+
+        dev = sh.device
+        return track_differentiable(
+            sh, self.affine, torch.as_tensor(pos, device=dev), torch.as_tensor(dirs, device=dev),
+            self.resolved, step_mm=vals["step_mm"], angle_deg=vals["angle_deg"],
+            cutoff=vals["cutoff"], temperature=temperature, path=str(f["path"]),
+            voxel_sizes=self.vsz,
+        )  # fmt: skip
+
+    def training_step(self, it: int, world: World) -> StepOutput:
+        resample = bool(self.raw["seeding"]["resample"])
+        pos, dirs = self.seed_set(it) if resample else (self.eval_pos, self.eval_dirs)
+        total, terms, pred, res, (ta, tdeg) = self._loss(it, pos, dirs, grad=True)
+        ctx = {"iteration": it, "values": self.state.values(), "sh": self.state.sh(),
+               "result": res, "world": world}  # fmt: skip
+        extra = self._extra(ctx)
+        total = total + sum(extra.values())
+        terms.update(extra)
+        if not torch.is_tensor(total):
+            total = torch.tensor(float(total), dtype=torch.float64)
+        pred_np = pred.detach().cpu().numpy()
+        record = {
+            "connectome/correlation_soft": connectome_correlation(pred_np, self.target),
+            "temperature/amplitude": ta, "temperature/angle_deg": tdeg,
+        }  # fmt: skip
+        return StepOutput(
+            total=total,
+            terms={k: float(torch.as_tensor(v).detach()) for k, v in terms.items()},
+            counts={
+                "tracking/n_seeds": float(len(pos)),
+                "tracking/n_streamlines": float(res.points.shape[0]),
+            },  # fmt: skip
+            n_tracked=int(res.points.shape[0]),
+            record=record,
+            aux=pred_np,
+        )
+
+    def selection_loss(self, world: World) -> float:
+        """Weighted connectome loss of the evaluation seeds at the last iteration's
+        temperatures (no gradient)."""
+        it = max(self.iterations - 1, 0)
+        total, *_ = self._loss(it, self.eval_pos, self.eval_dirs, grad=False)
+        return float(total)
+
+    def evaluate(self, it: int, world: World) -> dict:
+        if not self.do_eval:
+            return {}
+        corr, _ = self.hard_eval(self.state.floats(), self.state.sh().detach())
+        return {"connectome/correlation_hard": corr}
+
+    def log_images(self, logger, it: int, out: StepOutput) -> None:
+        writer = getattr(logger, "writer", None)
+        if writer is not None:
+            if it == 0:
+                writer.add_image("connectome/target", _matrix_image(self.target), 0)
+            writer.add_image("connectome/current", _matrix_image(out.aux), it)
+        logger.figure(
+            "connectome/matrices", matrix_figure(out.aux, self.target, f"iteration {it}"), it
+        )
+        if self.state.delta is not None:
+            logger.histogram("fod/delta_norm", self.state.delta.detach().norm(dim=-1).cpu(), it)
+
+    def extra_state(self) -> dict:
+        return {"start_correlation": float(self.start_corr),
+                "start_matrix": torch.as_tensor(self.start_m)}  # fmt: skip
+
+    def load_extra_state(self, st: Mapping) -> None:
+        self.start_corr = float(st.get("start_correlation", math.nan))
+        self.start_m = np.asarray(st.get("start_matrix", torch.zeros(0)).numpy())
+
+
 def fit_connectome(
     fod,
     labels,
@@ -613,13 +778,15 @@ def fit_connectome(
     seed_mask: np.ndarray | None = None,
     seeds: tuple[np.ndarray, np.ndarray] | None = None,
     config: Mapping | None = None,
+    evaluate: bool = True,
     logger=None,
     voxel_sizes=None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
-    progress: bool = False,
     on_step: Callable | None = None,
-    evaluate: bool = True,
+    progress: bool = False,
+    callbacks=(),
+    world: World = SINGLE,
 ) -> ConnectomeFitResult:
     """Fit step / angle / cutoff and/or SH coefficients to a target connectome.
 
@@ -639,289 +806,80 @@ def fit_connectome(
         voxel_sizes: header voxel sizes (tckgen's defaults).
         checkpoint, resume: checkpoint file; continue from it.
         progress: tqdm bar.
-        on_step: ``on_step(iteration, loss, record)`` after every iteration.
+        on_step, callbacks: ``callback(iteration, loss, record)`` after every iteration.
         evaluate: compute the hard correlation before / after (and every ``eval_every``).
+        world: the data-parallel world (connectome fits run in one process).
 
     Returns:
-        :class:`ConnectomeFitResult`.
+        :class:`ConnectomeFitResult` (``params``: the selected iterate, see
+        :class:`~invtract.fit.trainer.Trainer`).
 
     Raises:
-        ConfigError: invalid config or inputs; FitDiverged: a NaN / Inf loss or gradient.
+        ConfigError: invalid config or inputs; FitDiverged: a NaN / Inf loss or gradient, or
+            no streamline tracked.
     """
-    from ..tracking.differentiable import track_differentiable
-
-    t_start = time.perf_counter()
     raw = merge_config(CONNECTOME_DEFAULTS, config or {})
     validate_config(raw)
-    fcfg, scfg, ocfg, tcfg = raw["fit"], raw["seeding"], raw["optimizer"], raw["temperature"]
-    lcfg = raw["loss"]
-    weights = {k: float(v) for k, v in lcfg["weights"].items()}
-    learn = tuple(fcfg["learn"])
-    iterations = int(fcfg["iterations"])
+    problem = _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds,
+                                  voxel_sizes, evaluate)  # fmt: skip
+    trainer = Trainer(
+        TrainSettings.from_config(raw), logger=logger, checkpoint=checkpoint, resume=resume,
+        progress=progress, callbacks=[on_step, *callbacks], world=world,
+    )  # fmt: skip
+    out = trainer.fit(problem)
+    st = problem.state
+    final_vals = out.final_values
+    st.restore(out.best["snapshot"])
+    sh_out = st.sh().detach().cpu().to(torch.float32) if st.delta is not None else None
+    final_corr, final_m = math.nan, np.zeros_like(problem.target)
+    if evaluate:
+        final_corr, final_m = problem.hard_eval(out.best["values"], st.sh().detach())
+    return ConnectomeFitResult(
+        params=problem.as_params(out.best["values"]), sh=sh_out, history=out.history,
+        best_loss=out.best["loss"], best_iteration=out.best["iteration"],
+        best_params=problem.as_params(out.best["values"]), final_loss=out.final_loss,
+        start_correlation=float(problem.start_corr), final_correlation=float(final_corr),
+        start_matrix=problem.start_m, final_matrix=final_m, iterations=out.iterations,
+        wall_s=out.wall_s, final_params=problem.as_params(final_vals),
+    )  # fmt: skip
+
+
+def _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds, voxel_sizes,
+                        evaluate) -> ConnectomeProblem:  # fmt: skip
+    """Check the inputs and build the :class:`ConnectomeProblem`."""
     params = params or TrackingParameters()
-    dev = torch.device(fcfg["device"])
-    sh0, affine, vsz = _fod_arrays(fod, voxel_sizes)
+    dev = torch.device(raw["fit"]["device"])
+    sh0, affine, vsz = fod_arrays(fod, voxel_sizes)
     vol = as_label_volume(labels)
     target = np.asarray(to_numpy(target), np.float64)
-    n_nodes = vol.n_nodes
-    if target.shape != (n_nodes, n_nodes):
+    n = vol.n_nodes
+    if target.shape != (n, n):
         raise ShapeError(
-            f"target connectome is {target.shape}, the parcellation has {n_nodes} nodes "
-            f"(max label): expected ({n_nodes}, {n_nodes})"
+            f"target connectome is {target.shape}, the parcellation has {n} nodes "
+            f"(max label): expected ({n}, {n})"
         )
-    target = np.triu(target)  # tck2connectome's upper triangle (a symmetric file is folded)
     resolved = params.resolve(vsz)
-    start = {
-        "step_mm": resolved.step_mm,
-        "angle_deg": resolved.angle_deg,
-        "cutoff": resolved.cutoff,
-    }
-    bounds = {k: tuple(float(x) for x in raw["bounds"][k]) for k in PARAM_NAMES}
     for k in PARAM_NAMES:
-        if k in learn and not bounds[k][0] <= start[k] <= bounds[k][1]:
-            raise ConfigError(f"start {k} = {start[k]} lies outside [bounds] {bounds[k]}")
+        lo, hi = (float(x) for x in raw["bounds"][k])
+        if k in raw["fit"]["learn"] and not lo <= getattr(resolved, k) <= hi:
+            raise ConfigError(f"start {k} = {getattr(resolved, k)} lies outside [bounds] {lo, hi}")
     if seeds is None and seed_mask is None:
         seed_mask = (sh0 != 0).any(-1).numpy()
+    scfg, seed0 = raw["seeding"], int(raw["fit"]["seed"])
 
     def seed_set(it: int | None):
         if seeds is not None:
             return np.asarray(seeds[0], np.float32), np.asarray(seeds[1], np.float32)
-        s = int(fcfg["seed"]) if it is None else int(fcfg["seed"]) * 1_000_003 + 7919 * (it + 1)
+        s = seed0 if it is None else seed0 * 1_000_003 + 7919 * (it + 1)
         return whole_brain_seeds(
-            seed_mask,
-            affine,
-            per_voxel=int(scfg["per_voxel"]),
-            placement=str(scfg["placement"]),
-            max_seeds=int(scfg["max_seeds"]),
-            seed=s,
-        )
-
-    eval_pos, eval_dirs = seed_set(None)
-
-    z = {
-        k: torch.tensor(_to_z(start[k], *bounds[k]), dtype=torch.float64, requires_grad=True)
-        for k in PARAM_NAMES
-        if k in learn
-    }
-    learn_sh = "sh" in learn
-    K = sh0.shape[-1]
-    sh0_flat = sh0.reshape(-1, K).to(dev)
-    voxels = delta = basis = None
-    if learn_sh:
-        voxels = _learned_region(
-            sh0, seed_mask, raw["fod"]["region"], int(raw["fod"]["margin_vox"])
-        ).to(dev)
-        delta = torch.zeros(voxels.numel(), K, dtype=torch.float32, device=dev, requires_grad=True)
-        if weights.get("nonneg", 0.0) > 0:
-            from ..fod.sh import lmax_from_n, sh_basis
-            from .objective import fibonacci_sphere
-
-            basis = sh_basis(fibonacci_sphere(int(lcfg["sphere_points"])), lmax_from_n(K)).to(dev)
-    prior_cfg = LossConfig(
-        weights={k: v for k, v in weights.items() if k in FOD_TERMS},
-        sphere_points=int(lcfg["sphere_points"]),
-    )
-    opt_cls = torch.optim.Adam if ocfg["name"] == "adam" else torch.optim.SGD
-    opt_p = opt_cls(list(z.values()), lr=float(ocfg["lr"])) if z else None
-    opt_sh = opt_cls([delta], lr=float(ocfg["lr_sh"])) if learn_sh else None
-    target_t = torch.as_tensor(target, dtype=torch.float64, device=dev)
-
-    def values(detach=False) -> dict:
-        out = {}
-        for k in PARAM_NAMES:
-            if k in z:
-                v = _from_z(z[k], *bounds[k])
-                out[k] = v.detach() if detach else v
-            else:
-                out[k] = start[k]
-        return out
-
-    def current_sh():
-        if not learn_sh:
-            return sh0_flat.reshape(sh0.shape)
-        return sh0_flat.index_add(0, voxels, delta).reshape(sh0.shape)
-
-    def as_params(vals: Mapping) -> TrackingParameters:
-        return params.replace(**{k: float(vals[k]) for k in PARAM_NAMES if k in z})
-
-    def hard_eval(vals, sh) -> tuple[float, np.ndarray]:
-        m, _ = hard_connectome(
-            sh, affine, vsz, eval_pos, eval_dirs, as_params(vals), vol, float(lcfg["radius_mm"])
-        )
-        return connectome_correlation(m, target), m
-
-    # resume -----------------------------------------------------------------------------------
-    history: list = []
-    best = {"loss": math.inf, "iteration": -1, "values": dict(start)}
-    it0 = 0
-    start_corr, start_m = math.nan, np.zeros_like(target)
-    if resume and checkpoint is not None and Path(checkpoint).is_file():
-        st = restore_fit_state(checkpoint, raw, z, delta if learn_sh else None, opt_p, opt_sh)
-        history, best, it0 = st["history"], st["best"], st["iteration"]
-        start_corr, start_m = st["start_correlation"], np.asarray(st["start_matrix"])
-        log.info("resumed from %s at iteration %d", checkpoint, it0)
-    elif evaluate:
-        start_corr, start_m = hard_eval(start, sh0)
-
-    def save(it_done: int) -> None:
-        if checkpoint is None:
-            return
-        state = fit_state(
-            it_done, raw, z, delta, opt_p, opt_sh, history=history, best=best,
-            start_correlation=start_corr, start_matrix=start_m,
+            seed_mask, affine, per_voxel=int(scfg["per_voxel"]),
+            placement=str(scfg["placement"]), max_seeds=int(scfg["max_seeds"]), seed=s,
         )  # fmt: skip
-        save_checkpoint(checkpoint, state)
 
-    if logger is not None and it0 == 0 and getattr(logger, "writer", None) is not None:
-        logger.writer.add_image("connectome/target", _matrix_image(target), 0)
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=iterations, initial=it0, desc="fit", unit="it", dynamic_ncols=True)
-    pos_t = dirs_t = None
-    p_np, d_np = eval_pos, eval_dirs
-    try:
-        for it in range(it0, iterations):
-            t0 = time.perf_counter()
-            if bool(scfg["resample"]) or pos_t is None:
-                p_np, d_np = seed_set(it) if bool(scfg["resample"]) else (eval_pos, eval_dirs)
-                pos_t = torch.as_tensor(p_np, device=dev)
-                dirs_t = torch.as_tensor(d_np, device=dev)
-            vals = values()
-            ta = annealed(tcfg, it, iterations, "amplitude_start", "amplitude_end")
-            tdeg = annealed(tcfg, it, iterations, "angle_start_deg", "angle_end_deg")
-            ang = float(torch.as_tensor(vals["angle_deg"]).detach())
-            t_amp, t_cos = soft_temperature(ta, tdeg, ang)
-            sh = current_sh()
-            step_now = float(torch.as_tensor(vals["step_mm"]).detach())
-            rp_now = as_params({k: float(torch.as_tensor(v).detach()) for k, v in vals.items()})
-            if fcfg["tracker"] == "fast":
-                res = fast_tracking(sh, affine, vsz, p_np, d_np, rp_now, vals["step_mm"])
-            else:
-                res = track_differentiable(
-                    sh,
-                    affine,
-                    pos_t,
-                    dirs_t,
-                    resolved,
-                    step_mm=vals["step_mm"],
-                    angle_deg=vals["angle_deg"],
-                    cutoff=vals["cutoff"],
-                    temperature=(t_amp, t_cos),
-                    path=str(fcfg["path"]),
-                    voxel_sizes=vsz,
-                )
-            min_points = rp_now.resolve(vsz).min_points
-            pred = survival_connectome(
-                res,
-                sh,
-                affine,
-                vol,
-                cutoff=vals["cutoff"],
-                angle_deg=vals["angle_deg"],
-                temperature=(t_amp, t_cos),
-                min_points=min_points,
-                step_mm=step_now,
-                temperature_mm=float(lcfg["temperature_mm"]),
-                radius_mm=float(lcfg["radius_mm"]),
-                bin_mm=float(lcfg["bin_mm"]),
-            )
-            terms = {
-                "connectome": connectome_loss(
-                    pred,
-                    target_t,
-                    kind=str(lcfg["kind"]),
-                    normalise=str(lcfg["normalise"]),
-                    include_diagonal=bool(lcfg["include_diagonal"]),
-                )
-            }
-            if learn_sh:
-                sh_l = sh0_flat[voxels] + delta
-                terms.update(fod_priors(sh_l, delta, voxels, sh0.shape[:3], prior_cfg, basis))
-            total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
-            if not torch.is_tensor(total):
-                total = torch.tensor(float(total), dtype=torch.float64)
-            vals_before = {k: float(torch.as_tensor(v).detach()) for k, v in vals.items()}
-            step = descend(
-                total, it, z, delta if learn_sh else None, opt_p, opt_sh,
-                grad_clip=float(ocfg["grad_clip"]), alternate=fcfg["mode"] == "alternate",
-                checkpoint=checkpoint,
-            )  # fmt: skip
-            loss, grads = step["loss"], step["grads"]
-            gn_p, gn_sh = step["grad_norm_params"], step["grad_norm_sh"]
-            if loss < best["loss"]:
-                best = {"loss": loss, "iteration": it, "values": vals_before}
-            pred_np = pred.detach().cpu().numpy()
-            rec = {
-                "iteration": it,
-                "loss/total": loss,
-                **{f"loss/{k}": float(torch.as_tensor(v).detach()) for k, v in terms.items()},
-                "connectome/correlation_soft": connectome_correlation(pred_np, target),
-                "tracking/n_seeds": int(pos_t.shape[0]),
-                "tracking/n_streamlines": int(res.points.shape[0]),
-                **{f"param/{k}": v for k, v in vals_before.items()},
-                "temperature/amplitude": ta,
-                "temperature/angle_deg": tdeg,
-                "grad_norm/params": gn_p,
-                "grad_norm/sh": gn_sh,
-                **grads,
-                "time/step_s": time.perf_counter() - t0,
-            }
-            last = it == iterations - 1
-            if evaluate and ((it + 1) % max(int(fcfg["eval_every"]), 1) == 0 or last):
-                vals_after = {k: float(v) for k, v in values(detach=True).items()}
-                rec["connectome/correlation_hard"], _ = hard_eval(
-                    vals_after, current_sh().detach()
-                )
-            history.append(rec)
-            if logger is not None:
-                logger.scalars(it, {k: v for k, v in rec.items() if k != "iteration"})
-                logger.metrics(rec)
-                every = int(fcfg["image_every"])
-                if every and (it % every == 0 or last):
-                    if getattr(logger, "writer", None) is not None:
-                        logger.writer.add_image("connectome/current", _matrix_image(pred_np), it)
-                    logger.figure(
-                        "connectome/matrices",
-                        matrix_figure(pred_np, target, f"iteration {it}"),
-                        it,
-                    )
-                    if learn_sh:
-                        logger.histogram("fod/delta_norm", delta.detach().norm(dim=-1).cpu(), it)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{loss:.4g}", **{k: f"{v:.4g}" for k, v in vals_before.items()}
-                )
-                bar.update(1)
-            if (it + 1) % max(int(fcfg["checkpoint_every"]), 1) == 0 or last:
-                save(it + 1)
-            if on_step is not None:
-                on_step(it, loss, rec)
-    finally:
-        if bar is not None:
-            bar.close()
-        if logger is not None:
-            logger.flush()
-
-    final_vals = {k: float(v) for k, v in values(detach=True).items()}
-    sh_out = current_sh().detach().cpu().to(torch.float32) if learn_sh else None
-    final_corr, final_m = math.nan, np.zeros_like(target)
-    if evaluate:
-        final_corr, final_m = hard_eval(final_vals, current_sh().detach())
-    return ConnectomeFitResult(
-        params=as_params(final_vals),
-        sh=sh_out,
-        history=history,
-        best_loss=float(best["loss"]),
-        best_iteration=int(best["iteration"]),
-        best_params=as_params(best["values"]),
-        final_loss=float(history[-1]["loss/total"]) if history else math.nan,
-        start_correlation=float(start_corr),
-        final_correlation=float(final_corr),
-        start_matrix=start_m,
-        final_matrix=final_m,
-        iterations=len(history),
-        wall_s=time.perf_counter() - t_start,
+    voxels = None
+    if "sh" in raw["fit"]["learn"]:
+        fcfg = raw["fod"]
+        voxels = _learned_region(sh0, seed_mask, fcfg["region"], int(fcfg["margin_vox"])).to(dev)
+    return ConnectomeProblem(
+        raw, sh0.to(dev), affine, vsz, params, vol, np.triu(target), seed_set, voxels, evaluate
     )

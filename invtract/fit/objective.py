@@ -131,10 +131,9 @@ class LossConfig:
     @classmethod
     def from_dict(cls, d: Mapping | None) -> LossConfig:
         """Validate a ``[loss]`` table (``weights`` is its ``[loss.weights]`` sub-table)."""
-        d = dict(d or {})
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"[loss]: unknown keys {unknown}")
+        from .config import table_fields
+
+        d = table_fields(cls, d, "loss")
         w = {k: float(v) for k, v in dict(d.pop("weights", {"mdf": 1.0, "extent": 1.0})).items()}
         known = TERMS + FOD_TERMS + PARAM_TERMS
         bad = sorted(set(w) - set(known))
@@ -325,6 +324,7 @@ def paired_terms(
     angle_deg=None,
     cutoff=None,
     log_temperature=0.05,
+    box_reduce=None,
 ):
     """Loss terms of one tracking result against its paired target.
 
@@ -338,6 +338,8 @@ def paired_terms(
             current thresholds (floats or 0-d tensors, may require grad), needed by
             ``margin``.
         log_temperature: hinge softness ``tau`` of ``margin`` (log units).
+        box_reduce: combines ``margin``'s batch bounds across the shards of a data-parallel
+            batch (see :func:`margin_hinge`); called even when nothing was tracked here.
 
     Returns:
         ``{name: 0-d tensor}`` for every active term (mm; ``density`` unitless), plus
@@ -358,6 +360,8 @@ def paired_terms(
     missing[ids] = False
     missing_len = tl.sum(-1)[missing.to(dev)].sum()
     if S == 0:
+        if box_reduce is not None and "margin" in active:  # take part in the collective
+            box_reduce(torch.zeros((), dtype=dt), torch.full((), math.inf, dtype=dt))
         zero = torch.zeros((), dtype=dt, device=dev)
         for k in active:
             out[k] = zero + (missing_len / max(n_pairs, 1) if k == "extent" else 0.0)
@@ -367,94 +371,135 @@ def paired_terms(
     mylen = cum[..., -1]
     t_sel = tl[ids.to(dev)]
     if "mdf" in active:
-        ext = torch.minimum(mylen, t_sel)
-        a = resample_halves(halves, counts, ext, config.n_points)
-        th = target.halves[ids].to(dev)
-        b = resample_halves(th, target.counts[ids].to(dev), ext, config.n_points)
-        per_half = (a - b).to(dt).pow(2).sum(-1).clamp_min(1e-12).sqrt().mean(-1)  # [S, 2]
-        wt = ext
-        per = (per_half * wt).sum(-1) / wt.sum(-1).clamp_min(1e-6)
-        # a missing streamline scores the MDF of its target against its seed point
-        miss_pen = _missing_mdf(target, missing).to(dev, dt)
-        out["mdf"] = (per.sum() + miss_pen) / n_pairs
+        out["mdf"] = _mdf_term(halves, counts, mylen, t_sel, target, ids, missing, config)
     if "vertex" in active:
         per = vertex_distance(
             halves, counts, w, target.halves[ids].to(dev), target.counts[ids].to(dev)
         )
         out["vertex"] = per.sum() / n_pairs
     if "extent" in active:
-        seg = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., 1:] - cum[..., :-1]], -1)
-        H = halves.shape[2]
-        real = torch.arange(H, device=dev)[None, None] < counts[..., None]
-        inside = (cum <= t_sel[..., None] + 1e-6) & real
-        outside = (~inside) & real
-        short = (t_sel - mylen).clamp_min(0)  # [S, 2]
-        s = w.to(dt)
-        over = (seg * s * outside).sum((-1, -2))
-        under = (seg * (1 - s) * inside).sum((-1, -2))
-        out["extent"] = (over.sum() + under.sum() + short.sum() + missing_len) / n_pairs
+        out["extent"] = (_extent_sum(cum, counts, t_sel, w) + missing_len) / n_pairs
     if "margin" in active or "centre" in active:
         if field is None or angle_deg is None or cutoff is None:
             raise ConfigError("margin / centre need the FOD field, angle_deg and cutoff")
-        th = target.halves[ids].to(dev)
-        tc = target.counts[ids].to(dev)
-        # every target half gets its stop event (the peak search from its last vertex)
-        tfeats = running_features(th, tc, torch.full_like(tc, int(_term_model())), field)
-        tfeats["cum"] = _arc(th.to(dt))
-        tfeats["counts"] = tc
+        tfeats = target_features(target, ids, field, dev)
     if "margin" in active:
         feats = running_features(halves.detach(), counts, res.term[ids.to(res.term.device)], field)
         out["margin"] = (
             margin_hinge(
-                feats, cum, t_sel, counts, angle_deg, cutoff, log_temperature, target=tfeats
+                feats,
+                cum,
+                t_sel,
+                counts,
+                angle_deg,
+                cutoff,
+                log_temperature,
+                target=tfeats,
+                box_reduce=box_reduce,
             ).to(dev)
             / n_pairs
         )
     if "centre" in active:
-        box = feasible_box(tfeats)
-        parts = []
-        for v, (lo, hi) in ((angle_deg, box["angle_deg"]), (cutoff, box["cutoff"])):
-            if torch.is_tensor(v) and v.requires_grad and 0 < lo < hi < math.inf:
-                c = 0.5 * (math.log(lo) + math.log(hi))
-                parts.append((torch.log(v.to(dt)) - c).pow(2).add(1e-4).sqrt())
-        out["centre"] = (
-            torch.stack(parts).sum().to(dev) if parts else torch.zeros((), dtype=dt, device=dev)
-        )
-    need_sl = [k for k in ("paired", "chamfer", "length", "density") if k in active]
-    if need_sl:
-        sl = res.streamlines()
-        sl = Streamlines(sl.points.to(dt), sl.lengths)
-        tgt = target.streamlines.select(ids).to(dtype=dt)
-        mask = res.mask
-        mean_w = (res.weights * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        from ..losses import chamfer_loss, length_loss, paired_loss
-
-        if "paired" in active:
-            out["paired"] = paired_loss(
-                sl,
-                tgt,
-                config.n_points,
-                coverage_weight=config.coverage_weight,
-                radius_mm=config.radius_mm,
-                temperature_mm=config.temperature_mm,
-                weights=mean_w.to(dt),
-            )
-        if "chamfer" in active:
-            full = target.streamlines.to(dtype=dt)
-            out["chamfer"] = chamfer_loss(
-                sl, full, config.n_points, temperature_mm=config.temperature_mm
-            )
-        if "length" in active:
-            out["length"] = length_loss(sl, target.streamlines.to(dtype=dt), weights=mean_w.to(dt))
-        if "density" in active:
-            if shape is None or affine is None:
-                raise ConfigError("the density term needs the FOD grid (shape, affine)")
-            from ..losses import density_correlation, track_density
-
-            d_a = track_density(sl, shape, affine)
-            d_b = track_density(target.streamlines.to(dtype=dt), shape, affine)
-            out["density"] = 1.0 - density_correlation(d_a.to(dt), d_b.to(dt))
+        out["centre"] = centre_term(tfeats, angle_deg, cutoff).to(dev)
+    out.update(_streamline_terms(res, target, ids, config, active, shape, affine))
     return out
+
+
+def _mdf_term(halves, counts, mylen, t_sel, target: PairedTarget, ids, missing, config):
+    """``mdf``: the common-extent paired MDF per pair (missing pairs: target vs seed point),
+    summed and divided by the number of pairs."""
+    dev, dt = halves.device, torch.float64
+    ext = torch.minimum(mylen, t_sel)
+    a = resample_halves(halves, counts, ext, config.n_points)
+    th = target.halves[ids].to(dev)
+    b = resample_halves(th, target.counts[ids].to(dev), ext, config.n_points)
+    per_half = (a - b).to(dt).pow(2).sum(-1).clamp_min(1e-12).sqrt().mean(-1)  # [S, 2]
+    per = (per_half * ext).sum(-1) / ext.sum(-1).clamp_min(1e-6)
+    miss_pen = _missing_mdf(target, missing).to(dev, dt)
+    return (per.sum() + miss_pen) / len(target)
+
+
+def _extent_sum(cum, counts, t_sel, w) -> torch.Tensor:
+    """Survival-weighted over- and under-reach plus the short fall of every half (mm)."""
+    dev, dt = cum.device, torch.float64
+    seg = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., 1:] - cum[..., :-1]], -1)
+    real = torch.arange(cum.shape[2], device=dev)[None, None] < counts[..., None]
+    inside = (cum <= t_sel[..., None] + 1e-6) & real
+    outside = (~inside) & real
+    short = (t_sel - cum[..., -1]).clamp_min(0)  # [S, 2]
+    s = w.to(dt)
+    over = (seg * s * outside).sum((-1, -2))
+    under = (seg * (1 - s) * inside).sum((-1, -2))
+    return over.sum() + under.sum() + short.sum()
+
+
+def _streamline_terms(res, target: PairedTarget, ids, config, active, shape, affine) -> dict:
+    """The whole-streamline terms ``paired``, ``chamfer``, ``length``, ``density``."""
+    out: dict = {}
+    dt = torch.float64
+    need_sl = [k for k in ("paired", "chamfer", "length", "density") if k in active]
+    if not need_sl:
+        return out
+    sl = res.streamlines()
+    sl = Streamlines(sl.points.to(dt), sl.lengths)
+    tgt = target.streamlines.select(ids).to(dtype=dt)
+    mask = res.mask
+    mean_w = (res.weights * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    from ..losses import chamfer_loss, length_loss, paired_loss
+
+    if "paired" in active:
+        out["paired"] = paired_loss(
+            sl,
+            tgt,
+            config.n_points,
+            coverage_weight=config.coverage_weight,
+            radius_mm=config.radius_mm,
+            temperature_mm=config.temperature_mm,
+            weights=mean_w.to(dt),
+        )
+    if "chamfer" in active:
+        full = target.streamlines.to(dtype=dt)
+        out["chamfer"] = chamfer_loss(
+            sl, full, config.n_points, temperature_mm=config.temperature_mm
+        )
+    if "length" in active:
+        out["length"] = length_loss(sl, target.streamlines.to(dtype=dt), weights=mean_w.to(dt))
+    if "density" in active:
+        if shape is None or affine is None:
+            raise ConfigError("the density term needs the FOD grid (shape, affine)")
+        from ..losses import density_correlation, track_density
+
+        d_a = track_density(sl, shape, affine)
+        d_b = track_density(target.streamlines.to(dtype=dt), shape, affine)
+        out["density"] = 1.0 - density_correlation(d_a.to(dt), d_b.to(dt))
+    return out
+
+
+def target_features(target: PairedTarget, ids: torch.Tensor, field, device=None) -> dict:
+    """Running features (:func:`running_features`) of the target halves of pairs ``ids``,
+    each half ending with its stop event (the peak search from its last vertex), plus their
+    arc lengths ``cum [S, 2, H]`` (mm) and ``counts [S, 2]``."""
+    dev = device if device is not None else target.halves.device
+    th = target.halves[ids].to(dev)
+    tc = target.counts[ids].to(dev)
+    tfeats = running_features(th, tc, torch.full_like(tc, int(_term_model())), field)
+    tfeats["cum"] = _arc(th.to(torch.float64))
+    tfeats["counts"] = tc
+    return tfeats
+
+
+def centre_term(tfeats: dict, angle_deg, cutoff) -> torch.Tensor:
+    """The ``centre`` term: ``sum_k sqrt((log v_k - c_k)^2 + 1e-4)`` over the learned (grad-
+    requiring) angle and cutoff, ``c_k`` the log-centre of the interval
+    :func:`feasible_box` reads from the target features ``tfeats``; 0 where an end is unknown."""
+    dt = torch.float64
+    box = feasible_box(tfeats)
+    parts = []
+    for v, (lo, hi) in ((angle_deg, box["angle_deg"]), (cutoff, box["cutoff"])):
+        if torch.is_tensor(v) and v.requires_grad and 0 < lo < hi < math.inf:
+            c = 0.5 * (math.log(lo) + math.log(hi))
+            parts.append((torch.log(v.to(dt)) - c).pow(2).add(1e-4).sqrt())
+    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=dt)
 
 
 def vertex_distance(
@@ -624,7 +669,15 @@ def running_features(
 
 
 def margin_hinge(
-    feats: dict, cum, target_len, counts, angle_deg, cutoff, tau, target: dict | None = None
+    feats: dict,
+    cum,
+    target_len,
+    counts,
+    angle_deg,
+    cutoff,
+    tau,
+    target: dict | None = None,
+    box_reduce=None,
 ) -> torch.Tensor:
     """Sum over halves of the ``margin`` hinge (mm x log units; see the module docstring).
 
@@ -652,6 +705,9 @@ def margin_hinge(
         tau: hinge softness (log units).
         target: :func:`running_features` of the paired target halves plus ``cum`` and
             ``counts`` (as for the tracked ones).
+        box_reduce: ``box_reduce(a_lo, c_hi) -> (a_lo, c_hi)``: combines this batch's bounds
+            (the largest inside turn, the smallest inside amplitude, 0-d tensors) with those
+            of the other shards of a data-parallel batch (max / min); None: this batch alone.
 
     Returns:
         0-d float64 tensor (gradient to ``angle_deg`` and ``cutoff``).
@@ -691,6 +747,17 @@ def margin_hinge(
         stopped = feats["stopped"].to(dev)
         a_s, c_s = margins(feats["stop_turn"], feats["stop_amp"])
         early = (short * (h(-a_s) + h(-c_s)) * stopped).sum()
+    beyond_t = beyond if target is not None else None
+    over = _overshoot(feats, a, c, h, cum, tl, inside, outside, target, beyond_t, box_reduce)
+    return under + over + early
+
+
+def _overshoot(feats, a, c, h, cum, tl, inside, outside, target, beyond, box_reduce):
+    """``margin``'s overshoot charge: the overshoot length of every half that runs beyond its
+    target times the hinge of the test that can kill its first vertex past the target's end
+    (see :func:`margin_hinge`)."""
+    dev, dt = cum.device, torch.float64
+    H = cum.shape[-1]
     # the feasible box left by the vertices that must survive: angle > every inside turn,
     # cutoff < every inside amplitude (this batch)
     with torch.no_grad():
@@ -705,6 +772,8 @@ def margin_hinge(
             c_hi = torch.minimum(
                 c_hi, torch.where(beyond, tm, torch.full_like(tm, math.inf)).min()
             )
+        if box_reduce is not None:
+            a_lo, c_hi = box_reduce(a_lo, c_hi)
         has_over = outside.any(-1)  # [S, 2]
         first = (
             torch.where(outside, torch.arange(H, device=dev), H).min(-1).values.clamp_max(H - 1)
@@ -724,7 +793,7 @@ def margin_hinge(
         torch.where(can_a, h(af), torch.where(can_c, h(cf), torch.zeros_like(af))),
     )
     over = (over_len * pen).sum()
-    return under + over + early
+    return over
 
 
 def _missing_mdf(target: PairedTarget, missing: torch.Tensor) -> torch.Tensor:

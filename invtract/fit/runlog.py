@@ -11,28 +11,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import platform
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RunLogger", "resolve_run_dir", "atomic_write_text", "bundle_figure"]
+from ..io.atomic import atomic_write_text, check_writable_dir
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+__all__ = [
+    "RunLogger",
+    "resolve_run_dir",
+    "atomic_write_text",
+    "bundle_figure",
+    "strict_json",
+    "versions",
+]
 
 
 def resolve_run_dir(run: str | os.PathLike | None, root: str | os.PathLike = "runs") -> Path:
@@ -46,11 +41,43 @@ def resolve_run_dir(run: str | os.PathLike | None, root: str | os.PathLike = "ru
 
 
 def _jsonable(v):
+    """``v`` with non-finite floats as None and numpy / torch scalars as Python numbers."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
         return None
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
     return v
+
+
+def strict_json(obj, **kwargs) -> str:
+    """JSON text of ``obj`` with NaN / Infinity written as null (valid, strict JSON)."""
+    return json.dumps(_jsonable(obj), allow_nan=False, **kwargs)
+
+
+def versions() -> dict:
+    """Python, platform, package versions and the git commit of this checkout."""
+    import importlib.metadata as md
+    import subprocess
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("invtract", "torch", "numpy", "scipy", "nibabel", "dipy", "tensorboard", "optuna"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parents[2],
+        ).stdout.strip()  # fmt: skip
+        out["git_sha"] = sha or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_sha"] = None
+    return out
 
 
 class RunLogger:
@@ -66,8 +93,7 @@ class RunLogger:
     def __init__(
         self, run_dir: str | os.PathLike, *, tensorboard: bool = True, purge_step=None
     ) -> None:
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = check_writable_dir(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if purge_step is not None:
             self.truncate_metrics(int(purge_step))
@@ -89,7 +115,7 @@ class RunLogger:
 
     def metrics(self, record: dict) -> None:
         """Append one JSON line to ``metrics.jsonl`` (flushed)."""
-        line = json.dumps({k: _jsonable(v) for k, v in record.items()})
+        line = strict_json(record)
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
@@ -134,8 +160,20 @@ class RunLogger:
     # -- files ----------------------------------------------------------------------------------
     def write_json(self, name: str, obj) -> Path:
         path = self.run_dir / name
-        atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+        atomic_write_text(path, strict_json(obj, indent=2) + "\n")
         return path
+
+    def record_run(self, config_toml: str, argv: list, resume: bool) -> None:
+        """``config.toml``, ``command.txt`` and ``versions.json`` of a new run; a resumed run
+        appends its command line to ``command.txt`` and keeps the rest."""
+        line = " ".join(argv) + "\n"
+        if resume:
+            with open(self.run_dir / "command.txt", "a", encoding="utf-8") as f:
+                f.write(line)
+            return
+        self.write_text("config.toml", config_toml)
+        self.write_text("command.txt", line)
+        self.write_json("versions.json", versions())
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.run_dir / name

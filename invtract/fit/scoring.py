@@ -66,12 +66,9 @@ class ScoreConfig:
     @classmethod
     def from_dict(cls, d: Mapping | None) -> ScoreConfig:
         """Validate and build from a ``[loss]`` table (``None`` = defaults)."""
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"[loss]: unknown keys {unknown}; known: {sorted(known)}")
-        cfg = cls(**d)
+        from .config import table_fields
+
+        cfg = cls(**table_fields(cls, d, "loss"))
         if cfg.name not in SCORES:
             raise ConfigError(f"[loss] name must be one of {SCORES}, got {cfg.name!r}")
         if int(cfg.n_points) < 2:

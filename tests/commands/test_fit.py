@@ -1,8 +1,12 @@
-"""`invtract fit`: help, a tiny run, and --resume after an interruption."""
+"""`invtract fit`: help, a tiny run, --resume after an interruption; honest outcomes and input
+faults are one-line errors (exit 1) before any work; result.json is strict JSON holding the
+parameters fitted.tck was tracked with; a 2-process data-parallel fit gives the single-process
+result."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +14,9 @@ import torch
 
 from invtract.cli import main
 from invtract.data import example_path
-from invtract.io.tractogram import load_tractogram, save_tractogram
+from invtract.io.image import load_fod, save_nifti
+from invtract.io.tractogram import load_tractogram, load_tractogram_header, save_tractogram
+from invtract.streamlines import Streamlines
 
 
 def test_help(capsys):
@@ -45,7 +51,11 @@ def _result(run):
     return json.loads((run / "result.json").read_text())
 
 
-def test_run_and_resume_matches_uninterrupted(tmp_path, small_target, monkeypatch):
+@pytest.mark.parametrize(
+    "resume_with", [[], pytest.param(["--nproc", "2"], marks=pytest.mark.slow)], ids=["1", "2"]
+)
+def test_run_and_resume_matches_uninterrupted(tmp_path, small_target, monkeypatch, resume_with):
+    """Interrupted after 2 of 3 iterations, resumed (in 1 or 2 processes): the same result."""
     full = tmp_path / "full"
     assert main(_args(small_target, full)) == 0
     res = _result(full)
@@ -75,6 +85,111 @@ def test_run_and_resume_matches_uninterrupted(tmp_path, small_target, monkeypatc
     monkeypatch.setattr(runlog.RunLogger, "metrics", real)
     assert not (part / "result.json").exists()
     assert main(_args(small_target, part)) == 1  # refuses to overwrite without --resume
-    assert main(_args(small_target, part, ["--resume"])) == 0
-    assert _result(part) == res
+    assert main(_args(small_target, part, ["--resume", *resume_with])) == 0
+    if resume_with:
+        for k, v in _result(part).items():
+            assert v == (pytest.approx(res[k], rel=1e-9) if isinstance(v, float) else res[k]), k
+    else:
+        assert _result(part) == res
     assert len((part / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def _quick(target, run, extra=(), fod=None):
+    """A 2-iteration fit without TensorBoard or images, held-out losses every iteration."""
+    args = _args(target, run, ["--iterations", "2", "--no-tensorboard", *extra])
+    if fod is not None:
+        args[args.index("--fod") + 1] = str(fod)
+    return args
+
+
+def _one_line_error(capsys, match: str) -> None:
+    err = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert len(err) == 1 and match in err[0], err
+    assert "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize(
+    "setting, match",
+    [
+        ("optimizer.lr=abc", "optimizer.lr must be a number, got 'abc'"),
+        ("optimizer.lr=-1", "optimizer.lr must be > 0, got -1"),
+        ("optimizer.speed=2", "unknown config key 'optimizer.speed'"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(tmp_path, small_target, capsys, setting, match):
+    run = tmp_path / "run"
+    assert main(_quick(small_target, run, ["--set", setting])) == 1
+    _one_line_error(capsys, match)
+    assert not run.exists()  # nothing written, no checkpoint
+
+
+def test_unwritable_run_folder_is_one_line(tmp_path, small_target, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(_quick(small_target, blocker / "run")) == 1
+    _one_line_error(capsys, "cannot write there")
+
+
+def test_target_far_from_the_fod_stops_before_iterating(tmp_path, small_target, capsys):
+    sl = load_tractogram(small_target)
+    far = tmp_path / "far.tck"
+    save_tractogram(far, Streamlines(sl.points + 1e6, sl.lengths), header={"min_dist": "10"})
+    assert main(_quick(str(far), tmp_path / "run")) == 1
+    _one_line_error(capsys, "the target bundle and the FOD do not overlap")
+    assert not (tmp_path / "run" / "result.json").exists()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_all_nan_fod_stops_before_iterating(tmp_path, small_target, capsys):
+    img = load_fod(example_path("fod"))
+    nan_fod = tmp_path / "nan.nii.gz"
+    save_nifti(nan_fod, np.full_like(np.asarray(img.data), np.nan), img.affine)
+    assert main(_quick(small_target, tmp_path / "run", fod=nan_fod)) == 1
+    _one_line_error(capsys, "do not overlap")
+
+
+def test_untrackable_target_stops_before_iterating(tmp_path, small_target, capsys):
+    # a cutoff above every amplitude of the phantom: no seed is accepted
+    assert main(_quick(small_target, tmp_path / "run", ["--cutoff", "50"])) == 1
+    _one_line_error(capsys, "no target streamline can be tracked")
+
+
+def _strict(path):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_result_is_strict_json_and_matches_fitted_tck(tmp_path, small_target):
+    run = tmp_path / "zero"
+    assert main(_quick(small_target, run, ["--iterations", "0"])) == 0
+    res = _strict(run / "result.json")
+    assert res["iterations"] == 0 and math.isfinite(res["final_loss"])
+    run = tmp_path / "two"
+    assert main(_quick(small_target, run)) == 0
+    res = _strict(run / "result.json")
+    top = {k: res[k] for k in ("step_mm", "angle_deg", "cutoff")}
+    assert top == res["best_params"]
+    assert res["best_loss"] <= res["final_loss"]
+    hdr = load_tractogram_header(run / "fitted.tck")
+    for key in ("step_size", "max_angle", "threshold", "min_dist", "max_dist"):
+        assert key in hdr
+    assert float(hdr["step_size"]) == pytest.approx(top["step_mm"], rel=1e-5)
+    assert float(hdr["threshold"]) == pytest.approx(top["cutoff"], rel=1e-5)
+
+
+def test_two_process_fit_equals_one_process(tmp_path, small_target):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_quick(small_target, one)) == 0
+    assert main(_quick(small_target, two, ["--nproc", "2"])) == 0
+    a, b = _strict(one / "result.json"), _strict(two / "result.json")
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if isinstance(v, float):
+            assert b[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+        elif k != "heldout_terms":
+            assert b[k] == v, k
+    la = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss/total"] for x in lb] == pytest.approx([x["loss/total"] for x in la], rel=1e-9)

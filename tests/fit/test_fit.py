@@ -79,7 +79,7 @@ def test_fod_fit_changes_only_learned_voxels():
             },
         },  # fmt: skip
     )
-    changed = (res.sh.reshape(-1, res.sh.shape[-1]) != torch.as_tensor(img.data).reshape(
+    changed = (res.final_sh.reshape(-1, res.sh.shape[-1]) != torch.as_tensor(img.data).reshape(
         -1, res.sh.shape[-1])).any(-1)  # fmt: skip
     learned = torch.zeros_like(changed)
     learned[res.learned_voxels] = True
@@ -94,12 +94,12 @@ def test_nan_loss_raises_fit_diverged_and_keeps_checkpoint(tmp_path, monkeypatch
 
     def poisoned(*a, **k):
         out = real(*a, **k)
-        calls["n"] += 1
+        calls["n"] += torch.is_grad_enabled()  # training passes only
         if calls["n"] >= 2:
             out["mdf"] = out["mdf"] * float("nan")
         return out
 
-    monkeypatch.setattr("invtract.fit.optimise.paired_terms", poisoned)
+    monkeypatch.setattr("invtract.fit.bundle.paired_terms", poisoned)
     ck = tmp_path / "ck.pt"
     with pytest.raises(FitDiverged, match="nan"):
         fit(
@@ -112,7 +112,7 @@ def test_nan_loss_raises_fit_diverged_and_keeps_checkpoint(tmp_path, monkeypatch
             checkpoint=ck,
             config={"fit": {"iterations": 3, "heldout_fraction": 0.0}},
         )
-    assert torch.load(ck, weights_only=False)["iteration"] == 1
+    assert torch.load(ck, weights_only=True)["iteration"] == 1
 
 
 def _feats(halves):

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 import uuid
 from pathlib import Path
 
@@ -288,19 +287,17 @@ def test_failing_trials_recorded_study_continues(phantom, tmp_path, monkeypatch)
     assert "FitDiverged" in search.format_summary(study)
 
 
-def _fake_fit(field, target, params, *, steps, on_step, lr, seeding=None, **kwargs):
-    """Stands in for invtract.fit.optimise.fit: the loss curve is lr * (10 - step)."""
+def _fake_hybrid_fit(problem, init, *, steps, callbacks=(), hyper=None, **kwargs):
+    """Stands in for search.hybrid_fit: the loss curve is lr * (10 - step)."""
+    lr = hyper["lr"]
     for step in range(steps):
-        on_step(step, lr * (10.0 - step))
-    return types.SimpleNamespace(best_loss=lr * (10.0 - steps + 1))
-
-
-_FakeFitModule = types.ModuleType("invtract.fit.optimise")
-_FakeFitModule.fit = _fake_fit
+        for cb in callbacks:
+            cb(step, lr * (10.0 - step), {})
+    return lr * (10.0 - steps + 1)
 
 
 def test_hybrid_pruned_trial(phantom, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "invtract.fit.optimise", _FakeFitModule)
+    monkeypatch.setattr(search, "hybrid_fit", _fake_hybrid_fit)
     space = write_space(
         tmp_path,
         extra_study="mode = 'hybrid'",
@@ -320,13 +317,6 @@ def test_hybrid_pruned_trial(phantom, tmp_path, monkeypatch):
     assert t0.state.name == "COMPLETE" and t0.value == pytest.approx(3.0)
     assert t1.state.name == "PRUNED" and t1.user_attrs["forward_passes"] < 8
     assert t0.intermediate_values == {0: 10.0, 2: 8.0, 4: 6.0, 6: 4.0, 7: 3.0}
-
-
-def test_hybrid_without_fit_module(phantom, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "invtract.fit.optimise", None)  # import fails
-    job = make_job(phantom, tmp_path / "run", "fit_hparams", mode="hybrid")
-    with pytest.raises(ConfigError, match="hybrid mode needs invtract fit"):
-        search.run_search(job, 1)
 
 
 def test_hybrid_with_real_fit(phantom, tmp_path):

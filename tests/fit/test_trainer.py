@@ -1,0 +1,168 @@
+"""The one training loop (Trainer) on toy Problems: convergence, selection, resume, callbacks,
+divergence, extra loss terms; and the config schema's layering and errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+
+import pytest
+import torch
+
+from invtract.errors import ConfigError, FitDiverged, FormatError
+from invtract.fit.checkpoint import load_checkpoint, save_checkpoint
+from invtract.fit.config import merge_config, toml_dumps
+from invtract.fit.distributed import SINGLE
+from invtract.fit.optimise import DEFAULT_CONFIG, load_config
+from invtract.fit.reparam import LearnedState
+from invtract.fit.trainer import EarlyStopping, Problem, StepOutput, Trainer, TrainSettings
+
+
+class VProblem(Problem):
+    """Loss ``|log step - log 1.0|`` (a V in log step, minimum at step 1 mm), like the
+    ``vertex`` term; the starting step is 0.2 mm."""
+
+    def __init__(self, lose_at: int | None = None):
+        super().__init__()
+        self.config = {"toy": "v"}
+        sh0 = torch.zeros(2, 2, 2, 1)
+        self.state = LearnedState(
+            {"step_mm": 0.2, "angle_deg": 60.0, "cutoff": 0.1},
+            ["step_mm"], DEFAULT_CONFIG["bounds"], "log", sh0,
+        )  # fmt: skip
+        self.lose_at = lose_at
+
+    def _loss(self, vals):
+        return (torch.log(torch.as_tensor(vals["step_mm"])) - 0.0).abs()
+
+    def training_step(self, it, world):
+        vals = self.state.values()
+        total = self._loss(vals)
+        terms = {"v": float(total.detach())}
+        extra = self._extra({"iteration": it, "values": vals, "world": world})
+        total = total + sum(extra.values())
+        terms.update({k: float(v) for k, v in extra.items()})
+        n = 0 if it == self.lose_at else 1
+        return StepOutput(total=total, terms=terms, n_tracked=n)
+
+    def selection_loss(self, world):
+        return float(self._loss(self.state.values(detach=True)))
+
+
+def _settings(**kw):
+    base = dict(iterations=40, optimizer="signum", lr=0.3, lr_end=0.005, beta1=0.5,
+                flip_decay=0.5, eval_every=1)  # fmt: skip
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def test_signum_flip_decay_converges_where_a_fixed_schedule_oscillates():
+    plain = Trainer(_settings(flip_decay=1.0)).fit(VProblem())
+    damped = Trainer(_settings()).fit(VProblem())
+    # the V's minimum is at log step 0; the plain schedule ends one lr_end-sized step off
+    assert damped.final_loss < 1e-3 < plain.history[-2]["loss/select"] + plain.final_loss
+    assert damped.final_loss <= 1.1 * damped.best["loss"] + 1e-9
+    assert abs(damped.best["values"]["step_mm"] - 1.0) < 2e-3
+
+
+def test_best_iterate_includes_the_start_and_iterations_zero_is_finite():
+    out = Trainer(_settings(iterations=0)).fit(VProblem())
+    assert out.best["iteration"] == 0 and out.iterations == 0
+    assert math.isfinite(out.final_loss) and out.final_loss == out.best["loss"]
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    full = Trainer(_settings(iterations=12)).fit(VProblem())
+    ck = tmp_path / "ck.pt"
+
+    def stop(it, loss, rec):
+        if it == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_settings(iterations=12), checkpoint=ck, callbacks=[stop]).fit(VProblem())
+    assert load_checkpoint(ck)["iteration"] == 5
+    resumed = Trainer(_settings(iterations=12), checkpoint=ck, resume=True).fit(VProblem())
+    assert resumed.final_values == full.final_values
+    assert [h["loss/total"] for h in resumed.history] == [h["loss/total"] for h in full.history]
+
+
+def test_early_stopping_and_all_streamlines_lost(tmp_path):
+    out = Trainer(_settings(iterations=200), callbacks=[EarlyStopping(3, 1e-3)]).fit(VProblem())
+    assert out.stopped_early and out.iterations < 200
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(FitDiverged, match="no streamline was tracked at iteration 3"):
+        Trainer(_settings(iterations=6), checkpoint=ck).fit(VProblem(lose_at=3))
+    assert load_checkpoint(ck)["iteration"] == 3
+
+
+def test_extra_loss_term_enters_the_loss_and_the_log():
+    p = VProblem()
+    p.add_term("pull", lambda ctx: (ctx["values"]["step_mm"] - 0.5) ** 2, weight=2.0)
+    out = Trainer(_settings(iterations=2)).fit(p)
+    rec = out.history[0]
+    assert rec["loss/pull"] == pytest.approx(2.0 * (0.2 - 0.5) ** 2)
+    assert rec["loss/total"] == pytest.approx(rec["loss/v"] + rec["loss/pull"])
+    assert SINGLE.is_main
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_crafted_checkpoint_pickle_is_refused(tmp_path):
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"iteration": 3, "z": {"step_mm": torch.tensor(0.1)}, "cfg": "x"})
+    assert load_checkpoint(good)["iteration"] == 3
+    bad = tmp_path / "bad.pt"
+    torch.save({"iteration": 1, "payload": _Evil()}, bad)
+    with pytest.raises(FormatError, match="not a plain-data invtract checkpoint"):
+        load_checkpoint(bad)
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(FormatError):
+        load_checkpoint(raw)
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"optimizer": {"lr": "abc"}}, "optimizer.lr must be a number, got 'abc'"),
+        ({"optimizer": {"lr": -1.0}}, "optimizer.lr must be > 0, got -1.0"),
+        ({"optimizer": {"nope": 1}}, "unknown config key 'optimizer.nope'"),
+        ({"fit": {"iterations": 2.5}}, "fit.iterations must be an integer"),
+        ({"fit": {"mode": "sideways"}}, "fit.mode must be one of joint, alternate"),
+        ({"bounds": {"cutoff": [1.0, 0.5]}}, "bounds.cutoff needs"),
+        ({"loss": {"weights": {"mdf": "x"}}}, "loss.weights.mdf must be a finite number"),
+    ],
+)
+def test_config_errors_are_one_line(over, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, over)
+    assert "\n" not in str(e.value)
+
+
+def test_precedence_defaults_example_config_set(tmp_path):
+    example = {"fit": {"iterations": 24, "seeds_per_iteration": 8}}
+    path = tmp_path / "c.toml"
+    path.write_text(toml_dumps({"fit": {"iterations": 5}, "tracking": {"step_mm": 1.0}}))
+    assert load_config(None)["fit"]["iterations"] == DEFAULT_CONFIG["fit"]["iterations"]
+    assert load_config(None, example=example)["fit"]["iterations"] == 24
+    cfg = load_config(path, example=example)
+    assert cfg["fit"]["iterations"] == 5 and cfg["fit"]["seeds_per_iteration"] == 8
+    cfg = load_config(path, {"fit": {"iterations": 7}}, example=example)
+    assert cfg["fit"]["iterations"] == 7
+    # an integer where a float is expected is accepted as the float
+    assert merge_config(DEFAULT_CONFIG, {"optimizer": {"lr": 1}})["optimizer"]["lr"] == 1.0
+
+
+def test_shipped_configs_are_the_defaults():
+    from invtract.fit.config import find_config
+    from invtract.fit.connectome_fit import CONNECTOME_DEFAULTS, load_connectome_config
+
+    assert load_config(find_config("fit_params")) == DEFAULT_CONFIG
+    assert load_connectome_config(find_config("fit_connectome")) == CONNECTOME_DEFAULTS
+    fod = load_config(find_config("fit_fod"))
+    assert fod["optimizer"]["name"] == "adam" and "nonneg" in fod["loss"]["weights"]
