@@ -35,6 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .. import checks
 from ..errors import ConfigError
 
 __all__ = ["Compare"]
@@ -136,15 +137,11 @@ class Compare:
     @staticmethod
     def run(args) -> int:
         # ------- CHECKS (before any data is loaded) -------
-        for p in (args.a, args.b, args.reference, args.parcellation):
-            if p is not None and not Path(p).is_file():
-                raise ConfigError(f"input file not found: {p}")
+        inputs = [("A", args.a), ("B", args.b), ("--reference", args.reference),
+                  ("--parcellation", args.parcellation)]  # fmt: skip
+        checks.check_input_files(inputs)
+        checks.check_output_files([("--json", args.json, None)], force=args.force, inputs=inputs)
         out = Path(args.json) if args.json else None
-        if out is not None:
-            if out.exists() and not args.force:
-                raise ConfigError(f"{out} exists; use --force to overwrite it")
-            if not out.parent.is_dir():
-                raise ConfigError(f"directory of --json does not exist: {out.parent}")
         if args.n_points < 2:
             raise ConfigError(f"--n-points must be >= 2, got {args.n_points}")
         if not args.threshold_mm > 0:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import checks
 from ..errors import ConfigError, FormatError, InvtractError
 
 __all__ = ["Connectome"]
@@ -47,6 +48,30 @@ def _write_atomic(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+#: peak bytes per matrix entry: float64 accumulator and layout copies, then the CSV text
+_BYTES_PER_EDGE = 36
+
+
+def _warn_missing_nodes(labels, shown: int = 10) -> None:
+    """Warn about node numbers 1..max absent from the parcellation (the first ``shown``)."""
+    present = np.zeros(labels.n_nodes + 1, bool)
+    present[np.unique(labels.labels)] = True
+    missing = np.flatnonzero(~present[1:]) + 1
+    if missing.size:
+        more = f", ... ({missing.size} in all)" if missing.size > shown else ""
+        head = ", ".join(str(int(m)) for m in missing[:shown])
+        checks.warn(f"nodes missing from the parcellation (empty rows): {head}{more}")
+
+
+def _endpoints(tracks) -> np.ndarray:
+    """``[2 S, 3]`` first and last vertex of every non-empty streamline (scanner mm)."""
+    lengths = tracks.lengths.cpu().numpy()
+    points = tracks.points.detach().cpu().numpy()
+    first = np.cumsum(lengths) - lengths
+    keep = lengths > 0
+    return np.concatenate([points[first[keep]], points[(first + lengths - 1)[keep]]])
 
 
 class Connectome:
@@ -88,16 +113,10 @@ class Connectome:
         radius = float(args.assignment_radial_search)
         if not (np.isfinite(radius) and radius > 0):
             raise ConfigError(f"--assignment-radial-search must be > 0 mm, got {radius}")
-        for what, p in (("tractogram", args.tracks), ("parcellation", args.parcellation)):
-            if not Path(p).is_file():
-                raise FormatError(f"{what} not found: {p}")
+        inputs = [("tractogram", args.tracks), ("parcellation", args.parcellation)]
+        checks.check_input_files(inputs)
+        checks.check_output_files([("output", args.output, None)], force=args.force, inputs=inputs)
         out = Path(args.output)
-        if out.exists() and not args.force:
-            raise ConfigError(f"output {out} exists (use --force to overwrite)")
-        if out.is_dir():
-            raise ConfigError(f"output {out} is a directory")
-        if not out.parent.is_dir():
-            raise ConfigError(f"output directory {out.parent} does not exist")
 
         from ..io.image import load_image
         from ..io.tractogram import load_tractogram
@@ -118,6 +137,13 @@ class Connectome:
         labels = as_label_volume(image)
         if labels.n_nodes == 0:
             raise FormatError(f"parcellation {args.parcellation} contains no labels > 0")
+        n = labels.n_nodes + 1
+        checks.check_memory(
+            n * n * _BYTES_PER_EDGE,
+            f"parcellation {args.parcellation}: its largest label {labels.n_nodes:,} makes a "
+            f"{n:,} x {n:,} matrix, which",
+            "number the nodes 1..N without gaps (MRtrix labelconvert)",
+        )
 
         log.info("Loading tractogram %s", args.tracks)
         try:
@@ -129,9 +155,11 @@ class Connectome:
         if len(tracks) == 0:
             raise FormatError(f"tractogram {args.tracks} contains no streamlines")
 
-        missing = sorted(set(range(1, labels.n_nodes + 1)) - set(np.unique(labels.labels)))
-        if missing:
-            log.warning("nodes missing from the parcellation: %s", ", ".join(map(str, missing)))
+        _warn_missing_nodes(labels)
+        ends = _endpoints(tracks)
+        checks.warn_points_outside(ends, labels.shape, labels.affine, "streamline endpoints",
+                                   f"the parcellation {args.parcellation}",
+                                   f"over {radius:g} mm out: no node", radius)  # fmt: skip
 
         matrix = connectome_matrix(
             tracks,
@@ -141,6 +169,8 @@ class Connectome:
             zero_diagonal=args.zero_diagonal,
             keep_unassigned=args.keep_unassigned,
         )
+        if not np.any(matrix):
+            checks.warn(f"no streamline joins two nodes: the connectome of {args.tracks} is zero")
         _write_atomic(out, format_connectome(matrix, csv_delimiter(out)))
         log.info("Wrote %d x %d connectome to %s", matrix.shape[0], matrix.shape[1], out)
         return 0
