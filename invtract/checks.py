@@ -38,7 +38,7 @@ __all__ = [
     "image_memory_bytes",
     "check_sqlite_storage",
     "warn",
-    "valid_fod_voxels",
+    "any_valid_fod_voxel",
     "warn_degenerate_fod",
     "distance_outside_mm",
     "warn_points_outside",
@@ -271,16 +271,16 @@ def warn(message: str) -> None:
     log.warning("warning: %s", message)
 
 
-def valid_fod_voxels(sh: np.ndarray, chunk_voxels: int = 1 << 20) -> int:
-    """Number of voxels of ``sh`` ``[X, Y, Z, K]`` whose K coefficients are all finite and not
-    all zero (the only voxels where SD_Stream can find a peak), counted in chunks of
-    ``chunk_voxels`` so that the temporary masks stay small."""
+def any_valid_fod_voxel(sh: np.ndarray, chunk_voxels: int = 1 << 16) -> bool:
+    """Whether some voxel of ``sh`` ``[X, Y, Z, K]`` has K finite coefficients, not all zero
+    (the only voxels where SD_Stream can find a peak). Scans ``chunk_voxels`` voxels at a time
+    and stops at the first chunk holding one, so a usual FOD costs one small chunk."""
     flat = sh.reshape(-1, sh.shape[-1])
-    n = 0
     for start in range(0, flat.shape[0], chunk_voxels):
         block = flat[start : start + chunk_voxels]
-        n += int(np.count_nonzero(np.isfinite(block).all(1) & (block != 0).any(1)))
-    return n
+        if np.any(np.isfinite(block).all(1) & (block != 0).any(1)):
+            return True
+    return False
 
 
 def warn_degenerate_fod(sh: np.ndarray, path: str) -> bool:
@@ -290,7 +290,7 @@ def warn_degenerate_fod(sh: np.ndarray, path: str) -> bool:
     if sh.shape[-1] == 1:
         warn(f"FOD {path} has lmax 0 (one volume): it holds no directions, nothing can be tracked")
         return True
-    if valid_fod_voxels(sh) == 0:
+    if not any_valid_fod_voxel(sh):
         warn(
             f"FOD {path} has no valid voxel (every voxel has a NaN/Inf coefficient or is all "
             "zero): nothing can be tracked"

@@ -127,15 +127,17 @@ def test_sqlite_storage(tmp_path):
     assert not db.exists()
 
 
-def test_valid_fod_voxels_in_chunks():
-    rng = np.random.default_rng(0)
-    sh = rng.normal(size=(5, 6, 7, 6)).astype(np.float32)
-    sh[0, 0, 0, 2] = np.nan
+def test_any_valid_fod_voxel_in_chunks():
+    """One valid voxel anywhere (here the last) is found whatever the chunking."""
+    sh = np.zeros((5, 6, 7, 6), np.float32)
+    sh[0, 0, 0] = np.nan
     sh[1, 2, 3, 5] = -np.inf
-    sh[4, 5, 6] = 0.0
-    expected = 5 * 6 * 7 - 3
-    assert checks.valid_fod_voxels(sh) == expected
-    assert checks.valid_fod_voxels(sh, chunk_voxels=7) == expected
+    assert not checks.any_valid_fod_voxel(sh)
+    sh[4, 5, 6, 1] = 0.5
+    for chunk in (1, 7, 1 << 16):
+        assert checks.any_valid_fod_voxel(sh, chunk_voxels=chunk)
+    sh[4, 5, 6, 0] = np.nan
+    assert not checks.any_valid_fod_voxel(sh, chunk_voxels=7)
 
 
 def test_warn_degenerate_fod(caplog):
