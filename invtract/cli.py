@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invtract {args.command}: interrupted", file=sys.stderr)
         return 130
     except Terminated as exc:
+        _terminate_children()
         print(f"invtract {args.command}: {exc}", file=sys.stderr)
         return 128 + exc.signum
     finally:
@@ -119,6 +120,16 @@ def _one_line(exc: BaseException) -> str:
         name = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{name}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _terminate_children() -> None:
+    """Pass the termination on to worker processes (``calibrate --workers``): without it the
+    interpreter's exit would wait for them to finish their trials."""
+    mp = sys.modules.get("multiprocessing")
+    if mp is None:
+        return
+    for child in mp.active_children():
+        child.terminate()
 
 
 def _on_sigterm(signum, frame) -> None:

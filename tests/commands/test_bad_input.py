@@ -454,3 +454,18 @@ def test_sigterm_handler_is_restored_after_main(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     main(["-q", "track", FOD, str(tmp_path / "o.tck"), *GRID, "--batch-size", "0"])
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sigterm_is_passed_on_to_worker_processes():
+    """``calibrate --workers`` children are terminated with the command (the interpreter's exit
+    would otherwise wait for them to finish their trials)."""
+    import multiprocessing
+    import time
+
+    from invtract.cli import _terminate_children
+
+    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
+    child.start()
+    _terminate_children()
+    child.join(timeout=30)
+    assert child.exitcode == -signal.SIGTERM
