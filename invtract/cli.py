@@ -2,8 +2,10 @@
 
 Each sub-command lives in ``invtract/commands/<name>.py`` as a class with ``name``, ``help``,
 ``add_arguments(parser)`` and ``run(args) -> int``; its module docstring is its long help.
-An :class:`~invtract.errors.InvtractError` becomes one line on stderr and exit code 1
-(``--debug`` shows the traceback).
+An :class:`~invtract.errors.InvtractError`, an ``OSError`` (permission denied, disk full) or
+a ``MemoryError`` becomes one line ``invtract COMMAND: error: ...`` on stderr and exit code 1
+(``--debug`` shows the traceback). SIGTERM raises :class:`~invtract.errors.Terminated` while a
+command runs, so that its cleanup runs (temporary files removed) as on Ctrl-C; exit code 143.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
-from .errors import InvtractError
+from .errors import InvtractError, Terminated
 
 __all__ = ["main", "entry"]
 
@@ -86,16 +90,63 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="invtract: %(message)s",
     )
+    restore = _raise_on_sigterm()
     try:
         return int(args._command.run(args) or 0)
-    except InvtractError as exc:
+    except (InvtractError, OSError, MemoryError) as exc:
         if args.debug:
             raise
-        print(f"invtract {args.command}: error: {exc}", file=sys.stderr)
+        print(f"invtract {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"invtract {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        _terminate_children()
+        print(f"invtract {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        restore()
+
+
+def _one_line(exc: BaseException) -> str:
+    """The user-facing text of an error: its message (an ``OSError`` with its file name, a
+    ``MemoryError`` prefixed "out of memory")."""
+    if isinstance(exc, InvtractError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return f"out of memory: {exc}" if str(exc) else "out of memory"
+    if isinstance(exc, OSError) and exc.strerror:
+        name = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{name}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _terminate_children() -> None:
+    """Pass the termination on to worker processes (``calibrate --workers``): without it the
+    interpreter's exit would wait for them to finish their trials."""
+    mp = sys.modules.get("multiprocessing")
+    if mp is None:
+        return
+    for child in mp.active_children():
+        child.terminate()
+
+
+def _on_sigterm(signum, frame) -> None:
+    # Ignore repeats while the cleanup that this exception triggers runs.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM raise :class:`Terminated` (main thread only); returns the function that
+    puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    if previous is None:  # installed outside Python: the default is the closest we can restore
+        previous = signal.SIG_DFL
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> None:

@@ -13,6 +13,7 @@ __all__ = [
     "ShapeError",
     "FitDiverged",
     "InvtractWarning",
+    "Terminated",
 ]
 
 
@@ -38,3 +39,13 @@ class FitDiverged(InvtractError):
 
 class InvtractWarning(UserWarning):
     """Warnings issued by invtract."""
+
+
+class Terminated(BaseException):
+    """Raised by the CLI's SIGTERM handler so that every ``finally`` / cleanup runs (temporary
+    files are removed) as on Ctrl-C. A ``BaseException`` like ``KeyboardInterrupt``, but not
+    one: code that saves state on Ctrl-C does not treat a termination as a pause."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum

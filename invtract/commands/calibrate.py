@@ -51,9 +51,11 @@ import dataclasses
 import logging
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
+from .. import checks
 from ..errors import ConfigError, InvtractError
 from ..params import TrackingParameters
 from .track import add_tracking_options, tracking_parameters
@@ -118,13 +120,11 @@ class Calibrate:
 
         # ------- CHECKS -------
         for flag in ("target", "fod"):
-            value = getattr(args, flag)
-            if not value:
+            if not getattr(args, flag):
                 raise ConfigError(f"--{flag} is required (or use --show)")
-            if not os.path.exists(value):
-                raise InvtractError(f"--{flag}: file not found: {value}")
-        if args.target_seeds and not os.path.exists(args.target_seeds):
-            raise InvtractError(f"--target-seeds: file not found: {args.target_seeds}")
+        checks.check_input_files(
+            [("--target", args.target), ("--fod", args.fod), ("--target-seeds", args.target_seeds)]
+        )
         if args.trials < 0:
             raise ConfigError(f"--trials must be >= 0, got {args.trials}")
         if args.workers < 1:
@@ -138,6 +138,12 @@ class Calibrate:
         fixed = _fixed_parameters(args)
         study_name = args.study or f"{_stem(args.target)}_{space.name}"
         run_dir = search.resolve_run_dir(args.run, study_name)
+        if args.storage:  # reachable before anything is created
+            checks.check_sqlite_storage(args.storage, "--storage", must_exist=False)
+            search.make_storage(args.storage, heartbeat_interval=None)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--run {run_dir} is a file, not a folder")
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         storage = args.storage or search.default_storage_url(run_dir)
 
@@ -180,6 +186,10 @@ class Calibrate:
         except KeyboardInterrupt:
             _finish(search, job, run_dir)
             raise
+        except InvtractError:
+            if created:
+                _remove_if_unused(job, run_dir)
+            raise
         _finish(search, job, run_dir)
         return 0
 
@@ -198,6 +208,20 @@ def _fixed_parameters(args) -> dict:
     return out
 
 
+def _remove_if_unused(job, run_dir: Path) -> None:
+    """Remove the run folder this command created when the search failed before any trial
+    (bad inputs found by the workers): a failed command leaves nothing behind."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=job.study, storage=job.storage)
+        if study.get_trials(deepcopy=False):
+            return
+    except Exception:  # no study or no database: nothing of value in the folder
+        pass
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _finish(search, job, run_dir: Path) -> None:
     import optuna
 
@@ -212,6 +236,8 @@ def _show(args, search) -> int:
     import optuna
 
     storage = args.storage
+    if storage:
+        checks.check_sqlite_storage(storage, "--storage", must_exist=True)
     if not storage and args.run:
         run_dir = search.resolve_run_dir(args.run, args.study or "")
         if not (run_dir / "study.db").is_file():

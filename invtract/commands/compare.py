@@ -46,6 +46,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .. import checks
 from ..errors import ConfigError
 
 __all__ = ["Compare"]
@@ -215,16 +216,12 @@ class Compare:
         # ------- CHECKS (before any data is loaded) -------
         if (args.seeds_a is None) != (args.seeds_b is None):
             raise ConfigError("--seeds-a and --seeds-b go together")
-        paths = (args.a, args.b, args.reference, args.parcellation, args.seeds_a, args.seeds_b)
-        for p in paths:
-            if p is not None and not Path(p).is_file():
-                raise ConfigError(f"input file not found: {p}")
+        inputs = [("A", args.a), ("B", args.b), ("--reference", args.reference),
+                  ("--parcellation", args.parcellation), ("--seeds-a", args.seeds_a),
+                  ("--seeds-b", args.seeds_b)]  # fmt: skip
+        checks.check_input_files(inputs)
+        checks.check_output_files([("--json", args.json, None)], force=args.force, inputs=inputs)
         out = Path(args.json) if args.json else None
-        if out is not None:
-            if out.exists() and not args.force:
-                raise ConfigError(f"{out} exists; use --force to overwrite it")
-            if not out.parent.is_dir():
-                raise ConfigError(f"directory of --json does not exist: {out.parent}")
         if args.n_points < 2:
             raise ConfigError(f"--n-points must be >= 2, got {args.n_points}")
         if not args.threshold_mm > 0:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import checks
 from ..errors import ConfigError, FormatError, InvtractError
 
 __all__ = ["Connectome"]
@@ -133,13 +134,8 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_output(path: Path, force: bool, what: str) -> None:
-    if path.exists() and not force:
-        raise ConfigError(f"{what} {path} exists (use --force to overwrite)")
-    if path.is_dir():
-        raise ConfigError(f"{what} {path} is a directory")
-    if not path.parent.is_dir():
-        raise ConfigError(f"{what} directory {path.parent} does not exist")
+#: peak bytes per matrix entry: float64 accumulator and layout copies, then the CSV text
+_BYTES_PER_EDGE = 36
 
 
 def _check_args(args: argparse.Namespace) -> tuple[float, list[Path]]:
@@ -149,17 +145,42 @@ def _check_args(args: argparse.Namespace) -> tuple[float, list[Path]]:
         raise ConfigError(f"--assignment-radial-search must be > 0 mm, got {radius}")
     inputs = [("tractogram", args.tracks), ("parcellation", args.parcellation)]
     inputs += [("--scale-file", args.scale_file), ("--tck-weights-in", args.tck_weights_in)]
-    for what, p in inputs:
-        if p is not None and not Path(p).is_file():
-            raise FormatError(f"{what} not found: {p}")
-    outputs = [Path(args.output)]
-    _check_output(outputs[0], args.force, "output")
-    if args.out_assignments is not None:
-        outputs.append(Path(args.out_assignments))
-        _check_output(outputs[1], args.force, "--out-assignments")
-        if outputs[1].resolve() == outputs[0].resolve():
-            raise ConfigError("--out-assignments must differ from the connectome output")
+    checks.check_input_files(inputs)
+    named = [("output", args.output, None), ("--out-assignments", args.out_assignments, None)]
+    checks.check_output_files(named, force=args.force, inputs=inputs)
+    outputs = [Path(p) for _, p, _ in named if p is not None]
     return float(radius), outputs
+
+
+def _check_matrix_memory(labels, parcellation: str) -> None:
+    """Refuse a parcellation whose largest label makes a matrix too large for memory."""
+    n = labels.n_nodes + 1
+    checks.check_memory(
+        n * n * _BYTES_PER_EDGE,
+        f"parcellation {parcellation}: its largest label {labels.n_nodes:,} makes a "
+        f"{n:,} x {n:,} matrix, which",
+        "number the nodes 1..N without gaps (MRtrix labelconvert)",
+    )
+
+
+def _warn_missing_nodes(missing: list[int], shown: int = 10) -> None:
+    """Warn about node numbers 1..max absent from the parcellation (the first ``shown``)."""
+    if missing:
+        more = f", ... ({len(missing)} in all)" if len(missing) > shown else ""
+        head = ", ".join(str(m) for m in missing[:shown])
+        checks.warn(f"nodes missing from the parcellation (empty rows): {head}{more}")
+
+
+def _warn_endpoints_outside(tracks, labels, radius: float, args: argparse.Namespace) -> None:
+    """One warning when streamline endpoints lie farther than ``radius`` outside the labels."""
+    first = tracks.first
+    keep = tracks.lengths > 0
+    ends = np.concatenate(
+        [tracks.points[first[keep]], tracks.points[(first + tracks.lengths - 1)[keep]]]
+    )
+    checks.warn_points_outside(ends, labels.labels.shape, labels.affine, "streamline endpoints",
+                               f"the parcellation {args.parcellation}",
+                               f"over {radius:g} mm out: no node", radius)  # fmt: skip
 
 
 def _load_inputs(args: argparse.Namespace):
@@ -210,7 +231,9 @@ def _warn_empty_nodes(matrix_full: np.ndarray, missing: list[int]) -> None:
     visited = hit.any(axis=0) | hit.any(axis=1)
     empty = [i for i in range(1, visited.size) if not visited[i] and i not in missing]
     if empty:
-        log.warning("nodes without any streamline assigned: %s", ", ".join(map(str, empty)))
+        more = f", ... ({len(empty)} in all)" if len(empty) > 10 else ""
+        head = ", ".join(map(str, empty[:10]))
+        log.warning("nodes without any streamline assigned: %s%s", head, more)
 
 
 class Connectome:
@@ -238,9 +261,10 @@ class Connectome:
         from ..evaluation import connectome as ev
 
         labels, tracks = _load_inputs(args)
+        _check_matrix_memory(labels, args.parcellation)
         missing = labels.missing_nodes()
-        if missing:
-            log.warning("nodes missing from the parcellation: %s", ", ".join(map(str, missing)))
+        _warn_missing_nodes(missing)
+        _warn_endpoints_outside(tracks, labels, radius, args)
         n = len(tracks)
         weights = _per_streamline(args.tck_weights_in, "streamline weights file", n)
         values = _per_streamline(args.scale_file, "scale file", n)
@@ -258,6 +282,8 @@ class Connectome:
         full = ev.accumulate_edges(nodes, factors, w, labels.n_nodes, args.stat_edge)
         _warn_empty_nodes(full, missing)
         matrix = ev.layout_matrix(full, args.keep_unassigned, args.symmetric, args.zero_diagonal)
+        if not np.any(matrix):
+            checks.warn(f"no streamline joins two nodes: the connectome of {args.tracks} is zero")
         _write_atomic(outputs[0], ev.format_connectome(matrix, ev.csv_delimiter(outputs[0])))
         log.info("Wrote %d x %d connectome to %s", matrix.shape[0], matrix.shape[1], outputs[0])
         if len(outputs) > 1:

@@ -29,7 +29,8 @@ import time
 
 import numpy as np
 
-from ..errors import ConfigError, InvtractError
+from .. import checks
+from ..errors import ConfigError
 from ..params import TrackingParameters
 
 log = logging.getLogger("invtract.track")
@@ -184,18 +185,18 @@ def _run(args) -> int:
             "give exactly one seeding option (--seeds, --seed-image, --seed-grid-per-voxel, "
             f"--seed-random-per-voxel, --seed-sphere); got {len(mechs)}"
         )
-    if not os.path.exists(args.fod):
-        raise InvtractError(f"FOD image not found: {args.fod}")
-    for out in [args.output] + ([args.output_seeds] if args.output_seeds else []):
-        if os.path.exists(out) and not args.force:
-            raise InvtractError(f"output exists: {out} (use --force to overwrite)")
+    _check_arguments(args)
     if args.device.startswith("cuda") and not _cuda_available():
         raise ConfigError("--device cuda requested but CUDA is not available")
     params = tracking_parameters(args)
+    nbytes = checks.image_memory_bytes(args.fod)
+    if nbytes is not None:
+        checks.check_memory(nbytes, f"loading FOD {args.fod}", "crop or downsample the FOD")
 
     # ------- LOAD -------
     t0 = time.time()
     fod = load_fod(args.fod, sh_basis=args.sh_basis)
+    checks.warn_degenerate_fod(fod.data, args.fod)
     rois = RoiSet(
         include=tuple(parse_roi(x, "include") for x in args.include),
         exclude=tuple(parse_roi(x, "exclude") for x in args.exclude),
@@ -213,11 +214,10 @@ def _run(args) -> int:
         kind = "image" if args.seed_image else (
             "grid" if args.seed_grid_per_voxel else "random_per_voxel"
         )  # fmt: skip
-        count = 1 if isinstance(which, str) else int(which[1])
-        if count < 1:
-            raise ConfigError("seeds per voxel must be >= 1")
+        count = 1 if isinstance(which, str) else _seed_count(which)
         seeding = Seeding(kind, mask=np.asarray(m.data, bool), affine=m.affine, count=count)
     resolved = params.resolve(fod.voxel_sizes)
+    _check_seeding(seeding, fod, resolved, args)
 
     # ------- TRACK -------
     engine = default_engine(args.device) if args.engine == "auto" else args.engine
@@ -239,6 +239,9 @@ def _run(args) -> int:
     )
     if bar:
         bar.close()
+    if res.summary["selected"] == 0:
+        why = ", ".join(f"{k} {v}" for k, v in res.summary["rejected"].items()) or "none"
+        checks.warn(f"no streamline selected from {res.summary['seeds']} seeds (rejected: {why})")
     command = " ".join(
         ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", sys.argv[1:])]
     )
@@ -270,6 +273,107 @@ def _run(args) -> int:
         )
     _print_summary(res.summary, engine, time.time() - t0)
     return 0
+
+
+#: bytes per seed while seeds are generated (positions, voxel coordinates, directions, float32)
+_SEED_BYTES = 36
+#: bytes per vertex of a tracked streamline (float32 x, y, z)
+_POINT_BYTES = 12
+
+
+def _roi_images(specs: list[str]) -> list[str]:
+    """The entries of --mask / --include / --exclude that name images (not x,y,z,r spheres)."""
+    return [x for x in specs if os.path.exists(x) or x.count(",") != 3]
+
+
+def _check_arguments(args) -> None:
+    """Inputs, outputs and numeric options, before anything is loaded (see invtract.checks)."""
+    from ..io.tractogram import TRACTOGRAM_SUFFIXES
+
+    grid = args.seed_grid_per_voxel or args.seed_random_per_voxel
+    inputs = [
+        ("FOD image", args.fod),
+        ("--seeds", args.seeds),
+        ("--seed-image", args.seed_image),
+        ("seed mask", grid[0] if grid else None),
+    ]
+    for name in ("mask", "include", "exclude"):
+        inputs += [(f"--{name}", x) for x in _roi_images(getattr(args, name))]  # fmt: skip
+    checks.check_input_files(inputs)
+    checks.check_output_files(
+        [
+            ("output", args.output, TRACTOGRAM_SUFFIXES),
+            ("--output-seeds", args.output_seeds, None),
+        ],
+        force=args.force,
+        inputs=inputs,
+    )
+    checks.check_int("--batch-size", args.batch_size, 1)
+    checks.check_int("--rng-seed", args.rng_seed, 0, 2**32 - 1)
+    checks.check_int("--select", args.select, 0)
+    checks.check_int("--max-seeds", args.max_seeds, 0)
+    checks.check_int("--downsample", args.downsample, 1)
+    if grid:
+        _seed_count(grid)
+    if args.seed_sphere:
+        *_, r = _floats(args.seed_sphere, 4, "--seed-sphere")
+        checks.check_float("--seed-sphere radius", r, minimum=0.0)
+
+
+def _seed_count(option: list[str]) -> int:
+    """G of --seed-grid-per-voxel MASK G / K of --seed-random-per-voxel MASK K (an int >= 1)."""
+    try:
+        count = int(option[1])
+    except ValueError:
+        raise ConfigError(f"seeds per voxel must be an integer >= 1, got {option[1]!r}") from None
+    checks.check_int("seeds per voxel", count, 1)
+    return count
+
+
+def _check_seeding(seeding, fod, params, args) -> None:
+    """Memory of the seeds and of one engine chunk; a warning for seeds outside the FOD."""
+    per_seed = _SEED_BYTES + _POINT_BYTES * min(params.min_points_post, params.max_points_post)
+    if seeding.kind == "list":
+        n = len(seeding.positions)
+    elif seeding.finite:
+        voxels = int(np.count_nonzero(seeding.mask))
+        n = voxels * (seeding.count**3 if seeding.kind == "grid" else seeding.count)
+    else:
+        n = 5000 if args.select is None else args.select
+    option = {"grid": "--seed-grid-per-voxel", "random_per_voxel": "--seed-random-per-voxel",
+              "list": "--seeds"}.get(seeding.kind, "--select")  # fmt: skip
+    checks.check_memory(
+        n * per_seed,
+        f"{option}: {n:,} seeds (a kept streamline has at least {params.min_points_post} points)",
+        f"use fewer seeds ({option})",
+    )
+    chunk = args.batch_size * (params.max_points + 2) * _POINT_BYTES
+    checks.check_memory(
+        chunk,
+        f"tracking {args.batch_size} seeds at a time with up to {params.max_points:,} points "
+        f"each (--maxlength {params.max_length_mm:g} mm / step {params.step_mm:g} mm)",
+        "lower --batch-size or --maxlength",
+    )
+    _warn_seeds_outside(seeding, fod, args.fod)
+
+
+def _warn_seeds_outside(seeding, fod, path: str, most: int = 100_000) -> None:
+    """Warn when the seeds (at most ``most`` of them, evenly spaced, or the seed mask's
+    voxels) lie outside the FOD image: they are rejected there, as by tckgen."""
+    image = f"the FOD image {path}"
+    if seeding.kind == "sphere":
+        x, y, z, r = seeding.sphere
+        if checks.distance_outside_mm(np.array([[x, y, z]]), fod.shape, fod.affine)[0] > r:
+            checks.warn(f"--seed-sphere {x:g},{y:g},{z:g},{r:g} lies outside {image}: "
+                        "every seed is rejected")  # fmt: skip
+        return
+    if seeding.kind == "list":
+        pts, what = np.asarray(seeding.positions), "seeds"
+    else:
+        vox = np.argwhere(seeding.mask).astype(np.float64)
+        pts, what = vox @ seeding.affine[:3, :3].T + seeding.affine[:3, 3], "seed mask voxels"
+    pts = pts[:: max(1, len(pts) // most)]
+    checks.warn_points_outside(pts, fod.shape, fod.affine, what, image, "rejected as seeds")
 
 
 def _cuda_available() -> bool:

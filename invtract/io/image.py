@@ -86,6 +86,8 @@ def _suffix(path: str) -> str:
 def _read_raw(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple, tuple, str]:
     """``(raw data, affine, voxel_sizes, (inter, slope), path)`` with no scaling applied."""
     path = str(path)
+    if os.path.isdir(path):
+        raise FormatError(f"{path}: is a directory, not an image file")
     suffix = _suffix(path)
     if suffix not in IMAGE_SUFFIXES:
         raise FormatError(

@@ -218,9 +218,11 @@ def _parse(path: str) -> tuple[MifHeader, bytes | None]:
     if transform_rows:
         if len(transform_rows) < 3 or any(len(r) != 4 for r in transform_rows[:3]):
             raise FormatError(f"{path}: invalid 'transform' specification (need 3 rows of 4)")
-        candidate = np.asarray(transform_rows[:3], dtype=np.float64)
-        if np.all(np.isfinite(candidate)):
-            transform = candidate
+        transform = np.asarray(transform_rows[:3], dtype=np.float64)
+        if not np.all(np.isfinite(transform)):
+            # MRtrix resets it to the default with a warning; its grid would then be unrelated
+            # to the scanner space of the seeds and tracks, so it is an error here.
+            raise FormatError(f"{path}: 'transform' has NaN or infinite entries")
 
     file_spec = need("file").split()
     fname = file_spec[0]
