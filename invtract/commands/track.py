@@ -216,13 +216,20 @@ def _run(args) -> int:
         count = 1 if isinstance(which, str) else int(which[1])
         if count < 1:
             raise ConfigError("seeds per voxel must be >= 1")
-        seeding = Seeding(kind, mask=np.asarray(m.data, bool), affine=m.affine, count=count)
+        seeding = Seeding(
+            kind,
+            mask=np.asarray(m.data, bool),
+            affine=m.affine,
+            count=count,
+            transform=m.transform,
+            voxel_sizes=m.voxel_sizes,
+        )
     resolved = params.resolve(fod.voxel_sizes)
 
     # ------- TRACK -------
     engine = default_engine(args.device) if args.engine == "auto" else args.engine
     sh = np.ascontiguousarray(fod.data, np.float32)
-    scanner2voxel = np.linalg.inv(np.asarray(fod.affine, np.float64))[:3]
+    scanner2voxel = fod.scanner2voxel
     bar = _progress_bar(args)
     res = run_seeding(
         sh,

@@ -132,7 +132,12 @@ def replay_reference(
     res = track(
         field,
         Seeding(
-            "grid", mask=np.asarray(mask.data, bool), affine=mask.affine, count=int(words[k + 2])
+            "grid",
+            mask=np.asarray(mask.data, bool),
+            affine=mask.affine,
+            count=int(words[k + 2]),
+            transform=mask.transform,
+            voxel_sizes=mask.voxel_sizes,
         ),
         params,
         voxel_sizes=fod.voxel_sizes,
