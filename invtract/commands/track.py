@@ -48,15 +48,15 @@ def _floats(text: str, n: int, what: str) -> tuple:
 def parse_roi(spec: str, name: str):
     """An ROI from an image path or a sphere ``x,y,z,r`` (mm)."""
     from ..io.image import load_mask
-    from ..tracking.types import ImageRoi, SphereRoi
+    from ..tracking.rois import image_roi
+    from ..tracking.types import SphereRoi
 
     if not os.path.exists(spec) and spec.count(",") == 3:
         x, y, z, r = _floats(spec, 4, f"--{name} sphere")
         if r < 0:
             raise ConfigError(f"--{name} sphere radius must be >= 0")
         return SphereRoi((x, y, z), r, spec)
-    img = load_mask(spec)
-    return ImageRoi(np.asarray(img.data, bool), np.linalg.inv(img.affine)[:3], spec)
+    return image_roi(load_mask(spec), spec)
 
 
 def add_tracking_options(p: argparse.ArgumentParser) -> None:

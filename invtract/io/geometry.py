@@ -36,6 +36,7 @@ __all__ = [
     "voxel2scanner",
     "scanner2voxel",
     "subset_transform",
+    "true_voxel_box",
 ]
 
 
@@ -200,3 +201,13 @@ def subset_transform(transform: np.ndarray, spacing, start) -> np.ndarray:
         for i in range(3):
             T[i, 3] = T[i, 3] + (float(start[j]) * float(spacing[j])) * T[i, j]
     return T
+
+
+def true_voxel_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(start [3], size [3])`` of the bounding box of ``mask``'s true voxels with a one-voxel
+    margin, clipped to the image, as ``Mask::__get_mask`` (``roi.cpp``) crops seed and ROI
+    masks. ``mask`` ``[X, Y, Z]`` bool with at least one true voxel."""
+    idx = np.argwhere(mask)
+    start = np.maximum(idx.min(0) - 1, 0)
+    size = np.minimum(np.asarray(mask.shape) - start, idx.max(0) + 2 - start)
+    return start, size

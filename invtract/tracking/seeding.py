@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
-from ..io.geometry import norm3, realign, sanitise_transform, subset_transform, voxel2scanner
+from ..io.geometry import (
+    norm3,
+    realign,
+    sanitise_transform,
+    subset_transform,
+    true_voxel_box,
+    voxel2scanner,
+)
 from .rng import MRtrixRNG
 
 __all__ = [
@@ -72,9 +79,7 @@ class MaskGrid:
         T, spacing = sanitise_transform(transform, voxel_sizes)
         geo = realign(T, spacing, mask.shape)
         data = geo.reorient(mask)
-        idx = np.argwhere(data)
-        lo = np.maximum(idx.min(0) - 1, 0)
-        size = np.minimum(np.asarray(data.shape) - lo, idx.max(0) + 2 - lo)
+        lo, size = true_voxel_box(data)
         data = data[lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]]
         sub = subset_transform(geo.transform, geo.spacing, lo)
         M = voxel2scanner(sub, geo.spacing)[:3].astype(np.float32)

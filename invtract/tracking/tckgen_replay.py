@@ -27,9 +27,10 @@ from ..io.image import load_fod, load_mask
 from ..io.tractogram import load_tractogram, load_tractogram_header
 from .api import Seeding, track
 from .reference import _pair_metrics, parameters_from_header
-from .types import ImageRoi, RoiSet, SphereRoi
+from .rois import image_roi
+from .types import RoiSet, SphereRoi
 
-__all__ = ["TckgenCommand", "parse_tckgen_command", "replay_command"]
+__all__ = ["TckgenCommand", "parse_tckgen_command", "command_rois", "replay_command"]
 
 #: seed options -> (invtract seeding kind, number of values after the option)
 _SEED_OPTIONS = {
@@ -39,6 +40,11 @@ _SEED_OPTIONS = {
     "-seed_sphere": ("sphere", 1),
 }
 _ROI_OPTIONS = ("-include", "-exclude", "-mask")
+#: options whose runs invtract does not replay (anatomical constraints, other seeders, ...)
+_UNSUPPORTED = {
+    "-act", "-seed_gmwmi", "-seed_dynamic", "-seed_rejection", "-seed_grid_per_voxel_act",
+    "-include_ordered", "-crop_at_gmwmi", "-backtrack", "-seeds_file", "-grad", "-fslgrad",
+}  # fmt: skip
 #: options that take one value and are read from the header's parameters instead
 _VALUE_OPTIONS = {
     "-algorithm", "-step", "-angle", "-cutoff", "-minlength", "-maxlength", "-seed_direction",
@@ -72,6 +78,8 @@ def parse_tckgen_command(command: str) -> TckgenCommand:
     i = 1
     while i < len(words):
         w = words[i]
+        if w in _UNSUPPORTED:
+            raise ConfigError(f"tckgen option {w} is not replayed by invtract: {command!r}")
         if w in _SEED_OPTIONS:
             kind, n = _SEED_OPTIONS[w]
             seed = (kind, words[i + 1], int(words[i + 2]) if n == 2 else 1)
@@ -100,8 +108,16 @@ def _roi(kind: str, spec: str, folder: str):
     if not os.path.exists(path) and spec.count(",") == 3:
         x, y, z, r = (float(v) for v in spec.split(","))
         return SphereRoi((x, y, z), r, spec)
-    img = load_mask(path)
-    return ImageRoi(np.asarray(img.data, bool), img.scanner2voxel, spec)
+    return image_roi(load_mask(path), spec)
+
+
+def command_rois(cmd: TckgenCommand, folder: str) -> RoiSet:
+    """The command's ``-include`` / ``-exclude`` / ``-mask`` regions (paths relative to
+    ``folder``), built as tckgen builds them."""
+    rois = {"include": [], "exclude": [], "mask": []}
+    for kind, spec in cmd.rois:
+        rois[kind].append(_roi(kind, spec, folder))
+    return RoiSet(**{k: tuple(v) for k, v in rois.items()})
 
 
 def _seeding(cmd: TckgenCommand, folder: str) -> Seeding:
@@ -138,15 +154,12 @@ def replay_command(tck_path, rng_seed: int, engine: str = "numba", batch_size: i
     cmd = parse_tckgen_command(header.get("command_history", "").splitlines()[-1])
     params = parameters_from_header(header)
     fod = load_fod(os.path.join(folder, cmd.fod))
-    rois = {"include": [], "exclude": [], "mask": []}
-    for kind, spec in cmd.rois:
-        rois[kind].append(_roi(kind, spec, folder))
     res = track(
         FODField.from_array(fod.data, fod.affine),
         _seeding(cmd, folder),
         params,
         voxel_sizes=fod.voxel_sizes,
-        rois=RoiSet(**{k: tuple(v) for k, v in rois.items()}),
+        rois=command_rois(cmd, folder),
         engine=engine,
         select=cmd.select,
         max_seeds=cmd.seeds,

@@ -41,7 +41,7 @@ MRTRIX_INPUTS = [
     "mrtransform _l6.mif fod_l6_oblique.nii.gz -linear oblique.txt -reorient_fod no",
     # lmax 6 regridded to anisotropic voxels (new grid, interpolated coefficients)
     "mrgrid _l6.mif regrid fod_l6_aniso.mif.gz -voxel 3.1,2.7,2.9",
-    "mrconvert $SRC/mask.mif _mask.mif -datatype bit",
+    "mrconvert $SRC/mask.mif mask.mif -datatype bit",
     "mrconvert $SRC/roi_A.mif roi_A.mif -datatype bit",
 ]
 
@@ -78,6 +78,14 @@ REFS = [
         "grid, random directions",
     ),
     (
+        "rois_grid",
+        "fod_l4_s4321.mif.gz rois_grid.tck -seed_grid_per_voxel roi_A.mif 2 "
+        "-seed_direction 0.55,0.8,0.23 -include roi_incl_u8.nii.gz -exclude 27,-56,-25,2.5 "
+        "-mask mask.mif -minlength 5",
+        "include ROI (uint8, own oblique grid), exclude sphere, bit mask ROI (cropped grids "
+        "and float32 transforms as tckgen's Mask)",
+    ),
+    (
         "aniso_grid",
         "fod_l6_aniso.mif.gz aniso_grid.tck -seed_grid_per_voxel roi_oblique_u8.nii.gz 2 "
         "-seed_direction 0.55,0.8,0.23 -cutoff 0.15 -step 0.5 -minlength 20 -maxlength 60",
@@ -105,11 +113,11 @@ def _grid_affine(R, vox, shape) -> np.ndarray:
     return A
 
 
-def _distance(affine, shape) -> np.ndarray:
-    """``[shape]`` distance (mm) of each voxel centre to CENTRE."""
+def _distance(affine, shape, centre=CENTRE) -> np.ndarray:
+    """``[shape]`` distance (mm) of each voxel centre to ``centre``."""
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
     world = idx @ affine[:3, :3].T + affine[:3, 3]
-    return np.linalg.norm(world - CENTRE, axis=-1)
+    return np.linalg.norm(world - centre, axis=-1)
 
 
 def make_python_inputs(src: Path) -> None:
@@ -135,6 +143,13 @@ def make_python_inputs(src: Path) -> None:
     img.set_sform(A, code=1)
     img.set_qform(A, code=1)
     nib.save(img, HERE / "roi_lps_f32.nii.gz")
+    # include ROI: ball of 4.5 mm, 8 mm along the bundle from CENTRE, on a rotated 1.5 mm grid
+    shape = (9, 9, 9)
+    ahead = CENTRE + 8.0 * np.array([0.55, 0.8, 0.23]) / np.linalg.norm([0.55, 0.8, 0.23])
+    A = _grid_affine(_rotation([2, 1, -1], 33), (1.5, 1.5, 1.5), shape)
+    A[:3, 3] += ahead - CENTRE
+    incl = (_distance(A, shape, ahead) <= 4.5).astype(np.uint8)
+    nib.save(nib.Nifti1Image(incl, A), HERE / "roi_incl_u8.nii.gz")
     # whole-volume replay mask: brain mask inside a box around roi_A, uint8 NIfTI
     mask = nib.load(src / "mask.nii.gz")
     m = np.asarray(mask.dataobj).astype(np.uint8)
