@@ -57,3 +57,37 @@ def test_parse_tckgen_command():
     assert grid.seeds == 10
     assert len(load_tractogram(REFS / "oblique_image.tck").to_list()) == 150
     assert np.isfinite(np.concatenate(load_tractogram(REFS / "las_grid.tck").to_list())).all()
+
+
+def _same_streamlines(a_path, b_path) -> bool:
+    a, b = load_tractogram(a_path).to_list(), load_tractogram(b_path).to_list()
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        (
+            "oblique_image",
+            ["fod_l6_oblique.nii.gz", "--seed-image", "roi_lps_f32.nii.gz", "--select", "150",
+             "--step", "0.4", "--angle", "40", "--rng-seed", str(RNG_SEED)],
+        ),
+        (
+            "rois_grid",
+            ["fod_l4_s4321.mif.gz", "--seed-grid-per-voxel", "roi_A.mif", "2",
+             "--seed-direction=0.55,0.8,0.23", "--include", "roi_incl_u8.nii.gz",
+             "--exclude", "27,-56,-25,2.5", "--mask", "mask.mif", "--minlength", "5"],
+        ),
+    ],
+)  # fmt: skip
+def test_invtract_track_cli_equals_tckgen(tmp_path, monkeypatch, name, args):
+    """``invtract track`` with tckgen's options gives tckgen's file, streamline for
+    streamline (a NIfTI FOD on a rotated header with -seed_image from a float ROI; a strided
+    .mif.gz with include / exclude / mask regions)."""
+    from invtract.cli import main
+
+    monkeypatch.chdir(REFS)
+    out = tmp_path / "out.tck"
+    assert main(["-q", "track", args[0], str(out), "--engine", "numba", *args[1:]]) == 0
+    assert _same_streamlines(out, REFS / f"{name}.tck")
