@@ -75,7 +75,7 @@ def _same_streamlines(a_path, b_path) -> bool:
         ),
         (
             "rois_grid",
-            ["fod_l4_s4321.mif.gz", "--seed-grid-per-voxel", "roi_A.mif", "2",
+            ["fod_l4_s4321.mif.gz", "--seed-grid-per-voxel", "roi_A.mif", "3",
              "--seed-direction=0.55,0.8,0.23", "--include", "roi_incl_u8.nii.gz",
              "--exclude", "27,-56,-25,2.5", "--mask", "mask.mif", "--minlength", "5"],
         ),

@@ -79,11 +79,16 @@ REFS = [
     ),
     (
         "rois_grid",
-        "fod_l4_s4321.mif.gz rois_grid.tck -seed_grid_per_voxel roi_A.mif 2 "
+        "fod_l4_s4321.mif.gz rois_grid.tck -seed_grid_per_voxel roi_A.mif 3 "
         "-seed_direction 0.55,0.8,0.23 -include roi_incl_u8.nii.gz -exclude 27,-56,-25,2.5 "
         "-mask mask.mif -minlength 5",
         "include ROI (uint8, own oblique grid), exclude sphere, bit mask ROI (cropped grids "
         "and float32 transforms as tckgen's Mask)",
+    ),
+    (
+        "aniso_replay",
+        "fod_l6_aniso.mif.gz aniso_replay.tck -seed_grid_per_voxel mask_box.nii.gz 1",
+        "whole-volume replay on a regridded FOD with a seed mask on another grid",
     ),
     (
         "aniso_grid",
