@@ -216,14 +216,7 @@ def _run(args) -> int:
         count = 1 if isinstance(which, str) else int(which[1])
         if count < 1:
             raise ConfigError("seeds per voxel must be >= 1")
-        seeding = Seeding(
-            kind,
-            mask=np.asarray(m.data, bool),
-            affine=m.affine,
-            count=count,
-            transform=m.transform,
-            voxel_sizes=m.voxel_sizes,
-        )
+        seeding = Seeding.from_mask(kind, m, count)
     resolved = params.resolve(fod.voxel_sizes)
 
     # ------- TRACK -------

@@ -136,14 +136,7 @@ def replay_reference(
     field = FODField.from_array(fod.data, fod.affine, device=device)
     res = track(
         field,
-        Seeding(
-            "grid",
-            mask=np.asarray(mask.data, bool),
-            affine=mask.affine,
-            count=int(words[k + 2]),
-            transform=mask.transform,
-            voxel_sizes=mask.voxel_sizes,
-        ),
+        Seeding.from_mask("grid", mask, int(words[k + 2])),
         params,
         voxel_sizes=fod.voxel_sizes,
         engine=engine,

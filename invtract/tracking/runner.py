@@ -76,6 +76,20 @@ class Seeding:
     transform: np.ndarray | None = None
     voxel_sizes: tuple | None = None
 
+    @classmethod
+    def from_mask(cls, kind: str, image, count: int = 1) -> Seeding:
+        """A mask-based seeding (``"grid"``, ``"random_per_voxel"``, ``"image"``) from a mask
+        :class:`~invtract.io.image.Image` (``load_mask``), keeping its MRtrix geometry so that
+        the seeds are tckgen's bit for bit."""
+        return cls(
+            kind,
+            mask=np.asarray(image.data, bool),
+            affine=image.affine,
+            count=count,
+            transform=image.transform,
+            voxel_sizes=image.voxel_sizes,
+        )
+
     def mask_grid(self) -> MaskGrid:
         """The seed mask as tckgen traverses it (realigned, cropped)."""
         return MaskGrid.from_image(self.mask, self.affine, self.transform, self.voxel_sizes)

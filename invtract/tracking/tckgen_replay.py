@@ -124,15 +124,7 @@ def _seeding(cmd: TckgenCommand, folder: str) -> Seeding:
     kind, spec, count = cmd.seed
     if kind == "sphere":
         return Seeding("sphere", sphere=tuple(float(v) for v in spec.split(",")))
-    m = load_mask(os.path.join(folder, spec))
-    return Seeding(
-        kind,
-        mask=np.asarray(m.data, bool),
-        affine=m.affine,
-        count=count,
-        transform=m.transform,
-        voxel_sizes=m.voxel_sizes,
-    )
+    return Seeding.from_mask(kind, load_mask(os.path.join(folder, spec)), count)
 
 
 def replay_command(tck_path, rng_seed: int, engine: str = "numba", batch_size: int = 4096) -> dict:
