@@ -43,6 +43,12 @@ MRTRIX_INPUTS = [
     "mrgrid _l6.mif regrid fod_l6_aniso.mif.gz -voxel 3.1,2.7,2.9",
     "mrconvert $SRC/mask.mif mask.mif -datatype bit",
     "mrconvert $SRC/roi_A.mif roi_A.mif -datatype bit",
+    # a crop whose voxel (0, 0, 0) has data, and an ROI true at that corner
+    "mrconvert $SRC/fod.mif fod_corner_l4.mif.gz -coord 0 5:14 -coord 1 5:14 -coord 2 3:10 "
+    "-coord 3 0:14",
+    "mrconvert fod_corner_l4.mif.gz _c0.mif -coord 3 0 -axes 0,1,2",
+    "mrcalc _c0.mif 0 -mul _zero.mif -datatype bit",
+    "mredit _zero.mif -voxel 0,0,0 1 -voxel 0,0,1 1 -voxel 1,0,0 1 roi_corner.mif",
 ]
 
 #: (name, tckgen arguments after ``tckgen``, what it exercises)
@@ -89,6 +95,18 @@ REFS = [
         "aniso_replay",
         "fod_l6_aniso.mif.gz aniso_replay.tck -seed_grid_per_voxel mask_box.nii.gz 1",
         "whole-volume replay on a regridded FOD with a seed mask on another grid",
+    ),
+    (
+        "corner_grid",
+        "fod_corner_l4.mif.gz corner_grid.tck -seed_grid_per_voxel roi_corner.mif 2 "
+        "-minlength 2",
+        "grid seeding never visits voxel (0, 0, 0) of the (cropped) seed mask",
+    ),
+    (
+        "corner_random",
+        "fod_corner_l4.mif.gz corner_random.tck -seed_random_per_voxel roi_corner.mif 3 "
+        "-minlength 2",
+        "random-per-voxel seeding does visit voxel (0, 0, 0)",
     ),
     (
         "aniso_grid",
