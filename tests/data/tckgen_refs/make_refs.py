@@ -98,8 +98,7 @@ REFS = [
     ),
     (
         "corner_grid",
-        "fod_corner_l4.mif.gz corner_grid.tck -seed_grid_per_voxel roi_corner.mif 2 "
-        "-minlength 2",
+        "fod_corner_l4.mif.gz corner_grid.tck -seed_grid_per_voxel roi_corner.mif 2 -minlength 2",
         "grid seeding never visits voxel (0, 0, 0) of the (cropped) seed mask",
     ),
     (
