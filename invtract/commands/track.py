@@ -49,15 +49,15 @@ def _floats(text: str, n: int, what: str) -> tuple:
 def parse_roi(spec: str, name: str):
     """An ROI from an image path or a sphere ``x,y,z,r`` (mm)."""
     from ..io.image import load_mask
-    from ..tracking.types import ImageRoi, SphereRoi
+    from ..tracking.rois import image_roi
+    from ..tracking.types import SphereRoi
 
     if not os.path.exists(spec) and spec.count(",") == 3:
         x, y, z, r = _floats(spec, 4, f"--{name} sphere")
         if r < 0:
             raise ConfigError(f"--{name} sphere radius must be >= 0")
         return SphereRoi((x, y, z), r, spec)
-    img = load_mask(spec)
-    return ImageRoi(np.asarray(img.data, bool), np.linalg.inv(img.affine)[:3], spec)
+    return image_roi(load_mask(spec), spec)
 
 
 def add_tracking_options(p: argparse.ArgumentParser) -> None:
@@ -215,14 +215,14 @@ def _run(args) -> int:
             "grid" if args.seed_grid_per_voxel else "random_per_voxel"
         )  # fmt: skip
         count = 1 if isinstance(which, str) else _seed_count(which)
-        seeding = Seeding(kind, mask=np.asarray(m.data, bool), affine=m.affine, count=count)
+        seeding = Seeding.from_mask(kind, m, count)
     resolved = params.resolve(fod.voxel_sizes)
     _check_seeding(seeding, fod, resolved, args)
 
     # ------- TRACK -------
     engine = default_engine(args.device) if args.engine == "auto" else args.engine
     sh = np.ascontiguousarray(fod.data, np.float32)
-    scanner2voxel = np.linalg.inv(np.asarray(fod.affine, np.float64))[:3]
+    scanner2voxel = fod.scanner2voxel
     bar = _progress_bar(args)
     res = run_seeding(
         sh,

@@ -53,6 +53,7 @@ import numpy as np
 
 from ..arrays import to_numpy
 from ..errors import ConfigError, FormatError, ShapeError
+from ..io.geometry import scanner2voxel
 from .tracks import Packed, as_packed
 
 __all__ = [
@@ -103,7 +104,7 @@ class LabelVolume:
         self.name = name
         self.spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
         self.n_nodes = int(labels.max()) if labels.size else 0
-        self.scanner2voxel = np.linalg.inv(affine)[:3]
+        self.scanner2voxel = scanner2voxel(affine)
         self.voxel2scanner = affine[:3].copy()
 
     @property

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..io.geometry import scanner2voxel
 from .interp import sample_fod
 from .peaks import mrtrix_peak
 from .sh import lmax_from_n
@@ -51,7 +52,7 @@ class FODField:
         shape = tuple(int(s) for s in sh_t.shape[:3])
         K = int(sh_t.shape[3])
         flat = sh_t.reshape(-1, K)
-        s2v = torch.as_tensor(np.linalg.inv(np.asarray(affine, np.float64))[:3], device=device)
+        s2v = torch.as_tensor(scanner2voxel(affine), device=device)
         nonzero = (flat.detach() != 0).any(-1)
         return cls(flat, shape, s2v, nonzero, lmax_from_n(K))
 

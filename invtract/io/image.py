@@ -1,10 +1,15 @@
 """Images: FODs and masks from NIfTI (nibabel) and MRtrix ``.mif`` / ``.mih`` / ``.mif.gz``.
 
-Every image comes back as an :class:`Image`: a numpy array in voxel index order ``(i, j, k,
-vol)`` plus the ``[4, 4]`` affine that maps voxel indices (voxel centres at integers) to
-scanner mm (RAS+). For NIfTI this is nibabel's ``img.affine`` (sform when ``sform_code > 0``,
-else qform) and data order; for MRtrix images it is what nibabel would report after
-``mrconvert x.mif x.nii`` (see :mod:`invtract.io.mif`).
+Every image comes back as an :class:`Image` in the geometry MRtrix3 3.0.3 gives it when it
+opens the file, to the last bit, so that tracking on it reproduces tckgen exactly: a numpy
+array in MRtrix's voxel order ``(i, j, k, vol)`` -- the file's axes permuted and flipped
+towards RAS as ``Header::realign_transform`` does -- plus the ``[4, 4]`` affine that maps
+those voxel indices (voxel centres at integers) to scanner mm (RAS+), built as
+``transform * diag(voxel_sizes)`` from MRtrix's unit-column header transform. For NIfTI the
+transform is read as MRtrix reads it (normalised float32 sform columns and ``pixdim``, or the
+qform; :mod:`invtract.io.nifti_transform`), which differs from nibabel's raw ``img.affine`` in
+the last float32 bits; for ``.mif`` it is the header's ``transform``/``vox`` with any
+``layout`` (strides). See :mod:`invtract.io.geometry`.
 
 Convention: spec sections 1.1 (FOD input, SH count check), 1.4 (transform, voxel sizes) and
 4.1 (mask voxel truth value); MRtrix3 ``core/math/SH.h`` (``Math::SH::check``),
@@ -23,7 +28,9 @@ import numpy as np
 
 from ..arrays import to_numpy
 from ..errors import FormatError, ShapeError
+from .geometry import MRtrixGeometry, realign, sanitise_transform, scanner2voxel
 from .mif import MIF_SUFFIXES, atomic_output, read_mif, write_mif
+from .nifti_transform import nifti_transform
 from .sh_basis import _check_basis, lmax_for_n, to_mrtrix_basis, valid_sh_counts
 
 if TYPE_CHECKING:  # annotations only
@@ -57,12 +64,16 @@ class Image:
         affine: ``[4, 4]`` float64, voxel indices (centres at integers) -> scanner mm (RAS+).
         voxel_sizes: ``(3,)`` voxel sizes in mm (NIfTI pixdim / MRtrix ``vox``).
         path: source file, if any.
+        transform: ``[3, 4]`` float64 image->scanner transform with unit-norm columns as
+            MRtrix3 holds it (``affine`` is ``transform * diag(voxel_sizes)``), for images read
+            from a file; None otherwise.
     """
 
     data: np.ndarray
     affine: np.ndarray
     voxel_sizes: tuple
     path: str | None = None
+    transform: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple:
@@ -71,8 +82,9 @@ class Image:
 
     @property
     def scanner2voxel(self) -> np.ndarray:
-        """``[3, 4]`` float64 inverse of the affine (scanner mm -> voxel index)."""
-        return np.linalg.inv(self.affine)[:3]
+        """``[3, 4]`` float64 inverse of the affine (scanner mm -> voxel index), computed as
+        MRtrix3 does (Eigen's cofactor inverse, :func:`invtract.io.geometry.scanner2voxel`)."""
+        return scanner2voxel(self.affine)
 
 
 def _suffix(path: str) -> str:
@@ -83,8 +95,27 @@ def _suffix(path: str) -> str:
     return os.path.splitext(low)[1]
 
 
-def _read_raw(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple, tuple, str]:
-    """``(raw data, affine, voxel_sizes, (inter, slope), path)`` with no scaling applied."""
+def _mif_logical(data: np.ndarray, header) -> np.ndarray:
+    """Undo :func:`invtract.io.mif.read_mif`'s storage order: spatial axes back in the
+    header's logical order and direction (a view)."""
+    n_sp = min(3, data.ndim)
+    ranks = [abs(v) - 1 for v in header.layout[:n_sp]]
+    spatial = sorted(range(n_sp), key=lambda a: ranks[a])  # storage position p <- axis
+    for p, a in enumerate(spatial):
+        if header.layout[a] < 0:
+            data = np.flip(data, axis=p)
+    order = [spatial.index(a) for a in range(n_sp)] + list(range(n_sp, data.ndim))
+    return np.transpose(data, order)
+
+
+def _pad3(values, fill) -> list:
+    values = list(values)[:3]
+    return values + [fill] * (3 - len(values))
+
+
+def _read_raw(path: str | os.PathLike) -> tuple[np.ndarray, MRtrixGeometry, tuple, str]:
+    """``(raw data, geometry, (inter, slope), path)``: data (no scaling applied) in the
+    axis order MRtrix3 uses after opening the image (:func:`invtract.io.geometry.realign`)."""
     path = str(path)
     if os.path.isdir(path):
         raise FormatError(f"{path}: is a directory, not an image file")
@@ -97,14 +128,31 @@ def _read_raw(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple, t
     if not os.path.isfile(path):
         raise FormatError(f"{path}: no such file")
     if suffix in MIF_SUFFIXES:
-        data, affine, voxel_sizes, header = read_mif(path)
-        return data, affine, voxel_sizes, header.scaling, path
+        data, _, _, header = read_mif(path)
+        data = _mif_logical(data, header)
+        transform, spacing = header.transform, _pad3(header.vox, 1.0)
+        scaling = header.scaling
+    else:
+        data, transform, spacing, scaling = _read_nifti(path)
+    shape = _pad3(data.shape, 1)
+    if not (np.all(np.isfinite(transform)) and np.all(np.isfinite(spacing))):
+        raise FormatError(f"{path}: image transform is not finite:\n{transform}")
+    transform, spacing = sanitise_transform(transform, spacing)
+    geometry = realign(transform, spacing, shape)
+    if data.ndim < 3:  # not an image we can track on; callers raise their shape errors
+        return data, geometry, scaling, path
+    return geometry.reorient(data), geometry, scaling, path
+
+
+def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+    """``(raw data in file order, header transform [3, 4], spacing, (inter, slope))``."""
     try:
         img = nib.load(path)
         raw = np.asanyarray(img.dataobj.get_unscaled())
         slope, inter = img.dataobj.slope, img.dataobj.inter
-        affine = np.asarray(img.affine, dtype=np.float64)
-        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        if not isinstance(img.header, nib.Nifti1Header):  # Nifti2Header subclasses it
+            raise FormatError(f"{path}: not a NIfTI-1/2 header ({type(img.header).__name__})")
+        transform, spacing = nifti_transform(img.header)
     except FormatError:
         raise
     except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, ...)
@@ -113,15 +161,15 @@ def _read_raw(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple, t
         ) from err
     slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
     inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
-    return raw, affine, zooms, (inter, slope), path
+    return raw, transform, spacing, (inter, slope)
 
 
 def _scaled_float32(raw: np.ndarray, scaling: tuple) -> np.ndarray:
+    """``float32(offset + scale * raw)`` (double arithmetic, as MRtrix's scaled fetch)."""
     inter, slope = scaling
-    data = raw.astype(np.float32)
     if slope != 1.0 or inter != 0.0:
-        data = (data.astype(np.float64) * slope + inter).astype(np.float32)
-    return data
+        return (raw.astype(np.float64) * slope + inter).astype(np.float32)
+    return raw.astype(np.float32)
 
 
 def load_image(path: str | os.PathLike) -> Image:
@@ -138,8 +186,9 @@ def load_image(path: str | os.PathLike) -> Image:
     Raises:
         FormatError: unknown extension, missing or unreadable/malformed file (names the path).
     """
-    raw, affine, zooms, scaling, path = _read_raw(path)
-    return Image(_scaled_float32(raw, scaling), affine, zooms, path)
+    raw, geo, scaling, path = _read_raw(path)
+    data = np.ascontiguousarray(_scaled_float32(raw, scaling))
+    return Image(data, geo.voxel2scanner, geo.spacing, path, geo.transform)
 
 
 def _check_affine(affine: np.ndarray, path: str | None) -> None:
@@ -215,7 +264,8 @@ def load_mask(path: str | os.PathLike) -> Image:
     Convention:
         ``core/image_io/fetch_store.cpp`` (float to bool conversion), spec section 4.1.
     """
-    raw, affine, zooms, scaling, path = _read_raw(path)
+    raw, geo, scaling, path = _read_raw(path)
+    affine = geo.voxel2scanner
     if raw.ndim == 4 and raw.shape[3] == 1:
         raw = raw[..., 0]
     if raw.ndim != 3:
@@ -230,7 +280,7 @@ def load_mask(path: str | os.PathLike) -> Image:
         values = _scaled_float32(raw, scaling)
         with np.errstate(invalid="ignore"):
             data = np.isfinite(values) & (np.abs(values) >= 0.5)
-    return Image(np.ascontiguousarray(data, dtype=bool), affine, zooms, path)
+    return Image(np.ascontiguousarray(data, dtype=bool), affine, geo.spacing, path, geo.transform)
 
 
 def check_same_grid(a: Image, b: Image, what: str) -> None:

@@ -70,8 +70,12 @@ def compare_reference(
     limit: int | None = None,
     device: str = "cpu",
     batch_size: int = 4096,
+    rois=None,
 ) -> dict:
     """Re-track ``tck_path`` from ``seeds_path`` on ``fod_path`` and compare.
+
+    ``rois``: the run's include / exclude / mask regions (a ``RoiSet``; e.g.
+    :func:`invtract.tracking.tckgen_replay.command_rois`), none by default.
 
     Returns a dict with ``n``, ``frac_hausdorff_lt_0.1``, ``..._0.5``, ``..._1``,
     ``frac_same_count``, ``median_pointwise_mm``, ``max_pointwise_mm`` (over streamlines with
@@ -94,6 +98,7 @@ def compare_reference(
         Seeding("list", positions=pos, directions=None if params.seed_direction else dirs),
         params,
         voxel_sizes=fod.voxel_sizes,
+        rois=rois,
         engine=engine,
         rng_seed=0,
         batch_size=batch_size,
@@ -131,9 +136,7 @@ def replay_reference(
     field = FODField.from_array(fod.data, fod.affine, device=device)
     res = track(
         field,
-        Seeding(
-            "grid", mask=np.asarray(mask.data, bool), affine=mask.affine, count=int(words[k + 2])
-        ),
+        Seeding.from_mask("grid", mask, int(words[k + 2])),
         params,
         voxel_sizes=fod.voxel_sizes,
         engine=engine,

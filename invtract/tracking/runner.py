@@ -60,6 +60,9 @@ class Seeding:
         positions: ``[N, 3]`` scanner mm, for ``"list"``.
         directions: ``[N, 3]`` initial directions for ``"list"`` (optional).
         mask: ``[X, Y, Z]`` bool mask and ``affine`` ``[4, 4]`` for the mask-based kinds.
+        transform: the mask's ``[3, 4]`` unit-column MRtrix transform and ``voxel_sizes``
+            (mm), as :class:`~invtract.io.image.Image` carries them; with them the seeds are
+            tckgen's bit for bit (optional: derived from ``affine`` when None).
         count: grid points per axis (``grid``) or seeds per voxel (``random_per_voxel``).
         sphere: ``(x, y, z, r)`` mm for ``"sphere"``.
     """
@@ -71,6 +74,26 @@ class Seeding:
     affine: np.ndarray | None = None
     count: int = 1
     sphere: tuple | None = None
+    transform: np.ndarray | None = None
+    voxel_sizes: tuple | None = None
+
+    @classmethod
+    def from_mask(cls, kind: str, image, count: int = 1) -> Seeding:
+        """A mask-based seeding (``"grid"``, ``"random_per_voxel"``, ``"image"``) from a mask
+        :class:`~invtract.io.image.Image` (``load_mask``), keeping its MRtrix geometry so that
+        the seeds are tckgen's bit for bit."""
+        return cls(
+            kind,
+            mask=np.asarray(image.data, bool),
+            affine=image.affine,
+            count=count,
+            transform=image.transform,
+            voxel_sizes=image.voxel_sizes,
+        )
+
+    def mask_grid(self) -> MaskGrid:
+        """The seed mask as tckgen traverses it (realigned, cropped)."""
+        return MaskGrid.from_image(self.mask, self.affine, self.transform, self.voxel_sizes)
 
     @property
     def finite(self) -> bool:
@@ -241,7 +264,7 @@ def _seed_stream(seeding: Seeding, checker: SeedChecker, rng: MRtrixRNG, fixed_d
 
     if seeding.kind in ("list", "grid"):
         if seeding.kind == "grid":
-            grid = MaskGrid.from_image(seeding.mask, seeding.affine)
+            grid = seeding.mask_grid()
             pos = grid_per_voxel(grid, seeding.count)
             given = None
         else:
@@ -260,7 +283,7 @@ def _seed_stream(seeding: Seeding, checker: SeedChecker, rng: MRtrixRNG, fixed_d
             yield p, d
         return
     if seeding.kind == "random_per_voxel":
-        grid = MaskGrid.from_image(seeding.mask, seeding.affine)
+        grid = seeding.mask_grid()
         gen = random_per_voxel(grid, seeding.count, rng)
         done = False
         while not done:
@@ -278,7 +301,7 @@ def _seed_stream(seeding: Seeding, checker: SeedChecker, rng: MRtrixRNG, fixed_d
         return
     if seeding.kind in ("image", "sphere"):
         if seeding.kind == "image":
-            sampler = SeedImageSampler(MaskGrid.from_image(seeding.mask, seeding.affine), rng)
+            sampler = SeedImageSampler(seeding.mask_grid(), rng)
             draw = sampler.next
         else:
             cx, cy, cz, r = (np.float32(v) for v in seeding.sphere)

@@ -1,10 +1,12 @@
 """Seed mechanisms with tckgen's semantics: grid / random per voxel, seed image, seed lists.
 
-Convention (spec §4.1, §8.1; ``seeding/basic.cpp``): seed masks are cropped to the bounding box
-of their true voxels plus a one-voxel margin; voxels are visited in MRtrix's near-RAS axis
-order with axis 2 fastest; grid offsets are -0.5 + 1/(2G) + a/G; positions are computed in
-float32 and mapped with the mask's voxel->scanner transform cast to float32. All positions are
-scanner mm (RAS+).
+Convention (spec §4.1, §8.1; ``seeding/basic.cpp``, ``roi.cpp``, ``core/adapter/subset.h``):
+seed masks are realigned to MRtrix's near-RAS axes and cropped to the bounding box of their
+true voxels plus a one-voxel margin (the crop's translation computed as ``Adapter::Subset``
+does); voxels are visited with axis 2 fastest; grid voxel coordinates are
+``(i + offset) + a * step`` with ``offset``/``step`` rounded to float from double; positions
+are computed in float32 and mapped with the cropped mask's voxel->scanner transform cast to
+float32. All positions are scanner mm (RAS+).
 """
 
 from __future__ import annotations
@@ -13,9 +15,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from nibabel.orientations import io_orientation
 
 from ..errors import ConfigError
+from ..io.geometry import (
+    norm3,
+    realign,
+    sanitise_transform,
+    subset_transform,
+    true_voxel_box,
+    voxel2scanner,
+)
 from .rng import MRtrixRNG
 
 __all__ = [
@@ -30,43 +39,50 @@ f32 = np.float32
 
 @dataclass
 class MaskGrid:
-    """A seed mask, cropped and realigned as MRtrix traverses it.
+    """A seed mask, realigned and cropped as tckgen traverses it.
 
     Attributes:
         mask: ``[n0, n1, n2]`` bool in traversal axes (realigned, cropped).
-        vox2scanner: ``[3, 4]`` float32, traversal voxel coordinates -> scanner mm.
+        vox2scanner: ``[3, 4]`` float32, traversal voxel coordinates -> scanner mm (MRtrix's
+            ``voxel2scanner.cast<float>()`` of the cropped image).
     """
 
     mask: np.ndarray
     vox2scanner: np.ndarray
 
     @classmethod
-    def from_image(cls, mask: np.ndarray, affine: np.ndarray) -> MaskGrid:
-        """Realign to near-RAS (``Header::realign_transform``) and crop with a 1-voxel margin."""
+    def from_image(
+        cls,
+        mask: np.ndarray,
+        affine: np.ndarray,
+        transform: np.ndarray | None = None,
+        voxel_sizes=None,
+    ) -> MaskGrid:
+        """Realign to near-RAS (``Header::realign_transform``) and crop to the bounding box
+        of the true voxels plus a one-voxel margin (``Mask::__get_mask`` in ``roi.cpp``).
+
+        Args:
+            mask: ``[X, Y, Z]`` bool.
+            affine: ``[4, 4]`` voxel index -> scanner mm.
+            transform: ``[3, 4]`` MRtrix unit-column header transform and ``voxel_sizes``
+                ``(3,)`` mm, as :class:`~invtract.io.image.Image` carries them for images read
+                from a file (then ``affine`` is not used and the seeds are tckgen's bit for
+                bit); when None they are derived from ``affine`` (column norms).
+        """
         mask = np.asarray(mask, bool)
         if mask.ndim != 3:
             raise ConfigError(f"seed mask must be 3-D, got shape {mask.shape}")
         if not mask.any():
             raise ConfigError("seed mask has no true voxel")
-        affine = np.asarray(affine, np.float64)
-        ornt = io_orientation(affine)  # for each input axis: (output axis, flip)
-        perm = np.argsort(ornt[:, 0]).astype(int)  # output axis j <- input axis perm[j]
-        data = np.transpose(mask, perm)
-        A = affine.copy()
-        lin = A[:3, :3][:, perm].copy()
-        trans = A[:3, 3].copy()
-        for j in range(3):
-            if ornt[perm[j], 1] < 0:
-                n = data.shape[j]
-                data = np.flip(data, axis=j)
-                trans = trans + lin[:, j] * (n - 1)
-                lin[:, j] = -lin[:, j]
-        idx = np.argwhere(data)
-        lo = np.maximum(idx.min(0) - 1, 0)
-        hi = np.minimum(idx.max(0) + 2, data.shape)
-        data = data[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        trans = trans + lin @ lo
-        M = np.concatenate([lin, trans[:, None]], 1).astype(np.float32)
+        if transform is None or voxel_sizes is None:
+            transform, voxel_sizes = _split_affine(affine)
+        T, spacing = sanitise_transform(transform, voxel_sizes)
+        geo = realign(T, spacing, mask.shape)
+        data = geo.reorient(mask)
+        lo, size = true_voxel_box(data)
+        data = data[lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]]
+        sub = subset_transform(geo.transform, geo.spacing, lo)
+        M = voxel2scanner(sub, geo.spacing)[:3].astype(np.float32)
         return cls(np.ascontiguousarray(data), M)
 
     def to_scanner(self, v: np.ndarray) -> np.ndarray:
@@ -82,23 +98,39 @@ class MaskGrid:
 
     def true_voxels(self) -> np.ndarray:
         """``[V, 3]`` true voxel indices in traversal order (axis 2 fastest)."""
-        idx = np.argwhere(self.mask)  # C order: last axis fastest
-        if idx.shape[0] and (idx[0] == 0).all():
-            idx = idx[1:]  # MRtrix's traversal starts one step after index (0,0,0)
-        return idx
+        return np.argwhere(self.mask)  # C order: last axis fastest
+
+
+def _split_affine(affine: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """``(unit-column transform [3, 4], voxel sizes (3,))`` of a ``[4, 4]`` affine."""
+    A = np.asarray(affine, np.float64)
+    sizes = tuple(norm3(A[:3, i]) for i in range(3))
+    T = A[:3, :4].copy()
+    for i in range(3):
+        T[:, i] = T[:, i] / sizes[i]
+    return T, sizes
 
 
 def grid_per_voxel(grid: MaskGrid, per_axis: int) -> np.ndarray:
-    """``-seed_grid_per_voxel``: ``per_axis^3`` seeds per true voxel, ``[N, 3]`` scanner mm."""
+    """``-seed_grid_per_voxel``: ``per_axis^3`` seeds per true voxel, ``[N, 3]`` scanner mm.
+
+    Voxel coordinates are ``(index + offset) + pos * step`` in float32 with
+    ``offset = float(-0.5 + 1 / (2 G))`` and ``step = float(1 / G)`` (both rounded from
+    double), ``pos`` = 0..G-1 with the last axis fastest; tckgen's traversal starts one step
+    after voxel (0, 0, 0), which it never seeds (``Grid_per_voxel::get_seed``).
+    """
     if per_axis < 1:
         raise ConfigError(f"grid size must be >= 1, got {per_axis}")
     G = per_axis
-    vox = grid.true_voxels().astype(np.float32)
-    off = f32(-0.5) + f32(1.0) / f32(2 * G)
-    a = np.arange(G, dtype=np.float32) / f32(G)
+    vox = grid.true_voxels()
+    if vox.shape[0] and (vox[0] == 0).all():
+        vox = vox[1:]
+    offset = f32(-0.5 + 1.0 / (2 * G))
+    step = f32(1.0 / G)
+    a = np.arange(G, dtype=np.float32) * step
     ga, gb, gc = np.meshgrid(a, a, a, indexing="ij")
     sub = np.stack([ga.ravel(), gb.ravel(), gc.ravel()], -1)  # c fastest
-    v = (vox[:, None, :] + off)[:, :, :] + sub[None, :, :]
+    v = (vox.astype(np.float32)[:, None, :] + offset) + sub[None, :, :]
     return grid.to_scanner(v.reshape(-1, 3))
 
 

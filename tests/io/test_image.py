@@ -179,10 +179,10 @@ def test_mif_gz_handwritten(tmp_path):
         gz=True,
     )
     im = load_image(tmp_path / "h.mif.gz")
-    # storage position 0 along axis 0 is logical index 1: affine flips, data in storage order
-    np.testing.assert_allclose(im.affine[:3, 0], [-1.0, 0.0, 0.0])
-    np.testing.assert_allclose(im.affine[:3, 3], [1.0, 0.0, 0.0])
-    np.testing.assert_array_equal(im.data, raw.astype(np.float32).reshape(2, 2, 2).T)
+    # MRtrix's logical order (the transform is already RAS): storage position 0 along axis 0
+    # is logical index 1, so the data come back reversed along axis 0, the affine unchanged
+    np.testing.assert_array_equal(im.affine, np.eye(4))
+    np.testing.assert_array_equal(im.data, raw.astype(np.float32).reshape(2, 2, 2).T[::-1])
 
 
 _OK = {"dim": "2,2,2", "vox": "1,1,1", "layout": "+0,+1,+2", "datatype": "Float32LE"}
