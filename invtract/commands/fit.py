@@ -60,7 +60,6 @@ from .track import add_tracking_options, tracking_parameters
 
 log = logging.getLogger("invtract.fit")
 
-_CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parents[2] / "configs")
 _LEARN = {
     "params": ["step_mm", "angle_deg", "cutoff"],
     "fod": ["sh"],
@@ -88,17 +87,10 @@ def _run_folder(args):
 
 
 def find_config(spec: str) -> Path:
-    """A config path, or a bare name looked up in ``./configs`` then the repository's."""
-    cands = [Path(spec), Path(spec + ".toml")]
-    if "/" not in spec and os.sep not in spec:
-        for d in _CONFIG_DIRS:
-            cands += [d / spec, d / f"{spec}.toml"]
-    else:
-        cands += [_CONFIG_DIRS[1].parent / spec, _CONFIG_DIRS[1].parent / (spec + ".toml")]
-    for c in cands:
-        if c.is_file():
-            return c
-    raise ConfigError(f"config {spec!r} not found (tried {', '.join(map(str, cands))})")
+    """A config path, or a bare name looked up in ``./configs`` then the bundled ones."""
+    from ..configs import find_config as locate
+
+    return locate(spec)
 
 
 def _parse_value(text: str):

@@ -100,7 +100,6 @@ TRACKING_NAMES = (
 #: errors inside a trial that make it FAIL (with its reason) instead of stopping the study
 _TRIAL_ERRORS = (InvtractError, ArithmeticError, RuntimeError, MemoryError)
 
-_SEARCH_DIRS = (Path("configs") / "search", Path(__file__).resolve().parents[2] / "configs/search")
 _FINISHED = (
     optuna.trial.TrialState.COMPLETE,
     optuna.trial.TrialState.PRUNED,
@@ -282,7 +281,7 @@ def load_space(spec: str | os.PathLike) -> SearchSpace:
 
     Args:
         spec: ``configs/search/sd_stream.toml``, ``configs/search/sd_stream`` or
-            ``sd_stream`` (searched in ``./configs/search`` then the repository's).
+            ``sd_stream`` (searched in ``./configs/search`` then the bundled spaces).
 
     Returns:
         The validated :class:`SearchSpace`.
@@ -290,16 +289,9 @@ def load_space(spec: str | os.PathLike) -> SearchSpace:
     Raises:
         ConfigError: file not found, not TOML, or invalid.
     """
-    s = str(spec)
-    candidates = [Path(s), Path(s + ".toml")]
-    if os.sep not in s and "/" not in s:
-        for d in _SEARCH_DIRS:
-            candidates += [d / s, d / f"{s}.toml"]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise ConfigError(
-            f"search space {s!r} not found (tried {', '.join(str(c) for c in candidates)})"
-        )
+    from ..configs import find_config
+
+    path = find_config(spec, sub="search", what="search space")
     doc = read_toml(path)
     name = path.name[: -len(".toml")] if path.name.endswith(".toml") else path.name
     return SearchSpace.from_dict(doc, name=name, path=str(path.resolve()))
