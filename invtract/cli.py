@@ -3,7 +3,10 @@
 Each sub-command lives in ``invtract/commands/<name>.py`` as a class with ``name``, ``help``,
 ``add_arguments(parser)`` and ``run(args) -> int``; its module docstring is its long help.
 An :class:`~invtract.errors.InvtractError` becomes one line on stderr and exit code 1
-(``--debug`` shows the traceback).
+(``--debug`` shows the traceback). Options may be spelled as MRtrix3 spells them
+(``-seed_image``, ``-force``, ``-nthreads 0``; :mod:`invtract.commands.options`), and a pasted
+``tckgen ...`` / ``tck2connectome ...`` command line runs as ``track`` / ``connectome``.
+Warnings are one line each (``invtract track: warning: ...``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
+from .commands.options import (
+    add_common_options,
+    apply_common_options,
+    translate_argv,
+    version_text,
+)
 from .errors import InvtractError
 
 __all__ = ["main", "entry"]
@@ -26,6 +36,8 @@ _COMMANDS: dict[str, str] = {
     "fit": "invtract.commands.fit:Fit",
     "calibrate": "invtract.commands.calibrate:Calibrate",
 }
+#: MRtrix3 command names accepted in place of ours (a pasted command line runs as is)
+_MRTRIX_COMMANDS = {"tckgen": "track", "tck2connectome": "connectome"}
 
 
 def _load(spec: str):
@@ -48,7 +60,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}
     for name, spec in _COMMANDS.items():
         if only is not None and name != only:
             continue
@@ -62,30 +76,72 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             description=doc or cls.help,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
-        )
-        p.add_argument(
-            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="less output"
-        )
         cls.add_arguments(p)
+        add_common_options(p)
         p.set_defaults(_command=cls)
+        parser.commands[name] = p
     return parser
+
+
+def _command_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``(command, argv)``: the command named first (MRtrix3's ``tckgen`` and
+    ``tck2connectome`` read as ``track`` and ``connectome``; ``invtract track tckgen ...``
+    drops the pasted program name)."""
+    argv = list(argv)
+    i = next((k for k, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is None:
+        return None, argv
+    argv[i] = _MRTRIX_COMMANDS.get(argv[i], argv[i])
+    command = argv[i]
+    if i + 1 < len(argv) and _MRTRIX_COMMANDS.get(argv[i + 1]) == command:
+        del argv[i + 1]
+    return command, argv
+
+
+class _OneLine(logging.Formatter):
+    """``invtract CMD: message``; warnings and errors as ``invtract CMD: warning: message``."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            msg = f"{record.levelname.lower()}: {msg}"
+        return f"{self.prog}: {msg}"
+
+
+def _setup_logging(prog: str, quiet: bool) -> None:
+    """One line per log record and per Python warning (no source line, no category)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine(prog))
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h.formatter, _OneLine)]
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip().replace("\n", " ")
+        print(f"{prog}: warning: {text}", file=file or sys.stderr)
+
+    warnings.showwarning = show
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    first = next((a for a in argv if not a.startswith("-")), None)
+    first, argv = _command_argv(argv)
     parser = build_parser(only=first if first in _COMMANDS else None)
+    if first in parser.commands:
+        i = argv.index(first)
+        argv = argv[: i + 1] + translate_argv(argv[i + 1 :], parser.commands[first], first)
     args = parser.parse_args(argv)
     args._argv = argv
     if getattr(args, "_command", None) is None:
         parser.print_help()
         return 1
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="invtract: %(message)s",
-    )
+    _setup_logging(f"invtract {args.command}", args.quiet)
+    apply_common_options(args)
     try:
         return int(args._command.run(args) or 0)
     except InvtractError as exc:
