@@ -114,12 +114,13 @@ class _OneLine(logging.Formatter):
 
 def _setup_logging(prog: str, quiet: bool) -> None:
     """One line per log record and per Python warning (no source line, no category)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLine(prog))
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if not isinstance(h.formatter, _OneLine)]
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not root.handlers:  # as logging.basicConfig: an embedding program's handlers win
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine(prog))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING if quiet else logging.INFO)
 
     def show(message, category, filename, lineno, file=None, line=None):
         text = str(message).strip().replace("\n", " ")
