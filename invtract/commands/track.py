@@ -360,9 +360,9 @@ def _run(args) -> int:
             res.seed_points,
             command,
         )
-    if args.info:
+    if args.info and not getattr(args, "quiet", False):
         for line in info_report(res.summary, rois, params.stop):
-            log.info("[INFO] %s", line)
+            print(f"invtract track: [INFO] {line}", file=sys.stderr)
     _print_summary(res.summary, engine, time.time() - t0)
     return 0
 
