@@ -350,8 +350,8 @@ def _run(args) -> int:
             header["roi"] += f"{kind} {roi.name}\n"
     if "roi" in header:
         header["roi"] = header["roi"].rstrip("\n")
-    save_tractogram(args.output, res, header=header, overwrite=args.force,
-                    reference=args.fod)  # fmt: skip
+    save_tractogram(args.output, res, header=header, overwrite=args.force, reference=args.fod,
+                    data_per_streamline=_seed_data(args.output, res))  # fmt: skip
     if args.output_seeds:
         write_seeds(
             args.output_seeds,
@@ -365,6 +365,15 @@ def _run(args) -> int:
             print(f"invtract track: [INFO] {line}", file=sys.stderr)
     _print_summary(res.summary, engine, time.time() - t0)
     return 0
+
+
+def _seed_data(output: str, res) -> dict | None:
+    """Seeds per streamline for .trk / .trx outputs (a .tck keeps them in --output-seeds)."""
+    if output.lower().endswith(".tck"):
+        return None
+    from ..io.tractogram_meta import per_streamline_seeds
+
+    return per_streamline_seeds(res.seed_points, res.seed_index)
 
 
 def _cuda_available() -> bool:
