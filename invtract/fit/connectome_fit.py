@@ -777,9 +777,9 @@ def fit_connectome(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import iteration_bar  # tqdm on a terminal, a few lines off one
 
-        bar = tqdm(total=iterations, initial=it0, desc="fit", unit="it", dynamic_ncols=True)
+        bar = iteration_bar(iterations, it0, "fit")
     pos_t = dirs_t = None
     p_np, d_np = eval_pos, eval_dirs
     try:

@@ -691,9 +691,9 @@ def fit(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import iteration_bar  # tqdm on a terminal, a few lines off one
 
-        bar = tqdm(total=cfg.iterations, initial=it0, desc="fit", unit="it", dynamic_ncols=True)
+        bar = iteration_bar(cfg.iterations, it0, "fit")
 
     n_train = len(train_t)
     try:
