@@ -189,3 +189,37 @@ def test_progress_off_terminal_is_a_few_lines(tmp_path, capsys):
     lines = [ln for ln in err.splitlines() if "%]" in ln]
     assert 3 <= len(lines) <= 12 and "\r" not in err
     assert lines[-1].startswith("invtract track: [100%]") and "300 selected" in lines[-1]
+
+
+@pytest.mark.slow
+def test_fit_force_replaces_a_finished_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["-q", "fit", "--example", "--run", str(run), "--iterations", "2",
+            "--no-tensorboard", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    first = (run / "result.json").read_text()
+    assert main(argv) == 1 and "--force" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text("stale\n")
+    assert main([*argv, "-force"]) == 0
+    assert "stale" not in (run / "metrics.jsonl").read_text()
+    assert (run / "result.json").read_text() != "" and first
+
+
+@pytest.mark.slow
+def test_calibrate_force_starts_the_study_afresh(tmp_path):
+    import optuna
+
+    from invtract.data import example_path
+
+    run = tmp_path / "cal"
+    argv = ["-q", "calibrate", "--target", str(example_path("target")), "--target-seeds",
+            str(example_path("target_seeds")), "--fod", str(example_path("fod")),
+            "--trials", "1", "--seed", "1", "--run", str(run), "--no-tensorboard"]  # fmt: skip
+
+    def trials():
+        storage = f"sqlite:///{run / 'study.db'}"
+        (name,) = optuna.get_all_study_names(storage)
+        return len(optuna.load_study(study_name=name, storage=storage).trials)
+
+    assert main(argv) == 0 and main(argv) == 0 and trials() == 2
+    assert main([*argv, "--force"]) == 0 and trials() == 1
