@@ -74,3 +74,14 @@ def test_from_sft_any_space(reference):
     assert sft.space == Space.VOX  # the caller's object is left as it was
     for a, b in zip(sl.to_list(), ref):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_readme_python_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## Python API") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "96 Space.RASMM"
