@@ -130,14 +130,14 @@ def _setup_logging(prog: str, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    first, argv = _command_argv(argv)
+    typed = list(sys.argv[1:] if argv is None else argv)
+    first, argv = _command_argv(typed)
     parser = build_parser(only=first if first in _COMMANDS else None)
     if first in parser.commands:
         i = argv.index(first)
         argv = argv[: i + 1] + translate_argv(argv[i + 1 :], parser.commands[first], first)
     args = parser.parse_args(argv)
-    args._argv = argv
+    args._argv = typed  # the command line as typed (headers' command_history)
     if getattr(args, "_command", None) is None:
         parser.print_help()
         return 1
@@ -166,7 +166,7 @@ def entry() -> None:
     """
     argv = sys.argv[1:]
     code = main(argv)
-    first = next((a for a in argv if not a.startswith("-")), None)
+    first, _ = _command_argv(argv)
     module, _, name = _COMMANDS.get(first or "", "").partition(":")
     command = getattr(sys.modules.get(module), name, None) if module else None
     if getattr(command, "fast_exit", False):
