@@ -223,3 +223,21 @@ def test_calibrate_force_starts_the_study_afresh(tmp_path):
 
     assert main(argv) == 0 and main(argv) == 0 and trials() == 2
     assert main([*argv, "--force"]) == 0 and trials() == 1
+
+
+def test_warnings_are_one_line(tmp_path, capsys):
+    """A DIPY-basis FOD tracked as MRtrix's: the basis warning is one line, no source."""
+    from invtract.data import example_path
+    from invtract.io.sh_basis import from_mrtrix_basis
+
+    img = nib.load(str(example_path("fod")))
+    data = from_mrtrix_basis(np.asarray(img.dataobj, np.float32), "descoteaux07_legacy")
+    fod = tmp_path / "dipy_fod.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), str(fod))
+    capsys.readouterr()
+    assert main(["track", str(fod), str(tmp_path / "o.tck"), "-seed_sphere", "0,0,0,3",
+                 "-select", "2", "-rng_seed", "1", "-quiet"]) == 0  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if "warning:" in line]
+    assert len(warned) == 1 and warned[0].startswith("invtract track: warning: ")
+    assert "descoteaux07_legacy" in warned[0] and not any("warn(" in line for line in err)
