@@ -241,3 +241,15 @@ def test_warnings_are_one_line(tmp_path, capsys):
     warned = [line for line in err if "warning:" in line]
     assert len(warned) == 1 and warned[0].startswith("invtract track: warning: ")
     assert "descoteaux07_legacy" in warned[0] and not any("warn(" in line for line in err)
+
+
+@pytest.mark.parametrize("case", ["act_grid_cutoff0.2", "act_gmwmi"])
+def test_pasted_tck2connectome_command_line(case, shared_data, tmp_path):
+    """``tck2connectome TCK parc.mif CSV`` as the sift_phantom README records it, pasted with
+    MRtrix options: the reference matrix, byte for byte."""
+    d = shared_data / "sift_phantom"
+    out = tmp_path / "c.csv"
+    argv = ["tck2connectome", str(d / f"{case}.tck"), str(d / "parc.mif"), str(out),
+            "-nthreads", "0", "-quiet", "-force"]  # fmt: skip
+    assert main(argv) == 0
+    assert out.read_bytes() == (d / f"{case}_connectome.csv").read_bytes()
