@@ -136,13 +136,15 @@ _UNSUPPORTED = {
 def add_tckgen_only_options(p: argparse.ArgumentParser) -> None:
     """tckgen's options that have no invtract counterpart: ``-algorithm`` (SD_Stream only),
     the ones without effect on SD_Stream, and the unsupported ones (a clear error)."""
-    g = p.add_argument_group(
-        "tckgen compatibility",
+    import textwrap
+
+    text = (
         "accepted without effect on SD_Stream: "
         + ", ".join(f"-{n.replace('-', '_')}" for n in _NO_EFFECT)
         + "; not supported: "
-        + ", ".join(f"-{n.replace('-', '_')}" for n in _UNSUPPORTED),
+        + ", ".join(f"-{n.replace('-', '_')}" for n in _UNSUPPORTED)
     )
+    g = p.add_argument_group("tckgen compatibility", textwrap.fill(text, 78))
     g.add_argument(
         "--algorithm",
         action=_Algorithm,
@@ -392,7 +394,11 @@ def _chunk_runner(engine: str, sh, scanner2voxel, fod, args, params, rois):
     if engine == "numba":
         from ..tracking.fused_cpu import track_fused_cpu
 
-        return lambda pos, dirs: track_fused_cpu(sh, scanner2voxel, pos, dirs, params, rois)
+        n = getattr(args, "nthreads", None)
+        threads = None if n is None else max(1, int(n))  # -nthreads 0: single-threaded
+        return lambda pos, dirs: track_fused_cpu(
+            sh, scanner2voxel, pos, dirs, params, rois, nthreads=threads
+        )
     import torch
 
     from ..fod.field import FODField
