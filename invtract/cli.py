@@ -6,6 +6,10 @@ An :class:`~invtract.errors.InvtractError`, an ``OSError`` (permission denied, d
 a ``MemoryError`` becomes one line ``invtract COMMAND: error: ...`` on stderr and exit code 1
 (``--debug`` shows the traceback). SIGTERM raises :class:`~invtract.errors.Terminated` while a
 command runs, so that its cleanup runs (temporary files removed) as on Ctrl-C; exit code 143.
+Options may be spelled as MRtrix3 spells them
+(``-seed_image``, ``-force``, ``-nthreads 0``; :mod:`invtract.commands.options`), and a pasted
+``tckgen ...`` / ``tck2connectome ...`` command line runs as ``track`` / ``connectome``.
+Warnings are one line each (``invtract track: warning: ...``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
+from .commands.options import (
+    add_common_options,
+    apply_common_options,
+    translate_argv,
+    version_text,
+)
 from .errors import InvtractError, Terminated
 
 __all__ = ["main", "entry"]
@@ -30,6 +41,8 @@ _COMMANDS: dict[str, str] = {
     "fit": "invtract.commands.fit:Fit",
     "calibrate": "invtract.commands.calibrate:Calibrate",
 }
+#: MRtrix3 command names accepted in place of ours (a pasted command line runs as is)
+_MRTRIX_COMMANDS = {"tckgen": "track", "tck2connectome": "connectome"}
 
 
 def _load(spec: str):
@@ -52,7 +65,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}
     for name, spec in _COMMANDS.items():
         if only is not None and name != only:
             continue
@@ -66,30 +81,73 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             description=doc or cls.help,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
-        )
-        p.add_argument(
-            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="less output"
-        )
         cls.add_arguments(p)
+        add_common_options(p)
         p.set_defaults(_command=cls)
+        parser.commands[name] = p
     return parser
 
 
+def _command_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``(command, argv)``: the command named first (MRtrix3's ``tckgen`` and
+    ``tck2connectome`` read as ``track`` and ``connectome``; ``invtract track tckgen ...``
+    drops the pasted program name)."""
+    argv = list(argv)
+    i = next((k for k, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is None:
+        return None, argv
+    argv[i] = _MRTRIX_COMMANDS.get(argv[i], argv[i])
+    command = argv[i]
+    if i + 1 < len(argv) and _MRTRIX_COMMANDS.get(argv[i + 1]) == command:
+        del argv[i + 1]
+    return command, argv
+
+
+class _OneLine(logging.Formatter):
+    """``invtract CMD: message``; warnings and errors as ``invtract CMD: warning: message``."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            msg = f"{record.levelname.lower()}: {msg}"
+        return f"{self.prog}: {msg}"
+
+
+def _setup_logging(prog: str, quiet: bool) -> None:
+    """One line per log record and per Python warning (no source line, no category)."""
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h.formatter, _OneLine)]
+    if not root.handlers:  # as logging.basicConfig: an embedding program's handlers win
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine(prog))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING if quiet else logging.INFO)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip().replace("\n", " ")
+        print(f"{prog}: warning: {text}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    first = next((a for a in argv if not a.startswith("-")), None)
+    typed = list(sys.argv[1:] if argv is None else argv)
+    first, argv = _command_argv(typed)
     parser = build_parser(only=first if first in _COMMANDS else None)
+    if first in parser.commands:
+        i = argv.index(first)
+        argv = argv[: i + 1] + translate_argv(argv[i + 1 :], parser.commands[first], first)
     args = parser.parse_args(argv)
-    args._argv = argv
+    args._argv = typed  # the command line as typed (headers' command_history)
     if getattr(args, "_command", None) is None:
         parser.print_help()
         return 1
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="invtract: %(message)s",
-    )
+    _setup_logging(f"invtract {args.command}", args.quiet)
+    apply_common_options(args)
     restore = _raise_on_sigterm()
     try:
         return int(args._command.run(args) or 0)
@@ -160,7 +218,7 @@ def entry() -> None:
     """
     argv = sys.argv[1:]
     code = main(argv)
-    first = next((a for a in argv if not a.startswith("-")), None)
+    first, _ = _command_argv(argv)
     module, _, name = _COMMANDS.get(first or "", "").partition(":")
     command = getattr(sys.modules.get(module), name, None) if module else None
     if getattr(command, "fast_exit", False):

@@ -18,7 +18,8 @@ Parameters that are not searched keep tckgen's defaults, the tracking flags belo
 length, rk4) the values in the target's .tck header.
 
 Studies, storage and workers:
-  --trials N adds N trials to the study: repeating a command resumes and extends it. The
+  --trials N adds N trials to the study: repeating a command resumes and extends it (--force
+  deletes the study first and starts afresh). The
   storage is SQLite in the run folder (runs/NAME/study.db) unless --storage gives an Optuna
   storage URL (e.g. postgresql+psycopg2://user:pw@host:5432/db for many machines). --workers W
   starts W processes here on the same study; workers on other machines join by running the same
@@ -63,6 +64,17 @@ from .track import add_tracking_options, tracking_parameters
 log = logging.getLogger("invtract.calibrate")
 
 _TARGET_SUFFIXES = (".tck", ".trk", ".trx")
+
+
+def _delete_study(name: str, storage: str) -> None:
+    """``--force``: start the study afresh instead of extending it (Optuna's delete_study)."""
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:
+        return
+    log.info("--force: deleted the existing study %r", name)
 
 
 def _stem(path: str) -> str:
@@ -146,6 +158,8 @@ class Calibrate:
         created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         storage = args.storage or search.default_storage_url(run_dir)
+        if getattr(args, "force", False):
+            _delete_study(study_name, storage)
 
         job = search.SearchJob(
             target=os.path.abspath(args.target),

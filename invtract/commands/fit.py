@@ -91,7 +91,11 @@ def _run_folder(args, world_main: bool = True):
     if args.resume and start_it is None:
         raise ConfigError(f"--resume: no checkpoint in {run_dir}")
     if not args.resume and ckpt.exists():
-        raise ConfigError(f"{run_dir} already holds a run: use --resume or another --run")
+        if not getattr(args, "force", False):
+            raise ConfigError(
+                f"{run_dir} already holds a run: use --resume, --force or another --run"
+            )
+        _clear_run(run_dir)
     if world_main:
         check_writable_dir(run_dir)
     return run_dir, ckpt, start_it
@@ -99,6 +103,30 @@ def _run_folder(args, world_main: bool = True):
 
 def _argv(args) -> list[str]:
     return ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", None) or sys.argv[1:]]
+
+
+#: what a fit writes in its run folder (``--force`` removes these before a fresh run)
+_RUN_FILES = (
+    "checkpoint.pt",
+    "metrics.jsonl",
+    "result.json",
+    "config.toml",
+    "command.txt",
+    "versions.json",
+    "fitted.tck",
+    "fitted_fod.nii.gz",
+    "fitted_connectome.csv",
+)
+
+
+def _clear_run(run_dir: Path) -> None:
+    """``--force``: remove a previous run's outputs (only the files a fit writes, and tb/)."""
+    import shutil
+
+    for name in _RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    log.info("--force: removed the previous run's outputs in %s", run_dir)
 
 
 def _tracking_record(params0) -> dict:

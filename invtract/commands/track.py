@@ -13,8 +13,14 @@ Seeding (exactly one): --seeds FILE (N x 3 or N x 6 text/CSV, or a tckgen -outpu
 Regions (--mask, --include, --exclude) take an image or a sphere "x,y,z,r" (mm), and may be
 repeated. The output is written to a temporary name and renamed when complete.
 
-Example:
+tckgen command lines can be pasted: options as MRtrix3 3.0.3 spells them (-seed_image,
+-seed_grid_per_voxel, -select, -seeds N (number of seeds: our --max-seeds), -output_seeds,
+-nthreads, -info, -quiet, -force, ...) are accepted alongside ours, and so is a leading
+"tckgen" (`invtract tckgen fod.mif out.tck -algorithm SD_Stream ...` works too).
+
+Examples:
     invtract track fod.nii.gz out.tck --seed-grid-per-voxel mask.nii.gz 2 --rng-seed 1
+    invtract track fod.mif out.tck -algorithm SD_Stream -seed_sphere -10,0,0,6 -select 100
 """
 
 from __future__ import annotations
@@ -76,7 +82,95 @@ def add_tracking_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--seed-unidirectional", action="store_true", help="track in one direction only"
     )
-    g.add_argument("--sh-basis", default="mrtrix", help="SH basis of the FOD (default mrtrix)")
+    from ..io.sh_basis import SH_BASES
+
+    g.add_argument(
+        "--sh-basis",
+        default="mrtrix",
+        choices=SH_BASES,
+        metavar="BASIS",
+        help="SH basis of the FOD, named as DIPY / scilpy name them: "
+        f"{', '.join(SH_BASES)} (default mrtrix = tournier07; DIPY's CSD writes "
+        "descoteaux07_legacy unless told legacy=False)",
+    )
+
+
+class _Unsupported(argparse.Action):
+    """A tckgen option invtract does not implement: a one-line usage error naming it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name = "-" + option_string.lstrip("-").replace("-", "_")
+        parser.error(f"{name} is not supported by invtract ({self.const})")
+
+
+class _Algorithm(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        if str(values).lower() != "sd_stream":
+            parser.error(f"-algorithm {values}: invtract implements SD_Stream only")
+        setattr(namespace, self.dest, "SD_Stream")
+
+
+#: tckgen options that do not change SD_Stream's output (spec section 5.5), accepted so that
+#: pasted command lines run: name -> (metavar, type)
+_NO_EFFECT = {
+    "trials": int,
+    "seed-cutoff": float,
+    "max-attempts-per-seed": int,
+    "power": float,
+    "samples": int,
+}
+#: tckgen options invtract does not implement: name -> (number of values, reason)
+_UNSUPPORTED = {
+    "act": (1, "no anatomically-constrained tractography"),
+    "backtrack": (0, "tckgen: backtracking is not valid for deterministic algorithms"),
+    "crop-at-gmwmi": (0, "no anatomically-constrained tractography"),
+    "seed-gmwmi": (1, "no anatomically-constrained tractography"),
+    "seed-dynamic": (1, "no SIFT-model dynamic seeding"),
+    "seed-rejection": (1, "no rejection-sampling seeding"),
+    "include-ordered": (1, "ordered include regions are not implemented"),
+    "noprecomputed": (0, "the Legendre table is always precomputed"),
+    "grad": (1, "SD_Stream tracks an FOD image; no diffusion gradients are read"),
+    "fslgrad": (2, "SD_Stream tracks an FOD image; no diffusion gradients are read"),
+}
+
+
+def add_tckgen_only_options(p: argparse.ArgumentParser) -> None:
+    """tckgen's options that have no invtract counterpart: ``-algorithm`` (SD_Stream only),
+    the ones without effect on SD_Stream, and the unsupported ones (a clear error)."""
+    import textwrap
+
+    text = (
+        "accepted without effect on SD_Stream: "
+        + ", ".join(f"-{n.replace('-', '_')}" for n in _NO_EFFECT)
+        + "; not supported: "
+        + ", ".join(f"-{n.replace('-', '_')}" for n in _UNSUPPORTED)
+    )
+    g = p.add_argument_group("tckgen compatibility", textwrap.fill(text, 78))
+    g.add_argument(
+        "--algorithm",
+        action=_Algorithm,
+        default="SD_Stream",
+        metavar="NAME",
+        help="tracking algorithm: SD_Stream (the only one; any case)",
+    )
+    for name, kind in _NO_EFFECT.items():
+        g.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
+    for name, (nargs, why) in _UNSUPPORTED.items():
+        g.add_argument(
+            f"--{name}", nargs=nargs, action=_Unsupported, const=why, help=argparse.SUPPRESS
+        )
+
+
+def check_sh_basis(sh, basis: str, path: str) -> None:
+    """Warn (one line) when the FOD looks like another SH basis than ``basis``. Skipped for an
+    MRtrix image read in MRtrix's basis (MRtrix writes no other; the check imports
+    scipy.special through DIPY, ~0.3 s of start-up)."""
+    from ..io.mif import MIF_SUFFIXES
+    from ..io.sh_basis import warn_if_other_basis
+
+    if basis in ("mrtrix", "tournier07") and str(path).lower().endswith(tuple(MIF_SUFFIXES)):
+        return
+    warn_if_other_basis(sh, basis, source=str(path))
 
 
 def tracking_parameters(args) -> TrackingParameters:
@@ -142,7 +236,7 @@ class Track:
         e.add_argument("--device", default="cpu", help="cpu or cuda (torch engine)")
         e.add_argument("--dtype", default="float32", choices=["float32", "float64"])
         e.add_argument("--batch-size", type=int, default=4096, help="seeds per chunk")
-        e.add_argument("--force", action="store_true", help="overwrite existing outputs")
+        add_tckgen_only_options(p)
 
     @staticmethod
     def run(args) -> int:
@@ -197,6 +291,7 @@ def _run(args) -> int:
     t0 = time.time()
     fod = load_fod(args.fod, sh_basis=args.sh_basis)
     checks.warn_degenerate_fod(fod.data, args.fod)
+    check_sh_basis(fod.data, args.sh_basis, args.fod)
     rois = RoiSet(
         include=tuple(parse_roi(x, "include") for x in args.include),
         exclude=tuple(parse_roi(x, "exclude") for x in args.exclude),
@@ -223,7 +318,7 @@ def _run(args) -> int:
     engine = default_engine(args.device) if args.engine == "auto" else args.engine
     sh = np.ascontiguousarray(fod.data, np.float32)
     scanner2voxel = fod.scanner2voxel
-    bar = _progress_bar(args)
+    progress = _progress(args, seeding)
     res = run_seeding(
         sh,
         scanner2voxel,
@@ -235,10 +330,9 @@ def _run(args) -> int:
         max_seeds=args.max_seeds,
         rng_seed=args.rng_seed,
         batch_size=args.batch_size,
-        progress=bar.update_to if bar else None,
+        progress=progress.update,
     )
-    if bar:
-        bar.close()
+    progress.close()
     if res.summary["selected"] == 0:
         why = ", ".join(f"{k} {v}" for k, v in res.summary["rejected"].items()) or "none"
         checks.warn(f"no streamline selected from {res.summary['seeds']} seeds (rejected: {why})")
@@ -261,8 +355,8 @@ def _run(args) -> int:
             header["roi"] += f"{kind} {roi.name}\n"
     if "roi" in header:
         header["roi"] = header["roi"].rstrip("\n")
-    save_tractogram(args.output, res, header=header, overwrite=args.force,
-                    reference=args.fod)  # fmt: skip
+    save_tractogram(args.output, res, header=header, overwrite=args.force, reference=args.fod,
+                    data_per_streamline=_seed_data(args.output, res))  # fmt: skip
     if args.output_seeds:
         write_seeds(
             args.output_seeds,
@@ -271,6 +365,9 @@ def _run(args) -> int:
             res.seed_points,
             command,
         )
+    if args.info and not getattr(args, "quiet", False):
+        for line in info_report(res.summary, rois, params.stop):
+            print(f"invtract track: [INFO] {line}", file=sys.stderr)
     _print_summary(res.summary, engine, time.time() - t0)
     return 0
 
@@ -376,6 +473,15 @@ def _warn_seeds_outside(seeding, fod, path: str, most: int = 100_000) -> None:
     checks.warn_points_outside(pts, fod.shape, fod.affine, what, image, "rejected as seeds")
 
 
+def _seed_data(output: str, res) -> dict | None:
+    """Seeds per streamline for .trk / .trx outputs (a .tck keeps them in --output-seeds)."""
+    if output.lower().endswith(".tck"):
+        return None
+    from ..io.tractogram_meta import per_streamline_seeds
+
+    return per_streamline_seeds(res.seed_points, res.seed_index)
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -392,7 +498,11 @@ def _chunk_runner(engine: str, sh, scanner2voxel, fod, args, params, rois):
     if engine == "numba":
         from ..tracking.fused_cpu import track_fused_cpu
 
-        return lambda pos, dirs: track_fused_cpu(sh, scanner2voxel, pos, dirs, params, rois)
+        n = getattr(args, "nthreads", None)
+        threads = None if n is None else max(1, int(n))  # -nthreads 0: single-threaded
+        return lambda pos, dirs: track_fused_cpu(
+            sh, scanner2voxel, pos, dirs, params, rois, nthreads=threads
+        )
     import torch
 
     from ..fod.field import FODField
@@ -407,27 +517,61 @@ def _seed_fail(summary: dict) -> int:
     return 0
 
 
-class _Bar:
-    def __init__(self, total):
-        from tqdm import tqdm
+class _SeedProgress:
+    """tckgen's progress line (``[ 45%]     8000 seeds,     3100 selected``): the percentage
+    of seeds for a finite seeder, of ``select`` for an infinite one."""
 
-        self.t = tqdm(total=total, unit="seed", desc="tracking", disable=None, file=sys.stderr)
-        self.done = 0
+    def __init__(self, args, seeding) -> None:
+        from ..progress import Progress
 
-    def update_to(self, seeds, selected):
-        self.t.update(seeds - self.done)
-        self.done = seeds
-        self.t.set_postfix(selected=selected)
+        self.finite = seeding.finite
+        total = _finite_seed_count(seeding) if seeding.finite else (args.select or 5000)
+        quiet = bool(getattr(args, "quiet", False))
+        self.bar = Progress("invtract track", total, enabled=not quiet)
 
-    def close(self):
-        self.t.close()
+    def update(self, seeds: int, selected: int) -> None:
+        self.bar.update(seeds if self.finite else selected, _progress_text(seeds, selected))
+
+    def close(self) -> None:
+        self.bar.done()
 
 
-def _progress_bar(args):
-    try:
-        return _Bar(None)
-    except ImportError:  # pragma: no cover
-        return None
+def _progress(args, seeding) -> _SeedProgress:
+    return _SeedProgress(args, seeding)
+
+
+def _progress_text(seeds: int, selected: int) -> str:
+    return f"{seeds:8d} seeds, {selected:8d} selected"
+
+
+def _finite_seed_count(seeding) -> int:
+    """Seeds a finite seeder yields: the list, or mask voxels x per-voxel count."""
+    if seeding.kind == "list":
+        return int(np.asarray(seeding.positions).shape[0])
+    per_voxel = seeding.count**3 if seeding.kind == "grid" else seeding.count
+    return int(np.count_nonzero(seeding.mask)) * int(per_voxel)
+
+
+def info_report(summary: dict, rois, stop: bool) -> list[str]:
+    """tckgen ``-info``'s end-of-run statistics (``shared.cpp``), one string per line:
+    termination reasons as percentages of all terminations (3 significant digits), then
+    rejection counts; mask / exclude / include / ``-stop`` lines only when those are used."""
+    terms = summary["terminations"]
+    total = sum(terms.values())
+    shown = ["Calibrator sub-threshold", "Exited image", "Diffusion model sub-threshold"]
+    shown += ["Excessive curvature", "Max length exceeded"]
+    shown += ["Exited mask"] * bool(rois.mask) + ["Entered exclusion region"] * bool(rois.exclude)
+    shown += ["Traversed all include regions"] * bool(stop)
+    lines = [f"Total number of track terminations: {total}", "Termination reason probabilities:"]
+    for name in shown:
+        pct = 100.0 * terms.get(name, 0) / total if total else float("nan")
+        lines.append(f"  {name}: {pct:.3g}%")
+    rejected = ["Invalid seed point", "No propagation from seed", "Shorter than minimum length"]
+    rejected += ["Entered exclusion region"] * bool(rois.exclude)
+    rejected += ["Missed inclusion region"] * bool(rois.include)
+    lines.append("Track rejection counts:")
+    lines += [f"  {name}: {summary['rejected'].get(name, 0)}" for name in rejected]
+    return lines
 
 
 def _print_summary(s: dict, engine: str, seconds: float) -> None:

@@ -37,27 +37,19 @@ __all__ = [
     "flat_keys",
     "table_fields",
     "header_lengths",
-    "CONFIG_DIRS",
 ]
 
 #: folders searched for a config given by bare name (the working directory's first)
-CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parents[2] / "configs")
 #: tables whose keys are free (names of loss terms) rather than fixed by the defaults
 FREE_TABLES = ("weights",)
 
 
 def find_config(spec: str) -> Path:
-    """A config path, or a bare name looked up in ``./configs`` then the package's configs."""
-    cands = [Path(spec), Path(spec + ".toml")]
-    if "/" not in spec and "\\" not in spec:
-        for d in CONFIG_DIRS:
-            cands += [d / spec, d / f"{spec}.toml"]
-    else:
-        cands += [CONFIG_DIRS[1].parent / spec, CONFIG_DIRS[1].parent / (spec + ".toml")]
-    for c in cands:
-        if c.is_file():
-            return c
-    raise ConfigError(f"config {spec!r} not found (tried {', '.join(map(str, cands))})")
+    """A config path, or a bare name looked up in ``./configs`` then the bundled configs
+    (:func:`invtract.configs.find_config`: they ship inside the package)."""
+    from ..configs import find_config as locate
+
+    return locate(spec)
 
 
 def _typed(key: str, default, value):

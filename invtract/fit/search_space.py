@@ -9,7 +9,6 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import optuna
 
@@ -29,8 +28,6 @@ TRACKING_NAMES = (
     "rk4",
     "downsample",
 )
-
-_SEARCH_DIRS = (Path("configs") / "search", Path(__file__).resolve().parents[2] / "configs/search")
 
 
 # ------------------------------------------------------------------------------------------
@@ -207,7 +204,7 @@ def load_space(spec: str | os.PathLike) -> SearchSpace:
 
     Args:
         spec: ``configs/search/sd_stream.toml``, ``configs/search/sd_stream`` or
-            ``sd_stream`` (searched in ``./configs/search`` then the repository's).
+            ``sd_stream`` (searched in ``./configs/search`` then the bundled spaces).
 
     Returns:
         The validated :class:`SearchSpace`.
@@ -215,16 +212,9 @@ def load_space(spec: str | os.PathLike) -> SearchSpace:
     Raises:
         ConfigError: file not found, not TOML, or invalid.
     """
-    s = str(spec)
-    candidates = [Path(s), Path(s + ".toml")]
-    if os.sep not in s and "/" not in s:
-        for d in _SEARCH_DIRS:
-            candidates += [d / s, d / f"{s}.toml"]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise ConfigError(
-            f"search space {s!r} not found (tried {', '.join(str(c) for c in candidates)})"
-        )
+    from ..configs import find_config
+
+    path = find_config(spec, sub="search", what="search space")
     doc = read_toml(path)
     name = path.name[: -len(".toml")] if path.name.endswith(".toml") else path.name
     return SearchSpace.from_dict(doc, name=name, path=str(path.resolve()))

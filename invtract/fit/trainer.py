@@ -470,8 +470,6 @@ class Trainer:
     def _bar(self, initial: int):
         if not self.progress:
             return None
-        from tqdm.auto import tqdm
+        from ..progress import iteration_bar  # tqdm on a terminal, a few lines off one
 
-        return tqdm(
-            total=self.s.iterations, initial=initial, desc="fit", unit="it", dynamic_ncols=True
-        )
+        return iteration_bar(self.s.iterations, initial, "fit")

@@ -27,6 +27,7 @@ from ..arrays import to_numpy
 from ..errors import FormatError, InvtractError
 from .image import Image
 from .mif import atomic_output
+from .tractogram_meta import trk_header_fields, trx_header_fields
 
 if TYPE_CHECKING:  # annotations only
     from ..streamlines import Streamlines
@@ -326,6 +327,7 @@ def save_tractogram(
     header: dict[str, str] | None = None,
     reference: Image | str | os.PathLike | None = None,
     overwrite: bool = False,
+    data_per_streamline: dict | None = None,
 ) -> None:
     """Write streamlines (scanner mm, RAS+) to ``.tck``, ``.trk`` or ``.trx``.
 
@@ -340,10 +342,13 @@ def save_tractogram(
         header: ``.tck`` only: extra header entries under these exact MRtrix names
             (``step_size``, ``max_angle``, ``threshold``, ``min_dist``, ``max_dist``,
             ``init_direction``, ``total_count``, ...); multi-line values become repeated keys.
-            ``count`` is always the number of streamlines written.
+            ``count`` is always the number of streamlines written. ``.trk`` / ``.trx`` keep
+            the same entries (:mod:`invtract.io.tractogram_meta`).
         reference: image (or image file) defining the voxel grid; required for ``.trk`` and
             ``.trx``, ignored for ``.tck``.
         overwrite: replace an existing file.
+        data_per_streamline: ``.trk`` / ``.trx`` only: ``{name: [S, k] array}`` (e.g.
+            :func:`~invtract.io.tractogram_meta.per_streamline_seeds`).
 
     Raises:
         InvtractError: ``path`` exists and ``overwrite`` is False; ``.trk``/``.trx`` without
@@ -372,7 +377,9 @@ def save_tractogram(
 
     ends = np.cumsum(lengths)
     lines = np.split(points, ends[:-1]) if lengths.size else []
-    tractogram = Tractogram(lines, affine_to_rasmm=np.eye(4))
+    tractogram = Tractogram(
+        lines, affine_to_rasmm=np.eye(4), data_per_streamline=data_per_streamline or {}
+    )
 
     affine, shape, zooms = _reference_grid(reference, path)
     if suffix == ".trk":
@@ -381,6 +388,7 @@ def save_tractogram(
             Field.DIMENSIONS: shape,
             Field.VOXEL_SIZES: zooms,
             Field.VOXEL_ORDER: "".join(nib.aff2axcodes(affine)),
+            **trk_header_fields(header),
         }
         with atomic_output(path, suffix=".trk") as tmp:
             nib.streamlines.TrkFile(tractogram, header=trk_header).save(tmp)
@@ -393,6 +401,7 @@ def save_tractogram(
     ref_header.set_sform(affine, code=1)
     ref_header.set_qform(affine, code=1)
     trx = tmm.TrxFile.from_tractogram(tractogram, ref_header)
+    trx.header.update(trx_header_fields(header))
     try:
         with atomic_output(path, suffix=".trx") as tmp:
             tmm.save(trx, tmp)

@@ -76,3 +76,63 @@ def test_counts():
     assert [lmax_for_n(n) for n in (1, 6, 15, 28, 45, 66, 5, 0, 44)] == [
         0, 2, 4, 6, 8, 10, None, None, None,
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("basis", SH_BASES)
+@pytest.mark.parametrize("lmax", [2, 8])
+def test_conversion_is_dipys(basis, lmax):
+    """The map equals DIPY's convert_sh_* applied directly (both directions)."""
+    from dipy.reconst.shm import (
+        convert_sh_descoteaux_tournier,
+        convert_sh_from_legacy,
+        convert_sh_to_legacy,
+    )
+
+    c = np.random.default_rng(lmax).standard_normal((7, (lmax + 1) * (lmax + 2) // 2))
+    direct = {
+        "mrtrix": lambda x: x,
+        "tournier07": lambda x: x,
+        "tournier07_legacy": lambda x: convert_sh_from_legacy(x, "tournier07"),
+        "descoteaux07_legacy": convert_sh_descoteaux_tournier,
+        "descoteaux07": lambda x: convert_sh_descoteaux_tournier(
+            convert_sh_to_legacy(x, "descoteaux07")
+        ),
+    }[basis]
+    np.testing.assert_allclose(to_mrtrix_basis(c, basis), direct(c), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(from_mrtrix_basis(direct(c), basis), c, rtol=1e-15, atol=1e-15)
+
+
+def _bright_phantom():
+    from invtract.data import example_path
+    from invtract.io.image import load_fod
+
+    return load_fod(example_path("fod")).data
+
+
+@pytest.mark.parametrize("true", ["mrtrix", "descoteaux07_legacy"])
+def test_wrong_family_warns(true):
+    """An FOD written in one family and read in the other leaves negative lobes: warned,
+    naming the basis that removes them; read right, no warning."""
+    from invtract.io.sh_basis import SHBasisWarning, guess_basis, warn_if_other_basis
+
+    raw = from_mrtrix_basis(_bright_phantom(), true)
+    wrong = "descoteaux07" if true == "mrtrix" else "tournier07"
+    with pytest.warns(SHBasisWarning, match=true):
+        others = warn_if_other_basis(to_mrtrix_basis(raw, wrong), wrong)
+    assert true in others
+    right, shares = guess_basis(to_mrtrix_basis(raw, true), true)
+    assert right == [] and shares[true] < 0.04 < shares[wrong]
+
+
+def test_legacy_descoteaux_read_as_new_warns(shared_data):
+    """The issue's case: DIPY's CSD writes descoteaux07_legacy; read as descoteaux07 (real
+    FOD, whose lobes are not axis-aligned) it is flagged."""
+    import nibabel as nib
+
+    from invtract.io.sh_basis import guess_basis
+
+    fod = np.asarray(nib.load(shared_data / "real_msmt15" / "fod.nii.gz").dataobj, np.float32)
+    raw = from_mrtrix_basis(fod, "descoteaux07_legacy")
+    others, shares = guess_basis(to_mrtrix_basis(raw, "descoteaux07"), "descoteaux07")
+    assert others == ["descoteaux07_legacy"], shares
+    assert guess_basis(to_mrtrix_basis(raw, "descoteaux07_legacy"), "descoteaux07_legacy")[0] == []

@@ -1,0 +1,87 @@
+"""The public front door: ``invtract.load_fod`` / ``invtract.track`` -> DIPY
+StatefulTractogram in RAS+ mm, reproducing tckgen; ``invtract.from_sft``."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from dipy.io.stateful_tractogram import Space, StatefulTractogram
+
+import invtract as it
+from invtract.data import example_path
+from invtract.io.seeds import load_seeds
+from invtract.io.sh_basis import SHBasisWarning, from_mrtrix_basis
+
+
+@pytest.fixture(scope="module")
+def reference(shared_data):
+    d = shared_data / "phantom_cross90"
+    ref = nib.streamlines.load(str(d / "bundleB_default.tck")).streamlines
+    return d, list(ref), load_seeds(d / "bundleB_default_seeds.txt")
+
+
+def _same(sft, ref):
+    assert len(sft) == len(ref) > 0
+    for a, b in zip(sft.streamlines, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_track_returns_statefultractogram_equal_to_tckgen(reference):
+    d, ref, seeds = reference
+    fod = it.load_fod(d / "fod.nii.gz")
+    sft = it.track(fod, seed_grid_per_voxel=(d / "roi_B.nii.gz", 2), seed_direction=(1, 0, 0))
+    assert isinstance(sft, StatefulTractogram) and sft.space == Space.RASMM
+    np.testing.assert_allclose(sft.affine, fod.affine)
+    _same(sft, ref)
+    np.testing.assert_array_equal(sft.data_per_streamline["seed_index"][:, 0], seeds.seed_index)
+    np.testing.assert_allclose(sft.data_per_streamline["seed_point"], seeds.positions, atol=1e-5)
+
+
+def test_seed_file_and_array_and_dipy_basis(reference):
+    """Seeds from tckgen's seed file (path or [N, 3] array), and the FOD handed over as
+    (array, affine) in DIPY's legacy descoteaux basis: the same streamlines."""
+    d, ref, seeds = reference
+    img = nib.load(str(d / "fod.nii.gz"))
+    mr = np.asarray(img.dataobj, np.float32)
+    dipy_fod = (from_mrtrix_basis(mr, "descoteaux07_legacy"), img.affine)
+    _same(it.track(d / "fod.nii.gz", seeds=d / "bundleB_default_seeds.txt",
+                   seed_direction=(1, 0, 0)), ref)  # fmt: skip
+    sft = it.track(dipy_fod, sh_basis="descoteaux07_legacy", seeds=seeds.positions,
+                   seed_direction=(1, 0, 0))  # fmt: skip
+    for a, b in zip(sft.streamlines, ref):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    with pytest.warns(SHBasisWarning):
+        it.track(dipy_fod, seeds=seeds.positions[:2], seed_direction=(1, 0, 0))
+
+
+def test_regions_spheres_and_errors():
+    fod = it.load_fod(example_path("fod"))
+    sft = it.track(fod, seed_sphere=(-10, 0, 0, 6), select=5, rng_seed=2,
+                   include=(0, 0, 0, 50), mask=example_path("mask"))  # fmt: skip
+    assert len(sft) == 5
+    with pytest.raises(it.ConfigError, match="exactly one seeding"):
+        it.track(fod, seed_sphere=(0, 0, 0, 5), seeds=np.zeros((1, 3)))
+    with pytest.raises(it.ConfigError, match=r"\[N, 3\]"):
+        it.track(fod, seeds=np.zeros((4, 2)))
+
+
+def test_from_sft_any_space(reference):
+    d, ref, _ = reference
+    sft = StatefulTractogram(ref, str(d / "fod.nii.gz"), Space.RASMM)
+    sft.to_vox()
+    sl = it.from_sft(sft)
+    assert sft.space == Space.VOX  # the caller's object is left as it was
+    for a, b in zip(sl.to_list(), ref):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_readme_python_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## Python API") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "96 Space.RASMM"
