@@ -9,7 +9,8 @@ Each reference is re-tracked on the FOD tckgen read (the header's ``source``, e.
 streamline (``mode: "seeds"``). Whole-volume references (``-seed_grid_per_voxel``, random
 initial directions) are also replayed as whole runs with tckgen's random stream
 (``mode: "replay"``, ``MRTRIX_RNG_SEED`` = ``--rng-seed``, 20240601 for the shared data), which
-checks which seeds produce streamlines as well. Usage:
+checks which seeds produce streamlines as well. ``tckgen -act`` references (header keys ``act``,
+``crop_at_gmwmi``) are tracked with ACT (numba engine). Usage:
 
     python benchmarks/parity.py [--engine torch|numba|auto] [--data ../shared/data] [--limit N]
 """
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 from invtract.io.tractogram import load_tractogram_header
+from invtract.tracking.act import act_from_header
 from invtract.tracking.reference import compare_reference, replay_reference
 
 HERE = Path(__file__).resolve().parent
@@ -49,16 +51,17 @@ def main(argv=None) -> int:
             fod = case / (args.fod_name or header.get("source", "fod.nii.gz"))
             if not fod.exists():
                 fod = case / "fod.nii.gz"
+            act = act_from_header(header, case)  # -act / -crop_at_gmwmi references
             t0 = time.time()
             r = compare_reference(tck, seeds, fod, engine=args.engine, limit=args.limit,
-                                  device=args.device)  # fmt: skip
+                                  device=args.device, act=act)  # fmt: skip
             records = [dict(r, mode="seeds")]
             whole = "init_direction" not in header
             if whole and "-seed_grid_per_voxel" in header.get("command_history", ""):
                 if not args.no_replay and args.limit is None:
                     t1 = time.time()
                     rr = replay_reference(
-                        tck, fod, args.rng_seed, engine=args.engine, device=args.device
+                        tck, fod, args.rng_seed, engine=args.engine, device=args.device, act=act
                     )
                     records.append(dict(rr, seconds=round(time.time() - t1, 2)))
             records[0]["seconds"] = round(time.time() - t0, 2)

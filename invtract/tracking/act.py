@@ -24,7 +24,7 @@ from ..io.image import load_image
 from ..params import DEFAULTS, TrackingParameters, geometric_voxel_size
 from .rules import ACT_MIN_LENGTH_VOXELS, TISSUES_5TT, act_default_cutoff
 
-__all__ = ["ActImage", "load_act", "act_parameters", "mrtrix_axis_order"]
+__all__ = ["ActImage", "load_act", "act_parameters", "act_from_header", "mrtrix_axis_order"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,13 @@ def check_act_supported(act: ActImage) -> None:
             f"{act.path}: 5TT image has sub-cortical grey matter; the EXIT_SGM truncation "
             "(Exec::truncate_exit_sgm) is not implemented yet"
         )
+
+
+def act_from_header(header: dict, folder: str | os.PathLike) -> ActImage | None:
+    """The 5TT image of a ``tckgen -act`` tractogram (its header's ``act`` and
+    ``crop_at_gmwmi`` keys; the image looked up in ``folder``), or None without ACT."""
+    name = header.get("act")
+    if not name:
+        return None
+    crop = header.get("crop_at_gmwmi", "0") not in ("0", "false", "")
+    return load_act(os.path.join(str(folder), os.path.basename(name)), crop_at_gmwmi=crop)

@@ -94,7 +94,7 @@ from .rules import (
 )
 from .types import EngineResult, Reject, RoiSet, Term, concat_results
 
-__all__ = ["track_fused_cpu_act"]
+__all__ = ["track_fused_cpu_act", "act_seed_checker"]
 
 _ENTER_CGM = int(Term.ENTER_CGM)
 _ENTER_CSF = int(Term.ENTER_CSF)
@@ -486,6 +486,24 @@ def _act_track_rows(seeds, dirs, buf, out_n, out_seed, out_status, out_term, out
                         tbuf, tprobe)  # fmt: skip
 
 
+@njit(**_JIT)
+def _act_seeds_ok_kernel(seeds, tt, tnz, Mt, out):
+    """The ACT part of ``check_seed`` for every seed (tissues valid and ``act_seed_ok``)."""
+    tbuf = np.empty(5, dtype=np.float32)
+    tis = np.zeros(5, dtype=np.float32)
+    for i in range(seeds.shape[0]):
+        px = seeds[i, 0]
+        py = seeds[i, 1]
+        pz = seeds[i, 2]
+        if not (np.isfinite(px) and np.isfinite(py) and np.isfinite(pz)):
+            out[i] = False
+            continue
+        if not _tissues(tt, tnz, Mt, px, py, pz, tbuf, tis):
+            out[i] = False
+            continue
+        out[i] = _act_seed_ok(tis[0], tis[1], tis[2], tis[3], tis[4])
+
+
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
@@ -555,3 +573,21 @@ def track_fused_cpu_act(
             )  # fmt: skip
         )
     return concat_results(parts, seconds=time.perf_counter() - t0)
+
+
+def act_seed_checker(sh: np.ndarray, scanner2voxel: np.ndarray, rois: RoiSet, act: ActImage):
+    """Which seeds tckgen -act tracks at all (and so draws a random direction for):
+    ``check_seed`` with the ACT test, then data at the seed. Returns ``f([n, 3]) -> [n]`` bool
+    for :func:`invtract.tracking.runner.run_seeding`'s ``seed_check``."""
+    from .runner import SeedChecker
+
+    base = SeedChecker(sh, scanner2voxel, rois)
+    tt, tnz, _, Mt = _act_arrays(act)
+
+    def check(p: np.ndarray) -> np.ndarray:
+        p = np.ascontiguousarray(p, dtype=np.float32).reshape(-1, 3)
+        ok = np.zeros(p.shape[0], dtype=np.bool_)
+        _act_seeds_ok_kernel(p, tt, tnz, Mt, ok)
+        return ok & np.asarray(base(p), bool)
+
+    return check
