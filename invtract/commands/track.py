@@ -126,6 +126,18 @@ class Track:
         s.add_argument("--rng-seed", type=int, help="seed of the tckgen-compatible random stream")
         s.add_argument("--output-seeds", metavar="FILE", help="write seeds in tckgen's format")
         add_tracking_options(p)
+        a = p.add_argument_group("anatomically-constrained tracking (tckgen -act)")
+        a.add_argument(
+            "--act",
+            metavar="5TT",
+            help="five-tissue-type image: ACT rules and defaults (cutoff x 0.5, minlength 2 x "
+            "voxel); numba engine",
+        )
+        a.add_argument(
+            "--crop-at-gmwmi",
+            action="store_true",
+            help="move streamline ends in cortical GM onto the GM-WM interface (needs --act)",
+        )
         r = p.add_argument_group("regions (image or sphere x,y,z,r; repeatable)")
         r.add_argument("--mask", action="append", default=[], help="tracking mask")
         r.add_argument("--include", action="append", default=[], help="must be visited")
@@ -189,6 +201,7 @@ def _run(args) -> int:
     for out in [args.output] + ([args.output_seeds] if args.output_seeds else []):
         if os.path.exists(out) and not args.force:
             raise InvtractError(f"output exists: {out} (use --force to overwrite)")
+    _check_act_args(args)
     if args.device.startswith("cuda") and not _cuda_available():
         raise ConfigError("--device cuda requested but CUDA is not available")
     params = tracking_parameters(args)
@@ -217,19 +230,37 @@ def _run(args) -> int:
         if count < 1:
             raise ConfigError("seeds per voxel must be >= 1")
         seeding = Seeding(kind, mask=np.asarray(m.data, bool), affine=m.affine, count=count)
+    act = _load_act(args)
+    if act is not None:
+        from ..tracking.act import act_parameters
+
+        params = act_parameters(params, fod.voxel_sizes)
     resolved = params.resolve(fod.voxel_sizes)
 
     # ------- TRACK -------
     engine = default_engine(args.device) if args.engine == "auto" else args.engine
+    if act is not None:
+        engine = "numba"
     sh = np.ascontiguousarray(fod.data, np.float32)
     scanner2voxel = np.linalg.inv(np.asarray(fod.affine, np.float64))[:3]
     bar = _progress_bar(args)
+    if act is not None:
+        from ..tracking.act_cpu import act_seed_checker, track_fused_cpu_act
+
+        def runner(pos, dirs):
+            return track_fused_cpu_act(sh, scanner2voxel, pos, dirs, resolved, act, rois)
+
+        seed_check = act_seed_checker(sh, scanner2voxel, rois, act)
+    else:
+        runner = _chunk_runner(engine, sh, scanner2voxel, fod, args, resolved, rois)
+        seed_check = None
     res = run_seeding(
         sh,
         scanner2voxel,
         seeding,
         resolved,
-        _chunk_runner(engine, sh, scanner2voxel, fod, args, resolved, rois),
+        runner,
+        seed_check=seed_check,
         rois=rois,
         select=args.select,
         max_seeds=args.max_seeds,
@@ -252,6 +283,10 @@ def _run(args) -> int:
             "invtract_engine": engine,
         }
     )
+    if act is not None:
+        header.update({"act": str(args.act), "backtrack": "0"})
+        if act.crop_at_gmwmi:
+            header["crop_at_gmwmi"] = "1"
     for kind, regions in (("include", rois.include), ("exclude", rois.exclude)):
         for roi in regions:
             header.setdefault("roi", "")
@@ -270,6 +305,28 @@ def _run(args) -> int:
         )
     _print_summary(res.summary, engine, time.time() - t0)
     return 0
+
+
+def _check_act_args(args) -> None:
+    """``--act`` / ``--crop-at-gmwmi`` checks before any heavy work."""
+    if getattr(args, "crop_at_gmwmi", False) and not getattr(args, "act", None):
+        raise ConfigError("--crop-at-gmwmi needs --act")
+    if getattr(args, "act", None):
+        if not os.path.exists(args.act):
+            raise InvtractError(f"5TT image not found: {args.act}")
+        if args.engine not in ("auto", "numba"):
+            raise ConfigError(f"--act is implemented in the numba engine only, not {args.engine}")
+
+
+def _load_act(args):
+    """The checked 5TT image of ``--act`` (None without it)."""
+    if not getattr(args, "act", None):
+        return None
+    from ..tracking.act import check_act_supported, load_act
+
+    act = load_act(args.act, crop_at_gmwmi=args.crop_at_gmwmi)
+    check_act_supported(act)
+    return act
 
 
 def _cuda_available() -> bool:

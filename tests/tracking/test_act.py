@@ -183,3 +183,34 @@ def test_torch_engine_refuses_act():
             engine="torch",
             act=load_act(need_data("sift_phantom", "5tt.mif")),
         )
+
+
+# ---------------------------------------------------------------- invtract track --act
+
+
+@numba_only
+def test_cli_track_act_crop_matches_tckgen(tmp_path):
+    from invtract.cli import main
+
+    nib = pytest.importorskip("nibabel")
+    folder = need_data("sift_phantom")
+    out = tmp_path / "act.tck"
+    argv = ["track", str(folder / "fods.mif"), str(out), "--act", str(folder / "5tt.mif"),
+            "--crop-at-gmwmi", "--seed-grid-per-voxel", str(folder / "mask.mif"), "2",
+            "--rng-seed", "20240601"]  # fmt: skip
+    assert main(argv) == 0
+    ours = nib.streamlines.load(str(out))
+    ref = nib.streamlines.load(str(folder / "act_grid_crop.tck"))
+    assert len(ours.streamlines) == len(ref.streamlines) == 389
+    for a, b in zip(ours.streamlines, ref.streamlines):
+        np.testing.assert_array_equal(a, b)
+    assert ours.header.get("crop_at_gmwmi") == "1"
+
+
+def test_cli_crop_without_act_is_refused(tmp_path):
+    from invtract.cli import main
+
+    folder = need_data("sift_phantom")
+    argv = ["track", str(folder / "fods.mif"), str(tmp_path / "x.tck"), "--crop-at-gmwmi",
+            "--seed-grid-per-voxel", str(folder / "mask.mif"), "1"]  # fmt: skip
+    assert main(argv) != 0
