@@ -132,7 +132,8 @@ def test_partial_volume_references_bit_identical(name):
 
 @numba_only
 def test_rejections_in_mrtrix_categories():
-    """tckgen -info for act_grid_pv: 101 invalid seeds, 7 poor structural terminations."""
+    """tckgen -info for act_grid_pv: 101 invalid seeds, 7 poor structural terminations; 83
+    terminations: entered cortical GM 91.6 % (76), entered CSF 8.43 % (7)."""
     from invtract.fod.field import FODField
     from invtract.io.image import load_mask
     from invtract.tracking.api import Seeding, track
@@ -152,7 +153,10 @@ def test_rejections_in_mrtrix_categories():
         "Invalid seed point": 101,
         "Poor structural termination": 7,
     }
-    assert set(res.summary["terminations"]) == {"Entered cortical grey matter", "Entered CSF"}
+    assert res.summary["terminations"] == {
+        "Entered cortical grey matter": 76,
+        "Entered CSF": 7,
+    }
 
 
 @numba_only
