@@ -4,7 +4,7 @@ A CSF block (x 13-14, y 2-7, z 2-6) and a pathology block (x 5-6, y 2-7, z 10-15
 tissue inside WM, then every volume is blurred along y with weights (0.25, 0.5, 0.25) (edge
 voxels repeated), and voxels without tissue stay empty. Voxel axes are MRtrix's (28 x 10 x 18).
 
-    python tests/data/act/make_5tt_pv.py ../shared/data/sift_phantom/5tt.mif tests/data/act/5tt_pv.mif
+    python make_5tt_pv.py SHARED/data/sift_phantom/5tt.mif 5tt_pv.mif
 """
 
 from __future__ import annotations
