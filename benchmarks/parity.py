@@ -17,6 +17,9 @@ oblique and qform-only headers, lmax 4-10, ROIs of other datatypes on other grid
   compared in output order (:mod:`invtract.tracking.tckgen_replay`). References made with
   options invtract does not replay (``-act``, ``-seed_gmwmi``, ...) are listed as skipped.
 
+``tckgen -act`` references (header keys ``act``, ``crop_at_gmwmi``) are tracked with ACT (numba
+engine) in the ``seeds`` and ``replay`` modes.
+
 Prints one JSON object: per reference and mode, the number of streamlines, the fractions with
 symmetric Hausdorff distance < 0.1 / 0.5 / 1 mm, with identical point count and bit-identical,
 the median and max point-wise distance (mm), and a ``summary`` with the lowest bit-identical
@@ -36,6 +39,7 @@ from pathlib import Path
 
 from invtract.errors import ConfigError
 from invtract.io.tractogram import load_tractogram_header
+from invtract.tracking.act import act_from_header
 from invtract.tracking.reference import compare_reference, replay_reference
 from invtract.tracking.tckgen_replay import command_rois, parse_tckgen_command, replay_command
 
@@ -58,6 +62,7 @@ def _check(tck: Path, seeds: Path, args) -> list[dict]:
     header = load_tractogram_header(tck)
     fod = _fod_for(tck.parent, header, args.fod_name)
     command = header.get("command_history", "").splitlines()[-1:]
+    act = act_from_header(header, tck.parent)  # -act / -crop_at_gmwmi references
     try:
         rois = command_rois(parse_tckgen_command(command[0]), str(tck.parent))
         unsupported = None
@@ -68,7 +73,7 @@ def _check(tck: Path, seeds: Path, args) -> list[dict]:
     if "seeds" in args.modes:
         t0 = time.time()
         r = compare_reference(tck, seeds, fod, engine=args.engine, limit=args.limit,
-                              device=args.device, rois=rois)  # fmt: skip
+                              device=args.device, rois=rois, act=act)  # fmt: skip
         # with random initial directions the seeds file does not give tckgen's direction, only
         # the first step's (equal to float32 rounding): such runs are exact in replay/command
         direction = "header" if "init_direction" in header else "derived"
@@ -78,14 +83,17 @@ def _check(tck: Path, seeds: Path, args) -> list[dict]:
     whole = "init_direction" not in header
     grid = "-seed_grid_per_voxel" in header.get("command_history", "")
     for mode in ("replay", "command"):
-        if unsupported and mode in args.modes and args.limit is None:
+        skip = unsupported and (mode == "command" or act is None)
+        if skip and mode in args.modes and args.limit is None:
             records.append({"reference": tck.name, "mode": mode, "skipped": unsupported})
-    replayable = args.limit is None and not unsupported
+    replayable = args.limit is None and (not unsupported or act is not None)
     if "replay" in args.modes and replayable and whole and grid:
         t0 = time.time()
-        r = replay_reference(tck, fod, args.rng_seed, engine=args.engine, device=args.device)
+        r = replay_reference(
+            tck, fod, args.rng_seed, engine=args.engine, device=args.device, act=act
+        )
         records.append(dict(r, seconds=round(time.time() - t0, 2)))
-    if "command" in args.modes and replayable:
+    if "command" in args.modes and args.limit is None and not unsupported:
         t0 = time.time()
         r = replay_command(tck, args.rng_seed, engine=args.engine)
         records.append(dict(r, seconds=round(time.time() - t0, 2)))

@@ -147,11 +147,15 @@ def apply_common_options(args: argparse.Namespace) -> None:
     if n is None:
         return
     n = max(1, int(n))
-    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
     if "numba" in sys.modules:
+        # numba re-reads NUMBA_NUM_THREADS whenever it compiles and refuses a value other than
+        # the one its pool started with: once imported, only set_num_threads may change it
         import numba
 
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    else:
+        os.environ["NUMBA_NUM_THREADS"] = str(n)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)

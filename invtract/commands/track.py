@@ -121,10 +121,11 @@ _NO_EFFECT = {
 }
 #: tckgen options invtract does not implement: name -> (number of values, reason)
 _UNSUPPORTED = {
-    "act": (1, "no anatomically-constrained tractography"),
     "backtrack": (0, "tckgen: backtracking is not valid for deterministic algorithms"),
-    "crop-at-gmwmi": (0, "no anatomically-constrained tractography"),
-    "seed-gmwmi": (1, "no anatomically-constrained tractography"),
+    "seed-gmwmi": (
+        1,
+        "GM-WM interface seeding is not implemented yet; -act with other seeding is",
+    ),
     "seed-dynamic": (1, "no SIFT-model dynamic seeding"),
     "seed-rejection": (1, "no rejection-sampling seeding"),
     "include-ordered": (1, "ordered include regions are not implemented"),
@@ -221,6 +222,18 @@ class Track:
         s.add_argument("--rng-seed", type=int, help="seed of the tckgen-compatible random stream")
         s.add_argument("--output-seeds", metavar="FILE", help="write seeds in tckgen's format")
         add_tracking_options(p)
+        a = p.add_argument_group("anatomically-constrained tracking (tckgen -act)")
+        a.add_argument(
+            "--act",
+            metavar="5TT",
+            help="five-tissue-type image: ACT rules and defaults (cutoff x 0.5, minlength 2 x "
+            "voxel); numba engine",
+        )
+        a.add_argument(
+            "--crop-at-gmwmi",
+            action="store_true",
+            help="move streamline ends in cortical GM onto the GM-WM interface (needs --act)",
+        )
         r = p.add_argument_group("regions (image or sphere x,y,z,r; repeatable)")
         r.add_argument("--mask", action="append", default=[], help="tracking mask")
         r.add_argument("--include", action="append", default=[], help="must be visited")
@@ -280,6 +293,7 @@ def _run(args) -> int:
             f"--seed-random-per-voxel, --seed-sphere); got {len(mechs)}"
         )
     _check_arguments(args)
+    _check_act_args(args)
     if args.device.startswith("cuda") and not _cuda_available():
         raise ConfigError("--device cuda requested but CUDA is not available")
     params = tracking_parameters(args)
@@ -311,20 +325,38 @@ def _run(args) -> int:
         )  # fmt: skip
         count = 1 if isinstance(which, str) else _seed_count(which)
         seeding = Seeding.from_mask(kind, m, count)
+    act = _load_act(args)
+    if act is not None:
+        from ..tracking.act import act_parameters
+
+        params = act_parameters(params, fod.voxel_sizes)
     resolved = params.resolve(fod.voxel_sizes)
     _check_seeding(seeding, fod, resolved, args)
 
     # ------- TRACK -------
     engine = default_engine(args.device) if args.engine == "auto" else args.engine
+    if act is not None:
+        engine = "numba"
     sh = np.ascontiguousarray(fod.data, np.float32)
     scanner2voxel = fod.scanner2voxel
     progress = _progress(args, seeding)
+    if act is not None:
+        from ..tracking.act_cpu import act_seed_checker, track_fused_cpu_act
+
+        def runner(pos, dirs):
+            return track_fused_cpu_act(sh, scanner2voxel, pos, dirs, resolved, act, rois)
+
+        seed_check = act_seed_checker(sh, scanner2voxel, rois, act)
+    else:
+        runner = _chunk_runner(engine, sh, scanner2voxel, fod, args, resolved, rois)
+        seed_check = None
     res = run_seeding(
         sh,
         scanner2voxel,
         seeding,
         resolved,
-        _chunk_runner(engine, sh, scanner2voxel, fod, args, resolved, rois),
+        runner,
+        seed_check=seed_check,
         rois=rois,
         select=args.select,
         max_seeds=args.max_seeds,
@@ -349,6 +381,10 @@ def _run(args) -> int:
             "invtract_engine": engine,
         }
     )
+    if act is not None:
+        header.update({"act": str(args.act), "backtrack": "0"})
+        if act.crop_at_gmwmi:
+            header["crop_at_gmwmi"] = "1"
     for kind, regions in (("include", rois.include), ("exclude", rois.exclude)):
         for roi in regions:
             header.setdefault("roi", "")
@@ -480,6 +516,27 @@ def _seed_data(output: str, res) -> dict | None:
     from ..io.tractogram_meta import per_streamline_seeds
 
     return per_streamline_seeds(res.seed_points, res.seed_index)
+
+
+def _check_act_args(args) -> None:
+    """``--act`` / ``--crop-at-gmwmi`` checks before any heavy work."""
+    if getattr(args, "crop_at_gmwmi", False) and not getattr(args, "act", None):
+        raise ConfigError("--crop-at-gmwmi needs --act")
+    if getattr(args, "act", None):
+        checks.check_input_files([("--act 5TT image", args.act)])
+        if args.engine not in ("auto", "numba"):
+            raise ConfigError(f"--act runs in the numba engine only, not {args.engine}")
+
+
+def _load_act(args):
+    """The checked 5TT image of ``--act`` (None without it)."""
+    if not getattr(args, "act", None):
+        return None
+    from ..tracking.act import check_act_supported, load_act
+
+    act = load_act(args.act, crop_at_gmwmi=args.crop_at_gmwmi)
+    check_act_supported(act)
+    return act
 
 
 def _cuda_available() -> bool:

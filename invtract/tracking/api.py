@@ -68,6 +68,7 @@ def track(
     rng_seed: int | None = None,
     batch_size: int = 4096,
     progress: Callable[[int, int], None] | None = None,
+    act=None,
 ) -> TrackingResult:
     """Track streamlines as ``tckgen -algorithm SD_Stream -nthreads 0`` does.
 
@@ -85,10 +86,19 @@ def track(
             when None.
         batch_size: seeds per engine call.
         progress: called as ``progress(seeds_done, selected)``.
+        act: anatomically-constrained tracking (``-act``): an
+            :class:`~invtract.tracking.act.ActImage`. Unresolved ``params`` then get ACT's
+            defaults (cutoff x 0.5, minimum length 2 x voxel); tracked by the numba engine.
 
     Returns:
         A :class:`TrackingResult`.
     """
+    if act is not None:
+        engine = _act_engine(engine)
+        if isinstance(params, TrackingParameters) and voxel_sizes is not None:
+            from .act import act_parameters
+
+            params = act_parameters(params, voxel_sizes)
     if isinstance(params, TrackingParameters):
         if voxel_sizes is None:
             raise ConfigError("voxel_sizes is required to resolve tracking parameters")
@@ -97,12 +107,19 @@ def track(
     if engine == "auto":
         engine = default_engine(fod.device)
     sh = fod.sh_flat.detach().cpu().numpy().reshape(*fod.shape, -1)
+    s2v = fod.scanner2voxel.cpu().numpy()
+    extra, seed_check = {}, None
+    if act is not None:
+        from .act_cpu import act_seed_checker
+
+        extra, seed_check = {"act": act}, act_seed_checker(sh, s2v, rois, act)
     out = run_seeding(
         sh,
-        fod.scanner2voxel.cpu().numpy(),
+        s2v,
         seeding,
         params,
-        lambda pos, dirs: run_engine(engine, fod, pos, dirs, params, rois),
+        lambda pos, dirs: run_engine(engine, fod, pos, dirs, params, rois, **extra),
+        seed_check=seed_check,
         rois=rois,
         select=select,
         max_seeds=max_seeds,
@@ -327,3 +344,16 @@ def from_sft(sft) -> Streamlines:
     sft = sft.__class__.from_sft(sft.streamlines, sft)  # a copy: to_space moves in place
     sft.to_space(Space.RASMM)
     return Streamlines.from_list([np.asarray(s, np.float32) for s in sft.streamlines])
+
+
+def _act_engine(engine: str) -> str:
+    """The engine that tracks with ACT: numba (the only one with the ACT rules so far)."""
+    from .runner import numba_available
+
+    if engine not in ("auto", "numba", "triton") or not numba_available():
+        raise ConfigError(
+            f"ACT (-act) is implemented in the numba engine only (asked: {engine!r}"
+            + ("" if numba_available() else "; numba is not installed")
+            + ")"
+        )
+    return "numba"

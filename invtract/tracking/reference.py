@@ -71,6 +71,7 @@ def compare_reference(
     device: str = "cpu",
     batch_size: int = 4096,
     rois=None,
+    act=None,
 ) -> dict:
     """Re-track ``tck_path`` from ``seeds_path`` on ``fod_path`` and compare.
 
@@ -79,7 +80,8 @@ def compare_reference(
 
     Returns a dict with ``n``, ``frac_hausdorff_lt_0.1``, ``..._0.5``, ``..._1``,
     ``frac_same_count``, ``median_pointwise_mm``, ``max_pointwise_mm`` (over streamlines with
-    identical counts), ``rejected_by_us`` and the lists of mismatching indices.
+    identical counts), ``rejected_by_us`` and the lists of mismatching indices. ``act``: the
+    5TT image of a ``tckgen -act`` reference (:func:`invtract.tracking.act.act_from_header`).
     """
     header = load_tractogram_header(tck_path)
     params = parameters_from_header(header)
@@ -102,6 +104,7 @@ def compare_reference(
         engine=engine,
         rng_seed=0,
         batch_size=batch_size,
+        act=act,
     )
     ours = {int(i): s for i, s in zip(res.seed_ids, res.streamlines.to_list())}
     out = {"reference": os.path.basename(str(tck_path)), "engine": res.engine}
@@ -116,6 +119,7 @@ def replay_reference(
     engine: str = "auto",
     device: str = "cpu",
     batch_size: int = 4096,
+    act=None,
 ) -> dict:
     """Replay a ``tckgen -seed_grid_per_voxel MASK G -nthreads 0`` run and compare, in order.
 
@@ -142,6 +146,7 @@ def replay_reference(
         engine=engine,
         rng_seed=rng_seed,
         batch_size=batch_size,
+        act=act,
     )
     ref_list = load_tractogram(tck_path).to_list()
     ours = res.streamlines.to_list()

@@ -27,7 +27,7 @@ spec §2-§7 of ``../shared/docs/sd_stream_spec.md``.
 from __future__ import annotations
 
 from ..params import DEFAULTS
-from .types import TERM_ADD_TO_TCK, Reject
+from .types import TERM_ADD_TO_TCK, Reject, Term
 
 __all__ = [
     "PEAK_MAX_ITERATIONS",
@@ -49,6 +49,25 @@ __all__ = [
     "too_short",
     "track_rejection",
     "seed_limits",
+    "ACT_CUTOFF_MULTIPLIER",
+    "ACT_MIN_LENGTH_VOXELS",
+    "TISSUE_SUM_THRESHOLD",
+    "GMWMI_ACCURACY",
+    "GMWMI_NORMAL_PERTURBATION",
+    "GMWMI_PERTURBATION",
+    "GMWMI_MAX_ITERS",
+    "GMWMI_HERMITE_TENSION",
+    "TISSUES_5TT",
+    "is_cgm",
+    "is_sgm",
+    "is_wm",
+    "is_csf",
+    "is_path",
+    "is_gm",
+    "act_seed_ok",
+    "act_priors",
+    "act_exclusion_reason",
+    "act_default_cutoff",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -184,3 +203,115 @@ def seed_limits(select: int | None, max_seeds: int | None) -> tuple[int, int]:
     if max_seeds is None:
         max_seeds = SEEDS_PER_SELECT * select if select > 0 else 0
     return select, int(max_seeds)
+
+
+# --------------------------------------------------------------------------------------------
+# Anatomically-constrained tracking, -act (ACT/act.h, tissues.h, method.h, gmwmi.h,
+# tracking/exec.h iterate / apply_priors / gen_track_unidir, tractography.h defaults)
+# --------------------------------------------------------------------------------------------
+
+#: ``Defaults::cutoff_act_multiplier``: with -act the default cutoff is 0.5 x 0.1
+ACT_CUTOFF_MULTIPLIER = 0.5
+#: ``Defaults::minlength_voxels_withact``: with -act the default minimum length is 2 x voxel
+ACT_MIN_LENGTH_VOXELS = 2.0
+#: ``TISSUE_SUM_THRESHOLD``: tissues are valid iff their (clamped) sum is >= this (double)
+TISSUE_SUM_THRESHOLD = 0.5
+#: ``GMWMI_ACCURACY``: |GM - WM| below this is "at the interface" (double)
+GMWMI_ACCURACY = 0.01
+#: ``GMWMI_NORMAL_PERTURBATION``: seed_is_unidirectional probes pos +- dir x this (mm, float)
+GMWMI_NORMAL_PERTURBATION = 0.001
+#: ``GMWMI_PERTURBATION``: finite-difference step of the interface search (mm)
+GMWMI_PERTURBATION = 0.001
+#: ``GMWMI_MAX_ITERS_TO_FIND_BOUNDARY``: bisection / gradient iterations of the interface search
+GMWMI_MAX_ITERS = 10
+#: ``GMWMI_HERMITE_TENSION``: tension of the Hermite spline the endpoint is cropped along
+GMWMI_HERMITE_TENSION = 0.1
+#: the five tissue volumes of a 5TT image, in order
+TISSUES_5TT = ("cgm", "sgm", "wm", "csf", "path")
+
+
+def is_cgm(cgm, sgm, wm, csf, path):
+    """``Tissues::is_cgm``: cortical GM is (one of) the largest, strictly above CSF and path."""
+    return cgm >= sgm and cgm >= wm and cgm > csf and cgm > path
+
+
+def is_sgm(cgm, sgm, wm, csf, path):
+    """``Tissues::is_sgm``."""
+    return sgm > cgm and sgm >= wm and sgm > csf and sgm > path
+
+
+def is_wm(cgm, sgm, wm, csf, path):
+    """``Tissues::is_wm``: WM strictly the largest."""
+    return wm > cgm and wm > sgm and wm > csf and wm > path
+
+
+def is_csf(cgm, sgm, wm, csf, path):
+    """``Tissues::is_csf``: CSF ties win."""
+    return csf >= cgm and csf >= sgm and csf >= wm and csf >= path
+
+
+def is_path(cgm, sgm, wm, csf, path):
+    """``Tissues::is_path``."""
+    return path >= cgm and path >= sgm and path >= wm and path > csf
+
+
+def is_gm(cgm, sgm, wm, csf, path):
+    """``Tissues::is_gm``: GM = cgm + sgm (float32 sum) at least WM, above CSF and path."""
+    gm = cgm + sgm
+    return gm >= wm and gm > csf and gm > path
+
+
+def act_seed_ok(cgm, sgm, wm, csf, path):
+    """``ACT_Method_additions::check_seed`` given valid tissues: an SGM seed is allowed; else the
+    seed must not be CSF, must have some WM and GM - WM below :data:`GMWMI_ACCURACY`."""
+    # (self-contained: numba compiles this function; the tests are is_sgm and is_csf)
+    if sgm > cgm and sgm >= wm and sgm > csf and sgm > path:
+        return True
+    if (csf >= cgm and csf >= sgm and csf >= wm and csf >= path) or not wm > 0.0:
+        return False
+    return not ((cgm + sgm) - wm) >= GMWMI_ACCURACY
+
+
+def act_priors(term: int, sgm_depth: int, in_pathology: bool) -> tuple[int, bool]:
+    """``Exec::apply_priors`` with -act: ``(term', excluded)`` for the term a half stopped on.
+
+    ENTER_CSF, LENGTH_EXCEED and ENTER_EXCLUDE exclude the streamline; CALIBRATOR / MODEL /
+    HIGH_CURVATURE become TERM_IN_SGM inside SGM, else exclude it unless in pathology
+    (poor structural termination); ENTER_CGM, EXIT_IMAGE, EXIT_MASK, EXIT_SGM, TERM_IN_SGM,
+    TRAVERSE_ALL_INCLUDE are good terminations. Plain scalar code (compiled by numba)."""
+    if term == _ENTER_CSF or term == _LENGTH_EXCEED_T or term == _ENTER_EXCLUDE_T:
+        return term, True
+    if term == _CALIBRATOR or term == _MODEL_T or term == _HIGH_CURVATURE_T:
+        if sgm_depth > 0:
+            return _TERM_IN_SGM, False
+        return term, not in_pathology
+    return term, False
+
+
+def act_exclusion_reason(term: int) -> int:
+    """The :class:`Reject` code counted when a half excluded the streamline (``gen_track_unidir``):
+    ACT_POOR_TERMINATION (CALIBRATOR, ENTER_CSF, MODEL, HIGH_CURVATURE), TRACK_TOO_LONG
+    (LENGTH_EXCEED) or ENTER_EXCLUDE_REGION."""
+    if term == _LENGTH_EXCEED_T:
+        return _TRACK_TOO_LONG
+    if term == _ENTER_EXCLUDE_T:
+        return _ENTER_EXCLUDE_REGION
+    return _ACT_POOR_TERMINATION
+
+
+def act_default_cutoff(cutoff_default: float) -> float:
+    """SD_Stream's default cutoff under -act (``cutoff_fod x cutoff_act_multiplier``, float32)."""
+    import numpy as np
+
+    return float(np.float32(cutoff_default) * np.float32(ACT_CUTOFF_MULTIPLIER))
+
+
+_ENTER_CSF = int(Term.ENTER_CSF)
+_LENGTH_EXCEED_T = int(Term.LENGTH_EXCEED)
+_ENTER_EXCLUDE_T = int(Term.ENTER_EXCLUDE)
+_CALIBRATOR = int(Term.CALIBRATOR)
+_MODEL_T = int(Term.MODEL)
+_HIGH_CURVATURE_T = int(Term.HIGH_CURVATURE)
+_TERM_IN_SGM = int(Term.TERM_IN_SGM)
+_TRACK_TOO_LONG = int(Reject.TRACK_TOO_LONG)
+_ACT_POOR_TERMINATION = int(Reject.ACT_POOR_TERMINATION)

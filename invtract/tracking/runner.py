@@ -163,6 +163,7 @@ def run_seeding(
     rng_seed: int | None = None,
     batch_size: int = 4096,
     progress: Callable[[int, int], None] | None = None,
+    seed_check: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> SeedingResult:
     """Track from every seed of ``seeding`` as ``tckgen -algorithm SD_Stream -nthreads 0``.
 
@@ -181,6 +182,8 @@ def run_seeding(
             when None.
         batch_size: seeds per engine call.
         progress: called as ``progress(seeds_done, selected)``.
+        seed_check: replaces :class:`SeedChecker` (``[n, 3] -> [n]`` bool), e.g. with ACT's
+            seed test added (:func:`invtract.tracking.act_cpu.act_seed_checker`).
     """
     rois = rois or RoiSet()
     if rng_seed is None:
@@ -193,7 +196,7 @@ def run_seeding(
         select, max_seeds = seed_limits(select, max_seeds)
         if select <= 0 and max_seeds <= 0:
             raise ConfigError("an infinite seed mechanism needs --select or a seed count")
-    checker = SeedChecker(sh, scanner2voxel, rois)
+    checker = seed_check or SeedChecker(sh, scanner2voxel, rois)
     parts: list[EngineResult] = []
     n_seen = 0
     n_selected = 0

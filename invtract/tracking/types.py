@@ -64,6 +64,11 @@ TERM_ADD_TO_TCK = {
 }
 
 TERM_NAMES = {
+    Term.ENTER_CGM: "Entered cortical grey matter",
+    Term.CALIBRATOR: "Calibrator sub-threshold",
+    Term.ENTER_CSF: "Entered CSF",
+    Term.TERM_IN_SGM: "Terminated in subcortex",
+    Term.EXIT_SGM: "Exiting sub-cortical GM",
     Term.EXIT_IMAGE: "Exited image",
     Term.MODEL: "Diffusion model sub-threshold",
     Term.HIGH_CURVATURE: "Excessive curvature",
@@ -79,6 +84,9 @@ REJECT_NAMES = {
     Reject.TRACK_TOO_SHORT: "Shorter than minimum length",
     Reject.ENTER_EXCLUDE_REGION: "Entered exclusion region",
     Reject.MISSED_INCLUDE_REGION: "Missed inclusion region",
+    Reject.TRACK_TOO_LONG: "Longer than maximum length",
+    Reject.ACT_POOR_TERMINATION: "Poor structural termination",
+    Reject.ACT_FAILED_WM_REQUIREMENT: "Failed to traverse white matter",
 }
 
 
