@@ -30,9 +30,10 @@ def test_trk_trx_carry_parameters_command_and_seeds(suffix, tmp_path):
     for key in ("step_size", "max_angle", "threshold", "min_dist", "max_dist",
                 "init_direction", "method", "source"):  # fmt: skip
         assert header[key] == ref[key], key
-    assert (
-        header["command_history"].startswith("invtract ") and suffix in header["command_history"]
-    )
+    cmd = header["command_history"]
+    assert cmd.startswith("invtract ")
+    # .trk's 444-byte text field may cut a long command line (a long tmp path) with "..."
+    assert suffix in cmd or (suffix == ".trk" and cmd.endswith("..."))
     seeds = load_seeds(tmp_path / "seeds.txt")
     sl = load_tractogram(other).to_list()
     assert data["seed_point"].shape == (len(sl), 3)
