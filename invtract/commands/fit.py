@@ -222,6 +222,9 @@ class Fit:
             metavar="MASK",
             help="whole-brain seed mask (default: voxels with a non-zero FOD); see [seeding]",
         )
+        from ..fit.signal_term import add_signal_arguments
+
+        add_signal_arguments(p)
         r = p.add_argument_group("fit")
         r.add_argument(
             "--fit",
@@ -275,6 +278,10 @@ class Fit:
         if getattr(args, "seed_image", None):
             raise ConfigError("--seed-image applies to --target-connectome fits only")
         # ------- CHECKS -------
+        if getattr(args, "dwi", None) and not args.target and not args.example:
+            from ..fit.signal_term import run_csd_only
+
+            return run_csd_only(args)
         if args.example:
             from ..data import example_path
 
@@ -310,6 +317,9 @@ class Fit:
         from ..tracking.api import Seeding
 
         img = load_fod(args.fod, sh_basis=args.sh_basis)
+        from ..fit.signal_term import signal_from_args
+
+        signal = signal_from_args(args, img)
         target = load_tractogram(args.target)
         if len(target) == 0:
             raise ConfigError(f"{args.target}: the target bundle has no streamlines")
@@ -362,6 +372,7 @@ class Fit:
                 checkpoint=ckpt,
                 resume=args.resume,
                 progress=not args.no_progress,
+                signal=signal,
             )
         except KeyboardInterrupt:
             logger.close()

@@ -475,6 +475,7 @@ def fit(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     progress: bool = False,
+    signal: Callable | None = None,
     **hparams,
 ) -> FitResult:
     """Fit tracking parameters and/or FOD coefficients to a paired target bundle.
@@ -501,6 +502,8 @@ def fit(
         checkpoint: checkpoint file written every ``checkpoint_every`` iterations.
         resume: continue from ``checkpoint`` if it exists.
         progress: show a tqdm progress bar.
+        signal: the diffusion-signal term (:class:`~invtract.fit.signal_term.SignalTerm`),
+            ``signal(sh_learned [V, K], voxels [V])``; added as ``signal`` when learning the FOD.
         **hparams: config overrides by alias (``lr``, ``temperature_mm``, ``coverage_weight``,
             ``optimizer``, ...) or ``"section.key"``.
 
@@ -662,6 +665,8 @@ def fit(
             if learn_sh:
                 sh_l = sh0_flat[voxels] + delta
                 terms.update(fod_priors(sh_l, delta, voxels, sh0.shape[:3], cfg.loss, basis))
+                if signal is not None and cfg.loss.weights.get("signal", 0.0) > 0:
+                    terms["signal"] = signal(sh_l, voxels)
             total = sum(
                 cfg.loss.weights.get(k, 0.0) * v for k, v in terms.items() if k != "n_missing"
             )

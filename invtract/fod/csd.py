@@ -177,7 +177,7 @@ class CSDModel:
 
 
 def _init_map(dirs: torch.Tensor, rh: torch.Tensor, lmax_init: int) -> torch.Tensor:
-    """``rconv [K0, N]``: regularised pseudo-inverse of the low-order problem, as dwi2fod starts."""
+    """``rconv [K0, N]``: regularised pseudo-inverse of the low-order problem (dwi2fod start)."""
     Y = sh_basis(dirs, lmax_init).clone()
     d = min(Y.shape)
     Y[torch.arange(d), torch.arange(d)] += 1.0e-2  # MRtrix adds 0.01 to the matrix's diagonal

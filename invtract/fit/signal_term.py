@@ -1,0 +1,217 @@
+"""The diffusion-signal term of an FOD fit (``invtract fit --dwi DWI --response RESPONSE``).
+
+:class:`SignalTerm` binds a DWI, its gradient table and a response to the FOD's voxel grid and
+gives the fit :func:`invtract.losses.signal.signal_loss` for the learned voxels (weighted by
+``[loss.weights] signal``). :func:`run_csd_only` is ``invtract fit --dwi`` without a target:
+the minimiser of the signal term alone, i.e. ``dwi2fod csd``'s coefficients, over the mask.
+
+Memory: the DWI is kept only for the shell CSD uses, as float32 ``[X*Y*Z, N]`` (N ~ the FOD's K
+coefficients: about one copy of the FOD), plus ``[X*Y*Z]`` float64 reference values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, InvtractError, ShapeError
+from ..fod.csd import CSDModel, csd_model, csd_objective, csd_solve, load_response
+from ..losses.signal import noise_variance, signal_loss, signal_residual
+
+__all__ = ["SignalTerm", "load_dwi", "add_signal_arguments", "signal_from_args", "run_csd_only"]
+
+log = logging.getLogger("invtract")
+
+
+def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
+    """``(Image [X, Y, Z, N_all] float32, grad [N_all, 4])`` of a DWI with its gradient table.
+
+    The table comes from ``fslgrad`` (``(bvecs, bvals)``, FSL convention) if given, else from
+    the ``.mif`` header's ``dw_scheme``.
+    """
+    from ..io.gradients import load_fsl_gradients, read_mif_scheme
+    from ..io.image import load_image
+
+    img = load_image(path)
+    if img.data.ndim != 4:
+        raise ShapeError(f"{path}: a DWI must be 4-D, got shape {img.data.shape}")
+    if fslgrad:
+        if str(path).lower().endswith((".mif", ".mih", ".mif.gz")):
+            log.warning("--fslgrad with a .mif DWI: bvecs are taken in its stored voxel axes")
+        grad = load_fsl_gradients(fslgrad[0], fslgrad[1], img.affine, img.data.shape[3])
+    else:
+        grad = read_mif_scheme(path)
+    return img, grad
+
+
+@dataclass
+class SignalTerm:
+    """The signal term on an FOD grid.
+
+    Attributes:
+        model: the CSD model (shell, forward and constraint matrices).
+        signals: ``[X*Y*Z, N]`` float32 signals of the shell (C order of the grid; non-finite
+            voxels hold 0 and are excluded from ``usable``).
+        usable: ``[X*Y*Z]`` bool: finite signal (and inside the mask when one was given).
+        reference: ``[X*Y*Z]`` float64 CSD objective at the CSD coefficients (0 where unusable).
+        variance: noise variance per measurement (mean squared CSD residual over ``usable``).
+        csd: ``[X*Y*Z, K]`` float32 CSD coefficients (zero where unusable).
+        image: the DWI :class:`~invtract.io.image.Image` (set by :func:`signal_from_args`).
+    """
+
+    model: CSDModel
+    signals: torch.Tensor
+    usable: torch.Tensor
+    reference: torch.Tensor
+    variance: float
+    csd: torch.Tensor
+    image: object = None
+
+    @classmethod
+    def build(
+        cls, dwi: np.ndarray, grad: np.ndarray, response, mask: np.ndarray | None = None, **opts
+    ) -> SignalTerm:
+        """From a ``[X, Y, Z, N_all]`` DWI array, its table, a :class:`Response` and a mask.
+
+        ``opts`` go to :func:`~invtract.fod.csd.csd_model` (``lmax``, ``neg_lambda``, ...).
+        """
+        model = csd_model(grad, response, **opts)
+        sig = torch.as_tensor(np.ascontiguousarray(dwi[..., model.volumes]), dtype=torch.float32)
+        sig = sig.reshape(-1, model.volumes.size)
+        usable = torch.isfinite(sig).all(-1)
+        if mask is not None:
+            usable &= torch.as_tensor(np.asarray(mask, bool).reshape(-1))
+        sig = torch.where(torch.isfinite(sig), sig, torch.zeros_like(sig))
+        idx = torch.nonzero(usable).flatten()
+        if idx.numel() == 0:
+            raise ConfigError("the signal term has no usable voxel (mask empty or DWI not finite)")
+        c = csd_solve(sig[idx], model)
+        K = model.n_coeffs
+        csd = torch.zeros(sig.shape[0], K, dtype=torch.float32)
+        csd[idx] = c.float()
+        ref = torch.zeros(sig.shape[0], dtype=torch.float64)
+        ref[idx] = csd_objective(c, sig[idx].double().clamp_min(0), model)
+        var = noise_variance(sig[idx], model, c)
+        return cls(model, sig, usable, ref, var, csd)
+
+    def __call__(self, sh_learn: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+        """The term over the learned voxels that have a usable signal.
+
+        Args:
+            sh_learn: ``[V, K]`` current coefficients of the learned voxels.
+            voxels: ``[V]`` their flat indices (C order of the grid).
+
+        Returns:
+            0-d float64 tensor; gradients through ``sh_learn``.
+        """
+        v = voxels.to(self.usable.device).long()
+        keep = torch.nonzero(self.usable[v]).flatten()
+        K = self.model.n_coeffs
+        if sh_learn.shape[-1] != K:
+            raise ShapeError(f"the FOD has {sh_learn.shape[-1]} coefficients, the model {K}")
+        c = sh_learn[keep.to(sh_learn.device)].cpu()
+        return signal_loss(
+            c, self.signals[v[keep]], self.model, self.variance, self.reference[v[keep]]
+        ).to(sh_learn.device)
+
+    def residual(self, sh: torch.Tensor, voxels: torch.Tensor) -> float:
+        """Mean RMS signal residual (signal units) of ``sh [X*Y*Z, K]`` over usable ``voxels``."""
+        v = voxels.long()
+        v = v[self.usable[v]]
+        return float(signal_residual(sh[v].double(), self.signals[v], self.model).mean())
+
+
+def add_signal_arguments(p: argparse.ArgumentParser) -> None:
+    """``--dwi``, ``--fslgrad``, ``--response``, ``--mask`` of ``invtract fit``."""
+    g = p.add_argument_group(
+        "diffusion signal (CSD term; without --target: CSD alone, as dwi2fod csd)"
+    )
+    g.add_argument("--dwi", help="DWI image (.mif with dw_scheme, or NIfTI with --fslgrad)")
+    g.add_argument("--fslgrad", nargs=2, metavar=("BVECS", "BVALS"), help="FSL gradient files")
+    g.add_argument("--response", help="response function (response_wm.txt: one row per shell)")
+    g.add_argument("--mask", help="voxels of the signal term / CSD (default: finite DWI)")
+
+
+def _check_files(args) -> None:
+    if not args.response:
+        raise ConfigError("--dwi needs --response RESPONSE")
+    files = [("dwi", args.dwi), ("response", args.response), ("mask", args.mask)]
+    files += [("fslgrad", f) for f in (args.fslgrad or [])]
+    for flag, path in files:
+        if path and not os.path.exists(path):
+            raise InvtractError(f"--{flag}: file not found: {path}")
+
+
+def signal_from_args(args, fod_image=None) -> SignalTerm | None:
+    """The :class:`SignalTerm` of ``--dwi ... --response ...`` (None without ``--dwi``)."""
+    if not getattr(args, "dwi", None):
+        if getattr(args, "response", None) or getattr(args, "fslgrad", None):
+            raise ConfigError("--response / --fslgrad need --dwi")
+        return None
+    _check_files(args)
+    from ..io.image import check_same_grid, load_mask
+
+    dwi, grad = load_dwi(args.dwi, args.fslgrad)
+    mask = None
+    if args.mask:
+        m = load_mask(args.mask)
+        check_same_grid(m, dwi, "--mask vs --dwi")
+        mask = m.data
+    if fod_image is not None:
+        check_same_grid(dwi, fod_image, "--dwi vs --fod")
+    t0 = time.perf_counter()
+    term = SignalTerm.build(dwi.data, grad, load_response(args.response), mask)
+    log.info(
+        "signal term: shell b=%.0f (%d directions), lmax %d, %d voxels, sigma %.4g (%.1f s)",
+        term.model.bvalue,
+        term.model.volumes.size,
+        term.model.lmax,
+        int(term.usable.sum()),
+        term.variance**0.5,
+        time.perf_counter() - t0,
+    )
+    term.image = dwi
+    return term
+
+
+def run_csd_only(args) -> int:
+    """``invtract fit --dwi DWI --response R [--mask M]`` with no target: write the CSD FOD.
+
+    Writes ``fitted_fod.nii.gz`` (the DWI's grid; zero outside the mask) and ``result.json``
+    (shell, lmax, voxels, noise sigma, mean RMS residual, seconds) in the run folder.
+    """
+    from ..io.image import save_nifti
+
+    if getattr(args, "fit", "fod") == "params":
+        raise ConfigError("--dwi without --target fits the FOD alone: use --fit fod")
+    t0 = time.perf_counter()
+    term = signal_from_args(args)
+    dwi = term.image
+    run = args.run or "csd"
+    run_dir = Path(run) if ("/" in run or os.sep in run) else Path("runs") / run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shape = tuple(dwi.data.shape[:3]) + (term.model.n_coeffs,)
+    save_nifti(run_dir / "fitted_fod.nii.gz", term.csd.reshape(shape).numpy(), dwi.affine)
+    vox = torch.nonzero(term.usable).flatten()
+    summary = {
+        "mode": "csd",
+        "bvalue": term.model.bvalue,
+        "n_directions": int(term.model.volumes.size),
+        "lmax": term.model.lmax,
+        "n_voxels": int(vox.numel()),
+        "noise_sigma": term.variance**0.5,
+        "signal_rms_residual": term.residual(term.csd, vox),
+        "seconds": time.perf_counter() - t0,
+        "fitted_fod": "fitted_fod.nii.gz",
+    }
+    (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
