@@ -148,19 +148,19 @@ def rms_residual(c: np.ndarray, sig: np.ndarray, M: torch.Tensor) -> float:
 # regions and targets
 # ----------------------------------------------------------------------------------------------
 def pick_regions(full: np.ndarray, mask: np.ndarray, avoid: list, n: int) -> list:
-    """``n`` 2x2x2 ROI corners at the strongest single-fibre voxels, >= 4 voxels apart."""
-    X, Y, Z = mask.shape
+    """``n`` 2x2x2 ROI corners at the strongest single-fibre voxels, >= 4 voxels apart.
+
+    Single-fibre: on a 2000-direction sphere, the largest amplitude more than 30 deg from the
+    maximum is below 0.3 x the maximum.
+    """
     ijk = np.argwhere(mask[:-1, :-1, :-1])
-    c = full[tuple(ijk.T)]
-    peaks = peak_dirs(c, n_start=30)
-    score = []
-    for v, p in enumerate(peaks):
-        if len(p) == 0:
-            score.append(-1)
-            continue
-        amps = sh_basis(torch.as_tensor(p), 8).numpy() @ c[v].astype(np.float64)
-        single = len(p) == 1 or amps[1] < 0.3 * amps[0]
-        score.append(amps[0] if single else -1)
+    c = full[tuple(ijk.T)].astype(np.float64)
+    sphere = fibonacci_sphere(2000)
+    amp = c @ sh_basis(sphere, 8).numpy().T
+    top = amp.argmax(1)
+    cos = np.abs(sphere.numpy() @ sphere.numpy().T)[top]  # [V, 2000]
+    second = np.where(cos < math.cos(math.radians(30)), amp, -np.inf).max(1)
+    score = np.where(second < 0.3 * amp.max(1), amp.max(1), -1.0)
     chosen = list(avoid)
     out = []
     for v in np.argsort(score)[::-1]:
@@ -338,16 +338,8 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
     extra = ["--iterations", str(args.iterations)]
     for s in args.set:
         extra += ["--set", s]
-    sig_args = [
-        "--dwi",
-        str(inp["sub"]),
-        "--response",
-        str(inp["response"]),
-        "--mask",
-        str(inp["mask"]),
-        "--set",
-        f"loss.weights.signal={args.signal_weight}",
-    ]
+    sig_args = ["--dwi", str(inp["sub"]), "--response", str(inp["response"])]
+    sig_args += ["--mask", str(inp["mask"]), "--config", str(signal_config(args, work))]
     for s in args.signal_set:
         sig_args += ["--set", s]
     out: dict = {"case": name, "n_directions": n, "region": name.rstrip("0123456789")}
@@ -399,6 +391,26 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
     return out
 
 
+def signal_config(args, work: Path) -> Path:
+    """``configs/fit_fod.toml`` with ``[loss.weights]`` signal and ``--signal-weights`` set.
+
+    (A ``--set loss.weights.X=V`` would replace the whole weights table.)
+    """
+    from invtract.commands.fit import toml_dumps
+    from invtract.fit.optimise import read_toml
+
+    cfg = read_toml(ROOT / "configs" / "fit_fod.toml")
+    w = dict(cfg["loss"]["weights"])
+    w["signal"] = args.signal_weight
+    for item in [x for x in args.signal_weights.split(",") if x]:
+        k, v = item.split("=")
+        w[k.strip()] = float(v)
+    cfg["loss"]["weights"] = w
+    path = work / "fit_fod_signal.toml"
+    path.write_text(toml_dumps(cfg))
+    return path
+
+
 def goals(ev: dict) -> dict:
     """Issue 17's goals for ``fod+signal`` (and, for comparison, plain ``fod``)."""
     out = {}
@@ -431,6 +443,9 @@ def main() -> int:
         default=[],
         help="config override for the fod+signal fit only",
     )
+    p.add_argument(
+        "--signal-weights", default="", help="fod+signal: other weights, e.g. prior=0,nonneg=0"
+    )
     p.add_argument("--seed", type=int, default=0, help="direction subsample seed")
     p.add_argument("--methods", default="fod,fod+signal", help="fits to run (fod, fod+signal)")
     p.add_argument("--work", default="runs/fod_fit", help="work folder (inputs, runs)")
@@ -457,6 +472,7 @@ def main() -> int:
             "signal_weight": args.signal_weight,
             "set": args.set,
             "signal_set": args.signal_set,
+            "signal_weights": args.signal_weights,
             "seed": args.seed,
             "regions": {k: v.tolist() for k, v in regions.items()},
             "tuned_on": "A20",
