@@ -340,6 +340,7 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
         extra += ["--set", s]
     sig_args = ["--dwi", str(inp["sub"]), "--response", str(inp["response"])]
     sig_args += ["--mask", str(inp["mask"]), "--config", str(signal_config(args, work))]
+    sig_args += ["--fod-updates", args.fod_updates]
     for s in args.signal_set:
         sig_args += ["--set", s]
     out: dict = {"case": name, "n_directions": n, "region": name.rstrip("0123456789")}
@@ -446,6 +447,7 @@ def main() -> int:
     p.add_argument(
         "--signal-weights", default="", help="fod+signal: other weights, e.g. prior=0,nonneg=0"
     )
+    p.add_argument("--fod-updates", default="free", help="fod+signal: free | rotation")
     p.add_argument("--seed", type=int, default=0, help="direction subsample seed")
     p.add_argument("--methods", default="fod,fod+signal", help="fits to run (fod, fod+signal)")
     p.add_argument("--work", default="runs/fod_fit", help="work folder (inputs, runs)")
@@ -473,6 +475,7 @@ def main() -> int:
             "set": args.set,
             "signal_set": args.signal_set,
             "signal_weights": args.signal_weights,
+            "fod_updates": args.fod_updates,
             "seed": args.seed,
             "regions": {k: v.tolist() for k, v in regions.items()},
             "tuned_on": "A20",

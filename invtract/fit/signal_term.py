@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,8 @@ class SignalTerm:
         variance: noise variance per measurement (mean squared CSD residual over ``usable``).
         csd: ``[X*Y*Z, K]`` float32 CSD coefficients (zero where unusable).
         image: the DWI :class:`~invtract.io.image.Image` (set by :func:`signal_from_args`).
+        updates: ``"free"`` (any change of the coefficients) or ``"rotation"`` (see
+            :meth:`gradient_hook`).
     """
 
     model: CSDModel
@@ -74,6 +77,7 @@ class SignalTerm:
     variance: float
     csd: torch.Tensor
     image: object = None
+    updates: str = "free"
 
     @classmethod
     def build(
@@ -122,6 +126,34 @@ class SignalTerm:
             c, self.signals[v[keep]], self.model, self.variance, self.reference[v[keep]]
         ).to(sh_learn.device)
 
+    def gradient_hook(self, sh_start: torch.Tensor) -> Callable | None:
+        """With ``updates == "rotation"``: a hook projecting the gradient of the FOD change of
+        each learned voxel onto the infinitesimal rotations of its starting FOD.
+
+        Args:
+            sh_start: ``[V, K]`` starting coefficients of the learned voxels.
+
+        Returns:
+            ``hook(grad [V, K]) -> [V, K]`` (for ``delta.register_hook``) or None (free
+            updates). With plain SGD the step is then ``-lr G (G^T G)^-1 G^T grad``, ``G``
+            ``[V, K, 3]`` = rotation generators applied to ``sh_start``: each voxel's FOD turns
+            as a whole (3 degrees of freedom) instead of changing shape.
+        """
+        if self.updates != "rotation":
+            return None
+        from ..fod.csd import rotation_generators
+
+        L = rotation_generators(self.model.lmax).to(sh_start.device, torch.float64)  # [3, K, K]
+        G = torch.einsum("ikj,vj->vki", L, sh_start.double())  # [V, K, 3]
+        GtG = G.transpose(1, 2) @ G + 1e-9 * torch.eye(3, dtype=G.dtype, device=G.device)
+        Ginv = torch.linalg.solve(GtG, G.transpose(1, 2))  # [V, 3, K]
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            w = torch.einsum("vik,vk->vi", Ginv, grad.double())
+            return torch.einsum("vki,vi->vk", G, w).to(grad.dtype)
+
+        return hook
+
     def residual(self, sh: torch.Tensor, voxels: torch.Tensor) -> float:
         """Mean RMS signal residual (signal units) of ``sh [X*Y*Z, K]`` over usable ``voxels``."""
         v = voxels.long()
@@ -138,6 +170,13 @@ def add_signal_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fslgrad", nargs=2, metavar=("BVECS", "BVALS"), help="FSL gradient files")
     g.add_argument("--response", help="response function (response_wm.txt: one row per shell)")
     g.add_argument("--mask", help="voxels of the signal term / CSD (default: finite DWI)")
+    g.add_argument(
+        "--fod-updates",
+        choices=("free", "rotation"),
+        default="free",
+        help="with --dwi: free coefficient changes, or gradients projected on rotations of "
+        "each voxel's starting FOD (use with --set optimizer.name=sgd)",
+    )
 
 
 def _check_files(args) -> None:
@@ -179,6 +218,7 @@ def signal_from_args(args, fod_image=None) -> SignalTerm | None:
         time.perf_counter() - t0,
     )
     term.image = dwi
+    term.updates = getattr(args, "fod_updates", "free") or "free"
     return term
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "csd_objective",
     "csd_solve",
     "lmax_for_count",
+    "rotation_generators",
 ]
 
 _NORM_LAMBDA_MULTIPLIER = 2e-4
@@ -325,3 +326,31 @@ def _solve_chunk(signals: torch.Tensor, model: CSDModel) -> torch.Tensor:
         old = neg
     F[~ok] = 0.0
     return F
+
+
+@lru_cache(maxsize=4)
+def rotation_generators(lmax: int) -> torch.Tensor:
+    """``[3, K, K]`` float64 generators of rotations about x, y, z acting on SH coefficients.
+
+    ``L_i c`` is ``d/de`` of the coefficients of the FOD rotated by ``e`` rad about axis ``i``
+    (scanner frame) at ``e = 0``: central difference (``e = 1e-4``) of the least-squares SH
+    fit on a 2000-direction sphere (rotations keep each degree l, so the fit is exact).
+    """
+    from ..fit.objective import fibonacci_sphere
+
+    d = fibonacci_sphere(2000)
+    Y = sh_basis(d, lmax)
+    pinv = torch.linalg.pinv(Y)
+    eps = 1e-4
+    out = []
+    for axis in range(3):
+        mats = []
+        for e in (eps, -eps):
+            c, s = math.cos(e), math.sin(e)
+            R = torch.eye(3, dtype=torch.float64)
+            a, b = [k for k in range(3) if k != axis]
+            R[a, a], R[a, b], R[b, a], R[b, b] = c, -s, s, c
+            # amplitude of the rotated FOD at u is the original's at R^T u
+            mats.append(pinv @ sh_basis(d @ R, lmax))
+        out.append((mats[0] - mats[1]) / (2 * eps))
+    return torch.stack(out)

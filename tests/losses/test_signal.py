@@ -133,3 +133,25 @@ def test_signal_term_in_a_fod_fit():
     )
     s = [r["loss/signal"] for r in res.history]
     assert len(s) == 4 and s[0] > 0 and s[-1] < s[0], s
+
+
+def test_rotation_hook_projects_on_rotations(voxels):
+    """--fod-updates rotation: the gradient hook keeps only each voxel's rotation components."""
+    model, sig = voxels
+    F = csd_solve(sig, model)
+    term = SignalTerm(model, sig.float(), torch.ones(len(sig), dtype=torch.bool),
+                      torch.zeros(len(sig), dtype=torch.float64), 1.0, F.float(),
+                      updates="rotation")  # fmt: skip
+    from invtract.fod.csd import rotation_generators
+
+    hook = term.gradient_hook(F)
+    torch.manual_seed(0)
+    g = torch.randn_like(F)
+    p = hook(g)
+    L = rotation_generators(8)
+    G = torch.einsum("ikj,vj->vki", L, F)  # [V, K, 3]
+    # p lies in span(G) and g - p is orthogonal to it
+    assert float(torch.einsum("vk,vki->vi", g - p, G).abs().max()) < 1e-6
+    torch.testing.assert_close(hook(p), p)
+    assert SignalTerm(model, sig.float(), term.usable, term.reference, 1.0, F.float())\
+        .gradient_hook(F) is None  # fmt: skip
