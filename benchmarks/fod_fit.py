@@ -393,16 +393,17 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
 
 
 def signal_config(args, work: Path) -> Path:
-    """``configs/fit_fod.toml`` with ``[loss.weights]`` signal and ``--signal-weights`` set.
+    """``configs/fit_fod_dwi.toml`` with ``--signal-weight`` and ``--signal-weights`` applied.
 
     (A ``--set loss.weights.X=V`` would replace the whole weights table.)
     """
     from invtract.commands.fit import toml_dumps
     from invtract.fit.optimise import read_toml
 
-    cfg = read_toml(ROOT / "configs" / "fit_fod.toml")
+    cfg = read_toml(ROOT / "configs" / "fit_fod_dwi.toml")
     w = dict(cfg["loss"]["weights"])
-    w["signal"] = args.signal_weight
+    if args.signal_weight is not None:
+        w["signal"] = args.signal_weight
     for item in [x for x in args.signal_weights.split(",") if x]:
         k, v = item.split("=")
         w[k.strip()] = float(v)
@@ -436,7 +437,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=DEFAULT_CASES, help="REGION+N list, e.g. A20,B15,phantom20")
     p.add_argument("--iterations", type=int, default=30, help="fit iterations (fit_fod: 30)")
-    p.add_argument("--signal-weight", type=float, default=1.0, help="[loss.weights] signal")
+    p.add_argument(
+        "--signal-weight", type=float, help="[loss.weights] signal (fit_fod_dwi.toml's)"
+    )
     p.add_argument("--set", action="append", default=[], help="config override for both fits")
     p.add_argument(
         "--signal-set",

@@ -300,7 +300,8 @@ class Fit:
             raise InvtractError(f"--target-seeds: file not found: {args.target_seeds}")
         _check_run_options(args)
         cfg_path = find_config(
-            args.config or ("fit_params" if args.fit == "params" else "fit_fod")
+            args.config
+            or ("fit_params" if args.fit == "params" else "fit_fod_dwi" if args.dwi else "fit_fod")
         )
         start = json.loads(json.dumps(EXAMPLE_OVERRIDES)) if args.example else {}
         cfg = load_config(cfg_path, _collect_overrides(args, start))
