@@ -64,8 +64,9 @@ class SignalTerm:
         usable: ``[X*Y*Z]`` bool: finite signal (and inside the mask when one was given).
         reference: ``[X*Y*Z]`` float64 CSD objective at the CSD coefficients (0 where unusable).
         variance: noise variance per measurement (mean squared CSD residual over ``usable``).
-        csd: ``[X*Y*Z, K]`` float32 CSD coefficients (zero where unusable).
-        image: the DWI :class:`~invtract.io.image.Image` (set by :func:`signal_from_args`).
+        csd: ``[X*Y*Z, K]`` float32 CSD coefficients (zero where unusable), kept only when
+            built with ``keep_csd`` (CSD alone), else None.
+        grid: ``(shape [3], affine [4, 4])`` of the DWI (set by :func:`signal_from_args`).
         updates: ``"free"`` (any change of the coefficients) or ``"rotation"`` (see
             :meth:`gradient_hook`).
     """
@@ -75,13 +76,19 @@ class SignalTerm:
     usable: torch.Tensor
     reference: torch.Tensor
     variance: float
-    csd: torch.Tensor
-    image: object = None
+    csd: torch.Tensor | None
+    grid: tuple | None = None
     updates: str = "free"
 
     @classmethod
     def build(
-        cls, dwi: np.ndarray, grad: np.ndarray, response, mask: np.ndarray | None = None, **opts
+        cls,
+        dwi: np.ndarray,
+        grad: np.ndarray,
+        response,
+        mask: np.ndarray | None = None,
+        keep_csd: bool = False,
+        **opts,
     ) -> SignalTerm:
         """From a ``[X, Y, Z, N_all]`` DWI array, its table, a :class:`Response` and a mask.
 
@@ -98,9 +105,10 @@ class SignalTerm:
         if idx.numel() == 0:
             raise ConfigError("the signal term has no usable voxel (mask empty or DWI not finite)")
         c = csd_solve(sig[idx], model)
-        K = model.n_coeffs
-        csd = torch.zeros(sig.shape[0], K, dtype=torch.float32)
-        csd[idx] = c.float()
+        csd = None
+        if keep_csd:
+            csd = torch.zeros(sig.shape[0], model.n_coeffs, dtype=torch.float32)
+            csd[idx] = c.float()
         ref = torch.zeros(sig.shape[0], dtype=torch.float64)
         ref[idx] = csd_objective(c, sig[idx].double().clamp_min(0), model)
         var = noise_variance(sig[idx], model, c)
@@ -189,7 +197,7 @@ def _check_files(args) -> None:
             raise InvtractError(f"--{flag}: file not found: {path}")
 
 
-def signal_from_args(args, fod_image=None) -> SignalTerm | None:
+def signal_from_args(args, fod_image=None, keep_csd: bool = False) -> SignalTerm | None:
     """The :class:`SignalTerm` of ``--dwi ... --response ...`` (None without ``--dwi``)."""
     if not getattr(args, "dwi", None):
         if getattr(args, "response", None) or getattr(args, "fslgrad", None):
@@ -207,7 +215,7 @@ def signal_from_args(args, fod_image=None) -> SignalTerm | None:
     if fod_image is not None:
         check_same_grid(dwi, fod_image, "--dwi vs --fod")
     t0 = time.perf_counter()
-    term = SignalTerm.build(dwi.data, grad, load_response(args.response), mask)
+    term = SignalTerm.build(dwi.data, grad, load_response(args.response), mask, keep_csd)
     log.info(
         "signal term: shell b=%.0f (%d directions), lmax %d, %d voxels, sigma %.4g (%.1f s)",
         term.model.bvalue,
@@ -217,7 +225,7 @@ def signal_from_args(args, fod_image=None) -> SignalTerm | None:
         term.variance**0.5,
         time.perf_counter() - t0,
     )
-    term.image = dwi
+    term.grid = (tuple(dwi.data.shape[:3]), dwi.affine)
     term.updates = getattr(args, "fod_updates", "free") or "free"
     return term
 
@@ -233,13 +241,13 @@ def run_csd_only(args) -> int:
     if getattr(args, "fit", "fod") == "params":
         raise ConfigError("--dwi without --target fits the FOD alone: use --fit fod")
     t0 = time.perf_counter()
-    term = signal_from_args(args)
-    dwi = term.image
+    term = signal_from_args(args, keep_csd=True)
+    shape3, affine = term.grid
     run = args.run or "csd"
     run_dir = Path(run) if ("/" in run or os.sep in run) else Path("runs") / run
     run_dir.mkdir(parents=True, exist_ok=True)
-    shape = tuple(dwi.data.shape[:3]) + (term.model.n_coeffs,)
-    save_nifti(run_dir / "fitted_fod.nii.gz", term.csd.reshape(shape).numpy(), dwi.affine)
+    shape = shape3 + (term.model.n_coeffs,)
+    save_nifti(run_dir / "fitted_fod.nii.gz", term.csd.reshape(shape).numpy(), affine)
     vox = torch.nonzero(term.usable).flatten()
     summary = {
         "mode": "csd",

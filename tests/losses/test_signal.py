@@ -140,7 +140,7 @@ def test_rotation_hook_projects_on_rotations(voxels):
     model, sig = voxels
     F = csd_solve(sig, model)
     term = SignalTerm(model, sig.float(), torch.ones(len(sig), dtype=torch.bool),
-                      torch.zeros(len(sig), dtype=torch.float64), 1.0, F.float(),
+                      torch.zeros(len(sig), dtype=torch.float64), 1.0, None,
                       updates="rotation")  # fmt: skip
     from invtract.fod.csd import rotation_generators
 
@@ -153,5 +153,5 @@ def test_rotation_hook_projects_on_rotations(voxels):
     # p lies in span(G) and g - p is orthogonal to it
     assert float(torch.einsum("vk,vki->vi", g - p, G).abs().max()) < 1e-6
     torch.testing.assert_close(hook(p), p)
-    assert SignalTerm(model, sig.float(), term.usable, term.reference, 1.0, F.float())\
+    assert SignalTerm(model, sig.float(), term.usable, term.reference, 1.0, None)\
         .gradient_hook(F) is None  # fmt: skip
