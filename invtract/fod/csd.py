@@ -282,7 +282,7 @@ def _prepare(signals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return b, ok
 
 
-def csd_solve(signals: torch.Tensor, model: CSDModel, chunk: int = 4096) -> torch.Tensor:
+def csd_solve(signals: torch.Tensor, model: CSDModel, chunk: int = 1024) -> torch.Tensor:
     """Per-voxel CSD coefficients by ``dwi2fod csd``'s active-set iteration (float64).
 
     Args:
