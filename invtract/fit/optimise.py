@@ -575,7 +575,7 @@ def fit(
     if learn_sh:
         voxels = _learned_voxels(sh0, affine, train_t.streamlines, cfg.margin_vox).to(dev)
         delta = torch.zeros(voxels.numel(), K, dtype=torch.float32, device=dev, requires_grad=True)
-        hook = signal.gradient_hook(sh0_flat[voxels]) if signal is not None else None
+        hook = getattr(signal, "gradient_hook", lambda _: None)(sh0_flat[voxels])
         if hook is not None:
             delta.register_hook(hook)
     opt_cls = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam

@@ -203,6 +203,8 @@ def signal_from_args(args, fod_image=None, keep_csd: bool = False) -> SignalTerm
         if getattr(args, "response", None) or getattr(args, "fslgrad", None):
             raise ConfigError("--response / --fslgrad need --dwi")
         return None
+    if getattr(args, "fit", "fod") == "params" and getattr(args, "target", None):
+        raise ConfigError("--dwi adds a term on the FOD: use --fit fod or --fit both")
     _check_files(args)
     from ..io.image import check_same_grid, load_mask
 
