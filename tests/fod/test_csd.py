@@ -177,3 +177,18 @@ def test_rotation_generators_turn_the_fod():
     rotated = sh_basis(u @ R, 8) @ c  # amplitude at R^T u
     first_order = sh_basis(u, 8) @ (c + t * (L[0] @ c))
     np.testing.assert_allclose(first_order.numpy(), rotated.numpy(), atol=1e-6)
+
+
+def test_cli_signal_errors(tmp_path, capsys):
+    dwi = str(CSD / "dwi.mif")
+    resp = str(CSD / "response_wm.txt")
+    # --dwi needs --response; --response needs --dwi; --fit params cannot use the signal
+    assert main(["fit", "--fit", "fod", "--dwi", dwi, "--run", str(tmp_path / "a")]) == 1
+    assert "--response" in capsys.readouterr().err
+    tgt = str(CSD / "README.md")  # never read: the check comes first
+    assert main(["fit", "--fit", "params", "--target", tgt, "--fod", str(CSD / "fod_ref.mif"),
+                 "--dwi", dwi, "--response", resp, "--run", str(tmp_path / "b")]) == 1  # fmt: skip
+    assert "--fit fod" in capsys.readouterr().err
+    assert main(["fit", "--fit", "fod", "--dwi", str(CSD / "mask.mif"), "--response", resp,
+                 "--run", str(tmp_path / "c")]) == 1  # fmt: skip
+    assert "4-D" in capsys.readouterr().err
