@@ -14,6 +14,10 @@ density terms can be weighted in through [loss.weights].
                change and closeness to the input FOD ([loss.weights] nonneg/smooth/prior);
                writes fitted_fod.nii.gz on the input's grid and header.
 --fit both     both, jointly or alternating ([fit] mode).
+--dwi DWI --response RESPONSE [--fslgrad BVECS BVALS] [--mask MASK]
+               with --fit fod|both: add the diffusion-signal term (CSD's forward model and
+               non-negativity penalty, [loss.weights] signal; default config fit_fod_dwi);
+               without --target: CSD alone (as dwi2fod csd), writes fitted_fod.nii.gz.
 
 A fraction of the target ([fit] heldout_fraction, default 0.2) is never used for gradients;
 its losses are logged as loss/heldout/* so over-fitting shows.
@@ -39,6 +43,9 @@ Examples:
   invtract fit --target bundle.tck --target-seeds bundle_seeds.txt --fod fod.nii.gz \\
       --fit params --run bundleA --iterations 60
   invtract fit --target bundle.tck --fod fod.nii.gz --fit fod --config configs/fit_fod.toml
+  invtract fit --target bundle.tck --fod fod.nii.gz --fit fod --dwi dwi.mif \\
+      --response response_wm.txt --mask mask.mif
+  invtract fit --fit fod --dwi dwi.mif --response response_wm.txt --mask mask.mif --run csd
 """
 
 from __future__ import annotations
@@ -157,6 +164,9 @@ class Fit:
             metavar="MASK",
             help="whole-brain seed mask (default: voxels with a non-zero FOD); see [seeding]",
         )
+        from ..fit.signal_term import add_signal_arguments
+
+        add_signal_arguments(p)
         r = p.add_argument_group("fit")
         r.add_argument(
             "--fit",
@@ -167,8 +177,8 @@ class Fit:
         r.add_argument(
             "--config",
             help="config TOML (path, or a name in configs/: fit_params, fit_fod, "
-            "fit_connectome); default fit_params for --fit params, fit_fod otherwise, "
-            "fit_connectome with --target-connectome",
+            "fit_fod_dwi, fit_connectome); default fit_params for --fit params, fit_fod "
+            "otherwise (fit_fod_dwi with --dwi), fit_connectome with --target-connectome",
         )
         r.add_argument("--run", help="run folder: a bare NAME goes to runs/NAME, a path as given")
         r.add_argument("--iterations", type=int, help="iterations (overrides [fit] iterations)")
@@ -195,11 +205,12 @@ class Fit:
             "the environment's process group is used instead",
         )
         from ..fit.config import flat_keys
-        from ..fit.objective import FOD_TERMS, TERMS
+        from ..fit.objective import FOD_TERMS, SIGNAL_TERMS, TERMS
         from ..fit.optimise import DEFAULT_CONFIG
 
         c = p.add_argument_group("config keys (each overrides the config file)")
-        for key in flat_keys(DEFAULT_CONFIG, free={"weights": TERMS + FOD_TERMS}):
+        weights = TERMS + FOD_TERMS + SIGNAL_TERMS
+        for key in flat_keys(DEFAULT_CONFIG, free={"weights": weights}):
             c.add_argument(
                 f"--{key}",
                 dest=f"cfg:{key}",
@@ -212,9 +223,15 @@ class Fit:
     @staticmethod
     def run(args) -> int:
         if getattr(args, "target_connectome", None) or getattr(args, "parcellation", None):
+            if getattr(args, "dwi", None):
+                raise ConfigError("--dwi applies to bundle fits (--target) and CSD alone only")
             return _run_connectome(args)
         if getattr(args, "seed_image", None):
             raise ConfigError("--seed-image applies to --target-connectome fits only")
+        if getattr(args, "dwi", None) and not (args.target or args.example):
+            from ..fit.signal_term import run_csd_only
+
+            return run_csd_only(args)
         cfg, cfg_path = _bundle_checks(args)
         if _spawned(args, cfg):
             return 0
@@ -232,6 +249,7 @@ class Fit:
                 "fod": os.path.abspath(args.fod),
                 "fit": args.fit,
                 "config": str(cfg_path),
+                **_signal_inputs(args),
             }
             logger = _open_run(args, run_dir, start_it, cfg, params0, inputs)
         try:
@@ -266,16 +284,32 @@ def _bundle_checks(args) -> tuple[dict, Path]:
         args.fod = str(example_path("fod"))
     _require_files(args, ("target", "fod"), ("target_seeds",), "(or --example)")
     _check_run_options(args)
-    default = find_config("fit_params" if args.fit == "params" else "fit_fod")
+    from ..fit.signal_term import check_signal_args, check_signal_config
+
+    dwi = check_signal_args(args)
+    name = "fit_params" if args.fit == "params" else "fit_fod_dwi" if dwi else "fit_fod"
+    default = find_config(name)
     cfg_path = find_config(args.config) if args.config else None
     example = EXAMPLE_OVERRIDES if args.example else None
     over = _collect_overrides(args)
     cfg = load_config(cfg_path, over, example=example, base=None if cfg_path else default)
+    check_signal_config(cfg["loss"]["weights"], cfg["fit"]["learn"], dwi)
     return cfg, cfg_path or default
 
 
+def _signal_inputs(args) -> dict:
+    """The signal term's input files for the run record (none without ``--dwi``)."""
+    if not getattr(args, "dwi", None):
+        return {}
+    out = {k: os.path.abspath(getattr(args, k)) for k in ("dwi", "response")}
+    out["mask"] = os.path.abspath(args.mask) if args.mask else ""
+    out["fslgrad"] = [os.path.abspath(f) for f in args.fslgrad or []]
+    return out
+
+
 def _bundle_data(args) -> dict:
-    """The FOD image, the target (with its seeds) and the starting tracking parameters."""
+    """The FOD image, the target (with its seeds), the starting tracking parameters and the
+    signal term (``--dwi``, else None)."""
     import torch
 
     from ..fit.config import header_lengths
@@ -295,7 +329,11 @@ def _bundle_data(args) -> dict:
         pos, dirs = midpoint_seeds(target)
     if str(args.target).endswith(".tck"):
         params0 = header_lengths(load_tractogram_header(args.target), params0)
-    return {"img": img, "target": target, "pos": pos, "dirs": dirs, "params0": params0}
+    from ..fit.signal_term import signal_from_args
+
+    signal = signal_from_args(args, img)
+    return {"img": img, "target": target, "pos": pos, "dirs": dirs, "params0": params0,
+            "signal": signal}  # fmt: skip
 
 
 def _bundle_fit(args, cfg, data, logger, ckpt, world):
@@ -307,7 +345,7 @@ def _bundle_fit(args, cfg, data, logger, ckpt, world):
         img, data["target"], data["params0"],
         seeding=Seeding("list", positions=data["pos"], directions=data["dirs"]),
         config=cfg, logger=logger, voxel_sizes=img.voxel_sizes, checkpoint=ckpt,
-        resume=args.resume, progress=not args.no_progress, world=world,
+        resume=args.resume, progress=not args.no_progress, world=world, signal=data["signal"],
     )  # fmt: skip
 
 
