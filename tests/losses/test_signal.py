@@ -155,3 +155,58 @@ def test_rotation_hook_projects_on_rotations(voxels):
     torch.testing.assert_close(hook(p), p)
     assert SignalTerm(model, sig.float(), term.usable, term.reference, 1.0, None)\
         .gradient_hook(F) is None  # fmt: skip
+
+
+def _bundle(n=3):
+    img = load_fod(example_path("fod"))
+    pos, dirs, ti = seeds_from_reference(example_path("target"), example_path("target_seeds"))
+    idx = np.arange(0, 96, 96 // n)[:n]
+    sl = load_tractogram(example_path("target")).select(torch.as_tensor(ti[idx]))
+    return img, sl, Seeding("list", positions=pos[idx], directions=dirs[idx])
+
+
+def test_signal_term_config_is_checked_by_the_bundle_problem():
+    """A positive signal weight needs the term; the term needs the FOD learned."""
+    from invtract.errors import ConfigError
+    from invtract.fit.optimise import build_problem, resolve_config
+
+    img, sl, seeding = _bundle()
+    g = _grad()
+    term = SignalTerm.build(np.zeros(img.data.shape[:3] + (len(g),), np.float32) + 1.0, g,
+                            RESPONSE, mask=np.abs(img.data[..., 0]) > 0.1)  # fmt: skip
+    params = TrackingParameters(step_mm=1.0)
+    cfg = resolve_config({"loss": {"weights": {"mdf": 1.0, "signal": 1.0}}}, learn=("sh",))
+    with pytest.raises(ConfigError, match=r"signal = 1 needs the diffusion signal"):
+        build_problem(cfg, img, sl, params, seeding)
+    cfg = resolve_config({"loss": {"weights": {"mdf": 1.0, "signal": 1.0}}}, learn=("cutoff",))
+    with pytest.raises(ConfigError, match="use --fit fod or --fit both"):
+        build_problem(cfg, img, sl, params, seeding, signal=term)
+    with pytest.raises(ConfigError, match="unknown terms"):
+        resolve_config({"loss": {"weights": {"signals": 1.0}}})
+
+
+def test_rotation_hook_is_registered_on_the_learned_change():
+    """--fod-updates rotation through the bundle Problem: the gradient reaching the learned
+    change is the hook's projection of the loss gradient, voxel by voxel."""
+    from invtract.fit.optimise import build_problem, resolve_config
+
+    img, sl, seeding = _bundle()
+    g = _grad()
+    n = int(np.prod(img.data.shape[:3]))
+    model = csd_model(g, RESPONSE)
+    cfg = resolve_config({"loss": {"weights": {"mdf": 1.0, "signal": 1.0}}}, learn=("sh",))
+    params = TrackingParameters(step_mm=1.0)
+    fields = (torch.zeros(n, model.volumes.size), torch.ones(n, dtype=torch.bool),
+              torch.zeros(n, dtype=torch.float64), 1.0, None)  # fmt: skip
+    term = SignalTerm(model, *fields, updates="rotation")
+    st = build_problem(cfg, img, sl, params, seeding, signal=term).state
+    torch.manual_seed(1)
+    direction = torch.randn_like(st.delta)
+    (st.delta * direction).sum().backward()
+    expected = term.gradient_hook(st.sh0_flat[st.voxels])(direction)
+    torch.testing.assert_close(st.delta.grad, expected)
+    assert float((st.delta.grad - direction).abs().max()) > 1e-3  # it did project
+    free_term = SignalTerm(model, *fields, updates="free")
+    free = build_problem(cfg, img, sl, params, seeding, signal=free_term).state
+    (free.delta * direction).sum().backward()
+    torch.testing.assert_close(free.delta.grad, direction)
