@@ -398,10 +398,9 @@ def signal_config(args, work: Path) -> Path:
 
     (A ``--set loss.weights.X=V`` would replace the whole weights table.)
     """
-    from invtract.commands.fit import toml_dumps
-    from invtract.fit.optimise import read_toml
+    from invtract.fit.config import find_config, read_toml, toml_dumps
 
-    cfg = read_toml(ROOT / "configs" / "fit_fod_dwi.toml")
+    cfg = read_toml(find_config("fit_fod_dwi"))
     w = dict(cfg["loss"]["weights"])
     if args.signal_weight is not None:
         w["signal"] = args.signal_weight

@@ -258,7 +258,7 @@ class Fit:
                 return 0
             summary = finish_run(
                 run_dir, logger, result, data["img"], data["target"], data["pos"], data["dirs"],
-                params0, cfg,
+                params0, cfg, signal=data["signal"],
             )  # fmt: skip
         except KeyboardInterrupt:
             log.warning("interrupted: continue with the same command and --resume")
@@ -409,8 +409,9 @@ def _hard_score(field, vsz, params, pos, dirs, target, index) -> tuple[float, ob
     return float(sc.loss), res
 
 
-def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) -> dict:
-    """Write fitted.tck, fitted_fod.nii.gz, result.json and the hparams record."""
+def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg, signal=None) -> dict:
+    """Write fitted.tck, fitted_fod.nii.gz, result.json and the hparams record (with ``signal``,
+    the ``--dwi`` term: its residuals in result.json's ``signal``)."""
 
     from ..fit.outputs import save_fitted_tck
     from ..fod.field import FODField
@@ -459,6 +460,8 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) ->
         "fitted_tck": "fitted.tck",
         "n_fitted_streamlines": int(len(res.streamlines)),
     }
+    if signal is not None and result.sh is not None:
+        summary["signal"] = _signal_summary(signal, img, result)
     logger.write_json("result.json", summary)
     hp = {
         "fit": ",".join(cfg["fit"]["learn"]),
@@ -480,6 +483,24 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) ->
         metrics["hparam/heldout_loss"] = summary["heldout_loss"]
     logger.hparams(hp, metrics)
     return summary
+
+
+def _signal_summary(signal, img, result) -> dict:
+    """The signal term's shell, noise level and mean RMS residual (signal units) of the start
+    and fitted FODs over the learned voxels (``result.json``'s ``signal``)."""
+    import numpy as np
+    import torch
+
+    K = result.sh.shape[-1]
+    start = torch.as_tensor(np.asarray(img.data, np.float32)).reshape(-1, K)
+    vox = result.learned_voxels
+    return {
+        "bvalue": signal.model.bvalue,
+        "n_directions": int(signal.model.volumes.size),
+        "noise_sigma": signal.variance**0.5,
+        "start_rms_residual": signal.residual(start, vox),
+        "final_rms_residual": signal.residual(result.sh.reshape(-1, K), vox),
+    }
 
 
 def _values(params, vsz) -> dict:

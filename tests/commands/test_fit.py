@@ -251,6 +251,9 @@ def test_dwi_adds_the_signal_term_to_the_fod_fit(tmp_path, small_target, dwi_inp
     terms = {k for k in lines[0] if k.startswith("loss/")}
     assert "loss/prior" not in terms  # weight 0 in fit_fod_dwi: not computed
     assert (run / "fitted_fod.nii.gz").is_file()
+    res = _strict(run / "result.json")["signal"]
+    assert res["bvalue"] == 2000.0 and res["n_directions"] == 30 and res["noise_sigma"] >= 0
+    assert 0 <= res["start_rms_residual"] and 0 <= res["final_rms_residual"]
 
 
 @pytest.mark.parametrize(
