@@ -25,7 +25,8 @@ def test_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--target", "--target-seeds", "--fit", "--config", "--run", "--iterations",
-                 "--device", "--resume", "--optimizer.lr"):  # fmt: skip
+                 "--device", "--resume", "--optimizer.lr", "--dwi", "--fslgrad", "--response",
+                 "--mask", "--fod-updates"):  # fmt: skip
         assert flag in out
 
 
