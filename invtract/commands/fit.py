@@ -14,6 +14,10 @@ density terms can be weighted in through [loss.weights].
                change and closeness to the input FOD ([loss.weights] nonneg/smooth/prior);
                writes fitted_fod.nii.gz on the input's grid and header.
 --fit both     both, jointly or alternating ([fit] mode).
+--dwi DWI --response RESPONSE [--fslgrad BVECS BVALS] [--mask MASK]
+               with --fit fod|both: add the diffusion-signal term (CSD's forward model and
+               non-negativity penalty, [loss.weights] signal; default config fit_fod_dwi);
+               without --target: CSD alone (as dwi2fod csd), writes fitted_fod.nii.gz.
 
 A fraction of the target ([fit] heldout_fraction, default 0.2) is never used for gradients;
 its losses are logged as loss/heldout/* so over-fitting shows.
@@ -39,6 +43,9 @@ Examples:
   invtract fit --target bundle.tck --target-seeds bundle_seeds.txt --fod fod.nii.gz \\
       --fit params --run bundleA --iterations 60
   invtract fit --target bundle.tck --fod fod.nii.gz --fit fod --config configs/fit_fod.toml
+  invtract fit --target bundle.tck --fod fod.nii.gz --fit fod --dwi dwi.mif \\
+      --response response_wm.txt --mask mask.mif
+  invtract fit --fit fod --dwi dwi.mif --response response_wm.txt --mask mask.mif --run csd
 """
 
 from __future__ import annotations
@@ -185,6 +192,9 @@ class Fit:
             metavar="MASK",
             help="whole-brain seed mask (default: voxels with a non-zero FOD); see [seeding]",
         )
+        from ..fit.signal_term import add_signal_arguments
+
+        add_signal_arguments(p)
         r = p.add_argument_group("fit")
         r.add_argument(
             "--fit",
@@ -195,8 +205,8 @@ class Fit:
         r.add_argument(
             "--config",
             help="config TOML (path, or a name in configs/: fit_params, fit_fod, "
-            "fit_connectome); default fit_params for --fit params, fit_fod otherwise, "
-            "fit_connectome with --target-connectome",
+            "fit_fod_dwi, fit_connectome); default fit_params for --fit params, fit_fod "
+            "otherwise (fit_fod_dwi with --dwi), fit_connectome with --target-connectome",
         )
         r.add_argument("--run", help="run folder: a bare NAME goes to runs/NAME, a path as given")
         r.add_argument("--iterations", type=int, help="iterations (overrides [fit] iterations)")
@@ -223,11 +233,12 @@ class Fit:
             "the environment's process group is used instead",
         )
         from ..fit.config import flat_keys
-        from ..fit.objective import FOD_TERMS, TERMS
+        from ..fit.objective import FOD_TERMS, SIGNAL_TERMS, TERMS
         from ..fit.optimise import DEFAULT_CONFIG
 
         c = p.add_argument_group("config keys (each overrides the config file)")
-        for key in flat_keys(DEFAULT_CONFIG, free={"weights": TERMS + FOD_TERMS}):
+        weights = TERMS + FOD_TERMS + SIGNAL_TERMS
+        for key in flat_keys(DEFAULT_CONFIG, free={"weights": weights}):
             c.add_argument(
                 f"--{key}",
                 dest=f"cfg:{key}",
@@ -240,9 +251,15 @@ class Fit:
     @staticmethod
     def run(args) -> int:
         if getattr(args, "target_connectome", None) or getattr(args, "parcellation", None):
+            if getattr(args, "dwi", None):
+                raise ConfigError("--dwi applies to bundle fits (--target) and CSD alone only")
             return _run_connectome(args)
         if getattr(args, "seed_image", None):
             raise ConfigError("--seed-image applies to --target-connectome fits only")
+        if getattr(args, "dwi", None) and not (args.target or args.example):
+            from ..fit.signal_term import run_csd_only
+
+            return run_csd_only(args)
         cfg, cfg_path = _bundle_checks(args)
         if _spawned(args, cfg):
             return 0
@@ -260,6 +277,7 @@ class Fit:
                 "fod": os.path.abspath(args.fod),
                 "fit": args.fit,
                 "config": str(cfg_path),
+                **_signal_inputs(args),
             }
             logger = _open_run(args, run_dir, start_it, cfg, params0, inputs)
         try:
@@ -268,7 +286,7 @@ class Fit:
                 return 0
             summary = finish_run(
                 run_dir, logger, result, data["img"], data["target"], data["pos"], data["dirs"],
-                params0, cfg,
+                params0, cfg, signal=data["signal"],
             )  # fmt: skip
         except KeyboardInterrupt:
             log.warning("interrupted: continue with the same command and --resume")
@@ -294,16 +312,32 @@ def _bundle_checks(args) -> tuple[dict, Path]:
         args.fod = str(example_path("fod"))
     _require_files(args, ("target", "fod"), ("target_seeds",), "(or --example)")
     _check_run_options(args)
-    default = find_config("fit_params" if args.fit == "params" else "fit_fod")
+    from ..fit.signal_term import check_signal_args, check_signal_config
+
+    dwi = check_signal_args(args)
+    name = "fit_params" if args.fit == "params" else "fit_fod_dwi" if dwi else "fit_fod"
+    default = find_config(name)
     cfg_path = find_config(args.config) if args.config else None
     example = EXAMPLE_OVERRIDES if args.example else None
     over = _collect_overrides(args)
     cfg = load_config(cfg_path, over, example=example, base=None if cfg_path else default)
+    check_signal_config(cfg["loss"]["weights"], cfg["fit"]["learn"], dwi)
     return cfg, cfg_path or default
 
 
+def _signal_inputs(args) -> dict:
+    """The signal term's input files for the run record (none without ``--dwi``)."""
+    if not getattr(args, "dwi", None):
+        return {}
+    out = {k: os.path.abspath(getattr(args, k)) for k in ("dwi", "response")}
+    out["mask"] = os.path.abspath(args.mask) if args.mask else ""
+    out["fslgrad"] = [os.path.abspath(f) for f in args.fslgrad or []]
+    return out
+
+
 def _bundle_data(args) -> dict:
-    """The FOD image, the target (with its seeds) and the starting tracking parameters."""
+    """The FOD image, the target (with its seeds), the starting tracking parameters and the
+    signal term (``--dwi``, else None)."""
     import torch
 
     from ..fit.config import header_lengths
@@ -323,7 +357,11 @@ def _bundle_data(args) -> dict:
         pos, dirs = midpoint_seeds(target)
     if str(args.target).endswith(".tck"):
         params0 = header_lengths(load_tractogram_header(args.target), params0)
-    return {"img": img, "target": target, "pos": pos, "dirs": dirs, "params0": params0}
+    from ..fit.signal_term import signal_from_args
+
+    signal = signal_from_args(args, img)
+    return {"img": img, "target": target, "pos": pos, "dirs": dirs, "params0": params0,
+            "signal": signal}  # fmt: skip
 
 
 def _bundle_fit(args, cfg, data, logger, ckpt, world):
@@ -335,7 +373,7 @@ def _bundle_fit(args, cfg, data, logger, ckpt, world):
         img, data["target"], data["params0"],
         seeding=Seeding("list", positions=data["pos"], directions=data["dirs"]),
         config=cfg, logger=logger, voxel_sizes=img.voxel_sizes, checkpoint=ckpt,
-        resume=args.resume, progress=not args.no_progress, world=world,
+        resume=args.resume, progress=not args.no_progress, world=world, signal=data["signal"],
     )  # fmt: skip
 
 
@@ -399,8 +437,9 @@ def _hard_score(field, vsz, params, pos, dirs, target, index) -> tuple[float, ob
     return float(sc.loss), res
 
 
-def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) -> dict:
-    """Write fitted.tck, fitted_fod.nii.gz, result.json and the hparams record."""
+def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg, signal=None) -> dict:
+    """Write fitted.tck, fitted_fod.nii.gz, result.json and the hparams record (with ``signal``,
+    the ``--dwi`` term: its residuals in result.json's ``signal``)."""
 
     from ..fit.outputs import save_fitted_tck
     from ..fod.field import FODField
@@ -449,6 +488,8 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) ->
         "fitted_tck": "fitted.tck",
         "n_fitted_streamlines": int(len(res.streamlines)),
     }
+    if signal is not None and result.sh is not None:
+        summary["signal"] = _signal_summary(signal, img, result)
     logger.write_json("result.json", summary)
     hp = {
         "fit": ",".join(cfg["fit"]["learn"]),
@@ -470,6 +511,24 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg) ->
         metrics["hparam/heldout_loss"] = summary["heldout_loss"]
     logger.hparams(hp, metrics)
     return summary
+
+
+def _signal_summary(signal, img, result) -> dict:
+    """The signal term's shell, noise level and mean RMS residual (signal units) of the start
+    and fitted FODs over the learned voxels (``result.json``'s ``signal``)."""
+    import numpy as np
+    import torch
+
+    K = result.sh.shape[-1]
+    start = torch.as_tensor(np.asarray(img.data, np.float32)).reshape(-1, K)
+    vox = result.learned_voxels
+    return {
+        "bvalue": signal.model.bvalue,
+        "n_directions": int(signal.model.volumes.size),
+        "noise_sigma": signal.variance**0.5,
+        "start_rms_residual": signal.residual(start, vox),
+        "final_rms_residual": signal.residual(result.sh.reshape(-1, K), vox),
+    }
 
 
 def _values(params, vsz) -> dict:

@@ -4,7 +4,9 @@ Each iteration tracks a minibatch of training seeds (drawn from a generator seed
 ``(seed, iteration)``, the same on every rank; a data-parallel rank tracks its contiguous
 share) with :func:`~invtract.tracking.differentiable.track_differentiable`, scores it with
 :func:`~invtract.fit.objective.paired_terms` and adds the parameter terms (``centre`` on the
-whole batch's target, ``anchor``, the FOD priors, :meth:`Problem.add_term` terms) once.
+whole batch's target, ``anchor``, the FOD priors, the diffusion-signal term ``signal`` of
+``--dwi`` (:class:`~invtract.fit.signal_term.SignalTerm`, weighted by ``[loss.weights] signal``),
+:meth:`Problem.add_term` terms) once.
 
 The data terms ``mdf``, ``vertex``, ``extent`` and ``margin`` are sums over pairs divided by
 the batch size: a rank's share is its sum divided by the *batch's* size, so the shares add up
@@ -25,6 +27,7 @@ from ..streamlines import Streamlines
 from .distributed import World
 from .objective import (
     FOD_TERMS,
+    SIGNAL_TERMS,
     TERMS,
     LossConfig,
     PairedTarget,
@@ -78,10 +81,14 @@ class BundleProblem(Problem):
         resolved: the starting tracking parameters, tckgen's defaults resolved.
         paired: the whole paired target; ``train_idx`` / ``held_idx`` split it.
         voxels: ``[V]`` flat indices of the learned voxels (``sh``), else None.
+        signal: the diffusion-signal term, ``signal(sh [V, K], voxels [V]) -> 0-d tensor``
+            (:class:`~invtract.fit.signal_term.SignalTerm`), or None; a parameter term
+            ``signal`` of the learned voxels. Its ``gradient_hook(sh_start [V, K])``, when it
+            returns a hook, is registered on the learned change (``--fod-updates rotation``).
     """
 
     def __init__(self, cfg, sh0, affine, vsz, resolved, paired: PairedTarget, train_idx,
-                 held_idx, voxels=None):  # fmt: skip
+                 held_idx, voxels=None, signal=None):  # fmt: skip
         super().__init__()
         self.cfg, self.config = cfg, cfg.raw
         self.affine, self.vsz, self.resolved = affine, vsz, resolved
@@ -92,12 +99,26 @@ class BundleProblem(Problem):
         self.train, self.held = paired.subset(train_idx), paired.subset(held_idx)
         self.data_cfg = _without(cfg.loss, ("centre",))
         self.basis = self._basis(sh0.shape[-1])
+        self.signal = self._signal(signal)
         self.fixed_field = None
         self.running = bool({"margin", "centre"} & set(cfg.loss.active(TERMS)))
         if self.running and self.state.delta is None:
             from ..fod.field import FODField
 
             self.fixed_field = FODField.from_array(sh0, affine)
+
+    def _signal(self, signal):
+        """``signal`` after checking it against the config; its gradient hook registered."""
+        from .signal_term import check_signal_config
+
+        check_signal_config(self.cfg.loss.weights, self.cfg.learn, signal is not None)
+        st = self.state
+        if signal is None or st.delta is None:
+            return None
+        hook = getattr(signal, "gradient_hook", lambda _: None)(st.sh0_flat[st.voxels])
+        if hook is not None:
+            st.delta.register_hook(hook)
+        return signal
 
     def _basis(self, K: int):
         if self.state.delta is None or "nonneg" not in self.cfg.loss.active(FOD_TERMS):
@@ -252,6 +273,8 @@ class BundleProblem(Problem):
             out.update(
                 fod_priors(sh_l, st.delta, st.voxels, st.shape[:3], self.cfg.loss, self.basis)
             )
+            if self.signal is not None and "signal" in self.cfg.loss.active(SIGNAL_TERMS):
+                out["signal"] = self.signal(sh_l, st.voxels)
         return out
 
     def summarise(self, counts: dict) -> dict:

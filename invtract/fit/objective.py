@@ -105,6 +105,8 @@ TERMS = ("mdf", "vertex", "extent", "margin", "centre", "paired", "chamfer", "le
 FOD_TERMS = ("nonneg", "smooth", "prior")
 #: regulariser of the learned thresholds (computed by :func:`invtract.fit.optimise.fit`)
 PARAM_TERMS = ("anchor",)
+#: diffusion-signal term (computed by :class:`invtract.fit.signal_term.SignalTerm`, ``--dwi``)
+SIGNAL_TERMS = ("signal",)
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class LossConfig:
 
         d = table_fields(cls, d, "loss")
         w = {k: float(v) for k, v in dict(d.pop("weights", {"mdf": 1.0, "extent": 1.0})).items()}
-        known = TERMS + FOD_TERMS + PARAM_TERMS
+        known = TERMS + FOD_TERMS + PARAM_TERMS + SIGNAL_TERMS
         bad = sorted(set(w) - set(known))
         if bad:
             raise ConfigError(f"[loss.weights]: unknown terms {bad}; known {known}")

@@ -60,7 +60,15 @@ from ..streamlines import Streamlines
 from .config import layered_config, merge_config, read_toml, validate
 from .descent import annealed
 from .distributed import SINGLE, World
-from .objective import FOD_TERMS, PARAM_TERMS, TERMS, LossConfig, PairedTarget, soft_temperature
+from .objective import (
+    FOD_TERMS,
+    PARAM_TERMS,
+    SIGNAL_TERMS,
+    TERMS,
+    LossConfig,
+    PairedTarget,
+    soft_temperature,
+)
 from .reparam import PARAM_NAMES
 from .trainer import Trainer, TrainSettings
 
@@ -238,7 +246,7 @@ class FitConfig:
         cfg = merge_config(DEFAULT_CONFIG, cfg)
         validate(cfg, RULES)
         f = cfg["fit"]
-        known = TERMS + FOD_TERMS + PARAM_TERMS
+        known = TERMS + FOD_TERMS + PARAM_TERMS + SIGNAL_TERMS
         bad = sorted(set(cfg["loss"]["weights"]) - set(known))
         if bad:
             raise ConfigError(f"loss.weights: unknown terms {bad}; known {known}")
@@ -381,8 +389,9 @@ def resolve_config(config, steps=None, learn=None, hparams: Mapping | None = Non
 
 
 def build_problem(cfg: FitConfig, fod, target: Streamlines, params: TrackingParameters,
-                  seeding=None, voxel_sizes=None):  # fmt: skip
-    """The :class:`~invtract.fit.bundle.BundleProblem` of a fit (checks the target)."""
+                  seeding=None, voxel_sizes=None, signal=None):  # fmt: skip
+    """The :class:`~invtract.fit.bundle.BundleProblem` of a fit (checks the target; ``signal``:
+    the diffusion-signal term, see :func:`fit`)."""
     from .bundle import BundleProblem, split_indices
 
     if len(target) == 0:
@@ -402,8 +411,9 @@ def build_problem(cfg: FitConfig, fod, target: Streamlines, params: TrackingPara
         voxels = learned_voxels(sh0, affine, paired.subset(train_idx).streamlines, cfg.margin_vox)
         voxels = voxels.to(dev)
     return BundleProblem(
-        cfg, sh0.to(dev), affine, vsz, params.resolve(vsz), paired, train_idx, held_idx, voxels
-    )
+        cfg, sh0.to(dev), affine, vsz, params.resolve(vsz), paired, train_idx, held_idx, voxels,
+        signal,
+    )  # fmt: skip
 
 
 def fit(
@@ -423,6 +433,7 @@ def fit(
     progress: bool = False,
     callbacks=(),
     world: World = SINGLE,
+    signal: Callable | None = None,
     **hparams,
 ) -> FitResult:
     """Fit tracking parameters and/or FOD coefficients to a paired target bundle.
@@ -451,6 +462,10 @@ def fit(
             :class:`~invtract.fit.trainer.EarlyStopping`).
         world: the data-parallel :class:`~invtract.fit.distributed.World` (default: one
             process).
+        signal: the diffusion-signal term (:class:`~invtract.fit.signal_term.SignalTerm`,
+            ``--dwi``): ``signal(sh_learned [V, K], voxels [V])``, the loss term ``signal`` of
+            the learned voxels, weighted by ``[loss.weights] signal`` (a positive weight needs
+            it; it needs ``sh`` learned).
         **hparams: config overrides by alias (``lr``, ``temperature_mm``, ``coverage_weight``,
             ``optimizer``, ...) or ``"section.key"``.
 
@@ -471,7 +486,7 @@ def fit(
         from .runlog import WriterLogger
 
         logger = WriterLogger(logger)
-    problem = build_problem(cfg, fod, target, params, seeding, voxel_sizes)
+    problem = build_problem(cfg, fod, target, params, seeding, voxel_sizes, signal)
     trainer = Trainer(
         TrainSettings.from_config(cfg.raw), logger=logger, checkpoint=checkpoint,
         resume=resume, progress=progress, callbacks=[on_step, *callbacks], world=world,

@@ -25,7 +25,8 @@ def test_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--target", "--target-seeds", "--fit", "--config", "--run", "--iterations",
-                 "--device", "--resume", "--optimizer.lr"):  # fmt: skip
+                 "--device", "--resume", "--optimizer.lr", "--dwi", "--fslgrad", "--response",
+                 "--mask", "--fod-updates"):  # fmt: skip
         assert flag in out
 
 
@@ -193,3 +194,98 @@ def test_two_process_fit_equals_one_process(tmp_path, small_target):
     la = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss/total"] for x in lb] == pytest.approx([x["loss/total"] for x in la], rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# --dwi: the diffusion-signal term (issue 17) on the bundle fit
+# ------------------------------------------------------------------------------------------
+#: the phantom's response (b = 2000, lmax 8), as MRtrix writes response_wm.txt
+_RESPONSE = "# Shells: 2000\n1211.2 -732.1 255.3 -65.1 12.1\n"
+
+
+@pytest.fixture
+def dwi_inputs(tmp_path):
+    """``(dwi.mif, response, mask.mif)``: noiseless signals of the example FOD under the
+    response (3 b=0 and 30 b=2000 directions, dw_scheme in the header); mask: the target's
+    slice (z = 2) where the FOD's l=0 coefficient is above 0.1 (a small CSD solve)."""
+    from invtract.fit.objective import fibonacci_sphere
+    from invtract.fod.csd import csd_model, load_response, predict_signal
+    from invtract.io.mif import write_mif
+
+    img = load_fod(example_path("fod"))
+    grad = np.zeros((33, 4))
+    grad[3:, :3] = fibonacci_sphere(30).numpy()
+    grad[3:, 3] = 2000.0
+    resp = tmp_path / "response_wm.txt"
+    resp.write_text(_RESPONSE)
+    model = csd_model(grad, load_response(resp))
+    c = torch.as_tensor(np.asarray(img.data).reshape(-1, 45), dtype=torch.float64)
+    sig = np.zeros((c.shape[0], 33), np.float32)
+    sig[:, 3:] = predict_signal(c, model.M).numpy()
+    sig[:, :3] = 1211.2 * math.sqrt(4 * math.pi) * c[:, :1].numpy()
+    scheme = "\n".join(",".join(f"{v:.6f}" for v in row) for row in grad)
+    dwi = tmp_path / "dwi.mif"
+    write_mif(dwi, sig.reshape(img.data.shape[:3] + (33,)), img.affine, {"dw_scheme": scheme})
+    mask = tmp_path / "mask.mif"
+    keep = np.abs(np.asarray(img.data)[..., 0]) > 0.1
+    keep[..., [0, 1, 3, 4, 5]] = False
+    write_mif(mask, keep, img.affine)
+    return str(dwi), str(resp), str(mask)
+
+
+def test_dwi_adds_the_signal_term_to_the_fod_fit(tmp_path, small_target, dwi_inputs):
+    """--fit fod --dwi: fit_fod_dwi is the default config, loss/signal (>= 0: 0 at the CSD
+    solution of the signals) is logged every iteration and the run record names the DWI."""
+    dwi, resp, mask = dwi_inputs
+    run = tmp_path / "run"
+    extra = ["--fit", "fod", "--dwi", dwi, "--response", resp, "--mask", mask]
+    assert main(_quick(small_target, run, extra)) == 0
+    from invtract.fit.config import read_toml
+
+    rec = read_toml(run / "config.toml")
+    assert rec["loss"]["weights"]["signal"] == 5.0 and rec["loss"]["weights"]["prior"] == 0.0
+    assert rec["inputs"]["dwi"].endswith("dwi.mif") and rec["inputs"]["config"].endswith(
+        "fit_fod_dwi.toml"
+    )
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    sig = [x["loss/signal"] for x in lines]
+    assert len(sig) == 2 and all(math.isfinite(s) and s >= 0 for s in sig)
+    assert sig[1] > 0  # the first step moved the FOD off the CSD optimum
+    terms = {k for k in lines[0] if k.startswith("loss/")}
+    assert "loss/prior" not in terms  # weight 0 in fit_fod_dwi: not computed
+    assert (run / "fitted_fod.nii.gz").is_file()
+    res = _strict(run / "result.json")["signal"]
+    assert res["bvalue"] == 2000.0 and res["n_directions"] == 30 and res["noise_sigma"] >= 0
+    assert 0 <= res["start_rms_residual"] and 0 <= res["final_rms_residual"]
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--fit", "fod", "--config", "fit_fod_dwi"], "[loss.weights] signal = 5 needs"),
+        (["--fit", "fod", "--dwi", "{dwi}"], "--dwi needs --response"),
+        (["--fit", "params", "--dwi", "{dwi}", "--response", "{resp}"], "use --fit fod"),
+        (["--fit", "fod", "--response", "{resp}"], "--response / --fslgrad need --dwi"),
+        (
+            ["--fit", "fod", "--dwi", "{dwi}", "--response", "{resp}", "--mask", "nope.mif"],
+            "--mask: file not found",
+        ),  # fmt: skip
+    ],
+)
+def test_signal_faults_fail_before_any_work(tmp_path, small_target, capsys, extra, match):
+    files = {"dwi": str(tmp_path / "dwi.mif"), "resp": str(tmp_path / "r.txt")}
+    for f in files.values():
+        open(f, "w").close()  # never read: every check comes first
+    run = tmp_path / "run"
+    assert main(_quick(small_target, run, [e.format(**files) for e in extra])) == 1
+    _one_line_error(capsys, match)
+    assert not run.exists()
+
+
+def test_dwi_with_a_connectome_target_is_an_error(tmp_path, capsys):
+    dwi = tmp_path / "dwi.mif"
+    dwi.write_text("")
+    argv = ["fit", "--target-connectome", "m.csv", "--parcellation", "p.nii", "--fod", "f.nii",
+            "--dwi", str(dwi), "--run", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 1
+    _one_line_error(capsys, "--dwi applies to bundle fits")

@@ -1,0 +1,299 @@
+"""The diffusion-signal term of an FOD fit (``invtract fit --dwi DWI --response RESPONSE``).
+
+:class:`SignalTerm` binds a DWI, its gradient table and a response to the FOD's voxel grid and
+gives the fit :func:`invtract.losses.signal.signal_loss` for the learned voxels (weighted by
+``[loss.weights] signal``). :func:`run_csd_only` is ``invtract fit --dwi`` without a target:
+the minimiser of the signal term alone, i.e. ``dwi2fod csd``'s coefficients, over the mask.
+
+Memory: the DWI is kept only for the shell CSD uses, as float32 ``[X*Y*Z, N]`` (N ~ the FOD's K
+coefficients: about one copy of the FOD), plus ``[X*Y*Z]`` float64 reference values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, InvtractError, ShapeError
+from ..fod.csd import CSDModel, csd_model, csd_objective, csd_solve, load_response
+from ..losses.signal import noise_variance, signal_loss, signal_residual
+
+__all__ = [
+    "SignalTerm",
+    "load_dwi",
+    "add_signal_arguments",
+    "check_signal_args",
+    "check_signal_config",
+    "signal_from_args",
+    "run_csd_only",
+]
+
+log = logging.getLogger("invtract")
+
+
+def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
+    """``(Image [X, Y, Z, N_all] float32, grad [N_all, 4])`` of a DWI with its gradient table.
+
+    The table comes from ``fslgrad`` (``(bvecs, bvals)``, FSL convention) if given, else from
+    the ``.mif`` header's ``dw_scheme``.
+    """
+    from ..io.gradients import load_fsl_gradients, read_mif_scheme
+    from ..io.image import load_image
+
+    img = load_image(path)
+    if img.data.ndim != 4:
+        raise ShapeError(f"{path}: a DWI must be 4-D, got shape {img.data.shape}")
+    if fslgrad:
+        if str(path).lower().endswith((".mif", ".mih", ".mif.gz")):
+            log.warning("--fslgrad with a .mif DWI: bvecs are taken in its stored voxel axes")
+        grad = load_fsl_gradients(fslgrad[0], fslgrad[1], img.affine, img.data.shape[3])
+    else:
+        grad = read_mif_scheme(path)
+    return img, grad
+
+
+@dataclass
+class SignalTerm:
+    """The signal term on an FOD grid.
+
+    Attributes:
+        model: the CSD model (shell, forward and constraint matrices).
+        signals: ``[X*Y*Z, N]`` float32 signals of the shell (C order of the grid; non-finite
+            voxels hold 0 and are excluded from ``usable``).
+        usable: ``[X*Y*Z]`` bool: finite signal (and inside the mask when one was given).
+        reference: ``[X*Y*Z]`` float64 CSD objective at the CSD coefficients (0 where unusable).
+        variance: noise variance per measurement (mean squared CSD residual over ``usable``).
+        csd: ``[X*Y*Z, K]`` float32 CSD coefficients (zero where unusable), kept only when
+            built with ``keep_csd`` (CSD alone), else None.
+        grid: ``(shape [3], affine [4, 4])`` of the DWI (set by :func:`signal_from_args`).
+        updates: ``"free"`` (any change of the coefficients) or ``"rotation"`` (see
+            :meth:`gradient_hook`).
+    """
+
+    model: CSDModel
+    signals: torch.Tensor
+    usable: torch.Tensor
+    reference: torch.Tensor
+    variance: float
+    csd: torch.Tensor | None
+    grid: tuple | None = None
+    updates: str = "free"
+
+    @classmethod
+    def build(
+        cls,
+        dwi: np.ndarray,
+        grad: np.ndarray,
+        response,
+        mask: np.ndarray | None = None,
+        keep_csd: bool = False,
+        **opts,
+    ) -> SignalTerm:
+        """From a ``[X, Y, Z, N_all]`` DWI array, its table, a :class:`Response` and a mask.
+
+        ``opts`` go to :func:`~invtract.fod.csd.csd_model` (``lmax``, ``neg_lambda``, ...).
+        """
+        model = csd_model(grad, response, **opts)
+        sig = torch.as_tensor(np.ascontiguousarray(dwi[..., model.volumes]), dtype=torch.float32)
+        sig = sig.reshape(-1, model.volumes.size)
+        usable = torch.isfinite(sig).all(-1)
+        if mask is not None:
+            usable &= torch.as_tensor(np.asarray(mask, bool).reshape(-1))
+        sig = torch.where(torch.isfinite(sig), sig, torch.zeros_like(sig))
+        idx = torch.nonzero(usable).flatten()
+        if idx.numel() == 0:
+            raise ConfigError("the signal term has no usable voxel (mask empty or DWI not finite)")
+        c = csd_solve(sig[idx], model)
+        csd = None
+        if keep_csd:
+            csd = torch.zeros(sig.shape[0], model.n_coeffs, dtype=torch.float32)
+            csd[idx] = c.float()
+        ref = torch.zeros(sig.shape[0], dtype=torch.float64)
+        ref[idx] = csd_objective(c, sig[idx].double().clamp_min(0), model)
+        var = noise_variance(sig[idx], model, c)
+        return cls(model, sig, usable, ref, var, csd)
+
+    def __call__(self, sh_learn: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+        """The term over the learned voxels that have a usable signal.
+
+        Args:
+            sh_learn: ``[V, K]`` current coefficients of the learned voxels.
+            voxels: ``[V]`` their flat indices (C order of the grid).
+
+        Returns:
+            0-d float64 tensor; gradients through ``sh_learn``.
+        """
+        v = voxels.to(self.usable.device).long()
+        keep = torch.nonzero(self.usable[v]).flatten()
+        K = self.model.n_coeffs
+        if sh_learn.shape[-1] != K:
+            raise ShapeError(f"the FOD has {sh_learn.shape[-1]} coefficients, the model {K}")
+        c = sh_learn[keep.to(sh_learn.device)].cpu()
+        return signal_loss(
+            c, self.signals[v[keep]], self.model, self.variance, self.reference[v[keep]]
+        ).to(sh_learn.device)
+
+    def gradient_hook(self, sh_start: torch.Tensor) -> Callable | None:
+        """With ``updates == "rotation"``: a hook projecting the gradient of the FOD change of
+        each learned voxel onto the infinitesimal rotations of its starting FOD.
+
+        Args:
+            sh_start: ``[V, K]`` starting coefficients of the learned voxels.
+
+        Returns:
+            ``hook(grad [V, K]) -> [V, K]`` (for ``delta.register_hook``) or None (free
+            updates). With plain SGD the step is then ``-lr G (G^T G)^-1 G^T grad``, ``G``
+            ``[V, K, 3]`` = rotation generators applied to ``sh_start``: each voxel's FOD turns
+            as a whole (3 degrees of freedom) instead of changing shape.
+        """
+        if self.updates != "rotation":
+            return None
+        from ..fod.csd import rotation_generators
+
+        L = rotation_generators(self.model.lmax).to(sh_start.device, torch.float64)  # [3, K, K]
+        G = torch.einsum("ikj,vj->vki", L, sh_start.double())  # [V, K, 3]
+        GtG = G.transpose(1, 2) @ G + 1e-9 * torch.eye(3, dtype=G.dtype, device=G.device)
+        Ginv = torch.linalg.solve(GtG, G.transpose(1, 2))  # [V, 3, K]
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            w = torch.einsum("vik,vk->vi", Ginv, grad.double())
+            return torch.einsum("vki,vi->vk", G, w).to(grad.dtype)
+
+        return hook
+
+    def residual(self, sh: torch.Tensor, voxels: torch.Tensor) -> float:
+        """Mean RMS signal residual (signal units) of ``sh [X*Y*Z, K]`` over usable ``voxels``."""
+        v = voxels.long()
+        v = v[self.usable[v]]
+        return float(signal_residual(sh[v].double(), self.signals[v], self.model).mean())
+
+
+def add_signal_arguments(p: argparse.ArgumentParser) -> None:
+    """``--dwi``, ``--fslgrad``, ``--response``, ``--mask`` of ``invtract fit``."""
+    g = p.add_argument_group(
+        "diffusion signal (CSD term; without --target: CSD alone, as dwi2fod csd)"
+    )
+    g.add_argument("--dwi", help="DWI image (.mif with dw_scheme, or NIfTI with --fslgrad)")
+    g.add_argument("--fslgrad", nargs=2, metavar=("BVECS", "BVALS"), help="FSL gradient files")
+    g.add_argument("--response", help="response function (response_wm.txt: one row per shell)")
+    g.add_argument("--mask", help="voxels of the signal term / CSD (default: finite DWI)")
+    g.add_argument(
+        "--fod-updates",
+        choices=("free", "rotation"),
+        default="free",
+        help="with --dwi: free coefficient changes, or gradients projected on rotations of "
+        "each voxel's starting FOD (use with --set optimizer.name=sgd)",
+    )
+
+
+def check_signal_args(args) -> bool:
+    """One-line errors of the signal flags before any data is read; True with ``--dwi``.
+
+    ``--response`` / ``--fslgrad`` need ``--dwi``, ``--dwi`` needs ``--response``, a target fit
+    with ``--dwi`` learns the FOD (``--fit fod|both``), and every given file exists.
+    """
+    if not getattr(args, "dwi", None):
+        if getattr(args, "response", None) or getattr(args, "fslgrad", None):
+            raise ConfigError("--response / --fslgrad need --dwi")
+        return False
+    if getattr(args, "fit", "fod") == "params" and getattr(args, "target", None):
+        raise ConfigError("--dwi adds a term on the FOD: use --fit fod or --fit both")
+    if not args.response:
+        raise ConfigError("--dwi needs --response RESPONSE")
+    files = [("dwi", args.dwi), ("response", args.response), ("mask", args.mask)]
+    files += [("fslgrad", f) for f in (args.fslgrad or [])]
+    for flag, path in files:
+        if path and not os.path.exists(path):
+            raise InvtractError(f"--{flag}: file not found: {path}")
+    return True
+
+
+def check_signal_config(weights: Mapping, learn, have_signal: bool) -> None:
+    """The ``signal`` weight of ``[loss.weights]`` against the fit: a positive weight needs a
+    signal term (``--dwi``), and a signal term needs the FOD learned (``"sh"`` in ``learn``);
+    a signal term with weight 0 is off (a warning)."""
+    w = float(weights.get("signal", 0.0))
+    if have_signal and "sh" not in tuple(learn):
+        raise ConfigError("--dwi adds a term on the FOD: use --fit fod or --fit both")
+    if w > 0 and not have_signal:
+        raise ConfigError(
+            f"[loss.weights] signal = {w:g} needs the diffusion signal: give --dwi DWI "
+            "--response RESPONSE (or set the weight to 0)"
+        )
+    if have_signal and w == 0:
+        log.warning("--dwi: [loss.weights] signal is 0, the signal term is off")
+
+
+def signal_from_args(args, fod_image=None, keep_csd: bool = False) -> SignalTerm | None:
+    """The :class:`SignalTerm` of ``--dwi ... --response ...`` (None without ``--dwi``)."""
+    if not check_signal_args(args):
+        return None
+    from ..io.image import check_same_grid, load_mask
+
+    dwi, grad = load_dwi(args.dwi, args.fslgrad)
+    mask = None
+    if args.mask:
+        m = load_mask(args.mask)
+        check_same_grid(m, dwi, "--mask vs --dwi")
+        mask = m.data
+    if fod_image is not None:
+        check_same_grid(dwi, fod_image, "--dwi vs --fod")
+    t0 = time.perf_counter()
+    term = SignalTerm.build(dwi.data, grad, load_response(args.response), mask, keep_csd)
+    log.info(
+        "signal term: shell b=%.0f (%d directions), lmax %d, %d voxels, sigma %.4g (%.1f s)",
+        term.model.bvalue,
+        term.model.volumes.size,
+        term.model.lmax,
+        int(term.usable.sum()),
+        term.variance**0.5,
+        time.perf_counter() - t0,
+    )
+    term.grid = (tuple(dwi.data.shape[:3]), dwi.affine)
+    term.updates = getattr(args, "fod_updates", "free") or "free"
+    return term
+
+
+def run_csd_only(args) -> int:
+    """``invtract fit --dwi DWI --response R [--mask M]`` with no target: write the CSD FOD.
+
+    Writes ``fitted_fod.nii.gz`` (the DWI's grid; zero outside the mask) and ``result.json``
+    (shell, lmax, voxels, noise sigma, mean RMS residual, seconds) in the run folder.
+    """
+    from ..fit.runlog import resolve_run_dir
+    from ..io.atomic import atomic_write_text, check_writable_dir
+    from ..io.image import save_nifti
+
+    if getattr(args, "fit", "fod") == "params":
+        raise ConfigError("--dwi without --target fits the FOD alone: use --fit fod")
+    check_signal_args(args)
+    run_dir = resolve_run_dir(args.run or "csd")
+    check_writable_dir(run_dir)
+    t0 = time.perf_counter()
+    term = signal_from_args(args, keep_csd=True)
+    shape3, affine = term.grid
+    shape = shape3 + (term.model.n_coeffs,)
+    save_nifti(run_dir / "fitted_fod.nii.gz", term.csd.reshape(shape).numpy(), affine)
+    vox = torch.nonzero(term.usable).flatten()
+    summary = {
+        "mode": "csd",
+        "bvalue": term.model.bvalue,
+        "n_directions": int(term.model.volumes.size),
+        "lmax": term.model.lmax,
+        "n_voxels": int(vox.numel()),
+        "noise_sigma": term.variance**0.5,
+        "signal_rms_residual": term.residual(term.csd, vox),
+        "seconds": time.perf_counter() - t0,
+        "fitted_fod": "fitted_fod.nii.gz",
+    }
+    atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0

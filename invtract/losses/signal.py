@@ -1,0 +1,86 @@
+"""The diffusion-signal loss term: how much worse FOD coefficients explain the DWI than CSD does.
+
+For a voxel with measured signals ``b`` (one shell, ``[N]``) and FOD coefficients ``c``, the CSD
+objective ``f(c)`` (:func:`invtract.fod.csd.csd_objective`: squared signal residual of the
+forward model, ``dwi2fod csd``'s minimum-norm term and its squared-hinge non-negativity penalty on
+300 directions) is minimal at ``dwi2fod csd``'s coefficients ``c*``. The term is
+
+    ``signal = mean_v (f_v(c_v) - f_v(c*_v)) / (N sigma^2)``
+
+over the voxels given (the learned ones), with ``sigma^2`` the noise variance per measurement
+estimated from the data as the mean squared residual of the CSD fit over the mask
+(:func:`noise_variance`). It is 0 at the CSD FOD and >= 0 everywhere (``c*`` minimises ``f``);
+a value of 1 means the voxels' residual sum of squares grew by ``N sigma^2`` on average,
+i.e. about one noise variance per measurement (a chi-square increase of ``N`` per voxel).
+Minimising it alone reproduces ``dwi2fod csd``; added to the tractography loss with weight
+``[loss.weights] signal``, it lets the fit change an FOD only as far as the diffusion signal
+allows. Memory: ``[V, N]`` signals and ``[V, P]`` amplitudes for the ``V`` voxels passed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..fod.csd import CSDModel, csd_objective, csd_solve, predict_signal
+
+__all__ = ["noise_variance", "signal_loss", "signal_residual"]
+
+
+def noise_variance(signals: torch.Tensor, model: CSDModel, coeffs: torch.Tensor | None = None):
+    """Noise variance per measurement: mean squared residual of the CSD fit (signal units^2).
+
+    Args:
+        signals: ``[V, N]`` signals of the model's shell (e.g. every mask voxel).
+        model: :class:`~invtract.fod.csd.CSDModel`.
+        coeffs: ``[V, K]`` CSD coefficients (solved when None).
+
+    Returns:
+        float ``sigma^2`` (> 0).
+    """
+    b = signals.to(torch.float64).clamp_min(0.0)
+    ok = torch.isfinite(b).all(-1)
+    b = b[ok]
+    c = csd_solve(b, model) if coeffs is None else coeffs[ok].to(torch.float64)
+    r = predict_signal(c, model.M) - b
+    return max(float(r.pow(2).mean()), 1e-12)
+
+
+def signal_residual(coeffs: torch.Tensor, signals: torch.Tensor, model: CSDModel) -> torch.Tensor:
+    """``[V]`` root-mean-square residual ``|M c - b| / sqrt(N)`` (signal units) per voxel."""
+    b = signals.to(coeffs.dtype).clamp_min(0.0)
+    return (predict_signal(coeffs, model.M) - b).pow(2).mean(-1).sqrt()
+
+
+def signal_loss(
+    coeffs: torch.Tensor,
+    signals: torch.Tensor,
+    model: CSDModel,
+    variance: float,
+    reference: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The signal term (see the module docstring).
+
+    Args:
+        coeffs: ``[V, K]`` FOD coefficients (any float dtype; computed in float64).
+        signals: ``[V, N]`` signals of the model's shell; negative values count as 0 (as in
+            ``dwi2fod``); voxels with a non-finite signal must be left out by the caller.
+        model: :class:`~invtract.fod.csd.CSDModel`.
+        variance: ``sigma^2`` per measurement (:func:`noise_variance`).
+        reference: ``[V]`` ``f(c*)`` at the CSD coefficients (subtracted: the term is 0 there);
+            None subtracts nothing.
+
+    Returns:
+        0-d float64 tensor (unitless).
+
+    Gradients:
+        Through ``coeffs``.
+    """
+    c = coeffs.to(torch.float64)
+    b = signals.to(torch.float64).clamp_min(0.0)
+    f = csd_objective(c, b, model)
+    if reference is not None:
+        f = f - reference.to(f.dtype)
+    n = model.M.shape[0]
+    if f.numel() == 0:
+        return c.sum() * 0.0
+    return f.mean() / (n * float(variance))

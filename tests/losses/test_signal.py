@@ -1,0 +1,212 @@
+"""The diffusion-signal loss term: gradcheck, zero at the CSD FOD, data-set scale, fit hook."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from invtract.data import example_path
+from invtract.fit.objective import fibonacci_sphere
+from invtract.fit.optimise import fit
+from invtract.fit.signal_term import SignalTerm
+from invtract.fod.csd import Response, csd_model, csd_solve, predict_signal
+from invtract.io.image import load_fod
+from invtract.io.seeds import seeds_from_reference
+from invtract.io.tractogram import load_tractogram
+from invtract.losses.signal import noise_variance, signal_loss
+from invtract.params import TrackingParameters
+from invtract.tracking.api import Seeding
+
+#: the phantom's dwi2response response (b = 2000, lmax 8)
+RESPONSE = Response(np.array([[1211.2, -732.1, 255.3, -65.1, 12.1]]), (2000.0,))
+
+
+def _grad(n_dirs=60, n_b0=3, bval=2000.0) -> np.ndarray:
+    d = fibonacci_sphere(n_dirs).numpy()
+    g = np.zeros((n_b0 + n_dirs, 4))
+    g[n_b0:, :3] = d
+    g[n_b0:, 3] = bval
+    return g
+
+
+def _synthetic(fod: np.ndarray, grad: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    """DWI ``[..., N_all]`` of an FOD under the response, plus Gaussian noise ``sigma``."""
+    model = csd_model(grad, RESPONSE)
+    K = model.n_coeffs
+    c = torch.as_tensor(fod.reshape(-1, fod.shape[-1])[:, :K], dtype=torch.float64)
+    s = predict_signal(c, model.M).numpy()
+    out = np.zeros((c.shape[0], grad.shape[0]))
+    out[:, model.volumes] = s
+    out[:, grad[:, 3] <= 10] = RESPONSE.zsh[0, 0] * math.sqrt(4 * math.pi) * c[:, :1].numpy()
+    out += np.random.default_rng(seed).normal(0.0, sigma, out.shape)
+    return out.reshape(fod.shape[:-1] + (grad.shape[0],)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def voxels():
+    """Signals of 4 crossing/single-fibre voxels of the bundled phantom FOD, SNR ~30."""
+    img = load_fod(example_path("fod"))
+    c = img.data.reshape(-1, img.data.shape[-1])
+    amp = np.abs(c[:, 0])
+    pick = np.argsort(amp)[-4:]
+    g = _grad()
+    dwi = _synthetic(c[pick], g, sigma=10.0)
+    model = csd_model(g, RESPONSE)
+    sig = torch.as_tensor(dwi[:, model.volumes], dtype=torch.float64)
+    return model, sig
+
+
+def test_gradcheck(voxels):
+    model, sig = voxels
+    F = csd_solve(sig[:2], model)
+    var = noise_variance(sig, model)
+    torch.manual_seed(0)
+    c = (F + 0.05 * torch.randn_like(F)).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: signal_loss(x, sig[:2], model, var, None), (c,), eps=1e-6, atol=1e-7
+    )
+
+
+def test_zero_and_stationary_at_csd(voxels):
+    model, sig = voxels
+    F = csd_solve(sig, model)
+    var = noise_variance(sig, model, F)
+    from invtract.fod.csd import csd_objective
+
+    ref = csd_objective(F, sig, model)
+    c = F.clone().requires_grad_(True)
+    v = signal_loss(c, sig, model, var, ref)
+    v.backward()
+    assert abs(float(v.detach())) < 1e-12
+    assert float(c.grad.abs().max()) < 1e-8
+    torch.manual_seed(1)
+    for _ in range(3):  # the CSD FOD is the minimum: any change costs
+        assert float(signal_loss(F + 0.02 * torch.randn_like(F), sig, model, var, ref)) > 0
+
+
+def test_noise_variance_tracks_the_noise():
+    """sigma^2 from the CSD residual follows the true noise once it dominates the misfit of
+    the constraint (this FOD has negative lobes CSD damps; the residual dof are 60 - ~45)."""
+    img = load_fod(example_path("fod"))
+    c = img.data.reshape(-1, img.data.shape[-1])
+    c = c[np.abs(c[:, 0]) > 0.2][:200]
+    g = _grad()
+    model = csd_model(g, RESPONSE)
+    est = []
+    for sigma in (5.0, 20.0):
+        dwi = _synthetic(c, g, sigma=sigma, seed=3)
+        v = noise_variance(torch.as_tensor(dwi[:, model.volumes]), model)
+        est.append(math.sqrt(v) / sigma)
+    # residual dof: 60 measurements - ~45 coefficients (fewer effective with the constraint)
+    assert 0.6 < est[1] < 1.05, est
+    assert est[1] * 20.0 > 2.0 * est[0] * 5.0  # grows with the noise
+
+
+@pytest.mark.slow
+def test_signal_term_in_a_fod_fit():
+    """fit(signal=SignalTerm): the term is logged, and with a large weight it falls."""
+    img = load_fod(example_path("fod"))
+    g = _grad()
+    dwi = _synthetic(img.data, g, sigma=20.0, seed=5)
+    term = SignalTerm.build(dwi, g, RESPONSE, mask=np.abs(img.data[..., 0]) > 0.1)
+    assert term.signals.shape == (int(np.prod(img.data.shape[:3])), 60)
+    assert term.variance > 0
+    pos, dirs, ti = seeds_from_reference(example_path("target"), example_path("target_seeds"))
+    idx = np.arange(0, 96, 32)
+    sl = load_tractogram(example_path("target")).select(torch.as_tensor(ti[idx]))
+    res = fit(
+        img,
+        sl,
+        TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0),
+        seeding=Seeding("list", positions=pos[idx], directions=dirs[idx]),
+        voxel_sizes=img.voxel_sizes,
+        learn=("sh",),
+        signal=term,
+        config={
+            "fit": {"iterations": 4, "heldout_fraction": 0.0},
+            "optimizer": {"lr_sh": 0.01},
+            "loss": {"weights": {"mdf": 0.01, "signal": 100.0}},
+        },
+    )
+    s = [r["loss/signal"] for r in res.history]
+    assert len(s) == 4 and s[0] > 0 and s[-1] < s[0], s
+
+
+def test_rotation_hook_projects_on_rotations(voxels):
+    """--fod-updates rotation: the gradient hook keeps only each voxel's rotation components."""
+    model, sig = voxels
+    F = csd_solve(sig, model)
+    term = SignalTerm(model, sig.float(), torch.ones(len(sig), dtype=torch.bool),
+                      torch.zeros(len(sig), dtype=torch.float64), 1.0, None,
+                      updates="rotation")  # fmt: skip
+    from invtract.fod.csd import rotation_generators
+
+    hook = term.gradient_hook(F)
+    torch.manual_seed(0)
+    g = torch.randn_like(F)
+    p = hook(g)
+    L = rotation_generators(8)
+    G = torch.einsum("ikj,vj->vki", L, F)  # [V, K, 3]
+    # p lies in span(G) and g - p is orthogonal to it
+    assert float(torch.einsum("vk,vki->vi", g - p, G).abs().max()) < 1e-6
+    torch.testing.assert_close(hook(p), p)
+    assert SignalTerm(model, sig.float(), term.usable, term.reference, 1.0, None)\
+        .gradient_hook(F) is None  # fmt: skip
+
+
+def _bundle(n=3):
+    img = load_fod(example_path("fod"))
+    pos, dirs, ti = seeds_from_reference(example_path("target"), example_path("target_seeds"))
+    idx = np.arange(0, 96, 96 // n)[:n]
+    sl = load_tractogram(example_path("target")).select(torch.as_tensor(ti[idx]))
+    return img, sl, Seeding("list", positions=pos[idx], directions=dirs[idx])
+
+
+def test_signal_term_config_is_checked_by_the_bundle_problem():
+    """A positive signal weight needs the term; the term needs the FOD learned."""
+    from invtract.errors import ConfigError
+    from invtract.fit.optimise import build_problem, resolve_config
+
+    img, sl, seeding = _bundle()
+    g = _grad()
+    term = SignalTerm.build(np.zeros(img.data.shape[:3] + (len(g),), np.float32) + 1.0, g,
+                            RESPONSE, mask=np.abs(img.data[..., 0]) > 0.1)  # fmt: skip
+    params = TrackingParameters(step_mm=1.0)
+    cfg = resolve_config({"loss": {"weights": {"mdf": 1.0, "signal": 1.0}}}, learn=("sh",))
+    with pytest.raises(ConfigError, match=r"signal = 1 needs the diffusion signal"):
+        build_problem(cfg, img, sl, params, seeding)
+    cfg = resolve_config({"loss": {"weights": {"mdf": 1.0, "signal": 1.0}}}, learn=("cutoff",))
+    with pytest.raises(ConfigError, match="use --fit fod or --fit both"):
+        build_problem(cfg, img, sl, params, seeding, signal=term)
+    with pytest.raises(ConfigError, match="unknown terms"):
+        resolve_config({"loss": {"weights": {"signals": 1.0}}})
+
+
+def test_rotation_hook_is_registered_on_the_learned_change():
+    """--fod-updates rotation through the bundle Problem: the gradient reaching the learned
+    change is the hook's projection of the loss gradient, voxel by voxel."""
+    from invtract.fit.optimise import build_problem, resolve_config
+
+    img, sl, seeding = _bundle()
+    g = _grad()
+    n = int(np.prod(img.data.shape[:3]))
+    model = csd_model(g, RESPONSE)
+    cfg = resolve_config({"loss": {"weights": {"mdf": 1.0, "signal": 1.0}}}, learn=("sh",))
+    params = TrackingParameters(step_mm=1.0)
+    fields = (torch.zeros(n, model.volumes.size), torch.ones(n, dtype=torch.bool),
+              torch.zeros(n, dtype=torch.float64), 1.0, None)  # fmt: skip
+    term = SignalTerm(model, *fields, updates="rotation")
+    st = build_problem(cfg, img, sl, params, seeding, signal=term).state
+    torch.manual_seed(1)
+    direction = torch.randn_like(st.delta)
+    (st.delta * direction).sum().backward()
+    expected = term.gradient_hook(st.sh0_flat[st.voxels])(direction)
+    torch.testing.assert_close(st.delta.grad, expected)
+    assert float((st.delta.grad - direction).abs().max()) > 1e-3  # it did project
+    free_term = SignalTerm(model, *fields, updates="free")
+    free = build_problem(cfg, img, sl, params, seeding, signal=free_term).state
+    (free.delta * direction).sum().backward()
+    torch.testing.assert_close(free.delta.grad, direction)
