@@ -116,7 +116,7 @@ def _read_raw(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple, t
 
 def _scaled_float32(raw: np.ndarray, scaling: tuple) -> np.ndarray:
     inter, slope = scaling
-    data = raw.astype(np.float32)
+    data = raw.astype(np.float32, copy=False)  # float32 data (maybe memory-mapped): no copy
     if slope != 1.0 or inter != 0.0:
         data = (data.astype(np.float64) * slope + inter).astype(np.float32)
     return data

@@ -212,8 +212,11 @@ def _normalize3(x, y, z):
 
 
 @njit(inline="always", **_JIT)
-def _sample(sh, nonzero, M, px, py, pz, out):
+def _sample(sh, M, px, py, pz, out):
     """Interpolate the SH coefficients at scanner point p (float32) into ``out``.
+
+    ``sh`` is ``[X, Y, Z, K]`` with each voxel's K coefficients contiguous (C order, or a
+    strided view such as a memory-mapped ``.mif`` whose spatial axes are in another order).
 
     Returns False for "no data" (outside the FOV, all-zero nearest voxel, NaN c_0).
     """
@@ -236,7 +239,15 @@ def _sample(sh, nonzero, M, px, py, pz, out):
         return False
     if not (v2 > -0.5 and v2 < nz - 0.5):
         return False
-    if not nonzero[_round_half_away(v0), _round_half_away(v1), _round_half_away(v2)]:
+    # implicit mask: no data if every coefficient of the nearest voxel is 0 (NaN != 0 counts
+    # as data); read in place, so untouched parts of a memory-mapped FOD are never loaded
+    nearest = sh[_round_half_away(v0), _round_half_away(v1), _round_half_away(v2)]
+    empty = True
+    for k in range(K):
+        if nearest[k] != 0.0:
+            empty = False
+            break
+    if empty:
         return False
     fl0 = np.floor(v0)
     fl1 = np.floor(v1)
@@ -536,7 +547,7 @@ def _visit(px, py, pz, state, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_
 
 
 @njit(inline="always", **_JIT)
-def _seed_usable(px, py, pz, sh, nonzero, M, cbuf, ip, roi_set, roi_kind, roi_sph, roi_mat,
+def _seed_usable(px, py, pz, sh, M, cbuf, ip, roi_set, roi_kind, roi_sph, roi_mat,
                  roi_dim, roi_off, roi_mask):  # fmt: skip
     """``check_seed`` (finite, inside the masks, outside the excludes) and SDStream::init's
     "data at the seed" (``cbuf`` gets the coefficients): whether the seed is tracked at all,
@@ -549,7 +560,7 @@ def _seed_usable(px, py, pz, sh, nonzero, M, cbuf, ip, roi_set, roi_kind, roi_sp
     if ip[_IP_NEXC] > 0 and _in_set(_ROI_EXCLUDE, px, py, pz, roi_set, roi_kind, roi_sph,
                                     roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
         return False
-    return _sample(sh, nonzero, M, px, py, pz, cbuf)
+    return _sample(sh, M, px, py, pz, cbuf)
 
 
 @njit(**_JIT)
@@ -564,10 +575,10 @@ def _all_visited(state, n_inc, n_ord):
 
 
 @njit(inline="always", **_JIT)
-def _next(px, py, pz, ux, uy, uz, step, sh, nonzero, M, cbuf, fp, lut, zint, zflt, pint, pflt,
+def _next(px, py, pz, ux, uy, uz, step, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
           mstart, lmax, AL):  # fmt: skip
     """SDStream::next from (p, u): returns (term, p', u')."""
-    if not _sample(sh, nonzero, M, px, py, pz, cbuf):
+    if not _sample(sh, M, px, py, pz, cbuf):
         return _EXIT_IMAGE, px, py, pz, ux, uy, uz
     amp, nx, ny, nz = _get_peak(
         cbuf, ux, uy, uz, lut, fp[_FP_INC], zint, zflt, pint, pflt, mstart, lmax, AL
@@ -580,7 +591,7 @@ def _next(px, py, pz, ux, uy, uz, step, sh, nonzero, M, cbuf, fp, lut, zint, zfl
 
 
 @njit(inline="always", **_JIT)
-def _step(px, py, pz, ux, uy, uz, rk4, sh, nonzero, M, cbuf, fp, lut, zint, zflt, pint, pflt,
+def _step(px, py, pz, ux, uy, uz, rk4, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
           mstart, lmax, AL):  # fmt: skip
     """Exec::iterate's method step, first order or RK4 (Exec::next_rk4). Returns (term, p', u').
 
@@ -611,7 +622,7 @@ def _step(px, py, pz, ux, uy, uz, rk4, sh, nonzero, M, cbuf, fp, lut, zint, zflt
         else:
             qx, qy, qz = fx, fy, fz
             sx, sy, sz = nx, ny, nz
-        t, ax, ay, az, dx, dy, dz = _next(qx, qy, qz, sx, sy, sz, h, sh, nonzero, M, cbuf, fp,
+        t, ax, ay, az, dx, dy, dz = _next(qx, qy, qz, sx, sy, sz, h, sh, M, cbuf, fp,
                                           lut, zint, zflt, pint, pflt, mstart, lmax,
                                           AL)  # fmt: skip
         if t != _CONTINUE:
@@ -697,7 +708,7 @@ def _truncate_maxlength(buf, n, seed, max_dist):
 
 
 @njit(**_JIT)
-def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, nonzero, M, cbuf, fp, ip,
+def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, M, cbuf, fp, ip,
                 lut, zint, zflt, pint, pflt, mstart, AL, roi_set, roi_bit, roi_kind, roi_sph,
                 roi_mat, roi_dim, roi_off, roi_mask, add_to_tck):  # fmt: skip
     """Exec::gen_track_unidir: returns (n, term, steps).
@@ -716,7 +727,7 @@ def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, nonzero, M
     steps = 0
     while True:
         term, px, py, pz, ux, uy, uz = _step(
-            px, py, pz, ux, uy, uz, rk4, sh, nonzero, M, cbuf, fp, lut, zint, zflt, pint, pflt,
+            px, py, pz, ux, uy, uz, rk4, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
             mstart, lmax, AL
         )  # fmt: skip
         if term == _CONTINUE:
@@ -750,7 +761,7 @@ def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, nonzero, M
 
 @njit(**_JIT)
 def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out_term, out_u0,
-                out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set,
+                out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set,
                 roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask, add_to_tck, cbuf,
                 AL, state):  # fmt: skip
     """Track seed ``i`` into ``buf[row]`` (and its per-point peaks into ``ubuf[row]`` with
@@ -771,7 +782,7 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
     px = seeds[i, 0]
     py = seeds[i, 1]
     pz = seeds[i, 2]
-    if not _seed_usable(px, py, pz, sh, nonzero, M, cbuf, ip, roi_set, roi_kind, roi_sph,
+    if not _seed_usable(px, py, pz, sh, M, cbuf, ip, roi_set, roi_kind, roi_sph,
                         roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
         return
     # tckgen normalises the start direction twice: once where it is made (random_direction()
@@ -798,7 +809,7 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
     b[0, 0] = px
     b[0, 1] = py
     b[0, 2] = pz
-    n, t0, s0 = _track_half(b, ub, rec, 1, px, py, pz, ux, uy, uz, state, sh, nonzero, M, cbuf,
+    n, t0, s0 = _track_half(b, ub, rec, 1, px, py, pz, ux, uy, uz, state, sh, M, cbuf,
                             fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, roi_set, roi_bit,
                             roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                             add_to_tck)  # fmt: skip
@@ -814,7 +825,7 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
         qx = b[n - 1, 0]
         qy = b[n - 1, 1]
         qz = b[n - 1, 2]
-        n, t1, s1 = _track_half(b, ub, rec, n, qx, qy, qz, -ux, -uy, -uz, state, sh, nonzero, M,
+        n, t1, s1 = _track_half(b, ub, rec, n, qx, qy, qz, -ux, -uy, -uz, state, sh, M,
                                 cbuf, fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, roi_set,
                                 roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                                 add_to_tck)  # fmt: skip
@@ -876,7 +887,7 @@ def n_legendre_nb(lmax):
 
 @njit(**_JIT)
 def _track_rows(w, nworkers, rec, seeds, dirs, buf, ubuf, out_n, out_seed, out_status, out_term,
-                out_u0, out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
+                out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
                 roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                 add_to_tck):  # fmt: skip
     """Seeds ``w, w + nworkers, ...`` into their rows of ``buf`` (with ``rec``, each point's
@@ -890,14 +901,14 @@ def _track_rows(w, nworkers, rec, seeds, dirs, buf, ubuf, out_n, out_seed, out_s
     state = np.zeros(3, dtype=np.int64)
     for i in range(w, N, nworkers):
         _track_seed(i, i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out_term,
-                    out_u0, out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt,
+                    out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt,
                     mstart, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off,
                     roi_mask, add_to_tck, cbuf, AL, state)  # fmt: skip
 
 
 @njit(**_JIT)
 def _track_block(start, stop, L, seeds, dirs, out_n, out_seed, out_status, out_term, out_u0,
-                 out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set,
+                 out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set,
                  roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                  add_to_tck):  # fmt: skip
     """Seeds ``start .. stop - 1``, one at a time in an ``[1, L, 3]`` scratch row; accepted
@@ -914,7 +925,7 @@ def _track_block(start, stop, L, seeds, dirs, out_n, out_seed, out_status, out_t
     used = 0
     for i in range(start, stop):
         _track_seed(i, 0, seeds, dirs, scratch, no_u, False, out_n, out_seed, out_status,
-                    out_term, out_u0, out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint,
+                    out_term, out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint,
                     pflt, mstart, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off,
                     roi_mask, add_to_tck, cbuf, AL, state)  # fmt: skip
         n = out_n[i]
@@ -931,12 +942,12 @@ def _track_block(start, stop, L, seeds, dirs, out_n, out_seed, out_status, out_t
 
 
 @njit(**_JIT)
-def _seeds_usable_kernel(sh, nonzero, M, ip, roi_set, roi_bit, roi_kind, roi_sph, roi_mat,
+def _seeds_usable_kernel(sh, M, ip, roi_set, roi_bit, roi_kind, roi_sph, roi_mat,
                          roi_dim, roi_off, roi_mask, seeds, out):  # fmt: skip
     cbuf = np.empty(sh.shape[3], dtype=np.float32)
     for i in range(seeds.shape[0]):
         px, py, pz = seeds[i, 0], seeds[i, 1], seeds[i, 2]
-        out[i] = _seed_usable(px, py, pz, sh, nonzero, M, cbuf, ip, roi_set, roi_kind, roi_sph,
+        out[i] = _seed_usable(px, py, pz, sh, M, cbuf, ip, roi_set, roi_kind, roi_sph,
                               roi_mat, roi_dim, roi_off, roi_mask)  # fmt: skip
 
 
@@ -1056,42 +1067,48 @@ class FusedFOD:
     map and the checks are then done once, not per chunk.
 
     Attributes:
-        sh: ``[X, Y, Z, K]`` float32, C-contiguous (the K coefficients of a voxel contiguous),
-            not writeable.
-        nonzero: ``[X, Y, Z]`` bool: the voxel has a non-zero (or NaN) coefficient.
+        sh: ``[X, Y, Z, K]`` float32, the K coefficients of each voxel contiguous (C order, or
+            a strided view of another voxel order, e.g. a memory-mapped ``.mif``), read-only.
         M: ``[3, 4]`` float64 scanner mm -> voxel.
         lmax: SH order of ``sh``.
     """
 
     sh: np.ndarray
-    nonzero: np.ndarray
     M: np.ndarray
     lmax: int
 
 
-def prepare_fod(sh: np.ndarray, scanner2voxel: np.ndarray) -> FusedFOD:
+def _voxel_major(sh: np.ndarray) -> bool:
+    """Each voxel's coefficients are contiguous and voxels do not overlap (any voxel order)."""
+    item = sh.itemsize
+    return sh.strides[3] == item and all(
+        abs(t) >= item * sh.shape[3] or n == 1 for t, n in zip(sh.strides[:3], sh.shape[:3])
+    )
+
+
+def prepare_fod(sh: np.ndarray | FusedFOD, scanner2voxel: np.ndarray | None) -> FusedFOD:
     """Lay out ``sh`` ``[X, Y, Z, K]`` and ``scanner2voxel`` ``[3, 4]`` for the kernels.
 
-    A C-contiguous float32 ``sh`` is used as it is (no copy); anything else is copied once
-    into that layout. The result's arrays are read-only views.
+    A float32 ``sh`` whose K coefficients are contiguous per voxel is used as it is, without
+    a copy and without reading it (a memory-mapped ``.mif`` stays on disk until tracking
+    touches it, as in tckgen); anything else (a NIfTI's volume-major order, another dtype) is
+    copied once into C order. The result's ``sh`` is a read-only view.
     """
     if isinstance(sh, FusedFOD):
         return sh
-    sh = np.ascontiguousarray(sh, dtype=np.float32)
+    if not isinstance(sh, np.ndarray) or sh.dtype != np.float32:
+        sh = np.asarray(sh, dtype=np.float32)
     if sh.ndim != 4:
         raise ValueError(f"sh must be [X, Y, Z, K], got shape {sh.shape}")
+    if not _voxel_major(sh):
+        sh = np.ascontiguousarray(sh)
     lmax = lmax_from_n(sh.shape[3])
     M = np.ascontiguousarray(np.asarray(scanner2voxel, dtype=np.float64)[:3, :4])
     if M.shape != (3, 4):
         raise ValueError(f"scanner2voxel must be [3, 4], got {M.shape}")
-    nonzero = np.empty(sh.shape[:3], dtype=np.bool_)
-    step = max(1, (1 << 24) // max(1, sh[0].size))  # ~16M coefficients per slab
-    for x in range(0, sh.shape[0], step):  # NaN counts as non-zero
-        np.any(sh[x : x + step] != 0, axis=-1, out=nonzero[x : x + step])
-    sh = sh.view()
+    sh = sh.view(np.ndarray)
     sh.flags.writeable = False
-    nonzero.flags.writeable = False
-    return FusedFOD(sh, nonzero, M, lmax)
+    return FusedFOD(sh, M, lmax)
 
 
 def _default_threads() -> int:
@@ -1134,7 +1151,7 @@ class SeedTest:
         self._rois, counts = _flatten_rois(rois)
         ip = np.zeros(_IP_LEN, dtype=np.int64)
         ip[_IP_NMASK], ip[_IP_NEXC] = counts["mask"], counts["exclude"]
-        self._fod = (fod.sh, fod.nonzero, fod.M, ip)
+        self._fod = (fod.sh, fod.M, ip)
 
     def __call__(self, seeds: np.ndarray) -> np.ndarray:
         """``[N]`` bool for ``[N, 3]`` scanner-mm seeds."""
@@ -1155,7 +1172,7 @@ class _KernelInputs:
 
     seeds: np.ndarray  # [N, 3] float32
     init_dirs: np.ndarray  # [N, 3] float32
-    fod: tuple  # (sh, nonzero, M)
+    fod: tuple  # (sh, M)
     consts: tuple  # (fp, ip, lut, zint, zflt, pint, pflt, mstart)
     rois: tuple  # the arrays of _flatten_rois
     L: int  # buffer points per streamline (max_points + 2)
@@ -1213,7 +1230,7 @@ def _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois) -> _Kernel
         dtype=np.int64,
     )
     consts = (fp, ip, lut, *_kernel_tables(lmax))
-    fod_arrays = (fod.sh, fod.nonzero, fod.M)
+    fod_arrays = (fod.sh, fod.M)
     return _KernelInputs(seeds, init_dirs, fod_arrays, consts, roi_arrays, max_points + 2)
 
 
