@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
@@ -157,7 +158,8 @@ class Track:
 def _run(args) -> int:
     from ..io.image import load_fod, load_mask
     from ..io.seeds import load_seeds, write_seeds
-    from ..io.tractogram import save_tractogram
+    from ..io.tractogram import save_tractogram, stream_tck
+    from ..tracking.fused_cpu import prepare_fod
     from ..tracking.runner import Seeding, default_engine, run_seeding
     from ..tracking.types import RoiSet
 
@@ -221,15 +223,22 @@ def _run(args) -> int:
 
     # ------- TRACK -------
     engine = default_engine(args.device) if args.engine == "auto" else args.engine
-    sh = np.ascontiguousarray(fod.data, np.float32)
     scanner2voxel = np.linalg.inv(np.asarray(fod.affine, np.float64))[:3]
+    kfod = prepare_fod(fod.data, scanner2voxel)  # once: shared by seed checks and chunks
+    if engine == "numba":
+        fod.data = kfod.sh  # one copy of the FOD in memory, not two
+    command = " ".join(
+        ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", sys.argv[1:])]
+    )
+    header = _output_header(args, resolved, rois, engine, command)
     bar = _progress_bar(args)
-    res = run_seeding(
-        sh,
-        scanner2voxel,
+    track = functools.partial(
+        run_seeding,
+        kfod,
+        None,
         seeding,
         resolved,
-        _chunk_runner(engine, sh, scanner2voxel, fod, args, resolved, rois),
+        _chunk_runner(engine, kfod, fod, args, resolved, rois),
         rois=rois,
         select=args.select,
         max_seeds=args.max_seeds,
@@ -237,18 +246,36 @@ def _run(args) -> int:
         batch_size=args.batch_size,
         progress=bar.update_to if bar else None,
     )
+    seeds = _SeedRows() if args.output_seeds else None
+    if args.output.lower().endswith(".tck"):  # streamed to disk chunk by chunk, as tckgen
+        late = ("total_count", "max_num_seeds")
+        with stream_tck(args.output, header, overwrite=args.force, late_keys=late) as out:
+            res = track(sink=lambda chunk: _sink(out, seeds, chunk))
+            out.late.update(_late_header(res.summary))
+    else:
+        res = track()
+        header.update(_late_header(res.summary))
+        save_tractogram(args.output, res, header=header, overwrite=args.force,
+                        reference=args.fod)  # fmt: skip
+        if seeds is not None:
+            seeds.add(res.points, res.lengths, res.seed_index)
     if bar:
         bar.close()
-    command = " ".join(
-        ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", sys.argv[1:])]
-    )
+    if seeds is not None:
+        write_seeds(args.output_seeds, *seeds.arrays(), command)
+    _print_summary(res.summary, engine, time.time() - t0)
+    return 0
+
+
+def _output_header(args, resolved, rois, engine: str, command: str) -> dict:
+    """The output's header entries known before tracking (tckgen's keys)."""
     header = dict(resolved.header())
     header.update(
         {
             "source": str(args.fod),
             "command_history": command,
-            "total_count": str(res.summary["generated"] - _seed_fail(res.summary)),
-            "max_num_seeds": str(res.summary["seeds"]),
+            "total_count": "0",
+            "max_num_seeds": "0",
             "invtract_engine": engine,
         }
     )
@@ -258,18 +285,41 @@ def _run(args) -> int:
             header["roi"] += f"{kind} {roi.name}\n"
     if "roi" in header:
         header["roi"] = header["roi"].rstrip("\n")
-    save_tractogram(args.output, res, header=header, overwrite=args.force,
-                    reference=args.fod)  # fmt: skip
-    if args.output_seeds:
-        write_seeds(
-            args.output_seeds,
-            np.arange(len(res.lengths)),
-            res.seed_index,
-            res.seed_points,
-            command,
-        )
-    _print_summary(res.summary, engine, time.time() - t0)
-    return 0
+    return header
+
+
+def _late_header(summary: dict) -> dict:
+    """The header entries known once tracking is done."""
+    return {
+        "total_count": str(summary["generated"] - _seed_fail(summary)),
+        "max_num_seeds": str(summary["seeds"]),
+    }
+
+
+class _SeedRows:
+    """The ``--output-seeds`` rows (streamline index, seed vertex index, seed position),
+    gathered chunk by chunk (~40 bytes per streamline)."""
+
+    def __init__(self) -> None:
+        self.index: list[np.ndarray] = []
+        self.points: list[np.ndarray] = []
+
+    def add(self, points: np.ndarray, lengths: np.ndarray, seed_index: np.ndarray) -> None:
+        from ..tracking.runner import seed_vertices
+
+        self.index.append(np.asarray(seed_index, np.int64))
+        self.points.append(seed_vertices(points, lengths, seed_index).astype(np.float32))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        seed_index = np.concatenate(self.index) if self.index else np.zeros(0, np.int64)
+        pos = np.concatenate(self.points) if self.points else np.zeros((0, 3), np.float32)
+        return np.arange(seed_index.size), seed_index, pos
+
+
+def _sink(out, seeds: _SeedRows | None, chunk) -> None:
+    out.write(chunk.points, chunk.lengths)
+    if seeds is not None:
+        seeds.add(chunk.points, chunk.lengths, chunk.seed_index)
 
 
 def _cuda_available() -> bool:
@@ -278,17 +328,18 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _chunk_runner(engine: str, sh, scanner2voxel, fod, args, params, rois):
+def _chunk_runner(engine: str, kfod, fod, args, params, rois):
     """The engine as ``run(positions [n, 3], directions [n, 3]) -> EngineResult``.
 
-    The compiled CPU engine (numba, float32 whatever ``--dtype``) tracks the numpy arrays
-    directly, so this path never imports torch (about a second of start-up); the others track
-    an :class:`~invtract.fod.field.FODField` on ``--device`` in ``--dtype``.
+    The compiled CPU engine (numba, float32 whatever ``--dtype``) tracks ``kfod`` (the
+    :class:`~invtract.tracking.fused_cpu.FusedFOD` prepared once) directly, so this path never
+    imports torch (about a second of start-up); the others track an
+    :class:`~invtract.fod.field.FODField` on ``--device`` in ``--dtype``.
     """
     if engine == "numba":
         from ..tracking.fused_cpu import track_fused_cpu
 
-        return lambda pos, dirs: track_fused_cpu(sh, scanner2voxel, pos, dirs, params, rois)
+        return lambda pos, dirs: track_fused_cpu(kfod, None, pos, dirs, params, rois)
     import torch
 
     from ..fod.field import FODField
