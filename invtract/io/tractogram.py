@@ -345,7 +345,7 @@ class TckStream:
         if int(lengths.sum()) != points.shape[0]:
             raise InvtractError(f"{points.shape[0]} points but lengths sum to {lengths.sum()}")
         if lengths.size:
-            self._f.write(_tck_body(points, lengths).tobytes())
+            self._f.write(memoryview(_tck_body(points, lengths)).cast("B"))  # no bytes copy
         self.count += int(lengths.size)
         self.vertices += int(points.shape[0])
 
