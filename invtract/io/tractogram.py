@@ -344,8 +344,12 @@ class TckStream:
         lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
         if int(lengths.sum()) != points.shape[0]:
             raise InvtractError(f"{points.shape[0]} points but lengths sum to {lengths.sum()}")
-        if lengths.size:
-            self._f.write(memoryview(_tck_body(points, lengths)).cast("B"))  # no bytes copy
+        ends = np.cumsum(lengths)
+        for s0 in range(0, lengths.size, 1024):  # in slices: a few MB of body at a time
+            s1 = min(lengths.size, s0 + 1024)
+            p0, p1 = (ends[s0 - 1] if s0 else 0), ends[s1 - 1]
+            body = _tck_body(points[p0:p1], lengths[s0:s1])
+            self._f.write(memoryview(body).cast("B"))  # no bytes copy
         self.count += int(lengths.size)
         self.vertices += int(points.shape[0])
 

@@ -1331,11 +1331,12 @@ def _track_span(k: _KernelInputs, start: int, stop: int, threads: int, ex) -> En
         return _track_block(b0, min(C, b0 + B), k.L, *args)
 
     starts = range(0, C, B)
-    blocks = list(ex.map(block, starts) if ex is not None else map(block, starts))
-    if len(blocks) == 1:
-        out = blocks[0][0][: blocks[0][1]]
-    else:
-        out = np.concatenate([p[:n] for p, n in blocks], 0) if blocks else np.zeros((0, 3))
+    # each block's points trimmed to what it tracked as it arrives (its array grew by
+    # doubling), so the chunk holds its points twice at most, while they are joined
+    done = ex.map(block, starts) if ex is not None else map(block, starts)
+    blocks = [p[:n].copy() if n < p.shape[0] else p for p, n in done]
+    out = blocks[0] if len(blocks) == 1 else np.concatenate(blocks or [np.zeros((0, 3))], 0)
+    del blocks
     return EngineResult(
         np.ascontiguousarray(out, dtype=np.float32),
         c_n,
