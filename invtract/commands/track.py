@@ -320,6 +320,26 @@ def _sink(out, seeds: _SeedRows | None, chunk) -> None:
     out.write(chunk.points, chunk.lengths)
     if seeds is not None:
         seeds.add(chunk.points, chunk.lengths, chunk.seed_index)
+    _release_free_memory()
+
+
+def _release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op
+    elsewhere): the chunks' buffers are freed, but glibc keeps freed heap memory (its mmap
+    threshold rises after large frees), which would show as resident memory."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def _cuda_available() -> bool:
