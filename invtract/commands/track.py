@@ -26,6 +26,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
@@ -265,7 +266,8 @@ class Track:
 def _run(args) -> int:
     from ..io.image import load_fod, load_mask
     from ..io.seeds import load_seeds, write_seeds
-    from ..io.tractogram import save_tractogram
+    from ..io.tractogram import save_tractogram, stream_tck
+    from ..tracking.fused_cpu import prepare_fod
     from ..tracking.runner import Seeding, default_engine, run_seeding
     from ..tracking.types import RoiSet
 
@@ -337,22 +339,20 @@ def _run(args) -> int:
     engine = default_engine(args.device) if args.engine == "auto" else args.engine
     if act is not None:
         engine = "numba"
-    sh = np.ascontiguousarray(fod.data, np.float32)
     scanner2voxel = fod.scanner2voxel
+    kfod = prepare_fod(fod.data, scanner2voxel)  # once: shared by seed checks and chunks
+    if engine == "numba":
+        fod.data = kfod.sh  # one copy of the FOD in memory, not two
+    command = " ".join(
+        ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", sys.argv[1:])]
+    )
+    header = _output_header(args, resolved, rois, engine, command, act)
     progress = _progress(args, seeding)
-    if act is not None:
-        from ..tracking.act_cpu import act_seed_checker, track_fused_cpu_act
-
-        def runner(pos, dirs):
-            return track_fused_cpu_act(sh, scanner2voxel, pos, dirs, resolved, act, rois)
-
-        seed_check = act_seed_checker(sh, scanner2voxel, rois, act)
-    else:
-        runner = _chunk_runner(engine, sh, scanner2voxel, fod, args, resolved, rois)
-        seed_check = None
-    res = run_seeding(
-        sh,
-        scanner2voxel,
+    runner, seed_check = _runners(engine, kfod, fod, args, resolved, rois, act)
+    track = functools.partial(
+        run_seeding,
+        kfod,
+        None,
         seeding,
         resolved,
         runner,
@@ -364,20 +364,56 @@ def _run(args) -> int:
         batch_size=args.batch_size,
         progress=progress.update,
     )
+    seeds = _SeedRows() if args.output_seeds else None
+    if args.output.lower().endswith(".tck"):  # streamed to disk chunk by chunk, as tckgen
+        late = ("total_count", "max_num_seeds")
+        with stream_tck(args.output, header, overwrite=args.force, late_keys=late) as out:
+            res = track(sink=lambda chunk: _sink(out, seeds, chunk))
+            out.late.update(_late_header(res.summary))
+    else:
+        res = track()
+        header.update(_late_header(res.summary))
+        save_tractogram(args.output, res, header=header, overwrite=args.force, reference=args.fod,
+                        data_per_streamline=_seed_data(args.output, res))  # fmt: skip
+        if seeds is not None:
+            seeds.add(res.points, res.lengths, res.seed_index)
     progress.close()
     if res.summary["selected"] == 0:
         why = ", ".join(f"{k} {v}" for k, v in res.summary["rejected"].items()) or "none"
         checks.warn(f"no streamline selected from {res.summary['seeds']} seeds (rejected: {why})")
-    command = " ".join(
-        ["invtract"] + [shlex.quote(a) for a in getattr(args, "_argv", sys.argv[1:])]
-    )
+    if seeds is not None:
+        write_seeds(args.output_seeds, *seeds.arrays(), command)
+    if args.info and not getattr(args, "quiet", False):
+        for line in info_report(res.summary, rois, params.stop):
+            print(f"invtract track: [INFO] {line}", file=sys.stderr)
+    _print_summary(res.summary, engine, time.time() - t0)
+    return 0
+
+
+def _runners(engine: str, kfod, fod, args, params, rois, act):
+    """``(run(positions, directions) -> EngineResult, seed_check or None)``: the engine's
+    chunk runner, or ACT's compiled kernel and seed test with ``--act``."""
+    if act is None:
+        return _chunk_runner(engine, kfod, fod, args, params, rois), None
+    from ..tracking.act_cpu import act_seed_checker, track_fused_cpu_act
+
+    sh, s2v = kfod.sh, kfod.M
+
+    def run(pos, dirs):
+        return track_fused_cpu_act(sh, s2v, pos, dirs, params, act, rois)
+
+    return run, act_seed_checker(sh, s2v, rois, act)
+
+
+def _output_header(args, resolved, rois, engine: str, command: str, act=None) -> dict:
+    """The output's header entries known before tracking (tckgen's keys)."""
     header = dict(resolved.header())
     header.update(
         {
             "source": str(args.fod),
             "command_history": command,
-            "total_count": str(res.summary["generated"] - _seed_fail(res.summary)),
-            "max_num_seeds": str(res.summary["seeds"]),
+            "total_count": "0",
+            "max_num_seeds": "0",
             "invtract_engine": engine,
         }
     )
@@ -391,21 +427,61 @@ def _run(args) -> int:
             header["roi"] += f"{kind} {roi.name}\n"
     if "roi" in header:
         header["roi"] = header["roi"].rstrip("\n")
-    save_tractogram(args.output, res, header=header, overwrite=args.force, reference=args.fod,
-                    data_per_streamline=_seed_data(args.output, res))  # fmt: skip
-    if args.output_seeds:
-        write_seeds(
-            args.output_seeds,
-            np.arange(len(res.lengths)),
-            res.seed_index,
-            res.seed_points,
-            command,
-        )
-    if args.info and not getattr(args, "quiet", False):
-        for line in info_report(res.summary, rois, params.stop):
-            print(f"invtract track: [INFO] {line}", file=sys.stderr)
-    _print_summary(res.summary, engine, time.time() - t0)
-    return 0
+    return header
+
+
+def _late_header(summary: dict) -> dict:
+    """The header entries known once tracking is done."""
+    return {
+        "total_count": str(summary["generated"] - _seed_fail(summary)),
+        "max_num_seeds": str(summary["seeds"]),
+    }
+
+
+class _SeedRows:
+    """The ``--output-seeds`` rows (streamline index, seed vertex index, seed position),
+    gathered chunk by chunk (~40 bytes per streamline)."""
+
+    def __init__(self) -> None:
+        self.index: list[np.ndarray] = []
+        self.points: list[np.ndarray] = []
+
+    def add(self, points: np.ndarray, lengths: np.ndarray, seed_index: np.ndarray) -> None:
+        from ..tracking.runner import seed_vertices
+
+        self.index.append(np.asarray(seed_index, np.int64))
+        self.points.append(seed_vertices(points, lengths, seed_index).astype(np.float32))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        seed_index = np.concatenate(self.index) if self.index else np.zeros(0, np.int64)
+        pos = np.concatenate(self.points) if self.points else np.zeros((0, 3), np.float32)
+        return np.arange(seed_index.size), seed_index, pos
+
+
+def _sink(out, seeds: _SeedRows | None, chunk) -> None:
+    out.write(chunk.points, chunk.lengths)
+    if seeds is not None:
+        seeds.add(chunk.points, chunk.lengths, chunk.seed_index)
+    _release_free_memory()
+
+
+def _release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op
+    elsewhere): the chunks' buffers are freed, but glibc keeps freed heap memory (its mmap
+    threshold rises after large frees), which would show as resident memory."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 #: bytes per seed while seeds are generated (positions, voxel coordinates, directions, float32)
@@ -545,12 +621,13 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _chunk_runner(engine: str, sh, scanner2voxel, fod, args, params, rois):
+def _chunk_runner(engine: str, kfod, fod, args, params, rois):
     """The engine as ``run(positions [n, 3], directions [n, 3]) -> EngineResult``.
 
-    The compiled CPU engine (numba, float32 whatever ``--dtype``) tracks the numpy arrays
-    directly, so this path never imports torch (about a second of start-up); the others track
-    an :class:`~invtract.fod.field.FODField` on ``--device`` in ``--dtype``.
+    The compiled CPU engine (numba, float32 whatever ``--dtype``) tracks ``kfod`` (the
+    :class:`~invtract.tracking.fused_cpu.FusedFOD` prepared once) directly, so this path never
+    imports torch (about a second of start-up); the others track an
+    :class:`~invtract.fod.field.FODField` on ``--device`` in ``--dtype``.
     """
     if engine == "numba":
         from ..tracking.fused_cpu import track_fused_cpu
@@ -558,7 +635,7 @@ def _chunk_runner(engine: str, sh, scanner2voxel, fod, args, params, rois):
         n = getattr(args, "nthreads", None)
         threads = None if n is None else max(1, int(n))  # -nthreads 0: single-threaded
         return lambda pos, dirs: track_fused_cpu(
-            sh, scanner2voxel, pos, dirs, params, rois, nthreads=threads
+            kfod, None, pos, dirs, params, rois, nthreads=threads
         )
     import torch
 

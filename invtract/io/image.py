@@ -169,7 +169,7 @@ def _scaled_float32(raw: np.ndarray, scaling: tuple) -> np.ndarray:
     inter, slope = scaling
     if slope != 1.0 or inter != 0.0:
         return (raw.astype(np.float64) * slope + inter).astype(np.float32)
-    return raw.astype(np.float32)
+    return raw.astype(np.float32, copy=False)  # float32 data (maybe memory-mapped): no copy
 
 
 def load_image(path: str | os.PathLike) -> Image:

@@ -285,7 +285,12 @@ def _numpy_dtype(datatype: str, path: str) -> np.dtype | None:
 
 
 def read_mif(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple, MifHeader]:
-    """Read an MRtrix image into memory.
+    """Read an MRtrix image.
+
+    Uncompressed data in native byte order are memory-mapped copy-on-write (nothing is read
+    until used; writes to the array never reach the file) and returned as a view in the order
+    described below, without a copy; ``.mif.gz``, ``Bit`` and byte-swapped data are read into
+    memory.
 
     Args:
         path: ``.mif``, ``.mih`` (with its data file) or ``.mif.gz``.
@@ -305,6 +310,34 @@ def read_mif(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple, Mi
     dim = header.dim
     n = int(np.prod(dim, dtype=np.int64))
     dtype = _numpy_dtype(header.datatype, path)
+    if blob is None and dtype is not None and dtype.isnative:
+        flat = _map_data(path, header, dtype, n)
+    else:
+        flat = _read_data(path, header, blob, dtype, n)
+    data, affine, voxel_sizes = _to_storage_order(flat, header)
+    return data, affine, voxel_sizes, header
+
+
+def _map_data(path: str, header: MifHeader, dtype: np.dtype, n: int) -> np.ndarray:
+    """The data as a copy-on-write memory map: nothing is read until used, pages are shared
+    with the page cache, and writes stay private to the process (the file is never changed)."""
+    need = header.offset + n * dtype.itemsize
+    try:
+        size = os.path.getsize(header.data_file)
+    except OSError as err:
+        raise FormatError(f"{path}: cannot read image data ({err})") from err
+    if size < need:
+        raise FormatError(
+            f"{path}: image data truncated (need {n * dtype.itemsize} bytes at offset "
+            f"{header.offset} of {header.data_file}, found {max(0, size - header.offset)})"
+        )
+    if n == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(header.data_file, dtype=dtype, mode="c", offset=header.offset, shape=(n,))
+
+
+def _read_data(path: str, header: MifHeader, blob, dtype, n: int) -> np.ndarray:
+    """The data read into memory (gzip, bit-packed or non-native byte order)."""
     nbytes = (n + 7) // 8 if dtype is None else n * dtype.itemsize
     if blob is not None:
         buf = blob[header.offset : header.offset + nbytes]
@@ -321,12 +354,8 @@ def read_mif(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple, Mi
             f"of {header.data_file}, found {len(buf)})"
         )
     if dtype is None:
-        flat = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="big")[:n]
-        flat = flat.astype(bool)
-    else:
-        flat = np.frombuffer(buf, dtype=dtype).astype(dtype.newbyteorder("="), copy=True)
-    data, affine, voxel_sizes = _to_storage_order(flat, header)
-    return data, affine, voxel_sizes, header
+        return np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="big")[:n].astype(bool)
+    return np.frombuffer(buf, dtype=dtype).astype(dtype.newbyteorder("="), copy=True)
 
 
 def _to_storage_order(
@@ -348,7 +377,7 @@ def _to_storage_order(
             arr = np.flip(arr, axis=a)
     # Spatial axes: storage order (fastest first), kept in storage direction.
     spatial = sorted(range(n_sp), key=lambda a: ranks[a])
-    arr = np.ascontiguousarray(np.transpose(arr, spatial + list(range(n_sp, ndim))))
+    arr = np.transpose(arr, spatial + list(range(n_sp, ndim)))  # a view: no copy
 
     vox = np.asarray(header.vox, dtype=np.float64)
     t = header.transform

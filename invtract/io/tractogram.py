@@ -12,8 +12,10 @@ triplet after each streamline and an Inf triplet at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -45,6 +47,8 @@ __all__ = [
     "load_tractogram",
     "load_tractogram_header",
     "save_tractogram",
+    "TckStream",
+    "stream_tck",
 ]
 
 TRACTOGRAM_SUFFIXES = (".tck", ".trk", ".trx")
@@ -275,23 +279,145 @@ class _TckWriter(TckFile):
         fileobj.write(f"\nfile: . {offset}\nEND\n".encode())
 
 
+def _tck_body(points: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``[P + S, 3]`` float32 LE: each streamline's vertices followed by a NaN triplet (the
+    body nibabel's ``TckFile.save`` writes streamline by streamline, without the Inf end)."""
+    body = np.empty((points.shape[0] + lengths.size, 3), dtype="<f4")
+    delimiters = np.cumsum(lengths + 1) - 1
+    is_point = np.ones(body.shape[0], dtype=bool)
+    is_point[delimiters] = False
+    body[is_point] = points
+    body[delimiters] = np.nan
+    return body
+
+
 def _write_tck(path: str, points: np.ndarray, lengths: np.ndarray, header: dict) -> None:
-    """Write a complete ``.tck``: the header (:class:`_TckWriter`'s) and, in one block, the body
-    nibabel's ``TckFile.save`` writes streamline by streamline (each streamline's float32 LE
-    triplets, a NaN triplet after each, an Inf triplet at the end)."""
+    """Write a complete ``.tck``: the header (:class:`_TckWriter`'s), the body
+    (:func:`_tck_body`) and the Inf triplet that ends it."""
     full = TckFile.create_empty_header()
     full.update(header)
     full[Field.NB_STREAMLINES] = int(lengths.size)
-    body = np.empty((points.shape[0] + lengths.size + 1, 3), dtype="<f4")
-    delimiters = np.cumsum(lengths + 1) - 1
-    is_point = np.ones(body.shape[0] - 1, dtype=bool)
-    is_point[delimiters] = False
-    body[:-1][is_point] = points
-    body[delimiters] = np.nan
-    body[-1] = np.inf
     with open(path, "wb") as f:
         _TckWriter._write_header(f, full)
-        f.write(body.tobytes())
+        f.write(_tck_body(points, lengths).tobytes())
+        f.write(np.full(3, np.inf, "<f4").tobytes())
+
+
+#: width of the header values a :class:`TckStream` fills in when it closes
+_LATE_WIDTH = 20
+
+
+class TckStream:
+    """A ``.tck`` being written chunk by chunk (made by :func:`stream_tck`).
+
+    Attributes:
+        count: streamlines written so far.
+        vertices: vertices written so far.
+        late: values of the header keys filled in at the end (``late_keys`` of
+            :func:`stream_tck`).
+    """
+
+    def __init__(self, f, header: dict[str, str], late: tuple[str, ...]) -> None:
+        self._f = f
+        self.count = 0
+        self.vertices = 0
+        self.late: dict[str, str] = {}  # values of the late keys, written at the end
+        full = TckFile.create_empty_header()
+        full.update({k: v for k, v in header.items() if k not in late})
+        for key in late:  # blank now, filled in place at the end (same width)
+            full[key] = "0".ljust(_LATE_WIDTH)
+        full[Field.NB_STREAMLINES] = 0
+        _TckWriter._write_header(f, full)
+        text = self._read_back_header()
+        self._slots = {"count": _value_slot(text, "count", 10)}
+        self._slots.update({k: _value_slot(text, k, _LATE_WIDTH) for k in late})
+
+    def _read_back_header(self) -> bytes:
+        end = self._f.tell()
+        self._f.seek(0)
+        text = self._f.read(end)
+        self._f.seek(end)
+        return text
+
+    def write(self, points: np.ndarray, lengths: np.ndarray) -> None:
+        """Append packed streamlines: ``points`` ``[P, 3]`` scanner mm, ``lengths`` ``[S]``."""
+        points = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        if int(lengths.sum()) != points.shape[0]:
+            raise InvtractError(f"{points.shape[0]} points but lengths sum to {lengths.sum()}")
+        ends = np.cumsum(lengths)
+        for s0 in range(0, lengths.size, 1024):  # in slices: a few MB of body at a time
+            s1 = min(lengths.size, s0 + 1024)
+            p0, p1 = (ends[s0 - 1] if s0 else 0), ends[s1 - 1]
+            body = _tck_body(points[p0:p1], lengths[s0:s1])
+            self._f.write(memoryview(body).cast("B"))  # no bytes copy
+        self.count += int(lengths.size)
+        self.vertices += int(points.shape[0])
+
+    def _finish(self, late: dict[str, str]) -> None:
+        self._f.write(np.full(3, np.inf, "<f4").tobytes())
+        values = {"count": f"{self.count:010d}"}
+        for key, (_, width) in self._slots.items():
+            if key != "count":
+                values[key] = str(late.get(key, "0")).ljust(width)
+        for key, value in values.items():
+            at, width = self._slots[key]
+            if len(value) != width:
+                raise InvtractError(f".tck header value {key}={value!r} too long")
+            self._f.seek(at)
+            self._f.write(value.encode())
+        self._f.flush()
+
+
+def _value_slot(text: bytes, key: str, width: int) -> tuple[int, int]:
+    """Byte offset and width of ``key``'s value in a written header."""
+    marker = f"\n{key}: ".encode()
+    at = text.index(marker) + len(marker)
+    return at, width
+
+
+@contextlib.contextmanager
+def stream_tck(
+    path: str | os.PathLike,
+    header: dict[str, str] | None = None,
+    overwrite: bool = False,
+    late_keys: tuple[str, ...] = (),
+) -> Iterator[TckStream]:
+    """Write a ``.tck`` in chunks, as tckgen does: memory does not grow with the streamlines.
+
+    The header is written first with a zero ``count``; :meth:`TckStream.write` appends
+    streamlines; on leaving the block the Inf terminator is written, ``count`` is set in place,
+    and the file (written under a temporary name in the same folder) is renamed onto ``path``.
+    If the block raises (or is interrupted), the temporary file is removed and nothing is left
+    at ``path``.
+
+    Args:
+        path: output ``.tck``.
+        header: header entries (see :func:`save_tractogram`).
+        overwrite: replace an existing file.
+        late_keys: header keys whose values are known only at the end (e.g. ``total_count``):
+            set ``stream.late[key]`` before the block ends; written space-padded to
+            20 characters (MRtrix and nibabel strip the padding).
+
+    Yields:
+        :class:`TckStream`.
+    """
+    path = str(path)
+    if _suffix(path) != ".tck":
+        raise FormatError(f"{path}: stream_tck writes .tck only")
+    _check_writable(path, overwrite)
+    tck_header = _validate_header(header)
+    with atomic_output(path, suffix=".tck") as tmp, open(tmp, "w+b") as f:
+        stream = TckStream(f, tck_header, tuple(late_keys))
+        yield stream
+        stream._finish(stream.late)
+
+
+def _check_writable(path: str, overwrite: bool) -> None:
+    if os.path.lexists(path) and not overwrite:
+        raise InvtractError(f"{path}: output exists (use overwrite=True / -f to replace it)")
+    if not Path(path).parent.is_dir():
+        raise InvtractError(f"{path}: output folder does not exist")
 
 
 def _validate_header(header: dict[str, str] | None) -> dict[str, str]:
@@ -362,10 +488,7 @@ def save_tractogram(
             f"{path}: unknown tractogram extension {suffix or '(none)'!r}; "
             f"supported: {', '.join(TRACTOGRAM_SUFFIXES)}"
         )
-    if os.path.lexists(path) and not overwrite:
-        raise InvtractError(f"{path}: output exists (use overwrite=True / -f to replace it)")
-    if not Path(path).parent.is_dir():
-        raise InvtractError(f"{path}: output folder does not exist")
+    _check_writable(path, overwrite)
     points = np.ascontiguousarray(to_numpy(streamlines.points), dtype=np.float32)
     lengths = to_numpy(streamlines.lengths).astype(np.int64)
 

@@ -76,17 +76,23 @@ from .types import (
     concat_results,
 )
 
-__all__ = ["track_fused_cpu", "track_fused_cpu_peaks", "available", "warmup"]
+__all__ = [
+    "track_fused_cpu",
+    "track_fused_cpu_peaks",
+    "prepare_fod",
+    "FusedFOD",
+    "available",
+    "warmup",
+]
 
 try:  # pragma: no cover - exercised implicitly
     import numba
-    from numba import njit, prange
+    from numba import njit
 
     _NUMBA_ERROR: Exception | None = None
 except Exception as exc:  # pragma: no cover - only without numba
     numba = None
     _NUMBA_ERROR = exc
-    prange = range
 
     def njit(*args, **kwargs):
         if len(args) == 1 and callable(args[0]) and not kwargs:
@@ -114,7 +120,6 @@ def _prepare_numba_target() -> None:
     global _TARGET_READY
     if _TARGET_READY or numba is None:
         return
-    import sys
 
     from numba.core.registry import cpu_target
 
@@ -218,8 +223,11 @@ def _normalize3(x, y, z):
 
 
 @njit(inline="always", **_JIT)
-def _sample(sh, nonzero, M, px, py, pz, out):
+def _sample(sh, M, px, py, pz, out):
     """Interpolate the SH coefficients at scanner point p (float32) into ``out``.
+
+    ``sh`` is ``[X, Y, Z, K]`` with each voxel's K coefficients contiguous (C order, or a
+    strided view such as a memory-mapped ``.mif`` whose spatial axes are in another order).
 
     Returns False for "no data" (outside the FOV, all-zero nearest voxel, NaN c_0).
     """
@@ -242,7 +250,15 @@ def _sample(sh, nonzero, M, px, py, pz, out):
         return False
     if not (v2 > -FOV_HALF_VOXEL and v2 < nz - FOV_HALF_VOXEL):
         return False
-    if not nonzero[_round_half_away(v0), _round_half_away(v1), _round_half_away(v2)]:
+    # implicit mask: no data if every coefficient of the nearest voxel is 0 (NaN != 0 counts
+    # as data); read in place, so untouched parts of a memory-mapped FOD are never loaded
+    nearest = sh[_round_half_away(v0), _round_half_away(v1), _round_half_away(v2)]
+    empty = True
+    for k in range(K):
+        if nearest[k] != 0.0:
+            empty = False
+            break
+    if empty:
         return False
     fl0 = np.floor(v0)
     fl1 = np.floor(v1)
@@ -542,7 +558,7 @@ def _visit(px, py, pz, state, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_
 
 
 @njit(inline="always", **_JIT)
-def _seed_usable(px, py, pz, sh, nonzero, M, cbuf, ip, roi_set, roi_kind, roi_sph, roi_mat,
+def _seed_usable(px, py, pz, sh, M, cbuf, ip, roi_set, roi_kind, roi_sph, roi_mat,
                  roi_dim, roi_off, roi_mask):  # fmt: skip
     """``check_seed`` (finite, inside the masks, outside the excludes) and SDStream::init's
     "data at the seed" (``cbuf`` gets the coefficients): whether the seed is tracked at all,
@@ -555,7 +571,7 @@ def _seed_usable(px, py, pz, sh, nonzero, M, cbuf, ip, roi_set, roi_kind, roi_sp
     if ip[_IP_NEXC] > 0 and _in_set(_ROI_EXCLUDE, px, py, pz, roi_set, roi_kind, roi_sph,
                                     roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
         return False
-    return _sample(sh, nonzero, M, px, py, pz, cbuf)
+    return _sample(sh, M, px, py, pz, cbuf)
 
 
 @njit(**_JIT)
@@ -570,10 +586,10 @@ def _all_visited(state, n_inc, n_ord):
 
 
 @njit(inline="always", **_JIT)
-def _next(px, py, pz, ux, uy, uz, step, sh, nonzero, M, cbuf, fp, lut, zint, zflt, pint, pflt,
+def _next(px, py, pz, ux, uy, uz, step, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
           mstart, lmax, AL):  # fmt: skip
     """SDStream::next from (p, u): returns (term, p', u')."""
-    if not _sample(sh, nonzero, M, px, py, pz, cbuf):
+    if not _sample(sh, M, px, py, pz, cbuf):
         return _EXIT_IMAGE, px, py, pz, ux, uy, uz
     amp, nx, ny, nz = _get_peak(
         cbuf, ux, uy, uz, lut, fp[_FP_INC], zint, zflt, pint, pflt, mstart, lmax, AL
@@ -586,7 +602,7 @@ def _next(px, py, pz, ux, uy, uz, step, sh, nonzero, M, cbuf, fp, lut, zint, zfl
 
 
 @njit(inline="always", **_JIT)
-def _step(px, py, pz, ux, uy, uz, rk4, sh, nonzero, M, cbuf, fp, lut, zint, zflt, pint, pflt,
+def _step(px, py, pz, ux, uy, uz, rk4, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
           mstart, lmax, AL):  # fmt: skip
     """Exec::iterate's method step, first order or RK4 (Exec::next_rk4). Returns (term, p', u').
 
@@ -617,7 +633,7 @@ def _step(px, py, pz, ux, uy, uz, rk4, sh, nonzero, M, cbuf, fp, lut, zint, zflt
         else:
             qx, qy, qz = fx, fy, fz
             sx, sy, sz = nx, ny, nz
-        t, ax, ay, az, dx, dy, dz = _next(qx, qy, qz, sx, sy, sz, h, sh, nonzero, M, cbuf, fp,
+        t, ax, ay, az, dx, dy, dz = _next(qx, qy, qz, sx, sy, sz, h, sh, M, cbuf, fp,
                                           lut, zint, zflt, pint, pflt, mstart, lmax,
                                           AL)  # fmt: skip
         if t != _CONTINUE:
@@ -703,7 +719,7 @@ def _truncate_maxlength(buf, n, seed, max_dist):
 
 
 @njit(**_JIT)
-def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, nonzero, M, cbuf, fp, ip,
+def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, M, cbuf, fp, ip,
                 lut, zint, zflt, pint, pflt, mstart, AL, roi_set, roi_bit, roi_kind, roi_sph,
                 roi_mat, roi_dim, roi_off, roi_mask, add_to_tck):  # fmt: skip
     """Exec::gen_track_unidir: returns (n, term, steps).
@@ -722,7 +738,7 @@ def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, nonzero, M
     steps = 0
     while True:
         term, px, py, pz, ux, uy, uz = _step(
-            px, py, pz, ux, uy, uz, rk4, sh, nonzero, M, cbuf, fp, lut, zint, zflt, pint, pflt,
+            px, py, pz, ux, uy, uz, rk4, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
             mstart, lmax, AL
         )  # fmt: skip
         if term == _CONTINUE:
@@ -755,12 +771,12 @@ def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, nonzero, M
 
 
 @njit(**_JIT)
-def _track_seed(i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out_term, out_u0,
-                out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set,
+def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out_term, out_u0,
+                out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set,
                 roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask, add_to_tck, cbuf,
                 AL, state):  # fmt: skip
-    """Track seed ``i`` into ``buf[i]`` (and its per-point peaks into ``ubuf[i]`` with ``rec``;
-    ``ubuf`` is then laid out like ``buf``, else it is a dummy and never written)."""
+    """Track seed ``i`` into ``buf[row]`` (and its per-point peaks into ``ubuf[row]`` with
+    ``rec``; ``ubuf`` is then laid out like ``buf``, else it is a dummy and never written)."""
     state[0] = 0
     state[1] = 0
     state[2] = 1
@@ -777,7 +793,7 @@ def _track_seed(i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out
     px = seeds[i, 0]
     py = seeds[i, 1]
     pz = seeds[i, 2]
-    if not _seed_usable(px, py, pz, sh, nonzero, M, cbuf, ip, roi_set, roi_kind, roi_sph,
+    if not _seed_usable(px, py, pz, sh, M, cbuf, ip, roi_set, roi_kind, roi_sph,
                         roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
         return
     # tckgen normalises the start direction twice: once where it is made (random_direction()
@@ -799,12 +815,12 @@ def _track_seed(i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out
     if n_inc + n_ord > 0:
         _visit(px, py, pz, state, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim,
                roi_off, roi_mask)  # fmt: skip
-    b = buf[i]
-    ub = ubuf[i] if rec else ubuf[0]
+    b = buf[row]
+    ub = ubuf[row] if rec else ubuf[0]
     b[0, 0] = px
     b[0, 1] = py
     b[0, 2] = pz
-    n, t0, s0 = _track_half(b, ub, rec, 1, px, py, pz, ux, uy, uz, state, sh, nonzero, M, cbuf,
+    n, t0, s0 = _track_half(b, ub, rec, 1, px, py, pz, ux, uy, uz, state, sh, M, cbuf,
                             fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, roi_set, roi_bit,
                             roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                             add_to_tck)  # fmt: skip
@@ -820,7 +836,7 @@ def _track_seed(i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out
         qx = b[n - 1, 0]
         qy = b[n - 1, 1]
         qz = b[n - 1, 2]
-        n, t1, s1 = _track_half(b, ub, rec, n, qx, qy, qz, -ux, -uy, -uz, state, sh, nonzero, M,
+        n, t1, s1 = _track_half(b, ub, rec, n, qx, qy, qz, -ux, -uy, -uz, state, sh, M,
                                 cbuf, fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, roi_set,
                                 roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                                 add_to_tck)  # fmt: skip
@@ -875,80 +891,67 @@ def n_legendre_nb(lmax):
 
 @njit(**_JIT)
 def _track_rows(w, nworkers, rec, seeds, dirs, buf, ubuf, out_n, out_seed, out_status, out_term,
-                out_u0, out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
+                out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
                 roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                 add_to_tck):  # fmt: skip
     """Seeds ``w, w + nworkers, ...`` into their rows of ``buf`` (with ``rec``, each point's
     peak into ``ubuf``, laid out like ``buf``; else ``ubuf`` is a dummy). Serial: one call per
-    Python thread (the GIL is released; see :func:`_run_rows`). With several workers each
-    tracks with its own copies of the read-only inputs: numba reference-counts array arguments
-    at each call, and atomics on shared ``meminfo`` cache lines would serialise the threads."""
+    Python thread (the GIL is released; see :func:`_run_rows`). The inputs are shared, not
+    copied: each call from Python unboxes its own reference counts for them, so threads do not
+    contend on one counter's cache line."""
     N = seeds.shape[0]
-    own = nworkers > 1
-    sh_w = sh.copy() if own else sh
-    nonzero_w = nonzero.copy() if own else nonzero
-    M_w = M.copy() if own else M
-    fp_w = fp.copy() if own else fp
-    ip_w = ip.copy() if own else ip
-    lut_w = lut.copy() if own else lut
-    zint_w = zint.copy() if own else zint
-    zflt_w = zflt.copy() if own else zflt
-    pint_w = pint.copy() if own else pint
-    pflt_w = pflt.copy() if own else pflt
-    mstart_w = mstart.copy() if own else mstart
-    roi_set_w = roi_set.copy() if own else roi_set
-    roi_bit_w = roi_bit.copy() if own else roi_bit
-    roi_kind_w = roi_kind.copy() if own else roi_kind
-    roi_sph_w = roi_sph.copy() if own else roi_sph
-    roi_mat_w = roi_mat.copy() if own else roi_mat
-    roi_dim_w = roi_dim.copy() if own else roi_dim
-    roi_off_w = roi_off.copy() if own else roi_off
-    roi_mask_w = roi_mask.copy() if own else roi_mask
-    add_w = add_to_tck.copy() if own else add_to_tck
     cbuf = np.empty(sh.shape[3], dtype=np.float32)
     AL = np.empty(n_legendre_nb(ip[_IP_LMAX]), dtype=np.float32)
     state = np.zeros(3, dtype=np.int64)
     for i in range(w, N, nworkers):
-        _track_seed(i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out_term,
-                    out_u0, out_steps, sh_w, nonzero_w, M_w, fp_w, ip_w, lut_w, zint_w, zflt_w,
-                    pint_w, pflt_w, mstart_w, roi_set_w, roi_bit_w, roi_kind_w, roi_sph_w,
-                    roi_mat_w, roi_dim_w, roi_off_w, roi_mask_w, add_w, cbuf, AL,
-                    state)  # fmt: skip
+        _track_seed(i, i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out_term,
+                    out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt,
+                    mstart, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off,
+                    roi_mask, add_to_tck, cbuf, AL, state)  # fmt: skip
 
 
-@njit(parallel=True, **_JIT)
-def _track_chunk(nworkers, seeds, dirs, buf, ubuf, out_n, out_seed, out_status, out_term,
-                 out_u0, out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
-                 roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
+@njit(**_JIT)
+def _track_block(start, stop, L, seeds, dirs, out_n, out_seed, out_status, out_term, out_u0,
+                 out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set,
+                 roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                  add_to_tck):  # fmt: skip
-    """:func:`_track_rows` for workers ``0 .. nworkers - 1``, one ``prange`` iteration each
-    (numba's thread pool; peaks not recorded)."""
-    for w in prange(nworkers):
-        _track_rows(w, nworkers, False, seeds, dirs, buf, ubuf, out_n, out_seed, out_status,
-                    out_term, out_u0, out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint,
+    """Seeds ``start .. stop - 1``, one at a time in an ``[1, L, 3]`` scratch row; accepted
+    streamlines appended, in seed order, to a packed ``[P, 3]`` array grown by doubling.
+
+    Returns ``(points, P)``: ``points[:P]`` holds the block's accepted streamlines (their
+    lengths are ``out_n[start:stop]``). Memory is what was tracked, not ``L`` per seed."""
+    scratch = np.empty((1, L, 3), dtype=np.float32)
+    no_u = np.empty((1, 1, 3), dtype=np.float32)
+    cbuf = np.empty(sh.shape[3], dtype=np.float32)
+    AL = np.empty(n_legendre_nb(ip[_IP_LMAX]), dtype=np.float32)
+    state = np.zeros(3, dtype=np.int64)
+    pts = np.empty((max(64, 16 * (stop - start)), 3), dtype=np.float32)
+    used = 0
+    for i in range(start, stop):
+        _track_seed(i, 0, seeds, dirs, scratch, no_u, False, out_n, out_seed, out_status,
+                    out_term, out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint,
                     pflt, mstart, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off,
-                    roi_mask, add_to_tck)  # fmt: skip
+                    roi_mask, add_to_tck, cbuf, AL, state)  # fmt: skip
+        n = out_n[i]
+        if used + n > pts.shape[0]:
+            grown = np.empty((max(2 * pts.shape[0], used + n), 3), dtype=np.float32)
+            grown[:used] = pts[:used]
+            pts = grown
+        for k in range(n):
+            pts[used + k, 0] = scratch[0, k, 0]
+            pts[used + k, 1] = scratch[0, k, 1]
+            pts[used + k, 2] = scratch[0, k, 2]
+        used += n
+    return pts, used
 
 
 @njit(**_JIT)
-def _pack(buf, lengths, out, start):
-    o = start
-    for i in range(lengths.shape[0]):
-        for k in range(lengths[i]):
-            out[o, 0] = buf[i, k, 0]
-            out[o, 1] = buf[i, k, 1]
-            out[o, 2] = buf[i, k, 2]
-            o += 1
-    return o
-
-
-@njit(**_JIT)
-def _seeds_usable_kernel(sh, nonzero, M, ip, roi_set, roi_bit, roi_kind, roi_sph, roi_mat,
+def _seeds_usable_kernel(sh, M, ip, roi_set, roi_bit, roi_kind, roi_sph, roi_mat,
                          roi_dim, roi_off, roi_mask, seeds, out):  # fmt: skip
     cbuf = np.empty(sh.shape[3], dtype=np.float32)
     for i in range(seeds.shape[0]):
         px, py, pz = seeds[i, 0], seeds[i, 1], seeds[i, 2]
-        out[i] = _seed_usable(px, py, pz, sh, nonzero, M, cbuf, ip, roi_set, roi_kind, roi_sph,
+        out[i] = _seed_usable(px, py, pz, sh, M, cbuf, ip, roi_set, roi_kind, roi_sph,
                               roi_mat, roi_dim, roi_off, roi_mask)  # fmt: skip
 
 
@@ -1059,16 +1062,57 @@ def _flatten_rois(rois: RoiSet | None):
     return (roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask), counts
 
 
-def _prepare_fod(sh: np.ndarray, scanner2voxel: np.ndarray):
-    sh = np.ascontiguousarray(sh, dtype=np.float32)
+@dataclass(frozen=True)
+class FusedFOD:
+    """An FOD laid out once for the kernels, shared read-only by every thread and chunk.
+
+    Make it with :func:`prepare_fod` and pass it as ``sh`` to :func:`track_fused_cpu` /
+    :class:`SeedTest` when tracking many chunks of seeds on one FOD: the layout, the no-data
+    map and the checks are then done once, not per chunk.
+
+    Attributes:
+        sh: ``[X, Y, Z, K]`` float32, the K coefficients of each voxel contiguous (C order, or
+            a strided view of another voxel order, e.g. a memory-mapped ``.mif``), read-only.
+        M: ``[3, 4]`` float64 scanner mm -> voxel.
+        lmax: SH order of ``sh``.
+    """
+
+    sh: np.ndarray
+    M: np.ndarray
+    lmax: int
+
+
+def _voxel_major(sh: np.ndarray) -> bool:
+    """Each voxel's coefficients are contiguous and voxels do not overlap (any voxel order)."""
+    item = sh.itemsize
+    return sh.strides[3] == item and all(
+        abs(t) >= item * sh.shape[3] or n == 1 for t, n in zip(sh.strides[:3], sh.shape[:3])
+    )
+
+
+def prepare_fod(sh: np.ndarray | FusedFOD, scanner2voxel: np.ndarray | None) -> FusedFOD:
+    """Lay out ``sh`` ``[X, Y, Z, K]`` and ``scanner2voxel`` ``[3, 4]`` for the kernels.
+
+    A float32 ``sh`` whose K coefficients are contiguous per voxel is used as it is, without
+    a copy and without reading it (a memory-mapped ``.mif`` stays on disk until tracking
+    touches it, as in tckgen); anything else (a NIfTI's volume-major order, another dtype) is
+    copied once into C order. The result's ``sh`` is a read-only view.
+    """
+    if isinstance(sh, FusedFOD):
+        return sh
+    if not isinstance(sh, np.ndarray) or sh.dtype != np.float32:
+        sh = np.asarray(sh, dtype=np.float32)
     if sh.ndim != 4:
         raise ValueError(f"sh must be [X, Y, Z, K], got shape {sh.shape}")
+    if not _voxel_major(sh):
+        sh = np.ascontiguousarray(sh)
     lmax = lmax_from_n(sh.shape[3])
     M = np.ascontiguousarray(np.asarray(scanner2voxel, dtype=np.float64)[:3, :4])
     if M.shape != (3, 4):
         raise ValueError(f"scanner2voxel must be [3, 4], got {M.shape}")
-    nonzero = np.ascontiguousarray((sh != 0).any(axis=-1))  # NaN counts as non-zero
-    return sh, M, nonzero, lmax
+    sh = sh.view(np.ndarray)
+    sh.flags.writeable = False
+    return FusedFOD(sh, M, lmax)
 
 
 def _default_threads() -> int:
@@ -1079,12 +1123,9 @@ def _default_threads() -> int:
 def _run_rows(threads: int, rec: bool, args: tuple) -> None:
     """:func:`_track_rows` over all seeds of ``args`` on ``threads`` Python threads.
 
-    Python threads rather than numba's ``prange`` (:func:`_track_chunk`): the kernel releases
-    the GIL, numba's threading layer (an OpenMP runtime beside torch's in the same process
-    slowed every later torch operation ~20x) is never started, and the differentiable
-    tracker's hard pass and a fit's scoring runs share one compiled kernel (one cold compile,
-    not two). About 5 % slower than ``prange`` on its own, so ``invtract track`` (no torch)
-    keeps numba's pool.
+    Python threads rather than numba's ``prange``: the kernel releases the GIL, and numba's
+    threading layer (an OpenMP runtime beside torch's in the same process slowed every later
+    torch operation ~20x) is never started.
     """
     n = int(args[0].shape[0])
     T = max(1, min(int(threads), n))
@@ -1110,11 +1151,11 @@ class SeedTest:
         if not available():
             raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
         _prepare_numba_target()
-        sh, M, nonzero, _ = _prepare_fod(sh, scanner2voxel)
+        fod = prepare_fod(sh, scanner2voxel)
         self._rois, counts = _flatten_rois(rois)
         ip = np.zeros(_IP_LEN, dtype=np.int64)
         ip[_IP_NMASK], ip[_IP_NEXC] = counts["mask"], counts["exclude"]
-        self._fod = (sh, nonzero, M, ip)
+        self._fod = (fod.sh, fod.M, ip)
 
     def __call__(self, seeds: np.ndarray) -> np.ndarray:
         """``[N]`` bool for ``[N, 3]`` scanner-mm seeds."""
@@ -1135,7 +1176,7 @@ class _KernelInputs:
 
     seeds: np.ndarray  # [N, 3] float32
     init_dirs: np.ndarray  # [N, 3] float32
-    fod: tuple  # (sh, nonzero, M)
+    fod: tuple  # (sh, M)
     consts: tuple  # (fp, ip, lut, zint, zflt, pint, pflt, mstart)
     rois: tuple  # the arrays of _flatten_rois
     L: int  # buffer points per streamline (max_points + 2)
@@ -1146,7 +1187,8 @@ def _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois) -> _Kernel
     if not available():
         raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
     _prepare_numba_target()
-    sh, M, nonzero, lmax = _prepare_fod(sh, scanner2voxel)
+    fod = prepare_fod(sh, scanner2voxel)
+    lmax = fod.lmax
     seeds = np.ascontiguousarray(seeds, dtype=np.float32).reshape(-1, 3)
     init_dirs = np.ascontiguousarray(init_dirs, dtype=np.float32).reshape(-1, 3)
     if init_dirs.shape[0] != seeds.shape[0]:
@@ -1192,12 +1234,19 @@ def _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois) -> _Kernel
         dtype=np.int64,
     )
     consts = (fp, ip, lut, *_kernel_tables(lmax))
-    return _KernelInputs(seeds, init_dirs, (sh, nonzero, M), consts, roi_arrays, max_points + 2)
+    fod_arrays = (fod.sh, fod.M)
+    return _KernelInputs(seeds, init_dirs, fod_arrays, consts, roi_arrays, max_points + 2)
+
+
+def _block_size(n: int, threads: int) -> int:
+    """Seeds per scheduled block: small enough to balance the threads' load (streamline
+    lengths vary a lot), large enough that a block's call overhead (~20 us) is noise."""
+    return int(min(256, max(16, n // max(1, 8 * threads))))
 
 
 def track_fused_cpu(
-    sh: np.ndarray,
-    scanner2voxel: np.ndarray,
+    sh: np.ndarray | FusedFOD,
+    scanner2voxel: np.ndarray | None,
     seeds: np.ndarray,
     init_dirs: np.ndarray,
     params: ResolvedParameters,
@@ -1209,7 +1258,9 @@ def track_fused_cpu(
     """Track SD_Stream streamlines from every seed, tckgen-exactly, in compiled parallel code.
 
     Args:
-        sh: ``[X, Y, Z, K]`` float32 SH coefficients (MRtrix basis, scanner frame).
+        sh: ``[X, Y, Z, K]`` float32 SH coefficients (MRtrix basis, scanner frame), or a
+            :class:`FusedFOD` from :func:`prepare_fod` (then ``scanner2voxel`` is ignored):
+            prepare once when tracking many chunks of seeds on one FOD.
         scanner2voxel: ``[3, 4]`` float64, scanner mm -> voxel coordinates of ``sh``.
         seeds: ``[N, 3]`` float32 seed points (scanner mm).
         init_dirs: ``[N, 3]`` raw start directions of the peak search at each seed: the
@@ -1219,68 +1270,86 @@ def track_fused_cpu(
         params: resolved tracking parameters (``TrackingParameters.resolve``).
         rois: include / exclude / mask regions, or None.
         nthreads: threads (default: ``NUMBA_NUM_THREADS``, the number of cores).
-        chunk_size: seeds per chunk; each chunk holds ``[chunk, max_points + 2, 3]`` float32.
-        pool: ``"numba"`` (``prange`` over workers: numba's thread pool, the fastest on its
-            own), ``"threads"`` (Python threads over the serial kernel: no second OpenMP
-            runtime beside torch's, whose operations it slowed ~20x, and the kernel the
-            differentiable tracker compiles anyway), or ``"auto"``: threads when torch is
-            loaded in the process, else numba (``invtract track``'s torch-free path).
+        chunk_size: seeds per chunk (the per-seed outputs of a chunk are held together).
+        pool: ``"auto"`` or ``"threads"`` (the same: blocks of seeds scheduled dynamically on
+            Python threads over the serial kernel, which releases the GIL; numba's own thread
+            pool is never started); ``"numba"`` is accepted as a synonym, for old callers.
+
+    Memory: the FOD is shared by all threads, never copied; each block of seeds tracks into
+    one ``[max_points + 2, 3]`` scratch row and keeps only the accepted points, so memory
+    follows what is tracked, not ``max_points`` x seeds.
 
     Returns:
         :class:`EngineResult`; ``counts`` has ``steps`` (successful propagation steps),
         ``seconds`` (wall time of the tracking kernels) and ``chunks``.
     """
+    if pool not in ("auto", "numba", "threads"):
+        raise ValueError(f"pool must be 'auto', 'numba' or 'threads', got {pool!r}")
     k = _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois)
     N = k.seeds.shape[0]
-    parts = []
     chunk_size = max(1, int(chunk_size))
     threads = _default_threads() if nthreads is None else max(1, int(nthreads))
-    if pool == "auto":
-        pool = "threads" if "torch" in sys.modules else "numba"
-    if pool not in ("numba", "threads"):
-        raise ValueError(f"pool must be 'auto', 'numba' or 'threads', got {pool!r}")
-    old_threads = None
-    if pool == "numba":
-        old_threads = numba.get_num_threads()
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        threads = numba.get_num_threads()
-    no_u = np.empty((1, 1, 3), dtype=np.float32)  # peaks not recorded
+    parts = []
     t0 = time.perf_counter()
-    try:
+    with _executor(threads) as ex:
         for start in range(0, N, chunk_size):
             stop = min(N, start + chunk_size)
-            C = stop - start
-            buf = np.empty((C, k.L, 3), dtype=np.float32)
-            c_n = np.zeros(C, dtype=np.int64)
-            c_seed = np.zeros(C, dtype=np.int64)
-            c_status = np.zeros(C, dtype=np.int64)
-            c_term = np.zeros((C, 2), dtype=np.int64)
-            c_u0 = np.zeros((C, 3), dtype=np.float32)
-            c_steps = np.zeros(C, dtype=np.int64)
-            args = (k.seeds[start:stop], k.init_dirs[start:stop], buf, no_u, c_n, c_seed, c_status,
-                    c_term, c_u0, c_steps, *k.fod, *k.consts, *k.rois, _ADD_TO_TCK)  # fmt: skip
-            if pool == "numba":
-                _track_chunk(threads, *args)
-            else:
-                _run_rows(threads, False, args)
-            out = np.empty((int(c_n.sum()), 3), dtype=np.float32)
-            _pack(buf, c_n, out, 0)
-            del buf
-            parts.append(
-                EngineResult(
-                    out,
-                    c_n,
-                    c_seed,
-                    c_status.astype(np.int8),
-                    c_term.astype(np.int8),
-                    c_u0,
-                    counts={"steps": int(c_steps.sum())},
-                )  # fmt: skip
-            )
-    finally:
-        if old_threads is not None:
-            numba.set_num_threads(old_threads)
+            parts.append(_track_span(k, start, stop, threads, ex))
     return concat_results(parts, seconds=time.perf_counter() - t0)
+
+
+class _executor:
+    """A thread pool for ``threads`` > 1, else None (the blocks then run in this thread)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.pool = None
+
+    def __enter__(self):
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.threads)
+        return self.pool
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _track_span(k: _KernelInputs, start: int, stop: int, threads: int, ex) -> EngineResult:
+    """Seeds ``start .. stop - 1`` of ``k`` in blocks (on ``ex`` if given), packed in seed
+    order."""
+    C = stop - start
+    c_n = np.zeros(C, dtype=np.int64)
+    c_seed = np.zeros(C, dtype=np.int64)
+    c_status = np.zeros(C, dtype=np.int64)
+    c_term = np.zeros((C, 2), dtype=np.int64)
+    c_u0 = np.zeros((C, 3), dtype=np.float32)
+    c_steps = np.zeros(C, dtype=np.int64)
+    args = (k.seeds[start:stop], k.init_dirs[start:stop], c_n, c_seed, c_status, c_term, c_u0,
+            c_steps, *k.fod, *k.consts, *k.rois, _ADD_TO_TCK)  # fmt: skip
+    B = _block_size(C, threads)
+
+    def block(b0: int):
+        return _track_block(b0, min(C, b0 + B), k.L, *args)
+
+    starts = range(0, C, B)
+    # each block's points trimmed to what it tracked as it arrives (its array grew by
+    # doubling), so the chunk holds its points twice at most, while they are joined
+    done = ex.map(block, starts) if ex is not None else map(block, starts)
+    blocks = [p[:n].copy() if n < p.shape[0] else p for p, n in done]
+    out = blocks[0] if len(blocks) == 1 else np.concatenate(blocks or [np.zeros((0, 3))], 0)
+    del blocks
+    return EngineResult(
+        np.ascontiguousarray(out, dtype=np.float32),
+        c_n,
+        c_seed,
+        c_status.astype(np.int8),
+        c_term.astype(np.int8),
+        c_u0,
+        counts={"steps": int(c_steps.sum())},
+    )
 
 
 def track_fused_cpu_peaks(

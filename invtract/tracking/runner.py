@@ -38,8 +38,10 @@ __all__ = [
     "Seeding",
     "SeedChecker",
     "SeedingResult",
+    "StreamlineChunk",
     "run_seeding",
     "summarise",
+    "Tally",
     "default_engine",
     "numba_available",
     "seed_vertices",
@@ -47,6 +49,27 @@ __all__ = [
 
 #: a chunk of seeds ``[n, 3]`` and start directions ``[n, 3]`` -> the engine's result
 ChunkRunner = Callable[[np.ndarray, np.ndarray], EngineResult]
+
+
+@dataclass
+class StreamlineChunk:
+    """The accepted streamlines of one chunk of seeds, in seed order (numpy, scanner mm).
+
+    Attributes:
+        points: ``[P, 3]`` float32 vertices, packed.
+        lengths: ``[S]`` vertex count of each streamline.
+        seed_index: ``[S]`` index of the seed vertex in each streamline.
+        seed_ids: ``[S]`` index of the seed (in generation order, over the whole run).
+    """
+
+    points: np.ndarray
+    lengths: np.ndarray
+    seed_index: np.ndarray
+    seed_ids: np.ndarray
+
+
+#: receives each chunk's accepted streamlines (e.g. appends them to a file)
+StreamlineSink = Callable[[StreamlineChunk], None]
 
 
 @dataclass
@@ -151,8 +174,8 @@ def default_engine(device) -> str:
 
 
 def run_seeding(
-    sh: np.ndarray,
-    scanner2voxel: np.ndarray,
+    sh,
+    scanner2voxel: np.ndarray | None,
     seeding: Seeding,
     params: ResolvedParameters,
     run_chunk: ChunkRunner,
@@ -164,13 +187,15 @@ def run_seeding(
     batch_size: int = 4096,
     progress: Callable[[int, int], None] | None = None,
     seed_check: Callable[[np.ndarray], np.ndarray] | None = None,
+    sink: StreamlineSink | None = None,
 ) -> SeedingResult:
     """Track from every seed of ``seeding`` as ``tckgen -algorithm SD_Stream -nthreads 0``.
 
     Args:
         sh: ``[X, Y, Z, K]`` SH coefficients (MRtrix3 basis, scanner frame) and
-            ``scanner2voxel`` ``[3, 4]``: the FOD the engine tracks, used here for the seed
-            checks that decide which seeds draw a random direction.
+            ``scanner2voxel`` ``[3, 4]``, or a :class:`~invtract.tracking.fused_cpu.FusedFOD`
+            (then ``scanner2voxel`` is unused): the FOD the engine tracks, used here for the
+            seed checks that decide which seeds draw a random direction.
         seeding: the seed mechanism.
         params: resolved tracking parameters.
         run_chunk: ``run_chunk(positions [n, 3], directions [n, 3]) -> EngineResult``.
@@ -184,6 +209,9 @@ def run_seeding(
         progress: called as ``progress(seeds_done, selected)``.
         seed_check: replaces :class:`SeedChecker` (``[n, 3] -> [n]`` bool), e.g. with ACT's
             seed test added (:func:`invtract.tracking.act_cpu.act_seed_checker`).
+        sink: if given, each chunk's accepted streamlines go to ``sink`` as they are tracked
+            and are not kept (memory does not grow with the number of streamlines); the
+            result then holds only the summary (no points, no per-streamline arrays).
     """
     rois = rois or RoiSet()
     if rng_seed is None:
@@ -198,8 +226,8 @@ def run_seeding(
             raise ConfigError("an infinite seed mechanism needs --select or a seed count")
     checker = seed_check or SeedChecker(sh, scanner2voxel, rois)
     parts: list[EngineResult] = []
+    tally = Tally()
     n_seen = 0
-    n_selected = 0
     for pos, dirs in _seed_stream(seeding, checker, rng, fixed, batch_size):
         if not seeding.finite and max_seeds:
             pos, dirs = pos[: max_seeds - n_seen], dirs[: max_seeds - n_seen]
@@ -207,16 +235,21 @@ def run_seeding(
             break
         res = run_chunk(pos, dirs)
         acc = res.accepted
-        if not seeding.finite and select and n_selected + int(acc.sum()) >= select:
-            cut = int(np.flatnonzero(acc)[select - n_selected - 1]) + 1
+        if not seeding.finite and select and tally.selected + int(acc.sum()) >= select:
+            cut = int(np.flatnonzero(acc)[select - tally.selected - 1]) + 1
             res = _truncate_result(res, cut)
-        parts.append(res)
+        tally.add(res)
+        if sink is None:
+            parts.append(res)
+        else:
+            acc = res.accepted
+            sink(StreamlineChunk(res.points, res.lengths[acc], res.seed_index[acc],
+                                 n_seen + np.flatnonzero(acc)))  # fmt: skip
         n_seen += res.status.shape[0]
-        n_selected += int(res.accepted.sum())
         if progress is not None:
-            progress(n_seen, n_selected)
+            progress(n_seen, tally.selected)
         if not seeding.finite and (
-            (select and n_selected >= select) or (max_seeds and n_seen >= max_seeds)
+            (select and tally.selected >= select) or (max_seeds and n_seen >= max_seeds)
         ):
             break
     res = concat_results(parts)
@@ -226,7 +259,7 @@ def run_seeding(
         lengths=res.lengths[acc],
         seed_index=res.seed_index[acc],
         seed_ids=np.flatnonzero(acc),
-        summary=summarise(res, params),
+        summary=tally.summary(params),
     )
 
 
@@ -238,10 +271,11 @@ class SeedChecker:
     ``test_conformance.py``).
 
     Args:
-        sh: ``[X, Y, Z, K]`` SH coefficients; scanner2voxel: ``[3, 4]`` (scanner mm -> voxel).
+        sh: ``[X, Y, Z, K]`` SH coefficients; scanner2voxel: ``[3, 4]`` (scanner mm -> voxel);
+            or a prepared :class:`~invtract.tracking.fused_cpu.FusedFOD` (no copy, no scan).
     """
 
-    def __init__(self, sh: np.ndarray, scanner2voxel: np.ndarray, rois: RoiSet) -> None:
+    def __init__(self, sh, scanner2voxel: np.ndarray | None, rois: RoiSet) -> None:
         if numba_available():
             from .fused_cpu import SeedTest
 
@@ -249,6 +283,8 @@ class SeedChecker:
         else:
             from .tracker import seed_usable_torch
 
+            if hasattr(sh, "M"):  # a FusedFOD prepared for the compiled engine
+                sh, scanner2voxel = sh.sh, sh.M
             self._test = lambda p: seed_usable_torch(sh, scanner2voxel, p, rois)
 
     def __call__(self, p: np.ndarray) -> np.ndarray:
@@ -329,35 +365,59 @@ def _seed_stream(seeding: Seeding, checker: SeedChecker, rng: MRtrixRNG, fixed_d
     raise ConfigError(f"unknown seeding kind {seeding.kind!r}")
 
 
+class Tally:
+    """Running counts of a tracking run in MRtrix's categories, chunk by chunk (constant
+    memory): see :func:`summarise`."""
+
+    def __init__(self) -> None:
+        self.status: dict[int, int] = {}
+        self.terms: dict[int, int] = {}
+        self.selected = 0
+        self.segments = 0  # sum over accepted streamlines of (vertices - 1)
+        self.steps = 0
+
+    def add(self, result: EngineResult) -> Tally:
+        """Count one chunk's ``EngineResult``; returns self."""
+        for counts, values in ((self.status, result.status), (self.terms, result.term)):
+            codes, n = np.unique(np.asarray(values, np.int64).ravel(), return_counts=True)
+            for c, k in zip(codes.tolist(), n.tolist()):
+                counts[c] = counts.get(c, 0) + k
+        lengths = result.lengths[result.accepted]
+        self.selected += int(lengths.size)
+        self.segments += int((lengths - 1).sum())
+        self.steps += int(result.counts.get("steps", 0))
+        return self
+
+    def summary(self, params: ResolvedParameters) -> dict:
+        """The counts as :func:`summarise` reports them."""
+        rejected = {
+            REJECT_NAMES.get(r, r.name): self.status[int(r)]
+            for r in Reject
+            if r != Reject.ACCEPTED and self.status.get(int(r), 0)
+        }
+        terminations = {
+            TERM_NAMES.get(t, t.name): self.terms[int(t)]
+            for t in Term
+            if self.terms.get(int(t), 0)
+        }
+        seeds = sum(self.status.values())
+        step = params.step_mm * max(params.downsample, 1)
+        mean_len = self.segments / self.selected * step if self.selected else 0.0
+        return {
+            "seeds": seeds,
+            "generated": seeds - self.status.get(int(Reject.INVALID_SEED), 0),
+            "selected": self.selected,
+            "rejected": rejected,
+            "terminations": terminations,
+            "mean_length_mm": float(mean_len),
+            "steps": self.steps,
+        }
+
+
 def summarise(result: EngineResult, params: ResolvedParameters) -> dict:
     """Counts in MRtrix's categories: seeds, streamlines generated, selected, rejections by
     reason, terminations by reason (per half), mean length (mm)."""
-    status = result.status.astype(int)
-    accepted = status == int(Reject.ACCEPTED)
-    rejected = {
-        REJECT_NAMES.get(Reject(r), Reject(r).name): int((status == int(r)).sum())
-        for r in Reject
-        if r != Reject.ACCEPTED and (status == int(r)).any()
-    }
-    terms = result.term.astype(int).ravel()
-    terminations = {
-        TERM_NAMES.get(Term(t), Term(t).name): int((terms == int(t)).sum())
-        for t in Term
-        if (terms == int(t)).any()
-    }
-    lengths = result.lengths[accepted]
-    seed_rejected = int((status == int(Reject.INVALID_SEED)).sum())
-    step = params.step_mm * max(params.downsample, 1)
-    mean_len = float((lengths - 1).mean() * step) if lengths.size else 0.0
-    return {
-        "seeds": int(status.size),
-        "generated": int(status.size - seed_rejected),
-        "selected": int(accepted.sum()),
-        "rejected": rejected,
-        "terminations": terminations,
-        "mean_length_mm": mean_len,
-        "steps": int(result.counts.get("steps", 0)),
-    }
+    return Tally().add(result).summary(params)
 
 
 def _truncate_result(res: EngineResult, n: int) -> EngineResult:
