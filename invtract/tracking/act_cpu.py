@@ -67,9 +67,9 @@ from .fused_cpu import (
     _all_visited,
     _get_peak,
     _in_set,
+    _interp,
     _kernel_inputs,
     _normalize3,
-    _pack,
     _reverse,
     _sample,
     _seg_norm,
@@ -132,7 +132,7 @@ def _tissues(tt, tnz, Mt, px, py, pz, tbuf, tis):
     linear interpolator of the interface search)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    if not _sample(tt, tnz, Mt, px, py, pz, tbuf):
+    if not _sample(tt, Mt, px, py, pz, tbuf):
         for k in range(5):
             tis[k] = zero
         return False
@@ -206,12 +206,12 @@ def _crop_end(b, n, tt, tall, Mt, tbuf, tprobe):
     last = n - 1
     ex, ey, ez = b[last, 0], b[last, 1], b[last, 2]
     qx, qy, qz = b[last - 1, 0], b[last - 1, 1], b[last - 1, 2]
-    if not _sample(tt, tall, Mt, ex, ey, ez, tbuf):
+    if not _interp(tt, Mt, ex, ey, ez, tbuf, False):
         return
     _tissues(tt, tall, Mt, ex, ey, ez, tbuf, tprobe)
     gm_e = tprobe[0] + tprobe[1]
     wm_e = tprobe[2]
-    if not _sample(tt, tall, Mt, qx, qy, qz, tbuf):
+    if not _interp(tt, Mt, qx, qy, qz, tbuf, False):
         return
     _tissues(tt, tall, Mt, qx, qy, qz, tbuf, tprobe)
     gm_p = tprobe[0] + tprobe[1]
@@ -266,7 +266,7 @@ def _crop_end(b, n, tt, tall, Mt, tbuf, tprobe):
 
 
 @njit(**_JIT)
-def _act_half(b, n, px, py, pz, ux, uy, uz, state, st, tis, sh, nonzero, M, cbuf, fp, ip, lut,
+def _act_half(b, n, px, py, pz, ux, uy, uz, state, st, tis, sh, M, cbuf, fp, ip, lut,
               zint, zflt, pint, pflt, mstart, AL, rois, tt, tnz, Mt, tbuf,
               add_to_tck):  # fmt: skip
     """``gen_track_unidir`` with ACT (no backtracking): returns (n, term, steps) where term is
@@ -281,7 +281,7 @@ def _act_half(b, n, px, py, pz, ux, uy, uz, state, st, tis, sh, nonzero, M, cbuf
     steps = 0
     while True:
         term, px, py, pz, ux, uy, uz = _step(
-            px, py, pz, ux, uy, uz, rk4, sh, nonzero, M, cbuf, fp, lut, zint, zflt, pint, pflt,
+            px, py, pz, ux, uy, uz, rk4, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
             mstart, lmax, AL
         )  # fmt: skip
         if term != _CONTINUE:
@@ -335,7 +335,7 @@ def _act_finish_half(b, n, term, st, tis, crop, tt, tall, Mt, tbuf, tprobe):
 
 
 @njit(**_JIT)
-def _act_seed_usable(px, py, pz, st, tis, sh, nonzero, M, cbuf, ip, rois, tt, tnz, Mt, tbuf):
+def _act_seed_usable(px, py, pz, st, tis, sh, M, cbuf, ip, rois, tt, tnz, Mt, tbuf):
     """``check_seed`` with ACT, then the data test of ``SDStream::init``."""
     roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask = rois
     if not (np.isfinite(px) and np.isfinite(py) and np.isfinite(pz)):
@@ -359,7 +359,7 @@ def _act_seed_usable(px, py, pz, st, tis, sh, nonzero, M, cbuf, ip, rois, tt, tn
         st[_SEED_IN_SGM] = 0
         if not _act_seed_ok(c, s, w, f, p):
             return False
-    return _sample(sh, nonzero, M, px, py, pz, cbuf)
+    return _sample(sh, M, px, py, pz, cbuf)
 
 
 @njit(**_JIT)
@@ -390,7 +390,7 @@ def _act_post(b, n, seed, excluded_reason, missed, st, ip, fp, crop):
 
 @njit(**_JIT)
 def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_u0,
-                    out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, rois,
+                    out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, rois,
                     tt, tnz, tall, Mt, crop, add_to_tck, cbuf, AL, state, st, tis, tbuf,
                     tprobe):  # fmt: skip
     """Track seed ``i`` with ACT into ``buf[i]`` (see :func:`fused_cpu._track_seed`)."""
@@ -411,7 +411,7 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
     px = seeds[i, 0]
     py = seeds[i, 1]
     pz = seeds[i, 2]
-    if not _act_seed_usable(px, py, pz, st, tis, sh, nonzero, M, cbuf, ip, rois, tt, tnz, Mt,
+    if not _act_seed_usable(px, py, pz, st, tis, sh, M, cbuf, ip, rois, tt, tnz, Mt,
                             tbuf):  # fmt: skip
         return
     ux, uy, uz = _normalize3(dirs[i, 0], dirs[i, 1], dirs[i, 2])
@@ -442,7 +442,7 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
     b[0, 0] = px
     b[0, 1] = py
     b[0, 2] = pz
-    n, t0, steps = _act_half(b, 1, px, py, pz, ux, uy, uz, state, st, tis, sh, nonzero, M, cbuf,
+    n, t0, steps = _act_half(b, 1, px, py, pz, ux, uy, uz, state, st, tis, sh, M, cbuf,
                              fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, rois, tt, tnz, Mt,
                              tbuf, add_to_tck)  # fmt: skip
     t0, reason = _act_finish_half(b, n, t0, st, tis, crop, tt, tall, Mt, tbuf, tprobe)
@@ -453,7 +453,7 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
         seed = n - 1
         st[_SGM_DEPTH] = 0  # reverse_track
         n, t1, s1 = _act_half(b, n, b[n - 1, 0], b[n - 1, 1], b[n - 1, 2], -ux, -uy, -uz, state,
-                              st, tis, sh, nonzero, M, cbuf, fp, ip, lut, zint, zflt, pint, pflt,
+                              st, tis, sh, M, cbuf, fp, ip, lut, zint, zflt, pint, pflt,
                               mstart, AL, rois, tt, tnz, Mt, tbuf, add_to_tck)  # fmt: skip
         t1, reason = _act_finish_half(b, n, t1, st, tis, crop, tt, tall, Mt, tbuf, tprobe)
         out_term[i, 1] = t1
@@ -469,7 +469,7 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
 
 @njit(**_JIT)
 def _act_track_rows(seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_u0, out_steps,
-                    sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, rois, tt, tnz,
+                    sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, rois, tt, tnz,
                     tall, Mt, crop, add_to_tck):  # fmt: skip
     """Every seed of the chunk, serially (one call per chunk)."""
     cbuf = np.empty(sh.shape[3], dtype=np.float32)
@@ -481,7 +481,7 @@ def _act_track_rows(seeds, dirs, buf, out_n, out_seed, out_status, out_term, out
     tbuf = np.empty(5, dtype=np.float32)
     for i in range(seeds.shape[0]):
         _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_u0,
-                        out_steps, sh, nonzero, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
+                        out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
                         rois, tt, tnz, tall, Mt, crop, add_to_tck, cbuf, AL, state, st, tis,
                         tbuf, tprobe)  # fmt: skip
 
@@ -502,6 +502,20 @@ def _act_seeds_ok_kernel(seeds, tt, tnz, Mt, out):
             out[i] = False
             continue
         out[i] = _act_seed_ok(tis[0], tis[1], tis[2], tis[3], tis[4])
+
+
+@njit(**_JIT)
+def _pack(buf, lengths, out, start):
+    """Copy the first ``lengths[i]`` points of each row of ``buf`` ``[C, L, 3]`` into ``out``
+    from row ``start`` on; returns the next free row."""
+    o = start
+    for i in range(lengths.shape[0]):
+        for k in range(lengths[i]):
+            out[o, 0] = buf[i, k, 0]
+            out[o, 1] = buf[i, k, 1]
+            out[o, 2] = buf[i, k, 2]
+            o += 1
+    return o
 
 
 # --------------------------------------------------------------------------------------------

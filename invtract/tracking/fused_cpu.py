@@ -231,6 +231,13 @@ def _sample(sh, M, px, py, pz, out):
 
     Returns False for "no data" (outside the FOV, all-zero nearest voxel, NaN c_0).
     """
+    return _interp(sh, M, px, py, pz, out, True)
+
+
+@njit(inline="always", **_JIT)
+def _interp(sh, M, px, py, pz, out, masked):
+    """:func:`_sample`; with ``masked`` False an all-zero nearest voxel still counts as data
+    (MRtrix's plain, unmasked interpolator, e.g. ACT's 5TT image when cropping)."""
     nx = sh.shape[0]
     ny = sh.shape[1]
     nz = sh.shape[2]
@@ -252,14 +259,15 @@ def _sample(sh, M, px, py, pz, out):
         return False
     # implicit mask: no data if every coefficient of the nearest voxel is 0 (NaN != 0 counts
     # as data); read in place, so untouched parts of a memory-mapped FOD are never loaded
-    nearest = sh[_round_half_away(v0), _round_half_away(v1), _round_half_away(v2)]
-    empty = True
-    for k in range(K):
-        if nearest[k] != 0.0:
-            empty = False
-            break
-    if empty:
-        return False
+    if masked:
+        nearest = sh[_round_half_away(v0), _round_half_away(v1), _round_half_away(v2)]
+        empty = True
+        for k in range(K):
+            if nearest[k] != 0.0:
+                empty = False
+                break
+        if empty:
+            return False
     fl0 = np.floor(v0)
     fl1 = np.floor(v1)
     fl2 = np.floor(v2)
