@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +52,10 @@ STATISTICS = ("sum", "mean", "min", "max")
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` through the one atomic writer (temporary file, renamed into place)."""
+    from ..io.atomic import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _add_assignment(parser: argparse.ArgumentParser) -> None:

@@ -187,7 +187,12 @@ def load_image(path: str | os.PathLike) -> Image:
         FormatError: unknown extension, missing or unreadable/malformed file (names the path).
     """
     raw, geo, scaling, path = _read_raw(path)
-    data = np.ascontiguousarray(_scaled_float32(raw, scaling))
+    data = _scaled_float32(raw, scaling)
+    if any(s < 0 for s in data.strides):  # realigned by a flip: torch takes no negative strides
+        data = np.ascontiguousarray(data)
+    # else kept as it is: a memory-mapped float32 .mif in MRtrix's voxel order is not copied
+    # (nothing is read until tracking touches it; fused_cpu.prepare_fod tracks any voxel-major
+    # layout in place)
     return Image(data, geo.voxel2scanner, geo.spacing, path, geo.transform)
 
 

@@ -23,19 +23,15 @@ centred on the image (``Header`` sanitising).
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
 import re
-import shutil
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import FormatError
+from .atomic import atomic_output
 
 __all__ = ["MifHeader", "read_mif", "read_mif_header", "write_mif", "MIF_SUFFIXES"]
 
@@ -491,31 +487,6 @@ _CANON = {
     "float32": "Float32",
     "float64": "Float64",
 }
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
-    """Yield a temporary file name next to ``path``; move it onto ``path`` on success.
-
-    The temporary file lives in the same folder (so ``os.replace`` is atomic) and is removed if
-    the body raises (or is interrupted), so nothing half-written is ever left at ``path``.
-
-    Args:
-        path: final output file name.
-        suffix: suffix of the temporary name (writers that dispatch on the extension, such as
-            nibabel and trx-python, need the real extension here).
-    """
-    target = Path(path)
-    # Not created here, so the writer creates it with the usual (umask) permissions.
-    tmp = str(target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        if os.path.isdir(tmp) and not os.path.islink(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.lexists(tmp):
-            os.unlink(tmp)
 
 
 def _atomic_write_bytes(path: str, blob: bytes, gz: bool = False) -> None:

@@ -418,14 +418,12 @@ def test_connectome_missing_nodes_warning_is_one_short_line(tmp_path, caplog):
 _TERM_IN_WRITER = """
 import os, signal, sys, time
 import invtract.io.tractogram as tg
-real = tg._write_tck
-def slow_write(path, points, lengths, header):
-    with open(path, "wb") as fh:
-        fh.write(b"partial")
+real = tg.TckStream.write
+def slow_write(self, points, lengths):
+    real(self, points, lengths)  # part of the .tck is on disk under its temporary name
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(30)  # the handler raises Terminated here
-    real(path, points, lengths, header)
-tg._write_tck = slow_write
+tg.TckStream.write = slow_write
 from invtract.cli import main
 sys.exit(main(sys.argv[1:]))
 """

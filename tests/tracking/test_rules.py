@@ -155,7 +155,8 @@ def test_numba_kernels_read_the_rulebook():
     peak = names(fused_cpu._get_peak)
     assert {"PEAK_MAX_ITERATIONS", "PEAK_MAX_STEP_RAD", "PEAK_TOLERANCE_RAD"} <= peak
     assert {"POLE_SIN_THRESHOLD", "LUT_LAST_ROW", "_SQRT2"} <= peak
-    assert {"WEIGHT_THRESHOLD", "FOV_HALF_VOXEL"} <= names(fused_cpu._sample)
+    assert {"WEIGHT_THRESHOLD", "FOV_HALF_VOXEL"} <= names(fused_cpu._interp)
+    assert "_interp" in names(fused_cpu._sample)
     assert "_track_rejection" in names(fused_cpu._track_seed)
     assert fused_cpu._SQRT2 == rules.SQRT2
     assert fused_cpu._track_rejection.py_func is rules.track_rejection
