@@ -556,14 +556,23 @@ def _check_seeding(seeding, fod, params, args) -> None:
         f"{option}: {n:,} seeds (a kept streamline has at least {params.min_points_post} points)",
         f"use fewer seeds ({option})",
     )
-    chunk = args.batch_size * (params.max_points + 2) * _POINT_BYTES
+    # the compiled engine tracks each seed into one scratch row per thread and keeps only the
+    # accepted points; the ACT kernel still holds a [batch, max_points + 2, 3] buffer
+    act = bool(getattr(args, "act", None))
+    rows = args.batch_size if act else _thread_count(args)
+    what = f"{rows} seeds at a time" if act else f"{rows} thread(s)"
     checks.check_memory(
-        chunk,
-        f"tracking {args.batch_size} seeds at a time with up to {params.max_points:,} points "
-        f"each (--maxlength {params.max_length_mm:g} mm / step {params.step_mm:g} mm)",
-        "lower --batch-size or --maxlength",
+        rows * (params.max_points + 2) * _POINT_BYTES,
+        f"tracking on {what} with up to {params.max_points:,} points per streamline "
+        f"(--maxlength {params.max_length_mm:g} mm / step {params.step_mm:g} mm)",
+        "lower --maxlength" + (" or --batch-size" if act else ""),
     )
     _warn_seeds_outside(seeding, fod, args.fod)
+
+
+def _thread_count(args) -> int:
+    n = getattr(args, "nthreads", None)
+    return max(1, int(n)) if n is not None else max(1, os.cpu_count() or 1)
 
 
 def _warn_seeds_outside(seeding, fod, path: str, most: int = 100_000) -> None:

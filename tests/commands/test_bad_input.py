@@ -27,6 +27,7 @@ from invtract import checks
 from invtract.cli import main
 from invtract.data import example_path
 from invtract.io.image import load_fod, save_mif
+from invtract.io.tractogram import load_tractogram
 
 GiB = 1 << 30
 FOD = str(example_path("fod"))
@@ -279,10 +280,10 @@ CASES = {
         "--seed-grid-per-voxel: 367,500,000 seeds",
         memory=16 * GiB,
     ),
-    "--seed-image --select 200 --maxlength 100000": Case(
-        _track(FOD, "--seed-image", MASK, "--select", "200", "--maxlength", "100000"),
+    "--seed-image --select 200 --maxlength 1e10 (a 1.2 TB streamline buffer)": Case(
+        _track(FOD, "--seed-image", MASK, "--select", "200", "--maxlength", "1e10"),
         1,
-        "lower --batch-size or --maxlength",
+        "lower --maxlength",
         memory=16 * GiB,
     ),
     "FOD larger than the memory": Case(
@@ -467,3 +468,13 @@ def test_sigterm_is_passed_on_to_worker_processes():
     _terminate_children()
     child.join(timeout=30)
     assert child.exitcode == -signal.SIGTERM
+
+
+def test_long_maxlength_runs_in_memory_sized_by_what_is_tracked(tmp_path):
+    """``--seed-image --select 200 --maxlength 100000`` (once an 18 GB buffer up front) is
+    accepted and runs: buffers follow the tracked streamlines, not max_length x batch."""
+    out = tmp_path / "o.tck"
+    argv = ["-q", "track", FOD, str(out), "--seed-image", MASK, "--select", "200",
+            "--maxlength", "100000", "--rng-seed", "1"]  # fmt: skip
+    assert main(argv) == 0
+    assert len(load_tractogram(out)) == 200
