@@ -273,11 +273,15 @@ def warn(message: str) -> None:
 
 def any_valid_fod_voxel(sh: np.ndarray, chunk_voxels: int = 1 << 16) -> bool:
     """Whether some voxel of ``sh`` ``[X, Y, Z, K]`` has K finite coefficients, not all zero
-    (the only voxels where SD_Stream can find a peak). Scans ``chunk_voxels`` voxels at a time
-    and stops at the first chunk holding one, so a usual FOD costs one small chunk."""
-    flat = sh.reshape(-1, sh.shape[-1])
-    for start in range(0, flat.shape[0], chunk_voxels):
-        block = flat[start : start + chunk_voxels]
+    (the only voxels where SD_Stream can find a peak). Scans slabs of about ``chunk_voxels``
+    voxels along the spatial axis slowest in memory (views: a memory-mapped or strided FOD is
+    read in file order, never copied whole) and stops at the first slab holding one."""
+    axis = int(np.argmax(np.abs(sh.strides[:3])))
+    moved = np.moveaxis(sh, axis, 0)
+    per_slab = max(1, int(np.prod(moved.shape[1:3])))
+    step = max(1, chunk_voxels // per_slab)
+    for start in range(0, moved.shape[0], step):
+        block = moved[start : start + step].reshape(-1, sh.shape[-1])  # copies one slab at most
         if np.any(np.isfinite(block).all(1) & (block != 0).any(1)):
             return True
     return False

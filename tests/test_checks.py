@@ -188,3 +188,18 @@ def test_warn_points_outside(caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs[0].startswith("warning: 6 of 100 seeds lie outside img (x)")
     assert msgs[1].startswith("warning: all 100 seeds lie outside img (x)")
+
+
+def test_valid_voxel_scan_never_copies_a_strided_fod_whole():
+    """A voxel-major FOD whose spatial axes are not in C order (a memory-mapped .mif) is
+    scanned slab by slab in memory order: no whole-array copy (reshape of a strided view)."""
+    import tracemalloc
+
+    base = np.zeros((40, 40, 40, 15), np.float32)  # [Z, Y, X, K] in memory
+    sh = base.transpose(2, 1, 0, 3)  # [X, Y, Z, K] view, K contiguous, x fastest spatially
+    sh[5, 6, 39, 2] = 1.0  # the only valid voxel, in the last slab in memory order
+    tracemalloc.start()
+    assert checks.any_valid_fod_voxel(sh, chunk_voxels=1600)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < base.nbytes // 4

@@ -306,7 +306,6 @@ def _run(args) -> int:
     # ------- LOAD -------
     t0 = time.time()
     fod = load_fod(args.fod, sh_basis=args.sh_basis)
-    checks.warn_degenerate_fod(fod.data, args.fod)
     check_sh_basis(fod.data, args.sh_basis, args.fod)
     rois = RoiSet(
         include=tuple(parse_roi(x, "include") for x in args.include),
@@ -378,7 +377,9 @@ def _run(args) -> int:
         if seeds is not None:
             seeds.add(res.points, res.lengths, res.seed_index)
     progress.close()
-    if res.summary["selected"] == 0:
+    # why nothing came out, in one line: a degenerate FOD (checked only then: scanning a
+    # whole-brain FOD would read it all) or the counts of the rejections
+    if res.summary["selected"] == 0 and not checks.warn_degenerate_fod(kfod.sh, args.fod):
         why = ", ".join(f"{k} {v}" for k, v in res.summary["rejected"].items()) or "none"
         checks.warn(f"no streamline selected from {res.summary['seeds']} seeds (rejected: {why})")
     if seeds is not None:
