@@ -125,14 +125,14 @@ _act_exclusion_reason = njit(inline="always", **_JIT)(act_exclusion_reason)
 
 
 @njit(**_JIT)
-def _tissues(tt, tnz, Mt, px, py, pz, tbuf, tis):
+def _tissues(tt, masked, Mt, px, py, pz, tbuf, tis):
     """Interpolate the 5TT at p into ``tis`` as ``Tissues::set``; returns validity.
 
-    ``tnz`` is the masked interpolator's "nearest voxel has data" test (all True for the plain
-    linear interpolator of the interface search)."""
+    ``masked``: MRtrix's masked interpolator (an all-zero nearest voxel is "no data"), as ACT's
+    tracking uses; False for the plain linear interpolator of the interface search."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    if not _sample(tt, Mt, px, py, pz, tbuf):
+    if not _interp(tt, Mt, px, py, pz, tbuf, masked):
         for k in range(5):
             tis[k] = zero
         return False
@@ -175,7 +175,7 @@ def _check_structural(st, tis):
 
 
 @njit(**_JIT)
-def _seed_is_unidirectional(st, tis, tt, tnz, Mt, px, py, pz, ux, uy, uz, tbuf, tprobe):
+def _seed_is_unidirectional(st, tis, tt, Mt, px, py, pz, ux, uy, uz, tbuf, tprobe):
     """``seed_is_unidirectional``: returns (unidirectional, u') with the seed's tissues in
     ``tis`` (restored afterwards)."""
     c, s, w, f, p = _classes(tis)
@@ -184,9 +184,9 @@ def _seed_is_unidirectional(st, tis, tt, tnz, Mt, px, py, pz, ux, uy, uz, tbuf, 
     if w >= c + s or s >= c:
         return False, ux, uy, uz
     h = np.float32(GMWMI_NORMAL_PERTURBATION)
-    _tissues(tt, tnz, Mt, px + ux * h, py + uy * h, pz + uz * h, tbuf, tprobe)
+    _tissues(tt, True, Mt, px + ux * h, py + uy * h, pz + uz * h, tbuf, tprobe)
     plus = (tprobe[0] + tprobe[1]) - tprobe[2]
-    _tissues(tt, tnz, Mt, px - ux * h, py - uy * h, pz - uz * h, tbuf, tprobe)
+    _tissues(tt, True, Mt, px - ux * h, py - uy * h, pz - uz * h, tbuf, tprobe)
     minus = (tprobe[0] + tprobe[1]) - tprobe[2]
     if plus - minus > np.float32(0.0):
         return True, -ux, -uy, -uz
@@ -199,7 +199,7 @@ def _seed_is_unidirectional(st, tis, tt, tnz, Mt, px, py, pz, ux, uy, uz, tbuf, 
 
 
 @njit(**_JIT)
-def _crop_end(b, n, tt, tall, Mt, tbuf, tprobe):
+def _crop_end(b, n, tt, Mt, tbuf, tprobe):
     """Replace the last point ``b[n - 1]`` by the interface point (``-crop_at_gmwmi``)."""
     if n < 3:
         return
@@ -208,12 +208,12 @@ def _crop_end(b, n, tt, tall, Mt, tbuf, tprobe):
     qx, qy, qz = b[last - 1, 0], b[last - 1, 1], b[last - 1, 2]
     if not _interp(tt, Mt, ex, ey, ez, tbuf, False):
         return
-    _tissues(tt, tall, Mt, ex, ey, ez, tbuf, tprobe)
+    _tissues(tt, False, Mt, ex, ey, ez, tbuf, tprobe)
     gm_e = tprobe[0] + tprobe[1]
     wm_e = tprobe[2]
     if not _interp(tt, Mt, qx, qy, qz, tbuf, False):
         return
-    _tissues(tt, tall, Mt, qx, qy, qz, tbuf, tprobe)
+    _tissues(tt, False, Mt, qx, qy, qz, tbuf, tprobe)
     gm_p = tprobe[0] + tprobe[1]
     wm_p = tprobe[2]
     if not ((gm_e > wm_e and gm_p < wm_p) or (gm_e < wm_e and gm_p > wm_p)):
@@ -245,7 +245,7 @@ def _crop_end(b, n, tt, tall, Mt, tbuf, tprobe):
         hx = ((w0 * d[0, 0] + w1 * d[1, 0]) + w2 * d[2, 0]) + w3 * d[3, 0]
         hy = ((w0 * d[0, 1] + w1 * d[1, 1]) + w2 * d[2, 1]) + w3 * d[3, 1]
         hz = ((w0 * d[0, 2] + w1 * d[1, 2]) + w2 * d[2, 2]) + w3 * d[3, 2]
-        _tissues(tt, tall, Mt, hx, hy, hz, tbuf, tprobe)
+        _tissues(tt, False, Mt, hx, hy, hz, tbuf, tprobe)
         gm = tprobe[0] + tprobe[1]
         wm = tprobe[2]
         if wm > gm:
@@ -267,7 +267,7 @@ def _crop_end(b, n, tt, tall, Mt, tbuf, tprobe):
 
 @njit(**_JIT)
 def _act_half(b, n, px, py, pz, ux, uy, uz, state, st, tis, sh, M, cbuf, fp, ip, lut,
-              zint, zflt, pint, pflt, mstart, AL, rois, tt, tnz, Mt, tbuf,
+              zint, zflt, pint, pflt, mstart, AL, rois, tt, Mt, tbuf,
               add_to_tck):  # fmt: skip
     """``gen_track_unidir`` with ACT (no backtracking): returns (n, term, steps) where term is
     after ``apply_priors``; the caller decides exclusion."""
@@ -289,7 +289,7 @@ def _act_half(b, n, px, py, pz, ux, uy, uz, state, st, tis, sh, M, cbuf, fp, ip,
                 term = _TERM_IN_SGM
         else:
             steps += 1
-            st[_VALID] = 1 if _tissues(tt, tnz, Mt, px, py, pz, tbuf, tis) else 0
+            st[_VALID] = 1 if _tissues(tt, True, Mt, px, py, pz, tbuf, tis) else 0
             term = _check_structural(st, tis)
             if term != _CONTINUE:
                 pass
@@ -318,7 +318,7 @@ def _act_half(b, n, px, py, pz, ux, uy, uz, state, st, tis, sh, M, cbuf, fp, ip,
 
 
 @njit(**_JIT)
-def _act_finish_half(b, n, term, st, tis, crop, tt, tall, Mt, tbuf, tprobe):
+def _act_finish_half(b, n, term, st, tis, crop, tt, Mt, tbuf, tprobe):
     """``apply_priors`` + the EXIT_SGM / crop steps of ``gen_track_unidir``.
 
     Returns (term, reject): reject is the :class:`Reject` code when the half excluded the
@@ -330,12 +330,12 @@ def _act_finish_half(b, n, term, st, tis, crop, tt, tall, Mt, tbuf, tprobe):
     if excluded:
         return term, _act_exclusion_reason(term)
     if term == _ENTER_CGM and crop:
-        _crop_end(b, n, tt, tall, Mt, tbuf, tprobe)
+        _crop_end(b, n, tt, Mt, tbuf, tprobe)
     return term, _ACCEPTED
 
 
 @njit(**_JIT)
-def _act_seed_usable(px, py, pz, st, tis, sh, M, cbuf, ip, rois, tt, tnz, Mt, tbuf):
+def _act_seed_usable(px, py, pz, st, tis, sh, M, cbuf, ip, rois, tt, Mt, tbuf):
     """``check_seed`` with ACT, then the data test of ``SDStream::init``."""
     roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask = rois
     if not (np.isfinite(px) and np.isfinite(py) and np.isfinite(pz)):
@@ -347,7 +347,7 @@ def _act_seed_usable(px, py, pz, st, tis, sh, M, cbuf, ip, rois, tt, tnz, Mt, tb
                                     roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
         return False
     st[_SGM_DEPTH] = 0
-    valid = _tissues(tt, tnz, Mt, px, py, pz, tbuf, tis)
+    valid = _tissues(tt, True, Mt, px, py, pz, tbuf, tis)
     st[_VALID] = 1 if valid else 0
     if not valid:
         return False
@@ -391,7 +391,7 @@ def _act_post(b, n, seed, excluded_reason, missed, st, ip, fp, crop):
 @njit(**_JIT)
 def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_u0,
                     out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, rois,
-                    tt, tnz, tall, Mt, crop, add_to_tck, cbuf, AL, state, st, tis, tbuf,
+                    tt, Mt, crop, add_to_tck, cbuf, AL, state, st, tis, tbuf,
                     tprobe):  # fmt: skip
     """Track seed ``i`` with ACT into ``buf[i]`` (see :func:`fused_cpu._track_seed`)."""
     roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask = rois
@@ -411,7 +411,7 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
     px = seeds[i, 0]
     py = seeds[i, 1]
     pz = seeds[i, 2]
-    if not _act_seed_usable(px, py, pz, st, tis, sh, M, cbuf, ip, rois, tt, tnz, Mt,
+    if not _act_seed_usable(px, py, pz, st, tis, sh, M, cbuf, ip, rois, tt, Mt,
                             tbuf):  # fmt: skip
         return
     ux, uy, uz = _normalize3(dirs[i, 0], dirs[i, 1], dirs[i, 2])
@@ -428,7 +428,7 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
     # --- gen_track
     unidir = ip[_IP_UNIDIR] != 0
     if not unidir:
-        unidir, ux, uy, uz = _seed_is_unidirectional(st, tis, tt, tnz, Mt, px, py, pz, ux, uy,
+        unidir, ux, uy, uz = _seed_is_unidirectional(st, tis, tt, Mt, px, py, pz, ux, uy,
                                                      uz, tbuf, tprobe)  # fmt: skip
     out_u0[i, 0] = ux
     out_u0[i, 1] = uy
@@ -443,9 +443,9 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
     b[0, 1] = py
     b[0, 2] = pz
     n, t0, steps = _act_half(b, 1, px, py, pz, ux, uy, uz, state, st, tis, sh, M, cbuf,
-                             fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, rois, tt, tnz, Mt,
+                             fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, rois, tt, Mt,
                              tbuf, add_to_tck)  # fmt: skip
-    t0, reason = _act_finish_half(b, n, t0, st, tis, crop, tt, tall, Mt, tbuf, tprobe)
+    t0, reason = _act_finish_half(b, n, t0, st, tis, crop, tt, Mt, tbuf, tprobe)
     out_term[i, 0] = t0
     seed = 0
     if reason == _ACCEPTED and not unidir:
@@ -454,8 +454,8 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
         st[_SGM_DEPTH] = 0  # reverse_track
         n, t1, s1 = _act_half(b, n, b[n - 1, 0], b[n - 1, 1], b[n - 1, 2], -ux, -uy, -uz, state,
                               st, tis, sh, M, cbuf, fp, ip, lut, zint, zflt, pint, pflt,
-                              mstart, AL, rois, tt, tnz, Mt, tbuf, add_to_tck)  # fmt: skip
-        t1, reason = _act_finish_half(b, n, t1, st, tis, crop, tt, tall, Mt, tbuf, tprobe)
+                              mstart, AL, rois, tt, Mt, tbuf, add_to_tck)  # fmt: skip
+        t1, reason = _act_finish_half(b, n, t1, st, tis, crop, tt, Mt, tbuf, tprobe)
         out_term[i, 1] = t1
         steps += s1
     out_steps[i] = steps
@@ -469,8 +469,8 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
 
 @njit(**_JIT)
 def _act_track_rows(seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_u0, out_steps,
-                    sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, rois, tt, tnz,
-                    tall, Mt, crop, add_to_tck):  # fmt: skip
+                    sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, rois, tt,
+                    Mt, crop, add_to_tck):  # fmt: skip
     """Every seed of the chunk, serially (one call per chunk)."""
     cbuf = np.empty(sh.shape[3], dtype=np.float32)
     AL = np.empty(n_legendre_nb(ip[_IP_LMAX]), dtype=np.float32)
@@ -482,12 +482,12 @@ def _act_track_rows(seeds, dirs, buf, out_n, out_seed, out_status, out_term, out
     for i in range(seeds.shape[0]):
         _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, out_u0,
                         out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
-                        rois, tt, tnz, tall, Mt, crop, add_to_tck, cbuf, AL, state, st, tis,
+                        rois, tt, Mt, crop, add_to_tck, cbuf, AL, state, st, tis,
                         tbuf, tprobe)  # fmt: skip
 
 
 @njit(**_JIT)
-def _act_seeds_ok_kernel(seeds, tt, tnz, Mt, out):
+def _act_seeds_ok_kernel(seeds, tt, Mt, out):
     """The ACT part of ``check_seed`` for every seed (tissues valid and ``act_seed_ok``)."""
     tbuf = np.empty(5, dtype=np.float32)
     tis = np.zeros(5, dtype=np.float32)
@@ -498,7 +498,7 @@ def _act_seeds_ok_kernel(seeds, tt, tnz, Mt, out):
         if not (np.isfinite(px) and np.isfinite(py) and np.isfinite(pz)):
             out[i] = False
             continue
-        if not _tissues(tt, tnz, Mt, px, py, pz, tbuf, tis):
+        if not _tissues(tt, True, Mt, px, py, pz, tbuf, tis):
             out[i] = False
             continue
         out[i] = _act_seed_ok(tis[0], tis[1], tis[2], tis[3], tis[4])
@@ -525,10 +525,8 @@ def _pack(buf, lengths, out, start):
 
 def _act_arrays(act: ActImage):
     tt = np.ascontiguousarray(act.data, dtype=np.float32)
-    tnz = np.ascontiguousarray((tt != 0).any(axis=-1))  # Interp::Masked: NaN counts as data
-    tall = np.ones(tt.shape[:3], dtype=np.bool_)
     Mt = np.ascontiguousarray(np.asarray(act.scanner2voxel, dtype=np.float64)[:3, :4])
-    return tt, tnz, tall, Mt
+    return tt, Mt
 
 
 def track_fused_cpu_act(
@@ -556,7 +554,7 @@ def track_fused_cpu_act(
     """
     check_act_supported(act)
     k = _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois)
-    tt, tnz, tall, Mt = _act_arrays(act)
+    tt, Mt = _act_arrays(act)
     N = k.seeds.shape[0]
     parts = []
     t0 = time.perf_counter()
@@ -572,7 +570,7 @@ def track_fused_cpu_act(
         c_steps = np.zeros(C, dtype=np.int64)
         _act_track_rows(k.seeds[start:stop], k.init_dirs[start:stop], buf, c_n, c_seed,
                         c_status, c_term, c_u0, c_steps, *k.fod, *k.consts, tuple(k.rois), tt,
-                        tnz, tall, Mt, bool(act.crop_at_gmwmi), _ADD_TO_TCK)  # fmt: skip
+                        Mt, bool(act.crop_at_gmwmi), _ADD_TO_TCK)  # fmt: skip
         out = np.empty((int(c_n.sum()), 3), dtype=np.float32)
         _pack(buf, c_n, out, 0)
         parts.append(
@@ -596,12 +594,12 @@ def act_seed_checker(sh: np.ndarray, scanner2voxel: np.ndarray, rois: RoiSet, ac
     from .runner import SeedChecker
 
     base = SeedChecker(sh, scanner2voxel, rois)
-    tt, tnz, _, Mt = _act_arrays(act)
+    tt, Mt = _act_arrays(act)
 
     def check(p: np.ndarray) -> np.ndarray:
         p = np.ascontiguousarray(p, dtype=np.float32).reshape(-1, 3)
         ok = np.zeros(p.shape[0], dtype=np.bool_)
-        _act_seeds_ok_kernel(p, tt, tnz, Mt, ok)
+        _act_seeds_ok_kernel(p, tt, Mt, ok)
         return ok & np.asarray(base(p), bool)
 
     return check
