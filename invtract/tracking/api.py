@@ -162,16 +162,16 @@ def _as_image(x, what: str):
 
 def _as_roi(x, what: str):
     """A region from an image-like (see :func:`_as_image`) or a sphere ``(x, y, z, r)`` mm."""
-    from .types import ImageRoi, SphereRoi
+    from .types import SphereRoi
 
     if isinstance(x, str) and x.count(",") == 3 and not os.path.exists(x):
         x = tuple(float(v) for v in x.split(","))
     if isinstance(x, (tuple, list)) and len(x) == 4 and np.isscalar(x[0]):
         return SphereRoi(tuple(float(v) for v in x[:3]), float(x[3]), ",".join(map(str, x)))
+    from .rois import image_roi  # tckgen's Mask: cropped, MRtrix's exact inverse
+
     img = _as_image(x, what)
-    return ImageRoi(
-        np.asarray(img.data, bool), np.linalg.inv(img.affine)[:3], str(img.path or what)
-    )
+    return image_roi(img, str(img.path or what))
 
 
 def _rois(value, what: str) -> tuple:
@@ -210,8 +210,7 @@ def _seeding(seeds, seed_image, seed_grid_per_voxel, seed_random_per_voxel, seed
     else:
         kind = "grid" if seed_grid_per_voxel is not None else "random_per_voxel"
         mask, count = seed_grid_per_voxel if kind == "grid" else seed_random_per_voxel
-    img = _as_image(mask, kind)
-    return Seeding(kind, mask=np.asarray(img.data, bool), affine=img.affine, count=int(count))
+    return Seeding.from_mask(kind, _as_image(mask, kind), int(count))  # the mask's MRtrix geometry
 
 
 def _fod_image(fod, sh_basis: str):
@@ -301,7 +300,7 @@ def track_tractogram(
     rois = RoiSet(include=_rois(include, "include"), exclude=_rois(exclude, "exclude"),
                   mask=_rois(mask, "mask"))  # fmt: skip
     sh = np.ascontiguousarray(img.data, np.float32)
-    s2v = np.linalg.inv(np.asarray(img.affine, np.float64))[:3]
+    s2v = img.scanner2voxel  # MRtrix's own inverse (Eigen's), as invtract track uses
     engine = default_engine("cpu") if engine == "auto" else engine
     if engine == "numba":
         from .fused_cpu import track_fused_cpu
