@@ -5,7 +5,11 @@ option below (rules and sources in ``invtract.evaluation.connectome``).
 
 Assignment: each streamline endpoint gets the label of the nearest labelled voxel centre
 strictly within the radial search distance (--assignment-radial-search, default 4 mm), 0 if
-there is none; or, with --assignment-end-voxels, the label of the voxel holding the endpoint.
+there is none; or, with --assignment-end-voxels, the label of the voxel holding the endpoint;
+--assignment-reverse-search MM walks inwards along the streamline (0: to its midpoint);
+--assignment-forward-search MM searches a 45-degree cone ahead of the endpoint;
+--assignment-all-voxels assigns the streamline to every node it passes through (all pairs).
+--vector writes one value per node instead of a matrix (the node of each streamline's end).
 
 Contribution of a streamline to the edge between its two nodes: 1, times its length
 (--scale-length) or its inverse (--scale-invlength), times its value in --scale-file, times
@@ -73,6 +77,44 @@ def _add_assignment(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use the label of the voxel holding each endpoint",
     )
+    exclusive.add_argument(
+        "--assignment-reverse-search",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="walk inwards from each endpoint (at most MM along the streamline; 0: to its "
+        "midpoint) to the first vertex in a node",
+    )
+    exclusive.add_argument(
+        "--assignment-forward-search",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="search ahead of each endpoint, in a 45-degree cone up to MM, for a node voxel",
+    )
+    exclusive.add_argument(
+        "--assignment-all-voxels",
+        action="store_true",
+        help="assign each streamline to every node its vertices lie in",
+    )
+
+
+def _assignment(args: argparse.Namespace) -> tuple[str, float]:
+    """``(mode, distance in mm)`` from the exclusive assignment options."""
+    if args.assignment_end_voxels:
+        return "end_voxels", 0.0
+    if args.assignment_all_voxels:
+        return "all_voxels", 0.0
+    for mode in ("reverse", "forward"):
+        value = getattr(args, f"assignment_{mode}_search")
+        if value is not None:
+            if not (np.isfinite(value) and value >= 0):
+                raise ConfigError(f"--assignment-{mode}-search must be >= 0 mm, got {value}")
+            return mode, float(value)
+    radius = 4.0 if args.assignment_radial_search is None else args.assignment_radial_search
+    if not (np.isfinite(radius) and radius > 0):
+        raise ConfigError(f"--assignment-radial-search must be > 0 mm, got {radius}")
+    return "radial", float(radius)
 
 
 def _add_metric(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +164,11 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
         help="write the two nodes of each streamline to this text file",
     )
     group.add_argument(
+        "--vector",
+        action="store_true",
+        help="write one value per node (the node of each streamline's end) instead of a matrix",
+    )
+    group.add_argument(
         "-f", "--force", action="store_true", help="overwrite output files that exist"
     )
 
@@ -130,18 +177,16 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
 _BYTES_PER_EDGE = 36
 
 
-def _check_args(args: argparse.Namespace) -> tuple[float, list[Path]]:
-    """Validate every option before any data is read; ``(radius, outputs)``."""
-    radius = 4.0 if args.assignment_radial_search is None else args.assignment_radial_search
-    if not (np.isfinite(radius) and radius > 0):
-        raise ConfigError(f"--assignment-radial-search must be > 0 mm, got {radius}")
+def _check_args(args: argparse.Namespace) -> tuple[tuple[str, float], list[Path]]:
+    """Validate every option before any data is read; ``((mode, distance), outputs)``."""
+    mode = _assignment(args)
     inputs = [("tractogram", args.tracks), ("parcellation", args.parcellation)]
     inputs += [("--scale-file", args.scale_file), ("--tck-weights-in", args.tck_weights_in)]
     checks.check_input_files(inputs)
     named = [("output", args.output, None), ("--out-assignments", args.out_assignments, None)]
     checks.check_output_files(named, force=args.force, inputs=inputs)
     outputs = [Path(p) for _, p, _ in named if p is not None]
-    return float(radius), outputs
+    return mode, outputs
 
 
 def _check_matrix_memory(labels, parcellation: str) -> None:
@@ -249,19 +294,19 @@ class Connectome:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        radius, outputs = _check_args(args)
+        (mode, distance), outputs = _check_args(args)
         from ..evaluation import connectome as ev
 
         labels, tracks = _load_inputs(args)
         _check_matrix_memory(labels, args.parcellation)
         missing = labels.missing_nodes()
         _warn_missing_nodes(missing)
-        _warn_endpoints_outside(tracks, labels, radius, args)
+        if mode == "radial":
+            _warn_endpoints_outside(tracks, labels, distance, args)
         n = len(tracks)
         weights = _per_streamline(args.tck_weights_in, "streamline weights file", n)
         values = _per_streamline(args.scale_file, "scale file", n)
-        assignment = "end_voxels" if args.assignment_end_voxels else "radial"
-        nodes = ev.assign_endpoints(tracks, labels, radius, assignment=assignment)
+        nodes = ev.assign_nodes(tracks, labels, distance, assignment=mode)
         scale = "length" if args.scale_length else "invlength" if args.scale_invlength else "none"
         factors = ev.edge_factors(
             tracks,
@@ -271,16 +316,41 @@ class Connectome:
             node_volumes=labels.node_volumes() if args.scale_invnodevol else None,
         )
         w = np.ones(n, np.float32) if weights is None else weights.astype(np.float32)
-        full = ev.accumulate_edges(nodes, factors, w, labels.n_nodes, args.stat_edge)
-        _warn_empty_nodes(full, missing)
-        matrix = ev.layout_matrix(full, args.keep_unassigned, args.symmetric, args.zero_diagonal)
-        if not np.any(matrix):
-            checks.warn(f"no streamline joins two nodes: the connectome of {args.tracks} is zero")
-        _write_atomic(outputs[0], ev.format_connectome(matrix, ev.csv_delimiter(outputs[0])))
-        log.info("Wrote %d x %d connectome to %s", matrix.shape[0], matrix.shape[1], outputs[0])
+        full = ev.accumulate_connectome(
+            nodes, factors, w, labels.n_nodes, args.stat_edge, vector=args.vector
+        )
+        command = shlex.join(["invtract", *(getattr(args, "_argv", None) or [])])
+        if args.vector:
+            _write_vector(args, full, outputs[0], command)
+        else:
+            _write_matrix(args, full, missing, outputs[0])
         if len(outputs) > 1:
-            argv = getattr(args, "_argv", None) or []
-            command = shlex.join(["invtract", *argv])
+            if args.vector and isinstance(nodes, np.ndarray):
+                nodes = nodes[:, 1]
             _write_atomic(outputs[1], ev.format_assignments(nodes, command))
             log.info("Wrote the assignments of %d streamlines to %s", n, outputs[1])
         return 0
+
+
+def _write_matrix(args: argparse.Namespace, full: np.ndarray, missing: list[int], out: Path):
+    """Lay out and write the matrix as tck2connectome does (with its empty-node warning)."""
+    from ..evaluation import connectome as ev
+
+    _warn_empty_nodes(full, missing)
+    matrix = ev.layout_matrix(full, args.keep_unassigned, args.symmetric, args.zero_diagonal)
+    if not np.any(matrix):
+        checks.warn(f"no streamline joins two nodes: the connectome of {args.tracks} is zero")
+    _write_atomic(out, ev.format_connectome(matrix, ev.csv_delimiter(out)))
+    log.info("Wrote %d x %d connectome to %s", matrix.shape[0], matrix.shape[1], out)
+
+
+def _write_vector(args: argparse.Namespace, full: np.ndarray, out: Path, command: str):
+    """Write the ``--vector`` output (tck2connectome ignores -symmetric / -zero_diagonal)."""
+    from ..evaluation import connectome as ev
+
+    for flag in ("symmetric", "zero_diagonal"):
+        if getattr(args, flag):
+            log.warning("--%s does not apply to --vector; ignored", flag.replace("_", "-"))
+    values = full if args.keep_unassigned else full[1:]
+    _write_atomic(out, ev.format_vector(values, ev.csv_delimiter(out), command))
+    log.info("Wrote the connectivity vector of %d nodes to %s", values.shape[0], out)

@@ -58,6 +58,7 @@ from .tracks import Packed, as_packed
 
 __all__ = [
     "ASSIGNMENTS",
+    "PAIR_ASSIGNMENTS",
     "SCALES",
     "STATISTICS",
     "FLOAT32_NODE_LIMIT",
@@ -65,6 +66,7 @@ __all__ = [
     "as_label_volume",
     "radial_search_offsets",
     "assign_endpoints",
+    "assign_nodes",
     "mrtrix_lengths",
     "edge_factors",
     "accumulate_edges",
@@ -73,12 +75,16 @@ __all__ = [
     "read_vector",
     "csv_delimiter",
     "format_connectome",
+    "format_vector",
     "format_assignments",
+    "accumulate_connectome",
 ]
 
 log = logging.getLogger(__name__)
 
-ASSIGNMENTS = ("radial", "end_voxels")
+ASSIGNMENTS = ("radial", "end_voxels", "reverse", "forward", "all_voxels")
+#: the modes that give each streamline exactly two nodes (its two endpoints)
+PAIR_ASSIGNMENTS = ASSIGNMENTS[:4]
 SCALES = ("none", "length", "invlength")
 STATISTICS = ("sum", "mean", "min", "max")
 #: tck2connectome stores the matrix in float32 from this many nodes on (``node_count_ram_limit``)
@@ -313,31 +319,59 @@ def assign_endpoints(
         streamlines: :class:`~invtract.streamlines.Streamlines`, :class:`Packed` or a sequence
             of ``[L_i, 3]`` arrays, scanner mm (RAS+).
         labels: the parcellation (see :func:`as_label_volume`).
-        radius_mm: radial search radius R in mm (``-assignment_radial_search``); an endpoint
-            gets a node only from a labelled voxel centre strictly closer than R.
-        assignment: ``"radial"`` (default) or ``"end_voxels"`` (``-assignment_end_voxels``:
-            the label of the voxel containing the endpoint).
+        radius_mm: the mode's distance in mm, rounded to float32 like MRtrix's option:
+            the radial search radius R (an endpoint gets a node only from a labelled voxel
+            centre strictly closer than R), or the longest reverse / forward search.
+        assignment: ``"radial"`` (default), ``"end_voxels"`` (the label of the voxel holding
+            the endpoint), ``"reverse"`` or ``"forward"`` (see
+            :mod:`invtract.evaluation.connectome_modes`).
         chunk_size: number of (endpoint, offset) pairs processed at once (memory bound).
 
     Returns:
         ``[S, 2]`` int64 node indices of the first and last vertex (0 = unassigned).
 
     Raises:
-        ConfigError: unknown ``assignment`` or a non-positive radius.
+        ConfigError: unknown or list-valued ``assignment`` (``"all_voxels"``: use
+            :func:`assign_nodes`), a non-positive radius or a negative search distance.
     """
-    if assignment not in ASSIGNMENTS:
-        raise ConfigError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
-    if assignment == "radial" and not (np.isfinite(radius_mm) and radius_mm > 0):
+    if assignment not in PAIR_ASSIGNMENTS:
+        raise ConfigError(f"assignment must be one of {PAIR_ASSIGNMENTS}, got {assignment!r}")
+    distance = float(np.float32(radius_mm))
+    if assignment == "radial" and not (np.isfinite(distance) and distance > 0):
         raise ConfigError(f"radius_mm must be a positive number of mm, got {radius_mm}")
+    if assignment in ("reverse", "forward") and not (np.isfinite(distance) and distance >= 0):
+        raise ConfigError(f"the {assignment} search distance must be >= 0 mm, got {radius_mm}")
     vol = as_label_volume(labels)
-    flat = _endpoints(as_packed(streamlines)).reshape(-1, 3)
+    tracks = as_packed(streamlines)
+    if assignment in ("reverse", "forward"):
+        from . import connectome_modes as modes
+
+        search = (
+            modes.reverse_search_nodes if assignment == "reverse" else modes.forward_search_nodes
+        )
+        return search(vol, tracks, distance)
+    flat = _endpoints(tracks).reshape(-1, 3)
     if assignment == "end_voxels":
         ok = np.all(np.isfinite(flat), axis=1)
         vox = _round_half_away(_apply_affine(vol.scanner2voxel, np.where(ok[:, None], flat, 0)))
         nodes = np.where(ok, _lookup(vol, vox), 0)
     else:
-        nodes = _radial_nodes(vol, flat, float(radius_mm), chunk_size)
+        nodes = _radial_nodes(vol, flat, distance, chunk_size)
     return nodes.reshape(-1, 2)
+
+
+def assign_nodes(streamlines, labels, radius_mm: float = 4.0, *, assignment: str = "radial"):
+    """Nodes of each streamline in any mode: ``[S, 2]`` array, or a list for ``all_voxels``.
+
+    ``assignment="all_voxels"`` (``-assignment_all_voxels``) gives ``S`` sorted int64 arrays of
+    the distinct labels the streamline's vertices lie in; every other mode is
+    :func:`assign_endpoints`.
+    """
+    if assignment != "all_voxels":
+        return assign_endpoints(streamlines, labels, radius_mm, assignment=assignment)
+    from .connectome_modes import all_voxel_nodes
+
+    return all_voxel_nodes(as_label_volume(labels), as_packed(streamlines))
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,19 +426,20 @@ def edge_factors(
 
     Args:
         streamlines: streamlines in scanner mm (only read for ``length`` / ``invlength``).
-        nodes: ``[S, 2]`` assigned nodes (:func:`assign_endpoints`).
+        nodes: ``[S, 2]`` assigned nodes (:func:`assign_endpoints`), or ``S`` node arrays
+            (:func:`assign_nodes` with ``all_voxels``).
         scale: ``"none"``, ``"length"`` (times the length in mm) or ``"invlength"`` (divided by
             it; 0 for fewer than two vertices).
         scale_values: optional ``[S]`` values (``-scale_file``) multiplied in.
         node_volumes: optional ``[N + 1]`` voxel counts per node: times ``2 / (V_a + V_b)``
-            (``-scale_invnodevol``; 0 when both are 0).
+            (``-scale_invnodevol``; 0 when both are 0); for node lists ``n / sum(V)``.
 
     Returns:
         ``[S]`` float32 factors.
     """
     if scale not in SCALES:
         raise ConfigError(f"scale must be one of {SCALES}, got {scale!r}")
-    S = nodes.shape[0]
+    S = len(nodes)
     result = np.ones(S, dtype=np.float64)
     if scale != "none":
         tracks = as_packed(streamlines)
@@ -423,9 +458,21 @@ def edge_factors(
             )
         result = result * values[:S]
     if node_volumes is not None:
-        total = node_volumes[nodes[:, 0]] + node_volumes[nodes[:, 1]]
-        result = np.where(total != 0, result * 2.0 / np.where(total != 0, total, 1.0), 0.0)
+        count, total = _node_volume_sums(nodes, node_volumes)
+        result = np.where(total != 0, result * count / np.where(total != 0, total, 1.0), 0.0)
     return result.astype(np.float32)
+
+
+def _node_volume_sums(nodes, node_volumes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(count, total)`` per streamline: its number of nodes and their summed volumes.
+
+    ``nodes`` is an ``[S, 2]`` array (count 2) or a list of node arrays (all-voxels mode).
+    """
+    if isinstance(nodes, np.ndarray):
+        return np.full(nodes.shape[0], 2.0), node_volumes[nodes[:, 0]] + node_volumes[nodes[:, 1]]
+    count = np.array([n.size for n in nodes], dtype=np.float64)
+    total = np.array([float(node_volumes[n].sum()) for n in nodes], dtype=np.float64)
+    return count, total
 
 
 # ------------------------------------------------------------------------------------------
@@ -480,6 +527,46 @@ def _sequential_sum(index: np.ndarray, values: np.ndarray, size: int, dtype) -> 
     return out
 
 
+def accumulate_connectome(
+    nodes,
+    factors: np.ndarray,
+    weights: np.ndarray,
+    n_nodes: int,
+    statistic: str = "sum",
+    *,
+    vector: bool = False,
+) -> np.ndarray:
+    """The edge matrix (or ``-vector``) for any assignment mode, before the output layout.
+
+    Args:
+        nodes: ``[S, 2]`` node pairs, or ``S`` node arrays (``all_voxels``).
+        factors, weights: ``[S]`` float32 contributions and weights.
+        n_nodes: the largest label N.
+        statistic: ``-stat_edge``.
+        vector: tck2connectome's ``-vector``: one value per node, from each streamline's
+            second node (pairs) or every node of its list (``[0]`` for an empty list).
+
+    Returns:
+        ``[N + 1, N + 1]`` upper-triangular matrix (see :func:`accumulate_edges`), or the
+        ``[N + 1]`` vector (index 0 = unassigned).
+    """
+    if isinstance(nodes, np.ndarray):
+        pairs, owner = nodes, np.arange(nodes.shape[0])
+        if vector:
+            pairs = np.stack([np.zeros_like(nodes[:, 1]), nodes[:, 1]], axis=1)
+    elif vector:
+        lists = [n if n.size else np.zeros(1, np.int64) for n in nodes]
+        owner = np.repeat(np.arange(len(lists)), [n.size for n in lists])
+        targets = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+        pairs = np.stack([np.zeros_like(targets), targets], axis=1)
+    else:
+        from .connectome_modes import node_list_pairs
+
+        pairs, owner = node_list_pairs(nodes)
+    full = accumulate_edges(pairs, factors[owner], weights[owner], n_nodes, statistic)
+    return full[0] if vector else full
+
+
 def layout_matrix(
     full: np.ndarray, keep_unassigned: bool, symmetric: bool, zero_diagonal: bool
 ) -> np.ndarray:
@@ -506,7 +593,8 @@ def connectome_matrix(
     scale_invnodevol: bool = False,
     scale_values=None,
     statistic: str = "sum",
-    assignments: np.ndarray | None = None,
+    assignments=None,
+    vector: bool = False,
 ) -> np.ndarray:
     """Connectome laid out exactly like ``tck2connectome``'s output.
 
@@ -514,34 +602,38 @@ def connectome_matrix(
         streamlines: :class:`~invtract.streamlines.Streamlines`, :class:`Packed` or ``[L_i, 3]``
             arrays (scanner mm).
         labels: parcellation (see :func:`as_label_volume`).
-        radius_mm: radial search radius (mm).
-        symmetric: fill the lower triangle too (``-symmetric``).
-        zero_diagonal: set the diagonal to 0 (``-zero_diagonal``).
+        radius_mm: the assignment distance (mm): radial search radius, or the longest
+            reverse / forward search.
+        symmetric: fill the lower triangle too (``-symmetric``; ignored with ``vector``).
+        zero_diagonal: set the diagonal to 0 (``-zero_diagonal``; ignored with ``vector``).
         keep_unassigned: keep node 0 as the first row/column (``-keep_unassigned``).
-        assignment: ``"radial"`` or ``"end_voxels"`` (see :func:`assign_endpoints`).
+        assignment: one of :data:`ASSIGNMENTS` (see :func:`assign_nodes`).
         weights: optional ``[S]`` per-streamline weights (``-tck_weights_in``).
         scale: ``"none"``, ``"length"`` or ``"invlength"`` (``-scale_length`` /
             ``-scale_invlength``); the old spelling ``scale="invnodevol"`` is accepted.
         scale_invnodevol: times ``2 / (V_a + V_b)`` (``-scale_invnodevol``).
         scale_values: optional ``[S]`` per-streamline factors (``-scale_file``).
         statistic: ``"sum"``, ``"mean"``, ``"min"`` or ``"max"`` (``-stat_edge``).
-        assignments: precomputed ``[S, 2]`` output of :func:`assign_endpoints` (skips it).
+        assignments: precomputed output of :func:`assign_nodes` (skips it).
+        vector: ``-vector``: one value per node (see :func:`accumulate_connectome`).
 
     Returns:
         ``[N, N]`` matrix (``N + 1`` with ``keep_unassigned``), ``N = max(label)``; row/column i
-        is node i (i + 1 without node 0); float64 (float32 from 1024 nodes, as MRtrix).
-        :func:`format_connectome` of it is byte-identical to tck2connectome 3.0.3's file.
+        is node i (i + 1 without node 0); float64 (float32 from 1024 nodes, as MRtrix);
+        ``[N]`` (``[N + 1]``) with ``vector``. :func:`format_connectome` (matrix) and
+        :func:`format_vector` of it are byte-identical to tck2connectome 3.0.3's file.
     """
     if scale == "invnodevol":
         scale, scale_invnodevol = "none", True
     vol = as_label_volume(labels)
     tracks = as_packed(streamlines)
-    nodes = (
-        assign_endpoints(tracks, vol, radius_mm, assignment=assignment)
-        if assignments is None
-        else np.asarray(assignments, dtype=np.int64)
-    )
-    S = nodes.shape[0]
+    if assignments is None:
+        nodes = assign_nodes(tracks, vol, radius_mm, assignment=assignment)
+    elif isinstance(assignments, np.ndarray) or assignment != "all_voxels":
+        nodes = np.asarray(assignments, dtype=np.int64)
+    else:
+        nodes = [np.asarray(n, dtype=np.int64) for n in assignments]
+    S = len(nodes)
     factors = edge_factors(
         tracks,
         nodes,
@@ -554,7 +646,9 @@ def connectome_matrix(
         w = to_numpy(weights).astype(np.float32)
         if w.shape != (S,):
             raise ShapeError(f"weights must be [S] = [{S}], got {tuple(w.shape)}")
-    full = accumulate_edges(nodes, factors, w, vol.n_nodes, statistic)
+    full = accumulate_connectome(nodes, factors, w, vol.n_nodes, statistic, vector=vector)
+    if vector:
+        return full if keep_unassigned else full[1:]
     return layout_matrix(full, keep_unassigned, symmetric, zero_diagonal)
 
 
@@ -620,7 +714,27 @@ def format_connectome(matrix: np.ndarray, delimiter: str = ",") -> str:
     return "".join(delimiter.join([fmt % v for v in row.tolist()]) + "\n" for row in m)
 
 
-def format_assignments(nodes: np.ndarray, command_line: str) -> str:
-    """``-out_assignments`` text: ``# <command line>`` then ``a b`` per streamline."""
-    body = "\n".join(f"{a} {b}" for a, b in np.asarray(nodes).tolist())
-    return f"# {command_line}\n" + body + ("\n" if len(nodes) else "")
+def format_vector(values: np.ndarray, delimiter: str, command_line: str) -> str:
+    """``-vector`` text as MRtrix's ``save_vector`` writes it.
+
+    ``# command_history: <command line>``, then the values on one line joined by
+    ``delimiter``, each printed at 10 significant digits (``%.10g``), and ``\\n``.
+    """
+    body = delimiter.join(f"{v:.10g}" for v in np.asarray(values).tolist())
+    return f"# command_history: {command_line}\n{body}\n"
+
+
+def format_assignments(nodes, command_line: str) -> str:
+    """``-out_assignments`` text: ``# <command line>`` then one line per streamline.
+
+    Args:
+        nodes: ``[S, 2]`` node pairs (``a b`` per line), ``[S]`` nodes (``-vector``), or ``S``
+            node arrays (``all_voxels``: the sorted nodes, ``0`` for none).
+        command_line: the command, for the header line.
+    """
+    if isinstance(nodes, np.ndarray):
+        rows = nodes.reshape(nodes.shape[0], -1).tolist()
+    else:
+        rows = [np.asarray(n).tolist() or [0] for n in nodes]
+    body = "".join(" ".join(map(str, r)) + "\n" for r in rows)
+    return f"# {command_line}\n" + body

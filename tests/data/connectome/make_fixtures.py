@@ -1,7 +1,8 @@
 """Regenerate the connectome fixtures in this folder (needs MRtrix3 ``tck2connectome``).
 
 Run from the repository root: ``python tests/data/connectome/make_fixtures.py`` (add
-``--options-only`` for the scaling / statistic / weight fixtures alone). It rebuilds the
+``--options-only`` for the scaling / statistic / weight fixtures alone, ``--modes-only`` for
+the assignment-mode and ``-vector`` fixtures alone). It rebuilds the
 two parcellations with ``tests/connectome/connectome_data.py`` and runs tck2connectome for
 every entry of ``TRACTS`` x ``VARIANTS``; the exact commands are printed and listed in README.md.
 """
@@ -72,6 +73,49 @@ OPTION_VARIANTS = {
         "-stat_edge", "max", "-keep_unassigned",
     ],
 }  # fmt: skip
+
+
+#: tck2connectome's other assignment modes and -vector (issue 15), on the OPTION_TRACTS;
+#: variants named in MODE_ASSIGNMENTS also keep their -out_assignments (sift_gmwmi only)
+MODE_VARIANTS = {
+    "reverse0": ["-assignment_reverse_search", "0"],
+    "reverse3_symmetric": ["-assignment_reverse_search", "3", "-symmetric"],
+    "forward2": ["-assignment_forward_search", "2"],
+    "forward6_invnodevol_keep": [
+        "-assignment_forward_search", "6", "-scale_invnodevol", "-keep_unassigned",
+    ],
+    "allvoxels": ["-assignment_all_voxels"],
+    "allvoxels_invnodevol_weights_mean": [
+        "-assignment_all_voxels", "-scale_invnodevol", "-tck_weights_in", "{w}",
+        "-stat_edge", "mean",
+    ],
+    "allvoxels_length_max_keep": [
+        "-assignment_all_voxels", "-scale_length", "-stat_edge", "max", "-keep_unassigned",
+    ],
+    "vector": ["-vector"],
+    "vector_length_max_keep": [
+        "-vector", "-scale_length", "-stat_edge", "max", "-keep_unassigned",
+    ],
+    "vector_weights_mean": ["-vector", "-tck_weights_in", "{w}", "-stat_edge", "mean"],
+    "vector_allvoxels_invnodevol": ["-vector", "-assignment_all_voxels", "-scale_invnodevol"],
+    "vector_forward3": ["-vector", "-assignment_forward_search", "3"],
+}  # fmt: skip
+MODE_ASSIGNMENTS = ("reverse0", "forward2", "allvoxels", "vector", "vector_allvoxels_invnodevol")
+
+
+def mode_jobs() -> list[list[str]]:
+    """tck2connectome commands for :data:`MODE_VARIANTS` (vector files from write_vectors)."""
+    jobs = []
+    for prefix, (case, tck, parc) in OPTION_TRACTS.items():
+        wp = f"tests/data/connectome/{prefix}_weights.txt"
+        for name, opts in MODE_VARIANTS.items():
+            opts = [o.format(w=wp) for o in opts]
+            out = f"tests/data/connectome/{prefix}_{name}.csv"
+            cmd = ["tck2connectome", f"../shared/data/{case}/{tck}", parc, out, *opts]
+            if prefix == "sift_gmwmi" and name in MODE_ASSIGNMENTS:
+                cmd += ["-out_assignments", f"tests/data/connectome/{prefix}_{name}_assign.txt"]
+            jobs.append(cmd + ["-nthreads", "0", "-quiet", "-force"])
+    return jobs
 
 
 def write_vectors(prefix: str, count: int) -> tuple[str, str]:
@@ -148,6 +192,8 @@ def main(argv: list[str]) -> int:
     """All fixtures; ``--options-only``: only those of :data:`OPTION_VARIANTS`."""
     if "--options-only" in argv:
         return _run(option_jobs())
+    if "--modes-only" in argv:
+        return _run(mode_jobs())
     conf = _data_module()
     for case in conf.PARCELLATION_SPECS:
         conf.make_parcellation_nifti(case, HERE / f"{case}_parc.nii.gz", SHARED)
@@ -182,7 +228,7 @@ def main(argv: list[str]) -> int:
             if (prefix, name) in ASSIGNMENTS:
                 cmd += ["-out_assignments", f"tests/data/connectome/{prefix}_{name}_assign.txt"]
             jobs.append(cmd + ["-nthreads", "0", "-quiet", "-force"])
-    return _run(jobs + option_jobs())
+    return _run(jobs + option_jobs() + mode_jobs())
 
 
 def _run(jobs: list[list[str]]) -> int:
