@@ -5,13 +5,19 @@ Runs both commands ``--repeats`` times, interleaved, on the same inputs (default
 that the two output files are byte-identical. Our command is started as a fresh interpreter
 (``python -m invtract.cli``, the console script without its shell shim), so interpreter start,
 imports, reading, assignment and writing are all counted. It also times our phases in one
-process (imports excluded) to show where the time goes.
+process (imports excluded) to show where the time goes, and the start-up floor (a fresh
+interpreter importing numpy and nibabel, which our command cannot avoid).
 
-Prints JSON: median / min seconds of each, the ratio (ours / tck2connectome), the phases, and
-``identical``. Timings on a shared machine are noisy; compare the two numbers of one run.
+With ``--large N`` (default 100000; 0 skips it) the same is repeated on a tractogram of N
+streamlines built from the input one (its streamlines repeated, each shifted by a random
+offset of about 1 mm, seed 15), where start-up no longer dominates.
 
-    python benchmarks/connectome_speed.py [--repeats 7] [--tracks T.tck --parcellation P]
-        [-- extra tck2connectome options, e.g. -- -scale_length -stat_edge mean]
+Prints JSON: per case, median / min seconds of each, the ratio (ours / tck2connectome), the
+phases, and ``identical``. Timings on a shared machine are noisy; compare the numbers of one run.
+
+    python benchmarks/connectome_speed.py [--repeats 7] [--large 100000]
+        [--tracks T.tck --parcellation P] [-- extra tck2connectome options, e.g.
+        -- -scale_length -stat_edge mean]
 """
 
 from __future__ import annotations
@@ -50,33 +56,90 @@ def _phases(tracks: Path, parc: Path, opts: list[str]) -> dict[str, float]:
     """Seconds of each phase of our command in this process (modules already imported)."""
     import numpy as np
 
+    from invtract.commands.connectome import Connectome
     from invtract.evaluation import connectome as ev
     from invtract.evaluation.tracks import load_packed
     from invtract.io.image import load_image
 
+    parser = argparse.ArgumentParser()
+    Connectome.add_arguments(parser)
+    args = parser.parse_args([str(tracks), str(parc), "out.csv", *_ours(opts)])
+    mode = ev.PAIR_ASSIGNMENTS[0]
     times = {}
     t = time.perf_counter()
     labels = ev.as_label_volume(load_image(parc))
     tracks_ = load_packed(tracks)
     times["read_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    radius = float(opts[opts.index("-assignment_radial_search") + 1]) if (
-        "-assignment_radial_search" in opts) else 4.0  # fmt: skip
-    nodes = ev.assign_endpoints(tracks_, labels, radius)
+    from invtract.commands.connectome import _assignment
+
+    mode, distance = _assignment(args)
+    nodes = ev.assign_nodes(tracks_, labels, distance, assignment=mode)
     times["assign_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    scale = "length" if "-scale_length" in opts else "invlength" if "-scale_invlength" in opts \
-        else "none"  # fmt: skip
+    scale = "length" if args.scale_length else "invlength" if args.scale_invlength else "none"
     factors = ev.edge_factors(tracks_, nodes, scale=scale)
-    full = ev.accumulate_edges(nodes, factors, np.ones(len(tracks_), np.float32), labels.n_nodes)
+    ones = np.ones(len(tracks_), np.float32)
+    full = ev.accumulate_connectome(nodes, factors, ones, labels.n_nodes, args.stat_edge)
     ev.format_connectome(ev.layout_matrix(full, False, False, False))
     times["matrix_and_format_s"] = time.perf_counter() - t
+    times["total_s"] = sum(times.values())
     return times
+
+
+def _make_large(source: Path, n: int, out: Path) -> int:
+    """Write ``n`` streamlines built from ``source`` (shifted copies) to ``out``; the count."""
+    import nibabel as nib
+    import numpy as np
+
+    from invtract.evaluation.tracks import load_packed
+
+    packed = load_packed(source)
+    lines = np.split(packed.points, np.cumsum(packed.lengths)[:-1])
+    rng = np.random.default_rng(15)
+    pick = np.arange(n) % len(lines)
+    shifts = rng.normal(0.0, 1.0, (n, 3)).astype(np.float32)
+    big = [lines[i] + shifts[k] for k, i in enumerate(pick)]
+    tractogram = nib.streamlines.Tractogram(big, affine_to_rasmm=np.eye(4))
+    nib.streamlines.save(tractogram, str(out))
+    return n
+
+
+def _case(tracks: Path, parc: Path, extra: list[str], repeats: int, work: Path) -> dict:
+    """Time both commands on one tractogram; the JSON record of the case."""
+    ref, out = work / "ref.csv", work / "out.csv"
+    mrtrix = ["tck2connectome", str(tracks), str(parc), str(ref), "-quiet", "-force", *extra]
+    ours = [sys.executable, "-m", "invtract.cli", "-q", "connectome", str(tracks), str(parc),
+            str(out), "--force", *_ours(extra)]  # fmt: skip
+    _wall(mrtrix), _wall(ours)  # warm the page cache and pyc caches
+    t_mrtrix, t_ours = [], []
+    for _ in range(max(1, repeats)):
+        t_mrtrix.append(_wall(mrtrix))
+        t_ours.append(_wall(ours))
+    return {
+        "tracks": str(tracks),
+        "options": extra,
+        "repeats": len(t_ours),
+        "tck2connectome_median_s": statistics.median(t_mrtrix),
+        "tck2connectome_min_s": min(t_mrtrix),
+        "invtract_median_s": statistics.median(t_ours),
+        "invtract_min_s": min(t_ours),
+        "ratio_median": statistics.median(t_ours) / statistics.median(t_mrtrix),
+        "identical": ref.read_bytes() == out.read_bytes(),
+        "invtract_phases_in_process": _phases(tracks, parc, extra),
+    }
+
+
+def _startup_floor(repeats: int) -> float:
+    """Median seconds of a fresh interpreter importing numpy and nibabel."""
+    cmd = [sys.executable, "-c", "import numpy, nibabel"]
+    return statistics.median(_wall(cmd) for _ in range(max(1, repeats)))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--large", type=int, default=100_000, help="streamlines (0: skip)")
     ap.add_argument("--tracks", type=Path, default=TRACKS)
     ap.add_argument("--parcellation", type=Path, default=PARC)
     ap.add_argument("extra", nargs="*", help="tck2connectome options (after --)")
@@ -87,36 +150,21 @@ def main() -> int:
     if not args.tracks.is_file() or not args.parcellation.is_file():
         print(json.dumps({"error": f"missing input {args.tracks} or {args.parcellation}"}))
         return 1
+    res = {"parcellation": str(args.parcellation)}
     with tempfile.TemporaryDirectory() as d:
-        ref, out = Path(d) / "ref.csv", Path(d) / "out.csv"
-        mrtrix = ["tck2connectome", str(args.tracks), str(args.parcellation), str(ref), "-quiet",
-                  "-force", *args.extra]  # fmt: skip
-        ours = [sys.executable, "-m", "invtract.cli", "-q", "connectome", str(args.tracks),
-                str(args.parcellation), str(out), "--force", *_ours(args.extra)]  # fmt: skip
-        _wall(mrtrix), _wall(ours)  # warm the page cache and numba/pyc caches
-        t_mrtrix, t_ours = [], []
-        for _ in range(max(1, args.repeats)):
-            t_mrtrix.append(_wall(mrtrix))
-            t_ours.append(_wall(ours))
-        identical = ref.read_bytes() == out.read_bytes()
-    res = {
-        "tracks": str(args.tracks),
-        "parcellation": str(args.parcellation),
-        "options": args.extra,
-        "repeats": len(t_ours),
-        "tck2connectome_median_s": statistics.median(t_mrtrix),
-        "tck2connectome_min_s": min(t_mrtrix),
-        "invtract_median_s": statistics.median(t_ours),
-        "invtract_min_s": min(t_ours),
-        "ratio_median": statistics.median(t_ours) / statistics.median(t_mrtrix),
-        "identical": identical,
-        "invtract_phases_in_process": _phases(args.tracks, args.parcellation, args.extra),
-    }
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import numpy, nibabel"], check=True)
-    res["python_numpy_nibabel_start_s"] = time.perf_counter() - t
+        work = Path(d)
+        res["whole"] = _case(args.tracks, args.parcellation, args.extra, args.repeats, work)
+        if args.large > 0:
+            print(f"writing {args.large} streamlines ...", file=sys.stderr)
+            big = work / "large.tck"
+            _make_large(args.tracks, args.large, big)
+            reps = max(1, args.repeats // 2)
+            res["large"] = _case(big, args.parcellation, args.extra, reps, work)
+            res["large"]["streamlines"] = args.large
+    res["python_numpy_nibabel_start_s"] = _startup_floor(args.repeats)
     print(json.dumps(res, indent=2))
-    return 0 if identical else 1
+    ok = res["whole"]["identical"] and res.get("large", {"identical": True})["identical"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
