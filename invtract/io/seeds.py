@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,8 +33,6 @@ __all__ = [
 
 #: Column header line written by tckgen (line 2 of an ``-output_seeds`` file).
 SEEDS_HEADER = "#Track_index,Seed_index,Pos_x,Pos_y,Pos_z,"
-
-_SPLIT = re.compile(r"[,\s]+")
 
 
 @dataclass
@@ -62,28 +59,101 @@ class SeedTable:
         return int(self.positions.shape[0])
 
 
-def _to_float(token: str, path: str, lineno: int) -> float:
+def _read_text(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FormatError(f"{path}: no such file")
     try:
-        return float(token)
-    except ValueError as err:
-        raise FormatError(f"{path}:{lineno}: non-numeric value {token!r}") from err
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise FormatError(f"{path}: cannot read seed file ({err})") from err
 
 
-def _to_index(token: str, path: str, lineno: int, name: str) -> int:
+def _header(lines: list[str]) -> tuple[str | None, bool]:
+    """``(command on line 1, whether the tckgen column header is present)``."""
+    command = None
+    if lines and lines[0].strip().startswith("#"):
+        command = lines[0].strip()[1:].strip()
+    compact = (ln.replace(" ", "").lower() for ln in lines if ln.strip().startswith("#"))
+    tckgen = any(c.startswith("#track_index,seed_index") for c in compact)
+    if tckgen and command and command.replace(" ", "").lower().startswith("track_index"):
+        command = None
+    return command, tckgen
+
+
+def _table(path: str, lines: list[str]) -> tuple[np.ndarray, list[int]]:
+    """The numeric rows (``[N, C]`` float64, by ``numpy.loadtxt``) and their 1-based lines.
+
+    Commas count as whitespace (tckgen's rows end in one); ``#`` starts a comment. When
+    numpy refuses the text, the first offending line is found for the message.
+    """
+    numbered = [(i, ln.split("#", 1)[0].replace(",", " ")) for i, ln in enumerate(lines, 1)]
+    numbered = [(i, ln) for i, ln in numbered if ln.strip()]
+    if not numbered:
+        raise FormatError(f"{path}: no seeds found (empty file or comments only)")
+    linenos = [i for i, _ in numbered]
     try:
-        f = float(token)
+        data = np.loadtxt([ln for _, ln in numbered], dtype=np.float64, ndmin=2)
     except ValueError as err:
-        raise FormatError(f"{path}:{lineno}: non-numeric {name} {token!r}") from err
-    if not f.is_integer():
-        raise FormatError(f"{path}:{lineno}: {name} must be an integer, got {token!r}")
-    value = int(token) if token.lstrip("+-").isdigit() else int(f)
-    if value < 0:
-        raise FormatError(f"{path}:{lineno}: {name} must be >= 0, got {value}")
-    return value
+        raise _locate_error(path, numbered) from err
+    return data, linenos
+
+
+def _locate_error(path: str, numbered: list[tuple[int, str]]) -> FormatError:
+    """The message for the first row that has another column count or a non-number."""
+    ncols = len(numbered[0][1].split())
+    for lineno, text in numbered:
+        tokens = text.split()
+        if len(tokens) != ncols:
+            return FormatError(
+                f"{path}:{lineno}: expected {ncols} values like the first seed row, "
+                f"got {len(tokens)}"
+            )
+        try:
+            np.asarray(tokens, dtype=np.float64)
+        except ValueError:
+            return FormatError(f"{path}:{lineno}: non-numeric value in {text.strip()!r}")
+    return FormatError(f"{path}: cannot parse the seed rows")
+
+
+def _check_columns(path: str, data: np.ndarray, linenos: list[int], tckgen: bool) -> None:
+    ncols = data.shape[1]
+    if tckgen and ncols != 5:
+        raise FormatError(
+            f"{path}:{linenos[0]}: tckgen seed rows need 5 values "
+            f"(Track_index,Seed_index,Pos_x,Pos_y,Pos_z), got {ncols}"
+        )
+    if ncols not in (3, 5, 6):
+        raise FormatError(
+            f"{path}:{linenos[0]}: expected 3 columns (x y z), 6 (x y z dx dy dz) or the tckgen "
+            f"5-column format, got {ncols}"
+        )
+
+
+def _first_bad(path: str, bad: np.ndarray, linenos: list[int], message: str, values) -> None:
+    """Raise ``FormatError`` at the line of the first row flagged in ``bad`` ``[N]``.
+
+    ``message`` is formatted with that row of ``values`` (``{}``).
+    """
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        shown = values[r].tolist() if np.ndim(values[r]) else f"{values[r]:g}"
+        raise FormatError(f"{path}:{linenos[r]}: " + message.format(shown))
+
+
+def _indices(path: str, data: np.ndarray, linenos: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """tckgen's ``Track_index`` / ``Seed_index`` columns as int64, checked."""
+    for col, name in ((0, "Track_index"), (1, "Seed_index")):
+        v = data[:, col]
+        _first_bad(path, v != np.round(v), linenos, name + " must be an integer, got {}", v)
+        _first_bad(path, v < 0, linenos, name + " must be >= 0, got {}", v)
+    return data[:, 0].astype(np.int64), data[:, 1].astype(np.int64)
 
 
 def load_seeds(path: str | os.PathLike) -> SeedTable:
     """Read a seed file (tckgen ``-output_seeds`` CSV or a plain 3/6-column list).
+
+    The rows are read by ``numpy.loadtxt`` (commas as whitespace, ``#`` comments).
 
     Args:
         path: text file. Positions are scanner mm (RAS+); optional directions (6-column
@@ -99,79 +169,27 @@ def load_seeds(path: str | os.PathLike) -> SeedTable:
             message names the file and (1-based) line.
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise FormatError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text_lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise FormatError(f"{path}: cannot read seed file ({err})") from err
-
-    command: str | None = None
-    tckgen_header = False
-    rows: list[tuple[int, list[str]]] = []
-    for lineno, raw in enumerate(text_lines, 1):
-        stripped = raw.strip()
-        if stripped.startswith("#"):
-            compact = stripped.replace(" ", "").lower()
-            if compact.startswith("#track_index,seed_index"):
-                tckgen_header = True
-            elif lineno == 1:
-                command = stripped[1:].strip()
-            continue
-        content = stripped.split("#", 1)[0].strip()
-        if not content:
-            continue
-        tokens = [t for t in _SPLIT.split(content) if t]
-        rows.append((lineno, tokens))
-    if not rows:
-        raise FormatError(f"{path}: no seeds found (empty file or comments only)")
-
-    ncols = len(rows[0][1])
-    if tckgen_header and ncols != 5:
-        raise FormatError(
-            f"{path}:{rows[0][0]}: tckgen seed rows need 5 values "
-            f"(Track_index,Seed_index,Pos_x,Pos_y,Pos_z), got {ncols}"
-        )
-    if ncols not in (3, 5, 6):
-        raise FormatError(
-            f"{path}:{rows[0][0]}: expected 3 columns (x y z), 6 (x y z dx dy dz) or the tckgen "
-            f"5-column format, got {ncols}"
-        )
-    for lineno, tokens in rows:
-        if len(tokens) != ncols:
-            raise FormatError(
-                f"{path}:{lineno}: expected {ncols} values like the first seed row, "
-                f"got {len(tokens)}"
-            )
-
-    n = len(rows)
-    positions = np.empty((n, 3), dtype=np.float64)
-    directions = np.empty((n, 3), dtype=np.float64) if ncols == 6 else None
-    track_index = np.empty(n, dtype=np.int64) if ncols == 5 else None
-    seed_index = np.empty(n, dtype=np.int64) if ncols == 5 else None
-    for r, (lineno, tokens) in enumerate(rows):
-        if ncols == 5:
-            track_index[r] = _to_index(tokens[0], path, lineno, "Track_index")
-            seed_index[r] = _to_index(tokens[1], path, lineno, "Seed_index")
-            pos_tokens = tokens[2:5]
-        else:
-            pos_tokens = tokens[:3]
-        xyz = [_to_float(t, path, lineno) for t in pos_tokens]
-        if not all(math.isfinite(v) for v in xyz):
-            raise FormatError(f"{path}:{lineno}: non-finite seed coordinate {xyz}")
-        positions[r] = xyz
-        if directions is not None:
-            d = [_to_float(t, path, lineno) for t in tokens[3:6]]
-            norm = math.sqrt(sum(v * v for v in d)) if all(math.isfinite(v) for v in d) else 0.0
-            if not math.isfinite(norm) or norm == 0.0:
-                raise FormatError(
-                    f"{path}:{lineno}: seed direction {d} is zero-length or non-finite"
-                )
-            directions[r] = [v / norm for v in d]
+    lines = _read_text(path)
+    command, tckgen = _header(lines)
+    data, linenos = _table(path, lines)
+    _check_columns(path, data, linenos, tckgen)
+    track_index = seed_index = directions = None
+    if data.shape[1] == 5:
+        track_index, seed_index = _indices(path, data, linenos)
+        positions = data[:, 2:5]
+    else:
+        positions = data[:, :3]
+    finite = np.isfinite(positions).all(axis=1)
+    _first_bad(path, ~finite, linenos, "non-finite seed coordinate {}", positions)
+    if data.shape[1] == 6:
+        d = data[:, 3:6]
+        norm = np.linalg.norm(d, axis=1)
+        bad = ~(np.isfinite(norm) & (norm > 0))
+        _first_bad(path, bad, linenos, "seed direction {} is zero-length or non-finite", d)
+        directions = (d / norm[:, None]).astype(np.float32)
     return SeedTable(
         positions=positions.astype(np.float32),
-        directions=None if directions is None else directions.astype(np.float32),
+        directions=directions,
         track_index=track_index,
         seed_index=seed_index,
         command=command,

@@ -122,3 +122,32 @@ def test_write_seeds_format(tmp_path):
     assert os.listdir(tmp_path) == ["w.txt"]
     with pytest.raises(ShapeError):
         write_seeds(p, [0, 1], [0], [[0, 0, 0]] * 2, "x")
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("# c\n\n1 2 3\n\n4 5 nan\n", r"s.txt:5: non-finite"),
+        ("# c\n1,2,3,\n# x\n4,5\n", r"s.txt:4: expected 3 values"),
+        (
+            "#c\n#Track_index,Seed_index,Pos_x,Pos_y,Pos_z,\n0,1,2,3,4,\n-1,0,2,3,4,\n",
+            r":4: Track",
+        ),
+    ],
+)
+def test_seed_errors_name_the_file_line(tmp_path, text, match):
+    """Lines count comments and blank lines (numpy.loadtxt reads only the data rows)."""
+    p = tmp_path / "s.txt"
+    p.write_text(text)
+    with pytest.raises(FormatError, match=match):
+        load_seeds(p)
+
+
+def test_tckgen_seed_file_columns(shared_data):
+    t = load_seeds(shared_data / "phantom_cross90" / "bundleB_default_seeds.txt")
+    raw = np.genfromtxt(shared_data / "phantom_cross90" / "bundleB_default_seeds.txt",
+                        delimiter=",", comments="#")[:, :5]  # fmt: skip
+    np.testing.assert_array_equal(t.track_index, raw[:, 0].astype(np.int64))
+    np.testing.assert_array_equal(t.seed_index, raw[:, 1].astype(np.int64))
+    np.testing.assert_array_equal(t.positions, raw[:, 2:5].astype(np.float32))
+    assert t.command.startswith("tckgen ") and t.directions is None
