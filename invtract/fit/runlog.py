@@ -22,6 +22,7 @@ from ..io.atomic import atomic_write_text, check_writable_dir
 
 __all__ = [
     "RunLogger",
+    "append_command",
     "resolve_run_dir",
     "atomic_write_text",
     "bundle_figure",
@@ -78,6 +79,23 @@ def versions() -> dict:
     except (OSError, subprocess.SubprocessError):
         out["git_sha"] = None
     return out
+
+
+def append_command(
+    run_dir: str | os.PathLike, argv: list, name: str = "command.txt", *, timestamp: bool = False
+) -> Path:
+    """Append one command line (``argv`` joined by spaces) to ``run_dir/name``, flushed.
+
+    With ``timestamp`` the line starts with the local time (``YYYY-mm-ddTHH:MM:SS`` and a tab).
+    The run folders of ``fit`` (``command.txt``) and ``calibrate`` (``commands.txt``) both
+    record their command lines here.
+    """
+    path = Path(run_dir) / name
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S") + "\t" if timestamp else ""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(stamp + " ".join(str(a) for a in argv) + "\n")
+        f.flush()
+    return path
 
 
 class RunLogger:
@@ -166,13 +184,11 @@ class RunLogger:
     def record_run(self, config_toml: str, argv: list, resume: bool) -> None:
         """``config.toml``, ``command.txt`` and ``versions.json`` of a new run; a resumed run
         appends its command line to ``command.txt`` and keeps the rest."""
-        line = " ".join(argv) + "\n"
         if resume:
-            with open(self.run_dir / "command.txt", "a", encoding="utf-8") as f:
-                f.write(line)
+            append_command(self.run_dir, argv)
             return
         self.write_text("config.toml", config_toml)
-        self.write_text("command.txt", line)
+        self.write_text("command.txt", " ".join(argv) + "\n")
         self.write_json("versions.json", versions())
 
     def write_text(self, name: str, text: str) -> Path:

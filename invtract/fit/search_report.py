@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import json
 import logging
 import os
-import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -18,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
-import torch
 
 from ..io.atomic import atomic_write_bytes, atomic_write_text
 from .config import toml_dumps
@@ -55,36 +52,21 @@ def record_run(
     run_dir: Path, job: SearchJob, space: SearchSpace, argv: Sequence[str], extra: Mapping
 ) -> None:
     """Write ``config.toml`` (resolved job, space, versions) and append argv to
-    ``commands.txt`` in the run folder."""
+    ``commands.txt`` in the run folder, through the run-folder owner
+    (:mod:`invtract.fit.runlog`: atomic writes, the one ``versions()`` record)."""
+    from .runlog import append_command, versions
+
     run_dir.mkdir(parents=True, exist_ok=True)
     job_d = {k: v for k, v in dataclasses.asdict(job).items() if v is not None}
     doc = {
         "command": " ".join(argv),
         "job": job_d,
         "run": dict(extra),
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "optuna": optuna.__version__,
-            "numpy": np.__version__,
-            "git": _git_sha(),
-        },
+        "versions": {k: v for k, v in versions().items() if v is not None},
         "space": space.to_dict(),
     }
     atomic_write_text(run_dir / "config.toml", toml_dumps(doc))
-    with open(run_dir / "commands.txt", "a", encoding="utf-8") as f:
-        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\t{' '.join(argv)}\n")
-
-
-def _git_sha() -> str:
-    head = Path(__file__).resolve().parents[2] / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            return (head.parent / ref[5:]).read_text().strip()
-        return ref
-    except OSError:
-        return "unknown"
+    append_command(run_dir, list(argv), "commands.txt", timestamp=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -143,42 +125,64 @@ def summarise_study(study: optuna.Study) -> dict:
 
 
 _ATTRS = ("n_missing", "mean_length_mm", "forward_passes", "wall_s", "worker", "fail_reason")
+_INT_COLUMNS = ("number", "n_missing", "forward_passes", "worker")
+_DF_ATTRS = ("number", "state", "value", "params", "user_attrs", "datetime_start",
+             "datetime_complete", "duration")  # fmt: skip
+
+
+def trials_table(study: optuna.Study):
+    """All trials as a ``pandas.DataFrame``, from Optuna's ``study.trials_dataframe()``.
+
+    Columns: ``number, state, loss`` (Optuna's ``value``), one column per parameter (its
+    config name, without Optuna's ``params_`` prefix), ``last_step``, ``datetime_start``,
+    ``datetime_complete`` (ISO text, seconds), ``duration_s``, the recorded trial attributes
+    (``n_missing, mean_length_mm, forward_passes, wall_s, worker, fail_reason``, then any
+    other ``user_attrs`` without their prefix). Missing values are ``NA``.
+    """
+    import pandas as pd
+
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        return pd.DataFrame(columns=["number", "state", "loss", "last_step", "datetime_start",
+                                     "datetime_complete", "duration_s", *_ATTRS])  # fmt: skip
+    df = study.trials_dataframe(attrs=_DF_ATTRS).rename(columns={"value": "loss"})
+    params = [c for c in df.columns if c.startswith("params_")]
+    attrs = [c for c in df.columns if c.startswith("user_attrs_")]
+    df = df.rename(columns={c: c[len("params_") :] for c in params})
+    df = df.rename(columns={c: c[len("user_attrs_") :] for c in attrs})
+    df["last_step"] = pd.array([t.last_step for t in trials], dtype="Int64")
+    for col in ("datetime_start", "datetime_complete"):
+        df[col] = df[col].map(lambda v: v.isoformat(timespec="seconds") if pd.notna(v) else None)
+    df["duration_s"] = df.pop("duration").dt.total_seconds().round(3)
+    for col in _ATTRS:
+        if col not in df:
+            df[col] = None
+    failed = (df["state"] == "FAIL") & df["fail_reason"].isna()
+    df.loc[failed, "fail_reason"] = "interrupted or worker died (no heartbeat)"
+    df = df.drop(columns=[c for c in ("last_loss",) if c in df])
+    names = list(dict.fromkeys(k for t in trials for k in t.params))  # first-seen order
+    first = ["number", "state", "loss", *names, "last_step", "datetime_start",
+             "datetime_complete", "duration_s", *_ATTRS]  # fmt: skip
+    df = df[first + [c for c in df.columns if c not in first]]
+    for col in _INT_COLUMNS:  # integer attributes stay integers where a trial lacks them
+        if col in df and _integral(df[col].dropna().tolist()):
+            df[col] = pd.array(df[col].tolist(), dtype="Int64")
+    return df
+
+
+def _integral(values: list) -> bool:
+    """Whether ``values`` is non-empty and holds only whole numbers (no bools, no text)."""
+    ok = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in values]
+    return bool(values) and all(ok) and all(float(v).is_integer() for v in values)
 
 
 def _trial_rows(study: optuna.Study) -> tuple[list[str], list[list]]:
-    trials = study.get_trials(deepcopy=False)
-    names: list[str] = []
-    for t in trials:
-        for k in t.params:
-            if k not in names:
-                names.append(k)
-    header = ["number", "state", "loss", *names, "last_step", "datetime_start",
-              "datetime_complete", "duration_s", *_ATTRS]  # fmt: skip
-    rows = []
-    for t in trials:
-        dur = (
-            (t.datetime_complete - t.datetime_start).total_seconds()
-            if t.datetime_complete and t.datetime_start
-            else None
-        )
-        fail = t.user_attrs.get("fail_reason")
-        if t.state == optuna.trial.TrialState.FAIL and not fail:
-            fail = "interrupted or worker died (no heartbeat)"
-        attrs = [t.user_attrs.get(a) for a in _ATTRS[:-1]] + [fail]
-        rows.append(
-            [
-                t.number,
-                t.state.name,
-                t.value,
-                *[t.params.get(n) for n in names],
-                t.last_step,
-                t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
-                t.datetime_complete.isoformat(timespec="seconds") if t.datetime_complete else None,
-                round(dur, 3) if dur is not None else None,
-                *attrs,
-            ]
-        )
-    return header, rows
+    """``(header, rows)`` of :func:`trials_table`, with ``None`` for missing values."""
+    import pandas as pd
+
+    df = trials_table(study)
+    rows = [[None if pd.isna(v) else v for v in r] for r in df.itertuples(index=False)]
+    return list(df.columns), rows
 
 
 def format_summary(study: optuna.Study, max_rows: int = 50) -> str:
@@ -221,8 +225,10 @@ def _fmt(v) -> str:
 
 
 def write_outputs(study: optuna.Study, run_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``best.json``, ``trials.csv``, ``param_importance.png`` and
-    ``loss_vs_trial.png`` into ``run_dir`` (each atomically: temporary file + rename).
+    """Write ``best.json``, ``trials.csv`` (:func:`trials_table`) and the study plots of
+    ``optuna.visualization.matplotlib``: ``loss_vs_trial.png`` (optimisation history),
+    ``param_importance.png``, ``parallel_coordinate.png`` and ``slice.png``, into ``run_dir``
+    (each atomically: temporary file + rename).
 
     ``best.json``: ``{"study", "mode", "trial", "loss", "params": {config name: value},
     "n_trials", "states", "importances"}`` (``trial``/``loss``/``params`` null without a
@@ -248,65 +254,58 @@ def write_outputs(study: optuna.Study, run_dir: str | os.PathLike) -> dict[str, 
     }
     paths = {"best": run_dir / "best.json", "trials": run_dir / "trials.csv"}
     atomic_write_text(paths["best"], json.dumps(best, indent=2, default=str) + "\n")
-    header, rows = _trial_rows(study)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows([["" if v is None else v for v in r] for r in rows])
-    atomic_write_text(paths["trials"], buf.getvalue())
+    atomic_write_text(
+        paths["trials"], trials_table(study).to_csv(index=False, lineterminator="\n")
+    )
     paths.update(_plots(study, s, run_dir))
     return paths
 
 
+def _importance_evaluator():
+    """Optuna's default importance evaluator (fANOVA, needs scikit-learn), else PED-ANOVA."""
+    try:
+        import sklearn  # noqa: F401
+
+        return None
+    except ImportError:
+        return optuna.importance.PedAnovaImportanceEvaluator()
+
+
 def _plots(study: optuna.Study, s: dict, run_dir: Path) -> dict[str, Path]:
+    """The study plots, drawn by ``optuna.visualization.matplotlib``."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
 
+    n_done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials())
+    plots = {
+        "loss_vs_trial": ("loss_vs_trial.png", lambda: ovm.plot_optimization_history(study)),
+        "importance": ("param_importance.png", lambda: ovm.plot_param_importances(
+            study, evaluator=_importance_evaluator())),
+        "parallel_coordinate": ("parallel_coordinate.png",
+                                lambda: ovm.plot_parallel_coordinate(study)),
+        "slice": ("slice.png", lambda: ovm.plot_slice(study)),
+    }  # fmt: skip
     out = {}
-    trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if done:
-        x = [t.number for t in done]
-        y = [t.value for t in done]
-        ax.scatter(x, y, s=14, label="completed trial")
-        order = np.argsort(x)
-        best = np.minimum.accumulate(np.asarray(y)[order])
-        ax.step(np.asarray(x)[order], best, where="post", color="C3", label="best so far")
-    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED and t.last_step
-              is not None]  # fmt: skip
-    if pruned:
-        ax.scatter([t.number for t in pruned],
-                   [t.intermediate_values[t.last_step] for t in pruned],
-                   marker="x", color="0.5", s=14, label="pruned (last report)")  # fmt: skip
-    fails = [t.number for t in trials if t.state == optuna.trial.TrialState.FAIL]
-    for n in fails:
-        ax.axvline(n, color="0.85", lw=0.8, zorder=0)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("loss (mm)")
-    ax.set_title(f"{study.study_name}: loss vs trial ({len(fails)} failed)")
-    if done or pruned:
-        ax.legend(fontsize=8)
-        if done and min(y) > 0 and max(y) / max(min(y), 1e-12) > 50:
-            ax.set_yscale("log")
-    out["loss_vs_trial"] = _save_fig(fig, run_dir / "loss_vs_trial.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
-    imp = s["importances"]
-    if imp:
-        names = list(imp)[::-1]
-        ax.barh(names, [imp[n] for n in names])
-        ax.set_xlabel("importance (share)")
-    else:
-        ax.text(0.5, 0.5, "not available (need >= 2 completed trials)", ha="center")
-        ax.set_axis_off()
-    ax.set_title("parameter importance")
-    fig.tight_layout()
-    out["importance"] = _save_fig(fig, run_dir / "param_importance.png")
-    plt.close(fig)
+    for key, (name, draw) in plots.items():
+        fig = None
+        if n_done >= (2 if key == "importance" else 1):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    fig = np.ravel(draw())[0].figure
+                except (ValueError, RuntimeError, ZeroDivisionError) as err:
+                    log.info("%s plot unavailable: %s", name, err)
+        if fig is None:
+            fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+            need = 2 if key == "importance" else 1
+            ax.text(0.5, 0.5, f"not available (need >= {need} completed trials)", ha="center")
+            ax.set_axis_off()
+        fig.set_dpi(100)
+        out[key] = _save_fig(fig, run_dir / name)
+        plt.close(fig)
     return out
 
 
