@@ -7,7 +7,8 @@ The front door::
     sft = it.track(fod, seed_image="mask.nii.gz", select=1000, rng_seed=1)
     # sft: a DIPY StatefulTractogram, RAS+ mm; sft.data_per_streamline["seed_point"]
 
-``it.from_sft(sft)`` turns a StatefulTractogram into :class:`Streamlines` (e.g. a fit target).
+``it.from_sft(sft)`` turns a StatefulTractogram into :class:`Streamlines`;
+``it.fit_target(sft)`` gives a fit target and its paired seeds (``seed_index`` per streamline).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "load_fod",
     "track",
     "from_sft",
+    "fit_target",
     "SH_BASES",
 ]
 
@@ -39,6 +41,7 @@ _LAZY = {
     "load_fod": "invtract.io.image:load_fod",
     "track": "invtract.tracking.api:track_tractogram",
     "from_sft": "invtract.tracking.api:from_sft",
+    "fit_target": "invtract.tracking.api:fit_target",
     "SH_BASES": "invtract.io.sh_basis:SH_BASES",
 }
 

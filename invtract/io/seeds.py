@@ -27,6 +27,7 @@ __all__ = [
     "load_seeds",
     "write_seeds",
     "seeds_from_reference",
+    "seeds_at_vertices",
     "midpoint_seeds",
     "SEEDS_HEADER",
 ]
@@ -287,16 +288,44 @@ def seeds_from_reference(
         raise FormatError(
             f"{seeds_path}: not a tckgen -output_seeds file (needs Track_index and Seed_index)"
         )
-    sl = load_tractogram(tck_path)
+    pos, dirs = seeds_at_vertices(
+        load_tractogram(tck_path), table.track_index, table.seed_index, unidirectional,
+        names=(str(tck_path), str(seeds_path)),
+    )  # fmt: skip
+    return pos, dirs, table.track_index.copy()
+
+
+def seeds_at_vertices(
+    sl,
+    track_index: np.ndarray,
+    seed_index: np.ndarray,
+    unidirectional: bool = False,
+    names: tuple[str, str] = ("the tractogram", "the seeds"),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seed positions and initial directions at given vertices of given streamlines.
+
+    The rule of :func:`seeds_from_reference` (which reads the indices from a seeds file);
+    here they come as arrays, e.g. a tractogram's ``seed_index`` data per streamline.
+
+    Args:
+        sl: :class:`~invtract.streamlines.Streamlines` (scanner mm).
+        track_index, seed_index: ``[N]`` streamline and vertex indices.
+        unidirectional: the tractogram was tracked in one direction only.
+        names: the tractogram's and the seeds' names, for messages.
+
+    Returns:
+        ``(positions [N, 3] float32 scanner mm, directions [N, 3] float32 unit vectors)``.
+    """
+    tck_path, seeds_path = names
     pts = sl.points.numpy().astype(np.float64)
     lengths = sl.lengths.numpy()
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    n = len(table)
+    n = len(track_index)
     positions = np.empty((n, 3), dtype=np.float32)
     directions = np.empty((n, 3), dtype=np.float32)
     for r in range(n):
-        t = int(table.track_index[r])
-        s = int(table.seed_index[r])
+        t = int(track_index[r])
+        s = int(seed_index[r])
         if t >= len(lengths):
             raise FormatError(
                 f"{seeds_path}: row {r} refers to streamline {t} but {tck_path} has {len(lengths)}"
@@ -321,7 +350,7 @@ def seeds_from_reference(
             raise FormatError(f"{tck_path}: streamline {t} has a zero-length step at the seed")
         positions[r] = p0
         directions[r] = step / norm
-    return positions, directions, table.track_index.copy()
+    return positions, directions
 
 
 def midpoint_seeds(sl) -> tuple[np.ndarray, np.ndarray]:

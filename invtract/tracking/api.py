@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 from ..fod.field import FODField
 from ..params import ResolvedParameters, TrackingParameters
 from ..streamlines import Streamlines
@@ -24,7 +24,15 @@ from .engines import run_engine
 from .runner import SeedChecker, Seeding, default_engine, run_seeding, seed_vertices
 from .types import RoiSet
 
-__all__ = ["Seeding", "TrackingResult", "track", "SeedChecker", "track_tractogram", "from_sft"]
+__all__ = [
+    "Seeding",
+    "TrackingResult",
+    "track",
+    "SeedChecker",
+    "track_tractogram",
+    "from_sft",
+    "fit_target",
+]
 
 
 @dataclass
@@ -338,11 +346,61 @@ def _nifti_reference(img):
 def from_sft(sft) -> Streamlines:
     """:class:`~invtract.streamlines.Streamlines` (RAS+ mm, float32) from a DIPY
     ``StatefulTractogram`` in any space (e.g. a fit target)."""
-    from dipy.io.stateful_tractogram import Space
+    from dipy.io.stateful_tractogram import Origin, Space
 
     sft = sft.__class__.from_sft(sft.streamlines, sft)  # a copy: to_space moves in place
     sft.to_space(Space.RASMM)
+    sft.to_origin(Origin.NIFTI)  # voxel centres at integers, as MRtrix and .tck
     return Streamlines.from_list([np.asarray(s, np.float32) for s in sft.streamlines])
+
+
+def fit_target(target, *, unidirectional: bool = False):
+    """A fit target with the seeds that pair each streamline with its re-tracked one.
+
+    Args:
+        target: a DIPY ``StatefulTractogram`` (any space / origin; e.g. ``it.track``'s
+            result), a tractogram file (``.tck`` / ``.trk`` / ``.trx``) or
+            :class:`~invtract.streamlines.Streamlines` (scanner mm).
+        unidirectional: the target was tracked in one direction only.
+
+    Returns:
+        ``(streamlines, positions [S, 3] float32 mm, directions [S, 3] float32 unit)``: when
+        the target carries a ``seed_index`` per streamline (``it.track``, and ``.trk`` /
+        ``.trx`` written by ``invtract track``) the seed is that vertex and the direction the
+        first tracking step (:func:`~invtract.io.seeds.seeds_at_vertices`, as with a tckgen
+        seeds file); otherwise each streamline's midpoint (``midpoint_seeds``).
+    """
+    from ..io.seeds import midpoint_seeds, seeds_at_vertices
+
+    sl, seed_index = _target_streamlines(target)
+    if len(sl) == 0:
+        raise ConfigError("the fit target has no streamlines")
+    if seed_index is None:
+        pos, dirs = midpoint_seeds(sl)
+        return sl, pos, dirs
+    idx = np.asarray(seed_index).reshape(-1).astype(np.int64)
+    if idx.shape[0] != len(sl):
+        raise ShapeError(f"seed_index has {idx.shape[0]} values for {len(sl)} streamlines")
+    pos, dirs = seeds_at_vertices(sl, np.arange(len(sl)), idx, unidirectional,
+                                  names=("the fit target", "its seed_index"))  # fmt: skip
+    return sl, pos, dirs
+
+
+def _target_streamlines(target):
+    """``(Streamlines, seed_index [S] or None)`` of any fit target."""
+    if isinstance(target, Streamlines):
+        return target, None
+    if hasattr(target, "streamlines") and hasattr(target, "space"):  # StatefulTractogram
+        return from_sft(target), target.data_per_streamline.get("seed_index")
+    from ..io.tractogram import load_tractogram
+
+    path = str(target)
+    seed_index = None
+    if path.lower().endswith((".trk", ".trx")):
+        from ..io.tractogram_meta import read_tracking_metadata
+
+        seed_index = read_tracking_metadata(path)[1].get("seed_index")
+    return load_tractogram(path), seed_index
 
 
 def _act_engine(engine: str) -> str:

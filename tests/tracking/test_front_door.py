@@ -119,3 +119,36 @@ def test_front_door_is_tckgen_on_a_flipped_nifti_with_image_regions():
     assert len(las) == len(ref) > 0
     for a, b in zip(las.streamlines, ref):
         np.testing.assert_array_equal(np.asarray(a, np.float32), b)
+
+
+def test_from_sft_corner_origin(reference):
+    """A TrackVis-origin (voxel corner) tractogram comes back at MRtrix's voxel centres."""
+    d, ref, _ = reference
+    sft = StatefulTractogram(ref, str(d / "fod.nii.gz"), Space.RASMM)
+    sft.to_corner()
+    assert not np.allclose(sft.streamlines[0], ref[0], atol=0.1)  # corner shifts the points
+    for a, b in zip(it.from_sft(sft).to_list(), ref):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_fit_target_pairs_seeds_like_the_tckgen_seeds_file(reference):
+    """``it.fit_target(it.track(...))`` gives the seeds a tckgen -output_seeds file gives."""
+    from invtract.io.seeds import midpoint_seeds, seeds_from_reference
+
+    d, ref, _ = reference
+    fod = it.load_fod(d / "fod.nii.gz")
+    sft = it.track(fod, seed_grid_per_voxel=(d / "roi_B.nii.gz", 2), seed_direction=(1, 0, 0))
+    sft.to_vox()  # any space
+    sl, pos, dirs = it.fit_target(sft)
+    want_pos, want_dirs, ti = seeds_from_reference(d / "bundleB_default.tck",
+                                                   d / "bundleB_default_seeds.txt")  # fmt: skip
+    np.testing.assert_array_equal(ti, np.arange(len(sl)))
+    np.testing.assert_allclose(pos, want_pos, atol=1e-4)
+    np.testing.assert_allclose(dirs, want_dirs, atol=1e-4)
+    # a plain .tck has no seed indices: midpoints, as `invtract fit` without --target-seeds
+    sl2, pos2, dirs2 = it.fit_target(d / "bundleB_default.tck")
+    mid_pos, mid_dirs = midpoint_seeds(sl2)
+    np.testing.assert_array_equal(pos2, mid_pos)
+    assert len(sl2) == len(sl) and not np.allclose(pos2, pos)
+    with pytest.raises(it.ConfigError, match="no streamlines"):
+        it.fit_target(StatefulTractogram([], str(d / "fod.nii.gz"), Space.RASMM))
