@@ -29,7 +29,7 @@ from ..arrays import to_numpy
 from ..errors import FormatError, InvtractError
 from .image import Image
 from .mif import atomic_output
-from .tractogram_meta import trk_header_fields, trx_header_fields
+from .tractogram_meta import trk_header_fields, trx_group_fields, trx_header_fields
 
 if TYPE_CHECKING:  # annotations only
     from ..streamlines import Streamlines
@@ -525,6 +525,9 @@ def save_tractogram(
     ref_header.set_qform(affine, code=1)
     trx = tmm.TrxFile.from_tractogram(tractogram, ref_header)
     trx.header.update(trx_header_fields(header))
+    groups, dpg = trx_group_fields(header, int(lengths.size))
+    trx.groups.update(groups)
+    trx.data_per_group.update(dpg)
     try:
         with atomic_output(path, suffix=".trx") as tmp:
             tmm.save(trx, tmp)

@@ -8,7 +8,10 @@ the seeds in a separate ``-output_seeds`` file. The other formats carry the same
   it does not fit), and per streamline ``seed_point`` (``[3]``, scanner mm) and
   ``seed_index`` (the seed's vertex) as TrackVis properties.
 * ``.trx``: the header lines as a ``TRACKING`` object in ``header.json`` (every key, in
-  full), and ``seed_point`` / ``seed_index`` as data per streamline.
+  full), ``seed_point`` / ``seed_index`` as data per streamline, and a group ``tracking``
+  holding every streamline whose data per group are the numeric parameters
+  (``step_size``, ``max_angle``, ``threshold``, ``min_dist``, ``max_dist``, ``init_direction``
+  ..., float32 ``[1, k]``), so TRX tools that merge files keep each run's parameters.
 
 :func:`read_tracking_metadata` reads them back from either.
 """
@@ -26,12 +29,16 @@ __all__ = [
     "read_tracking_metadata",
     "trk_header_fields",
     "trx_header_fields",
+    "trx_group_fields",
+    "TRX_GROUP",
 ]
 
 #: size of the TrackVis header's free ``reserved`` field
 TRK_TEXT_BYTES = 444
 #: the ``header.json`` key holding the tracking header in a ``.trx``
 TRX_HEADER_KEY = "TRACKING"
+#: the ``.trx`` group of the streamlines of one tracking run
+TRX_GROUP = "tracking"
 _LAST = ("command_history",)  # long values written last (.trk cuts what does not fit)
 
 
@@ -64,6 +71,27 @@ def trk_header_fields(header: dict | None) -> dict:
 def trx_header_fields(header: dict | None) -> dict:
     """``{TRX_HEADER_KEY: {key: value}}`` for ``header.json`` (strings, in full)."""
     return {TRX_HEADER_KEY: {k: v for k, v in _ordered(header)}} if header else {}
+
+
+def _numbers(value: str) -> np.ndarray | None:
+    """``[1, k]`` float32 of a header value made of numbers (``"0.2"``, ``"1,0,0"``), else None."""
+    tokens = str(value).replace(",", " ").split()
+    try:
+        out = np.array([[float(t) for t in tokens]], dtype=np.float32)
+    except ValueError:
+        return None
+    return out if tokens and np.all(np.isfinite(out)) else None
+
+
+def trx_group_fields(header: dict | None, n_streamlines: int) -> tuple[dict, dict]:
+    """``(groups, data_per_group)`` for a ``.trx``: the group :data:`TRX_GROUP` (all
+    ``n_streamlines`` indices, uint32) and its numeric header entries (``[1, k]`` float32)."""
+    if not header or n_streamlines == 0:
+        return {}, {}
+    values = {k: _numbers(v) for k, v in _ordered(header)}
+    dpg = {k: v for k, v in values.items() if v is not None}
+    groups = {TRX_GROUP: np.arange(n_streamlines, dtype=np.uint32)}
+    return groups, ({TRX_GROUP: dpg} if dpg else {})
 
 
 def _parse_lines(text: str) -> dict[str, str]:

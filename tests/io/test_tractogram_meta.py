@@ -47,3 +47,40 @@ def test_trk_text_is_cut_to_its_field():
     text = trk_header_fields({"step_size": "0.2", "command_history": "x" * 1000})["reserved"]
     assert len(text) == TRK_TEXT_BYTES and text.startswith(b"step_size: 0.2\ncommand_history")
     assert text.endswith(b"...")
+
+
+def test_trx_group_carries_numeric_parameters(tmp_path):
+    """The .trx holds a 'tracking' group of every streamline with the numeric parameters as
+    data per group, read back by trx-python itself (and after a TRX round trip)."""
+    import trx.trx_file_memmap as tmm
+
+    from invtract.io.tractogram_meta import TRX_GROUP
+
+    out = tmp_path / "a.trx"
+    _track(out)
+    header, data = read_tracking_metadata(out)
+    trx = tmm.load(str(out))
+    try:
+        n = len(trx.streamlines)
+        groups = np.array(trx.groups[TRX_GROUP])
+        dpg = {k: np.array(v) for k, v in trx.data_per_group[TRX_GROUP].items()}
+        copy = trx.deepcopy()  # trx-python's own copy keeps groups and their data
+    finally:
+        trx.close()
+    np.testing.assert_array_equal(groups, np.arange(n))
+    assert dpg["step_size"].shape == (1, 1) and dpg["step_size"][0, 0] == np.float32(0.5)
+    assert float(header["step_size"]) == 0.5
+    np.testing.assert_array_equal(dpg["init_direction"], [[1, 0, 0]])
+    for key in ("max_angle", "threshold", "min_dist", "max_dist"):
+        assert dpg[key][0, 0] == np.float32(header[key]), key
+    assert "command_history" not in dpg and "method" not in dpg  # text stays in the header
+    tmm.save(copy, str(tmp_path / "b.trx"))
+    copy.close()
+    again = tmm.load(str(tmp_path / "b.trx"))
+    try:
+        max_dist = np.array(again.data_per_group[TRX_GROUP]["max_dist"])
+        seed_index = np.array(again.data_per_streamline["seed_index"])
+    finally:
+        again.close()
+    assert max_dist[0, 0] == dpg["max_dist"][0, 0]
+    np.testing.assert_array_equal(seed_index, data["seed_index"])
