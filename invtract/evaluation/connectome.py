@@ -246,20 +246,25 @@ def _endpoints(tracks: Packed) -> np.ndarray:
     return ends
 
 
-def _padded_lookup(vol: LabelVolume, centre: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def _padded_labels(vol: LabelVolume, offsets: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(labels padded by 2 m, m)``, m the largest offset: one copy for every lookup."""
+    m = int(np.abs(offsets).max()) if offsets.size else 0
+    return np.pad(vol.labels.astype(np.int32), 2 * m), m
+
+
+def _padded_lookup(vol: LabelVolume, padded, centre: np.ndarray, offsets: np.ndarray):
     """Labels at ``centre [E, 3] + offsets [K, 3]`` -> ``[E, K]`` (0 outside the image).
 
-    One gather in a copy of the label volume padded by the largest offset, so no per-pair
-    bounds test is needed; centres farther out than that see no voxel of the image.
+    One gather in the label volume padded by ``2 m`` (:func:`_padded_labels`), so no per-pair
+    bounds test is needed; centres farther out than ``m`` see no voxel of the image.
     """
-    m = int(np.abs(offsets).max()) if offsets.size else 0
-    padded = np.pad(vol.labels.astype(np.int32), 2 * m)
-    dims = np.asarray(padded.shape)
+    data, m = padded
+    dims = np.asarray(data.shape)
     reach = np.all((centre >= -m) & (centre < np.asarray(vol.shape) + m), axis=1)
     strides = np.array([dims[1] * dims[2], dims[2], 1])
     flat_c = np.where(reach, (centre + 2 * m) @ strides, 0)
     flat_o = offsets @ strides
-    lab = padded.ravel()[flat_c[:, None] + flat_o[None, :]]
+    lab = data.ravel()[flat_c[:, None] + flat_o[None, :]]
     lab[~reach] = 0
     return lab
 
@@ -276,33 +281,56 @@ def _radial_nodes(vol: LabelVolume, p: np.ndarray, radius_mm: float, max_pairs: 
     The distance is only evaluated for labelled voxels whose grid length is at most
     ``min(d0, R) + h``, with d0 the distance to the first labelled voxel in table order: the
     point lies within h (half a voxel diagonal) of its centre voxel, so every voxel farther
-    out in the table is at least as far as that one.
+    out in the table is at least as far as that one. A first pass looks only at the offsets
+    up to ``2 h`` (enough for every point whose own voxel is labelled); the points it does
+    not settle get the whole table.
     """
     offsets = radial_search_offsets(vol.spacing, radius_mm)  # [K, 3]
     grid = np.sqrt(((offsets * vol.spacing) ** 2).sum(axis=1))  # ascending
-    half_diag = np.sqrt(((0.5 * vol.spacing) ** 2).sum())
+    half_diag = float(np.sqrt(((0.5 * vol.spacing) ** 2).sum()))
+    padded = _padded_labels(vol, offsets)
+    ok = np.all(np.isfinite(p), axis=1)
+    p = np.where(ok[:, None], p, 0.0)
+    centre = _round_half_away(_apply_affine(vol.scanner2voxel, p))  # [E, 3]
     out = np.zeros(p.shape[0], dtype=np.int64)
-    step = max(1, max_pairs // max(offsets.shape[0], 1))
-    for start in range(0, p.shape[0], step):
-        pc = p[start : start + step]  # [E, 3]
-        ok = np.all(np.isfinite(pc), axis=1)
-        pc = np.where(ok[:, None], pc, 0.0)
-        centre = _round_half_away(_apply_affine(vol.scanner2voxel, pc))  # [E, 3]
-        lab = _padded_lookup(vol, centre, offsets)  # [E, K]
-        has = lab > 0
-        first = np.argmax(has, axis=1)
-        d0 = np.where(has.any(axis=1), _voxel_distance(vol, pc, centre + offsets[first]), np.inf)
-        bound = (np.minimum(d0, radius_mm) + half_diag) * (1 + 1e-9)
-        reach = np.searchsorted(grid, bound, side="right")
-        e, k = np.nonzero(has & (np.arange(offsets.shape[0])[None, :] < reach[:, None]))
-        d = _voxel_distance(vol, pc[e], centre[e] + offsets[k])
-        dist = np.full(lab.shape, np.inf)
-        dist[e, k] = np.where(d < radius_mm, d, np.inf)
-        best = np.argmin(dist, axis=1)  # first in table order on exact ties
-        rows = np.arange(pc.shape[0])
-        found = ok & np.isfinite(dist[rows, best])
-        out[start : start + step] = np.where(found, lab[rows, best], 0)
+    todo = np.flatnonzero(ok)
+    near = int(np.searchsorted(grid, 2 * half_diag * (1 + 1e-9), side="right"))
+    for size in sorted({max(1, min(near, grid.size)), grid.size}):
+        table = (offsets[:size], grid, half_diag, radius_mm, size == grid.size)
+        step = max(1, max_pairs // size)
+        settled_all = np.zeros(todo.size, dtype=bool)
+        for start in range(0, todo.size, step):
+            idx = todo[start : start + step]
+            nodes, settled = _radial_pass(vol, padded, p[idx], centre[idx], table)
+            out[idx[settled]] = nodes[settled]
+            settled_all[start : start + step] = settled
+        todo = todo[~settled_all]
     return out
+
+
+def _radial_pass(vol: LabelVolume, padded, pc: np.ndarray, centre: np.ndarray, table):
+    """One radial-search pass over a prefix of the offset table; ``(nodes [E], settled [E])``.
+
+    A point is settled when every voxel that could beat its first labelled one lies in the
+    prefix (always, for the whole table).
+    """
+    offsets, grid, half_diag, radius_mm, whole = table
+    lab = _padded_lookup(vol, padded, centre, offsets)  # [E, K']
+    has = lab > 0
+    any_label = has.any(axis=1)
+    first = np.argmax(has, axis=1)
+    d0 = np.where(any_label, _voxel_distance(vol, pc, centre + offsets[first]), np.inf)
+    bound = (np.minimum(d0, radius_mm) + half_diag) * (1 + 1e-9)
+    reach = np.searchsorted(grid, bound, side="right")  # in the whole table
+    settled = np.ones(pc.shape[0], bool) if whole else any_label & (reach <= offsets.shape[0])
+    e, k = np.nonzero(has & (np.arange(offsets.shape[0])[None, :] < reach[:, None]))
+    d = _voxel_distance(vol, pc[e], centre[e] + offsets[k])
+    dist = np.full(lab.shape, np.inf)
+    dist[e, k] = np.where(d < radius_mm, d, np.inf)
+    best = np.argmin(dist, axis=1)  # first in table order on exact ties
+    rows = np.arange(pc.shape[0])
+    found = np.isfinite(dist[rows, best])
+    return np.where(found, lab[rows, best], 0), settled
 
 
 def assign_endpoints(
