@@ -29,8 +29,10 @@ Studies, storage and workers:
 
 Outputs (run folder: runs/NAME for a bare --run name, the path itself otherwise; without --run,
 the newest runs/*_STUDY folder, or a new timestamped one): config.toml (resolved configuration,
-command, versions), commands.txt, best.json (best trial's parameters under their config names
-and its loss), trials.csv, param_importance.png, loss_vs_trial.png, study.db, and tb/ with one
+command, versions), commands.txt (one timestamped line per invocation), best.json (best
+trial's parameters under their config names and its loss), trials.csv (Optuna's
+trials_dataframe), the plots of optuna.visualization.matplotlib (loss_vs_trial.png,
+param_importance.png, parallel_coordinate.png, slice.png), study.db, and tb/ with one
 TensorBoard run per trial plus an hparams summary.
 
 Monitoring:
