@@ -112,8 +112,9 @@ class _OneLine(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            msg = f"{record.levelname.lower()}: {msg}"
+        prefix = f"{record.levelname.lower()}: "
+        if record.levelno >= logging.WARNING and not msg.startswith(prefix):
+            msg = prefix + msg  # checks.warn's records already carry "warning: "
         return f"{self.prog}: {msg}"
 
 

@@ -233,6 +233,31 @@ def test_warnings_are_one_line(tmp_path, capsys):
     assert "descoteaux07_legacy" in warned[0] and not any("warn(" in line for line in err)
 
 
+def test_checks_warning_has_one_prefix():
+    """A warning from ``checks.warn`` (whose record already says ``warning:``) is formatted
+    ``invtract track: warning: ...``, not ``warning: warning: ...``; other records get one."""
+    import logging
+
+    from invtract.checks import warn
+    from invtract.cli import _OneLine
+
+    fmt, records = _OneLine("invtract track"), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("invtract")
+    log.addHandler(handler)
+    try:
+        warn("no streamline selected")
+        log.warning("plain")
+    finally:
+        log.removeHandler(handler)
+    lines = [fmt.format(r) for r in records]
+    assert lines == [
+        "invtract track: warning: no streamline selected",
+        "invtract track: warning: plain",
+    ]
+
+
 @pytest.mark.parametrize("case", ["act_grid_cutoff0.2", "act_gmwmi"])
 def test_pasted_tck2connectome_command_line(case, shared_data, tmp_path):
     """``tck2connectome TCK parc.mif CSV`` as the sift_phantom README records it, pasted with
