@@ -586,19 +586,50 @@ def _run_connectome(args) -> int:
     # ------- CHECKS -------
     if args.example or args.target or args.target_seeds:
         raise ConfigError("--target-connectome replaces --target / --target-seeds / --example")
-    if args.nproc != 1:
-        raise ConfigError("--nproc applies to bundle fits (--target) only")
     required = ("target_connectome", "parcellation", "fod")
     _require_files(args, required, ("seed_image",), "with --target-connectome")
     _check_run_options(args)
     cfg_path = find_config(args.config or "fit_connectome")
     cfg = load_connectome_config(cfg_path, _collect_overrides(args))
-    run_dir, ckpt, start_it = _run_folder(args)
+    if _spawned(args, cfg):
+        return 0
+    from ..fit.distributed import from_environment
+
+    world = from_environment(cfg["fit"]["device"])
+    run_dir, ckpt, start_it = _run_folder(args, world.is_main)
     params0 = tracking_parameters(args)
     img, labels, target, seed_mask = _connectome_data(args)
 
     # ------- RUN -------
-    inputs = {
+    logger = None
+    if world.is_main:
+        logger = _open_run(
+            args, run_dir, start_it, cfg, params0, _connectome_inputs(args, cfg_path)
+        )
+    try:
+        result = fit_connectome(
+            img, labels, target, params0, seed_mask=seed_mask, config=cfg, logger=logger,
+            voxel_sizes=img.voxel_sizes, checkpoint=ckpt, resume=args.resume,
+            progress=not args.no_progress, world=world,
+        )  # fmt: skip
+        if not world.is_main:
+            return 0
+        summary = _finish_connectome(args, run_dir, logger, result, img, params0, cfg)
+    except KeyboardInterrupt:
+        log.warning("interrupted: continue with the same command and --resume")
+        raise
+    finally:
+        if logger is not None:
+            logger.close()
+    keys = ("step_mm", "angle_deg", "cutoff", "start_correlation", "final_correlation",
+            "final_loss", "best_loss")  # fmt: skip
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    return 0
+
+
+def _connectome_inputs(args, cfg_path) -> dict:
+    """The connectome fit's input files for the run record."""
+    return {
         "target_connectome": os.path.abspath(args.target_connectome),
         "parcellation": os.path.abspath(args.parcellation),
         "fod": os.path.abspath(args.fod),
@@ -606,23 +637,6 @@ def _run_connectome(args) -> int:
         "fit": args.fit,
         "config": str(cfg_path),
     }
-    logger = _open_run(args, run_dir, start_it, cfg, params0, inputs)
-    try:
-        result = fit_connectome(
-            img, labels, target, params0, seed_mask=seed_mask, config=cfg, logger=logger,
-            voxel_sizes=img.voxel_sizes, checkpoint=ckpt, resume=args.resume,
-            progress=not args.no_progress,
-        )  # fmt: skip
-        summary = _finish_connectome(args, run_dir, logger, result, img, params0, cfg)
-    except KeyboardInterrupt:
-        log.warning("interrupted: continue with the same command and --resume")
-        raise
-    finally:
-        logger.close()
-    keys = ("step_mm", "angle_deg", "cutoff", "start_correlation", "final_correlation",
-            "final_loss", "best_loss")  # fmt: skip
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    return 0
 
 
 def _connectome_data(args):

@@ -648,21 +648,29 @@ class ConnectomeProblem(Problem):
     def as_params(self, vals: Mapping) -> TrackingParameters:
         return self.params.replace(**{k: float(vals[k]) for k in PARAM_NAMES if k in self.state.z})
 
-    def hard_eval(self, vals: Mapping, sh) -> tuple[float, np.ndarray]:
+    def hard_eval(self, vals: Mapping, sh, world: World = SINGLE) -> tuple[float, np.ndarray]:
+        """``(correlation, counts [N, N])`` of hard tracking from the evaluation seeds (each
+        rank tracks its shard; the counts are summed over ranks)."""
+        pos, dirs = _shard(self.eval_pos, self.eval_dirs, world)
         m, _ = hard_connectome(
-            sh, self.affine, self.vsz, self.eval_pos, self.eval_dirs, self.as_params(vals),
+            sh, self.affine, self.vsz, pos, dirs, self.as_params(vals),
             self.vol, float(self.raw["loss"]["radius_mm"]),
         )  # fmt: skip
+        if world.size > 1:
+            m = world.all_sum(torch.as_tensor(m)).numpy()
         return connectome_correlation(m, self.target), m
 
     def check(self, world: World) -> None:
-        if world.size > 1:
-            raise ConfigError("--nproc > 1 is not supported for connectome fits yet")
         if self.do_eval:
-            self.start_corr, self.start_m = self.hard_eval(self.state.start, self.state.sh())
+            self.start_corr, self.start_m = self.hard_eval(
+                self.state.start, self.state.sh(), world
+            )
 
-    def _loss(self, it: int, pos, dirs, grad: bool):
-        """``(total, terms, pred, res)`` of the seeds ``pos`` / ``dirs`` at iteration ``it``."""
+    def _loss(self, it: int, pos, dirs, grad: bool, world: World = SINGLE):
+        """``(total, terms, pred, res, (T_amp, T_angle))`` of this rank's seeds ``pos`` /
+        ``dirs`` at iteration ``it``; ``pred`` is the whole connectome (summed over ranks).
+        With ``grad`` the data term is this rank's share (see :func:`_shared_loss`), otherwise
+        every rank holds the whole loss."""
         f, t, ls = self.raw["fit"], self.raw["temperature"], self.raw["loss"]
         with torch.set_grad_enabled(grad):
             vals = self.state.values(detach=not grad)
@@ -679,18 +687,23 @@ class ConnectomeProblem(Problem):
                 step_mm=fl["step_mm"], temperature_mm=float(ls["temperature_mm"]),
                 radius_mm=float(ls["radius_mm"]), bin_mm=float(ls["bin_mm"]),
             )  # fmt: skip
-            terms = {"connectome": connectome_loss(
-                pred, self.target_t, kind=str(ls["kind"]), normalise=str(ls["normalise"]),
-                include_diagonal=bool(ls["include_diagonal"]),
-            )}  # fmt: skip
+            pred, data = _shared_loss(pred, self._connectome_loss, world, grad)
+            terms = {"connectome": data}
             st = self.state
-            if grad and st.delta is not None:
+            if grad and st.delta is not None and world.is_main:
                 sh_l = st.sh0_flat[st.voxels] + st.delta
                 terms.update(
                     fod_priors(sh_l, st.delta, st.voxels, st.shape[:3], self.prior_cfg, self.basis)
                 )
             total = sum(self.weights.get(k, 0.0) * v for k, v in terms.items())
         return total, terms, pred, res, (ta, tdeg)
+
+    def _connectome_loss(self, pred: torch.Tensor) -> torch.Tensor:
+        ls = self.raw["loss"]
+        return connectome_loss(
+            pred, self.target_t, kind=str(ls["kind"]), normalise=str(ls["normalise"]),
+            include_diagonal=bool(ls["include_diagonal"]),
+        )  # fmt: skip
 
     def _track(self, f, sh, pos, dirs, vals, fl, temperature):
         if f["tracker"] == "fast":
@@ -710,7 +723,8 @@ class ConnectomeProblem(Problem):
     def training_step(self, it: int, world: World) -> StepOutput:
         resample = bool(self.raw["seeding"]["resample"])
         pos, dirs = self.seed_set(it) if resample else (self.eval_pos, self.eval_dirs)
-        total, terms, pred, res, (ta, tdeg) = self._loss(it, pos, dirs, grad=True)
+        pos, dirs = _shard(pos, dirs, world)
+        total, terms, pred, res, (ta, tdeg) = self._loss(it, pos, dirs, grad=True, world=world)
         ctx = {"iteration": it, "values": self.state.values(), "sh": self.state.sh(),
                "result": res, "world": world}  # fmt: skip
         extra = self._extra(ctx)
@@ -739,13 +753,14 @@ class ConnectomeProblem(Problem):
         """Weighted connectome loss of the evaluation seeds at the last iteration's
         temperatures (no gradient)."""
         it = max(self.iterations - 1, 0)
-        total, *_ = self._loss(it, self.eval_pos, self.eval_dirs, grad=False)
+        pos, dirs = _shard(self.eval_pos, self.eval_dirs, world)
+        total, *_ = self._loss(it, pos, dirs, grad=False, world=world)
         return float(total)
 
     def evaluate(self, it: int, world: World) -> dict:
         if not self.do_eval:
             return {}
-        corr, _ = self.hard_eval(self.state.floats(), self.state.sh().detach())
+        corr, _ = self.hard_eval(self.state.floats(), self.state.sh().detach(), world)
         return {"connectome/correlation_hard": corr}
 
     def log_images(self, logger, it: int, out: StepOutput) -> None:
@@ -767,6 +782,37 @@ class ConnectomeProblem(Problem):
     def load_extra_state(self, st: Mapping) -> None:
         self.start_corr = float(st.get("start_correlation", math.nan))
         self.start_m = np.asarray(st.get("start_matrix", torch.zeros(0)).numpy())
+
+
+def _shard(pos, dirs, world: World):
+    """This rank's share of the seeds ``pos`` / ``dirs`` ``[N, 3]`` (all of them with one)."""
+    if world.size == 1:
+        return pos, dirs
+    mine = world.shard(len(pos))
+    return pos[mine], dirs[mine]
+
+
+def _shared_loss(part: torch.Tensor, loss_fn: Callable, world: World, grad: bool):
+    """``(whole, loss)``: the connectome summed over ranks and this rank's share of
+    ``loss_fn(whole)``.
+
+    The loss is not a sum over streamlines, so ranks cannot split it: every rank evaluates
+    ``loss_fn`` on the whole matrix ``P = sum_r P_r`` and back-propagates
+    ``dL/dP . P_r`` through its own part; the sum over ranks of these gradients is
+    ``dL/dtheta``. With ``grad`` the value is ``L`` on rank 0 and 0 elsewhere (so that the
+    trainer's sum over ranks is ``L``); without, ``L`` on every rank. One rank: ``loss_fn(part)``.
+    """
+    if world.size == 1:
+        return part, loss_fn(part)
+    whole = world.all_sum(part)
+    leaf = whole.clone().requires_grad_(grad)
+    loss = loss_fn(leaf)
+    if not grad:
+        return whole, loss.detach()
+    (g,) = torch.autograd.grad(loss, leaf)
+    inner = (g * part).sum() if part.requires_grad else part.new_zeros(())
+    own = loss.detach() if world.is_main else torch.zeros_like(loss.detach())
+    return whole, own + (inner - inner.detach())
 
 
 def fit_connectome(
@@ -808,7 +854,9 @@ def fit_connectome(
         progress: tqdm bar.
         on_step, callbacks: ``callback(iteration, loss, record)`` after every iteration.
         evaluate: compute the hard correlation before / after (and every ``eval_every``).
-        world: the data-parallel world (connectome fits run in one process).
+        world: the data-parallel :class:`~invtract.fit.distributed.World`: each rank tracks
+            its share of the seeds, the expected connectomes are summed over ranks before the
+            loss, gradients are summed (the result equals one process's).
 
     Returns:
         :class:`ConnectomeFitResult` (``params``: the selected iterate, see
@@ -833,7 +881,7 @@ def fit_connectome(
     sh_out = st.sh().detach().cpu().to(torch.float32) if st.delta is not None else None
     final_corr, final_m = math.nan, np.zeros_like(problem.target)
     if evaluate:
-        final_corr, final_m = problem.hard_eval(out.best["values"], st.sh().detach())
+        final_corr, final_m = problem.hard_eval(out.best["values"], st.sh().detach(), world)
     return ConnectomeFitResult(
         params=problem.as_params(out.best["values"]), sh=sh_out, history=out.history,
         best_loss=out.best["loss"], best_iteration=out.best["iteration"],

@@ -93,3 +93,34 @@ def test_input_checks(tmp_path, target_csv, capsys):
     bad.write_text(format_connectome(np.ones((3, 3))))
     assert main(_args(str(bad), tmp_path / "r")) != 0
     assert "nodes" in capsys.readouterr().err
+
+
+def _floats_match(a: dict, b: dict, rel: float = 1e-9) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if isinstance(v, dict):
+            _floats_match(v, b[k], rel)
+        elif isinstance(v, float):
+            assert b[k] == pytest.approx(v, rel=rel, abs=1e-12), k
+        else:
+            assert b[k] == v, k
+
+
+@pytest.mark.slow
+def test_two_process_fit_equals_one_process(tmp_path, target_csv):
+    """--nproc 2: seeds sharded, expected connectomes and gradients summed over ranks; the
+    same result.json, losses and fitted matrix as one process (1e-9 relative)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(target_csv, one)) == 0
+    assert main(_args(target_csv, two, ["--nproc", "2"])) == 0
+    a = json.loads((one / "result.json").read_text())
+    b = json.loads((two / "result.json").read_text())
+    _floats_match(a, b)
+    assert a["cutoff"] > 0.5  # the fit moved (a trivially equal pair would prove nothing)
+    la = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss/total", "loss/connectome", "param/cutoff", "tracking/n_streamlines"):
+        assert [x[key] for x in lb] == pytest.approx([x[key] for x in la], rel=1e-9), key
+    ma = np.loadtxt(one / "fitted_connectome.csv", delimiter=",")
+    mb = np.loadtxt(two / "fitted_connectome.csv", delimiter=",")
+    np.testing.assert_array_equal(ma, mb)
