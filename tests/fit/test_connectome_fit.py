@@ -138,3 +138,29 @@ def test_tiny_fod_and_joint_fit(phantom, tmp_path, learn):
     assert np.isfinite(fitted).all() and not np.array_equal(fitted, fod.data)
     losses = [h["loss/total"] for h in res.history if "loss/total" in h]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_nan_loss_mid_way_raises_fit_diverged_and_keeps_checkpoint(phantom, tmp_path, monkeypatch):
+    from invtract.errors import FitDiverged
+    from invtract.fit import connectome_fit as cf
+
+    fod, mask, vol, sh, pos, dirs = phantom
+    target, _ = hard_connectome(
+        sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0
+    )
+    calls = {"n": 0}
+
+    def poisoned(pred, *a, **k):
+        out = connectome_loss(pred, *a, **k)
+        calls["n"] += torch.is_grad_enabled()  # training passes only
+        return out * float("nan") if calls["n"] >= 2 else out
+
+    monkeypatch.setattr(cf, "connectome_loss", poisoned)
+    ck = tmp_path / "c.pt"
+    cfg = {"fit": {"iterations": 3, "learn": ["cutoff"]}, "optimizer": {"lr": 0.3}}
+    with pytest.raises(FitDiverged, match="nan"):
+        fit_connectome(
+            fod, vol, target, TrackingParameters(cutoff=0.5), seeds=(pos, dirs), config=cfg,
+            voxel_sizes=fod.voxel_sizes, checkpoint=ck, evaluate=False,
+        )  # fmt: skip
+    assert torch.load(ck, weights_only=True)["iteration"] == 1
