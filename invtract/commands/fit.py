@@ -22,8 +22,8 @@ density terms can be weighted in through [loss.weights].
 A fraction of the target ([fit] heldout_fraction, default 0.2) is never used for gradients;
 its losses are logged as loss/heldout/* so over-fitting shows.
 
-Configuration precedence: defaults < --config FILE < --set SECTION.KEY=VALUE and the
---SECTION.KEY flags < the named flags (--iterations, --device). The tracking flags give the
+Configuration precedence: defaults < --example < --config FILE < --set SECTION.KEY=VALUE
+and the --SECTION.KEY flags < the named flags (--iterations, --device, --fit). The tracking flags give the
 starting (or fixed) parameters; unset ones are tckgen's defaults (min/max length from the
 target's .tck header when present).
 
