@@ -225,3 +225,26 @@ def test_feasible_box_reads_threshold_intervals_from_target_stops():
     tf["stop_amp"] = torch.tensor([[0.0, 0.0], [0.0, 0.1]], dtype=torch.float64)
     box = objective.feasible_box(tf)
     assert box["angle_deg"][1] == float("inf") and box["cutoff"][0] == 0.0
+
+
+def test_save_fitted_tck_through_the_python_api_has_tckgen_header_keys(tmp_path):
+    """fit.outputs.save_fitted_tck (the API's writer): tckgen's header keys with the given
+    parameters, and the streamlines it tracked."""
+    from invtract.fit.outputs import save_fitted_tck
+    from invtract.fod.field import FODField
+    from invtract.io.tractogram import load_tractogram_header
+
+    img, _, seeding = _tiny(4)
+    field = FODField.from_array(img.data, img.affine)
+    params = TrackingParameters(step_mm=0.7, angle_deg=40.0, cutoff=0.15, min_length_mm=10.0)
+    out = tmp_path / "fitted.tck"
+    res = save_fitted_tck(out, field, params, seeding.positions, seeding.directions,
+                          img.voxel_sizes, source="fod.nii.gz")  # fmt: skip
+    hdr = load_tractogram_header(out)
+    for key in ("step_size", "max_angle", "threshold", "min_dist", "max_dist", "source"):
+        assert key in hdr, key
+    assert float(hdr["step_size"]) == pytest.approx(0.7)
+    assert float(hdr["max_angle"]) == pytest.approx(40.0)
+    assert float(hdr["threshold"]) == pytest.approx(0.15)
+    assert float(hdr["min_dist"]) == pytest.approx(10.0)
+    assert len(load_tractogram(out)) == len(res.streamlines) > 0
