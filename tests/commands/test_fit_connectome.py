@@ -50,7 +50,12 @@ def _args(target, run, extra=()):
     ]  # fmt: skip
 
 
-def test_run_and_resume(tmp_path, target_csv, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "resume_with", [[], pytest.param(["--nproc", "2"], marks=pytest.mark.slow)], ids=["1", "2"]
+)
+def test_run_and_resume(tmp_path, target_csv, monkeypatch, capsys, resume_with):
+    """A run, then one interrupted after 2 of 3 iterations and resumed (in 1 or 2
+    processes): the same end point."""
     full = tmp_path / "full"
     assert main(_args(target_csv, full)) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -79,7 +84,7 @@ def test_run_and_resume(tmp_path, target_csv, monkeypatch, capsys):
     monkeypatch.setattr(cf, "fit_connectome", interrupted)
     assert main(_args(target_csv, part)) != 0  # interrupted (main reports it)
     monkeypatch.setattr(cf, "fit_connectome", orig)
-    assert main(_args(target_csv, part, ["--resume"])) == 0
+    assert main(_args(target_csv, part, ["--resume", *resume_with])) == 0
     r2 = json.loads((part / "result.json").read_text())
     assert r2["cutoff"] == pytest.approx(res["cutoff"], rel=1e-9)
     assert len((part / "metrics.jsonl").read_text().splitlines()) == 3
