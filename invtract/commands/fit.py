@@ -23,9 +23,9 @@ A fraction of the target ([fit] heldout_fraction, default 0.2) is never used for
 its losses are logged as loss/heldout/* so over-fitting shows.
 
 Configuration precedence: defaults < --example < --config FILE < --set SECTION.KEY=VALUE
-and the --SECTION.KEY flags < the named flags (--iterations, --device, --fit). The tracking flags give the
-starting (or fixed) parameters; unset ones are tckgen's defaults (min/max length from the
-target's .tck header when present).
+and the --SECTION.KEY flags < the named flags (--iterations, --device, --fit). The
+tracking flags give the starting (or fixed) parameters; unset ones are tckgen's defaults
+(min/max length from the target's .tck header when present).
 
 Run folder (--run NAME: runs/NAME; --run PATH: PATH; default runs/<timestamp>_fit):
 config.toml (resolved), command.txt, versions.json, metrics.jsonl (one line per iteration),
