@@ -22,10 +22,10 @@ density terms can be weighted in through [loss.weights].
 A fraction of the target ([fit] heldout_fraction, default 0.2) is never used for gradients;
 its losses are logged as loss/heldout/* so over-fitting shows.
 
-Configuration precedence: defaults < --config FILE < --set SECTION.KEY=VALUE and the
---SECTION.KEY flags < the named flags (--iterations, --device). The tracking flags give the
-starting (or fixed) parameters; unset ones are tckgen's defaults (min/max length from the
-target's .tck header when present).
+Configuration precedence: defaults < --example < --config FILE < --set SECTION.KEY=VALUE
+and the --SECTION.KEY flags < the named flags (--iterations, --device, --fit). The
+tracking flags give the starting (or fixed) parameters; unset ones are tckgen's defaults
+(min/max length from the target's .tck header when present).
 
 Run folder (--run NAME: runs/NAME; --run PATH: PATH; default runs/<timestamp>_fit):
 config.toml (resolved), command.txt, versions.json, metrics.jsonl (one line per iteration),
@@ -51,6 +51,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -61,6 +62,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError, InvtractError
+from .options import add_options, add_target_options
 from .track import add_tracking_options, tracking_parameters
 
 log = logging.getLogger("invtract.fit")
@@ -75,6 +77,79 @@ _LEARN = {
 EXAMPLE_OVERRIDES = {
     "fit": {"iterations": 24, "seeds_per_iteration": 8, "image_every": 5},
 }
+
+
+#: the connectome target's inputs: ``(flag, metavar, help)``
+_CONNECTOME_OPTIONS = (
+    ("--target-connectome", "MATRIX",
+     "target connectome (tck2connectome CSV/TSV): fit whole-brain tracking to it"),
+    ("--parcellation", "LABELS", "node parcellation image (with MATRIX)"),
+    ("--seed-image", "MASK",
+     "whole-brain seed mask (default: voxels with a non-zero FOD); see [seeding]"),
+)  # fmt: skip
+
+
+#: the fit's on/off flags: ``(flag, help)``
+_SWITCHES = (
+    ("--resume", "continue the run from its last checkpoint"),
+    ("--no-tensorboard", "no TensorBoard events"),
+    ("--no-progress", "no progress bar"),
+)
+
+
+def _add_fit_options(r) -> None:
+    """``--fit``, ``--config``, ``--run``, ``--iterations``, ``--device``, ``--resume``,
+    ``--set``, ``--no-tensorboard``, ``--no-progress`` and ``--nproc`` on group ``r``."""
+    r.add_argument(
+        "--fit",
+        choices=sorted(_LEARN),
+        default="params",
+        help="params: step/angle/cutoff; fod: SH coefficients; both (default params)",
+    )
+    r.add_argument(
+        "--config",
+        help="config TOML (path, or a name in configs/: fit_params, fit_fod, "
+        "fit_fod_dwi, fit_connectome); default fit_params for --fit params, fit_fod "
+        "otherwise (fit_fod_dwi with --dwi), fit_connectome with --target-connectome",
+    )
+    r.add_argument("--run", help="run folder: a bare NAME goes to runs/NAME, a path as given")
+    r.add_argument("--iterations", type=int, help="iterations (overrides [fit] iterations)")
+    r.add_argument("--device", choices=("cpu", "cuda"), help="device ([fit] device)")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key (repeatable), e.g. --set optimizer.lr=0.05",
+    )
+    for flag, text in _SWITCHES:
+        r.add_argument(flag, action="store_true", help=text)
+    r.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel fit in N local processes (torch.distributed, gloo on CPU): "
+        "seeds sharded, gradients summed, the same result as one process; under torchrun "
+        "the environment's process group is used instead",
+    )
+
+
+def _add_config_keys(c) -> None:
+    """One ``--SECTION.KEY V`` flag per config key on group ``c`` (the loss weights hidden)."""
+    from ..fit.config import flat_keys
+    from ..fit.objective import FOD_TERMS, SIGNAL_TERMS, TERMS
+    from ..fit.optimise import DEFAULT_CONFIG
+
+    weights = TERMS + FOD_TERMS + SIGNAL_TERMS
+    for key in flat_keys(DEFAULT_CONFIG, free={"weights": weights}):
+        c.add_argument(
+            f"--{key}",
+            dest=f"cfg:{key}",
+            metavar="V",
+            default=None,
+            help=argparse.SUPPRESS if key.startswith("loss.weights.") else None,
+        )
 
 
 def find_config(spec: str) -> Path:
@@ -160,92 +235,27 @@ def _open_run(args, run_dir, start_it, cfg: dict, params0, inputs: dict):
 
 
 class Fit:
+    """``invtract fit``: a bundle (``--target``), connectome (``--target-connectome``) or
+    CSD-alone (``--dwi`` without a target) fit in a run folder (see the module docstring)."""
+
     name = "fit"
     help = "fit tracking parameters or FOD coefficients to a target bundle (gradient descent)"
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        g = p.add_argument_group("inputs")
-        g.add_argument("--target", help="target bundle (.tck, .trk, .trx), scanner mm")
-        g.add_argument(
-            "--target-seeds", help="tckgen -output_seeds file of the target (exact seeds)"
-        )
-        g.add_argument("--fod", help="FOD image (.nii, .nii.gz, .mif), SH coefficients")
+        g = add_target_options(p)
         g.add_argument(
             "--example",
             action="store_true",
             help="fit the bundled phantom target (true step 1.0 mm) from tckgen's defaults",
         )
-        c = p.add_argument_group(
-            "connectome target (instead of --target; see docs/connectome_fit.md)"
-        )
-        c.add_argument(
-            "--target-connectome",
-            metavar="MATRIX",
-            help="target connectome (tck2connectome CSV/TSV): fit whole-brain tracking to it",
-        )
-        c.add_argument(
-            "--parcellation", metavar="LABELS", help="node parcellation image (with MATRIX)"
-        )
-        c.add_argument(
-            "--seed-image",
-            metavar="MASK",
-            help="whole-brain seed mask (default: voxels with a non-zero FOD); see [seeding]",
-        )
+        title = "connectome target (instead of --target; see docs/connectome_fit.md)"
+        add_options(p.add_argument_group(title), _CONNECTOME_OPTIONS)
         from ..fit.signal_term import add_signal_arguments
 
         add_signal_arguments(p)
-        r = p.add_argument_group("fit")
-        r.add_argument(
-            "--fit",
-            choices=sorted(_LEARN),
-            default="params",
-            help="params: step/angle/cutoff; fod: SH coefficients; both (default params)",
-        )
-        r.add_argument(
-            "--config",
-            help="config TOML (path, or a name in configs/: fit_params, fit_fod, "
-            "fit_fod_dwi, fit_connectome); default fit_params for --fit params, fit_fod "
-            "otherwise (fit_fod_dwi with --dwi), fit_connectome with --target-connectome",
-        )
-        r.add_argument("--run", help="run folder: a bare NAME goes to runs/NAME, a path as given")
-        r.add_argument("--iterations", type=int, help="iterations (overrides [fit] iterations)")
-        r.add_argument("--device", choices=("cpu", "cuda"), help="device ([fit] device)")
-        r.add_argument(
-            "--resume", action="store_true", help="continue the run from its last checkpoint"
-        )
-        r.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="SECTION.KEY=VALUE",
-            help="override any config key (repeatable), e.g. --set optimizer.lr=0.05",
-        )
-        r.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events")
-        r.add_argument("--no-progress", action="store_true", help="no progress bar")
-        r.add_argument(
-            "--nproc",
-            type=int,
-            default=1,
-            metavar="N",
-            help="data-parallel fit in N local processes (torch.distributed, gloo on CPU): "
-            "seeds sharded, gradients summed, the same result as one process; under torchrun "
-            "the environment's process group is used instead",
-        )
-        from ..fit.config import flat_keys
-        from ..fit.objective import FOD_TERMS, SIGNAL_TERMS, TERMS
-        from ..fit.optimise import DEFAULT_CONFIG
-
-        c = p.add_argument_group("config keys (each overrides the config file)")
-        weights = TERMS + FOD_TERMS + SIGNAL_TERMS
-        for key in flat_keys(DEFAULT_CONFIG, free={"weights": weights}):
-            c.add_argument(
-                f"--{key}",
-                dest=f"cfg:{key}",
-                metavar="V",
-                default=None,
-                help=argparse.SUPPRESS if key.startswith("loss.weights.") else None,
-            )
+        _add_fit_options(p.add_argument_group("fit"))
+        _add_config_keys(p.add_argument_group("config keys (each overrides the config file)"))
         add_tracking_options(p)
 
     @staticmethod
@@ -261,12 +271,10 @@ class Fit:
 
             return run_csd_only(args)
         cfg, cfg_path = _bundle_checks(args)
-        if _spawned(args, cfg):
+        started = _start(args, cfg)
+        if started is None:
             return 0
-        from ..fit.distributed import from_environment
-
-        world = from_environment(cfg["fit"]["device"])
-        run_dir, ckpt, start_it = _run_folder(args, world.is_main)
+        world, run_dir, ckpt, start_it = started
         data = _bundle_data(args)
         params0 = data["params0"]
         logger = None
@@ -280,7 +288,7 @@ class Fit:
                 **_signal_inputs(args),
             }
             logger = _open_run(args, run_dir, start_it, cfg, params0, inputs)
-        try:
+        with _closing(logger):
             result = _bundle_fit(args, cfg, data, logger, ckpt, world)
             if not world.is_main:
                 return 0
@@ -288,14 +296,33 @@ class Fit:
                 run_dir, logger, result, data["img"], data["target"], data["pos"], data["dirs"],
                 params0, cfg, signal=data["signal"],
             )  # fmt: skip
-        except KeyboardInterrupt:
-            log.warning("interrupted: continue with the same command and --resume")
-            raise
-        finally:
-            if logger is not None:
-                logger.close()
         print(json.dumps({k: summary[k] for k in _PRINTED if k in summary}, indent=2))
         return 0
+
+
+def _start(args, cfg: dict):
+    """``None`` when ``--nproc N`` has run the whole fit in N processes
+    (:func:`_spawned`); otherwise this process's ``(world, run_dir, checkpoint path, completed
+    iterations or None)``."""
+    if _spawned(args, cfg):
+        return None
+    from ..fit.distributed import from_environment
+
+    world = from_environment(cfg["fit"]["device"])
+    return (world, *_run_folder(args, world.is_main))
+
+
+@contextlib.contextmanager
+def _closing(logger):
+    """Close the run's logger (if any) however the fit ends; on Ctrl-C, say how to resume."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        log.warning("interrupted: continue with the same command and --resume")
+        raise
+    finally:
+        if logger is not None:
+            logger.close()
 
 
 def _bundle_checks(args) -> tuple[dict, Path]:
@@ -586,19 +613,42 @@ def _run_connectome(args) -> int:
     # ------- CHECKS -------
     if args.example or args.target or args.target_seeds:
         raise ConfigError("--target-connectome replaces --target / --target-seeds / --example")
-    if args.nproc != 1:
-        raise ConfigError("--nproc applies to bundle fits (--target) only")
     required = ("target_connectome", "parcellation", "fod")
     _require_files(args, required, ("seed_image",), "with --target-connectome")
     _check_run_options(args)
     cfg_path = find_config(args.config or "fit_connectome")
     cfg = load_connectome_config(cfg_path, _collect_overrides(args))
-    run_dir, ckpt, start_it = _run_folder(args)
+    started = _start(args, cfg)
+    if started is None:
+        return 0
+    world, run_dir, ckpt, start_it = started
     params0 = tracking_parameters(args)
     img, labels, target, seed_mask = _connectome_data(args)
 
     # ------- RUN -------
-    inputs = {
+    logger = None
+    if world.is_main:
+        logger = _open_run(
+            args, run_dir, start_it, cfg, params0, _connectome_inputs(args, cfg_path)
+        )
+    with _closing(logger):
+        result = fit_connectome(
+            img, labels, target, params0, seed_mask=seed_mask, config=cfg, logger=logger,
+            voxel_sizes=img.voxel_sizes, checkpoint=ckpt, resume=args.resume,
+            progress=not args.no_progress, world=world,
+        )  # fmt: skip
+        if not world.is_main:
+            return 0
+        summary = _finish_connectome(args, run_dir, logger, result, img, params0, cfg)
+    keys = ("step_mm", "angle_deg", "cutoff", "start_correlation", "final_correlation",
+            "final_loss", "best_loss")  # fmt: skip
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    return 0
+
+
+def _connectome_inputs(args, cfg_path) -> dict:
+    """The connectome fit's input files for the run record."""
+    return {
         "target_connectome": os.path.abspath(args.target_connectome),
         "parcellation": os.path.abspath(args.parcellation),
         "fod": os.path.abspath(args.fod),
@@ -606,23 +656,6 @@ def _run_connectome(args) -> int:
         "fit": args.fit,
         "config": str(cfg_path),
     }
-    logger = _open_run(args, run_dir, start_it, cfg, params0, inputs)
-    try:
-        result = fit_connectome(
-            img, labels, target, params0, seed_mask=seed_mask, config=cfg, logger=logger,
-            voxel_sizes=img.voxel_sizes, checkpoint=ckpt, resume=args.resume,
-            progress=not args.no_progress,
-        )  # fmt: skip
-        summary = _finish_connectome(args, run_dir, logger, result, img, params0, cfg)
-    except KeyboardInterrupt:
-        log.warning("interrupted: continue with the same command and --resume")
-        raise
-    finally:
-        logger.close()
-    keys = ("step_mm", "angle_deg", "cutoff", "start_correlation", "final_correlation",
-            "final_loss", "best_loss")  # fmt: skip
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    return 0
 
 
 def _connectome_data(args):

@@ -7,6 +7,9 @@
   underscores: ``-seed_image``, ``-seed_grid_per_voxel``, ``-nthreads``, ``-force``, ...)
   alongside ours, and values that start with a minus sign (``--seed-sphere -10,0,0,6``).
 * :func:`apply_common_options`: the logging level and thread counts they ask for.
+* :func:`add_options` / :func:`add_target_options`: string-valued options from a table
+  (``(flag, metavar, help)``); the bundle inputs ``--target``, ``--target-seeds``, ``--fod``
+  that fit and calibrate share.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import sys
 
 __all__ = [
     "MRTRIX_ALIASES",
+    "TARGET_OPTIONS",
     "add_common_options",
+    "add_options",
+    "add_target_options",
     "apply_common_options",
     "translate_argv",
     "version_text",
@@ -88,6 +94,29 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
         )
     if not _has(p, "--version"):
         g.add_argument("--version", action="version", version=version_text())
+
+
+#: the bundle inputs of a fit or a search: ``(flag, metavar, help)``
+TARGET_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("--target", "TCK", "target bundle (.tck, .trk, .trx), scanner mm"),
+    ("--target-seeds", "FILE", "tckgen -output_seeds file of the target (exact seeds)"),
+    ("--fod", "IMAGE", "FOD image (.nii, .nii.gz, .mif), SH coefficients"),
+)
+
+
+def add_options(group, table: tuple[tuple[str, str, str], ...]) -> None:
+    """Add a string-valued option (default None) per ``(flag, metavar, help)`` of ``table`` to
+    ``group`` (a parser or an argument group)."""
+    for flag, metavar, text in table:
+        group.add_argument(flag, metavar=metavar, help=text)
+
+
+def add_target_options(p: argparse.ArgumentParser, title: str = "inputs"):
+    """A new argument group ``title`` of ``p`` holding ``--target TCK``, ``--target-seeds FILE``
+    and ``--fod IMAGE`` (:data:`TARGET_OPTIONS`); returns the group (for more inputs)."""
+    group = p.add_argument_group(title)
+    add_options(group, TARGET_OPTIONS)
+    return group
 
 
 def _takes_value(action: argparse.Action | None) -> bool:

@@ -417,39 +417,13 @@ def survival_connectome(
     dev = points.device
     if S == 0:
         return _layout(torch.zeros(n, n, dtype=torch.float64, device=dev), False, symmetric, False)
-    t_amp, t_cos = (float(temperature[0]), float(temperature[1]))
-    affine = np.asarray(affine, np.float64)
-    s2v = torch.as_tensor(np.linalg.inv(affine)[:3], dtype=torch.float64, device=dev)
-    shape = tuple(int(x) for x in sh.shape[:3])
-    K = sh.shape[-1]
-    from ..fod.sh import lmax_from_n
-
-    lmax = lmax_from_n(K)
-    sh_flat = sh.reshape(-1, K)
-    cos_max = (
-        torch.cos(torch.as_tensor(angle_deg, dtype=torch.float64) * (math.pi / 180.0))
-        if torch.is_tensor(angle_deg)
-        else math.cos(math.radians(float(angle_deg)))
-    )
-    b = max(1, int(round(float(bin_mm) / max(float(step_mm), 1e-6))))
-    offsets = torch.as_tensor(radial_search_offsets(vol.spacing, radius_mm), device=dev)
-    label_t = torch.as_tensor(vol.labels.ravel(), device=dev)
-    rows = torch.arange(S, device=dev)
-    # seed acceptance: amplitude test at the seed along the first step direction
-    s_seed = seed_index
-    nb_first = torch.where(seed_index > 0, seed_index - 1, seed_index + 1).clamp(0, L - 1)
-    p_seed = points[rows, s_seed]
-    u_seed = (points[rows, nb_first] - p_seed).detach()
-    u_seed = u_seed / u_seed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a_seed = _amplitude(sh_flat, s2v, shape, p_seed, u_seed, lmax)
-    cut64 = torch.as_tensor(cutoff, dtype=torch.float64)
-    w_seed = torch.sigmoid((a_seed - cut64) / t_amp)  # [S]
-    ctx = {
-        "sh_flat": sh_flat, "s2v": s2v, "shape": shape, "lmax": lmax, "cutoff": cutoff,
-        "cos_max": cos_max, "t_amp": t_amp, "t_cos": t_cos, "b": b, "vol": vol,
-        "label_t": label_t, "offsets": offsets, "radius_mm": float(radius_mm),
-        "temperature_mm": float(temperature_mm), "n": n,
-    }  # fmt: skip
+    ctx = _survival_context(sh, affine, vol, cutoff, angle_deg, temperature, dev)
+    ctx.update(
+        b=max(1, int(round(float(bin_mm) / max(float(step_mm), 1e-6)))),
+        offsets=torch.as_tensor(radial_search_offsets(vol.spacing, radius_mm), device=dev),
+        radius_mm=float(radius_mm), temperature_mm=float(temperature_mm), n=n,
+    )  # fmt: skip
+    w_seed = _seed_acceptance(points, seed_index, ctx)  # [S]
     E, R = [], []
     for half in (0, 1):
         mass_probs, reps = _half_end_mass(points, seed_index, lengths, half, ctx)
@@ -460,6 +434,43 @@ def survival_connectome(
     full = torch.einsum("sin,sim->nm", E[0] * w_seed[:, None, None], F2)
     full = torch.triu(full) + torch.tril(full, -1).T
     return _layout(full, False, symmetric, False)
+
+
+def _survival_context(sh, affine, vol, cutoff, angle_deg, temperature, dev) -> dict:
+    """What :func:`_half_end_mass` and :func:`_seed_acceptance` read: the flat SH ``[V, K]``,
+    scanner -> voxel ``[3, 4]``, grid shape, lmax, the thresholds (``cos_max`` of the angle,
+    a tensor when ``angle_deg`` is one), the temperatures and the parcellation."""
+    from ..fod.sh import lmax_from_n
+
+    K = sh.shape[-1]
+    cos_max = (
+        torch.cos(torch.as_tensor(angle_deg, dtype=torch.float64) * (math.pi / 180.0))
+        if torch.is_tensor(angle_deg)
+        else math.cos(math.radians(float(angle_deg)))
+    )
+    inv = np.linalg.inv(np.asarray(affine, np.float64))[:3]
+    return {
+        "sh_flat": sh.reshape(-1, K),
+        "s2v": torch.as_tensor(inv, dtype=torch.float64, device=dev),
+        "shape": tuple(int(x) for x in sh.shape[:3]), "lmax": lmax_from_n(K),
+        "cutoff": cutoff, "cos_max": cos_max,
+        "t_amp": float(temperature[0]), "t_cos": float(temperature[1]),
+        "vol": vol, "label_t": torch.as_tensor(vol.labels.ravel(), device=dev),
+    }  # fmt: skip
+
+
+def _seed_acceptance(points, seed_index, ctx: dict) -> torch.Tensor:
+    """``[S]`` soft acceptance of each seed: ``sig((A - cutoff) / T_amp)`` of the amplitude test
+    at the seed along the first step direction (float64)."""
+    S, L = points.shape[:2]
+    rows = torch.arange(S, device=points.device)
+    nb_first = torch.where(seed_index > 0, seed_index - 1, seed_index + 1).clamp(0, L - 1)
+    p_seed = points[rows, seed_index]
+    u_seed = (points[rows, nb_first] - p_seed).detach()
+    u_seed = u_seed / u_seed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a_seed = _amplitude(ctx["sh_flat"], ctx["s2v"], ctx["shape"], p_seed, u_seed, ctx["lmax"])
+    cut64 = torch.as_tensor(ctx["cutoff"], dtype=torch.float64)
+    return torch.sigmoid((a_seed - cut64) / ctx["t_amp"])
 
 
 @dataclass
@@ -648,21 +659,45 @@ class ConnectomeProblem(Problem):
     def as_params(self, vals: Mapping) -> TrackingParameters:
         return self.params.replace(**{k: float(vals[k]) for k in PARAM_NAMES if k in self.state.z})
 
-    def hard_eval(self, vals: Mapping, sh) -> tuple[float, np.ndarray]:
-        m, _ = hard_connectome(
-            sh, self.affine, self.vsz, self.eval_pos, self.eval_dirs, self.as_params(vals),
+    def hard_eval(self, vals: Mapping, sh, world: World = SINGLE) -> tuple[float, np.ndarray]:
+        """``(correlation, counts [N, N])`` of hard tracking from the evaluation seeds (each
+        rank tracks its shard; the counts are summed over ranks)."""
+        corr, m, _ = self._hard(vals, sh, world)
+        return corr, m
+
+    def _hard(self, vals: Mapping, sh, world: World) -> tuple[float, np.ndarray, int]:
+        """:meth:`hard_eval` and the number of streamlines tracked (all ranks)."""
+        pos, dirs = _shard(self.eval_pos, self.eval_dirs, world)
+        m, n = hard_connectome(
+            sh, self.affine, self.vsz, pos, dirs, self.as_params(vals),
             self.vol, float(self.raw["loss"]["radius_mm"]),
         )  # fmt: skip
-        return connectome_correlation(m, self.target), m
+        if world.size > 1:
+            m = world.all_sum(torch.as_tensor(m)).numpy()
+            n = world.sum({"n": n})["n"]
+        return connectome_correlation(m, self.target), m, int(n)
 
     def check(self, world: World) -> None:
-        if world.size > 1:
-            raise ConfigError("--nproc > 1 is not supported for connectome fits yet")
+        """One-line errors before iterating: the parcellation and the FOD do not overlap, or no
+        streamline can be tracked from the seeds at the starting parameters."""
+        st = self.state
+        _check_overlap(st.sh0_flat.reshape(st.shape), self.affine, self.vol)
+        corr, m, n = self._hard(st.start, st.sh(), world)
+        if n == 0:
+            v = st.start
+            raise ConfigError(
+                f"no streamline can be tracked from the {len(self.eval_pos)} seeds at the "
+                f"starting parameters (step {v['step_mm']:.4g} mm, angle {v['angle_deg']:.4g} "
+                f"deg, cutoff {v['cutoff']:.4g}): check the FOD, the seed mask and --cutoff"
+            )
         if self.do_eval:
-            self.start_corr, self.start_m = self.hard_eval(self.state.start, self.state.sh())
+            self.start_corr, self.start_m = corr, m
 
-    def _loss(self, it: int, pos, dirs, grad: bool):
-        """``(total, terms, pred, res)`` of the seeds ``pos`` / ``dirs`` at iteration ``it``."""
+    def _loss(self, it: int, pos, dirs, grad: bool, world: World = SINGLE):
+        """``(total, terms, pred, res, (T_amp, T_angle))`` of this rank's seeds ``pos`` /
+        ``dirs`` at iteration ``it``; ``pred`` is the whole connectome (summed over ranks).
+        With ``grad`` the data term is this rank's share (see :func:`_shared_loss`), otherwise
+        every rank holds the whole loss."""
         f, t, ls = self.raw["fit"], self.raw["temperature"], self.raw["loss"]
         with torch.set_grad_enabled(grad):
             vals = self.state.values(detach=not grad)
@@ -679,18 +714,23 @@ class ConnectomeProblem(Problem):
                 step_mm=fl["step_mm"], temperature_mm=float(ls["temperature_mm"]),
                 radius_mm=float(ls["radius_mm"]), bin_mm=float(ls["bin_mm"]),
             )  # fmt: skip
-            terms = {"connectome": connectome_loss(
-                pred, self.target_t, kind=str(ls["kind"]), normalise=str(ls["normalise"]),
-                include_diagonal=bool(ls["include_diagonal"]),
-            )}  # fmt: skip
+            pred, data = _shared_loss(pred, self._connectome_loss, world, grad)
+            terms = {"connectome": data}
             st = self.state
-            if grad and st.delta is not None:
+            if grad and st.delta is not None and world.is_main:
                 sh_l = st.sh0_flat[st.voxels] + st.delta
                 terms.update(
                     fod_priors(sh_l, st.delta, st.voxels, st.shape[:3], self.prior_cfg, self.basis)
                 )
             total = sum(self.weights.get(k, 0.0) * v for k, v in terms.items())
         return total, terms, pred, res, (ta, tdeg)
+
+    def _connectome_loss(self, pred: torch.Tensor) -> torch.Tensor:
+        ls = self.raw["loss"]
+        return connectome_loss(
+            pred, self.target_t, kind=str(ls["kind"]), normalise=str(ls["normalise"]),
+            include_diagonal=bool(ls["include_diagonal"]),
+        )  # fmt: skip
 
     def _track(self, f, sh, pos, dirs, vals, fl, temperature):
         if f["tracker"] == "fast":
@@ -710,7 +750,8 @@ class ConnectomeProblem(Problem):
     def training_step(self, it: int, world: World) -> StepOutput:
         resample = bool(self.raw["seeding"]["resample"])
         pos, dirs = self.seed_set(it) if resample else (self.eval_pos, self.eval_dirs)
-        total, terms, pred, res, (ta, tdeg) = self._loss(it, pos, dirs, grad=True)
+        pos, dirs = _shard(pos, dirs, world)
+        total, terms, pred, res, (ta, tdeg) = self._loss(it, pos, dirs, grad=True, world=world)
         ctx = {"iteration": it, "values": self.state.values(), "sh": self.state.sh(),
                "result": res, "world": world}  # fmt: skip
         extra = self._extra(ctx)
@@ -739,13 +780,14 @@ class ConnectomeProblem(Problem):
         """Weighted connectome loss of the evaluation seeds at the last iteration's
         temperatures (no gradient)."""
         it = max(self.iterations - 1, 0)
-        total, *_ = self._loss(it, self.eval_pos, self.eval_dirs, grad=False)
+        pos, dirs = _shard(self.eval_pos, self.eval_dirs, world)
+        total, *_ = self._loss(it, pos, dirs, grad=False, world=world)
         return float(total)
 
     def evaluate(self, it: int, world: World) -> dict:
         if not self.do_eval:
             return {}
-        corr, _ = self.hard_eval(self.state.floats(), self.state.sh().detach())
+        corr, _ = self.hard_eval(self.state.floats(), self.state.sh().detach(), world)
         return {"connectome/correlation_hard": corr}
 
     def log_images(self, logger, it: int, out: StepOutput) -> None:
@@ -767,6 +809,52 @@ class ConnectomeProblem(Problem):
     def load_extra_state(self, st: Mapping) -> None:
         self.start_corr = float(st.get("start_correlation", math.nan))
         self.start_m = np.asarray(st.get("start_matrix", torch.zeros(0)).numpy())
+
+
+def _check_overlap(sh0: torch.Tensor, affine, vol) -> None:
+    """ConfigError unless some labelled voxel of the parcellation ``vol`` lies in a voxel of
+    the FOD ``sh0 [X, Y, Z, K]`` with finite, non-zero coefficients."""
+    from .bundle import fod_overlap
+
+    ijk = np.argwhere(vol.labels > 0).astype(np.float64)
+    ijk = ijk[:: max(1, len(ijk) // 1_000_000)]  # at most ~1e6 points
+    pts = ijk @ np.asarray(vol.affine, np.float64)[:3, :3].T + np.asarray(vol.affine)[:3, 3]
+    if fod_overlap(sh0, affine, torch.as_tensor(pts)) == 0:
+        raise ConfigError(
+            "the parcellation and the FOD do not overlap: no labelled voxel lies in a voxel "
+            "with a finite, non-zero FOD"
+        )
+
+
+def _shard(pos, dirs, world: World):
+    """This rank's share of the seeds ``pos`` / ``dirs`` ``[N, 3]`` (all of them with one)."""
+    if world.size == 1:
+        return pos, dirs
+    mine = world.shard(len(pos))
+    return pos[mine], dirs[mine]
+
+
+def _shared_loss(part: torch.Tensor, loss_fn: Callable, world: World, grad: bool):
+    """``(whole, loss)``: the connectome summed over ranks and this rank's share of
+    ``loss_fn(whole)``.
+
+    The loss is not a sum over streamlines, so ranks cannot split it: every rank evaluates
+    ``loss_fn`` on the whole matrix ``P = sum_r P_r`` and back-propagates
+    ``dL/dP . P_r`` through its own part; the sum over ranks of these gradients is
+    ``dL/dtheta``. With ``grad`` the value is ``L`` on rank 0 and 0 elsewhere (so that the
+    trainer's sum over ranks is ``L``); without, ``L`` on every rank. One rank: ``loss_fn(part)``.
+    """
+    if world.size == 1:
+        return part, loss_fn(part)
+    whole = world.all_sum(part)
+    leaf = whole.clone().requires_grad_(grad)
+    loss = loss_fn(leaf)
+    if not grad:
+        return whole, loss.detach()
+    (g,) = torch.autograd.grad(loss, leaf)
+    inner = (g * part).sum() if part.requires_grad else part.new_zeros(())
+    own = loss.detach() if world.is_main else torch.zeros_like(loss.detach())
+    return whole, own + (inner - inner.detach())
 
 
 def fit_connectome(
@@ -808,7 +896,9 @@ def fit_connectome(
         progress: tqdm bar.
         on_step, callbacks: ``callback(iteration, loss, record)`` after every iteration.
         evaluate: compute the hard correlation before / after (and every ``eval_every``).
-        world: the data-parallel world (connectome fits run in one process).
+        world: the data-parallel :class:`~invtract.fit.distributed.World`: each rank tracks
+            its share of the seeds, the expected connectomes are summed over ranks before the
+            loss, gradients are summed (the result equals one process's).
 
     Returns:
         :class:`ConnectomeFitResult` (``params``: the selected iterate, see
@@ -833,7 +923,7 @@ def fit_connectome(
     sh_out = st.sh().detach().cpu().to(torch.float32) if st.delta is not None else None
     final_corr, final_m = math.nan, np.zeros_like(problem.target)
     if evaluate:
-        final_corr, final_m = problem.hard_eval(out.best["values"], st.sh().detach())
+        final_corr, final_m = problem.hard_eval(out.best["values"], st.sh().detach(), world)
     return ConnectomeFitResult(
         params=problem.as_params(out.best["values"]), sh=sh_out, history=out.history,
         best_loss=out.best["loss"], best_iteration=out.best["iteration"],

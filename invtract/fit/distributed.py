@@ -55,6 +55,18 @@ class World:
             t.copy_(flat[a : a + n].reshape(t.shape).to(t.device, t.dtype))
             a += n
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over ranks: a new tensor (no gradient), float64 on ``t``'s device
+        (with one rank, ``t`` detached and cast)."""
+        out = t.detach().to(torch.float64)
+        if self.size == 1:
+            return out
+        import torch.distributed as dist
+
+        flat = out.to(self.comm_device).clone()
+        dist.all_reduce(flat)
+        return flat.to(t.device)
+
     def sum(self, values: dict) -> dict:
         """``{key: float}`` summed over ranks, in rank order; a key missing on a rank counts
         as 0 there (rank 0 alone computes the parameter terms)."""

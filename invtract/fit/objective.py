@@ -315,19 +315,9 @@ class PairedTarget:
 # ----------------------------------------------------------------------------------------------
 # terms
 # ----------------------------------------------------------------------------------------------
-def paired_terms(
-    res,
-    target: PairedTarget,
-    config: LossConfig,
-    *,
-    shape=None,
-    affine=None,
-    field=None,
-    angle_deg=None,
-    cutoff=None,
-    log_temperature=0.05,
-    box_reduce=None,
-):
+def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, affine=None,
+                 field=None, angle_deg=None, cutoff=None, log_temperature=0.05,
+                 box_reduce=None):  # fmt: skip
     """Loss terms of one tracking result against its paired target.
 
     Args:
@@ -362,11 +352,7 @@ def paired_terms(
     missing[ids] = False
     missing_len = tl.sum(-1)[missing.to(dev)].sum()
     if S == 0:
-        if box_reduce is not None and "margin" in active:  # take part in the collective
-            box_reduce(torch.zeros((), dtype=dt), torch.full((), math.inf, dtype=dt))
-        zero = torch.zeros((), dtype=dt, device=dev)
-        for k in active:
-            out[k] = zero + (missing_len / max(n_pairs, 1) if k == "extent" else 0.0)
+        out.update(_untracked_terms(active, missing_len, n_pairs, box_reduce))
         return out
     halves, counts, w = split_halves(res.points, res.lengths, res.seed_index, res.weights)
     cum = _arc(halves.detach()).to(dt)  # [S, 2, H]
@@ -384,26 +370,43 @@ def paired_terms(
     if "margin" in active or "centre" in active:
         if field is None or angle_deg is None or cutoff is None:
             raise ConfigError("margin / centre need the FOD field, angle_deg and cutoff")
-        tfeats = target_features(target, ids, field, dev)
+        tracked = (halves, counts, cum, t_sel)
+        thresholds = (field, angle_deg, cutoff, log_temperature)
+        out.update(_threshold_terms(res, target, ids, tracked, active, thresholds, box_reduce))
+    out.update(_streamline_terms(res, target, ids, config, active, shape, affine))
+    return out
+
+
+def _untracked_terms(active, missing_len: torch.Tensor, n_pairs: int, box_reduce) -> dict:
+    """The terms of a shard in which nothing was tracked: ``extent`` is the missing target
+    length (mm, per pair), every other term 0; ``margin`` still takes part in the collective
+    ``box_reduce``."""
+    dt = torch.float64
+    if box_reduce is not None and "margin" in active:
+        box_reduce(torch.zeros((), dtype=dt), torch.full((), math.inf, dtype=dt))
+    zero = torch.zeros((), dtype=dt, device=missing_len.device)
+    return {k: zero + (missing_len / max(n_pairs, 1) if k == "extent" else 0.0) for k in active}
+
+
+def _threshold_terms(res, target: PairedTarget, ids, tracked, active, thresholds, box_reduce):
+    """``margin`` and ``centre`` (the terms that read the FOD along the halves) of
+    :func:`paired_terms`. ``tracked``: ``(halves, counts, arc lengths, target half lengths)``
+    of the tracked pairs ``ids``; ``thresholds``: ``(field, angle_deg, cutoff,
+    log_temperature)``."""
+    halves, counts, cum, t_sel = tracked
+    field, angle_deg, cutoff, log_temperature = thresholds
+    dev = res.points.device
+    tfeats = target_features(target, ids, field, dev)
+    out = {}
     if "margin" in active:
         feats = running_features(halves.detach(), counts, res.term[ids.to(res.term.device)], field)
-        out["margin"] = (
-            margin_hinge(
-                feats,
-                cum,
-                t_sel,
-                counts,
-                angle_deg,
-                cutoff,
-                log_temperature,
-                target=tfeats,
-                box_reduce=box_reduce,
-            ).to(dev)
-            / n_pairs
-        )
+        hinge = margin_hinge(
+            feats, cum, t_sel, counts, angle_deg, cutoff, log_temperature,
+            target=tfeats, box_reduce=box_reduce,
+        )  # fmt: skip
+        out["margin"] = hinge.to(dev) / len(target)
     if "centre" in active:
         out["centre"] = centre_term(tfeats, angle_deg, cutoff).to(dev)
-    out.update(_streamline_terms(res, target, ids, config, active, shape, affine))
     return out
 
 
@@ -645,22 +648,7 @@ def running_features(
     # stop event from the last vertex
     stopped = (term.to(dev) == int(Term.MODEL)) | (term.to(dev) == int(Term.HIGH_CURVATURE))
     stopped &= n >= 2
-    stop_turn = torch.gather(max_turn, 2, last[..., None])[..., 0].clone()
-    stop_amp = torch.gather(min_amp, 2, last[..., None])[..., 0].clone()
-    if stopped.any():
-        sel = torch.nonzero(stopped, as_tuple=False)
-        si, hi = sel[:, 0], sel[:, 1]
-        k = last[si, hi]
-        p_last = h[si, hi, k]
-        u_prev = u[si, hi, (k - 1).clamp_min(0)]
-        c, ok = field.sample(p_last)
-        a_new, u_new = field.peak(c, u_prev)
-        a_new = torch.where(ok & torch.isfinite(a_new), a_new, torch.zeros_like(a_new))
-        u_new = torch.nan_to_num(u_new, nan=0.0)
-        cs = (u_prev.double() * u_new.double()).sum(-1).clamp(-1, 1)
-        t_new = torch.rad2deg(torch.arccos(cs))
-        stop_turn[si, hi] = torch.maximum(stop_turn[si, hi], t_new)
-        stop_amp[si, hi] = torch.minimum(stop_amp[si, hi], a_new.to(torch.float64))
+    stop_turn, stop_amp = _stop_event(h, u, last, stopped, max_turn, min_amp, field)
     return {
         "max_turn": max_turn,
         "min_amp": min_amp,
@@ -668,6 +656,30 @@ def running_features(
         "stop_amp": stop_amp,
         "stopped": stopped,
     }
+
+
+def _stop_event(h, u, last, stopped, max_turn, min_amp, field):
+    """``(stop_turn, stop_amp)`` ``[S, 2]`` of :func:`running_features`: the running values at
+    each half's last vertex ``last`` ``[S, 2]``, updated for the ``stopped`` halves with the
+    rejected step (the peak search from the last direction ``u`` at the last vertex of ``h``)."""
+    stop_turn = torch.gather(max_turn, 2, last[..., None])[..., 0].clone()
+    stop_amp = torch.gather(min_amp, 2, last[..., None])[..., 0].clone()
+    if not stopped.any():
+        return stop_turn, stop_amp
+    sel = torch.nonzero(stopped, as_tuple=False)
+    si, hi = sel[:, 0], sel[:, 1]
+    k = last[si, hi]
+    p_last = h[si, hi, k]
+    u_prev = u[si, hi, (k - 1).clamp_min(0)]
+    c, ok = field.sample(p_last)
+    a_new, u_new = field.peak(c, u_prev)
+    a_new = torch.where(ok & torch.isfinite(a_new), a_new, torch.zeros_like(a_new))
+    u_new = torch.nan_to_num(u_new, nan=0.0)
+    cs = (u_prev.double() * u_new.double()).sum(-1).clamp(-1, 1)
+    t_new = torch.rad2deg(torch.arccos(cs))
+    stop_turn[si, hi] = torch.maximum(stop_turn[si, hi], t_new)
+    stop_amp[si, hi] = torch.minimum(stop_amp[si, hi], a_new.to(torch.float64))
+    return stop_turn, stop_amp
 
 
 def margin_hinge(
@@ -737,21 +749,28 @@ def margin_hinge(
     outside = (~inside) & real
     a, c = margins(feats["max_turn"], feats["min_amp"])
     under = (seg * (h(-a) + h(-c)) * inside).sum()
-    short = (tl - cum[..., -1]).clamp_min(0)
-    if target is not None:
-        tcum = target["cum"].to(dev, dt)
-        tseg = torch.cat([torch.zeros_like(tcum[..., :1]), tcum[..., 1:] - tcum[..., :-1]], -1)
-        treal = torch.arange(tcum.shape[-1], device=dev)[None, None] < target["counts"][..., None]
-        beyond = treal & (tcum > cum[..., -1:] + 1e-6)
-        ta, tc = margins(target["max_turn"], target["min_amp"])
-        early = (tseg * (h(-ta) + h(-tc)) * beyond).sum()
-    else:
-        stopped = feats["stopped"].to(dev)
-        a_s, c_s = margins(feats["stop_turn"], feats["stop_amp"])
-        early = (short * (h(-a_s) + h(-c_s)) * stopped).sum()
-    beyond_t = beyond if target is not None else None
+    early, beyond_t = _early_charge(feats, target, cum, tl, h, margins)
     over = _overshoot(feats, a, c, h, cum, tl, inside, outside, target, beyond_t, box_reduce)
     return under + over + early
+
+
+def _early_charge(feats, target, cum, tl, h, margins):
+    """``margin``'s charge on halves stopped short of their target (see :func:`margin_hinge`):
+    ``(charge, beyond)``, ``beyond`` ``[S, 2, Ht]`` marking the target vertices past the
+    tracked end (None without ``target``). ``h`` is the hinge, ``margins(turn, amp)`` the log
+    margins ``(a, c)``."""
+    dev, dt = cum.device, torch.float64
+    if target is None:
+        short = (tl - cum[..., -1]).clamp_min(0)
+        stopped = feats["stopped"].to(dev)
+        a_s, c_s = margins(feats["stop_turn"], feats["stop_amp"])
+        return (short * (h(-a_s) + h(-c_s)) * stopped).sum(), None
+    tcum = target["cum"].to(dev, dt)
+    tseg = torch.cat([torch.zeros_like(tcum[..., :1]), tcum[..., 1:] - tcum[..., :-1]], -1)
+    treal = torch.arange(tcum.shape[-1], device=dev)[None, None] < target["counts"][..., None]
+    beyond = treal & (tcum > cum[..., -1:] + 1e-6)
+    ta, tc = margins(target["max_turn"], target["min_amp"])
+    return (tseg * (h(-ta) + h(-tc)) * beyond).sum(), beyond
 
 
 def _overshoot(feats, a, c, h, cum, tl, inside, outside, target, beyond, box_reduce):

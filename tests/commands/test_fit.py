@@ -289,3 +289,30 @@ def test_dwi_with_a_connectome_target_is_an_error(tmp_path, capsys):
             "--dwi", str(dwi), "--run", str(tmp_path / "run")]  # fmt: skip
     assert main(argv) == 1
     _one_line_error(capsys, "--dwi applies to bundle fits")
+
+
+def test_precedence_on_the_command_line(tmp_path):
+    """defaults < --example < --config < --set < the named flags, as the command resolves
+    them (no fit is run)."""
+    from invtract.cli import build_parser
+    from invtract.commands.fit import EXAMPLE_OVERRIDES, _bundle_checks
+    from invtract.fit.config import toml_dumps
+    from invtract.fit.optimise import DEFAULT_CONFIG
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml_dumps({"fit": {"iterations": 5, "eval_every": 3}}))
+    parser = build_parser()
+
+    def resolved(*extra):
+        return _bundle_checks(parser.parse_args(["fit", "--example", *extra]))[0]["fit"]
+
+    ex = EXAMPLE_OVERRIDES["fit"]
+    assert ex["iterations"] != DEFAULT_CONFIG["fit"]["iterations"]  # the layer shows
+    assert resolved()["iterations"] == ex["iterations"]  # --example over the defaults
+    fit = resolved("--config", str(cfg))
+    assert fit["iterations"] == 5 and fit["eval_every"] == 3  # --config over --example
+    assert fit["seeds_per_iteration"] == ex["seeds_per_iteration"]  # --example kept
+    fit = resolved("--config", str(cfg), "--set", "fit.iterations=6")
+    assert fit["iterations"] == 6  # --set over --config
+    fit = resolved("--config", str(cfg), "--set", "fit.iterations=6", "--iterations", "7")
+    assert fit["iterations"] == 7  # the named flag over --set

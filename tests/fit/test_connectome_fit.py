@@ -138,3 +138,71 @@ def test_tiny_fod_and_joint_fit(phantom, tmp_path, learn):
     assert np.isfinite(fitted).all() and not np.array_equal(fitted, fod.data)
     losses = [h["loss/total"] for h in res.history if "loss/total" in h]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_nan_loss_mid_way_raises_fit_diverged_and_keeps_checkpoint(phantom, tmp_path, monkeypatch):
+    from invtract.errors import FitDiverged
+    from invtract.fit import connectome_fit as cf
+
+    fod, mask, vol, sh, pos, dirs = phantom
+    target, _ = hard_connectome(
+        sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0
+    )
+    calls = {"n": 0}
+
+    def poisoned(pred, *a, **k):
+        out = connectome_loss(pred, *a, **k)
+        calls["n"] += torch.is_grad_enabled()  # training passes only
+        return out * float("nan") if calls["n"] >= 2 else out
+
+    monkeypatch.setattr(cf, "connectome_loss", poisoned)
+    ck = tmp_path / "c.pt"
+    cfg = {"fit": {"iterations": 3, "learn": ["cutoff"]}, "optimizer": {"lr": 0.3}}
+    with pytest.raises(FitDiverged, match="nan"):
+        fit_connectome(
+            fod, vol, target, TrackingParameters(cutoff=0.5), seeds=(pos, dirs), config=cfg,
+            voxel_sizes=fod.voxel_sizes, checkpoint=ck, evaluate=False,
+        )  # fmt: skip
+    assert torch.load(ck, weights_only=True)["iteration"] == 1
+
+
+class _FakeRank:
+    """Rank ``rank`` of a 2-process world whose all-reduce returns ``whole`` (one process
+    plays both ranks)."""
+
+    def __init__(self, rank: int, whole: torch.Tensor) -> None:
+        self.rank, self.size, self.is_main, self.whole = rank, 2, rank == 0, whole
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.whole.detach().clone()
+
+
+def test_shared_loss_sums_to_the_whole_loss_and_its_gradient():
+    """Data-parallel connectome loss: summed over ranks, the values are L(P0 + P1) and the
+    gradients dL/dtheta (finite differences, float64)."""
+    from invtract.fit.connectome_fit import _shared_loss
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.rand(2, 4, 4, 3, generator=g, dtype=torch.float64)
+    target = torch.rand(4, 4, generator=g, dtype=torch.float64)
+
+    def loss_fn(p):
+        return connectome_loss(p, target, kind="correlation", normalise="density")
+
+    def summed(theta):
+        parts = [torch.exp(A[r] @ theta) for r in range(2)]  # [4, 4] per rank
+        whole = parts[0] + parts[1]
+        return sum(_shared_loss(parts[r], loss_fn, _FakeRank(r, whole), True)[1] for r in range(2))
+
+    theta = torch.rand(3, generator=g, dtype=torch.float64, requires_grad=True)
+    direct = loss_fn(torch.exp(A[0] @ theta) + torch.exp(A[1] @ theta))
+    assert float(summed(theta)) == pytest.approx(float(direct), rel=1e-12)
+    (g_direct,) = torch.autograd.grad(direct, theta)
+    (g_shared,) = torch.autograd.grad(summed(theta), theta)
+    torch.testing.assert_close(g_shared, g_direct, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(summed, (theta,))
+    # without gradients every rank holds the whole loss
+    whole = torch.exp(A[0] @ theta) + torch.exp(A[1] @ theta)
+    for r in range(2):
+        _, v = _shared_loss(torch.exp(A[r] @ theta), loss_fn, _FakeRank(r, whole), False)
+        assert float(v) == pytest.approx(float(direct), rel=1e-12)

@@ -27,6 +27,14 @@ def _tiny(n=5):
     return img, sl, Seeding("list", positions=pos[idx], directions=dirs[idx])
 
 
+def _fit_tiny(n: int, step_mm: float, learn, config: dict, **kw):
+    """A fit of ``n`` target streamlines (tckgen's seeds) from ``step_mm``."""
+    img, sl, seeding = _tiny(n)
+    params = TrackingParameters(step_mm=step_mm, min_length_mm=10.0, max_length_mm=200.0)
+    return img, fit(img, sl, params, seeding=seeding, voxel_sizes=img.voxel_sizes,
+                    learn=learn, config=config, **kw)  # fmt: skip
+
+
 def test_split_and_resample_line():
     pts = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [2, 0, 0], [3, 0, 0], [0, 0, 0]]])
     halves, counts, _ = split_halves(pts, torch.tensor([4]), torch.tensor([1]))
@@ -46,16 +54,8 @@ def test_paired_target_orients_halves():
 
 
 def test_params_fit_moves_step_towards_truth():
-    img, sl, seeding = _tiny(4)
-    res = fit(
-        img,
-        sl,
-        TrackingParameters(step_mm=0.6, min_length_mm=10.0, max_length_mm=200.0),
-        seeding=seeding,
-        voxel_sizes=img.voxel_sizes,
-        learn=("step_mm",),
-        config={"fit": {"iterations": 3, "heldout_fraction": 0.25}, "optimizer": {"lr": 0.1}},
-    )
+    cfg = {"fit": {"iterations": 3, "heldout_fraction": 0.25}, "optimizer": {"lr": 0.1}}
+    _, res = _fit_tiny(4, 0.6, ("step_mm",), cfg)
     assert res.iterations == 3 and len(res.history) == 3
     assert res.params.step_mm > 0.6  # the target was tracked at 1.0 mm
     assert res.best_loss <= res.history[0]["loss/total"]
@@ -64,21 +64,13 @@ def test_params_fit_moves_step_towards_truth():
 
 
 def test_fod_fit_changes_only_learned_voxels():
-    img, sl, seeding = _tiny(3)
-    res = fit(
-        img,
-        sl,
-        TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0),
-        seeding=seeding,
-        voxel_sizes=img.voxel_sizes,
-        learn=("sh",),
-        config={
-            "fit": {"iterations": 2, "heldout_fraction": 0.0},
-            "loss": {
-                "weights": {"mdf": 1.0, "extent": 0.2, "nonneg": 1.0, "smooth": 1.0, "prior": 0.5}
-            },
-        },  # fmt: skip
-    )
+    cfg = {
+        "fit": {"iterations": 2, "heldout_fraction": 0.0},
+        "loss": {
+            "weights": {"mdf": 1.0, "extent": 0.2, "nonneg": 1.0, "smooth": 1.0, "prior": 0.5}
+        },
+    }
+    img, res = _fit_tiny(3, 1.0, ("sh",), cfg)
     changed = (res.final_sh.reshape(-1, res.sh.shape[-1]) != torch.as_tensor(img.data).reshape(
         -1, res.sh.shape[-1])).any(-1)  # fmt: skip
     learned = torch.zeros_like(changed)
@@ -88,7 +80,6 @@ def test_fod_fit_changes_only_learned_voxels():
 
 
 def test_nan_loss_raises_fit_diverged_and_keeps_checkpoint(tmp_path, monkeypatch):
-    img, sl, seeding = _tiny(3)
     real = objective.paired_terms
     calls = {"n": 0}
 
@@ -102,16 +93,8 @@ def test_nan_loss_raises_fit_diverged_and_keeps_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr("invtract.fit.bundle.paired_terms", poisoned)
     ck = tmp_path / "ck.pt"
     with pytest.raises(FitDiverged, match="nan"):
-        fit(
-            img,
-            sl,
-            TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0),
-            seeding=seeding,
-            voxel_sizes=img.voxel_sizes,
-            learn=("step_mm",),
-            checkpoint=ck,
-            config={"fit": {"iterations": 3, "heldout_fraction": 0.0}},
-        )
+        cfg = {"fit": {"iterations": 3, "heldout_fraction": 0.0}}
+        _fit_tiny(3, 1.0, ("step_mm",), cfg, checkpoint=ck)
     assert torch.load(ck, weights_only=True)["iteration"] == 1
 
 
@@ -242,3 +225,26 @@ def test_feasible_box_reads_threshold_intervals_from_target_stops():
     tf["stop_amp"] = torch.tensor([[0.0, 0.0], [0.0, 0.1]], dtype=torch.float64)
     box = objective.feasible_box(tf)
     assert box["angle_deg"][1] == float("inf") and box["cutoff"][0] == 0.0
+
+
+def test_save_fitted_tck_through_the_python_api_has_tckgen_header_keys(tmp_path):
+    """fit.outputs.save_fitted_tck (the API's writer): tckgen's header keys with the given
+    parameters, and the streamlines it tracked."""
+    from invtract.fit.outputs import save_fitted_tck
+    from invtract.fod.field import FODField
+    from invtract.io.tractogram import load_tractogram_header
+
+    img, _, seeding = _tiny(4)
+    field = FODField.from_array(img.data, img.affine)
+    params = TrackingParameters(step_mm=0.7, angle_deg=40.0, cutoff=0.15, min_length_mm=10.0)
+    out = tmp_path / "fitted.tck"
+    res = save_fitted_tck(out, field, params, seeding.positions, seeding.directions,
+                          img.voxel_sizes, source="fod.nii.gz")  # fmt: skip
+    hdr = load_tractogram_header(out)
+    for key in ("step_size", "max_angle", "threshold", "min_dist", "max_dist", "source"):
+        assert key in hdr, key
+    assert float(hdr["step_size"]) == pytest.approx(0.7)
+    assert float(hdr["max_angle"]) == pytest.approx(40.0)
+    assert float(hdr["threshold"]) == pytest.approx(0.15)
+    assert float(hdr["min_dist"]) == pytest.approx(10.0)
+    assert len(load_tractogram(out)) == len(res.streamlines) > 0
