@@ -369,7 +369,7 @@ def _bundle_data(args) -> dict:
 
     from ..fit.config import header_lengths
     from ..io.image import load_fod
-    from ..io.seeds import midpoint_seeds, seeds_from_reference
+    from ..io.seeds import seeds_from_reference
     from ..io.tractogram import load_tractogram, load_tractogram_header
 
     params0 = tracking_parameters(args)
@@ -380,8 +380,10 @@ def _bundle_data(args) -> dict:
     if args.target_seeds:
         pos, dirs, ti = seeds_from_reference(args.target, args.target_seeds)
         target = target.select(torch.as_tensor(ti))
-    else:
-        pos, dirs = midpoint_seeds(target)
+    else:  # seed_index of a .trk/.trx written by invtract track, else midpoints
+        from ..tracking.api import fit_target
+
+        target, pos, dirs = fit_target(args.target)
     if str(args.target).endswith(".tck"):
         params0 = header_lengths(load_tractogram_header(args.target), params0)
     from ..fit.signal_term import signal_from_args

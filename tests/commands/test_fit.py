@@ -316,3 +316,24 @@ def test_precedence_on_the_command_line(tmp_path):
     assert fit["iterations"] == 6  # --set over --config
     fit = resolved("--config", str(cfg), "--set", "fit.iterations=6", "--iterations", "7")
     assert fit["iterations"] == 7  # the named flag over --set
+
+
+def test_fit_pairs_a_trx_target_through_its_seed_index(tmp_path):
+    """A ``.trx`` target written by ``invtract track`` carries each streamline's seed vertex:
+    the fit starts from those seeds (as from a tckgen seeds file), not from midpoints."""
+    from invtract.cli import build_parser
+    from invtract.commands.fit import _bundle_data
+    from invtract.io.seeds import midpoint_seeds
+
+    trx = tmp_path / "t.trx"
+    fod = str(example_path("fod"))
+    argv = ["track", fod, str(trx), "-seed_image", str(example_path("roi")), "-select", "6"]
+    assert main(argv) == 0
+    args = build_parser().parse_args(["fit", "--fod", fod, "--target", str(trx)])
+    data = _bundle_data(args)
+    mid, _ = midpoint_seeds(data["target"])
+    assert len(data["target"]) == 6
+    assert not np.allclose(np.asarray(data["pos"]), np.asarray(mid), atol=1e-3)
+    # the seed is a vertex of its streamline
+    for s, p in zip(data["target"], np.asarray(data["pos"])):
+        assert np.min(np.linalg.norm(np.asarray(s) - p, axis=1)) < 1e-4
