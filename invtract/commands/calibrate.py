@@ -61,6 +61,7 @@ from pathlib import Path
 from .. import checks
 from ..errors import ConfigError, InvtractError
 from ..params import TrackingParameters
+from .options import add_target_options
 from .track import add_tracking_options, tracking_parameters
 
 log = logging.getLogger("invtract.calibrate")
@@ -93,12 +94,7 @@ class Calibrate:
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        g = p.add_argument_group("inputs")
-        g.add_argument("--target", metavar="TCK", help="target bundle (.tck, .trk, .trx)")
-        g.add_argument("--fod", metavar="IMAGE", help="FOD image (SH coefficients)")
-        g.add_argument(
-            "--target-seeds", metavar="FILE", help="tckgen -output_seeds file of the target"
-        )
+        g = add_target_options(p)
         g.add_argument(
             "--space",
             metavar="NAME|FILE",
