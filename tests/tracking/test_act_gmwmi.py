@@ -1,0 +1,128 @@
+"""``tckgen -seed_gmwmi`` (with ``-act``) against MRtrix3 3.0.3.
+
+References: ``../shared/data/sift_phantom/act_gmwmi.tck`` (``-select 2000``, random directions,
+``MRTRIX_RNG_SEED=20240601``) and ``tests/data/act/gmwmi_dir_seeds.txt`` (a fixed direction, so
+the seeds are the GM-WM interface seeder's own random stream; ``commands.txt``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from invtract.errors import ConfigError
+from invtract.io.tractogram import load_tractogram
+from invtract.tracking import fused_cpu
+
+from .reference_data import need_data
+
+LOCAL = Path(__file__).resolve().parents[1] / "data" / "act"
+numba_only = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not available")
+RNG_SEED = 20240601
+
+
+def _seeder():
+    from invtract.tracking.act import load_act
+    from invtract.tracking.seeding_gmwmi import load_gmwmi_seeder
+
+    folder = need_data("sift_phantom")
+    return load_gmwmi_seeder(folder / "gmwmi.mif", load_act(folder / "5tt.mif"))
+
+
+@numba_only
+def test_seeds_are_tckgens_in_order():
+    """tckgen's 10 seeds (those that passed ACT's seed test, in order) are a subsequence of
+    our seeder's first 15, bit for bit; the others fail ACT's seed test as in tckgen."""
+    from invtract.tracking.rng import MRtrixRNG
+
+    ref = np.loadtxt(LOCAL / "gmwmi_dir_seeds.txt", delimiter=",", comments="#",
+                     usecols=(2, 3, 4), dtype=np.float32)  # fmt: skip
+    seeder = _seeder()
+    rng = MRtrixRNG(RNG_SEED)
+    ours = np.stack([seeder.next(rng) for _ in range(15)])
+    k = 0
+    for p in ours:
+        if k < len(ref) and np.array_equal(p, ref[k]):
+            k += 1
+    assert k == len(ref) == 10
+
+
+@numba_only
+def test_seeds_lie_on_the_interface():
+    """Every seed is where GMWMI_finder accepts it: |GM - WM| < 0.01, some WM, not CSF."""
+    from invtract.tracking.act_cpu import _tissues
+    from invtract.tracking.rng import MRtrixRNG
+
+    seeder = _seeder()
+    rng = MRtrixRNG(7)
+    tbuf, tis = np.empty(5, np.float32), np.zeros(5, np.float32)
+    for _ in range(20):
+        p = seeder.next(rng)
+        assert _tissues(seeder.tt, False, seeder.Mt, p[0], p[1], p[2], tbuf, tis)
+        assert abs((tis[0] + tis[1]) - tis[2]) < 0.01 and tis[2] > 0 and tis[3] < 0.5
+
+
+@numba_only
+def test_first_streamlines_bit_identical():
+    """The first 100 of act_gmwmi.tck from the same command (a prefix of the -select 2000 run)."""
+    from invtract.fod.field import FODField
+    from invtract.io.image import load_fod
+    from invtract.params import TrackingParameters
+    from invtract.tracking.act import load_act
+    from invtract.tracking.api import Seeding, track
+    from invtract.tracking.seeding_gmwmi import load_gmwmi_seeder
+
+    folder = need_data("sift_phantom")
+    fod = load_fod(folder / "fods.mif")
+    act = load_act(folder / "5tt.mif")
+    res = track(
+        FODField.from_array(fod.data, fod.affine),
+        Seeding("gmwmi", gmwmi=load_gmwmi_seeder(folder / "gmwmi.mif", act)),
+        TrackingParameters(),
+        voxel_sizes=fod.voxel_sizes,
+        engine="numba",
+        select=100,
+        rng_seed=RNG_SEED,
+        act=act,
+    )
+    ours = res.streamlines.to_list()
+    refs = load_tractogram(folder / "act_gmwmi.tck").to_list()[:100]
+    assert len(ours) == 100
+    assert all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(ours, refs))
+
+
+@numba_only
+@pytest.mark.slow
+def test_replay_of_the_recorded_command_bit_identical():
+    """act_gmwmi.tck re-run from its command line: 2000 / 2000 streamlines bit-identical, in
+    order, with as many generated as tckgen."""
+    from invtract.tracking.tckgen_replay import replay_command
+
+    r = replay_command(need_data("sift_phantom", "act_gmwmi.tck"), RNG_SEED, engine="numba")
+    assert (r["kept"], r["generated"]) == (r["ref_kept"], r["ref_generated"]) == (2000, 2000)
+    assert r["frac_bit_exact"] == 1.0
+
+
+def test_seed_gmwmi_needs_act(tmp_path):
+    from invtract.cli import main
+
+    folder = need_data("sift_phantom")
+    argv = ["track", str(folder / "fods.mif"), str(tmp_path / "x.tck"), "--seed-gmwmi",
+            str(folder / "gmwmi.mif")]  # fmt: skip
+    with pytest.raises((ConfigError, SystemExit)):
+        rc = main(argv)
+        if rc:
+            raise SystemExit(rc)
+    assert not (tmp_path / "x.tck").exists()
+
+
+def test_rejection_image_refuses_negative_values():
+    from invtract.io.image import Image
+    from invtract.tracking.seeding_gmwmi import RejectionImage
+
+    data = np.zeros((3, 3, 3), np.float32)
+    data[1, 1, 1] = -1
+    with pytest.raises(ConfigError, match="negative"):
+        RejectionImage.from_image(Image(data, np.eye(4), (1.0, 1.0, 1.0), None, np.eye(4)[:3]))
