@@ -631,11 +631,9 @@ def _load_act(args):
     """The checked 5TT image of ``--act`` (None without it)."""
     if not getattr(args, "act", None):
         return None
-    from ..tracking.act import check_act_supported, load_act
+    from ..tracking.act import load_act
 
-    act = load_act(args.act, crop_at_gmwmi=args.crop_at_gmwmi)
-    check_act_supported(act)
-    return act
+    return load_act(args.act, crop_at_gmwmi=args.crop_at_gmwmi)
 
 
 def _cuda_available() -> bool:

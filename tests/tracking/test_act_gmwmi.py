@@ -64,9 +64,7 @@ def test_seeds_lie_on_the_interface():
         assert abs((tis[0] + tis[1]) - tis[2]) < 0.01 and tis[2] > 0 and tis[3] < 0.5
 
 
-@numba_only
-def test_first_streamlines_bit_identical():
-    """The first 100 of act_gmwmi.tck from the same command (a prefix of the -select 2000 run)."""
+def _track_gmwmi(tt: Path, gmwmi: Path, select: int):
     from invtract.fod.field import FODField
     from invtract.io.image import load_fod
     from invtract.params import TrackingParameters
@@ -74,23 +72,43 @@ def test_first_streamlines_bit_identical():
     from invtract.tracking.api import Seeding, track
     from invtract.tracking.seeding_gmwmi import load_gmwmi_seeder
 
-    folder = need_data("sift_phantom")
-    fod = load_fod(folder / "fods.mif")
-    act = load_act(folder / "5tt.mif")
-    res = track(
+    fod = load_fod(need_data("sift_phantom", "fods.mif"))
+    act = load_act(tt)
+    return track(
         FODField.from_array(fod.data, fod.affine),
-        Seeding("gmwmi", gmwmi=load_gmwmi_seeder(folder / "gmwmi.mif", act)),
+        Seeding("gmwmi", gmwmi=load_gmwmi_seeder(gmwmi, act)),
         TrackingParameters(),
         voxel_sizes=fod.voxel_sizes,
         engine="numba",
-        select=100,
+        select=select,
         rng_seed=RNG_SEED,
         act=act,
     )
-    ours = res.streamlines.to_list()
+
+
+def _bit_identical(ours, refs) -> int:
+    return sum(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(ours, refs))
+
+
+@numba_only
+def test_first_streamlines_bit_identical():
+    """The first 100 of act_gmwmi.tck from the same command (a prefix of the -select 2000 run)."""
+    folder = need_data("sift_phantom")
+    res = _track_gmwmi(folder / "5tt.mif", folder / "gmwmi.mif", 100)
     refs = load_tractogram(folder / "act_gmwmi.tck").to_list()[:100]
-    assert len(ours) == 100
-    assert all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(ours, refs))
+    assert _bit_identical(res.streamlines.to_list(), refs) == 100
+
+
+@numba_only
+def test_subcortical_interface_seeds_bit_identical():
+    """act_gmwmi_sgm.tck (5TT with sub-cortical GM: seeds on the SGM-WM interface, streamlines
+    that exit SGM or fail to reach WM): 150 / 150 bit-identical, 267 generated as tckgen."""
+    res = _track_gmwmi(LOCAL / "5tt_sgm.mif", LOCAL / "gmwmi_sgm.mif", 150)
+    refs = load_tractogram(LOCAL / "act_gmwmi_sgm.tck").to_list()
+    assert _bit_identical(res.streamlines.to_list(), refs) == len(refs) == 150
+    assert res.summary["generated"] == 267
+    assert res.summary["rejected"]["Failed to traverse white matter"] == 67
+    assert res.summary["terminations"]["Exiting sub-cortical GM"] == 25
 
 
 @numba_only
