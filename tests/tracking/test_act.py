@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from invtract.errors import ConfigError, ShapeError
+from invtract.errors import ShapeError
 from invtract.io.image import Image, load_fod, save_mif
 from invtract.io.tractogram import load_tractogram_header
 from invtract.params import TrackingParameters
@@ -228,22 +228,6 @@ def test_gmwmi_seeds_replayed_from_their_points():
                           engine="numba", act=act, limit=400)  # fmt: skip
     assert r["frac_same_count"] == 1.0
     assert r["frac_hausdorff_lt_0.1"] == 1.0
-
-
-def test_torch_engine_refuses_act():
-    from invtract.fod.field import FODField
-    from invtract.tracking.api import Seeding, track
-
-    fod = load_fod(need_data("sift_phantom", "fods.mif"))
-    with pytest.raises(ConfigError, match="numba engine only"):
-        track(
-            FODField.from_array(fod.data, fod.affine),
-            Seeding("list", positions=np.zeros((1, 3), np.float32)),
-            TrackingParameters(),
-            voxel_sizes=fod.voxel_sizes,
-            engine="torch",
-            act=load_act(need_data("sift_phantom", "5tt.mif")),
-        )
 
 
 # ---------------------------------------------------------------- invtract track --act
