@@ -98,23 +98,83 @@ class RejectionImage:
         return cls(np.ascontiguousarray(crop), M, vmax)
 
     def draw(self, rng: MRtrixRNG) -> np.ndarray:
-        """One seed ``[3]`` float32 scanner mm (``Rejection::get_seed``)."""
-        n0, n1, n2 = self.values.shape
+        """One seed ``[3]`` float32 scanner mm (``Rejection::get_seed``), drawn by a compiled
+        loop over peeked random outputs; exactly the outputs tckgen uses are consumed."""
+        out = np.empty(3, np.float32)
+        block = 4096
         while True:
-            i = rng.randint(n0)
-            j = rng.randint(n1)
-            k = rng.randint(n2)
-            selector = f32(rng.uniform() * self.max)
-            if not self.values[i, j, k] < selector:
-                break
-        half = f32(0.5)
-        v = [(f32(i) + rng.uniform()) - half, (f32(j) + rng.uniform()) - half,
-             (f32(k) + rng.uniform()) - half]  # fmt: skip
-        M = self.vox2scanner
-        return np.array(
-            [(M[r, 0] * v[0] + M[r, 1] * v[1]) + (M[r, 2] * v[2] + M[r, 3]) for r in range(3)],
-            dtype=np.float32,
-        )
+            used = _rejection_nb(rng.peek(block), self.values, self.max, self.vox2scanner, out)
+            if used > 0:
+                rng.skip(used)
+                return out
+            rng.skip(-used)  # whole rejected attempts; the next one starts the next block
+            if used == 0:
+                block *= 2
+
+
+_TWO32 = np.float32(2.0**32)
+_BELOW_ONE = np.float32(1.0) - np.float32(2.0**-24)
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+@njit(inline="always", **_JIT)
+def _uniform_nb(r):
+    """``generate_canonical<float>`` of one 32-bit output (as :meth:`MRtrixRNG.uniform`)."""
+    u = np.float32(np.float32(r) / _TWO32)
+    return _BELOW_ONE if u >= np.float32(1.0) else u
+
+
+@njit(**_JIT)
+def _randint_nb(raw, k, n):
+    """GCC's ``uniform_int_distribution<int> (0, n - 1)`` from ``raw[k:]``: (value, next k),
+    or (-1, k) when ``raw`` runs out (as :meth:`MRtrixRNG.randint`)."""
+    un = np.uint64(n)
+    if k >= raw.shape[0]:
+        return -1, k
+    product = raw[k] * un
+    k += 1
+    low = product & _LOW32
+    if low < un:
+        threshold = (np.uint64(2**32) - un) % un
+        while low < threshold:
+            if k >= raw.shape[0]:
+                return -1, k
+            product = raw[k] * un
+            k += 1
+            low = product & _LOW32
+    return np.int64(product >> np.uint64(32)), k
+
+
+@njit(**_JIT)
+def _rejection_nb(raw, values, vmax, M, out):
+    """``Rejection::get_seed`` on the outputs ``raw``: the number used (> 0) with the seed in
+    ``out [3]``, or minus the number used by whole rejected attempts when ``raw`` runs out."""
+    n0, n1, n2 = values.shape
+    k = 0
+    while True:
+        start = k
+        i, k = _randint_nb(raw, k, n0)
+        if i < 0:
+            return -start
+        j, k = _randint_nb(raw, k, n1)
+        if j < 0:
+            return -start
+        m, k = _randint_nb(raw, k, n2)
+        if m < 0 or k >= raw.shape[0]:
+            return -start
+        selector = _uniform_nb(raw[k]) * vmax
+        k += 1
+        if not values[i, j, m] < selector:
+            break
+    if k + 3 > raw.shape[0]:
+        return -start
+    half = np.float32(0.5)
+    v0 = (np.float32(i) + _uniform_nb(raw[k])) - half
+    v1 = (np.float32(j) + _uniform_nb(raw[k + 1])) - half
+    v2 = (np.float32(m) + _uniform_nb(raw[k + 2])) - half
+    for r in range(3):
+        out[r] = (M[r, 0] * v0 + M[r, 1] * v1) + (M[r, 2] * v2 + M[r, 3])
+    return k + 3
 
 
 # --------------------------------------------------------------------------------------------
