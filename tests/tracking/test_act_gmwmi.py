@@ -144,3 +144,19 @@ def test_rejection_image_refuses_negative_values():
     data[1, 1, 1] = -1
     with pytest.raises(ConfigError, match="negative"):
         RejectionImage.from_image(Image(data, np.eye(4), (1.0, 1.0, 1.0), None, np.eye(4)[:3]))
+
+
+def test_rng_peek_then_skip_is_the_raw_stream():
+    from invtract.tracking.rng import MRtrixRNG
+
+    a, b = MRtrixRNG(5, block=16), MRtrixRNG(5, block=16)
+    expected = [a.raw() for _ in range(100)]
+    got = []
+    for n in (3, 40, 1, 56):
+        seen = b.peek(n).tolist()
+        assert b.peek(n).tolist() == seen  # peeking does not consume
+        b.skip(n)
+        got += seen
+    assert got == expected
+    with pytest.raises(ValueError):
+        b.skip(10**6)
