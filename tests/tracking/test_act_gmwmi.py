@@ -160,3 +160,32 @@ def test_rng_peek_then_skip_is_the_raw_stream():
     assert got == expected
     with pytest.raises(ValueError):
         b.skip(10**6)
+
+
+def test_tckgen_command_with_act_and_gmwmi_is_parsed():
+    from invtract.tracking.tckgen_replay import parse_tckgen_command
+
+    cmd = parse_tckgen_command(
+        "tckgen fods.mif out.tck -algorithm SD_Stream -act 5tt.mif -seed_gmwmi gmwmi.mif "
+        "-select 2000 -crop_at_gmwmi -nthreads 0  (version=3.0.3)"
+    )
+    assert cmd.seed == ("gmwmi", "gmwmi.mif", 1) and cmd.act == "5tt.mif"
+    assert cmd.crop_at_gmwmi and cmd.select == 2000
+    with pytest.raises(ConfigError, match="needs -act"):
+        parse_tckgen_command("tckgen fods.mif out.tck -seed_gmwmi gmwmi.mif -select 5")
+
+
+@numba_only
+def test_cli_seed_gmwmi_matches_tckgen(tmp_path):
+    """``invtract track`` with tckgen's spelling: the first 50 streamlines of act_gmwmi.tck."""
+    from invtract.cli import main
+
+    folder = need_data("sift_phantom")
+    out = tmp_path / "g.tck"
+    argv = ["track", str(folder / "fods.mif"), str(out), "-algorithm", "SD_Stream", "-act",
+            str(folder / "5tt.mif"), "-seed_gmwmi", str(folder / "gmwmi.mif"), "-select", "50",
+            "-nthreads", "0", "--rng-seed", str(RNG_SEED), "-quiet"]  # fmt: skip
+    assert main(argv) in (0, None)
+    ours = load_tractogram(out).to_list()
+    refs = load_tractogram(folder / "act_gmwmi.tck").to_list()[:50]
+    assert len(ours) == 50 and _bit_identical(ours, refs) == 50
