@@ -343,8 +343,8 @@ def _run(args) -> int:
 
     # ------- TRACK -------
     engine = default_engine(args.device) if args.engine == "auto" else args.engine
-    if act is not None:
-        engine = "numba"
+    if act is not None and engine != "torch":
+        engine = "numba"  # ACT: numba, or the torch engine when asked for
     scanner2voxel = fod.scanner2voxel
     kfod = prepare_fod(fod.data, scanner2voxel)  # once: shared by seed checks and chunks
     if engine == "numba":
@@ -406,6 +406,16 @@ def _runners(engine: str, kfod, fod, args, params, rois, act):
     from ..tracking.act_cpu import act_seed_checker, track_fused_cpu_act
 
     sh, s2v = kfod.sh, kfod.M
+    if engine == "torch":  # the PyTorch ACT tracker; the same seed test decides the draws
+        import torch
+
+        from ..fod.field import FODField
+        from ..tracking.act_torch import track_torch_act
+
+        dtype = torch.float64 if args.dtype == "float64" else torch.float32
+        field = FODField.from_array(fod.data, fod.affine, device=args.device, dtype=dtype)
+        return (lambda pos, dirs: track_torch_act(field, pos, dirs, params, act, rois),
+                act_seed_checker(sh, s2v, rois, act))  # fmt: skip
 
     def run(pos, dirs):
         return track_fused_cpu_act(sh, s2v, pos, dirs, params, act, rois)
@@ -623,8 +633,8 @@ def _check_act_args(args) -> None:
         checks.check_input_files([("--seed-gmwmi image", args.seed_gmwmi)])
     if getattr(args, "act", None):
         checks.check_input_files([("--act 5TT image", args.act)])
-        if args.engine not in ("auto", "numba"):
-            raise ConfigError(f"--act runs in the numba engine only, not {args.engine}")
+        if args.engine not in ("auto", "numba", "torch"):
+            raise ConfigError(f"--act runs in the numba or torch engine, not {args.engine}")
 
 
 def _load_act(args):

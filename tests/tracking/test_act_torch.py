@@ -88,3 +88,22 @@ def test_subcortical_reference_within_1e5_mm():
     assert _close(a, b) >= 45
     assert a.summary["rejected"] == b.summary["rejected"]
     assert a.summary["terminations"] == b.summary["terminations"]
+
+
+@numba_only
+@pytest.mark.slow
+def test_cli_torch_engine_with_act(tmp_path):
+    """``invtract track --act ... --engine torch``: tckgen's act_grid_pv_crop within 1e-5 mm."""
+    from invtract.cli import main
+    from invtract.io.tractogram import load_tractogram
+
+    out = tmp_path / "t.tck"
+    argv = ["track", str(need_data("sift_phantom", "fods.mif")), str(out), "-act",
+            str(LOCAL / "5tt_pv.mif"), "-crop_at_gmwmi", "-seed_grid_per_voxel",
+            str(LOCAL / "mask.mif"), "1", "-nthreads", "0", "--rng-seed", "20240601",
+            "--engine", "torch", "-quiet"]  # fmt: skip
+    assert main(argv) in (0, None)
+    ours = load_tractogram(out).to_list()
+    refs = load_tractogram(LOCAL / "act_grid_pv_crop.tck").to_list()
+    assert len(ours) == len(refs) == 36
+    assert all(a.shape == b.shape and np.abs(a - b).max() < 1e-5 for a, b in zip(ours, refs))
