@@ -123,10 +123,6 @@ _NO_EFFECT = {
 #: tckgen options invtract does not implement: name -> (number of values, reason)
 _UNSUPPORTED = {
     "backtrack": (0, "tckgen: backtracking is not valid for deterministic algorithms"),
-    "seed-gmwmi": (
-        1,
-        "GM-WM interface seeding is not implemented yet; -act with other seeding is",
-    ),
     "seed-dynamic": (1, "no SIFT-model dynamic seeding"),
     "seed-rejection": (1, "no rejection-sampling seeding"),
     "include-ordered": (1, "ordered include regions are not implemented"),
@@ -218,6 +214,11 @@ class Track:
             "--seed-random-per-voxel", nargs=2, metavar=("MASK", "K"), help="K random per voxel"
         )
         s.add_argument("--seed-sphere", metavar="X,Y,Z,R", help="random seeds in a sphere (mm)")
+        s.add_argument(
+            "--seed-gmwmi",
+            metavar="IMAGE",
+            help="random seeds on the GM-WM interface (e.g. 5tt2gmwmi's image; needs --act)",
+        )
         s.add_argument("--select", type=int, help="stop at N accepted streamlines (default 5000)")
         s.add_argument("--max-seeds", type=int, help="stop after N seeds (tckgen -seeds)")
         s.add_argument("--rng-seed", type=int, help="seed of the tckgen-compatible random stream")
@@ -288,11 +289,11 @@ def _run(args) -> int:
         m
         for m in ("seeds", "seed_image", "seed_grid_per_voxel", "seed_random_per_voxel")
         if getattr(args, m)
-    ] + (["seed_sphere"] if args.seed_sphere else [])
+    ] + [m for m in ("seed_sphere", "seed_gmwmi") if getattr(args, m, None)]
     if len(mechs) != 1:
         raise ConfigError(
             "give exactly one seeding option (--seeds, --seed-image, --seed-grid-per-voxel, "
-            f"--seed-random-per-voxel, --seed-sphere); got {len(mechs)}"
+            f"--seed-random-per-voxel, --seed-sphere, --seed-gmwmi); got {len(mechs)}"
         )
     _check_arguments(args)
     _check_act_args(args)
@@ -317,6 +318,8 @@ def _run(args) -> int:
         seeding = Seeding("list", positions=table.positions, directions=table.directions)
     elif args.seed_sphere:
         seeding = Seeding("sphere", sphere=_floats(args.seed_sphere, 4, "--seed-sphere"))
+    elif args.seed_gmwmi:
+        seeding = None  # built with the 5TT image below
     else:
         which = args.seed_image or args.seed_grid_per_voxel or args.seed_random_per_voxel
         path = which if isinstance(which, str) else which[0]
@@ -327,6 +330,10 @@ def _run(args) -> int:
         count = 1 if isinstance(which, str) else _seed_count(which)
         seeding = Seeding.from_mask(kind, m, count)
     act = _load_act(args)
+    if args.seed_gmwmi:
+        from ..tracking.seeding_gmwmi import load_gmwmi_seeder
+
+        seeding = Seeding("gmwmi", gmwmi=load_gmwmi_seeder(args.seed_gmwmi, act))
     if act is not None:
         from ..tracking.act import act_parameters
 
@@ -336,8 +343,8 @@ def _run(args) -> int:
 
     # ------- TRACK -------
     engine = default_engine(args.device) if args.engine == "auto" else args.engine
-    if act is not None:
-        engine = "numba"
+    if act is not None and engine != "torch":
+        engine = "numba"  # ACT: numba, or the torch engine when asked for
     scanner2voxel = fod.scanner2voxel
     kfod = prepare_fod(fod.data, scanner2voxel)  # once: shared by seed checks and chunks
     if engine == "numba":
@@ -399,6 +406,16 @@ def _runners(engine: str, kfod, fod, args, params, rois, act):
     from ..tracking.act_cpu import act_seed_checker, track_fused_cpu_act
 
     sh, s2v = kfod.sh, kfod.M
+    if engine == "torch":  # the PyTorch ACT tracker; the same seed test decides the draws
+        import torch
+
+        from ..fod.field import FODField
+        from ..tracking.act_torch import track_torch_act
+
+        dtype = torch.float64 if args.dtype == "float64" else torch.float32
+        field = FODField.from_array(fod.data, fod.affine, device=args.device, dtype=dtype)
+        return (lambda pos, dirs: track_torch_act(field, pos, dirs, params, act, rois),
+                act_seed_checker(sh, s2v, rois, act))  # fmt: skip
 
     def run(pos, dirs):
         return track_fused_cpu_act(sh, s2v, pos, dirs, params, act, rois)
@@ -586,6 +603,8 @@ def _warn_seeds_outside(seeding, fod, path: str, most: int = 100_000) -> None:
             checks.warn(f"--seed-sphere {x:g},{y:g},{z:g},{r:g} lies outside {image}: "
                         "every seed is rejected")  # fmt: skip
         return
+    if seeding.kind == "gmwmi":  # seeds are moved within the 5TT image, checked by tracking
+        return
     if seeding.kind == "list":
         pts, what = np.asarray(seeding.positions), "seeds"
     else:
@@ -608,21 +627,23 @@ def _check_act_args(args) -> None:
     """``--act`` / ``--crop-at-gmwmi`` checks before any heavy work."""
     if getattr(args, "crop_at_gmwmi", False) and not getattr(args, "act", None):
         raise ConfigError("--crop-at-gmwmi needs --act")
+    if getattr(args, "seed_gmwmi", None):
+        if not getattr(args, "act", None):
+            raise ConfigError("--seed-gmwmi needs --act (the 5TT image the seeds are moved in)")
+        checks.check_input_files([("--seed-gmwmi image", args.seed_gmwmi)])
     if getattr(args, "act", None):
         checks.check_input_files([("--act 5TT image", args.act)])
-        if args.engine not in ("auto", "numba"):
-            raise ConfigError(f"--act runs in the numba engine only, not {args.engine}")
+        if args.engine not in ("auto", "numba", "torch"):
+            raise ConfigError(f"--act runs in the numba or torch engine, not {args.engine}")
 
 
 def _load_act(args):
     """The checked 5TT image of ``--act`` (None without it)."""
     if not getattr(args, "act", None):
         return None
-    from ..tracking.act import check_act_supported, load_act
+    from ..tracking.act import load_act
 
-    act = load_act(args.act, crop_at_gmwmi=args.crop_at_gmwmi)
-    check_act_supported(act)
-    return act
+    return load_act(args.act, crop_at_gmwmi=args.crop_at_gmwmi)
 
 
 def _cuda_available() -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError, ShapeError
+from ..errors import ShapeError
 from ..io.image import load_image
 from ..params import DEFAULTS, TrackingParameters, geometric_voxel_size
 from .rules import ACT_MIN_LENGTH_VOXELS, TISSUES_5TT, act_default_cutoff
@@ -85,19 +85,6 @@ def act_parameters(params: TrackingParameters, voxel_sizes_mm) -> TrackingParame
         vox = f32(geometric_voxel_size(voxel_sizes_mm))
         changes["min_length_mm"] = float(f32(f32(ACT_MIN_LENGTH_VOXELS) * vox))
     return dataclasses.replace(params, **changes) if changes else params
-
-
-def check_act_supported(act: ActImage) -> None:
-    """The numba ACT kernel does not implement ``truncate_exit_sgm`` (EXIT_SGM needs SGM).
-
-    Raises:
-        ConfigError: when the 5TT image has sub-cortical grey matter.
-    """
-    if act.has_sgm:
-        raise ConfigError(
-            f"{act.path}: 5TT image has sub-cortical grey matter; the EXIT_SGM truncation "
-            "(Exec::truncate_exit_sgm) is not implemented yet"
-        )
 
 
 def act_from_header(header: dict, folder: str | os.PathLike) -> ActImage | None:

@@ -11,7 +11,9 @@ peak search and region tests (imported from it), with MRtrix3 3.0.3's ACT rules 
   new point (EXIT_IMAGE when the tissues are invalid, ENTER_CSF, ENTER_CGM, the SGM depth
   count); a method failure inside SGM becomes TERM_IN_SGM.
 * each half (``gen_track_unidir``): ``apply_priors`` (exclusion, ACT_POOR_TERMINATION /
-  TRACK_TOO_LONG / ENTER_EXCLUDE_REGION), ``-crop_at_gmwmi`` on an ENTER_CGM end
+  TRACK_TOO_LONG / ENTER_EXCLUDE_REGION), ``truncate_exit_sgm`` on an EXIT_SGM end (cut at
+  the point of the sub-cortical stretch where the FOD amplitude along the incoming segment is
+  lowest), ``-crop_at_gmwmi`` on an ENTER_CGM end
   (``GMWMI_finder::find_interface``: bisection along a Hermite spline).
 * the streamline (``track_rejected``, ``check_downsampled_length``): the SGM-seed WM
   requirement, and with cropping the length re-measured (too long = rejected under ACT).
@@ -19,9 +21,8 @@ peak search and region tests (imported from it), with MRtrix3 3.0.3's ACT rules 
 Tissues are sampled as ``Interp::Masked<Interp::Linear>`` (the kernel's ``_sample`` on the 5TT
 volumes: FOV, all-zero nearest voxel, the 1e-6 weight threshold, Eigen's summation order) and
 set as ``Tissues::set`` (NaN -> invalid, clamp to [0, 1], valid iff the sum >= 0.5). The
-interface search uses the unmasked interpolator. Not implemented: ``truncate_exit_sgm`` (5TT
-images with SGM are refused by :func:`invtract.tracking.act.check_act_supported`) and ACT
-backtracking (not valid for SD_Stream in tckgen either).
+interface search uses the unmasked interpolator. Not implemented: ACT backtracking (not valid
+for SD_Stream in tckgen either).
 
 Layout: positions are scanner mm (float32), tissue images ``[X, Y, Z, 5]`` in MRtrix voxel
 order (:func:`invtract.tracking.act.load_act`).
@@ -29,11 +30,12 @@ order (:func:`invtract.tracking.act.load_act`).
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 
-from .act import ActImage, check_act_supported
+from .act import ActImage
 from .fused_cpu import (
     _ACCEPTED,
     _ADD_TO_TCK,
@@ -62,6 +64,7 @@ from .fused_cpu import (
     _LENGTH_EXCEED,
     _ROI_EXCLUDE,
     _ROI_MASK,
+    _SQRT2,
     _TOO_SHORT,
     _TRAVERSE_ALL_INCLUDE,
     _all_visited,
@@ -83,6 +86,7 @@ from .rules import (
     GMWMI_HERMITE_TENSION,
     GMWMI_MAX_ITERS,
     GMWMI_NORMAL_PERTURBATION,
+    LUT_LAST_ROW,
     TISSUE_SUM_THRESHOLD,
     act_exclusion_reason,
     act_priors,
@@ -104,8 +108,6 @@ _NO_PROPAGATION = int(Reject.NO_PROPAGATION_FROM_SEED)
 _TRACK_TOO_LONG = int(Reject.TRACK_TOO_LONG)
 _ACT_FAILED_WM = int(Reject.ACT_FAILED_WM_REQUIREMENT)
 _MISSED_INCLUDE = int(Reject.MISSED_INCLUDE_REGION)
-#: status of a streamline that reached EXIT_SGM (truncate_exit_sgm not implemented)
-_EXIT_SGM_UNSUPPORTED = 100
 
 # the ACT state vector (ACT_Method_additions' members and the last Tissues::set)
 _SGM_DEPTH, _SEED_IN_SGM, _SGM_SEED_TO_WM, _VALID = range(4)
@@ -318,20 +320,100 @@ def _act_half(b, n, px, py, pz, ux, uy, uz, state, st, tis, sh, M, cbuf, fp, ip,
 
 
 @njit(**_JIT)
-def _act_finish_half(b, n, term, st, tis, crop, tt, Mt, tbuf, tprobe):
+def _amplitude(c, ux, uy, uz, lut, inc, zint, pint, mstart, lmax):
+    """FOD amplitude along unit u: ``PrecomputedAL::value`` (SD_Stream's ``FOD (dir)``).
+
+    Legendre values interpolated between table rows at the elevation ``acos(u_z)`` (float32),
+    the azimuth rotated term by term from ``(u_x, u_y) / r_xy``; each m > 0 term is added in
+    double (``Math::sqrt2`` is a double) and the sum rounded back to float32."""
+    f0 = np.float32(0.0)
+    f1 = np.float32(1.0)
+    nAL = np.uint64(n_legendre_nb(lmax))
+    el = math.acos(uz)
+    fr2 = el / inc
+    row = 0
+    fr1 = f1
+    if fr2 != fr2:
+        fr2 = f0
+    else:
+        ii = int(fr2)
+        if ii < 0 or ii >= LUT_LAST_ROW:
+            row = 0 if ii < 0 else LUT_LAST_ROW
+            fr2 = f0
+        else:
+            row = ii
+            fr2 = fr2 - np.float32(ii)
+            fr1 = f1 - fr2
+    r0 = np.uint64(row) * nAL
+    r1 = r0 + nAL
+    rxy = np.float32(math.sqrt(uy * uy + ux * ux))
+    cp = ux / rxy if rxy != f0 else f1
+    sp = uy / rxy if rxy != f0 else f0
+    v = f0
+    al = fr1 * lut[r0]
+    if fr2 != f0:
+        al += fr2 * lut[r1]
+    v += al * c[0]
+    for z in range(zint.shape[0]):
+        e = zint[z, 1]
+        al = fr1 * lut[r0 + e]
+        if fr2 != f0:
+            al += fr2 * lut[r1 + e]
+        v += al * c[zint[z, 0]]
+    c0 = f1
+    s0 = f0
+    for m in range(1, lmax + 1):
+        cm = c0 * cp - s0 * sp
+        sm = s0 * cp + c0 * sp
+        for qq in range(mstart[m], mstart[m + 1]):
+            qi = np.uint64(qq) * np.uint64(7)
+            e = pint[qi + np.uint64(2)]
+            al = fr1 * lut[r0 + e]
+            if fr2 != f0:
+                al += fr2 * lut[r1 + e]
+            inner = cm * c[pint[qi]] + sm * c[pint[qi + np.uint64(1)]]
+            v = np.float32(np.float64(v) + (np.float64(al) * _SQRT2) * np.float64(inner))
+        c0 = cm
+        s0 = sm
+    return v
+
+
+@njit(**_JIT)
+def _truncate_exit_sgm(b, n, depth, sh, M, cbuf, lut, inc, zint, pint, mstart, lmax):
+    """``Exec::truncate_exit_sgm``: of the last ``depth`` points (the sub-cortical stretch),
+    keep up to the first one where the FOD amplitude along the incoming segment is lowest
+    (0 where there is no FOD data). Returns the new point count."""
+    best = n - 1
+    lowest = np.float32(np.inf)
+    for i in range(n - depth, n):
+        ux, uy, uz = _normalize3(b[i, 0] - b[i - 1, 0], b[i, 1] - b[i - 1, 1],
+                                 b[i, 2] - b[i - 1, 2])  # fmt: skip
+        value = np.float32(0.0)
+        if _sample(sh, M, b[i, 0], b[i, 1], b[i, 2], cbuf):
+            value = _amplitude(cbuf, ux, uy, uz, lut, inc, zint, pint, mstart, lmax)
+        if value < lowest:
+            lowest = value
+            best = i
+    return best + 1
+
+
+@njit(**_JIT)
+def _act_finish_half(b, n, term, st, tis, crop, tt, Mt, tbuf, tprobe, sh, M, cbuf, fp, ip, lut,
+                     zint, pint, mstart):  # fmt: skip
     """``apply_priors`` + the EXIT_SGM / crop steps of ``gen_track_unidir``.
 
-    Returns (term, reject): reject is the :class:`Reject` code when the half excluded the
-    streamline, ``_EXIT_SGM_UNSUPPORTED`` for EXIT_SGM, else ``_ACCEPTED``."""
+    Returns (n, term, reject): the point count after any truncation, and the :class:`Reject`
+    code when the half excluded the streamline, else ``_ACCEPTED``."""
     in_path = st[_VALID] != 0 and _is_path(tis[0], tis[1], tis[2], tis[3], tis[4])
     term, excluded = _act_priors(term, st[_SGM_DEPTH], in_path)
     if term == _EXIT_SGM:
-        return term, _EXIT_SGM_UNSUPPORTED
+        n = _truncate_exit_sgm(b, n, st[_SGM_DEPTH], sh, M, cbuf, lut, fp[_FP_INC], zint, pint,
+                               mstart, ip[_IP_LMAX])  # fmt: skip
     if excluded:
-        return term, _act_exclusion_reason(term)
+        return n, term, _act_exclusion_reason(term)
     if term == _ENTER_CGM and crop:
         _crop_end(b, n, tt, Mt, tbuf, tprobe)
-    return term, _ACCEPTED
+    return n, term, _ACCEPTED
 
 
 @njit(**_JIT)
@@ -445,7 +527,8 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
     n, t0, steps = _act_half(b, 1, px, py, pz, ux, uy, uz, state, st, tis, sh, M, cbuf,
                              fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, rois, tt, Mt,
                              tbuf, add_to_tck)  # fmt: skip
-    t0, reason = _act_finish_half(b, n, t0, st, tis, crop, tt, Mt, tbuf, tprobe)
+    n, t0, reason = _act_finish_half(b, n, t0, st, tis, crop, tt, Mt, tbuf, tprobe, sh, M, cbuf,
+                                     fp, ip, lut, zint, pint, mstart)  # fmt: skip
     out_term[i, 0] = t0
     seed = 0
     if reason == _ACCEPTED and not unidir:
@@ -455,7 +538,8 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
         n, t1, s1 = _act_half(b, n, b[n - 1, 0], b[n - 1, 1], b[n - 1, 2], -ux, -uy, -uz, state,
                               st, tis, sh, M, cbuf, fp, ip, lut, zint, zflt, pint, pflt,
                               mstart, AL, rois, tt, Mt, tbuf, add_to_tck)  # fmt: skip
-        t1, reason = _act_finish_half(b, n, t1, st, tis, crop, tt, Mt, tbuf, tprobe)
+        n, t1, reason = _act_finish_half(b, n, t1, st, tis, crop, tt, Mt, tbuf, tprobe, sh, M,
+                                         cbuf, fp, ip, lut, zint, pint, mstart)  # fmt: skip
         out_term[i, 1] = t1
         steps += s1
     out_steps[i] = steps
@@ -548,11 +632,7 @@ def track_fused_cpu_act(
     Returns:
         :class:`EngineResult`; terminations in MRtrix's categories (ENTER_CGM, ENTER_CSF, ...),
         rejections as :class:`Reject` codes (ACT_POOR_TERMINATION, TRACK_TOO_LONG, ...).
-
-    Raises:
-        ConfigError: a 5TT image with sub-cortical GM (EXIT_SGM truncation not implemented).
     """
-    check_act_supported(act)
     k = _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois)
     tt, Mt = _act_arrays(act)
     N = k.seeds.shape[0]

@@ -96,7 +96,8 @@ def track(
         progress: called as ``progress(seeds_done, selected)``.
         act: anatomically-constrained tracking (``-act``): an
             :class:`~invtract.tracking.act.ActImage`. Unresolved ``params`` then get ACT's
-            defaults (cutoff x 0.5, minimum length 2 x voxel); tracked by the numba engine.
+            defaults (cutoff x 0.5, minimum length 2 x voxel); tracked by the numba engine
+            (or the torch engine when asked for or without numba; no Triton ACT yet).
 
     Returns:
         A :class:`TrackingResult`.
@@ -118,9 +119,17 @@ def track(
     s2v = fod.scanner2voxel.cpu().numpy()
     extra, seed_check = {}, None
     if act is not None:
-        from .act_cpu import act_seed_checker
+        from .runner import numba_available
 
-        extra, seed_check = {"act": act}, act_seed_checker(sh, s2v, rois, act)
+        if numba_available():
+            from .act_cpu import act_seed_checker
+
+            seed_check = act_seed_checker(sh, s2v, rois, act)
+        else:
+            from .act_torch import act_seed_checker_torch
+
+            seed_check = act_seed_checker_torch(fod, rois, act)
+        extra = {"act": act}
     out = run_seeding(
         sh,
         s2v,
@@ -404,13 +413,10 @@ def _target_streamlines(target):
 
 
 def _act_engine(engine: str) -> str:
-    """The engine that tracks with ACT: numba (the only one with the ACT rules so far)."""
+    """The engine that tracks with ACT: numba (bit-exact) unless ``"torch"`` is asked for or
+    numba is absent; Triton has no ACT rules yet (its requests go to numba)."""
     from .runner import numba_available
 
-    if engine not in ("auto", "numba", "triton") or not numba_available():
-        raise ConfigError(
-            f"ACT (-act) is implemented in the numba engine only (asked: {engine!r}"
-            + ("" if numba_available() else "; numba is not installed")
-            + ")"
-        )
+    if engine == "torch" or not numba_available():
+        return "torch"
     return "numba"

@@ -49,6 +49,22 @@ class MRtrixRNG:
             n -= m
         return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
 
+    def peek(self, n: int) -> np.ndarray:
+        """The next ``n`` 32-bit outputs as ``uint64``, without consuming them (see
+        :meth:`skip`): for compiled samplers that consume a data-dependent number."""
+        avail = self._buf.shape[0] - self._i
+        if avail < n:
+            extra = self._bg.random_raw(max(self._block, n - avail))
+            self._buf = np.concatenate([self._buf[self._i :], extra])
+            self._i = 0
+        return self._buf[self._i : self._i + n]
+
+    def skip(self, k: int) -> None:
+        """Consume ``k`` outputs already returned by :meth:`peek`."""
+        if not 0 <= k <= self._buf.shape[0] - self._i:
+            raise ValueError(f"cannot skip {k} outputs")
+        self._i += k
+
     def uniform(self) -> np.float32:
         """Uniform float32 in [0, 1) (``uniform_real_distribution<float>``)."""
         u = np.float32(np.float32(self.raw()) / np.float32(_TWO32))

@@ -79,7 +79,7 @@ class Seeding:
     Attributes:
         kind: ``"list"`` (explicit positions), ``"grid"`` (``-seed_grid_per_voxel``),
             ``"random_per_voxel"`` (``-seed_random_per_voxel``), ``"image"`` (``-seed_image``)
-            or ``"sphere"`` (``-seed_sphere``).
+            ``"sphere"`` (``-seed_sphere``) or ``"gmwmi"`` (``-seed_gmwmi``, with ``-act``).
         positions: ``[N, 3]`` scanner mm, for ``"list"``.
         directions: ``[N, 3]`` initial directions for ``"list"`` (optional).
         mask: ``[X, Y, Z]`` bool mask and ``affine`` ``[4, 4]`` for the mask-based kinds.
@@ -88,6 +88,7 @@ class Seeding:
             tckgen's bit for bit (optional: derived from ``affine`` when None).
         count: grid points per axis (``grid``) or seeds per voxel (``random_per_voxel``).
         sphere: ``(x, y, z, r)`` mm for ``"sphere"``.
+        gmwmi: the :class:`~invtract.tracking.seeding_gmwmi.GmwmiSeeder` for ``"gmwmi"``.
     """
 
     kind: str
@@ -99,6 +100,7 @@ class Seeding:
     sphere: tuple | None = None
     transform: np.ndarray | None = None
     voxel_sizes: tuple | None = None
+    gmwmi: object | None = None
 
     @classmethod
     def from_mask(cls, kind: str, image, count: int = 1) -> Seeding:
@@ -338,8 +340,13 @@ def _seed_stream(seeding: Seeding, checker: SeedChecker, rng: MRtrixRNG, fixed_d
             if ps:
                 yield np.stack(ps), np.stack(ds)
         return
-    if seeding.kind in ("image", "sphere"):
-        if seeding.kind == "image":
+    if seeding.kind in ("image", "sphere", "gmwmi"):
+        if seeding.kind == "gmwmi":
+
+            def draw():
+                return seeding.gmwmi.next(rng)
+
+        elif seeding.kind == "image":
             sampler = SeedImageSampler(seeding.mask_grid(), rng)
             draw = sampler.next
         else:

@@ -38,12 +38,13 @@ _SEED_OPTIONS = {
     "-seed_random_per_voxel": ("random_per_voxel", 2),
     "-seed_image": ("image", 1),
     "-seed_sphere": ("sphere", 1),
+    "-seed_gmwmi": ("gmwmi", 1),
 }
 _ROI_OPTIONS = ("-include", "-exclude", "-mask")
 #: options whose runs invtract does not replay (anatomical constraints, other seeders, ...)
 _UNSUPPORTED = {
-    "-act", "-seed_gmwmi", "-seed_dynamic", "-seed_rejection", "-seed_grid_per_voxel_act",
-    "-include_ordered", "-crop_at_gmwmi", "-backtrack", "-seeds_file", "-grad", "-fslgrad",
+    "-seed_dynamic", "-seed_rejection", "-seed_grid_per_voxel_act",
+    "-include_ordered", "-backtrack", "-seeds_file", "-grad", "-fslgrad",
 }  # fmt: skip
 #: options that take one value and are read from the header's parameters instead
 _VALUE_OPTIONS = {
@@ -59,7 +60,8 @@ class TckgenCommand:
 
     Attributes:
         fod: FOD image path; seed: ``(kind, path or sphere text, count)``; select / seeds:
-            ``-select`` / ``-seeds`` (None when absent); rois: ``(option, spec)`` pairs.
+            ``-select`` / ``-seeds`` (None when absent); rois: ``(option, spec)`` pairs;
+        act: the ``-act`` 5TT image path (None without ACT); crop_at_gmwmi: ``-crop_at_gmwmi``.
     """
 
     fod: str
@@ -67,6 +69,8 @@ class TckgenCommand:
     select: int | None = None
     seeds: int | None = None
     rois: list = field(default_factory=list)
+    act: str | None = None
+    crop_at_gmwmi: bool = False
 
 
 def parse_tckgen_command(command: str) -> TckgenCommand:
@@ -75,6 +79,7 @@ def parse_tckgen_command(command: str) -> TckgenCommand:
     if not words or os.path.basename(words[0]) != "tckgen":
         raise ConfigError(f"not a tckgen command line: {command!r}")
     positional, seed, select, seeds, rois = [], None, None, None, []
+    act, crop = None, False
     i = 1
     while i < len(words):
         w = words[i]
@@ -87,6 +92,12 @@ def parse_tckgen_command(command: str) -> TckgenCommand:
         elif w in _ROI_OPTIONS:
             rois.append((w[1:], words[i + 1]))
             i += 2
+        elif w == "-act":
+            act = words[i + 1]
+            i += 2
+        elif w == "-crop_at_gmwmi":
+            crop = True
+            i += 1
         elif w in ("-select", "-seeds"):
             value = int(float(words[i + 1]))
             select, seeds = (value, seeds) if w == "-select" else (select, value)
@@ -100,7 +111,9 @@ def parse_tckgen_command(command: str) -> TckgenCommand:
             i += 1
     if seed is None or len(positional) < 1:
         raise ConfigError(f"tckgen command without FOD or seed option: {command!r}")
-    return TckgenCommand(positional[0], seed, select, seeds, rois)
+    if seed[0] == "gmwmi" and act is None:
+        raise ConfigError(f"-seed_gmwmi needs -act: {command!r}")
+    return TckgenCommand(positional[0], seed, select, seeds, rois, act, crop)
 
 
 def _roi(kind: str, spec: str, folder: str):
@@ -120,8 +133,12 @@ def command_rois(cmd: TckgenCommand, folder: str) -> RoiSet:
     return RoiSet(**{k: tuple(v) for k, v in rois.items()})
 
 
-def _seeding(cmd: TckgenCommand, folder: str) -> Seeding:
+def _seeding(cmd: TckgenCommand, folder: str, act) -> Seeding:
     kind, spec, count = cmd.seed
+    if kind == "gmwmi":
+        from .seeding_gmwmi import load_gmwmi_seeder
+
+        return Seeding("gmwmi", gmwmi=load_gmwmi_seeder(os.path.join(folder, spec), act))
     if kind == "sphere":
         return Seeding("sphere", sphere=tuple(float(v) for v in spec.split(",")))
     return Seeding.from_mask(kind, load_mask(os.path.join(folder, spec)), count)
@@ -146,9 +163,14 @@ def replay_command(tck_path, rng_seed: int, engine: str = "numba", batch_size: i
     cmd = parse_tckgen_command(header.get("command_history", "").splitlines()[-1])
     params = parameters_from_header(header)
     fod = load_fod(os.path.join(folder, cmd.fod))
+    act = None
+    if cmd.act is not None:
+        from .act import load_act
+
+        act = load_act(os.path.join(folder, cmd.act), crop_at_gmwmi=cmd.crop_at_gmwmi)
     res = track(
         FODField.from_array(fod.data, fod.affine),
-        _seeding(cmd, folder),
+        _seeding(cmd, folder, act),
         params,
         voxel_sizes=fod.voxel_sizes,
         rois=command_rois(cmd, folder),
@@ -157,6 +179,7 @@ def replay_command(tck_path, rng_seed: int, engine: str = "numba", batch_size: i
         max_seeds=cmd.seeds,
         rng_seed=rng_seed,
         batch_size=batch_size,
+        act=act,
     )
     refs = load_tractogram(tck_path).to_list()
     ours = res.streamlines.to_list()

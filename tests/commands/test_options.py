@@ -50,10 +50,10 @@ def test_unknown_and_unsupported_options_are_clear_errors(capsys):
         _parse(["f.mif", "o.tck", "-no_such_option"])
     assert "-no_such_option" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        _parse(["f.mif", "o.tck", "-seed_gmwmi", "gmwmi.mif"])
-    assert "-seed_gmwmi is not supported" in capsys.readouterr().err
-    args = _parse(["f.mif", "o.tck", "-act", "5tt.mif", "-crop_at_gmwmi"])
-    assert args.act == "5tt.mif" and args.crop_at_gmwmi
+        _parse(["f.mif", "o.tck", "-seed_dynamic", "fod.mif"])
+    assert "-seed_dynamic is not supported" in capsys.readouterr().err
+    args = _parse(["f.mif", "o.tck", "-act", "5tt.mif", "-crop_at_gmwmi", "-seed_gmwmi", "g.mif"])
+    assert args.act == "5tt.mif" and args.crop_at_gmwmi and args.seed_gmwmi == "g.mif"
     with pytest.raises(SystemExit):
         _parse(["f.mif", "o.tck", "-algorithm", "iFOD2"])
     assert "SD_Stream only" in capsys.readouterr().err
