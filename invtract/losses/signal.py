@@ -26,6 +26,12 @@ from ..fod.csd import CSDModel, csd_objective, csd_solve, predict_signal
 __all__ = ["noise_variance", "signal_loss", "signal_residual"]
 
 
+def _measured(signals: torch.Tensor, model: CSDModel, dtype=torch.float64) -> torch.Tensor:
+    """Signals as the model uses them: clamped at 0 when ``model.clamp_signal`` (single shell)."""
+    b = signals.to(dtype)
+    return b.clamp_min(0.0) if model.clamp_signal else b
+
+
 def noise_variance(signals: torch.Tensor, model: CSDModel, coeffs: torch.Tensor | None = None):
     """Noise variance per measurement: mean squared residual of the CSD fit (signal units^2).
 
@@ -37,7 +43,7 @@ def noise_variance(signals: torch.Tensor, model: CSDModel, coeffs: torch.Tensor 
     Returns:
         float ``sigma^2`` (> 0).
     """
-    b = signals.to(torch.float64).clamp_min(0.0)
+    b = _measured(signals, model)
     ok = torch.isfinite(b).all(-1)
     b = b[ok]
     c = csd_solve(b, model) if coeffs is None else coeffs[ok].to(torch.float64)
@@ -47,7 +53,7 @@ def noise_variance(signals: torch.Tensor, model: CSDModel, coeffs: torch.Tensor 
 
 def signal_residual(coeffs: torch.Tensor, signals: torch.Tensor, model: CSDModel) -> torch.Tensor:
     """``[V]`` root-mean-square residual ``|M c - b| / sqrt(N)`` (signal units) per voxel."""
-    b = signals.to(coeffs.dtype).clamp_min(0.0)
+    b = _measured(signals, model, coeffs.dtype)
     return (predict_signal(coeffs, model.M) - b).pow(2).mean(-1).sqrt()
 
 
@@ -63,7 +69,8 @@ def signal_loss(
     Args:
         coeffs: ``[V, K]`` FOD coefficients (any float dtype; computed in float64).
         signals: ``[V, N]`` signals of the model's shell; negative values count as 0 (as in
-            ``dwi2fod``); voxels with a non-finite signal must be left out by the caller.
+            ``dwi2fod csd``) unless ``model.clamp_signal`` is False (multi-tissue);
+            voxels with a non-finite signal must be left out by the caller.
         model: :class:`~invtract.fod.csd.CSDModel`.
         variance: ``sigma^2`` per measurement (:func:`noise_variance`).
         reference: ``[V]`` ``f(c*)`` at the CSD coefficients (subtracted: the term is 0 there);
@@ -76,7 +83,7 @@ def signal_loss(
         Through ``coeffs``.
     """
     c = coeffs.to(torch.float64)
-    b = signals.to(torch.float64).clamp_min(0.0)
+    b = _measured(signals, model)
     f = csd_objective(c, b, model)
     if reference is not None:
         f = f - reference.to(f.dtype)
