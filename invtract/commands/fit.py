@@ -329,7 +329,11 @@ def _signal_inputs(args) -> dict:
     """The signal term's input files for the run record (none without ``--dwi``)."""
     if not getattr(args, "dwi", None):
         return {}
-    out = {k: os.path.abspath(getattr(args, k)) for k in ("dwi", "response")}
+    out = {"dwi": os.path.abspath(args.dwi)}
+    resp = [args.response] if isinstance(args.response, str) else list(args.response)
+    out["response"] = (
+        [os.path.abspath(r) for r in resp] if len(resp) > 1 else os.path.abspath(resp[0])
+    )
     out["mask"] = os.path.abspath(args.mask) if args.mask else ""
     out["fslgrad"] = [os.path.abspath(f) for f in args.fslgrad or []]
     return out
