@@ -292,10 +292,33 @@ def check_signal_config(weights: Mapping, learn, have_signal: bool) -> None:
         log.warning("--dwi: [loss.weights] signal is 0, the signal term is off")
 
 
-def signal_from_args(args, fod_image=None, keep_csd: bool = False) -> SignalTerm | None:
-    """The :class:`SignalTerm` of ``--dwi ... --response ...`` (None without ``--dwi``)."""
+def signal_from_args(args, fod_image=None, keep_csd: bool = False, world=None):
+    """The :class:`SignalTerm` of ``--dwi ... --response ...`` (None without ``--dwi``).
+
+    With a multi-process ``world`` (:class:`~invtract.fit.distributed.World`, ``--nproc``),
+    rank 0 alone reads the DWI and solves CSD; the other ranks receive its term (one
+    broadcast), so every rank holds the same term without repeating the solve.
+    """
     if not check_signal_args(args):
         return None
+    if world is not None and world.size > 1:
+        import torch.distributed as dist
+
+        box: list = [None]
+        if world.is_main:
+            try:
+                box[0] = _build_from_args(args, fod_image, keep_csd)
+            except InvtractError as e:  # every rank raises it, none waits forever
+                box[0] = e
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+    return _build_from_args(args, fod_image, keep_csd)
+
+
+def _build_from_args(args, fod_image, keep_csd: bool) -> SignalTerm:
+    """:func:`signal_from_args`'s work on one process."""
     from ..io.image import check_same_grid, load_mask
 
     dwi, grad = load_dwi(args.dwi, args.fslgrad)

@@ -210,3 +210,64 @@ def test_rotation_hook_is_registered_on_the_learned_change():
     free = build_problem(cfg, img, sl, params, seeding, signal=free_term).state
     (free.delta * direction).sum().backward()
     torch.testing.assert_close(free.delta.grad, direction)
+
+
+def test_selection_loss_includes_the_weighted_signal_term():
+    """The returned iterate is the best of the data terms + the weighted signal term."""
+    from invtract.fit.distributed import SINGLE
+    from invtract.fit.optimise import build_problem, resolve_config
+
+    img, sl, seeding = _bundle()
+    g = _grad()
+    dwi = _synthetic(img.data, g, sigma=20.0, seed=5)
+    term = SignalTerm.build(dwi, g, RESPONSE, mask=np.abs(img.data[..., 0]) > 0.1)
+    params = TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0)
+    sel = {}
+    for w in (0.0, 3.0):
+        cfg = resolve_config({"loss": {"weights": {"mdf": 1.0, "signal": w}}}, learn=("sh",))
+        pb = build_problem(cfg, img, sl, params, seeding, signal=term if w else None)
+        with torch.no_grad():
+            pb.state.delta.add_(0.02)  # away from the start: the signal term is > 0
+        st = pb.state
+        sig = float(term(st.sh0_flat[st.voxels] + st.delta.detach(), st.voxels))
+        sel[w] = (pb.selection_loss(SINGLE), sig)
+    assert sel[3.0][1] > 0.01
+    assert sel[3.0][0] == pytest.approx(sel[0.0][0] + 3.0 * sel[3.0][1], rel=1e-9)
+
+
+def _broadcast_worker(args, out):
+    import os
+    import pickle
+
+    from invtract.fit.distributed import from_environment
+    from invtract.fit.signal_term import signal_from_args
+
+    world = from_environment("cpu")
+    calls = []
+    import invtract.fit.signal_term as st
+
+    real = st._build_from_args
+    st._build_from_args = lambda *a: calls.append(1) or real(*a)
+    term = signal_from_args(args, world=world)
+    with open(os.path.join(out, f"rank{world.rank}.pkl"), "wb") as f:
+        pickle.dump((len(calls), term.variance, term.signals.numpy(), term.reference), f)
+    return 0
+
+
+@pytest.mark.slow
+def test_signal_term_solved_once_and_broadcast_under_nproc(tmp_path):
+    """--nproc: rank 0 alone solves CSD; every rank gets the same term."""
+    import argparse
+    import pickle
+    from pathlib import Path
+
+    from invtract.fit.distributed import spawn
+
+    csd = Path(__file__).resolve().parents[1] / "data" / "csd"
+    args = argparse.Namespace(dwi=str(csd / "dwi.mif"), response=[str(csd / "response_wm.txt")],
+                              mask=str(csd / "mask.mif"), fslgrad=None, fit="fod",
+                              target=None, fod_updates="free")  # fmt: skip
+    spawn(_broadcast_worker, (args, str(tmp_path)), 2)
+    r0, r1 = (pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in (0, 1))
+    assert r0[0] == 1 and r1[0] == 0  # solved on rank 0 only
+    assert r0[1] == r1[1] and np.array_equal(r0[2], r1[2]) and torch.equal(r0[3], r1[3])
