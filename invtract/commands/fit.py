@@ -267,7 +267,7 @@ class Fit:
 
         world = from_environment(cfg["fit"]["device"])
         run_dir, ckpt, start_it = _run_folder(args, world.is_main)
-        data = _bundle_data(args)
+        data = _bundle_data(args, world)
         params0 = data["params0"]
         logger = None
         if world.is_main:
@@ -339,9 +339,9 @@ def _signal_inputs(args) -> dict:
     return out
 
 
-def _bundle_data(args) -> dict:
+def _bundle_data(args, world=None) -> dict:
     """The FOD image, the target (with its seeds), the starting tracking parameters and the
-    signal term (``--dwi``, else None)."""
+    signal term (``--dwi``, else None; solved on rank 0 and broadcast under ``world``)."""
     import torch
 
     from ..fit.config import header_lengths
@@ -363,7 +363,7 @@ def _bundle_data(args) -> dict:
         params0 = header_lengths(load_tractogram_header(args.target), params0)
     from ..fit.signal_term import signal_from_args
 
-    signal = signal_from_args(args, img)
+    signal = signal_from_args(args, img, world=world)
     return {"img": img, "target": target, "pos": pos, "dirs": dirs, "params0": params0,
             "signal": signal}  # fmt: skip
 
