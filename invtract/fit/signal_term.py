@@ -25,7 +25,13 @@ import torch
 from ..errors import ConfigError, InvtractError, ShapeError
 from ..fod.csd import CSDModel, csd_model, csd_objective, csd_solve, load_response
 from ..fod.msmt import MSMTModel
-from ..losses.signal import noise_variance, signal_loss, signal_residual
+from ..losses.signal import (
+    neighbour_pairs,
+    noise_variance,
+    signal_loss,
+    signal_residual,
+    spatial_coupling,
+)
 
 __all__ = [
     "SignalTerm",
@@ -94,6 +100,9 @@ class SignalTerm:
             :meth:`gradient_hook`).
         msmt: the multi-tissue problem when built with one response per tissue, else None;
             ``signals`` then hold every volume minus the other tissues' predicted signal.
+        spatial: weight of the spatial coupling of the learned voxels' high-degree
+            coefficients (:func:`~invtract.losses.signal.spatial_coupling`, added to the term;
+            ``--signal-spatial``), 0: off.
         others: ``[X*Y*Z, P-K]`` float32 coefficients of the other tissues, stacked in
             ``msmt.tissues`` order (multi-tissue, ``keep_csd`` only), else None.
     """
@@ -108,6 +117,7 @@ class SignalTerm:
     updates: str = "free"
     msmt: MSMTModel | None = None
     others: torch.Tensor | None = None
+    spatial: float = 0.0
 
     @classmethod
     def build(
@@ -133,7 +143,7 @@ class SignalTerm:
         model = csd_model(grad, response, **opts)
         sig, usable, idx = _shell_signals(dwi, model.volumes, mask)
         c = csd_solve(sig[idx], model)
-        return cls._finish(model, sig, usable, idx, c, keep_csd)
+        return cls._finish(model, sig, usable, idx, c, keep_csd, dwi.shape[:3])
 
     @classmethod
     def _build_msmt(cls, dwi, grad, responses, mask, keep_csd, lmax=None, neg_lambda=1.0):
@@ -145,7 +155,8 @@ class SignalTerm:
         x = msmt_solve(sig[idx], mm)
         sig[idx] = residual_signals(sig[idx], x, mm).float()
         a, b = mm.tissues[0]
-        term = cls._finish(wm_signal_model(mm, neg_lambda), sig, usable, idx, x[:, a:b], keep_csd)
+        wm = wm_signal_model(mm, neg_lambda)
+        term = cls._finish(wm, sig, usable, idx, x[:, a:b], keep_csd, dwi.shape[:3])
         term.msmt = mm
         if keep_csd:
             rest = torch.ones(mm.n_params, dtype=torch.bool)
@@ -155,7 +166,7 @@ class SignalTerm:
         return term
 
     @classmethod
-    def _finish(cls, model, sig, usable, idx, c, keep_csd) -> SignalTerm:
+    def _finish(cls, model, sig, usable, idx, c, keep_csd, shape3) -> SignalTerm:
         """The term from the solved coefficients ``c [U, K]`` of the usable voxels ``idx``."""
         csd = None
         if keep_csd:
@@ -165,7 +176,7 @@ class SignalTerm:
         ref = torch.zeros(sig.shape[0], dtype=torch.float64)
         ref[idx] = csd_objective(c, b.clamp_min(0) if model.clamp_signal else b, model)
         var = noise_variance(sig[idx], model, c)
-        return cls(model, sig, usable, ref, var, csd)
+        return cls(model, sig, usable, ref, var, csd, grid=(tuple(shape3), None))
 
     def __call__(self, sh_learn: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
         """The term over the learned voxels that have a usable signal.
@@ -183,9 +194,15 @@ class SignalTerm:
         if sh_learn.shape[-1] != K:
             raise ShapeError(f"the FOD has {sh_learn.shape[-1]} coefficients, the model {K}")
         c = sh_learn[keep.to(sh_learn.device)].cpu()
-        return signal_loss(
+        out = signal_loss(
             c, self.signals[v[keep]], self.model, self.variance, self.reference[v[keep]]
-        ).to(sh_learn.device)
+        )
+        if self.spatial > 0:
+            if self.grid is None:
+                raise ConfigError("the signal term's spatial coupling needs the grid shape")
+            pairs = neighbour_pairs(v[keep], self.grid[0])
+            out = out + self.spatial * spatial_coupling(c.to(torch.float64), pairs)
+        return out.to(sh_learn.device)
 
     def gradient_hook(self, sh_start: torch.Tensor) -> Callable | None:
         """With ``updates == "rotation"``: a hook projecting the gradient of the FOD change of
@@ -238,6 +255,14 @@ def add_signal_arguments(p: argparse.ArgumentParser) -> None:
         "over every shell, as dwi2fod msmt_csd: --response wm.txt gm.txt csf.txt)",
     )
     g.add_argument("--mask", help="voxels of the signal term / CSD (default: finite DWI)")
+    g.add_argument(
+        "--signal-spatial",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="with --dwi: couple the learned voxels' l >= 4 coefficients to their 6 neighbours "
+        "(W x sum of squared differences per voxel, added to the signal term; 0: off)",
+    )
     g.add_argument(
         "--fod-updates",
         choices=("free", "rotation"),
@@ -345,6 +370,7 @@ def _build_from_args(args, fod_image, keep_csd: bool) -> SignalTerm:
     )
     term.grid = (tuple(dwi.data.shape[:3]), dwi.affine)
     term.updates = getattr(args, "fod_updates", "free") or "free"
+    term.spatial = float(getattr(args, "signal_spatial", 0.0) or 0.0)
     return term
 
 

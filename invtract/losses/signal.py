@@ -23,7 +23,13 @@ import torch
 
 from ..fod.csd import CSDModel, csd_objective, csd_solve, predict_signal
 
-__all__ = ["noise_variance", "signal_loss", "signal_residual"]
+__all__ = [
+    "neighbour_pairs",
+    "noise_variance",
+    "signal_loss",
+    "signal_residual",
+    "spatial_coupling",
+]
 
 
 def _measured(signals: torch.Tensor, model: CSDModel, dtype=torch.float64) -> torch.Tensor:
@@ -91,3 +97,53 @@ def signal_loss(
     if f.numel() == 0:
         return c.sum() * 0.0
     return f.mean() / (n * float(variance))
+
+
+def neighbour_pairs(voxels: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``[E, 2]`` positions (into ``voxels``) of the 6-neighbour pairs among ``voxels``.
+
+    Args:
+        voxels: ``[V]`` flat voxel indices (C order of a grid of ``shape``), distinct.
+        shape: the grid's ``(X, Y, Z)``.
+    """
+    v = voxels.long().cpu()
+    order = torch.argsort(v)
+    sv = v[order]
+    ijk = torch.stack(torch.unravel_index(v, tuple(shape)), 1)
+    out = []
+    for ax, stride in enumerate((shape[1] * shape[2], shape[2], 1)):
+        ok = ijk[:, ax] + 1 < shape[ax]
+        nb = v + stride
+        pos = torch.searchsorted(sv, nb).clamp_max(len(sv) - 1)
+        hit = ok & (sv[pos] == nb)
+        a = torch.nonzero(hit).flatten()
+        out.append(torch.stack([a, order[pos[hit]]], 1))
+    return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.long)
+
+
+def spatial_coupling(coeffs: torch.Tensor, pairs: torch.Tensor, lmin: int = 4) -> torch.Tensor:
+    """Sum over 6-neighbour ``pairs`` of the squared difference of the coefficients of degree
+    ``l >= lmin``, divided by the voxel count ``V`` (squared FOD units).
+
+    The subsampled CSD's error is mostly in the high degrees, which a few directions per voxel
+    leave to the non-negativity constraint: tying them to the neighbours' averages the error
+    out, while the low degrees (the peak directions) stay free for the tractography terms.
+
+    Args:
+        coeffs: ``[V, K]`` coefficients (MRtrix order, even l).
+        pairs: ``[E, 2]`` from :func:`neighbour_pairs`.
+
+    Gradients:
+        Through ``coeffs``.
+    """
+    K = coeffs.shape[-1]
+    first = 0
+    lm = 0
+    while lm < lmin:  # index of the first coefficient of degree lmin
+        first += 2 * lm + 1
+        lm += 2
+    if pairs.numel() == 0 or first >= K or coeffs.shape[0] == 0:
+        return coeffs.sum() * 0.0
+    p = pairs.to(coeffs.device)
+    d = coeffs[p[:, 0], first:] - coeffs[p[:, 1], first:]
+    return d.pow(2).sum() / coeffs.shape[0]

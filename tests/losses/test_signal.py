@@ -271,3 +271,48 @@ def test_signal_term_solved_once_and_broadcast_under_nproc(tmp_path):
     r0, r1 = (pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in (0, 1))
     assert r0[0] == 1 and r1[0] == 0  # solved on rank 0 only
     assert r0[1] == r1[1] and np.array_equal(r0[2], r1[2]) and torch.equal(r0[3], r1[3])
+
+
+def test_neighbour_pairs_and_spatial_coupling():
+    """6-neighbour pairs among the given voxels only; the coupling sees degrees l >= 4 only."""
+    from invtract.losses.signal import neighbour_pairs, spatial_coupling
+
+    shape = (3, 4, 5)
+    pts = [(0, 0, 0), (0, 0, 1), (1, 0, 0), (2, 3, 4), (0, 1, 1), (1, 1, 1)]
+    vox = torch.tensor([np.ravel_multi_index(p, shape) for p in pts])
+    perm = vox[torch.randperm(6, generator=torch.Generator().manual_seed(0))]
+    pairs = neighbour_pairs(perm, shape)
+    got = {tuple(sorted(int(x) for x in p)) for p in pairs}
+    assert len(pairs) == len(got)
+    ijk = [np.unravel_index(int(v), shape) for v in vox]
+    want = {
+        tuple(sorted((int(vox[a]), int(vox[b]))))
+        for a in range(6) for b in range(6)
+        if a < b and np.abs(np.subtract(ijk[a], ijk[b])).sum() == 1
+    }  # fmt: skip
+    assert {tuple(sorted((int(perm[a]), int(perm[b])))) for a, b in pairs.tolist()} == want
+    assert len(want) == 4  # (000,001) (000,100) (001,011) (011,111)
+    c = torch.zeros(6, 45, dtype=torch.float64)
+    c[:, :6] = torch.randn(6, 6, dtype=torch.float64)  # l = 0, 2 differences are free
+    p = neighbour_pairs(vox, shape)
+    assert float(spatial_coupling(c, p)) == 0.0
+    c[0, 10] = 1.0  # an l = 4 coefficient of voxel (0,0,0): two neighbours
+    assert float(spatial_coupling(c, p)) == pytest.approx(2.0 / 6)
+    x = torch.randn(6, 45, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y: spatial_coupling(y, p), (x,))
+
+
+def test_signal_term_spatial_weight_adds_the_coupling(voxels):
+    from invtract.losses.signal import neighbour_pairs, spatial_coupling
+
+    model, sig = voxels
+    n = len(sig)
+    fields = (torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.float64), 1.0, None)
+    term = SignalTerm(model, sig.float(), *fields, grid=((1, 1, n), None))
+    c = torch.randn(n, model.n_coeffs, dtype=torch.float64)
+    vox = torch.arange(n)
+    base = float(term(c, vox))
+    term.spatial = 0.7
+    pairs = neighbour_pairs(vox, (1, 1, n))
+    assert len(pairs) == n - 1
+    assert float(term(c, vox)) == pytest.approx(base + 0.7 * float(spatial_coupling(c, pairs)))
