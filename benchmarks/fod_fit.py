@@ -452,7 +452,7 @@ def main() -> int:
     )
     p.add_argument("--fod-updates", default="free", help="fod+signal: free | rotation")
     p.add_argument(
-        "--signal-spatial", type=float, default=0.0, help="fod+signal: --signal-spatial W"
+        "--signal-spatial", type=float, default=0.3, help="fod+signal: --signal-spatial W"
     )
     p.add_argument("--seed", type=int, default=0, help="direction subsample seed")
     p.add_argument("--methods", default="fod,fod+signal", help="fits to run (fod, fod+signal)")

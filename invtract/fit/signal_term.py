@@ -258,10 +258,11 @@ def add_signal_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--signal-spatial",
         type=float,
-        default=0.0,
+        default=0.3,
         metavar="W",
         help="with --dwi: couple the learned voxels' l >= 4 coefficients to their 6 neighbours "
-        "(W x sum of squared differences per voxel, added to the signal term; 0: off)",
+        "(W x sum of squared differences per voxel, added to the signal term; 0: off; "
+        "default 0.3, see docs/csd.md)",
     )
     g.add_argument(
         "--fod-updates",
