@@ -341,7 +341,7 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
         extra += ["--set", s]
     sig_args = ["--dwi", str(inp["sub"]), "--response", str(inp["response"])]
     sig_args += ["--mask", str(inp["mask"]), "--config", str(signal_config(args, work))]
-    sig_args += ["--fod-updates", args.fod_updates]
+    sig_args += ["--fod-updates", args.fod_updates, "--signal-spatial", str(args.signal_spatial)]
     for s in args.signal_set:
         sig_args += ["--set", s]
     out: dict = {"case": name, "n_directions": n, "region": name.rstrip("0123456789")}
@@ -451,6 +451,9 @@ def main() -> int:
         "--signal-weights", default="", help="fod+signal: other weights, e.g. prior=0,nonneg=0"
     )
     p.add_argument("--fod-updates", default="free", help="fod+signal: free | rotation")
+    p.add_argument(
+        "--signal-spatial", type=float, default=0.3, help="fod+signal: --signal-spatial W"
+    )
     p.add_argument("--seed", type=int, default=0, help="direction subsample seed")
     p.add_argument("--methods", default="fod,fod+signal", help="fits to run (fod, fod+signal)")
     p.add_argument("--work", default="runs/fod_fit", help="work folder (inputs, runs)")
@@ -479,6 +482,7 @@ def main() -> int:
             "signal_set": args.signal_set,
             "signal_weights": args.signal_weights,
             "fod_updates": args.fod_updates,
+            "signal_spatial": args.signal_spatial,
             "seed": args.seed,
             "regions": {k: v.tolist() for k, v in regions.items()},
             "tuned_on": "A20",

@@ -275,7 +275,7 @@ class Fit:
         if started is None:
             return 0
         world, run_dir, ckpt, start_it = started
-        data = _bundle_data(args)
+        data = _bundle_data(args, world)
         params0 = data["params0"]
         logger = None
         if world.is_main:
@@ -356,15 +356,19 @@ def _signal_inputs(args) -> dict:
     """The signal term's input files for the run record (none without ``--dwi``)."""
     if not getattr(args, "dwi", None):
         return {}
-    out = {k: os.path.abspath(getattr(args, k)) for k in ("dwi", "response")}
+    out = {"dwi": os.path.abspath(args.dwi)}
+    resp = [args.response] if isinstance(args.response, str) else list(args.response)
+    out["response"] = (
+        [os.path.abspath(r) for r in resp] if len(resp) > 1 else os.path.abspath(resp[0])
+    )
     out["mask"] = os.path.abspath(args.mask) if args.mask else ""
     out["fslgrad"] = [os.path.abspath(f) for f in args.fslgrad or []]
     return out
 
 
-def _bundle_data(args) -> dict:
+def _bundle_data(args, world=None) -> dict:
     """The FOD image, the target (with its seeds), the starting tracking parameters and the
-    signal term (``--dwi``, else None)."""
+    signal term (``--dwi``, else None; solved on rank 0 and broadcast under ``world``)."""
     import torch
 
     from ..fit.config import header_lengths
@@ -388,7 +392,7 @@ def _bundle_data(args) -> dict:
         params0 = header_lengths(load_tractogram_header(args.target), params0)
     from ..fit.signal_term import signal_from_args
 
-    signal = signal_from_args(args, img)
+    signal = signal_from_args(args, img, world=world)
     return {"img": img, "target": target, "pos": pos, "dirs": dirs, "params0": params0,
             "signal": signal}  # fmt: skip
 

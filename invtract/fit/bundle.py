@@ -293,8 +293,17 @@ class BundleProblem(Problem):
 
     def selection_loss(self, world: World) -> float:
         """Data loss of the current values on the whole training set (no gradient), at the
-        last iteration's temperatures: comparable across iterations."""
-        return self._loss_on(self.train, 0, world, grad=False, final=True)[0]
+        last iteration's temperatures: comparable across iterations; plus the weighted signal
+        term with ``--dwi`` (every rank holds the same term and FOD: no communication)."""
+        return self._loss_on(self.train, 0, world, grad=False, final=True)[0] + self._signal_sel()
+
+    def _signal_sel(self) -> float:
+        """``[loss.weights] signal`` x the signal term of the current FOD (0 without one)."""
+        st, w = self.state, self.cfg.loss.weights.get("signal", 0.0)
+        if self.signal is None or st.delta is None or not w:
+            return 0.0
+        with torch.no_grad():
+            return w * float(self.signal(st.sh0_flat[st.voxels] + st.delta, st.voxels))
 
     def evaluate(self, it: int, world: World) -> dict:
         """Held-out data terms (``loss/heldout/*``) at iteration ``it``'s temperatures."""

@@ -24,7 +24,14 @@ import torch
 
 from ..errors import ConfigError, InvtractError, ShapeError
 from ..fod.csd import CSDModel, csd_model, csd_objective, csd_solve, load_response
-from ..losses.signal import noise_variance, signal_loss, signal_residual
+from ..fod.msmt import MSMTModel
+from ..losses.signal import (
+    neighbour_pairs,
+    noise_variance,
+    signal_loss,
+    signal_residual,
+    spatial_coupling,
+)
 
 __all__ = [
     "SignalTerm",
@@ -60,6 +67,21 @@ def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
     return img, grad
 
 
+def _shell_signals(dwi: np.ndarray, volumes: np.ndarray, mask: np.ndarray | None):
+    """``(signals [X*Y*Z, n] float32, usable [X*Y*Z], idx [U])`` of the given volumes: non-finite
+    values hold 0 and their voxels are not usable, nor voxels outside ``mask``."""
+    sig = torch.as_tensor(np.ascontiguousarray(dwi[..., volumes]), dtype=torch.float32)
+    sig = sig.reshape(-1, volumes.size)
+    usable = torch.isfinite(sig).all(-1)
+    if mask is not None:
+        usable &= torch.as_tensor(np.asarray(mask, bool).reshape(-1))
+    sig = torch.where(torch.isfinite(sig), sig, torch.zeros_like(sig))
+    idx = torch.nonzero(usable).flatten()
+    if idx.numel() == 0:
+        raise ConfigError("the signal term has no usable voxel (mask empty or DWI not finite)")
+    return sig, usable, idx
+
+
 @dataclass
 class SignalTerm:
     """The signal term on an FOD grid.
@@ -76,6 +98,13 @@ class SignalTerm:
         grid: ``(shape [3], affine [4, 4])`` of the DWI (set by :func:`signal_from_args`).
         updates: ``"free"`` (any change of the coefficients) or ``"rotation"`` (see
             :meth:`gradient_hook`).
+        msmt: the multi-tissue problem when built with one response per tissue, else None;
+            ``signals`` then hold every volume minus the other tissues' predicted signal.
+        spatial: weight of the spatial coupling of the learned voxels' high-degree
+            coefficients (:func:`~invtract.losses.signal.spatial_coupling`, added to the term;
+            ``--signal-spatial``), 0: off.
+        others: ``[X*Y*Z, P-K]`` float32 coefficients of the other tissues, stacked in
+            ``msmt.tissues`` order (multi-tissue, ``keep_csd`` only), else None.
     """
 
     model: CSDModel
@@ -86,6 +115,9 @@ class SignalTerm:
     csd: torch.Tensor | None
     grid: tuple | None = None
     updates: str = "free"
+    msmt: MSMTModel | None = None
+    others: torch.Tensor | None = None
+    spatial: float = 0.0
 
     @classmethod
     def build(
@@ -97,29 +129,54 @@ class SignalTerm:
         keep_csd: bool = False,
         **opts,
     ) -> SignalTerm:
-        """From a ``[X, Y, Z, N_all]`` DWI array, its table, a :class:`Response` and a mask.
+        """From a ``[X, Y, Z, N_all]`` DWI array, its table, the response(s) and a mask.
 
+        ``response``: one :class:`~invtract.fod.csd.Response` (single-shell CSD, ``dwi2fod
+        csd``), or a list of one per tissue, the FOD's first (multi-shell multi-tissue CSD,
+        ``dwi2fod msmt_csd``; the other tissues' coefficients are solved once and held fixed).
         ``opts`` go to :func:`~invtract.fod.csd.csd_model` (``lmax``, ``neg_lambda``, ...).
         """
+        if isinstance(response, (list, tuple)) and len(response) > 1:
+            return cls._build_msmt(dwi, grad, list(response), mask, keep_csd, **opts)
+        if isinstance(response, (list, tuple)):
+            response = response[0]
         model = csd_model(grad, response, **opts)
-        sig = torch.as_tensor(np.ascontiguousarray(dwi[..., model.volumes]), dtype=torch.float32)
-        sig = sig.reshape(-1, model.volumes.size)
-        usable = torch.isfinite(sig).all(-1)
-        if mask is not None:
-            usable &= torch.as_tensor(np.asarray(mask, bool).reshape(-1))
-        sig = torch.where(torch.isfinite(sig), sig, torch.zeros_like(sig))
-        idx = torch.nonzero(usable).flatten()
-        if idx.numel() == 0:
-            raise ConfigError("the signal term has no usable voxel (mask empty or DWI not finite)")
+        sig, usable, idx = _shell_signals(dwi, model.volumes, mask)
         c = csd_solve(sig[idx], model)
+        return cls._finish(model, sig, usable, idx, c, keep_csd, dwi.shape[:3])
+
+    @classmethod
+    def _build_msmt(cls, dwi, grad, responses, mask, keep_csd, lmax=None, neg_lambda=1.0):
+        """:meth:`build` with one response per tissue (``dwi2fod msmt_csd``)."""
+        from ..fod.msmt import msmt_model, msmt_solve, residual_signals, wm_signal_model
+
+        mm = msmt_model(grad, responses, lmax)
+        sig, usable, idx = _shell_signals(dwi, np.arange(grad.shape[0]), mask)
+        x = msmt_solve(sig[idx], mm)
+        sig[idx] = residual_signals(sig[idx], x, mm).float()
+        a, b = mm.tissues[0]
+        wm = wm_signal_model(mm, neg_lambda)
+        term = cls._finish(wm, sig, usable, idx, x[:, a:b], keep_csd, dwi.shape[:3])
+        term.msmt = mm
+        if keep_csd:
+            rest = torch.ones(mm.n_params, dtype=torch.bool)
+            rest[a:b] = False
+            term.others = torch.zeros(sig.shape[0], int(rest.sum()), dtype=torch.float32)
+            term.others[idx] = x[:, rest].float()
+        return term
+
+    @classmethod
+    def _finish(cls, model, sig, usable, idx, c, keep_csd, shape3) -> SignalTerm:
+        """The term from the solved coefficients ``c [U, K]`` of the usable voxels ``idx``."""
         csd = None
         if keep_csd:
             csd = torch.zeros(sig.shape[0], model.n_coeffs, dtype=torch.float32)
             csd[idx] = c.float()
+        b = sig[idx].double()
         ref = torch.zeros(sig.shape[0], dtype=torch.float64)
-        ref[idx] = csd_objective(c, sig[idx].double().clamp_min(0), model)
+        ref[idx] = csd_objective(c, b.clamp_min(0) if model.clamp_signal else b, model)
         var = noise_variance(sig[idx], model, c)
-        return cls(model, sig, usable, ref, var, csd)
+        return cls(model, sig, usable, ref, var, csd, grid=(tuple(shape3), None))
 
     def __call__(self, sh_learn: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
         """The term over the learned voxels that have a usable signal.
@@ -137,9 +194,15 @@ class SignalTerm:
         if sh_learn.shape[-1] != K:
             raise ShapeError(f"the FOD has {sh_learn.shape[-1]} coefficients, the model {K}")
         c = sh_learn[keep.to(sh_learn.device)].cpu()
-        return signal_loss(
+        out = signal_loss(
             c, self.signals[v[keep]], self.model, self.variance, self.reference[v[keep]]
-        ).to(sh_learn.device)
+        )
+        if self.spatial > 0:
+            if self.grid is None:
+                raise ConfigError("the signal term's spatial coupling needs the grid shape")
+            pairs = neighbour_pairs(v[keep], self.grid[0])
+            out = out + self.spatial * spatial_coupling(c.to(torch.float64), pairs)
+        return out.to(sh_learn.device)
 
     def gradient_hook(self, sh_start: torch.Tensor) -> Callable | None:
         """With ``updates == "rotation"``: a hook projecting the gradient of the FOD change of
@@ -183,8 +246,24 @@ def add_signal_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--dwi", help="DWI image (.mif with dw_scheme, or NIfTI with --fslgrad)")
     g.add_argument("--fslgrad", nargs=2, metavar=("BVECS", "BVALS"), help="FSL gradient files")
-    g.add_argument("--response", help="response function (response_wm.txt: one row per shell)")
+    g.add_argument(
+        "--response",
+        nargs="+",
+        metavar="RESPONSE",
+        help="response function: response_wm.txt (single-shell CSD, as dwi2fod csd), or one "
+        "file per tissue, the FOD's (WM) first, one row per shell (multi-shell multi-tissue CSD "
+        "over every shell, as dwi2fod msmt_csd: --response wm.txt gm.txt csf.txt)",
+    )
     g.add_argument("--mask", help="voxels of the signal term / CSD (default: finite DWI)")
+    g.add_argument(
+        "--signal-spatial",
+        type=float,
+        default=0.3,
+        metavar="W",
+        help="with --dwi: couple the learned voxels' l >= 4 coefficients to their 6 neighbours "
+        "(W x sum of squared differences per voxel, added to the signal term; 0: off; "
+        "default 0.3, see docs/csd.md)",
+    )
     g.add_argument(
         "--fod-updates",
         choices=("free", "rotation"),
@@ -208,12 +287,19 @@ def check_signal_args(args) -> bool:
         raise ConfigError("--dwi adds a term on the FOD: use --fit fod or --fit both")
     if not args.response:
         raise ConfigError("--dwi needs --response RESPONSE")
-    files = [("dwi", args.dwi), ("response", args.response), ("mask", args.mask)]
+    files = [("dwi", args.dwi), ("mask", args.mask)]
+    files += [("response", f) for f in _responses(args)]
     files += [("fslgrad", f) for f in (args.fslgrad or [])]
     for flag, path in files:
         if path and not os.path.exists(path):
             raise InvtractError(f"--{flag}: file not found: {path}")
     return True
+
+
+def _responses(args) -> list[str]:
+    """The ``--response`` files as a list (one path or several)."""
+    r = getattr(args, "response", None) or []
+    return [r] if isinstance(r, (str, os.PathLike)) else list(r)
 
 
 def check_signal_config(weights: Mapping, learn, have_signal: bool) -> None:
@@ -232,10 +318,33 @@ def check_signal_config(weights: Mapping, learn, have_signal: bool) -> None:
         log.warning("--dwi: [loss.weights] signal is 0, the signal term is off")
 
 
-def signal_from_args(args, fod_image=None, keep_csd: bool = False) -> SignalTerm | None:
-    """The :class:`SignalTerm` of ``--dwi ... --response ...`` (None without ``--dwi``)."""
+def signal_from_args(args, fod_image=None, keep_csd: bool = False, world=None):
+    """The :class:`SignalTerm` of ``--dwi ... --response ...`` (None without ``--dwi``).
+
+    With a multi-process ``world`` (:class:`~invtract.fit.distributed.World`, ``--nproc``),
+    rank 0 alone reads the DWI and solves CSD; the other ranks receive its term (one
+    broadcast), so every rank holds the same term without repeating the solve.
+    """
     if not check_signal_args(args):
         return None
+    if world is not None and world.size > 1:
+        import torch.distributed as dist
+
+        box: list = [None]
+        if world.is_main:
+            try:
+                box[0] = _build_from_args(args, fod_image, keep_csd)
+            except InvtractError as e:  # every rank raises it, none waits forever
+                box[0] = e
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+    return _build_from_args(args, fod_image, keep_csd)
+
+
+def _build_from_args(args, fod_image, keep_csd: bool) -> SignalTerm:
+    """:func:`signal_from_args`'s work on one process."""
     from ..io.image import check_same_grid, load_mask
 
     dwi, grad = load_dwi(args.dwi, args.fslgrad)
@@ -247,9 +356,12 @@ def signal_from_args(args, fod_image=None, keep_csd: bool = False) -> SignalTerm
     if fod_image is not None:
         check_same_grid(dwi, fod_image, "--dwi vs --fod")
     t0 = time.perf_counter()
-    term = SignalTerm.build(dwi.data, grad, load_response(args.response), mask, keep_csd)
+    files = _responses(args)
+    responses = [load_response(f, anisotropic=i == 0) for i, f in enumerate(files)]
+    term = SignalTerm.build(dwi.data, grad, responses, mask, keep_csd)
     log.info(
-        "signal term: shell b=%.0f (%d directions), lmax %d, %d voxels, sigma %.4g (%.1f s)",
+        "signal term: %s b=%.0f (%d directions), lmax %d, %d voxels, sigma %.4g (%.1f s)",
+        f"{len(files)} tissues, every shell up to" if term.msmt else "shell",
         term.model.bvalue,
         term.model.volumes.size,
         term.model.lmax,
@@ -259,6 +371,7 @@ def signal_from_args(args, fod_image=None, keep_csd: bool = False) -> SignalTerm
     )
     term.grid = (tuple(dwi.data.shape[:3]), dwi.affine)
     term.updates = getattr(args, "fod_updates", "free") or "free"
+    term.spatial = float(getattr(args, "signal_spatial", 0.0) or 0.0)
     return term
 
 
@@ -266,7 +379,10 @@ def run_csd_only(args) -> int:
     """``invtract fit --dwi DWI --response R [--mask M]`` with no target: write the CSD FOD.
 
     Writes ``fitted_fod.nii.gz`` (the DWI's grid; zero outside the mask) and ``result.json``
-    (shell, lmax, voxels, noise sigma, mean RMS residual, seconds) in the run folder.
+    (shell, lmax, voxels, noise sigma, mean RMS residual, seconds) in the run folder. With one
+    response per tissue (``dwi2fod msmt_csd``), also ``fitted_tissue2.nii.gz``, ... (the other
+    tissues' l = 0 coefficients, in ``--response`` order), and ``result.json`` ``mode``
+    ``"msmt_csd"`` with ``shells`` and ``fitted_tissues``.
     """
     from ..fit.runlog import resolve_run_dir
     from ..io.atomic import atomic_write_text, check_writable_dir
@@ -282,9 +398,17 @@ def run_csd_only(args) -> int:
     shape3, affine = term.grid
     shape = shape3 + (term.model.n_coeffs,)
     save_nifti(run_dir / "fitted_fod.nii.gz", term.csd.reshape(shape).numpy(), affine)
+    tissues = []
+    if term.others is not None:
+        k0 = term.msmt.tissues[1][0]
+        for i, (a, b) in enumerate(term.msmt.tissues[1:]):
+            name = f"fitted_tissue{i + 2}.nii.gz"
+            vol = term.others[:, a - k0 : b - k0].reshape(shape3 + (b - a,)).squeeze(-1)
+            save_nifti(run_dir / name, vol.numpy(), affine)
+            tissues.append(name)
     vox = torch.nonzero(term.usable).flatten()
     summary = {
-        "mode": "csd",
+        "mode": "msmt_csd" if term.msmt else "csd",
         "bvalue": term.model.bvalue,
         "n_directions": int(term.model.volumes.size),
         "lmax": term.model.lmax,
@@ -294,6 +418,9 @@ def run_csd_only(args) -> int:
         "seconds": time.perf_counter() - t0,
         "fitted_fod": "fitted_fod.nii.gz",
     }
+    if term.msmt:
+        summary["shells"] = list(term.msmt.shells)
+        summary["fitted_tissues"] = tissues
     atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0

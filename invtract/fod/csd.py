@@ -76,8 +76,11 @@ class Response:
         return 2 * (self.zsh.shape[1] - 1)
 
 
-def load_response(path: str | os.PathLike) -> Response:
-    """Read ``response_wm.txt`` (numeric rows; ``# Shells: b1,b2`` comment optional)."""
+def load_response(path: str | os.PathLike, anisotropic: bool = True) -> Response:
+    """Read ``response_wm.txt`` (numeric rows; ``# Shells: b1,b2`` comment optional).
+
+    ``anisotropic=False`` also accepts an isotropic (l = 0 only) response (GM / CSF of
+    ``dwi2fod msmt_csd``)."""
     rows, bvals = [], None
     try:
         text = Path(path).read_text()
@@ -96,7 +99,7 @@ def load_response(path: str | os.PathLike) -> Response:
     if not rows or len({len(r) for r in rows}) != 1:
         raise FormatError(f"{path}: a response needs rows of equal length, got {rows[:3]}")
     zsh = np.asarray(rows, dtype=np.float64)
-    if zsh.shape[1] < 2:
+    if anisotropic and zsh.shape[1] < 2:
         raise FormatError(f"{path}: the response has no anisotropic (l >= 2) terms")
     return Response(zsh, bvals)
 
@@ -159,6 +162,8 @@ class CSDModel:
         init: ``[K0, N]`` the starting-point map (``rconv``), K0 <= K.
         lmax: FOD lmax.
         niter: maximum active-set solves.
+        clamp_signal: measured signals below 0 count as 0 (``dwi2fod csd``); False for the
+            multi-tissue term (:func:`invtract.fod.msmt.wm_signal_model`).
     """
 
     volumes: np.ndarray
@@ -170,6 +175,7 @@ class CSDModel:
     init: torch.Tensor
     lmax: int
     niter: int = 50
+    clamp_signal: bool = True
 
     @property
     def n_coeffs(self) -> int:

@@ -23,7 +23,19 @@ import torch
 
 from ..fod.csd import CSDModel, csd_objective, csd_solve, predict_signal
 
-__all__ = ["noise_variance", "signal_loss", "signal_residual"]
+__all__ = [
+    "neighbour_pairs",
+    "noise_variance",
+    "signal_loss",
+    "signal_residual",
+    "spatial_coupling",
+]
+
+
+def _measured(signals: torch.Tensor, model: CSDModel, dtype=torch.float64) -> torch.Tensor:
+    """Signals as the model uses them: clamped at 0 when ``model.clamp_signal`` (single shell)."""
+    b = signals.to(dtype)
+    return b.clamp_min(0.0) if model.clamp_signal else b
 
 
 def noise_variance(signals: torch.Tensor, model: CSDModel, coeffs: torch.Tensor | None = None):
@@ -37,7 +49,7 @@ def noise_variance(signals: torch.Tensor, model: CSDModel, coeffs: torch.Tensor 
     Returns:
         float ``sigma^2`` (> 0).
     """
-    b = signals.to(torch.float64).clamp_min(0.0)
+    b = _measured(signals, model)
     ok = torch.isfinite(b).all(-1)
     b = b[ok]
     c = csd_solve(b, model) if coeffs is None else coeffs[ok].to(torch.float64)
@@ -47,7 +59,7 @@ def noise_variance(signals: torch.Tensor, model: CSDModel, coeffs: torch.Tensor 
 
 def signal_residual(coeffs: torch.Tensor, signals: torch.Tensor, model: CSDModel) -> torch.Tensor:
     """``[V]`` root-mean-square residual ``|M c - b| / sqrt(N)`` (signal units) per voxel."""
-    b = signals.to(coeffs.dtype).clamp_min(0.0)
+    b = _measured(signals, model, coeffs.dtype)
     return (predict_signal(coeffs, model.M) - b).pow(2).mean(-1).sqrt()
 
 
@@ -63,7 +75,8 @@ def signal_loss(
     Args:
         coeffs: ``[V, K]`` FOD coefficients (any float dtype; computed in float64).
         signals: ``[V, N]`` signals of the model's shell; negative values count as 0 (as in
-            ``dwi2fod``); voxels with a non-finite signal must be left out by the caller.
+            ``dwi2fod csd``) unless ``model.clamp_signal`` is False (multi-tissue);
+            voxels with a non-finite signal must be left out by the caller.
         model: :class:`~invtract.fod.csd.CSDModel`.
         variance: ``sigma^2`` per measurement (:func:`noise_variance`).
         reference: ``[V]`` ``f(c*)`` at the CSD coefficients (subtracted: the term is 0 there);
@@ -76,7 +89,7 @@ def signal_loss(
         Through ``coeffs``.
     """
     c = coeffs.to(torch.float64)
-    b = signals.to(torch.float64).clamp_min(0.0)
+    b = _measured(signals, model)
     f = csd_objective(c, b, model)
     if reference is not None:
         f = f - reference.to(f.dtype)
@@ -84,3 +97,53 @@ def signal_loss(
     if f.numel() == 0:
         return c.sum() * 0.0
     return f.mean() / (n * float(variance))
+
+
+def neighbour_pairs(voxels: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``[E, 2]`` positions (into ``voxels``) of the 6-neighbour pairs among ``voxels``.
+
+    Args:
+        voxels: ``[V]`` flat voxel indices (C order of a grid of ``shape``), distinct.
+        shape: the grid's ``(X, Y, Z)``.
+    """
+    v = voxels.long().cpu()
+    order = torch.argsort(v)
+    sv = v[order]
+    ijk = torch.stack(torch.unravel_index(v, tuple(shape)), 1)
+    out = []
+    for ax, stride in enumerate((shape[1] * shape[2], shape[2], 1)):
+        ok = ijk[:, ax] + 1 < shape[ax]
+        nb = v + stride
+        pos = torch.searchsorted(sv, nb).clamp_max(len(sv) - 1)
+        hit = ok & (sv[pos] == nb)
+        a = torch.nonzero(hit).flatten()
+        out.append(torch.stack([a, order[pos[hit]]], 1))
+    return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.long)
+
+
+def spatial_coupling(coeffs: torch.Tensor, pairs: torch.Tensor, lmin: int = 4) -> torch.Tensor:
+    """Sum over 6-neighbour ``pairs`` of the squared difference of the coefficients of degree
+    ``l >= lmin``, divided by the voxel count ``V`` (squared FOD units).
+
+    The subsampled CSD's error is mostly in the high degrees, which a few directions per voxel
+    leave to the non-negativity constraint: tying them to the neighbours' averages the error
+    out, while the low degrees (the peak directions) stay free for the tractography terms.
+
+    Args:
+        coeffs: ``[V, K]`` coefficients (MRtrix order, even l).
+        pairs: ``[E, 2]`` from :func:`neighbour_pairs`.
+
+    Gradients:
+        Through ``coeffs``.
+    """
+    K = coeffs.shape[-1]
+    first = 0
+    lm = 0
+    while lm < lmin:  # index of the first coefficient of degree lmin
+        first += 2 * lm + 1
+        lm += 2
+    if pairs.numel() == 0 or first >= K or coeffs.shape[0] == 0:
+        return coeffs.sum() * 0.0
+    p = pairs.to(coeffs.device)
+    d = coeffs[p[:, 0], first:] - coeffs[p[:, 1], first:]
+    return d.pow(2).sum() / coeffs.shape[0]

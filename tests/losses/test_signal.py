@@ -210,3 +210,109 @@ def test_rotation_hook_is_registered_on_the_learned_change():
     free = build_problem(cfg, img, sl, params, seeding, signal=free_term).state
     (free.delta * direction).sum().backward()
     torch.testing.assert_close(free.delta.grad, direction)
+
+
+def test_selection_loss_includes_the_weighted_signal_term():
+    """The returned iterate is the best of the data terms + the weighted signal term."""
+    from invtract.fit.distributed import SINGLE
+    from invtract.fit.optimise import build_problem, resolve_config
+
+    img, sl, seeding = _bundle()
+    g = _grad()
+    dwi = _synthetic(img.data, g, sigma=20.0, seed=5)
+    term = SignalTerm.build(dwi, g, RESPONSE, mask=np.abs(img.data[..., 0]) > 0.1)
+    params = TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0)
+    sel = {}
+    for w in (0.0, 3.0):
+        cfg = resolve_config({"loss": {"weights": {"mdf": 1.0, "signal": w}}}, learn=("sh",))
+        pb = build_problem(cfg, img, sl, params, seeding, signal=term if w else None)
+        with torch.no_grad():
+            pb.state.delta.add_(0.02)  # away from the start: the signal term is > 0
+        st = pb.state
+        sig = float(term(st.sh0_flat[st.voxels] + st.delta.detach(), st.voxels))
+        sel[w] = (pb.selection_loss(SINGLE), sig)
+    assert sel[3.0][1] > 0.01
+    assert sel[3.0][0] == pytest.approx(sel[0.0][0] + 3.0 * sel[3.0][1], rel=1e-9)
+
+
+def _broadcast_worker(args, out):
+    import os
+    import pickle
+
+    from invtract.fit.distributed import from_environment
+    from invtract.fit.signal_term import signal_from_args
+
+    world = from_environment("cpu")
+    calls = []
+    import invtract.fit.signal_term as st
+
+    real = st._build_from_args
+    st._build_from_args = lambda *a: calls.append(1) or real(*a)
+    term = signal_from_args(args, world=world)
+    with open(os.path.join(out, f"rank{world.rank}.pkl"), "wb") as f:
+        pickle.dump((len(calls), term.variance, term.signals.numpy(), term.reference), f)
+    return 0
+
+
+@pytest.mark.slow
+def test_signal_term_solved_once_and_broadcast_under_nproc(tmp_path):
+    """--nproc: rank 0 alone solves CSD; every rank gets the same term."""
+    import argparse
+    import pickle
+    from pathlib import Path
+
+    from invtract.fit.distributed import spawn
+
+    csd = Path(__file__).resolve().parents[1] / "data" / "csd"
+    args = argparse.Namespace(dwi=str(csd / "dwi.mif"), response=[str(csd / "response_wm.txt")],
+                              mask=str(csd / "mask.mif"), fslgrad=None, fit="fod",
+                              target=None, fod_updates="free")  # fmt: skip
+    spawn(_broadcast_worker, (args, str(tmp_path)), 2)
+    r0, r1 = (pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in (0, 1))
+    assert r0[0] == 1 and r1[0] == 0  # solved on rank 0 only
+    assert r0[1] == r1[1] and np.array_equal(r0[2], r1[2]) and torch.equal(r0[3], r1[3])
+
+
+def test_neighbour_pairs_and_spatial_coupling():
+    """6-neighbour pairs among the given voxels only; the coupling sees degrees l >= 4 only."""
+    from invtract.losses.signal import neighbour_pairs, spatial_coupling
+
+    shape = (3, 4, 5)
+    pts = [(0, 0, 0), (0, 0, 1), (1, 0, 0), (2, 3, 4), (0, 1, 1), (1, 1, 1)]
+    vox = torch.tensor([np.ravel_multi_index(p, shape) for p in pts])
+    perm = vox[torch.randperm(6, generator=torch.Generator().manual_seed(0))]
+    pairs = neighbour_pairs(perm, shape)
+    got = {tuple(sorted(int(x) for x in p)) for p in pairs}
+    assert len(pairs) == len(got)
+    ijk = [np.unravel_index(int(v), shape) for v in vox]
+    want = {
+        tuple(sorted((int(vox[a]), int(vox[b]))))
+        for a in range(6) for b in range(6)
+        if a < b and np.abs(np.subtract(ijk[a], ijk[b])).sum() == 1
+    }  # fmt: skip
+    assert {tuple(sorted((int(perm[a]), int(perm[b])))) for a, b in pairs.tolist()} == want
+    assert len(want) == 4  # (000,001) (000,100) (001,011) (011,111)
+    c = torch.zeros(6, 45, dtype=torch.float64)
+    c[:, :6] = torch.randn(6, 6, dtype=torch.float64)  # l = 0, 2 differences are free
+    p = neighbour_pairs(vox, shape)
+    assert float(spatial_coupling(c, p)) == 0.0
+    c[0, 10] = 1.0  # an l = 4 coefficient of voxel (0,0,0): two neighbours
+    assert float(spatial_coupling(c, p)) == pytest.approx(2.0 / 6)
+    x = torch.randn(6, 45, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y: spatial_coupling(y, p), (x,))
+
+
+def test_signal_term_spatial_weight_adds_the_coupling(voxels):
+    from invtract.losses.signal import neighbour_pairs, spatial_coupling
+
+    model, sig = voxels
+    n = len(sig)
+    fields = (torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.float64), 1.0, None)
+    term = SignalTerm(model, sig.float(), *fields, grid=((1, 1, n), None))
+    c = torch.randn(n, model.n_coeffs, dtype=torch.float64)
+    vox = torch.arange(n)
+    base = float(term(c, vox))
+    term.spatial = 0.7
+    pairs = neighbour_pairs(vox, (1, 1, n))
+    assert len(pairs) == n - 1
+    assert float(term(c, vox)) == pytest.approx(base + 0.7 * float(spatial_coupling(c, pairs)))
