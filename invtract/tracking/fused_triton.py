@@ -23,12 +23,22 @@ interpolation's Eigen packet order, the peak finder's sequential sums over its (
   functions are not correctly rounded). The effect on GPU points is to be measured (see
   ``docs/engines.md``).
 
-Scope: first-order SD_Stream with the default rules (FOV / zero-voxel / NaN interpolation, LUT
-peak ascent with the 50-iteration cap, cutoff, angle, minimum / maximum length by point count,
-bidirectional joining or ``unidirectional``). RK4, ``downsample > 1`` and ROIs are not in the
-kernel: :func:`supported` says so, and the ``triton`` engine
-(:mod:`invtract.tracking.engines.triton_gpu`) falls back to the numba or torch engine with an
-:class:`~invtract.errors.InvtractWarning`.
+Scope: all of SD_Stream without ACT, as fused_cpu ``_track_seed`` (FOV / zero-voxel / NaN
+interpolation, LUT peak ascent with the 50-iteration cap, cutoff, angle, minimum / maximum
+length by point count, bidirectional joining or ``unidirectional``):
+
+* RK4 (``-rk4``, Exec::next_rk4): a step is five evaluations; a lane runs them as sub-phases of
+  its loop (``sub`` 0..4), so lanes of one program may be at different sub-evaluations;
+* regions (include, ordered include, exclude, mask; spheres and image masks; ``-stop``): the
+  rows of fused_cpu ``_flatten_rois``, tested at the seed (``check_seed``) and after every step
+  in Exec::iterate's order; the include visitation is a per-lane bit set;
+* downsampling (``-downsample``) with ``check_downsampled_length`` and ``truncate_maxlength``:
+  on the host after the kernel (numpy float32, the same operations as the numba engine), on
+  the accepted streamlines only.
+
+Only an unbounded ``max_points`` (``downsample x angle >= 360 deg``) is refused
+(:func:`supported`); the ``triton`` engine (:mod:`invtract.tracking.engines.triton_gpu`) then
+runs the torch engine, with an :class:`~invtract.errors.InvtractWarning`.
 
 Public API: :func:`track_fused_triton`, :func:`supported`, :func:`available`,
 :func:`unavailable_reason`.
@@ -1130,27 +1140,35 @@ def _downsample(res: EngineResult, params: ResolvedParameters) -> EngineResult:
     src = np.where(k == new_n[rows] - 1, n[rows] - 1, src)
     src = np.where(do[rows], src, k)
     pts = res.points[starts[rows] + src]
-    min_len = np.float32(params.min_length_mm)
-    max_len = np.float32(params.max_length_mm)
-    lines, lengths, seeds = [], new_n.copy(), new_seed.copy()
+    new_starts = np.cumsum(new_n) - new_n
+    # check_downsampled_length outside (min_points_post, max_points_post): sequential float32
+    # sums of the segment lengths, all streamlines at once
+    check = (new_n > 0) & ~((params.min_points_post < new_n) & (new_n < params.max_points_post))
+    idx = np.flatnonzero(check)
+    seg = _seg_norms(pts) if pts.shape[0] > 1 else np.zeros(0, np.float32)
+    length = np.zeros(idx.shape[0], np.float32)
+    m = new_n[idx]
+    for k in range(1, int(m.max()) if idx.size else 0):
+        live = m > k
+        length[live] += seg[new_starts[idx[live]] + k - 1]
     status = res.status.copy()
-    start = 0
-    for i, m in enumerate(new_n):
-        b = pts[start : start + m]
-        start += m
-        if m and not (params.min_points_post < m < params.max_points_post):
-            length = np.float32(0.0)
-            for s in _seg_norms(b):
-                length = np.float32(length + s)
-            if length < min_len:
-                status[i], lengths[i], seeds[i] = _TOO_SHORT, 0, -1
-                continue
-            if length > max_len:
-                b, seeds[i] = _truncate_maxlength(b, int(seeds[i]), max_len)
-                lengths[i] = b.shape[0]
-        lines.append(b)
-    points = np.concatenate(lines, 0) if lines else np.zeros((0, 3), np.float32)
-    return EngineResult(points, lengths, seeds, status, res.term, res.init_dir, res.counts)
+    lengths, seeds = new_n.copy(), new_seed.copy()
+    short = idx[length < np.float32(params.min_length_mm)]
+    status[short], lengths[short], seeds[short] = _TOO_SHORT, 0, -1
+    long = idx[length > np.float32(params.max_length_mm)]
+    keep = np.repeat(lengths > 0, new_n)
+    if long.size:  # truncate_maxlength, one streamline at a time (only those too long)
+        lines = np.split(pts, new_starts[1:])
+        for i in long:
+            lines[i], seeds[i] = _truncate_maxlength(
+                lines[i], int(seeds[i]), np.float32(params.max_length_mm)
+            )
+            lengths[i] = lines[i].shape[0]
+        pts = np.concatenate([b for b, n_i in zip(lines, lengths) if n_i], 0)
+    else:
+        pts = pts[keep]
+    pts = pts if pts.size else np.zeros((0, 3), np.float32)
+    return EngineResult(pts, lengths, seeds, status, res.term, res.init_dir, res.counts)
 
 
 def _device() -> torch.device:
@@ -1201,8 +1219,8 @@ def track_fused_triton(
         seeds: ``[N, 3]`` float32 seed points (scanner mm).
         init_dirs: ``[N, 3]`` raw start directions (normalised twice in float32, as tckgen
             does; see :func:`~invtract.tracking.fused_cpu.track_fused_cpu`).
-        params: resolved parameters; must satisfy :func:`supported`.
-        rois: must be empty (regions are not in the kernel).
+        params: resolved parameters; must satisfy :func:`supported` (bounded ``max_points``).
+        rois: include / exclude / mask regions (spheres or image masks), or None.
         chunk_size: seeds per launch; the output buffer holds ``chunk x (max_points + 2) x 3``
             float32 (default: about 2 GB of buffer on CUDA, 4096 seeds under the interpreter).
         block: lanes per program (default 128 on CUDA, up to 64 under the interpreter).

@@ -13,9 +13,10 @@ unidirectional tracking, maximum length by point count, a small angle.
 * numba: bit for bit what tckgen wrote, seed by seed (the references).
 * torch: the same decisions (status, point counts, seed index, terminations) and points within
   1e-5 mm of numba.
-* Triton (interpreter, ``TRITON_INTERPRET=1``, where the kernel covers the case): bit for bit
-  numba. Not in the kernel (``fused_triton.supported`` is False; the ``triton`` engine falls
-  back): RK4, downsampling and every region case.
+* Triton (interpreter, ``TRITON_INTERPRET=1``): bit for bit numba in every case (RK4,
+  downsampling and the regions are in the kernel; ``fused_triton.supported`` holds for all).
+* The differentiable tracker: the same decisions and points in the cases it covers; it refuses
+  ``-rk4``, ``-downsample`` and ``-stop`` with a ConfigError (it takes no regions).
 * The seeding code's seed test (numba ``SeedTest``, or the torch engine's without numba) takes
   the same decisions.
 """
@@ -48,11 +49,6 @@ fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixtures)
 
 CASES = list(fixtures.CASES)
-#: cases outside the Triton kernel (it has no RK4, downsampling or regions)
-NOT_IN_TRITON = {
-    "minlength0", "regions", "stop", "ordered", "ordered_reversed", "rk4", "rk4_minlength0",
-    "downsample",
-}  # fmt: skip
 
 needs_numba = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
 
@@ -174,36 +170,62 @@ def test_torch_follows_the_same_rules(case):
 
 #: the interpreter runs ~100 steps/s: the short case by default, the others with -m slow
 _TRITON_CASES = [
-    pytest.param(c, marks=() if c == "maxlength" else pytest.mark.slow)
-    for c in CASES
-    if c not in NOT_IN_TRITON
+    pytest.param(c, marks=() if c == "maxlength" else pytest.mark.slow) for c in CASES
 ]
 
 
-@needs_numba
-@pytest.mark.parametrize("case", _TRITON_CASES)
-def test_triton_is_numba_bit_for_bit(case):
+def _triton():
     pytest.importorskip("triton", reason="triton is not installed")
     from invtract.tracking import fused_triton
 
     if not fused_triton.available():
         pytest.skip(str(fused_triton.unavailable_reason()))
-    sh, s2v, seeds, dirs, params, rois = _inputs(case)
-    assert fused_triton.supported(params, rois)
+    return fused_triton
+
+
+@needs_numba
+@pytest.mark.parametrize("case", _TRITON_CASES)
+def test_triton_is_numba_bit_for_bit(case):
+    _triton()
     res, ref = _run("triton", case), _numba(case)
     _same_decisions(res, ref)
     assert np.array_equal(res.points, ref.points)
     np.testing.assert_array_equal(res.init_dir, ref.init_dir)
 
 
-def test_cases_outside_the_triton_kernel_are_declared():
-    """The list above is the kernel's own: exactly these cases are unsupported."""
+#: a few seeds per rule for the default run (the whole table is ``slow`` under the
+#: interpreter): seeds that exercise the case (accepted, rejected, truncated, excluded)
+_TRITON_QUICK = {
+    "rk4_minlength0": [5, 7, 15],  # invalid seed; 4 and 2 points (RK4 steps to the FOV edge)
+    "regions": [0, 4, 11],  # exits the mask; enters the exclude region; misses the include
+    "ordered": [0, 7, 11],  # both ordered regions in order; too short twice
+    "downsample": [0, 7, 15],  # truncated at the maximum length; downsampled short ones
+}
+
+
+@needs_numba
+@pytest.mark.parametrize("case", sorted(_TRITON_QUICK))
+def test_triton_kernel_rules_on_a_few_seeds(case):
+    """RK4, regions (mask / include / exclude, ordered) and downsampling with truncation at
+    the maximum length, in the kernel, bit for bit numba (and so tckgen) on a few seeds."""
+    fused_triton = _triton()
+    sh, s2v, seeds, dirs, params, rois = _inputs(case)
+    pick = _TRITON_QUICK[case]
+    res = fused_triton.track_fused_triton(sh, s2v, seeds[pick], dirs[pick], params, rois)
+    ref = fused_cpu.track_fused_cpu(sh, s2v, seeds[pick], dirs[pick], params, rois)
+    _same_decisions(res, ref)
+    assert np.array_equal(res.points, ref.points)
+    assert res.lengths.any()  # something was tracked
+
+
+def test_every_case_is_in_the_triton_kernel():
+    """No case needs a fallback: the kernel covers every rule of the table."""
     pytest.importorskip("triton", reason="triton is not installed")
     from invtract.tracking import fused_triton
 
     for case in CASES:
         _, _, _, _, params, rois = _inputs(case)
-        assert fused_triton.supported(params, rois) == (case not in NOT_IN_TRITON), case
+        assert fused_triton.supported(params, rois), case
 
 
 @needs_numba
@@ -222,6 +244,21 @@ def test_seed_test_is_one_rule(case):
 
 #: cases the differentiable tracker's hard pass covers (no RK4, downsampling, regions)
 _DIFF_CASES = ["default", "maxlength", "unidirectional", "angle"]
+#: cases it refuses (a ConfigError, not other streamlines)
+_DIFF_REFUSED = ["rk4", "rk4_minlength0", "downsample", "stop"]
+
+
+@pytest.mark.parametrize("case", _DIFF_REFUSED)
+def test_differentiable_tracker_refuses_what_it_does_not_cover(case):
+    from invtract.errors import ConfigError
+    from invtract.tracking import differentiable
+
+    sh, s2v, seeds, dirs, params, _ = _inputs(case)
+    affine = np.vstack([np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))[:3], [0, 0, 0, 1]])
+    with pytest.raises(ConfigError, match="rk4, -downsample or -stop"):
+        differentiable.track_differentiable(
+            torch.as_tensor(sh), affine, torch.as_tensor(seeds), torch.as_tensor(dirs), params
+        )
 
 
 @needs_numba
