@@ -39,7 +39,7 @@ from invtract.io.mif import read_mif  # noqa: E402
 from invtract.params import TrackingParameters  # noqa: E402
 from invtract.tracking import fused_cpu  # noqa: E402
 from invtract.tracking.tracker import seed_usable_torch, track_torch  # noqa: E402
-from invtract.tracking.types import EngineResult, Reject, RoiSet, SphereRoi  # noqa: E402
+from invtract.tracking.types import EngineResult, Reject, RoiSet, SphereRoi, Term  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "conformance"
 TOL_TORCH_MM = 1e-5
@@ -168,7 +168,7 @@ def test_torch_follows_the_same_rules(case):
             assert float(np.abs(a.astype(np.float64) - b).max()) <= TOL_TORCH_MM
 
 
-#: the interpreter runs ~100 steps/s: the short case by default, the others with -m slow
+#: the interpreter runs a few evaluations a second: the whole table is ``slow``
 _TRITON_CASES = [
     pytest.param(c, marks=() if c == "maxlength" else pytest.mark.slow) for c in CASES
 ]
@@ -193,8 +193,7 @@ def test_triton_is_numba_bit_for_bit(case):
     np.testing.assert_array_equal(res.init_dir, ref.init_dir)
 
 
-#: a few seeds per rule for the default run (the whole table is ``slow`` under the
-#: interpreter): seeds that exercise the case (accepted, rejected, truncated, excluded)
+#: a few seeds per rule (``slow``: RK4 alone takes ~20 s under the interpreter)
 _TRITON_QUICK = {
     "rk4_minlength0": [5, 7, 15],  # invalid seed; 4 and 2 points (RK4 steps to the FOV edge)
     "regions": [0, 4, 11],  # exits the mask; enters the exclude region; misses the include
@@ -204,6 +203,30 @@ _TRITON_QUICK = {
 
 
 @needs_numba
+def test_triton_kernel_regions_and_downsampling():
+    """The default run's Triton check (~15 s under the interpreter; RK4 is in the ``slow``
+    tests, five evaluations a step cost too much here): mask / include / exclude regions and
+    downsampling with the maximum length in one launch, bit for bit numba: an accepted
+    streamline (exits the mask, then the length limit), one that misses the include region,
+    one that enters the exclude region, one too short."""
+    fused_triton = _triton()
+    sh, s2v, seeds, dirs, _, rois = _inputs("regions")
+    params = TrackingParameters(
+        step_mm=0.5, min_length_mm=1.0, max_length_mm=4.0, downsample=3
+    ).resolve((1.0, 1.0, 1.0))
+    pick = [0, 3, 4, 7]
+    res = fused_triton.track_fused_triton(sh, s2v, seeds[pick], dirs[pick], params, rois)
+    ref = fused_cpu.track_fused_cpu(sh, s2v, seeds[pick], dirs[pick], params, rois)
+    R = Reject
+    expect = [R.ACCEPTED, R.MISSED_INCLUDE_REGION, R.ENTER_EXCLUDE_REGION, R.TRACK_TOO_SHORT]
+    assert ref.status.tolist() == [int(r) for r in expect]
+    assert ref.term[0].tolist() == [int(Term.EXIT_MASK), int(Term.LENGTH_EXCEED)]
+    _same_decisions(res, ref)
+    assert np.array_equal(res.points, ref.points)
+
+
+@needs_numba
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(_TRITON_QUICK))
 def test_triton_kernel_rules_on_a_few_seeds(case):
     """RK4, regions (mask / include / exclude, ordered) and downsampling with truncation at
