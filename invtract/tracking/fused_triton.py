@@ -37,8 +37,8 @@ length by point count, bidirectional joining or ``unidirectional``):
   the accepted streamlines only.
 
 Only an unbounded ``max_points`` (``downsample x angle >= 360 deg``) is refused
-(:func:`supported`); the ``triton`` engine (:mod:`invtract.tracking.engines.triton_gpu`) then
-runs the torch engine, with an :class:`~invtract.errors.InvtractWarning`.
+(:func:`supported`; the numba engine refuses it too, and the ``triton`` engine of
+:mod:`invtract.tracking.engines.triton_gpu` raises a ConfigError).
 
 Public API: :func:`track_fused_triton`, :func:`supported`, :func:`available`,
 :func:`unavailable_reason`.
