@@ -307,3 +307,47 @@ def test_differentiable_hard_pass_follows_the_same_rules(case, hard_pass, monkey
     np.testing.assert_array_equal(out.seed_index.numpy(), ref.seed_index[acc])
     ours = out.streamlines().points.detach().numpy()
     assert float(np.abs(ours.astype(np.float64) - ref.points).max()) <= TOL_TORCH_MM
+
+
+@needs_numba
+@pytest.mark.parametrize("unidirectional", [False, True])
+def test_triton_downsampling_pass_is_numba_bit_for_bit(unidirectional, monkeypatch):
+    """The Triton engine's downsampling (on the host after the kernel) on many streamlines,
+    without the interpreter: numba's raw streamlines (downsample 1, the same ``max_points``)
+    through ``fused_triton._downsample`` equal numba's downsampled ones, truncations at the
+    maximum length (and, both ways, the reversal of ``truncate_maxlength``) included."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    import dataclasses
+
+    from invtract.tracking import fused_triton
+
+    calls = {"truncated": 0, "reversed": 0}
+    truncate = fused_triton._truncate_maxlength
+
+    def counted(b, seed, max_dist):
+        out, new_seed = truncate(b, seed, max_dist)
+        calls["truncated"] += 1
+        calls["reversed"] += new_seed != seed
+        return out, new_seed
+
+    monkeypatch.setattr(fused_triton, "_truncate_maxlength", counted)
+    sh, s2v, _, _, _, _ = _inputs("default")
+    rng = np.random.default_rng(3)
+    lo, hi = np.float32(fixtures.OFFSET), np.float32(fixtures.OFFSET) + fixtures.SHAPE
+    seeds = rng.uniform(lo, hi - 1, (400, 3)).astype(np.float32)
+    dirs = rng.normal(size=(400, 3)).astype(np.float32)
+    for maxlen in (4.0, 7.5):
+        params = TrackingParameters(
+            step_mm=0.5, min_length_mm=1.0, max_length_mm=maxlen, downsample=3,
+            unidirectional=unidirectional,
+        ).resolve((1.0, 1.0, 1.0))  # fmt: skip
+        raw = fused_cpu.track_fused_cpu(
+            sh, s2v, seeds, dirs, dataclasses.replace(params, downsample=1)
+        )
+        ref = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params)
+        ours = fused_triton._downsample(raw, params)
+        _same_decisions(ours, ref)
+        assert np.array_equal(ours.points, ref.points)
+        assert ref.accepted.sum() > 50
+    assert calls["truncated"] > 50
+    assert (calls["reversed"] > 0) != unidirectional  # a unidirectional seed is point 0
