@@ -39,7 +39,14 @@ from invtract.io.mif import read_mif  # noqa: E402
 from invtract.params import TrackingParameters  # noqa: E402
 from invtract.tracking import fused_cpu  # noqa: E402
 from invtract.tracking.tracker import seed_usable_torch, track_torch  # noqa: E402
-from invtract.tracking.types import EngineResult, Reject, RoiSet, SphereRoi, Term  # noqa: E402
+from invtract.tracking.types import (  # noqa: E402
+    EngineResult,
+    ImageRoi,
+    Reject,
+    RoiSet,
+    SphereRoi,
+    Term,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "conformance"
 TOL_TORCH_MM = 1e-5
@@ -202,15 +209,35 @@ _TRITON_QUICK = {
 }
 
 
+def _image_roi(sphere: SphereRoi, vox: float, angle: float) -> ImageRoi:
+    """``sphere`` rasterised on an oblique grid of ``vox`` mm voxels (rotated by ``angle`` rad
+    about z), as an image region."""
+    c, r = np.asarray(sphere.centre, np.float64), float(sphere.radius)
+    ca, sa = np.cos(angle), np.sin(angle)
+    rot = np.array([[ca, -sa, 0.0], [sa, ca, 0.0], [0.0, 0.0, 1.0]])
+    n = int(np.ceil(2 * r / vox)) + 3
+    v2s = np.eye(4)
+    v2s[:3, :3] = rot * vox
+    v2s[:3, 3] = c - rot @ np.full(3, (n - 1) / 2 * vox)
+    ijk = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    inside = np.linalg.norm(ijk @ v2s[:3, :3].T + v2s[:3, 3] - c, axis=1) <= r
+    return ImageRoi(inside.reshape(n, n, n), np.linalg.inv(v2s)[:3])
+
+
 @needs_numba
 def test_triton_kernel_regions_and_downsampling():
     """The default run's Triton check (~15 s under the interpreter; RK4 is in the ``slow``
-    tests, five evaluations a step cost too much here): mask / include / exclude regions and
-    downsampling with the maximum length in one launch, bit for bit numba: an accepted
-    streamline (exits the mask, then the length limit), one that misses the include region,
-    one that enters the exclude region, one too short."""
+    tests, five evaluations a step cost too much here): image include and mask regions on
+    oblique grids, a sphere exclude region and downsampling with the maximum length in one
+    launch, bit for bit numba: an accepted streamline (exits the mask, then the length limit),
+    one that misses the include region, one that enters the exclude region, one too short."""
     fused_triton = _triton()
-    sh, s2v, seeds, dirs, _, rois = _inputs("regions")
+    sh, s2v, seeds, dirs, _, spheres = _inputs("regions")
+    rois = RoiSet(
+        include=(_image_roi(spheres.include[0], 0.8, 0.3),),
+        exclude=spheres.exclude,
+        mask=(_image_roi(spheres.mask[0], 1.3, 0.3),),
+    )
     params = TrackingParameters(
         step_mm=0.5, min_length_mm=1.0, max_length_mm=4.0, downsample=3
     ).resolve((1.0, 1.0, 1.0))
