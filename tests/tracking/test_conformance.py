@@ -175,7 +175,7 @@ def test_torch_follows_the_same_rules(case):
             assert float(np.abs(a.astype(np.float64) - b).max()) <= TOL_TORCH_MM
 
 
-#: the interpreter runs a few evaluations a second: the whole table is ``slow``
+#: the interpreter runs a few evaluations a second: the short case by default, the rest ``slow``
 _TRITON_CASES = [
     pytest.param(c, marks=() if c == "maxlength" else pytest.mark.slow) for c in CASES
 ]
