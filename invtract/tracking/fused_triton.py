@@ -23,12 +23,22 @@ interpolation's Eigen packet order, the peak finder's sequential sums over its (
   functions are not correctly rounded). The effect on GPU points is to be measured (see
   ``docs/engines.md``).
 
-Scope: first-order SD_Stream with the default rules (FOV / zero-voxel / NaN interpolation, LUT
-peak ascent with the 50-iteration cap, cutoff, angle, minimum / maximum length by point count,
-bidirectional joining or ``unidirectional``). RK4, ``downsample > 1`` and ROIs are not in the
-kernel: :func:`supported` says so, and the ``triton`` engine
-(:mod:`invtract.tracking.engines.triton_gpu`) falls back to the numba or torch engine with an
-:class:`~invtract.errors.InvtractWarning`.
+Scope: all of SD_Stream without ACT, as fused_cpu ``_track_seed`` (FOV / zero-voxel / NaN
+interpolation, LUT peak ascent with the 50-iteration cap, cutoff, angle, minimum / maximum
+length by point count, bidirectional joining or ``unidirectional``):
+
+* RK4 (``-rk4``, Exec::next_rk4): a step is five evaluations; a lane runs them as sub-phases of
+  its loop (``sub`` 0..4), so lanes of one program may be at different sub-evaluations;
+* regions (include, ordered include, exclude, mask; spheres and image masks; ``-stop``): the
+  rows of fused_cpu ``_flatten_rois``, tested at the seed (``check_seed``) and after every step
+  in Exec::iterate's order; the include visitation is a per-lane bit set;
+* downsampling (``-downsample``) with ``check_downsampled_length`` and ``truncate_maxlength``:
+  on the host after the kernel (numpy float32, the same operations as the numba engine), on
+  the accepted streamlines only.
+
+Only an unbounded ``max_points`` (``downsample x angle >= 360 deg``) is refused
+(:func:`supported`; the numba engine refuses it too, and the ``triton`` engine of
+:mod:`invtract.tracking.engines.triton_gpu` raises a ConfigError).
 
 Public API: :func:`track_fused_triton`, :func:`supported`, :func:`available`,
 :func:`unavailable_reason`.
@@ -54,6 +64,7 @@ from .rules import (
     PEAK_TOLERANCE_RAD,
     POLE_SIN_THRESHOLD,
     SQRT2,
+    TERM_ADD_TO_TCK,
     WEIGHT_THRESHOLD,
 )
 from .types import EngineResult, Reject, RoiSet, Term, concat_results
@@ -88,6 +99,22 @@ _ACCEPTED = int(Reject.ACCEPTED)
 _INVALID_SEED = int(Reject.INVALID_SEED)
 _NO_PROPAGATION = int(Reject.NO_PROPAGATION_FROM_SEED)
 _TOO_SHORT = int(Reject.TRACK_TOO_SHORT)
+_EXIT_MASK = int(Term.EXIT_MASK)
+_ENTER_EXCLUDE = int(Term.ENTER_EXCLUDE)
+_TRAVERSE_ALL_INCLUDE = int(Term.TRAVERSE_ALL_INCLUDE)
+_EXCLUDED = int(Reject.ENTER_EXCLUDE_REGION)
+_MISSED_INCLUDE = int(Reject.MISSED_INCLUDE_REGION)
+#: region sets of the kernel's ROI rows (the codes of fused_cpu ``_flatten_rois``, checked in
+#: :func:`_roi_arrays`)
+_ROI_INCLUDE, _ROI_EXCLUDE, _ROI_MASK, _ROI_ORDERED = 0, 1, 2, 3
+#: the terms (without ACT) whose last point the kernel keeps: rules ``TERM_ADD_TO_TCK``
+_KERNEL_ADDS = {Term.CONTINUE, Term.LENGTH_EXCEED, Term.ENTER_EXCLUDE, Term.TRAVERSE_ALL_INCLUDE}
+assert _KERNEL_ADDS == {
+    t
+    for t in (Term.CONTINUE, Term.EXIT_IMAGE, Term.MODEL, Term.HIGH_CURVATURE,
+              Term.LENGTH_EXCEED, Term.EXIT_MASK, Term.ENTER_EXCLUDE, Term.TRAVERSE_ALL_INCLUDE)
+    if TERM_ADD_TO_TCK[t]
+}  # fmt: skip
 
 _MAX_BUFFER_POINTS = 1_000_000
 #: float64 constants the kernel reads from the end of its transform array (``k_ptr``):
@@ -116,13 +143,12 @@ def available() -> bool:
 def supported(params: ResolvedParameters, rois: RoiSet | None = None) -> bool:
     """True when the kernel implements this configuration (otherwise use numba / torch).
 
-    Not in the kernel: RK4 (``params.rk4``), ``downsample > 1``, include / exclude / mask
-    regions, and unbounded ``max_points`` (``downsample x angle >= 360 deg``).
+    Every SD_Stream rule is in the kernel (first order and RK4, downsampling with the length
+    check and truncation, include / ordered include / exclude / mask regions as spheres or
+    images, ``-stop``); only an unbounded ``max_points`` (``downsample x angle >= 360 deg``)
+    is not. ``rois`` is accepted for the interface (any :class:`RoiSet` is covered).
     """
-    if params.rk4 or int(params.downsample) != 1:
-        return False
-    if rois is not None and bool(rois):
-        return False
+    del rois
     return int(params.max_points) + 2 <= _MAX_BUFFER_POINTS
 
 
@@ -206,8 +232,8 @@ if triton is not None:
     # float32 before it meets a float64 operand.
     _K_NAN = tl.constexpr(float("nan"))
     # scalar arguments that may equal 1 must not become constexpr (the kernel calls .to on some)
-    _NO_SPECIALIZE = ["C", "NX", "NY", "NZ", "K", "NAL", "max_points",
-                      "min_points", "L", "unidir"]  # fmt: skip
+    _NO_SPECIALIZE = ["C", "NX", "NY", "NZ", "K", "NAL", "max_points", "min_points", "L",
+                      "unidir", "R", "n_inc", "n_ord", "n_mask", "n_exc", "stop"]  # fmt: skip
     _K_CONTINUE = tl.constexpr(_CONTINUE)
     _K_EXIT_IMAGE = tl.constexpr(_EXIT_IMAGE)
     _K_MODEL = tl.constexpr(_MODEL)
@@ -217,6 +243,15 @@ if triton is not None:
     _K_INVALID_SEED = tl.constexpr(_INVALID_SEED)
     _K_NO_PROPAGATION = tl.constexpr(_NO_PROPAGATION)
     _K_TOO_SHORT = tl.constexpr(_TOO_SHORT)
+    _K_EXIT_MASK = tl.constexpr(_EXIT_MASK)
+    _K_ENTER_EXCLUDE = tl.constexpr(_ENTER_EXCLUDE)
+    _K_TRAVERSE_ALL_INCLUDE = tl.constexpr(_TRAVERSE_ALL_INCLUDE)
+    _K_EXCLUDED = tl.constexpr(_EXCLUDED)
+    _K_MISSED_INCLUDE = tl.constexpr(_MISSED_INCLUDE)
+    _K_ROI_INCLUDE = tl.constexpr(_ROI_INCLUDE)
+    _K_ROI_EXCLUDE = tl.constexpr(_ROI_EXCLUDE)
+    _K_ROI_MASK = tl.constexpr(_ROI_MASK)
+    _K_ROI_ORDERED = tl.constexpr(_ROI_ORDERED)
     # the rulebook's float32 / integer constants
     _K_FOV_HALF = tl.constexpr(FOV_HALF_VOXEL)
     _K_WEIGHT_EPS = tl.constexpr(WEIGHT_THRESHOLD)
@@ -625,19 +660,113 @@ if triton is not None:
             active = active & (~conv) & (it < _K_MAX_ITERATIONS)
         return r_amp, r_x, r_y, r_z
 
+    @triton.jit
+    def _dot3(ax, ay, az, bx, by, bz):
+        """Eigen Vector3f::dot order: x*x' + (y*y' + z*z') (float32)."""
+        return ax * bx + (ay * by + az * bz)
+
+    @triton.jit
+    def _round_half_away(v):
+        """std::round (half away from zero) of float32 ``v``, as a float32 value."""
+        a = tl.abs(v)
+        r = tl.floor(a)
+        r = tl.where(a - r >= 0.5, r + 1.0, r)
+        return tl.where(v < 0.0, -r, r)
+
+    @triton.jit
+    def _roi_contains(r, px, py, pz, act, ri_ptr, rf_ptr, rmask_ptr):
+        """roi.h: whether p (float32 scanner mm) lies in region ``r`` (fused_cpu
+        ``_roi_contains``).
+
+        A sphere: ``|c - p|^2 <= radius^2`` in float32. An image mask: its float32 3x4
+        scanner->voxel transform, nearest voxel (``std::round``), outside the grid is outside.
+        ``ri_ptr``: ``[R, 8]`` int64 rows ``(set, bit, kind, n0, n1, n2, offset, 0)``;
+        ``rf_ptr``: ``[R, 16]`` float32 rows ``(c0, c1, c2, radius^2, transform 3x4)``.
+        """
+        kind = tl.load(ri_ptr + r * 8 + 2)
+        fb = rf_ptr + r * 16
+        dx = tl.load(fb) - px
+        dy = tl.load(fb + 1) - py
+        dz = tl.load(fb + 2) - pz
+        in_sphere = dx * dx + (dy * dy + dz * dz) <= tl.load(fb + 3)
+        v0 = (tl.load(fb + 4) * px + tl.load(fb + 5) * py) + (
+            tl.load(fb + 6) * pz + tl.load(fb + 7)
+        )
+        v1 = (tl.load(fb + 8) * px + tl.load(fb + 9) * py) + (
+            tl.load(fb + 10) * pz + tl.load(fb + 11)
+        )
+        v2 = (tl.load(fb + 12) * px + tl.load(fb + 13) * py) + (
+            tl.load(fb + 14) * pz + tl.load(fb + 15)
+        )
+        i0 = _round_half_away(v0)
+        i1 = _round_half_away(v1)
+        i2 = _round_half_away(v2)
+        n0 = tl.load(ri_ptr + r * 8 + 3)
+        n1 = tl.load(ri_ptr + r * 8 + 4)
+        n2 = tl.load(ri_ptr + r * 8 + 5)
+        inb = (v0 - v0 == 0.0) & (v1 - v1 == 0.0) & (v2 - v2 == 0.0)
+        inb = inb & (i0 >= 0.0) & (i0 < n0.to(tl.float32))
+        inb = inb & (i1 >= 0.0) & (i1 < n1.to(tl.float32))
+        inb = inb & (i2 >= 0.0) & (i2 < n2.to(tl.float32))
+        j0 = tl.where(inb, i0, 0.0).to(tl.int64)
+        j1 = tl.where(inb, i1, 0.0).to(tl.int64)
+        j2 = tl.where(inb, i2, 0.0).to(tl.int64)
+        idx = tl.load(ri_ptr + r * 8 + 6) + (j0 * n1 + j1) * n2 + j2
+        image = (j0 * 0 + kind) != 0  # (a loaded scalar cannot join a mask directly)
+        mval = tl.load(rmask_ptr + idx, mask=act & inb & image, other=0)
+        in_image = inb & (mval != 0)
+        return act & tl.where(image, in_image, in_sphere)
+
+    @triton.jit
+    def _in_set(which, px, py, pz, act, ri_ptr, rf_ptr, rmask_ptr, R, BLOCK: tl.constexpr):
+        """Whether p lies in any region of set ``which`` (fused_cpu ``_in_set``)."""
+        hit = tl.zeros([BLOCK], tl.int1)
+        for r in range(R):
+            if tl.load(ri_ptr + r * 8) == which:
+                hit = hit | _roi_contains(r, px, py, pz, act, ri_ptr, rf_ptr, rmask_ptr)
+        return hit
+
+    @triton.jit
+    def _visit(px, py, pz, act, vis, ordn, valid, ri_ptr, rf_ptr, rmask_ptr, R,
+               BLOCK: tl.constexpr):  # fmt: skip
+        """IncludeROIVisitation::operator() (fused_cpu ``_visit``): ``vis`` int64 bits of the
+        include regions entered, ``ordn`` the next ordered region due, ``valid`` False once an
+        ordered region was entered out of order. Returns the updated ``(vis, ordn, valid)``."""
+        one = tl.full([BLOCK], 1, tl.int64)
+        found = tl.zeros([BLOCK], tl.int1)
+        for r in range(R):
+            which = tl.load(ri_ptr + r * 8)
+            bit = tl.load(ri_ptr + r * 8 + 1)
+            if which == _K_ROI_INCLUDE:
+                c = _roi_contains(r, px, py, pz, act, ri_ptr, rf_ptr, rmask_ptr)
+                vis = tl.where(c, vis | (one << bit), vis)
+            if which == _K_ROI_ORDERED:
+                c = _roi_contains(r, px, py, pz, act & valid & (~found), ri_ptr, rf_ptr,
+                                  rmask_ptr)  # fmt: skip
+                b32 = bit.to(tl.int32)
+                valid = valid & (~(c & (b32 != ordn) & (b32 != ordn - 1)))
+                ordn = tl.where(c & (b32 == ordn), ordn + 1, ordn)
+                found = found | c
+        return vis, ordn, valid
+
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _sd_stream_kernel(
         seeds_ptr, dirs_ptr, sh_ptr, nz_ptr, m_ptr, lut_ptr, tab_ptr, flt_ptr, cs_ptr, pts_ptr,
         n_ptr, n1_ptr, status_ptr, term_ptr, u0_ptr, steps_ptr, C, NX, NY, NZ, K, NAL, step,
-        cutoff, dot_thr, inc, max_points, min_points, L, unidir, BLOCK: tl.constexpr,
+        cutoff, dot_thr, inc, max_points, min_points, L, unidir, hstep, cos_rk4, ri_ptr, rf_ptr,
+        rmask_ptr, R, n_inc, n_ord, n_mask, n_exc, stop, BLOCK: tl.constexpr,
         KP: tl.constexpr, KC: tl.constexpr, SP: tl.constexpr, NS: tl.constexpr,
-        SEQ: tl.constexpr,
+        SEQ: tl.constexpr, RK4: tl.constexpr, ROIS: tl.constexpr,
     ):  # fmt: skip
         """Track seeds ``lane, lane + lanes, ...`` of a chunk (Exec::operator(), gen_track,
-        gen_track_unidir, SDStream::init / next, track_rejected for the default rules).
+        gen_track_unidir, iterate, next_rk4, SDStream::init / next, track_rejected).
 
         Lane phases: 0 = a new seed (sample + peak at the seed), 1 = first half, 2 = second
-        half, 3 = no seeds left. Every loop iteration is one evaluation (sample + peak) per lane.
+        half, 3 = no seeds left. Every loop iteration is one evaluation (sample + peak) per lane;
+        with ``RK4`` a step takes five (``sub`` = 0..4: d1 at p, d2 at p + d1 h/2, d3 at
+        p + d2 h/2, d4 at p + d3 h from normalize(d2 + d3), d5 at the new point). With ``ROIS``
+        the mask / exclude / include regions (``ri_ptr``, ``rf_ptr``, ``rmask_ptr``, ``R`` rows)
+        are tested at the seed and after every step, as fused_cpu ``_track_half`` does.
         """
         pid = tl.program_id(0)
         LANES = tl.num_programs(0) * BLOCK
@@ -656,10 +785,38 @@ if triton is not None:
         u0x = tl.zeros([BLOCK], tl.float32)
         u0y = tl.zeros([BLOCK], tl.float32)
         u0z = tl.zeros([BLOCK], tl.float32)
+        # RK4 state: sub-evaluation, d1..d3, the new direction and point (after d4)
+        sub = tl.zeros([BLOCK], tl.int32)
+        d1x = tl.zeros([BLOCK], tl.float32)
+        d1y = tl.zeros([BLOCK], tl.float32)
+        d1z = tl.zeros([BLOCK], tl.float32)
+        d2x = tl.zeros([BLOCK], tl.float32)
+        d2y = tl.zeros([BLOCK], tl.float32)
+        d2z = tl.zeros([BLOCK], tl.float32)
+        d3x = tl.zeros([BLOCK], tl.float32)
+        d3y = tl.zeros([BLOCK], tl.float32)
+        d3z = tl.zeros([BLOCK], tl.float32)
+        wx = tl.zeros([BLOCK], tl.float32)
+        wy = tl.zeros([BLOCK], tl.float32)
+        wz = tl.zeros([BLOCK], tl.float32)
+        fx = tl.zeros([BLOCK], tl.float32)
+        fy = tl.zeros([BLOCK], tl.float32)
+        fz = tl.zeros([BLOCK], tl.float32)
+        # region state (IncludeROIVisitation) and "a half entered an exclude region"
+        vis = tl.zeros([BLOCK], tl.int64)
+        ordn = tl.zeros([BLOCK], tl.int32)
+        valid = tl.zeros([BLOCK], tl.int32) == 0
+        excl = tl.zeros([BLOCK], tl.int1)
+        full = (tl.full([BLOCK], 1, tl.int64) << n_inc.to(tl.int64)) - 1
         n = tl.zeros([BLOCK], tl.int32)
         n1 = tl.zeros([BLOCK], tl.int32)
         steps = tl.zeros([BLOCK], tl.int32)
         uni = (tl.zeros([BLOCK], tl.int32) + unidir) != 0
+        # (per-lane copies: a scalar comparison cannot join a lane mask under the interpreter)
+        has_mask = (tl.zeros([BLOCK], tl.int32) + n_mask) > 0
+        has_exc = (tl.zeros([BLOCK], tl.int32) + n_exc) > 0
+        has_inc = (tl.zeros([BLOCK], tl.int32) + (n_inc + n_ord)) > 0
+        stops = (tl.zeros([BLOCK], tl.int32) + stop) != 0
         while tl.max((phase < 3).to(tl.int32), axis=0) > 0:
             live = phase < 3
             isseed = phase == 0
@@ -680,13 +837,47 @@ if triton is not None:
             ux = tl.where(isseed, ddx, ux)
             uy = tl.where(isseed, ddy, uy)
             uz = tl.where(isseed, ddz, uz)
+            sub = tl.where(isseed, 0, sub)
             dfin = (ddx - ddx == 0.0) & (ddy - ddy == 0.0) & (ddz - ddz == 0.0)
-            # --- one evaluation: FOD at p, peak from u
-            ok = _sample(px, py, pz, live, sh_ptr, nz_ptr, m_ptr, cs_ptr, lane, LANES, NX, NY,
-                         NZ, K, BLOCK, KP, KC)  # fmt: skip
+            # --- where this evaluation samples (q) and where its peak search starts (s)
+            qx = px
+            qy = py
+            qz = pz
+            sx = ux
+            sy = uy
+            sz = uz
+            if RK4:
+                hx = tl.where(sub == 1, d1x, d2x)
+                hy = tl.where(sub == 1, d1y, d2y)
+                hz = tl.where(sub == 1, d1z, d2z)
+                half = (sub == 1) | (sub == 2)
+                qx = tl.where(half, px + hx * hstep, qx)
+                qy = tl.where(half, py + hy * hstep, qy)
+                qz = tl.where(half, pz + hz * hstep, qz)
+                qx = tl.where(sub == 3, px + d3x * step, qx)
+                qy = tl.where(sub == 3, py + d3y * step, qy)
+                qz = tl.where(sub == 3, pz + d3z * step, qz)
+                qx = tl.where(sub == 4, fx, qx)
+                qy = tl.where(sub == 4, fy, qy)
+                qz = tl.where(sub == 4, fz, qz)
+                ex, ey, ez = _normalize3(d2x + d3x, d2y + d3y, d2z + d3z)
+                sx = tl.where(sub == 3, ex, tl.where(sub == 4, wx, sx))
+                sy = tl.where(sub == 3, ey, tl.where(sub == 4, wy, sy))
+                sz = tl.where(sub == 3, ez, tl.where(sub == 4, wz, sz))
+            # --- the seed's region tests (check_seed: inside a mask, outside the excludes)
+            seed_roi = isseed
+            if ROIS:
+                inm = _in_set(_K_ROI_MASK, px, py, pz, isseed, ri_ptr, rf_ptr, rmask_ptr, R,
+                              BLOCK)  # fmt: skip
+                inx = _in_set(_K_ROI_EXCLUDE, px, py, pz, isseed, ri_ptr, rf_ptr, rmask_ptr, R,
+                              BLOCK)  # fmt: skip
+                seed_roi = isseed & ((~has_mask) | inm) & (~(has_exc & inx))
+            # --- one evaluation: FOD at q, peak from s
+            ok = _sample(qx, qy, qz, live & (stepping | seed_roi), sh_ptr, nz_ptr, m_ptr,
+                         cs_ptr, lane, LANES, NX, NY, NZ, K, BLOCK, KP, KC)  # fmt: skip
             tl.debug_barrier()
             search = ok & (stepping | dfin)
-            amp, vx, vy, vz = _get_peak(cs_ptr, lane, LANES, ux, uy, uz, search, lut_ptr, NAL,
+            amp, vx, vy, vz = _get_peak(cs_ptr, lane, LANES, sx, sy, sz, search, lut_ptr, NAL,
                                         inc, tab_ptr, flt_ptr, m_ptr + 12, BLOCK, SP, NS,
                                         SEQ)  # fmt: skip
             good = search & (amp - amp == 0.0) & (amp >= cutoff)
@@ -708,32 +899,99 @@ if triton is not None:
             u0z = tl.where(seed_ok, vz, u0z)
             n = tl.where(isseed, 1, n)
             steps = tl.where(isseed, 0, steps)
-            # --- stepping lanes (SDStream::next, first order)
+            excl = excl & (~isseed)
+            if ROIS:
+                vis = tl.where(isseed, 0, vis)
+                ordn = tl.where(isseed, 0, ordn)
+                valid = valid | isseed
+                vis, ordn, valid = _visit(px, py, pz, seed_ok & has_inc, vis,
+                                          ordn, valid, ri_ptr, rf_ptr, rmask_ptr, R,
+                                          BLOCK)  # fmt: skip
+            # --- stepping lanes: SDStream::next from (q, s)
             t = tl.where(ok, _K_CONTINUE, _K_EXIT_IMAGE)
             t = tl.where(ok & (~good), _K_MODEL, t)
-            dot = ux * vx + (uy * vy + uz * vz)
+            dot = _dot3(sx, sy, sz, vx, vy, vz)
             t = tl.where((t == _K_CONTINUE) & (dot < dot_thr), _K_HIGH_CURVATURE, t)
-            cont = stepping & (t == _K_CONTINUE)
-            px = tl.where(cont, px + vx * step, px)
-            py = tl.where(cont, py + vy * step, py)
-            pz = tl.where(cont, pz + vz * step, pz)
-            ux = tl.where(cont | seed_ok, vx, ux)
-            uy = tl.where(cont | seed_ok, vy, uy)
-            uz = tl.where(cont | seed_ok, vz, uz)
-            pb = pbase + n.to(tl.int64) * 3
-            tl.store(pts_ptr + pb, px, mask=cont)
-            tl.store(pts_ptr + pb + 1, py, mask=cont)
-            tl.store(pts_ptr + pb + 2, pz, mask=cont)
-            n = tl.where(cont, n + 1, n)
+            if RK4:  # Exec::next_rk4: the step ends at the first failed evaluation or at d5
+                ec = stepping & (t == _K_CONTINUE)
+                d1x = tl.where(ec & (sub == 0), vx, d1x)
+                d1y = tl.where(ec & (sub == 0), vy, d1y)
+                d1z = tl.where(ec & (sub == 0), vz, d1z)
+                d2x = tl.where(ec & (sub == 1), vx, d2x)
+                d2y = tl.where(ec & (sub == 1), vy, d2y)
+                d2z = tl.where(ec & (sub == 1), vz, d2z)
+                d3x = tl.where(ec & (sub == 2), vx, d3x)
+                d3y = tl.where(ec & (sub == 2), vy, d3y)
+                d3z = tl.where(ec & (sub == 2), vz, d3z)
+                nx, ny, nz = _normalize3(
+                    ((d1x + d2x * 2.0) + d3x * 2.0) + vx,
+                    ((d1y + d2y * 2.0) + d3y * 2.0) + vy,
+                    ((d1z + d2z * 2.0) + d3z * 2.0) + vz,
+                )
+                at3 = ec & (sub == 3)
+                wx = tl.where(at3, nx, wx)
+                wy = tl.where(at3, ny, wy)
+                wz = tl.where(at3, nz, wz)
+                fx = tl.where(at3, px + nx * step, fx)
+                fy = tl.where(at3, py + ny * step, fy)
+                fz = tl.where(at3, pz + nz * step, fz)
+                at4 = ec & (sub == 4)
+                t = tl.where(at4 & (_dot3(d1x, d1y, d1z, vx, vy, vz) < cos_rk4),
+                             _K_HIGH_CURVATURE, t)  # fmt: skip
+                stepped = stepping & ((t != _K_CONTINUE) | (sub == 4))
+                sub = tl.where(stepping & (~stepped), sub + 1, 0)
+                newx = fx
+                newy = fy
+                newz = fz
+                nux = wx
+                nuy = wy
+                nuz = wz
+            else:
+                stepped = stepping
+                newx = px + vx * step
+                newy = py + vy * step
+                newz = pz + vz * step
+                nux = vx
+                nuy = vy
+                nuz = vz
+            cont = stepped & (t == _K_CONTINUE)
+            px = tl.where(cont, newx, px)
+            py = tl.where(cont, newy, py)
+            pz = tl.where(cont, newz, pz)
+            ux = tl.where(cont, nux, tl.where(seed_ok, vx, ux))
+            uy = tl.where(cont, nuy, tl.where(seed_ok, vy, uy))
+            uz = tl.where(cont, nuz, tl.where(seed_ok, vz, uz))
             steps = tl.where(cont, steps + 1, steps)
-            t = tl.where(cont & (n >= max_points), _K_LENGTH_EXCEED, t)
-            ended = stepping & (t != _K_CONTINUE)
+            if ROIS:  # Exec::iterate's region tests after a step
+                inm = _in_set(_K_ROI_MASK, px, py, pz, cont & has_mask, ri_ptr, rf_ptr,
+                              rmask_ptr, R, BLOCK)  # fmt: skip
+                t = tl.where(cont & has_mask & (~inm), _K_EXIT_MASK, t)
+                chk = cont & (t == _K_CONTINUE)
+                inx = _in_set(_K_ROI_EXCLUDE, px, py, pz, chk & has_exc, ri_ptr, rf_ptr,
+                              rmask_ptr, R, BLOCK)  # fmt: skip
+                t = tl.where(chk & inx, _K_ENTER_EXCLUDE, t)
+                chk = cont & (t == _K_CONTINUE) & has_inc
+                vis, ordn, valid = _visit(px, py, pz, chk, vis, ordn, valid, ri_ptr, rf_ptr,
+                                          rmask_ptr, R, BLOCK)  # fmt: skip
+                allv = (vis == full) & valid & (ordn == n_ord)
+                t = tl.where(chk & stops & allv, _K_TRAVERSE_ALL_INCLUDE, t)
+            # the point a step ended on is kept iff TERM_ADD_TO_TCK[term]
+            add = stepped & ((t == _K_CONTINUE) | (t == _K_ENTER_EXCLUDE)
+                             | (t == _K_TRAVERSE_ALL_INCLUDE))  # fmt: skip
+            pb = pbase + n.to(tl.int64) * 3
+            tl.store(pts_ptr + pb, px, mask=add)
+            tl.store(pts_ptr + pb + 1, py, mask=add)
+            tl.store(pts_ptr + pb + 2, pz, mask=add)
+            n = tl.where(add, n + 1, n)
+            t = tl.where(stepped & (t == _K_CONTINUE) & (n >= max_points), _K_LENGTH_EXCEED, t)
+            ended = stepped & (t != _K_CONTINUE)
             end1 = ended & (phase == 1)
             end2 = ended & (phase == 2)
             tl.store(term_ptr + s64 * 2, t.to(tl.int8), mask=end1)
             tl.store(term_ptr + s64 * 2 + 1, t.to(tl.int8), mask=end2)
+            excl = excl | (ended & (t == _K_ENTER_EXCLUDE))
             n1 = tl.where(end1, n, n1)
-            go2 = end1 & (~uni)
+            go2 = end1 & (~uni) & (~excl)
             px = tl.where(go2, p0x, px)
             py = tl.where(go2, p0y, py)
             pz = tl.where(go2, p0z, pz)
@@ -741,10 +999,13 @@ if triton is not None:
             uy = tl.where(go2, -u0y, uy)
             uz = tl.where(go2, -u0z, uz)
             phase = tl.where(seed_ok | go2, phase + 1, phase)
-            # --- finished streamlines (track_rejected) and the next seed
-            fin = (end1 & uni) | end2
-            status = tl.where(n < min_points, _K_TOO_SHORT, _K_ACCEPTED)
+            # --- finished streamlines (track_rejected, rules.REJECTION_ORDER) and the next seed
+            fin = (end1 & (uni | excl)) | end2
+            missed = has_inc & (~((vis == full) & valid & (ordn == n_ord)))
+            status = tl.where(missed, _K_MISSED_INCLUDE, _K_ACCEPTED)
+            status = tl.where(n < min_points, _K_TOO_SHORT, status)
             status = tl.where((n == 1) & (min_points > 1), _K_NO_PROPAGATION, status)
+            status = tl.where(excl, _K_EXCLUDED, status)
             status = tl.where(seed_bad, _K_INVALID_SEED, status)
             done = fin | seed_bad
             tl.store(status_ptr + s64, status.to(tl.int8), mask=done)
@@ -801,6 +1062,115 @@ def _tables(lmax: int):
     )
 
 
+def _roi_arrays(rois: RoiSet | None, dev: torch.device):
+    """The kernel's region rows from fused_cpu's flattening (one layout of the regions).
+
+    Returns ``(ri [R, 8] int64, rf [R, 16] float32, mask [M] uint8, R, counts)``: ``ri`` rows
+    ``(set, bit, kind, n0, n1, n2, offset, 0)``, ``rf`` rows ``(c0, c1, c2, radius^2,
+    scanner->voxel 3x4)`` (float32, as roi.h holds them), the image masks concatenated.
+    """
+    from . import fused_cpu
+
+    codes = (fused_cpu._ROI_INCLUDE, fused_cpu._ROI_EXCLUDE, fused_cpu._ROI_MASK,
+             fused_cpu._ROI_ORDERED)  # fmt: skip
+    assert codes == (_ROI_INCLUDE, _ROI_EXCLUDE, _ROI_MASK, _ROI_ORDERED)
+    (rset, rbit, rkind, rsph, rmat, rdim, roff, rmask), counts = fused_cpu._flatten_rois(rois)
+    R = int(rset.shape[0])
+    ri = np.zeros((max(R, 1), 8), np.int64)
+    rf = np.zeros((max(R, 1), 16), np.float32)
+    if R:
+        ri[:R, 0], ri[:R, 1], ri[:R, 2] = rset, rbit, rkind
+        ri[:R, 3:6], ri[:R, 6] = rdim, roff
+        rf[:R, :4], rf[:R, 4:] = rsph, rmat
+    as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=dev)  # noqa: E731
+    return as_t(ri), as_t(rf), as_t(rmask.astype(np.uint8)), R, counts
+
+
+def _seg_norms(pts: np.ndarray) -> np.ndarray:
+    """``|p_i - p_{i-1}|`` of consecutive rows of ``pts [P, 3]`` (float32, Eigen's order)."""
+    d = pts[1:] - pts[:-1]
+    return np.sqrt(d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]))
+
+
+def _truncate_maxlength(b: np.ndarray, seed: int, max_dist: np.float32) -> tuple[np.ndarray, int]:
+    """Exec::truncate_maxlength on one streamline ``b [n, 3]`` float32 (fused_cpu's iterative
+    form): returns the truncated copy and its seed index."""
+    b = b.copy()
+    while True:
+        seg = _seg_norms(b)
+        acc = np.float32(0.0)
+        index = 1
+        for s in seg:  # sequential float32 sum, as the C++ loop
+            if acc + s > max_dist:
+                break
+            acc = np.float32(acc + s)
+            index += 1
+        if index >= b.shape[0]:
+            return b, seed
+        if seed >= index:
+            b = b[: seed + 1][::-1].copy()
+            seed = 0
+            continue
+        d = b[index] - b[index - 1]
+        sq = d[0] * d[0] + (d[1] * d[1] + d[2] * d[2])
+        if sq > 0:
+            d = d / np.sqrt(sq)
+        b[index] = b[index - 1] + d * np.float32(max_dist - acc)
+        return b[: index + 1], seed
+
+
+def _downsample(res: EngineResult, params: ResolvedParameters) -> EngineResult:
+    """Exec's Downsampler and ``check_downsampled_length`` on the accepted streamlines of
+    ``res`` (fused_cpu ``_track_seed``'s tail, float32 throughout): keep the first point,
+    every ``R``-th point in phase with the seed and the last; then, outside the point-count
+    bounds ``(min_points_post, max_points_post)``, reject a streamline shorter than the minimum
+    length and truncate one longer than the maximum."""
+    R = int(params.downsample)
+    n = res.lengths.astype(np.int64)
+    seed = res.seed_index.astype(np.int64)
+    starts = np.cumsum(n) - n
+    do = n > 2
+    first = np.where(seed != 0, (np.maximum(seed, 1) - 1) % R + 1, R)
+    new_seed = np.where(do & (seed != 0), 1 + (seed - first) // R, seed)
+    mid = np.maximum(0, -(-(n - 1 - first) // R))
+    new_n = np.where(do, mid + 2, n)
+    rows = np.repeat(np.arange(n.shape[0]), new_n)
+    k = np.arange(int(new_n.sum())) - (np.cumsum(new_n) - new_n)[rows]
+    src = np.where(k == 0, 0, first[rows] + (k - 1) * R)
+    src = np.where(k == new_n[rows] - 1, n[rows] - 1, src)
+    src = np.where(do[rows], src, k)
+    pts = res.points[starts[rows] + src]
+    new_starts = np.cumsum(new_n) - new_n
+    # check_downsampled_length outside (min_points_post, max_points_post): sequential float32
+    # sums of the segment lengths, all streamlines at once
+    check = (new_n > 0) & ~((params.min_points_post < new_n) & (new_n < params.max_points_post))
+    idx = np.flatnonzero(check)
+    seg = _seg_norms(pts) if pts.shape[0] > 1 else np.zeros(0, np.float32)
+    length = np.zeros(idx.shape[0], np.float32)
+    m = new_n[idx]
+    for k in range(1, int(m.max()) if idx.size else 0):
+        live = m > k
+        length[live] += seg[new_starts[idx[live]] + k - 1]
+    status = res.status.copy()
+    lengths, seeds = new_n.copy(), new_seed.copy()
+    short = idx[length < np.float32(params.min_length_mm)]
+    status[short], lengths[short], seeds[short] = _TOO_SHORT, 0, -1
+    long = idx[length > np.float32(params.max_length_mm)]
+    keep = np.repeat(lengths > 0, new_n)
+    if long.size:  # truncate_maxlength, one streamline at a time (only those too long)
+        lines = np.split(pts, new_starts[1:])
+        for i in long:
+            lines[i], seeds[i] = _truncate_maxlength(
+                lines[i], int(seeds[i]), np.float32(params.max_length_mm)
+            )
+            lengths[i] = lines[i].shape[0]
+        pts = np.concatenate([b for b, n_i in zip(lines, lengths) if n_i], 0)
+    else:
+        pts = pts[keep]
+    pts = pts if pts.size else np.zeros((0, 3), np.float32)
+    return EngineResult(pts, lengths, seeds, status, res.term, res.init_dir, res.counts)
+
+
 def _device() -> torch.device:
     return torch.device("cpu") if INTERPRET else torch.device("cuda")
 
@@ -849,8 +1219,8 @@ def track_fused_triton(
         seeds: ``[N, 3]`` float32 seed points (scanner mm).
         init_dirs: ``[N, 3]`` raw start directions (normalised twice in float32, as tckgen
             does; see :func:`~invtract.tracking.fused_cpu.track_fused_cpu`).
-        params: resolved parameters; must satisfy :func:`supported`.
-        rois: must be empty (regions are not in the kernel).
+        params: resolved parameters; must satisfy :func:`supported` (bounded ``max_points``).
+        rois: include / exclude / mask regions (spheres or image masks), or None.
         chunk_size: seeds per launch; the output buffer holds ``chunk x (max_points + 2) x 3``
             float32 (default: about 2 GB of buffer on CUDA, 4096 seeds under the interpreter).
         block: lanes per program (default 128 on CUDA, up to 64 under the interpreter).
@@ -870,10 +1240,11 @@ def track_fused_triton(
         raise RuntimeError(reason)
     if not supported(params, rois):
         raise ValueError(
-            "the Triton kernel covers first-order SD_Stream without ROIs or downsampling "
-            "(use the 'triton' engine of invtract.tracking.engines, which falls back)"
+            f"max_points={int(params.max_points)} is unbounded for the Triton kernel (downsample "
+            f"{params.downsample} x angle {params.angle_deg} deg >= 360 deg); not supported"
         )
     dev = _device()
+    ri, rf, rmask, R, roi_counts = _roi_arrays(rois, dev)
     sh_t = torch.as_tensor(sh).detach().to(device=dev, dtype=torch.float32).contiguous()
     if sh_t.ndim != 4:
         raise ValueError(f"sh must be [X, Y, Z, K], got shape {tuple(sh_t.shape)}")
@@ -915,6 +1286,8 @@ def track_fused_triton(
         raise ValueError(f"variant must be 'auto', 'seq' or 'tile', got {variant!r}")
     seq = variant == "seq" or (variant == "auto" and not INTERPRET)
     launch_kw = {"enable_fp_fusion": False, "num_warps": int(num_warps)}
+    # RK4's half step, float(0.5 * double(step)) as Exec::next_rk4 forms it
+    hstep = float(np.float32(0.5 * np.float64(np.float32(params.step_mm))))
     t0 = time.perf_counter()
     with np.errstate(all="ignore"):
         for start in range(0, N, chunk):
@@ -936,8 +1309,11 @@ def track_fused_triton(
                 C, NX, NY, NZ, K, NAL, float(params.step_mm),
                 float(params.cutoff), float(params.dot_threshold), float(lut_increment()),
                 int(params.max_points), int(params.min_points), L,
-                int(bool(params.unidirectional)), BLOCK=blk, KP=KP, KC=KC, SP=SP, NS=NS, SEQ=seq,
-                **launch_kw,
+                int(bool(params.unidirectional)), hstep, float(np.float32(params.cos_max_rk4)),
+                ri, rf, rmask, R, roi_counts["include"], roi_counts["ordered"],
+                roi_counts["mask"], roi_counts["exclude"], int(bool(params.stop)),
+                BLOCK=blk, KP=KP, KC=KC, SP=SP, NS=NS, SEQ=seq, RK4=bool(params.rk4),
+                ROIS=R > 0, **launch_kw,
             )  # fmt: skip
             pts = _pack(buf, c_n, c_n1, params.unidirectional).cpu().numpy()
             del buf
@@ -954,4 +1330,7 @@ def track_fused_triton(
                     counts={"steps": int(c_steps.sum())},
                 )  # fmt: skip
             )
-    return concat_results(parts, seconds=time.perf_counter() - t0)
+    out = concat_results(parts, seconds=time.perf_counter() - t0)
+    if int(params.downsample) > 1:
+        out = _downsample(out, params)
+    return out

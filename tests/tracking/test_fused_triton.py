@@ -23,7 +23,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 
 from reference_data import load_reference, need_data, split
 
-from invtract.errors import InvtractWarning  # noqa: E402
+from invtract.errors import ConfigError, InvtractWarning  # noqa: E402
 from invtract.fod.field import FODField  # noqa: E402
 from invtract.fod.legendre import plm_sph_column  # noqa: E402
 from invtract.params import TrackingParameters  # noqa: E402
@@ -267,28 +267,37 @@ def test_length_limit_unidirectional_and_angle(fibre):
     _both(fibre, [[4.0, 2.0, 2.0]], [[1.0, 0.6, 0.0]], angle_deg=1.0, min_length_mm=0.0)
 
 
-def test_supported_and_fallback(fibre):
+def test_supported_and_fallback(fibre, monkeypatch):
+    """Every rule is in the kernel; only an unbounded ``max_points`` is refused (by the kernel
+    and the ``triton`` engine, with a clear error), and without Triton the engine falls back to
+    numba on CPU, with a warning."""
     base = TrackingParameters(step_mm=0.5).resolve((1.0, 1.0, 1.0))
-    assert fused_triton.supported(base)
-    assert not fused_triton.supported(TrackingParameters(rk4=True).resolve((1.0, 1.0, 1.0)))
-    assert not fused_triton.supported(TrackingParameters(downsample=2).resolve((1, 1, 1)))
     rois = RoiSet(include=(SphereRoi((6.0, 2.0, 2.0), 1.0),))
-    assert not fused_triton.supported(base, rois)
-    with pytest.raises(ValueError):
-        fused_triton.track_fused_triton(*fibre, np.zeros((1, 3)), np.ones((1, 3)), base, rois)
+    assert fused_triton.supported(base)
+    assert fused_triton.supported(TrackingParameters(rk4=True).resolve((1.0, 1.0, 1.0)))
+    assert fused_triton.supported(TrackingParameters(downsample=2).resolve((1, 1, 1)))
+    assert fused_triton.supported(base, rois)
+    unbounded = TrackingParameters(step_mm=0.5, downsample=4, angle_deg=90.0).resolve((1, 1, 1))
+    assert unbounded.max_points + 2 > fused_triton._MAX_BUFFER_POINTS
+    assert not fused_triton.supported(unbounded)
+    with pytest.raises(ValueError, match="unbounded"):
+        fused_triton.track_fused_triton(*fibre, np.zeros((1, 3)), np.ones((1, 3)), unbounded)
     sh, _ = fibre
     field = FODField.from_array(sh, np.eye(4))
     seeds = np.float32([[4.0, 2.0, 2.0]])
     dirs = np.float32([[1.0, 0.0, 0.0]])
-    with pytest.warns(InvtractWarning, match="using the numba engine"):
-        fb = triton_gpu.track(field, seeds, dirs, base, rois)
-    assert fb.status[0] == Reject.ACCEPTED
+    with pytest.raises(ConfigError, match="unbounded"):
+        triton_gpu.track(field, seeds, dirs, unbounded)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        direct = triton_gpu.track(field, seeds, dirs, base)
-    ref = fused_cpu.track_fused_cpu(sh, np.hstack([np.eye(3), np.zeros((3, 1))]), seeds, dirs,
-                                    base)  # fmt: skip
+        direct = triton_gpu.track(field, seeds, dirs, base, rois)
+    s2v = np.hstack([np.eye(3), np.zeros((3, 1))])
+    ref = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, base, rois)
     _assert_same(direct, ref, tol=0.0)
+    monkeypatch.setattr(fused_triton, "unavailable_reason", lambda: "no triton here")
+    with pytest.warns(InvtractWarning, match="no triton here; using the numba engine"):
+        fb = triton_gpu.track(field, seeds, dirs, base, rois)
+    _assert_same(fb, ref, tol=0.0)
 
 
 def test_chunks_and_programs(fibre):

@@ -1,5 +1,5 @@
 """The ``triton`` engine: the fused Triton kernel of :mod:`invtract.tracking.fused_triton`
-behind the common engine interface, with its fallback for what the kernel does not cover."""
+behind the common engine interface, with its fallback where Triton cannot run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ...errors import InvtractWarning
+from ...errors import ConfigError, InvtractWarning
 from ...fod.field import FODField
 from ...params import ResolvedParameters
 from ..types import EngineResult, RoiSet
@@ -26,20 +26,31 @@ def track(
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EngineResult:
-    """Track with the Triton kernel; unsupported configurations fall back, with a warning.
+    """Track with the Triton kernel; without a usable Triton, another engine, with a warning.
 
-    RK4, downsampling and regions (see :func:`~invtract.tracking.fused_triton.supported`), or
-    no usable Triton, run on the numba engine when the field is on the CPU and numba is
-    available, otherwise on the torch engine.
+    The kernel covers every SD_Stream rule (first order and RK4, downsampling, regions, see
+    :func:`~invtract.tracking.fused_triton.supported`). Without a usable Triton (no CUDA and
+    the interpreter off) the numba engine tracks when the field is on the CPU and numba is
+    available, otherwise the torch engine.
+
+    Raises:
+        ConfigError: for an unbounded ``max_points`` (``downsample x angle >= 360 deg``),
+            which no fused engine can buffer (numba refuses it too).
     """
     from .. import fused_triton
     from . import get_engine, numba_available
 
     rois = rois or RoiSet()
-    if not fused_triton.supported(params, rois) or not fused_triton.available():
-        why = fused_triton.unavailable_reason() or "RK4 / downsample / ROIs are not in the kernel"
+    if not fused_triton.supported(params, rois):
+        raise ConfigError(
+            f"triton engine: max_points={int(params.max_points)} is unbounded (downsample "
+            f"{params.downsample} x angle {params.angle_deg} deg >= 360 deg); use a smaller "
+            "angle or downsampling factor"
+        )
+    reason = fused_triton.unavailable_reason()
+    if reason is not None:
         name = "numba" if field.device.type == "cpu" and numba_available() else "torch"
-        warnings.warn(f"triton engine: {why}; using the {name} engine", InvtractWarning, 2)
+        warnings.warn(f"triton engine: {reason}; using the {name} engine", InvtractWarning, 2)
         return get_engine(name)(field, seeds, init_dirs, params, rois, progress=progress)
     sh = field.sh_flat.detach().reshape(*field.shape, -1)
     s2v = field.scanner2voxel.detach().cpu().numpy()
