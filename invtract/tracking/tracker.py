@@ -67,12 +67,14 @@ class _IncludeState:
 def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois, max_new):
     """Track one half for all ``active`` rows from ``(p0, u0)``.
 
-    Returns ``(buf [n, max_new, 3], nadd [n], term [n], excluded [n], steps)``; ``buf`` rows hold
-    the appended points in order (not including the seed). ``inc`` records include visits.
+    Returns ``(buf [n, R <= max_new, 3], nadd [n], term [n], excluded [n], steps)``; ``buf``
+    rows hold the appended points in order (not including the seed); ``inc`` records include
+    visits.
     """
     n = p0.shape[0]
     dev = p0.device
-    buf = torch.zeros((n, max_new, 3), dtype=p0.dtype, device=dev)
+    # sized by what is tracked: doubled as the longest half grows, never max_new x n up front
+    buf = torch.zeros((n, min(max_new, _FIRST_ROWS), 3), dtype=p0.dtype, device=dev)
     nadd = torch.zeros(n, dtype=torch.int64, device=dev)
     term = torch.full((n,), -1, dtype=torch.int64, device=dev)
     excluded = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -102,6 +104,7 @@ def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois,
                 cont = t == CONT
         add = _ADD_TO_TCK.to(t.device)[t]
         ai = idx[add]
+        buf = _room_for_one_more(buf, nadd, max_new)
         buf[ai, nadd[ai]] = new_p[add]
         nadd[ai] += 1
         count[ai] += 1
@@ -114,6 +117,20 @@ def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois,
         excluded[idx[fin & (t == int(Term.ENTER_EXCLUDE))]] = True
         alive[idx[fin]] = False
     return buf, nadd, term, excluded, steps
+
+
+#: first size of a half's point buffer (rows per streamline); it doubles as halves grow
+_FIRST_ROWS = 256
+
+
+def _room_for_one_more(buf: torch.Tensor, nadd: torch.Tensor, max_new: int) -> torch.Tensor:
+    """``buf [n, R, 3]`` with room for one more point per row (R doubled, at most ``max_new``)."""
+    rows = buf.shape[1]
+    if rows >= max_new or int(nadd.max()) < rows:
+        return buf
+    grown = buf.new_zeros((buf.shape[0], min(max_new, 2 * rows), 3))
+    grown[:, :rows] = buf
+    return grown
 
 
 #: the rulebook's "which points are kept", indexed by Term code

@@ -169,6 +169,22 @@ def test_straight_line_lengths_and_rois():
     assert res5.summary["rejected"] == {"Shorter than minimum length": 1}
 
 
+def test_torch_buffers_follow_what_is_tracked_not_max_length():
+    """The torch engine sizes its point buffers by the streamlines tracked: a 1e9 mm maximum
+    length (2e11 points: TBs if allocated up front) tracks the same streamline as 100 mm, and
+    halves longer than the first buffer (256 points at 0.02 mm steps) grow it."""
+    field, _ = _straight_field()
+    seeds = np.array([[5.0, 2.0, 2.0]], np.float32)
+    dirs = np.array([[1.0, 0.0, 0.0]], np.float32)
+    out = []
+    for max_len in (100.0, 1e9):
+        p = TrackingParameters(step_mm=0.02, min_length_mm=1.0, max_length_mm=max_len)
+        p = p.resolve((1, 1, 1))
+        res = track(field, Seeding("list", positions=seeds, directions=dirs), p, engine="torch")
+        out.append(res.streamlines[0].numpy())
+    assert out[0].shape[0] > 2 * 256 and np.array_equal(out[0], out[1])
+
+
 def test_seed_rejections():
     field, _ = _straight_field()
     seeds = np.array([[5.0, 2.0, 2.0], [np.nan, 0, 0], [50.0, 2.0, 2.0]], np.float32)
