@@ -102,10 +102,10 @@ class BundleProblem(Problem):
         self.signal = self._signal(signal)
         self.fixed_field = None
         self.running = bool({"margin", "centre"} & set(cfg.loss.active(TERMS)))
-        if self.running and self.state.delta is None:
+        if self.state.delta is None:  # the FOD is fixed: one field (a view of sh0) for all
             from ..fod.field import FODField
 
-            self.fixed_field = FODField.from_array(sh0, affine)
+            self.fixed_field = FODField.from_array(self.state.sh(), affine, device=self.dev)
 
     def _signal(self, signal):
         """``signal`` after checking it against the config; its gradient hook registered."""
@@ -172,7 +172,7 @@ class BundleProblem(Problem):
             sh if grad else sh.detach(), self.affine, sub.seeds.to(self.dev),
             sub.directions.to(self.dev), self.resolved, step_mm=vals["step_mm"],
             angle_deg=vals["angle_deg"], cutoff=vals["cutoff"], temperature=(t_amp, t_cos),
-            path=self.cfg.path, voxel_sizes=self.vsz,
+            path=self.cfg.path, voxel_sizes=self.vsz, field=self.fixed_field,
         )  # fmt: skip
 
     def _data_terms(self, sub: PairedTarget, it: int, vals, sh, n_batch: int, grad: bool,
