@@ -327,6 +327,7 @@ def paired_terms(
     cutoff=None,
     log_temperature=0.05,
     box_reduce=None,
+    target_feats=None,
 ):
     """Loss terms of one tracking result against its paired target.
 
@@ -342,6 +343,9 @@ def paired_terms(
         log_temperature: hinge softness ``tau`` of ``margin`` (log units).
         box_reduce: combines ``margin``'s batch bounds across the shards of a data-parallel
             batch (see :func:`margin_hinge`); called even when nothing was tracked here.
+        target_feats: :func:`target_features` of every pair of ``target`` (leading dimension
+            ``len(target)``) on ``field``, when the caller holds them (a fixed FOD: they do not
+            change between iterations); None: computed here for the tracked pairs.
 
     Returns:
         ``{name: 0-d tensor}`` for every active term (mm; ``density`` unitless), plus
@@ -384,7 +388,10 @@ def paired_terms(
     if "margin" in active or "centre" in active:
         if field is None or angle_deg is None or cutoff is None:
             raise ConfigError("margin / centre need the FOD field, angle_deg and cutoff")
-        tfeats = target_features(target, ids, field, dev)
+        if target_feats is None:
+            tfeats = target_features(target, ids, field, dev)
+        else:
+            tfeats = {k: v[ids.to(v.device)] for k, v in target_feats.items()}
     if "margin" in active:
         feats = running_features(halves.detach(), counts, res.term[ids.to(res.term.device)], field)
         out["margin"] = (
@@ -585,6 +592,10 @@ def feasible_box(tfeats: dict) -> dict:
     return {"angle_deg": (a_lo, a_hi), "cutoff": (c_lo, c_hi)}
 
 
+#: points per FOD sampling call of :func:`running_features` (its corners: ~90 MB at K = 45)
+SAMPLE_CHUNK = 65536
+
+
 @torch.no_grad()
 def running_features(
     halves: torch.Tensor, counts: torch.Tensor, term: torch.Tensor, field
@@ -624,9 +635,14 @@ def running_features(
     u = torch.where(valid[..., None], d / nrm.clamp_min(1e-12), torch.zeros_like(d))
     # amplitude of each step (at its start vertex, along its direction)
     amp = torch.zeros(S, 2, max(H - 1, 0), dtype=torch.float64, device=dev)
-    if valid.any():
-        c, _ = field.sample(h[..., :-1, :][valid])
-        amp[valid] = peak_amplitude(c, u[valid], field.lmax).to(torch.float64)
+    if valid.any():  # in chunks: the sampled corners are [n, 8, K] (memory flat in length)
+        pv, uv = h[..., :-1, :][valid], u[valid]
+        av = torch.empty(pv.shape[0], dtype=torch.float64, device=dev)
+        for a in range(0, pv.shape[0], SAMPLE_CHUNK):
+            b = min(pv.shape[0], a + SAMPLE_CHUNK)
+            c, _ = field.sample(pv[a:b])
+            av[a:b] = peak_amplitude(c, uv[a:b], field.lmax).to(torch.float64)
+        amp[valid] = av
     cos = (u[..., 1:, :].double() * u[..., :-1, :].double()).sum(-1).clamp(-1, 1)
     turn = torch.rad2deg(torch.arccos(cos))  # step j+1 vs step j
     turn = torch.where(valid[..., 1:], turn, torch.zeros_like(turn))
