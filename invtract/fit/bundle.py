@@ -105,6 +105,7 @@ class BundleProblem(Problem):
         self.signal = self._signal(signal)
         self.fixed_field = None
         self._tfeats: dict = {}
+        self._selected = None  # (values, selection loss) last computed
         self.running = bool({"margin", "centre"} & set(cfg.loss.active(TERMS)))
         if self.state.delta is None:  # the FOD is fixed: one field (a view of sh0) for all
             from ..fod.field import FODField
@@ -156,7 +157,8 @@ class BundleProblem(Problem):
                 "the target bundle and the FOD do not overlap: no target vertex lies in a voxel "
                 f"with a finite, non-zero FOD (target spans {_box(lo, hi)} mm)"
             )
-        _, n = self._loss_on(self.train, len(self.train) - 1, world, grad=False, final=True)
+        loss, n = self._loss_on(self.train, len(self.train) - 1, world, grad=False, final=True)
+        self._selected = (self._state_key(), loss)  # the starting values' selection loss
         if n == 0:
             v = self.state.floats()
             raise ConfigError(
@@ -325,10 +327,20 @@ class BundleProblem(Problem):
             "temperature/margin": self.cfg.margin_temperature(it),
         }  # fmt: skip
 
+    def _state_key(self):
+        """The learned values as floats (None when the FOD is learned: no reuse)."""
+        return None if self.state.delta is not None else tuple(self.state.floats().items())
+
     def selection_loss(self, world: World) -> float:
         """Data loss of the current values on the whole training set (no gradient), at the
-        last iteration's temperatures: comparable across iterations."""
-        return self._loss_on(self.train, 0, world, grad=False, final=True)[0]
+        last iteration's temperatures: comparable across iterations. Reused when the values
+        have not changed since it was last computed (:meth:`check` computes the start's)."""
+        key = self._state_key()
+        if key is not None and self._selected is not None and self._selected[0] == key:
+            return self._selected[1]
+        loss = self._loss_on(self.train, 0, world, grad=False, final=True)[0]
+        self._selected = (key, loss)
+        return loss
 
     def evaluate(self, it: int, world: World) -> dict:
         """Held-out data terms (``loss/heldout/*``) at iteration ``it``'s temperatures."""

@@ -592,8 +592,33 @@ def feasible_box(tfeats: dict) -> dict:
     return {"angle_deg": (a_lo, a_hi), "cutoff": (c_lo, c_hi)}
 
 
-#: points per FOD sampling call of :func:`running_features` (its corners: ~90 MB at K = 45)
+#: points per FOD sampling call of :func:`step_amplitudes` (its corners: ~90 MB at K = 45)
 SAMPLE_CHUNK = 65536
+
+
+@torch.no_grad()
+def step_amplitudes(field, points: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """``[n]`` float64 FOD amplitudes ``c(p) . Y(u)`` at ``points [n, 3]`` (mm) along unit
+    ``dirs [n, 3]`` (0 where the FOD has no data): compiled
+    (:func:`~invtract.tracking.adjoint_cpu.point_amplitudes`) for a float32 CPU field with
+    numba, else :meth:`FODField.sample` and ``peak_amplitude`` in chunks of points (memory
+    flat in length)."""
+    from ..fod.peak_grad import peak_amplitude
+    from ..tracking import adjoint_cpu
+
+    if field.device.type == "cpu" and field.dtype == torch.float32 and adjoint_cpu.available():
+        amp = adjoint_cpu.point_amplitudes(
+            np.ascontiguousarray(field.sh_flat.detach().numpy()),
+            field.nonzero_flat.numpy(), field.scanner2voxel.numpy(), field.shape, field.lmax,
+            points.detach().numpy(), dirs.detach().numpy(), threads=torch.get_num_threads(),
+        )  # fmt: skip
+        return torch.from_numpy(amp)
+    out = torch.empty(points.shape[0], dtype=torch.float64, device=points.device)
+    for a in range(0, points.shape[0], SAMPLE_CHUNK):
+        b = min(points.shape[0], a + SAMPLE_CHUNK)
+        c, _ = field.sample(points[a:b])
+        out[a:b] = peak_amplitude(c, dirs[a:b], field.lmax).to(torch.float64)
+    return out
 
 
 @torch.no_grad()
@@ -621,7 +646,6 @@ def running_features(
         values including the stop event) and ``stopped`` ``[S, 2]`` bool (the half ended on
         the cutoff or the angle test and has a stop event).
     """
-    from ..fod.peak_grad import peak_amplitude
     from ..tracking.types import Term
 
     S, _, H, _ = halves.shape
@@ -635,14 +659,8 @@ def running_features(
     u = torch.where(valid[..., None], d / nrm.clamp_min(1e-12), torch.zeros_like(d))
     # amplitude of each step (at its start vertex, along its direction)
     amp = torch.zeros(S, 2, max(H - 1, 0), dtype=torch.float64, device=dev)
-    if valid.any():  # in chunks: the sampled corners are [n, 8, K] (memory flat in length)
-        pv, uv = h[..., :-1, :][valid], u[valid]
-        av = torch.empty(pv.shape[0], dtype=torch.float64, device=dev)
-        for a in range(0, pv.shape[0], SAMPLE_CHUNK):
-            b = min(pv.shape[0], a + SAMPLE_CHUNK)
-            c, _ = field.sample(pv[a:b])
-            av[a:b] = peak_amplitude(c, uv[a:b], field.lmax).to(torch.float64)
-        amp[valid] = av
+    if valid.any():
+        amp[valid] = step_amplitudes(field, h[..., :-1, :][valid], u[valid])
     cos = (u[..., 1:, :].double() * u[..., :-1, :].double()).sum(-1).clamp(-1, 1)
     turn = torch.rad2deg(torch.arccos(cos))  # step j+1 vs step j
     turn = torch.where(valid[..., 1:], turn, torch.zeros_like(turn))

@@ -100,3 +100,35 @@ def test_track_differentiable_with_a_prebuilt_field_is_identical():
         assert torch.equal(a, b)
     with pytest.raises(Exception, match="does not match"):
         track_differentiable(sh.double(), affine, seeds, d, field=FODField.from_array(sh, affine))
+
+
+def test_compiled_step_amplitudes_match_the_torch_sampler(monkeypatch):
+    """objective.step_amplitudes (numba) equals FODField.sample + peak_amplitude to float32
+    rounding, with the no-data rules: outside the grid, all-zero voxels, NaN voxels."""
+    from invtract.data import example_path
+    from invtract.fit import objective
+    from invtract.fod.field import FODField
+    from invtract.tracking import adjoint_cpu
+
+    if not adjoint_cpu.available():
+        pytest.skip("numba not installed")
+    img = load_fod(example_path("fod"))
+    sh = torch.from_numpy(c_order_fod(img.data)).clone()
+    sh[3, 4, 2] = float("nan")
+    sh[5, 5, 1] = 0.0
+    field = FODField.from_array(sh, img.affine)
+    g = torch.Generator().manual_seed(0)
+    X = torch.tensor(sh.shape[:3], dtype=torch.float64)
+    vox = torch.rand(4000, 3, generator=g, dtype=torch.float64) * (X + 4) - 2.5  # some outside
+    vox[:20] = torch.tensor([3.0, 4.0, 2.0]) + 0.3 * torch.rand(20, 3, generator=g)
+    vox[20:40] = torch.tensor([5.0, 5.0, 1.0]) + 0.3 * torch.rand(20, 3, generator=g)
+    pts = (
+        vox @ torch.as_tensor(img.affine[:3, :3]).T + torch.as_tensor(img.affine[:3, 3])
+    ).float()
+    u = torch.nn.functional.normalize(torch.randn(4000, 3, generator=g), dim=-1)
+    fast = objective.step_amplitudes(field, pts, u)
+    monkeypatch.setattr(adjoint_cpu, "available", lambda: False)
+    ref = objective.step_amplitudes(field, pts, u)
+    assert (ref == 0).sum() > 100 and (ref != 0).sum() > 300  # both cases exercised
+    assert torch.equal(fast == 0, ref == 0)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
