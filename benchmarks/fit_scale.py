@@ -139,15 +139,20 @@ def _rel(a: float, b: float) -> float:
 
 
 def _run(args, work: str) -> dict:
-    print(f"building the {args.size} phantom in {work} ...", file=sys.stderr)
-    phantom = build_phantom(SIZES[args.size], work)
-    for k in ("_fibre", "_affine"):
-        phantom.pop(k)
-    print(f"  {phantom['t_generate_s']:.1f} s; tckgen target ...", file=sys.stderr)
+    if args.reuse:
+        X, Y, Z = SIZES[args.size]
+        phantom = {"shape": [X, Y, Z, 45], "voxel_mm": VOX, "fod_GB": X * Y * Z * 45 * 4 / 1e9}
+        phantom["reused"] = True
+    else:
+        print(f"building the {args.size} phantom in {work} ...", file=sys.stderr)
+        phantom = build_phantom(SIZES[args.size], work)
+        for k in ("_fibre", "_affine"):
+            phantom.pop(k)
+    print("tckgen target ...", file=sys.stderr)
     target = make_target(work, phantom, args)
-    # compile (or load from the cache) the kernels, untimed: a one-iteration fit
-    warm = argparse.Namespace(**{**vars(args), "iterations": 1})
-    run_fit(work, "warm", warm, 1)
+    if not args.no_warm:  # compile (or load from the cache) the kernels, untimed
+        warm = argparse.Namespace(**{**vars(args), "iterations": 1})
+        run_fit(work, "warm", warm, 1)
     one = run_fit(work, "fit1", args, 1)
     true = {"step_mm": 0.1 * VOX, "angle_deg": args.true_angle, "cutoff": args.true_cutoff}
     out = {
@@ -181,15 +186,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-nproc2", action="store_true", help="skip the --nproc 2 fit")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--workdir", help="parent folder of the temporary folder")
+    ap.add_argument("--reuse", help="a folder holding this size's fod.mif (kept --keep run)")
+    ap.add_argument("--no-warm", action="store_true", help="skip the untimed warm-up fit")
     args = ap.parse_args(argv)
     if shutil.which("tckgen") is None:
         print(json.dumps({"error": "tckgen (MRtrix3) not found on PATH"}))
         return 1
-    work = tempfile.mkdtemp(prefix="invtract_fit_scale_", dir=args.workdir)
+    work = args.reuse or tempfile.mkdtemp(prefix="invtract_fit_scale_", dir=args.workdir)
     try:
         result = _run(args, work)
     finally:
-        if args.keep:
+        if args.keep or args.reuse:
             print(f"kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
