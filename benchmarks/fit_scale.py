@@ -14,7 +14,9 @@ largest single process; and the peak of the summed RSS of the process tree, samp
 and its speed-up.
 
 Usage: ``python benchmarks/fit_scale.py [--size full|half|small] [--streamlines 500]
-[--iterations 60] [--no-nproc2] [--keep] [--workdir DIR]``
+[--iterations 60] [--no-nproc2] [--keep] [--workdir DIR] [--reuse DIR] [--no-warm]``
+(``--reuse``: the folder of an earlier ``--keep`` run of the same size, phantom not rebuilt;
+``--no-warm``: skip the untimed one-iteration fit that fills the numba cache)
 (``full`` needs ~4 GB of free disk and ~4 GB of memory per fitting process).
 """
 
