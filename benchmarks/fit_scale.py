@@ -111,7 +111,8 @@ def make_target(work: str, phantom: dict, args) -> dict:
     sphere = ",".join(f"{v:.4f}" for v in c) + f",{args.seed_radius}"
     cmd = ["tckgen", "fod.mif", "bundle.tck", "-algorithm", "SD_Stream", "-seed_sphere", sphere,
            "-select", str(args.streamlines), "-cutoff", str(args.true_cutoff),
-           "-angle", str(args.true_angle), "-output_seeds", "seeds.txt", "-nthreads", "2",
+           "-angle", str(args.true_angle), *(["-step", str(args.true_step)] if args.true_step else []),
+           "-output_seeds", "seeds.txt", "-nthreads", "2",
            "-force", "-quiet"]  # fmt: skip
     r = run_measured(cmd, dict(os.environ, MRTRIX_RNG_SEED=str(RNG_SEED)), cwd=work)
     r.pop("stdout", None)
@@ -156,7 +157,8 @@ def _run(args, work: str) -> dict:
         warm = argparse.Namespace(**{**vars(args), "iterations": 1})
         run_fit(work, "warm", warm, 1)
     one = run_fit(work, "fit1", args, 1)
-    true = {"step_mm": 0.1 * VOX, "angle_deg": args.true_angle, "cutoff": args.true_cutoff}
+    true = {"step_mm": args.true_step or 0.1 * VOX, "angle_deg": args.true_angle,
+            "cutoff": args.true_cutoff}  # fmt: skip
     out = {
         "case": f"synthetic whole-brain phantom ({args.size}), SD_Stream bundle, params fit",
         "phantom": phantom,
@@ -182,6 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--streamlines", type=int, default=500, help="target streamlines")
     ap.add_argument("--true-cutoff", type=float, default=0.15)
     ap.add_argument("--true-angle", type=float, default=40.0)
+    ap.add_argument(
+        "--true-step", type=float, default=0.0, help="target step (mm; 0: tckgen's default)"
+    )
     ap.add_argument("--seed-radius", type=float, default=3.0, help="seed sphere radius (mm)")
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2, help="NUMBA_NUM_THREADS")
