@@ -111,8 +111,8 @@ def make_target(work: str, phantom: dict, args) -> dict:
     sphere = ",".join(f"{v:.4f}" for v in c) + f",{args.seed_radius}"
     cmd = ["tckgen", "fod.mif", "bundle.tck", "-algorithm", "SD_Stream", "-seed_sphere", sphere,
            "-select", str(args.streamlines), "-cutoff", str(args.true_cutoff),
-           "-angle", str(args.true_angle), *(["-step", str(args.true_step)] if args.true_step else []),
-           "-output_seeds", "seeds.txt", "-nthreads", "2",
+           "-angle", str(args.true_angle), "-output_seeds", "seeds.txt", "-nthreads", "2",
+           *(["-step", str(args.true_step)] if args.true_step else []),
            "-force", "-quiet"]  # fmt: skip
     r = run_measured(cmd, dict(os.environ, MRTRIX_RNG_SEED=str(RNG_SEED)), cwd=work)
     r.pop("stdout", None)
