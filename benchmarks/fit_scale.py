@@ -3,7 +3,9 @@ synthetic whole-brain FOD of ``benchmarks/scale.py``; prints one JSON object.
 
 Builds the phantom of :mod:`benchmarks.scale` (``--size full``: 200 x 233 x 215 x 45 float32
 ``fod.mif``, 1.80 GB), makes a target bundle with ``tckgen -algorithm SD_Stream`` at a
-non-default cutoff and angle (``--true-cutoff``, ``--true-angle``; default step), seeded in a
+non-default step (``--true-step``, default 0.5 mm against tckgen's 0.125 mm; ``--true-cutoff``,
+``--true-angle`` default to tckgen's: the arcs run to ``max_dist`` at a constant fibre weight,
+so on this phantom cutoff and angle never bind and only the step is identifiable), seeded in a
 small sphere on the commissural arcs (``-seed_sphere``, ``-select --streamlines``,
 ``-output_seeds``), then runs ``invtract fit --target bundle.tck --target-seeds seeds.txt
 --fod fod.mif --fit params`` as a whole process from tckgen's defaults, once in one process and
@@ -182,10 +184,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="full")
     ap.add_argument("--streamlines", type=int, default=500, help="target streamlines")
-    ap.add_argument("--true-cutoff", type=float, default=0.15)
-    ap.add_argument("--true-angle", type=float, default=40.0)
+    ap.add_argument("--true-cutoff", type=float, default=0.1)
+    ap.add_argument("--true-angle", type=float, default=60.0)
     ap.add_argument(
-        "--true-step", type=float, default=0.0, help="target step (mm; 0: tckgen's default)"
+        "--true-step", type=float, default=0.5, help="target step (mm; 0: tckgen's default)"
     )
     ap.add_argument("--seed-radius", type=float, default=3.0, help="seed sphere radius (mm)")
     ap.add_argument("--iterations", type=int, default=60)
