@@ -372,12 +372,15 @@ def _bundle_data(args, world=None) -> dict:
     import torch
 
     from ..fit.config import header_lengths
+    from ..fit.optimise import c_order_fod
     from ..io.image import load_fod
     from ..io.seeds import seeds_from_reference
     from ..io.tractogram import load_tractogram, load_tractogram_header
 
     params0 = tracking_parameters(args)
     img = load_fod(args.fod, sh_basis=args.sh_basis)
+    # one C-ordered copy that the fit and finish_run share (a mapped .mif's pages released)
+    img = dataclasses.replace(img, data=c_order_fod(img.data))
     target = load_tractogram(args.target)
     if len(target) == 0:
         raise ConfigError(f"{args.target}: the target bundle has no streamlines")
@@ -474,13 +477,14 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg, si
     """Write fitted.tck, fitted_fod.nii.gz, result.json and the hparams record (with ``signal``,
     the ``--dwi`` term: its residuals in result.json's ``signal``)."""
 
+    from ..fit.optimise import fod_arrays
     from ..fit.outputs import save_fitted_tck
     from ..fod.field import FODField
     from ..io.image import save_nifti
 
     run_dir = Path(run_dir)
     vsz = tuple(img.voxel_sizes)
-    field0 = FODField.from_array(img.data, img.affine)
+    field0 = FODField.from_array(fod_arrays(img, None)[0], img.affine)  # no copy if C-ordered
     field1 = field0 if result.sh is None else FODField.from_array(result.sh, img.affine)
     p1 = result.params
     tr, ho = result.train_index, result.heldout_index

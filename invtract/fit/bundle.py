@@ -41,6 +41,9 @@ from .trainer import Problem, StepOutput
 
 __all__ = ["BundleProblem", "SHARDABLE_TERMS", "split_indices", "fod_overlap"]
 
+#: target pairs per call of target_features when they are computed once (a fixed FOD)
+FEATURE_CHUNK = 64
+
 #: data terms that are sums over pairs (a data-parallel fit may use only these)
 SHARDABLE_TERMS = ("mdf", "vertex", "extent", "margin")
 
@@ -101,11 +104,13 @@ class BundleProblem(Problem):
         self.basis = self._basis(sh0.shape[-1])
         self.signal = self._signal(signal)
         self.fixed_field = None
+        self._tfeats: dict = {}
+        self._selected = None  # (values, selection loss) last computed
         self.running = bool({"margin", "centre"} & set(cfg.loss.active(TERMS)))
-        if self.running and self.state.delta is None:
+        if self.state.delta is None:  # the FOD is fixed: one field (a view of sh0) for all
             from ..fod.field import FODField
 
-            self.fixed_field = FODField.from_array(sh0, affine)
+            self.fixed_field = FODField.from_array(self.state.sh(), affine, device=self.dev)
 
     def _signal(self, signal):
         """``signal`` after checking it against the config; its gradient hook registered."""
@@ -152,7 +157,8 @@ class BundleProblem(Problem):
                 "the target bundle and the FOD do not overlap: no target vertex lies in a voxel "
                 f"with a finite, non-zero FOD (target spans {_box(lo, hi)} mm)"
             )
-        _, n = self._loss_on(self.train, len(self.train) - 1, world, grad=False, final=True)
+        loss, n = self._loss_on(self.train, len(self.train) - 1, world, grad=False, final=True)
+        self._selected = (self._state_key(), loss)  # the starting values' selection loss
         if n == 0:
             v = self.state.floats()
             raise ConfigError(
@@ -172,19 +178,41 @@ class BundleProblem(Problem):
             sh if grad else sh.detach(), self.affine, sub.seeds.to(self.dev),
             sub.directions.to(self.dev), self.resolved, step_mm=vals["step_mm"],
             angle_deg=vals["angle_deg"], cutoff=vals["cutoff"], temperature=(t_amp, t_cos),
-            path=self.cfg.path, voxel_sizes=self.vsz,
+            path=self.cfg.path, voxel_sizes=self.vsz, field=self.fixed_field,
         )  # fmt: skip
 
+    def _target_feats(self, whole: PairedTarget, rows) -> dict | None:
+        """:func:`~invtract.fit.objective.target_features` of the pairs ``rows`` of ``whole``
+        (``self.train`` or ``self.held``): with a fixed FOD, computed once per split (in chunks
+        of pairs) and indexed; None when the FOD is learned or no term needs them."""
+        if self.fixed_field is None or not self.running:
+            return None
+        name = "train" if whole is self.train else "held"
+        if name not in self._tfeats:
+            parts = [
+                target_features(
+                    whole,
+                    torch.arange(a, min(len(whole), a + FEATURE_CHUNK)),
+                    self.fixed_field,
+                    self.dev,
+                )  # fmt: skip
+                for a in range(0, len(whole), FEATURE_CHUNK)
+            ]
+            self._tfeats[name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        idx = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        return {k: v[idx.to(v.device)] for k, v in self._tfeats[name].items()}
+
     def _data_terms(self, sub: PairedTarget, it: int, vals, sh, n_batch: int, grad: bool,
-                    world: World):  # fmt: skip
-        """This shard's data terms (scaled to the batch) and its tracking result."""
+                    world: World, feats=None):  # fmt: skip
+        """This shard's data terms (scaled to the batch) and its tracking result (``feats``:
+        the target features of ``sub``'s pairs, see :meth:`_target_feats`)."""
         with torch.set_grad_enabled(grad):
             res = self._track(sub, it, vals, sh, grad)
             terms = paired_terms(
                 res, sub, self.data_cfg, shape=self.state.shape[:3], affine=self.affine,
                 field=self._field(sh), angle_deg=vals["angle_deg"], cutoff=vals["cutoff"],
                 log_temperature=self.cfg.margin_temperature(it),
-                box_reduce=world.box if world.size > 1 else None,
+                box_reduce=world.box if world.size > 1 else None, target_feats=feats,
             )  # fmt: skip
         n_missing = terms.pop("n_missing", 0.0)
         share = len(sub) / max(n_batch, 1)
@@ -193,10 +221,14 @@ class BundleProblem(Problem):
     def _loss_on(self, target: PairedTarget, it: int, world: World, grad: bool, final=False):
         """``(loss, n_tracked)`` of the data terms on all of ``target`` (no gradient), summed
         over ranks; ``final``: at the last iteration's temperatures."""
-        mine = target.subset(world.shard(len(target)))
+        rows = world.shard(len(target))
+        mine = target.subset(rows)
         it = self.cfg.iterations - 1 if final else it
         vals = self.state.values(detach=True)
-        terms, _, res = self._data_terms(mine, it, vals, self.state.sh(), len(target), grad, world)
+        terms, _, res = self._data_terms(
+            mine, it, vals, self.state.sh(), len(target), grad, world,
+            self._target_feats(target, rows),
+        )  # fmt: skip
         w = self.cfg.loss.weights
         part = {"loss": float(sum(w.get(k, 0.0) * float(v) for k, v in terms.items()))}
         part["n"] = float(res.seed_ids.numel())
@@ -213,7 +245,9 @@ class BundleProblem(Problem):
         mine = batch[world.shard(len(batch))]
         sub = self.train.subset(mine)
         vals, sh = self.state.values(), self.state.sh()
-        terms, n_missing, res = self._data_terms(sub, it, vals, sh, len(batch), True, world)
+        terms, n_missing, res = self._data_terms(
+            sub, it, vals, sh, len(batch), True, world, self._target_feats(self.train, mine)
+        )
         ctx = {"iteration": it, "values": vals, "sh": sh, "result": res, "world": world}
         terms.update(self._param_terms(batch, res, mine, vals, world))
         terms.update(self._extra(ctx))
@@ -252,9 +286,11 @@ class BundleProblem(Problem):
             world.all_reduce_([tracked])
             if world.is_main:
                 ids = torch.as_tensor(np.flatnonzero(tracked.numpy() > 0))
-                feats = target_features(
-                    self.train.subset(batch), ids, self._field(self.state.sh()), self.dev
-                )
+                feats = self._target_feats(self.train, batch[ids.numpy()])
+                if feats is None:
+                    feats = target_features(
+                        self.train.subset(batch), ids, self._field(self.state.sh()), self.dev
+                    )
                 out["centre"] = centre_term(feats, vals["angle_deg"], vals["cutoff"]).to(self.dev)
         if not world.is_main:
             return out
@@ -291,11 +327,22 @@ class BundleProblem(Problem):
             "temperature/margin": self.cfg.margin_temperature(it),
         }  # fmt: skip
 
+    def _state_key(self):
+        """The learned values as floats (None when the FOD is learned: no reuse)."""
+        return None if self.state.delta is not None else tuple(self.state.floats().items())
+
     def selection_loss(self, world: World) -> float:
         """Data loss of the current values on the whole training set (no gradient), at the
         last iteration's temperatures: comparable across iterations; plus the weighted signal
-        term with ``--dwi`` (every rank holds the same term and FOD: no communication)."""
-        return self._loss_on(self.train, 0, world, grad=False, final=True)[0] + self._signal_sel()
+        term with ``--dwi`` (every rank holds the same term and FOD: no communication). The data
+        loss is reused when the values have not changed since it was last computed
+        (:meth:`check` computes the start's)."""
+        key = self._state_key()
+        if key is not None and self._selected is not None and self._selected[0] == key:
+            return self._selected[1] + self._signal_sel()
+        loss = self._loss_on(self.train, 0, world, grad=False, final=True)[0]
+        self._selected = (key, loss)
+        return loss + self._signal_sel()
 
     def _signal_sel(self) -> float:
         """``[loss.weights] signal`` x the signal term of the current FOD (0 without one)."""
@@ -309,11 +356,13 @@ class BundleProblem(Problem):
         """Held-out data terms (``loss/heldout/*``) at iteration ``it``'s temperatures."""
         if len(self.held) == 0:
             return {}
-        mine = self.held.subset(world.shard(len(self.held)))
+        rows = world.shard(len(self.held))
+        mine = self.held.subset(rows)
         vals = self.state.values(detach=True)
         terms, n_missing, _ = self._data_terms(
-            mine, it, vals, self.state.sh(), len(self.held), False, world
-        )
+            mine, it, vals, self.state.sh(), len(self.held), False, world,
+            self._target_feats(self.held, rows),
+        )  # fmt: skip
         part = {k: float(v) for k, v in terms.items()}
         w = self.cfg.loss.weights
         part["total"] = sum(w.get(k, 0.0) * v for k, v in part.items())

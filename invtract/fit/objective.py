@@ -317,7 +317,7 @@ class PairedTarget:
 # ----------------------------------------------------------------------------------------------
 def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, affine=None,
                  field=None, angle_deg=None, cutoff=None, log_temperature=0.05,
-                 box_reduce=None):  # fmt: skip
+                 box_reduce=None, target_feats=None):  # fmt: skip
     """Loss terms of one tracking result against its paired target.
 
     Args:
@@ -332,6 +332,9 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
         log_temperature: hinge softness ``tau`` of ``margin`` (log units).
         box_reduce: combines ``margin``'s batch bounds across the shards of a data-parallel
             batch (see :func:`margin_hinge`); called even when nothing was tracked here.
+        target_feats: :func:`target_features` of every pair of ``target`` (leading dimension
+            ``len(target)``) on ``field``, when the caller holds them (a fixed FOD: they do not
+            change between iterations); None: computed here for the tracked pairs.
 
     Returns:
         ``{name: 0-d tensor}`` for every active term (mm; ``density`` unitless), plus
@@ -372,7 +375,11 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
             raise ConfigError("margin / centre need the FOD field, angle_deg and cutoff")
         tracked = (halves, counts, cum, t_sel)
         thresholds = (field, angle_deg, cutoff, log_temperature)
-        out.update(_threshold_terms(res, target, ids, tracked, active, thresholds, box_reduce))
+        out.update(
+            _threshold_terms(
+                res, target, ids, tracked, active, thresholds, box_reduce, target_feats
+            )
+        )
     out.update(_streamline_terms(res, target, ids, config, active, shape, affine))
     return out
 
@@ -388,15 +395,21 @@ def _untracked_terms(active, missing_len: torch.Tensor, n_pairs: int, box_reduce
     return {k: zero + (missing_len / max(n_pairs, 1) if k == "extent" else 0.0) for k in active}
 
 
-def _threshold_terms(res, target: PairedTarget, ids, tracked, active, thresholds, box_reduce):
+def _threshold_terms(
+    res, target: PairedTarget, ids, tracked, active, thresholds, box_reduce, target_feats=None
+):
     """``margin`` and ``centre`` (the terms that read the FOD along the halves) of
     :func:`paired_terms`. ``tracked``: ``(halves, counts, arc lengths, target half lengths)``
     of the tracked pairs ``ids``; ``thresholds``: ``(field, angle_deg, cutoff,
-    log_temperature)``."""
+    log_temperature)``; ``target_feats``: :func:`target_features` of every pair, computed once
+    (indexed by ``ids``), else computed here."""
     halves, counts, cum, t_sel = tracked
     field, angle_deg, cutoff, log_temperature = thresholds
     dev = res.points.device
-    tfeats = target_features(target, ids, field, dev)
+    if target_feats is None:
+        tfeats = target_features(target, ids, field, dev)
+    else:
+        tfeats = {k: v[ids.to(v.device)] for k, v in target_feats.items()}
     out = {}
     if "margin" in active:
         feats = running_features(halves.detach(), counts, res.term[ids.to(res.term.device)], field)
@@ -588,6 +601,35 @@ def feasible_box(tfeats: dict) -> dict:
     return {"angle_deg": (a_lo, a_hi), "cutoff": (c_lo, c_hi)}
 
 
+#: points per FOD sampling call of :func:`step_amplitudes` (its corners: ~90 MB at K = 45)
+SAMPLE_CHUNK = 65536
+
+
+@torch.no_grad()
+def step_amplitudes(field, points: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """``[n]`` float64 FOD amplitudes ``c(p) . Y(u)`` at ``points [n, 3]`` (mm) along unit
+    ``dirs [n, 3]`` (0 where the FOD has no data): compiled
+    (:func:`~invtract.tracking.adjoint_cpu.point_amplitudes`) for a float32 CPU field with
+    numba, else :meth:`FODField.sample` and ``peak_amplitude`` in chunks of points (memory
+    flat in length)."""
+    from ..fod.peak_grad import peak_amplitude
+    from ..tracking import adjoint_cpu
+
+    if field.device.type == "cpu" and field.dtype == torch.float32 and adjoint_cpu.available():
+        amp = adjoint_cpu.point_amplitudes(
+            np.ascontiguousarray(field.sh_flat.detach().numpy()),
+            field.nonzero_flat.numpy(), field.scanner2voxel.numpy(), field.shape, field.lmax,
+            points.detach().numpy(), dirs.detach().numpy(), threads=torch.get_num_threads(),
+        )  # fmt: skip
+        return torch.from_numpy(amp)
+    out = torch.empty(points.shape[0], dtype=torch.float64, device=points.device)
+    for a in range(0, points.shape[0], SAMPLE_CHUNK):
+        b = min(points.shape[0], a + SAMPLE_CHUNK)
+        c, _ = field.sample(points[a:b])
+        out[a:b] = peak_amplitude(c, dirs[a:b], field.lmax).to(torch.float64)
+    return out
+
+
 @torch.no_grad()
 def running_features(
     halves: torch.Tensor, counts: torch.Tensor, term: torch.Tensor, field
@@ -613,7 +655,6 @@ def running_features(
         values including the stop event) and ``stopped`` ``[S, 2]`` bool (the half ended on
         the cutoff or the angle test and has a stop event).
     """
-    from ..fod.peak_grad import peak_amplitude
     from ..tracking.types import Term
 
     S, _, H, _ = halves.shape
@@ -628,8 +669,7 @@ def running_features(
     # amplitude of each step (at its start vertex, along its direction)
     amp = torch.zeros(S, 2, max(H - 1, 0), dtype=torch.float64, device=dev)
     if valid.any():
-        c, _ = field.sample(h[..., :-1, :][valid])
-        amp[valid] = peak_amplitude(c, u[valid], field.lmax).to(torch.float64)
+        amp[valid] = step_amplitudes(field, h[..., :-1, :][valid], u[valid])
     cos = (u[..., 1:, :].double() * u[..., :-1, :].double()).sum(-1).clamp(-1, 1)
     turn = torch.rad2deg(torch.arccos(cos))  # step j+1 vs step j
     turn = torch.where(valid[..., 1:], turn, torch.zeros_like(turn))

@@ -320,26 +320,85 @@ class FitResult:
     final_sh: torch.Tensor | None = None
 
 
+def _mapping(a: np.ndarray):
+    """The ``mmap.mmap`` under a memory-mapped array (numpy memmap), else None."""
+    import mmap
+
+    base = a
+    while base is not None:
+        if isinstance(base, mmap.mmap):
+            return base
+        base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+    return None
+
+
+def _release_pages(mm, a: np.ndarray) -> None:
+    """Drop the resident pages of the mapping ``mm`` that hold ``a`` (``MADV_DONTNEED``: they
+    are read again from the file if touched; ``a`` is never written)."""
+    import mmap
+
+    if not hasattr(mm, "madvise") or a.size == 0:
+        return
+    start = np.frombuffer(mm, np.uint8).ctypes.data
+    offs = np.array(a.strides) * (np.array(a.shape) - 1)
+    lo = a.ctypes.data + int(offs[offs < 0].sum()) - start
+    hi = a.ctypes.data + int(offs[offs > 0].sum()) + a.itemsize - start
+    lo -= lo % mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(mm)) - lo)
+
+
+def c_order_fod(data) -> np.ndarray:
+    """``data`` ``[X, Y, Z, K]`` as a C-ordered float32 array: ``data`` itself when it is one,
+    else one copy, made slab by slab along the slowest axis in memory. Pages of a memory-mapped
+    source (a ``.mif``'s coefficient-major layout, an uncompressed NIfTI) are released from
+    the resident set as each slab is copied, so the peak is about one copy, not two."""
+    if torch.is_tensor(data):
+        data = data.detach().cpu().numpy()
+    a = np.asarray(data)
+    if a.dtype == np.float32 and a.flags.c_contiguous:
+        return a
+    out = np.empty(a.shape, np.float32)
+    mm = _mapping(a)
+    ax = int(np.argmax(np.abs(a.strides))) if a.ndim else 0
+    n = a.shape[ax] if a.ndim else 1
+    per = max(1, (64 << 20) // max(1, a.nbytes // max(n, 1)))  # ~64 MB slabs
+    for i in range(0, n, per):
+        sl = (slice(None),) * ax + (slice(i, min(n, i + per)),)
+        out[sl] = a[sl]
+        if mm is not None:
+            _release_pages(mm, a[sl])
+    return out
+
+
 def fod_arrays(fod, voxel_sizes):
-    """``(sh [X,Y,Z,K] float32 tensor, affine [4,4], voxel_sizes)`` from a field/image/tuple."""
+    """``(sh [X,Y,Z,K] float32 tensor, affine [4,4], voxel_sizes)`` from a field/image/tuple.
+
+    ``sh`` is C-ordered (its ``[X*Y*Z, K]`` flat view is free): a view of the input when the
+    input already is (a field's ``sh_flat``, an image from :func:`c_order_fod`), else one copy
+    (:func:`c_order_fod`)."""
     from ..fod.field import FODField
 
     if isinstance(fod, FODField):
         shape = tuple(fod.shape)
-        sh = fod.sh_flat.detach().reshape(*shape, -1).to(torch.float32).cpu()
+        sh = fod.sh_flat.detach().reshape(*shape, -1).to(torch.float32).cpu().contiguous()
         s2v = np.asarray(fod.scanner2voxel.cpu().numpy(), np.float64)
         affine = np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))
     elif hasattr(fod, "data") and hasattr(fod, "affine"):
-        sh = torch.as_tensor(np.asarray(fod.data, np.float32))
+        sh = torch.from_numpy(_writable(c_order_fod(fod.data)))
         affine = np.asarray(fod.affine, np.float64)
         voxel_sizes = voxel_sizes or getattr(fod, "voxel_sizes", None)
     else:
         data, affine = fod
-        sh = torch.as_tensor(np.asarray(data, np.float32))
+        sh = torch.from_numpy(_writable(c_order_fod(data)))
         affine = np.asarray(affine, np.float64)
     if voxel_sizes is None:
         voxel_sizes = tuple(float(x) for x in np.linalg.norm(affine[:3, :3], axis=0))
     return sh, affine, tuple(float(v) for v in voxel_sizes)
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    """``a``, or a copy when it is read-only (torch cannot wrap a read-only array)."""
+    return a if a.flags.writeable else a.copy()
 
 
 def learned_voxels(sh0: torch.Tensor, affine, target: Streamlines, margin: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .rules import WEIGHT_THRESHOLD
+from .rules import FOV_HALF_VOXEL, WEIGHT_THRESHOLD
 
 try:  # pragma: no cover - exercised implicitly
     import numba
@@ -49,7 +49,7 @@ except Exception as exc:  # pragma: no cover - only without numba
         return lambda f: f
 
 
-__all__ = ["available", "reverse_sweep", "tape_values", "BUFFER_BUDGET_BYTES"]
+__all__ = ["available", "point_amplitudes", "reverse_sweep", "tape_values", "BUFFER_BUDGET_BYTES"]
 
 #: per-thread float64 FOD-gradient buffers are limited to this many bytes in total
 BUFFER_BUDGET_BYTES = 512 * 2**20
@@ -650,6 +650,77 @@ def tape_values(
     else:
         with ThreadPoolExecutor(T) as ex:
             list(ex.map(block, range(T)))
+
+
+@njit(**_JIT)
+def _point_amplitudes(r0, r1, P, U, out, sh, nonzero, M, shape, lmax, tabs):  # fmt: skip
+    """Rows ``r0 .. r1 - 1`` of :func:`point_amplitudes`."""
+    n = lmax + 1
+    Wr = np.empty(n)
+    Wi = np.empty(n)
+    cj = np.empty((1, sh.shape[1]))
+    idx = np.empty(8, np.int64)
+    wd = np.empty((4, 8))
+    rnd = np.empty(1, sh.dtype)  # rounds A to the FOD dtype (as peak_amplitude)
+    for i in range(r0, r1):
+        px, py, pz = np.float64(P[i, 0]), np.float64(P[i, 1]), np.float64(P[i, 2])
+        ok = True
+        near = 0
+        for a in range(3):  # inside the field of view; the nearest voxel (no-data rule)
+            v = (M[a, 0] * px + M[a, 1] * py) + M[a, 2] * pz + M[a, 3]
+            ok = ok and v > -FOV_HALF_VOXEL and v < shape[a] - FOV_HALF_VOXEL
+            r = min(max(math.copysign(math.floor(abs(v) + 0.5), v), 0.0), shape[a] - 1.0)
+            near = near * shape[a] + int(r)
+        out[i] = 0.0
+        if not (ok and nonzero[near]):
+            continue
+        _corners(M, shape, px, py, pz, idx, wd)
+        _blend(sh, idx, wd, cj)
+        if math.isnan(cj[0, 0]):
+            continue
+        _powers(np.float64(U[i, 0]), np.float64(U[i, 1]), Wr, Wi)
+        rnd[0] = _amplitude(cj, np.float64(U[i, 2]), Wr, Wi, tabs)
+        out[i] = rnd[0]
+
+
+def point_amplitudes(
+    sh: np.ndarray,
+    nonzero: np.ndarray,
+    scanner2voxel: np.ndarray,
+    shape,
+    lmax: int,
+    points: np.ndarray,
+    dirs: np.ndarray,
+    threads: int = 1,
+) -> np.ndarray:
+    """FOD amplitudes ``c(p) . Y(u)`` ``[n]`` float64 (rounded to the FOD dtype) at scanner
+    points ``points [n, 3]`` (mm) along unit directions ``dirs [n, 3]``: the compiled
+    equivalent of ``peak_amplitude(sample_fod(p), u)`` (:mod:`invtract.fod.interp`'s no-data
+    rules: 0 outside the field of view, where the nearest voxel is all-zero, or where the
+    interpolated ``c_0`` is NaN), to rounding (trilinear sums in float64 here).
+
+    Args:
+        sh: ``[X*Y*Z, K]`` coefficients (C order); ``nonzero``: ``[X*Y*Z]`` bool (a voxel
+            with any non-zero or NaN coefficient).
+        scanner2voxel: ``[3, 4]``; ``shape``: (X, Y, Z); ``lmax``: of ``K``.
+    """
+    n = int(points.shape[0])
+    out = np.empty(n, np.float64)
+    if n == 0:
+        return out
+    args = (
+        np.ascontiguousarray(points), np.ascontiguousarray(dirs), out, sh,
+        np.ascontiguousarray(nonzero, np.bool_), np.ascontiguousarray(scanner2voxel, np.float64),
+        np.asarray(shape, np.int64), lmax, _sh_tables(lmax),
+    )  # fmt: skip
+    T = max(1, min(int(threads), n // 4096))
+    edges = np.linspace(0, n, T + 1).astype(np.int64)
+    if T == 1:
+        _point_amplitudes(0, n, *args)
+    else:
+        with ThreadPoolExecutor(T) as ex:
+            list(ex.map(lambda t: _point_amplitudes(edges[t], edges[t + 1], *args), range(T)))
+    return out
 
 
 _TABLES: dict = {}

@@ -893,6 +893,7 @@ def track_differentiable(
     refine: int = 0,
     eps: float = 1e-6,
     voxel_sizes=None,
+    field: FODField | None = None,
 ) -> DiffTrackResult:
     """Track SD_Stream streamlines whose points are differentiable.
 
@@ -924,6 +925,9 @@ def track_differentiable(
             ``Image.voxel_sizes`` of :func:`~invtract.io.image.load_fod`); derived from the
             affine's column norms when None, which can differ from the header in the last
             float32 bit and so change the default step. Ignored for ``ResolvedParameters``.
+        field: the :class:`~invtract.fod.field.FODField` of ``sh.detach()`` on ``affine``
+            (same values, dtype and device), when the caller already holds one: saves building
+            it (a pass over the whole FOD) on every call. None: built from ``sh``.
 
     Returns:
         A :class:`DiffTrackResult` (accepted streamlines only).
@@ -957,7 +961,12 @@ def track_differentiable(
     dt = sh.dtype
     affine = np.asarray(affine.detach().cpu() if torch.is_tensor(affine) else affine, np.float64)
     rp = resolved_parameters(affine, params, voxel_sizes, step_mm, angle_deg, cutoff)
-    field = FODField.from_array(sh.detach(), affine, device=sh.device, dtype=dt)
+    if field is None:
+        field = FODField.from_array(sh.detach(), affine, device=sh.device, dtype=dt)
+    elif tuple(field.shape) != tuple(sh.shape[:3]) or field.dtype != dt:
+        raise ShapeError(
+            f"field {tuple(field.shape)} {field.dtype} does not match sh {tuple(sh.shape)} {dt}"
+        )
     if torch.is_tensor(step_mm):  # move by the exact step (float64 runs); decisions unchanged
         rp = dataclasses.replace(rp, step_mm=float(step_mm.detach()))
     t_amp, t_cos = (temperature, temperature) if np.isscalar(temperature) else temperature

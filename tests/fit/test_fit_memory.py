@@ -1,0 +1,134 @@
+"""Whole-brain fits hold the FOD once: one C-ordered float32 copy (a mapped file's pages
+released while copying), then views only -- the problem's state, its field, every tracking
+call (issue 14 item 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from invtract.fit.optimise import build_problem, c_order_fod, fod_arrays, resolve_config
+from invtract.io.image import load_fod
+from invtract.io.mif import write_mif
+from invtract.tracking.differentiable import track_differentiable
+
+
+def _mapped_rss_kb(path: str) -> int:
+    """Resident kB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:
+                inside = len(head) >= 6 and head[-1] == path
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1])
+    return total
+
+
+@pytest.fixture
+def mapped_fod(tmp_path):
+    """A ``.mif`` FOD (axis 0 fastest: not C-ordered) loaded as a memory map."""
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((24, 20, 18, 15)).astype(np.float32)
+    path = str(tmp_path / "fod.mif")
+    write_mif(path, data, np.diag([1.5, 1.5, 1.5, 1.0]))
+    return path, data
+
+
+def test_c_order_fod_copies_once_and_releases_the_mapped_pages(mapped_fod):
+    path, data = mapped_fod
+    img = load_fod(path)
+    assert not img.data.flags.c_contiguous
+    float(np.asarray(img.data).sum())  # every page of the mapping resident
+    before = _mapped_rss_kb(path)
+    assert before >= data.nbytes // 1024 // 2
+    out = c_order_fod(img.data)
+    assert out.flags.c_contiguous and out.dtype == np.float32
+    np.testing.assert_array_equal(out, data)
+    assert _mapped_rss_kb(path) < before // 4  # released slab by slab
+    np.testing.assert_array_equal(np.asarray(img.data), data)  # the map still reads back
+    assert c_order_fod(out) is out  # already C-ordered float32: no copy
+
+
+def test_params_problem_shares_one_fod_copy():
+    """The problem's state, its field and the tensor fod_arrays returns are one buffer."""
+    from invtract.data import example_path
+    from invtract.io.seeds import seeds_from_reference
+    from invtract.io.tractogram import load_tractogram
+    from invtract.params import TrackingParameters
+    from invtract.tracking.api import Seeding
+
+    img = load_fod(example_path("fod"))
+    sh, _, _ = fod_arrays(img, None)
+    assert sh.is_contiguous()
+    assert fod_arrays((sh.numpy(), img.affine), None)[0].data_ptr() == sh.data_ptr()
+    pos, dirs, ti = seeds_from_reference(example_path("target"), example_path("target_seeds"))
+    sl = load_tractogram(example_path("target")).select(torch.as_tensor(ti[:8]))
+    cfg = resolve_config({"fit": {"heldout_fraction": 0.25}})
+    prob = build_problem(
+        cfg, (sh.numpy(), img.affine), sl, TrackingParameters(),
+        Seeding("list", positions=pos[:8], directions=dirs[:8]), img.voxel_sizes,
+    )  # fmt: skip
+    ptr = sh.data_ptr()
+    assert prob.state.sh0_flat.data_ptr() == ptr
+    assert prob.fixed_field.sh_flat.data_ptr() == ptr
+    assert prob.state.sh().data_ptr() == ptr
+
+
+def test_track_differentiable_with_a_prebuilt_field_is_identical():
+    from invtract.data import example_path
+    from invtract.fod.field import FODField
+    from invtract.io.seeds import seeds_from_reference
+
+    img = load_fod(example_path("fod"))
+    sh, affine, vsz = fod_arrays(img, None)
+    pos, dirs, _ = seeds_from_reference(example_path("target"), example_path("target_seeds"))
+    seeds, d = torch.as_tensor(pos[:6]), torch.as_tensor(dirs[:6])
+    step = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    cut = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for field in (None, FODField.from_array(sh, affine)):
+        r = track_differentiable(
+            sh, affine, seeds, d, step_mm=step, cutoff=cut, voxel_sizes=vsz, field=field
+        )
+        (r.points.sum() + r.weights.sum()).backward()
+        outs.append((r.points.detach(), r.weights.detach(), step.grad.clone(), cut.grad.clone()))
+        step.grad, cut.grad = None, None
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    with pytest.raises(Exception, match="does not match"):
+        track_differentiable(sh.double(), affine, seeds, d, field=FODField.from_array(sh, affine))
+
+
+def test_compiled_step_amplitudes_match_the_torch_sampler(monkeypatch):
+    """objective.step_amplitudes (numba) equals FODField.sample + peak_amplitude to float32
+    rounding, with the no-data rules: outside the grid, all-zero voxels, NaN voxels."""
+    from invtract.data import example_path
+    from invtract.fit import objective
+    from invtract.fod.field import FODField
+    from invtract.tracking import adjoint_cpu
+
+    if not adjoint_cpu.available():
+        pytest.skip("numba not installed")
+    img = load_fod(example_path("fod"))
+    sh = torch.from_numpy(c_order_fod(img.data)).clone()
+    sh[3, 4, 2] = float("nan")
+    sh[5, 5, 1] = 0.0
+    field = FODField.from_array(sh, img.affine)
+    g = torch.Generator().manual_seed(0)
+    X = torch.tensor(sh.shape[:3], dtype=torch.float64)
+    vox = torch.rand(4000, 3, generator=g, dtype=torch.float64) * (X + 4) - 2.5  # some outside
+    vox[:20] = torch.tensor([3.0, 4.0, 2.0]) + 0.3 * torch.rand(20, 3, generator=g)
+    vox[20:40] = torch.tensor([5.0, 5.0, 1.0]) + 0.3 * torch.rand(20, 3, generator=g)
+    pts = (
+        vox @ torch.as_tensor(img.affine[:3, :3]).T + torch.as_tensor(img.affine[:3, 3])
+    ).float()
+    u = torch.nn.functional.normalize(torch.randn(4000, 3, generator=g), dim=-1)
+    fast = objective.step_amplitudes(field, pts, u)
+    monkeypatch.setattr(adjoint_cpu, "available", lambda: False)
+    ref = objective.step_amplitudes(field, pts, u)
+    assert (ref == 0).sum() > 100 and (ref != 0).sum() > 300  # both cases exercised
+    assert torch.equal(fast == 0, ref == 0)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
