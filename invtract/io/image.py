@@ -119,7 +119,7 @@ def _read_raw(
 ) -> tuple[np.ndarray, MRtrixGeometry, tuple, str]:
     """``(data, geometry, (inter, slope), path)``: data in the axis order MRtrix3 uses after
     opening the image (:func:`invtract.io.geometry.realign`), no scaling applied -- except
-    that with ``voxel_major`` a 4-D NIfTI is read block by block into a C-contiguous float32
+    that with ``voxel_major`` a 4-D NIfTI is read block by block into a voxel-major float32
     array (:func:`invtract.io.nifti_data.read_voxel_major`), already scaled (scaling
     ``(0.0, 1.0)`` is returned)."""
     path = str(path)

@@ -4,15 +4,17 @@ contiguous -- made in blocks, the result allocated once.
 A NIfTI's voxels are read once, in blocks, straight into that layout.
 
 A NIfTI stores its volumes one after the other (x fastest, then y, z, volume); the tracker
-reads all K coefficients of a voxel at once and wants them contiguous (``[X, Y, Z, K]``, C
-order), after MRtrix's axis realignment (:meth:`invtract.io.geometry.MRtrixGeometry.reorient`).
+reads all K coefficients of a voxel at once and wants them contiguous (as MRtrix stores FODs,
+layout ``+1,+2,+3,+0``), after MRtrix's axis realignment
+(:meth:`invtract.io.geometry.MRtrixGeometry.reorient`).
 Converting the whole memory-mapped file at once faults every file page into the process
 (counted in its RSS) beside the full-size result, and numpy's transposing copy of a 4-D array
 strides through memory badly. Here the result is allocated once and filled block by block
 from the file through a small buffer:
 
 * uncompressed ``.nii``: z-slabs (all volumes of a few slices: one strip per volume, read at
-  its offset), so each block of the result is written once, contiguously;
+  its offset), so each block of the result is written once, contiguously (the result keeps
+  the file's voxel order, volumes innermost);
 * gzip'd ``.nii.gz`` (read sequentially: a gzip stream cannot seek backwards cheaply):
   groups of whole volumes in file order, at most a fifth of the image (or 64 MiB) at a time.
 
@@ -37,6 +39,7 @@ __all__ = [
     "is_voxel_major",
     "file_order_view",
     "scaled_float32",
+    "empty_float32",
 ]
 
 #: Upper bound (bytes) of the read buffer for an uncompressed file; gzip'd files use up to a
@@ -56,6 +59,23 @@ def scaled_float32(raw: np.ndarray, scaling: tuple) -> np.ndarray:
     return raw.astype(np.float32, copy=False)
 
 
+def empty_float32(shape: tuple) -> np.ndarray:
+    """An uninitialised float32 array of ``shape`` (C order) in its own anonymous memory map,
+    released with the array.
+
+    Not ``np.empty``: numpy asks the kernel for transparent huge pages on large allocations,
+    and where the kernel compacts memory on such a fault (``defrag = madvise``, the default)
+    filling a 1.8 GB FOD took 6.7 s of CPU against 1.0 s with ordinary pages (shared 2-core
+    VM); the tracker reads the FOD as well from 4 KiB pages (a mapped ``.mif`` has nothing
+    else).
+    """
+    n = int(np.prod(shape, dtype=np.int64))
+    if n * 4 < 2**21 or not hasattr(mmap, "MAP_ANONYMOUS"):  # small, or not a POSIX system
+        return np.empty(shape, np.float32)
+    buffer = mmap.mmap(-1, n * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(buffer, np.float32, count=n).reshape(shape)
+
+
 def is_voxel_major(data: np.ndarray) -> bool:
     """``[X, Y, Z, K]`` with each voxel's K values contiguous, voxels not overlapping, no axis
     reversed (any voxel order: the tracker reads such an array, e.g. a memory-mapped ``.mif``,
@@ -71,13 +91,14 @@ def is_voxel_major(data: np.ndarray) -> bool:
 
 
 def copy_voxel_major(src: np.ndarray, scaling: tuple = (0.0, 1.0)) -> np.ndarray:
-    """A new C-contiguous float32 copy of ``src`` ``[X, Y, Z, K]`` (any strides, e.g. a
+    """A new float32 copy of ``src`` ``[X, Y, Z, K]`` stored as MRtrix stores FODs (``K``
+    fastest, then x, y, z: :func:`is_voxel_major`) from any strides (e.g. a
     memory-mapped ``.mif`` stored volume by volume), scaled, made slab by slab along axis 2 so
     that no full-size temporary exists beside the result. The file pages of a memory-mapped
     ``src`` are released after each slab (they would otherwise all count in the process's
     resident memory beside the result)."""
-    out = np.empty(src.shape, np.float32)
     X, Y, Z, K = src.shape
+    out = empty_float32((Z, Y, X, K)).transpose(2, 1, 0, 3)
     S = max(1, min(Z, BLOCK_BYTES // max(1, X * Y * K * src.itemsize)))
     mapping = _mapping(src)
     for z0 in range(0, Z, S):
@@ -110,11 +131,21 @@ def file_order_view(out: np.ndarray, geometry: MRtrixGeometry) -> np.ndarray:
     return np.transpose(view, inverse + list(range(3, out.ndim)))
 
 
+def _allocate(file_shape: tuple, geometry: MRtrixGeometry) -> np.ndarray:
+    """A new float32 ``[X', Y', Z', K]`` array in realigned order, stored voxel by voxel with
+    the *file's* axes as the memory order (its x fastest, z slowest, K innermost) and every
+    stride positive: a slab of file slices is then one contiguous block of it (for an axial
+    file, MRtrix's own FOD layout ``+1,+2,+3,+0``)."""
+    X, Y, Z, K = file_shape
+    memory = empty_float32((Z, Y, X, K))  # memory axis 2 - a holds file axis a
+    return np.transpose(memory, [2 - p for p in geometry.perm] + [3])
+
+
 def read_voxel_major(
     img: nib.Nifti1Image, geometry: MRtrixGeometry, scaling: tuple, path: str
 ) -> np.ndarray:
-    """Read a 4-D NIfTI's voxels into a new C-contiguous float32 ``[X', Y', Z', K]`` array in
-    the realigned (MRtrix) axis order, scaled.
+    """Read a 4-D NIfTI's voxels into a new float32 ``[X', Y', Z', K]`` array in the realigned
+    (MRtrix) axis order, scaled.
 
     Args:
         img: the opened image (its data not read yet).
@@ -123,14 +154,14 @@ def read_voxel_major(
         path: the file, for error messages.
 
     Returns:
-        float32 ``[X', Y', Z', K]``, C order (each voxel's K values contiguous).
+        float32 ``[X', Y', Z', K]``, each voxel's K values contiguous, all strides positive,
+        voxels in the file's storage order (:func:`is_voxel_major`).
 
     Raises:
         FormatError: the file ends before its data do.
     """
     proxy = img.dataobj
-    shape = tuple(int(s) for s in proxy.shape)
-    out = np.empty(tuple(geometry.shape) + (shape[3],), np.float32)
+    out = _allocate(tuple(int(s) for s in proxy.shape), geometry)
     dst = file_order_view(out, geometry)  # [X, Y, Z, K] in the file's order, writes into out
     opener = nib.openers.ImageOpener(proxy.file_like)
     with opener as f:

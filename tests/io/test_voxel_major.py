@@ -4,6 +4,7 @@ every axis realignment, datatype, scaling and block boundary; no full-size tempo
 from __future__ import annotations
 
 import gzip
+import mmap
 import tracemalloc
 
 import nibabel as nib
@@ -68,9 +69,11 @@ def test_nifti_blocks_equal_whole_array(tmp_path, small_blocks, suffix, geom):
     path = _write(tmp_path, "f" + suffix, data, AFFINES[geom])
     im = load_fod(path)
     expected = _expected(path)
-    assert im.data.dtype == np.float32 and im.data.flags.c_contiguous
+    assert im.data.dtype == np.float32 and is_voxel_major(im.data)
     assert im.data.shape == expected.shape
     np.testing.assert_array_equal(im.data, expected)
+    if geom in ("ras", "las_flip_y"):  # axial: stored as MRtrix stores FODs (+1,+2,+3,+0)
+        assert im.data.transpose(2, 1, 0, 3).flags.c_contiguous
     assert geom == "ras" or not np.array_equal(im.data, data)  # realignment did something
 
 
@@ -84,7 +87,7 @@ def test_nifti_blocks_datatypes_and_scaling(tmp_path, small_blocks, suffix, dtyp
     data = (rng.standard_normal((5, 4, 6, 6)) * 100).astype(dtype)
     path = _write(tmp_path, "s" + suffix, data, AFFINES["las_flip_y"], slope, inter)
     im = load_fod(path)
-    assert im.data.dtype == np.float32 and im.data.flags.c_contiguous
+    assert im.data.dtype == np.float32 and is_voxel_major(im.data)
     np.testing.assert_array_equal(im.data, _expected(path))
 
 
@@ -130,15 +133,16 @@ def test_nifti_load_peak_memory_is_one_copy(tmp_path, monkeypatch, suffix):
 
 
 def test_mif_volume_major_copied_once(tmp_path, mrtrix, monkeypatch):
-    """A .mif stored volume by volume (strides 1,2,3,4) comes back C-contiguous and equal to
-    the voxel-major .mif of the same image; a voxel-major .mif stays mapped (no copy)."""
+    """A .mif stored volume by volume (strides 1,2,3,4) comes back voxel-major (a copy), equal
+    to the voxel-major .mif of the same image; a voxel-major .mif stays mapped (no copy)."""
     monkeypatch.setattr(vm, "BLOCK_BYTES", 2000)
     data = np.random.default_rng(4).standard_normal((6, 5, 7, 6)).astype(np.float32)
     src = _write(tmp_path, "v.nii", data, AFFINES["oblique"])
     mrtrix("mrconvert", src, tmp_path / "vol.mif", "-strides", "1,2,3,4")
     mrtrix("mrconvert", src, tmp_path / "vox.mif", "-strides", "2,3,4,1")
     a, b = load_image(tmp_path / "vol.mif"), load_image(tmp_path / "vox.mif")
-    assert a.data.flags.c_contiguous and a.data.dtype == np.float32
+    assert is_voxel_major(a.data) and a.data.dtype == np.float32
+    assert not (isinstance(a.data, np.memmap) or isinstance(a.data.base, np.memmap))
     assert isinstance(b.data, np.memmap) or isinstance(b.data.base, np.memmap)
     np.testing.assert_array_equal(a.data, b.data)
     np.testing.assert_array_equal(a.data, load_fod(src).data)
@@ -150,6 +154,16 @@ def test_copy_voxel_major_scaling_and_layout():
     assert not is_voxel_major(src) and is_voxel_major(np.ascontiguousarray(src))
     assert not is_voxel_major(np.ascontiguousarray(src)[::-1])
     out = copy_voxel_major(src[:, ::-1], (0.5, 0.1))
-    assert out.flags.c_contiguous and out.dtype == np.float32
+    assert is_voxel_major(out) and out.dtype == np.float32
+    assert out.transpose(2, 1, 0, 3).flags.c_contiguous  # MRtrix's +1,+2,+3,+0
     expected = (src[:, ::-1].astype(np.float64) * 0.1 + 0.5).astype(np.float32)
     np.testing.assert_array_equal(out, expected)
+
+
+def test_empty_float32_large_is_a_writable_private_mapping():
+    a = vm.empty_float32((64, 64, 64, 3))  # 3 MiB: its own anonymous mapping
+    assert isinstance(a.base.base.obj, mmap.mmap) and a.flags.writeable and a.flags.c_contiguous
+    a[...] = 1.5
+    assert a.dtype == np.float32 and float(a.sum()) == 1.5 * a.size
+    small = vm.empty_float32((4, 4, 4, 6))
+    assert small.shape == (4, 4, 4, 6) and small.dtype == np.float32
