@@ -147,7 +147,7 @@ def replay_command(tck_path, rng_seed: int, engine: str = "numba", batch_size: i
     params = parameters_from_header(header)
     fod = load_fod(os.path.join(folder, cmd.fod))
     res = track(
-        FODField.from_array(fod.data, fod.affine),
+        FODField.from_image(fod),
         _seeding(cmd, folder),
         params,
         voxel_sizes=fod.voxel_sizes,
