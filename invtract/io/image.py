@@ -263,8 +263,20 @@ def load_fod(path: str | os.PathLike, sh_basis: str = "mrtrix") -> Image:
         )
     _check_affine(image.affine, image.path)
     if sh_basis not in ("mrtrix", "tournier07"):
-        image.data = np.ascontiguousarray(to_mrtrix_basis(image.data, sh_basis), np.float32)
+        image.data = _to_mrtrix_basis_in_place(image.data, sh_basis)
     return image
+
+
+def _to_mrtrix_basis_in_place(data: np.ndarray, sh_basis: str) -> np.ndarray:
+    """``data`` ``[X, Y, Z, K]`` float32 re-expressed in MRtrix3's SH basis slab by slab in
+    place (a private copy first if it is read-only): no full-size temporary, layout kept."""
+    if not data.flags.writeable:
+        data = copy_voxel_major(data)
+    step = max(1, 2**22 // max(1, data.shape[0] * data.shape[1] * data.shape[3]))
+    for z0 in range(0, data.shape[2], step):
+        slab = data[:, :, z0 : z0 + step]
+        slab[...] = to_mrtrix_basis(slab, sh_basis)
+    return data
 
 
 def load_mask(path: str | os.PathLike) -> Image:

@@ -167,3 +167,15 @@ def test_empty_float32_large_is_a_writable_private_mapping():
     assert a.dtype == np.float32 and float(a.sum()) == 1.5 * a.size
     small = vm.empty_float32((4, 4, 4, 6))
     assert small.shape == (4, 4, 4, 6) and small.dtype == np.float32
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_basis_conversion_in_place_keeps_layout(tmp_path, small_blocks, suffix):
+    from invtract.io.sh_basis import to_mrtrix_basis
+
+    data = np.random.default_rng(6).standard_normal((6, 5, 7, 15)).astype(np.float32)
+    path = _write(tmp_path, "b" + suffix, data, AFFINES["las_flip_y"])
+    im = load_fod(path, sh_basis="descoteaux07_legacy")
+    assert is_voxel_major(im.data) and im.data.dtype == np.float32
+    expected = to_mrtrix_basis(_expected(path), "descoteaux07_legacy").astype(np.float32)
+    np.testing.assert_array_equal(im.data, expected)
