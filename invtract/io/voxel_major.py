@@ -16,7 +16,7 @@ from the file through a small buffer:
   its offset), so each block of the result is written once, contiguously (the result keeps
   the file's voxel order, volumes innermost);
 * gzip'd ``.nii.gz`` (read sequentially: a gzip stream cannot seek backwards cheaply):
-  groups of whole volumes in file order, at most a fifth of the image (or 64 MiB) at a time.
+  groups of whole volumes in file order, about a fifth of the image at a time.
 
 Intensity scaling is applied per block exactly as :func:`invtract.io.image.load_image` does
 (``float32(raw * slope + inter)`` in double). Peak memory: the float32 result plus one block.
@@ -42,9 +42,10 @@ __all__ = [
     "empty_float32",
 ]
 
-#: Upper bound (bytes) of the read buffer for an uncompressed file; gzip'd files use up to a
-#: fifth of the image (at least this much) so that the result is swept at most ~5 times.
+#: Upper bound (bytes) of the read buffer (and of a slab) for an uncompressed file or a copy;
+#: also at most an eighth of the image.
 BLOCK_BYTES = 64 * 2**20
+#: gzip'd files are read in this many groups of volumes (the result is swept once per group).
 GZIP_PASSES = 5
 #: Bytes asked of the file per read call (a gzip reader allocates a temporary of that size).
 READ_BYTES = 4 * 2**20
@@ -99,7 +100,7 @@ def copy_voxel_major(src: np.ndarray, scaling: tuple = (0.0, 1.0)) -> np.ndarray
     resident memory beside the result)."""
     X, Y, Z, K = src.shape
     out = empty_float32((Z, Y, X, K)).transpose(2, 1, 0, 3)
-    S = max(1, min(Z, BLOCK_BYTES // max(1, X * Y * K * src.itemsize)))
+    S = _slab_slices(X * Y * K * src.itemsize, Z)
     mapping = _mapping(src)
     for z0 in range(0, Z, S):
         out[:, :, z0 : z0 + S] = scaled_float32(src[:, :, z0 : z0 + S], scaling)
@@ -185,12 +186,19 @@ def _read_exact(f, buf: np.ndarray, path: str) -> None:
         got += n
 
 
+def _slab_slices(slice_bytes: int, Z: int) -> int:
+    """Slices per slab: at most :data:`BLOCK_BYTES` and an eighth of the image (so that the
+    buffer stays small beside a small image too), at least one."""
+    budget = min(BLOCK_BYTES, slice_bytes * Z // 8)
+    return max(1, min(Z, budget // max(1, slice_bytes)))
+
+
 def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str) -> None:
     """Uncompressed file: for each slab of ``S`` file z-slices, one strip per volume."""
     X, Y, Z, K = dst.shape
     item = proxy.dtype.itemsize
     slice_bytes = X * Y * item
-    S = max(1, min(Z, BLOCK_BYTES // max(1, K * slice_bytes)))
+    S = _slab_slices(K * slice_bytes, Z)
     buf = np.empty((K, S, Y, X), proxy.dtype)  # C order over reversed axes = the file's order
     for z0 in range(0, Z, S):
         z1 = min(Z, z0 + S)
@@ -204,9 +212,7 @@ def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str) -> None:
 def _fill_volume_groups(f, dst: np.ndarray, proxy, scaling: tuple, path: str) -> None:
     """Compressed file, read front to back: groups of ``G`` whole volumes."""
     X, Y, Z, K = dst.shape
-    vol_bytes = X * Y * Z * proxy.dtype.itemsize
-    budget = max(BLOCK_BYTES, math.ceil(K * vol_bytes / GZIP_PASSES))
-    G = max(1, min(K, budget // max(1, vol_bytes)))
+    G = max(1, math.ceil(K / GZIP_PASSES))
     buf = np.empty((G, Z, Y, X), proxy.dtype)
     f.seek(int(proxy.offset))
     for k0 in range(0, K, G):
