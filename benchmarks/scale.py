@@ -13,9 +13,9 @@ z-slabs (bounded memory).
 Then, on the same FOD and seed grid (``-seed_grid_per_voxel seeds.mif 1``), it times
 ``tckgen -nthreads 2`` and ``invtract track`` (``NUMBA_NUM_THREADS=2``, warm numba cache) as
 whole processes, reads each process's peak RSS (``wait4``), counts the vertices each wrote,
-and times loading the FOD (``invtract.io.image.load_fod``, fresh process) from ``.mif`` and
-from NIfTI. Prints one JSON object. Everything is written to a temporary folder that is
-removed at the end (``--keep`` keeps it).
+and times loading the FOD (``invtract.io.image.load_fod``, fresh process) from ``.mif``, from
+NIfTI and from gzip'd NIfTI (``fod.nii.gz``, level 1). Prints one JSON object. Everything
+is written to a temporary folder that is removed at the end (``--keep`` keeps it).
 
 Usage: ``python benchmarks/scale.py [--size full|half|small] [--seeds 75000] [--keep]``
 (``full`` needs ~4 GB of free disk and memory for the FOD twice over in the page cache).
@@ -172,6 +172,15 @@ def build_phantom(shape, work: str) -> dict:
     }
 
 
+def gzip_copy(path: str) -> str:
+    """``path + ".gz"`` (compression level 1, streamed in 16 MiB pieces); returns its name."""
+    import gzip
+
+    with open(path, "rb") as src, gzip.open(path + ".gz", "wb", compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst, 16 * 2**20)
+    return path + ".gz"
+
+
 def write_seed_mask(phantom: dict, work: str, target: int) -> int:
     """``seeds.mif``: fibre voxels on a lattice of step s (chosen to give ~``target`` seeds)."""
     from invtract.io.mif import write_mif
@@ -293,6 +302,7 @@ def _run(args, work: str) -> dict:
     print(f"  {phantom['t_generate_s']:.1f} s, {n_seeds} seeds; loading ...", file=sys.stderr)
     load = {"mif": time_load(os.path.join(work, "fod.mif"))}
     load["nifti"] = time_load(os.path.join(work, "fod.nii"))
+    load["nifti_gz"] = time_load(gzip_copy(os.path.join(work, "fod.nii")))
     # compile (or load from the cache) the kernels this input layout uses, before timing
     run_measured(
         [sys.executable, "-m", "invtract.cli", "-q", "track", "fod.mif", "warm.tck",

@@ -222,7 +222,7 @@ def load_problem(
         fixed = TrackingParameters(**fixed)
     fixed = fixed or TrackingParameters()
     img = load_fod(fod, sh_basis=sh_basis)
-    fld = FODField.from_array(img.data, img.affine)
+    fld = FODField.from_image(img)
     sl = load_tractogram(target)
     if len(sl) == 0:
         raise ConfigError(f"{target}: the target bundle has no streamlines")

@@ -32,6 +32,7 @@ from .geometry import MRtrixGeometry, realign, sanitise_transform, scanner2voxel
 from .mif import MIF_SUFFIXES, atomic_output, read_mif, write_mif
 from .nifti_transform import nifti_transform
 from .sh_basis import _check_basis, lmax_for_n, to_mrtrix_basis, valid_sh_counts
+from .voxel_major import copy_voxel_major, is_voxel_major, read_voxel_major, scaled_float32
 
 if TYPE_CHECKING:  # annotations only
     import torch
@@ -113,9 +114,14 @@ def _pad3(values, fill) -> list:
     return values + [fill] * (3 - len(values))
 
 
-def _read_raw(path: str | os.PathLike) -> tuple[np.ndarray, MRtrixGeometry, tuple, str]:
-    """``(raw data, geometry, (inter, slope), path)``: data (no scaling applied) in the
-    axis order MRtrix3 uses after opening the image (:func:`invtract.io.geometry.realign`)."""
+def _read_raw(
+    path: str | os.PathLike, voxel_major: bool = False
+) -> tuple[np.ndarray, MRtrixGeometry, tuple, str]:
+    """``(data, geometry, (inter, slope), path)``: data in the axis order MRtrix3 uses after
+    opening the image (:func:`invtract.io.geometry.realign`), no scaling applied -- except
+    that with ``voxel_major`` a 4-D NIfTI is read block by block into a voxel-major float32
+    array (:func:`invtract.io.nifti_data.read_voxel_major`), already scaled (scaling
+    ``(0.0, 1.0)`` is returned)."""
     path = str(path)
     if os.path.isdir(path):
         raise FormatError(f"{path}: is a directory, not an image file")
@@ -127,49 +133,56 @@ def _read_raw(path: str | os.PathLike) -> tuple[np.ndarray, MRtrixGeometry, tupl
         )
     if not os.path.isfile(path):
         raise FormatError(f"{path}: no such file")
+    img = None
     if suffix in MIF_SUFFIXES:
         data, _, _, header = read_mif(path)
         data = _mif_logical(data, header)
         transform, spacing = header.transform, _pad3(header.vox, 1.0)
         scaling = header.scaling
+        shape = _pad3(data.shape, 1)
     else:
-        data, transform, spacing, scaling = _read_nifti(path)
-    shape = _pad3(data.shape, 1)
+        img, transform, spacing, scaling = _open_nifti(path)
+        shape = _pad3(img.shape, 1)
     if not (np.all(np.isfinite(transform)) and np.all(np.isfinite(spacing))):
         raise FormatError(f"{path}: image transform is not finite:\n{transform}")
     transform, spacing = sanitise_transform(transform, spacing)
     geometry = realign(transform, spacing, shape)
+    if img is not None:
+        if voxel_major and len(img.shape) == 4:
+            data = _nifti_call(path, read_voxel_major, img, geometry, scaling, path)
+            return data, geometry, (0.0, 1.0), path
+        data = _nifti_call(path, lambda: np.asanyarray(img.dataobj.get_unscaled()))
     if data.ndim < 3:  # not an image we can track on; callers raise their shape errors
         return data, geometry, scaling, path
     return geometry.reorient(data), geometry, scaling, path
 
 
-def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
-    """``(raw data in file order, header transform [3, 4], spacing, (inter, slope))``."""
+def _nifti_call(path: str, fn, *args):
+    """``fn(*args)``, nibabel's many error types (ImageFileError, EOFError, ...) raised as
+    :class:`FormatError` naming the file."""
     try:
-        img = nib.load(path)
-        raw = np.asanyarray(img.dataobj.get_unscaled())
-        slope, inter = img.dataobj.slope, img.dataobj.inter
-        if not isinstance(img.header, nib.Nifti1Header):  # Nifti2Header subclasses it
-            raise FormatError(f"{path}: not a NIfTI-1/2 header ({type(img.header).__name__})")
-        transform, spacing = nifti_transform(img.header)
+        return fn(*args)
     except FormatError:
         raise
-    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, ...)
+    except Exception as err:
         raise FormatError(
             f"{path}: cannot read NIfTI image ({type(err).__name__}: {err})"
         ) from err
+
+
+def _open_nifti(path: str) -> tuple[nib.Nifti1Image, np.ndarray, tuple, tuple]:
+    """``(image with its data unread, header transform [3, 4], spacing, (inter, slope))``."""
+
+    def open_() -> tuple:
+        img = nib.load(path)
+        if not isinstance(img.header, nib.Nifti1Header):  # Nifti2Header subclasses it
+            raise FormatError(f"{path}: not a NIfTI-1/2 header ({type(img.header).__name__})")
+        return img, img.dataobj.slope, img.dataobj.inter, nifti_transform(img.header)
+
+    img, slope, inter, (transform, spacing) = _nifti_call(path, open_)
     slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
     inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
-    return raw, transform, spacing, (inter, slope)
-
-
-def _scaled_float32(raw: np.ndarray, scaling: tuple) -> np.ndarray:
-    """``float32(offset + scale * raw)`` (double arithmetic, as MRtrix's scaled fetch)."""
-    inter, slope = scaling
-    if slope != 1.0 or inter != 0.0:
-        return (raw.astype(np.float64) * slope + inter).astype(np.float32)
-    return raw.astype(np.float32, copy=False)  # float32 data (maybe memory-mapped): no copy
+    return img, transform, spacing, (inter, slope)
 
 
 def load_image(path: str | os.PathLike) -> Image:
@@ -186,13 +199,17 @@ def load_image(path: str | os.PathLike) -> Image:
     Raises:
         FormatError: unknown extension, missing or unreadable/malformed file (names the path).
     """
-    raw, geo, scaling, path = _read_raw(path)
-    data = _scaled_float32(raw, scaling)
-    if any(s < 0 for s in data.strides):  # realigned by a flip: torch takes no negative strides
-        data = np.ascontiguousarray(data)
-    # else kept as it is: a memory-mapped float32 .mif in MRtrix's voxel order is not copied
-    # (nothing is read until tracking touches it; fused_cpu.prepare_fod tracks any voxel-major
-    # layout in place)
+    raw, geo, scaling, path = _read_raw(path, voxel_major=True)
+    identity = scaling == (0.0, 1.0) and raw.dtype == np.float32
+    if raw.ndim == 4 and not (identity and is_voxel_major(raw)):
+        # the tracker's layout, made once in slabs (a 4-D NIfTI already is: read in blocks)
+        data = copy_voxel_major(raw, scaling)
+    else:
+        # kept as it is: a memory-mapped float32 .mif in voxel order is not copied (nothing
+        # is read until tracking touches it); 3-D images are small
+        data = scaled_float32(raw, scaling)
+        if any(s < 0 for s in data.strides):  # torch takes no negative strides
+            data = np.ascontiguousarray(data)
     return Image(data, geo.voxel2scanner, geo.spacing, path, geo.transform)
 
 
@@ -246,8 +263,20 @@ def load_fod(path: str | os.PathLike, sh_basis: str = "mrtrix") -> Image:
         )
     _check_affine(image.affine, image.path)
     if sh_basis not in ("mrtrix", "tournier07"):
-        image.data = np.ascontiguousarray(to_mrtrix_basis(image.data, sh_basis), np.float32)
+        image.data = _to_mrtrix_basis_in_place(image.data, sh_basis)
     return image
+
+
+def _to_mrtrix_basis_in_place(data: np.ndarray, sh_basis: str) -> np.ndarray:
+    """``data`` ``[X, Y, Z, K]`` float32 re-expressed in MRtrix3's SH basis slab by slab in
+    place (a private copy first if it is read-only): no full-size temporary, layout kept."""
+    if not data.flags.writeable:
+        data = copy_voxel_major(data)
+    step = max(1, 2**22 // max(1, data.shape[0] * data.shape[1] * data.shape[3]))
+    for z0 in range(0, data.shape[2], step):
+        slab = data[:, :, z0 : z0 + step]
+        slab[...] = to_mrtrix_basis(slab, sh_basis)
+    return data
 
 
 def load_mask(path: str | os.PathLike) -> Image:
@@ -282,7 +311,7 @@ def load_mask(path: str | os.PathLike) -> Image:
     if identity and (raw.dtype == bool or raw.dtype.kind in "iu"):
         data = raw != 0
     else:
-        values = _scaled_float32(raw, scaling)
+        values = scaled_float32(raw, scaling)
         with np.errstate(invalid="ignore"):
             data = np.isfinite(values) & (np.abs(values) >= 0.5)
     return Image(np.ascontiguousarray(data, dtype=bool), affine, geo.spacing, path, geo.transform)

@@ -316,7 +316,7 @@ def track_tractogram(
     ).resolve(img.voxel_sizes)  # fmt: skip
     rois = RoiSet(include=_rois(include, "include"), exclude=_rois(exclude, "exclude"),
                   mask=_rois(mask, "mask"))  # fmt: skip
-    sh = np.ascontiguousarray(img.data, np.float32)
+    sh = img.data  # float32, voxel-major (or mapped): tracked in place, not copied
     s2v = img.scanner2voxel  # MRtrix's own inverse (Eigen's), as invtract track uses
     engine = default_engine("cpu") if engine == "auto" else engine
     if engine == "numba":
@@ -325,7 +325,7 @@ def track_tractogram(
         def run(pos, dirs):
             return track_fused_cpu(sh, s2v, pos, dirs, params, rois)
     else:
-        field = FODField.from_array(img.data, img.affine)
+        field = FODField.from_image(img)
 
         def run(pos, dirs):
             return run_engine(engine, field, pos, dirs, params, rois)

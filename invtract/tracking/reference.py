@@ -93,7 +93,7 @@ def compare_reference(
     pos, dirs, track_index = pos[order], dirs[order], track_index[order]
     ref_sel = [ref_list[int(t)] for t in track_index]
     fod = load_fod(fod_path)
-    field = FODField.from_array(fod.data, fod.affine, device=device)
+    field = FODField.from_image(fod, device=device)
     res = track(
         field,
         # with -seed_direction every seed starts from it, as in tckgen
@@ -137,7 +137,7 @@ def replay_reference(
     mask = load_mask(os.path.join(os.path.dirname(str(tck_path)), words[k + 1]))
     params = parameters_from_header(header)
     fod = load_fod(fod_path)
-    field = FODField.from_array(fod.data, fod.affine, device=device)
+    field = FODField.from_image(fod, device=device)
     res = track(
         field,
         Seeding.from_mask("grid", mask, int(words[k + 2])),

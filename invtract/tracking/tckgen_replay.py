@@ -169,7 +169,7 @@ def replay_command(tck_path, rng_seed: int, engine: str = "numba", batch_size: i
 
         act = load_act(os.path.join(folder, cmd.act), crop_at_gmwmi=cmd.crop_at_gmwmi)
     res = track(
-        FODField.from_array(fod.data, fod.affine),
+        FODField.from_image(fod),
         _seeding(cmd, folder, act),
         params,
         voxel_sizes=fod.voxel_sizes,

@@ -26,18 +26,28 @@ def _mapped(arr: np.ndarray) -> bool:
     return False
 
 
-def test_native_float32_is_mapped_not_copied(tmp_path):
+def test_native_float32_is_mapped_not_copied(tmp_path, mrtrix):
     path, data = _fod(tmp_path)
     arr, *_ = read_mif(path)
     np.testing.assert_array_equal(arr, data)
     assert _mapped(arr)
-    assert _mapped(load_fod(path).data)  # float32 without scaling: no copy either
+    # stored volume by volume: load_fod makes the tracker's layout once (C order, unmapped)
+    img = load_fod(path)
+    assert not _mapped(img.data) and img.data.transpose(2, 1, 0, 3).flags.c_contiguous
+    np.testing.assert_array_equal(img.data, data)
+    # stored voxel by voxel (MRtrix's default for FODs), float32 without scaling: no copy
+    fast = tmp_path / "fast.mif"
+    mrtrix("mrconvert", path, fast, "-strides", "2,3,4,1")
+    assert _mapped(load_fod(fast).data)
 
 
-def test_writes_stay_private(tmp_path):
+def test_writes_stay_private(tmp_path, mrtrix):
     path, data = _fod(tmp_path)
+    mrtrix("mrconvert", path, tmp_path / "fast.mif", "-strides", "2,3,4,1")
+    path = tmp_path / "fast.mif"
     before = path.read_bytes()
     img = load_fod(path)
+    assert _mapped(img.data)
     img.data[...] = 7.0  # copy-on-write: this process sees it, the file does not
     assert float(img.data[0, 0, 0, 0]) == 7.0
     assert path.read_bytes() == before
