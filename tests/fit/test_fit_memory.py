@@ -10,7 +10,6 @@ import torch
 
 from invtract.fit.optimise import build_problem, c_order_fod, fod_arrays, resolve_config
 from invtract.io.image import load_fod
-from invtract.io.mif import write_mif
 from invtract.tracking.differentiable import track_differentiable
 
 
@@ -27,19 +26,36 @@ def _mapped_rss_kb(path: str) -> int:
     return total
 
 
+def _write_voxel_major_mif(path: str, data: np.ndarray, vox: float) -> None:
+    """``data`` ``[X, Y, Z, K]`` as a ``.mif`` in MRtrix's own FOD layout ``+1,+2,+3,+0``
+    (coefficients contiguous per voxel, then x, y, z): ``load_fod`` maps it, no copy."""
+    x, y, z, k = data.shape
+    lines = ["mrtrix image", f"dim: {x},{y},{z},{k}", f"vox: {vox},{vox},{vox},1",
+             "layout: +1,+2,+3,+0", "datatype: Float32LE", f"transform: {vox},0,0,0",
+             f"transform: 0,{vox},0,0", f"transform: 0,0,{vox},0"]  # fmt: skip
+    head = "\n".join(lines) + "\nfile: . "
+    offset = -(-(len(head) + 16) // 16) * 16  # room for the number and END, 16-byte aligned
+    text = (head + f"{offset}\nEND\n").encode()
+    with open(path, "wb") as f:
+        f.write(text + b"\0" * (offset - len(text)))
+        f.write(np.ascontiguousarray(data.transpose(2, 1, 0, 3), "<f4").tobytes())
+
+
 @pytest.fixture
 def mapped_fod(tmp_path):
-    """A ``.mif`` FOD (axis 0 fastest: not C-ordered) loaded as a memory map."""
+    """A ``.mif`` FOD in MRtrix's FOD layout (x fastest after the coefficients: not C-ordered)
+    that ``load_fod`` returns as a memory map."""
     rng = np.random.default_rng(0)
     data = rng.standard_normal((24, 20, 18, 15)).astype(np.float32)
     path = str(tmp_path / "fod.mif")
-    write_mif(path, data, np.diag([1.5, 1.5, 1.5, 1.0]))
+    _write_voxel_major_mif(path, data, 1.5)
     return path, data
 
 
 def test_c_order_fod_copies_once_and_releases_the_mapped_pages(mapped_fod):
     path, data = mapped_fod
     img = load_fod(path)
+    np.testing.assert_array_equal(np.asarray(img.data), data)
     assert not img.data.flags.c_contiguous
     float(np.asarray(img.data).sum())  # every page of the mapping resident
     before = _mapped_rss_kb(path)
