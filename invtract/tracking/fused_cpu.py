@@ -828,7 +828,8 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
     b[0, 0] = px
     b[0, 1] = py
     b[0, 2] = pz
-    n, t0, s0 = _track_half(b, ub, rec, 1, px, py, pz, ux, uy, uz, state, sh, M, cbuf,
+    # np.int64(1), not the literal 1: a literal argument would compile a second _track_half
+    n, t0, s0 = _track_half(b, ub, rec, np.int64(1), px, py, pz, ux, uy, uz, state, sh, M, cbuf,
                             fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, roi_set, roi_bit,
                             roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                             add_to_tck)  # fmt: skip
@@ -935,15 +936,21 @@ def _track_block(start, stop, L, seeds, dirs, out_n, out_seed, out_status, out_t
     state = np.zeros(3, dtype=np.int64)
     pts = np.empty((max(64, 16 * (stop - start)), 3), dtype=np.float32)
     used = 0
+    # typed (not literal) row and rec: the same _track_seed specialisation as _track_rows'
+    row0 = np.int64(0)
+    no_rec = np.bool_(False)
     for i in range(start, stop):
-        _track_seed(i, 0, seeds, dirs, scratch, no_u, False, out_n, out_seed, out_status,
+        _track_seed(i, row0, seeds, dirs, scratch, no_u, no_rec, out_n, out_seed, out_status,
                     out_term, out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint,
                     pflt, mstart, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off,
                     roi_mask, add_to_tck, cbuf, AL, state)  # fmt: skip
         n = out_n[i]
         if used + n > pts.shape[0]:
             grown = np.empty((max(2 * pts.shape[0], used + n), 3), dtype=np.float32)
-            grown[:used] = pts[:used]
+            for k in range(used):  # a loop: slice assignment compiles ~3 s of error formatting
+                grown[k, 0] = pts[k, 0]
+                grown[k, 1] = pts[k, 1]
+                grown[k, 2] = pts[k, 2]
             pts = grown
         for k in range(n):
             pts[used + k, 0] = scratch[0, k, 0]
