@@ -3,11 +3,16 @@
 Every distinct argument-type tuple of a dispatcher is a separate compilation of everything it
 inlines; a literal constant at a call site (``f(..., 1, ...)``, ``False``) is its own type. The
 tracking paths (plain, with regions, the peaks-recording hard pass of the differentiable
-tracker) must share one ``_track_seed`` and one ``_track_half``.
+tracker) must share one ``_track_seed``, one ``_track_half`` and one ``_step``.
+
+Kernels loaded from numba's on-disk cache never compile their callees (whose ``signatures``
+then stay empty), so the check compiles from scratch in a subprocess with an empty cache
+directory: about a minute, hence ``slow``.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -32,14 +37,16 @@ rois = RoiSet(mask=(SphereRoi((2.0, 2.0, 2.0), 1.5),), exclude=(SphereRoi((0.0, 
 f.track_fused_cpu(sh, M, seeds, dirs, p, rois=rois)
 f.track_fused_cpu_peaks(sh, M, seeds, dirs, p)
 f.seeds_have_data(sh, M, seeds)
-for d in (f._track_seed, f._track_half, f._track_block, f._track_rows):
+for d in (f._track_seed, f._track_half, f._step, f._track_block, f._track_rows):
     print(d.py_func.__name__, len(d.signatures))
 """
 
 
-def test_one_specialisation_per_tracking_kernel():
-    proc = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True)
+@pytest.mark.slow
+def test_one_specialisation_per_tracking_kernel(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     counts = dict(line.split() for line in proc.stdout.strip().splitlines())
-    assert counts == {"_track_seed": "1", "_track_half": "1", "_track_block": "1",
+    assert counts == {"_track_seed": "1", "_track_half": "1", "_step": "1", "_track_block": "1",
                       "_track_rows": "1"}  # fmt: skip
