@@ -440,17 +440,6 @@ def _local(
 
 
 @njit(**_SWEEP_JIT)
-def _local_seed(
-    px, py, pz, ux, uy, uz, vx, vy, vz, step, a_p, a_u, a_l, h, sh, want_sh, G, M, shape, tabs,
-    consts, scr, acc,
-):  # fmt: skip
-    """:func:`_local` at the seed (once per streamline) as a compiled call: :func:`_sweep` then
-    inlines ``_local`` once, not twice (numba deep-copies inlined IR: compile time only)."""
-    _local(px, py, pz, ux, uy, uz, vx, vy, vz, step, a_p, a_u, a_l, h, sh, want_sh, G, M,
-           shape, tabs, consts, scr, acc)  # fmt: skip
-
-
-@njit(**_SWEEP_JIT)
 def _sweep(
     r0, r1, P, U, seeds, u0, n1, n2, gP, has_p, gW, W, has_w, sh, want_sh, G, M, shape, lmax,
     tabs, consts, h, g_seed, acc,
@@ -521,7 +510,7 @@ def _sweep(
                 a_p0[j] += a_p[j]
                 a_u0[j] += -a_u[j] if hi else a_u[j]
             a_l0 += a_l
-        _local_seed(
+        _local(
             np.float64(seeds[s, 0]), np.float64(seeds[s, 1]), np.float64(seeds[s, 2]),
             np.float64(u0[s, 0]), np.float64(u0[s, 1]), np.float64(u0[s, 2]),
             0.0, 0.0, 0.0, False, a_p, a_u0, a_l0, h, sh, want_sh, G, M, shape, tabs, consts,
