@@ -135,6 +135,13 @@ def _prepare_numba_target() -> None:
 
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy", boundscheck=False, nogil=True)
+# Compile structure (cold start): numba inlines ``inline="always"`` helpers by deep-copying
+# their IR into the caller, once per level of nesting, which made the first compilation take
+# minutes. Inlining therefore stops at one compiled step: ``_step`` (a plain call, once per
+# step) inlines ``_next``, which inlines the interpolation and the peak search; per-seed work
+# (``_seed_usable``, ``_sample``, ``_get_peak_call``) is called, not inlined. Call sites pass
+# typed values (``np.int64(1)``, ``np.bool_(False)``), not literals, so that every kernel has
+# one specialisation (``tests/tracking/test_compile_structure.py``).
 
 #: Eigen's SSE evaluation order of the 8-corner dot product (see module docstring).
 _SUM_ORDER_EIGEN = True
@@ -222,7 +229,7 @@ def _normalize3(x, y, z):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _sample(sh, M, px, py, pz, out):
     """Interpolate the SH coefficients at scanner point p (float32) into ``out``.
 
@@ -501,6 +508,13 @@ def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
     return nan, nan, nan, nan
 
 
+@njit(**_JIT)
+def _get_peak_call(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL):
+    """:func:`_get_peak` as a compiled call, for the once-per-seed search (inlining it there
+    too would copy its IR into one more kernel, compile time without run-time gain)."""
+    return _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
+
+
 # --------------------------------------------------------------------------------------------
 # ROIs (src/dwi/tractography/roi.h)
 # --------------------------------------------------------------------------------------------
@@ -565,7 +579,7 @@ def _visit(px, py, pz, state, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_
                     break
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _seed_usable(px, py, pz, sh, M, cbuf, ip, roi_set, roi_kind, roi_sph, roi_mat,
                  roi_dim, roi_off, roi_mask):  # fmt: skip
     """``check_seed`` (finite, inside the masks, outside the excludes) and SDStream::init's
@@ -597,7 +611,7 @@ def _all_visited(state, n_inc, n_ord):
 def _next(px, py, pz, ux, uy, uz, step, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
           mstart, lmax, AL):  # fmt: skip
     """SDStream::next from (p, u): returns (term, p', u')."""
-    if not _sample(sh, M, px, py, pz, cbuf):
+    if not _interp(sh, M, px, py, pz, cbuf, True):  # _sample, inlined
         return _EXIT_IMAGE, px, py, pz, ux, uy, uz
     amp, nx, ny, nz = _get_peak(
         cbuf, ux, uy, uz, lut, fp[_FP_INC], zint, zflt, pint, pflt, mstart, lmax, AL
@@ -609,7 +623,7 @@ def _next(px, py, pz, ux, uy, uz, step, sh, M, cbuf, fp, lut, zint, zflt, pint, 
     return _CONTINUE, px + nx * step, py + ny * step, pz + nz * step, nx, ny, nz
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _step(px, py, pz, ux, uy, uz, rk4, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
           mstart, lmax, AL):  # fmt: skip
     """Exec::iterate's method step, first order or RK4 (Exec::next_rk4). Returns (term, p', u').
@@ -810,8 +824,8 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
     ux, uy, uz = _normalize3(ux, uy, uz)
     if not (np.isfinite(ux) and np.isfinite(uy) and np.isfinite(uz)):
         return
-    amp, ux, uy, uz = _get_peak(cbuf, ux, uy, uz, lut, fp[_FP_INC], zint, zflt, pint, pflt,
-                                mstart, ip[_IP_LMAX], AL)  # fmt: skip
+    amp, ux, uy, uz = _get_peak_call(cbuf, ux, uy, uz, lut, fp[_FP_INC], zint, zflt, pint,
+                                     pflt, mstart, ip[_IP_LMAX], AL)  # fmt: skip
     out_u0[i, 0] = ux
     out_u0[i, 1] = uy
     out_u0[i, 2] = uz
@@ -828,7 +842,8 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
     b[0, 0] = px
     b[0, 1] = py
     b[0, 2] = pz
-    n, t0, s0 = _track_half(b, ub, rec, 1, px, py, pz, ux, uy, uz, state, sh, M, cbuf,
+    # np.int64(1), not the literal 1: a literal argument would compile a second _track_half
+    n, t0, s0 = _track_half(b, ub, rec, np.int64(1), px, py, pz, ux, uy, uz, state, sh, M, cbuf,
                             fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, roi_set, roi_bit,
                             roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
                             add_to_tck)  # fmt: skip
@@ -935,15 +950,21 @@ def _track_block(start, stop, L, seeds, dirs, out_n, out_seed, out_status, out_t
     state = np.zeros(3, dtype=np.int64)
     pts = np.empty((max(64, 16 * (stop - start)), 3), dtype=np.float32)
     used = 0
+    # typed (not literal) row and rec: the same _track_seed specialisation as _track_rows'
+    row0 = np.int64(0)
+    no_rec = np.bool_(False)
     for i in range(start, stop):
-        _track_seed(i, 0, seeds, dirs, scratch, no_u, False, out_n, out_seed, out_status,
+        _track_seed(i, row0, seeds, dirs, scratch, no_u, no_rec, out_n, out_seed, out_status,
                     out_term, out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint,
                     pflt, mstart, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off,
                     roi_mask, add_to_tck, cbuf, AL, state)  # fmt: skip
         n = out_n[i]
         if used + n > pts.shape[0]:
             grown = np.empty((max(2 * pts.shape[0], used + n), 3), dtype=np.float32)
-            grown[:used] = pts[:used]
+            for k in range(used):  # a loop: slice assignment compiles ~3 s of error formatting
+                grown[k, 0] = pts[k, 0]
+                grown[k, 1] = pts[k, 1]
+                grown[k, 2] = pts[k, 2]
             pts = grown
         for k in range(n):
             pts[used + k, 0] = scratch[0, k, 0]
