@@ -98,6 +98,7 @@ COMMON_DEFAULTS: dict = {
         "seed": 0,
         "mode": "joint",
         "eval_every": 5,
+        "converge_below": 1e-4,
         "image_every": 10,
         "checkpoint_every": 1,
         "path": "efficient",

@@ -74,6 +74,7 @@ class TrainSettings:
     eval_every: int = 5
     image_every: int = 0
     checkpoint_every: int = 1
+    converge_below: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> TrainSettings:
@@ -95,6 +96,7 @@ class TrainSettings:
             eval_every=max(int(f.get("eval_every", 5)), 1),
             image_every=max(int(f.get("image_every", 0)), 0),
             checkpoint_every=max(int(f.get("checkpoint_every", 1)), 1),
+            converge_below=max(float(f.get("converge_below", 0.0)), 0.0),
         )
 
     def lr_at(self, it: int) -> float:
@@ -106,6 +108,15 @@ class TrainSettings:
 
     def is_eval(self, it: int) -> bool:
         return (it + 1) % self.eval_every == 0 or it == self.iterations - 1
+
+    def converged(self, run: Mapping) -> bool:
+        """The stopping rule: the last evaluated selection loss is at most ``converge_below``
+        times the starting one (the data are fit; further steps could only wander over
+        values the data cannot tell apart). Off when ``converge_below`` is 0."""
+        last = run["history"][-1].get("loss/select") if run["history"] else None
+        sel0 = run.get("sel0")
+        return bool(self.converge_below and last is not None and sel0 and
+                    last <= self.converge_below * sel0)  # fmt: skip
 
 
 @dataclass
@@ -335,6 +346,7 @@ class Trainer:
                 "history": run["history"],
                 "best": best,
                 "evaluation": run["evaluation"],
+                "sel0": run.get("sel0"),
                 "extra": problem.extra_state(),
             },
         )
@@ -361,6 +373,7 @@ class Trainer:
             "history": list(st["history"]),
             "best": dict(st["best"]),
             "evaluation": dict(st.get("evaluation", {})),
+            "sel0": st.get("sel0"),
         }
 
     # -- the loop -------------------------------------------------------------------------------
@@ -374,10 +387,13 @@ class Trainer:
         if run is None:
             problem.check(self.world)
             sel0 = problem.selection_loss(self.world)
-            run = {"it0": 0, "history": [], "evaluation": {}, "best": self._best(sel0, 0, state)}
+            run = {"it0": 0, "history": [], "evaluation": {}, "best": self._best(sel0, 0, state),
+                   "sel0": sel0}  # fmt: skip
         bar = self._bar(run["it0"])
         stopped = False
         try:
+            if self.s.converged(run):  # resumed from a run that had converged
+                raise StopTraining("converged")
             for it in range(run["it0"], self.s.iterations):
                 self._iteration(it, problem, opts, run, bar)
         except StopTraining as why:
@@ -454,6 +470,11 @@ class Trainer:
             self._save(it + 1, problem, opts, run)
         for cb in self.callbacks:
             cb(it, step["loss"], rec)
+        if self.s.converged(run):
+            raise StopTraining(
+                f"converged: selection loss {rec['loss/select']:.4g} <= "
+                f"{self.s.converge_below:g} x its start {run['sel0']:.4g}"
+            )
 
     def _log(self, it: int, problem: Problem, out: StepOutput, rec: dict, bar) -> None:
         if self.logger is not None:

@@ -97,6 +97,24 @@ def test_early_stopping_and_all_streamlines_lost(tmp_path):
     assert load_checkpoint(ck)["iteration"] == 3
 
 
+def test_stops_once_converged_with_the_last_iterate_the_best(tmp_path):
+    """``converge_below``: the first evaluation whose selection loss is at most that fraction
+    of the start's ends the fit there, so the last iterate is the best; a resumed converged
+    run stops at once with the same result; 0 turns the rule off."""
+    ck = tmp_path / "ck.pt"
+    out = Trainer(_settings(iterations=200, converge_below=1e-2), checkpoint=ck).fit(VProblem())
+    sel = [h["loss/select"] for h in out.history]
+    sel0 = math.log(1 / 0.2)
+    assert out.stopped_early and out.iterations < 200
+    assert sel[-1] <= 1e-2 * sel0 < min(sel[:-1])  # stopped at the first one below
+    assert out.final_loss == out.best["loss"] == sel[-1]
+    again = Trainer(_settings(iterations=200, converge_below=1e-2), checkpoint=ck,
+                    resume=True).fit(VProblem())  # fmt: skip
+    assert again.iterations == out.iterations and again.final_values == out.final_values
+    off = Trainer(_settings(iterations=60, converge_below=0.0)).fit(VProblem())
+    assert not off.stopped_early and off.iterations == 60
+
+
 def test_extra_loss_term_enters_the_loss_and_the_log():
     p = VProblem()
     p.add_term("pull", lambda ctx: (ctx["values"]["step_mm"] - 0.5) ** 2, weight=2.0)
