@@ -112,8 +112,8 @@ def _assignment(args: argparse.Namespace) -> tuple[str, float]:
                 raise ConfigError(f"--assignment-{mode}-search must be >= 0 mm, got {value}")
             return mode, float(value)
     radius = 4.0 if args.assignment_radial_search is None else args.assignment_radial_search
-    if not (np.isfinite(radius) and radius > 0):
-        raise ConfigError(f"--assignment-radial-search must be > 0 mm, got {radius}")
+    if not (np.isfinite(radius) and radius >= 0):  # 0: as tck2connectome, nothing assigned
+        raise ConfigError(f"--assignment-radial-search must be >= 0 mm, got {radius}")
     return "radial", float(radius)
 
 

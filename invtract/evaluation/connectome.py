@@ -360,13 +360,14 @@ def assign_endpoints(
 
     Raises:
         ConfigError: unknown or list-valued ``assignment`` (``"all_voxels"``: use
-            :func:`assign_nodes`), a non-positive radius or a negative search distance.
+            :func:`assign_nodes`), a negative radius or search distance (a radius of 0 assigns
+            nothing, as in tck2connectome: the search keeps voxels strictly within it).
     """
     if assignment not in PAIR_ASSIGNMENTS:
         raise ConfigError(f"assignment must be one of {PAIR_ASSIGNMENTS}, got {assignment!r}")
     distance = float(np.float32(radius_mm))
-    if assignment == "radial" and not (np.isfinite(distance) and distance > 0):
-        raise ConfigError(f"radius_mm must be a positive number of mm, got {radius_mm}")
+    if assignment == "radial" and not (np.isfinite(distance) and distance >= 0):
+        raise ConfigError(f"radius_mm must be >= 0 mm, got {radius_mm}")
     if assignment in ("reverse", "forward") and not (np.isfinite(distance) and distance >= 0):
         raise ConfigError(f"the {assignment} search distance must be >= 0 mm, got {radius_mm}")
     vol = as_label_volume(labels)

@@ -73,7 +73,7 @@ def _errors(tmp_path):
                             FormatError, "non-negative"),
         "no labels": ([str(EDGE_TCK), str(_save(tmp_path / "z.nii", 0 * labels, np.int16))],
                       FormatError, "no labels"),
-        "bad radius": ([str(EDGE_TCK), str(PARC), "--assignment-radial-search", "0"], ConfigError,
+        "bad radius": ([str(EDGE_TCK), str(PARC), "--assignment-radial-search", "-1"], ConfigError,
                        "radial"),
     }  # fmt: skip
 

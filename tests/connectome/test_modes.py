@@ -129,7 +129,8 @@ def test_all_voxels_pairs_and_vector():
 
 @pytest.mark.skipif(not HAVE_MRTRIX, reason="MRtrix3 tck2connectome not on PATH")
 @pytest.mark.parametrize("opts", [["-assignment_forward_search", "4.3", "-vector"],
-                                  ["-assignment_reverse_search", "1.7"]])  # fmt: skip
+                                  ["-assignment_reverse_search", "1.7"],
+                                  ["-assignment_radial_search", "0"]])  # fmt: skip
 def test_live_other_distances(opts, shared_data, tmp_path):
     tck, parc, _ = _inputs("real_whole", shared_data)
     ref, out = tmp_path / "ref.csv", tmp_path / "out.csv"
@@ -138,3 +139,18 @@ def test_live_other_distances(opts, shared_data, tmp_path):
     assert main(["-q", "connectome", str(tck), str(parc), str(out), *opts]) == 0
     skip = 1 if "-vector" in opts else 0  # the vector's first line is the command history
     assert out.read_text().splitlines()[skip:] == ref.read_text().splitlines()[skip:]
+
+
+def test_radial_search_of_zero_assigns_nothing(shared_data, tmp_path):
+    """``-assignment_radial_search 0`` is accepted, as by tck2connectome 3.0.3, and like it
+    assigns no endpoint (the search keeps voxels strictly within the radius): a zero matrix."""
+    tck, parc, _ = _inputs("real_whole", shared_data)
+    out, assign = tmp_path / "out.csv", tmp_path / "a.txt"
+    argv = ["-q", "connectome", str(tck), str(parc), str(out), "-assignment_radial_search", "0"]
+    assert main([*argv, "-out_assignments", str(assign)]) == 0
+    mat = np.loadtxt(out, delimiter=",")
+    assert mat.size > 1 and not mat.any()
+    rows = [line for line in assign.read_text().splitlines() if not line.startswith("#")]
+    assert rows and set(rows) == {"0 0"}
+    with pytest.raises(ConfigError, match=">= 0"):
+        main([*argv[:-1], "-1", "--debug"])
