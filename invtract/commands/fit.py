@@ -609,6 +609,8 @@ def _collect_overrides(args, over: dict | None = None) -> dict:
         k, v = item.split("=", 1)
         set_dotted(over, k.strip(), parse_value(v))
     set_dotted(over, "fit.learn", _LEARN[args.fit])
+    if getattr(args, "signal_spatial", None) is not None:
+        set_dotted(over, "signal.spatial", args.signal_spatial)
     if args.iterations is not None:
         set_dotted(over, "fit.iterations", args.iterations)
     if args.device:

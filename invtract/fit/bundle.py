@@ -120,6 +120,7 @@ class BundleProblem(Problem):
         st = self.state
         if signal is None or st.delta is None:
             return None
+        signal.spatial = float(self.config.get("signal", {}).get("spatial", 0.0))
         hook = getattr(signal, "gradient_hook", lambda _: None)(st.sh0_flat[st.voxels])
         if hook is not None:
             st.delta.register_hook(hook)

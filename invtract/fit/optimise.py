@@ -132,6 +132,9 @@ DEFAULT_CONFIG: dict = {
     "fit": {**COMMON_DEFAULTS["fit"], "seeds_per_iteration": 32, "heldout_fraction": 0.2},
     "temperature": {**COMMON_DEFAULTS["temperature"], "margin_start": 0.1, "margin_end": 0.003},
     "fod": {"margin_vox": 1},
+    # the diffusion-signal term of --dwi (invtract.fit.signal_term): spatial coupling of the
+    # learned voxels' l >= 4 coefficients to their 6 neighbours (0: off); --signal-spatial W
+    "signal": {"spatial": 0.3},
     "loss": {
         "n_points": 16,
         "temperature_mm": 0.5,
@@ -190,7 +193,7 @@ RULES: dict = {
             "loss.temperature_mm",
             "loss.radius_mm",
         ],  # fmt: skip
-        non_negative=["fod.margin_vox"],
+        non_negative=["fod.margin_vox", "signal.spatial"],
         unit=["fit.heldout_fraction"],
         choices={"optimizer.name": ("signum", "adam", "sgd")},
         at_least={"fit.seeds_per_iteration": 1, "loss.n_points": 2, "loss.sphere_points": 4},

@@ -258,11 +258,11 @@ def add_signal_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--signal-spatial",
         type=float,
-        default=0.3,
+        default=None,
         metavar="W",
         help="with --dwi: couple the learned voxels' l >= 4 coefficients to their 6 neighbours "
-        "(W x sum of squared differences per voxel, added to the signal term; 0: off; "
-        "default 0.3, see docs/csd.md)",
+        "(W x sum of squared differences per voxel, added to the signal term; 0: off); the "
+        "config key [signal] spatial (default 0.3, see docs/csd.md), which this overrides",
     )
     g.add_argument(
         "--fod-updates",
@@ -371,7 +371,6 @@ def _build_from_args(args, fod_image, keep_csd: bool) -> SignalTerm:
     )
     term.grid = (tuple(dwi.data.shape[:3]), dwi.affine)
     term.updates = getattr(args, "fod_updates", "free") or "free"
-    term.spatial = float(getattr(args, "signal_spatial", 0.0) or 0.0)
     return term
 
 

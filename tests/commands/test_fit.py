@@ -52,6 +52,32 @@ def _result(run):
     return json.loads((run / "result.json").read_text())
 
 
+def test_signal_spatial_is_a_config_key_the_flag_overrides(
+    tmp_path, small_target, dwi_inputs, capsys
+):
+    """[signal] spatial: --signal-spatial W and --set signal.spatial=W both set it (recorded in
+    config.toml), it weighs the coupling inside loss/signal, and a negative weight is refused."""
+    dwi, resp, mask = dwi_inputs
+    base = ["--fit", "fod", "--dwi", dwi, "--response", resp, "--mask", mask]
+    sig = {}
+    for name, extra in (
+        ("off", ["--signal-spatial", "0"]),
+        ("big", ["--set", "signal.spatial=50"]),
+    ):
+        run = tmp_path / name
+        assert main(_quick(small_target, run, base + extra)) == 0
+        from invtract.fit.config import read_toml
+
+        assert read_toml(run / "config.toml")["signal"]["spatial"] == (
+            0.0 if name == "off" else 50.0
+        )
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        sig[name] = lines[-1]["loss/signal"]
+    assert sig["big"] != pytest.approx(sig["off"], rel=1e-6)
+    assert main(_quick(small_target, tmp_path / "neg", base + ["--signal-spatial", "-1"])) != 0
+    assert "signal.spatial" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "resume_with", [[], pytest.param(["--nproc", "2"], marks=pytest.mark.slow)], ids=["1", "2"]
 )
@@ -244,6 +270,7 @@ def test_dwi_adds_the_signal_term_to_the_fod_fit(tmp_path, small_target, dwi_inp
 
     rec = read_toml(run / "config.toml")
     assert rec["loss"]["weights"]["signal"] == 5.0 and rec["loss"]["weights"]["prior"] == 0.0
+    assert rec["signal"]["spatial"] == 0.3  # the config key's default
     assert rec["inputs"]["dwi"].endswith("dwi.mif") and rec["inputs"]["config"].endswith(
         "fit_fod_dwi.toml"
     )
