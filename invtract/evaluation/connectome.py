@@ -67,6 +67,7 @@ __all__ = [
     "radial_search_offsets",
     "assign_endpoints",
     "assign_nodes",
+    "point_labels",
     "mrtrix_lengths",
     "edge_factors",
     "accumulate_edges",
@@ -235,6 +236,39 @@ def _lookup(vol: LabelVolume, vox: np.ndarray) -> np.ndarray:
     return out
 
 
+def point_labels(vol: LabelVolume, points: np.ndarray) -> np.ndarray:
+    """``[P]`` int64 label of the voxel holding each point ``[P, 3]`` (scanner mm).
+
+    The voxel is ``round(scanner2voxel @ p)`` (float64 from the stored points, summed left to
+    right like Eigen, halves away from zero); 0 outside the image or for a non-finite point.
+    Column by column, in place, with one unsigned bounds test per axis: the fast form of
+    :func:`_round_half_away` and :func:`_lookup` for every vertex of a tractogram.
+    """
+    pts = np.asarray(points)
+    coords = [pts[:, i].astype(np.float64) for i in range(3)]
+    m = vol.scanner2voxel
+    dims = vol.labels.shape
+    strides = (dims[1] * dims[2], dims[2], 1)
+    flat = np.zeros(pts.shape[0], dtype=np.int64)
+    inside = np.ones(pts.shape[0], dtype=bool)
+    with np.errstate(invalid="ignore"):  # NaN / inf -> a huge index, outside
+        for r in range(3):
+            c = m[r, 0] * coords[0]
+            c += m[r, 1] * coords[1]
+            c += m[r, 2] * coords[2]
+            c += m[r, 3]
+            t = np.trunc(c)
+            c -= t  # exact: the fractional part, with the sign of c
+            t += c >= 0.5
+            t -= c <= -0.5
+            index = t.astype(np.int64)
+            inside &= index.view(np.uint64) < dims[r]  # negatives wrap to huge values
+            index *= strides[r]
+            flat += index
+    labels = np.ascontiguousarray(vol.labels).ravel()
+    return np.where(inside, labels[np.where(inside, flat, 0)], 0)
+
+
 def _endpoints(tracks: Packed) -> np.ndarray:
     """``[S, 2, 3]`` float64 first and last vertex of each streamline (NaN when it has none)."""
     lengths = tracks.lengths
@@ -381,9 +415,7 @@ def assign_endpoints(
         return search(vol, tracks, distance)
     flat = _endpoints(tracks).reshape(-1, 3)
     if assignment == "end_voxels":
-        ok = np.all(np.isfinite(flat), axis=1)
-        vox = _round_half_away(_apply_affine(vol.scanner2voxel, np.where(ok[:, None], flat, 0)))
-        nodes = np.where(ok, _lookup(vol, vox), 0)
+        nodes = point_labels(vol, flat)
     else:
         nodes = _radial_nodes(vol, flat, distance, chunk_size)
     return nodes.reshape(-1, 2)
@@ -499,9 +531,13 @@ def _node_volume_sums(nodes, node_volumes: np.ndarray) -> tuple[np.ndarray, np.n
     """
     if isinstance(nodes, np.ndarray):
         return np.full(nodes.shape[0], 2.0), node_volumes[nodes[:, 0]] + node_volumes[nodes[:, 1]]
-    count = np.array([n.size for n in nodes], dtype=np.float64)
-    total = np.array([float(node_volumes[n].sum()) for n in nodes], dtype=np.float64)
-    return count, total
+    from .connectome_modes import pack_lists
+
+    flat, counts = pack_lists(nodes)
+    owner = np.repeat(np.arange(counts.shape[0]), counts)
+    # integer voxel counts: exact in float64 whatever the order of the sum
+    total = np.bincount(owner, weights=node_volumes[flat], minlength=counts.shape[0])
+    return counts.astype(np.float64), total
 
 
 # ------------------------------------------------------------------------------------------
@@ -583,15 +619,18 @@ def accumulate_connectome(
         pairs, owner = nodes, np.arange(nodes.shape[0])
         if vector:
             pairs = np.stack([np.zeros_like(nodes[:, 1]), nodes[:, 1]], axis=1)
-    elif vector:
-        lists = [n if n.size else np.zeros(1, np.int64) for n in nodes]
-        owner = np.repeat(np.arange(len(lists)), [n.size for n in lists])
-        targets = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-        pairs = np.stack([np.zeros_like(targets), targets], axis=1)
     else:
-        from .connectome_modes import node_list_pairs
+        from .connectome_modes import pack_lists, packed_pairs
 
-        pairs, owner = node_list_pairs(nodes)
+        flat, counts = pack_lists(nodes)
+        if vector:  # every node of the list; 0 for an empty list
+            width = np.maximum(counts, 1)
+            targets = np.zeros(int(width.sum()), dtype=np.int64)
+            targets[~np.repeat(counts == 0, width)] = flat
+            owner = np.repeat(np.arange(counts.shape[0]), width)
+            pairs = np.stack([np.zeros_like(targets), targets], axis=1)
+        else:
+            pairs, owner = packed_pairs(flat, counts)
     full = accumulate_edges(pairs, factors[owner], weights[owner], n_nodes, statistic)
     return full[0] if vector else full
 
