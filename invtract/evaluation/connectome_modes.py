@@ -28,11 +28,10 @@ from zero, like the radial search in :mod:`invtract.evaluation.connectome`.
 
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 
-from .connectome import LabelVolume, _apply_affine, _round_half_away, point_labels
+from .connectome import LabelVolume, point_labels
+from .connectome_forward import forward_search_nodes
 from .tracks import Packed
 
 __all__ = [
@@ -46,14 +45,6 @@ __all__ = [
     "node_list_pairs",
     "segment_norms",
 ]
-
-#: forward search cone half-angle (``Math::pi_4``)
-_ANGLE_LIMIT = np.pi / 4
-#: the 27 offsets of a voxel's neighbourhood, z outer, x inner (MRtrix's loop order)
-_NEIGHBOURS = np.stack(
-    np.meshgrid(np.arange(-1, 2), np.arange(-1, 2), np.arange(-1, 2), indexing="ij")[::-1],
-    axis=-1,
-).reshape(-1, 3)
 
 
 def segment_norms(points: np.ndarray) -> np.ndarray:
@@ -127,91 +118,6 @@ def reverse_search_nodes(vol: LabelVolume, tracks: Packed, max_dist: float) -> n
         found2[walk] &= ~_walk_exceeds(segs, last[walk] - 1, -1, steps, max_dist)
     out[:, 0] = np.where(found, labels[at], 0)
     out[:, 1] = np.where(found2, labels[at2], 0)
-    return out
-
-
-def _tangent(pts: np.ndarray) -> np.ndarray:
-    """Unit tangent at ``pts[0]`` pointing away from ``pts[1]`` (float64), NaN for one vertex."""
-    if pts.shape[0] < 2:
-        return np.full(3, np.nan)
-    last = (pts[0] - pts[1]).astype(np.float64)
-    if pts.shape[0] > 2:
-        second = (pts[1] - pts[2]).astype(np.float64)
-        ratio = _norm(last) / _norm(second)
-        t = last + (last - second * ratio)
-    else:
-        t = last
-    z = t[0] * t[0] + t[1] * t[1] + t[2] * t[2]
-    return t / np.sqrt(z) if z > 0 else t
-
-
-def _norm(v: np.ndarray) -> float:
-    """Eigen's ``Vector3d::norm`` order: ``sqrt((x^2 + y^2) + z^2)``."""
-    return float(np.sqrt(v[..., 0] * v[..., 0] + v[..., 1] * v[..., 1] + v[..., 2] * v[..., 2]))
-
-
-def _costs(vol: LabelVolume, p: np.ndarray, t: np.ndarray, vox: np.ndarray, max_dist: float):
-    """float32 forward-search cost of voxels ``vox [K, 3]`` (NaN: outside the cone / too far)."""
-    offset = _apply_affine(vol.voxel2scanner, vox.astype(np.float64)) - p
-    sq = offset[:, 0] * offset[:, 0] + offset[:, 1] * offset[:, 1] + offset[:, 2] * offset[:, 2]
-    dist = np.sqrt(sq)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        unit = np.where(sq[:, None] > 0, offset / dist[:, None], offset)
-        cosine = t[0] * unit[:, 0] + t[1] * unit[:, 1] + t[2] * unit[:, 2]
-        angle = np.arccos(cosine)
-        cf = dist * (1.0 + angle / _ANGLE_LIMIT)
-        bad = ~(angle <= _ANGLE_LIMIT) & ~np.isnan(angle)  # angle > limit
-        cf = np.where(bad | (cf > max_dist), np.nan, cf)
-    return cf.astype(np.float32)
-
-
-def _forward_one(vol: LabelVolume, pts: np.ndarray, max_dist: float) -> int:
-    """Forward-search node of the endpoint ``pts[0]`` (``pts``: the streamline from there)."""
-    p = pts[0].astype(np.float64)
-    t = _tangent(pts[:3])
-    start = tuple(_round_half_away(_apply_affine(vol.scanner2voxel, p[None]))[0].tolist())
-    shape = vol.shape
-    inside = all(0 <= start[i] < shape[i] for i in range(3))
-    if not inside:
-        return 0
-    visited = {start}
-    queue = [(0.0, start)]
-    queued_keys = {0.0}
-    while queue:
-        key, voxel = heapq.heappop(queue)
-        queued_keys.discard(key)
-        if not all(0 <= voxel[i] < shape[i] for i in range(3)):
-            continue
-        label = int(vol.labels[voxel])
-        if label:
-            return label
-        fresh = [v for v in map(tuple, (np.asarray(voxel) + _NEIGHBOURS).tolist())
-                 if v not in visited]  # fmt: skip
-        visited.update(fresh)
-        costs = _costs(vol, p, t, np.asarray(fresh, dtype=np.int64), max_dist)
-        for v, c in zip(fresh, costs.tolist()):
-            if np.isfinite(c) and c not in queued_keys:
-                queued_keys.add(c)
-                heapq.heappush(queue, (c, v))
-    return 0
-
-
-def forward_search_nodes(vol: LabelVolume, tracks: Packed, max_dist: float) -> np.ndarray:
-    """``[S, 2]`` nodes by forward search (``-assignment_forward_search max_dist``).
-
-    Args:
-        vol: the parcellation.
-        tracks: streamlines, scanner mm (float32 as in the file).
-        max_dist: the float32 search length in mm as a Python float.
-    """
-    pts = np.asarray(tracks.points, dtype=np.float32)
-    out = np.zeros((len(tracks), 2), dtype=np.int64)
-    for s, (start, n) in enumerate(zip(tracks.first.tolist(), tracks.lengths.tolist())):
-        if n == 0:
-            continue
-        line = pts[start : start + n]
-        out[s, 0] = _forward_one(vol, line, max_dist)
-        out[s, 1] = _forward_one(vol, line[::-1], max_dist)
     return out
 
 
