@@ -159,6 +159,26 @@ def _offset_table(vol: LabelVolume, max_dist: float) -> np.ndarray:
     return table[keep].astype(np.int64)
 
 
+def _near_cone(vol, p, t, start, table, max_dist) -> tuple[np.ndarray, np.ndarray]:
+    """``(endpoint, offset)`` index pairs that may pass: a cheap superset of the voxels with a
+    finite cost (centre within ``max_dist``, less than about 45.6 degrees off the tangent),
+    from approximate offsets ``(A start + b - p) + A o``; the exact test is
+    :func:`forward_costs`."""
+    linear = vol.voxel2scanner[:, :3]
+    base = start.astype(np.float64) @ linear.T + vol.voxel2scanner[:, 3] - p  # [B, 3]
+    reach = table.astype(np.float64) @ linear.T  # [K, 3]
+    sq = np.zeros((p.shape[0], table.shape[0]))
+    dot = np.zeros_like(sq)
+    for i in range(3):
+        d = base[:, i, None] + reach[None, :, i]
+        sq += d * d
+        dot += t[:, i, None] * d
+    limit = (max_dist * (1 + 1e-6) + 1e-6) ** 2
+    with np.errstate(invalid="ignore"):  # NaN tangents: nothing passes
+        maybe = (dot > 0) & (dot * dot >= 0.49 * sq) & (sq <= limit)
+    return np.nonzero(maybe)
+
+
 def _candidates(vol, p, t, start, table, max_dist):
     """Each endpoint's passing voxels sorted by (cost, z, y, x).
 
@@ -166,15 +186,20 @@ def _candidates(vol, p, t, start, table, max_dist):
         ``(offsets [B, W, 3], cost [B, W] float32, passing [B, W])``, W the most passing
         voxels of an endpoint.
     """
-    cost = forward_costs(
-        vol, p[:, None, :], t[:, None, :], start[:, None, :] + table[None], max_dist
-    )
-    passing = np.isfinite(cost)
-    order = np.argsort(np.where(passing, cost, np.inf), axis=1, kind="stable")
-    width = int(passing.sum(axis=1).max()) if cost.size else 0
-    order = order[:, :width]
-    cost = np.take_along_axis(cost, order, axis=1)
-    return table[order], cost, np.isfinite(cost)
+    row, k = _near_cone(vol, p, t, start, table, max_dist)  # k ascending within a row
+    cost = forward_costs(vol, p[row], t[row], start[row] + table[k], max_dist)
+    keep = np.isfinite(cost)
+    row, k, cost = row[keep], k[keep], cost[keep]
+    order = np.lexsort((cost, row))  # by row, then cost, then table order
+    row, k, cost = row[order], k[order], cost[order]
+    count = np.bincount(row, minlength=p.shape[0])
+    width = int(count.max()) if count.size else 0
+    rank = np.arange(row.size) - (np.cumsum(count) - count)[row]
+    offsets = np.zeros((p.shape[0], width, 3), dtype=np.int64)
+    costs = np.full((p.shape[0], width), np.nan, dtype=np.float32)
+    offsets[row, rank] = table[k]
+    costs[row, rank] = cost
+    return offsets, costs, np.isfinite(costs)
 
 
 def _lock_step(labels, offsets, passing) -> np.ndarray:
@@ -191,27 +216,36 @@ def _lock_step(labels, offsets, passing) -> np.ndarray:
     """
     B = labels.shape[0]
     nodes = np.zeros(B, dtype=np.int64)
+    ids = np.arange(B)  # the endpoint of each working row (rows leave once done)
+    off = offsets.astype(np.int16).transpose(2, 0, 1).copy()  # [3, B, W]: one plane per axis
     visited = ~passing
     queued = np.zeros_like(passing)
-    rows = np.arange(B)
-    centre = np.zeros((B, 3), dtype=offsets.dtype)  # the start voxel is expanded first
+    size = np.zeros(B, dtype=np.int64)  # queue length
+    grow = np.arange(B)  # rows whose popped voxel is expanded (first: the start voxel)
+    centre = np.zeros((3, B), dtype=off.dtype)
     while True:
-        near = np.all(np.abs(offsets[rows] - centre[:, None, :]) <= 1, axis=2)
-        fresh = near & ~visited[rows]
-        visited[rows] |= fresh
-        queued[rows] |= fresh
-        active = np.flatnonzero(queued.any(axis=1))  # the endpoints still searching
-        if active.size == 0:
+        fresh = ~visited[grow]
+        for axis in range(3):  # 26-neighbours: every coordinate within 1
+            fresh &= np.abs(off[axis, grow] - centre[axis, :, None]) <= 1
+        visited[grow] |= fresh
+        queued[grow] |= fresh
+        size[grow] += np.count_nonzero(fresh, axis=1)
+        live = size > 0
+        if not live.all():  # drop finished rows from every working array
+            ids, off, labels = ids[live], off[:, live], labels[live]
+            visited, queued, size = visited[live], queued[live], size[live]
+        if ids.size == 0:
             return nodes
-        pos = np.argmax(queued[active], axis=1)  # the cheapest queued voxel
-        queued[active, pos] = False
-        label = labels[active, pos]
-        nodes[active] = np.maximum(label, 0)
-        done = label > 0
-        queued[active[done]] = False  # found: this endpoint's search ends
-        expand = label == 0  # -1: outside the image, popped but not expanded
-        rows = active[expand]
-        centre = offsets[rows, pos[expand]]
+        rows = np.arange(ids.size)
+        pos = np.argmax(queued, axis=1)  # the cheapest queued voxel
+        queued[rows, pos] = False
+        size -= 1
+        label = labels[rows, pos]
+        found = label > 0
+        nodes[ids[found]] = label[found]
+        size[found] = 0  # its search ends
+        grow = np.flatnonzero(label == 0)  # -1: outside the image, popped, not expanded
+        centre = off[:, grow, pos[grow]]
 
 
 def _search_block(vol, p, t, start, table, max_dist) -> np.ndarray:
