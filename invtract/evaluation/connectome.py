@@ -236,19 +236,30 @@ def _lookup(vol: LabelVolume, vox: np.ndarray) -> np.ndarray:
     return out
 
 
-def point_labels(vol: LabelVolume, points: np.ndarray) -> np.ndarray:
+def point_labels(vol: LabelVolume, points: np.ndarray, *, chunk: int = 1 << 14) -> np.ndarray:
     """``[P]`` int64 label of the voxel holding each point ``[P, 3]`` (scanner mm).
 
     The voxel is ``round(scanner2voxel @ p)`` (float64 from the stored points, summed left to
     right like Eigen, halves away from zero); 0 outside the image or for a non-finite point.
-    Column by column, in place, with one unsigned bounds test per axis: the fast form of
-    :func:`_round_half_away` and :func:`_lookup` for every vertex of a tractogram.
+    Column by column, in place, with one unsigned bounds test per axis, ``chunk`` points at a
+    time (the temporaries stay in cache): the fast form of :func:`_round_half_away` and
+    :func:`_lookup` for every vertex of a tractogram.
     """
     pts = np.asarray(points)
-    coords = [pts[:, i].astype(np.float64) for i in range(3)]
+    out = np.empty(pts.shape[0], dtype=np.int64)
+    labels = np.ascontiguousarray(vol.labels).ravel()
+    for s in range(0, pts.shape[0], chunk):
+        inside, flat = _voxel_index(vol, pts[s : s + chunk])
+        out[s : s + chunk] = np.where(inside, labels[np.where(inside, flat, 0)], 0)
+    return out
+
+
+def _voxel_index(vol: LabelVolume, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(inside [P] bool, flat [P] int64)``: each point's voxel as a C-order index."""
     m = vol.scanner2voxel
     dims = vol.labels.shape
     strides = (dims[1] * dims[2], dims[2], 1)
+    coords = [pts[:, i].astype(np.float64) for i in range(3)]
     flat = np.zeros(pts.shape[0], dtype=np.int64)
     inside = np.ones(pts.shape[0], dtype=bool)
     with np.errstate(invalid="ignore"):  # NaN / inf -> a huge index, outside
@@ -265,8 +276,7 @@ def point_labels(vol: LabelVolume, points: np.ndarray) -> np.ndarray:
             inside &= index.view(np.uint64) < dims[r]  # negatives wrap to huge values
             index *= strides[r]
             flat += index
-    labels = np.ascontiguousarray(vol.labels).ravel()
-    return np.where(inside, labels[np.where(inside, flat, 0)], 0)
+    return inside, flat
 
 
 def _endpoints(tracks: Packed) -> np.ndarray:
@@ -448,7 +458,7 @@ def mrtrix_lengths(streamlines, *, max_elements: int = 1 << 24) -> np.ndarray:
 
     Args:
         streamlines: streamlines in scanner mm (see :func:`~invtract.evaluation.tracks.as_packed`).
-        max_elements: largest padded ``[chunk, L]`` block summed at once.
+        max_elements: accepted for compatibility (the sums are no longer padded blocks).
 
     Returns:
         ``[S]`` float32 lengths in mm (0 for one vertex, NaN for none, as MRtrix).
@@ -461,17 +471,31 @@ def mrtrix_lengths(streamlines, *, max_elements: int = 1 << 24) -> np.ndarray:
         return out
     diff = pts[1:] - pts[:-1]
     seg = np.sqrt(diff[:, 0] * diff[:, 0] + (diff[:, 1] * diff[:, 1] + diff[:, 2] * diff[:, 2]))
-    first = tracks.first
-    width = max(int(n.max()) - 1, 1)
-    step = max(1, max_elements // width)
-    for s in range(0, len(tracks), step):
-        idx = np.arange(s, min(len(tracks), s + step))
-        cols = np.arange(width)
-        valid = cols[None, :] < (n[idx, None] - 1)
-        where = np.where(valid, first[idx, None] + cols[None, :], 0)
-        block = np.where(valid, seg[np.minimum(where, max(seg.size - 1, 0))], np.float32(0))
-        total = np.add.accumulate(block, axis=1, dtype=np.float32)[:, -1]
-        out[idx] = np.where(n[idx] > 0, total, np.nan)
+    out[n > 1] = _sequential_sums(seg, tracks.first[n > 1], n[n > 1] - 1)
+    return out
+
+
+def _sequential_sums(values: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """``values[start[i] : start[i] + count[i]].sum()`` for every i, each added in order in
+    the dtype of ``values`` (as a C++ loop would), without padding.
+
+    Rows sorted longest first: at step j every row longer than j adds its j-th value (a
+    prefix of the sorted rows); the last few long rows are finished one by one.
+    """
+    order = np.argsort(-count, kind="stable")
+    first, size = start[order], count[order]
+    total = np.zeros(order.size, dtype=values.dtype)
+    active = np.searchsorted(-size, -np.arange(int(size[0]) if size.size else 0), side="left")
+    j = 0
+    while j < active.size and active[j] > 32:
+        k = active[j]
+        total[:k] += values[first[:k] + j]
+        j += 1
+    for i in range(int(active[j]) if j < active.size else 0):  # rows still longer than j
+        rest = values[first[i] + j : first[i] + size[i]]
+        total[i] = np.add.accumulate(np.concatenate([total[i : i + 1], rest]))[-1]
+    out = np.empty_like(total)
+    out[order] = total
     return out
 
 
