@@ -100,7 +100,6 @@ def reverse_search_nodes(vol: LabelVolume, tracks: Packed, max_dist: float) -> n
     hits = np.flatnonzero(labels > 0)
     if hits.size == 0:
         return out
-    segs = segment_norms(tracks.points) if tracks.points.shape[0] > 1 else np.zeros(1, np.float32)
     last = first + n - 1
     # first end: vertices first .. first + (n + 1) // 2 - 1, walked forwards
     k = np.minimum(np.searchsorted(hits, first), hits.size - 1)
@@ -111,6 +110,7 @@ def reverse_search_nodes(vol: LabelVolume, tracks: Packed, max_dist: float) -> n
     at2 = hits[np.maximum(k2, 0)]
     found2 = (n > 0) & (k2 >= 0) & (at2 <= last) & (at2 > last - (n - 1 - n // 2))
     if max_dist:
+        segs = segment_norms(tracks.points)
         walk = np.flatnonzero(found & (at > first))
         found[walk] &= ~_walk_exceeds(segs, first[walk], 1, at[walk] - first[walk], max_dist)
         walk = np.flatnonzero(found2 & (at2 < last))

@@ -135,6 +135,8 @@ def load_packed(path: str | os.PathLike) -> Packed:
         lengths = np.fromiter((len(s) for s in lines), dtype=np.int64, count=len(lines))
         points = np.concatenate(lines) if lines else np.zeros((0, 3))
         packed = Packed(points.astype(np.float32).reshape(-1, 3), lengths)
+    if np.isfinite(packed.points.ravel()).all():  # (a reduction over rows of 3 is 20x slower)
+        return packed
     bad = ~np.isfinite(packed.points).all(axis=1)
     if bad.any():
         raise FormatError(
