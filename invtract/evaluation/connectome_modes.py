@@ -24,6 +24,11 @@ from zero, like the radial search in :mod:`invtract.evaluation.connectome`.
 * **All voxels** (``-assignment_all_voxels``): the sorted set of labels of the voxels holding
   any vertex. Each streamline then adds to every pair ``(a, b)``, ``a <= b``, of its set (the
   diagonal included); a single node adds to ``(0, a)``; an empty set to ``(0, 0)``.
+
+Every mode works on all streamlines at once (numpy, no per-streamline Python loop): the
+reverse search by binary search in the sorted indices of labelled vertices, the all-voxels
+lists as packed arrays (:func:`all_voxel_flat`, :func:`packed_pairs`), the forward search in
+lock step over all endpoints (:mod:`invtract.evaluation.connectome_forward`).
 """
 
 from __future__ import annotations
