@@ -135,12 +135,34 @@ def all_voxel_flat(vol: LabelVolume, tracks: Packed) -> tuple[np.ndarray, np.nda
     labels = point_labels(vol, tracks.points)
     owner = np.repeat(np.arange(len(tracks), dtype=np.int64), tracks.lengths)
     keep = labels > 0
-    key = owner[keep] * (vol.n_nodes + 1) + labels[keep]
-    if key.size:  # vertices in a row mostly share a voxel: drop repeats before sorting
-        key = key[np.concatenate([[True], key[1:] != key[:-1]])]
-    key = np.unique(key)
-    counts = np.bincount(key // (vol.n_nodes + 1), minlength=len(tracks)).astype(np.int64)
-    return key % (vol.n_nodes + 1), counts
+    owner, labels = owner[keep], labels[keep]
+    if labels.size:  # vertices in a row mostly share a voxel: drop repeats first
+        change = np.concatenate([[True], (labels[1:] != labels[:-1]) | (owner[1:] != owner[:-1])])
+        owner, labels = owner[change], labels[change]
+    width = vol.n_nodes + 1
+    if len(tracks) * width <= 8 * labels.size + (1 << 16):  # few nodes: mark a dense table
+        return _distinct_dense(owner, labels, len(tracks), width)
+    key = np.unique(owner * width + labels)  # sorted by streamline, then label
+    counts = np.bincount(key // width, minlength=len(tracks)).astype(np.int64)
+    return key % width, counts
+
+
+def _distinct_dense(owner, labels, S: int, width: int, block: int = 1 << 22):
+    """:func:`all_voxel_flat`'s sorted distinct labels per streamline from a ``[S, width]``
+    table of marks, filled and read ``block`` entries at a time."""
+    rows = max(1, block // width)
+    cuts = np.searchsorted(owner, np.arange(0, S + rows, rows))
+    nodes, counts = [], np.zeros(S, dtype=np.int64)
+    for b, (lo, hi) in enumerate(zip(cuts[:-1].tolist(), cuts[1:].tolist())):
+        first = b * rows
+        n = min(rows, S - first)
+        if n <= 0:
+            break
+        marks = np.zeros((n, width), dtype=bool)
+        marks[owner[lo:hi] - first, labels[lo:hi]] = True
+        counts[first : first + n] = np.count_nonzero(marks, axis=1)
+        nodes.append(np.nonzero(marks)[1])
+    return (np.concatenate(nodes) if nodes else np.zeros(0, np.int64)), counts
 
 
 def split_lists(nodes: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
