@@ -26,6 +26,7 @@ from invtract.evaluation.connectome_forward import (
     forward_search_nodes,
 )
 from invtract.evaluation.connectome_modes import (
+    all_voxel_nodes,
     node_list_pairs,
     reverse_search_nodes,
     segment_norms,
@@ -165,3 +166,21 @@ def test_live_modes_on_a_larger_tractogram(opts, shifted_whole, tmp_path):
 def _parc():
     img = nib.load(str(FIXTURES / "real_msmt15_parc.nii.gz"))
     return as_label_volume((np.asanyarray(img.dataobj), img.affine))
+
+
+@pytest.mark.parametrize("big_label", [False, True])
+def test_all_voxel_lists_match_sets(big_label):
+    """Both ways of finding each streamline's distinct labels (a dense table of marks for few
+    nodes, sorting for many) give the sorted set of its vertices' labels."""
+    vol, tracks = _random_case(6, 0.3, "iso")
+    if big_label:  # one voxel labelled 2,000,000: far too many nodes for a dense table
+        labels = vol.labels.copy()
+        labels[0, 0, 0] = 2_000_000
+        vol = as_label_volume((labels, vol.affine))
+    lists = all_voxel_nodes(vol, tracks)
+    per_vertex = point_labels(vol, tracks.points)
+    ends = np.cumsum(tracks.lengths)
+    want = [sorted(set(per_vertex[e - n : e].tolist()) - {0})
+            for e, n in zip(ends.tolist(), tracks.lengths.tolist())]  # fmt: skip
+    assert [x.tolist() for x in lists] == want
+    assert sum(len(w) > 1 for w in want) >= 10  # lists of several nodes
