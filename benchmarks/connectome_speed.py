@@ -4,7 +4,8 @@ For each assignment mode (radial search, end voxels, reverse search unlimited an
 forward search, all voxels) and each tractogram (default: the shared ``real_msmt15/whole.tck``,
 7132 streamlines, with the committed block parcellation; then a large one), it times:
 
-* ``tck2connectome`` as a whole process (``-quiet -force``, MRtrix's default threads);
+* ``tck2connectome`` as a whole process (``-quiet -force``, MRtrix's default threads), wall
+  and CPU time (user + system, all threads: steadier than wall time on a loaded machine);
 * ``invtract connectome`` as a whole process: a fresh interpreter, ``python -m invtract.cli``
   (the console script without its shell shim), so start-up, imports, reading, assignment and
   writing all count;
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -54,10 +56,19 @@ MODES: dict[str, list[str]] = {
 }
 
 
-def _wall(cmd: list[str]) -> float:
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """``(wall, cpu)`` seconds of a child process (cpu: user + system, all its threads; less
+    disturbed than wall time on a loaded machine)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _wall(cmd: list[str]) -> float:
+    return _timed(cmd)[0]
 
 
 def _in_process(argv: list[str]) -> float:
@@ -83,10 +94,12 @@ def _case(tracks: Path, parc: Path, opts: list[str], repeats: int, work: Path) -
     argv = ["-q", "connectome", str(tracks), str(parc), str(out), "-force", *opts]
     ours = [sys.executable, "-m", "invtract.cli", *argv]
     _wall(mrtrix), _wall(ours), _in_process(argv)  # warm page cache, pyc and module caches
-    t_mrtrix, t_ours, t_in = [], [], []
+    t_mrtrix, t_ours, t_in, cpu_mrtrix, cpu_ours = [], [], [], [], []
     for _ in range(max(1, repeats)):
-        t_mrtrix.append(_wall(mrtrix))
-        t_ours.append(_wall(ours))
+        for times, cpus, cmd in ((t_mrtrix, cpu_mrtrix, mrtrix), (t_ours, cpu_ours, ours)):
+            wall, cpu = _timed(cmd)
+            times.append(wall)
+            cpus.append(cpu)
         t_in.append(_in_process(argv))
     identical = ref.read_bytes() == out.read_bytes()
     return {
@@ -94,6 +107,8 @@ def _case(tracks: Path, parc: Path, opts: list[str], repeats: int, work: Path) -
         "repeats": len(t_ours),
         "tck2connectome_s": _median(t_mrtrix),
         "invtract_process_s": _median(t_ours),
+        "tck2connectome_cpu_s": _median(cpu_mrtrix),
+        "invtract_process_cpu_s": _median(cpu_ours),
         "invtract_in_process_s": _median(t_in),
         "ratio_process": round(statistics.median(t_ours) / statistics.median(t_mrtrix), 2),
         "ratio_in_process": round(statistics.median(t_in) / statistics.median(t_mrtrix), 2),
