@@ -63,13 +63,14 @@ def segment_norms(points: np.ndarray) -> np.ndarray:
 
 
 def _walk_exceeds(
-    segs: np.ndarray, start: np.ndarray, step: int, count: np.ndarray, max_dist: float
+    points: np.ndarray, start: np.ndarray, step: int, count: np.ndarray, max_dist: float
 ) -> np.ndarray:
-    """Whether a walk of ``count [R]`` segments from ``segs[start]`` (``step`` = +1 or -1)
-    passes ``max_dist``: its float64 running sum, added segment by segment, exceeds it.
+    """Whether a walk of ``count [R]`` segments from segment ``start`` (segment i joins
+    vertices i and i + 1; ``step`` = +1 or -1) passes ``max_dist``: the float64 running sum
+    of the float32 segment lengths (:func:`segment_norms`), added one by one, exceeds it.
 
-    Rows are processed sorted by ``count`` in blocks as wide as their longest walk, so one
-    long streamline does not pad every row.
+    Only the walked segments are measured. Rows are processed sorted by ``count`` in blocks
+    as wide as their longest walk, so one long streamline does not pad every row.
     """
     out = np.zeros(count.shape[0], dtype=bool)
     order = np.argsort(count, kind="stable")
@@ -82,7 +83,9 @@ def _walk_exceeds(
         cols = np.arange(width)
         valid = cols[None, :] < count[rows, None]
         where = np.where(valid, start[rows, None] + step * cols[None, :], 0)
-        walked = np.where(valid, segs[where], np.float32(0)).astype(np.float64)
+        d = points[where + 1] - points[where]  # [R, width, 3] float32
+        seg = np.sqrt(d[..., 0] * d[..., 0] + (d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]))
+        walked = np.where(valid, seg, np.float32(0)).astype(np.float64)
         out[rows] = (np.cumsum(walked, axis=1) > max_dist).any(axis=1)
     return out
 
@@ -115,12 +118,12 @@ def reverse_search_nodes(vol: LabelVolume, tracks: Packed, max_dist: float) -> n
     at2 = hits[np.maximum(k2, 0)]
     found2 = (n > 0) & (k2 >= 0) & (at2 <= last) & (at2 > last - (n - 1 - n // 2))
     if max_dist:
-        segs = segment_norms(tracks.points)
+        pts = np.asarray(tracks.points, dtype=np.float32)
         walk = np.flatnonzero(found & (at > first))
-        found[walk] &= ~_walk_exceeds(segs, first[walk], 1, at[walk] - first[walk], max_dist)
+        found[walk] &= ~_walk_exceeds(pts, first[walk], 1, at[walk] - first[walk], max_dist)
         walk = np.flatnonzero(found2 & (at2 < last))
         steps = last[walk] - at2[walk]
-        found2[walk] &= ~_walk_exceeds(segs, last[walk] - 1, -1, steps, max_dist)
+        found2[walk] &= ~_walk_exceeds(pts, last[walk] - 1, -1, steps, max_dist)
     out[:, 0] = np.where(found, labels[at], 0)
     out[:, 1] = np.where(found2, labels[at2], 0)
     return out
