@@ -1,29 +1,38 @@
-"""``invtract connectome`` vs MRtrix3 ``tck2connectome``: whole-process wall time, same run.
+"""``invtract connectome`` vs MRtrix3 ``tck2connectome``, every assignment mode, same run.
 
-Runs both commands ``--repeats`` times, interleaved, on the same inputs (default: the shared
-``real_msmt15/whole.tck``, 7132 streamlines, with the committed block parcellation), and checks
-that the two output files are byte-identical. Our command is started as a fresh interpreter
-(``python -m invtract.cli``, the console script without its shell shim), so interpreter start,
-imports, reading, assignment and writing are all counted. It also times our phases in one
-process (imports excluded) to show where the time goes, and the start-up floor (a fresh
-interpreter importing numpy and nibabel, which our command cannot avoid).
+For each assignment mode (radial search, end voxels, reverse search unlimited and limited,
+forward search, all voxels) and each tractogram (default: the shared ``real_msmt15/whole.tck``,
+7132 streamlines, with the committed block parcellation; then a large one), it times:
 
-With ``--large N`` (default 100000; 0 skips it) the same is repeated on a tractogram of N
-streamlines built from the input one (its streamlines repeated, each shifted by a random
-offset of about 1 mm, seed 15), where start-up no longer dominates.
+* ``tck2connectome`` as a whole process (``-quiet -force``, MRtrix's default threads), wall
+  and CPU time (user + system, all threads: steadier than wall time on a loaded machine);
+* ``invtract connectome`` as a whole process: a fresh interpreter, ``python -m invtract.cli``
+  (the console script without its shell shim), so start-up, imports, reading, assignment and
+  writing all count;
+* ``invtract connectome`` in process: :func:`invtract.cli.main` with the same arguments in
+  this (warm) interpreter: everything but interpreter start-up and imports;
 
-Prints JSON: per case, median / min seconds of each, the ratio (ours / tck2connectome), the
-phases, and ``identical``. Timings on a shared machine are noisy; compare the numbers of one run.
+interleaved, ``--repeats`` times each, and checks that the output files are byte-identical
+(``identical``). Ratios are ours / tck2connectome's medians. It also records the start-up
+floor: a fresh interpreter importing numpy (which any numpy command pays), and one importing
+what ``invtract connectome`` imports.
 
-    python benchmarks/connectome_speed.py [--repeats 7] [--large 100000]
-        [--tracks T.tck --parcellation P] [-- extra tck2connectome options, e.g.
-        -- -scale_length -stat_edge mean]
+With ``--large N`` (default 100000; 0 skips it) the tractogram is N streamlines built from the
+input (its streamlines repeated, each copy shifted by a random offset of about 1 mm, seed 15),
+where start-up no longer dominates.
+
+Prints JSON. Timings on a shared machine are noisy: compare the numbers of one run.
+
+    python benchmarks/connectome_speed.py [--repeats 5] [--large 100000] [--modes radial,...]
+        [--tracks T.tck --parcellation P] [-- extra tck2connectome options for every mode,
+        e.g. -- -scale_length -stat_edge mean]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,55 +45,75 @@ ROOT = Path(__file__).resolve().parents[1]
 TRACKS = ROOT.parent / "shared" / "data" / "real_msmt15" / "whole.tck"
 PARC = ROOT / "tests" / "data" / "connectome" / "real_msmt15_parc.nii.gz"
 
+#: mode name -> tck2connectome options selecting it
+MODES: dict[str, list[str]] = {
+    "radial": [],
+    "end_voxels": ["-assignment_end_voxels"],
+    "reverse": ["-assignment_reverse_search", "0"],
+    "reverse_3mm": ["-assignment_reverse_search", "3"],
+    "forward_3mm": ["-assignment_forward_search", "3"],
+    "all_voxels": ["-assignment_all_voxels"],
+}
 
-def _ours(opts: list[str]) -> list[str]:
-    """tck2connectome options in invtract's spelling."""
-    out = []
-    for o in opts:
-        flag = o.startswith("-") and not o[1:2].isdigit()
-        out.append("--" + o[1:].replace("_", "-") if flag else o)
-    return out
+
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """``(wall, cpu)`` seconds of a child process (cpu: user + system, all its threads; less
+    disturbed than wall time on a loaded machine)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def _wall(cmd: list[str]) -> float:
+    return _timed(cmd)[0]
+
+
+def _in_process(argv: list[str]) -> float:
+    """Seconds of :func:`invtract.cli.main` on ``argv`` in this interpreter."""
+    from invtract.cli import main
+
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    code = main(argv)
+    elapsed = time.perf_counter() - t
+    if code != 0:
+        raise RuntimeError(f"invtract {' '.join(argv)} failed with exit code {code}")
+    return elapsed
 
 
-def _phases(tracks: Path, parc: Path, opts: list[str]) -> dict[str, float]:
-    """Seconds of each phase of our command in this process (modules already imported)."""
-    import numpy as np
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 4)
 
-    from invtract.commands.connectome import Connectome
-    from invtract.evaluation import connectome as ev
-    from invtract.evaluation.tracks import load_packed
-    from invtract.io.image import load_image
 
-    parser = argparse.ArgumentParser()
-    Connectome.add_arguments(parser)
-    args = parser.parse_args([str(tracks), str(parc), "out.csv", *_ours(opts)])
-    mode = ev.PAIR_ASSIGNMENTS[0]
-    times = {}
-    t = time.perf_counter()
-    labels = ev.as_label_volume(load_image(parc))
-    tracks_ = load_packed(tracks)
-    times["read_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    from invtract.commands.connectome import _assignment
-
-    mode, distance = _assignment(args)
-    nodes = ev.assign_nodes(tracks_, labels, distance, assignment=mode)
-    times["assign_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    scale = "length" if args.scale_length else "invlength" if args.scale_invlength else "none"
-    factors = ev.edge_factors(tracks_, nodes, scale=scale)
-    ones = np.ones(len(tracks_), np.float32)
-    full = ev.accumulate_connectome(nodes, factors, ones, labels.n_nodes, args.stat_edge)
-    ev.format_connectome(ev.layout_matrix(full, False, False, False))
-    times["matrix_and_format_s"] = time.perf_counter() - t
-    times["total_s"] = sum(times.values())
-    return times
+def _case(tracks: Path, parc: Path, opts: list[str], repeats: int, work: Path) -> dict:
+    """Time the three runs of one (tractogram, options) case; its JSON record."""
+    ref, out = work / "ref.csv", work / "out.csv"
+    mrtrix = ["tck2connectome", str(tracks), str(parc), str(ref), "-quiet", "-force", *opts]
+    argv = ["-q", "connectome", str(tracks), str(parc), str(out), "-force", *opts]
+    ours = [sys.executable, "-m", "invtract.cli", *argv]
+    _wall(mrtrix), _wall(ours), _in_process(argv)  # warm page cache, pyc and module caches
+    t_mrtrix, t_ours, t_in, cpu_mrtrix, cpu_ours = [], [], [], [], []
+    for _ in range(max(1, repeats)):
+        for times, cpus, cmd in ((t_mrtrix, cpu_mrtrix, mrtrix), (t_ours, cpu_ours, ours)):
+            wall, cpu = _timed(cmd)
+            times.append(wall)
+            cpus.append(cpu)
+        t_in.append(_in_process(argv))
+    identical = ref.read_bytes() == out.read_bytes()
+    return {
+        "options": opts,
+        "repeats": len(t_ours),
+        "tck2connectome_s": _median(t_mrtrix),
+        "invtract_process_s": _median(t_ours),
+        "tck2connectome_cpu_s": _median(cpu_mrtrix),
+        "invtract_process_cpu_s": _median(cpu_ours),
+        "invtract_in_process_s": _median(t_in),
+        "ratio_process": round(statistics.median(t_ours) / statistics.median(t_mrtrix), 2),
+        "ratio_in_process": round(statistics.median(t_in) / statistics.median(t_mrtrix), 2),
+        "identical": identical,
+    }
 
 
 def _make_large(source: Path, n: int, out: Path) -> int:
@@ -105,66 +134,67 @@ def _make_large(source: Path, n: int, out: Path) -> int:
     return n
 
 
-def _case(tracks: Path, parc: Path, extra: list[str], repeats: int, work: Path) -> dict:
-    """Time both commands on one tractogram; the JSON record of the case."""
-    ref, out = work / "ref.csv", work / "out.csv"
-    mrtrix = ["tck2connectome", str(tracks), str(parc), str(ref), "-quiet", "-force", *extra]
-    ours = [sys.executable, "-m", "invtract.cli", "-q", "connectome", str(tracks), str(parc),
-            str(out), "--force", *_ours(extra)]  # fmt: skip
-    _wall(mrtrix), _wall(ours)  # warm the page cache and pyc caches
-    t_mrtrix, t_ours = [], []
-    for _ in range(max(1, repeats)):
-        t_mrtrix.append(_wall(mrtrix))
-        t_ours.append(_wall(ours))
-    return {
-        "tracks": str(tracks),
-        "options": extra,
-        "repeats": len(t_ours),
-        "tck2connectome_median_s": statistics.median(t_mrtrix),
-        "tck2connectome_min_s": min(t_mrtrix),
-        "invtract_median_s": statistics.median(t_ours),
-        "invtract_min_s": min(t_ours),
-        "ratio_median": statistics.median(t_ours) / statistics.median(t_mrtrix),
-        "identical": ref.read_bytes() == out.read_bytes(),
-        "invtract_phases_in_process": _phases(tracks, parc, extra),
+def _startup(repeats: int) -> dict[str, float]:
+    """Median seconds of fresh interpreters: bare, importing numpy, importing our command's
+    modules (what ``invtract connectome`` loads before reading anything)."""
+    runs = {
+        "python_s": [sys.executable, "-c", "pass"],
+        "python_numpy_s": [sys.executable, "-c", "import numpy"],
+        "python_connectome_imports_s": [
+            sys.executable,
+            "-c",
+            "import invtract.cli, invtract.commands.connectome, invtract.evaluation.connectome,"
+            " invtract.evaluation.tracks, invtract.io.image",
+        ],
     }
+    return {k: _median([_wall(cmd) for _ in range(max(1, repeats))]) for k, cmd in runs.items()}
 
 
-def _startup_floor(repeats: int) -> float:
-    """Median seconds of a fresh interpreter importing numpy and nibabel."""
-    cmd = [sys.executable, "-c", "import numpy, nibabel"]
-    return statistics.median(_wall(cmd) for _ in range(max(1, repeats)))
+def _run_cases(tracks: Path, args, work: Path, repeats: int) -> dict:
+    """Every selected mode on one tractogram (progress on stderr)."""
+    cases = {}
+    for name in args.modes:
+        print(f"  {tracks.name}: {name}", file=sys.stderr)
+        cases[name] = _case(tracks, args.parcellation, MODES[name] + args.extra, repeats, work)
+    return cases
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--large", type=int, default=100_000, help="streamlines (0: skip)")
+    ap.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated, of " + ", ".join(MODES)
+    )
     ap.add_argument("--tracks", type=Path, default=TRACKS)
     ap.add_argument("--parcellation", type=Path, default=PARC)
-    ap.add_argument("extra", nargs="*", help="tck2connectome options (after --)")
+    ap.add_argument("extra", nargs="*", help="tck2connectome options for every mode (after --)")
     args = ap.parse_args()
+    args.modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        print(json.dumps({"error": f"unknown modes {unknown}; known: {list(MODES)}"}))
+        return 1
     if shutil.which("tck2connectome") is None:
         print(json.dumps({"error": "tck2connectome (MRtrix3) not on PATH"}))
         return 1
     if not args.tracks.is_file() or not args.parcellation.is_file():
         print(json.dumps({"error": f"missing input {args.tracks} or {args.parcellation}"}))
         return 1
-    res = {"parcellation": str(args.parcellation)}
+    res: dict = {"parcellation": str(args.parcellation), "tracks": str(args.tracks)}
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        res["whole"] = _case(args.tracks, args.parcellation, args.extra, args.repeats, work)
+        res["whole"] = _run_cases(args.tracks, args, work, args.repeats)
         if args.large > 0:
             print(f"writing {args.large} streamlines ...", file=sys.stderr)
             big = work / "large.tck"
             _make_large(args.tracks, args.large, big)
-            reps = max(1, args.repeats // 2)
-            res["large"] = _case(big, args.parcellation, args.extra, reps, work)
-            res["large"]["streamlines"] = args.large
-    res["python_numpy_nibabel_start_s"] = _startup_floor(args.repeats)
+            res["large_streamlines"] = args.large
+            res["large"] = _run_cases(big, args, work, max(1, args.repeats // 2))
+    res["startup"] = _startup(args.repeats)
     print(json.dumps(res, indent=2))
-    ok = res["whole"]["identical"] and res.get("large", {"identical": True})["identical"]
-    return 0 if ok else 1
+    cases = [*res["whole"].values(), *res.get("large", {}).values()]
+    return 0 if all(c["identical"] for c in cases) else 1
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ __all__ = [
     "radial_search_offsets",
     "assign_endpoints",
     "assign_nodes",
+    "point_labels",
     "mrtrix_lengths",
     "edge_factors",
     "accumulate_edges",
@@ -235,6 +236,49 @@ def _lookup(vol: LabelVolume, vox: np.ndarray) -> np.ndarray:
     return out
 
 
+def point_labels(vol: LabelVolume, points: np.ndarray, *, chunk: int = 1 << 14) -> np.ndarray:
+    """``[P]`` int64 label of the voxel holding each point ``[P, 3]`` (scanner mm).
+
+    The voxel is ``round(scanner2voxel @ p)`` (float64 from the stored points, summed left to
+    right like Eigen, halves away from zero); 0 outside the image or for a non-finite point.
+    Column by column, in place, with one unsigned bounds test per axis, ``chunk`` points at a
+    time (the temporaries stay in cache): the fast form of :func:`_round_half_away` and
+    :func:`_lookup` for every vertex of a tractogram.
+    """
+    pts = np.asarray(points)
+    out = np.empty(pts.shape[0], dtype=np.int64)
+    labels = np.ascontiguousarray(vol.labels).ravel()
+    for s in range(0, pts.shape[0], chunk):
+        inside, flat = _voxel_index(vol, pts[s : s + chunk])
+        out[s : s + chunk] = np.where(inside, labels[np.where(inside, flat, 0)], 0)
+    return out
+
+
+def _voxel_index(vol: LabelVolume, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(inside [P] bool, flat [P] int64)``: each point's voxel as a C-order index."""
+    m = vol.scanner2voxel
+    dims = vol.labels.shape
+    strides = (dims[1] * dims[2], dims[2], 1)
+    coords = [pts[:, i].astype(np.float64) for i in range(3)]
+    flat = np.zeros(pts.shape[0], dtype=np.int64)
+    inside = np.ones(pts.shape[0], dtype=bool)
+    with np.errstate(invalid="ignore"):  # NaN / inf -> a huge index, outside
+        for r in range(3):
+            c = m[r, 0] * coords[0]
+            c += m[r, 1] * coords[1]
+            c += m[r, 2] * coords[2]
+            c += m[r, 3]
+            t = np.trunc(c)
+            c -= t  # exact: the fractional part, with the sign of c
+            t += c >= 0.5
+            t -= c <= -0.5
+            index = t.astype(np.int64)
+            inside &= index.view(np.uint64) < dims[r]  # negatives wrap to huge values
+            index *= strides[r]
+            flat += index
+    return inside, flat
+
+
 def _endpoints(tracks: Packed) -> np.ndarray:
     """``[S, 2, 3]`` float64 first and last vertex of each streamline (NaN when it has none)."""
     lengths = tracks.lengths
@@ -381,9 +425,7 @@ def assign_endpoints(
         return search(vol, tracks, distance)
     flat = _endpoints(tracks).reshape(-1, 3)
     if assignment == "end_voxels":
-        ok = np.all(np.isfinite(flat), axis=1)
-        vox = _round_half_away(_apply_affine(vol.scanner2voxel, np.where(ok[:, None], flat, 0)))
-        nodes = np.where(ok, _lookup(vol, vox), 0)
+        nodes = point_labels(vol, flat)
     else:
         nodes = _radial_nodes(vol, flat, distance, chunk_size)
     return nodes.reshape(-1, 2)
@@ -416,7 +458,7 @@ def mrtrix_lengths(streamlines, *, max_elements: int = 1 << 24) -> np.ndarray:
 
     Args:
         streamlines: streamlines in scanner mm (see :func:`~invtract.evaluation.tracks.as_packed`).
-        max_elements: largest padded ``[chunk, L]`` block summed at once.
+        max_elements: accepted for compatibility (the sums are no longer padded blocks).
 
     Returns:
         ``[S]`` float32 lengths in mm (0 for one vertex, NaN for none, as MRtrix).
@@ -429,17 +471,31 @@ def mrtrix_lengths(streamlines, *, max_elements: int = 1 << 24) -> np.ndarray:
         return out
     diff = pts[1:] - pts[:-1]
     seg = np.sqrt(diff[:, 0] * diff[:, 0] + (diff[:, 1] * diff[:, 1] + diff[:, 2] * diff[:, 2]))
-    first = tracks.first
-    width = max(int(n.max()) - 1, 1)
-    step = max(1, max_elements // width)
-    for s in range(0, len(tracks), step):
-        idx = np.arange(s, min(len(tracks), s + step))
-        cols = np.arange(width)
-        valid = cols[None, :] < (n[idx, None] - 1)
-        where = np.where(valid, first[idx, None] + cols[None, :], 0)
-        block = np.where(valid, seg[np.minimum(where, max(seg.size - 1, 0))], np.float32(0))
-        total = np.add.accumulate(block, axis=1, dtype=np.float32)[:, -1]
-        out[idx] = np.where(n[idx] > 0, total, np.nan)
+    out[n > 1] = _sequential_sums(seg, tracks.first[n > 1], n[n > 1] - 1)
+    return out
+
+
+def _sequential_sums(values: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """``values[start[i] : start[i] + count[i]].sum()`` for every i, each added in order in
+    the dtype of ``values`` (as a C++ loop would), without padding.
+
+    Rows sorted longest first: at step j every row longer than j adds its j-th value (a
+    prefix of the sorted rows); the last few long rows are finished one by one.
+    """
+    order = np.argsort(-count, kind="stable")
+    first, size = start[order], count[order]
+    total = np.zeros(order.size, dtype=values.dtype)
+    active = np.searchsorted(-size, -np.arange(int(size[0]) if size.size else 0), side="left")
+    j = 0
+    while j < active.size and active[j] > 32:
+        k = active[j]
+        total[:k] += values[first[:k] + j]
+        j += 1
+    for i in range(int(active[j]) if j < active.size else 0):  # rows still longer than j
+        rest = values[first[i] + j : first[i] + size[i]]
+        total[i] = np.add.accumulate(np.concatenate([total[i : i + 1], rest]))[-1]
+    out = np.empty_like(total)
+    out[order] = total
     return out
 
 
@@ -499,9 +555,13 @@ def _node_volume_sums(nodes, node_volumes: np.ndarray) -> tuple[np.ndarray, np.n
     """
     if isinstance(nodes, np.ndarray):
         return np.full(nodes.shape[0], 2.0), node_volumes[nodes[:, 0]] + node_volumes[nodes[:, 1]]
-    count = np.array([n.size for n in nodes], dtype=np.float64)
-    total = np.array([float(node_volumes[n].sum()) for n in nodes], dtype=np.float64)
-    return count, total
+    from .connectome_modes import pack_lists
+
+    flat, counts = pack_lists(nodes)
+    owner = np.repeat(np.arange(counts.shape[0]), counts)
+    # integer voxel counts: exact in float64 whatever the order of the sum
+    total = np.bincount(owner, weights=node_volumes[flat], minlength=counts.shape[0])
+    return counts.astype(np.float64), total
 
 
 # ------------------------------------------------------------------------------------------
@@ -583,15 +643,18 @@ def accumulate_connectome(
         pairs, owner = nodes, np.arange(nodes.shape[0])
         if vector:
             pairs = np.stack([np.zeros_like(nodes[:, 1]), nodes[:, 1]], axis=1)
-    elif vector:
-        lists = [n if n.size else np.zeros(1, np.int64) for n in nodes]
-        owner = np.repeat(np.arange(len(lists)), [n.size for n in lists])
-        targets = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-        pairs = np.stack([np.zeros_like(targets), targets], axis=1)
     else:
-        from .connectome_modes import node_list_pairs
+        from .connectome_modes import pack_lists, packed_pairs
 
-        pairs, owner = node_list_pairs(nodes)
+        flat, counts = pack_lists(nodes)
+        if vector:  # every node of the list; 0 for an empty list
+            width = np.maximum(counts, 1)
+            targets = np.zeros(int(width.sum()), dtype=np.int64)
+            targets[~np.repeat(counts == 0, width)] = flat
+            owner = np.repeat(np.arange(counts.shape[0]), width)
+            pairs = np.stack([np.zeros_like(targets), targets], axis=1)
+        else:
+            pairs, owner = packed_pairs(flat, counts)
     full = accumulate_edges(pairs, factors[owner], weights[owner], n_nodes, statistic)
     return full[0] if vector else full
 

@@ -24,32 +24,32 @@ from zero, like the radial search in :mod:`invtract.evaluation.connectome`.
 * **All voxels** (``-assignment_all_voxels``): the sorted set of labels of the voxels holding
   any vertex. Each streamline then adds to every pair ``(a, b)``, ``a <= b``, of its set (the
   diagonal included); a single node adds to ``(0, a)``; an empty set to ``(0, 0)``.
+
+Every mode works on all streamlines at once (numpy, no per-streamline Python loop): the
+reverse search by binary search in the sorted indices of labelled vertices, the all-voxels
+lists as packed arrays (:func:`all_voxel_flat`, :func:`packed_pairs`), the forward search in
+lock step over all endpoints (:mod:`invtract.evaluation.connectome_forward`).
 """
 
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 
-from .connectome import LabelVolume, _apply_affine, _lookup, _round_half_away
+from .connectome import LabelVolume, point_labels
+from .connectome_forward import forward_search_nodes
 from .tracks import Packed
 
 __all__ = [
     "reverse_search_nodes",
     "forward_search_nodes",
     "all_voxel_nodes",
+    "all_voxel_flat",
+    "split_lists",
+    "pack_lists",
+    "packed_pairs",
     "node_list_pairs",
     "segment_norms",
 ]
-
-#: forward search cone half-angle (``Math::pi_4``)
-_ANGLE_LIMIT = np.pi / 4
-#: the 27 offsets of a voxel's neighbourhood, z outer, x inner (MRtrix's loop order)
-_NEIGHBOURS = np.stack(
-    np.meshgrid(np.arange(-1, 2), np.arange(-1, 2), np.arange(-1, 2), indexing="ij")[::-1],
-    axis=-1,
-).reshape(-1, 3)
 
 
 def segment_norms(points: np.ndarray) -> np.ndarray:
@@ -62,29 +62,40 @@ def segment_norms(points: np.ndarray) -> np.ndarray:
     return np.sqrt(d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]))
 
 
-def point_labels(vol: LabelVolume, points: np.ndarray) -> np.ndarray:
-    """``[P]`` label of the voxel holding each point (0 outside the image or for NaN)."""
-    p = np.asarray(points, dtype=np.float64)
-    ok = np.all(np.isfinite(p), axis=1)
-    vox = _round_half_away(_apply_affine(vol.scanner2voxel, np.where(ok[:, None], p, 0.0)))
-    return np.where(ok, _lookup(vol, vox), 0)
+def _walk_exceeds(
+    points: np.ndarray, start: np.ndarray, step: int, count: np.ndarray, max_dist: float
+) -> np.ndarray:
+    """Whether a walk of ``count [R]`` segments from segment ``start`` (segment i joins
+    vertices i and i + 1; ``step`` = +1 or -1) passes ``max_dist``: the float64 running sum
+    of the float32 segment lengths (:func:`segment_norms`), added one by one, exceeds it.
 
-
-def _first_reachable(labels: np.ndarray, segs: np.ndarray, count: int, max_dist: float) -> int:
-    """Label of the first labelled vertex among ``count`` reachable within ``max_dist``."""
-    hits = np.flatnonzero(labels[:count] > 0)
-    if hits.size == 0:
-        return 0
-    k = int(hits[0])
-    if max_dist and k > 0:
-        travelled = np.cumsum(segs[:k].astype(np.float64))
-        if np.any(travelled > max_dist):
-            return 0
-    return int(labels[k])
+    Only the walked segments are measured. Rows are processed sorted by ``count`` in blocks
+    as wide as their longest walk, so one long streamline does not pad every row.
+    """
+    out = np.zeros(count.shape[0], dtype=bool)
+    order = np.argsort(count, kind="stable")
+    block = 4096
+    for b in range(0, order.size, block):
+        rows = order[b : b + block]
+        width = int(count[rows[-1]])
+        if width == 0:
+            continue
+        cols = np.arange(width)
+        valid = cols[None, :] < count[rows, None]
+        where = np.where(valid, start[rows, None] + step * cols[None, :], 0)
+        d = points[where + 1] - points[where]  # [R, width, 3] float32
+        seg = np.sqrt(d[..., 0] * d[..., 0] + (d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]))
+        walked = np.where(valid, seg, np.float32(0)).astype(np.float64)
+        out[rows] = (np.cumsum(walked, axis=1) > max_dist).any(axis=1)
+    return out
 
 
 def reverse_search_nodes(vol: LabelVolume, tracks: Packed, max_dist: float) -> np.ndarray:
     """``[S, 2]`` nodes by reverse search (``-assignment_reverse_search max_dist``).
+
+    All streamlines at once: the first labelled vertex of each end's half is found by a
+    binary search in the sorted indices of labelled vertices; only ends found beyond their
+    first vertex walk their segments (when ``max_dist`` > 0).
 
     Args:
         vol: the parcellation.
@@ -92,101 +103,84 @@ def reverse_search_nodes(vol: LabelVolume, tracks: Packed, max_dist: float) -> n
         max_dist: the float32 search length in mm as a Python float (0: up to the midpoint).
     """
     labels = point_labels(vol, tracks.points)
-    segs = segment_norms(tracks.points) if tracks.points.shape[0] > 1 else np.zeros(0, np.float32)
+    n, first = tracks.lengths, tracks.first
     out = np.zeros((len(tracks), 2), dtype=np.int64)
-    for s, (start, n) in enumerate(zip(tracks.first.tolist(), tracks.lengths.tolist())):
-        if n == 0:
-            continue
-        lab = labels[start : start + n]
-        seg = segs[start : start + n - 1]
-        out[s, 0] = _first_reachable(lab, seg, (n + 1) // 2, max_dist)
-        out[s, 1] = _first_reachable(lab[::-1], seg[::-1], n - 1 - n // 2, max_dist)
+    hits = np.flatnonzero(labels > 0)
+    if hits.size == 0:
+        return out
+    last = first + n - 1
+    # first end: vertices first .. first + (n + 1) // 2 - 1, walked forwards
+    k = np.minimum(np.searchsorted(hits, first), hits.size - 1)
+    at = hits[k]
+    found = (n > 0) & (at >= first) & (at < first + (n + 1) // 2)
+    # last end: vertices last down to last - (n - 1 - n // 2) + 1, walked backwards
+    k2 = np.searchsorted(hits, last, side="right") - 1
+    at2 = hits[np.maximum(k2, 0)]
+    found2 = (n > 0) & (k2 >= 0) & (at2 <= last) & (at2 > last - (n - 1 - n // 2))
+    if max_dist:
+        pts = np.asarray(tracks.points, dtype=np.float32)
+        walk = np.flatnonzero(found & (at > first))
+        found[walk] &= ~_walk_exceeds(pts, first[walk], 1, at[walk] - first[walk], max_dist)
+        walk = np.flatnonzero(found2 & (at2 < last))
+        steps = last[walk] - at2[walk]
+        found2[walk] &= ~_walk_exceeds(pts, last[walk] - 1, -1, steps, max_dist)
+    out[:, 0] = np.where(found, labels[at], 0)
+    out[:, 1] = np.where(found2, labels[at2], 0)
     return out
 
 
-def _tangent(pts: np.ndarray) -> np.ndarray:
-    """Unit tangent at ``pts[0]`` pointing away from ``pts[1]`` (float64), NaN for one vertex."""
-    if pts.shape[0] < 2:
-        return np.full(3, np.nan)
-    last = (pts[0] - pts[1]).astype(np.float64)
-    if pts.shape[0] > 2:
-        second = (pts[1] - pts[2]).astype(np.float64)
-        ratio = _norm(last) / _norm(second)
-        t = last + (last - second * ratio)
-    else:
-        t = last
-    z = t[0] * t[0] + t[1] * t[1] + t[2] * t[2]
-    return t / np.sqrt(z) if z > 0 else t
+def all_voxel_flat(vol: LabelVolume, tracks: Packed) -> tuple[np.ndarray, np.ndarray]:
+    """All-voxels nodes packed: ``(nodes [M] int64, counts [S] int64)``.
 
-
-def _norm(v: np.ndarray) -> float:
-    """Eigen's ``Vector3d::norm`` order: ``sqrt((x^2 + y^2) + z^2)``."""
-    return float(np.sqrt(v[..., 0] * v[..., 0] + v[..., 1] * v[..., 1] + v[..., 2] * v[..., 2]))
-
-
-def _costs(vol: LabelVolume, p: np.ndarray, t: np.ndarray, vox: np.ndarray, max_dist: float):
-    """float32 forward-search cost of voxels ``vox [K, 3]`` (NaN: outside the cone / too far)."""
-    offset = _apply_affine(vol.voxel2scanner, vox.astype(np.float64)) - p
-    sq = offset[:, 0] * offset[:, 0] + offset[:, 1] * offset[:, 1] + offset[:, 2] * offset[:, 2]
-    dist = np.sqrt(sq)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        unit = np.where(sq[:, None] > 0, offset / dist[:, None], offset)
-        cosine = t[0] * unit[:, 0] + t[1] * unit[:, 1] + t[2] * unit[:, 2]
-        angle = np.arccos(cosine)
-        cf = dist * (1.0 + angle / _ANGLE_LIMIT)
-        bad = ~(angle <= _ANGLE_LIMIT) & ~np.isnan(angle)  # angle > limit
-        cf = np.where(bad | (cf > max_dist), np.nan, cf)
-    return cf.astype(np.float32)
-
-
-def _forward_one(vol: LabelVolume, pts: np.ndarray, max_dist: float) -> int:
-    """Forward-search node of the endpoint ``pts[0]`` (``pts``: the streamline from there)."""
-    p = pts[0].astype(np.float64)
-    t = _tangent(pts[:3])
-    start = tuple(_round_half_away(_apply_affine(vol.scanner2voxel, p[None]))[0].tolist())
-    shape = vol.shape
-    inside = all(0 <= start[i] < shape[i] for i in range(3))
-    if not inside:
-        return 0
-    visited = {start}
-    queue = [(0.0, start)]
-    queued_keys = {0.0}
-    while queue:
-        key, voxel = heapq.heappop(queue)
-        queued_keys.discard(key)
-        if not all(0 <= voxel[i] < shape[i] for i in range(3)):
-            continue
-        label = int(vol.labels[voxel])
-        if label:
-            return label
-        fresh = [v for v in map(tuple, (np.asarray(voxel) + _NEIGHBOURS).tolist())
-                 if v not in visited]  # fmt: skip
-        visited.update(fresh)
-        costs = _costs(vol, p, t, np.asarray(fresh, dtype=np.int64), max_dist)
-        for v, c in zip(fresh, costs.tolist()):
-            if np.isfinite(c) and c not in queued_keys:
-                queued_keys.add(c)
-                heapq.heappush(queue, (c, v))
-    return 0
-
-
-def forward_search_nodes(vol: LabelVolume, tracks: Packed, max_dist: float) -> np.ndarray:
-    """``[S, 2]`` nodes by forward search (``-assignment_forward_search max_dist``).
-
-    Args:
-        vol: the parcellation.
-        tracks: streamlines, scanner mm (float32 as in the file).
-        max_dist: the float32 search length in mm as a Python float.
+    Streamline s owns ``nodes[sum(counts[:s]) : sum(counts[:s + 1])]``: the sorted distinct
+    labels (> 0) of the voxels holding its vertices.
     """
-    pts = np.asarray(tracks.points, dtype=np.float32)
-    out = np.zeros((len(tracks), 2), dtype=np.int64)
-    for s, (start, n) in enumerate(zip(tracks.first.tolist(), tracks.lengths.tolist())):
-        if n == 0:
-            continue
-        line = pts[start : start + n]
-        out[s, 0] = _forward_one(vol, line, max_dist)
-        out[s, 1] = _forward_one(vol, line[::-1], max_dist)
-    return out
+    labels = point_labels(vol, tracks.points)
+    owner = np.repeat(np.arange(len(tracks), dtype=np.int64), tracks.lengths)
+    keep = labels > 0
+    owner, labels = owner[keep], labels[keep]
+    if labels.size:  # vertices in a row mostly share a voxel: drop repeats first
+        change = np.concatenate([[True], (labels[1:] != labels[:-1]) | (owner[1:] != owner[:-1])])
+        owner, labels = owner[change], labels[change]
+    width = vol.n_nodes + 1
+    if len(tracks) * width <= 8 * labels.size + (1 << 16):  # few nodes: mark a dense table
+        return _distinct_dense(owner, labels, len(tracks), width)
+    key = np.unique(owner * width + labels)  # sorted by streamline, then label
+    counts = np.bincount(key // width, minlength=len(tracks)).astype(np.int64)
+    return key % width, counts
+
+
+def _distinct_dense(owner, labels, S: int, width: int, block: int = 1 << 22):
+    """:func:`all_voxel_flat`'s sorted distinct labels per streamline from a ``[S, width]``
+    table of marks, filled and read ``block`` entries at a time."""
+    rows = max(1, block // width)
+    cuts = np.searchsorted(owner, np.arange(0, S + rows, rows))
+    nodes, counts = [], np.zeros(S, dtype=np.int64)
+    for b, (lo, hi) in enumerate(zip(cuts[:-1].tolist(), cuts[1:].tolist())):
+        first = b * rows
+        n = min(rows, S - first)
+        if n <= 0:
+            break
+        marks = np.zeros((n, width), dtype=bool)
+        marks[owner[lo:hi] - first, labels[lo:hi]] = True
+        counts[first : first + n] = np.count_nonzero(marks, axis=1)
+        nodes.append(np.nonzero(marks)[1])
+    return (np.concatenate(nodes) if nodes else np.zeros(0, np.int64)), counts
+
+
+def split_lists(nodes: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    """``S`` arrays (views of ``nodes``) from the packed form of :func:`all_voxel_flat`."""
+    ends = np.cumsum(counts).tolist()
+    return [nodes[b - c : b] for b, c in zip(ends, counts.tolist())]
+
+
+def pack_lists(lists) -> tuple[np.ndarray, np.ndarray]:
+    """``(nodes [M] int64, counts [S] int64)``: node arrays packed, the inverse of
+    :func:`split_lists`."""
+    counts = np.fromiter((np.size(n) for n in lists), dtype=np.int64, count=len(lists))
+    if not counts.sum():
+        return np.zeros(0, np.int64), counts
+    return np.concatenate([np.asarray(n, np.int64).ravel() for n in lists]), counts
 
 
 def all_voxel_nodes(vol: LabelVolume, tracks: Packed) -> list[np.ndarray]:
@@ -195,12 +189,7 @@ def all_voxel_nodes(vol: LabelVolume, tracks: Packed) -> list[np.ndarray]:
     Returns:
         ``S`` int64 arrays (possibly empty), one per streamline.
     """
-    labels = point_labels(vol, tracks.points)
-    owner = np.repeat(np.arange(len(tracks)), tracks.lengths)
-    keep = labels > 0
-    pairs = np.unique(np.stack([owner[keep], labels[keep]], axis=1), axis=0)
-    cuts = np.searchsorted(pairs[:, 0], np.arange(1, len(tracks)))
-    return np.split(pairs[:, 1].astype(np.int64), cuts)
+    return split_lists(*all_voxel_flat(vol, tracks))
 
 
 def node_list_pairs(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -211,18 +200,25 @@ def node_list_pairs(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         ``i <= j``; ``(0, a)`` for a single node; ``(0, 0)`` for none; ``owner`` is the
         streamline index of each edge.
     """
-    pairs, owner = [], []
-    for s, nodes in enumerate(lists):
-        n = nodes.size
-        if n == 0:
-            block = np.zeros((1, 2), np.int64)
-        elif n == 1:
-            block = np.array([[0, int(nodes[0])]], np.int64)
-        else:
-            i, j = np.triu_indices(n)
-            block = np.stack([nodes[i], nodes[j]], axis=1)
-        pairs.append(block)
-        owner.append(np.full(block.shape[0], s, np.int64))
-    if not pairs:
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
-    return np.concatenate(pairs), np.concatenate(owner)
+    return packed_pairs(*pack_lists(lists))
+
+
+def packed_pairs(nodes: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`node_list_pairs` of packed lists (:func:`all_voxel_flat`), without a loop.
+
+    Each list becomes rows ``(left, right[...])``: a list of two or more nodes gives one row
+    per node i, ``(list[i], list[i:])``; a single node a gives ``(0, [a])``; an empty list
+    ``(0, [0])`` (so the right-hand sides are ``nodes`` with a 0 for each empty list).
+    """
+    S = counts.shape[0]
+    width = np.maximum(counts, 1)
+    ext = np.zeros(int(width.sum()), dtype=np.int64)
+    ext[~np.repeat(counts == 0, width)] = nodes
+    group = np.repeat(np.arange(S, dtype=np.int64), width)
+    pos = np.arange(ext.size, dtype=np.int64)
+    row_len = np.cumsum(width)[group] - pos  # from this node to its list's end
+    left = np.where(counts[group] >= 2, ext, 0)
+    row_start = np.cumsum(row_len) - row_len
+    right = np.repeat(pos - row_start, row_len) + np.arange(int(row_len.sum()), dtype=np.int64)
+    pairs = np.stack([np.repeat(left, row_len), ext[right]], axis=1)
+    return pairs, np.repeat(group, row_len)

@@ -87,9 +87,9 @@ def _tck_body(path: str) -> Packed | None:
     missing terminator, a count that differs from the header's) go through nibabel, whose
     reader gives the detailed error.
     """
-    from ..io.tractogram import load_tractogram_header
+    from ..io.tck_header import read_tck_header  # (no nibabel on this path)
 
-    header = load_tractogram_header(path)
+    header = read_tck_header(path)
     dtype = _TCK_DTYPES.get(header.get("datatype", "").strip())
     where = header.get("file", "").split()
     if dtype is None or len(where) != 2 or where[0] != "." or not where[1].isdigit():
@@ -125,16 +125,20 @@ def load_packed(path: str | os.PathLike) -> Packed:
     Raises:
         FormatError: missing, unknown, malformed or truncated file; non-finite coordinates.
     """
-    from ..io import tractogram as io
+    from ..io.tck_header import check_readable
 
     path = str(path)
-    suffix = io._check_readable(path)
+    suffix = check_readable(path)
     packed = _tck_body(path) if suffix == ".tck" else None
     if packed is None:
+        from ..io import tractogram as io
+
         lines = io._load_trx(path) if suffix == ".trx" else io._load_nibabel(path, suffix)
         lengths = np.fromiter((len(s) for s in lines), dtype=np.int64, count=len(lines))
         points = np.concatenate(lines) if lines else np.zeros((0, 3))
         packed = Packed(points.astype(np.float32).reshape(-1, 3), lengths)
+    if np.isfinite(packed.points.ravel()).all():  # (a reduction over rows of 3 is 20x slower)
+        return packed
     bad = ~np.isfinite(packed.points).all(axis=1)
     if bad.any():
         raise FormatError(

@@ -23,18 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
 
 from ..arrays import to_numpy
 from ..errors import FormatError, ShapeError
 from .geometry import MRtrixGeometry, realign, sanitise_transform, scanner2voxel
 from .mif import MIF_SUFFIXES, atomic_output, read_mif, write_mif
+from .nifti_read import read_plain_nifti
 from .nifti_transform import nifti_transform
 from .sh_basis import _check_basis, lmax_for_n, to_mrtrix_basis, valid_sh_counts
 from .voxel_major import copy_voxel_major, is_voxel_major, read_voxel_major, scaled_float32
 
 if TYPE_CHECKING:  # annotations only
+    import nibabel as nib
     import torch
 
 __all__ = [
@@ -141,8 +142,14 @@ def _read_raw(
         scaling = header.scaling
         shape = _pad3(data.shape, 1)
     else:
-        img, transform, spacing, scaling = _open_nifti(path)
-        shape = _pad3(img.shape, 1)
+        plain = _nifti_call(path, read_plain_nifti, path)  # a 3-D image: without nibabel
+        if plain is not None:
+            header, data, scaling = plain
+            transform, spacing = nifti_transform(header)
+            shape = _pad3(data.shape, 1)
+        else:
+            img, transform, spacing, scaling = _open_nifti(path)
+            shape = _pad3(img.shape, 1)
     if not (np.all(np.isfinite(transform)) and np.all(np.isfinite(spacing))):
         raise FormatError(f"{path}: image transform is not finite:\n{transform}")
     transform, spacing = sanitise_transform(transform, spacing)
@@ -172,6 +179,8 @@ def _nifti_call(path: str, fn, *args):
 
 def _open_nifti(path: str) -> tuple[nib.Nifti1Image, np.ndarray, tuple, tuple]:
     """``(image with its data unread, header transform [3, 4], spacing, (inter, slope))``."""
+
+    import nibabel as nib  # here: commands that read only plain 3-D NIfTIs never import it
 
     def open_() -> tuple:
         img = nib.load(path)
@@ -348,6 +357,8 @@ def _like_header(like: Image | str | os.PathLike | None) -> nib.Nifti1Header | N
     src = like.path if isinstance(like, Image) else str(like)
     if src is None or _suffix(src) not in NIFTI_SUFFIXES or not os.path.isfile(src):
         return None
+    import nibabel as nib
+
     try:
         hdr = nib.load(src).header
     except Exception:  # a header we cannot read is simply not reused
@@ -393,6 +404,8 @@ def save_nifti(
     _check_affine(affine, path)
     if isinstance(like, Image):
         check_same_grid(Image(arr, affine, (), path), like, f"save_nifti({path})")
+    import nibabel as nib
+
     header = _like_header(like)
     if header is not None:
         header.set_data_dtype(arr.dtype)

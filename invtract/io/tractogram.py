@@ -29,6 +29,10 @@ from ..arrays import to_numpy
 from ..errors import FormatError, InvtractError
 from .image import Image
 from .mif import atomic_output
+from .tck_header import TRACTOGRAM_SUFFIXES
+from .tck_header import check_readable as _check_readable
+from .tck_header import read_tck_header as _read_tck_header
+from .tck_header import tractogram_suffix as _suffix
 from .tractogram_meta import trk_header_fields, trx_group_fields, trx_header_fields
 
 if TYPE_CHECKING:  # annotations only
@@ -51,27 +55,8 @@ __all__ = [
     "stream_tck",
 ]
 
-TRACTOGRAM_SUFFIXES = (".tck", ".trk", ".trx")
-
-_TCK_MAGIC = b"mrtrix tracks"
 #: Keys written by the writer itself; user values for them are ignored.
 _TCK_RESERVED = ("count", "datatype", "file")
-
-
-def _suffix(path: str) -> str:
-    return os.path.splitext(path.lower())[1]
-
-
-def _check_readable(path: str) -> str:
-    suffix = _suffix(path)
-    if suffix not in TRACTOGRAM_SUFFIXES:
-        raise FormatError(
-            f"{path}: unknown tractogram extension {suffix or '(none)'!r}; "
-            f"supported: {', '.join(TRACTOGRAM_SUFFIXES)}"
-        )
-    if not os.path.exists(path):
-        raise FormatError(f"{path}: no such file")
-    return suffix
 
 
 def _trx_module():
@@ -166,30 +151,6 @@ def _load_trx(path: str) -> list[np.ndarray]:
 
 # --------------------------------------------------------------------------------------------
 # headers
-
-
-def _read_tck_header(path: str) -> dict[str, str]:
-    """Parse the text header of a .tck file; repeated keys are joined with newlines."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.readline()
-            if magic.rstrip(b"\r\n").rstrip() != _TCK_MAGIC:
-                raise FormatError(
-                    f"{path}: not a .tck file (invalid magic number {magic[:20]!r}, expected "
-                    f"{_TCK_MAGIC!r})"
-                )
-            out: dict[str, list[str]] = {}
-            for raw in f:
-                line = raw.decode("utf-8", errors="replace").strip()
-                if line == "END":
-                    return {k: "\n".join(v) for k, v in out.items()}
-                if not line or ":" not in line:
-                    continue
-                key, value = (s.strip() for s in line.split(":", 1))
-                out.setdefault(key, []).append(value)
-    except OSError as err:
-        raise FormatError(f"{path}: cannot read ({err})") from err
-    raise FormatError(f"{path}: malformed .tck header (missing END; truncated?)")
 
 
 def load_tractogram_header(path: str | os.PathLike) -> dict[str, str]:

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import math
 import mmap
+from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
 
 from ..errors import FormatError
 from .geometry import MRtrixGeometry
+
+if TYPE_CHECKING:  # annotations only
+    import nibabel as nib
 
 __all__ = [
     "read_voxel_major",
@@ -164,7 +167,9 @@ def read_voxel_major(
     proxy = img.dataobj
     out = _allocate(tuple(int(s) for s in proxy.shape), geometry)
     dst = file_order_view(out, geometry)  # [X, Y, Z, K] in the file's order, writes into out
-    opener = nib.openers.ImageOpener(proxy.file_like)
+    from nibabel.openers import ImageOpener  # here: nibabel is only needed for 4-D NIfTIs
+
+    opener = ImageOpener(proxy.file_like)
     with opener as f:
         if str(path).lower().endswith(".gz"):
             _fill_volume_groups(f, dst, proxy, scaling, path)
