@@ -29,7 +29,6 @@ from ..arrays import to_numpy
 from ..errors import FormatError, ShapeError
 from .geometry import MRtrixGeometry, realign, sanitise_transform, scanner2voxel
 from .mif import MIF_SUFFIXES, atomic_output, read_mif, write_mif
-from .nifti_read import read_plain_nifti
 from .nifti_transform import nifti_transform
 from .sh_basis import _check_basis, lmax_for_n, to_mrtrix_basis, valid_sh_counts
 from .voxel_major import copy_voxel_major, is_voxel_major, read_voxel_major, scaled_float32
@@ -142,14 +141,8 @@ def _read_raw(
         scaling = header.scaling
         shape = _pad3(data.shape, 1)
     else:
-        plain = _nifti_call(path, read_plain_nifti, path)  # a 3-D image: without nibabel
-        if plain is not None:
-            header, data, scaling = plain
-            transform, spacing = nifti_transform(header)
-            shape = _pad3(data.shape, 1)
-        else:
-            img, transform, spacing, scaling = _open_nifti(path)
-            shape = _pad3(img.shape, 1)
+        img, transform, spacing, scaling = _open_nifti(path)
+        shape = _pad3(img.shape, 1)
     if not (np.all(np.isfinite(transform)) and np.all(np.isfinite(spacing))):
         raise FormatError(f"{path}: image transform is not finite:\n{transform}")
     transform, spacing = sanitise_transform(transform, spacing)
@@ -180,7 +173,7 @@ def _nifti_call(path: str, fn, *args):
 def _open_nifti(path: str) -> tuple[nib.Nifti1Image, np.ndarray, tuple, tuple]:
     """``(image with its data unread, header transform [3, 4], spacing, (inter, slope))``."""
 
-    import nibabel as nib  # here: commands that read only plain 3-D NIfTIs never import it
+    import nibabel as nib  # here: commands that read no NIfTI never import it
 
     def open_() -> tuple:
         img = nib.load(path)
