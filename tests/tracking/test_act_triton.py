@@ -290,17 +290,30 @@ def _tissue_seeds(act: ActImage, volume: int, n: int, rng) -> np.ndarray:
     return (v @ A[:3, :3].T + A[:3, 3]).astype(np.float32)
 
 
-def _seeds(tck: Path, act: ActImage, n_ref: int, extra: dict[int, int], seed: int = 0):
+def _seeds(tck: Path, act: ActImage, params, n_ref: int, volumes: tuple, want: set, seed=0):
     """The first-direction seeds of ``n_ref`` streamlines of the reference (evenly spaced),
-    then ``extra[volume]`` random seeds in that tissue with random directions."""
+    then seeds in the tissue ``volumes`` with random directions: from a pool of 200 (tracked
+    by numba, which is quick), the first one of each outcome in ``want`` (a termination or
+    rejection name) and one more."""
+    from invtract.tracking.act_cpu import track_fused_cpu_act
+
     rng = np.random.default_rng(seed)
     pos, dirs, _ = seeds_from_reference(tck, tck.with_name(tck.stem + "_seeds.txt"))
     pick = np.linspace(0, len(pos) - 1, n_ref).round().astype(int)
-    seeds, init = [pos[pick]], [dirs[pick]]
-    for volume, n in extra.items():
-        seeds.append(_tissue_seeds(act, volume, n, rng))
-        init.append(rng.normal(size=(n, 3)))
-    return np.concatenate(seeds).astype(np.float32), np.concatenate(init).astype(np.float32)
+    pool = np.concatenate([_tissue_seeds(act, v, 200 // len(volumes), rng) for v in volumes])
+    pool_dirs = rng.normal(size=pool.shape).astype(np.float32)
+    sh, s2v, _ = _fod()
+    out = track_fused_cpu_act(sh, s2v, pool, pool_dirs, params, act)
+    names = [
+        {Reject(int(out.status[i])).name} | {Term(int(t)).name for t in out.term[i] if t >= 0}
+        for i in range(pool.shape[0])
+    ]
+    chosen = [next((i for i, n in enumerate(names) if w in n), None) for w in sorted(want)]
+    chosen = sorted({i for i in chosen if i is not None} | {0})
+    return (
+        np.concatenate([pos[pick], pool[chosen]]).astype(np.float32),
+        np.concatenate([dirs[pick], pool_dirs[chosen]]).astype(np.float32),
+    )
 
 
 def _both(seeds, dirs, params, act) -> tuple[EngineResult, EngineResult]:
@@ -330,15 +343,15 @@ def _stats(res: EngineResult) -> tuple[dict, dict]:
     return dict(terms), dict(status)
 
 
-#: reference -> (its streamlines, extra seeds per tissue volume, what the seeds must exercise)
+#: reference -> (its streamlines, tissue volumes of the extra seeds, outcomes they must show)
 _CASES = {
-    "act_grid_cutoff0.2": (3, {2: 3}, {"ENTER_CGM", "ACCEPTED"}),
-    "act_grid_crop": (3, {2: 3}, {"ENTER_CGM", "ACCEPTED"}),
-    "act_grid_pv": (2, {2: 2, 3: 2, 4: 2}, {"ENTER_CSF", "ACT_POOR_TERMINATION"}),
-    "act_grid_pv_crop": (2, {2: 2, 3: 2, 4: 2}, {"ENTER_CGM", "ACT_POOR_TERMINATION"}),
-    "act_grid_sgm": (4, {1: 4}, {"EXIT_SGM", "ACCEPTED", "INVALID_SEED"}),
-    "act_grid2_sgm_crop": (4, {1: 3, 2: 2}, {"EXIT_SGM", "ENTER_CGM"}),
-    "act_gmwmi_sgm": (4, {1: 2, 2: 2}, {"EXIT_SGM", "ACCEPTED"}),
+    "act_grid_cutoff0.2": (3, (2,), {"ENTER_CGM", "ACCEPTED", "INVALID_SEED"}),
+    "act_grid_crop": (3, (2,), {"ENTER_CGM", "ACCEPTED", "INVALID_SEED"}),
+    "act_grid_pv": (2, (2, 4), {"ENTER_CSF", "ACT_POOR_TERMINATION", "INVALID_SEED"}),
+    "act_grid_pv_crop": (2, (2, 4), {"ENTER_CGM", "ACT_POOR_TERMINATION", "ENTER_CSF"}),
+    "act_grid_sgm": (3, (1,), {"EXIT_SGM", "ACT_FAILED_WM_REQUIREMENT", "TRACK_TOO_SHORT"}),
+    "act_grid2_sgm_crop": (3, (1, 2), {"EXIT_SGM", "ENTER_CGM", "EXIT_IMAGE"}),
+    "act_gmwmi_sgm": (3, (1, 2), {"EXIT_SGM", "ACCEPTED", "ENTER_CSF"}),
 }
 
 
@@ -346,17 +359,17 @@ _CASES = {
 @pytest.mark.parametrize("name", list(_CASES))
 def test_triton_act_is_numba_bit_for_bit(name):
     tck, act, params = _reference(name)
-    n_ref, extra, expect = _CASES[name]
-    seeds, dirs = _seeds(tck, act, n_ref, extra)
+    n_ref, volumes, want = _CASES[name]
+    seeds, dirs = _seeds(tck, act, params, n_ref, volumes, want)
     res, ref = _both(seeds, dirs, params, act)
     _assert_bit_for_bit(res, ref)
     terms, status = _stats(ref)
-    assert expect <= set(terms) | set(status), (terms, status)
+    assert want <= set(terms) | set(status), (terms, status)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, change, expect",
+    "name, change, want",
     [
         # a short maximum length: LENGTH_EXCEED excludes (TRACK_TOO_LONG under ACT)
         ("act_grid_sgm", {"max_length_mm": 6.0}, {"TRACK_TOO_LONG", "LENGTH_EXCEED"}),
@@ -364,17 +377,16 @@ def test_triton_act_is_numba_bit_for_bit(name):
         ("act_grid2_sgm_crop", {"cutoff": 0.45}, {"MODEL", "ACT_POOR_TERMINATION"}),
     ],
 )
-def test_triton_act_other_parameters(name, change, expect):
+def test_triton_act_other_parameters(name, change, want):
     tck, act, _ = _reference(name)
     _, _, vox = _fod()
-    header = load_tractogram_header(tck)
-    base = parameters_from_header(header)
+    base = parameters_from_header(load_tractogram_header(tck))
     params = act_parameters(dataclasses.replace(base, **change), vox).resolve(vox)
-    seeds, dirs = _seeds(tck, act, 3, {1: 3, 2: 3}, seed=2)
+    seeds, dirs = _seeds(tck, act, params, 2, (1, 2), want, seed=2)
     res, ref = _both(seeds, dirs, params, act)
     _assert_bit_for_bit(res, ref)
     terms, status = _stats(ref)
-    assert expect <= set(terms) | set(status), (terms, status)
+    assert want <= set(terms) | set(status), (terms, status)
 
 
 def _slab_5tt() -> ActImage:
@@ -428,3 +440,25 @@ def test_triton_act_unidirectional_seeds_tiny():
     _assert_bit_for_bit(res, ref)
     one_way = (ref.status == Reject.ACCEPTED) & (ref.term[:, 1] == -1)
     assert one_way.any() and (ref.seed_index[one_way] == 0).all()
+
+
+def test_speed_gpu_act_case_parses_without_cuda():
+    """``benchmarks/speed_gpu.py --act`` imports, parses and loads its case without CUDA (and
+    then says that it measured nothing); ``--crop`` without ``--act`` is a usage error."""
+    import json
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the benchmark runs: test_triton_gpu.py")
+    root = Path(__file__).resolve().parents[2]
+    script = str(root / "benchmarks" / "speed_gpu.py")
+    need_data("sift_phantom", "5tt.mif")
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, script, "--act", "--crop", "--seeds", "10"],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout) == {"cuda": False, "reason": "no CUDA device: nothing measured"}
+    bad = subprocess.run([sys.executable, script, "--crop"], capture_output=True, text=True,
+                         timeout=300, env=env)  # fmt: skip
+    assert bad.returncode == 2 and "--crop needs --act" in bad.stderr
