@@ -250,7 +250,7 @@ def test_fod_amplitude_is_act_cpu():
     cs[:, : u.shape[0]] = coeffs.T
     tab, _, NS = fused_triton._tables(8)
     out = torch.zeros(u.shape[0], dtype=torch.float32)
-    lut_t = torch.as_tensor(np.asarray(legendre_table(8), np.float32).reshape(-1))
+    lut_t = torch.as_tensor(np.array(legendre_table(8), np.float32).reshape(-1))
     _amplitude_kernel[(1,)](torch.from_numpy(u), torch.from_numpy(cs.reshape(-1)), out, lut_t,
                             n_legendre(8), float(lut_increment()), torch.from_numpy(tab),
                             torch.tensor([rules.SQRT2], dtype=torch.float64), u.shape[0],
@@ -390,20 +390,22 @@ def test_triton_act_other_parameters(name, change, want):
 
 
 def _slab_5tt() -> ActImage:
-    """The phantom's 5TT with a cortical-GM slab across its WM (two voxel planes at x = 14,
-    15 with GM 0.3 / 0.7), so that GM-WM interface points lie where the FOD has data."""
+    """The phantom's 5TT with a cortical-GM slab across its WM (two voxel planes at x = 21,
+    22 with GM 0.3 / 0.7, WM beyond), so that GM-WM interface points lie where the FOD has
+    data, a few mm from the end of the WM."""
     base = load_act(need_data("sift_phantom", "5tt.mif"))
     data = np.array(base.data, np.float32)
     wm = data[..., 2] > 0.5
     for k, cgm in enumerate((0.3, 0.7)):
-        plane = data[14 + k]
-        plane[wm[14 + k]] = (cgm, 0.0, 1.0 - cgm, 0.0, 0.0)
+        plane = data[21 + k]
+        plane[wm[21 + k]] = (cgm, 0.0, 1.0 - cgm, 0.0, 0.0)
     return ActImage(data, base.scanner2voxel, base.voxel_sizes)
 
 
 def _interface_seeds(act: ActImage, n: int) -> np.ndarray:
-    """``n`` points on lines along x across the slab where GM - WM = 0.004 (in GM, below
-    GMWMI_ACCURACY: valid seeds that ``seed_is_unidirectional`` sends one way)."""
+    """``n`` points on lines along x from the WM past the slab (x = 23.5) into it (x = 22) where
+    GM - WM = 0.004 (in GM, below GMWMI_ACCURACY: valid seeds that ``seed_is_unidirectional``
+    sends one way, away from GM: towards the near end of the WM)."""
     from invtract.tracking.act_cpu import _act_arrays, _tissues
 
     tt, Mt = _act_arrays(act)
@@ -414,11 +416,11 @@ def _interface_seeds(act: ActImage, n: int) -> np.ndarray:
         _tissues(tt, True, Mt, p[0], p[1], p[2], tbuf, tis)
         return (tis[0] + tis[1]) - tis[2]
 
-    yz = np.argwhere(tt[14, :, :, 2] > 0.2)
+    yz = np.argwhere(tt[22, :, :, 2] > 0.2)
     out = []
     for y, z in yz[np.linspace(0, len(yz) - 1, n).round().astype(int)]:
-        a = (A[:3, :3] @ [13.0, y, z] + A[:3, 3]).astype(np.float32)
-        b = (A[:3, :3] @ [15.5, y, z] + A[:3, 3]).astype(np.float32)
+        a = (A[:3, :3] @ [23.5, y, z] + A[:3, 3]).astype(np.float32)
+        b = (A[:3, :3] @ [22.0, y, z] + A[:3, 3]).astype(np.float32)
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = 0.5 * (lo + hi)
@@ -435,7 +437,7 @@ def test_triton_act_unidirectional_seeds_tiny():
     seeds = _interface_seeds(act, 4)
     dirs = np.random.default_rng(3).normal(size=seeds.shape).astype(np.float32)
     _, _, vox = _fod()
-    params = act_parameters(TrackingParameters(max_length_mm=12.0), vox).resolve(vox)
+    params = act_parameters(TrackingParameters(min_length_mm=1.0), vox).resolve(vox)
     res, ref = _both(seeds, dirs, params, act)
     _assert_bit_for_bit(res, ref)
     one_way = (ref.status == Reject.ACCEPTED) & (ref.term[:, 1] == -1)
