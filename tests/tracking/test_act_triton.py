@@ -464,3 +464,57 @@ def test_speed_gpu_act_case_parses_without_cuda():
     bad = subprocess.run([sys.executable, script, "--crop"], capture_output=True, text=True,
                          timeout=300, env=env)  # fmt: skip
     assert bad.returncode == 2 and "--crop needs --act" in bad.stderr
+
+
+def _cli(tmp_path, engine: str, interpret: bool, seeds: np.ndarray, dirs: np.ndarray):
+    """``invtract track --act 5tt_sgm.mif --engine ENGINE`` from a seed list in a fresh
+    process; returns (streamlines, stderr)."""
+    import subprocess
+    import sys
+
+    from invtract.io.tractogram import load_tractogram
+
+    root = Path(__file__).resolve().parents[2]
+    table = tmp_path / "seeds.txt"
+    np.savetxt(table, np.hstack([seeds, dirs]), delimiter=",")
+    out = tmp_path / f"{engine}.tck"
+    env = dict(os.environ, PYTHONPATH=str(root))
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    argv = [sys.executable, "-m", "invtract.cli", "track", str(need_data("sift_phantom",
+            "fods.mif")), str(out), "--seeds", str(table), "--act", str(LOCAL / "5tt_sgm.mif"),
+            "--engine", engine, "--quiet"]  # fmt: skip
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return load_tractogram(out).to_list(), run.stderr
+
+
+def _cli_seeds():
+    tck, act, params = _reference("act_grid_sgm")
+    return _seeds(tck, act, params, 3, (1,), {"ACT_FAILED_WM_REQUIREMENT"})
+
+
+def test_cli_act_engine_triton_falls_back_without_cuda(tmp_path):
+    """``invtract track --act --engine triton`` without CUDA (interpreter off) tracks with the
+    numba engine, says so, and writes what ``--engine numba`` writes."""
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the triton engine runs")
+    seeds, dirs = _cli_seeds()
+    ours, err = _cli(tmp_path, "triton", False, seeds, dirs)
+    ref, _ = _cli(tmp_path, "numba", False, seeds, dirs)
+    assert "using the numba engine" in err
+    assert len(ours) == len(ref) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(ours, ref))
+
+
+@pytest.mark.slow
+def test_cli_act_engine_triton_in_the_interpreter(tmp_path):
+    """The same command run by the Triton kernel (interpreter): the numba engine's streamlines,
+    bit for bit."""
+    seeds, dirs = _cli_seeds()
+    ours, err = _cli(tmp_path, "triton", True, seeds, dirs)
+    ref, _ = _cli(tmp_path, "numba", False, seeds, dirs)
+    assert "using the numba engine" not in err
+    assert len(ours) == len(ref) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(ours, ref))
