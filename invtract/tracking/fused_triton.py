@@ -23,9 +23,9 @@ interpolation's Eigen packet order, the peak finder's sequential sums over its (
   functions are not correctly rounded). The effect on GPU points is to be measured (see
   ``docs/engines.md``).
 
-Scope: all of SD_Stream without ACT, as fused_cpu ``_track_seed`` (FOV / zero-voxel / NaN
-interpolation, LUT peak ascent with the 50-iteration cap, cutoff, angle, minimum / maximum
-length by point count, bidirectional joining or ``unidirectional``):
+Scope: all of SD_Stream, as fused_cpu ``_track_seed`` (FOV / zero-voxel / NaN interpolation,
+LUT peak ascent with the 50-iteration cap, cutoff, angle, minimum / maximum length by point
+count, bidirectional joining or ``unidirectional``), and ACT as act_cpu:
 
 * RK4 (``-rk4``, Exec::next_rk4): a step is five evaluations; a lane runs them as sub-phases of
   its loop (``sub`` 0..4), so lanes of one program may be at different sub-evaluations;
@@ -34,11 +34,21 @@ length by point count, bidirectional joining or ``unidirectional``):
   in Exec::iterate's order; the include visitation is a per-lane bit set;
 * downsampling (``-downsample``) with ``check_downsampled_length`` and ``truncate_maxlength``:
   on the host after the kernel (numpy float32, the same operations as the numba engine), on
-  the accepted streamlines only.
+  the accepted streamlines only;
+* ACT (``-act``, ``act=``; the ``ACT`` constexpr): the 5TT sampled as act_cpu ``_tissues``
+  (masked for tracking, unmasked for the interface search; the stencil of :func:`_corners`,
+  shared with the FOD), ACT's seed test and ``seed_is_unidirectional`` (per-lane one-way
+  streamlines), ``check_structural`` after each step, TERM_IN_SGM, ``apply_priors`` and its
+  rejection reasons, ``truncate_exit_sgm`` (a loop over the SGM stretch with the FOD amplitude
+  ``PrecomputedAL::value``), ``-crop_at_gmwmi`` (bisection along the Hermite spline) and its
+  length re-check (on the host), the SGM seed's WM requirement. Constants: rules' names as
+  ``tl.constexpr``; the float64 ones (tissue-sum threshold, interface accuracy) after the 5TT
+  transform. No backtracking (tckgen does not allow it for SD_Stream either).
 
-Only an unbounded ``max_points`` (``downsample x angle >= 360 deg``) is refused
-(:func:`supported`; the numba engine refuses it too, and the ``triton`` engine of
-:mod:`invtract.tracking.engines.triton_gpu` raises a ConfigError).
+Refused (:func:`supported`): an unbounded ``max_points`` (``downsample x angle >= 360 deg``;
+the numba engine refuses it too) and ``-downsample`` with ACT (the torch engine refuses it;
+the numba ACT kernel ignores it); the ``triton`` engine of
+:mod:`invtract.tracking.engines.triton_gpu` raises a ConfigError.
 
 Public API: :func:`track_fused_triton`, :func:`supported`, :func:`available`,
 :func:`unavailable_reason`.
@@ -164,8 +174,8 @@ def supported(params: ResolvedParameters, rois: RoiSet | None = None, act=None) 
     check and truncation, include / ordered include / exclude / mask regions as spheres or
     images, ``-stop``), and ACT's with ``act`` (an :class:`~invtract.tracking.act.ActImage`);
     not: an unbounded ``max_points`` (``downsample x angle >= 360 deg``), and ``-downsample``
-    with ACT (which neither the numba nor the torch engine implements). ``rois`` is accepted
-    for the interface (any :class:`RoiSet` is covered).
+    with ACT (the torch engine refuses it, the numba ACT kernel ignores it). ``rois`` is
+    accepted for the interface (any :class:`RoiSet` is covered).
     """
     del rois
     if act is not None and int(params.downsample) > 1:
@@ -1730,7 +1740,7 @@ def track_fused_triton(
     if reason is not None:
         raise RuntimeError(reason)
     if act is not None and int(params.downsample) > 1:
-        raise ValueError("-downsample with -act is not implemented (nor in numba / torch)")
+        raise ValueError("-downsample with -act is not implemented in the Triton kernel")
     if not supported(params, rois, act):
         raise ValueError(
             f"max_points={int(params.max_points)} is unbounded for the Triton kernel (downsample "
