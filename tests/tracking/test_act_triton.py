@@ -316,12 +316,12 @@ def _seeds(tck: Path, act: ActImage, params, n_ref: int, volumes: tuple, want: s
     )
 
 
-def _both(seeds, dirs, params, act) -> tuple[EngineResult, EngineResult]:
+def _both(seeds, dirs, params, act, rois=None) -> tuple[EngineResult, EngineResult]:
     from invtract.tracking.act_cpu import track_fused_cpu_act
 
     sh, s2v, _ = _fod()
-    ref = track_fused_cpu_act(sh, s2v, seeds, dirs, params, act)
-    res = fused_triton.track_fused_triton(sh, s2v, seeds, dirs, params, act=act)
+    ref = track_fused_cpu_act(sh, s2v, seeds, dirs, params, act, rois)
+    res = fused_triton.track_fused_triton(sh, s2v, seeds, dirs, params, rois, act=act)
     return res, ref
 
 
@@ -389,6 +389,37 @@ def test_triton_act_other_parameters(name, change, want):
     _assert_bit_for_bit(res, ref)
     terms, status = _stats(ref)
     assert want <= set(terms) | set(status), (terms, status)
+
+
+@pytest.mark.slow
+def test_triton_act_with_regions():
+    """ACT and regions together (check_structural first, then mask, exclude, include): mask
+    spheres of 4 mm around the seeds, an exclude sphere on one streamline, an include sphere
+    on another (1.6 mm from their seeds on numba's streamlines without regions)."""
+    from invtract.tracking.act_cpu import track_fused_cpu_act
+    from invtract.tracking.types import RoiSet, SphereRoi
+
+    tck, act, params = _reference("act_grid_sgm")
+    seeds, dirs = _seeds(tck, act, params, 4, (1,), {"EXIT_SGM"})
+    sh, s2v, _ = _fod()
+    free = track_fused_cpu_act(sh, s2v, seeds, dirs, params, act)
+    lines = np.split(free.points, np.cumsum(free.lengths)[:-1])
+    near = [
+        tuple(float(v) for v in b[min(len(b) - 1, k + 8)])
+        for b, k in zip(lines, free.seed_index)
+        if len(b)
+    ]
+    rois = RoiSet(
+        mask=tuple(SphereRoi(tuple(float(v) for v in p), 4.0) for p in seeds),
+        exclude=(SphereRoi(near[0], 0.5),),
+        include=(SphereRoi(near[1], 0.5),),
+    )
+    res, ref = _both(seeds, dirs, params, act, rois)
+    _assert_bit_for_bit(res, ref)
+    terms, status = _stats(ref)
+    assert {"EXIT_MASK", "ENTER_EXCLUDE_REGION", "MISSED_INCLUDE_REGION"} <= set(terms) | set(
+        status
+    ), (terms, status)
 
 
 def _slab_5tt() -> ActImage:
