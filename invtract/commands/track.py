@@ -229,7 +229,7 @@ class Track:
             "--act",
             metavar="5TT",
             help="five-tissue-type image: ACT rules and defaults (cutoff x 0.5, minlength 2 x "
-            "voxel); numba engine",
+            "voxel); numba engine (or --engine torch / triton)",
         )
         a.add_argument(
             "--crop-at-gmwmi",
@@ -343,8 +343,8 @@ def _run(args) -> int:
 
     # ------- TRACK -------
     engine = default_engine(args.device) if args.engine == "auto" else args.engine
-    if act is not None and engine != "torch":
-        engine = "numba"  # ACT: numba, or the torch engine when asked for
+    if act is not None and engine not in ("torch", "triton"):
+        engine = "numba"  # ACT: numba, or the torch / Triton engine when asked for
     scanner2voxel = fod.scanner2voxel
     kfod = prepare_fod(fod.data, scanner2voxel)  # once: shared by seed checks and chunks
     if engine == "numba":
@@ -406,6 +406,15 @@ def _runners(engine: str, kfod, fod, args, params, rois, act):
     from ..tracking.act_cpu import act_seed_checker, track_fused_cpu_act
 
     sh, s2v = kfod.sh, kfod.M
+    if engine == "triton":  # the Triton kernel's ACT (numba / torch where it cannot run)
+        import torch
+
+        from ..fod.field import FODField
+        from ..tracking.engines import run_engine
+
+        field = FODField.from_array(fod.data, fod.affine, device=args.device, dtype=torch.float32)
+        return (lambda pos, dirs: run_engine("triton", field, pos, dirs, params, rois, act=act),
+                act_seed_checker(sh, s2v, rois, act))  # fmt: skip
     if engine == "torch":  # the PyTorch ACT tracker; the same seed test decides the draws
         import torch
 
@@ -633,8 +642,6 @@ def _check_act_args(args) -> None:
         checks.check_input_files([("--seed-gmwmi image", args.seed_gmwmi)])
     if getattr(args, "act", None):
         checks.check_input_files([("--act 5TT image", args.act)])
-        if args.engine not in ("auto", "numba", "torch"):
-            raise ConfigError(f"--act runs in the numba or torch engine, not {args.engine}")
 
 
 def _load_act(args):

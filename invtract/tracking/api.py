@@ -97,7 +97,7 @@ def track(
         act: anatomically-constrained tracking (``-act``): an
             :class:`~invtract.tracking.act.ActImage`. Unresolved ``params`` then get ACT's
             defaults (cutoff x 0.5, minimum length 2 x voxel); tracked by the numba engine
-            (or the torch engine when asked for or without numba; no Triton ACT yet).
+            (or the torch / triton engine when asked for; torch without numba).
 
     Returns:
         A :class:`TrackingResult`.
@@ -413,10 +413,13 @@ def _target_streamlines(target):
 
 
 def _act_engine(engine: str) -> str:
-    """The engine that tracks with ACT: numba (bit-exact) unless ``"torch"`` is asked for or
-    numba is absent; Triton has no ACT rules yet (its requests go to numba)."""
+    """The engine that tracks with ACT: numba (bit-exact) unless ``"torch"`` or ``"triton"``
+    is asked for (the triton engine falls back by itself where it cannot run), or numba is
+    absent (torch)."""
     from .runner import numba_available
 
+    if engine == "triton":
+        return "triton"
     if engine == "torch" or not numba_available():
         return "torch"
     return "numba"

@@ -23,9 +23,9 @@ interpolation's Eigen packet order, the peak finder's sequential sums over its (
   functions are not correctly rounded). The effect on GPU points is to be measured (see
   ``docs/engines.md``).
 
-Scope: all of SD_Stream without ACT, as fused_cpu ``_track_seed`` (FOV / zero-voxel / NaN
-interpolation, LUT peak ascent with the 50-iteration cap, cutoff, angle, minimum / maximum
-length by point count, bidirectional joining or ``unidirectional``):
+Scope: all of SD_Stream, as fused_cpu ``_track_seed`` (FOV / zero-voxel / NaN interpolation,
+LUT peak ascent with the 50-iteration cap, cutoff, angle, minimum / maximum length by point
+count, bidirectional joining or ``unidirectional``), and ACT as act_cpu:
 
 * RK4 (``-rk4``, Exec::next_rk4): a step is five evaluations; a lane runs them as sub-phases of
   its loop (``sub`` 0..4), so lanes of one program may be at different sub-evaluations;
@@ -34,11 +34,21 @@ length by point count, bidirectional joining or ``unidirectional``):
   in Exec::iterate's order; the include visitation is a per-lane bit set;
 * downsampling (``-downsample``) with ``check_downsampled_length`` and ``truncate_maxlength``:
   on the host after the kernel (numpy float32, the same operations as the numba engine), on
-  the accepted streamlines only.
+  the accepted streamlines only;
+* ACT (``-act``, ``act=``; the ``ACT`` constexpr): the 5TT sampled as act_cpu ``_tissues``
+  (masked for tracking, unmasked for the interface search; the stencil of :func:`_corners`,
+  shared with the FOD), ACT's seed test and ``seed_is_unidirectional`` (per-lane one-way
+  streamlines), ``check_structural`` after each step, TERM_IN_SGM, ``apply_priors`` and its
+  rejection reasons, ``truncate_exit_sgm`` (a loop over the SGM stretch with the FOD amplitude
+  ``PrecomputedAL::value``), ``-crop_at_gmwmi`` (bisection along the Hermite spline) and its
+  length re-check (on the host), the SGM seed's WM requirement. Constants: rules' names as
+  ``tl.constexpr``; the float64 ones (tissue-sum threshold, interface accuracy) after the 5TT
+  transform. No backtracking (tckgen does not allow it for SD_Stream either).
 
-Only an unbounded ``max_points`` (``downsample x angle >= 360 deg``) is refused
-(:func:`supported`; the numba engine refuses it too, and the ``triton`` engine of
-:mod:`invtract.tracking.engines.triton_gpu` raises a ConfigError).
+Refused (:func:`supported`): an unbounded ``max_points`` (``downsample x angle >= 360 deg``;
+the numba engine refuses it too) and ``-downsample`` with ACT (the torch engine refuses it;
+the numba ACT kernel ignores it); the ``triton`` engine of
+:mod:`invtract.tracking.engines.triton_gpu` raises a ConfigError.
 
 Public API: :func:`track_fused_triton`, :func:`supported`, :func:`available`,
 :func:`unavailable_reason`.
@@ -49,6 +59,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -58,6 +69,10 @@ from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
 from .rules import (
     FOV_HALF_VOXEL,
+    GMWMI_ACCURACY,
+    GMWMI_HERMITE_TENSION,
+    GMWMI_MAX_ITERS,
+    GMWMI_NORMAL_PERTURBATION,
     LUT_LAST_ROW,
     PEAK_MAX_ITERATIONS,
     PEAK_MAX_STEP_RAD,
@@ -65,9 +80,13 @@ from .rules import (
     POLE_SIN_THRESHOLD,
     SQRT2,
     TERM_ADD_TO_TCK,
+    TISSUE_SUM_THRESHOLD,
     WEIGHT_THRESHOLD,
 )
 from .types import EngineResult, Reject, RoiSet, Term, concat_results
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .act import ActImage
 
 __all__ = [
     "track_fused_triton",
@@ -104,22 +123,30 @@ _ENTER_EXCLUDE = int(Term.ENTER_EXCLUDE)
 _TRAVERSE_ALL_INCLUDE = int(Term.TRAVERSE_ALL_INCLUDE)
 _EXCLUDED = int(Reject.ENTER_EXCLUDE_REGION)
 _MISSED_INCLUDE = int(Reject.MISSED_INCLUDE_REGION)
+_ENTER_CGM = int(Term.ENTER_CGM)
+_ENTER_CSF = int(Term.ENTER_CSF)
+_EXIT_SGM = int(Term.EXIT_SGM)
+_TERM_IN_SGM = int(Term.TERM_IN_SGM)
+_CALIBRATOR = int(Term.CALIBRATOR)
+_TRACK_TOO_LONG = int(Reject.TRACK_TOO_LONG)
+_ACT_POOR = int(Reject.ACT_POOR_TERMINATION)
+_ACT_FAILED_WM = int(Reject.ACT_FAILED_WM_REQUIREMENT)
 #: region sets of the kernel's ROI rows (the codes of fused_cpu ``_flatten_rois``, checked in
 #: :func:`_roi_arrays`)
 _ROI_INCLUDE, _ROI_EXCLUDE, _ROI_MASK, _ROI_ORDERED = 0, 1, 2, 3
-#: the terms (without ACT) whose last point the kernel keeps: rules ``TERM_ADD_TO_TCK``
-_KERNEL_ADDS = {Term.CONTINUE, Term.LENGTH_EXCEED, Term.ENTER_EXCLUDE, Term.TRAVERSE_ALL_INCLUDE}
-assert _KERNEL_ADDS == {
-    t
-    for t in (Term.CONTINUE, Term.EXIT_IMAGE, Term.MODEL, Term.HIGH_CURVATURE,
-              Term.LENGTH_EXCEED, Term.EXIT_MASK, Term.ENTER_EXCLUDE, Term.TRAVERSE_ALL_INCLUDE)
-    if TERM_ADD_TO_TCK[t]
-}  # fmt: skip
+#: the terms whose last point the kernel keeps: rules ``TERM_ADD_TO_TCK`` (ENTER_CGM and
+#: ENTER_CSF only occur with ACT)
+_KERNEL_ADDS = {Term.CONTINUE, Term.LENGTH_EXCEED, Term.ENTER_EXCLUDE, Term.TRAVERSE_ALL_INCLUDE,
+                Term.ENTER_CGM, Term.ENTER_CSF}  # fmt: skip
+assert _KERNEL_ADDS == {t for t in Term if TERM_ADD_TO_TCK[t]}
 
 _MAX_BUFFER_POINTS = 1_000_000
 #: float64 constants the kernel reads from the end of its transform array (``k_ptr``):
 #: ``Math::sqrt2``, then ANGLE_TOLERANCE, which is also the pole test's threshold
 _F64_CONSTANTS = (SQRT2, PEAK_TOLERANCE_RAD)
+#: float64 constants after the 5TT's 3x4 transform (``mt_ptr``): the tissue-sum threshold of
+#: ``Tissues::set`` and the interface accuracy (both compared in double by MRtrix)
+_F64_ACT_CONSTANTS = (TISSUE_SUM_THRESHOLD, GMWMI_ACCURACY)
 assert POLE_SIN_THRESHOLD == PEAK_TOLERANCE_RAD  # one launch value serves both tests
 
 
@@ -140,15 +167,19 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def supported(params: ResolvedParameters, rois: RoiSet | None = None) -> bool:
+def supported(params: ResolvedParameters, rois: RoiSet | None = None, act=None) -> bool:
     """True when the kernel implements this configuration (otherwise use numba / torch).
 
     Every SD_Stream rule is in the kernel (first order and RK4, downsampling with the length
     check and truncation, include / ordered include / exclude / mask regions as spheres or
-    images, ``-stop``); only an unbounded ``max_points`` (``downsample x angle >= 360 deg``)
-    is not. ``rois`` is accepted for the interface (any :class:`RoiSet` is covered).
+    images, ``-stop``), and ACT's with ``act`` (an :class:`~invtract.tracking.act.ActImage`);
+    not: an unbounded ``max_points`` (``downsample x angle >= 360 deg``), and ``-downsample``
+    with ACT (the torch engine refuses it, the numba ACT kernel ignores it). ``rois`` is
+    accepted for the interface (any :class:`RoiSet` is covered).
     """
     del rois
+    if act is not None and int(params.downsample) > 1:
+        return False
     return int(params.max_points) + 2 <= _MAX_BUFFER_POINTS
 
 
@@ -233,7 +264,8 @@ if triton is not None:
     _K_NAN = tl.constexpr(float("nan"))
     # scalar arguments that may equal 1 must not become constexpr (the kernel calls .to on some)
     _NO_SPECIALIZE = ["C", "NX", "NY", "NZ", "K", "NAL", "max_points", "min_points", "L",
-                      "unidir", "R", "n_inc", "n_ord", "n_mask", "n_exc", "stop"]  # fmt: skip
+                      "unidir", "R", "n_inc", "n_ord", "n_mask", "n_exc", "stop", "TX", "TY",
+                      "TZ", "crop"]  # fmt: skip
     _K_CONTINUE = tl.constexpr(_CONTINUE)
     _K_EXIT_IMAGE = tl.constexpr(_EXIT_IMAGE)
     _K_MODEL = tl.constexpr(_MODEL)
@@ -258,6 +290,19 @@ if triton is not None:
     _K_MAX_STEP = tl.constexpr(PEAK_MAX_STEP_RAD)
     _K_MAX_ITERATIONS = tl.constexpr(PEAK_MAX_ITERATIONS)
     _K_LUT_LAST_ROW = tl.constexpr(LUT_LAST_ROW)
+    # ACT: terms, rejections and the rulebook's constants (float64 ones travel in mt_ptr)
+    _K_INF = tl.constexpr(float("inf"))
+    _K_ENTER_CGM = tl.constexpr(_ENTER_CGM)
+    _K_ENTER_CSF = tl.constexpr(_ENTER_CSF)
+    _K_EXIT_SGM = tl.constexpr(_EXIT_SGM)
+    _K_TERM_IN_SGM = tl.constexpr(_TERM_IN_SGM)
+    _K_CALIBRATOR = tl.constexpr(_CALIBRATOR)
+    _K_TRACK_TOO_LONG = tl.constexpr(_TRACK_TOO_LONG)
+    _K_ACT_POOR = tl.constexpr(_ACT_POOR)
+    _K_ACT_FAILED_WM = tl.constexpr(_ACT_FAILED_WM)
+    _K_NORMAL_PERTURBATION = tl.constexpr(GMWMI_NORMAL_PERTURBATION)
+    _K_HERMITE_TENSION = tl.constexpr(GMWMI_HERMITE_TENSION)
+    _K_GMWMI_MAX_ITERS = tl.constexpr(GMWMI_MAX_ITERS)
 
     @triton.jit
     def _normalize3(x, y, z):
@@ -272,12 +317,15 @@ if triton is not None:
         )
 
     @triton.jit
-    def _sample(px, py, pz, live, sh_ptr, nz_ptr, m_ptr, cs_ptr, lane, LANES, NX, NY, NZ, K,
-                BLOCK: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr):  # fmt: skip
-        """Interpolate the SH coefficients at p into the scratch ``cs[k * LANES + lane]``.
+    def _corners(px, py, pz, live, m_ptr, nz_ptr, NX, NY, NZ, MASKED: tl.constexpr):
+        """The trilinear stencil at scanner point p (float32) of an ``[NX, NY, NZ, ...]`` grid
+        with the 3x4 float64 scanner->voxel transform at ``m_ptr`` (spec §2, fused_cpu
+        ``_interp``).
 
-        Returns the per-lane "has data" flag (FOV, nearest voxel not all-zero, c_0 not NaN);
-        spec §2, fused_cpu ``_sample``.
+        Returns ``(ok, o0..o7, w0..w7)``: ``ok`` = live, inside the field of view and, when
+        ``MASKED``, a nearest voxel that is not all-zero (``nz_ptr``: int8 per voxel); the
+        corners' voxel indices (int64, corner k = x + 2y + 4z) and float32 weights (those below
+        the threshold set to 0, the rest not renormalised).
         """
         dx = px.to(tl.float64)
         dy = py.to(tl.float64)
@@ -316,8 +364,11 @@ if triton is not None:
         r0 = tl.where(v0 < 0.0, -r0, r0).to(tl.int32)
         r1 = tl.where(v1 < 0.0, -r1, r1).to(tl.int32)
         r2 = tl.where(v2 < 0.0, -r2, r2).to(tl.int32)
-        nzv = tl.load(nz_ptr + ((r0 * NY + r1) * NZ + r2), mask=inside, other=0)
-        ok = inside & (nzv != 0)
+        if MASKED:
+            nzv = tl.load(nz_ptr + ((r0 * NY + r1) * NZ + r2), mask=inside, other=0)
+            ok = inside & (nzv != 0)
+        else:
+            ok = inside
         fl0 = tl.floor(v0)
         fl1 = tl.floor(v1)
         fl2 = tl.floor(v2)
@@ -356,16 +407,37 @@ if triton is not None:
         w5 = tl.where(w5 < eps, 0.0, w5)
         w6 = tl.where(w6 < eps, 0.0, w6)
         w7 = tl.where(w7 < eps, 0.0, w7)
-        # corner k = x + 2y + 4z; voxel offsets in int64 (large volumes x K)
+        o0 = ((x0 * NY + y0) * NZ + z0).to(tl.int64)
+        o1 = ((x1 * NY + y0) * NZ + z0).to(tl.int64)
+        o2 = ((x0 * NY + y1) * NZ + z0).to(tl.int64)
+        o3 = ((x1 * NY + y1) * NZ + z0).to(tl.int64)
+        o4 = ((x0 * NY + y0) * NZ + z1).to(tl.int64)
+        o5 = ((x1 * NY + y0) * NZ + z1).to(tl.int64)
+        o6 = ((x0 * NY + y1) * NZ + z1).to(tl.int64)
+        o7 = ((x1 * NY + y1) * NZ + z1).to(tl.int64)
+        return ok, o0, o1, o2, o3, o4, o5, o6, o7, w0, w1, w2, w3, w4, w5, w6, w7
+
+    @triton.jit
+    def _sample(px, py, pz, live, sh_ptr, nz_ptr, m_ptr, cs_ptr, lane, LANES, NX, NY, NZ, K,
+                BLOCK: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr):  # fmt: skip
+        """Interpolate the SH coefficients at p into the scratch ``cs[k * LANES + lane]``.
+
+        Returns the per-lane "has data" flag (FOV, nearest voxel not all-zero, c_0 not NaN);
+        spec §2, fused_cpu ``_sample``.
+        """
+        ok, o0, o1, o2, o3, o4, o5, o6, o7, w0, w1, w2, w3, w4, w5, w6, w7 = _corners(
+            px, py, pz, live, m_ptr, nz_ptr, NX, NY, NZ, True
+        )
+        # voxel offsets in int64 (large volumes x K)
         Kl = K.to(tl.int64)
-        o0 = (((x0 * NY + y0) * NZ + z0).to(tl.int64) * Kl)[:, None]
-        o1 = (((x1 * NY + y0) * NZ + z0).to(tl.int64) * Kl)[:, None]
-        o2 = (((x0 * NY + y1) * NZ + z0).to(tl.int64) * Kl)[:, None]
-        o3 = (((x1 * NY + y1) * NZ + z0).to(tl.int64) * Kl)[:, None]
-        o4 = (((x0 * NY + y0) * NZ + z1).to(tl.int64) * Kl)[:, None]
-        o5 = (((x1 * NY + y0) * NZ + z1).to(tl.int64) * Kl)[:, None]
-        o6 = (((x0 * NY + y1) * NZ + z1).to(tl.int64) * Kl)[:, None]
-        o7 = (((x1 * NY + y1) * NZ + z1).to(tl.int64) * Kl)[:, None]
+        o0 = (o0 * Kl)[:, None]
+        o1 = (o1 * Kl)[:, None]
+        o2 = (o2 * Kl)[:, None]
+        o3 = (o3 * Kl)[:, None]
+        o4 = (o4 * Kl)[:, None]
+        o5 = (o5 * Kl)[:, None]
+        o6 = (o6 * Kl)[:, None]
+        o7 = (o7 * Kl)[:, None]
         # KC coefficients at a time (registers on CUDA; one pass under the interpreter)
         for k0 in tl.static_range(0, KP, KC):
             kk = k0 + tl.arange(0, KC)[None, :]
@@ -749,14 +821,303 @@ if triton is not None:
                 found = found | c
         return vis, ordn, valid
 
+    # ----------------------------------------------------------------------------------------
+    # ACT (act_cpu's rules, lane by lane; the tissue tests are rules.is_* as lane masks)
+    # ----------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _tissues(px, py, pz, live, tt_ptr, tnz_ptr, mt_ptr, TX, TY, TZ, BLOCK: tl.constexpr,
+                 MASKED: tl.constexpr):  # fmt: skip
+        """``Tissues::set`` of the 5TT interpolated at p (act_cpu ``_tissues``).
+
+        ``tt_ptr``: ``[TX, TY, TZ, 5]`` float32 (MRtrix voxel order), ``tnz_ptr`` its int8
+        "voxel not all-zero" map, ``mt_ptr``: float64 scanner->voxel 3x4, then
+        TISSUE_SUM_THRESHOLD and GMWMI_ACCURACY. ``MASKED``: ACT's masked interpolator (an
+        all-zero nearest voxel is no data); unmasked for the interface search.
+
+        Returns ``(interp, valid, cgm, sgm, wm, csf, path)``: ``interp`` = data there and cgm not
+        NaN (fused_cpu ``_interp``'s result); the five clamped to [0, 1] (all 0 without data or
+        with a NaN); ``valid`` = data, no NaN and sum >= the threshold (compared in float64).
+        """
+        ok, o0, o1, o2, o3, o4, o5, o6, o7, w0, w1, w2, w3, w4, w5, w6, w7 = _corners(
+            px, py, pz, live, mt_ptr, tnz_ptr, TX, TY, TZ, MASKED
+        )
+        kk = tl.arange(0, 8)[None, :]
+        m2 = ok[:, None] & (kk < 5)
+        a0 = tl.load(tt_ptr + (o0 * 5)[:, None] + kk, mask=m2, other=0.0)
+        a1 = tl.load(tt_ptr + (o1 * 5)[:, None] + kk, mask=m2, other=0.0)
+        a2 = tl.load(tt_ptr + (o2 * 5)[:, None] + kk, mask=m2, other=0.0)
+        a3 = tl.load(tt_ptr + (o3 * 5)[:, None] + kk, mask=m2, other=0.0)
+        a4 = tl.load(tt_ptr + (o4 * 5)[:, None] + kk, mask=m2, other=0.0)
+        a5 = tl.load(tt_ptr + (o5 * 5)[:, None] + kk, mask=m2, other=0.0)
+        a6 = tl.load(tt_ptr + (o6 * 5)[:, None] + kk, mask=m2, other=0.0)
+        a7 = tl.load(tt_ptr + (o7 * 5)[:, None] + kk, mask=m2, other=0.0)
+        # Eigen's packet order, as _sample
+        t0 = a0 * w0[:, None] + a4 * w4[:, None]
+        t1 = a1 * w1[:, None] + a5 * w5[:, None]
+        t2 = a2 * w2[:, None] + a6 * w6[:, None]
+        t3 = a3 * w3[:, None] + a7 * w7[:, None]
+        v = (t0 + t2) + (t1 + t3)
+        # one column each (the other terms are exact zeros)
+        c = tl.sum(tl.where(kk == 0, v, 0.0), axis=1)
+        s = tl.sum(tl.where(kk == 1, v, 0.0), axis=1)
+        w = tl.sum(tl.where(kk == 2, v, 0.0), axis=1)
+        f = tl.sum(tl.where(kk == 3, v, 0.0), axis=1)
+        p = tl.sum(tl.where(kk == 4, v, 0.0), axis=1)
+        interp = ok & (c == c)
+        good = interp & (s == s) & (w == w) & (f == f) & (p == p)
+        c = tl.where(good, tl.minimum(tl.maximum(c, 0.0), 1.0), 0.0)
+        s = tl.where(good, tl.minimum(tl.maximum(s, 0.0), 1.0), 0.0)
+        w = tl.where(good, tl.minimum(tl.maximum(w, 0.0), 1.0), 0.0)
+        f = tl.where(good, tl.minimum(tl.maximum(f, 0.0), 1.0), 0.0)
+        p = tl.where(good, tl.minimum(tl.maximum(p, 0.0), 1.0), 0.0)
+        total = (((c + s) + w) + f) + p
+        valid = good & (total.to(tl.float64) >= tl.load(mt_ptr + 12))
+        return interp, valid, c, s, w, f, p
+
+    @triton.jit
+    def _is_csf(c, s, w, f, p):
+        """rules.is_csf, lane-wise."""
+        return (f >= c) & (f >= s) & (f >= w) & (f >= p)
+
+    @triton.jit
+    def _is_sgm(c, s, w, f, p):
+        """rules.is_sgm, lane-wise."""
+        return (s > c) & (s >= w) & (s > f) & (s > p)
+
+    @triton.jit
+    def _is_gm(c, s, w, f, p):
+        """rules.is_gm, lane-wise (GM = cgm + sgm in float32)."""
+        gm = c + s
+        return (gm >= w) & (gm > f) & (gm > p)
+
+    @triton.jit
+    def _is_path(c, s, w, f, p):
+        """rules.is_path, lane-wise."""
+        return (p >= c) & (p >= s) & (p >= w) & (p > f)
+
+    @triton.jit
+    def _act_seed_ok(c, s, w, f, p, accuracy):
+        """rules.act_seed_ok, lane-wise (``accuracy``: GMWMI_ACCURACY as a float64 scalar)."""
+        near = ((c + s) - w).to(tl.float64) >= accuracy
+        return _is_sgm(c, s, w, f, p) | ((~_is_csf(c, s, w, f, p)) & (w > 0.0) & (~near))
+
+    @triton.jit
+    def _act_priors(t, depth, in_path):
+        """rules.act_priors and rules.act_exclusion_reason, lane-wise: ``(term', excluded,
+        reason)`` for the term ``t`` a half stopped on."""
+        bad = (t == _K_ENTER_CSF) | (t == _K_LENGTH_EXCEED) | (t == _K_ENTER_EXCLUDE)
+        poor = (t == _K_CALIBRATOR) | (t == _K_MODEL) | (t == _K_HIGH_CURVATURE)
+        in_sgm = poor & (depth > 0)
+        excluded = bad | (poor & (~in_sgm) & (~in_path))
+        reason = tl.where(t == _K_LENGTH_EXCEED, _K_TRACK_TOO_LONG,
+                          tl.where(t == _K_ENTER_EXCLUDE, _K_EXCLUDED, _K_ACT_POOR))  # fmt: skip
+        return tl.where(in_sgm, _K_TERM_IN_SGM, t), excluded, reason
+
+    @triton.jit
+    def _check_structural(chk, valid, c, s, w, f, p, depth, sgm_seed, to_wm):
+        """``ACT_Method_additions::check_structural`` on lanes ``chk`` (act_cpu
+        ``_check_structural``): returns ``(term, depth, to_wm)`` (term CONTINUE elsewhere)."""
+        csf = valid & _is_csf(c, s, w, f, p)
+        gm = valid & (~csf) & _is_gm(c, s, w, f, p)
+        wm_like = valid & (~csf) & (~_is_gm(c, s, w, f, p)) & (depth > 0)
+        first_wm = wm_like & sgm_seed & (~to_wm)
+        t = tl.where(valid, _K_CONTINUE, _K_EXIT_IMAGE)
+        t = tl.where(csf, tl.where(depth > 0, _K_EXIT_SGM, _K_ENTER_CSF), t)
+        t = tl.where(gm & (c >= s), _K_ENTER_CGM, t)
+        t = tl.where(wm_like & (~first_wm), _K_EXIT_SGM, t)
+        depth = tl.where(chk & gm & (~(c >= s)), depth + 1, depth)
+        depth = tl.where(chk & first_wm, 0, depth)
+        return tl.where(chk, t, _K_CONTINUE), depth, to_wm | (chk & first_wm)
+
+    @triton.jit
+    def _seed_unidirectional(go, px, py, pz, ux, uy, uz, c, s, w, f, p, tt_ptr, tnz_ptr, mt_ptr,
+                             TX, TY, TZ, BLOCK: tl.constexpr):  # fmt: skip
+        """``seed_is_unidirectional`` on lanes ``go`` (act_cpu ``_seed_is_unidirectional``):
+        a seed in GM with WM below GM tracks one way, away from GM (tissues probed at
+        p +- u x GMWMI_NORMAL_PERTURBATION). Returns ``(unidirectional, u')``."""
+        probe = go & (~_is_sgm(c, s, w, f, p)) & (~((w >= c + s) | (s >= c)))
+        h = _K_NORMAL_PERTURBATION
+        _, _, c1, s1, w1, _, _ = _tissues(px + ux * h, py + uy * h, pz + uz * h, probe, tt_ptr,
+                                          tnz_ptr, mt_ptr, TX, TY, TZ, BLOCK, True)  # fmt: skip
+        _, _, c2, s2, w2, _, _ = _tissues(px - ux * h, py - uy * h, pz - uz * h, probe, tt_ptr,
+                                          tnz_ptr, mt_ptr, TX, TY, TZ, BLOCK, True)  # fmt: skip
+        plus = (c1 + s1) - w1
+        minus = (c2 + s2) - w2
+        flip = probe & (plus - minus > 0.0)
+        return probe, tl.where(flip, -ux, ux), tl.where(flip, -uy, uy), tl.where(flip, -uz, uz)
+
+    @triton.jit
+    def _buf_pos(j, n1, second):
+        """Where point ``j`` of the streamline in travel order (act_cpu's buffer: first half
+        reversed once the second half runs) sits in this kernel's buffer (seed, first half,
+        second half, all forward from the seed)."""
+        return tl.where(second & (j < n1), n1 - 1 - j, j)
+
+    @triton.jit
+    def _amplitude(cs_ptr, lane, LANES, ux, uy, uz, active, lut_ptr, NAL, inc, tab_ptr, k_ptr,
+                   BLOCK: tl.constexpr, NS: tl.constexpr):  # fmt: skip
+        """FOD amplitude along unit u of the coefficients in the scratch (``PrecomputedAL::
+        value``, act_cpu ``_amplitude``): Legendre rows interpolated at ``acos(u_z)``, the
+        azimuth rotated term by term from ``(u_x, u_y) / r_xy``, each m > 0 term added in
+        double and rounded back to float32, in the slot tables' order."""
+        sqrt2 = tl.load(k_ptr)
+        el = _acosf(uz)
+        fr = tl.div_rn(el, inc)
+        isnan = fr != fr
+        frs = tl.where(isnan, 0.0, fr)
+        ii = frs.to(tl.int32)
+        edge = isnan | (ii < 0) | (ii >= _K_LUT_LAST_ROW)
+        row = tl.where(ii < 0, 0, tl.where(ii >= _K_LUT_LAST_ROW, _K_LUT_LAST_ROW, ii))
+        row = tl.where(isnan, 0, row)
+        w2 = tl.where(edge, 0.0, frs - ii.to(tl.float32))
+        w1 = tl.where(edge, 1.0, 1.0 - w2)
+        ic = w2 != 0.0
+        ra = row * NAL
+        rb = tl.minimum(row + 1, _K_LUT_LAST_ROW) * NAL
+        rxy = tl.sqrt_rn(uy * uy + ux * ux)
+        has = rxy != 0.0
+        rs = tl.where(has, rxy, 1.0)
+        cp = tl.where(has, tl.div_rn(ux, rs), 1.0)
+        sp = tl.where(has, tl.div_rn(uy, rs), 0.0)
+        v = tl.zeros([BLOCK], tl.float32)
+        c0 = tl.full([BLOCK], 1.0, tl.float32)
+        s0 = tl.zeros([BLOCK], tl.float32)
+        mprev = 0
+        for sl in range(NS):
+            zon = tl.load(tab_ptr + 9 * sl) != 0
+            ci = tl.load(tab_ptr + 9 * sl + 1)
+            cmi = tl.load(tab_ptr + 9 * sl + 2)
+            m = tl.load(tab_ptr + 9 * sl + 3)
+            i0 = tl.load(tab_ptr + 9 * sl + 4)
+            la = tl.load(lut_ptr + (ra + i0), mask=active, other=0.0)
+            lb = tl.load(lut_ptr + (rb + i0), mask=active, other=0.0)
+            al = tl.where(ic, w1 * la + w2 * lb, w1 * la)
+            vp = tl.load(cs_ptr + (ci * LANES + lane), mask=active, other=0.0)
+            vm = tl.load(cs_ptr + (cmi * LANES + lane), mask=active, other=0.0)
+            if m != mprev:  # slots are sorted by m, every m in 1..lmax present: one turn each
+                cm = c0 * cp - s0 * sp
+                s0 = s0 * cp + c0 * sp
+                c0 = cm
+            mprev = m
+            inner = c0 * vp + s0 * vm
+            pair = (v.to(tl.float64) + (al.to(tl.float64) * sqrt2) * inner.to(tl.float64)).to(
+                tl.float32
+            )
+            v = tl.where(zon, v + al * vp, pair)
+        return v
+
+    @triton.jit
+    def _truncate_exit_sgm(go, n, n1, second, depth, pts_ptr, pbase, sh_ptr, nz_ptr, m_ptr,
+                           cs_ptr, lane, LANES, NX, NY, NZ, K, lut_ptr, NAL, inc, tab_ptr,
+                           BLOCK: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr,
+                           NS: tl.constexpr):  # fmt: skip
+        """``Exec::truncate_exit_sgm`` on lanes ``go`` (act_cpu ``_truncate_exit_sgm``): of the
+        last ``depth`` points keep up to the first where the FOD amplitude along the incoming
+        segment is lowest (0 without FOD data). Returns the new point counts."""
+        best = n - 1
+        lowest = tl.full([BLOCK], _K_INF, tl.float32)
+        k = 0
+        while tl.max((go & (k < depth)).to(tl.int32), axis=0) > 0:
+            a = go & (k < depth)
+            i = n - depth + k
+            bi = pbase + _buf_pos(i, n1, second).to(tl.int64) * 3
+            bj = pbase + _buf_pos(i - 1, n1, second).to(tl.int64) * 3
+            xi = tl.load(pts_ptr + bi, mask=a, other=0.0)
+            yi = tl.load(pts_ptr + bi + 1, mask=a, other=0.0)
+            zi = tl.load(pts_ptr + bi + 2, mask=a, other=0.0)
+            xj = tl.load(pts_ptr + bj, mask=a, other=0.0)
+            yj = tl.load(pts_ptr + bj + 1, mask=a, other=0.0)
+            zj = tl.load(pts_ptr + bj + 2, mask=a, other=0.0)
+            dx, dy, dz = _normalize3(xi - xj, yi - yj, zi - zj)
+            okf = _sample(xi, yi, zi, a, sh_ptr, nz_ptr, m_ptr, cs_ptr, lane, LANES, NX, NY, NZ,
+                          K, BLOCK, KP, KC)  # fmt: skip
+            amp = _amplitude(cs_ptr, lane, LANES, dx, dy, dz, okf, lut_ptr, NAL, inc, tab_ptr,
+                             m_ptr + 12, BLOCK, NS)  # fmt: skip
+            value = tl.where(okf, amp, 0.0)
+            better = a & (value < lowest)
+            lowest = tl.where(better, value, lowest)
+            best = tl.where(better, i, best)
+            k += 1
+        return tl.where(go, best + 1, n)
+
+    @triton.jit
+    def _crop_at_gmwmi(go, n, n1, second, pts_ptr, pbase, tt_ptr, tnz_ptr, mt_ptr, TX, TY, TZ,
+                       BLOCK: tl.constexpr):  # fmt: skip
+        """``-crop_at_gmwmi`` on lanes ``go`` (act_cpu ``_crop_end``, ``GMWMI_finder::
+        find_interface``): where the last segment crosses the GM-WM interface, move the last
+        point onto it by bisection along the Hermite spline through the last three points and
+        their extrapolation (unmasked tissues)."""
+        accuracy = tl.load(mt_ptr + 13)
+        pe = pbase + _buf_pos(n - 1, n1, second).to(tl.int64) * 3
+        pq = pbase + _buf_pos(n - 2, n1, second).to(tl.int64) * 3
+        pr = pbase + _buf_pos(n - 3, n1, second).to(tl.int64) * 3
+        ex = tl.load(pts_ptr + pe, mask=go, other=0.0)
+        ey = tl.load(pts_ptr + pe + 1, mask=go, other=0.0)
+        ez = tl.load(pts_ptr + pe + 2, mask=go, other=0.0)
+        qx = tl.load(pts_ptr + pq, mask=go, other=0.0)
+        qy = tl.load(pts_ptr + pq + 1, mask=go, other=0.0)
+        qz = tl.load(pts_ptr + pq + 2, mask=go, other=0.0)
+        rx = tl.load(pts_ptr + pr, mask=go, other=0.0)
+        ry = tl.load(pts_ptr + pr + 1, mask=go, other=0.0)
+        rz = tl.load(pts_ptr + pr + 2, mask=go, other=0.0)
+        oke, _, ce, se, we, _, _ = _tissues(ex, ey, ez, go, tt_ptr, tnz_ptr, mt_ptr, TX, TY, TZ,
+                                            BLOCK, False)  # fmt: skip
+        okq, _, cq, sq, wq, _, _ = _tissues(qx, qy, qz, go, tt_ptr, tnz_ptr, mt_ptr, TX, TY, TZ,
+                                            BLOCK, False)  # fmt: skip
+        gm_e = ce + se
+        gm_p = cq + sq
+        cross = ((gm_e > we) & (gm_p < wq)) | ((gm_e < we) & (gm_p > wq))
+        gate = go & oke & okq & cross & (~((gm_e - we).to(tl.float64) < accuracy))
+        # curvature = (e - q) - (q - r); extrapolated point = e + ((e - q) + curvature)
+        ax = ex - qx
+        ay = ey - qy
+        az = ez - qz
+        fx = ex + (ax + (ax - (qx - rx)))
+        fy = ey + (ay + (ay - (qy - ry)))
+        fz = ez + (az + (az - (qz - rz)))
+        t = tl.full([BLOCK], _K_HERMITE_TENSION, tl.float32) * 0.5
+        lo = tl.zeros([BLOCK], tl.float32)
+        hi = tl.full([BLOCK], 1.0, tl.float32)
+        bx = ex
+        by = ey
+        bz = ez
+        act = gate
+        for _ in range(_K_GMWMI_MAX_ITERS):
+            mu = ((lo + hi).to(tl.float64) * 0.5).to(tl.float32)
+            p2 = mu * mu
+            p3 = mu * p2
+            w0 = (0.5 - t) * ((2.0 * p2 - p3) - mu)
+            w1 = (1.0 + (1.5 + t) * p3) - (2.5 + t) * p2
+            w2 = ((2.0 + 2.0 * t) * p2 + (0.5 - t) * mu) - (1.5 + t) * p3
+            w3 = (0.5 - t) * (p3 - p2)
+            hx = ((w0 * rx + w1 * qx) + w2 * ex) + w3 * fx
+            hy = ((w0 * ry + w1 * qy) + w2 * ey) + w3 * fy
+            hz = ((w0 * rz + w1 * qz) + w2 * ez) + w3 * fz
+            _, _, c, s, w, _, _ = _tissues(hx, hy, hz, act, tt_ptr, tnz_ptr, mt_ptr, TX, TY, TZ,
+                                           BLOCK, False)  # fmt: skip
+            gm = c + s
+            into_wm = act & (w > gm)
+            into_gm = act & (~(w > gm))
+            lo = tl.where(into_wm, mu, lo)
+            hi = tl.where(into_gm, mu, hi)
+            bx = tl.where(into_gm, hx, bx)
+            by = tl.where(into_gm, hy, by)
+            bz = tl.where(into_gm, hz, bz)
+            act = act & (~(into_gm & ((gm - w).to(tl.float64) < accuracy)))
+        tl.store(pts_ptr + pe, bx, mask=gate)
+        tl.store(pts_ptr + pe + 1, by, mask=gate)
+        tl.store(pts_ptr + pe + 2, bz, mask=gate)
+
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _sd_stream_kernel(
         seeds_ptr, dirs_ptr, sh_ptr, nz_ptr, m_ptr, lut_ptr, tab_ptr, flt_ptr, cs_ptr, pts_ptr,
         n_ptr, n1_ptr, status_ptr, term_ptr, u0_ptr, steps_ptr, C, NX, NY, NZ, K, NAL, step,
         cutoff, dot_thr, inc, max_points, min_points, L, unidir, hstep, cos_rk4, ri_ptr, rf_ptr,
-        rmask_ptr, R, n_inc, n_ord, n_mask, n_exc, stop, BLOCK: tl.constexpr,
-        KP: tl.constexpr, KC: tl.constexpr, SP: tl.constexpr, NS: tl.constexpr,
-        SEQ: tl.constexpr, RK4: tl.constexpr, ROIS: tl.constexpr,
+        rmask_ptr, R, n_inc, n_ord, n_mask, n_exc, stop, tt_ptr, tnz_ptr, mt_ptr, TX, TY, TZ,
+        crop, BLOCK: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr, SP: tl.constexpr,
+        NS: tl.constexpr, SEQ: tl.constexpr, RK4: tl.constexpr, ROIS: tl.constexpr,
+        ACT: tl.constexpr,
     ):  # fmt: skip
         """Track seeds ``lane, lane + lanes, ...`` of a chunk (Exec::operator(), gen_track,
         gen_track_unidir, iterate, next_rk4, SDStream::init / next, track_rejected).
@@ -767,6 +1128,12 @@ if triton is not None:
         p + d2 h/2, d4 at p + d3 h from normalize(d2 + d3), d5 at the new point). With ``ROIS``
         the mask / exclude / include regions (``ri_ptr``, ``rf_ptr``, ``rmask_ptr``, ``R`` rows)
         are tested at the seed and after every step, as fused_cpu ``_track_half`` does.
+
+        With ``ACT`` (act_cpu's rules; the 5TT at ``tt_ptr`` / ``tnz_ptr`` / ``mt_ptr``, see
+        :func:`_tissues`): ACT's seed test and ``seed_is_unidirectional`` at the seed; after a
+        step ``check_structural`` before the region tests, a method failure inside SGM is
+        TERM_IN_SGM; each half ends with ``apply_priors``, ``truncate_exit_sgm`` on EXIT_SGM and,
+        with ``crop``, the GM-WM interface crop on ENTER_CGM; a seed in SGM must reach WM.
         """
         pid = tl.program_id(0)
         LANES = tl.num_programs(0) * BLOCK
@@ -817,6 +1184,21 @@ if triton is not None:
         has_exc = (tl.zeros([BLOCK], tl.int32) + n_exc) > 0
         has_inc = (tl.zeros([BLOCK], tl.int32) + (n_inc + n_ord)) > 0
         stops = (tl.zeros([BLOCK], tl.int32) + stop) != 0
+        # why a half excluded the streamline; per-lane unidirectional (ACT's seed rule)
+        xr = tl.full([BLOCK], _K_EXCLUDED, tl.int32)
+        uni_l = uni
+        # ACT state: SGM depth, seed in SGM / it reached WM, the last tissues and their validity
+        depth = tl.zeros([BLOCK], tl.int32)
+        sgm_seed = tl.zeros([BLOCK], tl.int1)
+        to_wm = tl.zeros([BLOCK], tl.int1)
+        tvalid = tl.zeros([BLOCK], tl.int1)
+        tc = tl.zeros([BLOCK], tl.float32)
+        ts = tl.zeros([BLOCK], tl.float32)
+        tw = tl.zeros([BLOCK], tl.float32)
+        tf = tl.zeros([BLOCK], tl.float32)
+        tp = tl.zeros([BLOCK], tl.float32)
+        crop_l = (tl.zeros([BLOCK], tl.int32) + crop) != 0
+        maxp_l = tl.zeros([BLOCK], tl.int32) + max_points
         while tl.max((phase < 3).to(tl.int32), axis=0) > 0:
             live = phase < 3
             isseed = phase == 0
@@ -872,6 +1254,20 @@ if triton is not None:
                 inx = _in_set(_K_ROI_EXCLUDE, px, py, pz, isseed, ri_ptr, rf_ptr, rmask_ptr, R,
                               BLOCK)  # fmt: skip
                 seed_roi = isseed & ((~has_mask) | inm) & (~(has_exc & inx))
+            if ACT:  # check_seed's ACT test (act_cpu _act_seed_usable)
+                _, tv, c, s, w, f, p = _tissues(px, py, pz, seed_roi, tt_ptr, tnz_ptr, mt_ptr,
+                                                TX, TY, TZ, BLOCK, True)  # fmt: skip
+                in_sgm = _is_sgm(c, s, w, f, p)
+                seed_roi = seed_roi & tv & _act_seed_ok(c, s, w, f, p, tl.load(mt_ptr + 13))
+                tvalid = tl.where(isseed, tv, tvalid)
+                tc = tl.where(isseed, c, tc)
+                ts = tl.where(isseed, s, ts)
+                tw = tl.where(isseed, w, tw)
+                tf = tl.where(isseed, f, tf)
+                tp = tl.where(isseed, p, tp)
+                depth = tl.where(isseed, 0, depth)
+                sgm_seed = tl.where(isseed, in_sgm, sgm_seed)
+                to_wm = to_wm & (~isseed)
             # --- one evaluation: FOD at q, peak from s
             ok = _sample(qx, qy, qz, live & (stepping | seed_roi), sh_ptr, nz_ptr, m_ptr,
                          cs_ptr, lane, LANES, NX, NY, NZ, K, BLOCK, KP, KC)  # fmt: skip
@@ -881,12 +1277,20 @@ if triton is not None:
                                         inc, tab_ptr, flt_ptr, m_ptr + 12, BLOCK, SP, NS,
                                         SEQ)  # fmt: skip
             good = search & (amp - amp == 0.0) & (amp >= cutoff)
-            # --- seed lanes (SDStream::init)
+            # --- seed lanes (SDStream::init, then gen_track)
+            seed_ok = isseed & good
+            seed_bad = isseed & (~good)
+            uni_l = tl.where(isseed, uni, uni_l)
+            if ACT:
+                if tl.max((seed_ok & (~uni)).to(tl.int32), axis=0) > 0:
+                    one_way, vx, vy, vz = _seed_unidirectional(
+                        seed_ok & (~uni), px, py, pz, vx, vy, vz, tc, ts, tw, tf, tp, tt_ptr,
+                        tnz_ptr, mt_ptr, TX, TY, TZ, BLOCK
+                    )  # fmt: skip
+                    uni_l = uni_l | one_way
             tl.store(u0_ptr + s64 * 3, vx, mask=isseed & search)
             tl.store(u0_ptr + s64 * 3 + 1, vy, mask=isseed & search)
             tl.store(u0_ptr + s64 * 3 + 2, vz, mask=isseed & search)
-            seed_ok = isseed & good
-            seed_bad = isseed & (~good)
             pbase = s64 * L * 3
             tl.store(pts_ptr + pbase, px, mask=seed_ok)
             tl.store(pts_ptr + pbase + 1, py, mask=seed_ok)
@@ -900,6 +1304,7 @@ if triton is not None:
             n = tl.where(isseed, 1, n)
             steps = tl.where(isseed, 0, steps)
             excl = excl & (~isseed)
+            xr = tl.where(isseed, _K_EXCLUDED, xr)
             if ROIS:
                 vis = tl.where(isseed, 0, vis)
                 ordn = tl.where(isseed, 0, ordn)
@@ -954,6 +1359,8 @@ if triton is not None:
                 nux = vx
                 nuy = vy
                 nuz = vz
+            if ACT:  # a method failure inside SGM (Exec::iterate)
+                t = tl.where(stepped & (t != _K_CONTINUE) & (depth > 0), _K_TERM_IN_SGM, t)
             cont = stepped & (t == _K_CONTINUE)
             px = tl.where(cont, newx, px)
             py = tl.where(cont, newy, py)
@@ -962,6 +1369,19 @@ if triton is not None:
             uy = tl.where(cont, nuy, tl.where(seed_ok, vy, uy))
             uz = tl.where(cont, nuz, tl.where(seed_ok, vz, uz))
             steps = tl.where(cont, steps + 1, steps)
+            if ACT:  # the tissues at the new point, check_structural
+                _, tv, c, s, w, f, p = _tissues(px, py, pz, cont, tt_ptr, tnz_ptr, mt_ptr, TX,
+                                                TY, TZ, BLOCK, True)  # fmt: skip
+                tvalid = tl.where(cont, tv, tvalid)
+                tc = tl.where(cont, c, tc)
+                ts = tl.where(cont, s, ts)
+                tw = tl.where(cont, w, tw)
+                tf = tl.where(cont, f, tf)
+                tp = tl.where(cont, p, tp)
+                ta, depth, to_wm = _check_structural(cont, tv, c, s, w, f, p, depth, sgm_seed,
+                                                     to_wm)  # fmt: skip
+                t = tl.where(cont, ta, t)
+                cont = cont & (t == _K_CONTINUE)
             if ROIS:  # Exec::iterate's region tests after a step
                 inm = _in_set(_K_ROI_MASK, px, py, pz, cont & has_mask, ri_ptr, rf_ptr,
                               rmask_ptr, R, BLOCK)  # fmt: skip
@@ -978,6 +1398,8 @@ if triton is not None:
             # the point a step ended on is kept iff TERM_ADD_TO_TCK[term]
             add = stepped & ((t == _K_CONTINUE) | (t == _K_ENTER_EXCLUDE)
                              | (t == _K_TRAVERSE_ALL_INCLUDE))  # fmt: skip
+            if ACT:
+                add = add | (stepped & ((t == _K_ENTER_CGM) | (t == _K_ENTER_CSF)))
             pb = pbase + n.to(tl.int64) * 3
             tl.store(pts_ptr + pb, px, mask=add)
             tl.store(pts_ptr + pb + 1, py, mask=add)
@@ -987,11 +1409,31 @@ if triton is not None:
             ended = stepped & (t != _K_CONTINUE)
             end1 = ended & (phase == 1)
             end2 = ended & (phase == 2)
+            if ACT:  # gen_track_unidir's end of a half
+                in_path = tvalid & _is_path(tc, ts, tw, tf, tp)
+                ta, xa, why = _act_priors(t, depth, in_path)
+                t = tl.where(ended, ta, t)
+                trunc = ended & (t == _K_EXIT_SGM)
+                if tl.max(trunc.to(tl.int32), axis=0) > 0:
+                    n = _truncate_exit_sgm(trunc, n, n1, phase == 2, depth, pts_ptr, pbase, sh_ptr,
+                                           nz_ptr, m_ptr, cs_ptr, lane, LANES, NX, NY, NZ, K,
+                                           lut_ptr, NAL, inc, tab_ptr, BLOCK, KP, KC,
+                                           NS)  # fmt: skip
+                xa = ended & xa
+                cut = ended & (~xa) & (t == _K_ENTER_CGM) & crop_l & (n >= 3)
+                if tl.max(cut.to(tl.int32), axis=0) > 0:
+                    _crop_at_gmwmi(cut, n, n1, phase == 2, pts_ptr, pbase, tt_ptr, tnz_ptr,
+                                   mt_ptr, TX, TY, TZ, BLOCK)  # fmt: skip
+                excl = excl | xa
+                xr = tl.where(xa, why, xr)
+            else:
+                excl = excl | (ended & (t == _K_ENTER_EXCLUDE))
             tl.store(term_ptr + s64 * 2, t.to(tl.int8), mask=end1)
             tl.store(term_ptr + s64 * 2 + 1, t.to(tl.int8), mask=end2)
-            excl = excl | (ended & (t == _K_ENTER_EXCLUDE))
-            n1 = tl.where(end1, n, n1)
-            go2 = end1 & (~uni) & (~excl)
+            # a unidirectional streamline keeps its order (n1 = 1: nothing to reverse)
+            n1 = tl.where(end1, tl.where(uni_l & (~uni), 1, n), n1)
+            go2 = end1 & (~uni_l) & (~excl)
+            depth = tl.where(go2, 0, depth)  # reverse_track
             px = tl.where(go2, p0x, px)
             py = tl.where(go2, p0y, py)
             pz = tl.where(go2, p0z, pz)
@@ -1000,12 +1442,14 @@ if triton is not None:
             uz = tl.where(go2, -u0z, uz)
             phase = tl.where(seed_ok | go2, phase + 1, phase)
             # --- finished streamlines (track_rejected, rules.REJECTION_ORDER) and the next seed
-            fin = (end1 & (uni | excl)) | end2
+            fin = (end1 & (uni_l | excl)) | end2
             missed = has_inc & (~((vis == full) & valid & (ordn == n_ord)))
             status = tl.where(missed, _K_MISSED_INCLUDE, _K_ACCEPTED)
+            if ACT:  # an SGM seed must reach WM (not for the seed test, max_points == 2)
+                status = tl.where(sgm_seed & (~to_wm) & (maxp_l != 2), _K_ACT_FAILED_WM, status)
             status = tl.where(n < min_points, _K_TOO_SHORT, status)
             status = tl.where((n == 1) & (min_points > 1), _K_NO_PROPAGATION, status)
-            status = tl.where(excl, _K_EXCLUDED, status)
+            status = tl.where(excl, xr, status)
             status = tl.where(seed_bad, _K_INVALID_SEED, status)
             done = fin | seed_bad
             tl.store(status_ptr + s64, status.to(tl.int8), mask=done)
@@ -1119,6 +1563,63 @@ def _truncate_maxlength(b: np.ndarray, seed: int, max_dist: np.float32) -> tuple
         return b[: index + 1], seed
 
 
+def _lengths(pts: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Lengths (mm, float32) of the streamlines of ``counts`` points from rows ``starts`` of
+    ``pts [P, 3]``: each a sequential float32 sum of its segment lengths, as the C++ loop
+    (``check_downsampled_length``), all streamlines at once."""
+    seg = _seg_norms(pts) if pts.shape[0] > 1 else np.zeros(0, np.float32)
+    length = np.zeros(counts.shape[0], np.float32)
+    for k in range(1, int(counts.max()) if counts.size else 0):
+        live = counts > k
+        length[live] += seg[starts[live] + k - 1]
+    return length
+
+
+def _act_crop_lengths(res: EngineResult, params: ResolvedParameters) -> EngineResult:
+    """``check_downsampled_length`` with ``-crop_at_gmwmi`` (act_cpu ``_act_post``'s last
+    test): outside the point-count bounds ``(min_points_post, max_points_post)`` an accepted
+    streamline's length is measured again; too short is TRACK_TOO_SHORT, too long (under ACT)
+    TRACK_TOO_LONG. ``res`` holds the packed streamlines in tckgen's order."""
+    n = res.lengths.astype(np.int64)
+    starts = np.cumsum(n) - n
+    check = (res.status == _ACCEPTED) & ~(
+        (params.min_points_post < n) & (n < params.max_points_post)
+    )
+    idx = np.flatnonzero(check)
+    length = _lengths(res.points, starts[idx], n[idx])
+    bad = (length < np.float32(params.min_length_mm)) | (length > np.float32(params.max_length_mm))
+    if not bad.any():
+        return res
+    status, lengths, seeds = res.status.copy(), n.copy(), res.seed_index.copy()
+    short = idx[length < np.float32(params.min_length_mm)]
+    long = idx[length > np.float32(params.max_length_mm)]
+    status[short], status[long] = _TOO_SHORT, _TRACK_TOO_LONG
+    lengths[idx[bad]], seeds[idx[bad]] = 0, -1
+    pts = res.points[np.repeat(lengths > 0, n)]
+    return EngineResult(pts, lengths, seeds, status, res.term, res.init_dir, res.counts)
+
+
+def _act_inputs(act: ActImage | None, dev: torch.device):
+    """The kernel's 5TT arguments: ``(tt [X, Y, Z, 5] float32, tnz [X, Y, Z] int8 (a voxel not
+    all-zero; NaN counts as data), mt [14] float64 (scanner->voxel 3x4, then
+    :data:`_F64_ACT_CONSTANTS`), X, Y, Z, crop)``; placeholders without ACT."""
+    if act is None:
+        tt = np.zeros((1, 1, 1, 5), np.float32)
+        s2v = np.zeros((3, 4), np.float64)
+        crop = False
+    else:
+        tt = np.ascontiguousarray(act.data, dtype=np.float32)
+        if tt.ndim != 4 or tt.shape[3] != 5:
+            raise ValueError(f"a 5TT image must be [X, Y, Z, 5], got shape {tt.shape}")
+        s2v = np.asarray(act.scanner2voxel, dtype=np.float64)[:3, :4]
+        crop = bool(act.crop_at_gmwmi)
+    tnz = (tt != 0).any(axis=-1).astype(np.int8)
+    mt = np.concatenate([s2v.reshape(-1), np.asarray(_F64_ACT_CONSTANTS, np.float64)])
+    as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=dev)  # noqa: E731
+    X, Y, Z = (int(v) for v in tt.shape[:3])
+    return as_t(tt), as_t(tnz), as_t(mt), X, Y, Z, int(crop)
+
+
 def _downsample(res: EngineResult, params: ResolvedParameters) -> EngineResult:
     """Exec's Downsampler and ``check_downsampled_length`` on the accepted streamlines of
     ``res`` (fused_cpu ``_track_seed``'s tail, float32 throughout): keep the first point,
@@ -1145,12 +1646,7 @@ def _downsample(res: EngineResult, params: ResolvedParameters) -> EngineResult:
     # sums of the segment lengths, all streamlines at once
     check = (new_n > 0) & ~((params.min_points_post < new_n) & (new_n < params.max_points_post))
     idx = np.flatnonzero(check)
-    seg = _seg_norms(pts) if pts.shape[0] > 1 else np.zeros(0, np.float32)
-    length = np.zeros(idx.shape[0], np.float32)
-    m = new_n[idx]
-    for k in range(1, int(m.max()) if idx.size else 0):
-        live = m > k
-        length[live] += seg[new_starts[idx[live]] + k - 1]
+    length = _lengths(pts, new_starts[idx], new_n[idx])
     status = res.status.copy()
     lengths, seeds = new_n.copy(), new_seed.copy()
     short = idx[length < np.float32(params.min_length_mm)]
@@ -1209,6 +1705,7 @@ def track_fused_triton(
     programs: int | None = None,
     variant: str = "auto",
     num_warps: int = 4,
+    act: ActImage | None = None,
 ) -> EngineResult:
     """Track SD_Stream streamlines from every seed with the fused Triton kernel.
 
@@ -1230,6 +1727,10 @@ def track_fused_triton(
             in a ``[lanes, slots]`` tile (default under the interpreter, which it runs ~5x
             faster); ``"auto"`` picks as stated.
         num_warps: warps per program (CUDA).
+        act: anatomically-constrained tracking (``-act``): the 5TT image
+            (:func:`invtract.tracking.act.load_act`, with its ``crop_at_gmwmi``); ``params``
+            must already carry ACT's defaults (:func:`invtract.tracking.act.act_parameters`).
+            Follows act_cpu (terminations in MRtrix's ACT categories, ACT rejections).
 
     Returns:
         :class:`EngineResult` (numpy, CPU), as the numba engine; ``counts`` has ``steps``,
@@ -1238,13 +1739,16 @@ def track_fused_triton(
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
-    if not supported(params, rois):
+    if act is not None and int(params.downsample) > 1:
+        raise ValueError("-downsample with -act is not implemented in the Triton kernel")
+    if not supported(params, rois, act):
         raise ValueError(
             f"max_points={int(params.max_points)} is unbounded for the Triton kernel (downsample "
             f"{params.downsample} x angle {params.angle_deg} deg >= 360 deg); not supported"
         )
     dev = _device()
     ri, rf, rmask, R, roi_counts = _roi_arrays(rois, dev)
+    tt, tnz, mt, TX, TY, TZ, crop = _act_inputs(act, dev)
     sh_t = torch.as_tensor(sh).detach().to(device=dev, dtype=torch.float32).contiguous()
     if sh_t.ndim != 4:
         raise ValueError(f"sh must be [X, Y, Z, K], got shape {tuple(sh_t.shape)}")
@@ -1312,8 +1816,9 @@ def track_fused_triton(
                 int(bool(params.unidirectional)), hstep, float(np.float32(params.cos_max_rk4)),
                 ri, rf, rmask, R, roi_counts["include"], roi_counts["ordered"],
                 roi_counts["mask"], roi_counts["exclude"], int(bool(params.stop)),
+                tt, tnz, mt, TX, TY, TZ, crop,
                 BLOCK=blk, KP=KP, KC=KC, SP=SP, NS=NS, SEQ=seq, RK4=bool(params.rk4),
-                ROIS=R > 0, **launch_kw,
+                ROIS=R > 0, ACT=act is not None, **launch_kw,
             )  # fmt: skip
             pts = _pack(buf, c_n, c_n1, params.unidirectional).cpu().numpy()
             del buf
@@ -1333,4 +1838,6 @@ def track_fused_triton(
     out = concat_results(parts, seconds=time.perf_counter() - t0)
     if int(params.downsample) > 1:
         out = _downsample(out, params)
+    if act is not None and act.crop_at_gmwmi:
+        out = _act_crop_lengths(out, params)
     return out

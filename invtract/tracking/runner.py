@@ -230,16 +230,28 @@ def run_seeding(
     parts: list[EngineResult] = []
     tally = Tally()
     n_seen = 0
-    for pos, dirs in _seed_stream(seeding, checker, rng, fixed, batch_size):
+    stream = _seed_stream(seeding, checker, rng, fixed, batch_size)
+    for pos, dirs in stream:
+        over = pos[:0], dirs[:0]  # seeds of this chunk past the -seeds limit
         if not seeding.finite and max_seeds:
+            over = pos[max_seeds - n_seen :], dirs[max_seeds - n_seen :]
             pos, dirs = pos[: max_seeds - n_seen], dirs[: max_seeds - n_seen]
+            if pos.shape[0] == 0:  # the seed limit was reached with the previous chunk
+                _track_last_seed(tally, run_chunk, over, stream)
+                break
         if pos.shape[0] == 0:
             break
         res = run_chunk(pos, dirs)
         acc = res.accepted
         if not seeding.finite and select and tally.selected + int(acc.sum()) >= select:
             cut = int(np.flatnonzero(acc)[select - tally.selected - 1]) + 1
+            if cut < res.status.shape[0]:  # the seed after the last selected one, tracked
+                tally.add_after_end(_slice_result(res, cut, cut + 1))
+            else:
+                _track_last_seed(tally, run_chunk, over, stream)
             res = _truncate_result(res, cut)
+        elif not seeding.finite and max_seeds and n_seen + res.status.shape[0] >= max_seeds:
+            _track_last_seed(tally, run_chunk, over, stream)
         tally.add(res)
         if sink is None:
             parts.append(res)
@@ -382,6 +394,10 @@ class Tally:
         self.selected = 0
         self.segments = 0  # sum over accepted streamlines of (vertices - 1)
         self.steps = 0
+        # the seed tckgen's tracker makes after the last one written (see _track_last_seed):
+        # in the rejection and termination tables only
+        self.after_status: dict[int, int] = {}
+        self.after_terms: dict[int, int] = {}
 
     def add(self, result: EngineResult) -> Tally:
         """Count one chunk's ``EngineResult``; returns self."""
@@ -395,17 +411,28 @@ class Tally:
         self.steps += int(result.counts.get("steps", 0))
         return self
 
+    def add_after_end(self, result: EngineResult) -> Tally:
+        """Count the rejections and terminations of seeds tracked after the run's end."""
+        for counts, values in ((self.after_status, result.status),
+                               (self.after_terms, result.term)):  # fmt: skip
+            codes, n = np.unique(np.asarray(values, np.int64).ravel(), return_counts=True)
+            for c, k in zip(codes.tolist(), n.tolist()):
+                counts[c] = counts.get(c, 0) + k
+        return self
+
     def summary(self, params: ResolvedParameters) -> dict:
         """The counts as :func:`summarise` reports them."""
+        status = {c: self.status.get(c, 0) + self.after_status.get(c, 0)
+                  for c in set(self.status) | set(self.after_status)}  # fmt: skip
+        terms = {c: self.terms.get(c, 0) + self.after_terms.get(c, 0)
+                 for c in set(self.terms) | set(self.after_terms)}  # fmt: skip
         rejected = {
-            REJECT_NAMES.get(r, r.name): self.status[int(r)]
+            REJECT_NAMES.get(r, r.name): status[int(r)]
             for r in Reject
-            if r != Reject.ACCEPTED and self.status.get(int(r), 0)
+            if r != Reject.ACCEPTED and status.get(int(r), 0)
         }
         terminations = {
-            TERM_NAMES.get(t, t.name): self.terms[int(t)]
-            for t in Term
-            if self.terms.get(int(t), 0)
+            TERM_NAMES.get(t, t.name): terms[int(t)] for t in Term if terms.get(int(t), 0)
         }
         seeds = sum(self.status.values())
         step = params.step_mm * max(params.downsample, 1)
@@ -428,14 +455,33 @@ def summarise(result: EngineResult, params: ResolvedParameters) -> dict:
 
 
 def _truncate_result(res: EngineResult, n: int) -> EngineResult:
-    acc = res.accepted[:n]
-    npts = int(res.lengths[:n][acc].sum())
+    return _slice_result(res, 0, n)
+
+
+def _slice_result(res: EngineResult, a: int, b: int) -> EngineResult:
+    """Seeds ``a:b`` of ``res`` (their points included)."""
+    acc = res.accepted
+    before = int(res.lengths[:a][acc[:a]].sum())
+    npts = int(res.lengths[a:b][acc[a:b]].sum())
     return dataclasses.replace(
         res,
-        points=res.points[:npts],
-        lengths=res.lengths[:n],
-        seed_index=res.seed_index[:n],
-        status=res.status[:n],
-        term=res.term[:n],
-        init_dir=res.init_dir[:n],
+        points=res.points[before : before + npts],
+        lengths=res.lengths[a:b],
+        seed_index=res.seed_index[a:b],
+        status=res.status[a:b],
+        term=res.term[a:b],
+        init_dir=res.init_dir[a:b],
     )
+
+
+def _track_last_seed(tally: Tally, run_chunk: ChunkRunner, rest, stream) -> None:
+    """tckgen's tracker makes one more streamline than its writer takes: once ``-select`` or
+    ``-seeds`` is reached the writer returns false only on the next item, whose seed test,
+    rejection and terminations are counted in ``-info``'s tables (not in the seed, generated
+    or selected counts; ``write_kernel.cpp``, ``exec.h`` 3.0.3). Track that seed (the first of
+    ``rest``, else of the stream's next chunk) into ``tally``'s after-the-end counts."""
+    pos, dirs = rest
+    if pos.shape[0] == 0:
+        pos, dirs = next(stream, (pos, dirs))
+    if pos.shape[0]:
+        tally.add_after_end(run_chunk(pos[:1], dirs[:1]))

@@ -108,6 +108,8 @@ def test_subcortical_interface_seeds_bit_identical():
     assert _bit_identical(res.streamlines.to_list(), refs) == len(refs) == 150
     assert res.summary["generated"] == 267
     assert res.summary["rejected"]["Failed to traverse white matter"] == 67
+    # tckgen -info: 875, the seed its tracker makes after the 150th streamline included
+    assert res.summary["rejected"]["Invalid seed point"] == 875
     assert res.summary["terminations"]["Exiting sub-cortical GM"] == 25
 
 

@@ -43,6 +43,14 @@ FORBIDDEN = {
     rules.DEFAULT_SELECT,
     rules.SEEDS_PER_SELECT,
 }
+#: ACT's numbers, which the ACT kernels (act_cpu, the Triton kernel) may not carry as literals
+#: (GMWMI_MAX_ITERS = 10 and TISSUE_SUM_THRESHOLD = 0.5 are too common to forbid: the kernels
+#: read them by name, which the tests below check)
+FORBIDDEN_ACT = {
+    rules.GMWMI_ACCURACY,
+    rules.GMWMI_NORMAL_PERTURBATION,
+    rules.GMWMI_HERMITE_TENSION,
+}
 #: rulebook name -> value, for the names kernels read
 RULE_VALUES = {k: getattr(rules, k) for k in rules.__all__ if k.isupper()}
 
@@ -103,8 +111,8 @@ def _literals(fn) -> set:
     return out
 
 
-def _check_function(module, fn, label: str) -> None:
-    bad = {c for c in _literals(fn) if c in FORBIDDEN}
+def _check_function(module, fn, label: str, forbidden=frozenset()) -> None:
+    bad = {c for c in _literals(fn) if c in FORBIDDEN or c in forbidden}
     assert not bad, f"{label} restates rulebook constants {bad}: import them from rules"
     names = set()
     for code in _code_objects(fn.__code__):
@@ -178,17 +186,21 @@ def test_triton_kernel_constants_and_launch():
     pytest.importorskip("triton", reason="triton is not installed")
     from invtract.params import TrackingParameters
     from invtract.tracking import fused_triton
+    from invtract.tracking.act import ActImage
 
     if not fused_triton.available():
         pytest.skip(str(fused_triton.unavailable_reason()))
     for name, fn in _module_functions(fused_triton):
-        _check_function(fused_triton, fn, f"fused_triton.{name}")
+        _check_function(fused_triton, fn, f"fused_triton.{name}", FORBIDDEN_ACT)
     consts = {
         "_K_FOV_HALF": rules.FOV_HALF_VOXEL,
         "_K_WEIGHT_EPS": rules.WEIGHT_THRESHOLD,
         "_K_MAX_STEP": rules.PEAK_MAX_STEP_RAD,
         "_K_MAX_ITERATIONS": rules.PEAK_MAX_ITERATIONS,
         "_K_LUT_LAST_ROW": rules.LUT_LAST_ROW,
+        "_K_NORMAL_PERTURBATION": rules.GMWMI_NORMAL_PERTURBATION,
+        "_K_HERMITE_TENSION": rules.GMWMI_HERMITE_TENSION,
+        "_K_GMWMI_MAX_ITERS": rules.GMWMI_MAX_ITERS,
     }
     for name, value in consts.items():
         assert getattr(fused_triton, name).value == value, name
@@ -200,6 +212,8 @@ def test_triton_kernel_constants_and_launch():
             def launch(*args, **kwargs):
                 seen["m"] = args[4].detach().cpu().numpy().copy()
                 seen["inc"], seen["lut"], seen["nal"] = args[25], args[5].numel(), args[21]
+                seen["mt"] = args[kernel.arg_names.index("mt_ptr")].detach().cpu().numpy().copy()
+                seen["act"] = kwargs["ACT"]
                 return kernel[grid](*args, **kwargs)
 
             return launch
@@ -211,12 +225,30 @@ def test_triton_kernel_constants_and_launch():
     fused_triton._sd_stream_kernel = Recorder()
     try:
         fused_triton.track_fused_triton(sh, s2v, np.ones((1, 3)), np.ones((1, 3)), params)
+        assert seen["act"] is False
+        act = ActImage(np.ones((3, 3, 3, 5), np.float32), 2.0 * s2v, (0.5, 0.5, 0.5))
+        fused_triton.track_fused_triton(sh, s2v, np.ones((1, 3)), np.ones((1, 3)), params, act=act)
     finally:
         fused_triton._sd_stream_kernel = kernel
     assert seen["m"][12:].tolist() == [rules.SQRT2, rules.PEAK_TOLERANCE_RAD]
     assert seen["m"].dtype == np.float64
     assert np.float32(seen["inc"]) == np.float32(math.pi / rules.LUT_LAST_ROW)
     assert seen["lut"] == rules.LUT_ROWS * seen["nal"]
+    # ACT: the 5TT's own transform, then the float64 tissue-sum threshold and interface accuracy
+    assert seen["act"] is True and seen["mt"].dtype == np.float64
+    assert seen["mt"][:12].tolist() == (2.0 * s2v).reshape(-1).tolist()
+    assert seen["mt"][12:].tolist() == [rules.TISSUE_SUM_THRESHOLD, rules.GMWMI_ACCURACY]
+
+
+def test_act_cpu_reads_the_rulebook():
+    """The numba ACT kernels hold none of ACT's numbers as a literal (they read rules' names)."""
+    from invtract.tracking import act_cpu
+
+    checked = 0
+    for name, fn in _module_functions(act_cpu):
+        _check_function(act_cpu, fn, f"act_cpu.{name}", FORBIDDEN_ACT)
+        checked += 1
+    assert checked > 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ a cubin with Triton's bundled ``ptxas``), which catches what the interpreter let
 variant (the module must be imported with ``TRITON_INTERPRET`` unset). ``slow``: 30-70 s a
 variant on one core.
 
-Run directly: ``python tests/tracking/test_triton_cuda_compile.py RK4 ROIS SEQ`` (0 / 1 each).
+Run directly: ``python tests/tracking/test_triton_cuda_compile.py RK4 ROIS SEQ [ACT]`` (0 / 1
+each).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ _POINTERS = {
     "cs_ptr": "*fp32", "pts_ptr": "*fp32", "n_ptr": "*i32", "n1_ptr": "*i32",
     "status_ptr": "*i8", "term_ptr": "*i8", "u0_ptr": "*fp32", "steps_ptr": "*i32",
     "ri_ptr": "*i64", "rf_ptr": "*fp32", "rmask_ptr": "*u8",
+    "tt_ptr": "*fp32", "tnz_ptr": "*i8", "mt_ptr": "*fp64",
 }  # fmt: skip
 _FLOATS = {"step", "cutoff", "dot_thr", "inc", "hstep", "cos_rk4"}
 
 
-def _compile(rk4: bool, rois: bool, seq: bool) -> dict:
+def _compile(rk4: bool, rois: bool, seq: bool, act: bool = False) -> dict:
     """Compile the kernel for sm_90 (lmax 8 tables); returns what was produced."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -43,7 +45,7 @@ def _compile(rk4: bool, rois: bool, seq: bool) -> dict:
     assert not fused_triton.INTERPRET
     fn = fused_triton._sd_stream_kernel
     const = {"BLOCK": 128, "KP": 64, "KC": 8, "SP": 32, "NS": 25, "SEQ": seq, "RK4": rk4,
-             "ROIS": rois}  # fmt: skip
+             "ROIS": rois, "ACT": act}  # fmt: skip
     sig = {}
     for name in fn.arg_names:
         if name in const:
@@ -58,18 +60,19 @@ def _compile(rk4: bool, rois: bool, seq: bool) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rk4, rois", [(False, False), (True, True)])
-def test_kernel_compiles_for_cuda(rk4, rois):
+@pytest.mark.parametrize("rk4, rois, act", [(False, False, False), (True, True, False),
+                                            (True, True, True)])  # fmt: skip
+def test_kernel_compiles_for_cuda(rk4, rois, act):
     pytest.importorskip("triton", reason="triton is not installed")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
-    args = [str(int(rk4)), str(int(rois)), "1"]
+    args = [str(int(rk4)), str(int(rois)), "1", str(int(act))]
     out = subprocess.run(
-        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=1800
     )
     assert out.returncode == 0, out.stderr[-4000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"ptx": True, "cubin": True}
 
 
 if __name__ == "__main__":
-    print(json.dumps(_compile(*(bool(int(a)) for a in sys.argv[1:4]))))
+    print(json.dumps(_compile(*(bool(int(a)) for a in sys.argv[1:5]))))
