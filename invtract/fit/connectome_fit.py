@@ -387,6 +387,8 @@ def survival_connectome(
     radius_mm: float = 4.0,
     bin_mm: float = 1.0,
     symmetric: bool = False,
+    act=None,
+    tissue_temperature: float = 0.05,
 ) -> torch.Tensor:
     """Differentiable expected connectome of a whole-brain tracking (see the module docstring).
 
@@ -402,13 +404,18 @@ def survival_connectome(
         temperature_mm, radius_mm: soft radial node assignment (mm).
         bin_mm: end positions are binned along each half in bins of about this length.
         symmetric: fill the lower triangle.
+        act: the tracking was ``-act`` (an :class:`~invtract.tracking.act.ActImage` or a
+            :class:`~invtract.tracking.act_soft.TissueImage`): ACT's tissue terminations and
+            seed test as soft survival factors (:mod:`invtract.fit.connectome_act`).
+        tissue_temperature: softness of the tissue tests with ``act`` (partial-volume units).
 
     Returns:
         ``[N, N]`` tensor in tck2connectome's layout (upper triangle), float64.
 
     Gradients:
         To ``cutoff`` and ``angle_deg`` (survival), to ``sh`` (amplitudes and, through
-        ``res.points``, the geometry) and to the step (through ``res.points``).
+        ``res.points``, the geometry) and to the step (through ``res.points``; with ``act``
+        also through the tissues at the vertices).
     """
     vol = as_label_volume(labels)
     n = vol.n_nodes + 1
@@ -424,9 +431,18 @@ def survival_connectome(
         radius_mm=float(radius_mm), temperature_mm=float(temperature_mm), n=n,
     )  # fmt: skip
     w_seed = _seed_acceptance(points, seed_index, ctx)  # [S]
+    half_mass = _half_end_mass
+    if act is not None:
+        from ..tracking.act_soft import TissueImage
+        from . import connectome_act
+
+        tissue = act if isinstance(act, TissueImage) else TissueImage.from_act(act, dev)
+        ctx.update(tissue=tissue, t_tissue=float(tissue_temperature))
+        w_seed = w_seed * connectome_act.seed_factor(points, seed_index, ctx)
+        half_mass = connectome_act.half_end_mass
     E, R = [], []
     for half in (0, 1):
-        mass_probs, reps = _half_end_mass(points, seed_index, lengths, half, ctx)
+        mass_probs, reps = half_mass(points, seed_index, lengths, half, ctx)
         E.append(mass_probs)
         R.append(reps)
     ok_len = (1 + R[0][:, :, None] + R[1][:, None, :]) >= int(min_points)  # [S, nb0, nb1]
@@ -480,7 +496,7 @@ class _Tracked:
     lengths: torch.Tensor  # [S]
 
 
-def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_mm=None):
+def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_mm=None, act=None):
     """Hard tracking with the fast engine, padded, for :func:`survival_connectome`.
 
     The points carry no gradient except to ``step_mm`` (a 0-d tensor): with the step
@@ -488,10 +504,14 @@ def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_m
     the first-order effect of the step on where the streamline is, without the change of the
     peaks along the way (``[fit] tracker = "differentiable"`` gives the exact one).
 
+    With ``act`` (an :class:`~invtract.tracking.act.ActImage`) the tracking is ``tckgen -act``'s
+    (:func:`~invtract.tracking.api.track` with ``act``: unresolved parameters get ACT's
+    defaults).
+
     Returns:
         An object with ``points [S, L, 3]``, ``seed_index [S]``, ``lengths [S]``.
     """
-    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params)
+    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params, act)
     pts, _ = res.streamlines.to_padded()
     lengths = res.streamlines.lengths.to(torch.int64)
     pts = pts.to(torch.float64)
@@ -503,8 +523,9 @@ def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_m
     return _Tracked(pts, seed_index, lengths.to(torch.int64))
 
 
-def _track_hard(sh, affine, voxel_sizes, positions, directions, params):
-    """Hard tracking (the fastest engine) of ``sh`` from explicit seeds and directions."""
+def _track_hard(sh, affine, voxel_sizes, positions, directions, params, act=None):
+    """Hard tracking (the fastest engine; with ``act`` the ACT engine ``invtract track --act``
+    uses) of ``sh`` from explicit seeds and directions."""
     from ..fod.field import FODField
     from ..tracking.api import Seeding, track
 
@@ -517,16 +538,20 @@ def _track_hard(sh, affine, voxel_sizes, positions, directions, params):
             params,
             voxel_sizes=voxel_sizes,
             rng_seed=0,
+            act=act,
         )
 
 
-def hard_connectome(sh, affine, voxel_sizes, positions, directions, params, labels, radius_mm):
-    """tck2connectome counts of hard tracking (fast engine) from the given seeds.
+def hard_connectome(
+    sh, affine, voxel_sizes, positions, directions, params, labels, radius_mm, act=None
+):
+    """tck2connectome counts of hard tracking (fast engine; ``-act`` with ``act``) from the
+    given seeds.
 
     Returns:
         ``(matrix [N, N] float64, n_streamlines)``.
     """
-    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params)
+    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params, act)
     return connectome_matrix(res.streamlines, labels, radius_mm), len(res.streamlines)
 
 
