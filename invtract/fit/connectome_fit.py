@@ -78,6 +78,7 @@ __all__ = [
     "survival_connectome",
     "hard_connectome",
     "fast_tracking",
+    "check_act_inputs",
     "fit_connectome",
 ]
 
@@ -108,6 +109,8 @@ CONNECTOME_DEFAULTS: dict = {
         "amplitude_end": 0.03,
         "angle_start_deg": 5.0,
         "angle_end_deg": 1.0,
+        "tissue_start": 0.1,
+        "tissue_end": 0.02,
     },  # fmt: skip
     "fod": {"region": "mask", "margin_vox": 0},
     "loss": {
@@ -129,7 +132,13 @@ _LOSS_TERMS = ("connectome",)
 CONNECTOME_RULES: dict = {
     **COMMON_RULES,
     **rules(
-        positive=["loss.temperature_mm", "loss.radius_mm", "loss.bin_mm"],
+        positive=[
+            "loss.temperature_mm",
+            "loss.radius_mm",
+            "loss.bin_mm",
+            "temperature.tissue_start",
+            "temperature.tissue_end",
+        ],  # fmt: skip
         choices={
             "fit.tracker": ("fast", "differentiable"),
             "seeding.placement": ("grid", "random"),
@@ -650,10 +659,18 @@ class ConnectomeProblem(Problem):
         seed_set: ``seed_set(iteration or None) -> (positions [N, 3], directions [N, 3])``.
         voxels: ``[V]`` learned voxels (``sh``) or None.
         evaluate: compute hard (tck2connectome) correlations.
+        act: the 5TT image (:class:`~invtract.tracking.act.ActImage`) of ``-act`` tracking,
+            or None; ``params`` then already carry ACT's defaults.
     """
 
-    def __init__(self, raw, sh0, affine, vsz, params, vol, target, seed_set, voxels, evaluate):
+    def __init__(self, raw, sh0, affine, vsz, params, vol, target, seed_set, voxels, evaluate,
+                 act=None):  # fmt: skip
         super().__init__()
+        self.act, self.tissue = act, None
+        if act is not None:
+            from ..tracking.act_soft import TissueImage
+
+            self.tissue = TissueImage.from_act(act, sh0.device)
         self.config, self.raw = raw, raw
         self.affine, self.vsz, self.params, self.vol = affine, vsz, params, vol
         self.resolved = params.resolve(vsz)
@@ -695,7 +712,7 @@ class ConnectomeProblem(Problem):
         pos, dirs = _shard(self.eval_pos, self.eval_dirs, world)
         m, n = hard_connectome(
             sh, self.affine, self.vsz, pos, dirs, self.as_params(vals),
-            self.vol, float(self.raw["loss"]["radius_mm"]),
+            self.vol, float(self.raw["loss"]["radius_mm"]), act=self.act,
         )  # fmt: skip
         if world.size > 1:
             m = world.all_sum(torch.as_tensor(m)).numpy()
@@ -706,7 +723,13 @@ class ConnectomeProblem(Problem):
         """One-line errors before iterating: the parcellation and the FOD do not overlap, or no
         streamline can be tracked from the seeds at the starting parameters."""
         st = self.state
-        _check_overlap(st.sh0_flat.reshape(st.shape), self.affine, self.vol)
+        if self.act is None:
+            _check_overlap(st.sh0_flat.reshape(st.shape), self.affine, self.vol)
+        else:  # ACT's nodes lie in grey matter, where the FOD is often zero: the 5TT's data
+            a = self.act
+            s2v = np.vstack([np.asarray(a.scanner2voxel, np.float64)[:3], [0.0, 0.0, 0.0, 1.0]])
+            tissues = torch.as_tensor(np.asarray(a.data, np.float32))
+            _check_overlap(tissues, np.linalg.inv(s2v), self.vol, "the 5TT image")
         corr, m, n = self._hard(st.start, st.sh(), world)
         if n == 0:
             v = st.start
@@ -729,6 +752,7 @@ class ConnectomeProblem(Problem):
             ta = annealed(t, it, self.iterations, "amplitude_start", "amplitude_end")
             tdeg = annealed(t, it, self.iterations, "angle_start_deg", "angle_end_deg")
             t_amp, t_cos = soft_temperature(ta, tdeg, float(vals["angle_deg"]))
+            t_tis = annealed(t, it, self.iterations, "tissue_start", "tissue_end")
             sh = self.state.sh() if grad else self.state.sh().detach()
             fl = {k: float(v) for k, v in vals.items()}
             res = self._track(f, sh, pos, dirs, vals, fl, (t_amp, t_cos))
@@ -738,6 +762,7 @@ class ConnectomeProblem(Problem):
                 min_points=self.as_params(fl).resolve(self.vsz).min_points,
                 step_mm=fl["step_mm"], temperature_mm=float(ls["temperature_mm"]),
                 radius_mm=float(ls["radius_mm"]), bin_mm=float(ls["bin_mm"]),
+                act=self.tissue, tissue_temperature=t_tis,
             )  # fmt: skip
             pred, data = _shared_loss(pred, self._connectome_loss, world, grad)
             terms = {"connectome": data}
@@ -760,8 +785,9 @@ class ConnectomeProblem(Problem):
     def _track(self, f, sh, pos, dirs, vals, fl, temperature):
         if f["tracker"] == "fast":
             return fast_tracking(
-                sh, self.affine, self.vsz, pos, dirs, self.as_params(fl), vals["step_mm"]
-            )
+                sh, self.affine, self.vsz, pos, dirs, self.as_params(fl), vals["step_mm"],
+                act=self.act,
+            )  # fmt: skip
         from ..tracking.differentiable import track_differentiable
 
         dev = sh.device
@@ -836,9 +862,10 @@ class ConnectomeProblem(Problem):
         self.start_m = np.asarray(st.get("start_matrix", torch.zeros(0)).numpy())
 
 
-def _check_overlap(sh0: torch.Tensor, affine, vol) -> None:
+def _check_overlap(sh0: torch.Tensor, affine, vol, what: str = "the FOD") -> None:
     """ConfigError unless some labelled voxel of the parcellation ``vol`` lies in a voxel of
-    the FOD ``sh0 [X, Y, Z, K]`` with finite, non-zero coefficients."""
+    the image ``sh0 [X, Y, Z, K]`` (``what``: the FOD, or the 5TT under ACT) with finite,
+    non-zero values."""
     from .bundle import fod_overlap
 
     ijk = np.argwhere(vol.labels > 0).astype(np.float64)
@@ -846,8 +873,8 @@ def _check_overlap(sh0: torch.Tensor, affine, vol) -> None:
     pts = ijk @ np.asarray(vol.affine, np.float64)[:3, :3].T + np.asarray(vol.affine)[:3, 3]
     if fod_overlap(sh0, affine, torch.as_tensor(pts)) == 0:
         raise ConfigError(
-            "the parcellation and the FOD do not overlap: no labelled voxel lies in a voxel "
-            "with a finite, non-zero FOD"
+            f"the parcellation and {what} do not overlap: no labelled voxel lies in a voxel "
+            f"of {what} with finite, non-zero values"
         )
 
 
@@ -900,6 +927,7 @@ def fit_connectome(
     progress: bool = False,
     callbacks=(),
     world: World = SINGLE,
+    act=None,
 ) -> ConnectomeFitResult:
     """Fit step / angle / cutoff and/or SH coefficients to a target connectome.
 
@@ -924,6 +952,11 @@ def fit_connectome(
         world: the data-parallel :class:`~invtract.fit.distributed.World`: each rank tracks
             its share of the seeds, the expected connectomes are summed over ranks before the
             loss, gradients are summed (the result equals one process's).
+        act: fit ``tckgen -act`` tracking (:class:`~invtract.tracking.act.ActImage`): the hard
+            tracking runs with ACT's rules (as ``invtract track --act``), unset ``params`` get
+            ACT's defaults (cutoff x 0.5, minimum length 2 x voxel), and the survival model
+            adds the tissue terminations (:mod:`invtract.fit.connectome_act`, softness
+            ``[temperature] tissue_start`` -> ``tissue_end``). Needs ``[fit] tracker = "fast"``.
 
     Returns:
         :class:`ConnectomeFitResult` (``params``: the selected iterate, see
@@ -936,7 +969,7 @@ def fit_connectome(
     raw = merge_config(CONNECTOME_DEFAULTS, config or {})
     validate_config(raw)
     problem = _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds,
-                                  voxel_sizes, evaluate)  # fmt: skip
+                                  voxel_sizes, evaluate, act)  # fmt: skip
     trainer = Trainer(
         TrainSettings.from_config(raw), logger=logger, checkpoint=checkpoint, resume=resume,
         progress=progress, callbacks=[on_step, *callbacks], world=world,
@@ -960,11 +993,16 @@ def fit_connectome(
 
 
 def _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds, voxel_sizes,
-                        evaluate) -> ConnectomeProblem:  # fmt: skip
+                        evaluate, act=None) -> ConnectomeProblem:  # fmt: skip
     """Check the inputs and build the :class:`ConnectomeProblem`."""
     params = params or TrackingParameters()
     dev = torch.device(raw["fit"]["device"])
     sh0, affine, vsz = fod_arrays(fod, voxel_sizes)
+    if act is not None:
+        from ..tracking.act import act_parameters
+
+        check_act_inputs(act, sh0.shape[:3], affine, raw["fit"]["tracker"])
+        params = act_parameters(params, vsz)
     vol = as_label_volume(labels)
     target = np.asarray(to_numpy(target), np.float64)
     n = vol.n_nodes
@@ -996,5 +1034,35 @@ def _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds, voxe
         fcfg = raw["fod"]
         voxels = _learned_region(sh0, seed_mask, fcfg["region"], int(fcfg["margin_vox"])).to(dev)
     return ConnectomeProblem(
-        raw, sh0.to(dev), affine, vsz, params, vol, np.triu(target), seed_set, voxels, evaluate
-    )
+        raw, sh0.to(dev), affine, vsz, params, vol, np.triu(target), seed_set, voxels, evaluate,
+        act,
+    )  # fmt: skip
+
+
+def check_act_inputs(act, fod_shape, fod_affine, tracker: str = "fast") -> None:
+    """ConfigError unless ``act`` (an :class:`~invtract.tracking.act.ActImage`) can drive a
+    connectome fit of the FOD grid ``fod_shape`` / ``fod_affine``: the fast tracker (the
+    differentiable one has no ACT rules), and a 5TT field of view that overlaps the FOD's
+    (the grids may differ, as tckgen's do)."""
+    if tracker != "fast":
+        raise ConfigError(
+            f'--act needs [fit] tracker = "fast" (the {tracker} tracker has no ACT rules)'
+        )
+    lo_f, hi_f = _fov_box(np.asarray(fod_affine, np.float64), fod_shape)
+    a2 = np.linalg.inv(np.vstack([np.asarray(act.scanner2voxel, np.float64)[:3], [0, 0, 0, 1]]))
+    lo_a, hi_a = _fov_box(a2, act.data.shape[:3])
+    if np.any(np.maximum(lo_f, lo_a) >= np.minimum(hi_f, hi_a)):
+        raise ConfigError(
+            f"the 5TT image {act.path or ''} does not overlap the FOD: its field of view spans "
+            f"{np.round(lo_a, 2).tolist()} to {np.round(hi_a, 2).tolist()} mm, the FOD's "
+            f"{np.round(lo_f, 2).tolist()} to {np.round(hi_f, 2).tolist()} mm"
+        )
+
+
+def _fov_box(affine: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Scanner-mm bounding box ``(lo [3], hi [3])`` of a grid's field of view (voxel edges)."""
+    n = np.asarray(shape[:3], np.float64)
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], np.float64)
+    vox = corners * n - 0.5
+    pts = vox @ affine[:3, :3].T + affine[:3, 3]
+    return pts.min(0), pts.max(0)
