@@ -644,6 +644,10 @@ def _run_connectome(args) -> int:
     cfg_path = find_config(args.config or "fit_connectome")
     cfg = load_connectome_config(cfg_path, _collect_overrides(args))
     act = load_act_args(args)  # a malformed 5TT fails here, before any run folder or tracking
+    if act is not None:
+        from ..fit.connectome_fit import check_act_tracker
+
+        check_act_tracker(str(cfg["fit"]["tracker"]))
     started = _start(args, cfg)
     if started is None:
         return 0

@@ -78,6 +78,7 @@ __all__ = [
     "survival_connectome",
     "hard_connectome",
     "fast_tracking",
+    "check_act_tracker",
     "check_act_inputs",
     "fit_connectome",
 ]
@@ -1039,15 +1040,20 @@ def _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds, voxe
     )  # fmt: skip
 
 
-def check_act_inputs(act, fod_shape, fod_affine, tracker: str = "fast") -> None:
-    """ConfigError unless ``act`` (an :class:`~invtract.tracking.act.ActImage`) can drive a
-    connectome fit of the FOD grid ``fod_shape`` / ``fod_affine``: the fast tracker (the
-    differentiable one has no ACT rules), and a 5TT field of view that overlaps the FOD's
-    (the grids may differ, as tckgen's do)."""
+def check_act_tracker(tracker: str) -> None:
+    """ConfigError unless ``[fit] tracker`` can track with ACT (the fast one)."""
     if tracker != "fast":
         raise ConfigError(
             f'--act needs [fit] tracker = "fast" (the {tracker} tracker has no ACT rules)'
         )
+
+
+def check_act_inputs(act, fod_shape, fod_affine, tracker: str = "fast") -> None:
+    """ConfigError unless ``act`` (an :class:`~invtract.tracking.act.ActImage`) can drive a
+    connectome fit of the FOD grid ``fod_shape`` / ``fod_affine``: the fast tracker
+    (:func:`check_act_tracker`), and a 5TT field of view that overlaps the FOD's (the grids
+    may differ, as tckgen's do)."""
+    check_act_tracker(tracker)
     lo_f, hi_f = _fov_box(np.asarray(fod_affine, np.float64), fod_shape)
     a2 = np.linalg.inv(np.vstack([np.asarray(act.scanner2voxel, np.float64)[:3], [0, 0, 0, 1]]))
     lo_a, hi_a = _fov_box(a2, act.data.shape[:3])
