@@ -752,10 +752,10 @@ class ConnectomeProblem(Problem):
             vals = self.state.values(detach=not grad)
             ta = annealed(t, it, self.iterations, "amplitude_start", "amplitude_end")
             tdeg = annealed(t, it, self.iterations, "angle_start_deg", "angle_end_deg")
-            t_amp, t_cos = soft_temperature(ta, tdeg, float(vals["angle_deg"]))
+            fl = {k: float(torch.as_tensor(v).detach()) for k, v in vals.items()}
+            t_amp, t_cos = soft_temperature(ta, tdeg, fl["angle_deg"])
             t_tis = annealed(t, it, self.iterations, "tissue_start", "tissue_end")
             sh = self.state.sh() if grad else self.state.sh().detach()
-            fl = {k: float(v) for k, v in vals.items()}
             res = self._track(f, sh, pos, dirs, vals, fl, (t_amp, t_cos))
             pred = survival_connectome(
                 res, sh, self.affine, self.vol, cutoff=vals["cutoff"],
