@@ -516,7 +516,9 @@ def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_m
 
     With ``act`` (an :class:`~invtract.tracking.act.ActImage`) the tracking is ``tckgen -act``'s
     (:func:`~invtract.tracking.api.track` with ``act``: unresolved parameters get ACT's
-    defaults).
+    defaults) and the points carry no step gradient: ACT's ends sit on tissue boundaries
+    whatever the step, so scaling the streamline about its seed would move them where ACT
+    never puts them (a fit then shrank the step to pull ends out of the nodes).
 
     Returns:
         An object with ``points [S, L, 3]``, ``seed_index [S]``, ``lengths [S]``.
@@ -526,7 +528,7 @@ def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_m
     lengths = res.streamlines.lengths.to(torch.int64)
     pts = pts.to(torch.float64)
     seed_index = torch.as_tensor(np.asarray(res.seed_index), dtype=torch.int64)
-    if torch.is_tensor(step_mm) and step_mm.requires_grad and pts.shape[0]:
+    if torch.is_tensor(step_mm) and step_mm.requires_grad and pts.shape[0] and act is None:
         h0 = float(step_mm.detach())
         seed_pt = pts[torch.arange(pts.shape[0]), seed_index][:, None]
         pts = seed_pt + (step_mm.to(torch.float64) / h0) * (pts - seed_pt)
