@@ -153,7 +153,8 @@ def act_case(a) -> None:
         vol, act = as_label_volume(load_image(inp["parc"])), load_act(inp["5tt"])
         target = act_target(kind, inp, true, fod, mask, vol, act, Path(d))
     cfg = {"fit": {"iterations": a.iterations, "learn": a.learn.split(","), "eval_every": 5},
-           "seeding": {"per_voxel": inp["per_voxel"]}, "optimizer": {"lr": a.lr}}  # fmt: skip
+           "seeding": {"per_voxel": inp["per_voxel"]},
+           "optimizer": {"lr": a.lr, "lr_end": a.lr_end, "beta1": a.beta1}}  # fmt: skip
     t0 = time.perf_counter()
     res = fit_connectome(fod, vol, target, TrackingParameters(), seed_mask=mask.data,
                          config=cfg, voxel_sizes=fod.voxel_sizes, act=act)  # fmt: skip
@@ -199,7 +200,9 @@ def main() -> None:
     ap.add_argument("--learn", default="step_mm,angle_deg,cutoff")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--case", choices=("plain", "act", "act_sift"), default="plain")
-    ap.add_argument("--lr", type=float, default=0.15, help="[optimizer] lr of the ACT cases")
+    ap.add_argument("--lr", type=float, default=0.3, help="[optimizer] lr of the ACT cases")
+    ap.add_argument("--lr-end", type=float, default=0.03, help="its lr_end (geometric decay)")
+    ap.add_argument("--beta1", type=float, default=0.9, help="its Adam momentum")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.case != "plain":
