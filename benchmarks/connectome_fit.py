@@ -84,19 +84,21 @@ def target_connectome(kind: str, fod, mask, vol) -> np.ndarray:
 # ACT cases (issue 16)
 # ------------------------------------------------------------------------------------------
 SIFT = ROOT.parent / "shared" / "data" / "sift_phantom"
+REAL = ROOT.parent / "shared" / "data" / "real_msmt15"
 ACT_TRUE = {
     "act": {"cutoff": 0.9, "angle_deg": 45.0},
     "act_sift": {"cutoff": 0.45, "angle_deg": 45.0},
+    "act_real": {"cutoff": 0.3, "angle_deg": 45.0},
 }
 
 
-def phantom_5tt(path: Path) -> Path:
-    """The phantom's 5TT image (WM = mask, cortical GM = the one-voxel shell around it)."""
+def phantom_5tt(path: Path, mask_path=None) -> Path:
+    """A 5TT image from a mask (WM = mask, cortical GM = the one-voxel shell around it)."""
     from scipy.ndimage import binary_dilation
 
     from invtract.io.image import save_nifti
 
-    mask = load_mask(example_path("mask"))
+    mask = load_mask(mask_path or example_path("mask"))
     wm = np.asarray(mask.data) != 0
     data = np.zeros(wm.shape + (5,), np.float32)
     data[..., 0] = binary_dilation(wm, iterations=1) & ~wm
@@ -110,6 +112,13 @@ def act_inputs(case: str, folder: Path) -> dict:
     if case == "act":
         return {"fod": example_path("fod"), "mask": example_path("mask"), "parc": PARC,
                 "5tt": phantom_5tt(folder / "5tt.nii.gz"), "per_voxel": 1}  # fmt: skip
+    if case == "act_real":
+        if not REAL.exists():
+            raise SystemExit(f"the real_msmt15 crop is not at {REAL}")
+        five = phantom_5tt(folder / "5tt.nii.gz", REAL / "mask.mif")
+        parc = ROOT / "tests" / "data" / "connectome" / "real_msmt15_parc.nii.gz"
+        return {"fod": REAL / "fod.mif", "mask": REAL / "mask.mif", "5tt": five, "per_voxel": 2,
+                "parc": parc}  # fmt: skip
     if not SIFT.exists():
         raise SystemExit(f"the sift phantom is not at {SIFT}")
     return {"fod": SIFT / "fods.mif", "mask": SIFT / "mask.mif", "parc": SIFT / "parc.mif",
@@ -153,16 +162,17 @@ def act_case(a) -> None:
         vol, act = as_label_volume(load_image(inp["parc"])), load_act(inp["5tt"])
         target = act_target(kind, inp, true, fod, mask, vol, act, Path(d))
     cfg = {"fit": {"iterations": a.iterations, "learn": a.learn.split(","), "eval_every": 5},
-           "seeding": {"per_voxel": inp["per_voxel"]},
+           "seeding": {"per_voxel": inp["per_voxel"], "max_seeds": a.max_seeds},
            "optimizer": {"lr": a.lr, "lr_end": a.lr_end, "beta1": a.beta1}}  # fmt: skip
     t0 = time.perf_counter()
     res = fit_connectome(fod, vol, target, TrackingParameters(), seed_mask=mask.data,
                          config=cfg, voxel_sizes=fod.voxel_sizes, act=act)  # fmt: skip
     wall = time.perf_counter() - t0
-    pos, dirs = whole_brain_seeds(mask.data, fod.affine, per_voxel=inp["per_voxel"], seed=0)
+    pos, dirs = whole_brain_seeds(mask.data, fod.affine, per_voxel=inp["per_voxel"], seed=0,
+                                  max_seeds=a.max_seeds)  # fmt: skip
     sh = torch.as_tensor(np.asarray(fod.data, np.float32))
     scan = {}
-    for c in (0.05, 0.3, 0.6, 0.8, 0.85, 0.9, 0.95, 1.0):
+    for c in (0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 0.85, 0.9, 0.95, 1.0):
         m, _ = hard_connectome(sh, fod.affine, fod.voxel_sizes, pos, dirs,
                                TrackingParameters(cutoff=c, angle_deg=true["angle_deg"]), vol,
                                4.0, act=act)  # fmt: skip
@@ -199,7 +209,8 @@ def main() -> None:
     ap.add_argument("--tracker", choices=("tckgen", "ours"), default=None)
     ap.add_argument("--learn", default="step_mm,angle_deg,cutoff")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--case", choices=("plain", "act", "act_sift"), default="plain")
+    ap.add_argument("--case", choices=("plain", "act", "act_sift", "act_real"), default="plain")
+    ap.add_argument("--max-seeds", type=int, default=0, help="[seeding] max_seeds (ACT cases)")
     ap.add_argument("--lr", type=float, default=0.3, help="[optimizer] lr of the ACT cases")
     ap.add_argument("--lr-end", type=float, default=0.03, help="its lr_end (geometric decay)")
     ap.add_argument("--beta1", type=float, default=0.9, help="its Adam momentum")
