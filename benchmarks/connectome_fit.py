@@ -11,18 +11,24 @@ Prints JSON: hard (tck2connectome) correlation of the tracked connectome with th
 and after, the recovered parameters, and the interval of cutoffs whose hard connectome
 correlates >= 0.95 with the target (what the data identify).
 
-``--case act`` (issue 16): the same phantom and parcellation with anatomically-constrained
-tracking. Its 5TT image is made at run time from the phantom's mask (WM = the mask, cortical GM
-= the one-voxel shell around it, no tissue data beyond: streamlines end by entering GM or
-leaving the image, and one that stops in WM is rejected). Target: ``tckgen -act`` at cutoff
-0.9, angle 45 (ACT's default cutoff is 0.05); the fit starts from tckgen's ACT defaults and runs
-``fit_connectome(..., act=...)``. ``--case act_sift``: ``../shared/data/sift_phantom`` (its own
-5TT and parcellation), target ``tckgen -act -seed_grid_per_voxel mask 2`` at cutoff 0.45,
-angle 45: that phantom's connectome has two edges whose ratio barely moves with the
-parameters, so its Pearson r is ~1 from the start (reported for completeness).
+ACT cases (issue 16): anatomically-constrained tracking, ``fit_connectome(..., act=...)`` from
+tckgen's ACT defaults (cutoff 0.05, angle 60) to a ``tckgen -act`` + ``tck2connectome`` target.
+A 5TT image is made at run time from a mask where the case has none (WM = the mask, cortical GM
+= the one-voxel shell around it, no tissue data beyond: a streamline ends by entering GM or
+leaving the image, and one that stops in WM is rejected).
+
+* ``--case act_real`` (the issue's goal case): the real_msmt15 crop (``../shared/data``) and its
+  13-node block parcellation, 5TT from its mask, target at cutoff 0.3, angle 45
+  (``-seed_grid_per_voxel mask 2``).
+* ``--case act``: the bundled phantom and parcellation, target at cutoff 0.9, angle 45. Its
+  crossing's amplitude dip is the same for every streamline, so the hard correlation is a
+  spike (0.25 at cutoff 0.85, 0.99 at 0.9, 0.55 at 0.95): a hard case that the fit overshoots.
+* ``--case act_sift``: ``../shared/data/sift_phantom`` (its own 5TT and parcellation), target
+  at cutoff 0.45, angle 45: two edges whose ratio barely moves with the parameters, so the
+  Pearson r is ~1 from the start (reported for completeness).
 
     python benchmarks/connectome_fit.py [--iterations 20] [--tracker tckgen|ours]
-    python benchmarks/connectome_fit.py --case act [--iterations 20]
+    python benchmarks/connectome_fit.py --case act_real [--iterations 20] [--max-seeds N]
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ Examples:
   invtract fit --target bundle.tck --fod fod.nii.gz --fit fod --dwi dwi.mif \\
       --response response_wm.txt --mask mask.mif
   invtract fit --fit fod --dwi dwi.mif --response response_wm.txt --mask mask.mif --run csd
+  invtract fit --target-connectome matrix.csv --parcellation parc.mif --fod fod.mif \\
+      --act 5tt.mif [--crop-at-gmwmi] [--seed-gmwmi gmwmi.mif]   (ACT tracking; ACT's defaults)
 """
 
 from __future__ import annotations

@@ -263,3 +263,25 @@ def test_fit_target_connectome_with_act_end_to_end(tmp_path, capsys):
         json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     assert history[-1]["param/cutoff"] > history[0]["param/cutoff"]
+
+
+def test_seed_gmwmi_draws_fixed_interface_seeds():
+    """``fit --seed-gmwmi``: ``[seeding] max_seeds`` seeds drawn as tckgen -seed_gmwmi draws
+    them (on the GM-WM interface), the same for the same ``[fit] seed``, unit directions."""
+    from types import SimpleNamespace
+
+    from invtract.commands.fit import _gmwmi_seeds
+    from invtract.tracking.act_torch import ActField, tissues_at
+
+    act = _act("5tt.mif")
+    args = SimpleNamespace(seed_gmwmi=str(need_data("sift_phantom", "gmwmi.mif")))
+    cfg = {"seeding": {"max_seeds": 25}, "fit": {"seed": 3}}
+    pos, dirs = _gmwmi_seeds(args, act, cfg)
+    assert pos.shape == dirs.shape == (25, 3)
+    np.testing.assert_allclose(np.linalg.norm(dirs, axis=1), 1.0, atol=1e-6)
+    tis, valid = tissues_at(ActField.from_act(act), torch.as_tensor(pos), masked=False)
+    assert bool(valid.all())
+    gm_minus_wm = (tis[:, 0] + tis[:, 1] - tis[:, 2]).abs()
+    assert float(gm_minus_wm.max()) < 0.05
+    again, _ = _gmwmi_seeds(args, act, cfg)
+    np.testing.assert_array_equal(pos, again)
