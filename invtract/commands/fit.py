@@ -46,6 +46,8 @@ Examples:
   invtract fit --target bundle.tck --fod fod.nii.gz --fit fod --dwi dwi.mif \\
       --response response_wm.txt --mask mask.mif
   invtract fit --fit fod --dwi dwi.mif --response response_wm.txt --mask mask.mif --run csd
+  invtract fit --target-connectome matrix.csv --parcellation parc.mif --fod fod.mif \\
+      --act 5tt.mif [--crop-at-gmwmi] [--seed-gmwmi gmwmi.mif]   (ACT tracking; ACT's defaults)
 """
 
 from __future__ import annotations
@@ -63,7 +65,14 @@ from pathlib import Path
 
 from ..errors import ConfigError, InvtractError
 from .options import add_options, add_target_options
-from .track import add_tracking_options, tracking_parameters
+from .track import (
+    add_act_options,
+    add_seed_gmwmi_option,
+    add_tracking_options,
+    check_act_args,
+    load_act_args,
+    tracking_parameters,
+)
 
 log = logging.getLogger("invtract.fit")
 
@@ -250,13 +259,16 @@ class Fit:
             help="fit the bundled phantom target (true step 1.0 mm) from tckgen's defaults",
         )
         title = "connectome target (instead of --target; see docs/connectome_fit.md)"
-        add_options(p.add_argument_group(title), _CONNECTOME_OPTIONS)
+        cg = p.add_argument_group(title)
+        add_options(cg, _CONNECTOME_OPTIONS)
+        add_seed_gmwmi_option(cg)
         from ..fit.signal_term import add_signal_arguments
 
         add_signal_arguments(p)
         _add_fit_options(p.add_argument_group("fit"))
         _add_config_keys(p.add_argument_group("config keys (each overrides the config file)"))
         add_tracking_options(p)
+        add_act_options(p)
 
     @staticmethod
     def run(args) -> int:
@@ -264,8 +276,10 @@ class Fit:
             if getattr(args, "dwi", None):
                 raise ConfigError("--dwi applies to bundle fits (--target) and CSD alone only")
             return _run_connectome(args)
-        if getattr(args, "seed_image", None):
-            raise ConfigError("--seed-image applies to --target-connectome fits only")
+        for flag in ("seed_image", "act", "crop_at_gmwmi", "seed_gmwmi"):
+            if getattr(args, flag, None):
+                name = "--" + flag.replace("_", "-")
+                raise ConfigError(f"{name} applies to --target-connectome fits only")
         if getattr(args, "dwi", None) and not (args.target or args.example):
             from ..fit.signal_term import run_csd_only
 
@@ -627,15 +641,24 @@ def _run_connectome(args) -> int:
         raise ConfigError("--target-connectome replaces --target / --target-seeds / --example")
     required = ("target_connectome", "parcellation", "fod")
     _require_files(args, required, ("seed_image",), "with --target-connectome")
+    check_act_args(args)
+    if args.seed_gmwmi and args.seed_image:
+        raise ConfigError("give --seed-image or --seed-gmwmi, not both")
     _check_run_options(args)
     cfg_path = find_config(args.config or "fit_connectome")
     cfg = load_connectome_config(cfg_path, _collect_overrides(args))
+    act = load_act_args(args)  # a malformed 5TT fails here, before any run folder or tracking
+    if act is not None:
+        from ..fit.connectome_fit import check_act_tracker
+
+        check_act_tracker(str(cfg["fit"]["tracker"]))
     started = _start(args, cfg)
     if started is None:
         return 0
     world, run_dir, ckpt, start_it = started
-    params0 = tracking_parameters(args)
     img, labels, target, seed_mask = _connectome_data(args)
+    params0 = _connectome_start(args, img, act, cfg)
+    seeds = _gmwmi_seeds(args, act, cfg) if args.seed_gmwmi else None
 
     # ------- RUN -------
     logger = None
@@ -645,9 +668,9 @@ def _run_connectome(args) -> int:
         )
     with _closing(logger):
         result = fit_connectome(
-            img, labels, target, params0, seed_mask=seed_mask, config=cfg, logger=logger,
-            voxel_sizes=img.voxel_sizes, checkpoint=ckpt, resume=args.resume,
-            progress=not args.no_progress, world=world,
+            img, labels, target, params0, seed_mask=seed_mask, seeds=seeds, config=cfg,
+            logger=logger, voxel_sizes=img.voxel_sizes, checkpoint=ckpt, resume=args.resume,
+            progress=not args.no_progress, world=world, act=act,
         )  # fmt: skip
         if not world.is_main:
             return 0
@@ -667,7 +690,49 @@ def _connectome_inputs(args, cfg_path) -> dict:
         "seed_image": os.path.abspath(args.seed_image) if args.seed_image else "",
         "fit": args.fit,
         "config": str(cfg_path),
+        **_act_inputs(args),
     }
+
+
+def _act_inputs(args) -> dict:
+    """The ACT inputs of a connectome fit for the run record (none without ``--act``)."""
+    if not args.act:
+        return {}
+    gmwmi = os.path.abspath(args.seed_gmwmi) if args.seed_gmwmi else ""
+    return {"act": os.path.abspath(args.act), "crop_at_gmwmi": bool(args.crop_at_gmwmi),
+            "seed_gmwmi": gmwmi}  # fmt: skip
+
+
+def _connectome_start(args, img, act, cfg: dict):
+    """The starting tracking parameters: the tracking flags, with ACT's defaults under
+    ``--act`` (:func:`~invtract.tracking.act.act_parameters`); checks that the 5TT image can
+    drive the fit (:func:`~invtract.fit.connectome_fit.check_act_inputs`)."""
+    params0 = tracking_parameters(args)
+    if act is None:
+        return params0
+    from ..fit.connectome_fit import check_act_inputs
+    from ..tracking.act import act_parameters
+
+    check_act_inputs(act, img.data.shape[:3], img.affine, str(cfg["fit"]["tracker"]))
+    return act_parameters(params0, img.voxel_sizes)
+
+
+def _gmwmi_seeds(args, act, cfg: dict):
+    """``--seed-gmwmi``: ``(positions [N, 3], directions [N, 3])``, N = ``[seeding]
+    max_seeds`` (default 1000) seeds drawn as ``tckgen -seed_gmwmi`` draws them (MRtrix's
+    random stream seeded by ``[fit] seed``), with uniformly random directions; one fixed set."""
+    import numpy as np
+
+    from ..tracking.rng import MRtrixRNG
+    from ..tracking.seeding_gmwmi import load_gmwmi_seeder
+
+    n = int(cfg["seeding"]["max_seeds"]) or 1000
+    seeder = load_gmwmi_seeder(args.seed_gmwmi, act)
+    rng = MRtrixRNG(int(cfg["fit"]["seed"]))
+    pos = np.stack([seeder.next(rng) for _ in range(n)]).astype(np.float32)
+    d = np.random.default_rng(int(cfg["fit"]["seed"])).normal(size=pos.shape)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    return pos, d.astype(np.float32)
 
 
 def _connectome_data(args):

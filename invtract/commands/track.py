@@ -214,28 +214,13 @@ class Track:
             "--seed-random-per-voxel", nargs=2, metavar=("MASK", "K"), help="K random per voxel"
         )
         s.add_argument("--seed-sphere", metavar="X,Y,Z,R", help="random seeds in a sphere (mm)")
-        s.add_argument(
-            "--seed-gmwmi",
-            metavar="IMAGE",
-            help="random seeds on the GM-WM interface (e.g. 5tt2gmwmi's image; needs --act)",
-        )
+        add_seed_gmwmi_option(s)
         s.add_argument("--select", type=int, help="stop at N accepted streamlines (default 5000)")
         s.add_argument("--max-seeds", type=int, help="stop after N seeds (tckgen -seeds)")
         s.add_argument("--rng-seed", type=int, help="seed of the tckgen-compatible random stream")
         s.add_argument("--output-seeds", metavar="FILE", help="write seeds in tckgen's format")
         add_tracking_options(p)
-        a = p.add_argument_group("anatomically-constrained tracking (tckgen -act)")
-        a.add_argument(
-            "--act",
-            metavar="5TT",
-            help="five-tissue-type image: ACT rules and defaults (cutoff x 0.5, minlength 2 x "
-            "voxel); numba engine (or --engine torch / triton)",
-        )
-        a.add_argument(
-            "--crop-at-gmwmi",
-            action="store_true",
-            help="move streamline ends in cortical GM onto the GM-WM interface (needs --act)",
-        )
+        add_act_options(p)
         r = p.add_argument_group("regions (image or sphere x,y,z,r; repeatable)")
         r.add_argument("--mask", action="append", default=[], help="tracking mask")
         r.add_argument("--include", action="append", default=[], help="must be visited")
@@ -296,7 +281,7 @@ def _run(args) -> int:
             f"--seed-random-per-voxel, --seed-sphere, --seed-gmwmi); got {len(mechs)}"
         )
     _check_arguments(args)
-    _check_act_args(args)
+    check_act_args(args)
     if args.device.startswith("cuda") and not _cuda_available():
         raise ConfigError("--device cuda requested but CUDA is not available")
     params = tracking_parameters(args)
@@ -329,7 +314,7 @@ def _run(args) -> int:
         )  # fmt: skip
         count = 1 if isinstance(which, str) else _seed_count(which)
         seeding = Seeding.from_mask(kind, m, count)
-    act = _load_act(args)
+    act = load_act_args(args)
     if args.seed_gmwmi:
         from ..tracking.seeding_gmwmi import load_gmwmi_seeder
 
@@ -632,8 +617,35 @@ def _seed_data(output: str, res) -> dict | None:
     return per_streamline_seeds(res.seed_points, res.seed_index)
 
 
-def _check_act_args(args) -> None:
-    """``--act`` / ``--crop-at-gmwmi`` checks before any heavy work."""
+def add_seed_gmwmi_option(group) -> None:
+    """``--seed-gmwmi IMAGE`` on ``group`` (track and fit share it)."""
+    group.add_argument(
+        "--seed-gmwmi",
+        metavar="IMAGE",
+        help="random seeds on the GM-WM interface (e.g. 5tt2gmwmi's image; needs --act)",
+    )
+
+
+def add_act_options(p: argparse.ArgumentParser):
+    """A new argument group of ``p`` with ``--act 5TT`` and ``--crop-at-gmwmi`` (track and fit
+    share them; checked by :func:`check_act_args`, loaded by :func:`load_act_args`)."""
+    a = p.add_argument_group("anatomically-constrained tracking (tckgen -act)")
+    a.add_argument(
+        "--act",
+        metavar="5TT",
+        help="five-tissue-type image: ACT rules and defaults (cutoff x 0.5, minlength 2 x "
+        "voxel); numba engine (or --engine torch / triton)",
+    )
+    a.add_argument(
+        "--crop-at-gmwmi",
+        action="store_true",
+        help="move streamline ends in cortical GM onto the GM-WM interface (needs --act)",
+    )
+    return a
+
+
+def check_act_args(args) -> None:
+    """``--act`` / ``--crop-at-gmwmi`` / ``--seed-gmwmi`` checks before any heavy work."""
     if getattr(args, "crop_at_gmwmi", False) and not getattr(args, "act", None):
         raise ConfigError("--crop-at-gmwmi needs --act")
     if getattr(args, "seed_gmwmi", None):
@@ -644,7 +656,7 @@ def _check_act_args(args) -> None:
         checks.check_input_files([("--act 5TT image", args.act)])
 
 
-def _load_act(args):
+def load_act_args(args):
     """The checked 5TT image of ``--act`` (None without it)."""
     if not getattr(args, "act", None):
         return None

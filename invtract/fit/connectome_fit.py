@@ -78,6 +78,8 @@ __all__ = [
     "survival_connectome",
     "hard_connectome",
     "fast_tracking",
+    "check_act_tracker",
+    "check_act_inputs",
     "fit_connectome",
 ]
 
@@ -108,6 +110,8 @@ CONNECTOME_DEFAULTS: dict = {
         "amplitude_end": 0.03,
         "angle_start_deg": 5.0,
         "angle_end_deg": 1.0,
+        "tissue_start": 0.1,
+        "tissue_end": 0.02,
     },  # fmt: skip
     "fod": {"region": "mask", "margin_vox": 0},
     "loss": {
@@ -129,7 +133,13 @@ _LOSS_TERMS = ("connectome",)
 CONNECTOME_RULES: dict = {
     **COMMON_RULES,
     **rules(
-        positive=["loss.temperature_mm", "loss.radius_mm", "loss.bin_mm"],
+        positive=[
+            "loss.temperature_mm",
+            "loss.radius_mm",
+            "loss.bin_mm",
+            "temperature.tissue_start",
+            "temperature.tissue_end",
+        ],  # fmt: skip
         choices={
             "fit.tracker": ("fast", "differentiable"),
             "seeding.placement": ("grid", "random"),
@@ -387,6 +397,8 @@ def survival_connectome(
     radius_mm: float = 4.0,
     bin_mm: float = 1.0,
     symmetric: bool = False,
+    act=None,
+    tissue_temperature: float = 0.05,
 ) -> torch.Tensor:
     """Differentiable expected connectome of a whole-brain tracking (see the module docstring).
 
@@ -402,13 +414,18 @@ def survival_connectome(
         temperature_mm, radius_mm: soft radial node assignment (mm).
         bin_mm: end positions are binned along each half in bins of about this length.
         symmetric: fill the lower triangle.
+        act: the tracking was ``-act`` (an :class:`~invtract.tracking.act.ActImage` or a
+            :class:`~invtract.tracking.act_soft.TissueImage`): ACT's tissue terminations and
+            seed test as soft survival factors (:mod:`invtract.fit.connectome_act`).
+        tissue_temperature: softness of the tissue tests with ``act`` (partial-volume units).
 
     Returns:
         ``[N, N]`` tensor in tck2connectome's layout (upper triangle), float64.
 
     Gradients:
         To ``cutoff`` and ``angle_deg`` (survival), to ``sh`` (amplitudes and, through
-        ``res.points``, the geometry) and to the step (through ``res.points``).
+        ``res.points``, the geometry) and to the step (through ``res.points``; with ``act``
+        also through the tissues at the vertices).
     """
     vol = as_label_volume(labels)
     n = vol.n_nodes + 1
@@ -424,9 +441,18 @@ def survival_connectome(
         radius_mm=float(radius_mm), temperature_mm=float(temperature_mm), n=n,
     )  # fmt: skip
     w_seed = _seed_acceptance(points, seed_index, ctx)  # [S]
+    half_mass = _half_end_mass
+    if act is not None:
+        from ..tracking.act_soft import TissueImage
+        from . import connectome_act
+
+        tissue = act if isinstance(act, TissueImage) else TissueImage.from_act(act, dev)
+        ctx.update(tissue=tissue, t_tissue=float(tissue_temperature))
+        w_seed = w_seed * connectome_act.seed_factor(points, seed_index, ctx)
+        half_mass = connectome_act.half_end_mass
     E, R = [], []
     for half in (0, 1):
-        mass_probs, reps = _half_end_mass(points, seed_index, lengths, half, ctx)
+        mass_probs, reps = half_mass(points, seed_index, lengths, half, ctx)
         E.append(mass_probs)
         R.append(reps)
     ok_len = (1 + R[0][:, :, None] + R[1][:, None, :]) >= int(min_points)  # [S, nb0, nb1]
@@ -480,7 +506,7 @@ class _Tracked:
     lengths: torch.Tensor  # [S]
 
 
-def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_mm=None):
+def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_mm=None, act=None):
     """Hard tracking with the fast engine, padded, for :func:`survival_connectome`.
 
     The points carry no gradient except to ``step_mm`` (a 0-d tensor): with the step
@@ -488,23 +514,30 @@ def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_m
     the first-order effect of the step on where the streamline is, without the change of the
     peaks along the way (``[fit] tracker = "differentiable"`` gives the exact one).
 
+    With ``act`` (an :class:`~invtract.tracking.act.ActImage`) the tracking is ``tckgen -act``'s
+    (:func:`~invtract.tracking.api.track` with ``act``: unresolved parameters get ACT's
+    defaults) and the points carry no step gradient: ACT's ends sit on tissue boundaries
+    whatever the step, so scaling the streamline about its seed would move them where ACT
+    never puts them (a fit then shrank the step to pull ends out of the nodes).
+
     Returns:
         An object with ``points [S, L, 3]``, ``seed_index [S]``, ``lengths [S]``.
     """
-    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params)
+    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params, act)
     pts, _ = res.streamlines.to_padded()
     lengths = res.streamlines.lengths.to(torch.int64)
     pts = pts.to(torch.float64)
     seed_index = torch.as_tensor(np.asarray(res.seed_index), dtype=torch.int64)
-    if torch.is_tensor(step_mm) and step_mm.requires_grad and pts.shape[0]:
+    if torch.is_tensor(step_mm) and step_mm.requires_grad and pts.shape[0] and act is None:
         h0 = float(step_mm.detach())
         seed_pt = pts[torch.arange(pts.shape[0]), seed_index][:, None]
         pts = seed_pt + (step_mm.to(torch.float64) / h0) * (pts - seed_pt)
     return _Tracked(pts, seed_index, lengths.to(torch.int64))
 
 
-def _track_hard(sh, affine, voxel_sizes, positions, directions, params):
-    """Hard tracking (the fastest engine) of ``sh`` from explicit seeds and directions."""
+def _track_hard(sh, affine, voxel_sizes, positions, directions, params, act=None):
+    """Hard tracking (the fastest engine; with ``act`` the ACT engine ``invtract track --act``
+    uses) of ``sh`` from explicit seeds and directions."""
     from ..fod.field import FODField
     from ..tracking.api import Seeding, track
 
@@ -517,16 +550,20 @@ def _track_hard(sh, affine, voxel_sizes, positions, directions, params):
             params,
             voxel_sizes=voxel_sizes,
             rng_seed=0,
+            act=act,
         )
 
 
-def hard_connectome(sh, affine, voxel_sizes, positions, directions, params, labels, radius_mm):
-    """tck2connectome counts of hard tracking (fast engine) from the given seeds.
+def hard_connectome(
+    sh, affine, voxel_sizes, positions, directions, params, labels, radius_mm, act=None
+):
+    """tck2connectome counts of hard tracking (fast engine; ``-act`` with ``act``) from the
+    given seeds.
 
     Returns:
         ``(matrix [N, N] float64, n_streamlines)``.
     """
-    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params)
+    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params, act)
     return connectome_matrix(res.streamlines, labels, radius_mm), len(res.streamlines)
 
 
@@ -625,10 +662,18 @@ class ConnectomeProblem(Problem):
         seed_set: ``seed_set(iteration or None) -> (positions [N, 3], directions [N, 3])``.
         voxels: ``[V]`` learned voxels (``sh``) or None.
         evaluate: compute hard (tck2connectome) correlations.
+        act: the 5TT image (:class:`~invtract.tracking.act.ActImage`) of ``-act`` tracking,
+            or None; ``params`` then already carry ACT's defaults.
     """
 
-    def __init__(self, raw, sh0, affine, vsz, params, vol, target, seed_set, voxels, evaluate):
+    def __init__(self, raw, sh0, affine, vsz, params, vol, target, seed_set, voxels, evaluate,
+                 act=None):  # fmt: skip
         super().__init__()
+        self.act, self.tissue = act, None
+        if act is not None:
+            from ..tracking.act_soft import TissueImage
+
+            self.tissue = TissueImage.from_act(act, sh0.device)
         self.config, self.raw = raw, raw
         self.affine, self.vsz, self.params, self.vol = affine, vsz, params, vol
         self.resolved = params.resolve(vsz)
@@ -670,7 +715,7 @@ class ConnectomeProblem(Problem):
         pos, dirs = _shard(self.eval_pos, self.eval_dirs, world)
         m, n = hard_connectome(
             sh, self.affine, self.vsz, pos, dirs, self.as_params(vals),
-            self.vol, float(self.raw["loss"]["radius_mm"]),
+            self.vol, float(self.raw["loss"]["radius_mm"]), act=self.act,
         )  # fmt: skip
         if world.size > 1:
             m = world.all_sum(torch.as_tensor(m)).numpy()
@@ -681,7 +726,13 @@ class ConnectomeProblem(Problem):
         """One-line errors before iterating: the parcellation and the FOD do not overlap, or no
         streamline can be tracked from the seeds at the starting parameters."""
         st = self.state
-        _check_overlap(st.sh0_flat.reshape(st.shape), self.affine, self.vol)
+        if self.act is None:
+            _check_overlap(st.sh0_flat.reshape(st.shape), self.affine, self.vol)
+        else:  # ACT's nodes lie in grey matter, where the FOD is often zero: the 5TT's data
+            a = self.act
+            s2v = np.vstack([np.asarray(a.scanner2voxel, np.float64)[:3], [0.0, 0.0, 0.0, 1.0]])
+            tissues = torch.as_tensor(np.asarray(a.data, np.float32))
+            _check_overlap(tissues, np.linalg.inv(s2v), self.vol, "the 5TT image")
         corr, m, n = self._hard(st.start, st.sh(), world)
         if n == 0:
             v = st.start
@@ -703,9 +754,10 @@ class ConnectomeProblem(Problem):
             vals = self.state.values(detach=not grad)
             ta = annealed(t, it, self.iterations, "amplitude_start", "amplitude_end")
             tdeg = annealed(t, it, self.iterations, "angle_start_deg", "angle_end_deg")
-            t_amp, t_cos = soft_temperature(ta, tdeg, float(vals["angle_deg"]))
+            fl = {k: float(torch.as_tensor(v).detach()) for k, v in vals.items()}
+            t_amp, t_cos = soft_temperature(ta, tdeg, fl["angle_deg"])
+            t_tis = annealed(t, it, self.iterations, "tissue_start", "tissue_end")
             sh = self.state.sh() if grad else self.state.sh().detach()
-            fl = {k: float(v) for k, v in vals.items()}
             res = self._track(f, sh, pos, dirs, vals, fl, (t_amp, t_cos))
             pred = survival_connectome(
                 res, sh, self.affine, self.vol, cutoff=vals["cutoff"],
@@ -713,6 +765,7 @@ class ConnectomeProblem(Problem):
                 min_points=self.as_params(fl).resolve(self.vsz).min_points,
                 step_mm=fl["step_mm"], temperature_mm=float(ls["temperature_mm"]),
                 radius_mm=float(ls["radius_mm"]), bin_mm=float(ls["bin_mm"]),
+                act=self.tissue, tissue_temperature=t_tis,
             )  # fmt: skip
             pred, data = _shared_loss(pred, self._connectome_loss, world, grad)
             terms = {"connectome": data}
@@ -735,8 +788,9 @@ class ConnectomeProblem(Problem):
     def _track(self, f, sh, pos, dirs, vals, fl, temperature):
         if f["tracker"] == "fast":
             return fast_tracking(
-                sh, self.affine, self.vsz, pos, dirs, self.as_params(fl), vals["step_mm"]
-            )
+                sh, self.affine, self.vsz, pos, dirs, self.as_params(fl), vals["step_mm"],
+                act=self.act,
+            )  # fmt: skip
         from ..tracking.differentiable import track_differentiable
 
         dev = sh.device
@@ -811,9 +865,10 @@ class ConnectomeProblem(Problem):
         self.start_m = np.asarray(st.get("start_matrix", torch.zeros(0)).numpy())
 
 
-def _check_overlap(sh0: torch.Tensor, affine, vol) -> None:
+def _check_overlap(sh0: torch.Tensor, affine, vol, what: str = "the FOD") -> None:
     """ConfigError unless some labelled voxel of the parcellation ``vol`` lies in a voxel of
-    the FOD ``sh0 [X, Y, Z, K]`` with finite, non-zero coefficients."""
+    the image ``sh0 [X, Y, Z, K]`` (``what``: the FOD, or the 5TT under ACT) with finite,
+    non-zero values."""
     from .bundle import fod_overlap
 
     ijk = np.argwhere(vol.labels > 0).astype(np.float64)
@@ -821,8 +876,8 @@ def _check_overlap(sh0: torch.Tensor, affine, vol) -> None:
     pts = ijk @ np.asarray(vol.affine, np.float64)[:3, :3].T + np.asarray(vol.affine)[:3, 3]
     if fod_overlap(sh0, affine, torch.as_tensor(pts)) == 0:
         raise ConfigError(
-            "the parcellation and the FOD do not overlap: no labelled voxel lies in a voxel "
-            "with a finite, non-zero FOD"
+            f"the parcellation and {what} do not overlap: no labelled voxel lies in a voxel "
+            f"of {what} with finite, non-zero values"
         )
 
 
@@ -875,6 +930,7 @@ def fit_connectome(
     progress: bool = False,
     callbacks=(),
     world: World = SINGLE,
+    act=None,
 ) -> ConnectomeFitResult:
     """Fit step / angle / cutoff and/or SH coefficients to a target connectome.
 
@@ -899,6 +955,11 @@ def fit_connectome(
         world: the data-parallel :class:`~invtract.fit.distributed.World`: each rank tracks
             its share of the seeds, the expected connectomes are summed over ranks before the
             loss, gradients are summed (the result equals one process's).
+        act: fit ``tckgen -act`` tracking (:class:`~invtract.tracking.act.ActImage`): the hard
+            tracking runs with ACT's rules (as ``invtract track --act``), unset ``params`` get
+            ACT's defaults (cutoff x 0.5, minimum length 2 x voxel), and the survival model
+            adds the tissue terminations (:mod:`invtract.fit.connectome_act`, softness
+            ``[temperature] tissue_start`` -> ``tissue_end``). Needs ``[fit] tracker = "fast"``.
 
     Returns:
         :class:`ConnectomeFitResult` (``params``: the selected iterate, see
@@ -911,7 +972,7 @@ def fit_connectome(
     raw = merge_config(CONNECTOME_DEFAULTS, config or {})
     validate_config(raw)
     problem = _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds,
-                                  voxel_sizes, evaluate)  # fmt: skip
+                                  voxel_sizes, evaluate, act)  # fmt: skip
     trainer = Trainer(
         TrainSettings.from_config(raw), logger=logger, checkpoint=checkpoint, resume=resume,
         progress=progress, callbacks=[on_step, *callbacks], world=world,
@@ -935,11 +996,16 @@ def fit_connectome(
 
 
 def _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds, voxel_sizes,
-                        evaluate) -> ConnectomeProblem:  # fmt: skip
+                        evaluate, act=None) -> ConnectomeProblem:  # fmt: skip
     """Check the inputs and build the :class:`ConnectomeProblem`."""
     params = params or TrackingParameters()
     dev = torch.device(raw["fit"]["device"])
     sh0, affine, vsz = fod_arrays(fod, voxel_sizes)
+    if act is not None:
+        from ..tracking.act import act_parameters
+
+        check_act_inputs(act, sh0.shape[:3], affine, raw["fit"]["tracker"])
+        params = act_parameters(params, vsz)
     vol = as_label_volume(labels)
     target = np.asarray(to_numpy(target), np.float64)
     n = vol.n_nodes
@@ -971,5 +1037,40 @@ def _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds, voxe
         fcfg = raw["fod"]
         voxels = _learned_region(sh0, seed_mask, fcfg["region"], int(fcfg["margin_vox"])).to(dev)
     return ConnectomeProblem(
-        raw, sh0.to(dev), affine, vsz, params, vol, np.triu(target), seed_set, voxels, evaluate
-    )
+        raw, sh0.to(dev), affine, vsz, params, vol, np.triu(target), seed_set, voxels, evaluate,
+        act,
+    )  # fmt: skip
+
+
+def check_act_tracker(tracker: str) -> None:
+    """ConfigError unless ``[fit] tracker`` can track with ACT (the fast one)."""
+    if tracker != "fast":
+        raise ConfigError(
+            f'--act needs [fit] tracker = "fast" (the {tracker} tracker has no ACT rules)'
+        )
+
+
+def check_act_inputs(act, fod_shape, fod_affine, tracker: str = "fast") -> None:
+    """ConfigError unless ``act`` (an :class:`~invtract.tracking.act.ActImage`) can drive a
+    connectome fit of the FOD grid ``fod_shape`` / ``fod_affine``: the fast tracker
+    (:func:`check_act_tracker`), and a 5TT field of view that overlaps the FOD's (the grids
+    may differ, as tckgen's do)."""
+    check_act_tracker(tracker)
+    lo_f, hi_f = _fov_box(np.asarray(fod_affine, np.float64), fod_shape)
+    a2 = np.linalg.inv(np.vstack([np.asarray(act.scanner2voxel, np.float64)[:3], [0, 0, 0, 1]]))
+    lo_a, hi_a = _fov_box(a2, act.data.shape[:3])
+    if np.any(np.maximum(lo_f, lo_a) >= np.minimum(hi_f, hi_a)):
+        raise ConfigError(
+            f"the 5TT image {act.path or ''} does not overlap the FOD: its field of view spans "
+            f"{np.round(lo_a, 2).tolist()} to {np.round(hi_a, 2).tolist()} mm, the FOD's "
+            f"{np.round(lo_f, 2).tolist()} to {np.round(hi_f, 2).tolist()} mm"
+        )
+
+
+def _fov_box(affine: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Scanner-mm bounding box ``(lo [3], hi [3])`` of a grid's field of view (voxel edges)."""
+    n = np.asarray(shape[:3], np.float64)
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], np.float64)
+    vox = corners * n - 0.5
+    pts = vox @ affine[:3, :3].T + affine[:3, 3]
+    return pts.min(0), pts.max(0)

@@ -20,19 +20,66 @@ differentiable 5TT sample, :func:`invtract.fod.interp.sample_fod`, to positions)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from .rules import GMWMI_ACCURACY, TISSUE_SUM_THRESHOLD
 
 __all__ = [
+    "TissueImage",
+    "tissues_soft",
     "soft_ge",
     "soft_classes",
     "soft_valid",
     "soft_seed_ok",
     "step_outcomes",
+    "continue_in_sgm",
     "survival",
     "end_weights",
 ]
+
+
+@dataclass(frozen=True)
+class TissueImage:
+    """A 5TT image as differentiable samples read it: ``flat [X*Y*Z, 6]`` float64 (the five
+    volumes with NaN as 0, then 1 where a voxel had a NaN), ``shape (X, Y, Z)``,
+    ``scanner2voxel [3, 4]`` float64 and ``nonzero [X*Y*Z]`` (a voxel with any non-zero
+    volume: MRtrix's masked interpolator finds data there)."""
+
+    flat: torch.Tensor
+    shape: tuple
+    scanner2voxel: torch.Tensor
+    nonzero: torch.Tensor
+
+    @classmethod
+    def from_act(cls, act, device="cpu") -> TissueImage:
+        """From an :class:`~invtract.tracking.act.ActImage` (MRtrix voxel order)."""
+        data = torch.as_tensor(np.asarray(act.data, np.float64), device=device)
+        flat = data.reshape(-1, data.shape[-1])
+        nan = torch.isnan(flat).any(-1, keepdim=True)
+        nonzero = (flat != 0).any(-1)
+        flat = torch.cat([torch.nan_to_num(flat, nan=0.0), nan.to(flat.dtype)], -1)
+        s2v = torch.as_tensor(np.asarray(act.scanner2voxel, np.float64)[:3, :4], device=device)
+        return cls(flat, tuple(int(v) for v in data.shape[:3]), s2v, nonzero)
+
+
+def tissues_soft(img: TissueImage, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5TT at scanner points ``pos [N, 3]`` (mm) as ``Tissues::set`` reads it, but
+    differentiable in ``pos``: ``(tissues [N, 5] float64 clamped to [0, 1], has_data [N])``.
+
+    Trilinear interpolation with the masked interpolator's "no data" rules (outside the field
+    of view, an all-zero nearest voxel, a NaN among the weighted corners) through
+    :func:`invtract.fod.interp.sample_fod`; rows without data are zero. The tissue-sum test is
+    left to :func:`soft_valid`. Positions are float64 here while the tracker interpolates in
+    float32, so a point exactly on a tissue tie can be classified differently (measure zero)."""
+    from ..fod.interp import sample_fod
+
+    out, ok = sample_fod(img.flat, img.shape, img.scanner2voxel, pos, img.nonzero)
+    ok = ok & ~(out[:, 5].detach() > 0)
+    tis = torch.where(ok[:, None], out[:, :5], torch.zeros_like(out[:, :5])).clamp(0.0, 1.0)
+    return tis, ok
 
 
 def soft_ge(a: torch.Tensor, b, tau: float, strict: bool = False) -> torch.Tensor:
@@ -98,6 +145,15 @@ def step_outcomes(tis: torch.Tensor, has_data: torch.Tensor, tau: float) -> dict
         "enter_cgm": not_csf * k["is_gm"] * k["cgm_ge_sgm"],
         "cont": not_csf * (1 - k["is_gm"] * k["cgm_ge_sgm"]),
     }
+
+
+def continue_in_sgm(tis: torch.Tensor, has_data: torch.Tensor, tau: float) -> torch.Tensor:
+    """The part of :func:`step_outcomes`' ``cont`` that goes deeper into sub-cortical GM (GM,
+    not CSF, ``cgm < sgm``): where a failed model test is a good end (TERM_IN_SGM) rather
+    than a rejection. Shape as ``has_data``."""
+    k = soft_classes(tis, tau)
+    not_csf = soft_valid(tis, has_data, tau) * (1 - k["is_csf"])
+    return not_csf * k["is_gm"] * (1 - k["cgm_ge_sgm"])
 
 
 def survival(cont: torch.Tensor) -> torch.Tensor:
