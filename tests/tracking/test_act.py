@@ -133,6 +133,18 @@ def test_partial_volume_references_bit_identical(name):
 
 @numba_only
 @pytest.mark.parametrize(
+    "name, kept", [("act_grid_pv_ds3", 36), ("act_grid_pv_crop_ds4_max24", 11)]
+)
+def test_downsample_references_bit_identical(name, kept):
+    """-downsample with ACT: downsampled after tracking (and cropping), then the length check,
+    which rejects over-long streamlines under ACT (-maxlength 24.01 keeps 11 of 36)."""
+    r = _replay(LOCAL / f"{name}.tck", need_data("sift_phantom", "fods.mif"))
+    assert (r["kept"], r["generated"]) == (r["ref_kept"], r["ref_generated"]) == (kept, 43)
+    assert r["frac_bit_exact"] == 1.0
+
+
+@numba_only
+@pytest.mark.parametrize(
     "name, kept, generated", [("act_grid_sgm", 47, 47), ("act_grid2_sgm_crop", 376, 389)]
 )
 def test_subcortical_gm_references_bit_identical(name, kept, generated):
