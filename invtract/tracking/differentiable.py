@@ -266,8 +266,10 @@ def _hard_forward(field: FODField, seeds, init_dirs, params, refine: int, consts
 def _accepted_rows(rec: PeakRecord, offset: int, unidirectional: bool, dev) -> dict:
     """The tape's part of one chunk's record: its decisions and, for the accepted rows, seed id,
     seed column ``n1``, lengths, seed peak and peaks ``[S_c, L_c, 3]`` (a copy, so that the
-    record can be released). A unidirectional row (seed first, as written) is turned round:
-    the tape keeps the half tracked along u0 before the seed."""
+    record can be released; its points are dropped first: the tape recomputes them, the same
+    values, from the seeds and the peaks). A unidirectional row (seed first, as written) is
+    turned round: the tape keeps the half tracked along u0 before the seed."""
+    rec.points = None
     status, term = rec.status.to(dev, torch.int64), rec.term.to(dev, torch.int64)
     acc = torch.nonzero(status == int(Reject.ACCEPTED), as_tuple=False).flatten()
     ln = rec.lengths.to(dev)[acc]

@@ -101,8 +101,11 @@ def get_peak_engine(name: str, field, refine: int = 0) -> tuple[str, Callable[..
         )
     from . import numba_cpu
 
+    reason = numba_cpu.peaks_unavailable_reason(field, refine)
     if name == "auto":
-        name = "numba" if numba_cpu.peaks_unavailable_reason(field, refine) is None else "torch"
+        name = "numba" if reason is None else "torch"
     if name == "numba":
+        if reason is not None:
+            raise ConfigError(f"numba engine, record peaks: {reason}")
         return name, numba_cpu.track_peaks
     return name, importlib.import_module(".torch", __name__).track_peaks
