@@ -257,7 +257,10 @@ def _hard_forward(field: FODField, seeds, init_dirs, params, refine: int, consts
     chunk = PEAK_CHUNK_CUDA if dev.type == "cuda" else PEAK_CHUNK
     kept = []
     for a in range(0, n, chunk):
-        rec = record_peaks(field, seeds[a : a + chunk], init[a : a + chunk], params, refine)
+        # no points: the tape recomputes them, the same values, from the seeds and the peaks
+        rec = record_peaks(
+            field, seeds[a : a + chunk], init[a : a + chunk], params, refine, with_points=False
+        )
         kept.append(_accepted_rows(rec, a, params.unidirectional, dev))
         del rec  # the chunk's buffers go before the next call
     return _tape_from_records(kept, n, seeds, field, params, consts)
@@ -266,10 +269,8 @@ def _hard_forward(field: FODField, seeds, init_dirs, params, refine: int, consts
 def _accepted_rows(rec: PeakRecord, offset: int, unidirectional: bool, dev) -> dict:
     """The tape's part of one chunk's record: its decisions and, for the accepted rows, seed id,
     seed column ``n1``, lengths, seed peak and peaks ``[S_c, L_c, 3]`` (a copy, so that the
-    record can be released; its points are dropped first: the tape recomputes them, the same
-    values, from the seeds and the peaks). A unidirectional row (seed first, as written) is
-    turned round: the tape keeps the half tracked along u0 before the seed."""
-    rec.points = None
+    record can be released). A unidirectional row (seed first, as written) is turned round:
+    the tape keeps the half tracked along u0 before the seed."""
     status, term = rec.status.to(dev, torch.int64), rec.term.to(dev, torch.int64)
     acc = torch.nonzero(status == int(Reject.ACCEPTED), as_tuple=False).flatten()
     ln = rec.lengths.to(dev)[acc]

@@ -85,17 +85,19 @@ def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois,
                 bufs=None, col0=None, refine=0):  # fmt: skip
     """Track one half for all ``active`` rows from ``(p0, u0)``.
 
-    Returns ``(bufs, nadd [n], term [n], excluded [n], steps)``. ``bufs`` is ``[points]``, or
-    ``[points, peaks]`` when a list of two buffers is given (record mode), each ``[n, R, 3]``
-    (R grown as needed, at most ``max_new``): the k-th point appended to row r (not the seed)
-    goes to column ``col0[r] + k`` (``col0`` defaults to 0: fresh buffers hold the appended
-    points alone), and the peak it moved along to the same place in ``peaks``. ``inc`` records
+    Returns ``(bufs, nadd [n], term [n], excluded [n], steps)``. ``bufs`` maps ``"points"``
+    and / or ``"peaks"`` (record mode) to ``[n, R, 3]`` buffers (R grown as needed, at most
+    ``max_new``; default: a fresh points buffer): the k-th point appended to row r (not the
+    seed) goes to column ``col0[r] + k`` (``col0`` defaults to 0) of ``points``, and the peak
+    it moved along to the same place of ``peaks``. ``inc`` records
     include visits; ``refine`` is :func:`~invtract.tracking.propagator.sd_stream_step`'s.
     """
     n = p0.shape[0]
     dev = p0.device
     if bufs is None:  # sized by what is tracked: doubled as the longest half grows
-        bufs = [torch.zeros((n, min(max_new, _FIRST_ROWS), 3), dtype=p0.dtype, device=dev)]
+        bufs = {
+            "points": torch.zeros((n, min(max_new, _FIRST_ROWS), 3), dtype=p0.dtype, device=dev)
+        }
     if col0 is None:
         col0 = torch.zeros(n, dtype=torch.int64, device=dev)
     nadd = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -129,8 +131,8 @@ def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois,
         ai = idx[add]
         bufs = _room_for_one_more(bufs, col0 + nadd, max_new)
         col = col0[ai] + nadd[ai]
-        for buf, val in zip(bufs, (new_p, new_u)):
-            buf[ai, col] = val[add]
+        for key, buf in bufs.items():
+            buf[ai, col] = (new_p if key == "points" else new_u)[add]
         nadd[ai] += 1
         count[ai] += 1
         steps += int(add.sum())
@@ -148,18 +150,18 @@ def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois,
 _FIRST_ROWS = 256
 
 
-def _room_for_one_more(bufs: list, used: torch.Tensor, max_new: int) -> list:
-    """``bufs`` (each ``[n, R, 3]``) with room for one more point per row after ``used [n]``
+def _room_for_one_more(bufs: dict, used: torch.Tensor, max_new: int) -> dict:
+    """``bufs`` (name -> ``[n, R, 3]``) with room for one more point per row after ``used [n]``
     filled columns (R doubled, at most ``max_new``)."""
-    rows = bufs[0].shape[1]
+    rows = next(iter(bufs.values())).shape[1]
     if rows >= max_new or int(used.max()) < rows:
         return bufs
-    grown = []
-    for buf in bufs:
+    for k, buf in list(bufs.items()):  # in place: each old buffer goes once it is copied
         g = buf.new_zeros((buf.shape[0], min(max_new, 2 * rows), 3))
         g[:, :rows] = buf
-        grown.append(g)
-    return grown
+        bufs[k] = g
+        del buf, g
+    return bufs
 
 
 #: the rulebook's "which points are kept", indexed by Term code
@@ -322,18 +324,18 @@ def _track_chunk(field: FODField, seeds, init_dirs, params: ResolvedParameters, 
     ok, safe, u0, term, inc = st.ok, st.safe, st.u0, st.term, st.inc
     max_new = params.max_points + 1
     ones = torch.ones(n, dtype=torch.int64, device=dev)
-    (buf1,), n1, t1, exc1, steps1 = _track_half(
+    bufs1, n1, t1, exc1, steps1 = _track_half(
         field, safe, torch.nan_to_num(u0), ones, ok, inc, params, rois, max_new
     )
     term[:, 0] = torch.where(ok, t1, term[:, 0])
     second = ok & ~exc1 & (not params.unidirectional)
-    (buf2,), n2, t2, exc2, steps2 = _track_half(
+    bufs2, n2, t2, exc2, steps2 = _track_half(
         field, safe, -torch.nan_to_num(u0), 1 + n1, second, inc, params, rois, max_new
     )
     term[:, 1] = torch.where(second, t2, term[:, 1])
     status_np = _rejections(st, 1 + n1 + n2, exc1 | exc2, params)
     # assemble on the host
-    buf1, buf2 = buf1.cpu().numpy(), buf2.cpu().numpy()
+    buf1, buf2 = bufs1["points"].cpu().numpy(), bufs2["points"].cpu().numpy()
     n1_np, n2_np = n1.cpu().numpy(), n2.cpu().numpy()
     p0 = safe.cpu().numpy()
     total = 1 + n1_np + n2_np
@@ -426,6 +428,7 @@ def track_torch_peaks(
     init_dirs: torch.Tensor,
     params: ResolvedParameters,
     refine: int = 0,
+    with_points: bool = True,
 ) -> PeakRecord:
     """The torch engine's "record peaks" mode: the streamlines of :func:`track_torch` (no
     ROIs), unpacked, with the converged peak behind every point.
@@ -443,6 +446,8 @@ def track_torch_peaks(
         params: resolved parameters (first order, no downsampling).
         refine: float64 Newton iterations polishing every peak (the seed's included) before it
             is used (0: tckgen's peaks; see :func:`~invtract.tracking.propagator.sd_stream_next`).
+        with_points: False: ``points`` is None (not buffered: half the memory, for a caller
+            that recomputes them from the seeds and the peaks).
 
     Returns:
         A :class:`~invtract.tracking.types.PeakRecord` with ``L`` the longest row.
@@ -456,11 +461,13 @@ def track_torch_peaks(
             f"seeds and init_dirs must be [N, 3], got {tuple(seeds.shape)}, "
             f"{tuple(init_dirs.shape)}"
         )
-    return _peak_chunk(field, seeds, init_dirs, params, refine)
+    return _peak_chunk(field, seeds, init_dirs, params, refine, with_points)
 
 
 @torch.no_grad()
-def _peak_chunk(field: FODField, seeds, init_dirs, params, refine: int) -> PeakRecord:
+def _peak_chunk(
+    field: FODField, seeds, init_dirs, params, refine: int, with_points: bool
+) -> PeakRecord:
     """:func:`track_torch_peaks`: both halves written into one ``[n, R, 3]`` row per seed (and
     the peaks into a second), the first half turned round in place before the second follows,
     as the fused kernel does."""
@@ -470,8 +477,10 @@ def _peak_chunk(field: FODField, seeds, init_dirs, params, refine: int) -> PeakR
     st = _seed_start(field, seeds, init_dirs, params, rois, refine)
     ok, safe, u0, term = st.ok, st.safe, st.u0, st.term
     max_cols = params.max_points + 2
-    bufs = [torch.zeros((n, min(max_cols, _FIRST_ROWS), 3), dtype=dt, device=dev) for _ in "pu"]
-    bufs[0][:, 0] = safe
+    keys = ("points", "peaks") if with_points else ("peaks",)
+    bufs = {k: torch.zeros((n, min(max_cols, _FIRST_ROWS), 3), dtype=dt, device=dev) for k in keys}
+    if with_points:
+        bufs["points"][:, 0] = safe
     ones = torch.ones(n, dtype=torch.int64, device=dev)
     bufs, n1, t1, _, steps1 = _track_half(
         field, safe, torch.nan_to_num(u0), ones, ok, st.inc, params, rois, max_cols,
@@ -481,7 +490,10 @@ def _peak_chunk(field: FODField, seeds, init_dirs, params, refine: int) -> PeakR
     n2 = torch.zeros_like(n1)
     steps2 = 0
     if not params.unidirectional:
-        bufs = [_reverse_rows(b, n1 + 1) for b in bufs]  # the seed now at column n1
+        idx = _reversed_index(n1 + 1, bufs["peaks"].shape[1])  # the seed now at column n1
+        for k in keys:
+            bufs[k] = bufs[k].gather(1, idx[..., None].expand(-1, -1, 3))
+        del idx
         bufs, n2, t2, _, steps2 = _track_half(
             field, safe, -torch.nan_to_num(u0), 1 + n1, ok, st.inc, params, rois, max_cols,
             bufs, 1 + n1, refine,
@@ -493,8 +505,8 @@ def _peak_chunk(field: FODField, seeds, init_dirs, params, refine: int) -> PeakR
     seed_col = torch.zeros_like(n1) if params.unidirectional else n1
     L = int(total.max()) if n else 0
     return PeakRecord(
-        points=bufs[0][:, :L],
-        peaks=bufs[1][:, :L],
+        points=bufs["points"][:, :L] if with_points else None,
+        peaks=bufs["peaks"][:, :L],
         lengths=torch.where(acc, total, 0),
         seed_index=torch.where(acc, seed_col, -1),
         status=status,
@@ -504,8 +516,7 @@ def _peak_chunk(field: FODField, seeds, init_dirs, params, refine: int) -> PeakR
     )
 
 
-def _reverse_rows(buf: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``buf [N, R, 3]`` with the first ``n[i]`` entries of row i in reverse order."""
-    j = torch.arange(buf.shape[1], device=buf.device)[None, :]
-    idx = torch.where(j < n[:, None], n[:, None] - 1 - j, j)
-    return buf.gather(1, idx[..., None].expand(-1, -1, 3))
+def _reversed_index(n: torch.Tensor, R: int) -> torch.Tensor:
+    """``[N, R]`` column index putting the first ``n[i]`` entries of row i in reverse order."""
+    j = torch.arange(R, device=n.device)[None, :]
+    return torch.where(j < n[:, None], n[:, None] - 1 - j, j)

@@ -194,7 +194,8 @@ class PeakRecord:
 
     Attributes:
         points: ``[N, L, 3]`` vertices, scanner mm, in the FOD's dtype (row i: ``lengths[i]``
-            vertices, the rest undefined; ``L`` at least the longest row).
+            vertices, the rest undefined; ``L`` at least the longest row); None when the
+            engine was asked not to keep them (``with_points=False``).
         peaks: ``[N, L, 3]`` at each vertex but the seed, the converged peak u the step that
             wrote it moved along (p = p_prev + h u); undefined at the seed and beyond the length.
         lengths: ``[N]`` int64 vertex count (0 when rejected).
@@ -205,7 +206,7 @@ class PeakRecord:
         steps: propagation steps taken.
     """
 
-    points: torch.Tensor
+    points: torch.Tensor | None
     peaks: torch.Tensor
     lengths: torch.Tensor
     seed_index: torch.Tensor

@@ -91,6 +91,14 @@ def test_torch_record_is_the_numba_record(unidirectional):
     np.testing.assert_array_equal(ours.lengths.numpy(), hard.lengths)
     packed = np.concatenate([ours.points[i, : ours.lengths[i]].numpy() for i in acc])
     assert np.array_equal(packed, hard.points)
+    # without points (the differentiable tracker's call): the same peaks and decisions
+    for record in (track_torch_peaks, numba_peaks):
+        lean = record(field, seeds, dirs, params, with_points=False)
+        full = ours if record is track_torch_peaks else ref
+        assert lean.points is None and torch.equal(lean.status, full.status)
+        for i in acc:
+            cols = np.delete(np.arange(int(full.lengths[i])), int(full.seed_index[i]))
+            assert torch.equal(lean.peaks[i, cols], full.peaks[i, cols])
 
 
 @needs_numba

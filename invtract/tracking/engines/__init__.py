@@ -88,7 +88,8 @@ PEAK_ENGINE_NAMES = ("numba", "torch")
 def get_peak_engine(name: str, field, refine: int = 0) -> tuple[str, Callable[..., PeakRecord]]:
     """``(name, track_peaks)``: the "record peaks" mode of engine ``name`` for ``field``.
 
-    ``track_peaks(field, seeds [N, 3], init_dirs [N, 3], params, refine=0) -> PeakRecord``.
+    ``track_peaks(field, seeds [N, 3], init_dirs [N, 3], params, refine=0, with_points=True)
+    -> PeakRecord``.
     ``"auto"``: the numba kernel where it can run (numba installed, float32 CPU FOD,
     ``refine == 0``), else the torch engine (float64, CUDA, ``refine > 0``).
 

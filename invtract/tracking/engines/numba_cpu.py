@@ -70,12 +70,14 @@ def track_peaks(
     init_dirs: torch.Tensor | np.ndarray,
     params: ResolvedParameters,
     refine: int = 0,
+    with_points: bool = True,
 ) -> PeakRecord:
     """The "record peaks" mode: :func:`~invtract.tracking.fused_cpu.track_fused_cpu_peaks` (the
     kernel of :func:`track`, no ROIs; same streamlines bit for bit) on all ``seeds [N, 3]`` at
     once, on ``torch.get_num_threads()`` threads, as a
     :class:`~invtract.tracking.types.PeakRecord` (CPU tensors sharing the kernel's arrays; ``L``
-    is ``max_points + 2``).
+    is ``max_points + 2``). ``with_points=False``: ``points`` is None (the kernel's buffer is
+    released at once).
 
     Raises:
         ConfigError: where the kernel cannot run (:func:`peaks_unavailable_reason`).
@@ -92,5 +94,9 @@ def track_peaks(
     out = fused_cpu.track_fused_cpu_peaks(
         sh, s2v, seeds, np.asarray(init, np.float32), params, threads=torch.get_num_threads()
     )
-    steps = out.pop("steps")
-    return PeakRecord(**{k: torch.from_numpy(v) for k, v in out.items()}, steps=steps)
+    steps, points = out.pop("steps"), out.pop("points")
+    return PeakRecord(
+        points=torch.from_numpy(points) if with_points else None,
+        **{k: torch.from_numpy(v) for k, v in out.items()},
+        steps=steps,
+    )
