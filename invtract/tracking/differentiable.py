@@ -237,8 +237,9 @@ def _tape_values(tp: _Tape, sh_flat, h: float, consts: _Consts, cl_seed):
 #: (an error where the kernel cannot run; "fused" is its former name) or "torch"
 HARD_PASS = "auto"
 
-#: seeds per call of the recording engine: each call holds its ``[chunk, L, 3]`` points and
-#: peaks (CPU: untouched pages cost nothing) until its accepted rows' peaks are copied out
+#: seeds per call of the recording engine: each call holds its ``[chunk, L, 3]`` peaks (and
+#: the numba kernel its points; untouched pages cost nothing) until its accepted rows' peaks
+#: are copied out
 PEAK_CHUNK = 8192
 #: the same on CUDA, where fewer, larger calls keep the device busy
 PEAK_CHUNK_CUDA = 1 << 16
@@ -263,7 +264,7 @@ def _hard_forward(field: FODField, seeds, init_dirs, params, refine: int, consts
         )
         kept.append(_accepted_rows(rec, a, params.unidirectional, dev))
         del rec  # the chunk's buffers go before the next call
-    return _tape_from_records(kept, n, seeds, field, params, consts)
+    return _tape_from_records(kept, seeds, field, params, consts)
 
 
 def _accepted_rows(rec: PeakRecord, offset: int, unidirectional: bool, dev) -> dict:
@@ -297,7 +298,7 @@ def _reversed_within(lengths: torch.Tensor, L: int) -> torch.Tensor:
     return torch.where(j < lengths[:, None], lengths[:, None] - 1 - j, j)
 
 
-def _tape_from_records(kept: list, n: int, seeds, field: FODField, params, consts) -> _Tape:
+def _tape_from_records(kept: list, seeds, field: FODField, params, consts) -> _Tape:
     """The :class:`_Tape` of the accepted rows of all chunks (one builder for every engine):
     the peaks padded to the longest row, the seed log-weights, then the points and weights
     recomputed from the seeds and the peaks (:func:`_tape_values`)."""
