@@ -106,7 +106,10 @@ def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois,
     pos, u = p0.clone(), u0.clone()
     count = count0.clone()
     alive = active.clone()
-    steps = 0
+    steps = torch.zeros((), dtype=torch.int64, device=dev)
+    add_to_tck = _ADD_TO_TCK.to(dev)
+    # bound on the columns used: a row adds at most one point per step
+    top = int(col0.max()) if n else 0
     CONT = int(Term.CONTINUE)
     while True:
         idx = torch.nonzero(alive, as_tuple=False).flatten()
@@ -127,15 +130,17 @@ def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois,
                 done[cont] = inc.all_visited(idx[cont])
                 t = torch.where(done, int(Term.TRAVERSE_ALL_INCLUDE), t)
                 cont = t == CONT
-        add = _ADD_TO_TCK.to(t.device)[t]
+        add = add_to_tck[t]
         ai = idx[add]
-        bufs = _room_for_one_more(bufs, col0 + nadd, max_new)
+        if top >= next(iter(bufs.values())).shape[1]:
+            bufs = _room_for_one_more(bufs, col0 + nadd, max_new)
+        top += 1
         col = col0[ai] + nadd[ai]
         for key, buf in bufs.items():
             buf[ai, col] = (new_p if key == "points" else new_u)[add]
         nadd[ai] += 1
         count[ai] += 1
-        steps += int(add.sum())
+        steps += add.sum()
         t = torch.where(cont & (count[idx] >= params.max_points), int(Term.LENGTH_EXCEED), t)
         pos[idx] = new_p
         u[idx] = new_u
@@ -143,7 +148,7 @@ def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois,
         term[idx[fin]] = t[fin]
         excluded[idx[fin & (t == int(Term.ENTER_EXCLUDE))]] = True
         alive[idx[fin]] = False
-    return bufs, nadd, term, excluded, steps
+    return bufs, nadd, term, excluded, int(steps)
 
 
 #: first size of a half's point buffer (rows per streamline); it doubles as halves grow
