@@ -38,6 +38,9 @@ measured records are kept as they are). Its time is not extrapolated: at these N
 per-step Python overhead, nearly independent of N.
 Plain records carry no baseline (``nograd_forward_s``): the time goal concerns the efficient
 path.
+``--hard-pass`` (``auto``, ``numba`` or ``torch``; recorded as ``hard_pass``) picks the engine
+that records the hard pass (``differentiable.HARD_PASS``): ``torch`` times the torch engine's
+record-peaks mode, the CUDA / float64 / ``refine`` path, on CPU.
 Threads: ``--threads`` (default 1; the machine is shared, and single-threaded timings are
 steadier; all paths and the baselines use the same setting: torch threads, and
 ``NUMBA_NUM_THREADS`` for the numba engine). Under load, wall-clock ratios are
@@ -117,6 +120,7 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
 
     from invtract.fod.field import FODField
     from invtract.params import TrackingParameters
+    from invtract.tracking import differentiable
     from invtract.tracking.chunked import accumulate_gradients
     from invtract.tracking.differentiable import track_differentiable
     from invtract.tracking.engines import ENGINES, numba_available
@@ -190,6 +194,7 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
         "forward_backward_s": round(fb, 3),
         "peak_mem_mb": round(mem, 1),
         "points": points,
+        "hard_pass": differentiable.HARD_PASS,
     }
     if path == "chunked":
         rec["chunks"] = timings["chunks"]
@@ -246,12 +251,21 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu (+ cuda)")
+    ap.add_argument(
+        "--hard-pass",
+        choices=["auto", "numba", "torch"],
+        default="auto",
+        help="engine recording the hard pass (differentiable.HARD_PASS; default auto)",
+    )
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         import torch
 
+        from invtract.tracking import differentiable
+
         torch.set_num_threads(args.threads)
+        differentiable.HARD_PASS = args.hard_pass
         n, f, path, dev = args.child
         print(json.dumps(_child(int(n), int(f), path, dev)))
         return 0
@@ -268,7 +282,7 @@ def main(argv=None) -> int:
 
     def run(n, f, path, dev):
         cmd = [sys.executable, __file__, "--child", str(n), str(f), path, dev]
-        cmd += ["--threads", str(args.threads)]
+        cmd += ["--threads", str(args.threads), "--hard-pass", args.hard_pass]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             err = out.stderr.strip().splitlines()[-1:]

@@ -256,7 +256,7 @@ def refine_peak(
     """
     lmax = lmax_from_n(c.shape[-1]) if lmax is None else lmax
     finite = torch.isfinite(u).all(-1) & torch.isfinite(c).all(-1)
-    w = torch.where(finite[:, None], u, torch.tensor([0.0, 0.0, 1.0], dtype=u.dtype))
+    w = torch.where(finite[:, None], u, u.new_tensor([0.0, 0.0, 1.0]))
     w = w.to(torch.float64)
     c64 = torch.where(finite[:, None], c, torch.zeros_like(c)).to(torch.float64)
     for _ in range(iterations):

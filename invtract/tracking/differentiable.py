@@ -1,9 +1,8 @@
 """Differentiable SD_Stream tracking: hard forward pass, exact gradients, O(1)-in-length backward.
 
-The forward pass is the hard tracker: every point is the one ``invtract track`` writes (the
-rules come from :func:`~invtract.tracking.propagator.sd_stream_next`). Gradients come from
-replaying the discrete recursion with the decisions (which seeds survive, how many steps each
-half takes, which lobe each peak search chose) held fixed:
+The forward pass is the hard tracker: every point is the one ``invtract track`` writes.
+Gradients come from replaying the discrete recursion with the decisions (which seeds survive,
+how many steps each half takes, which lobe each peak search chose) held fixed:
 
     c_k = trilinear(sh, p_k)                         (linear in sh, piecewise linear in p_k)
     u_k = implicit_peak(c_k, u*_k)                   (value u*_k; implicit-function Jacobian)
@@ -28,10 +27,15 @@ Two gradient paths evaluate the same formulation:
   of every step (12 bytes per streamline-step in float32, the only state kept besides the
   outputs); the points and weights are then recomputed from the seeds and the peaks.
 
-The hard pass (both paths) is, on CPU with numba for a float32 FOD (``refine=0``, both halves),
-the fused numba engine of ``invtract track``
+The hard pass (both paths) tracks nothing here: an engine's "record peaks" mode
+(:func:`~invtract.tracking.engines.get_peak_engine`) tracks, with the rules of
+:mod:`~invtract.tracking.rules`, and records every point's peak; the tape is built from that
+record, one builder for every engine. On CPU with numba for a float32 FOD and ``refine=0`` it
+is the fused numba kernel of ``invtract track``
 (:func:`~invtract.tracking.fused_cpu.track_fused_cpu_peaks`, same streamlines bit for bit),
-else the torch tracker (``_run_half``; ``HARD_PASS = "torch"`` forces it).
+else (float64, CUDA, ``refine > 0``; ``HARD_PASS = "torch"`` forces it) the torch engine's
+(:func:`~invtract.tracking.tracker.track_torch_peaks`, the streamlines of
+``invtract track --engine torch``).
 """
 
 from __future__ import annotations
@@ -52,13 +56,12 @@ from ..fod.peak_grad import (
     fast_sh_basis,
     implicit_peak,
     peak_amplitude,
-    refine_peak,
 )
 from ..params import ResolvedParameters, TrackingParameters
 from ..streamlines import Streamlines
-from .propagator import normalise_eigen
-from .rules import WEIGHT_THRESHOLD, no_propagation, too_short
-from .types import Reject, Term
+from .engines import get_peak_engine
+from .rules import WEIGHT_THRESHOLD
+from .types import PeakRecord, Reject
 
 __all__ = ["DiffTrackResult", "track_differentiable"]
 
@@ -169,103 +172,6 @@ def _log_weight(c, u_star, u_prev, consts: _Consts):
     )
 
 
-class _Arena:
-    """Append-only store of the per-step peaks ``[m, 3]`` in large chunks.
-
-    A chunk holds ``rows`` rows (48 MB in float32 at the default): above glibc's largest mmap
-    threshold, so each chunk is its own mapping and is returned to the system as soon as
-    :meth:`drain` has passed it (many small per-step tensors would stay in the heap's resident
-    memory after being freed). Untouched chunk pages cost no memory.
-    """
-
-    def __init__(self, dtype, device, rows: int = 1 << 22):
-        self.dtype, self.device, self.rows = dtype, device, rows
-        self.chunks: list = []
-        self.sizes: list[int] = []
-        self.fill = 0
-
-    def append(self, x: torch.Tensor) -> None:
-        m = x.shape[0]
-        self.sizes.append(m)
-        i = 0
-        while i < m:
-            if not self.chunks or self.fill == self.rows:
-                self.chunks.append(
-                    torch.empty((self.rows, 3), dtype=self.dtype, device=self.device)
-                )
-                self.fill = 0
-            t = min(m - i, self.rows - self.fill)
-            self.chunks[-1][self.fill : self.fill + t] = x[i : i + t]
-            self.fill += t
-            i += t
-
-    def drain(self):
-        """Yields the appended blocks in order, releasing every chunk once it is read."""
-        ci, off = 0, 0
-        for m in self.sizes:
-            parts = []
-            while m:
-                t = min(m, self.rows - off)
-                parts.append(self.chunks[ci][off : off + t])
-                off += t
-                m -= t
-                if off == self.rows:
-                    self.chunks[ci] = None
-                    ci, off = ci + 1, 0
-            yield parts[0] if len(parts) == 1 else torch.cat(parts)
-        self.chunks, self.sizes = [], []
-
-
-def _run_half(field, p0, u0, count0, active, params, refine):
-    """Hard-track one half for ``active`` rows (global rows).
-
-    Returns ``(arena, nadd, term)``: the arena holds, per step k, the converged peaks of the rows
-    that moved at step k, in increasing row order (they are the rows with ``nadd > k``: rows only
-    ever leave the moving set), so neither the rows nor the points need storing (the points are
-    recomputed from the seeds and the peaks exactly, see ``_tape_values``).
-    """
-    n = p0.shape[0]
-    dev = p0.device
-    # CPU: untouched chunk pages cost nothing; CUDA: size the chunks to the problem
-    rows = 1 << 22 if dev.type == "cpu" else min(1 << 22, max(1 << 16, 256 * n))
-    arena = _Arena(p0.dtype, dev, rows)
-    nadd = torch.zeros(n, dtype=torch.int64, device=dev)
-    term = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    idx = torch.nonzero(active, as_tuple=False).flatten()
-    pos, u, count = p0[idx], u0[idx], count0[idx]
-    step = torch.tensor(params.step_mm, dtype=p0.dtype, device=dev)
-    CONT = int(Term.CONTINUE)
-    while idx.numel() > 0:
-        # SDStream::next (propagator.sd_stream_next)
-        c, valid = field.sample(pos)
-        t = torch.full((pos.shape[0],), CONT, dtype=torch.int64, device=dev)
-        t[~valid] = int(Term.EXIT_IMAGE)
-        amp, new_u = field.peak(c, u)
-        if refine > 0:
-            new_u = refine_peak(c, new_u, field.lmax, refine)
-        ok_amp = torch.isfinite(amp) & (amp >= params.cutoff)
-        t[valid & ~ok_amp] = int(Term.MODEL)
-        dot = u[:, 0] * new_u[:, 0] + (u[:, 1] * new_u[:, 1] + u[:, 2] * new_u[:, 2])
-        t[valid & ok_amp & (dot < params.dot_threshold)] = int(Term.HIGH_CURVATURE)
-        cont = t == CONT
-        stop = ~cont
-        term[idx[stop]] = t[stop]
-        ci = torch.nonzero(cont, as_tuple=False).flatten()
-        if ci.numel() == 0:
-            break
-        uc = new_u[ci]
-        pn = pos[ci] + uc * step
-        rows = idx[ci]
-        arena.append(uc)
-        nadd[rows] += 1
-        count = count[ci] + 1
-        le = count >= params.max_points
-        term[rows[le]] = int(Term.LENGTH_EXCEED)
-        keep = ~le
-        idx, pos, u, count = rows[keep], pn[keep], uc[keep], count[keep]
-    return arena, nadd, term
-
-
 def _tape_values(tp: _Tape, sh_flat, h: float, consts: _Consts, cl_seed):
     """Fill ``tp.points`` and ``tp.weights`` from the seeds and the stored peaks.
 
@@ -325,177 +231,115 @@ def _tape_values(tp: _Tape, sh_flat, h: float, consts: _Consts, cl_seed):
     Wf.exp_()
 
 
-#: engine of the hard pass (both paths): "auto" (the fused numba kernel,
-#: :func:`~invtract.tracking.fused_cpu.track_fused_cpu_peaks`, when :func:`_use_fused` allows
-#: it, else the torch tracker ``_run_half``), "fused" (as "auto", but an error where the fused
-#: kernel cannot run) or "torch"
+#: engine whose "record peaks" mode runs the hard pass (both paths;
+#: :func:`~invtract.tracking.engines.get_peak_engine`): "auto" (the numba kernel of
+#: ``invtract track`` for a float32 CPU FOD with ``refine=0``, else the torch engine), "numba"
+#: (an error where the kernel cannot run; "fused" is its former name) or "torch"
 HARD_PASS = "auto"
 
-
-def _use_fused(field: FODField, params, refine: int) -> bool:
-    """The fused kernel runs the hard pass: CPU, numba, float32 FOD (the kernel is float32-only,
-    so float64 runs keep the torch tracker), ``refine == 0``, both halves."""
-    if HARD_PASS == "torch":
-        return False
-    from . import fused_cpu
-
-    ok = (
-        field.device.type == "cpu"
-        and fused_cpu.available()
-        and field.dtype == torch.float32
-        and refine == 0
-        and not params.unidirectional
-    )
-    if HARD_PASS == "fused" and not ok:
-        raise ConfigError(
-            "HARD_PASS='fused' needs numba, a float32 CPU FOD, refine=0 and both halves"
-        )
-    return ok
+#: seeds per call of the recording engine: each call holds its ``[chunk, L, 3]`` peaks (and
+#: the numba kernel its points; untouched pages cost nothing) until its accepted rows' peaks
+#: are copied out
+PEAK_CHUNK = 8192
+#: the same on CUDA, where fewer, larger calls keep the device busy
+PEAK_CHUNK_CUDA = 1 << 16
 
 
 @torch.no_grad()
 def _hard_forward(field: FODField, seeds, init_dirs, params, refine: int, consts) -> _Tape:
-    if seeds.shape[0] > 0 and _use_fused(field, params, refine):
-        return _hard_forward_fused(field, seeds, init_dirs, params, consts)
+    """The hard pass: an engine records the streamlines' peaks, chunk by chunk (the accepted
+    rows' peaks kept), and the tape is built from them (:func:`_tape_from_records`)."""
+    name = "numba" if HARD_PASS == "fused" else HARD_PASS
+    _, record_peaks = get_peak_engine(name, field, refine)
     dev, dt = field.device, field.dtype
-    n = seeds.shape[0]
     seeds = seeds.detach().to(device=dev, dtype=dt)
     init = init_dirs.detach().to(device=dev, dtype=dt)
-    status = torch.full((n,), int(Reject.ACCEPTED), dtype=torch.int64, device=dev)
-    term = torch.full((n, 2), -1, dtype=torch.int64, device=dev)
-    ok = torch.isfinite(seeds).all(-1)
-    safe = torch.where(ok[:, None], seeds, torch.zeros_like(seeds))
-    c, valid = field.sample(safe)
-    ok &= valid
-    d = normalise_eigen(torch.nan_to_num(init, nan=0.0))
-    amp, u0 = field.peak(c, torch.where(ok[:, None], d, torch.ones_like(d)))
-    if refine > 0:
-        u0 = refine_peak(c, u0, field.lmax, refine)
-    ok &= torch.isfinite(amp) & (amp >= params.cutoff)
-    status[~ok] = int(Reject.INVALID_SEED)
-    u0 = torch.where(ok[:, None], u0, torch.zeros_like(u0))
+    n = seeds.shape[0]
+    chunk = PEAK_CHUNK_CUDA if dev.type == "cuda" else PEAK_CHUNK
+    kept = []
+    for a in range(0, n, chunk):
+        # no points: the tape recomputes them, the same values, from the seeds and the peaks
+        rec = record_peaks(
+            field, seeds[a : a + chunk], init[a : a + chunk], params, refine, with_points=False
+        )
+        kept.append(_accepted_rows(rec, a, params.unidirectional, dev))
+        del rec  # the chunk's buffers go before the next call
+    return _tape_from_records(kept, seeds, field, params, consts)
+
+
+def _accepted_rows(rec: PeakRecord, offset: int, unidirectional: bool, dev) -> dict:
+    """The tape's part of one chunk's record: its decisions and, for the accepted rows, seed id,
+    seed column ``n1``, lengths, seed peak and peaks ``[S_c, L_c, 3]`` (a copy, so that the
+    record can be released). A unidirectional row (seed first, as written) is turned round:
+    the tape keeps the half tracked along u0 before the seed."""
+    status, term = rec.status.to(dev, torch.int64), rec.term.to(dev, torch.int64)
+    acc = torch.nonzero(status == int(Reject.ACCEPTED), as_tuple=False).flatten()
+    ln = rec.lengths.to(dev)[acc]
+    Lc = int(ln.max()) if acc.numel() else 0
+    peaks = rec.peaks.to(dev)[acc, :Lc]
+    n1 = rec.seed_index.to(dev)[acc]
+    if unidirectional:
+        peaks = peaks.gather(1, _reversed_within(ln, Lc)[..., None].expand(-1, -1, 3))
+        n1 = ln - 1
+    return {
+        "status": status,
+        "term": term,
+        "ids": acc + offset,
+        "n1": n1,
+        "lengths": ln,
+        "u0": rec.init_dir.to(dev)[acc],
+        "peaks": peaks,
+    }
+
+
+def _reversed_within(lengths: torch.Tensor, L: int) -> torch.Tensor:
+    """``[S, L]`` column index turning the first ``lengths[s]`` entries of each row round."""
+    j = torch.arange(L, device=lengths.device)[None, :]
+    return torch.where(j < lengths[:, None], lengths[:, None] - 1 - j, j)
+
+
+def _tape_from_records(kept: list, seeds, field: FODField, params, consts) -> _Tape:
+    """The :class:`_Tape` of the accepted rows of all chunks (one builder for every engine):
+    the peaks padded to the longest row, the seed log-weights, then the points and weights
+    recomputed from the seeds and the peaks (:func:`_tape_values`)."""
+    dev, dt = field.device, field.dtype
+
+    def cat(key, empty):
+        return torch.cat([k[key] for k in kept]) if kept else empty
+
+    i64 = dict(dtype=torch.int64, device=dev)
+    status = cat("status", torch.zeros(0, **i64))
+    term = cat("term", torch.zeros((0, 2), **i64))
+    seed_ids, n1 = cat("ids", torch.zeros(0, **i64)), cat("n1", torch.zeros(0, **i64))
+    lengths = cat("lengths", torch.zeros(0, **i64))
+    u0 = cat("u0", torch.zeros((0, 3), dtype=dt, device=dev)).to(dt)
+    S = seed_ids.numel()
+    L = int(lengths.max()) if S else 0
+    if len(kept) == 1 and kept[0]["peaks"].shape[1] == L:
+        u_pad = kept.pop()["peaks"].to(dt)
+    else:
+        u_pad = torch.empty((S, L, 3), dtype=dt, device=dev)
+        r = 0
+        while kept:
+            pc = kept.pop(0)["peaks"]
+            u_pad[r : r + pc.shape[0], : pc.shape[1]] = pc
+            r += pc.shape[0]
+    seeds_acc = seeds[seed_ids]
+    c, _ = field.sample(seeds_acc)
     A0 = peak_amplitude(c, u0, field.lmax).to(torch.float64)
     cl_seed = F.logsigmoid((A0 - consts.cut) / consts.t_amp)
-    ones = torch.ones(n, dtype=torch.int64, device=dev)
-    r1, n1, t1 = _run_half(field, safe, u0, ones, ok, params, refine)
-    term[:, 0] = torch.where(ok, t1, term[:, 0])
-    second = ok & (not params.unidirectional)
-    r2, n2, t2 = _run_half(field, safe, -u0, 1 + n1, second, params, refine)
-    term[:, 1] = torch.where(second, t2, term[:, 1])
-    total = 1 + n1 + n2
-    nprop = no_propagation(total, params.min_points)
-    status = torch.where(ok & nprop, int(Reject.NO_PROPAGATION_FROM_SEED), status)
-    status = torch.where(
-        ok & ~nprop & too_short(total, params.min_points), int(Reject.TRACK_TOO_SHORT), status
-    )
-    acc = status == int(Reject.ACCEPTED)
-    seed_ids = torch.nonzero(acc, as_tuple=False).flatten()
-    S = seed_ids.numel()
-    local = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    local[seed_ids] = torch.arange(S, device=dev)
-    n1a, n2a = n1[seed_ids], n2[seed_ids]
-    L = int((1 + n1a + n2a).max()) if S else 0
-    # allocated in the output shape (not views of flat buffers): _Adjoint returns them as is.
-    # The peaks first (the arena is released chunk by chunk), then points and weights.
-    u_pad_o = torch.empty((S, L, 3), dtype=dt, device=dev)
-    u_pad = u_pad_o.view(-1, 3)
-    for sgn, arena, nadd in ((-1, r1, n1), (1, r2, n2)):
-        rows = torch.nonzero(nadd > 0, as_tuple=False).flatten()
-        for k, uc in enumerate(arena.drain()):
-            if k:
-                rows = rows[nadd[rows] > k]
-            loc = local[rows]
-            keep = loc >= 0
-            flat = loc[keep] * L + n1[rows[keep]] + sgn * (k + 1)
-            u_pad[flat] = uc[keep]
-    del r1, r2
     tp = _Tape(
-        seeds=safe[seed_ids],
-        u0=u0[seed_ids],
-        n1=n1a,
-        n2=n2a,
+        seeds=seeds_acc,
+        u0=u0,
+        n1=n1,
+        n2=lengths - 1 - n1,
         L=L,
         points=torch.empty((S, L, 3), dtype=dt, device=dev),
-        u_pad=u_pad_o,
+        u_pad=u_pad,
         weights=torch.empty((S, L), dtype=torch.float64, device=dev),
         seed_ids=seed_ids,
         status=status,
         term=term,
-    )
-    _tape_values(tp, field.sh_flat, params.step_mm, consts, cl_seed[seed_ids])
-    return tp
-
-
-#: seeds per call of the fused hard pass: each call holds ``[chunk, max_points + 2, 3]``
-#: float32 points and peaks (untouched pages cost nothing) until its accepted rows' peaks are
-#: copied out
-FUSED_CHUNK = 8192
-
-
-@torch.no_grad()
-def _hard_forward_fused(field: FODField, seeds, init_dirs, params, consts) -> _Tape:
-    """The hard pass in the fused numba kernel (``invtract track``'s CPU engine: the same points,
-    lengths and decisions), which also records every point's peak; then as ``_hard_forward``."""
-    from . import fused_cpu
-
-    dt = field.dtype
-    n = seeds.shape[0]
-    sh = field.sh_flat.detach().numpy().reshape(*field.shape, -1)
-    s2v = field.scanner2voxel.numpy()
-    seeds_np = seeds.detach().to(torch.float32).numpy()
-    init_np = init_dirs.detach().to(torch.float32).numpy()
-    status = np.empty(n, np.int64)
-    term = np.empty((n, 2), np.int64)
-    ids, n1s, lens, u0s, peaks = [], [], [], [], []
-    for a in range(0, n, FUSED_CHUNK):
-        b = min(n, a + FUSED_CHUNK)
-        out = fused_cpu.track_fused_cpu_peaks(
-            sh, s2v, seeds_np[a:b], init_np[a:b], params, threads=torch.get_num_threads()
-        )
-        del out["points"]  # recomputed from the seeds and the peaks (same values) below
-        status[a:b], term[a:b] = out["status"], out["term"]
-        acc = np.flatnonzero(out["status"] == int(Reject.ACCEPTED))
-        ln = out["lengths"][acc]
-        Lc = int(ln.max()) if acc.size else 0
-        ids.append(acc + a)
-        n1s.append(out["seed_index"][acc])
-        lens.append(ln)
-        u0s.append(out["init_dir"][acc])
-        # the kernel's rows are already in the output layout: seed at column n1, the first
-        # half reversed before it, the second after it (step k at n1 - 1 - k / n1 + 1 + k)
-        peaks.append(out.pop("peaks")[acc, :Lc])  # a copy; the chunk's buffer is released
-    seed_ids_np = np.concatenate(ids)
-    lens_np = np.concatenate(lens)
-    S = seed_ids_np.size
-    L = int(lens_np.max()) if S else 0
-    if len(peaks) == 1 and peaks[0].shape[1] == L:
-        u_pad = torch.from_numpy(peaks.pop())
-    else:
-        u_pad = torch.empty((S, L, 3), dtype=torch.float32)
-        r = 0
-        while peaks:
-            pc = peaks.pop(0)
-            u_pad[r : r + pc.shape[0], : pc.shape[1]] = torch.from_numpy(pc)
-            r += pc.shape[0]
-    seed_ids = torch.from_numpy(seed_ids_np)
-    seeds_acc = seeds.detach()[seed_ids].to(dt)
-    u0 = torch.from_numpy(np.concatenate(u0s))
-    c, _ = field.sample(seeds_acc)
-    A0 = peak_amplitude(c, u0, field.lmax).to(torch.float64)
-    cl_seed = F.logsigmoid((A0 - consts.cut) / consts.t_amp)
-    n1_t = torch.from_numpy(np.concatenate(n1s))
-    tp = _Tape(
-        seeds=seeds_acc,
-        u0=u0,
-        n1=n1_t,
-        n2=torch.from_numpy(lens_np) - 1 - n1_t,
-        L=L,
-        points=torch.empty((S, L, 3), dtype=dt),
-        u_pad=u_pad,
-        weights=torch.empty((S, L), dtype=torch.float64),
-        seed_ids=seed_ids,
-        status=torch.from_numpy(status),
-        term=torch.from_numpy(term),
     )
     _tape_values(tp, field.sh_flat, params.step_mm, consts, cl_seed)
     return tp
@@ -1015,7 +859,7 @@ def _assemble(tp: _Tape, points, weights, unidirectional: bool) -> DiffTrackResu
     mask = j < lengths[:, None]
     seed_index = tp.n1.clone()
     if unidirectional and points.shape[0]:
-        idx = torch.where(mask, (lengths[:, None] - 1 - j), j)
+        idx = _reversed_within(lengths, tp.L)
         points = points.gather(1, idx[..., None].expand(-1, -1, 3))
         weights = weights.gather(1, idx)
         seed_index = torch.zeros_like(seed_index)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..fod.field import FODField
+from ..fod.peak_grad import refine_peak
 from ..params import ResolvedParameters
 from .types import Term
 
@@ -30,9 +32,18 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sd_stream_next(
-    field: FODField, pos: torch.Tensor, u: torch.Tensor, params: ResolvedParameters
+    field: FODField,
+    pos: torch.Tensor,
+    u: torch.Tensor,
+    params: ResolvedParameters,
+    refine: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``SDStream::next``: one evaluation from ``(pos [N, 3], u [N, 3])``.
+
+    ``refine > 0`` (the differentiable tracker's option, not tckgen's) polishes each converged
+    peak with that many float64 Newton iterations
+    (:func:`~invtract.fod.peak_grad.refine_peak`) before the curvature test and the move; the
+    amplitude tested is the unpolished one.
 
     Returns:
         ``(new_pos [N, 3], new_dir [N, 3], amplitude [N], term [N] int64)``; ``term`` is
@@ -43,6 +54,8 @@ def sd_stream_next(
     term = torch.full((pos.shape[0],), int(Term.CONTINUE), dtype=torch.int64, device=pos.device)
     term[~valid] = int(Term.EXIT_IMAGE)
     amp, new_u = field.peak(c, u)
+    if refine > 0:
+        new_u = refine_peak(c, new_u, field.lmax, refine)
     ok_amp = torch.isfinite(amp) & (amp >= params.cutoff)
     term[valid & ~ok_amp] = int(Term.MODEL)
     curv = _dot(u, new_u) < params.dot_threshold
@@ -57,7 +70,11 @@ def sd_stream_next(
 
 @torch.no_grad()
 def sd_stream_step(
-    field: FODField, pos: torch.Tensor, u: torch.Tensor, params: ResolvedParameters
+    field: FODField,
+    pos: torch.Tensor,
+    u: torch.Tensor,
+    params: ResolvedParameters,
+    refine: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One propagation step: first order, or RK4 when ``params.rk4``.
 
@@ -66,6 +83,7 @@ def sd_stream_step(
         pos: ``[N, 3]`` current points, scanner mm (float32).
         u: ``[N, 3]`` previous step directions (unit).
         params: resolved tracking parameters.
+        refine: Newton polish of each peak (first order only; see :func:`sd_stream_next`).
 
     Returns:
         ``(new_pos [N, 3], new_dir [N, 3], term [N])`` with ``term`` a :class:`Term` code
@@ -76,8 +94,10 @@ def sd_stream_step(
         with gradients.
     """
     if not params.rk4:
-        new_pos, new_dir, _, term = sd_stream_next(field, pos, u, params)
+        new_pos, new_dir, _, term = sd_stream_next(field, pos, u, params, refine)
         return new_pos, new_dir, term
+    if refine > 0:
+        raise ConfigError("refine (Newton-polished peaks) needs first-order stepping, not -rk4")
     return _rk4_step(field, pos, u, params)
 
 

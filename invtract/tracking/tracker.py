@@ -9,19 +9,36 @@ per-streamline alive masks; there is no Python loop over streamlines. Positions 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..errors import ConfigError, ShapeError
 from ..fod.field import FODField
+from ..fod.peak_grad import refine_peak
 from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
 from .propagator import normalise_eigen, sd_stream_step
 from .rois import any_contains, roi_contains
 from .rules import seed_usable, track_rejection
-from .types import TERM_ADD_TO_TCK, EngineResult, Reject, RoiSet, Term, concat_results
+from .types import (
+    TERM_ADD_TO_TCK,
+    EngineResult,
+    PeakRecord,
+    Reject,
+    RoiSet,
+    Term,
+    concat_results,
+)
 
-__all__ = ["track_torch", "seed_usable_torch", "downsample_track", "check_length_post"]
+__all__ = [
+    "track_torch",
+    "track_torch_peaks",
+    "seed_usable_torch",
+    "downsample_track",
+    "check_length_post",
+]
 
 
 class _IncludeState:
@@ -64,30 +81,41 @@ class _IncludeState:
         return self.visited[rows].all(-1) & self.ord_valid[rows] & (self.ord_next[rows] == n_ord)
 
 
-def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois, max_new):
+def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois, max_new,
+                bufs=None, col0=None, refine=0):  # fmt: skip
     """Track one half for all ``active`` rows from ``(p0, u0)``.
 
-    Returns ``(buf [n, R <= max_new, 3], nadd [n], term [n], excluded [n], steps)``; ``buf``
-    rows hold the appended points in order (not including the seed); ``inc`` records include
-    visits.
+    Returns ``(bufs, nadd [n], term [n], excluded [n], steps)``. ``bufs`` maps ``"points"``
+    and / or ``"peaks"`` (record mode) to ``[n, R, 3]`` buffers (R grown as needed, at most
+    ``max_new``; default: a fresh points buffer): the k-th point appended to row r (not the
+    seed) goes to column ``col0[r] + k`` (``col0`` defaults to 0) of ``points``, and the peak
+    it moved along to the same place of ``peaks``. ``inc`` records
+    include visits; ``refine`` is :func:`~invtract.tracking.propagator.sd_stream_step`'s.
     """
     n = p0.shape[0]
     dev = p0.device
-    # sized by what is tracked: doubled as the longest half grows, never max_new x n up front
-    buf = torch.zeros((n, min(max_new, _FIRST_ROWS), 3), dtype=p0.dtype, device=dev)
+    if bufs is None:  # sized by what is tracked: doubled as the longest half grows
+        bufs = {
+            "points": torch.zeros((n, min(max_new, _FIRST_ROWS), 3), dtype=p0.dtype, device=dev)
+        }
+    if col0 is None:
+        col0 = torch.zeros(n, dtype=torch.int64, device=dev)
     nadd = torch.zeros(n, dtype=torch.int64, device=dev)
     term = torch.full((n,), -1, dtype=torch.int64, device=dev)
     excluded = torch.zeros(n, dtype=torch.bool, device=dev)
     pos, u = p0.clone(), u0.clone()
     count = count0.clone()
     alive = active.clone()
-    steps = 0
+    steps = torch.zeros((), dtype=torch.int64, device=dev)
+    add_to_tck = _ADD_TO_TCK.to(dev)
+    # bound on the columns used: a row adds at most one point per step
+    top = int(col0.max()) if n else 0
     CONT = int(Term.CONTINUE)
     while True:
         idx = torch.nonzero(alive, as_tuple=False).flatten()
         if idx.numel() == 0:
             break
-        new_p, new_u, t = sd_stream_step(field, pos[idx], u[idx], params)
+        new_p, new_u, t = sd_stream_step(field, pos[idx], u[idx], params, refine)
         cont = t == CONT
         if rois.mask:
             t = torch.where(cont & ~any_contains(rois.mask, new_p), int(Term.EXIT_MASK), t)
@@ -102,13 +130,17 @@ def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois,
                 done[cont] = inc.all_visited(idx[cont])
                 t = torch.where(done, int(Term.TRAVERSE_ALL_INCLUDE), t)
                 cont = t == CONT
-        add = _ADD_TO_TCK.to(t.device)[t]
+        add = add_to_tck[t]
         ai = idx[add]
-        buf = _room_for_one_more(buf, nadd, max_new)
-        buf[ai, nadd[ai]] = new_p[add]
+        if top >= next(iter(bufs.values())).shape[1]:
+            bufs = _room_for_one_more(bufs, col0 + nadd, max_new)
+        top += 1
+        col = col0[ai] + nadd[ai]
+        for key, buf in bufs.items():
+            buf[ai, col] = (new_p if key == "points" else new_u)[add]
         nadd[ai] += 1
         count[ai] += 1
-        steps += int(add.sum())
+        steps += add.sum()
         t = torch.where(cont & (count[idx] >= params.max_points), int(Term.LENGTH_EXCEED), t)
         pos[idx] = new_p
         u[idx] = new_u
@@ -116,21 +148,25 @@ def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois,
         term[idx[fin]] = t[fin]
         excluded[idx[fin & (t == int(Term.ENTER_EXCLUDE))]] = True
         alive[idx[fin]] = False
-    return buf, nadd, term, excluded, steps
+    return bufs, nadd, term, excluded, int(steps)
 
 
 #: first size of a half's point buffer (rows per streamline); it doubles as halves grow
 _FIRST_ROWS = 256
 
 
-def _room_for_one_more(buf: torch.Tensor, nadd: torch.Tensor, max_new: int) -> torch.Tensor:
-    """``buf [n, R, 3]`` with room for one more point per row (R doubled, at most ``max_new``)."""
-    rows = buf.shape[1]
-    if rows >= max_new or int(nadd.max()) < rows:
-        return buf
-    grown = buf.new_zeros((buf.shape[0], min(max_new, 2 * rows), 3))
-    grown[:, :rows] = buf
-    return grown
+def _room_for_one_more(bufs: dict, used: torch.Tensor, max_new: int) -> dict:
+    """``bufs`` (name -> ``[n, R, 3]``) with room for one more point per row after ``used [n]``
+    filled columns (R doubled, at most ``max_new``)."""
+    rows = next(iter(bufs.values())).shape[1]
+    if rows >= max_new or int(used.max()) < rows:
+        return bufs
+    for k, buf in list(bufs.items()):  # in place: each old buffer goes once it is copied
+        g = buf.new_zeros((buf.shape[0], min(max_new, 2 * rows), 3))
+        g[:, :rows] = buf
+        bufs[k] = g
+        del buf, g
+    return bufs
 
 
 #: the rulebook's "which points are kept", indexed by Term code
@@ -238,49 +274,76 @@ def seed_usable_torch(
     return _seed_check(field, pos, rois or RoiSet())[0].numpy()
 
 
-@torch.no_grad()
-def _track_chunk(field: FODField, seeds, init_dirs, params: ResolvedParameters, rois: RoiSet):
-    dev = field.device
-    dt = field.dtype
+@dataclass
+class _SeedStart:
+    """The seeds of a chunk after ``check_seed`` and the peak search at the seed."""
+
+    ok: torch.Tensor  # [n] bool: tracked
+    safe: torch.Tensor  # [n, 3] seeds, non-finite rows zeroed
+    u0: torch.Tensor  # [n, 3] seed peak (NaN where the seed was rejected)
+    term: torch.Tensor  # [n, 2] int64, -1
+    inc: _IncludeState
+
+
+def _seed_start(field, seeds, init_dirs, params, rois, refine=0) -> _SeedStart:
+    """``check_seed``, the start direction and the peak search at the seed (``gen_track``)."""
+    dev, dt = field.device, field.dtype
     n = seeds.shape[0]
     seeds = seeds.to(device=dev, dtype=dt)
     init = init_dirs.to(device=dev, dtype=dt)
-    status = torch.full((n,), int(Reject.ACCEPTED), dtype=torch.int64, device=dev)
-    term = torch.full((n, 2), -1, dtype=torch.int64, device=dev)
     ok, safe, c = _seed_check(field, seeds, rois)
     d = normalise_eigen(torch.nan_to_num(init, nan=0.0))
     amp, u0 = field.peak(c, torch.where(ok[:, None], d, torch.ones_like(d)))
+    if refine > 0:
+        u0 = refine_peak(c, u0, field.lmax, refine)
     ok &= torch.isfinite(amp) & (amp >= params.cutoff)
-    status[~ok] = int(Reject.INVALID_SEED)
     u0 = torch.where(ok[:, None], u0, torch.full_like(u0, float("nan")))
     inc = _IncludeState(rois, n, dev)
     if inc.any:  # gen_track: the seed itself is a visit
         inc.visit(torch.arange(n, device=dev), safe)
+    term = torch.full((n, 2), -1, dtype=torch.int64, device=dev)
+    return _SeedStart(ok, safe, u0, term, inc)
+
+
+def _rejections(st: _SeedStart, total, excluded, params) -> np.ndarray:
+    """``[n]`` int64 ``Reject`` code per seed (``track_rejected``: the rulebook's tests in its
+    order, for every tracked seed; INVALID_SEED for the others)."""
+    ok = st.ok.cpu().numpy()
+    status = np.where(ok, int(Reject.ACCEPTED), int(Reject.INVALID_SEED)).astype(np.int64)
+    n = ok.shape[0]
+    total = total.cpu().numpy()
+    missed = (~st.inc.all_visited()).cpu().numpy() if st.inc.any else np.zeros(n, bool)
+    excl = excluded.cpu().numpy()
+    for i in np.flatnonzero(ok):
+        status[i] = track_rejection(
+            int(total[i]), bool(excl[i]), bool(missed[i]), int(params.min_points)
+        )
+    return status
+
+
+@torch.no_grad()
+def _track_chunk(field: FODField, seeds, init_dirs, params: ResolvedParameters, rois: RoiSet):
+    dev = field.device
+    n = seeds.shape[0]
+    st = _seed_start(field, seeds, init_dirs, params, rois)
+    ok, safe, u0, term, inc = st.ok, st.safe, st.u0, st.term, st.inc
     max_new = params.max_points + 1
     ones = torch.ones(n, dtype=torch.int64, device=dev)
-    buf1, n1, t1, exc1, steps1 = _track_half(
+    bufs1, n1, t1, exc1, steps1 = _track_half(
         field, safe, torch.nan_to_num(u0), ones, ok, inc, params, rois, max_new
     )
     term[:, 0] = torch.where(ok, t1, term[:, 0])
     second = ok & ~exc1 & (not params.unidirectional)
-    buf2, n2, t2, exc2, steps2 = _track_half(
+    bufs2, n2, t2, exc2, steps2 = _track_half(
         field, safe, -torch.nan_to_num(u0), 1 + n1, second, inc, params, rois, max_new
     )
     term[:, 1] = torch.where(second, t2, term[:, 1])
-    excluded = exc1 | exc2
+    status_np = _rejections(st, 1 + n1 + n2, exc1 | exc2, params)
     # assemble on the host
-    buf1, buf2 = buf1.cpu().numpy(), buf2.cpu().numpy()
+    buf1, buf2 = bufs1["points"].cpu().numpy(), bufs2["points"].cpu().numpy()
     n1_np, n2_np = n1.cpu().numpy(), n2.cpu().numpy()
     p0 = safe.cpu().numpy()
-    status_np = status.cpu().numpy()
-    missed = (~inc.all_visited()).cpu().numpy() if inc.any else np.zeros(n, bool)
     total = 1 + n1_np + n2_np
-    # track_rejected: the rulebook's tests in its order, for every tracked seed
-    excl = excluded.cpu().numpy()
-    for i in np.flatnonzero(ok.cpu().numpy()):
-        status_np[i] = track_rejection(
-            int(total[i]), bool(excl[i]), bool(missed[i]), int(params.min_points)
-        )
     rows = np.flatnonzero(status_np == int(Reject.ACCEPTED))
     # streamline of row i: the first half reversed, the seed, the second half (seed at index
     # n1); unidirectional: the seed, then the one half (seed at index 0). Built packed:
@@ -362,3 +425,103 @@ def track_torch(
         if progress is not None:
             progress(stop - start)
     return concat_results(parts)
+
+
+def track_torch_peaks(
+    field: FODField,
+    seeds: torch.Tensor,
+    init_dirs: torch.Tensor,
+    params: ResolvedParameters,
+    refine: int = 0,
+    with_points: bool = True,
+) -> PeakRecord:
+    """The torch engine's "record peaks" mode: the streamlines of :func:`track_torch` (no
+    ROIs), unpacked, with the converged peak behind every point.
+
+    The same tracking as :func:`track_torch` (every point, length, status and term is the one
+    it gives), in the layout of :func:`~invtract.tracking.fused_cpu.track_fused_cpu_peaks`
+    (each row as written: the first half reversed, the seed, the second half), on the field's
+    device and in its dtype. All ``seeds`` are tracked together: the caller chunks them. Used
+    by the hard pass of :func:`~invtract.tracking.differentiable.track_differentiable`.
+
+    Args:
+        field: the FOD (float32 or float64, any device).
+        seeds: ``[N, 3]`` seed points, scanner mm.
+        init_dirs: ``[N, 3]`` initial directions (normalised here).
+        params: resolved parameters (first order, no downsampling).
+        refine: float64 Newton iterations polishing every peak (the seed's included) before it
+            is used (0: tckgen's peaks; see :func:`~invtract.tracking.propagator.sd_stream_next`).
+        with_points: False: ``points`` is None (not buffered: half the memory, for a caller
+            that recomputes them from the seeds and the peaks).
+
+    Returns:
+        A :class:`~invtract.tracking.types.PeakRecord` with ``L`` the longest row.
+    """
+    if params.rk4 or params.downsample > 1:
+        raise ConfigError("track_torch_peaks supports first-order stepping without downsampling")
+    seeds = torch.as_tensor(seeds)
+    init_dirs = torch.as_tensor(init_dirs)
+    if seeds.ndim != 2 or seeds.shape[-1] != 3 or init_dirs.shape != seeds.shape:
+        raise ShapeError(
+            f"seeds and init_dirs must be [N, 3], got {tuple(seeds.shape)}, "
+            f"{tuple(init_dirs.shape)}"
+        )
+    return _peak_chunk(field, seeds, init_dirs, params, refine, with_points)
+
+
+@torch.no_grad()
+def _peak_chunk(
+    field: FODField, seeds, init_dirs, params, refine: int, with_points: bool
+) -> PeakRecord:
+    """:func:`track_torch_peaks`: both halves written into one ``[n, R, 3]`` row per seed (and
+    the peaks into a second), the first half turned round in place before the second follows,
+    as the fused kernel does."""
+    rois = RoiSet()
+    dev, dt = field.device, field.dtype
+    n = seeds.shape[0]
+    st = _seed_start(field, seeds, init_dirs, params, rois, refine)
+    ok, safe, u0, term = st.ok, st.safe, st.u0, st.term
+    max_cols = params.max_points + 2
+    keys = ("points", "peaks") if with_points else ("peaks",)
+    bufs = {k: torch.zeros((n, min(max_cols, _FIRST_ROWS), 3), dtype=dt, device=dev) for k in keys}
+    if with_points:
+        bufs["points"][:, 0] = safe
+    ones = torch.ones(n, dtype=torch.int64, device=dev)
+    bufs, n1, t1, _, steps1 = _track_half(
+        field, safe, torch.nan_to_num(u0), ones, ok, st.inc, params, rois, max_cols,
+        bufs, ones, refine,
+    )  # fmt: skip
+    term[:, 0] = torch.where(ok, t1, term[:, 0])
+    n2 = torch.zeros_like(n1)
+    steps2 = 0
+    if not params.unidirectional:
+        idx = _reversed_index(n1 + 1, bufs["peaks"].shape[1])  # the seed now at column n1
+        for k in keys:
+            bufs[k] = bufs[k].gather(1, idx[..., None].expand(-1, -1, 3))
+        del idx
+        bufs, n2, t2, _, steps2 = _track_half(
+            field, safe, -torch.nan_to_num(u0), 1 + n1, ok, st.inc, params, rois, max_cols,
+            bufs, 1 + n1, refine,
+        )  # fmt: skip
+        term[:, 1] = torch.where(ok, t2, term[:, 1])
+    total = 1 + n1 + n2
+    status = torch.from_numpy(_rejections(st, total, torch.zeros_like(ok), params)).to(dev)
+    acc = status == int(Reject.ACCEPTED)
+    seed_col = torch.zeros_like(n1) if params.unidirectional else n1
+    L = int(total.max()) if n else 0
+    return PeakRecord(
+        points=bufs["points"][:, :L] if with_points else None,
+        peaks=bufs["peaks"][:, :L],
+        lengths=torch.where(acc, total, 0),
+        seed_index=torch.where(acc, seed_col, -1),
+        status=status,
+        term=term,
+        init_dir=u0,
+        steps=int(steps1 + steps2),
+    )
+
+
+def _reversed_index(n: torch.Tensor, R: int) -> torch.Tensor:
+    """``[N, R]`` column index putting the first ``n[i]`` entries of row i in reverse order."""
+    j = torch.arange(R, device=n.device)[None, :]
+    return torch.where(j < n[:, None], n[:, None] - 1 - j, j)

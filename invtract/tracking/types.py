@@ -8,10 +8,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["Term", "Reject", "TERM_ADD_TO_TCK", "EngineResult", "RoiSet", "ImageRoi", "SphereRoi"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Term",
+    "Reject",
+    "TERM_ADD_TO_TCK",
+    "EngineResult",
+    "PeakRecord",
+    "RoiSet",
+    "ImageRoi",
+    "SphereRoi",
+]
 
 
 class Term(IntEnum):
@@ -168,6 +181,39 @@ class EngineResult:
             np.zeros((0, 3), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64),
             np.zeros(0, np.int8), np.zeros((0, 2), np.int8), np.zeros((0, 3), np.float32),
         )  # fmt: skip
+
+
+@dataclass
+class PeakRecord:
+    """What an engine's "record peaks" mode returns for N seeds (torch tensors, one device).
+
+    Every row is laid out as the streamline is written (tckgen's order): the first half
+    reversed, the seed at column ``seed_index``, then the second half; unidirectional: the seed
+    at column 0, then the one half. The differentiable tracker builds its tape from these
+    (:mod:`invtract.tracking.differentiable`).
+
+    Attributes:
+        points: ``[N, L, 3]`` vertices, scanner mm, in the FOD's dtype (row i: ``lengths[i]``
+            vertices, the rest undefined; ``L`` at least the longest row); None when the
+            engine was asked not to keep them (``with_points=False``).
+        peaks: ``[N, L, 3]`` at each vertex but the seed, the converged peak u the step that
+            wrote it moved along (p = p_prev + h u); undefined at the seed and beyond the length.
+        lengths: ``[N]`` int64 vertex count (0 when rejected).
+        seed_index: ``[N]`` int64 column of the seed (-1 when rejected).
+        status: ``[N]`` int64 ``Reject`` code.
+        term: ``[N, 2]`` int64 ``Term`` code of each half (-1: not tracked).
+        init_dir: ``[N, 3]`` the seed peak u0 (undefined for seeds rejected before it).
+        steps: propagation steps taken.
+    """
+
+    points: torch.Tensor | None
+    peaks: torch.Tensor
+    lengths: torch.Tensor
+    seed_index: torch.Tensor
+    status: torch.Tensor
+    term: torch.Tensor
+    init_dir: torch.Tensor
+    steps: int = 0
 
 
 def concat_results(parts: list[EngineResult], seconds: float | None = None) -> EngineResult:

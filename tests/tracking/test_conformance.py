@@ -315,8 +315,8 @@ def test_differentiable_tracker_refuses_what_it_does_not_cover(case):
 @pytest.mark.parametrize("hard_pass", ["auto", "torch"])
 @pytest.mark.parametrize("case", _DIFF_CASES)
 def test_differentiable_hard_pass_follows_the_same_rules(case, hard_pass, monkeypatch):
-    """``track_differentiable``'s forward points are the tracker's: through the fused kernel
-    ("auto", bidirectional float32) and through its own torch pass ("torch")."""
+    """``track_differentiable``'s forward points are the tracker's: recorded by the numba
+    kernel ("auto": float32 CPU) and by the torch engine ("torch")."""
     from invtract.tracking import differentiable
 
     monkeypatch.setattr(differentiable, "HARD_PASS", hard_pass)

@@ -304,7 +304,7 @@ def test_fused_hard_pass_float32(monkeypatch):
         x, y = x.double(), y.double()
         assert float((x - y).abs().max() / x.abs().max().clamp_min(1e-300)) <= 1e-3
     # chunking over the seeds changes nothing
-    monkeypatch.setattr(differentiable, "FUSED_CHUNK", 2)
+    monkeypatch.setattr(differentiable, "PEAK_CHUNK", 2)
     c, gc = _grads("efficient", sh, affine, seeds, dirs, params)
     assert torch.equal(c.points, b.points) and torch.equal(c.weights, b.weights)
     for x, y in zip(out["fused"], gc):

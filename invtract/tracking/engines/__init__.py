@@ -14,6 +14,12 @@ parameters; the result of :mod:`invtract.tracking.types`). All follow the rules 
 * ``triton`` (:mod:`.triton_gpu`): the GPU kernel (CPU under ``TRITON_INTERPRET=1``); falls
   back to numba / torch for what it does not cover.
 
+The ``numba`` and ``torch`` engines also have a "record peaks" mode (``track_peaks``, picked
+by :func:`get_peak_engine`): the same streamlines (no ROIs), unpacked, with the converged peak
+behind every point (a :class:`~invtract.tracking.types.PeakRecord`). It is the hard pass of
+the differentiable tracker (:mod:`invtract.tracking.differentiable`), which tracks nothing
+itself. (Triton has none: on CUDA the torch engine records.)
+
 Each engine module is imported on first use, so importing this package loads neither numba nor
 triton. Nothing here imports :mod:`invtract.tracking.tracker` or the kernels at module level,
 and the kernels import no engine: the import graph has no cycle (``test_rules.py`` checks it).
@@ -26,12 +32,14 @@ from collections.abc import Callable
 
 from ...errors import ConfigError
 from ..runner import default_engine, numba_available
-from ..types import EngineResult
+from ..types import EngineResult, PeakRecord
 
 __all__ = [
     "ENGINES",
     "ENGINE_NAMES",
     "get_engine",
+    "get_peak_engine",
+    "PEAK_ENGINE_NAMES",
     "run_engine",
     "default_engine",
     "numba_available",
@@ -71,3 +79,34 @@ def run_engine(name: str, *args, **kwargs) -> EngineResult:
     if name == "auto":
         name = default_engine(args[0].device)
     return get_engine(name)(*args, **kwargs)
+
+
+#: engines with a "record peaks" mode
+PEAK_ENGINE_NAMES = ("numba", "torch")
+
+
+def get_peak_engine(name: str, field, refine: int = 0) -> tuple[str, Callable[..., PeakRecord]]:
+    """``(name, track_peaks)``: the "record peaks" mode of engine ``name`` for ``field``.
+
+    ``track_peaks(field, seeds [N, 3], init_dirs [N, 3], params, refine=0, with_points=True)
+    -> PeakRecord``.
+    ``"auto"``: the numba kernel where it can run (numba installed, float32 CPU FOD,
+    ``refine == 0``), else the torch engine (float64, CUDA, ``refine > 0``).
+
+    Raises:
+        ConfigError: for an unknown name, or ``"numba"`` where the kernel cannot run.
+    """
+    if name not in ("auto", *PEAK_ENGINE_NAMES):
+        raise ConfigError(
+            f"unknown peak-recording engine {name!r}; valid: auto, {', '.join(PEAK_ENGINE_NAMES)}"
+        )
+    from . import numba_cpu
+
+    reason = numba_cpu.peaks_unavailable_reason(field, refine)
+    if name == "auto":
+        name = "numba" if reason is None else "torch"
+    if name == "numba":
+        if reason is not None:
+            raise ConfigError(f"numba engine, record peaks: {reason}")
+        return name, numba_cpu.track_peaks
+    return name, importlib.import_module(".torch", __name__).track_peaks

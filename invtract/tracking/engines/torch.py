@@ -7,9 +7,13 @@ tracks with MRtrix's ACT rules.
 
 from __future__ import annotations
 
-from ..tracker import track_torch
+from ..tracker import track_torch, track_torch_peaks
 
-__all__ = ["track"]
+__all__ = ["track", "track_peaks"]
+
+#: the "record peaks" mode (:func:`~invtract.tracking.tracker.track_torch_peaks`): any device,
+#: float32 or float64, ``refine``
+track_peaks = track_torch_peaks
 
 
 def track(field, seeds, init_dirs, params, rois=None, batch_size=4096, progress=None, act=None):
