@@ -48,6 +48,7 @@ from .fused_cpu import (
     _FP_MAXLEN,
     _FP_MINLEN,
     _INVALID_SEED,
+    _IP_DOWNSAMPLE,
     _IP_LMAX,
     _IP_MAXPOST,
     _IP_MAXPTS,
@@ -68,6 +69,7 @@ from .fused_cpu import (
     _TOO_SHORT,
     _TRAVERSE_ALL_INCLUDE,
     _all_visited,
+    _downsample,
     _get_peak,
     _in_set,
     _interp,
@@ -446,28 +448,35 @@ def _act_seed_usable(px, py, pz, st, tis, sh, M, cbuf, ip, rois, tt, Mt, tbuf):
 
 @njit(**_JIT)
 def _act_post(b, n, seed, excluded_reason, missed, st, ip, fp, crop):
-    """``track_rejected`` with ACT then ``check_downsampled_length`` (with -crop_at_gmwmi).
-    Returns the status (``_ACCEPTED`` or a :class:`Reject` code)."""
+    """``track_rejected`` with ACT then ``check_downsampled_length`` (with -crop_at_gmwmi or
+    -downsample: downsampled in place, then an over-long streamline is rejected, not truncated).
+    Returns ``(status, n, seed)``: ``_ACCEPTED`` or a :class:`Reject` code, and the point count
+    and seed index after downsampling."""
     if excluded_reason != _ACCEPTED:
-        return excluded_reason
+        return excluded_reason, n, seed
     min_points = ip[_IP_MINPTS]
     if n == 1 and min_points > 1:
-        return _NO_PROPAGATION
+        return _NO_PROPAGATION, n, seed
     if n < min_points:
-        return _TOO_SHORT
+        return _TOO_SHORT, n, seed
     if ip[_IP_MAXPTS] != 2 and st[_SEED_IN_SGM] != 0 and st[_SGM_SEED_TO_WM] == 0:
-        return _ACT_FAILED_WM
+        return _ACT_FAILED_WM, n, seed
     if missed:
-        return _MISSED_INCLUDE
-    if crop and not (n > ip[_IP_MINPOST] and n < ip[_IP_MAXPOST]):
+        return _MISSED_INCLUDE, n, seed
+    R = ip[_IP_DOWNSAMPLE]
+    if not crop and R <= 1:
+        return _ACCEPTED, n, seed
+    if R > 1:
+        n, seed = _downsample(b, n, seed, R)
+    if not (n > ip[_IP_MINPOST] and n < ip[_IP_MAXPOST]):
         length = np.float32(0.0)
         for k in range(1, n):
             length += _seg_norm(b, k)
         if length < fp[_FP_MINLEN]:
-            return _TOO_SHORT
+            return _TOO_SHORT, n, seed
         if length > fp[_FP_MAXLEN]:
-            return _TRACK_TOO_LONG
-    return _ACCEPTED
+            return _TRACK_TOO_LONG, n, seed
+    return _ACCEPTED, n, seed
 
 
 @njit(**_JIT)
@@ -544,7 +553,7 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
         steps += s1
     out_steps[i] = steps
     missed = n_inc + n_ord > 0 and not _all_visited(state, n_inc, n_ord)
-    status = _act_post(b, n, seed, reason, missed, st, ip, fp, crop)
+    status, n, seed = _act_post(b, n, seed, reason, missed, st, ip, fp, crop)
     out_status[i] = status
     if status == _ACCEPTED:
         out_n[i] = n

@@ -793,6 +793,29 @@ def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, M, cbuf, f
 
 
 @njit(**_JIT)
+def _downsample(b, n, seed, R):
+    """MRtrix's ``Downsampler`` (ratio ``R > 1``) of the streamline ``b[:n]`` in place, keeping
+    the seed point, the first and the last point: the new ``(n, seed)``."""
+    if n <= 2:
+        return n, seed
+    index_old = R
+    if seed != 0:
+        index_old = ((seed - 1) % R) + 1
+        seed = 1 + (seed - index_old) // R
+    index_new = 1
+    while index_old < n - 1:
+        b[index_new, 0] = b[index_old, 0]
+        b[index_new, 1] = b[index_old, 1]
+        b[index_new, 2] = b[index_old, 2]
+        index_new += 1
+        index_old += R
+    b[index_new, 0] = b[n - 1, 0]
+    b[index_new, 1] = b[n - 1, 1]
+    b[index_new, 2] = b[n - 1, 2]
+    return index_new + 1, seed
+
+
+@njit(**_JIT)
 def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out_term, out_u0,
                 out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set,
                 roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask, add_to_tck, cbuf,
@@ -876,22 +899,7 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
     # --- Downsampler + check_downsampled_length
     R = ip[_IP_DOWNSAMPLE]
     if R > 1:
-        if n > 2:
-            index_old = R
-            if seed != 0:
-                index_old = ((seed - 1) % R) + 1
-                seed = 1 + (seed - index_old) // R
-            index_new = 1
-            while index_old < n - 1:
-                b[index_new, 0] = b[index_old, 0]
-                b[index_new, 1] = b[index_old, 1]
-                b[index_new, 2] = b[index_old, 2]
-                index_new += 1
-                index_old += R
-            b[index_new, 0] = b[n - 1, 0]
-            b[index_new, 1] = b[n - 1, 1]
-            b[index_new, 2] = b[n - 1, 2]
-            n = index_new + 1
+        n, seed = _downsample(b, n, seed, R)
         if not (n > ip[_IP_MINPOST] and n < ip[_IP_MAXPOST]):
             length = np.float32(0.0)
             for k in range(1, n):
