@@ -136,12 +136,14 @@ def _prepare_numba_target() -> None:
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy", boundscheck=False, nogil=True)
 # Compile structure (cold start): numba inlines ``inline="always"`` helpers by deep-copying
-# their IR into the caller, once per level of nesting, which made the first compilation take
-# minutes. Inlining therefore stops at one compiled step: ``_step`` (a plain call, once per
-# step) inlines ``_next``, which inlines the interpolation and the peak search; per-seed work
-# (``_seed_usable``, ``_sample``) is called, not inlined. The seed's peak search is a call of
-# ``_step`` too, so the peak search is compiled once. Call sites pass typed values
-# (``np.int64(1)``, ``np.bool_(False)``), not literals, so that every kernel has one
+# their IR into the caller and re-running its passes on it, once per site and level of
+# nesting: that inlining was half of the first compilation. Inlining therefore stops at one
+# compiled step: ``_step`` (a plain call, once per step) inlines ``_next``, which inlines the
+# interpolation and calls the peak search ``_get_peak`` (compiled once, also for the seed's
+# search, which goes through ``_step``); the scalar helpers (``_dot3``, ``_normalize3``,
+# ``_round_half_away``) are compiled calls that LLVM inlines (no arrays, no reference counts);
+# per-seed work (``_seed_usable``, ``_sample``) is called, not inlined. Call sites pass typed
+# values (``np.int64(1)``, ``np.bool_(False)``), not literals, so that every kernel has one
 # specialisation per kind of ``rois`` argument: the region arrays, or None when there are no
 # regions, and then numba prunes the ``rois is not None`` branches before typing and the
 # region code is not compiled at all (``tests/tracking/test_compile_structure.py``).
@@ -199,7 +201,7 @@ _MAX_BUFFER_POINTS = 1_000_000
 _track_rejection = njit(inline="always", **_JIT)(track_rejection)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _round_half_away(v):
     """std::round for float32 / float64 (half away from zero), returned as int64."""
     a = abs(v)
@@ -211,13 +213,13 @@ def _round_half_away(v):
     return np.int64(r)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _dot3(ax, ay, az, bx, by, bz):
     """Eigen Vector3f::dot order: x*x' + (y*y' + z*z')."""
     return ax * bx + (ay * by + az * bz)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _normalize3(x, y, z):
     """Eigen normalize(): divide by sqrt(squaredNorm) when squaredNorm > 0 (float32)."""
     sq = x * x + (y * y + z * z)
@@ -366,7 +368,7 @@ def _interp(sh, M, px, py, pz, out, masked):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL):
     """Newton-style ascent from direction u; returns (amplitude, ux, uy, uz).
 

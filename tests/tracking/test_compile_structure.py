@@ -6,7 +6,8 @@ Tracking without regions (``track --example``, the peaks-recording hard pass of 
 differentiable tracker, the seed test) compiles no region code (``rois`` is None and numba
 prunes those branches) and shares one ``_track_seed``, one ``_track_half`` and one ``_step``;
 regions add one ``_track_seed`` / ``_track_half`` / ``_track_block`` each, never a second
-``_step`` (the only compiled peak search: the seed's goes through it too).
+``_step`` or ``_get_peak`` (the only compiled peak search: the seed's goes through ``_step``
+too).
 
 Kernels loaded from numba's on-disk cache never compile their callees (whose ``signatures``
 then stay empty), so the check compiles from scratch in a subprocess with an empty cache
@@ -34,8 +35,8 @@ sh = np.zeros((5, 5, 5, 6), np.float32); sh[..., 0] = 1.0; sh[..., 3] = 0.5
 M = np.hstack([np.eye(3), np.zeros((3, 1))])
 p = TrackingParameters().resolve((1.0, 1.0, 1.0))
 seeds = np.full((4, 3), 2.0, np.float32); dirs = np.tile(np.float32([0, 0, 1]), (4, 1))
-KERNELS = (f._track_seed, f._track_half, f._step, f._track_block, f._track_rows, f._in_set,
-           f._visit, f._seed_usable)
+KERNELS = (f._track_seed, f._track_half, f._step, f._get_peak, f._track_block, f._track_rows,
+           f._in_set, f._visit, f._seed_usable)
 def counts(tag):
     for d in KERNELS:
         print(tag, d.py_func.__name__, len(d.signatures))
@@ -60,10 +61,10 @@ def test_specialisations_per_tracking_kernel(tmp_path):
         tag, name, n = line.split()
         counts.setdefault(tag, {})[name] = int(n)
     # no regions: one of each tracking kernel, no region code at all
-    assert counts["plain"] == {"_track_seed": 1, "_track_half": 1, "_step": 1, "_track_block": 1,
-                               "_track_rows": 1, "_in_set": 0, "_visit": 0,
+    assert counts["plain"] == {"_track_seed": 1, "_track_half": 1, "_step": 1, "_get_peak": 1,
+                               "_track_block": 1, "_track_rows": 1, "_in_set": 0, "_visit": 0,
                                "_seed_usable": 1}  # fmt: skip
     # regions: one more of each kernel that takes them, the same _step
-    assert counts["rois"] == {"_track_seed": 2, "_track_half": 2, "_step": 1, "_track_block": 2,
-                              "_track_rows": 1, "_in_set": 1, "_visit": 1,
+    assert counts["rois"] == {"_track_seed": 2, "_track_half": 2, "_step": 1, "_get_peak": 1,
+                              "_track_block": 2, "_track_rows": 1, "_in_set": 1, "_visit": 1,
                               "_seed_usable": 2}  # fmt: skip
