@@ -138,15 +138,16 @@ _JIT = dict(cache=True, fastmath=False, error_model="numpy", boundscheck=False, 
 # Compile structure (cold start): numba inlines ``inline="always"`` helpers by deep-copying
 # their IR into the caller and re-running its passes on it, once per site and level of
 # nesting: that inlining was half of the first compilation. Inlining therefore stops at one
-# compiled step: ``_step`` (a plain call, once per step) inlines ``_next``, which inlines the
-# interpolation and calls the peak search ``_get_peak`` (compiled once, also for the seed's
-# search, which goes through ``_step``); the scalar helpers (``_dot3``, ``_normalize3``,
-# ``_round_half_away``) are compiled calls that LLVM inlines (no arrays, no reference counts);
-# per-seed work (``_seed_usable``, ``_sample``) is called, not inlined. Call sites pass typed
-# values (``np.int64(1)``, ``np.bool_(False)``), not literals, so that every kernel has one
-# specialisation per kind of ``rois`` argument: the region arrays, or None when there are no
-# regions, and then numba prunes the ``rois is not None`` branches before typing and the
-# region code is not compiled at all (``tests/tracking/test_compile_structure.py``).
+# compiled step: ``_step`` (a plain call, once per step) inlines ``_next``, which calls the
+# interpolation ``_sample`` and the peak search ``_get_peak`` (each compiled once and shared
+# with the seed test and the seed's peak search, which goes through ``_step``; the calls cost
+# ~3% of the kernel's time per step, inlined copies ~2 s of every first compile). The scalar
+# helpers (``_dot3``, ``_normalize3``, ``_round_half_away``) are compiled calls that LLVM
+# inlines (no arrays, no reference counts). Call sites pass typed values (``np.int64(1)``,
+# ``np.bool_(False)``), not literals, so that every kernel has one specialisation per kind of
+# ``rois`` argument: the region arrays, or None when there are no regions, and then numba
+# prunes the ``rois is not None`` branches before typing and the region code is not compiled
+# at all (``tests/tracking/test_compile_structure.py``).
 
 #: Eigen's SSE evaluation order of the 8-corner dot product (see module docstring).
 _SUM_ORDER_EIGEN = True
@@ -614,7 +615,7 @@ def _all_visited(state, n_inc, n_ord):
 def _next(px, py, pz, ux, uy, uz, step, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
           mstart, lmax, AL):  # fmt: skip
     """SDStream::next from (p, u): returns (term, p', u')."""
-    if not _interp(sh, M, px, py, pz, cbuf, True):  # _sample, inlined
+    if not _sample(sh, M, px, py, pz, cbuf):  # a call: the interpolation compiled once
         return _EXIT_IMAGE, px, py, pz, ux, uy, uz
     amp, nx, ny, nz = _get_peak(
         cbuf, ux, uy, uz, lut, fp[_FP_INC], zint, zflt, pint, pflt, mstart, lmax, AL
