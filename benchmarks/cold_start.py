@@ -11,8 +11,10 @@ Each run is a whole process (``python -c`` calling ``invtract.cli.main``, as the
 script does) timed from the outside (``wall_s``); inside it a probe records where the time
 went: ``import_s`` (``import numba`` and ``import invtract.cli``), ``compile_s`` (the numba
 compilations of top-level dispatchers, summed; nested compilations are part of their
-caller's), ``compiled`` (those dispatchers, seconds each) and ``rest_s`` (what remains:
-loading, seeding, tracking, fitting, writing, interpreter start-up). ``numba_cache`` says where
+caller's), ``compiled`` (those dispatchers: wall and CPU seconds each), ``rest_s`` (what
+remains: loading, seeding, tracking, fitting, writing, interpreter start-up), and the CPU time
+of the compilations (``compile_cpu_s``) and of the whole process after start-up, all threads
+(``cpu_s``): on a shared machine these move less than wall time does. ``numba_cache`` says where
 numba wrote its cache (the installed package's ``__pycache__`` when writable, else numba's
 per-user cache directory) and how many index files it holds after the runs.
 
@@ -48,22 +50,23 @@ from numba.core import event
 compiled, stack = [], []
 class Rec(event.Listener):
     def on_start(self, ev):
-        stack.append(time.perf_counter())
+        stack.append((time.perf_counter(), time.process_time()))
     def on_end(self, ev):
-        start = stack.pop()
+        start, cpu = stack.pop()
         if not stack:
             d = ev.data["dispatcher"].py_func
-            compiled.append((f"{d.__module__}.{d.__qualname__}", time.perf_counter() - start))
+            compiled.append((f"{d.__module__}.{d.__qualname__}", time.perf_counter() - start,
+                             time.process_time() - cpu))
 event.register("numba:compile", Rec())
 import invtract, invtract.cli
 t1 = time.perf_counter()
 code = invtract.cli.main(sys.argv[1:])
 t2 = time.perf_counter()
-compile_s = sum(s for _, s in compiled)
 with open(os.environ["INVTRACT_PROBE_OUT"], "w") as f:
     json.dump({"invtract_file": invtract.__file__, "code": code, "import_s": t1 - t0,
-               "main_s": t2 - t1, "compile_s": compile_s,
-               "compiled": [[n, round(s, 3)] for n, s in compiled]}, f)
+               "main_s": t2 - t1, "compile_s": sum(c[1] for c in compiled),
+               "compile_cpu_s": sum(c[2] for c in compiled), "cpu_s": time.process_time(),
+               "compiled": [[n, round(s, 3), round(c, 3)] for n, s, c in compiled]}, f)
 """
 
 

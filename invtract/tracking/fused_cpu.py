@@ -136,12 +136,18 @@ def _prepare_numba_target() -> None:
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy", boundscheck=False, nogil=True)
 # Compile structure (cold start): numba inlines ``inline="always"`` helpers by deep-copying
-# their IR into the caller, once per level of nesting, which made the first compilation take
-# minutes. Inlining therefore stops at one compiled step: ``_step`` (a plain call, once per
-# step) inlines ``_next``, which inlines the interpolation and the peak search; per-seed work
-# (``_seed_usable``, ``_sample``, ``_get_peak_call``) is called, not inlined. Call sites pass
-# typed values (``np.int64(1)``, ``np.bool_(False)``), not literals, so that every kernel has
-# one specialisation (``tests/tracking/test_compile_structure.py``).
+# their IR into the caller and re-running its passes on it, once per site and level of
+# nesting: that inlining was half of the first compilation. Inlining therefore stops at one
+# compiled step: ``_step`` (a plain call, once per step) inlines ``_next``, which calls the
+# interpolation ``_sample`` and the peak search ``_get_peak`` (each compiled once and shared
+# with the seed test and the seed's peak search, which goes through ``_step``; the calls cost
+# ~3% of the kernel's time per step, inlined copies ~2 s of every first compile). The scalar
+# helpers (``_dot3``, ``_normalize3``, ``_round_half_away``) are compiled calls that LLVM
+# inlines (no arrays, no reference counts). Call sites pass typed values (``np.int64(1)``,
+# ``np.bool_(False)``), not literals, so that every kernel has one specialisation per kind of
+# ``rois`` argument: the region arrays, or None when there are no regions, and then numba
+# prunes the ``rois is not None`` branches before typing and the region code is not compiled
+# at all (``tests/tracking/test_compile_structure.py``).
 
 #: Eigen's SSE evaluation order of the 8-corner dot product (see module docstring).
 _SUM_ORDER_EIGEN = True
@@ -196,7 +202,7 @@ _MAX_BUFFER_POINTS = 1_000_000
 _track_rejection = njit(inline="always", **_JIT)(track_rejection)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _round_half_away(v):
     """std::round for float32 / float64 (half away from zero), returned as int64."""
     a = abs(v)
@@ -208,13 +214,13 @@ def _round_half_away(v):
     return np.int64(r)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _dot3(ax, ay, az, bx, by, bz):
     """Eigen Vector3f::dot order: x*x' + (y*y' + z*z')."""
     return ax * bx + (ay * by + az * bz)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _normalize3(x, y, z):
     """Eigen normalize(): divide by sqrt(squaredNorm) when squaredNorm > 0 (float32)."""
     sq = x * x + (y * y + z * z)
@@ -363,7 +369,7 @@ def _interp(sh, M, px, py, pz, out, masked):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL):
     """Newton-style ascent from direction u; returns (amplitude, ux, uy, uz).
 
@@ -508,13 +514,6 @@ def _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
     return nan, nan, nan, nan
 
 
-@njit(**_JIT)
-def _get_peak_call(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL):
-    """:func:`_get_peak` as a compiled call, for the once-per-seed search (inlining it there
-    too would copy its IR into one more kernel, compile time without run-time gain)."""
-    return _get_peak(c, ux, uy, uz, lut, inc, zint, zflt, pint, pflt, mstart, lmax, AL)
-
-
 # --------------------------------------------------------------------------------------------
 # ROIs (src/dwi/tractography/roi.h)
 # --------------------------------------------------------------------------------------------
@@ -580,19 +579,24 @@ def _visit(px, py, pz, state, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_
 
 
 @njit(**_JIT)
-def _seed_usable(px, py, pz, sh, M, cbuf, ip, roi_set, roi_kind, roi_sph, roi_mat,
-                 roi_dim, roi_off, roi_mask):  # fmt: skip
+def _seed_usable(px, py, pz, sh, M, cbuf, ip, rois):
     """``check_seed`` (finite, inside the masks, outside the excludes) and SDStream::init's
     "data at the seed" (``cbuf`` gets the coefficients): whether the seed is tracked at all,
-    and so whether tckgen draws a random direction for it."""
+    and so whether tckgen draws a random direction for it. ``rois``: the arrays of
+    :func:`_flatten_rois`, or None (no regions: the region code is not compiled)."""
     if not (np.isfinite(px) and np.isfinite(py) and np.isfinite(pz)):
         return False
-    if ip[_IP_NMASK] > 0 and not _in_set(_ROI_MASK, px, py, pz, roi_set, roi_kind, roi_sph,
-                                         roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
-        return False
-    if ip[_IP_NEXC] > 0 and _in_set(_ROI_EXCLUDE, px, py, pz, roi_set, roi_kind, roi_sph,
-                                    roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
-        return False
+    if rois is not None:
+        roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask = rois
+        # typed set codes: literal ones would compile one _in_set per code
+        mask_code, exclude_code = np.int64(_ROI_MASK), np.int64(_ROI_EXCLUDE)
+        if ip[_IP_NMASK] > 0 and not _in_set(mask_code, px, py, pz, roi_set, roi_kind,
+                                             roi_sph, roi_mat, roi_dim, roi_off,
+                                             roi_mask):  # fmt: skip
+            return False
+        if ip[_IP_NEXC] > 0 and _in_set(exclude_code, px, py, pz, roi_set, roi_kind, roi_sph,
+                                        roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
+            return False
     return _sample(sh, M, px, py, pz, cbuf)
 
 
@@ -611,7 +615,7 @@ def _all_visited(state, n_inc, n_ord):
 def _next(px, py, pz, ux, uy, uz, step, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
           mstart, lmax, AL):  # fmt: skip
     """SDStream::next from (p, u): returns (term, p', u')."""
-    if not _interp(sh, M, px, py, pz, cbuf, True):  # _sample, inlined
+    if not _sample(sh, M, px, py, pz, cbuf):  # a call: the interpolation compiled once
         return _EXIT_IMAGE, px, py, pz, ux, uy, uz
     amp, nx, ny, nz = _get_peak(
         cbuf, ux, uy, uz, lut, fp[_FP_INC], zint, zflt, pint, pflt, mstart, lmax, AL
@@ -627,6 +631,9 @@ def _next(px, py, pz, ux, uy, uz, step, sh, M, cbuf, fp, lut, zint, zflt, pint, 
 def _step(px, py, pz, ux, uy, uz, rk4, sh, M, cbuf, fp, lut, zint, zflt, pint, pflt,
           mstart, lmax, AL):  # fmt: skip
     """Exec::iterate's method step, first order or RK4 (Exec::next_rk4). Returns (term, p', u').
+
+    When the step fails, p' is p and u' the direction of the failing evaluation (its peak for
+    MODEL and HIGH_CURVATURE): the halves ignore it, the seed's peak search reads it.
 
     RK4's five SDStream::next evaluations go through one call site (numba inlines it once):
     d1 at p from u; d2 at p + d1 h/2 from u; d3 at p + d2 h/2 from u; d4 at p + d3 h from
@@ -659,7 +666,7 @@ def _step(px, py, pz, ux, uy, uz, rk4, sh, M, cbuf, fp, lut, zint, zflt, pint, p
                                           lut, zint, zflt, pint, pflt, mstart, lmax,
                                           AL)  # fmt: skip
         if t != _CONTINUE:
-            return t, px, py, pz, ux, uy, uz
+            return t, px, py, pz, dx, dy, dz
         if k == 0:
             if not rk4:
                 return _CONTINUE, ax, ay, az, dx, dy, dz
@@ -742,12 +749,12 @@ def _truncate_maxlength(buf, n, seed, max_dist):
 
 @njit(**_JIT)
 def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, M, cbuf, fp, ip,
-                lut, zint, zflt, pint, pflt, mstart, AL, roi_set, roi_bit, roi_kind, roi_sph,
-                roi_mat, roi_dim, roi_off, roi_mask, add_to_tck):  # fmt: skip
+                lut, zint, zflt, pint, pflt, mstart, AL, rois, add_to_tck):  # fmt: skip
     """Exec::gen_track_unidir: returns (n, term, steps).
 
     With ``rec``, ``ubuf[n]`` receives the direction u held when point ``buf[n]`` was written
-    (the converged peak that produced it); stores only, the tracking is unchanged.
+    (the converged peak that produced it); stores only, the tracking is unchanged. ``rois``:
+    the arrays of :func:`_flatten_rois`, or None (the region tests are then not compiled).
     """
     rk4 = ip[_IP_RK4] != 0
     lmax = ip[_IP_LMAX]
@@ -765,18 +772,21 @@ def _track_half(buf, ubuf, rec, n, px, py, pz, ux, uy, uz, state, sh, M, cbuf, f
         )  # fmt: skip
         if term == _CONTINUE:
             steps += 1
-            if n_mask > 0 and not _in_set(_ROI_MASK, px, py, pz, roi_set, roi_kind, roi_sph,
-                                          roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
-                term = _EXIT_MASK
-            elif n_exc > 0 and _in_set(_ROI_EXCLUDE, px, py, pz, roi_set, roi_kind, roi_sph,
-                                       roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
-                term = _ENTER_EXCLUDE
-            else:
-                if n_inc + n_ord > 0:
-                    _visit(px, py, pz, state, roi_set, roi_bit, roi_kind, roi_sph, roi_mat,
-                           roi_dim, roi_off, roi_mask)  # fmt: skip
-                    if stop and _all_visited(state, n_inc, n_ord):
-                        term = _TRAVERSE_ALL_INCLUDE
+            if rois is not None:
+                roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask = rois
+                mask_code, exclude_code = np.int64(_ROI_MASK), np.int64(_ROI_EXCLUDE)
+                if n_mask > 0 and not _in_set(mask_code, px, py, pz, roi_set, roi_kind, roi_sph,
+                                              roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
+                    term = _EXIT_MASK
+                elif n_exc > 0 and _in_set(exclude_code, px, py, pz, roi_set, roi_kind, roi_sph,
+                                           roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
+                    term = _ENTER_EXCLUDE
+                else:
+                    if n_inc + n_ord > 0:
+                        _visit(px, py, pz, state, roi_set, roi_bit, roi_kind, roi_sph, roi_mat,
+                               roi_dim, roi_off, roi_mask)  # fmt: skip
+                        if stop and _all_visited(state, n_inc, n_ord):
+                            term = _TRAVERSE_ALL_INCLUDE
         if add_to_tck[term]:
             buf[n, 0] = px
             buf[n, 1] = py
@@ -817,11 +827,14 @@ def _downsample(b, n, seed, R):
 
 @njit(**_JIT)
 def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out_term, out_u0,
-                out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set,
-                roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask, add_to_tck, cbuf,
-                AL, state):  # fmt: skip
+                out_steps, sh, M, fp, fp_seed, ip, lut, zint, zflt, pint, pflt, mstart, rois,
+                add_to_tck, cbuf, AL, state):  # fmt: skip
     """Track seed ``i`` into ``buf[row]`` (and its per-point peaks into ``ubuf[row]`` with
-    ``rec``; ``ubuf`` is then laid out like ``buf``, else it is a dummy and never written)."""
+    ``rec``; ``ubuf`` is then laid out like ``buf``, else it is a dummy and never written).
+
+    ``rois``: the arrays of :func:`_flatten_rois` or None (no regions: not compiled).
+    ``fp_seed``: ``fp`` with the curvature test off (see :func:`_seed_params`), for the
+    seed's peak search."""
     state[0] = 0
     state[1] = 0
     state[2] = 1
@@ -838,8 +851,7 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
     px = seeds[i, 0]
     py = seeds[i, 1]
     pz = seeds[i, 2]
-    if not _seed_usable(px, py, pz, sh, M, cbuf, ip, roi_set, roi_kind, roi_sph,
-                        roi_mat, roi_dim, roi_off, roi_mask):  # fmt: skip
+    if not _seed_usable(px, py, pz, sh, M, cbuf, ip, rois):
         return
     # tckgen normalises the start direction twice: once where it is made (random_direction()
     # or the -seed_direction parser in SharedBase) and again in SDStream::init().
@@ -847,17 +859,23 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
     ux, uy, uz = _normalize3(ux, uy, uz)
     if not (np.isfinite(ux) and np.isfinite(uy) and np.isfinite(uz)):
         return
-    amp, ux, uy, uz = _get_peak_call(cbuf, ux, uy, uz, lut, fp[_FP_INC], zint, zflt, pint,
-                                     pflt, mstart, ip[_IP_LMAX], AL)  # fmt: skip
+    # SDStream::init's peak search and amplitude test: one first-order evaluation of the step
+    # (the same compiled code as every step: the peak search is compiled once) at the seed,
+    # whose data _seed_usable found, without the curvature test (fp_seed); it returns the
+    # peak (NaN if the search failed) and MODEL below the cutoff
+    t, _, _, _, ux, uy, uz = _step(px, py, pz, ux, uy, uz, np.bool_(False), sh, M, cbuf,
+                                   fp_seed, lut, zint, zflt, pint, pflt, mstart, ip[_IP_LMAX],
+                                   AL)  # fmt: skip
     out_u0[i, 0] = ux
     out_u0[i, 1] = uy
     out_u0[i, 2] = uz
-    if not np.isfinite(amp) or amp < fp[_FP_CUTOFF]:
+    if t != _CONTINUE:
         return
     # --- gen_track
     n_inc = ip[_IP_NINC]
     n_ord = ip[_IP_NORD]
-    if n_inc + n_ord > 0:
+    if rois is not None and n_inc + n_ord > 0:
+        roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask = rois
         _visit(px, py, pz, state, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim,
                roi_off, roi_mask)  # fmt: skip
     b = buf[row]
@@ -867,8 +885,7 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
     b[0, 2] = pz
     # np.int64(1), not the literal 1: a literal argument would compile a second _track_half
     n, t0, s0 = _track_half(b, ub, rec, np.int64(1), px, py, pz, ux, uy, uz, state, sh, M, cbuf,
-                            fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, roi_set, roi_bit,
-                            roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
+                            fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, rois,
                             add_to_tck)  # fmt: skip
     out_term[i, 0] = t0
     steps = s0
@@ -883,8 +900,7 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
         qy = b[n - 1, 1]
         qz = b[n - 1, 2]
         n, t1, s1 = _track_half(b, ub, rec, n, qx, qy, qz, -ux, -uy, -uz, state, sh, M,
-                                cbuf, fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, roi_set,
-                                roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
+                                cbuf, fp, ip, lut, zint, zflt, pint, pflt, mstart, AL, rois,
                                 add_to_tck)  # fmt: skip
         out_term[i, 1] = t1
         steps += s1
@@ -921,9 +937,17 @@ def n_legendre_nb(lmax):
 
 
 @njit(**_JIT)
+def _seed_params(fp):
+    """``fp`` for SDStream::init's peak search at the seed: the curvature test off (a dot
+    threshold of -inf, which no direction fails)."""
+    fp_seed = fp.copy()
+    fp_seed[_FP_DOT] = -np.inf
+    return fp_seed
+
+
+@njit(**_JIT)
 def _track_rows(w, nworkers, rec, seeds, dirs, buf, ubuf, out_n, out_seed, out_status, out_term,
-                out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart,
-                roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
+                out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, rois,
                 add_to_tck):  # fmt: skip
     """Seeds ``w, w + nworkers, ...`` into their rows of ``buf`` (with ``rec``, each point's
     peak into ``ubuf``, laid out like ``buf``; else ``ubuf`` is a dummy). Serial: one call per
@@ -934,17 +958,16 @@ def _track_rows(w, nworkers, rec, seeds, dirs, buf, ubuf, out_n, out_seed, out_s
     cbuf = np.empty(sh.shape[3], dtype=np.float32)
     AL = np.empty(n_legendre_nb(ip[_IP_LMAX]), dtype=np.float32)
     state = np.zeros(3, dtype=np.int64)
+    fp_seed = _seed_params(fp)
     for i in range(w, N, nworkers):
         _track_seed(i, i, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status, out_term,
-                    out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt,
-                    mstart, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off,
-                    roi_mask, add_to_tck, cbuf, AL, state)  # fmt: skip
+                    out_u0, out_steps, sh, M, fp, fp_seed, ip, lut, zint, zflt, pint, pflt,
+                    mstart, rois, add_to_tck, cbuf, AL, state)  # fmt: skip
 
 
 @njit(**_JIT)
 def _track_block(start, stop, L, seeds, dirs, out_n, out_seed, out_status, out_term, out_u0,
-                 out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, roi_set,
-                 roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask,
+                 out_steps, sh, M, fp, ip, lut, zint, zflt, pint, pflt, mstart, rois,
                  add_to_tck):  # fmt: skip
     """Seeds ``start .. stop - 1``, one at a time in an ``[1, L, 3]`` scratch row; accepted
     streamlines appended, in seed order, to a packed ``[P, 3]`` array grown by doubling.
@@ -956,6 +979,7 @@ def _track_block(start, stop, L, seeds, dirs, out_n, out_seed, out_status, out_t
     cbuf = np.empty(sh.shape[3], dtype=np.float32)
     AL = np.empty(n_legendre_nb(ip[_IP_LMAX]), dtype=np.float32)
     state = np.zeros(3, dtype=np.int64)
+    fp_seed = _seed_params(fp)
     pts = np.empty((max(64, 16 * (stop - start)), 3), dtype=np.float32)
     used = 0
     # typed (not literal) row and rec: the same _track_seed specialisation as _track_rows'
@@ -963,9 +987,8 @@ def _track_block(start, stop, L, seeds, dirs, out_n, out_seed, out_status, out_t
     no_rec = np.bool_(False)
     for i in range(start, stop):
         _track_seed(i, row0, seeds, dirs, scratch, no_u, no_rec, out_n, out_seed, out_status,
-                    out_term, out_u0, out_steps, sh, M, fp, ip, lut, zint, zflt, pint,
-                    pflt, mstart, roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off,
-                    roi_mask, add_to_tck, cbuf, AL, state)  # fmt: skip
+                    out_term, out_u0, out_steps, sh, M, fp, fp_seed, ip, lut, zint, zflt, pint,
+                    pflt, mstart, rois, add_to_tck, cbuf, AL, state)  # fmt: skip
         n = out_n[i]
         if used + n > pts.shape[0]:
             grown = np.empty((max(2 * pts.shape[0], used + n), 3), dtype=np.float32)
@@ -983,13 +1006,10 @@ def _track_block(start, stop, L, seeds, dirs, out_n, out_seed, out_status, out_t
 
 
 @njit(**_JIT)
-def _seeds_usable_kernel(sh, M, ip, roi_set, roi_bit, roi_kind, roi_sph, roi_mat,
-                         roi_dim, roi_off, roi_mask, seeds, out):  # fmt: skip
+def _seeds_usable_kernel(sh, M, ip, rois, seeds, out):
     cbuf = np.empty(sh.shape[3], dtype=np.float32)
     for i in range(seeds.shape[0]):
-        px, py, pz = seeds[i, 0], seeds[i, 1], seeds[i, 2]
-        out[i] = _seed_usable(px, py, pz, sh, M, cbuf, ip, roi_set, roi_kind, roi_sph,
-                              roi_mat, roi_dim, roi_off, roi_mask)  # fmt: skip
+        out[i] = _seed_usable(seeds[i, 0], seeds[i, 1], seeds[i, 2], sh, M, cbuf, ip, rois)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1189,16 +1209,17 @@ class SeedTest:
             raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
         _prepare_numba_target()
         fod = prepare_fod(sh, scanner2voxel)
-        self._rois, counts = _flatten_rois(rois)
+        arrays, counts = _flatten_rois(rois)
         ip = np.zeros(_IP_LEN, dtype=np.int64)
         ip[_IP_NMASK], ip[_IP_NEXC] = counts["mask"], counts["exclude"]
-        self._fod = (fod.sh, fod.M, ip)
+        # only masks and excludes matter here: without them the region code is not compiled
+        self._fod = (fod.sh, fod.M, ip, arrays if counts["mask"] + counts["exclude"] else None)
 
     def __call__(self, seeds: np.ndarray) -> np.ndarray:
         """``[N]`` bool for ``[N, 3]`` scanner-mm seeds."""
         seeds = np.ascontiguousarray(seeds, dtype=np.float32).reshape(-1, 3)
         out = np.zeros(seeds.shape[0], dtype=np.bool_)
-        _seeds_usable_kernel(*self._fod, *self._rois, seeds, out)
+        _seeds_usable_kernel(*self._fod, seeds, out)
         return out
 
 
@@ -1217,6 +1238,12 @@ class _KernelInputs:
     consts: tuple  # (fp, ip, lut, zint, zflt, pint, pflt, mstart)
     rois: tuple  # the arrays of _flatten_rois
     L: int  # buffer points per streamline (max_points + 2)
+    has_rois: bool = True  # any region at all
+
+    @property
+    def kernel_rois(self) -> tuple | None:
+        """The kernels' ``rois`` argument: None without regions (their code is not compiled)."""
+        return self.rois if self.has_rois else None
 
 
 def _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois) -> _KernelInputs:
@@ -1272,7 +1299,10 @@ def _kernel_inputs(sh, scanner2voxel, seeds, init_dirs, params, rois) -> _Kernel
     )
     consts = (fp, ip, lut, *_kernel_tables(lmax))
     fod_arrays = (fod.sh, fod.M)
-    return _KernelInputs(seeds, init_dirs, fod_arrays, consts, roi_arrays, max_points + 2)
+    has_rois = sum(roi_counts.values()) > 0
+    return _KernelInputs(
+        seeds, init_dirs, fod_arrays, consts, roi_arrays, max_points + 2, has_rois
+    )
 
 
 def _block_size(n: int, threads: int) -> int:
@@ -1365,7 +1395,7 @@ def _track_span(k: _KernelInputs, start: int, stop: int, threads: int, ex) -> En
     c_u0 = np.zeros((C, 3), dtype=np.float32)
     c_steps = np.zeros(C, dtype=np.int64)
     args = (k.seeds[start:stop], k.init_dirs[start:stop], c_n, c_seed, c_status, c_term, c_u0,
-            c_steps, *k.fod, *k.consts, *k.rois, _ADD_TO_TCK)  # fmt: skip
+            c_steps, *k.fod, *k.consts, k.kernel_rois, _ADD_TO_TCK)  # fmt: skip
     B = _block_size(C, threads)
 
     def block(b0: int):
@@ -1427,7 +1457,7 @@ def track_fused_cpu_peaks(
     }
     c_steps = np.zeros(N, dtype=np.int64)
     outputs = (out["lengths"], out["seed_index"], out["status"], out["term"], out["init_dir"])
-    args = (k.seeds, k.init_dirs, buf, ubuf, *outputs, c_steps, *k.fod, *k.consts, *k.rois,
+    args = (k.seeds, k.init_dirs, buf, ubuf, *outputs, c_steps, *k.fod, *k.consts, k.kernel_rois,
             _ADD_TO_TCK)  # fmt: skip
     _run_rows(threads, True, args)
     out["points"], out["peaks"], out["steps"] = buf, ubuf, int(c_steps.sum())

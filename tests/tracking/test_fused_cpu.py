@@ -174,6 +174,22 @@ def test_seed_rejections(straight):
     assert res.lengths[0] == res.lengths[1] == 0 and res.seed_index[0] == -1
 
 
+def test_seed_below_cutoff_keeps_its_peak(straight):
+    # SDStream::init at the seed: the peak search (through the kernel's step, curvature test
+    # off) converges on the fibre from an oblique start; below the cutoff the seed is invalid
+    # but its init_dir is still that peak, not the start direction
+    seeds = [[30.0, 3, 3], [30.0, 3, 3]]
+    dirs = np.float32([[1, 0.2, 0.1], [1, 0.2, 0.1]])
+    _, ok = _track(straight, seeds, dirs=dirs)
+    _, low = _track(straight, seeds, dirs=dirs, cutoff=1e3)
+    assert list(ok.status) == [Reject.ACCEPTED] * 2
+    assert list(low.status) == [Reject.INVALID_SEED] * 2 and list(low.lengths) == [0, 0]
+    np.testing.assert_allclose(np.abs(ok.init_dir), [[1, 0, 0]] * 2, atol=1e-5)
+    assert np.array_equal(low.init_dir, ok.init_dir)
+    # the start direction is oblique to the fibre (~13 deg): the peak is not the start
+    assert float(np.abs(ok.init_dir[0]) @ (dirs[0] / np.linalg.norm(dirs[0]))) < 0.98
+
+
 def test_max_length_counts_points(straight):
     params, res = _track(straight, [[30.0, 3.0, 3.0]], max_length_mm=2.0, min_length_mm=0.5)
     n_max = params.max_points
