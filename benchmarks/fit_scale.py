@@ -108,12 +108,13 @@ def _seed_centre(phantom: dict) -> list[float]:
 
 
 def make_target(work: str, phantom: dict, args) -> dict:
-    """``bundle.tck`` and ``seeds.txt`` by tckgen (SD_Stream, the true cutoff and angle)."""
+    """``bundle.tck`` and ``seeds.txt`` by tckgen (SD_Stream, the true cutoff and angle); one
+    thread and a fixed ``MRTRIX_RNG_SEED``, so every run fits the same target."""
     c = _seed_centre(phantom)
     sphere = ",".join(f"{v:.4f}" for v in c) + f",{args.seed_radius}"
     cmd = ["tckgen", "fod.mif", "bundle.tck", "-algorithm", "SD_Stream", "-seed_sphere", sphere,
            "-select", str(args.streamlines), "-cutoff", str(args.true_cutoff),
-           "-angle", str(args.true_angle), "-output_seeds", "seeds.txt", "-nthreads", "2",
+           "-angle", str(args.true_angle), "-output_seeds", "seeds.txt", "-nthreads", "0",
            *(["-step", str(args.true_step)] if args.true_step else []),
            "-force", "-quiet"]  # fmt: skip
     r = run_measured(cmd, dict(os.environ, MRTRIX_RNG_SEED=str(RNG_SEED)), cwd=work)
