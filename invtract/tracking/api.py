@@ -84,7 +84,9 @@ def track(
         fod: the FOD field (scanner-frame SH, MRtrix3 basis).
         seeding: the seed mechanism.
         params: tracking parameters (resolved with ``voxel_sizes`` when not yet resolved).
-        voxel_sizes: the FOD voxel sizes (mm), needed to resolve defaults.
+        voxel_sizes: voxel sizes (mm) that resolve the defaults; None: the field's own
+            (:attr:`FODField.voxel_sizes <invtract.fod.field.FODField>`, the image header's for
+            :meth:`~invtract.fod.field.FODField.from_image`).
         rois: include / exclude / mask regions.
         engine: ``"auto"`` (fastest for the device), ``"torch"`` or ``"numba"``.
         select: stop once this many streamlines are accepted (infinite seeders; tckgen default
@@ -102,6 +104,8 @@ def track(
     Returns:
         A :class:`TrackingResult`.
     """
+    if voxel_sizes is None:
+        voxel_sizes = fod.voxel_sizes
     if act is not None:
         engine = _act_engine(engine)
         if isinstance(params, TrackingParameters) and voxel_sizes is not None:
@@ -109,8 +113,6 @@ def track(
 
             params = act_parameters(params, voxel_sizes)
     if isinstance(params, TrackingParameters):
-        if voxel_sizes is None:
-            raise ConfigError("voxel_sizes is required to resolve tracking parameters")
         params = params.resolve(voxel_sizes)
     rois = rois or RoiSet()
     if engine == "auto":

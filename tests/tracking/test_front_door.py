@@ -152,3 +152,23 @@ def test_fit_target_pairs_seeds_like_the_tckgen_seeds_file(reference):
     assert len(sl2) == len(sl) and not np.allclose(pos2, pos)
     with pytest.raises(it.ConfigError, match="no streamlines"):
         it.fit_target(StatefulTractogram([], str(d / "fod.nii.gz"), Space.RASMM))
+
+
+def test_api_track_resolves_defaults_with_the_fields_voxel_sizes(reference):
+    """``tracking.api.track`` without ``voxel_sizes``: the field's own (the header's), so the
+    FOD type alone carries what resolving tckgen's defaults needs; same streamlines as tckgen."""
+    from invtract.fod.field import FODField
+    from invtract.params import TrackingParameters
+    from invtract.tracking.api import Seeding, track
+
+    d, ref, seeds = reference
+    img = it.load_fod(d / "fod.nii.gz")
+    field = FODField.from_image(img)
+    dirs = np.tile(np.float32([1, 0, 0]), (len(seeds.positions), 1))  # -seed_direction 1,0,0
+    seeding = Seeding("list", positions=seeds.positions, directions=dirs)
+    res = track(field, seeding, TrackingParameters(), rng_seed=0)
+    assert len(res.streamlines) == len(ref)
+    pts, _ = res.streamlines.to_padded()
+    for k, t in enumerate(seeds.track_index):
+        n = int(res.streamlines.lengths[k])
+        np.testing.assert_array_equal(pts[k, :n].numpy(), ref[int(t)])
