@@ -99,7 +99,6 @@ def compare_reference(
         # with -seed_direction every seed starts from it, as in tckgen
         Seeding("list", positions=pos, directions=None if params.seed_direction else dirs),
         params,
-        voxel_sizes=fod.voxel_sizes,
         rois=rois,
         engine=engine,
         rng_seed=0,
@@ -142,7 +141,6 @@ def replay_reference(
         field,
         Seeding.from_mask("grid", mask, int(words[k + 2])),
         params,
-        voxel_sizes=fod.voxel_sizes,
         engine=engine,
         rng_seed=rng_seed,
         batch_size=batch_size,

@@ -172,7 +172,6 @@ def replay_command(tck_path, rng_seed: int, engine: str = "numba", batch_size: i
         FODField.from_image(fod),
         _seeding(cmd, folder, act),
         params,
-        voxel_sizes=fod.voxel_sizes,
         rois=command_rois(cmd, folder),
         engine=engine,
         select=cmd.select,
