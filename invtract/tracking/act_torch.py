@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..fod.field import FODField
 from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
 from ..params import ResolvedParameters
@@ -41,7 +40,7 @@ from .rules import (
     act_priors,
     is_path,
 )
-from .tracker import _ADD_TO_TCK, _IncludeState, _seed_check
+from .tracker import _ADD_TO_TCK, _IncludeState, _seed_check, downsample_track
 from .types import EngineResult, Reject, RoiSet, Term, concat_results
 
 __all__ = ["ActField", "tissues_at", "tissue_classes", "track_torch_act"]
@@ -343,29 +342,34 @@ def crop_at_gmwmi(act: ActField, tck: np.ndarray) -> np.ndarray:
     return out
 
 
-def _rejection(tck, reason, seed_in_sgm, to_wm, missed, crop, params) -> int:
-    """``track_rejected`` with ACT, then (``-crop_at_gmwmi``) the length re-measured."""
+def _rejection(tck, s, reason, seed_in_sgm, to_wm, missed, crop, params):
+    """``track_rejected`` with ACT, then ``check_downsampled_length`` (``-downsample`` or
+    ``-crop_at_gmwmi``: downsampled, then the length re-measured; over-long is rejected under
+    ACT). Returns ``(status, tck, seed index)`` after downsampling."""
     n = tck.shape[0]
     if reason != int(Reject.ACCEPTED):
-        return reason
+        return reason, tck, s
     if n == 1 and params.min_points > 1:
-        return int(Reject.NO_PROPAGATION_FROM_SEED)
+        return int(Reject.NO_PROPAGATION_FROM_SEED), tck, s
     if n < params.min_points:
-        return int(Reject.TRACK_TOO_SHORT)
+        return int(Reject.TRACK_TOO_SHORT), tck, s
     if params.max_points != 2 and seed_in_sgm and not to_wm:
-        return int(Reject.ACT_FAILED_WM_REQUIREMENT)
+        return int(Reject.ACT_FAILED_WM_REQUIREMENT), tck, s
     if missed:
-        return int(Reject.MISSED_INCLUDE_REGION)
-    if crop and not (params.min_points_post < n < params.max_points_post):
+        return int(Reject.MISSED_INCLUDE_REGION), tck, s
+    if not crop and params.downsample <= 1:
+        return int(Reject.ACCEPTED), tck, s
+    tck, s = downsample_track(tck, s, int(params.downsample))
+    if not (params.min_points_post < tck.shape[0] < params.max_points_post):
         length = f32(0.0)
         d = np.diff(tck.astype(np.float32), axis=0)
-        for s in np.sqrt(d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2])):
-            length = f32(length + s)
+        for seg in np.sqrt(d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2])):
+            length = f32(length + seg)
         if length < params.min_length_mm:
-            return int(Reject.TRACK_TOO_SHORT)
+            return int(Reject.TRACK_TOO_SHORT), tck, s
         if length > params.max_length_mm:
-            return int(Reject.TRACK_TOO_LONG)
-    return int(Reject.ACCEPTED)
+            return int(Reject.TRACK_TOO_LONG), tck, s
+    return int(Reject.ACCEPTED), tck, s
 
 
 def _finish_half(field, act, crop, tck, term, st: _ActState, i: int):
@@ -465,8 +469,8 @@ def _track_chunk_act(field, act, seeds, init_dirs, params, rois, crop):
             s = tck.shape[0] - 1
             tck = np.concatenate([tck[::-1], b2[i, : n2n[i]]]).astype(np.float32)
             tck, term[i, 1], reason[i] = _finish_half(field, act, crop, tck, t2n[i], st, i)
-        status[i] = _rejection(tck, int(reason[i]), bool(st.seed_in_sgm[i]), bool(st.to_wm[i]),
-                               bool(missed[i]), crop, params)  # fmt: skip
+        flags = (bool(st.seed_in_sgm[i]), bool(st.to_wm[i]), bool(missed[i]))
+        status[i], tck, s = _rejection(tck, s, int(reason[i]), *flags, crop, params)
         if status[i] == int(Reject.ACCEPTED):
             parts.append(tck)
             lengths[i], seed_index[i] = tck.shape[0], s
@@ -502,11 +506,7 @@ def track_torch_act(
     Returns:
         :class:`EngineResult` (terminations and rejections in MRtrix's ACT categories).
 
-    Raises:
-        ConfigError: ``-downsample`` above 1 (not implemented with ACT in this engine).
     """
-    if params.downsample > 1:
-        raise ConfigError("-downsample with -act is not implemented in the torch engine")
     rois = rois or RoiSet()
     tt = ActField.from_act(act, field.device)
     seeds = torch.as_tensor(np.asarray(seeds) if not torch.is_tensor(seeds) else seeds)

@@ -46,8 +46,7 @@ count, bidirectional joining or ``unidirectional``), and ACT as act_cpu:
   transform. No backtracking (tckgen does not allow it for SD_Stream either).
 
 Refused (:func:`supported`): an unbounded ``max_points`` (``downsample x angle >= 360 deg``;
-the numba engine refuses it too) and ``-downsample`` with ACT (the torch engine refuses it;
-the numba ACT kernel ignores it); the ``triton`` engine of
+the numba engine refuses it too); the ``triton`` engine of
 :mod:`invtract.tracking.engines.triton_gpu` raises a ConfigError.
 
 Public API: :func:`track_fused_triton`, :func:`supported`, :func:`available`,
@@ -173,13 +172,10 @@ def supported(params: ResolvedParameters, rois: RoiSet | None = None, act=None) 
     Every SD_Stream rule is in the kernel (first order and RK4, downsampling with the length
     check and truncation, include / ordered include / exclude / mask regions as spheres or
     images, ``-stop``), and ACT's with ``act`` (an :class:`~invtract.tracking.act.ActImage`);
-    not: an unbounded ``max_points`` (``downsample x angle >= 360 deg``), and ``-downsample``
-    with ACT (the torch engine refuses it, the numba ACT kernel ignores it). ``rois`` is
-    accepted for the interface (any :class:`RoiSet` is covered).
+    not: an unbounded ``max_points`` (``downsample x angle >= 360 deg``). ``rois`` and ``act``
+    are accepted for the interface (any :class:`RoiSet`, any 5TT is covered).
     """
-    del rois
-    if act is not None and int(params.downsample) > 1:
-        return False
+    del rois, act
     return int(params.max_points) + 2 <= _MAX_BUFFER_POINTS
 
 
@@ -1620,12 +1616,15 @@ def _act_inputs(act: ActImage | None, dev: torch.device):
     return as_t(tt), as_t(tnz), as_t(mt), X, Y, Z, int(crop)
 
 
-def _downsample(res: EngineResult, params: ResolvedParameters) -> EngineResult:
+def _downsample(
+    res: EngineResult, params: ResolvedParameters, length_check: bool = True
+) -> EngineResult:
     """Exec's Downsampler and ``check_downsampled_length`` on the accepted streamlines of
     ``res`` (fused_cpu ``_track_seed``'s tail, float32 throughout): keep the first point,
     every ``R``-th point in phase with the seed and the last; then, outside the point-count
     bounds ``(min_points_post, max_points_post)``, reject a streamline shorter than the minimum
-    length and truncate one longer than the maximum."""
+    length and truncate one longer than the maximum. ``length_check=False`` (ACT, whose check
+    rejects instead: :func:`_act_crop_lengths`) only downsamples."""
     R = int(params.downsample)
     n = res.lengths.astype(np.int64)
     seed = res.seed_index.astype(np.int64)
@@ -1641,6 +1640,9 @@ def _downsample(res: EngineResult, params: ResolvedParameters) -> EngineResult:
     src = np.where(k == new_n[rows] - 1, n[rows] - 1, src)
     src = np.where(do[rows], src, k)
     pts = res.points[starts[rows] + src]
+    if not length_check:
+        seeds = np.where(new_n > 0, new_seed, res.seed_index)
+        return EngineResult(pts, new_n, seeds, res.status, res.term, res.init_dir, res.counts)
     new_starts = np.cumsum(new_n) - new_n
     # check_downsampled_length outside (min_points_post, max_points_post): sequential float32
     # sums of the segment lengths, all streamlines at once
@@ -1739,8 +1741,6 @@ def track_fused_triton(
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
-    if act is not None and int(params.downsample) > 1:
-        raise ValueError("-downsample with -act is not implemented in the Triton kernel")
     if not supported(params, rois, act):
         raise ValueError(
             f"max_points={int(params.max_points)} is unbounded for the Triton kernel (downsample "
@@ -1837,7 +1837,7 @@ def track_fused_triton(
             )
     out = concat_results(parts, seconds=time.perf_counter() - t0)
     if int(params.downsample) > 1:
-        out = _downsample(out, params)
-    if act is not None and act.crop_at_gmwmi:
+        out = _downsample(out, params, length_check=act is None)
+    if act is not None and (act.crop_at_gmwmi or int(params.downsample) > 1):
         out = _act_crop_lengths(out, params)
     return out

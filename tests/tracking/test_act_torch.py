@@ -35,7 +35,7 @@ def test_vectorised_tissue_tests_are_the_rulebooks():
         assert k["seed_ok"][i] == rules.act_seed_ok(*t)
 
 
-def _both(tt: str, crop: bool):
+def _both(tt: str, crop: bool, **params):
     from invtract.fod.field import FODField
     from invtract.io.image import load_fod, load_mask
     from invtract.params import TrackingParameters
@@ -50,7 +50,7 @@ def _both(tt: str, crop: bool):
         track(
             field,
             seeding,
-            TrackingParameters(),
+            TrackingParameters(**params),
             voxel_sizes=fod.voxel_sizes,
             engine=e,
             rng_seed=20240601,
@@ -107,3 +107,19 @@ def test_cli_torch_engine_with_act(tmp_path):
     refs = load_tractogram(LOCAL / "act_grid_pv_crop.tck").to_list()
     assert len(ours) == len(refs) == 36
     assert all(a.shape == b.shape and np.abs(a - b).max() < 1e-5 for a, b in zip(ours, refs))
+
+
+@numba_only
+@pytest.mark.parametrize(
+    "crop, extra, kept",
+    [(False, {"downsample": 3}, 36), (True, {"downsample": 4, "max_length_mm": 24.01}, 11)],
+)
+def test_downsample_with_act_as_numba(crop, extra, kept):
+    """-downsample with ACT (references act_grid_pv_ds3 / act_grid_pv_crop_ds4_max24, where the
+    numba kernel is bit-identical to tckgen): the torch engine downsamples before the length
+    check and rejects over-long streamlines; every streamline within 1e-5 mm of numba's."""
+    a, b = _both("5tt_pv.mif", crop, **extra)
+    assert len(a.streamlines) == kept
+    assert _close(a, b) == kept
+    assert a.summary["rejected"] == b.summary["rejected"]
+    np.testing.assert_array_equal(a.seed_index, b.seed_index)

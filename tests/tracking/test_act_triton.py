@@ -352,6 +352,9 @@ _CASES = {
     "act_grid_sgm": (3, (1,), {"EXIT_SGM", "ACT_FAILED_WM_REQUIREMENT", "TRACK_TOO_SHORT"}),
     "act_grid2_sgm_crop": (3, (1, 2), {"EXIT_SGM", "ENTER_CGM", "EXIT_IMAGE"}),
     "act_gmwmi_sgm": (3, (1, 2), {"EXIT_SGM", "ACCEPTED", "ENTER_CSF"}),
+    # -downsample with ACT: downsampled on the host, then ACT's length check (rejects)
+    "act_grid_pv_ds3": (2, (2,), {"ENTER_CGM", "ACCEPTED"}),
+    "act_grid_pv_crop_ds4_max24": (3, (2,), {"ACCEPTED", "TRACK_TOO_LONG"}),
 }
 
 

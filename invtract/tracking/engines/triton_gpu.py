@@ -37,15 +37,12 @@ def track(
 
     Raises:
         ConfigError: for an unbounded ``max_points`` (``downsample x angle >= 360 deg``),
-            which no fused engine can buffer (numba refuses it too), and for ``-downsample``
-            with ACT (no engine implements it).
+            which no fused engine can buffer (numba refuses it too).
     """
     from .. import fused_triton
     from . import get_engine, numba_available
 
     rois = rois or RoiSet()
-    if act is not None and int(params.downsample) > 1:
-        raise ConfigError("triton engine: -downsample with -act is not implemented")
     if not fused_triton.supported(params, rois, act):
         raise ConfigError(
             f"triton engine: max_points={int(params.max_points)} is unbounded (downsample "
