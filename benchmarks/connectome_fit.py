@@ -185,28 +185,38 @@ def act_case(a) -> None:
         scan[str(c)] = round(connectome_correlation(m, target), 4)
     vs = fod.voxel_sizes
     start = act_parameters(TrackingParameters(), vs).resolve(vs)
-    fp, bp = res.params.resolve(vs), res.best_params.resolve(vs)
     print(json.dumps({
         "case": a.case,
         "target": f"{kind} -act cutoff {true['cutoff']} angle {true['angle_deg']}",
         "n_target_streamlines": int(np.triu(target).sum()),
-        "learned": cfg["fit"]["learn"], "iterations": res.iterations,
-        "correlation_before": round(res.start_correlation, 4),
-        "correlation_after": round(res.final_correlation, 4),
+        **_fit_summary(res, cfg, vs),
         "goal_r_ge_0.95": bool(res.final_correlation >= 0.95),
-        "hard_correlation_history": {
-            h["iteration"]: round(h["connectome/correlation_hard"], 4)
-            for h in res.history if "connectome/correlation_hard" in h
-        },
-        "recovered": {"step_mm": fp.step_mm, "angle_deg": fp.angle_deg, "cutoff": fp.cutoff},
-        "best_loss_params": {"step_mm": bp.step_mm, "angle_deg": bp.angle_deg,
-                             "cutoff": bp.cutoff, "iteration": res.best_iteration},
         "true": {**true, "step_mm": start.step_mm},
         "start": {"step_mm": start.step_mm, "angle_deg": start.angle_deg,
                   "cutoff": start.cutoff},
         "cutoff_scan_hard_correlation_at_true_angle": scan,
         "wall_s": round(wall, 1),
     }, indent=2))  # fmt: skip
+
+
+def _fit_summary(res, cfg: dict, vs) -> dict:
+    """The JSON keys every case reports: what was learned, correlations before / after and
+    along the fit, and the final and best-loss parameters (resolved with voxel sizes ``vs``)."""
+    fp, bp = res.params.resolve(vs), res.best_params.resolve(vs)
+    return {
+        "learned": cfg["fit"]["learn"],
+        "iterations": res.iterations,
+        "correlation_before": round(res.start_correlation, 4),
+        "correlation_after": round(res.final_correlation, 4),
+        "hard_correlation_history": {
+            h["iteration"]: round(h["connectome/correlation_hard"], 4)
+            for h in res.history
+            if "connectome/correlation_hard" in h
+        },
+        "recovered": {"step_mm": fp.step_mm, "angle_deg": fp.angle_deg, "cutoff": fp.cutoff},
+        "best_loss_params": {"step_mm": bp.step_mm, "angle_deg": bp.angle_deg,
+                             "cutoff": bp.cutoff, "iteration": res.best_iteration},
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -249,21 +259,10 @@ def main() -> None:
         scan[str(c)] = round(connectome_correlation(m, target), 4)
     ok = [c for c in grid if scan[str(c)] >= 0.95]
     vs = fod.voxel_sizes
-    fp, bp = res.params.resolve(vs), res.best_params.resolve(vs)
     print(json.dumps({
         "target": f"{kind} cutoff {TRUE['cutoff']} angle {TRUE['angle_deg']} (step default)",
         "n_target_streamlines": int(np.triu(target).sum()),
-        "learned": cfg["fit"]["learn"],
-        "iterations": res.iterations,
-        "correlation_before": round(res.start_correlation, 4),
-        "correlation_after": round(res.final_correlation, 4),
-        "hard_correlation_history": {
-            h["iteration"]: round(h["connectome/correlation_hard"], 4)
-            for h in res.history if "connectome/correlation_hard" in h
-        },
-        "recovered": {"step_mm": fp.step_mm, "angle_deg": fp.angle_deg, "cutoff": fp.cutoff},
-        "best_loss_params": {"step_mm": bp.step_mm, "angle_deg": bp.angle_deg,
-                             "cutoff": bp.cutoff, "iteration": res.best_iteration},
+        **_fit_summary(res, cfg, vs),
         "true": {**TRUE, "step_mm": 0.2},
         "start": {"step_mm": 0.2, "angle_deg": 60.0, "cutoff": 0.1},
         "cutoff_scan_hard_correlation": scan,
