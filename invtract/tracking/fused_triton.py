@@ -660,15 +660,7 @@ if triton is not None:
             sel = _sinf(el)
             atpole = sel.to(tl.float64) < tol
             # --- Legendre lookup (PrecomputedAL::set)
-            fr = tl.div_rn(el, inc)
-            isnan = fr != fr
-            frs = tl.where(isnan, 0.0, fr)
-            ii = frs.to(tl.int32)
-            edge = isnan | (ii < 0) | (ii >= _K_LUT_LAST_ROW)
-            row = tl.where(ii < 0, 0, tl.where(ii >= _K_LUT_LAST_ROW, _K_LUT_LAST_ROW, ii))
-            row = tl.where(isnan, 0, row)
-            w2 = tl.where(edge, 0.0, frs - ii.to(tl.float32))
-            w1 = tl.where(edge, 1.0, 1.0 - w2)
+            row, w1, w2 = _lut_row(el, inc)
             ra = (row * NAL)[:, None]
             rb = (tl.minimum(row + 1, _K_LUT_LAST_ROW) * NAL)[:, None]
             w1c = w1[:, None]
@@ -727,6 +719,21 @@ if triton is not None:
             it += 1
             active = active & (~conv) & (it < _K_MAX_ITERATIONS)
         return r_amp, r_x, r_y, r_z
+
+    @triton.jit
+    def _lut_row(el, inc):
+        """``PrecomputedAL::set`` at elevation ``el``: the table row and the interpolation
+        weights ``(row, w1, w2)`` (a NaN elevation or one off the table: its edge row, w2 0)."""
+        fr = tl.div_rn(el, inc)
+        isnan = fr != fr
+        frs = tl.where(isnan, 0.0, fr)
+        ii = frs.to(tl.int32)
+        edge = isnan | (ii < 0) | (ii >= _K_LUT_LAST_ROW)
+        row = tl.where(ii < 0, 0, tl.where(ii >= _K_LUT_LAST_ROW, _K_LUT_LAST_ROW, ii))
+        row = tl.where(isnan, 0, row)
+        w2 = tl.where(edge, 0.0, frs - ii.to(tl.float32))
+        w1 = tl.where(edge, 1.0, 1.0 - w2)
+        return row, w1, w2
 
     @triton.jit
     def _dot3(ax, ay, az, bx, by, bz):
@@ -958,16 +965,7 @@ if triton is not None:
         azimuth rotated term by term from ``(u_x, u_y) / r_xy``, each m > 0 term added in
         double and rounded back to float32, in the slot tables' order."""
         sqrt2 = tl.load(k_ptr)
-        el = _acosf(uz)
-        fr = tl.div_rn(el, inc)
-        isnan = fr != fr
-        frs = tl.where(isnan, 0.0, fr)
-        ii = frs.to(tl.int32)
-        edge = isnan | (ii < 0) | (ii >= _K_LUT_LAST_ROW)
-        row = tl.where(ii < 0, 0, tl.where(ii >= _K_LUT_LAST_ROW, _K_LUT_LAST_ROW, ii))
-        row = tl.where(isnan, 0, row)
-        w2 = tl.where(edge, 0.0, frs - ii.to(tl.float32))
-        w1 = tl.where(edge, 1.0, 1.0 - w2)
+        row, w1, w2 = _lut_row(_acosf(uz), inc)
         ic = w2 != 0.0
         ra = row * NAL
         rb = tl.minimum(row + 1, _K_LUT_LAST_ROW) * NAL
