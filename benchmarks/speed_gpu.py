@@ -25,6 +25,7 @@ Usage: ``python benchmarks/speed_gpu.py [--seeds 10000 100000 1000000] [--repeat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -154,17 +155,8 @@ def main(argv=None) -> int:
         seeds, dirs = random_seeds(mask, affine, n)
         seeds_d = torch.as_tensor(seeds, device="cuda")
         dirs_d = torch.as_tensor(dirs, device="cuda")
-        track_fused_triton(sh_dev, s2v, seeds_d, dirs_d, params)  # warm-up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        best = None
-        for _ in range(max(1, args.repeats)):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            res = track_fused_triton(sh_dev, s2v, seeds_d, dirs_d, params)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            best = dt if best is None else min(best, dt)
+        run = functools.partial(track_fused_triton, sh_dev, s2v, seeds_d, dirs_d, params)
+        best, res = _best_of(run, args.repeats)
         steps = int(res.counts["steps"])
         runs.append(
             {
@@ -184,6 +176,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def _best_of(run, repeats: int):
+    """``(best seconds, last result)`` of ``run()`` over ``repeats`` timed CUDA runs after one
+    warm-up (peak GPU memory statistics reset after the warm-up)."""
+    import torch
+
+    run()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    best, res = None, None
+    for _ in range(max(1, repeats)):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        res = run()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    return best, res
+
+
 def act_speed(args) -> dict:
     """The ACT case: Triton ACT throughput per seed count, numba ACT on a subset beside it."""
     import torch
@@ -198,15 +209,8 @@ def act_speed(args) -> dict:
     runs = []
     for n in args.seeds:
         seeds, dirs = random_seeds(wm, affine, n)
-        track_fused_triton(sh_dev, s2v, seeds, dirs, params, act=act)  # warm-up
-        best = None
-        for _ in range(max(1, args.repeats)):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            res = track_fused_triton(sh_dev, s2v, seeds, dirs, params, act=act)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            best = dt if best is None else min(best, dt)
+        run = functools.partial(track_fused_triton, sh_dev, s2v, seeds, dirs, params, act=act)
+        best, res = _best_of(run, args.repeats)
         m = min(n, args.numba_seeds)
         t0 = time.perf_counter()
         ref = track_fused_cpu_act(sh, s2v, seeds[:m], dirs[:m], params, act)
