@@ -40,7 +40,13 @@ from .rules import (
     act_priors,
     is_path,
 )
-from .tracker import _ADD_TO_TCK, _IncludeState, _seed_check, downsample_track
+from .tracker import (
+    _ADD_TO_TCK,
+    _IncludeState,
+    _seed_check,
+    _segment_lengths,
+    downsample_track,
+)
 from .types import EngineResult, Reject, RoiSet, Term, concat_results
 
 __all__ = ["ActField", "tissues_at", "tissue_classes", "track_torch_act"]
@@ -362,8 +368,7 @@ def _rejection(tck, s, reason, seed_in_sgm, to_wm, missed, crop, params):
     tck, s = downsample_track(tck, s, int(params.downsample))
     if not (params.min_points_post < tck.shape[0] < params.max_points_post):
         length = f32(0.0)
-        d = np.diff(tck.astype(np.float32), axis=0)
-        for seg in np.sqrt(d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2])):
+        for seg in _segment_lengths(tck):  # sequential float32 sum, as the C++ loop
             length = f32(length + seg)
         if length < params.min_length_mm:
             return int(Reject.TRACK_TOO_SHORT), tck, s
