@@ -224,10 +224,21 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, ext):
 
 def test_tck_body_matches_nibabel_writer(tmp_path):
     """The block-written .tck is byte for byte what nibabel's streamline-by-streamline
-    ``TckFile.save`` writes with the same header writer (including an empty tractogram)."""
-    from nibabel.streamlines import Tractogram
+    ``TckFile.save`` writes with the same header writer (including an empty tractogram), and
+    the header keys kept without nibabel are nibabel's."""
+    from nibabel.streamlines import Field, Tractogram
+    from nibabel.streamlines.tck import TckFile
 
     import invtract.io.tractogram as tractogram_io
+
+    assert tractogram_io._empty_tck_header() == TckFile.create_empty_header()
+    assert (tractogram_io._MAGIC, tractogram_io._COUNT) == (
+        Field.MAGIC_NUMBER,
+        Field.NB_STREAMLINES,
+    )
+
+    class _NibabelBodyWriter(TckFile):
+        _write_header = staticmethod(tractogram_io._write_tck_header)
 
     for n in (0, 1, 4):
         sl = _lines(n) if n else Streamlines.empty()
@@ -235,7 +246,7 @@ def test_tck_body_matches_nibabel_writer(tmp_path):
         header = {"step_size": "0.5", "command_history": "a: b\nc"}
         save_tractogram(ours, sl, header=header)
         lines = [np.asarray(line, np.float32) for line in sl.to_list()]
-        writer = tractogram_io._TckWriter(Tractogram(lines, affine_to_rasmm=np.eye(4)), header)
+        writer = _NibabelBodyWriter(Tractogram(lines, affine_to_rasmm=np.eye(4)), header)
         writer.save(str(theirs))
         assert ours.read_bytes() == theirs.read_bytes()
 
