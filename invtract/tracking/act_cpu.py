@@ -47,7 +47,6 @@ from .fused_cpu import (
     _FP_INC,
     _FP_MAXLEN,
     _FP_MINLEN,
-    _INVALID_SEED,
     _IP_DOWNSAMPLE,
     _IP_LMAX,
     _IP_MAXPOST,
@@ -78,6 +77,8 @@ from .fused_cpu import (
     _reverse,
     _sample,
     _seg_norm,
+    _start_direction,
+    _start_seed,
     _step,
     _visit,
     n_legendre_nb,
@@ -486,28 +487,15 @@ def _act_track_seed(i, seeds, dirs, buf, out_n, out_seed, out_status, out_term, 
                     tprobe):  # fmt: skip
     """Track seed ``i`` with ACT into ``buf[i]`` (see :func:`fused_cpu._track_seed`)."""
     roi_set, roi_bit, roi_kind, roi_sph, roi_mat, roi_dim, roi_off, roi_mask = rois
-    state[0] = 0
-    state[1] = 0
-    state[2] = 1
-    out_n[i] = 0
-    out_seed[i] = -1
-    out_term[i, 0] = -1
-    out_term[i, 1] = -1
-    out_steps[i] = 0
-    nan = np.float32(np.nan)
-    out_u0[i, 0] = nan
-    out_u0[i, 1] = nan
-    out_u0[i, 2] = nan
-    out_status[i] = _INVALID_SEED
+    _start_seed(i, state, out_n, out_seed, out_term, out_u0, out_steps, out_status)
     px = seeds[i, 0]
     py = seeds[i, 1]
     pz = seeds[i, 2]
     if not _act_seed_usable(px, py, pz, st, tis, sh, M, cbuf, ip, rois, tt, Mt,
                             tbuf):  # fmt: skip
         return
-    ux, uy, uz = _normalize3(dirs[i, 0], dirs[i, 1], dirs[i, 2])
-    ux, uy, uz = _normalize3(ux, uy, uz)
-    if not (np.isfinite(ux) and np.isfinite(uy) and np.isfinite(uz)):
+    ok, ux, uy, uz = _start_direction(dirs, i)
+    if not ok:
         return
     amp, ux, uy, uz = _get_peak(cbuf, ux, uy, uz, lut, fp[_FP_INC], zint, zflt, pint, pflt,
                                 mstart, ip[_IP_LMAX], AL)  # fmt: skip

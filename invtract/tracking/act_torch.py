@@ -26,7 +26,6 @@ from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_lege
 from ..params import ResolvedParameters
 from .act import ActImage
 from .propagator import normalise_eigen, sd_stream_step
-from .rois import any_contains
 from .rules import (
     FOV_HALF_VOXEL,
     GMWMI_ACCURACY,
@@ -46,6 +45,7 @@ from .tracker import (
     _seed_check,
     _segment_lengths,
     downsample_track,
+    region_checks,
 )
 from .types import EngineResult, Reject, RoiSet, Term, concat_results
 
@@ -195,20 +195,8 @@ def _act_half(field, act, st, p0, u0, count0, active, inc, params, rois, max_new
         if bool(cont.any()):
             tis, valid = tissues_at(act, new_p[cont])
             t[cont] = _check_structural(st, idx[cont], tis, valid)
-            cont = t == _CONT
-        if rois.mask:
-            t = torch.where(cont & ~any_contains(rois.mask, new_p), int(Term.EXIT_MASK), t)
-            cont = t == _CONT
-        if rois.exclude:
-            t = torch.where(cont & any_contains(rois.exclude, new_p), int(Term.ENTER_EXCLUDE), t)
-            cont = t == _CONT
-        if inc.any:
-            inc.visit(idx[cont], new_p[cont])
-            if params.stop:
-                done = torch.zeros_like(cont)
-                done[cont] = inc.all_visited(idx[cont])
-                t = torch.where(done, int(Term.TRAVERSE_ALL_INCLUDE), t)
-                cont = t == _CONT
+        t = region_checks(t, idx, new_p, rois, inc, params.stop)
+        cont = t == _CONT
         add = add_table[t]
         ai = idx[add]
         buf[ai, nadd[ai]] = new_p[add]

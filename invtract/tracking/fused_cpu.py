@@ -835,29 +835,14 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
     ``rois``: the arrays of :func:`_flatten_rois` or None (no regions: not compiled).
     ``fp_seed``: ``fp`` with the curvature test off (see :func:`_seed_params`), for the
     seed's peak search."""
-    state[0] = 0
-    state[1] = 0
-    state[2] = 1
-    out_n[i] = 0
-    out_seed[i] = -1
-    out_term[i, 0] = -1
-    out_term[i, 1] = -1
-    out_steps[i] = 0
-    nan = np.float32(np.nan)
-    out_u0[i, 0] = nan
-    out_u0[i, 1] = nan
-    out_u0[i, 2] = nan
-    out_status[i] = _INVALID_SEED
+    _start_seed(i, state, out_n, out_seed, out_term, out_u0, out_steps, out_status)
     px = seeds[i, 0]
     py = seeds[i, 1]
     pz = seeds[i, 2]
     if not _seed_usable(px, py, pz, sh, M, cbuf, ip, rois):
         return
-    # tckgen normalises the start direction twice: once where it is made (random_direction()
-    # or the -seed_direction parser in SharedBase) and again in SDStream::init().
-    ux, uy, uz = _normalize3(dirs[i, 0], dirs[i, 1], dirs[i, 2])
-    ux, uy, uz = _normalize3(ux, uy, uz)
-    if not (np.isfinite(ux) and np.isfinite(uy) and np.isfinite(uz)):
+    ok, ux, uy, uz = _start_direction(dirs, i)
+    if not ok:
         return
     # SDStream::init's peak search and amplitude test: one first-order evaluation of the step
     # (the same compiled code as every step: the peak search is compiled once) at the seed,
@@ -928,6 +913,37 @@ def _track_seed(i, row, seeds, dirs, buf, ubuf, rec, out_n, out_seed, out_status
     out_status[i] = _ACCEPTED
     out_n[i] = n
     out_seed[i] = seed
+
+
+@njit(**_JIT)
+def _start_seed(i, state, out_n, out_seed, out_term, out_u0, out_steps, out_status):
+    """Reset seed ``i``'s outputs (nothing tracked, status invalid seed, NaN start direction)
+    and the region-visit ``state`` before it is tracked (the plain and the ACT kernel)."""
+    state[0] = 0
+    state[1] = 0
+    state[2] = 1
+    out_n[i] = 0
+    out_seed[i] = -1
+    out_term[i, 0] = -1
+    out_term[i, 1] = -1
+    out_steps[i] = 0
+    nan = np.float32(np.nan)
+    out_u0[i, 0] = nan
+    out_u0[i, 1] = nan
+    out_u0[i, 2] = nan
+    out_status[i] = _INVALID_SEED
+
+
+@njit(**_JIT)
+def _start_direction(dirs, i):
+    """Seed ``i``'s start direction as tckgen uses it: ``(finite, ux, uy, uz)``.
+
+    tckgen normalises it twice: once where it is made (random_direction() or the
+    -seed_direction parser in SharedBase) and again in SDStream::init().
+    """
+    ux, uy, uz = _normalize3(dirs[i, 0], dirs[i, 1], dirs[i, 2])
+    ux, uy, uz = _normalize3(ux, uy, uz)
+    return np.isfinite(ux) and np.isfinite(uy) and np.isfinite(uz), ux, uy, uz
 
 
 @njit(**_JIT)

@@ -81,6 +81,37 @@ class _IncludeState:
         return self.visited[rows].all(-1) & self.ord_valid[rows] & (self.ord_next[rows] == n_ord)
 
 
+def region_checks(
+    t: torch.Tensor, idx: torch.Tensor, new_p: torch.Tensor, rois, inc: _IncludeState, stop: bool
+) -> torch.Tensor:
+    """The region tests of one step, in tckgen's order, for the streamlines still going.
+
+    Args:
+        t: ``[n]`` the step's termination codes so far (``Term.CONTINUE`` = going on).
+        idx: ``[n]`` the streamlines' rows (for the include-visit state).
+        new_p: ``[n, 3]`` the new points, scanner mm.
+        rois: the :class:`~invtract.tracking.types.RoiSet`; inc: its include-visit state.
+        stop: ``-stop`` (end once every include region was visited).
+
+    Returns:
+        ``[n]`` the codes with EXIT_MASK, ENTER_EXCLUDE and TRAVERSE_ALL_INCLUDE applied.
+    """
+    cont = t == int(Term.CONTINUE)
+    if rois.mask:
+        t = torch.where(cont & ~any_contains(rois.mask, new_p), int(Term.EXIT_MASK), t)
+        cont = t == int(Term.CONTINUE)
+    if rois.exclude:
+        t = torch.where(cont & any_contains(rois.exclude, new_p), int(Term.ENTER_EXCLUDE), t)
+        cont = t == int(Term.CONTINUE)
+    if inc.any:
+        inc.visit(idx[cont], new_p[cont])
+        if stop:
+            done = torch.zeros_like(cont)
+            done[cont] = inc.all_visited(idx[cont])
+            t = torch.where(done, int(Term.TRAVERSE_ALL_INCLUDE), t)
+    return t
+
+
 def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois, max_new,
                 bufs=None, col0=None, refine=0):  # fmt: skip
     """Track one half for all ``active`` rows from ``(p0, u0)``.
@@ -116,20 +147,8 @@ def _track_half(field, p0, u0, count0, active, inc: _IncludeState, params, rois,
         if idx.numel() == 0:
             break
         new_p, new_u, t = sd_stream_step(field, pos[idx], u[idx], params, refine)
+        t = region_checks(t, idx, new_p, rois, inc, params.stop)
         cont = t == CONT
-        if rois.mask:
-            t = torch.where(cont & ~any_contains(rois.mask, new_p), int(Term.EXIT_MASK), t)
-            cont = t == CONT
-        if rois.exclude:
-            t = torch.where(cont & any_contains(rois.exclude, new_p), int(Term.ENTER_EXCLUDE), t)
-            cont = t == CONT
-        if inc.any:
-            inc.visit(idx[cont], new_p[cont])
-            if params.stop:
-                done = torch.zeros_like(cont)
-                done[cont] = inc.all_visited(idx[cont])
-                t = torch.where(done, int(Term.TRAVERSE_ALL_INCLUDE), t)
-                cont = t == CONT
         add = add_to_tck[t]
         ai = idx[add]
         if top >= next(iter(bufs.values())).shape[1]:
