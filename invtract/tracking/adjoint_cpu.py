@@ -32,22 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .numba_import import njit, numba
 from .rules import FOV_HALF_VOXEL, WEIGHT_THRESHOLD
-
-try:  # pragma: no cover - exercised implicitly
-    import numba
-    from numba import njit
-
-    _NUMBA_ERROR: Exception | None = None
-except Exception as exc:  # pragma: no cover - only without numba
-    numba = None
-    _NUMBA_ERROR = exc
-
-    def njit(*args, **kwargs):
-        if len(args) == 1 and callable(args[0]) and not kwargs:
-            return args[0]
-        return lambda f: f
-
 
 __all__ = ["available", "point_amplitudes", "reverse_sweep", "tape_values", "BUFFER_BUDGET_BYTES"]
 

@@ -54,6 +54,8 @@ from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_lege
 from ..fod.peak_tables import peak_tables
 from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
+from .numba_import import NUMBA_ERROR as _NUMBA_ERROR
+from .numba_import import njit, numba
 from .rules import (
     FOV_HALF_VOXEL,
     LUT_LAST_ROW,
@@ -84,20 +86,6 @@ __all__ = [
     "available",
     "warmup",
 ]
-
-try:  # pragma: no cover - exercised implicitly
-    import numba
-    from numba import njit
-
-    _NUMBA_ERROR: Exception | None = None
-except Exception as exc:  # pragma: no cover - only without numba
-    numba = None
-    _NUMBA_ERROR = exc
-
-    def njit(*args, **kwargs):
-        if len(args) == 1 and callable(args[0]) and not kwargs:
-            return args[0]
-        return lambda f: f
 
 
 def available() -> bool:
