@@ -238,6 +238,9 @@ def _fod_image(fod, sh_basis: str):
 
     if isinstance(fod, (str, os.PathLike)):
         return load_fod(fod, sh_basis=sh_basis)
+    if isinstance(fod, FODField):  # its coefficients (a view when float32 on the CPU)
+        sh = fod.sh.detach().to("cpu", torch.float32).numpy()
+        fod = Image(sh, fod.voxel2scanner, fod.header_voxel_sizes)
     img = _as_image(fod, "fod") if not isinstance(fod, Image) else fod
     if sh_basis not in ("mrtrix", "tournier07"):
         img = Image(to_mrtrix_basis(np.asarray(img.data, np.float32), sh_basis), img.affine,
@@ -277,8 +280,9 @@ def track_tractogram(
     return them as a DIPY ``StatefulTractogram`` (``invtract.track``).
 
     Args:
-        fod: FOD image: a path (``.nii[.gz]``, ``.mif``), ``invtract.load_fod``'s result, a
-            nibabel image or ``(sh [X, Y, Z, K], affine [4, 4])``.
+        fod: FOD image: a path (``.nii[.gz]``, ``.mif``), ``invtract.load_fod``'s result, an
+            :class:`~invtract.fod.field.FODField`, a nibabel image or ``(sh [X, Y, Z, K],
+            affine [4, 4])``; its header voxel sizes resolve tckgen's defaults.
         seeds / seed_image / seed_grid_per_voxel / seed_random_per_voxel / seed_sphere:
             exactly one: ``[N, 3]`` (or ``[N, 6]`` with directions) seed points in scanner
             mm or a seed file (tckgen ``-output_seeds``, CSV, text); a mask (path, image, or
