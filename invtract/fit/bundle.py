@@ -137,7 +137,9 @@ class BundleProblem(Problem):
     def _fod_of(self, sh):
         """The FOD with the coefficients ``sh`` ``[X, Y, Z, K]`` (the fixed field itself when
         the FOD is not learned)."""
-        return self.fixed_field if self.fixed_field is not None else self.fod.with_sh(sh)
+        if self.fixed_field is not None:
+            return self.fixed_field
+        return self.fod.with_sh(sh, changed=self.state.voxels)
 
     def _field(self, sh):
         """The detached FOD the margin / centre terms sample (None when none runs)."""

@@ -789,7 +789,7 @@ class ConnectomeProblem(Problem):
         when ``sh`` is its own (no SH learned), else the same grid with ``sh``."""
         if self.state.delta is None and sh.data_ptr() == self.fod.sh_flat.data_ptr():
             return self.fod
-        return self.fod.with_sh(sh)
+        return self.fod.with_sh(sh, changed=self.state.voxels)
 
     def _track(self, f, fod, pos, dirs, vals, fl, temperature):
         if f["tracker"] == "fast":

@@ -106,19 +106,27 @@ class FODField:
         sizes = tuple(float(v) for v in voxel_sizes[:3])
         return cls(flat, shape, s2v, nonzero, lmax_from_n(K), affine, sizes)
 
-    def with_sh(self, sh: torch.Tensor) -> FODField:
+    def with_sh(self, sh: torch.Tensor, changed: torch.Tensor | None = None) -> FODField:
         """The field on the same grid (shape, affine, voxel sizes, scanner->voxel) with the
         coefficients ``sh`` (``[X, Y, Z, K]`` or ``[X*Y*Z, K]``, any dtype / device, may require
         grad): not copied when C-ordered (the field's ``sh_flat`` is a view of it, so gradients
-        of anything tracked on the field reach ``sh``). The non-zero voxel mask is recomputed
-        from the new values (one pass over them, no grad)."""
+        of anything tracked on the field reach ``sh``).
+
+        The non-zero voxel mask is recomputed from the new values (no grad): over every voxel,
+        or, with ``changed`` (``[V]`` flat voxel indices outside which ``sh`` equals this
+        field's coefficients, e.g. a fit's learned voxels), over those only."""
         n = int(np.prod(self.shape))
         if tuple(sh.shape[:-1]) not in (tuple(self.shape), (n,)):
             raise ShapeError(
                 f"coefficients {tuple(sh.shape)} do not fit the field's grid {tuple(self.shape)}"
             )
         flat = sh.reshape(n, sh.shape[-1])
-        nonzero = (flat.detach() != 0).any(-1)
+        if changed is None:
+            nonzero = (flat.detach() != 0).any(-1)
+        else:
+            nonzero = self.nonzero_flat.to(flat.device, copy=True)
+            idx = changed.to(flat.device)
+            nonzero[idx] = (flat.detach()[idx] != 0).any(-1)
         s2v = self.scanner2voxel.to(flat.device)
         return dataclasses.replace(
             self, sh_flat=flat, scanner2voxel=s2v, nonzero_flat=nonzero,

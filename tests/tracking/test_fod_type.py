@@ -129,3 +129,15 @@ def test_with_sh_shares_the_tensor_and_checks_the_grid():
     assert g.detach().sh_flat.data_ptr() == learn.data_ptr() and not g.detach().requires_grad
     with pytest.raises(ShapeError, match="grid"):
         field.with_sh(torch.zeros(4, 4, 5, 15))
+
+
+def test_with_sh_changed_voxels_update_the_nonzero_mask_as_a_full_pass():
+    field = _field((4, 4, 4))
+    sh = field.sh.clone()
+    sh[0, 0, 0] = 0.0  # a voxel the change empties
+    sh[1, 2, 3] += 1.0
+    changed = torch.tensor([0, 1 * 16 + 2 * 4 + 3, 5])
+    fast, full = field.with_sh(sh, changed=changed), field.with_sh(sh)
+    assert not bool(full.nonzero_flat[0]) and bool(field.nonzero_flat[0])
+    assert torch.equal(fast.nonzero_flat, full.nonzero_flat)
+    assert bool(field.nonzero_flat[0])  # the original field's mask is left as it was
