@@ -68,6 +68,20 @@ def test_c_order_fod_copies_once_and_releases_the_mapped_pages(mapped_fod):
     assert c_order_fod(out) is out  # already C-ordered float32: no copy
 
 
+def test_fod_field_of_a_mapped_mif_is_one_c_ordered_copy_with_the_header(mapped_fod):
+    """A ``.mif`` stored as MRtrix stores FODs (``+1,+2,+3,+0``) becomes the fit's field by
+    one copy into C order (the map's pages released), carrying the header's voxel sizes;
+    the field then passes through ``fod_field`` (and so ``fit``) without another."""
+    path, data = mapped_fod
+    img = load_fod(path)
+    field = fod_field(img)
+    assert field.sh_flat.is_contiguous() and field.dtype == torch.float32
+    assert not np.shares_memory(field.sh_flat.numpy(), np.asarray(img.data))
+    np.testing.assert_array_equal(field.sh.numpy(), data)
+    assert field.voxel_sizes == tuple(img.voxel_sizes) == field.header_voxel_sizes
+    assert fod_field(field) is field
+
+
 def test_params_problem_shares_one_fod_copy():
     """The problem's state, its field and the field fod_field returns are one buffer."""
     from invtract.data import example_path
