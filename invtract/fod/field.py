@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..errors import ShapeError
+from ..errors import ConfigError, ShapeError
 from ..io.geometry import scanner2voxel
 from .interp import sample_fod
 from .peaks import mrtrix_peak
@@ -41,8 +41,10 @@ class FODField:
         affine: ``[4, 4]`` float64 numpy, voxel index -> scanner mm (RAS+), when built from
             one (:meth:`from_image`, :meth:`from_array`); None for a field made from a
             scanner->voxel transform alone.
-        voxel_sizes: ``(3,)`` voxel sizes in mm (the image's own for :meth:`from_image`, the
-            affine's column norms for :meth:`from_array` unless given); None with ``affine``.
+        voxel_sizes: ``(3,)`` voxel sizes in mm that resolve tckgen's defaults (the image
+            header's for :meth:`from_image`, the affine's column norms for :meth:`from_array`
+            unless given); None for a field made from a scanner->voxel transform alone
+            (:attr:`header_voxel_sizes` then derives them).
     """
 
     sh_flat: torch.Tensor
@@ -212,7 +214,7 @@ def as_fod_field(
         return FODField.from_image(fod, dev, dt)
     if isinstance(fod, tuple) and len(fod) == 2:
         return FODField.from_array(fod[0], fod[1], dev, dt, copy=False)
-    raise ShapeError(
+    raise ConfigError(
         f"expected an FODField, an Image or (sh, affine) as the FOD, got {type(fod).__name__}"
     )
 
