@@ -63,11 +63,11 @@ def _gmwmi(case: Path, fod, select: int, repeat: int) -> dict:
     from invtract.tracking.seeding_gmwmi import load_gmwmi_seeder
 
     act = load_act(case / "5tt.mif")
-    field = FODField.from_array(fod.data, fod.affine)
+    field = FODField.from_image(fod)
 
     def run():
         seeding = Seeding("gmwmi", gmwmi=load_gmwmi_seeder(case / "gmwmi.mif", act))
-        return track(field, seeding, TrackingParameters(), voxel_sizes=fod.voxel_sizes,
+        return track(field, seeding, TrackingParameters(),
                      engine="numba", select=select, rng_seed=20240601, act=act)  # fmt: skip
 
     run()

@@ -47,6 +47,7 @@ import torch
 
 from invtract.data import example_path
 from invtract.fit.connectome_fit import fit_connectome, hard_connectome, read_connectome
+from invtract.fod.field import FODField
 from invtract.io.image import load_fod, load_image, load_mask
 from invtract.losses.connectome import as_label_volume, connectome_correlation, connectome_matrix
 from invtract.params import TrackingParameters
@@ -75,12 +76,9 @@ def target_connectome(kind: str, fod, mask, vol) -> np.ndarray:
             )
             return read_connectome(csv)
     res = track(
-        __import__("invtract.fod.field", fromlist=["FODField"]).FODField.from_array(
-            fod.data, fod.affine
-        ),
+        FODField.from_image(fod),
         Seeding("grid", mask=mask.data, affine=mask.affine, count=1),
         TrackingParameters(**TRUE),
-        voxel_sizes=fod.voxel_sizes,
         rng_seed=1,
     )
     return connectome_matrix(res.streamlines, vol)
@@ -146,11 +144,9 @@ def act_target(kind: str, inp: dict, true: dict, fod, mask, vol, act, folder: Pa
         subprocess.run(["tck2connectome", str(tck), str(inp["parc"]), str(csv), "-nthreads",
                         "0", "-quiet", "-force"], check=True)  # fmt: skip
         return read_connectome(csv)
-    from invtract.fod.field import FODField
-
-    res = track(FODField.from_array(fod.data, fod.affine),
+    res = track(FODField.from_image(fod),
                 Seeding("grid", mask=mask.data, affine=mask.affine, count=inp["per_voxel"]),
-                TrackingParameters(**true), voxel_sizes=fod.voxel_sizes, rng_seed=1,
+                TrackingParameters(**true), rng_seed=1,
                 act=act)  # fmt: skip
     return connectome_matrix(res.streamlines, vol)
 
@@ -172,14 +168,14 @@ def act_case(a) -> None:
            "optimizer": {"lr": a.lr, "lr_end": a.lr_end, "beta1": a.beta1}}  # fmt: skip
     t0 = time.perf_counter()
     res = fit_connectome(fod, vol, target, TrackingParameters(), seed_mask=mask.data,
-                         config=cfg, voxel_sizes=fod.voxel_sizes, act=act)  # fmt: skip
+                         config=cfg, act=act)  # fmt: skip
     wall = time.perf_counter() - t0
     pos, dirs = whole_brain_seeds(mask.data, fod.affine, per_voxel=inp["per_voxel"], seed=0,
                                   max_seeds=a.max_seeds)  # fmt: skip
-    sh = torch.as_tensor(np.asarray(fod.data, np.float32))
+    field = FODField.from_image(fod)
     scan = {}
     for c in (0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 0.85, 0.9, 0.95, 1.0):
-        m, _ = hard_connectome(sh, fod.affine, fod.voxel_sizes, pos, dirs,
+        m, _ = hard_connectome(field, pos, dirs,
                                TrackingParameters(cutoff=c, angle_deg=true["angle_deg"]), vol,
                                4.0, act=act)  # fmt: skip
         scan[str(c)] = round(connectome_correlation(m, target), 4)
@@ -243,19 +239,17 @@ def main() -> None:
     t0 = time.perf_counter()
     res = fit_connectome(
         fod, vol, target, TrackingParameters(), seed_mask=mask.data, config=cfg,
-        voxel_sizes=fod.voxel_sizes,
     )  # fmt: skip
     wall = time.perf_counter() - t0
     # identifiability: the hard correlation over a cutoff grid (other parameters as fitted)
     from invtract.fit.connectome_fit import whole_brain_seeds
 
     pos, dirs = whole_brain_seeds(mask.data, fod.affine, seed=0)
-    sh = torch.as_tensor(np.asarray(fod.data, np.float32))
+    field = FODField.from_image(fod)
     grid = [0.5, 0.7, 0.8, 0.85, 0.9, 1.0, 1.2, 1.5, 2.0]
     scan = {}
     for c in grid:
-        m, _ = hard_connectome(sh, fod.affine, fod.voxel_sizes, pos, dirs,
-                               TrackingParameters(cutoff=c), vol, 4.0)  # fmt: skip
+        m, _ = hard_connectome(field, pos, dirs, TrackingParameters(cutoff=c), vol, 4.0)
         scan[str(c)] = round(connectome_correlation(m, target), 4)
     ok = [c for c in grid if scan[str(c)] >= 0.95]
     vs = fod.voxel_sizes

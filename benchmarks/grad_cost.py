@@ -130,6 +130,7 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
     sh = sh.to(device)
     seeds, dirs = _seeds(n, affine)
     zooms = (VOXEL_MM,) * 3
+    grid = FODField.from_array(sh, affine, voxel_sizes=zooms)  # learnable copies go on it
     base = TrackingParameters().resolve(zooms)
     params = TrackingParameters(max_length_mm=base.max_length_mm * factor).resolve(zooms)
     seeds, dirs = seeds.to(device), dirs.to(device)
@@ -144,9 +145,7 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
     short = TrackingParameters(max_length_mm=10.0, min_length_mm=1.0).resolve(zooms)
     shw = sh.clone().requires_grad_(True)
     diff_path = "efficient" if path == "chunked" else path
-    w = track_differentiable(
-        shw, affine, seeds[:8], dirs[:8], short, path=diff_path, voxel_sizes=zooms
-    )
+    w = track_differentiable(grid.with_sh(shw), seeds[:8], dirs[:8], short, path=diff_path)
     (w.points.sum(-1) * w.weights).sum().backward()
     track_torch(FODField.from_array(sh, affine, device=device), seeds[:8], dirs[:8], short)
     del w, shw
@@ -165,13 +164,12 @@ def _child(n: int, factor: int, path: str, device: str) -> dict:
             counted.append(int(out.lengths.sum()))
             return (out.points.sum(-1) * out.weights).sum()
 
-        accumulate_gradients(loss_fn, shg, affine, seeds, dirs, params, voxel_sizes=zooms,
-                             timings=timings)  # fmt: skip
+        accumulate_gradients(loss_fn, grid.with_sh(shg), seeds, dirs, params, timings=timings)
         sync()
         fw = timings["forward_s"]
         points = sum(counted)
     else:
-        res = track_differentiable(shg, affine, seeds, dirs, params, path=path, voxel_sizes=zooms)
+        res = track_differentiable(grid.with_sh(shg), seeds, dirs, params, path=path)
         sync()
         fw = time.perf_counter() - t0
         loss = (res.points.sum(-1) * res.weights).sum()

@@ -163,6 +163,7 @@ def _grid(sl: Streamlines):
 def _tracking_reference(n_seeds: int, device: torch.device) -> dict:
     """Hard forward tracking time per streamline on the real FOD (None if unavailable)."""
     try:
+        from invtract.fod.field import FODField
         from invtract.io.image import load_fod
         from invtract.tracking.differentiable import track_differentiable
 
@@ -173,19 +174,17 @@ def _tracking_reference(n_seeds: int, device: torch.device) -> dict:
         rng = np.random.default_rng(0)
         dirs = rng.normal(size=seeds.shape)
         dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-        sh = torch.as_tensor(np.asarray(fod.data, np.float32), device=device)
+        field = FODField.from_image(fod, device=device)
         args = (
             torch.as_tensor(seeds, dtype=torch.float32, device=device),
             torch.as_tensor(dirs, dtype=torch.float32, device=device),
         )
         with torch.no_grad():
-            track_differentiable(
-                sh, fod.affine, args[0][:8], args[1][:8], voxel_sizes=fod.voxel_sizes
-            )
+            track_differentiable(field, args[0][:8], args[1][:8])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            res = track_differentiable(sh, fod.affine, *args, voxel_sizes=fod.voxel_sizes)
+            res = track_differentiable(field, *args)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0

@@ -81,13 +81,12 @@ def _load(data: Path, case: str, n_seeds: int):
     return img, sl.select(torch.as_tensor(idx)), pos[idx], dirs[idx], base, true
 
 
-def _hard_mdf(field, img, params, pos, dirs, target) -> float:
+def _hard_mdf(field, params, pos, dirs, target) -> float:
     with torch.no_grad():
         res = track(
             field,
             Seeding("list", positions=pos, directions=dirs),
             params,
-            voxel_sizes=img.voxel_sizes,
             rng_seed=0,
         )
     return float(score_tracking(res.streamlines, res.seed_ids, target, pos, ScoreConfig()).loss)
@@ -95,7 +94,7 @@ def _hard_mdf(field, img, params, pos, dirs, target) -> float:
 
 def _reproduces(field, img, true_params, name, value, pos, dirs, target) -> bool:
     p = true_params.replace(**{name: float(value)})
-    return _hard_mdf(field, img, p, pos, dirs, target) < 1e-3
+    return _hard_mdf(field, p, pos, dirs, target) < 1e-3
 
 
 def _interval(field, img, true_params, name, pos, dirs, target, grid, bisect: int = 5) -> list:
@@ -126,7 +125,7 @@ def _interval(field, img, true_params, name, pos, dirs, target, grid, bisect: in
 
 def run_case(data: Path, case: str, iterations: int, n_seeds: int, per_iteration: int) -> dict:
     img, sl, pos, dirs, base, true = _load(data, case, n_seeds)
-    field = FODField.from_array(img.data, img.affine)
+    field = FODField.from_image(img)
     r0 = base.resolve(img.voxel_sizes)
     truth = {"step_mm": r0.step_mm, "angle_deg": r0.angle_deg, "cutoff": r0.cutoff, **true}
     true_params = base.replace(**truth)
@@ -140,7 +139,6 @@ def run_case(data: Path, case: str, iterations: int, n_seeds: int, per_iteration
         sl,
         base,
         seeding=Seeding("list", positions=pos, directions=dirs),
-        voxel_sizes=img.voxel_sizes,
         config=cfg,
     )
     wall = time.perf_counter() - t0
@@ -278,7 +276,6 @@ def run_fod(data: Path, iterations: int, n_seeds: int, blur: float, noise: float
         sl,
         base,
         seeding=Seeding("list", positions=pos, directions=dirs),
-        voxel_sizes=img.voxel_sizes,
         learn=("sh",),
         config={
             "fit": {"iterations": iterations, "seeds_per_iteration": 32, "eval_every": 10},
@@ -290,11 +287,11 @@ def run_fod(data: Path, iterations: int, n_seeds: int, blur: float, noise: float
     )
     wall = time.perf_counter() - t0
     ho = res.heldout_index
-    f0 = FODField.from_array(pert, img.affine)
-    f1 = FODField.from_array(res.sh, img.affine)
+    f0 = FODField.from_image(pimg)
+    f1 = f0.with_sh(res.sh)
     sub = sl.select(torch.as_tensor(ho))
-    before = _hard_mdf(f0, img, base, pos[ho], dirs[ho], sub)
-    after = _hard_mdf(f1, img, base, pos[ho], dirs[ho], sub)
+    before = _hard_mdf(f0, base, pos[ho], dirs[ho], sub)
+    after = _hard_mdf(f1, base, pos[ho], dirs[ho], sub)
     gt = np.asarray(nib.load(str(d / "gt_dirs.nii.gz")).dataobj, np.float32)
     vox = res.learned_voxels.numpy()
     peaks = {
@@ -311,7 +308,11 @@ def run_fod(data: Path, iterations: int, n_seeds: int, blur: float, noise: float
         "n_learned_voxels": int(len(vox)),
         "heldout_mdf_mm": {"before": before, "after": after, "ratio": after / before},
         "clean_fod_heldout_mdf_mm": _hard_mdf(
-            FODField.from_array(clean, img.affine), img, base, pos[ho], dirs[ho], sub
+            FODField.from_array(clean, img.affine, voxel_sizes=img.voxel_sizes),
+            base,
+            pos[ho],
+            dirs[ho],
+            sub,
         ),
         "peak_angular_error_deg": peaks,
         "goals": {

@@ -212,7 +212,6 @@ def run_gradient(problem, iterations, n_seeds, seed: int) -> dict:
         problem.target,
         problem.fixed,
         seeding=problem.seeding(),
-        voxel_sizes=problem.voxel_sizes,
         config=cfg,
         on_step=lambda *a, **k: stamps.append(time.perf_counter() - t0),
     )

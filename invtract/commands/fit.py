@@ -422,8 +422,8 @@ def _bundle_fit(args, cfg, data, logger, ckpt, world):
     return fit(
         img, data["target"], data["params0"],
         seeding=Seeding("list", positions=data["pos"], directions=data["dirs"]),
-        config=cfg, logger=logger, voxel_sizes=img.voxel_sizes, checkpoint=ckpt,
-        resume=args.resume, progress=not args.no_progress, world=world, signal=data["signal"],
+        config=cfg, logger=logger, checkpoint=ckpt, resume=args.resume,
+        progress=not args.no_progress, world=world, signal=data["signal"],
     )  # fmt: skip
 
 
@@ -465,7 +465,7 @@ _PRINTED = (
 )
 
 
-def _hard_score(field, vsz, params, pos, dirs, target, index) -> tuple[float, object]:
+def _hard_score(field, params, pos, dirs, target, index) -> tuple[float, object]:
     """Paired MDF (mm, 20 points) of hard tracking from the seeds ``index``."""
     import torch
 
@@ -480,7 +480,6 @@ def _hard_score(field, vsz, params, pos, dirs, target, index) -> tuple[float, ob
             field,
             Seeding("list", positions=pos[index], directions=dirs[index]),
             params,
-            voxel_sizes=vsz,
             rng_seed=0,
         )
     sc = score_tracking(res.streamlines, res.seed_ids, sub, pos[index], ScoreConfig())
@@ -491,23 +490,22 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg, si
     """Write fitted.tck, fitted_fod.nii.gz, result.json and the hparams record (with ``signal``,
     the ``--dwi`` term: its residuals in result.json's ``signal``)."""
 
-    from ..fit.optimise import fod_arrays
+    from ..fit.optimise import fod_field
     from ..fit.outputs import save_fitted_tck
-    from ..fod.field import FODField
     from ..io.image import save_nifti
 
     run_dir = Path(run_dir)
-    vsz = tuple(img.voxel_sizes)
-    field0 = FODField.from_array(fod_arrays(img, None)[0], img.affine)  # no copy if C-ordered
-    field1 = field0 if result.sh is None else FODField.from_array(result.sh, img.affine)
+    field0 = fod_field(img)  # the image's C-ordered data, not copied; its header voxel sizes
+    vsz = field0.header_voxel_sizes
+    field1 = field0 if result.sh is None else field0.with_sh(result.sh)
     p1 = result.params
     tr, ho = result.train_index, result.heldout_index
-    start_h, _ = _hard_score(field0, vsz, params0, pos, dirs, target, ho)
-    final_h, _ = _hard_score(field1, vsz, p1, pos, dirs, target, ho)
-    start_t, _ = _hard_score(field0, vsz, params0, pos, dirs, target, tr)
-    final_t, _ = _hard_score(field1, vsz, p1, pos, dirs, target, tr)
+    start_h, _ = _hard_score(field0, params0, pos, dirs, target, ho)
+    final_h, _ = _hard_score(field1, p1, pos, dirs, target, ho)
+    start_t, _ = _hard_score(field0, params0, pos, dirs, target, tr)
+    final_t, _ = _hard_score(field1, p1, pos, dirs, target, tr)
     res = save_fitted_tck(
-        run_dir / "fitted.tck", field1, p1, pos, dirs, vsz, source=getattr(img, "path", None)
+        run_dir / "fitted.tck", field1, p1, pos, dirs, source=getattr(img, "path", None)
     )
     if result.sh is not None:
         save_nifti(run_dir / "fitted_fod.nii.gz", result.sh.numpy(), img.affine, like=img.path)
@@ -669,7 +667,7 @@ def _run_connectome(args) -> int:
     with _closing(logger):
         result = fit_connectome(
             img, labels, target, params0, seed_mask=seed_mask, seeds=seeds, config=cfg,
-            logger=logger, voxel_sizes=img.voxel_sizes, checkpoint=ckpt, resume=args.resume,
+            logger=logger, checkpoint=ckpt, resume=args.resume,
             progress=not args.no_progress, world=world, act=act,
         )  # fmt: skip
         if not world.is_main:

@@ -78,9 +78,9 @@ class BundleProblem(Problem):
 
     Args:
         cfg: the validated :class:`~invtract.fit.optimise.FitConfig`.
-        sh0: ``[X, Y, Z, K]`` float32 SH coefficients (on the fit's device).
-        affine: ``[4, 4]`` voxel -> scanner mm.
-        vsz: voxel sizes (mm).
+        fod: the starting FOD, an :class:`~invtract.fod.field.FODField` of float32 C-ordered
+            coefficients on the fit's device (:func:`~invtract.fit.optimise.fod_field`): held
+            once, the learned state and every tracking call view it.
         resolved: the starting tracking parameters, tckgen's defaults resolved.
         paired: the whole paired target; ``train_idx`` / ``held_idx`` split it.
         voxels: ``[V]`` flat indices of the learned voxels (``sh``), else None.
@@ -90,12 +90,14 @@ class BundleProblem(Problem):
             returns a hook, is registered on the learned change (``--fod-updates rotation``).
     """
 
-    def __init__(self, cfg, sh0, affine, vsz, resolved, paired: PairedTarget, train_idx,
-                 held_idx, voxels=None, signal=None):  # fmt: skip
+    def __init__(self, cfg, fod, resolved, paired: PairedTarget, train_idx, held_idx,
+                 voxels=None, signal=None):  # fmt: skip
         super().__init__()
         self.cfg, self.config = cfg, cfg.raw
-        self.affine, self.vsz, self.resolved = affine, vsz, resolved
-        self.dev = sh0.device
+        self.fod, self.resolved = fod, resolved
+        self.affine = fod.voxel2scanner
+        self.dev = fod.device
+        sh0 = fod.sh
         start = {k: getattr(resolved, k) for k in ("step_mm", "angle_deg", "cutoff")}
         self.state = LearnedState(start, cfg.learn, cfg.bounds, cfg.space, sh0, voxels)
         self.train_idx, self.held_idx = train_idx, held_idx
@@ -107,10 +109,8 @@ class BundleProblem(Problem):
         self._tfeats: dict = {}
         self._selected = None  # (values, selection loss) last computed
         self.running = bool({"margin", "centre"} & set(cfg.loss.active(TERMS)))
-        if self.state.delta is None:  # the FOD is fixed: one field (a view of sh0) for all
-            from ..fod.field import FODField
-
-            self.fixed_field = FODField.from_array(self.state.sh(), affine, device=self.dev)
+        if self.state.delta is None:  # the FOD is fixed: the one field for all
+            self.fixed_field = fod
 
     def _signal(self, signal):
         """``signal`` after checking it against the config; its gradient hook registered."""
@@ -134,14 +134,16 @@ class BundleProblem(Problem):
 
         return sh_basis(fibonacci_sphere(self.cfg.loss.sphere_points), lmax_from_n(K)).to(self.dev)
 
-    def _field(self, sh):
-        if not self.running:
-            return None
+    def _fod_of(self, sh):
+        """The FOD with the coefficients ``sh`` ``[X, Y, Z, K]`` (the fixed field itself when
+        the FOD is not learned)."""
         if self.fixed_field is not None:
             return self.fixed_field
-        from ..fod.field import FODField
+        return self.fod.with_sh(sh, changed=self.state.voxels)
 
-        return FODField.from_array(sh.detach(), self.affine)
+    def _field(self, sh):
+        """The detached FOD the margin / centre terms sample (None when none runs)."""
+        return self._fod_of(sh.detach()) if self.running else None
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self, world: World) -> None:
@@ -152,7 +154,7 @@ class BundleProblem(Problem):
             if bad:
                 raise ConfigError(f"--nproc > 1 supports the terms {SHARDABLE_TERMS}; not {bad}")
         pts = self.train.streamlines.points
-        if fod_overlap(self.state.sh0_flat.reshape(self.state.shape), self.affine, pts) == 0:
+        if fod_overlap(self.fod.sh, self.affine, pts) == 0:
             lo, hi = pts.min(0).values.tolist(), pts.max(0).values.tolist()
             raise ConfigError(
                 "the target bundle and the FOD do not overlap: no target vertex lies in a voxel "
@@ -169,17 +171,16 @@ class BundleProblem(Problem):
             )
 
     # -- losses ---------------------------------------------------------------------------------
-    def _track(self, sub: PairedTarget, it: int, vals: Mapping, sh, grad: bool):
+    def _track(self, sub: PairedTarget, it: int, vals: Mapping, fod):
         from ..tracking.differentiable import track_differentiable
 
         t_amp, t_cos, _, _ = self.cfg.temperatures(
             it, float(torch.as_tensor(vals["angle_deg"]).detach())
         )
         return track_differentiable(
-            sh if grad else sh.detach(), self.affine, sub.seeds.to(self.dev),
-            sub.directions.to(self.dev), self.resolved, step_mm=vals["step_mm"],
-            angle_deg=vals["angle_deg"], cutoff=vals["cutoff"], temperature=(t_amp, t_cos),
-            path=self.cfg.path, voxel_sizes=self.vsz, field=self.fixed_field,
+            fod, sub.seeds.to(self.dev), sub.directions.to(self.dev), self.resolved,
+            step_mm=vals["step_mm"], angle_deg=vals["angle_deg"], cutoff=vals["cutoff"],
+            temperature=(t_amp, t_cos), path=self.cfg.path,
         )  # fmt: skip
 
     def _target_feats(self, whole: PairedTarget, rows) -> dict | None:
@@ -208,11 +209,12 @@ class BundleProblem(Problem):
         """This shard's data terms (scaled to the batch) and its tracking result (``feats``:
         the target features of ``sub``'s pairs, see :meth:`_target_feats`)."""
         with torch.set_grad_enabled(grad):
-            res = self._track(sub, it, vals, sh, grad)
+            fod = self._fod_of(sh if grad else sh.detach())
+            res = self._track(sub, it, vals, fod)
             terms = paired_terms(
                 res, sub, self.data_cfg, shape=self.state.shape[:3], affine=self.affine,
-                field=self._field(sh), angle_deg=vals["angle_deg"], cutoff=vals["cutoff"],
-                log_temperature=self.cfg.margin_temperature(it),
+                field=fod.detach() if self.running else None, angle_deg=vals["angle_deg"],
+                cutoff=vals["cutoff"], log_temperature=self.cfg.margin_temperature(it),
                 box_reduce=world.box if world.size > 1 else None, target_feats=feats,
             )  # fmt: skip
         n_missing = terms.pop("n_missing", 0.0)

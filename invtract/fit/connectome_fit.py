@@ -64,7 +64,7 @@ from .config import layered_config, merge_config, validate
 from .descent import annealed
 from .distributed import SINGLE, World
 from .objective import FOD_TERMS, LossConfig, fod_priors, soft_temperature
-from .optimise import COMMON_DEFAULTS, COMMON_RULES, fod_arrays, rules
+from .optimise import COMMON_DEFAULTS, COMMON_RULES, fod_field, rules
 from .reparam import PARAM_NAMES, LearnedState
 from .trainer import Problem, StepOutput, Trainer, TrainSettings
 
@@ -384,8 +384,7 @@ def _half_end_mass(points, seed_index, lengths, half: int, ctx: dict):
 
 def survival_connectome(
     res,
-    sh: torch.Tensor,
-    affine,
+    fod,
     labels,
     *,
     cutoff,
@@ -404,8 +403,8 @@ def survival_connectome(
 
     Args:
         res: :class:`~invtract.tracking.differentiable.DiffTrackResult`.
-        sh: ``[X, Y, Z, K]`` SH coefficients used for tracking (may require grad).
-        affine: ``[4, 4]`` voxel -> scanner mm of ``sh``.
+        fod: the :class:`~invtract.fod.field.FODField` tracked (its coefficients may
+            require grad).
         labels: parcellation (see :func:`~invtract.losses.connectome.as_label_volume`).
         cutoff, angle_deg: floats or 0-d tensors (may require grad).
         temperature: ``(T_amp, T_cos)`` of the survival sigmoid (amplitude units, cosine).
@@ -423,9 +422,9 @@ def survival_connectome(
         ``[N, N]`` tensor in tck2connectome's layout (upper triangle), float64.
 
     Gradients:
-        To ``cutoff`` and ``angle_deg`` (survival), to ``sh`` (amplitudes and, through
-        ``res.points``, the geometry) and to the step (through ``res.points``; with ``act``
-        also through the tissues at the vertices).
+        To ``cutoff`` and ``angle_deg`` (survival), to the FOD's coefficients (amplitudes
+        and, through ``res.points``, the geometry) and to the step (through ``res.points``;
+        with ``act`` also through the tissues at the vertices).
     """
     vol = as_label_volume(labels)
     n = vol.n_nodes + 1
@@ -434,7 +433,7 @@ def survival_connectome(
     dev = points.device
     if S == 0:
         return _layout(torch.zeros(n, n, dtype=torch.float64, device=dev), False, symmetric, False)
-    ctx = _survival_context(sh, affine, vol, cutoff, angle_deg, temperature, dev)
+    ctx = _survival_context(fod, vol, cutoff, angle_deg, temperature, dev)
     ctx.update(
         b=max(1, int(round(float(bin_mm) / max(float(step_mm), 1e-6)))),
         offsets=torch.as_tensor(radial_search_offsets(vol.spacing, radius_mm), device=dev),
@@ -462,23 +461,20 @@ def survival_connectome(
     return _layout(full, False, symmetric, False)
 
 
-def _survival_context(sh, affine, vol, cutoff, angle_deg, temperature, dev) -> dict:
+def _survival_context(fod, vol, cutoff, angle_deg, temperature, dev) -> dict:
     """What :func:`_half_end_mass` and :func:`_seed_acceptance` read: the flat SH ``[V, K]``,
     scanner -> voxel ``[3, 4]``, grid shape, lmax, the thresholds (``cos_max`` of the angle,
     a tensor when ``angle_deg`` is one), the temperatures and the parcellation."""
-    from ..fod.sh import lmax_from_n
-
-    K = sh.shape[-1]
     cos_max = (
         torch.cos(torch.as_tensor(angle_deg, dtype=torch.float64) * (math.pi / 180.0))
         if torch.is_tensor(angle_deg)
         else math.cos(math.radians(float(angle_deg)))
     )
-    inv = np.linalg.inv(np.asarray(affine, np.float64))[:3]
+    inv = np.linalg.inv(fod.voxel2scanner)[:3]
     return {
-        "sh_flat": sh.reshape(-1, K),
+        "sh_flat": fod.sh_flat,
         "s2v": torch.as_tensor(inv, dtype=torch.float64, device=dev),
-        "shape": tuple(int(x) for x in sh.shape[:3]), "lmax": lmax_from_n(K),
+        "shape": tuple(int(x) for x in fod.shape), "lmax": fod.lmax,
         "cutoff": cutoff, "cos_max": cos_max,
         "t_amp": float(temperature[0]), "t_cos": float(temperature[1]),
         "vol": vol, "label_t": torch.as_tensor(vol.labels.ravel(), device=dev),
@@ -506,7 +502,7 @@ class _Tracked:
     lengths: torch.Tensor  # [S]
 
 
-def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_mm=None, act=None):
+def fast_tracking(fod, positions, directions, params, step_mm=None, act=None):
     """Hard tracking with the fast engine, padded, for :func:`survival_connectome`.
 
     The points carry no gradient except to ``step_mm`` (a 0-d tensor): with the step
@@ -520,10 +516,14 @@ def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_m
     whatever the step, so scaling the streamline about its seed would move them where ACT
     never puts them (a fit then shrank the step to pull ends out of the nodes).
 
+    Args:
+        fod: the FOD (:class:`~invtract.fod.field.FODField` or Image; tracked detached).
+        positions, directions: ``[N, 3]`` seeds (scanner mm) and initial directions.
+
     Returns:
         An object with ``points [S, L, 3]``, ``seed_index [S]``, ``lengths [S]``.
     """
-    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params, act)
+    res = _track_hard(fod, positions, directions, params, act)
     pts, _ = res.streamlines.to_padded()
     lengths = res.streamlines.lengths.to(torch.int64)
     pts = pts.to(torch.float64)
@@ -535,35 +535,31 @@ def fast_tracking(sh, affine, voxel_sizes, positions, directions, params, step_m
     return _Tracked(pts, seed_index, lengths.to(torch.int64))
 
 
-def _track_hard(sh, affine, voxel_sizes, positions, directions, params, act=None):
+def _track_hard(fod, positions, directions, params, act=None):
     """Hard tracking (the fastest engine; with ``act`` the ACT engine ``invtract track --act``
-    uses) of ``sh`` from explicit seeds and directions."""
-    from ..fod.field import FODField
+    uses) of the FOD ``fod`` (its coefficients as they are, not copied) from explicit seeds
+    and directions."""
+    from ..fod.field import as_fod_field
     from ..tracking.api import Seeding, track
 
-    sh_np = to_numpy(sh)
-    field = FODField.from_array(sh_np, np.asarray(affine, np.float64))
     with torch.no_grad():
         return track(
-            field,
+            as_fod_field(fod).detach().to("cpu"),
             Seeding("list", positions=positions, directions=directions),
             params,
-            voxel_sizes=voxel_sizes,
             rng_seed=0,
             act=act,
         )
 
 
-def hard_connectome(
-    sh, affine, voxel_sizes, positions, directions, params, labels, radius_mm, act=None
-):
+def hard_connectome(fod, positions, directions, params, labels, radius_mm, act=None):
     """tck2connectome counts of hard tracking (fast engine; ``-act`` with ``act``) from the
     given seeds.
 
     Returns:
         ``(matrix [N, N] float64, n_streamlines)``.
     """
-    res = _track_hard(sh, affine, voxel_sizes, positions, directions, params, act)
+    res = _track_hard(fod, positions, directions, params, act)
     return connectome_matrix(res.streamlines, labels, radius_mm), len(res.streamlines)
 
 
@@ -637,8 +633,8 @@ def _matrix_image(m: np.ndarray) -> np.ndarray:
     return (sym / mx if mx > 0 else sym)[None].astype(np.float32)
 
 
-def _learned_region(sh0: torch.Tensor, mask, region: str, margin: int) -> torch.Tensor:
-    nz = (sh0 != 0).any(-1).numpy()
+def _learned_region(fod, mask, region: str, margin: int) -> torch.Tensor:
+    nz = fod.nonzero_flat.cpu().numpy().reshape(fod.shape)
     if region == "mask" and mask is not None:
         m = np.asarray(mask) != 0
         if margin > 0:
@@ -654,8 +650,9 @@ class ConnectomeProblem(Problem):
 
     Args:
         raw: the validated connectome config.
-        sh0: ``[X, Y, Z, K]`` float32 SH coefficients (on the fit's device).
-        affine, vsz: FOD grid (voxel -> scanner mm) and voxel sizes (mm).
+        fod: the starting FOD, a float32 :class:`~invtract.fod.field.FODField` on the fit's
+            device (:func:`~invtract.fit.optimise.fod_field`; its header voxel sizes resolve
+            tckgen's defaults): held once, the learned state and the tracking view it.
         params: starting / fixed tracking parameters; ``resolved`` with tckgen's defaults.
         vol: the parcellation (:class:`~invtract.losses.connectome.LabelVolume`).
         target: ``[N, N]`` target (upper triangle).
@@ -666,17 +663,18 @@ class ConnectomeProblem(Problem):
             or None; ``params`` then already carry ACT's defaults.
     """
 
-    def __init__(self, raw, sh0, affine, vsz, params, vol, target, seed_set, voxels, evaluate,
+    def __init__(self, raw, fod, params, vol, target, seed_set, voxels, evaluate,
                  act=None):  # fmt: skip
         super().__init__()
+        sh0 = fod.sh
         self.act, self.tissue = act, None
         if act is not None:
             from ..tracking.act_soft import TissueImage
 
             self.tissue = TissueImage.from_act(act, sh0.device)
         self.config, self.raw = raw, raw
-        self.affine, self.vsz, self.params, self.vol = affine, vsz, params, vol
-        self.resolved = params.resolve(vsz)
+        self.fod, self.affine, self.params, self.vol = fod, fod.voxel2scanner, params, vol
+        self.resolved = params.resolve(fod.header_voxel_sizes)
         self.target = target
         self.target_t = torch.as_tensor(target, dtype=torch.float64, device=sh0.device)
         self.seed_set, self.do_eval = seed_set, evaluate
@@ -714,7 +712,7 @@ class ConnectomeProblem(Problem):
         """:meth:`hard_eval` and the number of streamlines tracked (all ranks)."""
         pos, dirs = _shard(self.eval_pos, self.eval_dirs, world)
         m, n = hard_connectome(
-            sh, self.affine, self.vsz, pos, dirs, self.as_params(vals),
+            self._fod_of(sh), pos, dirs, self.as_params(vals),
             self.vol, float(self.raw["loss"]["radius_mm"]), act=self.act,
         )  # fmt: skip
         if world.size > 1:
@@ -758,11 +756,12 @@ class ConnectomeProblem(Problem):
             t_amp, t_cos = soft_temperature(ta, tdeg, fl["angle_deg"])
             t_tis = annealed(t, it, self.iterations, "tissue_start", "tissue_end")
             sh = self.state.sh() if grad else self.state.sh().detach()
-            res = self._track(f, sh, pos, dirs, vals, fl, (t_amp, t_cos))
+            fod = self._fod_of(sh)
+            res = self._track(f, fod, pos, dirs, vals, fl, (t_amp, t_cos))
             pred = survival_connectome(
-                res, sh, self.affine, self.vol, cutoff=vals["cutoff"],
+                res, fod, self.vol, cutoff=vals["cutoff"],
                 angle_deg=vals["angle_deg"], temperature=(t_amp, t_cos),
-                min_points=self.as_params(fl).resolve(self.vsz).min_points,
+                min_points=self.as_params(fl).resolve(fod.header_voxel_sizes).min_points,
                 step_mm=fl["step_mm"], temperature_mm=float(ls["temperature_mm"]),
                 radius_mm=float(ls["radius_mm"]), bin_mm=float(ls["bin_mm"]),
                 act=self.tissue, tissue_temperature=t_tis,
@@ -785,20 +784,25 @@ class ConnectomeProblem(Problem):
             include_diagonal=bool(ls["include_diagonal"]),
         )  # fmt: skip
 
-    def _track(self, f, sh, pos, dirs, vals, fl, temperature):
+    def _fod_of(self, sh):
+        """The FOD with the coefficients ``sh`` ``[X, Y, Z, K]``: the starting field itself
+        when ``sh`` is its own (no SH learned), else the same grid with ``sh``."""
+        if self.state.delta is None and sh.data_ptr() == self.fod.sh_flat.data_ptr():
+            return self.fod
+        return self.fod.with_sh(sh, changed=self.state.voxels)
+
+    def _track(self, f, fod, pos, dirs, vals, fl, temperature):
         if f["tracker"] == "fast":
             return fast_tracking(
-                sh, self.affine, self.vsz, pos, dirs, self.as_params(fl), vals["step_mm"],
-                act=self.act,
+                fod, pos, dirs, self.as_params(fl), vals["step_mm"], act=self.act
             )  # fmt: skip
         from ..tracking.differentiable import track_differentiable
 
-        dev = sh.device
+        dev = fod.device
         return track_differentiable(
-            sh, self.affine, torch.as_tensor(pos, device=dev), torch.as_tensor(dirs, device=dev),
+            fod, torch.as_tensor(pos, device=dev), torch.as_tensor(dirs, device=dev),
             self.resolved, step_mm=vals["step_mm"], angle_deg=vals["angle_deg"],
             cutoff=vals["cutoff"], temperature=temperature, path=str(f["path"]),
-            voxel_sizes=self.vsz,
         )  # fmt: skip
 
     def training_step(self, it: int, world: World) -> StepOutput:
@@ -923,7 +927,6 @@ def fit_connectome(
     config: Mapping | None = None,
     evaluate: bool = True,
     logger=None,
-    voxel_sizes=None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
     on_step: Callable | None = None,
@@ -935,7 +938,9 @@ def fit_connectome(
     """Fit step / angle / cutoff and/or SH coefficients to a target connectome.
 
     Args:
-        fod: :class:`~invtract.io.image.Image`, FODField or ``(sh, affine)``.
+        fod: the FOD: an :class:`~invtract.fod.field.FODField` or an
+            :class:`~invtract.io.image.Image` (or ``(sh, affine)``); its header voxel sizes
+            resolve tckgen's defaults (held once: :func:`~invtract.fit.optimise.fod_field`).
         labels: parcellation (Image, ``(data, affine)`` or LabelVolume); its ``max`` label sets
             the matrix size, which must equal the target's.
         target: ``[N, N]`` target connectome (tck2connectome layout; upper triangle is read).
@@ -947,7 +952,6 @@ def fit_connectome(
         seeds: explicit ``(positions [N, 3], directions [N, 3])`` instead of a mask (fixed).
         config: a connectome config (``configs/fit_connectome.toml`` layout).
         logger: :class:`~invtract.fit.runlog.RunLogger` (or None).
-        voxel_sizes: header voxel sizes (tckgen's defaults).
         checkpoint, resume: checkpoint file; continue from it.
         progress: tqdm bar.
         on_step, callbacks: ``callback(iteration, loss, record)`` after every iteration.
@@ -972,7 +976,7 @@ def fit_connectome(
     raw = merge_config(CONNECTOME_DEFAULTS, config or {})
     validate_config(raw)
     problem = _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds,
-                                  voxel_sizes, evaluate, act)  # fmt: skip
+                                  evaluate, act)  # fmt: skip
     trainer = Trainer(
         TrainSettings.from_config(raw), logger=logger, checkpoint=checkpoint, resume=resume,
         progress=progress, callbacks=[on_step, *callbacks], world=world,
@@ -995,16 +999,17 @@ def fit_connectome(
     )  # fmt: skip
 
 
-def _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds, voxel_sizes,
-                        evaluate, act=None) -> ConnectomeProblem:  # fmt: skip
+def _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds, evaluate,
+                        act=None) -> ConnectomeProblem:  # fmt: skip
     """Check the inputs and build the :class:`ConnectomeProblem`."""
     params = params or TrackingParameters()
     dev = torch.device(raw["fit"]["device"])
-    sh0, affine, vsz = fod_arrays(fod, voxel_sizes)
+    field = fod_field(fod)
+    affine, vsz = field.voxel2scanner, field.header_voxel_sizes
     if act is not None:
         from ..tracking.act import act_parameters
 
-        check_act_inputs(act, sh0.shape[:3], affine, raw["fit"]["tracker"])
+        check_act_inputs(act, field.shape, affine, raw["fit"]["tracker"])
         params = act_parameters(params, vsz)
     vol = as_label_volume(labels)
     target = np.asarray(to_numpy(target), np.float64)
@@ -1020,7 +1025,7 @@ def _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds, voxe
         if k in raw["fit"]["learn"] and not lo <= getattr(resolved, k) <= hi:
             raise ConfigError(f"start {k} = {getattr(resolved, k)} lies outside [bounds] {lo, hi}")
     if seeds is None and seed_mask is None:
-        seed_mask = (sh0 != 0).any(-1).numpy()
+        seed_mask = field.nonzero_flat.cpu().numpy().reshape(field.shape)
     scfg, seed0 = raw["seeding"], int(raw["fit"]["seed"])
 
     def seed_set(it: int | None):
@@ -1035,10 +1040,9 @@ def _connectome_problem(raw, fod, labels, target, params, seed_mask, seeds, voxe
     voxels = None
     if "sh" in raw["fit"]["learn"]:
         fcfg = raw["fod"]
-        voxels = _learned_region(sh0, seed_mask, fcfg["region"], int(fcfg["margin_vox"])).to(dev)
+        voxels = _learned_region(field, seed_mask, fcfg["region"], int(fcfg["margin_vox"])).to(dev)
     return ConnectomeProblem(
-        raw, sh0.to(dev), affine, vsz, params, vol, np.triu(target), seed_set, voxels, evaluate,
-        act,
+        raw, field.to(dev), params, vol, np.triu(target), seed_set, voxels, evaluate, act
     )  # fmt: skip
 
 

@@ -374,30 +374,31 @@ def c_order_fod(data) -> np.ndarray:
     return out
 
 
-def fod_arrays(fod, voxel_sizes):
-    """``(sh [X,Y,Z,K] float32 tensor, affine [4,4], voxel_sizes)`` from a field/image/tuple.
+def fod_field(fod, device: torch.device | str = "cpu"):
+    """The fit's FOD: one float32 :class:`~invtract.fod.field.FODField` on ``device`` whose
+    ``[X*Y*Z, K]`` coefficients are C-ordered, carrying the header voxel sizes that resolve
+    tckgen's defaults.
 
-    ``sh`` is C-ordered (its ``[X*Y*Z, K]`` flat view is free): a view of the input when the
-    input already is (a field's ``sh_flat``, an image from :func:`c_order_fod`), else one copy
-    (:func:`c_order_fod`)."""
+    Args:
+        fod: an :class:`~invtract.fod.field.FODField` (its coefficients, detached: a view
+            when float32 and C-ordered), an :class:`~invtract.io.image.Image` (its data: a
+            view when C-ordered float32, as after :func:`c_order_fod`, else one copy, a mapped
+            file's pages released while copying; its header voxel sizes) or ``(sh [X, Y, Z, K],
+            affine [4, 4])`` (voxel sizes: the affine's column norms).
+    """
     from ..fod.field import FODField
 
     if isinstance(fod, FODField):
-        shape = tuple(fod.shape)
-        sh = fod.sh_flat.detach().reshape(*shape, -1).to(torch.float32).cpu().contiguous()
-        s2v = np.asarray(fod.scanner2voxel.cpu().numpy(), np.float64)
-        affine = np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))
+        field = fod.detach().to(dtype=torch.float32)
+        if not field.sh_flat.is_contiguous():
+            field = field.with_sh(field.sh_flat.contiguous())
     elif hasattr(fod, "data") and hasattr(fod, "affine"):
         sh = torch.from_numpy(_writable(c_order_fod(fod.data)))
-        affine = np.asarray(fod.affine, np.float64)
-        voxel_sizes = voxel_sizes or getattr(fod, "voxel_sizes", None)
+        field = FODField.from_array(sh, fod.affine, voxel_sizes=getattr(fod, "voxel_sizes", None))
     else:
         data, affine = fod
-        sh = torch.from_numpy(_writable(c_order_fod(data)))
-        affine = np.asarray(affine, np.float64)
-    if voxel_sizes is None:
-        voxel_sizes = tuple(float(x) for x in np.linalg.norm(affine[:3, :3], axis=0))
-    return sh, affine, tuple(float(v) for v in voxel_sizes)
+        field = FODField.from_array(torch.from_numpy(_writable(c_order_fod(data))), affine)
+    return field.to(device)
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
@@ -405,21 +406,21 @@ def _writable(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
-def learned_voxels(sh0: torch.Tensor, affine, target: Streamlines, margin: int) -> torch.Tensor:
+def learned_voxels(fod, target: Streamlines, margin: int) -> torch.Tensor:
     """``[V]`` flat indices of the voxels ``target`` passes through, dilated by ``margin``
-    voxels, where the FOD is not all-zero."""
+    voxels, where the FOD (an :class:`~invtract.fod.field.FODField`) is not all-zero."""
     from scipy.ndimage import binary_dilation
 
-    shape = tuple(sh0.shape[:3])
+    shape = tuple(fod.shape)
     pts = target.points.detach().cpu().numpy().astype(np.float64)
-    inv = np.linalg.inv(affine)
+    inv = np.linalg.inv(fod.voxel2scanner)
     vox = np.rint(pts @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
     ok = np.all((vox >= 0) & (vox < np.array(shape)), 1)
     m = np.zeros(shape, bool)
     m[tuple(vox[ok].T)] = True
     if margin > 0:
         m = binary_dilation(m, iterations=margin)
-    m &= (sh0 != 0).any(-1).numpy()
+    m &= fod.nonzero_flat.cpu().numpy().reshape(shape)
     return torch.as_tensor(np.flatnonzero(m.ravel()), dtype=torch.long)
 
 
@@ -452,14 +453,14 @@ def resolve_config(config, steps=None, learn=None, hparams: Mapping | None = Non
 
 
 def build_problem(cfg: FitConfig, fod, target: Streamlines, params: TrackingParameters,
-                  seeding=None, voxel_sizes=None, signal=None):  # fmt: skip
-    """The :class:`~invtract.fit.bundle.BundleProblem` of a fit (checks the target; ``signal``:
-    the diffusion-signal term, see :func:`fit`)."""
+                  seeding=None, signal=None):  # fmt: skip
+    """The :class:`~invtract.fit.bundle.BundleProblem` of a fit (checks the target; ``fod``: see
+    :func:`fit`; ``signal``: the diffusion-signal term, see :func:`fit`)."""
     from .bundle import BundleProblem, split_indices
 
     if len(target) == 0:
         raise ConfigError("the target bundle has no streamlines")
-    sh0, affine, vsz = fod_arrays(fod, voxel_sizes)
+    field = fod_field(fod)
     if seeding is not None:
         pos = np.asarray(seeding.positions, np.float32)
         dirs = seeding.directions
@@ -471,11 +472,11 @@ def build_problem(cfg: FitConfig, fod, target: Streamlines, params: TrackingPara
     dev = torch.device(cfg.device)
     voxels = None
     if "sh" in cfg.learn:
-        voxels = learned_voxels(sh0, affine, paired.subset(train_idx).streamlines, cfg.margin_vox)
+        voxels = learned_voxels(field, paired.subset(train_idx).streamlines, cfg.margin_vox)
         voxels = voxels.to(dev)
+    resolved = params.resolve(field.header_voxel_sizes)
     return BundleProblem(
-        cfg, sh0.to(dev), affine, vsz, params.resolve(vsz), paired, train_idx, held_idx, voxels,
-        signal,
+        cfg, field.to(dev), resolved, paired, train_idx, held_idx, voxels, signal
     )  # fmt: skip
 
 
@@ -490,7 +491,6 @@ def fit(
     learn=None,
     on_step: Callable | None = None,
     logger=None,
-    voxel_sizes=None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
     progress: bool = False,
@@ -502,8 +502,10 @@ def fit(
     """Fit tracking parameters and/or FOD coefficients to a paired target bundle.
 
     Args:
-        fod: :class:`~invtract.fod.field.FODField`, an :class:`~invtract.io.image.Image`, or
-            ``(sh [X,Y,Z,K], affine [4,4])``.
+        fod: the FOD: an :class:`~invtract.fod.field.FODField` or an
+            :class:`~invtract.io.image.Image` (or ``(sh [X,Y,Z,K], affine [4,4])``); its
+            header voxel sizes resolve tckgen's defaults (:func:`fod_field`: held once, as
+            float32 C-ordered coefficients).
         target: target streamlines (mm); streamline ``i`` pairs with seed ``i``.
         params: starting / fixed tracking parameters (None fields: tckgen defaults).
         seeding: a ``Seeding("list", positions, directions)`` with one seed per target
@@ -516,8 +518,6 @@ def fit(
         on_step: called as ``on_step(iteration, loss, record)`` after each iteration; may raise
             to stop (e.g. ``optuna.TrialPruned``, ``KeyboardInterrupt``).
         logger: a :class:`~invtract.fit.runlog.RunLogger`, a bare ``SummaryWriter``, or None.
-        voxel_sizes: FOD header voxel sizes (mm) to resolve tckgen's defaults (else from
-            ``fod``, else the affine's column norms).
         checkpoint: checkpoint file written every ``checkpoint_every`` iterations.
         resume: continue from ``checkpoint`` if it exists.
         progress: show a tqdm progress bar.
@@ -549,7 +549,7 @@ def fit(
         from .runlog import WriterLogger
 
         logger = WriterLogger(logger)
-    problem = build_problem(cfg, fod, target, params, seeding, voxel_sizes, signal)
+    problem = build_problem(cfg, fod, target, params, seeding, signal)
     trainer = Trainer(
         TrainSettings.from_config(cfg.raw), logger=logger, checkpoint=checkpoint,
         resume=resume, progress=progress, callbacks=[on_step, *callbacks], world=world,

@@ -19,9 +19,11 @@ from ..params import TrackingParameters
 __all__ = ["track_fitted", "save_fitted_tck"]
 
 
-def track_fitted(field, params: TrackingParameters, positions, directions, voxel_sizes):
-    """Hard tracking (tckgen's rules) of ``field`` from ``positions [N, 3]`` (scanner mm) with
-    initial ``directions [N, 3]``; returns the tracking result."""
+def track_fitted(field, params: TrackingParameters, positions, directions):
+    """Hard tracking (tckgen's rules) of the FOD ``field`` (an
+    :class:`~invtract.fod.field.FODField` or Image; its header voxel sizes resolve the
+    defaults) from ``positions [N, 3]`` (scanner mm) with initial ``directions [N, 3]``;
+    returns the tracking result."""
     from ..tracking.api import Seeding, track
 
     seeding = Seeding(
@@ -30,7 +32,7 @@ def track_fitted(field, params: TrackingParameters, positions, directions, voxel
         directions=np.asarray(directions, np.float32),
     )
     with torch.no_grad():
-        return track(field, seeding, params, voxel_sizes=voxel_sizes, rng_seed=0)
+        return track(field, seeding, params, rng_seed=0)
 
 
 def save_fitted_tck(
@@ -39,7 +41,6 @@ def save_fitted_tck(
     params: TrackingParameters,
     positions,
     directions,
-    voxel_sizes,
     *,
     source: str | None = None,
 ):
@@ -51,9 +52,9 @@ def save_fitted_tck(
     """
     from ..io.tractogram import save_tractogram
 
-    res = track_fitted(field, params, positions, directions, voxel_sizes)
+    res = track_fitted(field, params, positions, directions)
     header = dict(getattr(res, "header", {}) or {})
-    header.update(params.resolve(tuple(voxel_sizes)).header())
+    header.update(res.params.header())
     if source:
         header["source"] = str(source)
     save_tractogram(path, res.streamlines, header=header, overwrite=True)

@@ -46,6 +46,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
@@ -56,6 +57,9 @@ from ..io.seeds import midpoint_seeds
 from ..params import TrackingParameters
 from ..streamlines import Streamlines
 from .scoring import Score, ScoreConfig, score_tracking
+
+if TYPE_CHECKING:  # annotations only
+    from ..fod.field import FODField
 
 __all__ = [
     "TRACKING_NAMES",
@@ -115,8 +119,8 @@ class CalibrationProblem:
     """What a trial needs: FOD, paired target, seeds, fixed parameters and score.
 
     Attributes:
-        field: the FOD field.
-        voxel_sizes: FOD voxel sizes (mm), to resolve tckgen's defaults.
+        field: the FOD (:class:`~invtract.fod.field.FODField`; its header voxel sizes resolve
+            tckgen's defaults).
         seed_positions: ``[S, 3]`` seeds (scanner mm), seed ``i`` paired with ``target[i]``.
         seed_directions: ``[S, 3]`` initial directions.
         target: ``S`` target streamlines (mm).
@@ -125,8 +129,7 @@ class CalibrationProblem:
         engine: tracking engine (``auto``, ``torch``, ``numba``).
     """
 
-    field: object
-    voxel_sizes: tuple
+    field: FODField
     seed_positions: np.ndarray
     seed_directions: np.ndarray
     target: Streamlines
@@ -158,7 +161,6 @@ class CalibrationProblem:
                 self.field,
                 self.seeding(),
                 params,
-                voxel_sizes=self.voxel_sizes,
                 engine=self.engine,
                 rng_seed=0,
             )
@@ -238,7 +240,6 @@ def load_problem(
             pass
     return CalibrationProblem(
         fld,
-        tuple(float(v) for v in img.voxel_sizes),
         pos,
         dirs,
         sl,
@@ -300,9 +301,7 @@ def hybrid_fit(
     from .trainer import Trainer, TrainSettings
 
     cfg = resolve_config(None, steps, learn, hyper or {})
-    fit_problem = build_problem(
-        cfg, problem.field, problem.target, init, problem.seeding(), problem.voxel_sizes
-    )
+    fit_problem = build_problem(cfg, problem.field, problem.target, init, problem.seeding())
     trainer = Trainer(
         TrainSettings.from_config(cfg.raw),
         logger=None if logger is None else WriterLogger(logger),
@@ -320,7 +319,7 @@ class Objective:
         mode: ``"blackbox"`` or ``"hybrid"``.
         tb_dir: folder for per-trial TensorBoard runs (``None``: no TensorBoard).
         fit_fn: hybrid mode's fit function ``fit_fn(fod, target, init, *, seeding, steps,
-            on_step, logger, voxel_sizes, [learn], **hyper) -> result with best_loss`` (e.g. a
+            on_step, logger, [learn], **hyper) -> result with best_loss`` (e.g. a
             wrapper of :func:`invtract.fit.optimise.fit`); default None: :func:`hybrid_fit`
             (the Trainer directly).
 
@@ -406,8 +405,8 @@ class Objective:
         # a caller's own fit function: fit_fn(fod, target, init, **keywords) -> best_loss
         result = self.fit_fn(
             self.problem.field, self.problem.target, init, seeding=self.problem.seeding(),
-            steps=steps, on_step=prune, logger=writer, voxel_sizes=self.problem.voxel_sizes,
-            **({"learn": learn} if learn else {}), **hyper,
+            steps=steps, on_step=prune, logger=writer, **({"learn": learn} if learn else {}),
+            **hyper,
         )  # fmt: skip
         return float(getattr(result, "best_loss", result))
 

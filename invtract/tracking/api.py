@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ShapeError
-from ..fod.field import FODField
+from ..fod.field import FODField, as_fod_field
 from ..params import ResolvedParameters, TrackingParameters
 from ..streamlines import Streamlines
 from .engines import run_engine
@@ -68,7 +68,6 @@ def track(
     seeding: Seeding,
     params: TrackingParameters | ResolvedParameters,
     *,
-    voxel_sizes=None,
     rois: RoiSet | None = None,
     engine: str = "auto",
     select: int | None = None,
@@ -81,12 +80,13 @@ def track(
     """Track streamlines as ``tckgen -algorithm SD_Stream -nthreads 0`` does.
 
     Args:
-        fod: the FOD field (scanner-frame SH, MRtrix3 basis).
+        fod: the FOD (scanner-frame SH, MRtrix3 basis): an
+            :class:`~invtract.fod.field.FODField`, or an :class:`~invtract.io.image.Image`
+            (tracked as :meth:`~invtract.fod.field.FODField.from_image`).
         seeding: the seed mechanism.
-        params: tracking parameters (resolved with ``voxel_sizes`` when not yet resolved).
-        voxel_sizes: voxel sizes (mm) that resolve the defaults; None: the field's own
-            (:attr:`FODField.voxel_sizes <invtract.fod.field.FODField>`, the image header's for
-            :meth:`~invtract.fod.field.FODField.from_image`).
+        params: tracking parameters; unresolved defaults are resolved with the FOD's header
+            voxel sizes (:attr:`~invtract.fod.field.FODField.header_voxel_sizes`), as tckgen
+            resolves them.
         rois: include / exclude / mask regions.
         engine: ``"auto"`` (fastest for the device), ``"torch"`` or ``"numba"``.
         select: stop once this many streamlines are accepted (infinite seeders; tckgen default
@@ -104,11 +104,11 @@ def track(
     Returns:
         A :class:`TrackingResult`.
     """
-    if voxel_sizes is None:
-        voxel_sizes = fod.voxel_sizes
+    fod = fod if isinstance(fod, FODField) else as_fod_field(fod)
+    voxel_sizes = fod.header_voxel_sizes
     if act is not None:
         engine = _act_engine(engine)
-        if isinstance(params, TrackingParameters) and voxel_sizes is not None:
+        if isinstance(params, TrackingParameters):
             from .act import act_parameters
 
             params = act_parameters(params, voxel_sizes)
@@ -238,6 +238,9 @@ def _fod_image(fod, sh_basis: str):
 
     if isinstance(fod, (str, os.PathLike)):
         return load_fod(fod, sh_basis=sh_basis)
+    if isinstance(fod, FODField):  # its coefficients (a view when float32 on the CPU)
+        sh = fod.sh.detach().to("cpu", torch.float32).numpy()
+        fod = Image(sh, fod.voxel2scanner, fod.header_voxel_sizes)
     img = _as_image(fod, "fod") if not isinstance(fod, Image) else fod
     if sh_basis not in ("mrtrix", "tournier07"):
         img = Image(to_mrtrix_basis(np.asarray(img.data, np.float32), sh_basis), img.affine,
@@ -277,8 +280,9 @@ def track_tractogram(
     return them as a DIPY ``StatefulTractogram`` (``invtract.track``).
 
     Args:
-        fod: FOD image: a path (``.nii[.gz]``, ``.mif``), ``invtract.load_fod``'s result, a
-            nibabel image or ``(sh [X, Y, Z, K], affine [4, 4])``.
+        fod: FOD image: a path (``.nii[.gz]``, ``.mif``), ``invtract.load_fod``'s result, an
+            :class:`~invtract.fod.field.FODField`, a nibabel image or ``(sh [X, Y, Z, K],
+            affine [4, 4])``; its header voxel sizes resolve tckgen's defaults.
         seeds / seed_image / seed_grid_per_voxel / seed_random_per_voxel / seed_sphere:
             exactly one: ``[N, 3]`` (or ``[N, 6]`` with directions) seed points in scanner
             mm or a seed file (tckgen ``-output_seeds``, CSV, text); a mask (path, image, or

@@ -21,11 +21,13 @@ forward+backward over all seeds, plus a small per-chunk overhead.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
 import torch
 
+from ..fod.field import FODField, as_fod_field
 from ..params import ResolvedParameters, TrackingParameters
 from .differentiable import DiffTrackResult, resolved_parameters, track_differentiable
 
@@ -40,14 +42,12 @@ _PARAMETERS = ("step_mm", "angle_deg", "cutoff")
 
 def accumulate_gradients(
     loss_fn: Callable[[DiffTrackResult, int], torch.Tensor],
-    sh: torch.Tensor,
-    affine,
+    fod: FODField,
     seeds: torch.Tensor,
     init_dirs: torch.Tensor,
     params: TrackingParameters | ResolvedParameters | None = None,
     *,
     max_steps: int = DEFAULT_MAX_STEPS,
-    voxel_sizes=None,
     timings: dict | None = None,
     **track_kwargs,
 ) -> torch.Tensor:
@@ -56,7 +56,7 @@ def accumulate_gradients(
     Args:
         loss_fn: ``loss_fn(result, start) -> 0-d tensor`` for the chunk of seeds
             ``seeds[start:start + n]`` (``result.seed_ids`` index within the chunk).
-        sh, affine, seeds, init_dirs, params, voxel_sizes, track_kwargs: as for
+        fod, seeds, init_dirs, params, track_kwargs: as for
             :func:`~invtract.tracking.differentiable.track_differentiable` (``step_mm``,
             ``angle_deg``, ``cutoff``, ``temperature``, ``path``, ...). Positions in scanner
             mm, ``seeds`` / ``init_dirs`` ``[N, 3]``.
@@ -66,19 +66,23 @@ def accumulate_gradients(
 
     Returns:
         The total loss, detached. Gradients are added to ``.grad`` of the leaves behind
-        ``sh``, ``seeds``, ``init_dirs`` and tensor-valued ``step_mm`` / ``angle_deg`` /
-        ``cutoff`` (as ``total.backward()`` would do): inputs that are themselves computed
-        (``torch.where(mask, learn, fixed)``) are back-propagated through once, at the end.
+        the FOD's coefficients (``fod.sh_flat``), ``seeds``, ``init_dirs`` and tensor-valued
+        ``step_mm`` / ``angle_deg`` / ``cutoff`` (as ``total.backward()`` would do): inputs
+        that are themselves computed (``fod.with_sh(torch.where(mask, learn, fixed))``) are
+        back-propagated through once, at the end.
     """
-    inputs = {"sh": sh, "seeds": seeds, "init_dirs": init_dirs}
+    fod = as_fod_field(fod)
+    inputs = {"sh": fod.sh_flat, "seeds": seeds, "init_dirs": init_dirs}
     inputs.update({k: track_kwargs.pop(k) for k in _PARAMETERS if k in track_kwargs})
-    bounds = _chunk_bounds(affine, params, voxel_sizes, inputs, int(seeds.shape[0]), max_steps)
+    bounds = _chunk_bounds(fod, params, inputs, int(seeds.shape[0]), max_steps)
     # detached stand-ins: each chunk's graph ends at them, so the inputs' own graphs (if any)
     # are traversed once, at the end, with the accumulated gradients
     local = {
         k: v.detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
         for k, v in inputs.items()
     }
+    # the same values: the field's non-zero mask stays valid (no pass over the FOD)
+    local_fod = dataclasses.replace(fod, sh_flat=local["sh"])
     wanted = [k for k, v in local.items() if torch.is_tensor(v) and v.requires_grad]
     grads = {k: torch.zeros_like(local[k]) for k in wanted}
     total = torch.zeros((), dtype=torch.float64)
@@ -86,9 +90,8 @@ def accumulate_gradients(
     for start, stop in bounds:
         t0 = time.perf_counter()
         out = track_differentiable(
-            local["sh"], affine, local["seeds"][start:stop], local["init_dirs"][start:stop],
-            params, voxel_sizes=voxel_sizes, **{k: local[k] for k in _PARAMETERS if k in local},
-            **track_kwargs,
+            local_fod, local["seeds"][start:stop], local["init_dirs"][start:stop], params,
+            **{k: local[k] for k in _PARAMETERS if k in local}, **track_kwargs,
         )  # fmt: skip
         loss = loss_fn(out, start)
         t1 = time.perf_counter()
@@ -120,14 +123,12 @@ def accumulate_gradients(
 def accumulate_map_gradients(
     contribution_fn: Callable[[DiffTrackResult, int], torch.Tensor],
     reduce_fn: Callable[[torch.Tensor], torch.Tensor],
-    sh: torch.Tensor,
-    affine,
+    fod: FODField,
     seeds: torch.Tensor,
     init_dirs: torch.Tensor,
     params: TrackingParameters | ResolvedParameters | None = None,
     *,
     max_steps: int = DEFAULT_MAX_STEPS,
-    voxel_sizes=None,
     timings: dict | None = None,
     **track_kwargs,
 ) -> torch.Tensor:
@@ -145,16 +146,16 @@ def accumulate_map_gradients(
     Returns:
         The loss, detached; the inputs' ``.grad`` as after ``reduce_fn(M).backward()``.
     """
-    kw = dict(track_kwargs, voxel_sizes=voxel_sizes)
+    fod = as_fod_field(fod)
+    kw = dict(track_kwargs)
     params_now = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kw.items()}
-    bounds = _chunk_bounds(affine, params, voxel_sizes, track_kwargs, int(seeds.shape[0]),
-                           max_steps)  # fmt: skip
+    bounds = _chunk_bounds(fod, params, track_kwargs, int(seeds.shape[0]), max_steps)
     t0 = time.perf_counter()
     total_map = None
     with torch.no_grad():
         for start, stop in bounds:
             out = track_differentiable(
-                sh.detach(), affine, seeds.detach()[start:stop], init_dirs.detach()[start:stop],
+                fod.detach(), seeds.detach()[start:stop], init_dirs.detach()[start:stop],
                 params, **params_now,
             )  # fmt: skip
             share = contribution_fn(out, start)
@@ -171,7 +172,7 @@ def accumulate_map_gradients(
         return (contribution_fn(out, start) * map_grad).sum()
 
     accumulate_gradients(
-        linearised, sh, affine, seeds, init_dirs, params, max_steps=max_steps, timings=timings,
+        linearised, fod, seeds, init_dirs, params, max_steps=max_steps, timings=timings,
         **kw,
     )  # fmt: skip
     if timings is not None:
@@ -179,11 +180,11 @@ def accumulate_map_gradients(
     return loss.detach()
 
 
-def _chunk_bounds(affine, params, voxel_sizes, values: dict, n: int, max_steps: int) -> list:
+def _chunk_bounds(fod: FODField, params, values: dict, n: int, max_steps: int) -> list:
     """``[(start, stop), ...]`` over ``n`` seeds, at most ``max_steps // max_points`` seeds
     (at least one) per chunk, for the parameters the tracker will resolve (``values`` holds
     any ``step_mm`` / ``angle_deg`` / ``cutoff`` overrides)."""
     overrides = (values.get(k) for k in _PARAMETERS)
-    resolved = resolved_parameters(affine, params, voxel_sizes, *overrides)
+    resolved = resolved_parameters(fod, params, *overrides)
     per_chunk = max(1, int(max_steps) // max(int(resolved.max_points), 1))
     return [(a, min(n, a + per_chunk)) for a in range(0, n, per_chunk)]

@@ -43,13 +43,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ShapeError
-from ..fod.field import FODField
+from ..fod.field import FODField, as_fod_field
 from ..fod.interp import corner_weights, world_to_voxel
 from ..fod.peak_grad import (
     PeakJet,
@@ -63,7 +64,10 @@ from .engines import get_peak_engine
 from .rules import WEIGHT_THRESHOLD
 from .types import PeakRecord, Reject
 
-__all__ = ["DiffTrackResult", "track_differentiable"]
+if TYPE_CHECKING:  # annotations only
+    from ..io.image import Image
+
+__all__ = ["DiffTrackResult", "track_differentiable", "resolved_parameters"]
 
 
 @dataclass
@@ -681,14 +685,23 @@ def _as_scalar(x, default: float, dtype) -> torch.Tensor:
 
 
 def resolved_parameters(
-    affine, params=None, voxel_sizes=None, step_mm=None, angle_deg=None, cutoff=None
+    fod, params=None, step_mm=None, angle_deg=None, cutoff=None
 ) -> ResolvedParameters:
-    """The parameters :func:`track_differentiable` tracks with for these arguments: defaults
-    resolved with ``voxel_sizes`` (the header's) or, when None, the ``[4, 4]`` affine's column
-    norms; ``step_mm`` / ``angle_deg`` / ``cutoff`` (floats or 0-d tensors) override."""
-    affine = np.asarray(affine.detach().cpu() if torch.is_tensor(affine) else affine, np.float64)
-    vox = np.sqrt((affine[:3, :3] ** 2).sum(0)) if voxel_sizes is None else voxel_sizes
-    return _resolve(params, vox, step_mm, angle_deg, cutoff)
+    """The parameters :func:`track_differentiable` tracks with on ``fod`` (an
+    :class:`~invtract.fod.field.FODField` or an :class:`~invtract.io.image.Image`): defaults
+    resolved with its header voxel sizes (as tckgen does); ``step_mm`` / ``angle_deg`` /
+    ``cutoff`` (floats or 0-d tensors) override."""
+    return _resolve(params, fod_voxel_sizes(fod), step_mm, angle_deg, cutoff)
+
+
+def fod_voxel_sizes(fod) -> tuple:
+    """``(3,)`` voxel sizes (mm) of an FOD that resolve tckgen's defaults: a field's
+    :attr:`~invtract.fod.field.FODField.header_voxel_sizes`, an image's header ones."""
+    if isinstance(fod, FODField):
+        return fod.header_voxel_sizes
+    if getattr(fod, "voxel_sizes", None) is not None:
+        return tuple(float(v) for v in fod.voxel_sizes[:3])
+    raise ConfigError(f"expected an FODField or an Image as the FOD, got {type(fod).__name__}")
 
 
 def _resolve(params, voxel_sizes, step, angle, cutoff) -> ResolvedParameters:
@@ -723,8 +736,7 @@ def _resolve(params, voxel_sizes, step, angle, cutoff) -> ResolvedParameters:
 
 
 def track_differentiable(
-    sh: torch.Tensor,
-    affine,
+    fod: FODField | Image,
     seeds: torch.Tensor,
     init_dirs: torch.Tensor,
     params: TrackingParameters | ResolvedParameters | None = None,
@@ -736,20 +748,19 @@ def track_differentiable(
     path: str = "efficient",
     refine: int = 0,
     eps: float = 1e-6,
-    voxel_sizes=None,
-    field: FODField | None = None,
 ) -> DiffTrackResult:
     """Track SD_Stream streamlines whose points are differentiable.
 
     The forward pass is the hard tracker (the points equal ``invtract track``'s for the same
     seeds and initial directions). Gradients of any function of ``points`` / ``weights`` reach
-    ``sh``, ``seeds``, ``init_dirs``, ``step_mm``, ``angle_deg`` and ``cutoff``.
+    the FOD's coefficients, ``seeds``, ``init_dirs``, ``step_mm``, ``angle_deg`` and ``cutoff``.
 
     Args:
-        sh: ``[X, Y, Z, K]`` SH coefficients (MRtrix3 basis, scanner frame); float32 gives
-            tckgen parity, float64 gives gradient checks. May require grad, or be built from a
-            learnable subset of voxels (``torch.where(mask[..., None], learn, fixed)``).
-        affine: ``[4, 4]`` voxel -> scanner (mm) transform.
+        fod: the FOD: an :class:`~invtract.fod.field.FODField` (its geometry and header voxel
+            sizes resolve the defaults, as tckgen's do) whose coefficients may require grad
+            (``field.with_sh(sh)``, e.g. ``sh = torch.where(mask[..., None], learn, fixed)``),
+            or an :class:`~invtract.io.image.Image` (tracked as a float32 field). A float32
+            field gives tckgen parity, float64 gradient checks.
         seeds: ``[N, 3]`` seed points, scanner mm (may require grad).
         init_dirs: ``[N, 3]`` initial directions (may require grad; see Gradients).
         params: remaining tracking parameters (defaults: tckgen's). ``-rk4``, ``-downsample``,
@@ -765,20 +776,13 @@ def track_differentiable(
             parity; > 0 makes every peak an exact critical point, so the points are a smooth
             function of the inputs between discrete events: used for finite-difference checks).
         eps: Hessian eigenvalue guard of :func:`~invtract.fod.peak_grad.implicit_peak`.
-        voxel_sizes: voxel sizes (mm) used to resolve defaults, as in the image header (the
-            ``Image.voxel_sizes`` of :func:`~invtract.io.image.load_fod`); derived from the
-            affine's column norms when None, which can differ from the header in the last
-            float32 bit and so change the default step. Ignored for ``ResolvedParameters``.
-        field: the :class:`~invtract.fod.field.FODField` of ``sh.detach()`` on ``affine``
-            (same values, dtype and device), when the caller already holds one: saves building
-            it (a pass over the whole FOD) on every call. None: built from ``sh``.
 
     Returns:
         A :class:`DiffTrackResult` (accepted streamlines only).
 
     Gradients:
-        * ``sh``: exact (trilinear interpolation is linear; peaks by the implicit function
-          theorem; amplitudes by the envelope theorem).
+        * the coefficients (``fod.sh_flat``): exact (trilinear interpolation is linear; peaks
+          by the implicit function theorem; amplitudes by the envelope theorem).
         * ``seeds``, points: exact where the trilinear weights are smooth (a.e.; at a voxel centre
           plane the one-sided derivative of the current cell is used).
         * ``step_mm``: exact.
@@ -790,27 +794,21 @@ def track_differentiable(
           the length limits, seed rejection) are held fixed: zero gradient, never NaN/Inf.
 
     Example:
-        >>> res = track_differentiable(sh, affine, seeds, dirs, step_mm=h)  # doctest: +SKIP
+        >>> fod = FODField.from_array(sh, affine, dtype=sh.dtype)  # doctest: +SKIP
+        >>> res = track_differentiable(fod, seeds, dirs, step_mm=h)  # doctest: +SKIP
         >>> (res.points.sum(-1) * res.weights).sum().backward()  # doctest: +SKIP
     """
     if path not in ("efficient", "plain"):
         raise ConfigError(f"unknown path {path!r}; valid: efficient, plain")
-    if sh.ndim != 4:
-        raise ShapeError(f"sh must be [X, Y, Z, K], got {tuple(sh.shape)}")
+    fod = fod if isinstance(fod, FODField) else as_fod_field(fod)
     if seeds.ndim != 2 or seeds.shape[-1] != 3 or init_dirs.shape != seeds.shape:
         raise ShapeError(
             f"seeds and init_dirs must be [N, 3], got {tuple(seeds.shape)}, "
             f"{tuple(init_dirs.shape)}"
         )
-    dt = sh.dtype
-    affine = np.asarray(affine.detach().cpu() if torch.is_tensor(affine) else affine, np.float64)
-    rp = resolved_parameters(affine, params, voxel_sizes, step_mm, angle_deg, cutoff)
-    if field is None:
-        field = FODField.from_array(sh.detach(), affine, device=sh.device, dtype=dt)
-    elif tuple(field.shape) != tuple(sh.shape[:3]) or field.dtype != dt:
-        raise ShapeError(
-            f"field {tuple(field.shape)} {field.dtype} does not match sh {tuple(sh.shape)} {dt}"
-        )
+    dt = fod.dtype
+    rp = resolved_parameters(fod, params, step_mm, angle_deg, cutoff)
+    field = fod.detach()  # the hard pass's view of the same coefficients
     if torch.is_tensor(step_mm):  # move by the exact step (float64 runs); decisions unchanged
         rp = dataclasses.replace(rp, step_mm=float(step_mm.detach()))
     t_amp, t_cos = (temperature, temperature) if np.isscalar(temperature) else temperature
@@ -822,7 +820,7 @@ def track_differentiable(
         cos_max = torch.cos(angle_deg.reshape(()).to(torch.float64) * (math.pi / 180.0))
     else:
         cos_max = torch.tensor(rp.dot_threshold, dtype=torch.float64)
-    dev = sh.device
+    dev = fod.device
     consts = _Consts(
         field.shape,
         field.scanner2voxel,
@@ -834,7 +832,7 @@ def track_differentiable(
         cos_max.detach().to(device=dev, dtype=torch.float64),
     )
     tp = _hard_forward(field, seeds, init_dirs, rp, refine, consts)
-    sh_flat = sh.reshape(-1, sh.shape[-1])
+    sh_flat = fod.sh_flat
     sid = tp.seed_ids
     # seeds of accepted streamlines: hard values, gradient routed to the caller's tensor
     seeds_acc = tp.seeds + (seeds[sid].to(dt) - seeds[sid].to(dt).detach())

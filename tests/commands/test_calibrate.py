@@ -43,7 +43,6 @@ def phantom(tmp_path_factory) -> dict:
         FODField.from_array(sh, np.eye(4)),
         Seeding("list", positions=pos, directions=dirs),
         params,
-        voxel_sizes=(1.0, 1.0, 1.0),
         rng_seed=0,
     )
     save_tractogram(folder / "target.tck", res.streamlines, header=dict(res.params.header()))

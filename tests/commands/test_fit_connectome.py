@@ -32,9 +32,7 @@ def target_csv(tmp_path_factory):
     fod, mask = load_fod(example_path("fod")), load_mask(example_path("mask"))
     vol = as_label_volume(load_image(PARC))
     pos, dirs = whole_brain_seeds(mask.data, fod.affine, max_seeds=150, seed=0)
-    m, _ = hard_connectome(
-        fod.data, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4
-    )
+    m, _ = hard_connectome(fod, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4)
     path = tmp_path_factory.mktemp("t") / "target.csv"
     path.write_text(format_connectome(m))
     return str(path)

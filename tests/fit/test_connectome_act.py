@@ -23,6 +23,7 @@ from invtract.fit.connectome_fit import (
     survival_connectome,
     whole_brain_seeds,
 )
+from invtract.fod.field import FODField
 from invtract.io.image import load_fod, load_image, load_mask
 from invtract.losses.connectome import as_label_volume, connectome_loss, format_connectome
 from invtract.params import TrackingParameters
@@ -37,11 +38,11 @@ TINY = 1e-7  # every temperature of the hard limit
 
 @pytest.fixture(scope="module")
 def sift():
-    """``(fod, mask, parcellation, sh [X, Y, Z, K] float32)`` of the sift phantom."""
+    """``(fod, mask, parcellation, FODField)`` of the sift phantom."""
     fod = load_fod(need_data("sift_phantom", "fods.mif"))
     mask = load_mask(need_data("sift_phantom", "mask.mif"))
     vol = as_label_volume(load_image(need_data("sift_phantom", "parc.mif")))
-    return fod, mask, vol, torch.as_tensor(np.asarray(fod.data, np.float32))
+    return fod, mask, vol, FODField.from_image(fod)
 
 
 def _act(name: str):
@@ -49,10 +50,10 @@ def _act(name: str):
     return load_act(path)
 
 
-def _soft(res, sh, fod, vol, params, act, temps=(TINY, TINY, TINY), **kw):
+def _soft(res, field, fod, vol, params, act, temps=(TINY, TINY, TINY), **kw):
     rp = params.resolve(fod.voxel_sizes)
     return survival_connectome(
-        res, sh, fod.affine, vol, cutoff=kw.pop("cutoff", rp.cutoff),
+        res, field, vol, cutoff=kw.pop("cutoff", rp.cutoff),
         angle_deg=kw.pop("angle_deg", rp.angle_deg), temperature=temps[:2],
         min_points=rp.min_points, step_mm=rp.step_mm, temperature_mm=kw.pop("t_mm", 0.01),
         act=act, tissue_temperature=temps[2], **kw,
@@ -64,25 +65,24 @@ def test_hard_limit_equals_invtract_connectome_of_the_hard_act_tractogram(sift, 
     """Every temperature -> 0: the soft ACT connectome is the count matrix that
     ``invtract connectome`` gives for the hard ACT tractogram of the same seeds (binary 5TT,
     partial volumes with CSF and pathology, sub-cortical GM)."""
-    from invtract.fod.field import FODField
     from invtract.io.tractogram import save_tractogram
     from invtract.tracking.api import Seeding, track
 
-    fod, mask, vol, sh = sift
+    fod, mask, vol, field = sift
     act = _act(five_tt)
     params = act_parameters(TrackingParameters(), fod.voxel_sizes)
     pos, dirs = whole_brain_seeds(mask.data, mask.affine, per_voxel=2, seed=4)
-    hard = track(FODField.from_array(fod.data, fod.affine),
+    hard = track(FODField.from_image(fod),
                  Seeding("list", positions=pos, directions=dirs), params,
-                 voxel_sizes=fod.voxel_sizes, rng_seed=0, act=act)  # fmt: skip
+                 rng_seed=0, act=act)  # fmt: skip
     assert len(hard.streamlines) > 50
     save_tractogram(tmp_path / "hard.tck", hard.streamlines)
     csv = tmp_path / "hard.csv"
     parc = str(need_data("sift_phantom", "parc.mif"))
     assert main(["connectome", str(tmp_path / "hard.tck"), parc, str(csv), "--quiet"]) == 0
     expected = np.loadtxt(csv, delimiter=",")
-    res = fast_tracking(sh, fod.affine, fod.voxel_sizes, pos, dirs, params, act=act)
-    pred = _soft(res, sh, fod, vol, params, act).detach().numpy()
+    res = fast_tracking(field, pos, dirs, params, act=act)
+    pred = _soft(res, field, fod, vol, params, act).detach().numpy()
     assert expected.sum() > 20
     np.testing.assert_allclose(pred, expected, atol=1e-6)
 
@@ -92,18 +92,18 @@ def test_hard_limit_equals_tckgen_and_tck2connectome(sift):
     soft connectome at tiny temperatures is tck2connectome's matrix of tckgen's tractogram."""
     from invtract.io.seeds import seeds_from_reference
 
-    fod, _, vol, sh = sift
+    fod, _, vol, field = sift
     tck = need_data("sift_phantom", "act_grid_cutoff0.2.tck")
     pos, dirs, _ = seeds_from_reference(
         tck, need_data("sift_phantom", "act_grid_cutoff0.2_seeds.txt")
     )
     act = _act("5tt.mif")
     params = act_parameters(TrackingParameters(cutoff=0.2), fod.voxel_sizes)
-    res = fast_tracking(sh, fod.affine, fod.voxel_sizes, pos, dirs, params, act=act)
+    res = fast_tracking(field, pos, dirs, params, act=act)
     assert res.points.shape[0] == len(pos)  # every tckgen streamline is tracked again
     expected = np.loadtxt(need_data("sift_phantom", "act_grid_cutoff0.2_connectome.csv"),
                           delimiter=",")  # fmt: skip
-    pred = _soft(res, sh, fod, vol, params, act).detach().numpy()
+    pred = _soft(res, field, fod, vol, params, act).detach().numpy()
     np.testing.assert_allclose(pred, expected, atol=1e-6)
 
 
@@ -111,15 +111,15 @@ def test_gradcheck_cutoff_angle_step_and_fod(sift):
     """float64 gradcheck of the ACT survival connectome (partial-volume 5TT, a few
     streamlines, moderate temperatures) w.r.t. cutoff, angle, step and three SH coefficients
     of a voxel the streamlines pass through."""
-    fod, mask, vol, sh = sift
+    fod, mask, vol, field = sift
     act = TissueImage.from_act(_act("5tt_pv.mif"))
     params = act_parameters(TrackingParameters(), fod.voxel_sizes)
     pos, dirs = whole_brain_seeds(mask.data, mask.affine, per_voxel=1, seed=2)
-    res = fast_tracking(sh, fod.affine, fod.voxel_sizes, pos, dirs, params, act=_act("5tt_pv.mif"))
+    res = fast_tracking(field, pos, dirs, params, act=_act("5tt_pv.mif"))
     keep = torch.arange(0, res.points.shape[0], max(1, res.points.shape[0] // 6))[:6]
     pts0, si, ln = res.points[keep], res.seed_index[keep], res.lengths[keep]
     rp = params.resolve(fod.voxel_sizes)
-    sh64 = sh.to(torch.float64)
+    sh64 = field.sh.to(torch.float64)
     mid = pts0[0, int(si[0])].numpy()
     inv = np.linalg.inv(np.asarray(fod.affine, np.float64))
     vox = tuple(np.rint(inv[:3, :3] @ mid + inv[:3, 3]).astype(int))
@@ -131,7 +131,7 @@ def test_gradcheck_cutoff_angle_step_and_fod(sift):
         seed_pt = pts0[torch.arange(len(keep)), si][:, None]
         pts = seed_pt + (step / h0) * (pts0 - seed_pt)
         m = survival_connectome(
-            _Tracked(pts, si, ln), s, fod.affine, vol, cutoff=cut, angle_deg=ang,
+            _Tracked(pts, si, ln), field.with_sh(s), vol, cutoff=cut, angle_deg=ang,
             temperature=(0.05, 0.05), min_points=rp.min_points, step_mm=h0, act=act,
             tissue_temperature=0.1,
         )  # fmt: skip
@@ -152,16 +152,16 @@ def test_higher_cutoff_rejects_instead_of_ending(sift):
     """Under ACT a streamline whose amplitude falls below the cutoff in WM is rejected, so a
     target tracked at a higher cutoff has fewer streamlines and the counts loss asks for a
     higher cutoff (without ACT the same streamlines would only end earlier)."""
-    fod, mask, vol, sh = sift
+    fod, mask, vol, field = sift
     act = _act("5tt.mif")
     pos, dirs = whole_brain_seeds(mask.data, mask.affine, per_voxel=2, seed=1)
     start = act_parameters(TrackingParameters(), fod.voxel_sizes)
-    target, n_t = hard_connectome(sh, fod.affine, fod.voxel_sizes, pos, dirs,
+    target, n_t = hard_connectome(field, pos, dirs,
                                   TrackingParameters(cutoff=0.45), vol, 4.0, act=act)  # fmt: skip
-    res = fast_tracking(sh, fod.affine, fod.voxel_sizes, pos, dirs, start, act=act)
+    res = fast_tracking(field, pos, dirs, start, act=act)
     assert 0 < n_t < res.points.shape[0]
     cut = torch.tensor(start.cutoff, dtype=torch.float64, requires_grad=True)
-    pred = _soft(res, sh, fod, vol, start, act, temps=(0.3, 0.05, 0.05), cutoff=cut, t_mm=1.0)
+    pred = _soft(res, field, fod, vol, start, act, temps=(0.3, 0.05, 0.05), cutoff=cut, t_mm=1.0)
     loss = connectome_loss(pred, target, kind="frobenius", normalise="counts")
     loss.backward()
     assert float(cut.grad) < 0

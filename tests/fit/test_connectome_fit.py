@@ -19,6 +19,7 @@ from invtract.fit.connectome_fit import (
     survival_connectome,
     whole_brain_seeds,
 )
+from invtract.fod.field import FODField
 from invtract.io.image import load_fod, load_image, load_mask
 from invtract.losses.connectome import (
     as_label_volume,
@@ -36,8 +37,7 @@ def phantom():
     mask = load_mask(example_path("mask"))
     vol = as_label_volume(load_image(PARC))
     pos, dirs = whole_brain_seeds(mask.data, fod.affine, max_seeds=300, seed=3)
-    sh = torch.as_tensor(np.asarray(fod.data, np.float32))
-    return fod, mask, vol, sh, pos, dirs
+    return fod, mask, vol, FODField.from_image(fod), pos, dirs
 
 
 def test_whole_brain_seeds_grid_and_random():
@@ -54,29 +54,27 @@ def test_whole_brain_seeds_grid_and_random():
 
 
 def test_survival_connectome_hard_limit_equals_tck2connectome(phantom):
-    fod, _, vol, sh, pos, dirs = phantom
+    fod, _, vol, field, pos, dirs = phantom
     rp = TrackingParameters().resolve(fod.voxel_sizes)
-    res = fast_tracking(sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters())
+    res = fast_tracking(field, pos, dirs, TrackingParameters())
     pred = survival_connectome(
-        res, sh, fod.affine, vol, cutoff=rp.cutoff, angle_deg=rp.angle_deg,
+        res, field, vol, cutoff=rp.cutoff, angle_deg=rp.angle_deg,
         temperature=(1e-5, 1e-5), min_points=rp.min_points, step_mm=rp.step_mm,
         temperature_mm=0.01,
     )  # fmt: skip
-    hard, n = hard_connectome(sh, fod.affine, fod.voxel_sizes, pos, dirs, rp, vol, 4.0)
+    hard, n = hard_connectome(field, pos, dirs, rp, vol, 4.0)
     assert n > 20 and hard.sum() == n
     np.testing.assert_allclose(pred.detach().numpy(), hard, atol=1e-6)
 
 
 def test_cutoff_gradient_points_towards_the_target(phantom):
-    fod, _, vol, sh, pos, dirs = phantom
-    target, _ = hard_connectome(
-        sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0
-    )
+    fod, _, vol, field, pos, dirs = phantom
+    target, _ = hard_connectome(field, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0)
     rp = TrackingParameters().resolve(fod.voxel_sizes)
     cut = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    res = fast_tracking(sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=0.5))
+    res = fast_tracking(field, pos, dirs, TrackingParameters(cutoff=0.5))
     pred = survival_connectome(
-        res, sh, fod.affine, vol, cutoff=cut, angle_deg=rp.angle_deg, temperature=(0.3, 0.05),
+        res, field, vol, cutoff=cut, angle_deg=rp.angle_deg, temperature=(0.3, 0.05),
         min_points=rp.min_points, step_mm=rp.step_mm,
     )  # fmt: skip
     loss = connectome_loss(pred, target, normalise="density")
@@ -103,16 +101,14 @@ def test_read_connectome_and_config(tmp_path):
 
 
 def test_tiny_fit_raises_cutoff(phantom, tmp_path):
-    fod, mask, vol, sh, pos, dirs = phantom
-    target, _ = hard_connectome(
-        sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0
-    )
+    fod, mask, vol, field, pos, dirs = phantom
+    target, _ = hard_connectome(field, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0)
     with pytest.raises(ShapeError):
-        fit_connectome(fod, vol, target[:3, :3], seeds=(pos, dirs), voxel_sizes=fod.voxel_sizes)
+        fit_connectome(fod, vol, target[:3, :3], seeds=(pos, dirs))
     cfg = {"fit": {"iterations": 3, "learn": ["cutoff"]}, "optimizer": {"lr": 0.3}}
     res = fit_connectome(
         fod, vol, target, TrackingParameters(cutoff=0.5), seeds=(pos, dirs), config=cfg,
-        voxel_sizes=fod.voxel_sizes, checkpoint=tmp_path / "c.pt",
+        checkpoint=tmp_path / "c.pt",
     )  # fmt: skip
     assert res.iterations == 3 and (tmp_path / "c.pt").is_file()
     assert res.params.cutoff > 0.5
@@ -123,14 +119,12 @@ def test_tiny_fit_raises_cutoff(phantom, tmp_path):
 @pytest.mark.parametrize("learn", [["sh"], ["sh", "cutoff"]])
 def test_tiny_fod_and_joint_fit(phantom, tmp_path, learn):
     """--fit fod / both: SH coefficients in the seed mask are learned; the loss does not rise."""
-    fod, mask, vol, sh, pos, dirs = phantom
-    target, _ = hard_connectome(
-        sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0
-    )
+    fod, mask, vol, field, pos, dirs = phantom
+    target, _ = hard_connectome(field, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0)
     cfg = {"fit": {"iterations": 2, "learn": learn}, "optimizer": {"lr": 0.3}}
     res = fit_connectome(
         fod, vol, target, TrackingParameters(cutoff=0.5), seeds=(pos, dirs), config=cfg,
-        voxel_sizes=fod.voxel_sizes, seed_mask=mask.data,
+        seed_mask=mask.data,
     )  # fmt: skip
     assert res.iterations == 2 and res.sh is not None
     fitted = np.asarray(res.sh.detach().cpu() if hasattr(res.sh, "detach") else res.sh)
@@ -144,10 +138,8 @@ def test_nan_loss_mid_way_raises_fit_diverged_and_keeps_checkpoint(phantom, tmp_
     from invtract.errors import FitDiverged
     from invtract.fit import connectome_fit as cf
 
-    fod, mask, vol, sh, pos, dirs = phantom
-    target, _ = hard_connectome(
-        sh, fod.affine, fod.voxel_sizes, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0
-    )
+    fod, mask, vol, field, pos, dirs = phantom
+    target, _ = hard_connectome(field, pos, dirs, TrackingParameters(cutoff=1.0), vol, 4.0)
     calls = {"n": 0}
 
     def poisoned(pred, *a, **k):
@@ -161,7 +153,7 @@ def test_nan_loss_mid_way_raises_fit_diverged_and_keeps_checkpoint(phantom, tmp_
     with pytest.raises(FitDiverged, match="nan"):
         fit_connectome(
             fod, vol, target, TrackingParameters(cutoff=0.5), seeds=(pos, dirs), config=cfg,
-            voxel_sizes=fod.voxel_sizes, checkpoint=ck, evaluate=False,
+            checkpoint=ck, evaluate=False,
         )  # fmt: skip
     assert torch.load(ck, weights_only=True)["iteration"] == 1
 

@@ -31,8 +31,8 @@ def _fit_tiny(n: int, step_mm: float, learn, config: dict, **kw):
     """A fit of ``n`` target streamlines (tckgen's seeds) from ``step_mm``."""
     img, sl, seeding = _tiny(n)
     params = TrackingParameters(step_mm=step_mm, min_length_mm=10.0, max_length_mm=200.0)
-    return img, fit(img, sl, params, seeding=seeding, voxel_sizes=img.voxel_sizes,
-                    learn=learn, config=config, **kw)  # fmt: skip
+    return img, fit(img, sl, params, seeding=seeding, learn=learn, config=config,
+                    **kw)  # fmt: skip
 
 
 def test_split_and_resample_line():
@@ -140,7 +140,6 @@ def test_log_space_and_signum_keep_parameters_in_bounds():
         sl,
         TrackingParameters(min_length_mm=10.0, max_length_mm=200.0),
         seeding=seeding,
-        voxel_sizes=img.voxel_sizes,
         learn=("angle_deg", "cutoff"),
         config={
             "fit": {"iterations": 2, "heldout_fraction": 0.0},
@@ -189,14 +188,10 @@ def test_paired_terms_vertex_term_vanishes_at_the_target_step():
     pt = PairedTarget.build(sl, seeding.positions, seeding.directions)
     cfg = objective.LossConfig.from_dict({"weights": {"vertex": 1.0}})
     params = TrackingParameters(min_length_mm=10.0, max_length_mm=200.0).resolve(img.voxel_sizes)
-    sh = torch.as_tensor(np.asarray(img.data, np.float32))
     out = {}
     for s in (0.8, 1.0, 1.2):
         step = torch.tensor(s, dtype=torch.float64, requires_grad=True)
-        res = track_differentiable(
-            sh, img.affine, pt.seeds, pt.directions, params, step_mm=step,
-            voxel_sizes=img.voxel_sizes,
-        )  # fmt: skip
+        res = track_differentiable(img, pt.seeds, pt.directions, params, step_mm=step)
         v = objective.paired_terms(res, pt, cfg)["vertex"]
         v.backward()
         out[s] = (float(v.detach()), float(step.grad))
@@ -235,11 +230,11 @@ def test_save_fitted_tck_through_the_python_api_has_tckgen_header_keys(tmp_path)
     from invtract.io.tractogram import load_tractogram_header
 
     img, _, seeding = _tiny(4)
-    field = FODField.from_array(img.data, img.affine)
+    field = FODField.from_image(img)
     params = TrackingParameters(step_mm=0.7, angle_deg=40.0, cutoff=0.15, min_length_mm=10.0)
     out = tmp_path / "fitted.tck"
     res = save_fitted_tck(out, field, params, seeding.positions, seeding.directions,
-                          img.voxel_sizes, source="fod.nii.gz")  # fmt: skip
+                          source="fod.nii.gz")  # fmt: skip
     hdr = load_tractogram_header(out)
     for key in ("step_size", "max_angle", "threshold", "min_dist", "max_dist", "source"):
         assert key in hdr, key

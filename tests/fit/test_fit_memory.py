@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from invtract.fit.optimise import build_problem, c_order_fod, fod_arrays, resolve_config
+from invtract.fit.optimise import build_problem, c_order_fod, fod_field, resolve_config
 from invtract.io.image import load_fod
 from invtract.tracking.differentiable import track_differentiable
 
@@ -68,8 +68,22 @@ def test_c_order_fod_copies_once_and_releases_the_mapped_pages(mapped_fod):
     assert c_order_fod(out) is out  # already C-ordered float32: no copy
 
 
+def test_fod_field_of_a_mapped_mif_is_one_c_ordered_copy_with_the_header(mapped_fod):
+    """A ``.mif`` stored as MRtrix stores FODs (``+1,+2,+3,+0``) becomes the fit's field by
+    one copy into C order (the map's pages released), carrying the header's voxel sizes;
+    the field then passes through ``fod_field`` (and so ``fit``) without another."""
+    path, data = mapped_fod
+    img = load_fod(path)
+    field = fod_field(img)
+    assert field.sh_flat.is_contiguous() and field.dtype == torch.float32
+    assert not np.shares_memory(field.sh_flat.numpy(), np.asarray(img.data))
+    np.testing.assert_array_equal(field.sh.numpy(), data)
+    assert field.voxel_sizes == tuple(img.voxel_sizes) == field.header_voxel_sizes
+    assert fod_field(field) is field
+
+
 def test_params_problem_shares_one_fod_copy():
-    """The problem's state, its field and the tensor fod_arrays returns are one buffer."""
+    """The problem's state, its field and the field fod_field returns are one buffer."""
     from invtract.data import example_path
     from invtract.io.seeds import seeds_from_reference
     from invtract.io.tractogram import load_tractogram
@@ -77,45 +91,48 @@ def test_params_problem_shares_one_fod_copy():
     from invtract.tracking.api import Seeding
 
     img = load_fod(example_path("fod"))
-    sh, _, _ = fod_arrays(img, None)
-    assert sh.is_contiguous()
-    assert fod_arrays((sh.numpy(), img.affine), None)[0].data_ptr() == sh.data_ptr()
+    field = fod_field(img)
+    sh = field.sh
+    assert field.sh_flat.is_contiguous() and field.voxel_sizes == tuple(img.voxel_sizes)
+    assert fod_field((sh.numpy(), img.affine)).sh_flat.data_ptr() == sh.data_ptr()
+    assert fod_field(field) is field
     pos, dirs, ti = seeds_from_reference(example_path("target"), example_path("target_seeds"))
     sl = load_tractogram(example_path("target")).select(torch.as_tensor(ti[:8]))
     cfg = resolve_config({"fit": {"heldout_fraction": 0.25}})
     prob = build_problem(
-        cfg, (sh.numpy(), img.affine), sl, TrackingParameters(),
-        Seeding("list", positions=pos[:8], directions=dirs[:8]), img.voxel_sizes,
+        cfg, field, sl, TrackingParameters(),
+        Seeding("list", positions=pos[:8], directions=dirs[:8]),
     )  # fmt: skip
     ptr = sh.data_ptr()
     assert prob.state.sh0_flat.data_ptr() == ptr
     assert prob.fixed_field.sh_flat.data_ptr() == ptr
     assert prob.state.sh().data_ptr() == ptr
+    assert prob.resolved == TrackingParameters().resolve(img.voxel_sizes)
 
 
-def test_track_differentiable_with_a_prebuilt_field_is_identical():
+def test_track_differentiable_shares_the_fields_coefficients():
+    """A field whose coefficients require grad (``with_sh``) tracks as the fixed field does
+    (same points, weights and parameter gradients) and its gradient reaches the tensor."""
     from invtract.data import example_path
-    from invtract.fod.field import FODField
     from invtract.io.seeds import seeds_from_reference
 
     img = load_fod(example_path("fod"))
-    sh, affine, vsz = fod_arrays(img, None)
+    field = fod_field(img)
     pos, dirs, _ = seeds_from_reference(example_path("target"), example_path("target_seeds"))
     seeds, d = torch.as_tensor(pos[:6]), torch.as_tensor(dirs[:6])
     step = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     cut = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    learn = field.sh.clone().requires_grad_(True)
     outs = []
-    for field in (None, FODField.from_array(sh, affine)):
-        r = track_differentiable(
-            sh, affine, seeds, d, step_mm=step, cutoff=cut, voxel_sizes=vsz, field=field
-        )
+    for fod in (field, field.with_sh(learn)):
+        r = track_differentiable(fod, seeds, d, step_mm=step, cutoff=cut)
         (r.points.sum() + r.weights.sum()).backward()
         outs.append((r.points.detach(), r.weights.detach(), step.grad.clone(), cut.grad.clone()))
         step.grad, cut.grad = None, None
     for a, b in zip(*outs):
         assert torch.equal(a, b)
-    with pytest.raises(Exception, match="does not match"):
-        track_differentiable(sh.double(), affine, seeds, d, field=FODField.from_array(sh, affine))
+    assert learn.grad is not None and float(learn.grad.abs().sum()) > 0
+    assert field.with_sh(learn).sh_flat.data_ptr() == learn.data_ptr()  # a view, no copy
 
 
 def test_compiled_step_amplitudes_match_the_torch_sampler(monkeypatch):

@@ -57,7 +57,6 @@ def make_phantom(folder: Path) -> dict:
         FODField.from_array(sh, affine),
         Seeding("list", positions=pos, directions=dirs),
         params,
-        voxel_sizes=(1.0, 1.0, 1.0),
         rng_seed=0,
     )
     assert len(res.streamlines) == len(pos)

@@ -122,7 +122,6 @@ def test_signal_term_in_a_fod_fit():
         sl,
         TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0),
         seeding=Seeding("list", positions=pos[idx], directions=dirs[idx]),
-        voxel_sizes=img.voxel_sizes,
         learn=("sh",),
         signal=term,
         config={

@@ -210,10 +210,9 @@ def test_rejections_in_mrtrix_categories():
     fod = load_fod(need_data("sift_phantom", "fods.mif"))
     mask = load_mask(LOCAL / "mask.mif")
     res = track(
-        FODField.from_array(fod.data, fod.affine),
+        FODField.from_image(fod),
         Seeding("grid", mask=np.asarray(mask.data, bool), affine=mask.affine, count=1),
         TrackingParameters(),
-        voxel_sizes=fod.voxel_sizes,
         engine="numba",
         rng_seed=20240601,
         act=load_act(LOCAL / "5tt_pv.mif"),

@@ -75,10 +75,9 @@ def _track_gmwmi(tt: Path, gmwmi: Path, select: int):
     fod = load_fod(need_data("sift_phantom", "fods.mif"))
     act = load_act(tt)
     return track(
-        FODField.from_array(fod.data, fod.affine),
+        FODField.from_image(fod),
         Seeding("gmwmi", gmwmi=load_gmwmi_seeder(gmwmi, act)),
         TrackingParameters(),
-        voxel_sizes=fod.voxel_sizes,
         engine="numba",
         select=select,
         rng_seed=RNG_SEED,

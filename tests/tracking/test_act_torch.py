@@ -43,7 +43,7 @@ def _both(tt: str, crop: bool, **params):
     from invtract.tracking.api import Seeding, track
 
     fod = load_fod(need_data("sift_phantom", "fods.mif"))
-    field = FODField.from_array(fod.data, fod.affine)
+    field = FODField.from_image(fod)
     act = load_act(LOCAL / tt, crop_at_gmwmi=crop)
     seeding = Seeding.from_mask("grid", load_mask(LOCAL / "mask.mif"), 1)
     return [
@@ -51,7 +51,6 @@ def _both(tt: str, crop: bool, **params):
             field,
             seeding,
             TrackingParameters(**params),
-            voxel_sizes=fod.voxel_sizes,
             engine=e,
             rng_seed=20240601,
             act=act,

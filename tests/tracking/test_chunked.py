@@ -7,6 +7,7 @@ import pytest
 import torch
 from phantoms import bending_fibre_fod
 
+from invtract.fod.field import FODField
 from invtract.params import TrackingParameters
 from invtract.tracking.chunked import accumulate_gradients, accumulate_map_gradients
 from invtract.tracking.differentiable import resolved_parameters, track_differentiable
@@ -38,8 +39,15 @@ def _leaves(sh, seeds, dirs):
 def test_chunked_gradients_equal_one_pass():
     sh, affine, seeds, dirs, params = _phantom()
     ref = _leaves(sh, seeds, dirs)
-    res = track_differentiable(ref[0], affine, ref[1], ref[2], params, step_mm=ref[3],
-                               cutoff=ref[4], refine=2)  # fmt: skip
+    res = track_differentiable(
+        FODField.from_array(ref[0], affine),
+        ref[1],
+        ref[2],
+        params,
+        step_mm=ref[3],
+        cutoff=ref[4],
+        refine=2,
+    )
     assert len(res.lengths) >= 5  # most seeds make streamlines
     total_ref = _loss(res)
     total_ref.backward()
@@ -51,10 +59,21 @@ def test_chunked_gradients_equal_one_pass():
         starts.append(start)
         return _loss(out)
 
-    max_points = resolved_parameters(affine, params, step_mm=1.0).max_points
-    total = accumulate_gradients(loss_fn, ours[0], affine, ours[1], ours[2], params,
-                                 step_mm=ours[3], cutoff=ours[4], refine=2,
-                                 max_steps=2 * max_points, timings=timings)  # fmt: skip
+    max_points = resolved_parameters(
+        FODField.from_array(sh, affine), params, step_mm=1.0
+    ).max_points
+    total = accumulate_gradients(
+        loss_fn,
+        FODField.from_array(ours[0], affine),
+        ours[1],
+        ours[2],
+        params,
+        step_mm=ours[3],
+        cutoff=ours[4],
+        refine=2,
+        max_steps=2 * max_points,
+        timings=timings,
+    )
     assert starts == [0, 2, 4, 6] and timings["chunks"] == 4  # 2 streamlines per chunk
     assert float(total) == pytest.approx(float(total_ref.detach()), rel=1e-12)
     for a, b in zip(ours[:2] + ours[3:], ref[:2] + ref[3:]):
@@ -70,11 +89,20 @@ def test_computed_inputs_are_back_propagated_once():
     mask[1:4, 1:4, 1:4] = True
     learn = sh.clone().requires_grad_(True)
     full = torch.where(mask[..., None], learn, sh)
-    accumulate_gradients(lambda out, s: _loss(out), full, affine, seeds, dirs, params,
-                         max_steps=1, refine=2)  # fmt: skip
+    accumulate_gradients(
+        lambda out, s: _loss(out),
+        FODField.from_array(full, affine),
+        seeds,
+        dirs,
+        params,
+        max_steps=1,
+        refine=2,
+    )
     learn_ref = sh.clone().requires_grad_(True)
     full_ref = torch.where(mask[..., None], learn_ref, sh)
-    _loss(track_differentiable(full_ref, affine, seeds, dirs, params, refine=2)).backward()
+    _loss(
+        track_differentiable(FODField.from_array(full_ref, affine), seeds, dirs, params, refine=2)
+    ).backward()
     assert torch.allclose(learn.grad, learn_ref.grad, rtol=1e-10, atol=1e-12)
     assert float(learn.grad[~mask].abs().sum()) == 0.0
 
@@ -92,17 +120,36 @@ def _reduce(m):
 def test_map_gradients_equal_one_pass():
     sh, affine, seeds, dirs, params = _phantom()
     ref = _leaves(sh, seeds, dirs)
-    res = track_differentiable(ref[0], affine, ref[1], ref[2], params, step_mm=ref[3],
-                               cutoff=ref[4], refine=2)  # fmt: skip
+    res = track_differentiable(
+        FODField.from_array(ref[0], affine),
+        ref[1],
+        ref[2],
+        params,
+        step_mm=ref[3],
+        cutoff=ref[4],
+        refine=2,
+    )
     loss_ref = _reduce(_contribution(res))
     loss_ref.backward()
 
     ours = _leaves(sh, seeds, dirs)
     timings = {}
-    max_points = resolved_parameters(affine, params, step_mm=1.0).max_points
-    loss = accumulate_map_gradients(_contribution, _reduce, ours[0], affine, ours[1], ours[2],
-                                    params, step_mm=ours[3], cutoff=ours[4], refine=2,
-                                    max_steps=3 * max_points, timings=timings)  # fmt: skip
+    max_points = resolved_parameters(
+        FODField.from_array(sh, affine), params, step_mm=1.0
+    ).max_points
+    loss = accumulate_map_gradients(
+        _contribution,
+        _reduce,
+        FODField.from_array(ours[0], affine),
+        ours[1],
+        ours[2],
+        params,
+        step_mm=ours[3],
+        cutoff=ours[4],
+        refine=2,
+        max_steps=3 * max_points,
+        timings=timings,
+    )
     assert timings["chunks"] == 3 and timings["map_pass_s"] > 0
     assert float(loss) == pytest.approx(float(loss_ref.detach()), rel=1e-12)
     for a, b in zip(ours[:2] + ours[3:], ref[:2] + ref[3:]):

@@ -307,7 +307,10 @@ def test_differentiable_tracker_refuses_what_it_does_not_cover(case):
     affine = np.vstack([np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))[:3], [0, 0, 0, 1]])
     with pytest.raises(ConfigError, match="rk4, -downsample or -stop"):
         differentiable.track_differentiable(
-            torch.as_tensor(sh), affine, torch.as_tensor(seeds), torch.as_tensor(dirs), params
+            FODField.from_array(torch.as_tensor(sh), affine),
+            torch.as_tensor(seeds),
+            torch.as_tensor(dirs),
+            params,
         )
 
 
@@ -323,7 +326,10 @@ def test_differentiable_hard_pass_follows_the_same_rules(case, hard_pass, monkey
     sh, s2v, seeds, dirs, params, _ = _inputs(case)
     affine = np.vstack([np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))[:3], [0, 0, 0, 1]])
     out = differentiable.track_differentiable(
-        torch.as_tensor(sh), affine, torch.as_tensor(seeds), torch.as_tensor(dirs), params
+        FODField.from_array(torch.as_tensor(sh), affine),
+        torch.as_tensor(seeds),
+        torch.as_tensor(dirs),
+        params,
     )
     ref = _numba(case)
     np.testing.assert_array_equal(out.status.numpy(), ref.status)

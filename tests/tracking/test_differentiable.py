@@ -62,7 +62,7 @@ def test_forward_equals_hard_tracker_on_shared_bundle(monkeypatch):
     with monkeypatch.context() as mp:  # the torch hard pass (CUDA / no-numba fallback)
         mp.setattr(differentiable, "HARD_PASS", "torch")
         res = track_differentiable(
-            torch.tensor(sh, requires_grad=True), img.affine, pos, d, params
+            FODField.from_array(torch.tensor(sh, requires_grad=True), img.affine), pos, d, params
         )
     sl = res.streamlines()
     assert np.array_equal(sl.lengths.numpy(), hard.lengths[hard.lengths > 0])
@@ -74,7 +74,9 @@ def test_forward_equals_hard_tracker_on_shared_bundle(monkeypatch):
     # (tckgen's); the torch engine can differ from them by float32 ulps (up to ~1e-4 mm at
     # full length), never in lengths here
     nb = ENGINES["numba"](field, pos, d, params)
-    res = track_differentiable(torch.tensor(sh, requires_grad=True), img.affine, pos, d, params)
+    res = track_differentiable(
+        FODField.from_array(torch.tensor(sh, requires_grad=True), img.affine), pos, d, params
+    )
     sl = res.streamlines()
     assert np.array_equal(sl.lengths.numpy(), nb.lengths[nb.lengths > 0])
     assert np.array_equal(sl.points.detach().numpy(), nb.points)
@@ -91,8 +93,7 @@ def _grads(path, sh, affine, seeds, dirs, params, refine=0):
     ang = torch.tensor(params.angle_deg, dtype=torch.float64, requires_grad=True)
     cut = torch.tensor(params.cutoff, dtype=torch.float64, requires_grad=True)
     res = track_differentiable(
-        sh,
-        affine,
+        FODField.from_array(sh, affine),
         seeds,
         dirs,
         params,
@@ -125,8 +126,7 @@ def _fd_check(sh, affine, seeds, dirs, params, refine=4, eps=1e-6):
     def f(sh_=sh, seeds_=seeds, h=params.step_mm, ang=params.angle_deg, cut=params.cutoff):
         with torch.no_grad():
             r = track_differentiable(
-                sh_,
-                affine,
+                FODField.from_array(sh_, affine),
                 seeds_,
                 dirs,
                 params,
@@ -184,7 +184,13 @@ def test_gradcheck_k_steps_phantom():
     def f(learn, seed, h):
         full = torch.where(mask[..., None], learn, sh)
         r = track_differentiable(
-            full, affine, seed, dirs, params, step_mm=h, refine=4, temperature=0.2
+            FODField.from_array(full, affine),
+            seed,
+            dirs,
+            params,
+            step_mm=h,
+            refine=4,
+            temperature=0.2,
         )
         return r.points[r.mask], r.weights[r.mask]
 
@@ -203,7 +209,9 @@ def test_no_nan_at_discontinuities():
     params = TrackingParameters(step_mm=0.2, min_length_mm=0.2).resolve((2.0, 2.0, 2.0))
     shg = sh.clone().requires_grad_(True)
     for path in ("plain", "efficient"):
-        res = track_differentiable(shg, affine, seeds, dirs, params, path=path)
+        res = track_differentiable(
+            FODField.from_array(shg, affine), seeds, dirs, params, path=path
+        )
         assert (res.term == 3).any()  # EXIT_IMAGE happened
         _loss(res).backward()
         assert torch.isfinite(shg.grad).all() and torch.isfinite(seeds.grad).all()
@@ -343,7 +351,9 @@ def test_unidirectional_forward_is_seed_first_like_the_tracker():
     )
     seeds = torch.tensor(hard.seed_points[:40])
     sh = torch.tensor(fod.data, requires_grad=True)
-    res = track_differentiable(sh, fod.affine, seeds, torch.tensor([[1.0, 0, 0]] * 40), p)
+    res = track_differentiable(
+        FODField.from_array(sh, fod.affine), seeds, torch.tensor([[1.0, 0, 0]] * 40), p
+    )
     ours, ref = res.streamlines().to_list(), hard.streamlines.to_list()[:40]
     assert (res.seed_index == 0).all() and len(ours) == 40
     assert all(a.shape == b.shape and np.abs(a - b).max() < 1e-4 for a, b in zip(ours, ref))
@@ -365,7 +375,7 @@ def test_outputs_and_tape_are_freed_without_the_cycle_collector():
     gc.disable()
     try:
         learn = sh.clone().requires_grad_(True)
-        res = track_differentiable(learn, affine, seeds, dirs, params)
+        res = track_differentiable(FODField.from_array(learn, affine), seeds, dirs, params)
         assert len(res.lengths) > 0
         alive = weakref.ref(res.points)
         loss = _loss(res)

@@ -28,10 +28,9 @@ def _run(select: int, max_seeds: int | None, batch_size: int = 4096):
 
     fod = load_fod(need_data("sift_phantom", "fods.mif"))
     return track(
-        FODField.from_array(fod.data, fod.affine),
+        FODField.from_image(fod),
         Seeding("sphere", sphere=(-4.0, 0.0, 0.0, 6.0)),
         TrackingParameters(min_length_mm=8.0),
-        voxel_sizes=fod.voxel_sizes,
         engine="numba",
         select=select,
         max_seeds=max_seeds,

@@ -111,7 +111,7 @@ def test_torch_tape_is_the_numba_tape(unidirectional, monkeypatch):
     tapes = {}
     for engine in ("numba", "torch"):
         monkeypatch.setattr(differentiable, "HARD_PASS", engine)
-        res = track_differentiable(sh, field.affine, seeds, dirs, params)
+        res = track_differentiable(FODField.from_array(sh, field.affine), seeds, dirs, params)
         tapes[engine] = res
     a, b = tapes["torch"], tapes["numba"]
     for key in ("lengths", "seed_index", "seed_ids", "status", "term"):
@@ -171,7 +171,13 @@ def test_unidirectional_refine_gradcheck():
     def f(learn, seed, h):
         full = torch.where(mask[..., None], learn, sh)
         r = track_differentiable(
-            full, affine, seed, dirs, params, step_mm=h, refine=4, temperature=0.2
+            FODField.from_array(full, affine),
+            seed,
+            dirs,
+            params,
+            step_mm=h,
+            refine=4,
+            temperature=0.2,
         )
         assert (r.seed_index == 0).all() and int(r.lengths[0]) > 3
         assert torch.equal(r.points[0, 0], seed[0].detach())
@@ -213,11 +219,11 @@ def test_the_hard_pass_is_an_engine_and_differentiable_has_no_tracker(monkeypatc
     seeds = torch.tensor([[0.37, 0.21, -0.4]] * 7, dtype=torch.float64)
     dirs = torch.tensor([[0.0, 0.0, 1.0]] * 7, dtype=torch.float64)
     params = TrackingParameters(step_mm=0.5, min_length_mm=0.5).resolve((2.0, 2.0, 2.0))
-    res = track_differentiable(sh, affine, seeds, dirs, params)
+    res = track_differentiable(FODField.from_array(sh, affine), seeds, dirs, params)
     assert calls == [5, 2] and res.lengths.numel() == 7
     # no seeds: no engine call, an empty result
     calls.clear()
-    empty = track_differentiable(sh, affine, seeds[:0], dirs[:0], params)
+    empty = track_differentiable(FODField.from_array(sh, affine), seeds[:0], dirs[:0], params)
     assert calls == [] and empty.points.shape == (0, 0, 3) and empty.status.numel() == 0
 
 
@@ -254,7 +260,12 @@ def test_cuda_record_and_tape(dtype):
     for path in ("plain", "efficient"):
         shg = sh.detach().cuda().clone().requires_grad_(True)
         res = track_differentiable(
-            shg, field.affine, seeds.cuda(), dirs.cuda(), params, path=path, temperature=0.2
+            FODField.from_array(shg, field.affine),
+            seeds.cuda(),
+            dirs.cuda(),
+            params,
+            path=path,
+            temperature=0.2,
         )
         ((res.points.double() @ axis) * res.weights.double()).sum().backward()
         grads[path] = shg.grad.double()

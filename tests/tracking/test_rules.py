@@ -332,7 +332,7 @@ mask[2:6, 1:4, 1:4] = True
 affine = np.eye(4)
 field = FODField.from_array(sh, affine)
 res = track(field, Seeding("grid", mask=mask, affine=affine, count=2),
-            TrackingParameters(step_mm=0.5, min_length_mm=1.0), voxel_sizes=(1, 1, 1),
+            TrackingParameters(step_mm=0.5, min_length_mm=1.0),
             engine="auto", rng_seed=3)
 print(json.dumps({"numba_loaded": "numba" in sys.modules, "available": numba_available(),
                   "engine": res.engine, "auto": default_engine("cpu"),

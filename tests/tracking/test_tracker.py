@@ -92,12 +92,11 @@ def test_whole_volume_random_directions_replay_tckgen(shared_data):
     """MRTRIX_RNG_SEED replay: which seeds are rejected and every streamline (phantom)."""
     d = shared_data / "phantom_cross90"
     fod, mask = load_fod(d / "fod.nii.gz"), load_mask(d / "mask.nii.gz")
-    field = FODField.from_array(fod.data, fod.affine)
+    field = FODField.from_image(fod)
     res = track(
         field,
         Seeding("grid", mask=mask.data, affine=mask.affine, count=1),
         TrackingParameters(),
-        voxel_sizes=fod.voxel_sizes,
         engine="torch",
         rng_seed=20240601,
     )
@@ -230,14 +229,13 @@ def test_torch_engine_agrees_with_fused_engine(options):
 
     fod = load_fod(example_path("fod"))
     mask = load_mask(example_path("mask"))
-    field = FODField.from_array(fod.data, fod.affine)
+    field = FODField.from_image(fod)
     seeding = Seeding("grid", mask=mask.data, affine=mask.affine, count=1)
     runs = [
         track(
             field,
             seeding,
             TrackingParameters(**options),
-            voxel_sizes=fod.voxel_sizes,
             engine=engine,
             rng_seed=1,
         )  # fmt: skip
