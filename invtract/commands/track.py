@@ -397,7 +397,7 @@ def _runners(engine: str, kfod, fod, args, params, rois, act):
         from ..fod.field import FODField
         from ..tracking.engines import run_engine
 
-        field = FODField.from_array(fod.data, fod.affine, device=args.device, dtype=torch.float32)
+        field = FODField.from_image(fod, device=args.device, dtype=torch.float32)
         return (lambda pos, dirs: run_engine("triton", field, pos, dirs, params, rois, act=act),
                 act_seed_checker(sh, s2v, rois, act))  # fmt: skip
     if engine == "torch":  # the PyTorch ACT tracker; the same seed test decides the draws
@@ -407,7 +407,7 @@ def _runners(engine: str, kfod, fod, args, params, rois, act):
         from ..tracking.act_torch import track_torch_act
 
         dtype = torch.float64 if args.dtype == "float64" else torch.float32
-        field = FODField.from_array(fod.data, fod.affine, device=args.device, dtype=dtype)
+        field = FODField.from_image(fod, device=args.device, dtype=dtype)
         return (lambda pos, dirs: track_torch_act(field, pos, dirs, params, act, rois),
                 act_seed_checker(sh, s2v, rois, act))  # fmt: skip
 
@@ -693,7 +693,7 @@ def _chunk_runner(engine: str, kfod, fod, args, params, rois):
     from ..tracking.engines import run_engine
 
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    field = FODField.from_array(fod.data, fod.affine, device=args.device, dtype=dtype)
+    field = FODField.from_image(fod, device=args.device, dtype=dtype)
     return lambda pos, dirs: run_engine(engine, field, pos, dirs, params, rois)
 
 
