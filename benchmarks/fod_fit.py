@@ -341,7 +341,9 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
         extra += ["--set", s]
     sig_args = ["--dwi", str(inp["sub"]), "--response", str(inp["response"])]
     sig_args += ["--mask", str(inp["mask"]), "--config", str(signal_config(args, work))]
-    sig_args += ["--fod-updates", args.fod_updates, "--signal-spatial", str(args.signal_spatial)]
+    sig_args += ["--fod-updates", args.fod_updates]
+    if args.signal_spatial is not None:
+        sig_args += ["--signal-spatial", args.signal_spatial]
     for s in args.signal_set:
         sig_args += ["--set", s]
     out: dict = {"case": name, "n_directions": n, "region": name.rstrip("0123456789")}
@@ -375,6 +377,8 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
                 "heldout_mdf_start_mm": res.get("start_heldout_mdf_mm"),
                 "heldout_mdf_final_mm": res.get("final_heldout_mdf_mm"),
                 "seconds": wall,
+                "signal_spatial": (res.get("signal") or {}).get("spatial"),
+                "signal_spatial_cv": (res.get("signal") or {}).get("spatial_cv"),
             }
         )
     ev["full_data_fod"] = {
@@ -452,7 +456,8 @@ def main() -> int:
     )
     p.add_argument("--fod-updates", default="free", help="fod+signal: free | rotation")
     p.add_argument(
-        "--signal-spatial", type=float, default=0.3, help="fod+signal: --signal-spatial W"
+        "--signal-spatial",
+        help="fod+signal: --signal-spatial W|auto (default: the config's, auto)",
     )
     p.add_argument("--seed", type=int, default=0, help="direction subsample seed")
     p.add_argument("--methods", default="fod,fod+signal", help="fits to run (fod, fod+signal)")

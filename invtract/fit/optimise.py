@@ -133,8 +133,11 @@ DEFAULT_CONFIG: dict = {
     "temperature": {**COMMON_DEFAULTS["temperature"], "margin_start": 0.1, "margin_end": 0.003},
     "fod": {"margin_vox": 1},
     # the diffusion-signal term of --dwi (invtract.fit.signal_term): spatial coupling of the
-    # learned voxels' l >= 4 coefficients to their 6 neighbours (0: off); --signal-spatial W
-    "signal": {"spatial": 0.3},
+    # learned voxels' l >= 4 coefficients to their 6 neighbours (0: off; "auto": chosen by
+    # cross-validation, invtract.fit.signal_coupling); --signal-spatial W; checked by
+    # invtract.fit.signal_term.parse_spatial; None (any type, as the TOML files say "auto"
+    # or a number): unset, i.e. "auto"
+    "signal": {"spatial": None},
     "loss": {
         "n_points": 16,
         "temperature_mm": 0.5,
@@ -193,7 +196,7 @@ RULES: dict = {
             "loss.temperature_mm",
             "loss.radius_mm",
         ],  # fmt: skip
-        non_negative=["fod.margin_vox", "signal.spatial"],
+        non_negative=["fod.margin_vox"],
         unit=["fit.heldout_fraction"],
         choices={"optimizer.name": ("signum", "adam", "sgd")},
         at_least={"fit.seeds_per_iteration": 1, "loss.n_points": 2, "loss.sphere_points": 4},

@@ -224,7 +224,8 @@ def test_selection_loss_includes_the_weighted_signal_term():
     params = TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0)
     sel = {}
     for w in (0.0, 3.0):
-        cfg = resolve_config({"loss": {"weights": {"mdf": 1.0, "signal": w}}}, learn=("sh",))
+        over = {"loss": {"weights": {"mdf": 1.0, "signal": w}}, "signal": {"spatial": 0.3}}
+        cfg = resolve_config(over, learn=("sh",))
         pb = build_problem(cfg, img, sl, params, seeding, signal=term if w else None)
         with torch.no_grad():
             pb.state.delta.add_(0.02)  # away from the start: the signal term is > 0
