@@ -121,6 +121,9 @@ class BundleProblem(Problem):
         if signal is None or st.delta is None:
             return None
         signal.spatial = parse_spatial(self.config.get("signal", {}).get("spatial", 0.0))
+        if self.config.get("signal", {}).get("start", "csd") == "coupled":  # docs/csd.md
+            with torch.no_grad():
+                st.delta.add_(signal.start_change(st.sh0_flat[st.voxels], st.voxels))
         hook = getattr(signal, "gradient_hook", lambda _: None)(st.sh0_flat[st.voxels])
         if hook is not None:
             st.delta.register_hook(hook)

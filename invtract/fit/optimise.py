@@ -137,7 +137,9 @@ DEFAULT_CONFIG: dict = {
     # cross-validation, invtract.fit.signal_coupling); --signal-spatial W; checked by
     # invtract.fit.signal_term.parse_spatial; None (any type, as the TOML files say "auto"
     # or a number): unset, i.e. "auto"
-    "signal": {"spatial": None},
+    # start: "csd" (the given FOD) or "coupled" (the learned voxels start at the minimiser of
+    # the signal term with its coupling, SignalTerm.start_change)
+    "signal": {"spatial": None, "start": "csd"},
     "loss": {
         "n_points": 16,
         "temperature_mm": 0.5,
@@ -198,7 +200,7 @@ RULES: dict = {
         ],  # fmt: skip
         non_negative=["fod.margin_vox"],
         unit=["fit.heldout_fraction"],
-        choices={"optimizer.name": ("signum", "adam", "sgd")},
+        choices={"optimizer.name": ("signum", "adam", "sgd"), "signal.start": ("csd", "coupled")},
         at_least={"fit.seeds_per_iteration": 1, "loss.n_points": 2, "loss.sphere_points": 4},
     ),
 }

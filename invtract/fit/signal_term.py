@@ -46,6 +46,9 @@ __all__ = [
 
 log = logging.getLogger("invtract")
 
+#: ``--fod-updates low``: the highest degree the fit's gradient changes
+LOW_LMAX = 4
+
 
 def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
     """``(Image [X, Y, Z, N_all] float32, grad [N_all, 4])`` of a DWI with its gradient table.
@@ -97,7 +100,8 @@ class SignalTerm:
         csd: ``[X*Y*Z, K]`` float32 CSD coefficients (zero where unusable), kept only when
             built with ``keep_csd`` (CSD alone), else None.
         grid: ``(shape [3], affine [4, 4])`` of the DWI (set by :func:`signal_from_args`).
-        updates: ``"free"`` (any change of the coefficients) or ``"rotation"`` (see
+        updates: ``"free"`` (any change of the coefficients), ``"low"`` (the fit's gradient
+            changes degrees l <= 4 only) or ``"rotation"`` (see
             :meth:`gradient_hook`).
         msmt: the multi-tissue problem when built with one response per tissue, else None;
             ``signals`` then hold every volume minus the other tissues' predicted signal.
@@ -235,6 +239,32 @@ class SignalTerm:
         )
         return w
 
+    def start_change(self, sh_start: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+        """``[V, K]`` change taking the learned voxels from ``sh_start`` to the minimiser of
+        this term alone (signal + spatial coupling; ``[signal] start = "coupled"``): the fit
+        then starts where the data and the coupling put the FOD, and the tractography terms
+        move it from there. Zero without coupling and in voxels with no usable signal.
+
+        Args:
+            sh_start: ``[V, K]`` starting coefficients of the learned voxels.
+            voxels: ``[V]`` their flat indices (C order of the grid).
+        """
+        from .signal_coupling import coupled_csd
+
+        v = voxels.to(self.usable.device).long()
+        keep = torch.nonzero(self.usable[v]).flatten()
+        out = torch.zeros(sh_start.shape, dtype=torch.float64)
+        if self.spatial == "auto":
+            self.choose_spatial(v[keep])
+        if self.spatial <= 0 or keep.numel() == 0:
+            return out.to(sh_start.dtype)
+        pairs = neighbour_pairs(v[keep], self.grid[0])
+        c0 = sh_start[keep.to(sh_start.device)].cpu().double()
+        sig = self.signals[v[keep]]
+        c = coupled_csd(sig, self.model, pairs, self.spatial, self.variance, start=c0)
+        out[keep] = c - c0
+        return out.to(sh_start.dtype)
+
     def gradient_hook(self, sh_start: torch.Tensor) -> Callable | None:
         """With ``updates == "rotation"``: a hook projecting the gradient of the FOD change of
         each learned voxel onto the infinitesimal rotations of its starting FOD.
@@ -248,6 +278,12 @@ class SignalTerm:
             ``[V, K, 3]`` = rotation generators applied to ``sh_start``: each voxel's FOD turns
             as a whole (3 degrees of freedom) instead of changing shape.
         """
+        if self.updates == "low":
+            from ..fod.csd import sh_degree
+
+            low = (2 * sh_degree(self.model.lmax) <= LOW_LMAX).to(sh_start.device)
+
+            return lambda grad: grad * low.to(grad.dtype)
         if self.updates != "rotation":
             return None
         from ..fod.csd import rotation_generators
@@ -312,10 +348,11 @@ def add_signal_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--fod-updates",
-        choices=("free", "rotation"),
+        choices=("free", "low", "rotation"),
         default="free",
-        help="with --dwi: free coefficient changes, or gradients projected on rotations of "
-        "each voxel's starting FOD (use with --set optimizer.name=sgd)",
+        help="with --dwi: free coefficient changes, changes of degrees l <= 4 only (low), or "
+        "gradients projected on rotations of each voxel's starting FOD (use with --set "
+        "optimizer.name=sgd)",
     )
 
 

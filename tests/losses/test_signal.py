@@ -317,3 +317,16 @@ def test_signal_term_spatial_weight_adds_the_coupling(voxels):
     pairs = neighbour_pairs(vox, (1, 1, n))
     assert len(pairs) == n - 1
     assert float(term(c, vox)) == pytest.approx(base + 0.7 * float(spatial_coupling(c, pairs)))
+
+
+def test_low_updates_hook_keeps_degrees_above_4(voxels):
+    """--fod-updates low: the gradient reaching the learned change has no l >= 6 part."""
+    model, sig = voxels
+    n = len(sig)
+    fields = (torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.float64), 1.0, None)
+    term = SignalTerm(model, sig.float(), *fields, updates="low")
+    g = torch.randn(n, model.n_coeffs)
+    out = term.gradient_hook(torch.zeros(n, model.n_coeffs))(g)
+    assert torch.equal(out[:, :15], g[:, :15])  # l = 0, 2, 4: 1 + 5 + 9 coefficients
+    assert float(out[:, 15:].abs().max()) == 0.0
+    assert SignalTerm(model, sig.float(), *fields).gradient_hook(g) is None  # free

@@ -118,3 +118,30 @@ def test_config_default_and_flag_accept_auto():
         assert (
             resolve_config({"signal": {"spatial": w}}, learn=("sh",)).raw["signal"]["spatial"] == w
         )
+
+
+def test_start_change_moves_to_the_coupled_minimiser():
+    """[signal] start = "coupled": the change takes the learned voxels to the minimiser of
+    the term (signal + coupling), where its gradient is ~0; none without coupling."""
+    model = csd_model(_grad(20), RESPONSE)
+    n = int(np.prod(SHAPE))
+    b = _signals(_field(True), model, 40.0).float()
+    c = csd_solve(b, model)
+    ref = csd_objective(c, b.double().clamp_min(0), model)
+    var = noise_variance(b, model, c)
+    usable = torch.ones(n, dtype=torch.bool)
+    usable[0] = False  # no signal there: no change
+    term = SignalTerm(model, b, usable, ref, var, None, grid=(SHAPE, None), spatial=0.0)
+    vox = torch.arange(n)
+    assert float(term.start_change(c.float(), vox).abs().max()) == 0.0
+    term.spatial = 0.3
+    d = term.start_change(c.float(), vox)
+    assert d.dtype == torch.float32 and float(d[0].abs().max()) == 0.0
+    assert float(d.abs().max()) > 1e-3
+
+    def grad_norm(coeffs):
+        x = coeffs.double().requires_grad_(True)
+        term(x, vox).backward()
+        return float(x.grad[1:].norm())
+
+    assert grad_norm(c + d.double()) < 0.02 * grad_norm(c)  # ~ stationary (float32 change)
