@@ -226,6 +226,7 @@ def run_fit(fod: Path, tck: Path, seeds: Path, run: Path, extra: list[str]) -> t
         str(run),
         "--no-progress",
         "--no-tensorboard",
+        "--force",  # the work folder's run of an earlier benchmark is replaced
         *extra,
     ]
     import contextlib

@@ -133,13 +133,11 @@ DEFAULT_CONFIG: dict = {
     "temperature": {**COMMON_DEFAULTS["temperature"], "margin_start": 0.1, "margin_end": 0.003},
     "fod": {"margin_vox": 1},
     # the diffusion-signal term of --dwi (invtract.fit.signal_term): spatial coupling of the
-    # learned voxels' l >= 4 coefficients to their 6 neighbours (0: off; "auto": chosen by
-    # cross-validation, invtract.fit.signal_coupling); --signal-spatial W; checked by
-    # invtract.fit.signal_term.parse_spatial; None (any type, as the TOML files say "auto"
-    # or a number): unset, i.e. "auto"
+    # learned voxels' l >= 4 coefficients to their 6 neighbours ("auto": W by cross-validation,
+    # invtract.fit.signal_coupling; a number >= 0 forces W; 0: off); --signal-spatial W.
     # start: "csd" (the given FOD) or "coupled" (the learned voxels start at the minimiser of
     # the signal term with its coupling, SignalTerm.start_change)
-    "signal": {"spatial": None, "start": "csd"},
+    "signal": {"spatial": "auto", "start": "csd"},
     "loss": {
         "n_points": 16,
         "temperature_mm": 0.5,

@@ -357,11 +357,12 @@ def add_signal_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _spatial_flag(text: str) -> float | str:
-    """argparse type of ``--signal-spatial``."""
+    """argparse type of ``--signal-spatial``: a number, or the text (``"auto"``); the value is
+    checked with the config (:func:`check_signal_config`), so a bad one is a ConfigError."""
     try:
-        return parse_spatial(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        return float(text)
+    except ValueError:
+        return text
 
 
 def check_signal_args(args) -> bool:
