@@ -7,7 +7,7 @@ coefficients to their 6 neighbours with weight ``W`` (``[signal] spatial``):
 
 Multiplied by ``V N sigma^2`` this is a Gaussian MAP objective ``sum_v f_v + (W N sigma^2)
 sum_pairs |d|^2``: the coupling is a prior on neighbour differences with variance
-``tau^2 = 1 / (2 W N)`` per pair, so its best weight depends on how noisy the CSD of ``N``
+``tau^2 = 1 / (W N)`` per pair, so its best weight depends on how noisy the CSD of ``N``
 directions is against how alike neighbouring FODs are -- which the data can tell, not a constant.
 
 :func:`choose_coupling` picks ``W`` among candidates by K-fold cross-validation over the shell's
@@ -37,6 +37,8 @@ log = logging.getLogger("invtract")
 
 #: coupling weights ``W`` tried by :func:`choose_coupling` (0: no coupling)
 CANDIDATES: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0)
+#: times the candidates are extended by 3 x the largest while the largest is the best
+EXTEND = 2
 
 
 @contextmanager
@@ -139,7 +141,8 @@ def choose_coupling(
         voxels: ``[V]`` flat voxel indices (C order of ``shape``): the coupled region.
         shape: the grid's ``(X, Y, Z)``.
         variance: ``sigma^2`` per measurement (the signal term's).
-        candidates: ``W`` values tried; folds, seed: the direction split.
+        candidates: ``W`` values tried (while the largest is the best, ``3 x`` it is tried
+            too, at most :data:`EXTEND` times); folds, seed: the direction split.
 
     Returns:
         ``(W, {candidate: mean squared prediction error per held-out measurement})``.
@@ -151,8 +154,14 @@ def choose_coupling(
         return 0.0, err
     b = signals.to(torch.float64)
     b = b.clamp_min(0.0) if model.clamp_signal else b
+    split = _folds(n, folds, seed)
     with _one_thread():
-        err = _cv_errors(b, model, pairs, variance, candidates, _folds(n, folds, seed), lmin)
+        err = _cv_errors(b, model, pairs, variance, candidates, split, lmin)
+        for _ in range(EXTEND):  # the largest candidate is best: the optimum may lie beyond
+            top = max(err)
+            if top <= 0 or min(err, key=lambda w: (err[w], w)) != top:
+                break
+            err.update(_cv_errors(b, model, pairs, variance, (3.0 * top,), split, lmin))
     best = min(err, key=lambda w: (err[w], w))
     return float(best), err
 
