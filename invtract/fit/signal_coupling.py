@@ -39,8 +39,6 @@ log = logging.getLogger("invtract")
 CANDIDATES: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0)
 #: times the candidates are extended by 3 x the largest while the largest is the best
 EXTEND = 2
-#: pick the largest W within one standard error of the smallest CV error (else the smallest)
-ONE_SE = False
 
 
 @contextmanager
@@ -158,33 +156,20 @@ def choose_coupling(
     b = b.clamp_min(0.0) if model.clamp_signal else b
     split = _folds(n, folds, seed)
     with _one_thread():
-        per = _cv_errors(b, model, pairs, variance, candidates, split, lmin)
+        err = _cv_errors(b, model, pairs, variance, candidates, split, lmin)
         for _ in range(EXTEND):  # the largest candidate is best: the optimum may lie beyond
-            top = max(per)
-            if top <= 0 or _pick(per, False) != top:
+            top = max(err)
+            if top <= 0 or min(err, key=lambda w: (err[w], w)) != top:
                 break
-            per.update(_cv_errors(b, model, pairs, variance, (3.0 * top,), split, lmin))
-    err = {w: float(e.mean()) for w, e in sorted(per.items())}
-    return float(_pick(per, ONE_SE)), err
+            err.update(_cv_errors(b, model, pairs, variance, (3.0 * top,), split, lmin))
+    best = min(err, key=lambda w: (err[w], w))
+    return float(best), err
 
 
-def _pick(per: dict, one_se: bool) -> float:
-    """The candidate with the smallest mean error, or with ``one_se`` the largest candidate
-    whose mean is within one standard error (over voxels) of the smallest."""
-    mean = {w: float(e.mean()) for w, e in per.items()}
-    best = min(mean, key=lambda w: (mean[w], w))
-    if not one_se:
-        return best
-    e = per[best]
-    se = float(e.std()) / max(e.numel(), 1) ** 0.5
-    return max(w for w in mean if mean[w] <= mean[best] + se)
-
-
-def _cv_errors(b, model, pairs, variance, candidates, folds, lmin) -> dict:
-    """``{candidate: [V] squared held-out prediction error per voxel, summed over the folds,
-    divided by the direction count}``."""
+def _cv_errors(b, model, pairs, variance, candidates, folds, lmin) -> dict[float, float]:
+    """Mean squared held-out prediction error per candidate over the ``folds``."""
     n = model.M.shape[0]
-    err = {w: torch.zeros(b.shape[0], dtype=torch.float64) for w in candidates}
+    err = dict.fromkeys(candidates, 0.0)
     for test in folds:
         train = np.setdiff1d(np.arange(n), test)
         m = sub_model(model, train)
@@ -194,5 +179,5 @@ def _cv_errors(b, model, pairs, variance, candidates, folds, lmin) -> dict:
                 b[:, train], m, pairs, w, variance, n_ref=n, start=start, lmin=lmin
             )
             pred = predict_signal(start, model.M[torch.as_tensor(test)])
-            err[w] += (pred - b[:, test]).pow(2).sum(-1) / n
-    return err
+            err[w] += float((pred - b[:, test]).pow(2).sum())
+    return {w: e / (b.shape[0] * n) for w, e in err.items()}
