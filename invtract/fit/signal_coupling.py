@@ -80,8 +80,9 @@ def coupled_csd(
     b = signals.to(torch.float64)
     b = b.clamp_min(0.0) if model.clamp_signal else b
     c0 = csd_solve(b, model) if start is None else start.to(torch.float64)
-    if weight <= 0 or pairs.numel() == 0:
-        return c0
+    if (weight <= 0 or pairs.numel() == 0) and model.clamp_signal:
+        return c0  # csd_solve is the minimiser (it clamps signals at 0, as this model does)
+    weight = max(float(weight), 0.0)  # unclamped (multi-tissue) signals: minimise from c0
     scale = 1.0 / ((n_ref or model.M.shape[0]) * float(variance) * b.shape[0])
     x = c0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS(

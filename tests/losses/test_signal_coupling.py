@@ -148,3 +148,41 @@ def test_start_change_moves_to_the_coupled_minimiser():
         return float(x.grad[1:].norm())
 
     assert grad_norm(c + d.double()) < 0.02 * grad_norm(c)  # ~ stationary (float32 change)
+
+
+@pytest.mark.slow
+def test_auto_coupling_on_the_multi_tissue_term(monkeypatch):
+    """--response WM GM CSF: the choice runs on the WM term (unclamped residual signals over
+    every volume); at W = 0 the coupled solve is the term's own minimiser (gradient ~0)."""
+    from pathlib import Path
+
+    import invtract.fit.signal_coupling as sc
+    from invtract.fod.csd import load_response
+    from invtract.io.gradients import read_mif_scheme
+    from invtract.io.mif import read_mif
+
+    monkeypatch.setattr(sc, "EXTEND", 0)
+    csd = Path(__file__).resolve().parents[1] / "data" / "csd"
+    dwi = read_mif(csd / "dwi.mif")[0]
+    mask = read_mif(csd / "mask.mif")[0].astype(bool)
+    resp = [load_response(csd / f"response_msmt_{t}.txt", anisotropic=t == "wm")
+            for t in ("wm", "gm", "csf")]  # fmt: skip
+    term = SignalTerm.build(dwi, read_mif_scheme(csd / "dwi.mif"), resp, mask)
+    term.grid = (tuple(dwi.shape[:3]), None)
+    vox = torch.nonzero(term.usable).flatten()
+    pairs = neighbour_pairs(vox, term.grid[0])
+    assert len(pairs) > 0 and not term.model.clamp_signal
+    sig = term.signals[vox].double()
+    c0 = coupled_csd(sig, term.model, pairs, 0.0, term.variance)
+
+    def grad(c):  # of the signal term alone (spatial 0)
+        x = c.clone().requires_grad_(True)
+        return float(torch.autograd.grad(term(x, vox), x)[0].norm())
+
+    assert grad(c0) < 1e-3 * grad(torch.zeros_like(c0))
+    x = c0
+    term.spatial = "auto"
+    term(x.detach(), vox)
+    assert term.spatial in sc.CANDIDATES and set(term.coupling_cv["cv_error"]) == {
+        str(w) for w in sc.CANDIDATES
+    }
