@@ -21,15 +21,21 @@ the learned voxels (and the full-data FOD's), RMS signal residual (subsample dir
 
 Goals (issue 17): held-out MDF <= 0.6 x start, coefficient error >= 5% below the start's (aim
 20%), median peak error not higher, smallest amplitude no deeper than the full-data FOD's by
-more than 0.05 -- on regions and sizes other than the tuning case (``A``, n = 20).
+more than 0.05 -- on regions and sizes other than the tuning cases (``A``, n = 20 and 30).
+``fod+signal`` reports the coupling weight the fit used (``signal_spatial``; chosen by
+cross-validation with the default ``[signal] spatial = "auto"``) and each candidate's held-out
+error (``signal_spatial_cv``).
 
     python benchmarks/fod_fit.py [--cases A20,B15,C30,phantom20] [--iterations 30]
-        [--signal-weight W] [--set SECTION.KEY=VALUE ...] [--work DIR] [--out FILE]
+        [--methods fod,fod+signal] [--signal-spatial W|auto] [--fod-updates free|low|rotation]
+        [--signal-weight W] [--signal-set SECTION.KEY=VALUE ...] [--set SECTION.KEY=VALUE ...]
+        [--seed S] [--work DIR] [--out FILE]
 
 Needs MRtrix3 (``mrconvert``, ``dwi2fod``, ``tckgen``) on PATH. Progress goes to stderr; the
 JSON (one entry per case, plus ``config``) to stdout and ``--out``. Default: C15 and phantom20
-(~2-3 min each on a quiet 2-core machine); docs/csd.md's table is
-``--cases B20,C15,C30,phantom20`` (tuning: ``--cases A20 --methods fod+signal ...``).
+(~2-3 min each on a quiet 2-core machine); docs/csd.md's last table is ``--methods fod+signal``
+on B20, C15, C30, A15, B30, phantom20, one case per run (tuning: ``--cases A20`` / ``A30``).
+A run replaces the work folder's earlier runs of the same case.
 """
 
 from __future__ import annotations
@@ -226,6 +232,7 @@ def run_fit(fod: Path, tck: Path, seeds: Path, run: Path, extra: list[str]) -> t
         str(run),
         "--no-progress",
         "--no-tensorboard",
+        "--force",  # the work folder's run of an earlier benchmark is replaced
         *extra,
     ]
     import contextlib
@@ -341,7 +348,9 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
         extra += ["--set", s]
     sig_args = ["--dwi", str(inp["sub"]), "--response", str(inp["response"])]
     sig_args += ["--mask", str(inp["mask"]), "--config", str(signal_config(args, work))]
-    sig_args += ["--fod-updates", args.fod_updates, "--signal-spatial", str(args.signal_spatial)]
+    sig_args += ["--fod-updates", args.fod_updates]
+    if args.signal_spatial is not None:
+        sig_args += ["--signal-spatial", args.signal_spatial]
     for s in args.signal_set:
         sig_args += ["--set", s]
     out: dict = {"case": name, "n_directions": n, "region": name.rstrip("0123456789")}
@@ -375,6 +384,8 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
                 "heldout_mdf_start_mm": res.get("start_heldout_mdf_mm"),
                 "heldout_mdf_final_mm": res.get("final_heldout_mdf_mm"),
                 "seconds": wall,
+                "signal_spatial": (res.get("signal") or {}).get("spatial"),
+                "signal_spatial_cv": (res.get("signal") or {}).get("spatial_cv"),
             }
         )
     ev["full_data_fod"] = {
@@ -450,9 +461,10 @@ def main() -> int:
     p.add_argument(
         "--signal-weights", default="", help="fod+signal: other weights, e.g. prior=0,nonneg=0"
     )
-    p.add_argument("--fod-updates", default="free", help="fod+signal: free | rotation")
+    p.add_argument("--fod-updates", default="free", help="fod+signal: free | low | rotation")
     p.add_argument(
-        "--signal-spatial", type=float, default=0.3, help="fod+signal: --signal-spatial W"
+        "--signal-spatial",
+        help="fod+signal: --signal-spatial W|auto (default: the config's, auto)",
     )
     p.add_argument("--seed", type=int, default=0, help="direction subsample seed")
     p.add_argument("--methods", default="fod,fod+signal", help="fits to run (fod, fod+signal)")

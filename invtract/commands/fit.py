@@ -362,7 +362,8 @@ def _bundle_checks(args) -> tuple[dict, Path]:
     example = EXAMPLE_OVERRIDES if args.example else None
     over = _collect_overrides(args)
     cfg = load_config(cfg_path, over, example=example, base=None if cfg_path else default)
-    check_signal_config(cfg["loss"]["weights"], cfg["fit"]["learn"], dwi)
+    spatial = cfg.get("signal", {}).get("spatial", 0.0)
+    check_signal_config(cfg["loss"]["weights"], cfg["fit"]["learn"], dwi, spatial)
     return cfg, cfg_path or default
 
 
@@ -577,6 +578,8 @@ def _signal_summary(signal, img, result) -> dict:
         "noise_sigma": signal.variance**0.5,
         "start_rms_residual": signal.residual(start, vox),
         "final_rms_residual": signal.residual(result.sh.reshape(-1, K), vox),
+        "spatial": signal.spatial,
+        "spatial_cv": signal.coupling_cv,
     }
 
 

@@ -114,13 +114,16 @@ class BundleProblem(Problem):
 
     def _signal(self, signal):
         """``signal`` after checking it against the config; its gradient hook registered."""
-        from .signal_term import check_signal_config
+        from .signal_term import check_signal_config, parse_spatial
 
         check_signal_config(self.cfg.loss.weights, self.cfg.learn, signal is not None)
         st = self.state
         if signal is None or st.delta is None:
             return None
-        signal.spatial = float(self.config.get("signal", {}).get("spatial", 0.0))
+        signal.spatial = parse_spatial(self.config.get("signal", {}).get("spatial", 0.0))
+        if self.config.get("signal", {}).get("start", "csd") == "coupled":  # docs/csd.md
+            with torch.no_grad():
+                st.delta.add_(signal.start_change(st.sh0_flat[st.voxels], st.voxels))
         hook = getattr(signal, "gradient_hook", lambda _: None)(st.sh0_flat[st.voxels])
         if hook is not None:
             st.delta.register_hook(hook)

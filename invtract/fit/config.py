@@ -42,6 +42,9 @@ __all__ = [
 #: folders searched for a config given by bare name (the working directory's first)
 #: tables whose keys are free (names of loss terms) rather than fixed by the defaults
 FREE_TABLES = ("weights",)
+#: keys whose value may be a word or a number at any layer (checked by their reader):
+#: ``signal.spatial`` is "auto" or a weight (invtract.fit.signal_term.parse_spatial)
+MIXED_KEYS = ("signal.spatial",)
 
 
 def find_config(spec: str) -> Path:
@@ -114,7 +117,7 @@ def merge_config(base: Mapping, override: Mapping, prefix: str = "") -> dict:
                 raise ConfigError(f"config [{key}] must be a table, got {v!r}")
             out[k] = merge_config(out[k], v, f"{key}.")
         else:
-            out[k] = _typed(key, out[k], v)
+            out[k] = v if key in MIXED_KEYS else _typed(key, out[k], v)
     return out
 
 

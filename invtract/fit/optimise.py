@@ -133,8 +133,11 @@ DEFAULT_CONFIG: dict = {
     "temperature": {**COMMON_DEFAULTS["temperature"], "margin_start": 0.1, "margin_end": 0.003},
     "fod": {"margin_vox": 1},
     # the diffusion-signal term of --dwi (invtract.fit.signal_term): spatial coupling of the
-    # learned voxels' l >= 4 coefficients to their 6 neighbours (0: off); --signal-spatial W
-    "signal": {"spatial": 0.3},
+    # learned voxels' l >= 4 coefficients to their 6 neighbours ("auto": W by cross-validation,
+    # invtract.fit.signal_coupling; a number >= 0 forces W; 0: off); --signal-spatial W.
+    # start: "csd" (the given FOD) or "coupled" (the learned voxels start at the minimiser of
+    # the signal term with its coupling, SignalTerm.start_change)
+    "signal": {"spatial": "auto", "start": "csd"},
     "loss": {
         "n_points": 16,
         "temperature_mm": 0.5,
@@ -193,9 +196,9 @@ RULES: dict = {
             "loss.temperature_mm",
             "loss.radius_mm",
         ],  # fmt: skip
-        non_negative=["fod.margin_vox", "signal.spatial"],
+        non_negative=["fod.margin_vox"],
         unit=["fit.heldout_fraction"],
-        choices={"optimizer.name": ("signum", "adam", "sgd")},
+        choices={"optimizer.name": ("signum", "adam", "sgd"), "signal.start": ("csd", "coupled")},
         at_least={"fit.seeds_per_iteration": 1, "loss.n_points": 2, "loss.sphere_points": 4},
     ),
 }

@@ -39,11 +39,15 @@ __all__ = [
     "add_signal_arguments",
     "check_signal_args",
     "check_signal_config",
+    "parse_spatial",
     "signal_from_args",
     "run_csd_only",
 ]
 
 log = logging.getLogger("invtract")
+
+#: ``--fod-updates low``: the highest degree the fit's gradient changes
+LOW_LMAX = 4
 
 
 def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
@@ -96,13 +100,18 @@ class SignalTerm:
         csd: ``[X*Y*Z, K]`` float32 CSD coefficients (zero where unusable), kept only when
             built with ``keep_csd`` (CSD alone), else None.
         grid: ``(shape [3], affine [4, 4])`` of the DWI (set by :func:`signal_from_args`).
-        updates: ``"free"`` (any change of the coefficients) or ``"rotation"`` (see
+        updates: ``"free"`` (any change of the coefficients), ``"low"`` (the fit's gradient
+            changes degrees l <= 4 only) or ``"rotation"`` (see
             :meth:`gradient_hook`).
         msmt: the multi-tissue problem when built with one response per tissue, else None;
             ``signals`` then hold every volume minus the other tissues' predicted signal.
         spatial: weight of the spatial coupling of the learned voxels' high-degree
             coefficients (:func:`~invtract.losses.signal.spatial_coupling`, added to the term;
-            ``--signal-spatial``), 0: off.
+            ``--signal-spatial``), 0: off; ``"auto"``: chosen at the first call from the
+            learned voxels' signals by leave-directions-out cross-validation
+            (:func:`~invtract.fit.signal_coupling.choose_coupling`), then the number chosen.
+        coupling_cv: after an ``"auto"`` choice, ``{"weight": W, "cv_error": {W_i: mean squared
+            held-out prediction error}}`` (``result.json``'s ``signal``), else None.
         others: ``[X*Y*Z, P-K]`` float32 coefficients of the other tissues, stacked in
             ``msmt.tissues`` order (multi-tissue, ``keep_csd`` only), else None.
     """
@@ -117,7 +126,8 @@ class SignalTerm:
     updates: str = "free"
     msmt: MSMTModel | None = None
     others: torch.Tensor | None = None
-    spatial: float = 0.0
+    spatial: float | str = 0.0
+    coupling_cv: dict | None = None
 
     @classmethod
     def build(
@@ -197,12 +207,63 @@ class SignalTerm:
         out = signal_loss(
             c, self.signals[v[keep]], self.model, self.variance, self.reference[v[keep]]
         )
-        if self.spatial > 0:
+        if self.spatial == "auto" or self.spatial > 0:
             if self.grid is None:
                 raise ConfigError("the signal term's spatial coupling needs the grid shape")
+            if self.spatial == "auto":
+                self.choose_spatial(v[keep])
+        if self.spatial > 0:
             pairs = neighbour_pairs(v[keep], self.grid[0])
             out = out + self.spatial * spatial_coupling(c.to(torch.float64), pairs)
         return out.to(sh_learn.device)
+
+    def choose_spatial(self, voxels: torch.Tensor) -> float:
+        """Set :attr:`spatial` from the data: the coupling weight with the smallest
+        leave-directions-out prediction error of the coupled CSD over ``voxels [V]`` (usable
+        flat indices; :func:`~invtract.fit.signal_coupling.choose_coupling`)."""
+        from .signal_coupling import choose_coupling
+
+        t0 = time.perf_counter()
+        w, err = choose_coupling(
+            self.signals[voxels], self.model, voxels, self.grid[0], self.variance
+        )
+        self.spatial = w
+        self.coupling_cv = {"weight": w, "cv_error": {str(k): e for k, e in err.items()}}
+        log.info(
+            "signal term: spatial coupling W = %g chosen by cross-validation over %d voxels "
+            "(held-out error %s; %.1f s)",
+            w,
+            voxels.numel(),
+            ", ".join(f"{k:g}: {e:.4g}" for k, e in err.items()),
+            time.perf_counter() - t0,
+        )
+        return w
+
+    def start_change(self, sh_start: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+        """``[V, K]`` change taking the learned voxels from ``sh_start`` to the minimiser of
+        this term alone (signal + spatial coupling; ``[signal] start = "coupled"``): the fit
+        then starts where the data and the coupling put the FOD, and the tractography terms
+        move it from there. Zero without coupling and in voxels with no usable signal.
+
+        Args:
+            sh_start: ``[V, K]`` starting coefficients of the learned voxels.
+            voxels: ``[V]`` their flat indices (C order of the grid).
+        """
+        from .signal_coupling import coupled_csd
+
+        v = voxels.to(self.usable.device).long()
+        keep = torch.nonzero(self.usable[v]).flatten()
+        out = torch.zeros(sh_start.shape, dtype=torch.float64)
+        if self.spatial == "auto":
+            self.choose_spatial(v[keep])
+        if self.spatial <= 0 or keep.numel() == 0:
+            return out.to(sh_start.dtype)
+        pairs = neighbour_pairs(v[keep], self.grid[0])
+        c0 = sh_start[keep.to(sh_start.device)].cpu().double()
+        sig = self.signals[v[keep]]
+        c = coupled_csd(sig, self.model, pairs, self.spatial, self.variance, start=c0)
+        out[keep] = c - c0
+        return out.to(sh_start.dtype)
 
     def gradient_hook(self, sh_start: torch.Tensor) -> Callable | None:
         """With ``updates == "rotation"``: a hook projecting the gradient of the FOD change of
@@ -217,6 +278,12 @@ class SignalTerm:
             ``[V, K, 3]`` = rotation generators applied to ``sh_start``: each voxel's FOD turns
             as a whole (3 degrees of freedom) instead of changing shape.
         """
+        if self.updates == "low":
+            from ..fod.csd import sh_degree
+
+            low = (2 * sh_degree(self.model.lmax) <= LOW_LMAX).to(sh_start.device)
+
+            return lambda grad: grad * low.to(grad.dtype)
         if self.updates != "rotation":
             return None
         from ..fod.csd import rotation_generators
@@ -239,6 +306,20 @@ class SignalTerm:
         return float(signal_residual(sh[v].double(), self.signals[v], self.model).mean())
 
 
+def parse_spatial(value) -> float | str:
+    """``[signal] spatial`` / ``--signal-spatial``: ``"auto"`` or a number >= 0 (ConfigError
+    otherwise); None (unset) is ``"auto"``."""
+    if value is None or isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        w = float("nan")
+    if not w >= 0 or isinstance(value, bool):
+        raise ConfigError(f'signal.spatial must be "auto" or a number >= 0, got {value!r}')
+    return w
+
+
 def add_signal_arguments(p: argparse.ArgumentParser) -> None:
     """``--dwi``, ``--fslgrad``, ``--response``, ``--mask`` of ``invtract fit``."""
     g = p.add_argument_group(
@@ -257,20 +338,31 @@ def add_signal_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask", help="voxels of the signal term / CSD (default: finite DWI)")
     g.add_argument(
         "--signal-spatial",
-        type=float,
+        type=_spatial_flag,
         default=None,
         metavar="W",
         help="with --dwi: couple the learned voxels' l >= 4 coefficients to their 6 neighbours "
-        "(W x sum of squared differences per voxel, added to the signal term; 0: off); the "
-        "config key [signal] spatial (default 0.3, see docs/csd.md), which this overrides",
+        "(W x sum of squared differences per voxel, added to the signal term; 0: off; auto: W "
+        "chosen by leave-directions-out cross-validation); the config key [signal] spatial "
+        "(default auto, see docs/csd.md), which this overrides",
     )
     g.add_argument(
         "--fod-updates",
-        choices=("free", "rotation"),
+        choices=("free", "low", "rotation"),
         default="free",
-        help="with --dwi: free coefficient changes, or gradients projected on rotations of "
-        "each voxel's starting FOD (use with --set optimizer.name=sgd)",
+        help="with --dwi: free coefficient changes, changes of degrees l <= 4 only (low), or "
+        "gradients projected on rotations of each voxel's starting FOD (use with --set "
+        "optimizer.name=sgd)",
     )
+
+
+def _spatial_flag(text: str) -> float | str:
+    """argparse type of ``--signal-spatial``: a number, or the text (``"auto"``); the value is
+    checked with the config (:func:`check_signal_config`), so a bad one is a ConfigError."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def check_signal_args(args) -> bool:
@@ -302,10 +394,12 @@ def _responses(args) -> list[str]:
     return [r] if isinstance(r, (str, os.PathLike)) else list(r)
 
 
-def check_signal_config(weights: Mapping, learn, have_signal: bool) -> None:
+def check_signal_config(weights: Mapping, learn, have_signal: bool, spatial=0.0) -> None:
     """The ``signal`` weight of ``[loss.weights]`` against the fit: a positive weight needs a
     signal term (``--dwi``), and a signal term needs the FOD learned (``"sh"`` in ``learn``);
-    a signal term with weight 0 is off (a warning)."""
+    a signal term with weight 0 is off (a warning). ``spatial`` (``[signal] spatial``) must be
+    ``"auto"`` or a number >= 0."""
+    parse_spatial(spatial)
     w = float(weights.get("signal", 0.0))
     if have_signal and "sh" not in tuple(learn):
         raise ConfigError("--dwi adds a term on the FOD: use --fit fod or --fit both")

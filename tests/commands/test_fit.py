@@ -270,7 +270,8 @@ def test_dwi_adds_the_signal_term_to_the_fod_fit(tmp_path, small_target, dwi_inp
 
     rec = read_toml(run / "config.toml")
     assert rec["loss"]["weights"]["signal"] == 5.0 and rec["loss"]["weights"]["prior"] == 0.0
-    assert rec["signal"]["spatial"] == 0.3  # the config key's default
+    assert rec["signal"]["spatial"] == "auto"  # the config key's default
+    assert rec["signal"]["start"] == "coupled"
     assert rec["inputs"]["dwi"].endswith("dwi.mif") and rec["inputs"]["config"].endswith(
         "fit_fod_dwi.toml"
     )
@@ -284,6 +285,9 @@ def test_dwi_adds_the_signal_term_to_the_fod_fit(tmp_path, small_target, dwi_inp
     res = _strict(run / "result.json")["signal"]
     assert res["bvalue"] == 2000.0 and res["n_directions"] == 30 and res["noise_sigma"] >= 0
     assert 0 <= res["start_rms_residual"] and 0 <= res["final_rms_residual"]
+    # "auto": the weight chosen by cross-validation, with each candidate's held-out error
+    assert res["spatial"] == res["spatial_cv"]["weight"] >= 0
+    assert len(res["spatial_cv"]["cv_error"]) >= 2
 
 
 @pytest.mark.parametrize(

@@ -223,7 +223,8 @@ def test_selection_loss_includes_the_weighted_signal_term():
     params = TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0)
     sel = {}
     for w in (0.0, 3.0):
-        cfg = resolve_config({"loss": {"weights": {"mdf": 1.0, "signal": w}}}, learn=("sh",))
+        over = {"loss": {"weights": {"mdf": 1.0, "signal": w}}, "signal": {"spatial": 0.3}}
+        cfg = resolve_config(over, learn=("sh",))
         pb = build_problem(cfg, img, sl, params, seeding, signal=term if w else None)
         with torch.no_grad():
             pb.state.delta.add_(0.02)  # away from the start: the signal term is > 0
@@ -315,3 +316,16 @@ def test_signal_term_spatial_weight_adds_the_coupling(voxels):
     pairs = neighbour_pairs(vox, (1, 1, n))
     assert len(pairs) == n - 1
     assert float(term(c, vox)) == pytest.approx(base + 0.7 * float(spatial_coupling(c, pairs)))
+
+
+def test_low_updates_hook_keeps_degrees_above_4(voxels):
+    """--fod-updates low: the gradient reaching the learned change has no l >= 6 part."""
+    model, sig = voxels
+    n = len(sig)
+    fields = (torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.float64), 1.0, None)
+    term = SignalTerm(model, sig.float(), *fields, updates="low")
+    g = torch.randn(n, model.n_coeffs)
+    out = term.gradient_hook(torch.zeros(n, model.n_coeffs))(g)
+    assert torch.equal(out[:, :15], g[:, :15])  # l = 0, 2, 4: 1 + 5 + 9 coefficients
+    assert float(out[:, 15:].abs().max()) == 0.0
+    assert SignalTerm(model, sig.float(), *fields).gradient_hook(g) is None  # free
