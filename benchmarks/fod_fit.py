@@ -216,7 +216,9 @@ def make_target(full_fod: Path, ref: nib.Nifti1Image, corner, full: np.ndarray, 
 # ----------------------------------------------------------------------------------------------
 # one case
 # ----------------------------------------------------------------------------------------------
-def run_fit(fod: Path, tck: Path, seeds: Path, run: Path, extra: list[str]) -> tuple[dict, float]:
+def run_fit(
+    fod: Path, tck: Path, seeds: Path, run: Path, extra: list[str], fit: str = "fod"
+) -> tuple[dict, float]:
     t0 = time.perf_counter()
     args = [
         "fit",
@@ -227,7 +229,7 @@ def run_fit(fod: Path, tck: Path, seeds: Path, run: Path, extra: list[str]) -> t
         "--fod",
         str(fod),
         "--fit",
-        "fod",
+        fit,
         "--run",
         str(run),
         "--no-progress",
@@ -359,7 +361,9 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
         if label not in args.methods.split(","):
             continue
         log(f"{name}: fit {label}")
-        res, wall = run_fit(inp["fod_sub"], tck, seeds, work / f"run_{name}_{label}", extra + more)
+        res, wall = run_fit(
+            inp["fod_sub"], tck, seeds, work / f"run_{name}_{label}", extra + more, args.fit
+        )
         runs[label] = (res, wall)
     start = load_fod(inp["fod_sub"]).data.reshape(-1, full.shape[-1])
     fitted = {
@@ -384,6 +388,7 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
                 "heldout_mdf_start_mm": res.get("start_heldout_mdf_mm"),
                 "heldout_mdf_final_mm": res.get("final_heldout_mdf_mm"),
                 "seconds": wall,
+                "params": {k: res.get(k) for k in ("step_mm", "angle_deg", "cutoff")},
                 "signal_spatial": (res.get("signal") or {}).get("spatial"),
                 "signal_spatial_cv": (res.get("signal") or {}).get("spatial_cv"),
             }
@@ -466,6 +471,9 @@ def main() -> int:
         "--signal-spatial",
         help="fod+signal: --signal-spatial W|auto (default: the config's, auto)",
     )
+    p.add_argument(
+        "--fit", default="fod", choices=("fod", "both"), help="what the fits learn (--fit)"
+    )
     p.add_argument("--seed", type=int, default=0, help="direction subsample seed")
     p.add_argument("--methods", default="fod,fod+signal", help="fits to run (fod, fod+signal)")
     p.add_argument("--work", default="runs/fod_fit", help="work folder (inputs, runs)")
@@ -494,6 +502,7 @@ def main() -> int:
             "signal_set": args.signal_set,
             "signal_weights": args.signal_weights,
             "fod_updates": args.fod_updates,
+            "fit": args.fit,
             "signal_spatial": args.signal_spatial,
             "seed": args.seed,
             "regions": {k: v.tolist() for k, v in regions.items()},
