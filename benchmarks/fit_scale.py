@@ -16,9 +16,11 @@ largest single process; and the peak of the summed RSS of the process tree, samp
 and its speed-up.
 
 Usage: ``python benchmarks/fit_scale.py [--size full|half|small] [--streamlines 500]
-[--iterations 60] [--no-nproc2] [--keep] [--workdir DIR] [--reuse DIR] [--no-warm]``
+[--iterations 60] [--fit params|fod] [--no-nproc2] [--keep] [--workdir DIR] [--reuse DIR] [--no-warm]``
 (``--reuse``: the folder of an earlier ``--keep`` run of the same size, phantom not rebuilt;
-``--no-warm``: skip the untimed one-iteration fit that fills the numba cache)
+``--no-warm``: skip the untimed one-iteration fit that fills the numba cache; ``--fit fod``:
+the same bundle fit learning the FOD instead, for its time and memory: the goals are the params
+fit's)
 (``full`` needs ~4 GB of free disk and ~4 GB of memory per fitting process).
 """
 
@@ -125,7 +127,7 @@ def make_target(work: str, phantom: dict, args) -> dict:
 def run_fit(work: str, run: str, args, nproc: int) -> dict:
     """``invtract fit`` as a whole process; its measurements and result.json."""
     cmd = [sys.executable, "-m", "invtract.cli", "-q", "fit", "--target", "bundle.tck",
-           "--target-seeds", "seeds.txt", "--fod", "fod.mif", "--fit", "params",
+           "--target-seeds", "seeds.txt", "--fod", "fod.mif", "--fit", args.fit,
            "--run", os.path.join(work, run), "--iterations", str(args.iterations),
            "--no-tensorboard", "--no-progress", "--nproc", str(nproc)]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_NUM_THREADS=str(args.threads))
@@ -163,7 +165,7 @@ def _run(args, work: str) -> dict:
     true = {"step_mm": args.true_step or 0.1 * VOX, "angle_deg": args.true_angle,
             "cutoff": args.true_cutoff}  # fmt: skip
     out = {
-        "case": f"synthetic whole-brain phantom ({args.size}), SD_Stream bundle, params fit",
+        "case": f"synthetic whole-brain phantom ({args.size}), SD_Stream bundle, {args.fit} fit",
         "phantom": phantom,
         "target": target,
         "true": true,
@@ -192,6 +194,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--seed-radius", type=float, default=3.0, help="seed sphere radius (mm)")
     ap.add_argument("--iterations", type=int, default=60)
+    ap.add_argument(
+        "--fit",
+        choices=("params", "fod"),
+        default="params",
+        help="what the fit learns (the goals are for params; fod: the FOD fit's time and memory)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="NUMBA_NUM_THREADS")
     ap.add_argument("--no-nproc2", action="store_true", help="skip the --nproc 2 fit")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
