@@ -295,11 +295,11 @@ class SeedChecker:
 
             self._test = SeedTest(sh, scanner2voxel, rois)
         else:
-            from .tracker import seed_usable_torch
+            from .tracker import seed_test_torch
 
             if hasattr(sh, "M"):  # a FusedFOD prepared for the compiled engine
                 sh, scanner2voxel = sh.sh, sh.M
-            self._test = lambda p: seed_usable_torch(sh, scanner2voxel, p, rois)
+            self._test = seed_test_torch(sh, scanner2voxel, rois)
 
     def __call__(self, p: np.ndarray) -> np.ndarray:
         return self._test(p)

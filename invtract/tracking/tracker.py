@@ -35,6 +35,7 @@ from .types import (
 __all__ = [
     "track_torch",
     "track_torch_peaks",
+    "seed_test_torch",
     "seed_usable_torch",
     "downsample_track",
     "check_length_post",
@@ -274,12 +275,13 @@ def _seed_check(field: FODField, seeds: torch.Tensor, rois: RoiSet):
 
 
 @torch.no_grad()
-def seed_usable_torch(
-    sh: np.ndarray, scanner2voxel: np.ndarray, seeds: np.ndarray, rois: RoiSet | None = None
-) -> np.ndarray:
-    """``[N]`` bool: which ``seeds [N, 3]`` (scanner mm) the torch engine tracks at all, for
-    an FOD ``sh [X, Y, Z, K]`` with ``scanner2voxel [3, 4]`` (the seeding code's check when
-    numba is absent; the numba kernel's ``SeedTest`` otherwise)."""
+def seed_test_torch(
+    sh: np.ndarray, scanner2voxel: np.ndarray, rois: RoiSet | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The torch engine's seed test for an FOD ``sh [X, Y, Z, K]`` with ``scanner2voxel
+    [3, 4]``: a function of ``seeds [N, 3]`` (scanner mm) returning ``[N]`` bool, which seeds
+    the engine tracks at all (the seeding code's check when numba is absent; the numba
+    kernel's ``SeedTest`` otherwise). The field is built once, not per call."""
     sh_t = torch.as_tensor(np.ascontiguousarray(sh, np.float32))
     flat = sh_t.reshape(-1, sh_t.shape[-1])
     field = FODField(
@@ -289,8 +291,20 @@ def seed_usable_torch(
         (flat != 0).any(-1),
         lmax_from_n(int(sh_t.shape[-1])),
     )
-    pos = torch.as_tensor(np.asarray(seeds, np.float32).reshape(-1, 3))
-    return _seed_check(field, pos, rois or RoiSet())[0].numpy()
+    rois = rois or RoiSet()
+
+    def usable(seeds: np.ndarray) -> np.ndarray:
+        pos = torch.as_tensor(np.asarray(seeds, np.float32).reshape(-1, 3))
+        return _seed_check(field, pos, rois)[0].numpy()
+
+    return usable
+
+
+def seed_usable_torch(
+    sh: np.ndarray, scanner2voxel: np.ndarray, seeds: np.ndarray, rois: RoiSet | None = None
+) -> np.ndarray:
+    """``[N]`` bool: :func:`seed_test_torch` applied once to ``seeds [N, 3]`` (scanner mm)."""
+    return seed_test_torch(sh, scanner2voxel, rois)(seeds)
 
 
 @dataclass
