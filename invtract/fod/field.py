@@ -45,6 +45,8 @@ class FODField:
             header's for :meth:`from_image`, the affine's column norms for :meth:`from_array`
             unless given); None for a field made from a scanner->voxel transform alone
             (:attr:`header_voxel_sizes` then derives them).
+        learned: ``(voxels [n] int64, rows [n, K])`` of :meth:`with_rows` (``rows`` may
+            require grad; ``sh_flat`` holds their values, detached), else None.
     """
 
     sh_flat: torch.Tensor
@@ -54,6 +56,7 @@ class FODField:
     lmax: int
     affine: np.ndarray | None = None
     voxel_sizes: tuple | None = None
+    learned: tuple | None = None
 
     @classmethod
     def from_image(
@@ -132,15 +135,38 @@ class FODField:
         s2v = self.scanner2voxel.to(flat.device)
         return dataclasses.replace(
             self, sh_flat=flat, scanner2voxel=s2v, nonzero_flat=nonzero,
-            lmax=lmax_from_n(int(sh.shape[-1])),
+            lmax=lmax_from_n(int(sh.shape[-1])), learned=None,
         )  # fmt: skip
+
+    def with_rows(self, voxels: torch.Tensor, rows: torch.Tensor) -> FODField:
+        """The field whose coefficients at the flat voxels ``voxels`` (``[n]`` int64,
+        distinct) are ``rows`` (``[n, K]``, may require grad), written IN PLACE into this
+        field's coefficient buffer (which the caller must own: every field sharing it sees the
+        new rows); no copy of the grid.
+
+        The result remembers ``(voxels, rows)`` (:attr:`learned`): the differentiable
+        tracker's gradient of the coefficients reaches ``rows`` only (``[n, K]``, computed for
+        those voxels alone on the compiled CPU path), not a ``[X*Y*Z, K]`` tensor. The
+        non-zero voxel mask is recomputed at ``voxels``."""
+        K = self.sh_flat.shape[1]
+        if rows.ndim != 2 or rows.shape[1] != K or voxels.shape != rows.shape[:1]:
+            raise ShapeError(
+                f"rows {tuple(rows.shape)} / voxels {tuple(voxels.shape)} do not fit [n, {K}]"
+            )
+        flat = self.sh_flat.detach()
+        idx = voxels.to(flat.device)
+        vals = rows.detach().to(device=flat.device, dtype=flat.dtype)
+        flat.index_copy_(0, idx, vals)
+        nonzero = self.nonzero_flat.to(flat.device, copy=True)
+        nonzero[idx] = (vals != 0).any(-1)
+        return dataclasses.replace(self, sh_flat=flat, nonzero_flat=nonzero, learned=(idx, rows))
 
     def detach(self) -> FODField:
         """The field with its coefficients detached from any graph (same storage; ``self``
         when they do not require grad)."""
-        if not self.sh_flat.requires_grad:
+        if not self.requires_grad:
             return self
-        return dataclasses.replace(self, sh_flat=self.sh_flat.detach())
+        return dataclasses.replace(self, sh_flat=self.sh_flat.detach(), learned=None)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> FODField:
         """The field on ``device`` with coefficients of ``dtype`` (``self`` when both already
@@ -149,14 +175,20 @@ class FODField:
         dt = self.dtype if dtype is None else dtype
         if dev == self.device and dt == self.dtype:
             return self
+        sh_flat = self.sh_flat
+        if self.learned is not None:  # the rows' gradient through a full tensor
+            voxels, rows = self.learned
+            sh_flat = sh_flat.index_put((voxels,), rows.to(sh_flat.dtype))
         return dataclasses.replace(
-            self, sh_flat=self.sh_flat.to(device=dev, dtype=dt),
+            self, sh_flat=sh_flat.to(device=dev, dtype=dt),
             scanner2voxel=self.scanner2voxel.to(dev), nonzero_flat=self.nonzero_flat.to(dev),
+            learned=None,
         )  # fmt: skip
 
     @property
     def requires_grad(self) -> bool:
-        return bool(self.sh_flat.requires_grad)
+        rows = self.learned[1] if self.learned is not None else None
+        return bool(self.sh_flat.requires_grad or (rows is not None and rows.requires_grad))
 
     @property
     def voxel2scanner(self) -> np.ndarray:

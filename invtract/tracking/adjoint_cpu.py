@@ -350,8 +350,8 @@ def _dot_row(A, r, b):
 
 @njit(**_INLINE)
 def _local(
-    px, py, pz, ux, uy, uz, vx, vy, vz, step, a_p, a_u, a_l, h, sh, want_sh, G, M, shape, tabs,
-    consts, scr, acc,
+    px, py, pz, ux, uy, uz, vx, vy, vz, step, a_p, a_u, a_l, h, sh, want_sh, G, slot, M, shape,
+    tabs, consts, scr, acc,
 ):  # fmt: skip
     """Adjoint of one step (``step``) or of the seed evaluation; see ``_local_adjoint``.
 
@@ -359,6 +359,8 @@ def _local(
     from :func:`_sh_tables`, ``consts`` = (t_amp, t_cos, eps, cut, cos_max), ``scr`` the scratch
     arrays of :func:`_sweep`. Writes scr's ``out[0:3]`` = adjoint of p, ``out[3:6]`` = adjoint
     of u_prev; adds to G (FOD, if ``want_sh``), acc[0] (h), acc[1] (cutoff), acc[2] (cos_max).
+    ``slot``: empty (G's rows are the FOD's voxels) or ``[V]`` (G's row of each voxel, -1 for
+    voxels whose gradient is not wanted).
     """
     t_amp, t_cos, eps, cut, cos_max = consts
     Wr, Wi, Qe, cj, cbar, idx, wd, out = scr
@@ -415,10 +417,11 @@ def _local(
     if want_sh:
         for c in range(8):
             wc = wd[0, c]
-            if wc != 0.0:
-                row = np.uint64(idx[c])
+            row = idx[c] if slot.shape[0] == 0 else slot[idx[c]]
+            if wc != 0.0 and row >= 0:
+                r = np.uint64(row)
                 for k in range(cbar.shape[0]):
-                    G[row, k] += wc * cbar[k]
+                    G[r, k] += wc * cbar[k]
     for j in range(3):
         out[j] = fbx * M[0, j] + fby * M[1, j] + fbz * M[2, j]
         if step:
@@ -427,11 +430,11 @@ def _local(
 
 @njit(**_SWEEP_JIT)
 def _sweep(
-    r0, r1, P, U, seeds, u0, n1, n2, gP, has_p, gW, W, has_w, sh, want_sh, G, M, shape, lmax,
-    tabs, consts, h, g_seed, acc,
+    r0, r1, P, U, seeds, u0, n1, n2, gP, has_p, gW, W, has_w, sh, want_sh, G, slot, M, shape,
+    lmax, tabs, consts, h, g_seed, acc,
 ):  # fmt: skip
-    """Rows ``r0 .. r1 - 1``, serially (one block); FOD adjoint into ``G`` (if ``want_sh``),
-    scalars into acc."""
+    """Rows ``r0 .. r1 - 1``, serially (one block); FOD adjoint into ``G`` (if ``want_sh``;
+    rows mapped by ``slot``, see :func:`_local`), scalars into acc."""
     K = sh.shape[1]
     E = tabs[4].shape[0]
     n = lmax + 1
@@ -525,8 +528,8 @@ def _sweep(
                 la_u = a_u0
                 la_l = a_l0
             _local(
-                px, py, pz, ux, uy, uz, vx, vy, vz, step, a_p, la_u, la_l, h, sh, want_sh, G, M,
-                shape, tabs, consts, scr, acc,
+                px, py, pz, ux, uy, uz, vx, vy, vz, step, a_p, la_u, la_l, h, sh, want_sh, G, slot,
+                M, shape, tabs, consts, scr, acc,
             )  # fmt: skip
             if not step:
                 for j in range(3):
@@ -809,6 +812,13 @@ def _blocks(n1: np.ndarray, n2: np.ndarray, T: int) -> np.ndarray:
     return np.concatenate([[0], np.clip(inner, 0, S), [S]]).astype(np.int64)
 
 
+def _slot_map(V: int, voxels: np.ndarray) -> np.ndarray:
+    """``[V]`` int32: ``i`` at ``voxels[i]`` (``[n]`` distinct flat indices), -1 elsewhere."""
+    slot = np.full(V, -1, np.int32)
+    slot[np.asarray(voxels, np.int64)] = np.arange(len(voxels), dtype=np.int32)
+    return slot
+
+
 def reverse_sweep(
     sh: np.ndarray,
     scanner2voxel: np.ndarray,
@@ -831,6 +841,7 @@ def reverse_sweep(
     cos_max: float,
     want_sh: bool,
     threads: int = 1,
+    voxels: np.ndarray | None = None,
 ):
     """The efficient path's backward on CPU.
 
@@ -848,15 +859,23 @@ def reverse_sweep(
             cos of the maximum angle (values).
         want_sh: accumulate the FOD gradient.
         threads: blocks run in parallel (capped by the buffer budget and numba's threads).
+        voxels: ``[n]`` distinct flat voxel indices: the FOD gradient of these rows only
+            (``[n, K]``, row i that of voxel ``voxels[i]``; the others are skipped, and the
+            buffers are ``[n, K]``), e.g. a fit's learned voxels. None: every voxel.
 
     Returns:
-        ``(g_sh [V, K] float64 or None, g_seeds [S, 3] float64, (g_h, g_cut, g_cos_max))``.
+        ``(g_sh [V, K] (or [n, K]) float64 or None, g_seeds [S, 3] float64, (g_h, g_cut,
+        g_cos_max))``.
     """
     S = n1.shape[0]
     V, K = sh.shape
     tabs = _sh_tables(lmax)
     n1 = np.ascontiguousarray(n1, np.int64)
     n2 = np.ascontiguousarray(n2, np.int64)
+    slot = np.empty(0, np.int32)  # G's rows are the voxels
+    if voxels is not None:
+        slot = _slot_map(V, voxels)
+        V = int(np.asarray(voxels).shape[0])
     T = max(1, min(int(threads), max(S, 1)))
     if want_sh:
         T = max(1, min(T, BUFFER_BUDGET_BYTES // max(V * K * 8, 1)))
@@ -879,7 +898,8 @@ def reverse_sweep(
     rest = (M, np.asarray(shape, np.int64), lmax, tabs, consts, float(h), g_seed)
 
     def block(t):
-        _sweep(bounds[t], bounds[t + 1], *args, want_sh, G[t if want_sh else 0], *rest, acc[t])
+        G_t = G[t if want_sh else 0]
+        _sweep(bounds[t], bounds[t + 1], *args, want_sh, G_t, slot, *rest, acc[t])
 
     # blocks on Python threads (the kernel releases the GIL), not numba's OpenMP pool: a
     # second OpenMP runtime next to torch's slowed every later torch operation ~20x here

@@ -546,7 +546,9 @@ class _Adjoint(torch.autograd.Function):
     on CPU, or batched over all streamlines alive at each step in torch)."""
 
     @staticmethod
-    def forward(ctx, sh_flat, seeds, h, cutoff, cos_max, tp, consts):
+    def forward(ctx, sh_in, seeds, h, cutoff, cos_max, tp, consts, full=None, voxels=None):
+        # sh_in: the FOD input, all coefficients [V, K] (full, voxels None) or the learned rows
+        # [n, K] of the flat voxels ``voxels`` [n] within the coefficients ``full`` [V, K]
         # The outputs go through save_for_backward only (not copied: an in-place change of them
         # is caught by autograd). Kept on ctx as well, they would form a cycle (output ->
         # grad_fn -> ctx -> output) that only the cycle collector frees: the tape of every
@@ -554,36 +556,44 @@ class _Adjoint(torch.autograd.Function):
         ctx.tp = dataclasses.replace(tp, points=None, weights=None)
         ctx.consts = consts
         ctx.scalar_dtypes = (h.dtype, cutoff.dtype, cos_max.dtype)
-        ctx.save_for_backward(sh_flat, h, tp.points, tp.weights)
+        ctx.sh_dtype = sh_in.dtype
+        sh_flat = sh_in if full is None else full.detach()
+        # the coefficients are saved (an in-place change of them before backward is caught)
+        ctx.save_for_backward(sh_flat, h, tp.points, tp.weights, voxels)
         return tp.points, tp.weights
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_pts, g_w):
-        sh_flat, h, points, weights = ctx.saved_tensors
+        sh_flat, h, points, weights, voxels = ctx.saved_tensors
         want = ctx.needs_input_grad
         if _use_numba(sh_flat.device):
             g_sh, g_seeds, (gh, gcut, gcos) = _backward_numba(
-                ctx.tp, ctx.consts, sh_flat, h, points, weights, g_pts, g_w, want[0]
+                ctx.tp, ctx.consts, sh_flat, h, points, weights, g_pts, g_w, want[0], voxels
             )
-        else:
+        else:  # the reference: every voxel's gradient, then the learned rows'
             g_sh, g_seeds, (gh, gcut, gcos) = _backward_torch(
                 ctx.tp, ctx.consts, sh_flat, h, points, weights, g_pts, g_w, want[0]
             )
+            if g_sh is not None and voxels is not None:
+                g_sh = g_sh[voxels]
         dts = ctx.scalar_dtypes
         return (
-            g_sh,
+            g_sh.to(ctx.sh_dtype) if g_sh is not None else None,
             g_seeds.to(ctx.tp.seeds.dtype) if want[1] else None,
             gh.to(dts[0]).reshape(h.shape) if want[2] else None,
             gcut.to(dts[1]) if want[3] else None,
             gcos.to(dts[2]) if want[4] else None,
             None,
             None,
+            None,
+            None,
         )
 
 
-def _backward_numba(tp, consts, sh_flat, h, points, weights, g_pts, g_w, want_sh):
-    """The reverse sweep compiled (:func:`~invtract.tracking.adjoint_cpu.reverse_sweep`)."""
+def _backward_numba(tp, consts, sh_flat, h, points, weights, g_pts, g_w, want_sh, voxels=None):
+    """The reverse sweep compiled (:func:`~invtract.tracking.adjoint_cpu.reverse_sweep`); the
+    FOD gradient ``[V, K]``, or ``[n, K]`` of the flat voxels ``voxels`` [n] alone."""
     from . import adjoint_cpu
 
     def arr(t):
@@ -612,6 +622,7 @@ def _backward_numba(tp, consts, sh_flat, h, points, weights, g_pts, g_w, want_sh
         float(consts.cos_max),
         want_sh,
         threads=torch.get_num_threads(),
+        voxels=arr(voxels),
     )
     f64 = torch.float64
     g_sh = torch.from_numpy(g_sh).to(sh.dtype) if g_sh is not None else None
@@ -760,7 +771,10 @@ def track_differentiable(
             sizes resolve the defaults, as tckgen's do) whose coefficients may require grad
             (``field.with_sh(sh)``, e.g. ``sh = torch.where(mask[..., None], learn, fixed)``),
             or an :class:`~invtract.io.image.Image` (tracked as a float32 field). A float32
-            field gives tckgen parity, float64 gradient checks.
+            field gives tckgen parity, float64 gradient checks. A field of
+            :meth:`~invtract.fod.field.FODField.with_rows` takes its learned rows ``[n, K]`` as
+            the differentiable FOD input: their gradient only (on CPU with numba, accumulated
+            for those voxels alone: no ``[X*Y*Z, K]`` gradient).
         seeds: ``[N, 3]`` seed points, scanner mm (may require grad).
         init_dirs: ``[N, 3]`` initial directions (may require grad; see Gradients).
         params: remaining tracking parameters (defaults: tckgen's). ``-rk4``, ``-downsample``,
@@ -781,8 +795,9 @@ def track_differentiable(
         A :class:`DiffTrackResult` (accepted streamlines only).
 
     Gradients:
-        * the coefficients (``fod.sh_flat``): exact (trilinear interpolation is linear; peaks
-          by the implicit function theorem; amplitudes by the envelope theorem).
+        * the coefficients (``fod.sh_flat``, or the rows of ``fod.learned``): exact (trilinear
+          interpolation is linear; peaks by the implicit function theorem; amplitudes by the
+          envelope theorem).
         * ``seeds``, points: exact where the trilinear weights are smooth (a.e.; at a voxel centre
           plane the one-sided derivative of the current cell is used).
         * ``step_mm``: exact.
@@ -832,7 +847,11 @@ def track_differentiable(
         cos_max.detach().to(device=dev, dtype=torch.float64),
     )
     tp = _hard_forward(field, seeds, init_dirs, rp, refine, consts)
-    sh_flat = fod.sh_flat
+    sh_flat, voxels, rows = fod.sh_flat, None, None
+    if fod.learned is not None:  # the differentiable FOD input: the learned rows
+        voxels, rows = fod.learned
+        if path == "plain":  # the reference: all coefficients, differentiable in the rows
+            sh_flat = sh_flat.detach().index_put((voxels,), rows.to(sh_flat.dtype))
     sid = tp.seed_ids
     # seeds of accepted streamlines: hard values, gradient routed to the caller's tensor
     seeds_acc = tp.seeds + (seeds[sid].to(dt) - seeds[sid].to(dt).detach())
@@ -841,7 +860,10 @@ def track_differentiable(
         points, cl = _plain(sh_flat, seeds_acc, h, cut, cos_max, tp, consts)
         weights = torch.exp(cl)
     else:
-        points, weights = _Adjoint.apply(sh_flat, seeds_acc, h, cut, cos_max, tp, consts)
+        sh_in, full = (sh_flat, None) if rows is None else (rows, sh_flat)
+        points, weights = _Adjoint.apply(
+            sh_in, seeds_acc, h, cut, cos_max, tp, consts, full, voxels
+        )
     if init_dirs.requires_grad:  # documented zero gradient (basin of attraction)
         zero = torch.nan_to_num(init_dirs[sid]).sum(-1) * 0.0
         weights = weights + zero.to(weights.dtype)[:, None]
