@@ -80,7 +80,9 @@ class BundleProblem(Problem):
         cfg: the validated :class:`~invtract.fit.optimise.FitConfig`.
         fod: the starting FOD, an :class:`~invtract.fod.field.FODField` of float32 C-ordered
             coefficients on the fit's device (:func:`~invtract.fit.optimise.fod_field`): held
-            once, the learned state and every tracking call view it.
+            once, the learned state and every tracking call view it. When ``sh`` is learned,
+            the fit owns these coefficients: the learned rows are written into them in place
+            (:meth:`~invtract.fod.field.FODField.with_rows`) at each evaluation.
         resolved: the starting tracking parameters, tckgen's defaults resolved.
         paired: the whole paired target; ``train_idx`` / ``held_idx`` split it.
         voxels: ``[V]`` flat indices of the learned voxels (``sh``), else None.
@@ -123,8 +125,8 @@ class BundleProblem(Problem):
         signal.spatial = parse_spatial(self.config.get("signal", {}).get("spatial", 0.0))
         if self.config.get("signal", {}).get("start", "csd") == "coupled":  # docs/csd.md
             with torch.no_grad():
-                st.delta.add_(signal.start_change(st.sh0_flat[st.voxels], st.voxels))
-        hook = getattr(signal, "gradient_hook", lambda _: None)(st.sh0_flat[st.voxels])
+                st.delta.add_(signal.start_change(st.sh0_rows, st.voxels))
+        hook = getattr(signal, "gradient_hook", lambda _: None)(st.sh0_rows)
         if hook is not None:
             st.delta.register_hook(hook)
         return signal
@@ -137,16 +139,15 @@ class BundleProblem(Problem):
 
         return sh_basis(fibonacci_sphere(self.cfg.loss.sphere_points), lmax_from_n(K)).to(self.dev)
 
-    def _fod_of(self, sh):
-        """The FOD with the coefficients ``sh`` ``[X, Y, Z, K]`` (the fixed field itself when
-        the FOD is not learned)."""
+    def _fod_of(self, grad: bool):
+        """The current FOD: the fixed field itself when the FOD is not learned, else the
+        field with the learned rows (written into the fit's coefficients in place;
+        differentiable in the learned change when ``grad``)."""
         if self.fixed_field is not None:
             return self.fixed_field
-        return self.fod.with_sh(sh, changed=self.state.voxels)
-
-    def _field(self, sh):
-        """The detached FOD the margin / centre terms sample (None when none runs)."""
-        return self._fod_of(sh.detach()) if self.running else None
+        st = self.state
+        rows = st.rows()
+        return self.fod.with_rows(st.voxels, rows if grad else rows.detach())
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self, world: World) -> None:
@@ -207,12 +208,13 @@ class BundleProblem(Problem):
         idx = torch.as_tensor(np.asarray(rows), dtype=torch.long)
         return {k: v[idx.to(v.device)] for k, v in self._tfeats[name].items()}
 
-    def _data_terms(self, sub: PairedTarget, it: int, vals, sh, n_batch: int, grad: bool,
+    def _data_terms(self, sub: PairedTarget, it: int, vals, n_batch: int, grad: bool,
                     world: World, feats=None):  # fmt: skip
-        """This shard's data terms (scaled to the batch) and its tracking result (``feats``:
-        the target features of ``sub``'s pairs, see :meth:`_target_feats`)."""
+        """This shard's data terms (scaled to the batch), its tracking result and the FOD
+        tracked (``feats``: the target features of ``sub``'s pairs, see
+        :meth:`_target_feats`)."""
         with torch.set_grad_enabled(grad):
-            fod = self._fod_of(sh if grad else sh.detach())
+            fod = self._fod_of(grad)
             res = self._track(sub, it, vals, fod)
             terms = paired_terms(
                 res, sub, self.data_cfg, shape=self.state.shape[:3], affine=self.affine,
@@ -222,7 +224,7 @@ class BundleProblem(Problem):
             )  # fmt: skip
         n_missing = terms.pop("n_missing", 0.0)
         share = len(sub) / max(n_batch, 1)
-        return {k: v * share for k, v in terms.items()}, n_missing, res
+        return {k: v * share for k, v in terms.items()}, n_missing, res, fod
 
     def _loss_on(self, target: PairedTarget, it: int, world: World, grad: bool, final=False):
         """``(loss, n_tracked)`` of the data terms on all of ``target`` (no gradient), summed
@@ -231,10 +233,9 @@ class BundleProblem(Problem):
         mine = target.subset(rows)
         it = self.cfg.iterations - 1 if final else it
         vals = self.state.values(detach=True)
-        terms, _, res = self._data_terms(
-            mine, it, vals, self.state.sh(), len(target), grad, world,
-            self._target_feats(target, rows),
-        )  # fmt: skip
+        terms, _, res, _ = self._data_terms(
+            mine, it, vals, len(target), grad, world, self._target_feats(target, rows)
+        )
         w = self.cfg.loss.weights
         part = {"loss": float(sum(w.get(k, 0.0) * float(v) for k, v in terms.items()))}
         part["n"] = float(res.seed_ids.numel())
@@ -250,12 +251,14 @@ class BundleProblem(Problem):
         batch = self._batch(it).numpy()
         mine = batch[world.shard(len(batch))]
         sub = self.train.subset(mine)
-        vals, sh = self.state.values(), self.state.sh()
-        terms, n_missing, res = self._data_terms(
-            sub, it, vals, sh, len(batch), True, world, self._target_feats(self.train, mine)
+        vals = self.state.values()
+        terms, n_missing, res, fod = self._data_terms(
+            sub, it, vals, len(batch), True, world, self._target_feats(self.train, mine)
         )
+        # extra terms read the whole FOD (a new tensor, differentiable in the learned change)
+        sh = self.state.sh() if self.extra_terms else None
         ctx = {"iteration": it, "values": vals, "sh": sh, "result": res, "world": world}
-        terms.update(self._param_terms(batch, res, mine, vals, world))
+        terms.update(self._param_terms(batch, res, mine, vals, world, fod.detach()))
         terms.update(self._extra(ctx))
         w = self.cfg.loss.weights
         total = sum(w.get(k, 0.0) * v for k, v in terms.items() if k not in self.extra_terms)
@@ -279,9 +282,10 @@ class BundleProblem(Problem):
             aux=(sub, res),
         )
 
-    def _param_terms(self, batch, res, mine, vals, world: World) -> dict:
-        """``centre`` (on the whole batch's tracked targets), ``anchor`` and the FOD priors:
-        computed on rank 0 only (they do not depend on the shard)."""
+    def _param_terms(self, batch, res, mine, vals, world: World, field) -> dict:
+        """``centre`` (on the whole batch's tracked targets, sampling the detached FOD
+        ``field`` of this iteration), ``anchor`` and the FOD priors: computed on rank 0 only
+        (they do not depend on the shard)."""
         out = {}
         active = self.cfg.loss.active(TERMS + ("anchor",))
         if "centre" in active:
@@ -294,9 +298,7 @@ class BundleProblem(Problem):
                 ids = torch.as_tensor(np.flatnonzero(tracked.numpy() > 0))
                 feats = self._target_feats(self.train, batch[ids.numpy()])
                 if feats is None:
-                    feats = target_features(
-                        self.train.subset(batch), ids, self._field(self.state.sh()), self.dev
-                    )
+                    feats = target_features(self.train.subset(batch), ids, field, self.dev)
                 out["centre"] = centre_term(feats, vals["angle_deg"], vals["cutoff"]).to(self.dev)
         if not world.is_main:
             return out
@@ -311,7 +313,7 @@ class BundleProblem(Problem):
                 out["anchor"] = torch.stack(anc).sum()
         if self.state.delta is not None:
             st = self.state
-            sh_l = st.sh0_flat[st.voxels] + st.delta
+            sh_l = st.rows()
             out.update(
                 fod_priors(sh_l, st.delta, st.voxels, st.shape[:3], self.cfg.loss, self.basis)
             )
@@ -356,7 +358,7 @@ class BundleProblem(Problem):
         if self.signal is None or st.delta is None or not w:
             return 0.0
         with torch.no_grad():
-            return w * float(self.signal(st.sh0_flat[st.voxels] + st.delta, st.voxels))
+            return w * float(self.signal(st.rows(), st.voxels))
 
     def evaluate(self, it: int, world: World) -> dict:
         """Held-out data terms (``loss/heldout/*``) at iteration ``it``'s temperatures."""
@@ -365,10 +367,9 @@ class BundleProblem(Problem):
         rows = world.shard(len(self.held))
         mine = self.held.subset(rows)
         vals = self.state.values(detach=True)
-        terms, n_missing, _ = self._data_terms(
-            mine, it, vals, self.state.sh(), len(self.held), False, world,
-            self._target_feats(self.held, rows),
-        )  # fmt: skip
+        terms, n_missing, _, _ = self._data_terms(
+            mine, it, vals, len(self.held), False, world, self._target_feats(self.held, rows)
+        )
         part = {k: float(v) for k, v in terms.items()}
         w = self.cfg.loss.weights
         part["total"] = sum(w.get(k, 0.0) * v for k, v in part.items())

@@ -302,12 +302,15 @@ class FitResult:
         final_loss: selection loss of the last iterate.
         best_iteration: completed iterations at ``params`` (0: the starting values).
         best_params: the same as ``params`` (kept for callers of earlier versions).
-        final_params, final_sh: the last iterate's tracking parameters and SH coefficients.
+        final_params, final_sh: the last iterate's tracking parameters and SH coefficients
+            (``final_sh``: built from ``sh`` and ``final_rows`` when read, one copy).
         heldout: last held-out evaluation ``{term: value}`` (empty without held-out seeds).
         train_index, heldout_index: target streamline indices of each split.
         iterations: iterations run in total (including those before a resume).
         wall_s: seconds spent in this call.
         learned_voxels: ``[V]`` flat indices of the learned voxels (``sh``), else None.
+        final_rows: ``[V, K]`` the last iterate's SH coefficients of the learned voxels (the
+            others are ``sh``'s), else None.
     """
 
     params: TrackingParameters
@@ -324,7 +327,17 @@ class FitResult:
     wall_s: float
     learned_voxels: torch.Tensor | None = None
     final_params: TrackingParameters | None = None
-    final_sh: torch.Tensor | None = None
+    final_rows: torch.Tensor | None = None
+
+    @property
+    def final_sh(self) -> torch.Tensor | None:
+        """The last iterate's ``[X, Y, Z, K]`` SH coefficients (float32; a new tensor), or
+        None when ``sh`` was not learned."""
+        if self.final_rows is None or self.sh is None:
+            return None
+        K = self.sh.shape[-1]
+        flat = self.sh.reshape(-1, K).index_put((self.learned_voxels,), self.final_rows)
+        return flat.reshape(self.sh.shape)
 
 
 def _mapping(a: np.ndarray):
@@ -404,6 +417,26 @@ def fod_field(fod, device: torch.device | str = "cpu"):
     return field.to(device)
 
 
+def _owned(field, fod):
+    """``field`` (the :func:`fod_field` of ``fod``, on the fit's device), its coefficients
+    copied once when they share memory with the caller's ``fod`` (a fit that learns ``sh``
+    writes into its coefficients: never into the caller's)."""
+    if hasattr(fod, "sh_flat"):
+        data = fod.sh_flat
+    else:
+        data = fod.data if hasattr(fod, "data") else fod[0]
+    buf = field.sh_flat
+    if torch.is_tensor(data):
+        data = data.detach()
+        shared = data.device == buf.device and (
+            data.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+        )
+    else:
+        shared = buf.device.type == "cpu" and np.may_share_memory(np.asarray(data), buf.numpy())
+    # the same values: the non-zero mask stays valid
+    return dataclasses.replace(field, sh_flat=buf.clone()) if shared else field
+
+
 def _writable(a: np.ndarray) -> np.ndarray:
     """``a``, or a copy when it is read-only (torch cannot wrap a read-only array)."""
     return a if a.flags.writeable else a.copy()
@@ -464,6 +497,9 @@ def build_problem(cfg: FitConfig, fod, target: Streamlines, params: TrackingPara
     if len(target) == 0:
         raise ConfigError("the target bundle has no streamlines")
     field = fod_field(fod)
+    dev = torch.device(cfg.device)
+    if "sh" in cfg.learn:  # the fit writes the learned rows into coefficients it owns
+        field = _owned(field.to(dev), fod)
     if seeding is not None:
         pos = np.asarray(seeding.positions, np.float32)
         dirs = seeding.directions
@@ -472,7 +508,6 @@ def build_problem(cfg: FitConfig, fod, target: Streamlines, params: TrackingPara
         pos, dirs = midpoint_seeds(target)
     paired = PairedTarget.build(target, pos, dirs)
     train_idx, held_idx = split_indices(len(paired), cfg.heldout_fraction, cfg.seed)
-    dev = torch.device(cfg.device)
     voxels = None
     if "sh" in cfg.learn:
         voxels = learned_voxels(field, paired.subset(train_idx).streamlines, cfg.margin_vox)
@@ -566,11 +601,12 @@ def _result(problem, out, params: TrackingParameters) -> FitResult:
     learned = [k for k in PARAM_NAMES if k in state.z]
     best = params.replace(**{k: out.best["values"][k] for k in learned})
     final = params.replace(**{k: out.final_values[k] for k in learned})
-    sh = final_sh = None
+    sh = final_rows = None
     if state.delta is not None:
-        final_sh = state.sh().detach().cpu().to(torch.float32)
+        final_rows = state.rows().detach().cpu().to(torch.float32)
         state.restore(out.best["snapshot"])
-        sh = state.sh().detach().cpu().to(torch.float32)
+        # the fit's own coefficients become the fitted FOD (no copy on the CPU)
+        sh = state.sh_in_place().cpu().to(torch.float32)
     heldout = {k[len("loss/heldout/") :]: v for k, v in out.evaluation.items()}
     return FitResult(
         params=best, sh=sh, history=out.history, best_loss=out.best["loss"],
@@ -578,7 +614,7 @@ def _result(problem, out, params: TrackingParameters) -> FitResult:
         heldout=heldout, train_index=problem.train_idx, heldout_index=problem.held_idx,
         iterations=out.iterations, wall_s=out.wall_s,
         learned_voxels=None if state.voxels is None else state.voxels.cpu(), final_params=final,
-        final_sh=final_sh,
+        final_rows=final_rows,
     )  # fmt: skip
 
 

@@ -50,8 +50,11 @@ class LearnedState:
         learn: the names learned (among :data:`PARAM_NAMES` and ``"sh"``).
         bounds: name -> ``(lo, hi)``.
         space: ``"log"`` or ``"bounded"``.
-        sh0: ``[X, Y, Z, K]`` float32 SH coefficients of the FOD (on ``device``).
-        voxels: ``[V]`` flat voxel indices whose SH change is learned (None: no ``sh``).
+        sh0: ``[X, Y, Z, K]`` float32 SH coefficients of the FOD (on ``device``), kept as
+            ``sh0_flat``; a fit may write the learned rows into it in place
+            (:meth:`~invtract.fod.field.FODField.with_rows`): only its other voxels are read.
+        voxels: ``[V]`` distinct flat voxel indices whose SH change is learned (None: no
+            ``sh``); their starting rows are kept (``sh0_rows [V, K]``).
     """
 
     def __init__(self, start: Mapping, learn, bounds: Mapping, space: str, sh0, voxels=None):
@@ -70,8 +73,9 @@ class LearnedState:
             if k in learn
         }
         self.voxels = voxels if "sh" in learn else None
-        self.delta = None
+        self.delta = self.sh0_rows = None
         if self.voxels is not None:
+            self.sh0_rows = self.sh0_flat[self.voxels]  # a copy (index_select)
             self.delta = torch.zeros(
                 self.voxels.numel(), self.shape[-1], dtype=torch.float32,
                 device=sh0.device, requires_grad=True,
@@ -92,11 +96,25 @@ class LearnedState:
         """name -> current value as a float."""
         return {k: float(v) for k, v in self.values(detach=True).items()}
 
+    def rows(self) -> torch.Tensor:
+        """Current ``[V, K]`` SH coefficients of the learned voxels, ``sh0_rows + delta``
+        (differentiable in ``delta``)."""
+        return self.sh0_rows + self.delta
+
     def sh(self) -> torch.Tensor:
-        """Current ``[X, Y, Z, K]`` SH coefficients (differentiable in ``delta``)."""
+        """Current ``[X, Y, Z, K]`` SH coefficients (differentiable in ``delta``): a new
+        tensor (one copy of the FOD)."""
         if self.delta is None:
             return self.sh0_flat.reshape(self.shape)
-        return self.sh0_flat.index_add(0, self.voxels, self.delta).reshape(self.shape)
+        return self.sh0_flat.index_put((self.voxels,), self.rows()).reshape(self.shape)
+
+    @torch.no_grad()
+    def sh_in_place(self) -> torch.Tensor:
+        """The current coefficients written into ``sh0_flat`` (the learned rows, in place; no
+        copy): its ``[X, Y, Z, K]`` view, no grad. For a fit that owns the buffer."""
+        if self.delta is not None:
+            self.sh0_flat.index_copy_(0, self.voxels, self.rows().to(self.sh0_flat.dtype))
+        return self.sh0_flat.reshape(self.shape)
 
     def project(self) -> None:
         """Clamp log-space parameters into their bounds (after an optimiser step)."""

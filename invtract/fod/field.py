@@ -161,6 +161,15 @@ class FODField:
         nonzero[idx] = (vals != 0).any(-1)
         return dataclasses.replace(self, sh_flat=flat, nonzero_flat=nonzero, learned=(idx, rows))
 
+    def without_rows(self) -> FODField:
+        """A field of :meth:`with_rows` as one whose ``sh_flat`` is a new ``[X*Y*Z, K]`` tensor
+        differentiable in the rows (one copy of the coefficients); ``self`` for any other."""
+        if self.learned is None:
+            return self
+        voxels, rows = self.learned
+        flat = self.sh_flat.detach().index_put((voxels,), rows.to(self.dtype))
+        return dataclasses.replace(self, sh_flat=flat, learned=None)
+
     def detach(self) -> FODField:
         """The field with its coefficients detached from any graph (same storage; ``self``
         when they do not require grad)."""
@@ -175,10 +184,7 @@ class FODField:
         dt = self.dtype if dtype is None else dtype
         if dev == self.device and dt == self.dtype:
             return self
-        sh_flat = self.sh_flat
-        if self.learned is not None:  # the rows' gradient through a full tensor
-            voxels, rows = self.learned
-            sh_flat = sh_flat.index_put((voxels,), rows.to(sh_flat.dtype))
+        sh_flat = self.without_rows().sh_flat  # the rows' gradient through a full tensor
         return dataclasses.replace(
             self, sh_flat=sh_flat.to(device=dev, dtype=dt),
             scanner2voxel=self.scanner2voxel.to(dev), nonzero_flat=self.nonzero_flat.to(dev),

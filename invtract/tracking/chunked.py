@@ -72,6 +72,7 @@ def accumulate_gradients(
         back-propagated through once, at the end.
     """
     fod = as_fod_field(fod)
+    fod = fod.without_rows()  # learned rows (FODField.with_rows): through all coefficients
     inputs = {"sh": fod.sh_flat, "seeds": seeds, "init_dirs": init_dirs}
     inputs.update({k: track_kwargs.pop(k) for k in _PARAMETERS if k in track_kwargs})
     bounds = _chunk_bounds(fod, params, inputs, int(seeds.shape[0]), max_steps)

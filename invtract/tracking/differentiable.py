@@ -847,11 +847,11 @@ def track_differentiable(
         cos_max.detach().to(device=dev, dtype=torch.float64),
     )
     tp = _hard_forward(field, seeds, init_dirs, rp, refine, consts)
+    if path == "plain":  # the reference: all coefficients (differentiable in any rows)
+        fod = fod.without_rows()
     sh_flat, voxels, rows = fod.sh_flat, None, None
     if fod.learned is not None:  # the differentiable FOD input: the learned rows
         voxels, rows = fod.learned
-        if path == "plain":  # the reference: all coefficients, differentiable in the rows
-            sh_flat = sh_flat.detach().index_put((voxels,), rows.to(sh_flat.dtype))
     sid = tp.seed_ids
     # seeds of accepted streamlines: hard values, gradient routed to the caller's tensor
     seeds_acc = tp.seeds + (seeds[sid].to(dt) - seeds[sid].to(dt).detach())
