@@ -165,3 +165,48 @@ def test_compiled_step_amplitudes_match_the_torch_sampler(monkeypatch):
     assert (ref == 0).sum() > 100 and (ref != 0).sum() > 300  # both cases exercised
     assert torch.equal(fast == 0, ref == 0)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fod_fit_owns_its_coefficients_and_leaves_the_callers_unchanged(mapped_fod):
+    """An FOD fit writes the learned rows into coefficients it owns: a copy of a caller's
+    C-ordered array (made once), none of a mapped file's (``fod_field`` already copied it);
+    the caller's array is unchanged, and the fitted FOD is the fit's own buffer."""
+    import dataclasses
+
+    from invtract.data import example_path
+    from invtract.fit.optimise import _owned, fit
+    from invtract.io.seeds import seeds_from_reference
+    from invtract.io.tractogram import load_tractogram
+    from invtract.params import TrackingParameters
+    from invtract.tracking.api import Seeding
+
+    mapped = load_fod(mapped_fod[0])
+    field = fod_field(mapped)
+    assert _owned(field, mapped) is field  # fod_field's own copy
+    img = load_fod(example_path("fod"))
+    img = dataclasses.replace(img, data=c_order_fod(img.data))
+    shared = fod_field(img)
+    assert np.shares_memory(shared.sh_flat.numpy(), img.data)
+    owned = _owned(shared, img)
+    assert not np.shares_memory(owned.sh_flat.numpy(), img.data)
+    assert owned.nonzero_flat is shared.nonzero_flat  # same values: the mask is kept
+    assert _owned(shared, shared).sh_flat.data_ptr() != shared.sh_flat.data_ptr()
+    before = img.data.copy()
+    pos, dirs, ti = seeds_from_reference(example_path("target"), example_path("target_seeds"))
+    sl = load_tractogram(example_path("target")).select(torch.as_tensor(ti[:4]))
+    res = fit(
+        img, sl, TrackingParameters(min_length_mm=10.0, max_length_mm=200.0),
+        seeding=Seeding("list", positions=pos[:4], directions=dirs[:4]), learn=("sh",),
+        config={"fit": {"iterations": 2, "heldout_fraction": 0.0}},
+    )  # fmt: skip
+    assert np.array_equal(img.data, before)  # never written
+    K = before.shape[-1]
+    start = torch.as_tensor(before).reshape(-1, K)
+    sh, final = res.sh.reshape(-1, K), res.final_sh.reshape(-1, K)
+    learned = torch.zeros(start.shape[0], dtype=torch.bool)
+    learned[res.learned_voxels] = True
+    changed = (final != start).any(-1)
+    assert bool(changed.any()) and not bool((changed & ~learned).any())
+    assert torch.equal(sh[~learned], start[~learned])
+    assert torch.equal(final[res.learned_voxels], res.final_rows)
+    assert not np.shares_memory(res.sh.numpy(), img.data)
