@@ -9,18 +9,21 @@ comes from the jet of P(z, w) = sum_m C_m(z) w^m, w = x + iy, the polynomial ext
 f(u) = c . Y(u) = Re P, with the Legendre factors Q_lm(z) and their z derivatives from the
 recurrence in l (about 45 steps for lmax 8, instead of a ``[7, K]`` table of basis
 derivatives); the adjoint of the rows is the transpose of that contraction, and the FOD adjoint
-is scattered into a float64 ``[V, K]`` buffer. Everything is float64 (the torch sweep rounds
-jets to the FOD dtype; the two agree to rounding in float64 and to ~1e-6 relative for float32
-FODs). The helpers are inlined into the kernels (a compiled call would increment and decrement
-the reference count of every array argument, two atomic operations each, per step), and the
+is scattered into a float64 ``[V, K]`` buffer, or, for a fit's learned voxels, into ``[n, K]``
+through a ``[V]`` slot map (-1: a voxel whose gradient is not wanted, skipped). Everything is
+float64 (the torch sweep rounds jets to the FOD dtype; the two agree to rounding in float64 and
+to ~1e-6 relative for float32 FODs). The helpers are inlined into the kernels (a compiled call
+would increment and decrement the reference count of every array argument, two atomic
+operations each, per step), and the
 sweep lets LLVM fuse multiply-adds (``fastmath={"contract"}``: rounding-level differences only;
 :func:`tape_values` does not, its points must equal the hard pass's bit for bit).
 
 Streamlines are split into ``T`` contiguous blocks of about equal step counts, run on ``T``
 Python threads (the kernel releases the GIL; numba's OpenMP pool is not used: a second OpenMP
 runtime beside torch's slowed every later torch operation of the process about 20x), each block
-with its own ``[V, K]`` buffer (summed at the end; deterministic for a given ``T``). ``T`` is the
-torch thread count, capped so that the buffers stay under :data:`BUFFER_BUDGET_BYTES`.
+with its own ``[V, K]`` (``[n, K]``) buffer (summed at the end; deterministic for a given
+``T``). ``T`` is the torch thread count, capped so that the buffers stay under
+:data:`BUFFER_BUDGET_BYTES`.
 
 Public API: :func:`available`, :func:`reverse_sweep`, :func:`tape_values`.
 """
