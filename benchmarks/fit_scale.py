@@ -16,7 +16,8 @@ largest single process; and the peak of the summed RSS of the process tree, samp
 and its speed-up.
 
 Usage: ``python benchmarks/fit_scale.py [--size full|half|small] [--streamlines 500]
-[--iterations 60] [--fit params|fod] [--no-nproc2] [--keep] [--workdir DIR] [--reuse DIR] [--no-warm]``
+[--iterations 60] [--fit params|fod] [--no-nproc2] [--keep] [--workdir DIR] [--reuse DIR]
+[--no-warm]``
 (``--reuse``: the folder of an earlier ``--keep`` run of the same size, phantom not rebuilt;
 ``--no-warm``: skip the untimed one-iteration fit that fills the numba cache; ``--fit fod``:
 the same bundle fit learning the FOD instead, for its time and memory: the goals are the params
