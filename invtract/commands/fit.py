@@ -420,11 +420,13 @@ def _bundle_fit(args, cfg, data, logger, ckpt, world):
     from ..tracking.api import Seeding
 
     img = data["img"]
+    # the command's own copy of the FOD: the fit writes its learned rows into it (no second
+    # copy), and finish_run gives the start back from result.start_rows
     return fit(
         img, data["target"], data["params0"],
         seeding=Seeding("list", positions=data["pos"], directions=data["dirs"]),
         config=cfg, logger=logger, checkpoint=ckpt, resume=args.resume,
-        progress=not args.no_progress, world=world, signal=data["signal"],
+        progress=not args.no_progress, world=world, signal=data["signal"], fod_in_place=True,
     )  # fmt: skip
 
 
@@ -496,20 +498,28 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg, si
     from ..io.image import save_nifti
 
     run_dir = Path(run_dir)
-    field0 = fod_field(img)  # the image's C-ordered data, not copied; its header voxel sizes
-    vsz = field0.header_voxel_sizes
-    field1 = field0 if result.sh is None else field0.with_sh(result.sh)
+    field = fod_field(img)  # the image's C-ordered data, not copied; its header voxel sizes
+    vsz = field.header_voxel_sizes
     p1 = result.params
     tr, ho = result.train_index, result.heldout_index
-    start_h, _ = _hard_score(field0, params0, pos, dirs, target, ho)
-    final_h, _ = _hard_score(field1, p1, pos, dirs, target, ho)
-    start_t, _ = _hard_score(field0, params0, pos, dirs, target, tr)
-    final_t, _ = _hard_score(field1, p1, pos, dirs, target, tr)
+    learned = result.sh is not None
+    if learned:  # the command's FOD buffer holds the start's rows, then the fitted ones
+        vox = result.learned_voxels
+        fitted_rows = result.sh.reshape(-1, result.sh.shape[-1])[vox].clone()
+        field = _rows_written(field, vox, result.start_rows)
+    start_h, _ = _hard_score(field, params0, pos, dirs, target, ho)
+    start_t, _ = _hard_score(field, params0, pos, dirs, target, tr)
+    start_rms = _signal_rms(signal, field, result) if learned else None
+    if learned:
+        field = _rows_written(field, vox, fitted_rows)
+    final_h, _ = _hard_score(field, p1, pos, dirs, target, ho)
+    final_t, _ = _hard_score(field, p1, pos, dirs, target, tr)
     res = save_fitted_tck(
-        run_dir / "fitted.tck", field1, p1, pos, dirs, source=getattr(img, "path", None)
+        run_dir / "fitted.tck", field, p1, pos, dirs, source=getattr(img, "path", None)
     )
-    if result.sh is not None:
-        save_nifti(run_dir / "fitted_fod.nii.gz", result.sh.numpy(), img.affine, like=img.path)
+    if learned:
+        fitted = field.sh_flat.reshape(result.sh.shape).numpy()
+        save_nifti(run_dir / "fitted_fod.nii.gz", fitted, img.affine, like=img.path)
     r0 = params0.resolve(vsz)
     r1 = p1.resolve(vsz)
     summary = {
@@ -538,8 +548,8 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg, si
         "fitted_tck": "fitted.tck",
         "n_fitted_streamlines": int(len(res.streamlines)),
     }
-    if signal is not None and result.sh is not None:
-        summary["signal"] = _signal_summary(signal, img, result)
+    if signal is not None and learned:
+        summary["signal"] = _signal_summary(signal, field, result, start_rms)
     logger.write_json("result.json", summary)
     hp = {
         "fit": ",".join(cfg["fit"]["learn"]),
@@ -563,21 +573,30 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg, si
     return summary
 
 
-def _signal_summary(signal, img, result) -> dict:
-    """The signal term's shell, noise level and mean RMS residual (signal units) of the start
-    and fitted FODs over the learned voxels (``result.json``'s ``signal``)."""
-    import numpy as np
-    import torch
+def _rows_written(field, voxels, rows):
+    """``field`` with ``rows`` written into its own coefficients at ``voxels`` (in place,
+    :meth:`~invtract.fod.field.FODField.with_rows`), as a plain field for hard tracking."""
+    return dataclasses.replace(field.with_rows(voxels, rows), learned=None)
 
-    K = result.sh.shape[-1]
-    start = torch.as_tensor(np.asarray(img.data, np.float32)).reshape(-1, K)
-    vox = result.learned_voxels
+
+def _signal_rms(signal, field, result) -> float | None:
+    """Mean RMS residual (signal units) of ``field``'s coefficients over the learned voxels
+    under the ``--dwi`` term (None without one)."""
+    if signal is None:
+        return None
+    return signal.residual(field.sh_flat.detach(), result.learned_voxels)
+
+
+def _signal_summary(signal, field, result, start_rms: float) -> dict:
+    """The signal term's shell, noise level and mean RMS residual (signal units) of the start
+    (``start_rms``) and the fitted FOD (``field``) over the learned voxels (``result.json``'s
+    ``signal``)."""
     return {
         "bvalue": signal.model.bvalue,
         "n_directions": int(signal.model.volumes.size),
         "noise_sigma": signal.variance**0.5,
-        "start_rms_residual": signal.residual(start, vox),
-        "final_rms_residual": signal.residual(result.sh.reshape(-1, K), vox),
+        "start_rms_residual": start_rms,
+        "final_rms_residual": _signal_rms(signal, field, result),
         "spatial": signal.spatial,
         "spatial_cv": signal.coupling_cv,
     }

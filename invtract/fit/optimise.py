@@ -311,6 +311,9 @@ class FitResult:
         learned_voxels: ``[V]`` flat indices of the learned voxels (``sh``), else None.
         final_rows: ``[V, K]`` the last iterate's SH coefficients of the learned voxels (the
             others are ``sh``'s), else None.
+        start_rows: ``[V, K]`` the starting SH coefficients of the learned voxels (float32),
+            else None: with ``fod_in_place`` the caller's array holds the fitted rows, and
+            these give the start back.
     """
 
     params: TrackingParameters
@@ -328,6 +331,7 @@ class FitResult:
     learned_voxels: torch.Tensor | None = None
     final_params: TrackingParameters | None = None
     final_rows: torch.Tensor | None = None
+    start_rows: torch.Tensor | None = None
 
     @property
     def final_sh(self) -> torch.Tensor | None:
@@ -489,16 +493,16 @@ def resolve_config(config, steps=None, learn=None, hparams: Mapping | None = Non
 
 
 def build_problem(cfg: FitConfig, fod, target: Streamlines, params: TrackingParameters,
-                  seeding=None, signal=None):  # fmt: skip
-    """The :class:`~invtract.fit.bundle.BundleProblem` of a fit (checks the target; ``fod``: see
-    :func:`fit`; ``signal``: the diffusion-signal term, see :func:`fit`)."""
+                  seeding=None, signal=None, fod_in_place: bool = False):  # fmt: skip
+    """The :class:`~invtract.fit.bundle.BundleProblem` of a fit (checks the target; ``fod``,
+    ``signal``, ``fod_in_place``: see :func:`fit`)."""
     from .bundle import BundleProblem, split_indices
 
     if len(target) == 0:
         raise ConfigError("the target bundle has no streamlines")
     field = fod_field(fod)
     dev = torch.device(cfg.device)
-    if "sh" in cfg.learn:  # the fit writes the learned rows into coefficients it owns
+    if "sh" in cfg.learn and not fod_in_place:  # it writes the learned rows into its own
         field = _owned(field.to(dev), fod)
     if seeding is not None:
         pos = np.asarray(seeding.positions, np.float32)
@@ -535,6 +539,7 @@ def fit(
     callbacks=(),
     world: World = SINGLE,
     signal: Callable | None = None,
+    fod_in_place: bool = False,
     **hparams,
 ) -> FitResult:
     """Fit tracking parameters and/or FOD coefficients to a paired target bundle.
@@ -567,6 +572,11 @@ def fit(
             ``--dwi``): ``signal(sh_learned [V, K], voxels [V])``, the loss term ``signal`` of
             the learned voxels, weighted by ``[loss.weights] signal`` (a positive weight needs
             it; it needs ``sh`` learned).
+        fod_in_place: a fit that learns ``sh`` writes the learned voxels' rows into ``fod``'s
+            own coefficients when they are float32 C-ordered on the fit's device (for callers
+            that hold the FOD for the fit alone, like ``invtract fit``: no copy of the FOD; the
+            result's ``start_rows`` give the start back). Default: into a copy, made once,
+            and only when the fit would otherwise share the caller's array.
         **hparams: config overrides by alias (``lr``, ``temperature_mm``, ``coverage_weight``,
             ``optimizer``, ...) or ``"section.key"``.
 
@@ -587,7 +597,7 @@ def fit(
         from .runlog import WriterLogger
 
         logger = WriterLogger(logger)
-    problem = build_problem(cfg, fod, target, params, seeding, signal)
+    problem = build_problem(cfg, fod, target, params, seeding, signal, fod_in_place)
     trainer = Trainer(
         TrainSettings.from_config(cfg.raw), logger=logger, checkpoint=checkpoint,
         resume=resume, progress=progress, callbacks=[on_step, *callbacks], world=world,
@@ -601,9 +611,10 @@ def _result(problem, out, params: TrackingParameters) -> FitResult:
     learned = [k for k in PARAM_NAMES if k in state.z]
     best = params.replace(**{k: out.best["values"][k] for k in learned})
     final = params.replace(**{k: out.final_values[k] for k in learned})
-    sh = final_rows = None
+    sh = final_rows = start_rows = None
     if state.delta is not None:
         final_rows = state.rows().detach().cpu().to(torch.float32)
+        start_rows = state.sh0_rows.detach().cpu().to(torch.float32)
         state.restore(out.best["snapshot"])
         # the fit's own coefficients become the fitted FOD (no copy on the CPU)
         sh = state.sh_in_place().cpu().to(torch.float32)
@@ -614,7 +625,7 @@ def _result(problem, out, params: TrackingParameters) -> FitResult:
         heldout=heldout, train_index=problem.train_idx, heldout_index=problem.held_idx,
         iterations=out.iterations, wall_s=out.wall_s,
         learned_voxels=None if state.voxels is None else state.voxels.cpu(), final_params=final,
-        final_rows=final_rows,
+        final_rows=final_rows, start_rows=start_rows,
     )  # fmt: skip
 
 
