@@ -252,8 +252,15 @@ def as_fod_field(
         return FODField.from_image(fod, dev, dt)
     if isinstance(fod, tuple) and len(fod) == 2:
         return FODField.from_array(fod[0], fod[1], dev, dt, copy=False)
+    hint = ""
+    if torch.is_tensor(fod) or isinstance(fod, np.ndarray):  # the pre-FODField calling form
+        hint = (
+            ": bare coefficients carry no geometry; pass FODField.from_array(sh, affine) "
+            "(or the tuple (sh, affine)) instead of sh, affine"
+        )
     raise ConfigError(
         f"expected an FODField, an Image or (sh, affine) as the FOD, got {type(fod).__name__}"
+        + hint
     )
 
 

@@ -141,3 +141,17 @@ def test_with_sh_changed_voxels_update_the_nonzero_mask_as_a_full_pass():
     assert not bool(full.nonzero_flat[0]) and bool(field.nonzero_flat[0])
     assert torch.equal(fast.nonzero_flat, full.nonzero_flat)
     assert bool(field.nonzero_flat[0])  # the original field's mask is left as it was
+
+
+def test_bare_coefficients_in_the_old_calling_form_get_a_clear_error():
+    """``track_differentiable(sh, affine, seeds, dirs)`` (the form before the one FOD type)
+    raises one ConfigError that names the fix, before any tracking."""
+    from invtract.errors import ConfigError
+
+    sh = torch.zeros(4, 4, 4, 15)
+    sh[..., 0] = 1.0
+    seeds = torch.zeros(2, 3)
+    with pytest.raises(ConfigError, match=r"FODField\.from_array\(sh, affine\)"):
+        track_differentiable(sh, np.eye(4), seeds, torch.ones(2, 3))
+    res = track_differentiable((sh, np.eye(4)), seeds + 1.5, torch.ones(2, 3))
+    assert res.points.shape[0] <= 2
