@@ -198,24 +198,33 @@ class SignalTerm:
         Returns:
             0-d float64 tensor; gradients through ``sh_learn``.
         """
-        v = voxels.to(self.usable.device).long()
-        keep = torch.nonzero(self.usable[v]).flatten()
+        vk, keep = self._usable(voxels)
         K = self.model.n_coeffs
         if sh_learn.shape[-1] != K:
             raise ShapeError(f"the FOD has {sh_learn.shape[-1]} coefficients, the model {K}")
         c = sh_learn[keep.to(sh_learn.device)].cpu()
-        out = signal_loss(
-            c, self.signals[v[keep]], self.model, self.variance, self.reference[v[keep]]
-        )
+        out = signal_loss(c, self.signals[vk], self.model, self.variance, self.reference[vk])
+        if self._coupling_weight(vk) > 0:
+            pairs = neighbour_pairs(vk, self.grid[0])
+            out = out + self.spatial * spatial_coupling(c.to(torch.float64), pairs)
+        return out.to(sh_learn.device)
+
+    def _usable(self, voxels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(flat indices [U], positions [U] in voxels)`` of the ``voxels`` with a usable
+        signal."""
+        v = voxels.to(self.usable.device).long()
+        keep = torch.nonzero(self.usable[v]).flatten()
+        return v[keep], keep
+
+    def _coupling_weight(self, usable_voxels: torch.Tensor) -> float:
+        """:attr:`spatial` as a number: ``"auto"`` is chosen here once (from
+        ``usable_voxels``); a positive weight needs the grid."""
         if self.spatial == "auto" or self.spatial > 0:
             if self.grid is None:
                 raise ConfigError("the signal term's spatial coupling needs the grid shape")
             if self.spatial == "auto":
-                self.choose_spatial(v[keep])
-        if self.spatial > 0:
-            pairs = neighbour_pairs(v[keep], self.grid[0])
-            out = out + self.spatial * spatial_coupling(c.to(torch.float64), pairs)
-        return out.to(sh_learn.device)
+                self.choose_spatial(usable_voxels)
+        return self.spatial
 
     def choose_spatial(self, voxels: torch.Tensor) -> float:
         """Set :attr:`spatial` from the data: the coupling weight with the smallest
@@ -251,17 +260,13 @@ class SignalTerm:
         """
         from .signal_coupling import coupled_csd
 
-        v = voxels.to(self.usable.device).long()
-        keep = torch.nonzero(self.usable[v]).flatten()
+        vk, keep = self._usable(voxels)
         out = torch.zeros(sh_start.shape, dtype=torch.float64)
-        if self.spatial == "auto":
-            self.choose_spatial(v[keep])
-        if self.spatial <= 0 or keep.numel() == 0:
+        if self._coupling_weight(vk) <= 0 or keep.numel() == 0:
             return out.to(sh_start.dtype)
-        pairs = neighbour_pairs(v[keep], self.grid[0])
+        pairs = neighbour_pairs(vk, self.grid[0])
         c0 = sh_start[keep.to(sh_start.device)].cpu().double()
-        sig = self.signals[v[keep]]
-        c = coupled_csd(sig, self.model, pairs, self.spatial, self.variance, start=c0)
+        c = coupled_csd(self.signals[vk], self.model, pairs, self.spatial, self.variance, start=c0)
         out[keep] = c - c0
         return out.to(sh_start.dtype)
 
