@@ -91,19 +91,27 @@ def test_parse_spatial():
             parse_spatial(bad)
 
 
-def test_signal_term_auto_spatial_is_chosen_once_at_the_first_call(monkeypatch):
-    import invtract.fit.signal_coupling as sc
-
-    monkeypatch.setattr(sc, "EXTEND", 0)  # the candidates as given (faster)
+def _term(spatial, unusable: int | None = None):
+    """``(SignalTerm, CSD solution [V, K])`` of the noisy identical-FOD grid (20 directions,
+    SNR 40), every voxel usable but ``unusable``."""
     model = csd_model(_grad(20), RESPONSE)
-    n = int(np.prod(SHAPE))
     b = _signals(_field(True), model, 40.0).float()
     c = csd_solve(b, model)
     ref = csd_objective(c, b.double().clamp_min(0), model)
     var = noise_variance(b, model, c)
-    usable = torch.ones(n, dtype=torch.bool)
-    term = SignalTerm(model, b, usable, ref, var, None, grid=(SHAPE, None), spatial="auto")
-    vox = torch.arange(n)
+    usable = torch.ones(int(np.prod(SHAPE)), dtype=torch.bool)
+    if unusable is not None:
+        usable[unusable] = False
+    term = SignalTerm(model, b, usable, ref, var, None, grid=(SHAPE, None), spatial=spatial)
+    return term, c
+
+
+def test_signal_term_auto_spatial_is_chosen_once_at_the_first_call(monkeypatch):
+    import invtract.fit.signal_coupling as sc
+
+    monkeypatch.setattr(sc, "EXTEND", 0)  # the candidates as given (faster)
+    term, c = _term("auto")
+    vox = torch.arange(int(np.prod(SHAPE)))
     v = term(c, vox)
     assert isinstance(term.spatial, float) and term.spatial > 0
     assert term.coupling_cv["weight"] == term.spatial
@@ -126,16 +134,8 @@ def test_config_default_and_flag_accept_auto():
 def test_start_change_moves_to_the_coupled_minimiser():
     """[signal] start = "coupled": the change takes the learned voxels to the minimiser of
     the term (signal + coupling), where its gradient is ~0; none without coupling."""
-    model = csd_model(_grad(20), RESPONSE)
-    n = int(np.prod(SHAPE))
-    b = _signals(_field(True), model, 40.0).float()
-    c = csd_solve(b, model)
-    ref = csd_objective(c, b.double().clamp_min(0), model)
-    var = noise_variance(b, model, c)
-    usable = torch.ones(n, dtype=torch.bool)
-    usable[0] = False  # no signal there: no change
-    term = SignalTerm(model, b, usable, ref, var, None, grid=(SHAPE, None), spatial=0.0)
-    vox = torch.arange(n)
+    term, c = _term(0.0, unusable=0)  # no signal in voxel 0: no change there
+    vox = torch.arange(int(np.prod(SHAPE)))
     assert float(term.start_change(c.float(), vox).abs().max()) == 0.0
     term.spatial = 0.3
     d = term.start_change(c.float(), vox)
