@@ -8,10 +8,10 @@ whole batch's target, ``anchor``, the FOD priors, the diffusion-signal term ``si
 ``--dwi`` (:class:`~invtract.fit.signal_term.SignalTerm`, weighted by ``[loss.weights] signal``),
 :meth:`Problem.add_term` terms) once.
 
-The data terms ``mdf``, ``vertex``, ``extent`` and ``margin`` are sums over pairs divided by
-the batch size: a rank's share is its sum divided by the *batch's* size, so the shares add up
-to the single-process loss. ``paired``, ``chamfer``, ``length`` and ``density`` are not such
-sums and are refused in a data-parallel fit.
+The data terms ``mdf``, ``vertex``, ``extent``, ``margin`` and ``reach`` are sums over pairs
+divided by the batch size: a rank's share is its sum divided by the *batch's* size, so the
+shares add up to the single-process loss. ``paired``, ``chamfer``, ``length`` and ``density``
+are not such sums and are refused in a data-parallel fit.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ __all__ = ["BundleProblem", "SHARDABLE_TERMS", "split_indices", "fod_overlap"]
 FEATURE_CHUNK = 64
 
 #: data terms that are sums over pairs (a data-parallel fit may use only these)
-SHARDABLE_TERMS = ("mdf", "vertex", "extent", "margin")
+SHARDABLE_TERMS = ("mdf", "vertex", "extent", "margin", "reach")
 
 
 def split_indices(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -221,6 +221,7 @@ class BundleProblem(Problem):
                 field=fod.detach() if self.running else None, angle_deg=vals["angle_deg"],
                 cutoff=vals["cutoff"], log_temperature=self.cfg.margin_temperature(it),
                 box_reduce=world.box if world.size > 1 else None, target_feats=feats,
+                reach_field=fod,
             )  # fmt: skip
         n_missing = terms.pop("n_missing", 0.0)
         share = len(sub) / max(n_batch, 1)

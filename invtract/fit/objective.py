@@ -58,6 +58,11 @@ Terms (all scanner mm unless stated; each is a mean over paired streamlines):
   the threshold at tckgen's default. Without it ``anchor`` leaves the threshold on the edge of
   the interval nearest the default (34.4 deg on ``bundleA_angle30``, interval [29.8, 34.2]);
   the centre halves the worst-case error over the values the target cannot tell apart.
+* ``reach``: a hinge on the FOD amplitude of every step of every target half (each must stay
+  above the cutoff by the relative margin ``reach_margin``; :mod:`invtract.fit.reach`): it keeps
+  the targets' paths open in a learned FOD, where the survival weights of ``extent`` lose their
+  gradient once an amplitude is far below the cutoff. Gradients reach the learned FOD rows and
+  ``cutoff``; it needs no tracking.
 * ``paired``, ``chamfer``, ``length``, ``density``: :func:`invtract.losses.paired_loss` (full
   streamlines, MDF + coverage, weighted by each streamline's mean survival weight),
   :func:`~invtract.losses.chamfer_loss` (unpaired), :func:`~invtract.losses.length_loss` (W1
@@ -100,7 +105,10 @@ __all__ = [
 ]
 
 #: tractogram loss terms (keys of ``LossConfig.weights``)
-TERMS = ("mdf", "vertex", "extent", "margin", "centre", "paired", "chamfer", "length", "density")
+TERMS = (
+    "mdf", "vertex", "extent", "margin", "centre", "reach",
+    "paired", "chamfer", "length", "density",
+)  # fmt: skip
 #: FOD regulariser terms
 FOD_TERMS = ("nonneg", "smooth", "prior")
 #: regulariser of the learned thresholds (computed by :func:`invtract.fit.optimise.fit`)
@@ -121,6 +129,8 @@ class LossConfig:
         radius_mm: coverage radius of ``paired`` (mm).
         coverage_weight: mm per unit uncovered fraction in ``paired``.
         sphere_points: directions of the dense sphere for ``nonneg``.
+        reach_margin: ``reach``'s relative amplitude margin about the cutoff
+            (:mod:`invtract.fit.reach`).
     """
 
     weights: dict = field(default_factory=lambda: {"mdf": 1.0, "extent": 1.0})
@@ -129,6 +139,7 @@ class LossConfig:
     radius_mm: float = 1.0
     coverage_weight: float = 1.0
     sphere_points: int = 256
+    reach_margin: float = 0.1
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> LossConfig:
@@ -317,7 +328,7 @@ class PairedTarget:
 # ----------------------------------------------------------------------------------------------
 def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, affine=None,
                  field=None, angle_deg=None, cutoff=None, log_temperature=0.05,
-                 box_reduce=None, target_feats=None):  # fmt: skip
+                 box_reduce=None, target_feats=None, reach_field=None):  # fmt: skip
     """Loss terms of one tracking result against its paired target.
 
     Args:
@@ -335,6 +346,8 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
         target_feats: :func:`target_features` of every pair of ``target`` (leading dimension
             ``len(target)``) on ``field``, when the caller holds them (a fixed FOD: they do not
             change between iterations); None: computed here for the tracked pairs.
+        reach_field: the FOD as tracked, its learned rows differentiable (``reach``;
+            :mod:`invtract.fit.reach`); None: ``field``.
 
     Returns:
         ``{name: 0-d tensor}`` for every active term (mm; ``density`` unitless), plus
@@ -356,7 +369,32 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
     missing_len = tl.sum(-1)[missing.to(dev)].sum()
     if S == 0:
         out.update(_untracked_terms(active, missing_len, n_pairs, box_reduce))
-        return out
+    else:
+        out.update(_tracked_terms(res, target, ids, missing, config, active, shape, affine, tl,
+                                  missing_len, (field, angle_deg, cutoff, log_temperature),
+                                  box_reduce, target_feats))  # fmt: skip
+    if "reach" in active:
+        out["reach"] = _reach_term(target, reach_field or field, cutoff, config).to(dev)
+    return out
+
+
+def _reach_term(target, field, cutoff, config) -> torch.Tensor:
+    """``reach`` (:mod:`invtract.fit.reach`) per pair, on every pair's target path."""
+    from .reach import reach_sum
+
+    if field is None or cutoff is None:
+        raise ConfigError("reach needs the FOD field and the cutoff")
+    total = reach_sum(field, target.halves, target.counts, cutoff, config.reach_margin)
+    return total / len(target)
+
+
+def _tracked_terms(res, target, ids, missing, config, active, shape, affine, tl, missing_len,
+                   thresholds, box_reduce, target_feats) -> dict:  # fmt: skip
+    """The terms of :func:`paired_terms` that read the tracked streamlines (``S > 0``)."""
+    out: dict = {}
+    dev, dt = res.points.device, torch.float64
+    n_pairs = len(target)
+    field, angle_deg, cutoff, log_temperature = thresholds
     halves, counts, w = split_halves(res.points, res.lengths, res.seed_index, res.weights)
     cum = _arc(halves.detach()).to(dt)  # [S, 2, H]
     mylen = cum[..., -1]
@@ -374,7 +412,6 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
         if field is None or angle_deg is None or cutoff is None:
             raise ConfigError("margin / centre need the FOD field, angle_deg and cutoff")
         tracked = (halves, counts, cum, t_sel)
-        thresholds = (field, angle_deg, cutoff, log_temperature)
         out.update(
             _threshold_terms(
                 res, target, ids, tracked, active, thresholds, box_reduce, target_feats

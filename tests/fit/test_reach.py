@@ -1,0 +1,155 @@
+"""The ``reach`` term (invtract.fit.reach): FOD amplitudes along the target paths and at their
+stops, differentiable in the learned rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from invtract.data import example_path
+from invtract.fit import objective
+from invtract.fit.objective import LossConfig, PairedTarget, paired_terms
+from invtract.fit.optimise import c_order_fod
+from invtract.fit.reach import learned_amplitudes, reach_sum
+from invtract.fod.field import FODField
+from invtract.fod.interp import corner_weights, world_to_voxel
+from invtract.io.image import load_fod
+from invtract.io.seeds import seeds_from_reference
+from invtract.io.tractogram import load_tractogram
+
+
+def _example(dtype=torch.float32):
+    img = load_fod(example_path("fod"))
+    sh = torch.from_numpy(c_order_fod(img.data)).clone().to(dtype)
+    return FODField.from_array(sh, img.affine), img
+
+
+def _points(field, img, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.tensor(field.shape, dtype=torch.float64)
+    vox = torch.rand(n, 3, generator=g, dtype=torch.float64) * (X - 1)
+    A = torch.as_tensor(img.affine, dtype=torch.float64)
+    pts = vox @ A[:3, :3].T + A[:3, 3]
+    u = torch.nn.functional.normalize(torch.randn(n, 3, generator=g, dtype=torch.float64), dim=-1)
+    return pts, u
+
+
+def test_learned_amplitudes_equal_step_amplitudes_and_pass_gradcheck():
+    """The value is objective.step_amplitudes' (float32 field); the gradient to the learned
+    rows is exact (float64 gradcheck through FODField.with_rows)."""
+    field, img = _example()
+    pts, u = _points(field, img, 300)
+    X, Y, Z = field.shape
+    vox = torch.arange(0, X * Y * Z, 2)
+    rows = field.sh_flat[vox].clone().requires_grad_(True)
+    learned = field.with_rows(vox, rows)
+    a = learned_amplitudes(learned, pts, u)
+    assert a.requires_grad
+    torch.testing.assert_close(a.detach(), objective.step_amplitudes(learned, pts, u))
+    assert (a != 0).sum() > 60
+
+    f64 = FODField.from_array(field.sh_flat.reshape(X, Y, Z, -1).double(), img.affine)
+    some = torch.nonzero(a.detach() != 0).flatten()[:2]
+    p, d = pts[some], u[some]
+    v = world_to_voxel(p, f64.scanner2voxel)
+    few = torch.unique(corner_weights(v, f64.shape, torch.float64)[0])  # their corners
+    r64 = f64.sh_flat[few].clone().requires_grad_(True)
+
+    def amplitudes(r):
+        return learned_amplitudes(f64.with_rows(few, r), p, d)
+
+    assert torch.autograd.gradcheck(amplitudes, (r64,), eps=1e-6, atol=1e-7)
+
+
+def test_learned_amplitudes_without_learned_rows_are_detached():
+    field, img = _example()
+    pts, u = _points(field, img, 50)
+    a = learned_amplitudes(field, pts, u)
+    assert not a.requires_grad
+    torch.testing.assert_close(a, objective.step_amplitudes(field, pts, u))
+
+
+def _paired_example():
+    tck = example_path("target")
+    target = load_tractogram(tck)
+    pos, dirs, ti = seeds_from_reference(tck, example_path("target_seeds"))
+    target = target.select(torch.as_tensor(ti))
+    return PairedTarget.build(target, torch.as_tensor(pos), torch.as_tensor(dirs))
+
+
+def test_reach_is_zero_where_the_fod_reproduces_the_target_and_grows_when_a_path_is_cut():
+    """On tckgen's own FOD every step of the targets is above the cutoff: with a margin of 0
+    the term is (nearly) zero. Cutting the FOD along the bundle
+    (amplitudes scaled down in the learned voxels) makes the path part charge, and its
+    gradient raises the learned rows' amplitude along the path (descent lowers the term)."""
+    field, img = _example()
+    paired = _paired_example()
+    zero = reach_sum(field, paired.halves, paired.counts, 0.1, margin=0.0)
+    per_pair = float(zero) / len(paired)
+    assert per_pair < 0.05  # mm x relative amplitude per pair (softplus floor and a few stops)
+
+    pts = paired.streamlines.points.double()
+    flat = torch.unique(_voxels_of(field, img, pts))
+    rows = (field.sh_flat[flat] * 0.05).clone().requires_grad_(True)
+    cut = field.with_rows(flat, rows)
+    loss = reach_sum(cut, paired.halves, paired.counts, 0.1, margin=0.1)
+    assert float(loss.detach()) / len(paired) > 10 * per_pair + 1.0
+    loss.backward()
+    with torch.no_grad():
+        stepped = rows - 1e-3 * rows.grad / rows.grad.abs().max()
+    again = reach_sum(
+        field.with_rows(flat, stepped), paired.halves, paired.counts, 0.1, margin=0.1
+    )
+    assert float(again) < float(loss.detach())
+
+
+def _voxels_of(field, img, pts):
+    A = torch.linalg.inv(torch.as_tensor(img.affine, dtype=torch.float64))
+    v = torch.round(pts @ A[:3, :3].T + A[:3, 3]).long()
+    X, Y, Z = field.shape
+    ok = ((v >= 0) & (v < torch.tensor([X, Y, Z]))).all(-1)
+    v = v[ok]
+    return (v[:, 0] * Y + v[:, 1]) * Z + v[:, 2]
+
+
+def test_reach_is_a_known_weight_and_reaches_the_paired_terms():
+    paired = _paired_example()
+    assert LossConfig.from_dict({"weights": {"reach": 1.0}}).active() == ["reach"]
+    assert LossConfig.from_dict({"reach_margin": 0.2}).reach_margin == 0.2
+    assert "reach" in objective.TERMS
+    with pytest.raises(Exception, match="reach needs"):
+
+        class _Res:
+            seed_ids = torch.zeros(0, dtype=torch.long)
+            points = torch.zeros(0, 3)
+
+        paired_terms(_Res(), paired, LossConfig.from_dict({"weights": {"reach": 1.0}}))
+
+
+def test_a_fod_fit_with_reach_reopens_a_weakened_path():
+    """A bundle fit of the FOD with ``reach`` alone, on the example FOD scaled down to 7%
+    (most target steps below the cutoff's margin): ``loss/reach`` is logged and falls."""
+    import dataclasses
+
+    import numpy as np
+
+    from invtract.fit.optimise import fit
+    from invtract.params import TrackingParameters
+    from invtract.tracking.api import Seeding
+
+    img = load_fod(example_path("fod"))
+    img = dataclasses.replace(img, data=np.asarray(img.data, np.float32) * 0.07)
+    pos, dirs, ti = seeds_from_reference(example_path("target"), example_path("target_seeds"))
+    idx = np.arange(0, 96, 24)
+    sl = load_tractogram(example_path("target")).select(torch.as_tensor(ti[idx]))
+    cfg = {
+        "fit": {"iterations": 4, "heldout_fraction": 0.0},
+        "loss": {"weights": {"mdf": 1.0, "reach": 1.0}},
+        "optimizer": {"lr_sh": 0.02},
+    }
+    params = TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0)
+    res = fit(img, sl, params, seeding=Seeding("list", positions=pos[idx], directions=dirs[idx]),
+              learn=("sh",), config=cfg)  # fmt: skip
+    reach = [h["loss/reach"] for h in res.history]
+    assert reach[0] > 0.1
+    assert reach[-1] < 0.05 * reach[0]
