@@ -26,7 +26,7 @@ more than 0.05 -- on regions and sizes other than the tuning cases (``A``, n = 2
 cross-validation with the default ``[signal] spatial = "auto"``) and each candidate's held-out
 error (``signal_spatial_cv``).
 
-    python benchmarks/fod_fit.py [--cases A20,B15,C30,phantom20] [--iterations 30]
+    python benchmarks/fod_fit.py [--cases A20,B15,C30,phantom20] [--iterations N]
         [--methods fod,fod+signal] [--signal-spatial W|auto] [--fod-updates free|low|rotation]
         [--signal-weight W] [--signal-set SECTION.KEY=VALUE ...] [--set SECTION.KEY=VALUE ...]
         [--seed S] [--work DIR] [--out FILE]
@@ -345,7 +345,7 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
     full = ref.get_fdata(dtype=np.float32)
     tck, seeds = target_for(name, inp, work, full, ref, regions)
     response = load_response(inp["response"])
-    extra = ["--iterations", str(args.iterations)]
+    extra = [] if args.iterations is None else ["--iterations", str(args.iterations)]
     for s in args.set:
         extra += ["--set", s]
     sig_args = ["--dwi", str(inp["sub"]), "--response", str(inp["response"])]
@@ -452,7 +452,11 @@ def goals(ev: dict) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=DEFAULT_CASES, help="REGION+N list, e.g. A20,B15,phantom20")
-    p.add_argument("--iterations", type=int, default=30, help="fit iterations (fit_fod: 30)")
+    p.add_argument(
+        "--iterations",
+        type=int,
+        help="fit iterations of both fits (default: each config's: fit_fod 30, fit_fod_dwi 60)",
+    )
     p.add_argument(
         "--signal-weight", type=float, help="[loss.weights] signal (fit_fod_dwi.toml's)"
     )

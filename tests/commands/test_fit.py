@@ -281,6 +281,8 @@ def test_dwi_adds_the_signal_term_to_the_fod_fit(tmp_path, small_target, dwi_inp
     assert sig[1] > 0  # the first step moved the FOD off the CSD optimum
     terms = {k for k in lines[0] if k.startswith("loss/")}
     assert "loss/prior" not in terms  # weight 0 in fit_fod_dwi: not computed
+    assert "loss/reach" in terms and "loss/extent" not in terms  # reach replaces extent
+    assert all(x["loss/reach"] >= 0 for x in lines)
     assert (run / "fitted_fod.nii.gz").is_file()
     res = _strict(run / "result.json")["signal"]
     assert res["bvalue"] == 2000.0 and res["n_directions"] == 30 and res["noise_sigma"] >= 0
