@@ -1,0 +1,112 @@
+"""Per-pair view of a ``benchmarks/fod_fit.py`` case's held-out MDF: where streamlines stop; JSON.
+
+For the start FOD (the subsample's CSD) and the ``fod+signal`` fit's ``fitted_fod.nii.gz``, the
+held-out seeds of the fit (``heldout_fraction`` 0.2, seed 0, as ``invtract fit``) are tracked
+hard with the default parameters and compared pair by pair with their targets: the paired MDF
+(20 points, as ``result.json``'s ``*_heldout_mdf_mm``) and, per half, the tracked length minus
+the target's (mm; + runs past the target, - stops short).
+
+    python benchmarks/fod_fit_pairs.py --work runs/fod_fit --case B20 [--train] [--worst 10]
+
+Needs a finished ``fod_fit.py --methods fod+signal --cases CASE --work WORK`` run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from invtract.fit.bundle import split_indices  # noqa: E402
+from invtract.fit.optimise import c_order_fod, fod_field  # noqa: E402
+from invtract.fit.scoring import ScoreConfig, score_tracking  # noqa: E402
+from invtract.io.image import load_fod  # noqa: E402
+from invtract.io.seeds import seeds_from_reference  # noqa: E402
+from invtract.io.tractogram import load_tractogram  # noqa: E402
+from invtract.params import TrackingParameters  # noqa: E402
+from invtract.tracking.api import Seeding, track  # noqa: E402
+
+
+def half_lengths(points: np.ndarray, seed_index: int) -> np.ndarray:
+    """``[2]`` arc lengths (mm) before and after the seed vertex of a streamline."""
+    seg = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    return np.array([seg[:seed_index].sum(), seg[seed_index:].sum()])
+
+
+def per_pair(fod_path: Path, target, pos, dirs) -> dict:
+    """Per-pair MDF and half-length differences of hard tracking on ``fod_path``."""
+    img = load_fod(fod_path)
+    field = fod_field(dataclasses.replace(img, data=c_order_fod(img.data)))
+    res = track(field, Seeding("list", positions=pos, directions=dirs), TrackingParameters())
+    cfg = ScoreConfig()
+    mdf = np.full(len(target), np.nan)
+    diff = np.full((len(target), 2), np.nan)
+    for j, sid in enumerate(res.seed_ids):
+        sid = int(sid)
+        one = score_tracking(
+            res.streamlines.select([j]), np.array([0]), target.select([sid]), pos[[sid]], cfg
+        )
+        mdf[sid] = one.loss
+        t = target[sid].numpy()
+        t_seed = int(np.linalg.norm(t - pos[sid], axis=1).argmin())
+        diff[sid] = half_lengths(res.streamlines[j].numpy(), int(res.seed_index[j])) - (
+            half_lengths(t, t_seed)
+        )
+    return {"mdf": mdf, "diff": diff, "missing": int(len(target) - len(res.seed_ids))}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", required=True, help="fod_fit.py's --work folder")
+    p.add_argument("--case", required=True, help="e.g. B20 (real_msmt15 cases only)")
+    p.add_argument("--train", action="store_true", help="the training seeds instead")
+    p.add_argument("--worst", type=int, default=10, help="pairs listed (largest MDF)")
+    args = p.parse_args()
+    work, region, n = Path(args.work), args.case.rstrip("0123456789"), args.case[1:]
+    tck = work / f"target_{region}.tck"
+    target = load_tractogram(tck)
+    pos, dirs, ti = seeds_from_reference(tck, work / f"target_{region}_seeds.txt")
+    target = target.select(torch.as_tensor(ti))
+    train, held = split_indices(len(target), 0.2, 0)
+    idx = train if args.train else held
+    sub, pos, dirs = target.select(torch.as_tensor(idx)), pos[idx], dirs[idx]
+    fods = {
+        "start": work / f"real_fod{n}.nii.gz",
+        "final": work / f"run_{args.case}_fod+signal" / "fitted_fod.nii.gz",
+    }
+    out: dict = {"case": args.case, "split": "train" if args.train else "heldout"}
+    rows = {}
+    for name, path in fods.items():
+        r = rows[name] = per_pair(path, sub, pos, dirs)
+        d = np.abs(r["diff"])
+        out[name] = {
+            "mean_mdf_mm": float(np.nanmean(r["mdf"])),
+            "median_mdf_mm": float(np.nanmedian(r["mdf"])),
+            "mean_length_difference_mm": float(np.nanmean(r["diff"])),
+            "median_abs_length_difference_mm": float(np.nanmedian(d)),
+            "halves_off_by_more_than_2mm": float(np.nanmean(d > 2)),
+            "missing": r["missing"],
+        }
+    worst = np.argsort(-np.nan_to_num(rows["start"]["mdf"] + rows["final"]["mdf"]))
+    out["worst_pairs"] = [
+        {
+            "pair": int(idx[k]),
+            "mdf_mm": [round(float(rows[s]["mdf"][k]), 3) for s in fods],
+            "length_difference_mm": {s: np.round(rows[s]["diff"][k], 2).tolist() for s in fods},
+        }
+        for k in worst[: args.worst]
+    ]
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
