@@ -12,8 +12,10 @@ optimiser step, which every rank takes identically. Rank 0 logs and writes check
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -131,15 +133,34 @@ def _worker(rank: int, size: int, port: int, fn: Callable, args: tuple) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    import torch.distributed as dist
+
     try:
         code = fn(*args)
+        _all_arrived(dist)
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
-    if code:
-        raise SystemExit(code)
+    # leave without the interpreter's teardown: a rank that finished its work could abort in
+    # C++ static destructors of the communication threads ("terminate called without an
+    # active exception", SIGABRT: seen in CI after the fit had written its results)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
+
+
+def _all_arrived(dist) -> None:
+    """Wait (at most a minute) until every rank has finished, so no rank tears the group (and
+    rank 0's store) down while another still uses it."""
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except RuntimeError:  # a rank that never arrives: tear down regardless
+        pass
 
 
 def spawn(fn: Callable, args: tuple, nproc: int) -> None:
