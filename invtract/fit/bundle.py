@@ -218,10 +218,9 @@ class BundleProblem(Problem):
             res = self._track(sub, it, vals, fod)
             terms = paired_terms(
                 res, sub, self.data_cfg, shape=self.state.shape[:3], affine=self.affine,
-                field=fod.detach() if self.running else None, angle_deg=vals["angle_deg"],
+                field=fod, angle_deg=vals["angle_deg"],
                 cutoff=vals["cutoff"], log_temperature=self.cfg.margin_temperature(it),
                 box_reduce=world.box if world.size > 1 else None, target_feats=feats,
-                reach_field=fod,
             )  # fmt: skip
         n_missing = terms.pop("n_missing", 0.0)
         share = len(sub) / max(n_batch, 1)

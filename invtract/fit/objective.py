@@ -328,7 +328,7 @@ class PairedTarget:
 # ----------------------------------------------------------------------------------------------
 def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, affine=None,
                  field=None, angle_deg=None, cutoff=None, log_temperature=0.05,
-                 box_reduce=None, target_feats=None, reach_field=None):  # fmt: skip
+                 box_reduce=None, target_feats=None):  # fmt: skip
     """Loss terms of one tracking result against its paired target.
 
     Args:
@@ -337,17 +337,16 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
         target: the paired target.
         config: weights and settings.
         shape, affine: FOD grid, needed for ``density``.
-        field, angle_deg, cutoff: the FOD (:class:`~invtract.fod.field.FODField`) and the
-            current thresholds (floats or 0-d tensors, may require grad), needed by
-            ``margin``.
+        field, angle_deg, cutoff: the FOD as tracked (:class:`~invtract.fod.field.FODField`;
+            ``reach`` differentiates its learned rows, ``margin`` / ``centre`` read it without
+            gradient) and the current thresholds (floats or 0-d tensors, may require grad),
+            needed by ``margin``, ``centre`` and ``reach``.
         log_temperature: hinge softness ``tau`` of ``margin`` (log units).
         box_reduce: combines ``margin``'s batch bounds across the shards of a data-parallel
             batch (see :func:`margin_hinge`); called even when nothing was tracked here.
         target_feats: :func:`target_features` of every pair of ``target`` (leading dimension
             ``len(target)``) on ``field``, when the caller holds them (a fixed FOD: they do not
             change between iterations); None: computed here for the tracked pairs.
-        reach_field: the FOD as tracked, its learned rows differentiable (``reach``;
-            :mod:`invtract.fit.reach`); None: ``field``.
 
     Returns:
         ``{name: 0-d tensor}`` for every active term (mm; ``density`` unitless), plus
@@ -367,34 +366,12 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
     missing = torch.ones(n_pairs, dtype=torch.bool)
     missing[ids] = False
     missing_len = tl.sum(-1)[missing.to(dev)].sum()
+    if "reach" in active:  # reads the targets alone: every pair, tracked or not
+        out["reach"] = _reach_term(target, field, cutoff, config).to(dev)
     if S == 0:
-        out.update(_untracked_terms(active, missing_len, n_pairs, box_reduce))
-    else:
-        out.update(_tracked_terms(res, target, ids, missing, config, active, shape, affine, tl,
-                                  missing_len, (field, angle_deg, cutoff, log_temperature),
-                                  box_reduce, target_feats))  # fmt: skip
-    if "reach" in active:
-        out["reach"] = _reach_term(target, reach_field or field, cutoff, config).to(dev)
-    return out
-
-
-def _reach_term(target, field, cutoff, config) -> torch.Tensor:
-    """``reach`` (:mod:`invtract.fit.reach`) per pair, on every pair's target path."""
-    from .reach import reach_sum
-
-    if field is None or cutoff is None:
-        raise ConfigError("reach needs the FOD field and the cutoff")
-    total = reach_sum(field, target.halves, target.counts, cutoff, config.reach_margin)
-    return total / len(target)
-
-
-def _tracked_terms(res, target, ids, missing, config, active, shape, affine, tl, missing_len,
-                   thresholds, box_reduce, target_feats) -> dict:  # fmt: skip
-    """The terms of :func:`paired_terms` that read the tracked streamlines (``S > 0``)."""
-    out: dict = {}
-    dev, dt = res.points.device, torch.float64
-    n_pairs = len(target)
-    field, angle_deg, cutoff, log_temperature = thresholds
+        untracked = [k for k in active if k != "reach"]
+        out.update(_untracked_terms(untracked, missing_len, n_pairs, box_reduce))
+        return out
     halves, counts, w = split_halves(res.points, res.lengths, res.seed_index, res.weights)
     cum = _arc(halves.detach()).to(dt)  # [S, 2, H]
     mylen = cum[..., -1]
@@ -412,6 +389,7 @@ def _tracked_terms(res, target, ids, missing, config, active, shape, affine, tl,
         if field is None or angle_deg is None or cutoff is None:
             raise ConfigError("margin / centre need the FOD field, angle_deg and cutoff")
         tracked = (halves, counts, cum, t_sel)
+        thresholds = (field, angle_deg, cutoff, log_temperature)
         out.update(
             _threshold_terms(
                 res, target, ids, tracked, active, thresholds, box_reduce, target_feats
@@ -419,6 +397,16 @@ def _tracked_terms(res, target, ids, missing, config, active, shape, affine, tl,
         )
     out.update(_streamline_terms(res, target, ids, config, active, shape, affine))
     return out
+
+
+def _reach_term(target, field, cutoff, config) -> torch.Tensor:
+    """``reach`` (:mod:`invtract.fit.reach`) per pair, on every pair's target path."""
+    from .reach import reach_sum
+
+    if field is None or cutoff is None:
+        raise ConfigError("reach needs the FOD field and the cutoff")
+    total = reach_sum(field, target.halves, target.counts, cutoff, config.reach_margin)
+    return total / len(target)
 
 
 def _untracked_terms(active, missing_len: torch.Tensor, n_pairs: int, box_reduce) -> dict:
