@@ -225,12 +225,17 @@ def _cut_index(seg: np.ndarray, lmax: float) -> tuple[int, np.float32]:
     return len(seg) + 1, total
 
 
-def check_length_post(points: np.ndarray, seed_index: int, params: ResolvedParameters):
+def check_length_post(
+    points: np.ndarray, seed_index: int, params: ResolvedParameters, act: bool = False
+):
     """Length rule after downsampling (spec §5.4): ``(points, seed_index, reject_or_None)``.
 
-    Convention: ``Exec::check_length`` / ``truncate_maxlength``: a track longer than maxlength
-    is cut where its length from the first vertex reaches maxlength; if that would drop the
-    seed, the part up to the seed is reversed (the seed becomes vertex 0) and cut instead.
+    Convention: ``Exec::check_downsampled_length`` / ``truncate_maxlength``: outside the
+    point-count bounds ``(min_points_post, max_points_post)`` the float32 length is measured; a
+    track shorter than minlength is rejected; one longer than maxlength is cut where its length
+    from the first vertex reaches maxlength; if that would drop the seed, the part up to the
+    seed is reversed (the seed becomes vertex 0) and cut instead. With ``act`` (ACT) a track
+    longer than maxlength is rejected (TRACK_TOO_LONG) instead.
     """
     n = points.shape[0]
     if params.min_points_post < n < params.max_points_post:
@@ -242,6 +247,9 @@ def check_length_post(points: np.ndarray, seed_index: int, params: ResolvedParam
         length = np.float32(length + s_k)
     if length < params.min_length_mm:
         return points, seed_index, Reject.TRACK_TOO_SHORT
+    if act:
+        too_long = length > params.max_length_mm
+        return points, seed_index, (Reject.TRACK_TOO_LONG if too_long else None)
     if length <= params.max_length_mm:
         return points, seed_index, None
     s = seed_index
