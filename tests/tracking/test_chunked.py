@@ -115,6 +115,31 @@ def test_computed_inputs_are_back_propagated_once():
     assert float(learn.grad[~mask].abs().sum()) == 0.0
 
 
+def test_learned_rows_get_their_gradient_alone(monkeypatch):
+    """A field of ``FODField.with_rows``: each chunk's FOD gradient is the rows' ``[n, K]``
+    (no ``[X*Y*Z, K]`` copy of the coefficients), and the sum equals one pass."""
+    sh, affine, seeds, dirs, params = _phantom()
+    voxels = torch.arange(0, sh[..., 0].numel(), 3)  # every third voxel is learned
+
+    def learned():
+        rows = sh.reshape(-1, sh.shape[-1])[voxels].clone().requires_grad_(True)
+        return FODField.from_array(sh.clone(), affine).with_rows(voxels, rows), rows
+
+    fod_ref, rows_ref = learned()
+    _loss(track_differentiable(fod_ref, seeds, dirs, params, refine=2)).backward()
+    fod, rows = learned()
+
+    def no_copy(self):
+        raise AssertionError("the learned rows were spread over a copy of every coefficient")
+
+    monkeypatch.setattr(FODField, "without_rows", no_copy)
+    accumulate_gradients(
+        lambda out, s: _loss(out), fod, seeds, dirs, params, max_steps=1, refine=2
+    )
+    assert rows.grad.shape == rows.shape and float(rows.grad.abs().sum()) > 0
+    assert torch.allclose(rows.grad, rows_ref.grad, rtol=1e-10, atol=1e-12)
+
+
 def _contribution(res, start=0):
     """An additive 'map' of the chunk: weighted sums of the x and y coordinates."""
     return torch.stack([(res.points[..., i] * res.weights).sum() for i in (0, 1)])
