@@ -39,3 +39,29 @@ def gradcheck_case(**params):
     mask = torch.zeros(sh.shape[:3], dtype=torch.bool)
     mask[1:3, 1:3, 1:3] = True
     return sh, affine, seed, dirs, params, mask
+
+
+def gradcheck_fod_seed_step(case, check=None) -> bool:
+    """``torch.autograd.gradcheck`` (float64, fast mode) of the efficient path's points and
+    weights (``refine=4``, ``temperature=0.2``) w.r.t. the learned voxels' coefficients, the
+    seed and the step, for ``case`` (:func:`gradcheck_case`'s, with resolved parameters);
+    ``check(result, seed)`` may assert on every tracking result."""
+    from invtract.fod.field import FODField
+    from invtract.tracking.differentiable import track_differentiable
+
+    sh, affine, seed, dirs, params, mask = case
+
+    def f(learn, seed, h):
+        full = torch.where(mask[..., None], learn, sh)
+        r = track_differentiable(
+            FODField.from_array(full, affine), seed, dirs, params, step_mm=h, refine=4,
+            temperature=0.2,
+        )  # fmt: skip
+        if check is not None:
+            check(r, seed)
+        return r.points[r.mask], r.weights[r.mask]
+
+    learn = sh.clone().requires_grad_(True)
+    seed = seed.clone().requires_grad_(True)
+    h = torch.tensor(float(params.step_mm), dtype=torch.float64, requires_grad=True)
+    return torch.autograd.gradcheck(f, (learn, seed, h), eps=1e-6, atol=1e-6, fast_mode=True)

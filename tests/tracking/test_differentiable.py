@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from phantoms import bending_fibre_fod as _phantom
-from phantoms import gradcheck_case
+from phantoms import gradcheck_case, gradcheck_fod_seed_step
 
 from invtract.fod.field import FODField
 from invtract.params import TrackingParameters
@@ -175,25 +175,8 @@ def test_finite_differences_phantom():
 
 def test_gradcheck_k_steps_phantom():
     sh, affine, seed, dirs, params, mask = gradcheck_case()  # mask: learnable subset of voxels
-    params = params.resolve((2.0, 2.0, 2.0))
-
-    def f(learn, seed, h):
-        full = torch.where(mask[..., None], learn, sh)
-        r = track_differentiable(
-            FODField.from_array(full, affine),
-            seed,
-            dirs,
-            params,
-            step_mm=h,
-            refine=4,
-            temperature=0.2,
-        )
-        return r.points[r.mask], r.weights[r.mask]
-
-    learn = sh.clone().requires_grad_(True)
-    seed = seed.requires_grad_(True)
-    h = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(f, (learn, seed, h), eps=1e-6, atol=1e-6, fast_mode=True)
+    case = (sh, affine, seed, dirs, params.resolve((2.0, 2.0, 2.0)), mask)
+    assert gradcheck_fod_seed_step(case)
 
 
 def test_no_nan_at_discontinuities():
