@@ -82,6 +82,7 @@ from .rules import (
     TISSUE_SUM_THRESHOLD,
     WEIGHT_THRESHOLD,
 )
+from .tracker import truncate_maxlength
 from .types import EngineResult, Reject, RoiSet, Term, concat_results
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1530,33 +1531,6 @@ def _seg_norms(pts: np.ndarray) -> np.ndarray:
     return np.sqrt(d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]))
 
 
-def _truncate_maxlength(b: np.ndarray, seed: int, max_dist: np.float32) -> tuple[np.ndarray, int]:
-    """Exec::truncate_maxlength on one streamline ``b [n, 3]`` float32 (fused_cpu's iterative
-    form): returns the truncated copy and its seed index."""
-    b = b.copy()
-    while True:
-        seg = _seg_norms(b)
-        acc = np.float32(0.0)
-        index = 1
-        for s in seg:  # sequential float32 sum, as the C++ loop
-            if acc + s > max_dist:
-                break
-            acc = np.float32(acc + s)
-            index += 1
-        if index >= b.shape[0]:
-            return b, seed
-        if seed >= index:
-            b = b[: seed + 1][::-1].copy()
-            seed = 0
-            continue
-        d = b[index] - b[index - 1]
-        sq = d[0] * d[0] + (d[1] * d[1] + d[2] * d[2])
-        if sq > 0:
-            d = d / np.sqrt(sq)
-        b[index] = b[index - 1] + d * np.float32(max_dist - acc)
-        return b[: index + 1], seed
-
-
 def _lengths(pts: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Lengths (mm, float32) of the streamlines of ``counts`` points from rows ``starts`` of
     ``pts [P, 3]``: each a sequential float32 sum of its segment lengths, as the C++ loop
@@ -1596,9 +1570,7 @@ def _check_downsampled_length(
     if long.size and not act:  # truncate_maxlength, one streamline at a time
         lines = np.split(res.points, starts[1:])
         for i in long:
-            lines[i], seeds[i] = _truncate_maxlength(
-                lines[i], int(seeds[i]), np.float32(params.max_length_mm)
-            )
+            lines[i], seeds[i] = truncate_maxlength(lines[i], int(seeds[i]), params.max_length_mm)
             lengths[i] = lines[i].shape[0]
         pts = np.concatenate([b for b, n_i in zip(lines, lengths) if n_i], 0)
     pts = pts if pts.size else np.zeros((0, 3), np.float32)

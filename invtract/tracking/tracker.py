@@ -39,6 +39,7 @@ __all__ = [
     "seed_usable_torch",
     "downsample_track",
     "check_length_post",
+    "truncate_maxlength",
 ]
 
 
@@ -252,21 +253,31 @@ def check_length_post(
         return points, seed_index, (Reject.TRACK_TOO_LONG if too_long else None)
     if length <= params.max_length_mm:
         return points, seed_index, None
-    s = seed_index
-    cut, done = _cut_index(seg, params.max_length_mm)
+    return (*truncate_maxlength(pts, seed_index, params.max_length_mm), None)
+
+
+def truncate_maxlength(
+    points: np.ndarray, seed_index: int, max_length_mm: float
+) -> tuple[np.ndarray, int]:
+    """``Exec::truncate_maxlength`` on one streamline ``points [n, 3]`` (float32 arithmetic):
+    ``(points [m, 3] float32, seed_index)``, cut where its length from the first vertex reaches
+    ``max_length_mm``, the last vertex moved along its segment to make it exactly that; if the
+    cut would drop the seed, the part up to the seed is reversed (the seed becomes vertex 0)
+    and cut instead. A streamline no longer than the limit comes back whole (as float32)."""
+    pts, s = points.astype(np.float32), seed_index
+    cut, done = _cut_index(_segment_lengths(pts), max_length_mm)
     if cut <= s:
         pts, s = pts[: s + 1][::-1].copy(), 0
-        seg = _segment_lengths(pts)
-        cut, done = _cut_index(seg, params.max_length_mm)
+        cut, done = _cut_index(_segment_lengths(pts), max_length_mm)
     if cut >= pts.shape[0]:
-        return pts, s, None
+        return pts, s
     out = pts[: cut + 1].copy()
     d = out[cut] - out[cut - 1]
     sq = d[0] * d[0] + (d[1] * d[1] + d[2] * d[2])
     if sq > 0:
         d = d / np.sqrt(sq)
-    out[cut] = out[cut - 1] + d * (np.float32(params.max_length_mm) - done)
-    return out, s, None
+    out[cut] = out[cut - 1] + d * (np.float32(max_length_mm) - done)
+    return out, s
 
 
 def _seed_check(field: FODField, seeds: torch.Tensor, rois: RoiSet):
