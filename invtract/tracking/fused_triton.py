@@ -66,6 +66,7 @@ import torch
 from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
 from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
+from .lengths import segment_lengths, truncate_maxlength
 from .rules import (
     FOV_HALF_VOXEL,
     GMWMI_ACCURACY,
@@ -82,7 +83,6 @@ from .rules import (
     TISSUE_SUM_THRESHOLD,
     WEIGHT_THRESHOLD,
 )
-from .tracker import truncate_maxlength
 from .types import EngineResult, Reject, RoiSet, Term, concat_results
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1525,17 +1525,11 @@ def _roi_arrays(rois: RoiSet | None, dev: torch.device):
     return as_t(ri), as_t(rf), as_t(rmask.astype(np.uint8)), R, counts
 
 
-def _seg_norms(pts: np.ndarray) -> np.ndarray:
-    """``|p_i - p_{i-1}|`` of consecutive rows of ``pts [P, 3]`` (float32, Eigen's order)."""
-    d = pts[1:] - pts[:-1]
-    return np.sqrt(d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]))
-
-
 def _lengths(pts: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Lengths (mm, float32) of the streamlines of ``counts`` points from rows ``starts`` of
     ``pts [P, 3]``: each a sequential float32 sum of its segment lengths, as the C++ loop
     (``check_downsampled_length``), all streamlines at once."""
-    seg = _seg_norms(pts) if pts.shape[0] > 1 else np.zeros(0, np.float32)
+    seg = segment_lengths(pts) if pts.shape[0] > 1 else np.zeros(0, np.float32)
     length = np.zeros(counts.shape[0], np.float32)
     for k in range(1, int(counts.max()) if counts.size else 0):
         live = counts > k
