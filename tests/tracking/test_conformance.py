@@ -104,6 +104,7 @@ def _split(res: EngineResult) -> list[np.ndarray]:
 
 
 def _field(sh, s2v):
+    """The float32 :class:`FODField` of ``sh [X, Y, Z, K]`` on the grid of ``s2v [3, 4]``."""
     affine = np.vstack([np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))[:3], [0, 0, 0, 1]])
     return FODField.from_array(sh, affine)
 
@@ -304,13 +305,9 @@ def test_differentiable_tracker_refuses_what_it_does_not_cover(case):
     from invtract.tracking import differentiable
 
     sh, s2v, seeds, dirs, params, _ = _inputs(case)
-    affine = np.vstack([np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))[:3], [0, 0, 0, 1]])
     with pytest.raises(ConfigError, match="rk4, -downsample or -stop"):
         differentiable.track_differentiable(
-            FODField.from_array(torch.as_tensor(sh), affine),
-            torch.as_tensor(seeds),
-            torch.as_tensor(dirs),
-            params,
+            _field(sh, s2v), torch.as_tensor(seeds), torch.as_tensor(dirs), params
         )
 
 
@@ -324,12 +321,8 @@ def test_differentiable_hard_pass_follows_the_same_rules(case, hard_pass, monkey
 
     monkeypatch.setattr(differentiable, "HARD_PASS", hard_pass)
     sh, s2v, seeds, dirs, params, _ = _inputs(case)
-    affine = np.vstack([np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))[:3], [0, 0, 0, 1]])
     out = differentiable.track_differentiable(
-        FODField.from_array(torch.as_tensor(sh), affine),
-        torch.as_tensor(seeds),
-        torch.as_tensor(dirs),
-        params,
+        _field(sh, s2v), torch.as_tensor(seeds), torch.as_tensor(dirs), params
     )
     ref = _numba(case)
     np.testing.assert_array_equal(out.status.numpy(), ref.status)
