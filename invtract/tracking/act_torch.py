@@ -43,7 +43,7 @@ from .tracker import (
     _ADD_TO_TCK,
     _IncludeState,
     _seed_check,
-    _segment_lengths,
+    check_length_post,
     downsample_track,
     region_checks,
 )
@@ -338,8 +338,9 @@ def crop_at_gmwmi(act: ActField, tck: np.ndarray) -> np.ndarray:
 
 def _rejection(tck, s, reason, seed_in_sgm, to_wm, missed, crop, params):
     """``track_rejected`` with ACT, then ``check_downsampled_length`` (``-downsample`` or
-    ``-crop_at_gmwmi``: downsampled, then the length re-measured; over-long is rejected under
-    ACT). Returns ``(status, tck, seed index)`` after downsampling."""
+    ``-crop_at_gmwmi``: downsampled, then :func:`~invtract.tracking.tracker.check_length_post`
+    with ACT: over-long is rejected). Returns ``(status, tck, seed index)`` after
+    downsampling."""
     n = tck.shape[0]
     if reason != int(Reject.ACCEPTED):
         return reason, tck, s
@@ -354,15 +355,8 @@ def _rejection(tck, s, reason, seed_in_sgm, to_wm, missed, crop, params):
     if not crop and params.downsample <= 1:
         return int(Reject.ACCEPTED), tck, s
     tck, s = downsample_track(tck, s, int(params.downsample))
-    if not (params.min_points_post < tck.shape[0] < params.max_points_post):
-        length = f32(0.0)
-        for seg in _segment_lengths(tck):  # sequential float32 sum, as the C++ loop
-            length = f32(length + seg)
-        if length < params.min_length_mm:
-            return int(Reject.TRACK_TOO_SHORT), tck, s
-        if length > params.max_length_mm:
-            return int(Reject.TRACK_TOO_LONG), tck, s
-    return int(Reject.ACCEPTED), tck, s
+    tck, s, rejected = check_length_post(tck, s, params, act=True)
+    return int(Reject.ACCEPTED if rejected is None else rejected), tck, s
 
 
 def _finish_half(field, act, crop, tck, term, st: _ActState, i: int):

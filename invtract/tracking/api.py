@@ -104,7 +104,7 @@ def track(
     Returns:
         A :class:`TrackingResult`.
     """
-    fod = fod if isinstance(fod, FODField) else as_fod_field(fod)
+    fod = as_fod_field(fod)
     voxel_sizes = fod.header_voxel_sizes
     if act is not None:
         engine = _act_engine(engine)

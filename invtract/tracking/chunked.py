@@ -66,14 +66,16 @@ def accumulate_gradients(
 
     Returns:
         The total loss, detached. Gradients are added to ``.grad`` of the leaves behind
-        the FOD's coefficients (``fod.sh_flat``), ``seeds``, ``init_dirs`` and tensor-valued
+        the FOD's coefficients (``fod.sh_flat``, or the learned rows ``[n, K]`` of a field of
+        :meth:`~invtract.fod.field.FODField.with_rows`), ``seeds``, ``init_dirs`` and tensor-valued
         ``step_mm`` / ``angle_deg`` / ``cutoff`` (as ``total.backward()`` would do): inputs
         that are themselves computed (``fod.with_sh(torch.where(mask, learn, fixed))``) are
         back-propagated through once, at the end.
     """
     fod = as_fod_field(fod)
-    fod = fod.without_rows()  # learned rows (FODField.with_rows): through all coefficients
-    inputs = {"sh": fod.sh_flat, "seeds": seeds, "init_dirs": init_dirs}
+    # the differentiable FOD input: the learned rows of FODField.with_rows, else all coefficients
+    coeffs = fod.sh_flat if fod.learned is None else fod.learned[1]
+    inputs = {"sh": coeffs, "seeds": seeds, "init_dirs": init_dirs}
     inputs.update({k: track_kwargs.pop(k) for k in _PARAMETERS if k in track_kwargs})
     bounds = _chunk_bounds(fod, params, inputs, int(seeds.shape[0]), max_steps)
     # detached stand-ins: each chunk's graph ends at them, so the inputs' own graphs (if any)
@@ -83,7 +85,10 @@ def accumulate_gradients(
         for k, v in inputs.items()
     }
     # the same values: the field's non-zero mask stays valid (no pass over the FOD)
-    local_fod = dataclasses.replace(fod, sh_flat=local["sh"])
+    if fod.learned is None:
+        local_fod = dataclasses.replace(fod, sh_flat=local["sh"])
+    else:  # the rows' gradient alone (no [X*Y*Z, K] copy or gradient)
+        local_fod = dataclasses.replace(fod, learned=(fod.learned[0], local["sh"]))
     wanted = [k for k, v in local.items() if torch.is_tensor(v) and v.requires_grad]
     grads = {k: torch.zeros_like(local[k]) for k in wanted}
     total = torch.zeros((), dtype=torch.float64)

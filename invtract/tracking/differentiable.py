@@ -815,7 +815,7 @@ def track_differentiable(
     """
     if path not in ("efficient", "plain"):
         raise ConfigError(f"unknown path {path!r}; valid: efficient, plain")
-    fod = fod if isinstance(fod, FODField) else as_fod_field(fod)
+    fod = as_fod_field(fod)
     if seeds.ndim != 2 or seeds.shape[-1] != 3 or init_dirs.shape != seeds.shape:
         raise ShapeError(
             f"seeds and init_dirs must be [N, 3], got {tuple(seeds.shape)}, "

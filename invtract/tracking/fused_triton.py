@@ -66,6 +66,7 @@ import torch
 from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
 from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
+from .lengths import segment_lengths, truncate_maxlength
 from .rules import (
     FOV_HALF_VOXEL,
     GMWMI_ACCURACY,
@@ -1524,44 +1525,11 @@ def _roi_arrays(rois: RoiSet | None, dev: torch.device):
     return as_t(ri), as_t(rf), as_t(rmask.astype(np.uint8)), R, counts
 
 
-def _seg_norms(pts: np.ndarray) -> np.ndarray:
-    """``|p_i - p_{i-1}|`` of consecutive rows of ``pts [P, 3]`` (float32, Eigen's order)."""
-    d = pts[1:] - pts[:-1]
-    return np.sqrt(d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]))
-
-
-def _truncate_maxlength(b: np.ndarray, seed: int, max_dist: np.float32) -> tuple[np.ndarray, int]:
-    """Exec::truncate_maxlength on one streamline ``b [n, 3]`` float32 (fused_cpu's iterative
-    form): returns the truncated copy and its seed index."""
-    b = b.copy()
-    while True:
-        seg = _seg_norms(b)
-        acc = np.float32(0.0)
-        index = 1
-        for s in seg:  # sequential float32 sum, as the C++ loop
-            if acc + s > max_dist:
-                break
-            acc = np.float32(acc + s)
-            index += 1
-        if index >= b.shape[0]:
-            return b, seed
-        if seed >= index:
-            b = b[: seed + 1][::-1].copy()
-            seed = 0
-            continue
-        d = b[index] - b[index - 1]
-        sq = d[0] * d[0] + (d[1] * d[1] + d[2] * d[2])
-        if sq > 0:
-            d = d / np.sqrt(sq)
-        b[index] = b[index - 1] + d * np.float32(max_dist - acc)
-        return b[: index + 1], seed
-
-
 def _lengths(pts: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Lengths (mm, float32) of the streamlines of ``counts`` points from rows ``starts`` of
     ``pts [P, 3]``: each a sequential float32 sum of its segment lengths, as the C++ loop
     (``check_downsampled_length``), all streamlines at once."""
-    seg = _seg_norms(pts) if pts.shape[0] > 1 else np.zeros(0, np.float32)
+    seg = segment_lengths(pts) if pts.shape[0] > 1 else np.zeros(0, np.float32)
     length = np.zeros(counts.shape[0], np.float32)
     for k in range(1, int(counts.max()) if counts.size else 0):
         live = counts > k
@@ -1569,27 +1537,37 @@ def _lengths(pts: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndar
     return length
 
 
-def _act_crop_lengths(res: EngineResult, params: ResolvedParameters) -> EngineResult:
-    """``check_downsampled_length`` with ``-crop_at_gmwmi`` (act_cpu ``_act_post``'s last
-    test): outside the point-count bounds ``(min_points_post, max_points_post)`` an accepted
-    streamline's length is measured again; too short is TRACK_TOO_SHORT, too long (under ACT)
-    TRACK_TOO_LONG. ``res`` holds the packed streamlines in tckgen's order."""
+def _check_downsampled_length(
+    res: EngineResult, params: ResolvedParameters, act: bool
+) -> EngineResult:
+    """``check_downsampled_length`` on the accepted streamlines of ``res`` (packed in tckgen's
+    order; fused_cpu ``_track_seed``'s tail, act_cpu ``_act_post``'s last test): outside the
+    point-count bounds ``(min_points_post, max_points_post)`` the length is measured (float32
+    sequential sums, all streamlines at once); shorter than the minimum is TRACK_TOO_SHORT;
+    longer than the maximum is truncated (``truncate_maxlength``, a Python loop over those
+    streamlines only), or, under ACT (``act``), TRACK_TOO_LONG."""
     n = res.lengths.astype(np.int64)
     starts = np.cumsum(n) - n
-    check = (res.status == _ACCEPTED) & ~(
-        (params.min_points_post < n) & (n < params.max_points_post)
-    )
+    check = (res.status == _ACCEPTED) & (n > 0)
+    check &= ~((params.min_points_post < n) & (n < params.max_points_post))
     idx = np.flatnonzero(check)
     length = _lengths(res.points, starts[idx], n[idx])
-    bad = (length < np.float32(params.min_length_mm)) | (length > np.float32(params.max_length_mm))
-    if not bad.any():
-        return res
-    status, lengths, seeds = res.status.copy(), n.copy(), res.seed_index.copy()
     short = idx[length < np.float32(params.min_length_mm)]
     long = idx[length > np.float32(params.max_length_mm)]
-    status[short], status[long] = _TOO_SHORT, _TRACK_TOO_LONG
-    lengths[idx[bad]], seeds[idx[bad]] = 0, -1
+    if not short.size and not long.size:
+        return res
+    status, lengths, seeds = res.status.copy(), n.copy(), res.seed_index.copy()
+    status[short], lengths[short], seeds[short] = _TOO_SHORT, 0, -1
+    if act:
+        status[long], lengths[long], seeds[long] = _TRACK_TOO_LONG, 0, -1
     pts = res.points[np.repeat(lengths > 0, n)]
+    if long.size and not act:  # truncate_maxlength, one streamline at a time
+        lines = np.split(res.points, starts[1:])
+        for i in long:
+            lines[i], seeds[i] = truncate_maxlength(lines[i], int(seeds[i]), params.max_length_mm)
+            lengths[i] = lines[i].shape[0]
+        pts = np.concatenate([b for b, n_i in zip(lines, lengths) if n_i], 0)
+    pts = pts if pts.size else np.zeros((0, 3), np.float32)
     return EngineResult(pts, lengths, seeds, status, res.term, res.init_dir, res.counts)
 
 
@@ -1614,15 +1592,10 @@ def _act_inputs(act: ActImage | None, dev: torch.device):
     return as_t(tt), as_t(tnz), as_t(mt), X, Y, Z, int(crop)
 
 
-def _downsample(
-    res: EngineResult, params: ResolvedParameters, length_check: bool = True
-) -> EngineResult:
-    """Exec's Downsampler and ``check_downsampled_length`` on the accepted streamlines of
-    ``res`` (fused_cpu ``_track_seed``'s tail, float32 throughout): keep the first point,
-    every ``R``-th point in phase with the seed and the last; then, outside the point-count
-    bounds ``(min_points_post, max_points_post)``, reject a streamline shorter than the minimum
-    length and truncate one longer than the maximum. ``length_check=False`` (ACT, whose check
-    rejects instead: :func:`_act_crop_lengths`) only downsamples."""
+def _downsample(res: EngineResult, params: ResolvedParameters) -> EngineResult:
+    """Exec's Downsampler on the accepted streamlines of ``res`` (fused_cpu ``_track_seed``'s
+    tail, float32): keep the first point, every ``R``-th point in phase with the seed and the
+    last (the length check follows: :func:`_check_downsampled_length`)."""
     R = int(params.downsample)
     n = res.lengths.astype(np.int64)
     seed = res.seed_index.astype(np.int64)
@@ -1638,33 +1611,7 @@ def _downsample(
     src = np.where(k == new_n[rows] - 1, n[rows] - 1, src)
     src = np.where(do[rows], src, k)
     pts = res.points[starts[rows] + src]
-    if not length_check:
-        seeds = np.where(new_n > 0, new_seed, res.seed_index)
-        return EngineResult(pts, new_n, seeds, res.status, res.term, res.init_dir, res.counts)
-    new_starts = np.cumsum(new_n) - new_n
-    # check_downsampled_length outside (min_points_post, max_points_post): sequential float32
-    # sums of the segment lengths, all streamlines at once
-    check = (new_n > 0) & ~((params.min_points_post < new_n) & (new_n < params.max_points_post))
-    idx = np.flatnonzero(check)
-    length = _lengths(pts, new_starts[idx], new_n[idx])
-    status = res.status.copy()
-    lengths, seeds = new_n.copy(), new_seed.copy()
-    short = idx[length < np.float32(params.min_length_mm)]
-    status[short], lengths[short], seeds[short] = _TOO_SHORT, 0, -1
-    long = idx[length > np.float32(params.max_length_mm)]
-    keep = np.repeat(lengths > 0, new_n)
-    if long.size:  # truncate_maxlength, one streamline at a time (only those too long)
-        lines = np.split(pts, new_starts[1:])
-        for i in long:
-            lines[i], seeds[i] = _truncate_maxlength(
-                lines[i], int(seeds[i]), np.float32(params.max_length_mm)
-            )
-            lengths[i] = lines[i].shape[0]
-        pts = np.concatenate([b for b, n_i in zip(lines, lengths) if n_i], 0)
-    else:
-        pts = pts[keep]
-    pts = pts if pts.size else np.zeros((0, 3), np.float32)
-    return EngineResult(pts, lengths, seeds, status, res.term, res.init_dir, res.counts)
+    return EngineResult(pts, new_n, new_seed, res.status, res.term, res.init_dir, res.counts)
 
 
 def _device() -> torch.device:
@@ -1835,7 +1782,7 @@ def track_fused_triton(
             )
     out = concat_results(parts, seconds=time.perf_counter() - t0)
     if int(params.downsample) > 1:
-        out = _downsample(out, params, length_check=act is None)
-    if act is not None and (act.crop_at_gmwmi or int(params.downsample) > 1):
-        out = _act_crop_lengths(out, params)
+        out = _downsample(out, params)
+    if int(params.downsample) > 1 or (act is not None and act.crop_at_gmwmi):
+        out = _check_downsampled_length(out, params, act=act is not None)
     return out

@@ -19,6 +19,7 @@ from ..fod.field import FODField
 from ..fod.peak_grad import refine_peak
 from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
+from .lengths import track_length, truncate_maxlength
 from .propagator import normalise_eigen, sd_stream_step
 from .rois import any_contains, roi_contains
 from .rules import seed_usable, track_rejection
@@ -208,57 +209,31 @@ def downsample_track(points: np.ndarray, seed_index: int, ratio: int) -> tuple[n
     return points[keep], new_seed
 
 
-def _segment_lengths(points: np.ndarray) -> np.ndarray:
-    """``[n - 1]`` float32 |p_i - p_{i-1}|, summed as x² + (y² + z²) (MRtrix's float order)."""
-    d = np.diff(points.astype(np.float32), axis=0)
-    return np.sqrt(d[:, 0] * d[:, 0] + (d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]))
-
-
-def _cut_index(seg: np.ndarray, lmax: float) -> tuple[int, np.float32]:
-    """First vertex index whose segment would take the float32 running length past ``lmax``
-    (``len(seg) + 1`` if none), and the length up to the vertex before it."""
-    total = np.float32(0.0)
-    for i, s in enumerate(seg, start=1):
-        if total + s > np.float32(lmax):
-            return i, total
-        total = np.float32(total + s)
-    return len(seg) + 1, total
-
-
-def check_length_post(points: np.ndarray, seed_index: int, params: ResolvedParameters):
+def check_length_post(
+    points: np.ndarray, seed_index: int, params: ResolvedParameters, act: bool = False
+):
     """Length rule after downsampling (spec §5.4): ``(points, seed_index, reject_or_None)``.
 
-    Convention: ``Exec::check_length`` / ``truncate_maxlength``: a track longer than maxlength
-    is cut where its length from the first vertex reaches maxlength; if that would drop the
-    seed, the part up to the seed is reversed (the seed becomes vertex 0) and cut instead.
+    Convention: ``Exec::check_downsampled_length`` / ``truncate_maxlength``: outside the
+    point-count bounds ``(min_points_post, max_points_post)`` the float32 length is measured; a
+    track shorter than minlength is rejected; one longer than maxlength is cut where its length
+    from the first vertex reaches maxlength; if that would drop the seed, the part up to the
+    seed is reversed (the seed becomes vertex 0) and cut instead. With ``act`` (ACT) a track
+    longer than maxlength is rejected (TRACK_TOO_LONG) instead.
     """
     n = points.shape[0]
     if params.min_points_post < n < params.max_points_post:
         return points, seed_index, None
     pts = points.astype(np.float32)
-    seg = _segment_lengths(pts)
-    length = np.float32(0.0)
-    for s_k in seg:  # sequential float32 sum, as MRtrix
-        length = np.float32(length + s_k)
+    length = track_length(pts)
     if length < params.min_length_mm:
         return points, seed_index, Reject.TRACK_TOO_SHORT
+    if act:
+        too_long = length > params.max_length_mm
+        return points, seed_index, (Reject.TRACK_TOO_LONG if too_long else None)
     if length <= params.max_length_mm:
         return points, seed_index, None
-    s = seed_index
-    cut, done = _cut_index(seg, params.max_length_mm)
-    if cut <= s:
-        pts, s = pts[: s + 1][::-1].copy(), 0
-        seg = _segment_lengths(pts)
-        cut, done = _cut_index(seg, params.max_length_mm)
-    if cut >= pts.shape[0]:
-        return pts, s, None
-    out = pts[: cut + 1].copy()
-    d = out[cut] - out[cut - 1]
-    sq = d[0] * d[0] + (d[1] * d[1] + d[2] * d[2])
-    if sq > 0:
-        d = d / np.sqrt(sq)
-    out[cut] = out[cut - 1] + d * (np.float32(params.max_length_mm) - done)
-    return out, s, None
+    return (*truncate_maxlength(pts, seed_index, params.max_length_mm), None)
 
 
 def _seed_check(field: FODField, seeds: torch.Tensor, rois: RoiSet):

@@ -104,6 +104,7 @@ def _split(res: EngineResult) -> list[np.ndarray]:
 
 
 def _field(sh, s2v):
+    """The float32 :class:`FODField` of ``sh [X, Y, Z, K]`` on the grid of ``s2v [3, 4]``."""
     affine = np.vstack([np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))[:3], [0, 0, 0, 1]])
     return FODField.from_array(sh, affine)
 
@@ -304,13 +305,9 @@ def test_differentiable_tracker_refuses_what_it_does_not_cover(case):
     from invtract.tracking import differentiable
 
     sh, s2v, seeds, dirs, params, _ = _inputs(case)
-    affine = np.vstack([np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))[:3], [0, 0, 0, 1]])
     with pytest.raises(ConfigError, match="rk4, -downsample or -stop"):
         differentiable.track_differentiable(
-            FODField.from_array(torch.as_tensor(sh), affine),
-            torch.as_tensor(seeds),
-            torch.as_tensor(dirs),
-            params,
+            _field(sh, s2v), torch.as_tensor(seeds), torch.as_tensor(dirs), params
         )
 
 
@@ -324,12 +321,8 @@ def test_differentiable_hard_pass_follows_the_same_rules(case, hard_pass, monkey
 
     monkeypatch.setattr(differentiable, "HARD_PASS", hard_pass)
     sh, s2v, seeds, dirs, params, _ = _inputs(case)
-    affine = np.vstack([np.linalg.inv(np.vstack([s2v, [0, 0, 0, 1]]))[:3], [0, 0, 0, 1]])
     out = differentiable.track_differentiable(
-        FODField.from_array(torch.as_tensor(sh), affine),
-        torch.as_tensor(seeds),
-        torch.as_tensor(dirs),
-        params,
+        _field(sh, s2v), torch.as_tensor(seeds), torch.as_tensor(dirs), params
     )
     ref = _numba(case)
     np.testing.assert_array_equal(out.status.numpy(), ref.status)
@@ -347,15 +340,16 @@ def test_differentiable_hard_pass_follows_the_same_rules(case, hard_pass, monkey
 def test_triton_downsampling_pass_is_numba_bit_for_bit(unidirectional, monkeypatch):
     """The Triton engine's downsampling (on the host after the kernel) on many streamlines,
     without the interpreter: numba's raw streamlines (downsample 1, the same ``max_points``)
-    through ``fused_triton._downsample`` equal numba's downsampled ones, truncations at the
-    maximum length (and, both ways, the reversal of ``truncate_maxlength``) included."""
+    through ``fused_triton._downsample`` and ``_check_downsampled_length`` equal numba's
+    downsampled ones, truncations at the maximum length (and, both ways, the reversal of
+    ``truncate_maxlength``) included."""
     pytest.importorskip("triton", reason="triton is not installed")
     import dataclasses
 
     from invtract.tracking import fused_triton
 
     calls = {"truncated": 0, "reversed": 0}
-    truncate = fused_triton._truncate_maxlength
+    truncate = fused_triton.truncate_maxlength
 
     def counted(b, seed, max_dist):
         out, new_seed = truncate(b, seed, max_dist)
@@ -363,7 +357,7 @@ def test_triton_downsampling_pass_is_numba_bit_for_bit(unidirectional, monkeypat
         calls["reversed"] += new_seed != seed
         return out, new_seed
 
-    monkeypatch.setattr(fused_triton, "_truncate_maxlength", counted)
+    monkeypatch.setattr(fused_triton, "truncate_maxlength", counted)
     sh, s2v, _, _, _, _ = _inputs("default")
     rng = np.random.default_rng(3)
     lo, hi = np.float32(fixtures.OFFSET), np.float32(fixtures.OFFSET) + fixtures.SHAPE
@@ -378,7 +372,9 @@ def test_triton_downsampling_pass_is_numba_bit_for_bit(unidirectional, monkeypat
             sh, s2v, seeds, dirs, dataclasses.replace(params, downsample=1)
         )
         ref = fused_cpu.track_fused_cpu(sh, s2v, seeds, dirs, params)
-        ours = fused_triton._downsample(raw, params)
+        ours = fused_triton._check_downsampled_length(
+            fused_triton._downsample(raw, params), params, act=False
+        )
         _same_decisions(ours, ref)
         assert np.array_equal(ours.points, ref.points)
         assert ref.accepted.sum() > 50

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from phantoms import bending_fibre_fod as _phantom
+from phantoms import gradcheck_case, gradcheck_fod_seed_step
 
 from invtract.fod.field import FODField
 from invtract.params import TrackingParameters
@@ -173,31 +174,9 @@ def test_finite_differences_phantom():
 
 
 def test_gradcheck_k_steps_phantom():
-    sh, affine = _phantom((4, 4, 4))
-    dirs = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
-    params = TrackingParameters(step_mm=0.5, min_length_mm=0.5, max_length_mm=3.1).resolve(
-        (2.0, 2.0, 2.0)
-    )
-    mask = torch.zeros(sh.shape[:3], dtype=torch.bool)
-    mask[1:3, 1:3, 1:3] = True  # learnable subset of voxels
-
-    def f(learn, seed, h):
-        full = torch.where(mask[..., None], learn, sh)
-        r = track_differentiable(
-            FODField.from_array(full, affine),
-            seed,
-            dirs,
-            params,
-            step_mm=h,
-            refine=4,
-            temperature=0.2,
-        )
-        return r.points[r.mask], r.weights[r.mask]
-
-    learn = sh.clone().requires_grad_(True)
-    seed = torch.tensor([[0.37, 0.21, -0.4]], dtype=torch.float64, requires_grad=True)
-    h = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(f, (learn, seed, h), eps=1e-6, atol=1e-6, fast_mode=True)
+    sh, affine, seed, dirs, params, mask = gradcheck_case()  # mask: learnable subset of voxels
+    case = (sh, affine, seed, dirs, params.resolve((2.0, 2.0, 2.0)), mask)
+    assert gradcheck_fod_seed_step(case)
 
 
 def test_no_nan_at_discontinuities():

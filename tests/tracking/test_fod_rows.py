@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from phantoms import bending_fibre_fod as _phantom
+from phantoms import gradcheck_case
 
 from invtract.fod.field import FODField
 from invtract.params import TrackingParameters
@@ -107,15 +108,9 @@ def test_rows_plain_path_equals_efficient_path_float64():
 
 
 def test_gradcheck_rows_efficient_path():
-    sh, affine = _phantom((4, 4, 4))
-    dirs = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
-    params = TrackingParameters(step_mm=0.5, min_length_mm=0.5, max_length_mm=3.1).resolve(
-        (2.0, 2.0, 2.0)
-    )
-    mask = torch.zeros(sh.shape[:3], dtype=torch.bool)
-    mask[1:3, 1:3, 1:3] = True
+    sh, affine, seed, dirs, params, mask = gradcheck_case()
+    params = params.resolve((2.0, 2.0, 2.0))
     voxels = torch.nonzero(mask.reshape(-1)).flatten()
-    seed = torch.tensor([[0.37, 0.21, -0.4]], dtype=torch.float64)
 
     def f(rows):
         # a fresh buffer per call: the rows are written into it in place

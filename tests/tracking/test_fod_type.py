@@ -10,7 +10,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from phantoms import bending_fibre_fod
+from phantoms import bending_fibre_fod, gradcheck_case
 
 import invtract
 from invtract.errors import ShapeError
@@ -99,14 +99,9 @@ def test_image_and_field_track_alike():
 
 
 def test_gradients_reach_learnable_coefficients_through_the_field():
-    sh, affine = bending_fibre_fod((4, 4, 4))  # float64
+    sh, affine, seed, dirs, params, mask = gradcheck_case()  # float64
     base = FODField.from_array(sh, affine)
     assert base.dtype == torch.float64
-    dirs = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
-    params = TrackingParameters(step_mm=0.5, min_length_mm=0.5, max_length_mm=3.1)
-    mask = torch.zeros(sh.shape[:3], dtype=torch.bool)
-    mask[1:3, 1:3, 1:3] = True
-    seed = torch.tensor([[0.37, 0.21, -0.4]], dtype=torch.float64)
 
     def f(learn):
         fod = base.with_sh(torch.where(mask[..., None], learn, sh))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from phantoms import bending_fibre_fod
+from phantoms import bending_fibre_fod, gradcheck_case, gradcheck_fod_seed_step
 
 from invtract.errors import ConfigError
 from invtract.fod.field import FODField
@@ -160,33 +160,14 @@ def test_float64_and_refine_record_through_the_torch_engine():
 def test_unidirectional_refine_gradcheck():
     """float64, ``-seed_unidirectional`` and ``refine``: the torch-engine tape turned round
     (seed first), and the efficient path's gradients pass gradcheck."""
-    sh, affine = bending_fibre_fod((4, 4, 4))
-    dirs = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
-    params = TrackingParameters(
-        step_mm=0.5, min_length_mm=0.5, max_length_mm=3.1, unidirectional=True
-    ).resolve((2.0, 2.0, 2.0))
-    mask = torch.zeros(sh.shape[:3], dtype=torch.bool)
-    mask[1:3, 1:3, 1:3] = True
+    sh, affine, seed, dirs, params, mask = gradcheck_case(unidirectional=True)
+    case = (sh, affine, seed, dirs, params.resolve((2.0, 2.0, 2.0)), mask)
 
-    def f(learn, seed, h):
-        full = torch.where(mask[..., None], learn, sh)
-        r = track_differentiable(
-            FODField.from_array(full, affine),
-            seed,
-            dirs,
-            params,
-            step_mm=h,
-            refine=4,
-            temperature=0.2,
-        )
+    def seed_first(r, seed):
         assert (r.seed_index == 0).all() and int(r.lengths[0]) > 3
         assert torch.equal(r.points[0, 0], seed[0].detach())
-        return r.points[r.mask], r.weights[r.mask]
 
-    learn = sh.clone().requires_grad_(True)
-    seed = torch.tensor([[0.37, 0.21, -0.4]], dtype=torch.float64, requires_grad=True)
-    h = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(f, (learn, seed, h), eps=1e-6, atol=1e-6, fast_mode=True)
+    assert gradcheck_fod_seed_step(case, check=seed_first)
 
 
 def test_the_hard_pass_is_an_engine_and_differentiable_has_no_tracker(monkeypatch):

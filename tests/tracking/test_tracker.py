@@ -245,3 +245,23 @@ def test_torch_engine_agrees_with_fused_engine(options):
     assert len(ours) == len(fused) > 100
     assert np.array_equal(runs[0].seed_index, runs[1].seed_index)
     assert all(a.shape == b.shape and np.abs(a - b).max() < 1e-3 for a, b in zip(ours, fused))
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_length_check_after_downsampling_truncates_or_rejects_with_act(act):
+    """``check_downsampled_length``: outside the point-count bounds the float32 length decides;
+    over maxlength the track is truncated to exactly maxlength, or rejected under ACT."""
+    from invtract.tracking.tracker import check_length_post
+
+    params = TrackingParameters(
+        step_mm=1.0, min_length_mm=2.0, max_length_mm=4.5, downsample=2
+    ).resolve((2.0, 2.0, 2.0))
+    line = np.stack([np.zeros(8), np.zeros(8), np.arange(8.0)], -1).astype(np.float32)
+    pts, s, rej = check_length_post(line[::2], 1, params, act=act)  # 0, 2, 4, 6 mm
+    if act:
+        assert rej == Reject.TRACK_TOO_LONG and pts is not None
+    else:
+        assert rej is None and s == 1 and pts.shape[0] == 4
+        assert float(np.linalg.norm(np.diff(pts, axis=0), axis=1).sum()) == pytest.approx(4.5)
+    _, _, rej = check_length_post(line[:2], 0, params, act=act)  # 1 mm: too short either way
+    assert rej == Reject.TRACK_TOO_SHORT
