@@ -256,9 +256,7 @@ class BundleProblem(Problem):
         terms, n_missing, res, fod = self._data_terms(
             sub, it, vals, len(batch), True, world, self._target_feats(self.train, mine)
         )
-        # extra terms read the whole FOD (a new tensor, differentiable in the learned change)
-        sh = self.state.sh() if self.extra_terms else None
-        ctx = {"iteration": it, "values": vals, "sh": sh, "result": res, "world": world}
+        ctx = {"iteration": it, "values": vals, "result": res, "world": world}
         terms.update(self._param_terms(batch, res, mine, vals, world, fod.detach()))
         terms.update(self._extra(ctx))
         w = self.cfg.loss.weights
