@@ -289,9 +289,8 @@ class BundleProblem(Problem):
         active = self.cfg.loss.active(TERMS + ("anchor",))
         if "centre" in active:
             tracked = torch.zeros(len(batch), dtype=torch.float64)
-            pos = {int(b): i for i, b in enumerate(batch)}
-            for sid in res.seed_ids.cpu().tolist():
-                tracked[pos[int(mine[sid])]] = 1.0
+            at = np.searchsorted(batch, mine[res.seed_ids.cpu().numpy()])  # batch is sorted
+            tracked[torch.as_tensor(at, dtype=torch.long)] = 1.0
             world.all_reduce_([tracked])
             if world.is_main:
                 ids = torch.as_tensor(np.flatnonzero(tracked.numpy() > 0))
