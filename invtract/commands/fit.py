@@ -468,25 +468,24 @@ _PRINTED = (
 )
 
 
-def _hard_score(field, params, pos, dirs, target, index) -> tuple[float, object]:
-    """Paired MDF (mm, 20 points) of hard tracking from the seeds ``index``."""
+def _split_mdf(res, target, pos, index) -> float:
+    """Paired MDF (mm, 20 points) of the seeds ``index`` (sorted) in ``res``, a hard tracking
+    of every seed (a seed's streamline does not depend on the other seeds: one tracking
+    scores every split)."""
+    import numpy as np
     import torch
 
     from ..fit.scoring import ScoreConfig, score_tracking
-    from ..tracking.api import Seeding, track
 
     if len(index) == 0:
-        return math.nan, None
+        return math.nan
+    index = np.asarray(index, np.int64)
+    ids = np.asarray(res.seed_ids, np.int64)
+    keep = np.flatnonzero(np.isin(ids, index))
+    tracked = res.streamlines.select(torch.as_tensor(keep))
     sub = target.select(torch.as_tensor(index))
-    with torch.no_grad():
-        res = track(
-            field,
-            Seeding("list", positions=pos[index], directions=dirs[index]),
-            params,
-            rng_seed=0,
-        )
-    sc = score_tracking(res.streamlines, res.seed_ids, sub, pos[index], ScoreConfig())
-    return float(sc.loss), res
+    sc = score_tracking(tracked, np.searchsorted(index, ids[keep]), sub, pos[index], ScoreConfig())
+    return float(sc.loss)
 
 
 def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg, signal=None) -> dict:
@@ -494,7 +493,7 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg, si
     the ``--dwi`` term: its residuals in result.json's ``signal``)."""
 
     from ..fit.optimise import fod_field
-    from ..fit.outputs import save_fitted_tck
+    from ..fit.outputs import track_fitted, write_fitted_tck
     from ..io.image import save_nifti
 
     run_dir = Path(run_dir)
@@ -507,16 +506,14 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg, si
         vox = result.learned_voxels
         fitted_rows = result.sh.reshape(-1, result.sh.shape[-1])[vox].clone()
         field = _rows_written(field, vox, result.start_rows)
-    start_h, _ = _hard_score(field, params0, pos, dirs, target, ho)
-    start_t, _ = _hard_score(field, params0, pos, dirs, target, tr)
+    res = track_fitted(field, params0, pos, dirs)  # every seed once per FOD and parameters
+    start_h, start_t = (_split_mdf(res, target, pos, i) for i in (ho, tr))
     start_rms = _signal_rms(signal, field, result) if learned else None
     if learned:
         field = _rows_written(field, vox, fitted_rows)
-    final_h, _ = _hard_score(field, p1, pos, dirs, target, ho)
-    final_t, _ = _hard_score(field, p1, pos, dirs, target, tr)
-    res = save_fitted_tck(
-        run_dir / "fitted.tck", field, p1, pos, dirs, source=getattr(img, "path", None)
-    )
+    res = track_fitted(field, p1, pos, dirs)
+    final_h, final_t = (_split_mdf(res, target, pos, i) for i in (ho, tr))
+    write_fitted_tck(run_dir / "fitted.tck", res, source=getattr(img, "path", None))
     if learned:
         fitted = field.sh_flat.reshape(result.sh.shape).numpy()
         save_nifti(run_dir / "fitted_fod.nii.gz", fitted, img.affine, like=img.path)

@@ -255,9 +255,7 @@ class BundleProblem(Problem):
         terms, n_missing, res, fod = self._data_terms(
             sub, it, vals, len(batch), True, world, self._target_feats(self.train, mine)
         )
-        # extra terms read the whole FOD (a new tensor, differentiable in the learned change)
-        sh = self.state.sh() if self.extra_terms else None
-        ctx = {"iteration": it, "values": vals, "sh": sh, "result": res, "world": world}
+        ctx = {"iteration": it, "values": vals, "result": res, "world": world}
         terms.update(self._param_terms(batch, res, mine, vals, world, fod.detach()))
         terms.update(self._extra(ctx))
         w = self.cfg.loss.weights
@@ -290,9 +288,8 @@ class BundleProblem(Problem):
         active = self.cfg.loss.active(TERMS + ("anchor",))
         if "centre" in active:
             tracked = torch.zeros(len(batch), dtype=torch.float64)
-            pos = {int(b): i for i, b in enumerate(batch)}
-            for sid in res.seed_ids.cpu().tolist():
-                tracked[pos[int(mine[sid])]] = 1.0
+            at = np.searchsorted(batch, mine[res.seed_ids.cpu().numpy()])  # batch is sorted
+            tracked[torch.as_tensor(at, dtype=torch.long)] = 1.0
             world.all_reduce_([tracked])
             if world.is_main:
                 ids = torch.as_tensor(np.flatnonzero(tracked.numpy() > 0))

@@ -770,9 +770,10 @@ class ConnectomeProblem(Problem):
             terms = {"connectome": data}
             st = self.state
             if grad and st.delta is not None and world.is_main:
-                sh_l = st.sh0_flat[st.voxels] + st.delta
                 terms.update(
-                    fod_priors(sh_l, st.delta, st.voxels, st.shape[:3], self.prior_cfg, self.basis)
+                    fod_priors(
+                        st.rows(), st.delta, st.voxels, st.shape[:3], self.prior_cfg, self.basis
+                    )
                 )
             total = sum(self.weights.get(k, 0.0) * v for k, v in terms.items())
         return total, terms, pred, res, (ta, tdeg)
@@ -810,8 +811,7 @@ class ConnectomeProblem(Problem):
         pos, dirs = self.seed_set(it) if resample else (self.eval_pos, self.eval_dirs)
         pos, dirs = _shard(pos, dirs, world)
         total, terms, pred, res, (ta, tdeg) = self._loss(it, pos, dirs, grad=True, world=world)
-        ctx = {"iteration": it, "values": self.state.values(), "sh": self.state.sh(),
-               "result": res, "world": world}  # fmt: skip
+        ctx = {"iteration": it, "values": self.state.values(), "result": res, "world": world}
         extra = self._extra(ctx)
         total = total + sum(extra.values())
         terms.update(extra)

@@ -501,10 +501,6 @@ def build_problem(cfg: FitConfig, fod, target: Streamlines, params: TrackingPara
 
     if len(target) == 0:
         raise ConfigError("the target bundle has no streamlines")
-    field = fod_field(fod)
-    dev = torch.device(cfg.device)
-    if "sh" in cfg.learn and not fod_in_place:  # it writes the learned rows into its own
-        field = _owned(field.to(dev), fod)
     if seeding is not None:
         pos = np.asarray(seeding.positions, np.float32)
         dirs = seeding.directions
@@ -513,14 +509,15 @@ def build_problem(cfg: FitConfig, fod, target: Streamlines, params: TrackingPara
         pos, dirs = midpoint_seeds(target)
     paired = PairedTarget.build(target, pos, dirs)
     train_idx, held_idx = split_indices(len(paired), cfg.heldout_fraction, cfg.seed)
+    field = fod_field(fod, cfg.device)  # on the fit's device, once
+    if "sh" in cfg.learn and not fod_in_place:  # it writes the learned rows into its own
+        field = _owned(field, fod)
     voxels = None
     if "sh" in cfg.learn:
         voxels = learned_voxels(field, paired.subset(train_idx).streamlines, cfg.margin_vox)
-        voxels = voxels.to(dev)
+        voxels = voxels.to(field.device)
     resolved = params.resolve(field.header_voxel_sizes)
-    return BundleProblem(
-        cfg, field.to(dev), resolved, paired, train_idx, held_idx, voxels, signal
-    )  # fmt: skip
+    return BundleProblem(cfg, field, resolved, paired, train_idx, held_idx, voxels, signal)
 
 
 def fit(

@@ -1,7 +1,8 @@
 """What a finished fit writes besides its logs: ``fitted.tck`` with tckgen's header keys.
 
 :func:`save_fitted_tck` is the Python API's way to write a fit's tractogram (the command
-calls it too): the streamlines hard-tracked from every target seed with the selected
+tracks with :func:`track_fitted`, scores that tracking and writes it with
+:func:`write_fitted_tck`): the streamlines hard-tracked from every target seed with the selected
 parameters, and the header tckgen would write for them (``step_size``, ``max_angle``,
 ``threshold``, ``min_dist``, ``max_dist``, ... via
 :meth:`~invtract.params.ResolvedParameters.header`).
@@ -16,7 +17,7 @@ import torch
 
 from ..params import TrackingParameters
 
-__all__ = ["track_fitted", "save_fitted_tck"]
+__all__ = ["track_fitted", "write_fitted_tck", "save_fitted_tck"]
 
 
 def track_fitted(field, params: TrackingParameters, positions, directions):
@@ -50,12 +51,18 @@ def save_fitted_tck(
     Returns:
         The tracking result (its ``streamlines`` are what was written).
     """
+    res = track_fitted(field, params, positions, directions)
+    write_fitted_tck(path, res, source=source)
+    return res
+
+
+def write_fitted_tck(path: str | os.PathLike, res, *, source: str | None = None) -> None:
+    """Write ``path`` (.tck): the streamlines of the hard tracking ``res`` (:func:`track_fitted`)
+    with tckgen's header keys for its parameters (``source``: the FOD file, optional)."""
     from ..io.tractogram import save_tractogram
 
-    res = track_fitted(field, params, positions, directions)
     header = dict(getattr(res, "header", {}) or {})
     header.update(res.params.header())
     if source:
         header["source"] = str(source)
     save_tractogram(path, res.streamlines, header=header, overwrite=True)
-    return res

@@ -167,9 +167,12 @@ class Problem:
         self.extra_terms[name] = (float(weight), fn)
 
     def _extra(self, context: dict) -> dict:
+        """The :meth:`add_term` terms of ``context`` (rank 0 only), which gets ``sh`` here: the
+        whole current FOD, a new tensor when ``sh`` is learned, made only for such terms."""
         world = context.get("world", SINGLE)
-        if not world.is_main:
+        if not world.is_main or not self.extra_terms:
             return {}
+        context = {**context, "sh": self.state.sh()}
         return {k: w * fn(context) for k, (w, fn) in self.extra_terms.items()}
 
     def check(self, world: World) -> None:

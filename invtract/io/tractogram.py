@@ -25,7 +25,7 @@ from ..arrays import to_numpy
 from ..errors import FormatError, InvtractError
 from .image import Image
 from .mif import atomic_output
-from .tck_header import TRACTOGRAM_SUFFIXES
+from .tck_header import _TCK_MAGIC, TRACTOGRAM_SUFFIXES
 from .tck_header import check_readable as _check_readable
 from .tck_header import read_tck_header as _read_tck_header
 from .tck_header import tractogram_suffix as _suffix
@@ -221,7 +221,7 @@ _NOT_WRITTEN = {_MAGIC, _COUNT, "endianness", "voxel_to_rasmm"}
 
 def _empty_tck_header() -> dict:
     """The header nibabel's ``_empty_tck_header()`` returns."""
-    return {_MAGIC: b"mrtrix tracks", _COUNT: 0, "datatype": "Float32LE"}
+    return {_MAGIC: _TCK_MAGIC, _COUNT: 0, "datatype": "Float32LE"}
 
 
 def _write_tck_header(fileobj, header: dict) -> None:

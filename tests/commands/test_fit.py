@@ -370,3 +370,27 @@ def test_fit_pairs_a_trx_target_through_its_seed_index(tmp_path):
     # the seed is a vertex of its streamline
     for s, p in zip(data["target"], np.asarray(data["pos"])):
         assert np.min(np.linalg.norm(np.asarray(s) - p, axis=1)) < 1e-4
+
+
+def test_split_scores_from_one_tracking_equal_tracking_each_split():
+    """finish_run tracks every seed once and scores the train / held-out splits from it: the
+    same paired MDF as tracking each split's seeds alone (a seed's streamline does not depend
+    on the other seeds), including seeds that track nothing."""
+    from invtract.commands.fit import _split_mdf
+    from invtract.fit.outputs import track_fitted
+    from invtract.fit.scoring import ScoreConfig, score_tracking
+    from invtract.io.seeds import midpoint_seeds
+    from invtract.params import TrackingParameters
+
+    target = load_tractogram(example_path("target"))
+    pos, dirs = midpoint_seeds(target)
+    fod = load_fod(example_path("fod"))
+    params = TrackingParameters(step_mm=0.5, cutoff=0.9)  # most seeds fail: missing pairs
+    every = track_fitted(fod, params, pos, dirs)
+    assert 0 < len(every.streamlines) < len(target)  # the missing-seed penalty is exercised
+    for index in (np.arange(0, len(target), 3), np.array([1, 2, 40, 95])):
+        alone = track_fitted(fod, params, pos[index], dirs[index])
+        sub = target.select(torch.as_tensor(index))
+        want = score_tracking(alone.streamlines, alone.seed_ids, sub, pos[index], ScoreConfig())
+        assert _split_mdf(every, target, pos, index) == float(want.loss)
+    assert math.isnan(_split_mdf(every, target, pos, np.array([], np.int64)))

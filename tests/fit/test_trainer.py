@@ -125,6 +125,18 @@ def test_extra_loss_term_enters_the_loss_and_the_log():
     assert SINGLE.is_main
 
 
+def test_extra_terms_get_the_whole_fod_made_only_for_them(monkeypatch):
+    """An add_term term reads ``sh`` (the current [X, Y, Z, K] coefficients) from its context;
+    without such terms the whole FOD is never built (a copy per step when ``sh`` is learned)."""
+    p = VProblem()
+    monkeypatch.setattr(p.state, "sh", lambda: pytest.fail("sh built with no extra term"))
+    Trainer(_settings(iterations=2)).fit(p)
+    p = VProblem()
+    p.add_term("fod_sum", lambda ctx: ctx["sh"].sum() + float(ctx["sh"].shape == (2, 2, 2, 1)))
+    rec = Trainer(_settings(iterations=2)).fit(p).history[0]
+    assert rec["loss/fod_sum"] == 1.0  # zero coefficients, the state's grid shape
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
