@@ -180,7 +180,9 @@ class FODField:
     def to(self, device=None, dtype: torch.dtype | None = None) -> FODField:
         """The field on ``device`` with coefficients of ``dtype`` (``self`` when both already
         are; otherwise one copy of the coefficients, differentiable)."""
-        dev = self.device if device is None else torch.device(device)
+        # a concrete device ("cuda" -> "cuda:N", the current one), so that "cuda" and "cuda:0"
+        # compare equal instead of costing a copy of the grid
+        dev = self.device if device is None else torch.empty(0, device=device).device
         dt = self.dtype if dtype is None else dtype
         if dev == self.device and dt == self.dtype:
             return self
