@@ -7,6 +7,7 @@ hard with the default parameters and compared pair by pair with their targets: t
 the target's (mm; + runs past the target, - stops short).
 
     python benchmarks/fod_fit_pairs.py --work runs/fod_fit --case B20 [--train] [--worst 10]
+        [--fod NAME=PATH ...]
 
 Needs a finished ``fod_fit.py --methods fod+signal --cases CASE --work WORK`` run.
 """
@@ -69,6 +70,9 @@ def main() -> int:
     p.add_argument("--case", required=True, help="e.g. B20 (real_msmt15 cases only)")
     p.add_argument("--train", action="store_true", help="the training seeds instead")
     p.add_argument("--worst", type=int, default=10, help="pairs listed (largest MDF)")
+    p.add_argument(
+        "--fod", action="append", default=[], metavar="NAME=PATH", help="another FOD to compare"
+    )
     args = p.parse_args()
     work, region, n = Path(args.work), args.case.rstrip("0123456789"), args.case[1:]
     tck = work / f"target_{region}.tck"
@@ -82,6 +86,7 @@ def main() -> int:
         "start": work / f"real_fod{n}.nii.gz",
         "final": work / f"run_{args.case}_fod+signal" / "fitted_fod.nii.gz",
     }
+    fods.update(dict(kv.split("=", 1) for kv in args.fod))
     out: dict = {"case": args.case, "split": "train" if args.train else "heldout"}
     rows = {}
     for name, path in fods.items():
@@ -95,7 +100,7 @@ def main() -> int:
             "halves_off_by_more_than_2mm": float(np.nanmean(d > 2)),
             "missing": r["missing"],
         }
-    worst = np.argsort(-np.nan_to_num(rows["start"]["mdf"] + rows["final"]["mdf"]))
+    worst = np.argsort(-np.nan_to_num(sum(r["mdf"] for r in rows.values())))
     out["worst_pairs"] = [
         {
             "pair": int(idx[k]),

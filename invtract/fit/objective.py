@@ -90,6 +90,7 @@ from ..streamlines import Streamlines
 __all__ = [
     "TERMS",
     "FOD_TERMS",
+    "OPEN_TERMS",
     "LossConfig",
     "PairedTarget",
     "split_halves",
@@ -106,15 +107,20 @@ __all__ = [
 
 #: tractogram loss terms (keys of ``LossConfig.weights``)
 TERMS = (
-    "mdf", "vertex", "extent", "margin", "centre", "reach",
+    "mdf", "vertex", "extent", "margin", "centre", "reach", "tangent",
     "paired", "chamfer", "length", "density",
 )  # fmt: skip
+#: data terms that read the target paths alone (no tracking; :mod:`invtract.fit.reach`)
+TARGET_ONLY_TERMS = ("reach", "tangent")
 #: FOD regulariser terms
 FOD_TERMS = ("nonneg", "smooth", "prior")
 #: regulariser of the learned thresholds (computed by :func:`invtract.fit.optimise.fit`)
 PARAM_TERMS = ("anchor",)
 #: diffusion-signal term (computed by :class:`invtract.fit.signal_term.SignalTerm`, ``--dwi``)
 SIGNAL_TERMS = ("signal",)
+#: ``open``: ``reach`` on the given FOD's own paths from pseudo seeds (bundle fits of the FOD;
+#: :func:`invtract.fit.reach.start_paths`)
+OPEN_TERMS = ("open",)
 
 
 @dataclass(frozen=True)
@@ -129,8 +135,11 @@ class LossConfig:
         radius_mm: coverage radius of ``paired`` (mm).
         coverage_weight: mm per unit uncovered fraction in ``paired``.
         sphere_points: directions of the dense sphere for ``nonneg``.
-        reach_margin: ``reach``'s relative amplitude margin about the cutoff
+        reach_margin: ``reach``'s (and ``open``'s) relative amplitude margin about the cutoff
             (:mod:`invtract.fit.reach`).
+        open_paths: pseudo seeds whose paths on the given FOD ``open`` keeps open.
+        open_radius_mm: ``open`` leaves out the path vertices within this distance of a
+            target's end (mm).
     """
 
     weights: dict = field(default_factory=lambda: {"mdf": 1.0, "extent": 1.0})
@@ -140,6 +149,8 @@ class LossConfig:
     coverage_weight: float = 1.0
     sphere_points: int = 256
     reach_margin: float = 0.1
+    open_paths: int = 256
+    open_radius_mm: float = 2.0
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> LossConfig:
@@ -148,7 +159,7 @@ class LossConfig:
 
         d = table_fields(cls, d, "loss")
         w = {k: float(v) for k, v in dict(d.pop("weights", {"mdf": 1.0, "extent": 1.0})).items()}
-        known = TERMS + FOD_TERMS + PARAM_TERMS + SIGNAL_TERMS
+        known = TERMS + FOD_TERMS + PARAM_TERMS + SIGNAL_TERMS + OPEN_TERMS
         bad = sorted(set(w) - set(known))
         if bad:
             raise ConfigError(f"[loss.weights]: unknown terms {bad}; known {known}")
@@ -366,10 +377,11 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
     missing = torch.ones(n_pairs, dtype=torch.bool)
     missing[ids] = False
     missing_len = tl.sum(-1)[missing.to(dev)].sum()
-    if "reach" in active:  # reads the targets alone: every pair, tracked or not
-        out["reach"] = _reach_term(target, field, cutoff, config).to(dev)
+    for name in TARGET_ONLY_TERMS:  # read the targets alone: every pair, tracked or not
+        if name in active:
+            out[name] = _target_only_term(name, target, field, cutoff, config).to(dev)
     if S == 0:
-        untracked = [k for k in active if k != "reach"]
+        untracked = [k for k in active if k not in TARGET_ONLY_TERMS]
         out.update(_untracked_terms(untracked, missing_len, n_pairs, box_reduce))
         return out
     halves, counts, w = split_halves(res.points, res.lengths, res.seed_index, res.weights)
@@ -399,13 +411,17 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
     return out
 
 
-def _reach_term(target, field, cutoff, config) -> torch.Tensor:
-    """``reach`` (:mod:`invtract.fit.reach`) per pair, on every pair's target path."""
-    from .reach import reach_sum
+def _target_only_term(name, target, field, cutoff, config) -> torch.Tensor:
+    """``reach`` or ``tangent`` (:mod:`invtract.fit.reach`) per pair, on every pair's target
+    path."""
+    from .reach import reach_sum, tangent_sum
 
     if field is None or cutoff is None:
-        raise ConfigError("reach needs the FOD field and the cutoff")
-    total = reach_sum(field, target.halves, target.counts, cutoff, config.reach_margin)
+        raise ConfigError(f"{name} needs the FOD field and the cutoff")
+    if name == "reach":
+        total = reach_sum(field, target.halves, target.counts, cutoff, config.reach_margin)
+    else:
+        total = tangent_sum(field, target.halves, target.counts, cutoff)
     return total / len(target)
 
 

@@ -17,6 +17,12 @@ whatever the peak search finds. Positions and directions are the target's (no gr
 amplitudes are exact in the FOD coefficients (the learned rows of
 :meth:`~invtract.fod.field.FODField.with_rows`) and in the cutoff.
 
+The ``open`` term is the same hinge on paths with no target: the streamlines the *given* FOD
+tracks from pseudo seeds drawn in the training seeds' voxels (:func:`start_paths`). Nothing in
+the data asks for a wall where no target runs, yet the fit's priors build some (the coupled
+start's smoothing cut held-out streamlines that the given FOD tracked right, docs/csd.md);
+``open`` keeps those paths open unless the data terms outweigh it.
+
 Only the paths: hinges that also pushed amplitudes *below* the cutoff where the targets stop
 (the rejected step at each target's end, the first step of a tracked half past its target's
 end) dug negative lobes into the FOD on the tuning cases (docs/csd.md).
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["learned_amplitudes", "reach_sum"]
+__all__ = ["learned_amplitudes", "learned_contractions", "reach_sum", "start_paths", "tangent_sum"]
 
 #: hinge softness (relative amplitude units)
 REACH_TAU = 0.02
@@ -40,16 +46,45 @@ def learned_amplitudes(field, points: torch.Tensor, dirs: torch.Tensor) -> torch
 
     The value is :func:`~invtract.fit.objective.step_amplitudes`'; the gradient to a learned
     row is ``w Y(u)`` for each trilinear corner weight ``w`` of a point in that voxel."""
-    from ..fod.interp import corner_weights, world_to_voxel
     from ..fod.sh import sh_basis
     from .objective import step_amplitudes
 
     points, dirs = points.detach(), dirs.detach()
     base = step_amplitudes(field, points, dirs).to(points.device)
-    learned = getattr(field, "learned", None)
-    if learned is None or not learned[1].requires_grad or points.shape[0] == 0:
+    if not _has_learned(field) or points.shape[0] == 0:
         return base
-    voxels, rows = learned
+    dev = field.learned[1].device
+    Y = sh_basis(dirs.to(dev, torch.float64), field.lmax)  # [n, K]
+    corr = _learned_correction(field, points, Y[None])[0]
+    return base.to(dev) + torch.where(base.to(dev) != 0, corr, torch.zeros_like(corr))
+
+
+def learned_contractions(field, points: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+    """``[D, n]`` float64 ``c(p) . v`` at ``points [n, 3]`` (scanner mm) for the coefficient
+    vectors ``vecs [D, n, K]`` (``c(p)`` the trilinear FOD, 0 where it has no data),
+    differentiable in the learned rows of ``field`` like :func:`learned_amplitudes`."""
+    points = points.detach()
+    c, valid = field.sample(points)  # [n, K]
+    dev = vecs.device
+    base = (c.detach().to(dev, torch.float64)[None] * vecs).sum(-1)
+    base = torch.where(valid.to(dev)[None], base, torch.zeros_like(base))
+    if not _has_learned(field) or points.shape[0] == 0:
+        return base
+    corr = _learned_correction(field, points, vecs.to(field.learned[1].device))
+    return base.to(corr.device) + torch.where(valid.to(corr.device)[None], corr, 0 * corr)
+
+
+def _has_learned(field) -> bool:
+    learned = getattr(field, "learned", None)
+    return learned is not None and learned[1].requires_grad
+
+
+def _learned_correction(field, points: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+    """``[D, n]`` zero-valued tensors whose gradient to each learned row is the sum over the
+    points' trilinear corners in that voxel of ``w v`` (``vecs [D, n, K]``)."""
+    from ..fod.interp import corner_weights, world_to_voxel
+
+    voxels, rows = field.learned
     dev = rows.device
     order = torch.argsort(voxels)
     sorted_vox = voxels[order]
@@ -57,22 +92,19 @@ def learned_amplitudes(field, points: torch.Tensor, dirs: torch.Tensor) -> torch
     index, w, _ = corner_weights(v, field.shape, weight_dtype=torch.float64)
     pos = torch.searchsorted(sorted_vox, index).clamp_max(max(len(sorted_vox) - 1, 0))
     hit = sorted_vox[pos] == index  # [n, 8] corner is a learned voxel
-    slot = order[pos]
-    Y = sh_basis(dirs.to(dev, torch.float64), field.lmax)  # [n, K]
-    r = rows.to(torch.float64)
-    ry = (r[slot] * Y[:, None, :]).sum(-1)  # [n, 8]
-    corr = (torch.where(hit, ry - ry.detach(), torch.zeros_like(ry)) * w).sum(-1)
-    corr = torch.where(base != 0, corr, torch.zeros_like(corr))
-    return base.to(dev) + corr
+    r = rows.to(torch.float64)[order[pos]]  # [n, 8, K]
+    rv = torch.einsum("nck,dnk->dnc", r, vecs.to(torch.float64))  # [D, n, 8]
+    return (torch.where(hit[None], rv - rv.detach(), torch.zeros_like(rv)) * w[None]).sum(-1)
 
 
 def _hinge(x: torch.Tensor) -> torch.Tensor:
     return REACH_TAU * torch.nn.functional.softplus(x / REACH_TAU)
 
 
-def _steps(halves: torch.Tensor, counts: torch.Tensor):
-    """``(start points [m, 3], unit directions [m, 3], lengths [m])`` of the real steps of
-    ``halves [S, 2, H, 3]`` (step ``j`` from vertex ``j`` to ``j + 1``)."""
+def _steps(halves: torch.Tensor, counts: torch.Tensor, vertex_weight=None):
+    """``(start points [m, 3], unit directions [m, 3], lengths [m], weights [m] | None)`` of
+    the real steps of ``halves [S, 2, H, 3]`` (step ``j`` from vertex ``j`` to ``j + 1``;
+    ``vertex_weight [S, 2, H]``: a weight per step's start vertex)."""
     d = halves[..., 1:, :] - halves[..., :-1, :]
     H = halves.shape[2]
     valid = torch.arange(max(H - 1, 0), device=halves.device)[None, None] < (
@@ -81,10 +113,12 @@ def _steps(halves: torch.Tensor, counts: torch.Tensor):
     dd = d[valid].to(torch.float64)
     n = dd.norm(dim=-1)
     u = dd / n.clamp_min(1e-12)[:, None]
-    return halves[..., :-1, :][valid].to(torch.float64), u, n
+    w = None if vertex_weight is None else vertex_weight[..., :-1][valid].to(torch.float64)
+    return halves[..., :-1, :][valid].to(torch.float64), u, n, w
 
 
-def reach_sum(field, target_halves, target_counts, cutoff, margin) -> torch.Tensor:
+def reach_sum(field, target_halves, target_counts, cutoff, margin,
+              vertex_weight=None) -> torch.Tensor:  # fmt: skip
     """Sum over the pairs' target halves of ``d h(delta - x)`` over their steps (mm x
     relative amplitude; module docstring).
 
@@ -96,13 +130,77 @@ def reach_sum(field, target_halves, target_counts, cutoff, margin) -> torch.Tens
         target_counts: ``[P, 2]`` vertices per target half.
         cutoff: the current cutoff (float or 0-d tensor, may require grad).
         margin: ``delta``, the relative amplitude margin.
+        vertex_weight: ``[P, 2, H]`` weight of the step leaving each vertex (default 1).
 
     Returns:
         0-d float64 tensor.
     """
     cut = torch.as_tensor(cutoff, dtype=torch.float64)
-    p, u, d = _steps(target_halves.detach(), target_counts)
-    keep = d > 1e-9
+    p, u, d, w = _steps(target_halves.detach(), target_counts, vertex_weight)
+    keep = d > 1e-9 if w is None else (d > 1e-9) & (w > 0)
     a = learned_amplitudes(field, p[keep], u[keep])
     x = a / cut.to(a.device) - 1
-    return (d[keep].to(a.device) * _hinge(margin - x)).sum()
+    dw = d[keep] if w is None else d[keep] * w[keep]
+    return (dw.to(a.device) * _hinge(margin - x)).sum()
+
+
+def start_paths(field, seeds: torch.Tensor, directions: torch.Tensor, params, n: int,
+                seed: int, ends: torch.Tensor, radius_mm: float):  # fmt: skip
+    """``(paths [P, 1, L, 3], counts [P, 1], vertex weights [P, 1, L])`` (scanner mm): the
+    streamlines ``field`` tracks hard (``params``) from ``n`` pseudo seeds, each drawn uniformly
+    in the voxel of a random one of ``seeds [S, 3]`` (scanner mm) and started along that seed's
+    direction (``directions [S, 3]``); a seeded generator, so the same paths on every rank.
+    Streamlines tckgen's rules reject are left out (``P <= n``). A vertex within ``radius_mm``
+    of one of ``ends [E, 3]`` (the targets' end points, mm) weighs 0: a wall may stand where a
+    target stops."""
+    from ..fod.interp import world_to_voxel
+    from ..tracking.api import Seeding, track
+
+    g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+    pick = torch.randint(len(seeds), (int(n),), generator=g)
+    vox = world_to_voxel(seeds.to(torch.float64), field.scanner2voxel.cpu()).round()[pick]
+    vox = vox + torch.rand(int(n), 3, generator=g, dtype=torch.float64) - 0.5
+    v2s = torch.as_tensor(field.voxel2scanner, dtype=torch.float64)
+    pos = vox @ v2s[:3, :3].T + v2s[:3, 3]
+    res = track(field, Seeding("list", positions=pos, directions=directions[pick]), params)
+    pts, mask = res.streamlines.to_padded()
+    near = torch.zeros(mask.shape, dtype=torch.bool)
+    if len(ends) and mask.any():
+        dist = torch.cdist(pts[mask].to(torch.float64), ends.to(torch.float64))
+        near[mask] = dist.min(1).values <= radius_mm
+    weight = (mask & ~near).to(torch.float64)
+    dev = field.device
+    return pts[:, None].to(dev), mask.sum(-1)[:, None].to(dev), weight[:, None].to(dev)
+
+
+def tangent_sum(field, target_halves, target_counts, cutoff) -> torch.Tensor:
+    """Sum over the steps of the target halves of ``d |g|^2 / cutoff^2``, ``g`` the FOD's
+    tangential gradient at the step's start ``p`` along its direction ``u`` (``[2]``: the
+    derivatives of ``c(p) . Y`` along two orthonormal tangents of ``u``; amplitude per radian).
+
+    SD_Stream steps along the FOD's peak at ``p`` (the ascent from the previous direction), so
+    on the FOD tckgen tracked ``g`` is ~0 at every step of a target: the term asks the learned
+    FOD to have its peaks along the targets. ``g`` is linear in the coefficients, so the term is
+    a quadratic in the learned rows (:func:`learned_contractions`); it needs no tracking.
+
+    Args:
+        field: the FOD (learned rows may require grad).
+        target_halves: ``[P, 2, H, 3]`` target halves (mm); target_counts: ``[P, 2]``.
+        cutoff: the cutoff (float or 0-d tensor): the amplitude unit.
+
+    Returns:
+        0-d float64 tensor (mm).
+    """
+    from ..fod.peak_grad import basis_directional_derivatives, tangent_basis
+
+    p, u, d, _ = _steps(target_halves.detach(), target_counts)
+    keep = d > 1e-9
+    p, u, d = p[keep], u[keep], d[keep]
+    if p.shape[0] == 0:
+        return torch.zeros((), dtype=torch.float64)
+    e1, e2 = tangent_basis(u)
+    with torch.no_grad():
+        _, dY, _ = basis_directional_derivatives(u, torch.stack([e1, e2]), field.lmax)
+    g = learned_contractions(field, p, dY)  # [2, m]
+    cut = torch.as_tensor(cutoff, dtype=torch.float64).to(g.device)
+    return (d.to(g.device) * g.pow(2).sum(0)).sum() / cut**2
