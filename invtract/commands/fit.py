@@ -147,10 +147,10 @@ def _add_fit_options(r) -> None:
 def _add_config_keys(c) -> None:
     """One ``--SECTION.KEY V`` flag per config key on group ``c`` (the loss weights hidden)."""
     from ..fit.config import flat_keys
-    from ..fit.objective import FOD_TERMS, OPEN_TERMS, SIGNAL_TERMS, TERMS
+    from ..fit.objective import FOD_TERMS, SIGNAL_TERMS, TERMS
     from ..fit.optimise import DEFAULT_CONFIG
 
-    weights = TERMS + FOD_TERMS + SIGNAL_TERMS + OPEN_TERMS
+    weights = TERMS + FOD_TERMS + SIGNAL_TERMS
     for key in flat_keys(DEFAULT_CONFIG, free={"weights": weights}):
         c.add_argument(
             f"--{key}",

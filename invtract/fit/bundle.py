@@ -27,7 +27,6 @@ from ..streamlines import Streamlines
 from .distributed import World
 from .objective import (
     FOD_TERMS,
-    OPEN_TERMS,
     SIGNAL_TERMS,
     TERMS,
     LossConfig,
@@ -107,7 +106,6 @@ class BundleProblem(Problem):
         self.train, self.held = paired.subset(train_idx), paired.subset(held_idx)
         self.data_cfg = _without(cfg.loss, ("centre",))
         self.basis = self._basis(sh0.shape[-1])
-        self.open = self._open_paths()  # before the coupled start: the given FOD's paths
         self.signal = self._signal(signal)
         self.fixed_field = None
         self._tfeats: dict = {}
@@ -132,33 +130,6 @@ class BundleProblem(Problem):
         if hook is not None:
             st.delta.register_hook(hook)
         return signal
-
-    def _open_paths(self):
-        """``open``'s paths (:func:`~invtract.fit.reach.start_paths`: the given FOD's streamlines
-        from ``[loss] open_paths`` pseudo seeds in the training seeds' voxels), or None."""
-        if self.state.delta is None or not self.cfg.loss.active(OPEN_TERMS):
-            return None
-        from .reach import start_paths
-
-        tr, loss = self.train, self.cfg.loss
-        ends = tr.halves[torch.arange(len(tr))[:, None], torch.arange(2)[None], tr.counts - 1]
-        return start_paths(
-            self.fod, tr.seeds, tr.directions, self.resolved, loss.open_paths, self.cfg.seed,
-            ends.reshape(-1, 3), loss.open_radius_mm,
-        )  # fmt: skip
-
-    def _open_term(self, it: int, cutoff, field) -> torch.Tensor:
-        """``open`` on a minibatch of ``seeds_per_iteration`` paths (seeded by the iteration),
-        per path: the scale of ``reach`` per pair."""
-        from .reach import reach_sum
-
-        paths, counts, weight = self.open
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + it + 500_009)
-        pick = torch.randperm(len(paths), generator=g)[: self.cfg.seeds_per_iteration]
-        pick = pick.to(paths.device)
-        margin = self.cfg.loss.reach_margin
-        total = reach_sum(field, paths[pick], counts[pick], cutoff, margin, weight[pick])
-        return total / max(len(pick), 1)
 
     def _basis(self, K: int):
         if self.state.delta is None or "nonneg" not in self.cfg.loss.active(FOD_TERMS):
@@ -285,7 +256,7 @@ class BundleProblem(Problem):
             sub, it, vals, len(batch), True, world, self._target_feats(self.train, mine)
         )
         ctx = {"iteration": it, "values": vals, "result": res, "world": world}
-        terms.update(self._param_terms(batch, res, mine, vals, world, fod, it))
+        terms.update(self._param_terms(batch, res, mine, vals, world, fod.detach()))
         terms.update(self._extra(ctx))
         w = self.cfg.loss.weights
         total = sum(w.get(k, 0.0) * v for k, v in terms.items() if k not in self.extra_terms)
@@ -309,11 +280,10 @@ class BundleProblem(Problem):
             aux=(sub, res),
         )
 
-    def _param_terms(self, batch, res, mine, vals, world: World, fod, it: int) -> dict:
-        """``centre`` (on the whole batch's tracked targets, sampling the detached FOD ``fod``
-        of this iteration), ``anchor``, ``open`` (differentiable in ``fod``'s learned rows) and
-        the FOD priors: computed on rank 0 only (they do not depend on the shard)."""
-        field = fod.detach()
+    def _param_terms(self, batch, res, mine, vals, world: World, field) -> dict:
+        """``centre`` (on the whole batch's tracked targets, sampling the detached FOD
+        ``field`` of this iteration), ``anchor`` and the FOD priors: computed on rank 0 only
+        (they do not depend on the shard)."""
         out = {}
         active = self.cfg.loss.active(TERMS + ("anchor",))
         if "centre" in active:
@@ -346,8 +316,6 @@ class BundleProblem(Problem):
             )
             if self.signal is not None and "signal" in self.cfg.loss.active(SIGNAL_TERMS):
                 out["signal"] = self.signal(sh_l, st.voxels)
-            if self.open is not None:
-                out["open"] = self._open_term(it, vals["cutoff"], fod).to(self.dev)
         return out
 
     def summarise(self, counts: dict) -> dict:

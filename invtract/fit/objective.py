@@ -59,10 +59,14 @@ Terms (all scanner mm unless stated; each is a mean over paired streamlines):
   the interval nearest the default (34.4 deg on ``bundleA_angle30``, interval [29.8, 34.2]);
   the centre halves the worst-case error over the values the target cannot tell apart.
 * ``reach``: a hinge on the FOD amplitude of every step of every target half (each must stay
-  above the cutoff by the relative margin ``reach_margin``; :mod:`invtract.fit.reach`): it keeps
-  the targets' paths open in a learned FOD, where the survival weights of ``extent`` lose their
-  gradient once an amplitude is far below the cutoff. Gradients reach the learned FOD rows and
-  ``cutoff``; it needs no tracking.
+  above the cutoff by the relative margin ``reach_margin``; :mod:`invtract.fit.path_terms`):
+  it keeps the targets' paths open in a learned FOD, where the survival weights of ``extent``
+  lose their gradient once an amplitude is far below the cutoff. Gradients reach the learned
+  FOD rows and ``cutoff``; it needs no tracking.
+* ``tangent``: the squared tangential gradient of the FOD amplitude at every step of every
+  target half along the step (over ``cutoff^2``; :mod:`invtract.fit.path_terms`): SD_Stream
+  steps along FOD peaks, so it is ~0 on the FOD the target was tracked on. Quadratic in the
+  learned FOD rows; no tracking.
 * ``paired``, ``chamfer``, ``length``, ``density``: :func:`invtract.losses.paired_loss` (full
   streamlines, MDF + coverage, weighted by each streamline's mean survival weight),
   :func:`~invtract.losses.chamfer_loss` (unpaired), :func:`~invtract.losses.length_loss` (W1
@@ -90,7 +94,6 @@ from ..streamlines import Streamlines
 __all__ = [
     "TERMS",
     "FOD_TERMS",
-    "OPEN_TERMS",
     "LossConfig",
     "PairedTarget",
     "split_halves",
@@ -110,7 +113,7 @@ TERMS = (
     "mdf", "vertex", "extent", "margin", "centre", "reach", "tangent",
     "paired", "chamfer", "length", "density",
 )  # fmt: skip
-#: data terms that read the target paths alone (no tracking; :mod:`invtract.fit.reach`)
+#: data terms that read the target paths alone (no tracking; :mod:`invtract.fit.path_terms`)
 TARGET_ONLY_TERMS = ("reach", "tangent")
 #: FOD regulariser terms
 FOD_TERMS = ("nonneg", "smooth", "prior")
@@ -118,9 +121,6 @@ FOD_TERMS = ("nonneg", "smooth", "prior")
 PARAM_TERMS = ("anchor",)
 #: diffusion-signal term (computed by :class:`invtract.fit.signal_term.SignalTerm`, ``--dwi``)
 SIGNAL_TERMS = ("signal",)
-#: ``open``: ``reach`` on the given FOD's own paths from pseudo seeds (bundle fits of the FOD;
-#: :func:`invtract.fit.reach.start_paths`)
-OPEN_TERMS = ("open",)
 
 
 @dataclass(frozen=True)
@@ -135,11 +135,8 @@ class LossConfig:
         radius_mm: coverage radius of ``paired`` (mm).
         coverage_weight: mm per unit uncovered fraction in ``paired``.
         sphere_points: directions of the dense sphere for ``nonneg``.
-        reach_margin: ``reach``'s (and ``open``'s) relative amplitude margin about the cutoff
-            (:mod:`invtract.fit.reach`).
-        open_paths: pseudo seeds whose paths on the given FOD ``open`` keeps open.
-        open_radius_mm: ``open`` leaves out the path vertices within this distance of a
-            target's end (mm).
+        reach_margin: ``reach``'s relative amplitude margin about the cutoff
+            (:mod:`invtract.fit.path_terms`).
     """
 
     weights: dict = field(default_factory=lambda: {"mdf": 1.0, "extent": 1.0})
@@ -149,8 +146,6 @@ class LossConfig:
     coverage_weight: float = 1.0
     sphere_points: int = 256
     reach_margin: float = 0.1
-    open_paths: int = 256
-    open_radius_mm: float = 2.0
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> LossConfig:
@@ -159,7 +154,7 @@ class LossConfig:
 
         d = table_fields(cls, d, "loss")
         w = {k: float(v) for k, v in dict(d.pop("weights", {"mdf": 1.0, "extent": 1.0})).items()}
-        known = TERMS + FOD_TERMS + PARAM_TERMS + SIGNAL_TERMS + OPEN_TERMS
+        known = TERMS + FOD_TERMS + PARAM_TERMS + SIGNAL_TERMS
         bad = sorted(set(w) - set(known))
         if bad:
             raise ConfigError(f"[loss.weights]: unknown terms {bad}; known {known}")
@@ -412,9 +407,9 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
 
 
 def _target_only_term(name, target, field, cutoff, config) -> torch.Tensor:
-    """``reach`` or ``tangent`` (:mod:`invtract.fit.reach`) per pair, on every pair's target
+    """``reach`` or ``tangent`` (:mod:`invtract.fit.path_terms`) per pair, on every pair's target
     path."""
-    from .reach import reach_sum, tangent_sum
+    from .path_terms import reach_sum, tangent_sum
 
     if field is None or cutoff is None:
         raise ConfigError(f"{name} needs the FOD field and the cutoff")

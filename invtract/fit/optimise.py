@@ -62,7 +62,6 @@ from .descent import annealed
 from .distributed import SINGLE, World
 from .objective import (
     FOD_TERMS,
-    OPEN_TERMS,
     PARAM_TERMS,
     SIGNAL_TERMS,
     TERMS,
@@ -146,8 +145,6 @@ DEFAULT_CONFIG: dict = {
         "coverage_weight": 1.0,
         "sphere_points": 256,
         "reach_margin": 0.1,  # reach: relative amplitude margin above the cutoff
-        "open_paths": 256,  # open: pseudo seeds tracked on the given FOD
-        "open_radius_mm": 2.0,  # open: no hinge within this distance of a target's end
         "weights": {"mdf": 1.0, "vertex": 1.0, "margin": 1.0, "centre": 0.05, "anchor": 0.01},
     },
 }
@@ -200,12 +197,7 @@ RULES: dict = {
             "loss.temperature_mm",
             "loss.radius_mm",
         ],  # fmt: skip
-        non_negative=[
-            "fod.margin_vox",
-            "loss.reach_margin",
-            "loss.open_paths",
-            "loss.open_radius_mm",
-        ],
+        non_negative=["fod.margin_vox", "loss.reach_margin"],
         unit=["fit.heldout_fraction"],
         choices={"optimizer.name": ("signum", "adam", "sgd"), "signal.start": ("csd", "coupled")},
         at_least={"fit.seeds_per_iteration": 1, "loss.n_points": 2, "loss.sphere_points": 4},
@@ -262,7 +254,7 @@ class FitConfig:
         cfg = merge_config(DEFAULT_CONFIG, cfg)
         validate(cfg, RULES)
         f = cfg["fit"]
-        known = TERMS + FOD_TERMS + PARAM_TERMS + SIGNAL_TERMS + OPEN_TERMS
+        known = TERMS + FOD_TERMS + PARAM_TERMS + SIGNAL_TERMS
         bad = sorted(set(cfg["loss"]["weights"]) - set(known))
         if bad:
             raise ConfigError(f"loss.weights: unknown terms {bad}; known {known}")

@@ -1,11 +1,17 @@
-"""The ``reach`` term: keep the target's paths open in the FOD the fit learns.
+"""Data terms that read the target's steps alone (no tracking): ``reach`` and ``tangent``.
 
-SD_Stream stops a streamline at the first step whose FOD peak amplitude is below the cutoff
-(tckgen's "model" stop), so every step a target half took had an amplitude above it. When a
-fit lowers an amplitude on a target's path below the cutoff it builds a "wall": streamlines
-through it stop short, and the soft survival weights of ``extent`` (a product of sigmoids
-about the cutoff) lose their gradient a few temperatures below it, so nothing takes the wall
-down. ``reach`` is a hinge on the amplitudes themselves, whose gradient does not vanish:
+Both evaluate the learned FOD at the start ``p`` of every step of every target half, along the
+step's direction ``u``, and are exact in the learned FOD rows (:func:`learned_amplitudes`,
+:func:`learned_contractions`: trilinear weights times a vector of the SH basis, through
+:meth:`~invtract.fod.field.FODField.with_rows`).
+
+**reach** keeps the target's paths open. SD_Stream stops a streamline at the first step whose
+FOD peak amplitude is below the cutoff (tckgen's "model" stop), so every step a target half
+took had an amplitude above it. When a fit lowers an amplitude on a target's path below the
+cutoff it builds a "wall": streamlines through it stop short, and the soft survival weights of
+``extent`` (a product of sigmoids about the cutoff) lose their gradient a few temperatures
+below it, so nothing takes the wall down. ``reach`` is a hinge on the amplitudes themselves,
+whose gradient does not vanish:
 
     reach = sum over the steps of every target half of  d h(delta - x),   x = A / cutoff - 1
 
@@ -17,22 +23,27 @@ whatever the peak search finds. Positions and directions are the target's (no gr
 amplitudes are exact in the FOD coefficients (the learned rows of
 :meth:`~invtract.fod.field.FODField.with_rows`) and in the cutoff.
 
-The ``open`` term is the same hinge on paths with no target: the streamlines the *given* FOD
-tracks from pseudo seeds drawn in the training seeds' voxels (:func:`start_paths`). Nothing in
-the data asks for a wall where no target runs, yet the fit's priors build some (the coupled
-start's smoothing cut held-out streamlines that the given FOD tracked right, docs/csd.md);
-``open`` keeps those paths open unless the data terms outweigh it.
-
 Only the paths: hinges that also pushed amplitudes *below* the cutoff where the targets stop
 (the rejected step at each target's end, the first step of a tracked half past its target's
 end) dug negative lobes into the FOD on the tuning cases (docs/csd.md).
+
+**tangent** asks the target's directions to be FOD peaks. SD_Stream steps along the peak the
+ascent finds at ``p`` (spec 5.2: forward Euler), so the tangential gradient ``g`` of the
+amplitude at ``(p, u)`` is ~0 on every step of a target on the FOD tckgen tracked:
+
+    tangent = sum over the steps of every target half of  d |g|^2 / cutoff^2
+
+``g = (c(p) . dY/de1 (u), c(p) . dY/de2 (u))`` (amplitude per radian, ``e1, e2`` orthonormal
+tangents of ``u``) is linear in the coefficients, so the term is a quadratic in the learned
+rows. On real_msmt15's bundleA it is 1e-4 per target on the full-data FOD against 1.6e3 on the
+20-direction CSD (docs/csd.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["learned_amplitudes", "learned_contractions", "reach_sum", "start_paths", "tangent_sum"]
+__all__ = ["learned_amplitudes", "learned_contractions", "reach_sum", "tangent_sum"]
 
 #: hinge softness (relative amplitude units)
 REACH_TAU = 0.02
@@ -101,10 +112,9 @@ def _hinge(x: torch.Tensor) -> torch.Tensor:
     return REACH_TAU * torch.nn.functional.softplus(x / REACH_TAU)
 
 
-def _steps(halves: torch.Tensor, counts: torch.Tensor, vertex_weight=None):
-    """``(start points [m, 3], unit directions [m, 3], lengths [m], weights [m] | None)`` of
-    the real steps of ``halves [S, 2, H, 3]`` (step ``j`` from vertex ``j`` to ``j + 1``;
-    ``vertex_weight [S, 2, H]``: a weight per step's start vertex)."""
+def _steps(halves: torch.Tensor, counts: torch.Tensor):
+    """``(start points [m, 3], unit directions [m, 3], lengths [m])`` of the real steps of
+    ``halves [S, 2, H, 3]`` (step ``j`` from vertex ``j`` to ``j + 1``)."""
     d = halves[..., 1:, :] - halves[..., :-1, :]
     H = halves.shape[2]
     valid = torch.arange(max(H - 1, 0), device=halves.device)[None, None] < (
@@ -113,12 +123,10 @@ def _steps(halves: torch.Tensor, counts: torch.Tensor, vertex_weight=None):
     dd = d[valid].to(torch.float64)
     n = dd.norm(dim=-1)
     u = dd / n.clamp_min(1e-12)[:, None]
-    w = None if vertex_weight is None else vertex_weight[..., :-1][valid].to(torch.float64)
-    return halves[..., :-1, :][valid].to(torch.float64), u, n, w
+    return halves[..., :-1, :][valid].to(torch.float64), u, n
 
 
-def reach_sum(field, target_halves, target_counts, cutoff, margin,
-              vertex_weight=None) -> torch.Tensor:  # fmt: skip
+def reach_sum(field, target_halves, target_counts, cutoff, margin) -> torch.Tensor:
     """Sum over the pairs' target halves of ``d h(delta - x)`` over their steps (mm x
     relative amplitude; module docstring).
 
@@ -130,47 +138,16 @@ def reach_sum(field, target_halves, target_counts, cutoff, margin,
         target_counts: ``[P, 2]`` vertices per target half.
         cutoff: the current cutoff (float or 0-d tensor, may require grad).
         margin: ``delta``, the relative amplitude margin.
-        vertex_weight: ``[P, 2, H]`` weight of the step leaving each vertex (default 1).
 
     Returns:
         0-d float64 tensor.
     """
     cut = torch.as_tensor(cutoff, dtype=torch.float64)
-    p, u, d, w = _steps(target_halves.detach(), target_counts, vertex_weight)
-    keep = d > 1e-9 if w is None else (d > 1e-9) & (w > 0)
+    p, u, d = _steps(target_halves.detach(), target_counts)
+    keep = d > 1e-9
     a = learned_amplitudes(field, p[keep], u[keep])
     x = a / cut.to(a.device) - 1
-    dw = d[keep] if w is None else d[keep] * w[keep]
-    return (dw.to(a.device) * _hinge(margin - x)).sum()
-
-
-def start_paths(field, seeds: torch.Tensor, directions: torch.Tensor, params, n: int,
-                seed: int, ends: torch.Tensor, radius_mm: float):  # fmt: skip
-    """``(paths [P, 1, L, 3], counts [P, 1], vertex weights [P, 1, L])`` (scanner mm): the
-    streamlines ``field`` tracks hard (``params``) from ``n`` pseudo seeds, each drawn uniformly
-    in the voxel of a random one of ``seeds [S, 3]`` (scanner mm) and started along that seed's
-    direction (``directions [S, 3]``); a seeded generator, so the same paths on every rank.
-    Streamlines tckgen's rules reject are left out (``P <= n``). A vertex within ``radius_mm``
-    of one of ``ends [E, 3]`` (the targets' end points, mm) weighs 0: a wall may stand where a
-    target stops."""
-    from ..fod.interp import world_to_voxel
-    from ..tracking.api import Seeding, track
-
-    g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-    pick = torch.randint(len(seeds), (int(n),), generator=g)
-    vox = world_to_voxel(seeds.to(torch.float64), field.scanner2voxel.cpu()).round()[pick]
-    vox = vox + torch.rand(int(n), 3, generator=g, dtype=torch.float64) - 0.5
-    v2s = torch.as_tensor(field.voxel2scanner, dtype=torch.float64)
-    pos = vox @ v2s[:3, :3].T + v2s[:3, 3]
-    res = track(field, Seeding("list", positions=pos, directions=directions[pick]), params)
-    pts, mask = res.streamlines.to_padded()
-    near = torch.zeros(mask.shape, dtype=torch.bool)
-    if len(ends) and mask.any():
-        dist = torch.cdist(pts[mask].to(torch.float64), ends.to(torch.float64))
-        near[mask] = dist.min(1).values <= radius_mm
-    weight = (mask & ~near).to(torch.float64)
-    dev = field.device
-    return pts[:, None].to(dev), mask.sum(-1)[:, None].to(dev), weight[:, None].to(dev)
+    return (d[keep].to(a.device) * _hinge(margin - x)).sum()
 
 
 def tangent_sum(field, target_halves, target_counts, cutoff) -> torch.Tensor:
@@ -193,7 +170,7 @@ def tangent_sum(field, target_halves, target_counts, cutoff) -> torch.Tensor:
     """
     from ..fod.peak_grad import basis_directional_derivatives, tangent_basis
 
-    p, u, d, _ = _steps(target_halves.detach(), target_counts)
+    p, u, d = _steps(target_halves.detach(), target_counts)
     keep = d > 1e-9
     p, u, d = p[keep], u[keep], d[keep]
     if p.shape[0] == 0:

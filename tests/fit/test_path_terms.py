@@ -1,5 +1,6 @@
-"""The ``reach`` term (invtract.fit.reach): FOD amplitudes along the target paths and at their
-stops, differentiable in the learned rows."""
+"""The target-path terms (invtract.fit.path_terms): ``reach`` (FOD amplitudes along the target
+paths) and ``tangent`` (the target's directions are FOD peaks), differentiable in the learned
+rows."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from invtract.data import example_path
 from invtract.fit import objective
 from invtract.fit.objective import LossConfig, PairedTarget, paired_terms
 from invtract.fit.optimise import c_order_fod
-from invtract.fit.reach import learned_amplitudes, reach_sum
+from invtract.fit.path_terms import (
+    learned_amplitudes,
+    learned_contractions,
+    reach_sum,
+    tangent_sum,
+)
 from invtract.fod.field import FODField
 from invtract.fod.interp import corner_weights, world_to_voxel
 from invtract.io.image import load_fod
@@ -153,3 +159,88 @@ def test_a_fod_fit_with_reach_reopens_a_weakened_path():
     reach = [h["loss/reach"] for h in res.history]
     assert reach[0] > 0.1
     assert reach[-1] < 0.05 * reach[0]
+
+
+def test_learned_contractions_equal_the_sampled_fod_and_pass_gradcheck():
+    """``c(p) . v`` for two vectors per point: the value is the trilinear FOD's (0 without
+    data), the gradient to the learned rows exact (float64 gradcheck)."""
+    field, img = _example(torch.float64)
+    pts, _ = _points(field, img, 200, seed=3)
+    K = field.sh_flat.shape[1]
+    vecs = torch.randn(2, 200, K, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    X, Y, Z = field.shape
+    vox = torch.arange(0, X * Y * Z, 3)
+    learned = field.with_rows(vox, field.sh_flat[vox].clone().requires_grad_(True))
+    c, ok = field.sample(pts)
+    got = learned_contractions(learned, pts, vecs)
+    want = torch.where(ok[None], (c[None] * vecs).sum(-1), torch.zeros(()))
+    torch.testing.assert_close(got.detach(), want)
+    assert got.requires_grad and (got != 0).sum() > 100
+
+    some = torch.nonzero(ok).flatten()[:2]
+    p, w = pts[some], vecs[:, some]
+    few = torch.unique(corner_weights(world_to_voxel(p, field.scanner2voxel), field.shape,
+                                      torch.float64)[0])  # fmt: skip
+    r = field.sh_flat[few].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda rows: learned_contractions(field.with_rows(few, rows), p, w), (r,), eps=1e-6
+    )
+
+
+def test_tangent_is_near_zero_on_the_fod_tckgen_tracked():
+    """The example target is tckgen's on the example FOD: every step leaves along a FOD peak,
+    so the tangential gradient is ~0 there; on the FOD with 10% coefficient noise it is not."""
+    field, img = _example(torch.float64)
+    paired = _paired_example()
+    on_truth = float(tangent_sum(field, paired.halves, paired.counts, 0.1)) / len(paired)
+    g = torch.Generator().manual_seed(5)
+    sh = field.sh_flat
+    noisy = sh + 0.1 * sh.abs().mean() * torch.randn(sh.shape, generator=g, dtype=sh.dtype)
+    noisy = torch.where(sh != 0, noisy, sh)
+    X, Y, Z = field.shape
+    other = FODField.from_array(noisy.reshape(X, Y, Z, -1), img.affine)
+    on_noisy = float(tangent_sum(other, paired.halves, paired.counts, 0.1)) / len(paired)
+    assert on_noisy > 0.1
+    assert on_truth < 1e-3 * on_noisy
+
+
+def test_tangent_passes_gradcheck_and_descent_aligns_the_peaks():
+    """float64 gradcheck of ``tangent`` in the learned rows of a few target voxels (and in the
+    cutoff); a gradient step on a noisy FOD lowers it."""
+    field, img = _example(torch.float64)
+    paired = _paired_example().subset([0, 1])
+    halves, counts = paired.halves[:, :, :6], paired.counts.clamp_max(6)
+    pts = halves[:, :, :5].reshape(-1, 3).double()
+    few = torch.unique(corner_weights(world_to_voxel(pts, field.scanner2voxel), field.shape,
+                                      torch.float64)[0])  # fmt: skip
+    r = (field.sh_flat[few] * 1.1 + 0.01).clone().requires_grad_(True)
+    cut = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+
+    def term(rows, c):
+        return tangent_sum(field.with_rows(few, rows), halves, counts, c)
+
+    assert float(term(r, cut).detach()) > 0
+    assert torch.autograd.gradcheck(term, (r, cut), eps=1e-6)
+    loss = term(r, cut.detach())
+    loss.backward()
+    with torch.no_grad():
+        stepped = r - 1e-3 * r.grad / r.grad.abs().max()
+    assert float(term(stepped, 0.1)) < float(loss.detach())
+
+
+def test_tangent_is_a_known_weight_computed_without_tracking():
+    """``[loss.weights] tangent`` is accepted and ``paired_terms`` computes it even when no
+    seed gave a streamline (it reads the targets alone)."""
+    field, _ = _example()
+    paired = _paired_example()
+    cfg = LossConfig.from_dict({"weights": {"tangent": 1.0}})
+    assert cfg.active() == ["tangent"] and "tangent" in objective.TARGET_ONLY_TERMS
+
+    class _Res:
+        seed_ids = torch.zeros(0, dtype=torch.long)
+        points = torch.zeros(0, 3)
+
+    out = paired_terms(_Res(), paired, cfg, field=field, cutoff=0.1)
+    want = tangent_sum(field, paired.halves, paired.counts, 0.1) / len(paired)
+    torch.testing.assert_close(out["tangent"], want.to(out["tangent"].dtype))
+    assert out["n_missing"] == len(paired)
