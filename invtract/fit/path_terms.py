@@ -163,7 +163,8 @@ def tangent_sum(field, target_halves, target_counts, cutoff) -> torch.Tensor:
     Args:
         field: the FOD (learned rows may require grad).
         target_halves: ``[P, 2, H, 3]`` target halves (mm); target_counts: ``[P, 2]``.
-        cutoff: the cutoff (float or 0-d tensor): the amplitude unit.
+        cutoff: the cutoff (float or 0-d tensor): the amplitude unit, detached (the term would
+            otherwise pull a learned cutoff up to shrink itself).
 
     Returns:
         0-d float64 tensor (mm).
@@ -179,5 +180,5 @@ def tangent_sum(field, target_halves, target_counts, cutoff) -> torch.Tensor:
     with torch.no_grad():
         _, dY, _ = basis_directional_derivatives(u, torch.stack([e1, e2]), field.lmax)
     g = learned_contractions(field, p, dY)  # [2, m]
-    cut = torch.as_tensor(cutoff, dtype=torch.float64).to(g.device)
+    cut = float(torch.as_tensor(cutoff).detach())  # a unit: no pull on a learned cutoff
     return (d.to(g.device) * g.pow(2).sum(0)).sum() / cut**2
