@@ -75,9 +75,12 @@ def main() -> int:
     )
     args = p.parse_args()
     work, region, n = Path(args.work), args.case.rstrip("0123456789"), args.case[1:]
-    tck = work / f"target_{region}.tck"
+    tck, seeds = work / f"target_{region}.tck", work / f"target_{region}_seeds.txt"
+    if region == "A":  # fod_fit.py's region A is the shared bundleA
+        shared = ROOT.parent / "shared" / "data" / "real_msmt15"
+        tck, seeds = shared / "bundleA_default.tck", shared / "bundleA_default_seeds.txt"
     target = load_tractogram(tck)
-    pos, dirs, ti = seeds_from_reference(tck, work / f"target_{region}_seeds.txt")
+    pos, dirs, ti = seeds_from_reference(tck, seeds)
     target = target.select(torch.as_tensor(ti))
     train, held = split_indices(len(target), 0.2, 0)
     idx = train if args.train else held
