@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..streamlines import Streamlines
-from .distributed import World
+from .distributed import SINGLE, World
 from .objective import (
     FOD_TERMS,
     SIGNAL_TERMS,
@@ -93,7 +93,7 @@ class BundleProblem(Problem):
     """
 
     def __init__(self, cfg, fod, resolved, paired: PairedTarget, train_idx, held_idx,
-                 voxels=None, signal=None):  # fmt: skip
+                 voxels=None, signal=None, world: World = SINGLE):  # fmt: skip
         super().__init__()
         self.cfg, self.config = cfg, cfg.raw
         self.fod, self.resolved = fod, resolved
@@ -106,7 +106,7 @@ class BundleProblem(Problem):
         self.train, self.held = paired.subset(train_idx), paired.subset(held_idx)
         self.data_cfg = _without(cfg.loss, ("centre",))
         self.basis = self._basis(sh0.shape[-1])
-        self.signal = self._signal(signal)
+        self.signal = self._signal(signal, world)
         self.fixed_field = None
         self._tfeats: dict = {}
         self._selected = None  # (values, selection loss) last computed
@@ -114,8 +114,10 @@ class BundleProblem(Problem):
         if self.state.delta is None:  # the FOD is fixed: the one field for all
             self.fixed_field = fod
 
-    def _signal(self, signal):
-        """``signal`` after checking it against the config; its gradient hook registered."""
+    def _signal(self, signal, world: World):
+        """``signal`` after checking it against the config, its coupling weight chosen and the
+        coupled start applied (on rank 0 alone under ``--nproc``: :meth:`World.on_main`); its
+        gradient hook registered."""
         from .signal_term import check_signal_config, parse_spatial
 
         check_signal_config(self.cfg.loss.weights, self.cfg.learn, signal is not None)
@@ -123,9 +125,13 @@ class BundleProblem(Problem):
         if signal is None or st.delta is None:
             return None
         signal.spatial = parse_spatial(self.config.get("signal", {}).get("spatial", 0.0))
-        if self.config.get("signal", {}).get("start", "csd") == "coupled":  # docs/csd.md
+        coupled = self.config.get("signal", {}).get("start", "csd") == "coupled"  # docs/csd.md
+        change = signal.adopt(
+            world.on_main(lambda: signal.prepare(st.sh0_rows, st.voxels, coupled))
+        )
+        if change is not None:
             with torch.no_grad():
-                st.delta.add_(signal.start_change(st.sh0_rows, st.voxels))
+                st.delta.add_(change.to(st.delta))
         hook = getattr(signal, "gradient_hook", lambda _: None)(st.sh0_rows)
         if hook is not None:
             st.delta.register_hook(hook)

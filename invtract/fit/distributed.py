@@ -99,6 +99,25 @@ class World:
 
             dist.barrier()
 
+    def on_main(self, fn: Callable):
+        """``fn()`` computed on rank 0 alone and given to every rank (one broadcast; the value
+        must pickle); an exception raised there is raised on every rank, so none waits."""
+        if self.size == 1:
+            return fn()
+        import torch.distributed as dist
+
+        box: list = [None]
+        if self.is_main:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as e:  # every rank raises it
+                box[0] = ("error", e)
+        dist.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise value
+        return value
+
 
 #: the single-process world
 SINGLE = World(0, 1)

@@ -494,9 +494,10 @@ def resolve_config(config, steps=None, learn=None, hparams: Mapping | None = Non
 
 
 def build_problem(cfg: FitConfig, fod, target: Streamlines, params: TrackingParameters,
-                  seeding=None, signal=None, fod_in_place: bool = False):  # fmt: skip
+                  seeding=None, signal=None, fod_in_place: bool = False,
+                  world: World = SINGLE):  # fmt: skip
     """The :class:`~invtract.fit.bundle.BundleProblem` of a fit (checks the target; ``fod``,
-    ``signal``, ``fod_in_place``: see :func:`fit`)."""
+    ``signal``, ``fod_in_place``, ``world``: see :func:`fit`)."""
     from .bundle import BundleProblem, split_indices
 
     if len(target) == 0:
@@ -517,7 +518,7 @@ def build_problem(cfg: FitConfig, fod, target: Streamlines, params: TrackingPara
         voxels = learned_voxels(field, paired.subset(train_idx).streamlines, cfg.margin_vox)
         voxels = voxels.to(field.device)
     resolved = params.resolve(field.header_voxel_sizes)
-    return BundleProblem(cfg, field, resolved, paired, train_idx, held_idx, voxels, signal)
+    return BundleProblem(cfg, field, resolved, paired, train_idx, held_idx, voxels, signal, world)
 
 
 def fit(
@@ -595,7 +596,7 @@ def fit(
         from .runlog import WriterLogger
 
         logger = WriterLogger(logger)
-    problem = build_problem(cfg, fod, target, params, seeding, signal, fod_in_place)
+    problem = build_problem(cfg, fod, target, params, seeding, signal, fod_in_place, world)
     trainer = Trainer(
         TrainSettings.from_config(cfg.raw), logger=logger, checkpoint=checkpoint,
         resume=resume, progress=progress, callbacks=[on_step, *callbacks], world=world,

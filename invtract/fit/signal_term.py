@@ -248,6 +248,22 @@ class SignalTerm:
         )
         return w
 
+    def prepare(self, sh_start: torch.Tensor, voxels: torch.Tensor, coupled: bool):
+        """The fit's one-time work on the learned voxels, as a picklable ``(spatial,
+        coupling_cv, start change [V, K] or None)``: ``"auto"`` resolved to a number (the
+        cross-validation) and, when ``coupled``, :meth:`start_change`. Under ``--nproc`` rank 0
+        computes it and the others :meth:`adopt` it."""
+        change = self.start_change(sh_start, voxels).cpu() if coupled else None
+        if not coupled and self.grid is not None:  # without a grid "auto" fails at first use
+            self._coupling_weight(self._usable(voxels)[0])
+        return self.spatial, self.coupling_cv, change
+
+    def adopt(self, prepared) -> torch.Tensor | None:
+        """Take :meth:`prepare`'s result (computed on another rank); returns its start
+        change."""
+        self.spatial, self.coupling_cv, change = prepared
+        return change
+
     def start_change(self, sh_start: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
         """``[V, K]`` change taking the learned voxels from ``sh_start`` to the minimiser of
         this term alone (signal + spatial coupling; ``[signal] start = "coupled"``): the fit

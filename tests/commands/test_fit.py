@@ -282,7 +282,8 @@ def test_dwi_adds_the_signal_term_to_the_fod_fit(tmp_path, small_target, dwi_inp
     terms = {k for k in lines[0] if k.startswith("loss/")}
     assert "loss/prior" not in terms  # weight 0 in fit_fod_dwi: not computed
     assert "loss/reach" in terms and "loss/extent" not in terms  # reach replaces extent
-    assert all(x["loss/reach"] >= 0 for x in lines)
+    assert "loss/tangent" in terms  # the targets' directions as FOD peaks
+    assert all(x["loss/reach"] >= 0 and x["loss/tangent"] >= 0 for x in lines)
     assert (run / "fitted_fod.nii.gz").is_file()
     res = _strict(run / "result.json")["signal"]
     assert res["bvalue"] == 2000.0 and res["n_directions"] == 30 and res["noise_sigma"] >= 0
@@ -290,6 +291,22 @@ def test_dwi_adds_the_signal_term_to_the_fod_fit(tmp_path, small_target, dwi_inp
     # "auto": the weight chosen by cross-validation, with each candidate's held-out error
     assert res["spatial"] == res["spatial_cv"]["weight"] >= 0
     assert len(res["spatial_cv"]["cv_error"]) >= 2
+
+
+@pytest.mark.slow
+def test_two_process_dwi_fit_equals_one_process(tmp_path, small_target, dwi_inputs):
+    """--nproc 2 --dwi (coupling weight "auto", coupled start: rank 0 prepares them, the other
+    rank adopts them): the result is one process's."""
+    dwi, resp, mask = dwi_inputs
+    extra = ["--fit", "fod", "--dwi", dwi, "--response", resp, "--mask", mask]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_quick(small_target, one, extra)) == 0
+    assert main(_quick(small_target, two, extra + ["--nproc", "2"])) == 0
+    a, b = _strict(one / "result.json"), _strict(two / "result.json")
+    assert b["signal"]["spatial"] == a["signal"]["spatial"]
+    assert b["signal"]["spatial_cv"] == a["signal"]["spatial_cv"]
+    for k in ("best_loss", "final_loss", "final_train_mdf_mm"):  # float32 rows, summed
+        assert b[k] == pytest.approx(a[k], rel=1e-6), k  # across ranks in another order
 
 
 @pytest.mark.parametrize(

@@ -329,3 +329,35 @@ def test_low_updates_hook_keeps_degrees_above_4(voxels):
     assert torch.equal(out[:, :15], g[:, :15])  # l = 0, 2, 4: 1 + 5 + 9 coefficients
     assert float(out[:, 15:].abs().max()) == 0.0
     assert SignalTerm(model, sig.float(), *fields).gradient_hook(g) is None  # free
+
+
+def test_other_ranks_adopt_rank0s_coupling_weight_and_coupled_start():
+    """Under --nproc only rank 0 cross-validates the coupling weight and solves the coupled
+    start (World.on_main); another rank's problem adopts them and starts where rank 0's does."""
+    from invtract.fit.distributed import SINGLE, World
+    from invtract.fit.optimise import build_problem, resolve_config
+
+    img, sl, seeding = _bundle()
+    g = _grad()
+    dwi = _synthetic(img.data, g, sigma=20.0, seed=5)
+    mask = np.abs(img.data[..., 0]) > 0.1
+    params = TrackingParameters(step_mm=1.0, min_length_mm=10.0, max_length_mm=200.0)
+    over = {"loss": {"weights": {"mdf": 1.0, "signal": 1.0}},
+            "signal": {"spatial": "auto", "start": "coupled"}}  # fmt: skip
+    cfg = resolve_config(over, learn=("sh",))
+    main_term = SignalTerm.build(dwi, g, RESPONSE, mask=mask)
+    prepared = []
+    real = main_term.prepare
+    main_term.prepare = lambda *a: prepared.append(real(*a)) or prepared[-1]
+    main = build_problem(cfg, img, sl, params, seeding, signal=main_term, world=SINGLE)
+    assert len(prepared) == 1 and float(main.state.delta.detach().abs().max()) > 0
+
+    class OtherRank(World):
+        def on_main(self, fn):  # rank 0's broadcast, without calling fn
+            return prepared[0]
+
+    term = SignalTerm.build(dwi, g, RESPONSE, mask=mask)
+    term.prepare = term.choose_spatial = lambda *a: pytest.fail("computed on rank 1")
+    other = build_problem(cfg, img, sl, params, seeding, signal=term, world=OtherRank(1, 2))
+    assert term.spatial == main_term.spatial and term.coupling_cv == main_term.coupling_cv
+    torch.testing.assert_close(other.state.delta.detach(), main.state.delta.detach())
