@@ -35,9 +35,8 @@ Needs MRtrix3 (``mrconvert``, ``dwi2fod``, ``tckgen``) on PATH. Progress goes to
 JSON (one entry per case, plus ``config``) to stdout and ``--out``. Default: C15 and phantom20
 (~1-2 min each on a quiet 2-core machine; to run two cases at once on 2 cores, give each
 ``OMP_NUM_THREADS=1``: with two torch threads each the fits ran 5x slower); docs/csd.md's last
-table is both methods on B20,
-C15, C30, A15, B30, phantom20, one case per run (tuning: ``--cases A20`` / ``A30``, ``--seed``
-0-2).
+table is both methods on B20, C15, C30, A15, B30, phantom20, one case per run (tuning:
+``--cases A20`` / ``A30``, ``--seed`` 0-2).
 A run replaces the work folder's earlier runs of the same case.
 """
 
