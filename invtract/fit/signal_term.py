@@ -438,24 +438,15 @@ def signal_from_args(args, fod_image=None, keep_csd: bool = False, world=None):
 
     With a multi-process ``world`` (:class:`~invtract.fit.distributed.World`, ``--nproc``),
     rank 0 alone reads the DWI and solves CSD; the other ranks receive its term (one
-    broadcast), so every rank holds the same term without repeating the solve.
+    broadcast, :meth:`~invtract.fit.distributed.World.on_main`: an error there is raised on every
+    rank), so every rank holds the same term without repeating the solve.
     """
     if not check_signal_args(args):
         return None
-    if world is not None and world.size > 1:
-        import torch.distributed as dist
+    from functools import partial
 
-        box: list = [None]
-        if world.is_main:
-            try:
-                box[0] = _build_from_args(args, fod_image, keep_csd)
-            except InvtractError as e:  # every rank raises it, none waits forever
-                box[0] = e
-        dist.broadcast_object_list(box, src=0)
-        if isinstance(box[0], Exception):
-            raise box[0]
-        return box[0]
-    return _build_from_args(args, fod_image, keep_csd)
+    build = partial(_build_from_args, args, fod_image, keep_csd)
+    return build() if world is None else world.on_main(build)
 
 
 def _build_from_args(args, fod_image, keep_csd: bool) -> SignalTerm:
