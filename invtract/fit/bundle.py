@@ -8,10 +8,11 @@ whole batch's target, ``anchor``, the FOD priors, the diffusion-signal term ``si
 ``--dwi`` (:class:`~invtract.fit.signal_term.SignalTerm`, weighted by ``[loss.weights] signal``),
 :meth:`Problem.add_term` terms) once.
 
-The data terms ``mdf``, ``vertex``, ``extent``, ``margin`` and ``reach`` are sums over pairs
-divided by the batch size: a rank's share is its sum divided by the *batch's* size, so the
-shares add up to the single-process loss. ``paired``, ``chamfer``, ``length`` and ``density``
-are not such sums and are refused in a data-parallel fit.
+The data terms of :data:`SHARDABLE_TERMS` (``mdf``, ``vertex``, ``extent``, ``margin``,
+``reach``, ``tangent``) are sums over pairs divided by the batch size: a rank's share is its sum
+divided by the *batch's* size, so the shares add up to the single-process loss. ``paired``,
+``chamfer``, ``length`` and ``density`` are not such sums and are refused in a data-parallel
+fit.
 """
 
 from __future__ import annotations

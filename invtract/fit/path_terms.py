@@ -82,7 +82,9 @@ def learned_contractions(field, points: torch.Tensor, vecs: torch.Tensor) -> tor
     if not _has_learned(field) or points.shape[0] == 0:
         return base
     corr = _learned_correction(field, points, vecs.to(field.learned[1].device))
-    return base.to(corr.device) + torch.where(valid.to(corr.device)[None], corr, 0 * corr)
+    return base.to(corr.device) + torch.where(
+        valid.to(corr.device)[None], corr, torch.zeros_like(corr)
+    )
 
 
 def _has_learned(field) -> bool:
