@@ -180,7 +180,7 @@ def tangent_sum(field, target_halves, target_counts, cutoff) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float64)
     e1, e2 = tangent_basis(u)
     with torch.no_grad():
-        _, dY, _ = basis_directional_derivatives(u, torch.stack([e1, e2]), field.lmax)
+        _, dY, _ = basis_directional_derivatives(u, torch.stack([e1, e2]), field.lmax, order=1)
     g = learned_contractions(field, p, dY)  # [2, m]
     cut = float(torch.as_tensor(cutoff).detach())  # a unit: no pull on a learned cutoff
     return (d.to(g.device) * g.pow(2).sum(0)).sum() / cut**2

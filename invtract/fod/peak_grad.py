@@ -59,29 +59,32 @@ def tangent_basis(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _jmul(a, b):
-    """Product of second-order jets (v, d1, d2/2) given as 3-tuples of tensors."""
+    """Product of Taylor jets ``(v, d1)`` or ``(v, d1, d2/2)`` (tuples of tensors)."""
+    if len(a) == 2:
+        return (a[0] * b[0], a[0] * b[1] + a[1] * b[0])
     return (a[0] * b[0], a[0] * b[1] + a[1] * b[0], a[0] * b[2] + a[1] * b[1] + a[2] * b[0])
 
 
 def _jlin(alpha, a, beta=None, b=None):
     if b is None:
-        return (alpha * a[0], alpha * a[1], alpha * a[2])
-    return (alpha * a[0] + beta * b[0], alpha * a[1] + beta * b[1], alpha * a[2] + beta * b[2])
+        return tuple(alpha * x for x in a)
+    return tuple(alpha * x + beta * y for x, y in zip(a, b))
 
 
 @torch.no_grad()
 def basis_directional_derivatives(
-    u: torch.Tensor, dirs: torch.Tensor, lmax: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    u: torch.Tensor, dirs: torch.Tensor, lmax: int, order: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Basis value and first/second directional derivatives along given directions.
 
     Evaluates the (polynomial, Cartesian) MRtrix3 basis of :func:`~invtract.fod.sh.sh_basis`
-    on the lines ``u + t d`` with exact second-order Taylor arithmetic.
+    on the lines ``u + t d`` with exact Taylor arithmetic of order ``order`` (1 or 2).
 
     Args:
         u: ``[N, 3]`` points (unit directions).
         dirs: ``[D, N, 3]`` directions d.
         lmax: even SH degree.
+        order: 2, or 1 to skip the second derivatives (then ``d2Y`` is None).
 
     Returns:
         ``(Y [N, K], dY [D, N, K], d2Y [D, N, K])`` with dY = d/dt Y(u + t d) and
@@ -92,14 +95,13 @@ def basis_directional_derivatives(
     """
     D = dirs.shape[0]
     ub = u.unsqueeze(0).expand(D, -1, -1)
-    x = (ub[..., 0], dirs[..., 0], torch.zeros_like(dirs[..., 0]))
-    y = (ub[..., 1], dirs[..., 1], torch.zeros_like(dirs[..., 1]))
-    z = (ub[..., 2], dirs[..., 2], torch.zeros_like(dirs[..., 2]))
-    zero = torch.zeros_like(x[0])
-    one = torch.ones_like(x[0])
+    zero = torch.zeros_like(ub[..., 0])
+    one = torch.ones_like(zero)
+    pad = (zero,) * (int(order) - 1)  # the jets' higher terms, zero for the coordinates
+    x, y, z = ((ub[..., i], dirs[..., i], *pad) for i in range(3))
     # P-bar_l^m(z) / s^m as polynomials in z (same recursion as sh._legendre_normalised, s = 1)
     P = {}
-    pmm = (torch.full_like(zero, 1.0 / math.sqrt(4.0 * math.pi)), zero, zero)
+    pmm = (torch.full_like(zero, 1.0 / math.sqrt(4.0 * math.pi)), zero, *pad)
     for m in range(lmax + 1):
         if m > 0:
             pmm = _jlin(-math.sqrt((2.0 * m + 1.0) / (2.0 * m)), pmm)
@@ -112,8 +114,8 @@ def basis_directional_derivatives(
             P[(n, m)] = _jlin(a, _jmul(z, P[(n - 1, m)]), -a * b, P[(n - 2, m)])
     K = n_coeffs(lmax)
     out = [None] * K
-    re = (one, zero, zero)
-    im = (zero, zero, zero)
+    re = (one, zero, *pad)
+    im = (zero, zero, *pad)
     sqrt2 = math.sqrt(2.0)
     for m in range(lmax + 1):
         if m > 0:
@@ -129,7 +131,7 @@ def basis_directional_derivatives(
                 out[sh_index(l, -m)] = _jlin(sqrt2, _jmul(P[(l, m)], im))
     Y = torch.stack([o[0] for o in out], -1)[0]
     dY = torch.stack([o[1] for o in out], -1)
-    d2Y = 2.0 * torch.stack([o[2] for o in out], -1)
+    d2Y = 2.0 * torch.stack([o[2] for o in out], -1) if order == 2 else None
     return Y, dY, d2Y
 
 

@@ -13,6 +13,7 @@ from invtract.fod.peak_grad import (
     peak_amplitude,
     peak_geometry,
     refine_peak,
+    tangent_basis,
 )
 from invtract.fod.peaks import mrtrix_peak
 from invtract.fod.sh import sh_basis
@@ -115,3 +116,17 @@ def test_peak_jet_matches_operator():
         ref = torch.bmm(M.transpose(1, 2), qb[:, :, None])[..., 0] + ab[:, None] * Y
         torch.testing.assert_close(jet.transpose(qb, ab), ref, rtol=1e-12, atol=1e-11)
         torch.testing.assert_close(fast_sh_basis(u, lmax), sh_basis(u, lmax), rtol=0, atol=1e-13)
+
+
+def test_first_order_basis_derivatives_equal_the_second_order_ones():
+    """``order=1`` (what the fit's ``tangent`` term needs) gives the same value and first
+    derivatives, bit for bit, and no second ones."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.nn.functional.normalize(
+        torch.randn(200, 3, generator=g, dtype=torch.float64), dim=-1
+    )
+    dirs = torch.stack(tangent_basis(u))
+    Y2, dY2, d2Y = basis_directional_derivatives(u, dirs, 8)
+    Y1, dY1, none = basis_directional_derivatives(u, dirs, 8, order=1)
+    assert torch.equal(Y1, Y2) and torch.equal(dY1, dY2)
+    assert none is None and d2Y.shape == dY2.shape
