@@ -111,8 +111,9 @@ def _slab_fod(z0: int, z1: int, shape, affine, semi, sh_basis) -> tuple[np.ndarr
     return fod.reshape(X, Y, z1 - z0, K), fibre.reshape(X, Y, z1 - z0)
 
 
-def _mif_header(shape4, affine, datatype: str, layout: str) -> bytes:
-    """A ``.mif`` header whose data follow at an offset it names (a multiple of 16)."""
+def _mif_header(shape4, affine, datatype: str, layout: str, extra=()) -> bytes:
+    """A ``.mif`` header whose data follow at an offset it names (a multiple of 16); ``extra``:
+    more ``key: value`` lines."""
     rot = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     vox = np.linalg.norm(affine[:3, :3], axis=0)
     lines = ["mrtrix image", "dim: " + ",".join(str(int(s)) for s in shape4)]
@@ -121,7 +122,7 @@ def _mif_header(shape4, affine, datatype: str, layout: str) -> bytes:
     for r in range(3):
         row = list(rot[r]) + [affine[r, 3]]
         lines.append("transform: " + ",".join(f"{v:.17g}" for v in row))
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines + list(extra)) + "\n"
     offset = len(text) + len("file: . 00000\nEND\n")
     offset += (-offset) % 16
     return (text + f"file: . {offset}\nEND\n").encode().ljust(offset, b"\0")

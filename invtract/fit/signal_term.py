@@ -7,6 +7,12 @@ the minimiser of the signal term alone, i.e. ``dwi2fod csd``'s coefficients, ove
 
 Memory: the DWI is kept only for the shell CSD uses, as float32 ``[X*Y*Z, N]`` (N ~ the FOD's K
 coefficients: about one copy of the FOD), plus ``[X*Y*Z]`` float64 reference values.
+
+Time: a fit needs CSD's optimum only in the voxels it learns, and the noise level. So CSD is
+solved up front on at most :data:`NOISE_SAMPLE` usable voxels (all of them in a smaller mask; an
+even stride through the mask in a larger one, e.g. a whole brain), which set the noise variance,
+and in any other voxel the first time the fit asks for it. CSD alone (``keep_csd``) solves every
+voxel.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ log = logging.getLogger("invtract")
 
 #: ``--fod-updates low``: the highest degree the fit's gradient changes
 LOW_LMAX = 4
+#: usable voxels whose CSD residual sets the noise variance (all of them when fewer)
+NOISE_SAMPLE = 16384
 
 
 def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
@@ -86,6 +94,23 @@ def _shell_signals(dwi: np.ndarray, volumes: np.ndarray, mask: np.ndarray | None
     return sig, usable, idx
 
 
+def _unsolved(usable: torch.Tensor) -> torch.Tensor:
+    """``[X*Y*Z]`` float64 reference values: NaN in the usable voxels (not solved yet), else 0."""
+    ref = torch.zeros(usable.shape, dtype=torch.float64)
+    ref[usable] = torch.nan
+    return ref
+
+
+def noise_sample(idx: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """At most ``n`` (default :data:`NOISE_SAMPLE`) of the flat voxel indices ``idx [U]``: all
+    of them, or an even stride through them (spread over the whole mask, deterministic)."""
+    n = NOISE_SAMPLE if n is None else int(n)
+    if idx.numel() <= n:
+        return idx
+    pick = torch.linspace(0, idx.numel() - 1, n, dtype=torch.float64).round().long()
+    return idx[pick]
+
+
 @dataclass
 class SignalTerm:
     """The signal term on an FOD grid.
@@ -95,8 +120,13 @@ class SignalTerm:
         signals: ``[X*Y*Z, N]`` float32 signals of the shell (C order of the grid; non-finite
             voxels hold 0 and are excluded from ``usable``).
         usable: ``[X*Y*Z]`` bool: finite signal (and inside the mask when one was given).
-        reference: ``[X*Y*Z]`` float64 CSD objective at the CSD coefficients (0 where unusable).
-        variance: noise variance per measurement (mean squared CSD residual over ``usable``).
+        reference: ``[X*Y*Z]`` float64 CSD objective at the CSD coefficients (0 where unusable;
+            NaN where not solved yet: see ``solved``).
+        variance: noise variance per measurement (mean squared CSD residual over the usable
+            voxels, or an even sample of :data:`NOISE_SAMPLE` of them).
+        solved: ``[X*Y*Z]`` bool: CSD solved there (``reference`` set; multi-tissue: ``signals``
+            hold the residual signals). The other usable voxels are solved on first use. None
+            (a term built around a given ``reference``): every voxel is solved.
         csd: ``[X*Y*Z, K]`` float32 CSD coefficients (zero where unusable), kept only when
             built with ``keep_csd`` (CSD alone), else None.
         grid: ``(shape [3], affine [4, 4])`` of the DWI (set by :func:`signal_from_args`).
@@ -122,12 +152,17 @@ class SignalTerm:
     reference: torch.Tensor
     variance: float
     csd: torch.Tensor | None
+    solved: torch.Tensor | None = None
     grid: tuple | None = None
     updates: str = "free"
     msmt: MSMTModel | None = None
     others: torch.Tensor | None = None
     spatial: float | str = 0.0
     coupling_cv: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.solved is None:
+            self.solved = torch.ones(self.usable.shape, dtype=torch.bool)
 
     @classmethod
     def build(
@@ -152,41 +187,68 @@ class SignalTerm:
             response = response[0]
         model = csd_model(grad, response, **opts)
         sig, usable, idx = _shell_signals(dwi, model.volumes, mask)
-        c = csd_solve(sig[idx], model)
-        return cls._finish(model, sig, usable, idx, c, keep_csd, dwi.shape[:3])
+        grid = (dwi.shape[:3], None)
+        term = cls(model, sig, usable, _unsolved(usable), 1.0, None, ~usable, grid)
+        term._finish(idx, keep_csd)
+        return term
 
     @classmethod
     def _build_msmt(cls, dwi, grad, responses, mask, keep_csd, lmax=None, neg_lambda=1.0):
         """:meth:`build` with one response per tissue (``dwi2fod msmt_csd``)."""
-        from ..fod.msmt import msmt_model, msmt_solve, residual_signals, wm_signal_model
+        from ..fod.msmt import msmt_model, wm_signal_model
 
         mm = msmt_model(grad, responses, lmax)
         sig, usable, idx = _shell_signals(dwi, np.arange(grad.shape[0]), mask)
-        x = msmt_solve(sig[idx], mm)
-        sig[idx] = residual_signals(sig[idx], x, mm).float()
-        a, b = mm.tissues[0]
         wm = wm_signal_model(mm, neg_lambda)
-        term = cls._finish(wm, sig, usable, idx, x[:, a:b], keep_csd, dwi.shape[:3])
+        grid = (dwi.shape[:3], None)
+        term = cls(wm, sig, usable, _unsolved(usable), 1.0, None, ~usable, grid)
         term.msmt = mm
-        if keep_csd:
-            rest = torch.ones(mm.n_params, dtype=torch.bool)
-            rest[a:b] = False
-            term.others = torch.zeros(sig.shape[0], int(rest.sum()), dtype=torch.float32)
-            term.others[idx] = x[:, rest].float()
+        term._finish(idx, keep_csd)
         return term
 
-    @classmethod
-    def _finish(cls, model, sig, usable, idx, c, keep_csd, shape3) -> SignalTerm:
-        """The term from the solved coefficients ``c [U, K]`` of the usable voxels ``idx``."""
-        csd = None
-        if keep_csd:
-            csd = torch.zeros(sig.shape[0], model.n_coeffs, dtype=torch.float32)
-            csd[idx] = c.float()
-        b = sig[idx].double()
-        ref = torch.zeros(sig.shape[0], dtype=torch.float64)
-        ref[idx] = csd_objective(c, b.clamp_min(0) if model.clamp_signal else b, model)
-        var = noise_variance(sig[idx], model, c)
-        return cls(model, sig, usable, ref, var, csd, grid=(tuple(shape3), None))
+    def _finish(self, idx: torch.Tensor, keep_csd: bool) -> None:
+        """Solve the noise sample of the usable voxels ``idx`` (all of them with ``keep_csd``,
+        which also keeps the coefficients) and set :attr:`variance`."""
+        sample = idx if keep_csd else noise_sample(idx)
+        c, x = self._solve(sample)
+        self.variance = noise_variance(self.signals[sample], self.model, c)
+        if not keep_csd:
+            return
+        self.csd = torch.zeros(self.signals.shape[0], self.model.n_coeffs, dtype=torch.float32)
+        self.csd[idx] = c.float()
+        if self.msmt is not None:
+            a, b = self.msmt.tissues[0]
+            rest = torch.ones(self.msmt.n_params, dtype=torch.bool)
+            rest[a:b] = False
+            self.others = torch.zeros(self.signals.shape[0], int(rest.sum()), dtype=torch.float32)
+            self.others[idx] = x[:, rest].float()
+
+    def _solve(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Solve CSD in the usable voxels ``idx`` (not solved before): set their
+        :attr:`reference` (multi-tissue: replace their signals by the residual of the other
+        tissues first). Returns ``(c [U, K] float64 WM coefficients, x)``, ``x`` the
+        multi-tissue solution ``[U, P]`` (None for single-shell CSD)."""
+        from ..fod.msmt import msmt_solve, residual_signals
+
+        x = None
+        if self.msmt is None:
+            c = csd_solve(self.signals[idx], self.model)
+        else:
+            x = msmt_solve(self.signals[idx], self.msmt)
+            self.signals[idx] = residual_signals(self.signals[idx], x, self.msmt).float()
+            a, b = self.msmt.tissues[0]
+            c = x[:, a:b]
+        b_ = self.signals[idx].double()
+        b_ = b_.clamp_min(0) if self.model.clamp_signal else b_
+        self.reference[idx] = csd_objective(c, b_, self.model)
+        self.solved[idx] = True
+        return c, x
+
+    def _ensure_solved(self, voxels: torch.Tensor) -> None:
+        """Solve CSD in the usable ``voxels [U]`` (flat indices) not solved yet."""
+        todo = voxels[~self.solved[voxels]]
+        if todo.numel():
+            self._solve(torch.unique(todo))
 
     def __call__(self, sh_learn: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
         """The term over the learned voxels that have a usable signal.
@@ -214,6 +276,7 @@ class SignalTerm:
         signal."""
         v = voxels.to(self.usable.device).long()
         keep = torch.nonzero(self.usable[v]).flatten()
+        self._ensure_solved(v[keep])
         return v[keep], keep
 
     def _coupling_weight(self, usable_voxels: torch.Tensor) -> float:
@@ -230,18 +293,24 @@ class SignalTerm:
         """Set :attr:`spatial` from the data: the coupling weight with the smallest
         leave-directions-out prediction error of the coupled CSD over ``voxels [V]`` (usable
         flat indices; :func:`~invtract.fit.signal_coupling.choose_coupling`)."""
-        from .signal_coupling import choose_coupling
+        from .signal_coupling import CV_VOXELS, choose_coupling
 
         t0 = time.perf_counter()
         w, err = choose_coupling(
             self.signals[voxels], self.model, voxels, self.grid[0], self.variance
         )
+        n_cv = min(int(voxels.numel()), CV_VOXELS)
         self.spatial = w
-        self.coupling_cv = {"weight": w, "cv_error": {str(k): e for k, e in err.items()}}
+        self.coupling_cv = {
+            "weight": w,
+            "cv_error": {str(k): e for k, e in err.items()},
+            "voxels": n_cv,
+        }
         log.info(
-            "signal term: spatial coupling W = %g chosen by cross-validation over %d voxels "
-            "(held-out error %s; %.1f s)",
+            "signal term: spatial coupling W = %g chosen by cross-validation over %d of the "
+            "%d learned voxels (held-out error %s; %.1f s)",
             w,
+            n_cv,
             voxels.numel(),
             ", ".join(f"{k:g}: {e:.4g}" for k, e in err.items()),
             time.perf_counter() - t0,
@@ -324,6 +393,7 @@ class SignalTerm:
         """Mean RMS signal residual (signal units) of ``sh [X*Y*Z, K]`` over usable ``voxels``."""
         v = voxels.long()
         v = v[self.usable[v]]
+        self._ensure_solved(v)
         return float(signal_residual(sh[v].double(), self.signals[v], self.model).mean())
 
 

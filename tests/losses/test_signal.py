@@ -361,3 +361,41 @@ def test_other_ranks_adopt_rank0s_coupling_weight_and_coupled_start():
     other = build_problem(cfg, img, sl, params, seeding, signal=term, world=OtherRank(1, 2))
     assert term.spatial == main_term.spatial and term.coupling_cv == main_term.coupling_cv
     torch.testing.assert_close(other.state.delta.detach(), main.state.delta.detach())
+
+
+def test_noise_sample_is_all_or_an_even_stride():
+    from invtract.fit.signal_term import noise_sample
+
+    idx = torch.arange(10, 1010, 2)
+    assert torch.equal(noise_sample(idx, 500), idx)
+    s = noise_sample(idx, 50)
+    assert s.numel() == 50 and s[0] == idx[0] and s[-1] == idx[-1]
+    assert bool((s.diff() > 0).all()) and bool(torch.isin(s, idx).all())
+    gaps = s.diff().double()
+    assert float(gaps.max() - gaps.min()) <= 4  # even: every 20th index +- one
+
+
+def test_signal_term_solves_csd_only_where_asked(monkeypatch):
+    """Beyond NOISE_SAMPLE usable voxels, build() solves the noise sample alone; the fit's
+    voxels are solved on first use, with the reference of a term that solved every voxel."""
+    import invtract.fit.signal_term as st
+
+    img = load_fod(example_path("fod"))
+    g = _grad()
+    dwi = _synthetic(img.data, g, sigma=20.0, seed=5)
+    mask = np.abs(img.data[..., 0]) > 0.1
+    full = SignalTerm.build(dwi, g, RESPONSE, mask=mask)
+    assert bool(full.solved.all()) and not bool(full.reference.isnan().any())
+    monkeypatch.setattr(st, "NOISE_SAMPLE", 40)
+    lazy = SignalTerm.build(dwi, g, RESPONSE, mask=mask)
+    n_usable = int(lazy.usable.sum())
+    assert n_usable > 200 and int((lazy.solved & lazy.usable).sum()) == 40
+    assert lazy.variance == pytest.approx(full.variance, rel=0.5)  # a sample of 40 voxels
+    vox = torch.nonzero(lazy.usable).flatten()[::3]
+    assert bool(lazy.reference[vox].isnan().any())
+    c = 1.01 * csd_solve(lazy.signals[vox].double(), lazy.model)
+    lazy.variance = full.variance
+    torch.testing.assert_close(lazy(c, vox), full(c, vox), rtol=1e-9, atol=0)
+    assert bool(lazy.solved[vox].all())
+    torch.testing.assert_close(lazy.reference[vox], full.reference[vox], rtol=1e-9, atol=1e-9)
+    assert int((lazy.solved & lazy.usable).sum()) < n_usable  # the others were left alone

@@ -186,3 +186,44 @@ def test_auto_coupling_on_the_multi_tissue_term(monkeypatch):
     assert term.spatial in sc.CANDIDATES and set(term.coupling_cv["cv_error"]) == {
         str(w) for w in sc.CANDIDATES
     }
+
+
+def test_cv_region_is_a_connected_blob_of_the_voxels():
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from invtract.fit.signal_coupling import cv_region
+
+    shape = (30, 30, 30)
+    block = np.stack(np.meshgrid(*(np.arange(5, 25),) * 2, np.arange(10, 15), indexing="ij"), -1)
+    far = np.array([[0, 0, 0], [0, 0, 1]])  # a second, distant component
+    ijk = np.concatenate([far, block.reshape(-1, 3)])
+    vox = torch.as_tensor(np.ravel_multi_index(ijk.T, shape))
+    assert torch.equal(cv_region(vox, shape, 5000), torch.arange(len(vox)))
+    pick = cv_region(vox, shape, 300)
+    assert pick.numel() == 300 and pick.unique().numel() == 300
+    assert torch.equal(pick, cv_region(vox, shape, 300))  # deterministic
+    sub = vox[pick]
+    pairs = neighbour_pairs(sub, shape).numpy()
+    g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(300, 300))
+    assert connected_components(g, directed=False)[0] == 1
+    assert len(pairs) > 2.2 * 300  # compact: most voxels keep several neighbours
+    assert not bool(torch.isin(vox[:2], sub).any())  # from the centre, not the far corner
+    # the distant component is taken when the main one is too small
+    assert bool(torch.isin(vox[:2], vox[cv_region(vox, shape, len(vox) - 1)]).any())
+
+
+def test_choose_coupling_solves_over_the_cv_region(monkeypatch):
+    import invtract.fit.signal_coupling as sc
+
+    model = csd_model(_grad(20), RESPONSE)
+    vox = torch.arange(int(np.prod(SHAPE)))
+    b = _signals(_field(True), model, 40.0)
+    var = noise_variance(b, model)
+    monkeypatch.setattr(sc, "CV_VOXELS", 20)
+    region = sc.cv_region(vox, SHAPE)
+    assert region.numel() == 20
+    got = choose_coupling(b, model, vox, SHAPE, var, folds=3)
+    monkeypatch.setattr(sc, "CV_VOXELS", 10_000)
+    assert got == choose_coupling(b[region], model, vox[region], SHAPE, var, folds=3)
+    assert got != choose_coupling(b, model, vox, SHAPE, var, folds=3)
