@@ -56,6 +56,8 @@ log = logging.getLogger("invtract")
 LOW_LMAX = 4
 #: usable voxels whose CSD residual sets the noise variance (all of them when fewer)
 NOISE_SAMPLE = 16384
+#: voxels solved (and their objective computed: ``[B, 300]`` float64) at a time
+SOLVE_BLOCK = 65536
 
 
 def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
@@ -210,24 +212,41 @@ class SignalTerm:
         """Solve the noise sample of the usable voxels ``idx`` (all of them with ``keep_csd``,
         which also keeps the coefficients) and set :attr:`variance`."""
         sample = idx if keep_csd else noise_sample(idx)
-        c, x = self._solve(sample)
-        self.variance = noise_variance(self.signals[sample], self.model, c)
-        if not keep_csd:
-            return
-        self.csd = torch.zeros(self.signals.shape[0], self.model.n_coeffs, dtype=torch.float32)
-        self.csd[idx] = c.float()
-        if self.msmt is not None:
+        n_all = self.signals.shape[0]
+        if keep_csd:
+            self.csd = torch.zeros(n_all, self.model.n_coeffs, dtype=torch.float32)
+        rest = None
+        if keep_csd and self.msmt is not None:
             a, b = self.msmt.tissues[0]
             rest = torch.ones(self.msmt.n_params, dtype=torch.bool)
             rest[a:b] = False
-            self.others = torch.zeros(self.signals.shape[0], int(rest.sum()), dtype=torch.float32)
-            self.others[idx] = x[:, rest].float()
+            self.others = torch.zeros(n_all, int(rest.sum()), dtype=torch.float32)
+        parts = []  # (voxels, mean squared residual) per block
 
-    def _solve(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Solve CSD in the usable voxels ``idx`` (not solved before): set their
-        :attr:`reference` (multi-tissue: replace their signals by the residual of the other
-        tissues first). Returns ``(c [U, K] float64 WM coefficients, x)``, ``x`` the
-        multi-tissue solution ``[U, P]`` (None for single-shell CSD)."""
+        def sink(block, c, x):
+            parts.append((block.numel(), noise_variance(self.signals[block], self.model, c)))
+            if keep_csd:
+                self.csd[block] = c.float()
+            if rest is not None:
+                self.others[block] = x[:, rest].float()
+
+        self._solve(sample, sink)
+        n = sum(k for k, _ in parts)
+        self.variance = parts[0][1] if len(parts) == 1 else sum(k * v for k, v in parts) / n
+
+    def _solve(self, idx: torch.Tensor, sink: Callable | None = None) -> None:
+        """Solve CSD in the usable voxels ``idx`` (not solved before), :data:`SOLVE_BLOCK` at a
+        time: set their :attr:`reference` (multi-tissue: replace their signals by the residual
+        of the other tissues first) and hand each block to ``sink(block, c, x)``: ``c [B, K]``
+        float64 WM coefficients, ``x`` the multi-tissue solution ``[B, P]`` (None for
+        single-shell CSD)."""
+        for a in range(0, idx.numel(), SOLVE_BLOCK):
+            block = idx[a : a + SOLVE_BLOCK]
+            c, x = self._solve_block(block)
+            if sink is not None:
+                sink(block, c, x)
+
+    def _solve_block(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         from ..fod.msmt import msmt_solve, residual_signals
 
         x = None

@@ -300,15 +300,20 @@ def csd_solve(signals: torch.Tensor, model: CSDModel, chunk: int = 1024) -> torc
         ``[V, K]`` float64 coefficients (zero where a signal is not finite). Not differentiable
         (a solver; the objective it minimises is :func:`csd_objective`).
     """
+    P, K = model.H.shape
+    HH = (model.H[:, :, None] * model.H[:, None, :]).reshape(P, K * K)  # rows' outer products
     out = []
     for a in range(0, signals.shape[0], chunk):
-        out.append(_solve_chunk(signals[a : a + chunk], model))
+        out.append(_solve_chunk(signals[a : a + chunk], model, HH))
     if not out:
         return torch.zeros(0, model.n_coeffs, dtype=torch.float64)
     return torch.cat(out)
 
 
-def _solve_chunk(signals: torch.Tensor, model: CSDModel) -> torch.Tensor:
+def _solve_chunk(signals: torch.Tensor, model: CSDModel, HH: torch.Tensor) -> torch.Tensor:
+    """The active-set iteration on ``[V, N]`` signals; ``HH [P, K*K]``: the outer products of
+    the constraint rows, so each voxel's normal matrix ``base + sum_{p negative} H_p H_p^T`` is
+    one matrix product for the whole chunk (not a ``[V, P, K]`` masked copy of ``H``)."""
     b, ok = _prepare(signals)
     V, K = b.shape[0], model.n_coeffs
     M, H = model.M, model.H
@@ -325,8 +330,7 @@ def _solve_chunk(signals: torch.Tensor, model: CSDModel) -> torch.Tensor:
         if not bool(active.any()):
             break
         idx = torch.nonzero(active).flatten()
-        Hn = H[None] * neg[idx, :, None].to(H.dtype)  # [A, P, K]
-        work = base + Hn.transpose(1, 2) @ Hn
+        work = base + (neg[idx].to(H.dtype) @ HH).view(-1, K, K)
         L = torch.linalg.cholesky(work)
         F[idx] = torch.cholesky_solve(rhs[idx, :, None], L)[..., 0]
         old = neg

@@ -399,3 +399,21 @@ def test_signal_term_solves_csd_only_where_asked(monkeypatch):
     assert bool(lazy.solved[vox].all())
     torch.testing.assert_close(lazy.reference[vox], full.reference[vox], rtol=1e-9, atol=1e-9)
     assert int((lazy.solved & lazy.usable).sum()) < n_usable  # the others were left alone
+
+
+def test_csd_alone_in_blocks_equals_one_block(monkeypatch):
+    """keep_csd solves SOLVE_BLOCK voxels at a time (bounded memory on a whole brain): the same
+    coefficients, references and noise variance as in one block."""
+    import invtract.fit.signal_term as st
+
+    img = load_fod(example_path("fod"))
+    g = _grad()
+    dwi = _synthetic(img.data, g, sigma=20.0, seed=5)
+    mask = np.abs(img.data[..., 0]) > 0.1
+    one = SignalTerm.build(dwi, g, RESPONSE, mask=mask, keep_csd=True)
+    monkeypatch.setattr(st, "SOLVE_BLOCK", 64)
+    blocks = SignalTerm.build(dwi, g, RESPONSE, mask=mask, keep_csd=True)
+    assert int(one.usable.sum()) > 3 * 64
+    torch.testing.assert_close(blocks.csd, one.csd, rtol=0, atol=0)
+    torch.testing.assert_close(blocks.reference, one.reference, rtol=1e-12, atol=1e-9)
+    assert blocks.variance == pytest.approx(one.variance, rel=1e-12)
