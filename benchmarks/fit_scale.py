@@ -193,7 +193,8 @@ def run_csd_alone(work: str, args) -> dict:
     csd`` on the same files, each as a whole process."""
     env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, "-m", "invtract.cli", "-q", "fit", "--fit", "fod", *DWI_ARGS,
-           "--run", os.path.join(work, "csd"), "--no-tensorboard", "--no-progress"]  # fmt: skip
+           "--run", os.path.join(work, "csd"), "--no-tensorboard", "--no-progress",
+           "--force"]  # fmt: skip
     print("invtract fit --dwi (CSD alone) ...", file=sys.stderr)
     ours = run_measured(cmd, env=env, cwd=work)
     ours.pop("stdout", None)
@@ -210,7 +211,7 @@ def run_fit(work: str, run: str, args, nproc: int) -> dict:
     cmd = [sys.executable, "-m", "invtract.cli", "-q", "fit", "--target", "bundle.tck",
            "--target-seeds", "seeds.txt", "--fod", "fod.mif", "--fit", args.fit,
            "--run", os.path.join(work, run), "--iterations", str(args.iterations),
-           "--no-tensorboard", "--no-progress", "--nproc", str(nproc),
+           "--no-tensorboard", "--no-progress", "--nproc", str(nproc), "--force",
            *(DWI_ARGS if args.dwi else [])]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_NUM_THREADS=str(args.threads))
     print(f"invtract fit --nproc {nproc} ...", file=sys.stderr)

@@ -84,12 +84,14 @@ def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
 def _shell_signals(dwi: np.ndarray, volumes: np.ndarray, mask: np.ndarray | None):
     """``(signals [X*Y*Z, n] float32, usable [X*Y*Z], idx [U])`` of the given volumes: non-finite
     values hold 0 and their voxels are not usable, nor voxels outside ``mask``."""
-    sig = torch.as_tensor(np.ascontiguousarray(dwi[..., volumes]), dtype=torch.float32)
-    sig = sig.reshape(-1, volumes.size)
-    usable = torch.isfinite(sig).all(-1)
+    sig = torch.from_numpy(np.ascontiguousarray(dwi[..., volumes], dtype=np.float32))
+    sig = sig.reshape(-1, volumes.size)  # the one copy: no [X*Y*Z, n] temporaries below
+    finite = torch.isfinite(sig)
+    usable = finite.all(-1)
     if mask is not None:
         usable &= torch.as_tensor(np.asarray(mask, bool).reshape(-1))
-    sig = torch.where(torch.isfinite(sig), sig, torch.zeros_like(sig))
+    sig.masked_fill_(~finite, 0.0)
+    del finite
     idx = torch.nonzero(usable).flatten()
     if idx.numel() == 0:
         raise ConfigError("the signal term has no usable voxel (mask empty or DWI not finite)")
