@@ -143,7 +143,7 @@ def make_dwi(work: str, phantom: dict) -> dict:
     """``dwi.mif`` (``[X, Y, Z, 1 + N_DIRS]`` float32 with its ``dw_scheme``), ``mask.mif``
     (the brain ellipsoid: non-zero FOD) and ``response.txt`` from ``fod.nii``, slab by slab."""
     import torch
-    from scale import _mif_header
+    from scale import _mif_header, phantom_affine
 
     from invtract.fit.objective import fibonacci_sphere
     from invtract.fod.csd import Response, csd_model, predict_signal
@@ -151,8 +151,7 @@ def make_dwi(work: str, phantom: dict) -> dict:
 
     t0 = time.perf_counter()
     X, Y, Z, K = phantom["shape"]
-    affine = np.diag([VOX, VOX, VOX, 1.0])
-    affine[:3, 3] = -VOX * (np.array([X, Y, Z]) - 1) / 2.0
+    affine = phantom_affine((X, Y, Z))
     grad = np.zeros((1 + N_DIRS, 4))
     grad[1:, :3] = fibonacci_sphere(N_DIRS).numpy()
     grad[1:, 3] = 2000.0

@@ -128,6 +128,13 @@ def _mif_header(shape4, affine, datatype: str, layout: str, extra=()) -> bytes:
     return (text + f"file: . {offset}\nEND\n").encode().ljust(offset, b"\0")
 
 
+def phantom_affine(shape) -> np.ndarray:
+    """``[4, 4]`` voxel -> scanner mm of the phantom: ``VOX`` mm voxels, centred on 0."""
+    affine = np.diag([VOX, VOX, VOX, 1.0])
+    affine[:3, 3] = -VOX * (np.array(shape[:3]) - 1) / 2.0
+    return affine
+
+
 def build_phantom(shape, work: str) -> dict:
     """Write ``fod.mif``, ``fod.nii`` and ``seeds.mif`` (lattice seed mask) under ``work``."""
     import nibabel as nib
@@ -137,8 +144,7 @@ def build_phantom(shape, work: str) -> dict:
     t0 = time.perf_counter()
     X, Y, Z = shape
     K = (LMAX + 1) * (LMAX + 2) // 2
-    affine = np.diag([VOX, VOX, VOX, 1.0])
-    affine[:3, 3] = -VOX * (np.array(shape) - 1) / 2.0
+    affine = phantom_affine(shape)
     semi = np.array([0.37 * X, 0.41 * Y, 0.38 * Z]) * VOX  # brain-shaped ellipsoid (mm)
     mif_path, nii_path = os.path.join(work, "fod.mif"), os.path.join(work, "fod.nii")
     hdr = nib.Nifti1Header()
