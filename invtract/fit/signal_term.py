@@ -98,13 +98,6 @@ def _shell_signals(dwi: np.ndarray, volumes: np.ndarray, mask: np.ndarray | None
     return sig, usable, idx
 
 
-def _unsolved(usable: torch.Tensor) -> torch.Tensor:
-    """``[X*Y*Z]`` float64 reference values: NaN in the usable voxels (not solved yet), else 0."""
-    ref = torch.zeros(usable.shape, dtype=torch.float64)
-    ref[usable] = torch.nan
-    return ref
-
-
 def noise_sample(idx: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """At most ``n`` (default :data:`NOISE_SAMPLE`) of the flat voxel indices ``idx [U]``: all
     of them, or an even stride through them (spread over the whole mask, deterministic)."""
@@ -128,9 +121,8 @@ class SignalTerm:
             NaN where not solved yet: see ``solved``).
         variance: noise variance per measurement (mean squared CSD residual over the usable
             voxels, or an even sample of :data:`NOISE_SAMPLE` of them).
-        solved: ``[X*Y*Z]`` bool: CSD solved there (``reference`` set; multi-tissue: ``signals``
-            hold the residual signals). The other usable voxels are solved on first use. None
-            (a term built around a given ``reference``): every voxel is solved.
+        A usable voxel whose ``reference`` is NaN is not solved yet (multi-tissue: its
+        ``signals`` are still the measured ones); it is solved on first use (:attr:`solved`).
         csd: ``[X*Y*Z, K]`` float32 CSD coefficients (zero where unusable), kept only when
             built with ``keep_csd`` (CSD alone), else None.
         grid: ``(shape [3], affine [4, 4])`` of the DWI (set by :func:`signal_from_args`).
@@ -156,7 +148,6 @@ class SignalTerm:
     reference: torch.Tensor
     variance: float
     csd: torch.Tensor | None
-    solved: torch.Tensor | None = None
     grid: tuple | None = None
     updates: str = "free"
     msmt: MSMTModel | None = None
@@ -164,9 +155,10 @@ class SignalTerm:
     spatial: float | str = 0.0
     coupling_cv: dict | None = None
 
-    def __post_init__(self) -> None:
-        if self.solved is None:
-            self.solved = torch.ones(self.usable.shape, dtype=torch.bool)
+    @property
+    def solved(self) -> torch.Tensor:
+        """``[X*Y*Z]`` bool: CSD solved there (or not usable): :attr:`reference` is set."""
+        return ~self.reference.isnan()
 
     @classmethod
     def build(
@@ -190,9 +182,15 @@ class SignalTerm:
         if isinstance(response, (list, tuple)):
             response = response[0]
         model = csd_model(grad, response, **opts)
-        sig, usable, idx = _shell_signals(dwi, model.volumes, mask)
-        grid = (dwi.shape[:3], None)
-        term = cls(model, sig, usable, _unsolved(usable), 1.0, None, ~usable, grid)
+        return cls._unsolved(model, dwi, model.volumes, mask, keep_csd)
+
+    @classmethod
+    def _unsolved(cls, model, dwi, volumes, mask, keep_csd, msmt=None) -> SignalTerm:
+        """The term on ``dwi[..., volumes]`` with the noise sample solved (:meth:`_finish`)."""
+        sig, usable, idx = _shell_signals(dwi, volumes, mask)
+        ref = torch.zeros(usable.shape, dtype=torch.float64)
+        ref[usable] = torch.nan
+        term = cls(model, sig, usable, ref, 1.0, None, grid=(dwi.shape[:3], None), msmt=msmt)
         term._finish(idx, keep_csd)
         return term
 
@@ -202,13 +200,8 @@ class SignalTerm:
         from ..fod.msmt import msmt_model, wm_signal_model
 
         mm = msmt_model(grad, responses, lmax)
-        sig, usable, idx = _shell_signals(dwi, np.arange(grad.shape[0]), mask)
         wm = wm_signal_model(mm, neg_lambda)
-        grid = (dwi.shape[:3], None)
-        term = cls(wm, sig, usable, _unsolved(usable), 1.0, None, ~usable, grid)
-        term.msmt = mm
-        term._finish(idx, keep_csd)
-        return term
+        return cls._unsolved(wm, dwi, np.arange(grad.shape[0]), mask, keep_csd, msmt=mm)
 
     def _finish(self, idx: torch.Tensor, keep_csd: bool) -> None:
         """Solve the noise sample of the usable voxels ``idx`` (all of them with ``keep_csd``,
@@ -262,12 +255,11 @@ class SignalTerm:
         b_ = self.signals[idx].double()
         b_ = b_.clamp_min(0) if self.model.clamp_signal else b_
         self.reference[idx] = csd_objective(c, b_, self.model)
-        self.solved[idx] = True
         return c, x
 
     def _ensure_solved(self, voxels: torch.Tensor) -> None:
         """Solve CSD in the usable ``voxels [U]`` (flat indices) not solved yet."""
-        todo = voxels[~self.solved[voxels]]
+        todo = voxels[self.reference[voxels].isnan()]  # O(voxels), not the grid's
         if todo.numel():
             self._solve(torch.unique(todo))
 
