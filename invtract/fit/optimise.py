@@ -345,18 +345,6 @@ class FitResult:
         return flat.reshape(self.sh.shape)
 
 
-def _mapping(a: np.ndarray):
-    """The ``mmap.mmap`` under a memory-mapped array (numpy memmap), else None."""
-    import mmap
-
-    base = a
-    while base is not None:
-        if isinstance(base, mmap.mmap):
-            return base
-        base = getattr(base, "_mmap", None) or getattr(base, "base", None)
-    return None
-
-
 def _release_pages(mm, a: np.ndarray) -> None:
     """Drop the resident pages of the mapping ``mm`` that hold ``a`` (``MADV_DONTNEED``: they
     are read again from the file if touched; ``a`` is never written)."""
@@ -383,7 +371,9 @@ def c_order_fod(data) -> np.ndarray:
     if a.dtype == np.float32 and a.flags.c_contiguous:
         return a
     out = np.empty(a.shape, np.float32)
-    mm = _mapping(a)
+    from ..io.voxel_major import file_mapping
+
+    mm = file_mapping(a)
     ax = int(np.argmax(np.abs(a.strides))) if a.ndim else 0
     n = a.shape[ax] if a.ndim else 1
     per = max(1, (64 << 20) // max(1, a.nbytes // max(n, 1)))  # ~64 MB slabs

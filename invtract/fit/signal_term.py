@@ -5,8 +5,10 @@ gives the fit :func:`invtract.losses.signal.signal_loss` for the learned voxels 
 ``[loss.weights] signal``). :func:`run_csd_only` is ``invtract fit --dwi`` without a target:
 the minimiser of the signal term alone, i.e. ``dwi2fod csd``'s coefficients, over the mask.
 
-Memory: the DWI is kept only for the shell CSD uses, as float32 ``[X*Y*Z, N]`` (N ~ the FOD's K
-coefficients: about one copy of the FOD), plus ``[X*Y*Z]`` float64 reference values.
+Memory: the DWI is kept only for the shell CSD uses and only in the usable voxels (the mask),
+as float32 ``[U, N]`` (N ~ the FOD's K coefficients: at most one copy of the FOD, a fraction
+of one at whole-brain size), read slab by slab from the file; plus ``[X*Y*Z]`` float64
+reference values and an int32 row map.
 
 Time: a fit needs CSD's optimum only in the voxels it learns, and the noise level. So CSD is
 solved up front on at most :data:`NOISE_SAMPLE` usable voxels (all of them in a smaller mask; an
@@ -23,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -82,20 +84,18 @@ def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
 
 
 def _shell_signals(dwi: np.ndarray, volumes: np.ndarray, mask: np.ndarray | None):
-    """``(signals [X*Y*Z, n] float32, usable [X*Y*Z], idx [U])`` of the given volumes: non-finite
-    values hold 0 and their voxels are not usable, nor voxels outside ``mask``."""
-    sig = torch.from_numpy(np.ascontiguousarray(dwi[..., volumes], dtype=np.float32))
-    sig = sig.reshape(-1, volumes.size)  # the one copy: no [X*Y*Z, n] temporaries below
-    finite = torch.isfinite(sig)
-    usable = finite.all(-1)
-    if mask is not None:
-        usable &= torch.as_tensor(np.asarray(mask, bool).reshape(-1))
-    sig.masked_fill_(~finite, 0.0)
-    del finite
-    idx = torch.nonzero(usable).flatten()
-    if idx.numel() == 0:
+    """``(signals [U, n] float32, usable [X*Y*Z] bool, idx [U])`` of the given volumes at the
+    usable voxels (finite signal, inside ``mask``), in C order; ``idx`` their flat indices.
+    Read slab by slab: neither the DWI nor the shell is held over the whole grid."""
+    from ..io.voxel_major import masked_voxel_values
+
+    values, index = masked_voxel_values(dwi, volumes, mask)
+    if index.size == 0:
         raise ConfigError("the signal term has no usable voxel (mask empty or DWI not finite)")
-    return sig, usable, idx
+    usable = torch.zeros(int(np.prod(dwi.shape[:3], dtype=np.int64)), dtype=torch.bool)
+    idx = torch.from_numpy(index)
+    usable[idx] = True
+    return torch.from_numpy(values), usable, idx
 
 
 def noise_sample(idx: torch.Tensor, n: int | None = None) -> torch.Tensor:
@@ -114,8 +114,8 @@ class SignalTerm:
 
     Attributes:
         model: the CSD model (shell, forward and constraint matrices).
-        signals: ``[X*Y*Z, N]`` float32 signals of the shell (C order of the grid; non-finite
-            voxels hold 0 and are excluded from ``usable``).
+        signals: ``[U, N]`` float32 signals of the shell at the usable voxels, in C order of
+            the grid (:meth:`signal` reads them by flat voxel index).
         usable: ``[X*Y*Z]`` bool: finite signal (and inside the mask when one was given).
         reference: ``[X*Y*Z]`` float64 CSD objective at the CSD coefficients (0 where unusable;
             NaN where not solved yet: see ``solved``).
@@ -154,6 +154,18 @@ class SignalTerm:
     others: torch.Tensor | None = None
     spatial: float | str = 0.0
     coupling_cv: dict | None = None
+    _row: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n = int(self.usable.sum())
+        if self.signals.shape[0] != n:
+            raise ShapeError(f"the signal term has {self.signals.shape[0]} signal rows for {n} "
+                             "usable voxels")  # fmt: skip
+        self._row = torch.cumsum(self.usable, 0, dtype=torch.int32) - 1  # [X*Y*Z]
+
+    def signal(self, voxels: torch.Tensor) -> torch.Tensor:
+        """``[V, N]`` signals (a copy) of the usable ``voxels [V]`` (flat indices)."""
+        return self.signals[self._row[voxels]]
 
     @property
     def solved(self) -> torch.Tensor:
@@ -207,7 +219,7 @@ class SignalTerm:
         """Solve the noise sample of the usable voxels ``idx`` (all of them with ``keep_csd``,
         which also keeps the coefficients) and set :attr:`variance`."""
         sample = idx if keep_csd else noise_sample(idx)
-        n_all = self.signals.shape[0]
+        n_all = self.usable.numel()
         if keep_csd:
             self.csd = torch.zeros(n_all, self.model.n_coeffs, dtype=torch.float32)
         rest = None
@@ -219,7 +231,7 @@ class SignalTerm:
         parts = []  # (voxels, mean squared residual) per block
 
         def sink(block, c, x):
-            parts.append((block.numel(), noise_variance(self.signals[block], self.model, c)))
+            parts.append((block.numel(), noise_variance(self.signal(block), self.model, c)))
             if keep_csd:
                 self.csd[block] = c.float()
             if rest is not None:
@@ -246,13 +258,14 @@ class SignalTerm:
 
         x = None
         if self.msmt is None:
-            c = csd_solve(self.signals[idx], self.model)
+            c = csd_solve(self.signal(idx), self.model)
         else:
-            x = msmt_solve(self.signals[idx], self.msmt)
-            self.signals[idx] = residual_signals(self.signals[idx], x, self.msmt).float()
+            b = self.signal(idx)
+            x = msmt_solve(b, self.msmt)
+            self.signals[self._row[idx]] = residual_signals(b, x, self.msmt).float()
             a, b = self.msmt.tissues[0]
             c = x[:, a:b]
-        b_ = self.signals[idx].double()
+        b_ = self.signal(idx).double()
         b_ = b_.clamp_min(0) if self.model.clamp_signal else b_
         self.reference[idx] = csd_objective(c, b_, self.model)
         return c, x
@@ -278,7 +291,7 @@ class SignalTerm:
         if sh_learn.shape[-1] != K:
             raise ShapeError(f"the FOD has {sh_learn.shape[-1]} coefficients, the model {K}")
         c = sh_learn[keep.to(sh_learn.device)].cpu()
-        out = signal_loss(c, self.signals[vk], self.model, self.variance, self.reference[vk])
+        out = signal_loss(c, self.signal(vk), self.model, self.variance, self.reference[vk])
         if self._coupling_weight(vk) > 0:
             pairs = neighbour_pairs(vk, self.grid[0])
             out = out + self.spatial * spatial_coupling(c.to(torch.float64), pairs)
@@ -310,7 +323,7 @@ class SignalTerm:
 
         t0 = time.perf_counter()
         w, err = choose_coupling(
-            self.signals[voxels], self.model, voxels, self.grid[0], self.variance
+            self.signal(voxels), self.model, voxels, self.grid[0], self.variance
         )
         n_cv = min(int(voxels.numel()), CV_VOXELS)
         self.spatial = w
@@ -364,7 +377,7 @@ class SignalTerm:
             return out.to(sh_start.dtype)
         pairs = neighbour_pairs(vk, self.grid[0])
         c0 = sh_start[keep.to(sh_start.device)].cpu().double()
-        c = coupled_csd(self.signals[vk], self.model, pairs, self.spatial, self.variance, start=c0)
+        c = coupled_csd(self.signal(vk), self.model, pairs, self.spatial, self.variance, start=c0)
         out[keep] = c - c0
         return out.to(sh_start.dtype)
 
@@ -407,7 +420,7 @@ class SignalTerm:
         v = voxels.long()
         v = v[self.usable[v]]
         self._ensure_solved(v)
-        return float(signal_residual(sh[v].double(), self.signals[v], self.model).mean())
+        return float(signal_residual(sh[v].double(), self.signal(v), self.model).mean())
 
 
 def parse_spatial(value) -> float | str:

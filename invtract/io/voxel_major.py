@@ -43,6 +43,7 @@ __all__ = [
     "file_order_view",
     "scaled_float32",
     "empty_float32",
+    "masked_voxel_values",
 ]
 
 #: Upper bound (bytes) of the read buffer (and of a slab) for an uncompressed file or a copy;
@@ -104,7 +105,7 @@ def copy_voxel_major(src: np.ndarray, scaling: tuple = (0.0, 1.0)) -> np.ndarray
     X, Y, Z, K = src.shape
     out = empty_float32((Z, Y, X, K)).transpose(2, 1, 0, 3)
     S = _slab_slices(X * Y * K * src.itemsize, Z)
-    mapping = _mapping(src)
+    mapping = file_mapping(src)
     for z0 in range(0, Z, S):
         out[:, :, z0 : z0 + S] = scaled_float32(src[:, :, z0 : z0 + S], scaling)
         if mapping is not None:
@@ -112,7 +113,7 @@ def copy_voxel_major(src: np.ndarray, scaling: tuple = (0.0, 1.0)) -> np.ndarray
     return out
 
 
-def _mapping(arr: np.ndarray) -> mmap.mmap | None:
+def file_mapping(arr: np.ndarray) -> mmap.mmap | None:
     """The ``mmap`` behind a (view of a) read-only-used ``np.memmap``, if the platform can
     release its pages."""
     if not hasattr(mmap, "MADV_DONTNEED"):
@@ -225,3 +226,43 @@ def _fill_volume_groups(f, dst: np.ndarray, proxy, scaling: tuple, path: str) ->
         block = buf[: k1 - k0]
         _read_exact(f, block, path)
         dst[..., k0:k1] = scaled_float32(block, scaling).transpose(3, 2, 1, 0)
+
+
+def masked_voxel_values(
+    src: np.ndarray, volumes: np.ndarray, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(values [U, n] float32, index [U] int64)``: ``src[..., volumes]`` at the voxels of
+    ``src [X, Y, Z, N]`` inside ``mask [X, Y, Z]`` (all when None) whose ``n`` values are all
+    finite, in C order of the grid; ``index`` holds their flat (C-order) indices.
+
+    Read slab by slab along the spatial axis slowest in memory. The pages of a memory-mapped
+    ``src`` (a ``.mif``) are released from the process's resident set after each slab, so the
+    peak is the result plus one slab, not the image (e.g. a whole-brain DWI's shell over its
+    brain mask: a quarter of the grid's voxels, a fraction of its volumes).
+    """
+    shape = tuple(int(s) for s in src.shape[:3])
+    volumes = np.asarray(volumes, dtype=np.int64)
+    ax = int(np.argmax(np.abs(src.strides[:3])))
+    per_index = src.itemsize * int(np.prod(src.shape, dtype=np.int64)) // max(1, shape[ax])
+    per = max(1, BLOCK_BYTES // max(1, per_index))
+    mapping = file_mapping(src)
+    values, index = [], []
+    for a in range(0, shape[ax], per):
+        sl = (slice(None),) * ax + (slice(a, min(shape[ax], a + per)),)
+        block = np.asarray(src[sl][..., volumes], dtype=np.float32)
+        keep = np.isfinite(block).all(-1)
+        if mask is not None:
+            keep &= np.asarray(mask[sl], dtype=bool)
+        pos = list(np.nonzero(keep))
+        pos[ax] += a
+        index.append(np.ravel_multi_index(pos, shape))
+        values.append(block[keep])
+        del block, keep
+        if mapping is not None:
+            mapping.madvise(mmap.MADV_DONTNEED)  # read-only use: pages reload from the file
+    index = np.concatenate(index)
+    values = np.concatenate(values)
+    if ax != 0:  # slabs across the C order: sort the rows back into it
+        order = np.argsort(index, kind="stable")
+        index, values = index[order], values[order]
+    return values, index

@@ -95,7 +95,7 @@ def test_wm_signal_term_zero_at_solution_and_gradcheck(crop):
     assert abs(float(term(c, vox))) < 1e-6
     torch.manual_seed(0)
     assert float(term(c + 0.05 * torch.randn_like(c), vox)) > 0.1
-    b = term.signals[vox[:2]].double()
+    b = term.signal(vox[:2]).double()
     x = (c[:2] + 0.05 * torch.randn_like(c[:2])).requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda y: signal_loss(y, b, term.model, term.variance), (x,), eps=1e-6, atol=1e-5
@@ -179,5 +179,5 @@ def test_wm_signal_term_solves_lazily(crop, monkeypatch):
     assert not bool(lazy.solved[some].all())
     c = full.csd[some].double()
     assert abs(float(lazy(c, some))) < 1e-6  # zero at the solution: residual signals made
-    torch.testing.assert_close(lazy.signals[some], full.signals[some], rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(lazy.signal(some), full.signal(some), rtol=1e-6, atol=1e-3)
     torch.testing.assert_close(lazy.reference[some], full.reference[some], rtol=1e-9, atol=1e-9)

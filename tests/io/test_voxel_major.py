@@ -178,3 +178,31 @@ def test_basis_conversion_in_place_keeps_layout(tmp_path, small_blocks, suffix):
     assert is_voxel_major(im.data) and im.data.dtype == np.float32
     expected = to_mrtrix_basis(_expected(path), "descoteaux07_legacy").astype(np.float32)
     np.testing.assert_array_equal(im.data, expected)
+
+
+@pytest.mark.parametrize("layout", ["c_order", "mapped_z_slowest"])
+def test_masked_voxel_values_equal_whole_array(tmp_path, small_blocks, layout):
+    """The rows of the chosen volumes at the finite voxels inside the mask, in C order of the
+    grid, whatever axis the slabs run along (many slabs, the last partial)."""
+    X, Y, Z, N = 6, 5, 7, 4
+    data = np.random.default_rng(7).standard_normal((X, Y, Z, N)).astype(np.float32)
+    data[1, 2, 3, 2] = np.nan  # a voxel with a non-finite chosen value is left out
+    data[2, 0, 4, 3] = np.inf  # one in a volume not chosen is kept
+    mask = np.random.default_rng(8).random((X, Y, Z)) > 0.3
+    mask[1, 2, 3] = mask[2, 0, 4] = True
+    if layout == "c_order":
+        src = data
+    else:
+        path = tmp_path / "zyxn.raw"
+        data.transpose(2, 1, 0, 3).tofile(path)
+        src = np.memmap(path, np.float32, "c", shape=(Z, Y, X, N)).transpose(2, 1, 0, 3)
+        assert int(np.argmax(src.strides[:3])) == 2
+    volumes = np.array([0, 2])
+    values, index = vm.masked_voxel_values(src, volumes, mask)
+    keep = mask & np.isfinite(data[..., volumes]).all(-1)
+    assert not keep[1, 2, 3] and keep[2, 0, 4]
+    np.testing.assert_array_equal(index, np.flatnonzero(keep))
+    np.testing.assert_array_equal(values, data[..., volumes].reshape(-1, 2)[index])
+    assert values.dtype == np.float32 and values.flags.c_contiguous
+    all_finite, every = vm.masked_voxel_values(src, volumes)
+    np.testing.assert_array_equal(every, np.flatnonzero(np.isfinite(data[..., volumes]).all(-1)))

@@ -112,7 +112,8 @@ def test_signal_term_in_a_fod_fit():
     g = _grad()
     dwi = _synthetic(img.data, g, sigma=20.0, seed=5)
     term = SignalTerm.build(dwi, g, RESPONSE, mask=np.abs(img.data[..., 0]) > 0.1)
-    assert term.signals.shape == (int(np.prod(img.data.shape[:3])), 60)
+    inside = int((np.abs(img.data[..., 0]) > 0.1).sum())
+    assert term.signals.shape == (inside, 60) and int(term.usable.sum()) == inside
     assert term.variance > 0
     pos, dirs, ti = seeds_from_reference(example_path("target"), example_path("target_seeds"))
     idx = np.arange(0, 96, 32)
@@ -132,6 +133,23 @@ def test_signal_term_in_a_fod_fit():
     )
     s = [r["loss/signal"] for r in res.history]
     assert len(s) == 4 and s[0] > 0 and s[-1] < s[0], s
+
+
+def test_signal_term_holds_the_usable_voxels_only(voxels):
+    """``signals`` has one row per usable voxel (C order); ``signal`` reads them by flat
+    index; rows that do not match the usable voxels are refused."""
+    from invtract.errors import ShapeError
+
+    model, sig = voxels
+    n = len(sig)
+    usable = torch.ones(2 * n, dtype=torch.bool)
+    usable[::2] = False  # the signals sit at the odd flat indices
+    ref = torch.zeros(2 * n, dtype=torch.float64)
+    term = SignalTerm(model, sig.float(), usable, ref, 1.0, None)
+    picked = torch.tensor([2 * n - 1, 1, 5])
+    assert torch.equal(term.signal(picked), sig.float()[[n - 1, 0, 2]])
+    with pytest.raises(ShapeError, match="signal rows"):
+        SignalTerm(model, sig.float(), torch.ones(2 * n, dtype=torch.bool), ref, 1.0, None)
 
 
 def test_rotation_hook_projects_on_rotations(voxels):
@@ -393,7 +411,7 @@ def test_signal_term_solves_csd_only_where_asked(monkeypatch):
     assert lazy.variance == pytest.approx(full.variance, rel=0.5)  # a sample of 40 voxels
     vox = torch.nonzero(lazy.usable).flatten()[::3]
     assert bool(lazy.reference[vox].isnan().any())
-    c = 1.01 * csd_solve(lazy.signals[vox].double(), lazy.model)
+    c = 1.01 * csd_solve(lazy.signal(vox).double(), lazy.model)
     lazy.variance = full.variance
     torch.testing.assert_close(lazy(c, vox), full(c, vox), rtol=1e-9, atol=0)
     assert bool(lazy.solved[vox].all())

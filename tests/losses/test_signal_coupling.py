@@ -102,7 +102,9 @@ def _term(spatial, unusable: int | None = None):
     usable = torch.ones(int(np.prod(SHAPE)), dtype=torch.bool)
     if unusable is not None:
         usable[unusable] = False
-    term = SignalTerm(model, b, usable, ref, var, None, grid=(SHAPE, None), spatial=spatial)
+    term = SignalTerm(
+        model, b[usable], usable, ref, var, None, grid=(SHAPE, None), spatial=spatial
+    )
     return term, c
 
 
@@ -172,7 +174,7 @@ def test_auto_coupling_on_the_multi_tissue_term(monkeypatch):
     vox = torch.nonzero(term.usable).flatten()
     pairs = neighbour_pairs(vox, term.grid[0])
     assert len(pairs) > 0 and not term.model.clamp_signal
-    sig = term.signals[vox].double()
+    sig = term.signal(vox).double()
     c0 = coupled_csd(sig, term.model, pairs, 0.0, term.variance)
 
     def grad(c):  # of the signal term alone (spatial 0)
