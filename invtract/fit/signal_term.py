@@ -63,33 +63,37 @@ SOLVE_BLOCK = 65536
 
 
 def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
-    """``(Image [X, Y, Z, N_all] float32, grad [N_all, 4])`` of a DWI with its gradient table.
+    """``(ImageFile [X, Y, Z, N_all], grad [N_all, 4])``: a DWI opened (its data not read:
+    :class:`~invtract.io.image.ImageFile` reads only the volumes and voxels the term needs)
+    with its gradient table.
 
     The table comes from ``fslgrad`` (``(bvecs, bvals)``, FSL convention) if given, else from
     the ``.mif`` header's ``dw_scheme``.
     """
     from ..io.gradients import load_fsl_gradients, read_mif_scheme
-    from ..io.image import load_image
+    from ..io.image import open_image
 
-    img = load_image(path)
-    if img.data.ndim != 4:
-        raise ShapeError(f"{path}: a DWI must be 4-D, got shape {img.data.shape}")
+    dwi = open_image(path)
     if fslgrad:
         if str(path).lower().endswith((".mif", ".mih", ".mif.gz")):
             log.warning("--fslgrad with a .mif DWI: bvecs are taken in its stored voxel axes")
-        grad = load_fsl_gradients(fslgrad[0], fslgrad[1], img.affine, img.data.shape[3])
+        grad = load_fsl_gradients(fslgrad[0], fslgrad[1], dwi.affine, dwi.shape[3])
     else:
         grad = read_mif_scheme(path)
-    return img, grad
+    return dwi, grad
 
 
-def _shell_signals(dwi: np.ndarray, volumes: np.ndarray, mask: np.ndarray | None):
+def _shell_signals(dwi, volumes: np.ndarray, mask: np.ndarray | None):
     """``(signals [U, n] float32, usable [X*Y*Z] bool, idx [U])`` of the given volumes at the
     usable voxels (finite signal, inside ``mask``), in C order; ``idx`` their flat indices.
-    Read slab by slab: neither the DWI nor the shell is held over the whole grid."""
+    ``dwi``: an array ``[X, Y, Z, N_all]`` or an :class:`~invtract.io.image.ImageFile`. Read
+    slab by slab: neither the DWI nor the shell is held over the whole grid."""
     from ..io.voxel_major import masked_voxel_values
 
-    values, index = masked_voxel_values(dwi, volumes, mask)
+    if isinstance(dwi, np.ndarray):
+        values, index = masked_voxel_values(dwi, volumes, mask)
+    else:
+        values, index = dwi.voxel_values(volumes, mask)
     if index.size == 0:
         raise ConfigError("the signal term has no usable voxel (mask empty or DWI not finite)")
     usable = torch.zeros(int(np.prod(dwi.shape[:3], dtype=np.int64)), dtype=torch.bool)
@@ -175,14 +179,15 @@ class SignalTerm:
     @classmethod
     def build(
         cls,
-        dwi: np.ndarray,
+        dwi,
         grad: np.ndarray,
         response,
         mask: np.ndarray | None = None,
         keep_csd: bool = False,
         **opts,
     ) -> SignalTerm:
-        """From a ``[X, Y, Z, N_all]`` DWI array, its table, the response(s) and a mask.
+        """From a ``[X, Y, Z, N_all]`` DWI (an array or an opened
+        :class:`~invtract.io.image.ImageFile`), its table, the response(s) and a mask.
 
         ``response``: one :class:`~invtract.fod.csd.Response` (single-shell CSD, ``dwi2fod
         csd``), or a list of one per tissue, the FOD's first (multi-shell multi-tissue CSD,
@@ -420,7 +425,12 @@ class SignalTerm:
         v = voxels.long()
         v = v[self.usable[v]]
         self._ensure_solved(v)
-        return float(signal_residual(sh[v].double(), self.signal(v), self.model).mean())
+        total = 0.0  # in blocks: a whole brain's [V, N] float64 temporaries add up to GBs
+        for a in range(0, v.numel(), SOLVE_BLOCK):
+            block = v[a : a + SOLVE_BLOCK]
+            r = signal_residual(sh[block].double(), self.signal(block), self.model)
+            total += float(r.sum())
+        return total / max(1, v.numel())
 
 
 def parse_spatial(value) -> float | str:
@@ -560,7 +570,7 @@ def _build_from_args(args, fod_image, keep_csd: bool) -> SignalTerm:
     t0 = time.perf_counter()
     files = _responses(args)
     responses = [load_response(f, anisotropic=i == 0) for i, f in enumerate(files)]
-    term = SignalTerm.build(dwi.data, grad, responses, mask, keep_csd)
+    term = SignalTerm.build(dwi, grad, responses, mask, keep_csd)
     log.info(
         "signal term: %s b=%.0f (%d directions), lmax %d, %d voxels, sigma %.4g (%.1f s)",
         f"{len(files)} tissues, every shell up to" if term.msmt else "shell",
@@ -571,7 +581,7 @@ def _build_from_args(args, fod_image, keep_csd: bool) -> SignalTerm:
         term.variance**0.5,
         time.perf_counter() - t0,
     )
-    term.grid = (tuple(dwi.data.shape[:3]), dwi.affine)
+    term.grid = (tuple(dwi.shape[:3]), dwi.affine)
     term.updates = getattr(args, "fod_updates", "free") or "free"
     return term
 

@@ -31,7 +31,13 @@ from .geometry import MRtrixGeometry, realign, sanitise_transform, scanner2voxel
 from .mif import MIF_SUFFIXES, atomic_output, read_mif, write_mif
 from .nifti_transform import nifti_transform
 from .sh_basis import _check_basis, lmax_for_n, to_mrtrix_basis, valid_sh_counts
-from .voxel_major import copy_voxel_major, is_voxel_major, read_voxel_major, scaled_float32
+from .voxel_major import (
+    copy_voxel_major,
+    is_voxel_major,
+    masked_voxel_values,
+    read_voxel_major,
+    scaled_float32,
+)
 
 if TYPE_CHECKING:  # annotations only
     import nibabel as nib
@@ -40,6 +46,8 @@ if TYPE_CHECKING:  # annotations only
 __all__ = [
     "Image",
     "load_image",
+    "ImageFile",
+    "open_image",
     "load_fod",
     "load_mask",
     "save_nifti",
@@ -115,13 +123,17 @@ def _pad3(values, fill) -> list:
 
 
 def _read_raw(
-    path: str | os.PathLike, voxel_major: bool = False
+    path: str | os.PathLike,
+    voxel_major: bool = False,
+    volumes: np.ndarray | None = None,
+    header_only: bool = False,
 ) -> tuple[np.ndarray, MRtrixGeometry, tuple, str]:
     """``(data, geometry, (inter, slope), path)``: data in the axis order MRtrix3 uses after
     opening the image (:func:`invtract.io.geometry.realign`), no scaling applied -- except
     that with ``voxel_major`` a 4-D NIfTI is read block by block into a voxel-major float32
-    array (:func:`invtract.io.nifti_data.read_voxel_major`), already scaled (scaling
-    ``(0.0, 1.0)`` is returned)."""
+    array (:func:`invtract.io.voxel_major.read_voxel_major`; only ``volumes`` when given),
+    already scaled (scaling ``(0.0, 1.0)`` is returned). With ``header_only`` the realigned
+    shape comes in place of the data (a NIfTI's data unread; a ``.mif``'s mapped, unread)."""
     path = str(path)
     if os.path.isdir(path):
         raise FormatError(f"{path}: is a directory, not an image file")
@@ -147,9 +159,12 @@ def _read_raw(
         raise FormatError(f"{path}: image transform is not finite:\n{transform}")
     transform, spacing = sanitise_transform(transform, spacing)
     geometry = realign(transform, spacing, shape)
+    if header_only:  # the shape in place of the data
+        full = img.shape if img is not None else data.shape
+        return tuple(geometry.shape[: len(full)]) + tuple(full[3:]), geometry, scaling, path
     if img is not None:
         if voxel_major and len(img.shape) == 4:
-            data = _nifti_call(path, read_voxel_major, img, geometry, scaling, path)
+            data = _nifti_call(path, read_voxel_major, img, geometry, scaling, path, volumes)
             return data, geometry, (0.0, 1.0), path
         data = _nifti_call(path, lambda: np.asanyarray(img.dataobj.get_unscaled()))
     if data.ndim < 3:  # not an image we can track on; callers raise their shape errors
@@ -213,6 +228,55 @@ def load_image(path: str | os.PathLike) -> Image:
         if any(s < 0 for s in data.strides):  # torch takes no negative strides
             data = np.ascontiguousarray(data)
     return Image(data, geo.voxel2scanner, geo.spacing, path, geo.transform)
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """A 4-D image file opened for reading parts of it (e.g. one shell of a whole-brain DWI):
+    ``shape`` and ``affine`` as :func:`load_image` would give them, no data read yet.
+
+    Attributes:
+        path: the file.
+        shape: ``(X, Y, Z, N)`` realigned shape.
+        affine: ``[4, 4]`` voxel index -> scanner mm (RAS+).
+    """
+
+    path: str
+    shape: tuple
+    affine: np.ndarray
+
+    def voxel_values(
+        self, volumes: np.ndarray, mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(values [U, n] float32, index [U] int64)`` of ``volumes`` at the voxels inside
+        ``mask [X, Y, Z]`` whose values are all finite, in C order of the grid (``index``:
+        flat indices; :func:`~invtract.io.voxel_major.masked_voxel_values`).
+
+        Read slab by slab: a ``.mif`` or an uncompressed NIfTI stays memory-mapped, its pages
+        released after each slab; of a ``.nii.gz`` only ``volumes`` are kept in memory, on the
+        whole grid, until the values are taken. The whole image is never held.
+        """
+        volumes = np.asarray(volumes, dtype=np.int64)
+        if self.path.lower().endswith(".nii.gz"):
+            raw, _, scaling, _ = _read_raw(self.path, voxel_major=True, volumes=volumes)
+            volumes = np.arange(volumes.size)
+        else:
+            raw, _, scaling, _ = _read_raw(self.path)
+        return masked_voxel_values(raw, volumes, mask, scaling)
+
+
+def open_image(path: str | os.PathLike) -> ImageFile:
+    """:class:`ImageFile` of a 4-D image (its header read, not its data; a ``.mif.gz`` is
+    decompressed).
+
+    Raises:
+        FormatError: as :func:`load_image`.
+        ShapeError: not 4-D.
+    """
+    shape, geo, _, path = _read_raw(path, header_only=True)
+    if len(shape) != 4:
+        raise ShapeError(f"{path}: a 4-D image is needed, got shape {shape}")
+    return ImageFile(path, shape, geo.voxel2scanner)
 
 
 def _check_affine(affine: np.ndarray, path: str | None) -> None:

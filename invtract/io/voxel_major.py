@@ -147,7 +147,11 @@ def _allocate(file_shape: tuple, geometry: MRtrixGeometry) -> np.ndarray:
 
 
 def read_voxel_major(
-    img: nib.Nifti1Image, geometry: MRtrixGeometry, scaling: tuple, path: str
+    img: nib.Nifti1Image,
+    geometry: MRtrixGeometry,
+    scaling: tuple,
+    path: str,
+    volumes: np.ndarray | None = None,
 ) -> np.ndarray:
     """Read a 4-D NIfTI's voxels into a new float32 ``[X', Y', Z', K]`` array in the realigned
     (MRtrix) axis order, scaled.
@@ -157,6 +161,8 @@ def read_voxel_major(
         geometry: :func:`invtract.io.geometry.realign` of the image's header.
         scaling: ``(inter, slope)``.
         path: the file, for error messages.
+        volumes: read only these volumes, in this order (``K`` of them; e.g. one shell of a
+            DWI): the others are skipped (uncompressed) or read and dropped (gzip'd).
 
     Returns:
         float32 ``[X', Y', Z', K]``, each voxel's K values contiguous, all strides positive,
@@ -166,16 +172,20 @@ def read_voxel_major(
         FormatError: the file ends before its data do.
     """
     proxy = img.dataobj
-    out = _allocate(tuple(int(s) for s in proxy.shape), geometry)
+    n_all = int(proxy.shape[3])
+    volumes = np.arange(n_all) if volumes is None else np.asarray(volumes, dtype=np.int64)
+    if volumes.size and (volumes.min() < 0 or volumes.max() >= n_all):
+        raise FormatError(f"{path}: has {n_all} volumes, asked for volume {volumes.max()}")
+    out = _allocate(tuple(int(s) for s in proxy.shape[:3]) + (volumes.size,), geometry)
     dst = file_order_view(out, geometry)  # [X, Y, Z, K] in the file's order, writes into out
     from nibabel.openers import ImageOpener  # here: nibabel is only needed for 4-D NIfTIs
 
     opener = ImageOpener(proxy.file_like)
     with opener as f:
         if str(path).lower().endswith(".gz"):
-            _fill_volume_groups(f, dst, proxy, scaling, path)
+            _fill_volume_groups(f, dst, proxy, scaling, path, volumes)
         else:
-            _fill_slabs(f, dst, proxy, scaling, path)
+            _fill_slabs(f, dst, proxy, scaling, path, volumes)
     return out
 
 
@@ -199,8 +209,8 @@ def _slab_slices(slice_bytes: int, Z: int) -> int:
     return max(1, min(Z, budget // max(1, slice_bytes)))
 
 
-def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str) -> None:
-    """Uncompressed file: for each slab of ``S`` file z-slices, one strip per volume."""
+def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str, volumes) -> None:
+    """Uncompressed file: for each slab of ``S`` file z-slices, one strip per chosen volume."""
     X, Y, Z, K = dst.shape
     item = proxy.dtype.itemsize
     slice_bytes = X * Y * item
@@ -209,31 +219,46 @@ def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str) -> None:
     for z0 in range(0, Z, S):
         z1 = min(Z, z0 + S)
         block = buf[:, : z1 - z0]
-        for k in range(K):
-            f.seek(int(proxy.offset) + (k * Z + z0) * slice_bytes)
-            _read_exact(f, block[k], path)
+        for j, k in enumerate(volumes):
+            f.seek(int(proxy.offset) + (int(k) * Z + z0) * slice_bytes)
+            _read_exact(f, block[j], path)
         dst[:, :, z0:z1, :] = scaled_float32(block, scaling).transpose(3, 2, 1, 0)
 
 
-def _fill_volume_groups(f, dst: np.ndarray, proxy, scaling: tuple, path: str) -> None:
-    """Compressed file, read front to back: groups of ``G`` whole volumes."""
+def _fill_volume_groups(f, dst: np.ndarray, proxy, scaling: tuple, path: str, volumes) -> None:
+    """Compressed file, read front to back: groups of ``G`` whole volumes (a fifth of the
+    chosen ones); the chosen volumes of each group are written, the rest dropped, and reading
+    stops after the last chosen one."""
     X, Y, Z, K = dst.shape
     G = max(1, math.ceil(K / GZIP_PASSES))
     buf = np.empty((G, Z, Y, X), proxy.dtype)
     f.seek(int(proxy.offset))
-    for k0 in range(0, K, G):
-        k1 = min(K, k0 + G)
+    end = int(volumes.max()) + 1 if volumes.size else 0
+    for k0 in range(0, end, G):
+        k1 = min(end, k0 + G)
         block = buf[: k1 - k0]
         _read_exact(f, block, path)
-        dst[..., k0:k1] = scaled_float32(block, scaling).transpose(3, 2, 1, 0)
+        into = np.flatnonzero((volumes >= k0) & (volumes < k1))
+        if into.size == 0:
+            continue
+        group = np.arange(k0, k1)
+        if np.array_equal(volumes[into], group) and np.array_equal(into, into[0] + group - k0):
+            into, src = slice(into[0], into[0] + k1 - k0), block  # the whole group, in order
+        else:
+            src = block[volumes[into] - k0]
+        dst[..., into] = scaled_float32(src, scaling).transpose(3, 2, 1, 0)
 
 
 def masked_voxel_values(
-    src: np.ndarray, volumes: np.ndarray, mask: np.ndarray | None = None
+    src: np.ndarray,
+    volumes: np.ndarray,
+    mask: np.ndarray | None = None,
+    scaling: tuple = (0.0, 1.0),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(values [U, n] float32, index [U] int64)``: ``src[..., volumes]`` at the voxels of
-    ``src [X, Y, Z, N]`` inside ``mask [X, Y, Z]`` (all when None) whose ``n`` values are all
-    finite, in C order of the grid; ``index`` holds their flat (C-order) indices.
+    """``(values [U, n] float32, index [U] int64)``: ``src[..., volumes]`` (scaled by
+    ``(inter, slope)``) at the voxels of ``src [X, Y, Z, N]`` inside ``mask [X, Y, Z]`` (all
+    when None) whose ``n`` values are all finite, in C order of the grid; ``index`` holds
+    their flat (C-order) indices.
 
     Read slab by slab along the spatial axis slowest in memory. The pages of a memory-mapped
     ``src`` (a ``.mif``) are released from the process's resident set after each slab, so the
@@ -249,7 +274,7 @@ def masked_voxel_values(
     values, index = [], []
     for a in range(0, shape[ax], per):
         sl = (slice(None),) * ax + (slice(a, min(shape[ax], a + per)),)
-        block = np.asarray(src[sl][..., volumes], dtype=np.float32)
+        block = scaled_float32(np.asarray(src[sl][..., volumes]), scaling)
         keep = np.isfinite(block).all(-1)
         if mask is not None:
             keep &= np.asarray(mask[sl], dtype=bool)

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from invtract.errors import FormatError
+from invtract.errors import FormatError, ShapeError
 from invtract.io import load_fod, load_image
 from invtract.io import voxel_major as vm
 from invtract.io.geometry import realign, sanitise_transform
@@ -206,3 +206,55 @@ def test_masked_voxel_values_equal_whole_array(tmp_path, small_blocks, layout):
     assert values.dtype == np.float32 and values.flags.c_contiguous
     all_finite, every = vm.masked_voxel_values(src, volumes)
     np.testing.assert_array_equal(every, np.flatnonzero(np.isfinite(data[..., volumes]).all(-1)))
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("volumes", [[3, 0, 7], [8, 9, 10, 11, 12, 13, 14], [14]])
+def test_nifti_chosen_volumes_equal_the_whole_read(tmp_path, small_blocks, suffix, volumes):
+    """read_voxel_major(volumes): only those volumes, in that order (gzip'd: groups with no
+    chosen volume dropped, a whole in-order group written at once, reading stops after the
+    last chosen one)."""
+    from invtract.io.image import _open_nifti
+
+    data = np.random.default_rng(9).standard_normal((5, 4, 6, 15)).astype(np.float32)
+    path = _write(tmp_path, "d" + suffix, data, AFFINES["oblique"])
+    img, transform, spacing, scaling = _open_nifti(str(path))
+    geo = realign(*sanitise_transform(transform, spacing), img.shape[:3])
+    got = vm.read_voxel_major(img, geo, scaling, str(path), np.array(volumes))
+    assert is_voxel_major(got) and got.shape == _expected(path).shape[:3] + (len(volumes),)
+    np.testing.assert_array_equal(got, _expected(path)[..., volumes])
+    with pytest.raises(FormatError, match="15 volumes"):
+        vm.read_voxel_major(img, geo, scaling, str(path), np.array([15]))
+
+
+@pytest.mark.parametrize("name", ["v.nii", "v.nii.gz", "vol.mif", "vox.mif", "i2.nii.gz"])
+def test_image_file_voxel_values_equal_the_loaded_image(tmp_path, small_blocks, request, name):
+    """ImageFile.voxel_values of any layout and format (scaled integers included) are the
+    loaded image's values at the masked, finite voxels; shape and affine are load_image's."""
+    from invtract.io.image import open_image
+
+    rng = np.random.default_rng(10)
+    data = (rng.standard_normal((6, 5, 7, 9)) * 50).astype(np.float32)
+    data[2, 3, 4, 5] = np.nan
+    src = tmp_path / "v.nii"
+    if name == "i2.nii.gz":
+        _write(tmp_path, name, np.nan_to_num(data).astype("<i2"), AFFINES["permuted"], 0.5, 2.0)
+    else:
+        _write(tmp_path, "v.nii", data, AFFINES["permuted"])
+    if name == "v.nii.gz":
+        _write(tmp_path, name, data, AFFINES["permuted"])
+    if name.endswith(".mif"):
+        strides = "1,2,3,4" if name == "vol.mif" else "2,3,4,1"
+        mrtrix = request.getfixturevalue("mrtrix")  # skips without MRtrix3
+        mrtrix("mrconvert", src, tmp_path / name, "-strides", strides)
+    whole = load_image(tmp_path / name)
+    f = open_image(tmp_path / name)
+    assert f.shape == whole.data.shape and np.array_equal(f.affine, whole.affine)
+    mask = rng.random(whole.data.shape[:3]) > 0.4
+    volumes = np.array([5, 1, 8])
+    values, index = f.voxel_values(volumes, mask)
+    keep = mask & np.isfinite(whole.data[..., volumes]).all(-1)
+    np.testing.assert_array_equal(index, np.flatnonzero(keep))
+    np.testing.assert_array_equal(values, whole.data[..., volumes].reshape(-1, 3)[index])
+    with pytest.raises(ShapeError, match="4-D"):
+        open_image(_write(tmp_path, "three.nii", data[..., 0], AFFINES["ras"]))
