@@ -35,6 +35,7 @@ from .voxel_major import (
     copy_voxel_major,
     is_voxel_major,
     masked_voxel_values,
+    read_masked_volumes,
     read_voxel_major,
     scaled_float32,
 )
@@ -125,13 +126,12 @@ def _pad3(values, fill) -> list:
 def _read_raw(
     path: str | os.PathLike,
     voxel_major: bool = False,
-    volumes: np.ndarray | None = None,
     header_only: bool = False,
 ) -> tuple[np.ndarray, MRtrixGeometry, tuple, str]:
     """``(data, geometry, (inter, slope), path)``: data in the axis order MRtrix3 uses after
     opening the image (:func:`invtract.io.geometry.realign`), no scaling applied -- except
     that with ``voxel_major`` a 4-D NIfTI is read block by block into a voxel-major float32
-    array (:func:`invtract.io.voxel_major.read_voxel_major`; only ``volumes`` when given),
+    array (:func:`invtract.io.voxel_major.read_voxel_major`),
     already scaled (scaling ``(0.0, 1.0)`` is returned). With ``header_only`` the realigned
     shape comes in place of the data (a NIfTI's data unread; a ``.mif``'s mapped, unread)."""
     path = str(path)
@@ -164,7 +164,7 @@ def _read_raw(
         return tuple(geometry.shape[: len(full)]) + tuple(full[3:]), geometry, scaling, path
     if img is not None:
         if voxel_major and len(img.shape) == 4:
-            data = _nifti_call(path, read_voxel_major, img, geometry, scaling, path, volumes)
+            data = _nifti_call(path, read_voxel_major, img, geometry, scaling, path)
             return data, geometry, (0.0, 1.0), path
         data = _nifti_call(path, lambda: np.asanyarray(img.dataobj.get_unscaled()))
     if data.ndim < 3:  # not an image we can track on; callers raise their shape errors
@@ -253,15 +253,17 @@ class ImageFile:
         flat indices; :func:`~invtract.io.voxel_major.masked_voxel_values`).
 
         Read slab by slab: a ``.mif`` or an uncompressed NIfTI stays memory-mapped, its pages
-        released after each slab; of a ``.nii.gz`` only ``volumes`` are kept in memory, on the
-        whole grid, until the values are taken. The whole image is never held.
+        released after each slab; a ``.nii.gz`` is read front to back once, keeping only
+        ``volumes`` at the mask's voxels (:func:`~invtract.io.voxel_major.read_masked_volumes`).
+        The whole image is never held.
         """
         volumes = np.asarray(volumes, dtype=np.int64)
-        if self.path.lower().endswith(".nii.gz"):
-            raw, _, scaling, _ = _read_raw(self.path, voxel_major=True, volumes=volumes)
-            volumes = np.arange(volumes.size)
-        else:
-            raw, _, scaling, _ = _read_raw(self.path)
+        if self.path.lower().endswith(".nii.gz"):  # no mapping: one pass through the stream
+            _, geo, scaling, _ = _read_raw(self.path, header_only=True)
+            img = _open_nifti(self.path)[0]
+            args = (img, geo, scaling, self.path, volumes, mask)
+            return _nifti_call(self.path, read_masked_volumes, *args)
+        raw, _, scaling, _ = _read_raw(self.path)
         return masked_voxel_values(raw, volumes, mask, scaling)
 
 

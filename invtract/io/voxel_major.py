@@ -44,6 +44,7 @@ __all__ = [
     "scaled_float32",
     "empty_float32",
     "masked_voxel_values",
+    "read_masked_volumes",
 ]
 
 #: Upper bound (bytes) of the read buffer (and of a slab) for an uncompressed file or a copy;
@@ -226,11 +227,19 @@ def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str, volumes) -
 
 
 def _fill_volume_groups(f, dst: np.ndarray, proxy, scaling: tuple, path: str, volumes) -> None:
-    """Compressed file, read front to back: groups of ``G`` whole volumes (a fifth of the
-    chosen ones); the chosen volumes of each group are written, the rest dropped, and reading
-    stops after the last chosen one."""
-    X, Y, Z, K = dst.shape
-    G = max(1, math.ceil(K / GZIP_PASSES))
+    """Compressed file, read front to back (:func:`_chosen_volume_groups`)."""
+    for into, src in _chosen_volume_groups(f, proxy, volumes, path):
+        dst[..., into] = scaled_float32(src, scaling).transpose(3, 2, 1, 0)
+
+
+def _chosen_volume_groups(f, proxy, volumes: np.ndarray, path: str):
+    """A compressed file's chosen volumes, read front to back in groups of ``G`` whole volumes
+    (a fifth of the chosen ones): yields ``(into, raw [g, Z, Y, X])``, ``into`` the positions
+    in ``volumes`` of the group's chosen volumes (a slice when the group is all chosen, in
+    order), ``raw`` their values in the file's order (the buffer: use it before the next).
+    Groups with no chosen volume are dropped; reading stops after the last chosen one."""
+    X, Y, Z = (int(s) for s in proxy.shape[:3])
+    G = max(1, math.ceil(volumes.size / GZIP_PASSES))
     buf = np.empty((G, Z, Y, X), proxy.dtype)
     f.seek(int(proxy.offset))
     end = int(volumes.max()) + 1 if volumes.size else 0
@@ -243,10 +252,44 @@ def _fill_volume_groups(f, dst: np.ndarray, proxy, scaling: tuple, path: str, vo
             continue
         group = np.arange(k0, k1)
         if np.array_equal(volumes[into], group) and np.array_equal(into, into[0] + group - k0):
-            into, src = slice(into[0], into[0] + k1 - k0), block  # the whole group, in order
+            yield slice(into[0], into[0] + k1 - k0), block  # the whole group, in order
         else:
-            src = block[volumes[into] - k0]
-        dst[..., into] = scaled_float32(src, scaling).transpose(3, 2, 1, 0)
+            yield into, block[volumes[into] - k0]
+
+
+def read_masked_volumes(
+    img: nib.Nifti1Image,
+    geometry: MRtrixGeometry,
+    scaling: tuple,
+    path: str,
+    volumes: np.ndarray,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`masked_voxel_values` of a gzip'd 4-D NIfTI, read front to back once: only the
+    chosen volumes at the voxels of ``mask`` (realigned ``[X', Y', Z']``) are kept, as
+    ``[M, n]`` rows (M: the mask's voxels), never the whole grid.
+
+    Returns:
+        ``(values [U, n] float32, index [U] int64)``: rows of the voxels whose chosen values
+        are all finite, in C order of the realigned grid, and their flat indices.
+    """
+    from nibabel.openers import ImageOpener  # here: nibabel is only needed for NIfTIs
+
+    volumes = np.asarray(volumes, dtype=np.int64)
+    real_index = np.arange(int(np.prod(geometry.shape)), dtype=np.int64).reshape(geometry.shape)
+    file_index = file_order_view(real_index, geometry)  # [X, Y, Z] in the file's axes
+    keep = None if mask is None else file_order_view(np.asarray(mask, bool), geometry)
+    index = file_index.reshape(-1) if keep is None else file_index[keep]
+    out = np.empty((index.size, volumes.size), np.float32)
+    with ImageOpener(img.dataobj.file_like) as f:
+        for into, raw in _chosen_volume_groups(f, img.dataobj, volumes, path):
+            rows = raw.transpose(3, 2, 1, 0)  # [X, Y, Z, g], the file's axes
+            rows = rows.reshape(-1, rows.shape[3]) if keep is None else rows[keep]
+            out[:, into] = scaled_float32(rows, scaling)
+    order = np.argsort(index, kind="stable")
+    index, out = index[order], out[order]
+    finite = np.isfinite(out).all(-1)
+    return out[finite], index[finite]
 
 
 def masked_voxel_values(

@@ -256,5 +256,8 @@ def test_image_file_voxel_values_equal_the_loaded_image(tmp_path, small_blocks, 
     keep = mask & np.isfinite(whole.data[..., volumes]).all(-1)
     np.testing.assert_array_equal(index, np.flatnonzero(keep))
     np.testing.assert_array_equal(values, whole.data[..., volumes].reshape(-1, 3)[index])
+    every, index = f.voxel_values(np.arange(9))  # no mask; gzip'd: whole groups in order
+    np.testing.assert_array_equal(index, np.flatnonzero(np.isfinite(whole.data).all(-1)))
+    np.testing.assert_array_equal(every, whole.data.reshape(-1, 9)[index])
     with pytest.raises(ShapeError, match="4-D"):
         open_image(_write(tmp_path, "three.nii", data[..., 0], AFFINES["ras"]))
