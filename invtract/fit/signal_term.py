@@ -163,8 +163,8 @@ class SignalTerm:
     def __post_init__(self) -> None:
         n = int(self.usable.sum())
         if self.signals.shape[0] != n:
-            raise ShapeError(f"the signal term has {self.signals.shape[0]} signal rows for {n} "
-                             "usable voxels")  # fmt: skip
+            rows = self.signals.shape[0]
+            raise ShapeError(f"the signal term has {rows} signal rows for {n} usable voxels")
         self._row = torch.cumsum(self.usable, 0, dtype=torch.int32) - 1  # [X*Y*Z]
 
     def signal(self, voxels: torch.Tensor) -> torch.Tensor:
@@ -265,9 +265,9 @@ class SignalTerm:
         if self.msmt is None:
             c = csd_solve(self.signal(idx), self.model)
         else:
-            b = self.signal(idx)
-            x = msmt_solve(b, self.msmt)
-            self.signals[self._row[idx]] = residual_signals(b, x, self.msmt).float()
+            measured = self.signal(idx)
+            x = msmt_solve(measured, self.msmt)
+            self.signals[self._row[idx]] = residual_signals(measured, x, self.msmt).float()
             a, b = self.msmt.tissues[0]
             c = x[:, a:b]
         b_ = self.signal(idx).double()
