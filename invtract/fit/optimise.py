@@ -345,21 +345,6 @@ class FitResult:
         return flat.reshape(self.sh.shape)
 
 
-def _release_pages(mm, a: np.ndarray) -> None:
-    """Drop the resident pages of the mapping ``mm`` that hold ``a`` (``MADV_DONTNEED``: they
-    are read again from the file if touched; ``a`` is never written)."""
-    import mmap
-
-    if not hasattr(mm, "madvise") or a.size == 0:
-        return
-    start = np.frombuffer(mm, np.uint8).ctypes.data
-    offs = np.array(a.strides) * (np.array(a.shape) - 1)
-    lo = a.ctypes.data + int(offs[offs < 0].sum()) - start
-    hi = a.ctypes.data + int(offs[offs > 0].sum()) + a.itemsize - start
-    lo -= lo % mmap.PAGESIZE
-    mm.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(mm)) - lo)
-
-
 def c_order_fod(data) -> np.ndarray:
     """``data`` ``[X, Y, Z, K]`` as a C-ordered float32 array: ``data`` itself when it is one,
     else one copy, made slab by slab along the slowest axis in memory. Pages of a memory-mapped
@@ -370,18 +355,11 @@ def c_order_fod(data) -> np.ndarray:
     a = np.asarray(data)
     if a.dtype == np.float32 and a.flags.c_contiguous:
         return a
-    out = np.empty(a.shape, np.float32)
-    from ..io.voxel_major import file_mapping
+    from ..io.voxel_major import released_slabs
 
-    mm = file_mapping(a)
-    ax = int(np.argmax(np.abs(a.strides))) if a.ndim else 0
-    n = a.shape[ax] if a.ndim else 1
-    per = max(1, (64 << 20) // max(1, a.nbytes // max(n, 1)))  # ~64 MB slabs
-    for i in range(0, n, per):
-        sl = (slice(None),) * ax + (slice(i, min(n, i + per)),)
+    out = np.empty(a.shape, np.float32)
+    for sl, _ in released_slabs(a):
         out[sl] = a[sl]
-        if mm is not None:
-            _release_pages(mm, a[sl])
     return out
 
 

@@ -258,6 +258,8 @@ class ImageFile:
         The whole image is never held.
         """
         volumes = np.asarray(volumes, dtype=np.int64)
+        if volumes.size and (volumes.min() < 0 or volumes.max() >= self.shape[3]):
+            raise ShapeError(f"{self.path}: has {self.shape[3]} volumes, not {volumes.tolist()}")
         if self.path.lower().endswith(".nii.gz"):  # no mapping: one pass through the stream
             _, geo, scaling, _ = _read_raw(self.path, header_only=True)
             img = _open_nifti(self.path)[0]

@@ -45,6 +45,8 @@ __all__ = [
     "empty_float32",
     "masked_voxel_values",
     "read_masked_volumes",
+    "released_slabs",
+    "file_mapping",
 ]
 
 #: Upper bound (bytes) of the read buffer (and of a slab) for an uncompressed file or a copy;
@@ -126,6 +128,23 @@ def file_mapping(arr: np.ndarray) -> mmap.mmap | None:
     return None
 
 
+def released_slabs(src: np.ndarray, spatial: bool = False):
+    """Yield ``(index, axis)``: the slabs of ``src`` (about :data:`BLOCK_BYTES` each; the
+    index tuple selects one) along its axis slowest in memory (among the first three with
+    ``spatial``). When ``src`` is memory-mapped, the mapping's pages are released from the
+    resident set after each slab is used (read-only use: they reload from the file if touched
+    again), so reading the whole of it costs one slab of resident memory, not the file."""
+    axes = src.ndim if not spatial else min(3, src.ndim)
+    ax = int(np.argmax(np.abs(src.strides[:axes]))) if axes else 0
+    n = src.shape[ax] if src.ndim else 1
+    per = max(1, BLOCK_BYTES // max(1, src.nbytes // max(1, n)))
+    mapping = file_mapping(src)
+    for a in range(0, n, per):
+        yield (slice(None),) * ax + (slice(a, min(n, a + per)),), ax
+        if mapping is not None:
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def file_order_view(out: np.ndarray, geometry: MRtrixGeometry) -> np.ndarray:
     """The view of a realigned ``[X', Y', Z', K]`` array in the file's axis order and
     direction: the inverse of :meth:`MRtrixGeometry.reorient` (no copy)."""
@@ -148,11 +167,7 @@ def _allocate(file_shape: tuple, geometry: MRtrixGeometry) -> np.ndarray:
 
 
 def read_voxel_major(
-    img: nib.Nifti1Image,
-    geometry: MRtrixGeometry,
-    scaling: tuple,
-    path: str,
-    volumes: np.ndarray | None = None,
+    img: nib.Nifti1Image, geometry: MRtrixGeometry, scaling: tuple, path: str
 ) -> np.ndarray:
     """Read a 4-D NIfTI's voxels into a new float32 ``[X', Y', Z', K]`` array in the realigned
     (MRtrix) axis order, scaled.
@@ -162,8 +177,6 @@ def read_voxel_major(
         geometry: :func:`invtract.io.geometry.realign` of the image's header.
         scaling: ``(inter, slope)``.
         path: the file, for error messages.
-        volumes: read only these volumes, in this order (``K`` of them; e.g. one shell of a
-            DWI): the others are skipped (uncompressed) or read and dropped (gzip'd).
 
     Returns:
         float32 ``[X', Y', Z', K]``, each voxel's K values contiguous, all strides positive,
@@ -173,20 +186,16 @@ def read_voxel_major(
         FormatError: the file ends before its data do.
     """
     proxy = img.dataobj
-    n_all = int(proxy.shape[3])
-    volumes = np.arange(n_all) if volumes is None else np.asarray(volumes, dtype=np.int64)
-    if volumes.size and (volumes.min() < 0 or volumes.max() >= n_all):
-        raise FormatError(f"{path}: has {n_all} volumes, asked for volume {volumes.max()}")
-    out = _allocate(tuple(int(s) for s in proxy.shape[:3]) + (volumes.size,), geometry)
+    out = _allocate(tuple(int(s) for s in proxy.shape), geometry)
     dst = file_order_view(out, geometry)  # [X, Y, Z, K] in the file's order, writes into out
     from nibabel.openers import ImageOpener  # here: nibabel is only needed for 4-D NIfTIs
 
     opener = ImageOpener(proxy.file_like)
     with opener as f:
         if str(path).lower().endswith(".gz"):
-            _fill_volume_groups(f, dst, proxy, scaling, path, volumes)
+            _fill_volume_groups(f, dst, proxy, scaling, path)
         else:
-            _fill_slabs(f, dst, proxy, scaling, path, volumes)
+            _fill_slabs(f, dst, proxy, scaling, path)
     return out
 
 
@@ -210,8 +219,8 @@ def _slab_slices(slice_bytes: int, Z: int) -> int:
     return max(1, min(Z, budget // max(1, slice_bytes)))
 
 
-def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str, volumes) -> None:
-    """Uncompressed file: for each slab of ``S`` file z-slices, one strip per chosen volume."""
+def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str) -> None:
+    """Uncompressed file: for each slab of ``S`` file z-slices, one strip per volume."""
     X, Y, Z, K = dst.shape
     item = proxy.dtype.itemsize
     slice_bytes = X * Y * item
@@ -220,14 +229,15 @@ def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str, volumes) -
     for z0 in range(0, Z, S):
         z1 = min(Z, z0 + S)
         block = buf[:, : z1 - z0]
-        for j, k in enumerate(volumes):
-            f.seek(int(proxy.offset) + (int(k) * Z + z0) * slice_bytes)
-            _read_exact(f, block[j], path)
+        for k in range(K):
+            f.seek(int(proxy.offset) + (k * Z + z0) * slice_bytes)
+            _read_exact(f, block[k], path)
         dst[:, :, z0:z1, :] = scaled_float32(block, scaling).transpose(3, 2, 1, 0)
 
 
-def _fill_volume_groups(f, dst: np.ndarray, proxy, scaling: tuple, path: str, volumes) -> None:
-    """Compressed file, read front to back (:func:`_chosen_volume_groups`)."""
+def _fill_volume_groups(f, dst: np.ndarray, proxy, scaling: tuple, path: str) -> None:
+    """Compressed file, read front to back (:func:`_chosen_volume_groups`: all of them)."""
+    volumes = np.arange(dst.shape[3])
     for into, src in _chosen_volume_groups(f, proxy, volumes, path):
         dst[..., into] = scaled_float32(src, scaling).transpose(3, 2, 1, 0)
 
@@ -310,24 +320,17 @@ def masked_voxel_values(
     """
     shape = tuple(int(s) for s in src.shape[:3])
     volumes = np.asarray(volumes, dtype=np.int64)
-    ax = int(np.argmax(np.abs(src.strides[:3])))
-    per_index = src.itemsize * int(np.prod(src.shape, dtype=np.int64)) // max(1, shape[ax])
-    per = max(1, BLOCK_BYTES // max(1, per_index))
-    mapping = file_mapping(src)
     values, index = [], []
-    for a in range(0, shape[ax], per):
-        sl = (slice(None),) * ax + (slice(a, min(shape[ax], a + per)),)
+    for sl, ax in released_slabs(src, spatial=True):
         block = scaled_float32(np.asarray(src[sl][..., volumes]), scaling)
         keep = np.isfinite(block).all(-1)
         if mask is not None:
             keep &= np.asarray(mask[sl], dtype=bool)
         pos = list(np.nonzero(keep))
-        pos[ax] += a
+        pos[ax] += sl[ax].start
         index.append(np.ravel_multi_index(pos, shape))
         values.append(block[keep])
         del block, keep
-        if mapping is not None:
-            mapping.madvise(mmap.MADV_DONTNEED)  # read-only use: pages reload from the file
     index = np.concatenate(index)
     values = np.concatenate(values)
     if ax != 0:  # slabs across the C order: sort the rows back into it

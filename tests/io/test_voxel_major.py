@@ -208,25 +208,6 @@ def test_masked_voxel_values_equal_whole_array(tmp_path, small_blocks, layout):
     np.testing.assert_array_equal(every, np.flatnonzero(np.isfinite(data[..., volumes]).all(-1)))
 
 
-@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
-@pytest.mark.parametrize("volumes", [[3, 0, 7], [8, 9, 10, 11, 12, 13, 14], [14]])
-def test_nifti_chosen_volumes_equal_the_whole_read(tmp_path, small_blocks, suffix, volumes):
-    """read_voxel_major(volumes): only those volumes, in that order (gzip'd: groups with no
-    chosen volume dropped, a whole in-order group written at once, reading stops after the
-    last chosen one)."""
-    from invtract.io.image import _open_nifti
-
-    data = np.random.default_rng(9).standard_normal((5, 4, 6, 15)).astype(np.float32)
-    path = _write(tmp_path, "d" + suffix, data, AFFINES["oblique"])
-    img, transform, spacing, scaling = _open_nifti(str(path))
-    geo = realign(*sanitise_transform(transform, spacing), img.shape[:3])
-    got = vm.read_voxel_major(img, geo, scaling, str(path), np.array(volumes))
-    assert is_voxel_major(got) and got.shape == _expected(path).shape[:3] + (len(volumes),)
-    np.testing.assert_array_equal(got, _expected(path)[..., volumes])
-    with pytest.raises(FormatError, match="15 volumes"):
-        vm.read_voxel_major(img, geo, scaling, str(path), np.array([15]))
-
-
 @pytest.mark.parametrize("name", ["v.nii", "v.nii.gz", "vol.mif", "vox.mif", "i2.nii.gz"])
 def test_image_file_voxel_values_equal_the_loaded_image(tmp_path, small_blocks, request, name):
     """ImageFile.voxel_values of any layout and format (scaled integers included) are the
@@ -259,5 +240,7 @@ def test_image_file_voxel_values_equal_the_loaded_image(tmp_path, small_blocks, 
     every, index = f.voxel_values(np.arange(9))  # no mask; gzip'd: whole groups in order
     np.testing.assert_array_equal(index, np.flatnonzero(np.isfinite(whole.data).all(-1)))
     np.testing.assert_array_equal(every, whole.data.reshape(-1, 9)[index])
+    with pytest.raises(ShapeError, match="has 9 volumes"):
+        f.voxel_values(np.array([2, 9]))
     with pytest.raises(ShapeError, match="4-D"):
         open_image(_write(tmp_path, "three.nii", data[..., 0], AFFINES["ras"]))
