@@ -235,8 +235,8 @@ class SignalTerm:
             self.others = torch.zeros(n_all, int(rest.sum()), dtype=torch.float32)
         parts = []  # (voxels, mean squared residual) per block
 
-        def sink(block, c, x):
-            parts.append((block.numel(), noise_variance(self.signal(block), self.model, c)))
+        def sink(block, b, c, x):
+            parts.append((block.numel(), noise_variance(b, self.model, c)))
             if keep_csd:
                 self.csd[block] = c.float()
             if rest is not None:
@@ -249,31 +249,29 @@ class SignalTerm:
     def _solve(self, idx: torch.Tensor, sink: Callable | None = None) -> None:
         """Solve CSD in the usable voxels ``idx`` (not solved before), :data:`SOLVE_BLOCK` at a
         time: set their :attr:`reference` (multi-tissue: replace their signals by the residual
-        of the other tissues first) and hand each block to ``sink(block, c, x)``: ``c [B, K]``
-        float64 WM coefficients, ``x`` the multi-tissue solution ``[B, P]`` (None for
-        single-shell CSD)."""
-        for a in range(0, idx.numel(), SOLVE_BLOCK):
-            block = idx[a : a + SOLVE_BLOCK]
-            c, x = self._solve_block(block)
+        of the other tissues first) and hand each block to ``sink(block, b, c, x)``: ``b
+        [B, N]`` their (WM) signals, ``c [B, K]`` float64 WM coefficients, ``x`` the
+        multi-tissue solution ``[B, P]`` (None for single-shell CSD)."""
+        for block in idx.split(SOLVE_BLOCK):
+            b, c, x = self._solve_block(block)
             if sink is not None:
-                sink(block, c, x)
+                sink(block, b, c, x)
 
-    def _solve_block(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _solve_block(self, idx: torch.Tensor):
         from ..fod.msmt import msmt_solve, residual_signals
 
-        x = None
+        b, x = self.signal(idx), None
         if self.msmt is None:
-            c = csd_solve(self.signal(idx), self.model)
+            c = csd_solve(b, self.model)
         else:
-            measured = self.signal(idx)
-            x = msmt_solve(measured, self.msmt)
-            self.signals[self._row[idx]] = residual_signals(measured, x, self.msmt).float()
-            a, b = self.msmt.tissues[0]
-            c = x[:, a:b]
-        b_ = self.signal(idx).double()
+            x = msmt_solve(b, self.msmt)
+            b = residual_signals(b, x, self.msmt).float()
+            self.signals[self._row[idx]] = b
+            c = x[:, slice(*self.msmt.tissues[0])]
+        b_ = b.double()
         b_ = b_.clamp_min(0) if self.model.clamp_signal else b_
         self.reference[idx] = csd_objective(c, b_, self.model)
-        return c, x
+        return b, c, x
 
     def _ensure_solved(self, voxels: torch.Tensor) -> None:
         """Solve CSD in the usable ``voxels [U]`` (flat indices) not solved yet."""
@@ -426,8 +424,7 @@ class SignalTerm:
         v = v[self.usable[v]]
         self._ensure_solved(v)
         total = 0.0  # in blocks: a whole brain's [V, N] float64 temporaries add up to GBs
-        for a in range(0, v.numel(), SOLVE_BLOCK):
-            block = v[a : a + SOLVE_BLOCK]
+        for block in v.split(SOLVE_BLOCK):
             r = signal_residual(sh[block].double(), self.signal(block), self.model)
             total += float(r.sum())
         return total / max(1, v.numel())
