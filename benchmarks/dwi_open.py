@@ -2,7 +2,8 @@
 
 On the folder of a kept ``benchmarks/fit_scale.py --size full --fit fod --dwi --keep`` run
 (``dwi.mif``, ``mask.mif``, ``response.txt``), each case in its own process: open the DWI,
-read the shell at the mask, solve CSD's noise sample (:meth:`SignalTerm.build`), from
+read the shell at the mask, solve CSD's noise sample (``signal_from_args`` on the command's
+flags, as ``invtract fit --dwi`` does), from
 ``dwi.mif`` and from the same DWI as ``dwi.nii.gz`` with ``--fslgrad`` (made with ``mrconvert
 -export_grad_fsl`` when absent). Prints one JSON object: per case wall seconds, peak RSS (MB),
 noise sigma, usable voxels and the shell's MB.
@@ -18,17 +19,17 @@ import subprocess
 import sys
 
 CASE = r"""
-import json, resource, sys, time
-from invtract.fit.signal_term import SignalTerm, load_dwi
-from invtract.fod.csd import load_response
-from invtract.io.image import load_mask
+import argparse, json, resource, sys, time
+from invtract.fit.signal_term import add_signal_arguments, signal_from_args
 
 d, name = sys.argv[1], sys.argv[2]
-fsl = (f"{d}/dwi.bvec", f"{d}/dwi.bval") if name.endswith(".nii.gz") else None
+p = argparse.ArgumentParser()
+add_signal_arguments(p)  # the command's own flags and path (signal_from_args)
+flags = ["--dwi", f"{d}/{name}", "--response", f"{d}/response.txt", "--mask", f"{d}/mask.mif"]
+if name.endswith(".nii.gz"):
+    flags += ["--fslgrad", f"{d}/dwi.bvec", f"{d}/dwi.bval"]
 t0 = time.perf_counter()
-dwi, grad = load_dwi(f"{d}/{name}", fsl)
-mask = load_mask(f"{d}/mask.mif").data
-term = SignalTerm.build(dwi, grad, [load_response(f"{d}/response.txt", anisotropic=True)], mask)
+term = signal_from_args(p.parse_args(flags))
 print(json.dumps({"wall_s": time.perf_counter() - t0,
                   "rss_peak_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "noise_sigma": term.variance ** 0.5, "usable_voxels": int(term.usable.sum()),
