@@ -289,7 +289,7 @@ class Fit:
         if started is None:
             return 0
         world, run_dir, ckpt, start_it = started
-        data = _bundle_data(args, world)
+        data = _bundle_data(args, world, run_dir)
         params0 = data["params0"]
         logger = None
         if world.is_main:
@@ -381,9 +381,16 @@ def _signal_inputs(args) -> dict:
     return out
 
 
-def _bundle_data(args, world=None) -> dict:
+#: FODs larger than this (bytes) are kept in a scratch file during a fit (``_bundle_data``)
+SCRATCH_BYTES = 256 * 2**20
+
+
+def _bundle_data(args, world=None, run_dir=None) -> dict:
     """The FOD image, the target (with its seeds), the starting tracking parameters and the
-    signal term (``--dwi``, else None; solved on rank 0 and broadcast under ``world``)."""
+    signal term (``--dwi``, else None; solved on rank 0 and broadcast under ``world``).
+
+    An FOD over :data:`SCRATCH_BYTES` is copied into a scratch file beside ``run_dir``
+    (:mod:`invtract.io.scratch`): the fit then holds in memory only the part it reads."""
     import torch
 
     from ..fit.config import header_lengths
@@ -395,7 +402,11 @@ def _bundle_data(args, world=None) -> dict:
     params0 = tracking_parameters(args)
     img = load_fod(args.fod, sh_basis=args.sh_basis)
     # one C-ordered copy that the fit and finish_run share (a mapped .mif's pages released)
-    img = dataclasses.replace(img, data=c_order_fod(img.data))
+    scratch = None
+    if run_dir is not None and int(img.data.nbytes) > SCRATCH_BYTES:
+        scratch = Path(run_dir).resolve().parent
+        scratch = scratch if scratch.is_dir() else None
+    img = dataclasses.replace(img, data=c_order_fod(img.data, scratch))
     target = load_tractogram(args.target)
     if len(target) == 0:
         raise ConfigError(f"{args.target}: the target bundle has no streamlines")
@@ -515,7 +526,11 @@ def finish_run(run_dir, logger, result, img, target, pos, dirs, params0, cfg, si
     final_h, final_t = (_split_mdf(res, target, pos, i) for i in (ho, tr))
     write_fitted_tck(run_dir / "fitted.tck", res, source=getattr(img, "path", None))
     if learned:
+        import numpy as np
+
         fitted = field.sh_flat.reshape(result.sh.shape).numpy()
+        if np.may_share_memory(fitted, img.data):  # the command's copy (maybe a scratch file)
+            fitted = img.data
         save_nifti(run_dir / "fitted_fod.nii.gz", fitted, img.affine, like=img.path)
     r0 = params0.resolve(vsz)
     r1 = p1.resolve(vsz)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,21 +346,30 @@ class FitResult:
         return flat.reshape(self.sh.shape)
 
 
-def c_order_fod(data) -> np.ndarray:
+def c_order_fod(data, scratch: str | os.PathLike | None = None) -> np.ndarray:
     """``data`` ``[X, Y, Z, K]`` as a C-ordered float32 array: ``data`` itself when it is one,
     else one copy, made slab by slab along the slowest axis in memory. Pages of a memory-mapped
     source (a ``.mif``'s coefficient-major layout, an uncompressed NIfTI) are released from
-    the resident set as each slab is copied, so the peak is about one copy, not two."""
+    the resident set as each slab is copied, so the peak is about one copy, not two.
+
+    ``scratch``: a folder; the copy is then a :func:`~invtract.io.scratch.scratch_array` there
+    (an unlinked file's shared mapping), its pages released too: the copy costs one slab of
+    memory, and later only the pages a fit touches are resident."""
     if torch.is_tensor(data):
         data = data.detach().cpu().numpy()
     a = np.asarray(data)
     if a.dtype == np.float32 and a.flags.c_contiguous:
         return a
+    from ..io.scratch import release, scratch_array
     from ..io.voxel_major import released_slabs
 
-    out = np.empty(a.shape, np.float32)
+    if scratch is None:
+        out = np.empty(a.shape, np.float32)
+    else:
+        out = scratch_array(a.shape, np.float32, scratch)
     for sl, _ in released_slabs(a):
         out[sl] = a[sl]
+        release(out)
     return out
 
 
@@ -382,8 +392,11 @@ def fod_field(fod, device: torch.device | str = "cpu"):
         if not field.sh_flat.is_contiguous():
             field = field.with_sh(field.sh_flat.contiguous())
     elif hasattr(fod, "data") and hasattr(fod, "affine"):
-        sh = torch.from_numpy(_writable(c_order_fod(fod.data)))
-        field = FODField.from_array(sh, fod.affine, voxel_sizes=getattr(fod, "voxel_sizes", None))
+        sh = _writable(c_order_fod(fod.data))
+        field = FODField.from_array(
+            torch.from_numpy(sh), fod.affine, voxel_sizes=getattr(fod, "voxel_sizes", None),
+            nonzero=_scratch_nonzero(sh),
+        )  # fmt: skip
     else:
         data, affine = fod
         field = FODField.from_array(torch.from_numpy(_writable(c_order_fod(data))), affine)
@@ -408,6 +421,18 @@ def _owned(field, fod):
         shared = buf.device.type == "cpu" and np.may_share_memory(np.asarray(data), buf.numpy())
     # the same values: the non-zero mask stays valid
     return dataclasses.replace(field, sh_flat=buf.clone()) if shared else field
+
+
+def _scratch_nonzero(sh: np.ndarray) -> torch.Tensor | None:
+    """The non-zero voxel mask of a scratch copy (:func:`c_order_fod`), its pages released
+    chunk by chunk; None for an array in memory (the field computes it)."""
+    from ..fod.interp import nonzero_rows
+    from ..io.scratch import is_scratch, release
+
+    if not is_scratch(sh):
+        return None
+    flat = torch.from_numpy(sh).reshape(-1, sh.shape[-1])
+    return nonzero_rows(flat, after_chunk=lambda: release(sh))
 
 
 def _writable(a: np.ndarray) -> np.ndarray:

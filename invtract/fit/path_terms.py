@@ -47,6 +47,17 @@ __all__ = ["learned_amplitudes", "learned_contractions", "reach_sum", "tangent_s
 
 #: hinge softness (relative amplitude units)
 REACH_TAU = 0.02
+#: target steps evaluated at a time: bounds the ``[steps, K]`` float64 temporaries (basis
+#: values and derivatives, trilinear corner rows) that a whole training set's targets would
+#: otherwise hold at once (~3 kB a step: 400 MB for a 500-streamline whole-brain bundle)
+STEP_CHUNK = 16384
+
+
+def _chunks(n: int):
+    """Slices of ``range(n)`` of at most :data:`STEP_CHUNK` (one empty slice when ``n = 0``).
+    Each step's value is computed alone, so the concatenated chunks equal the one-shot values
+    bit for bit; a learned row's gradient sums its chunks' parts (equal up to rounding)."""
+    return [slice(a, min(n, a + STEP_CHUNK)) for a in range(0, n, STEP_CHUNK)] or [slice(0, 0)]
 
 
 def learned_amplitudes(field, points: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
@@ -88,8 +99,10 @@ def learned_contractions(field, points: torch.Tensor, vecs: torch.Tensor) -> tor
 
 
 def _has_learned(field) -> bool:
+    """Learned rows that a gradient should reach (not under ``no_grad``: the correction is
+    zero-valued, so skipping it leaves the value unchanged)."""
     learned = getattr(field, "learned", None)
-    return learned is not None and learned[1].requires_grad
+    return learned is not None and learned[1].requires_grad and torch.is_grad_enabled()
 
 
 def _learned_correction(field, points: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
@@ -147,9 +160,10 @@ def reach_sum(field, target_halves, target_counts, cutoff, margin) -> torch.Tens
     cut = torch.as_tensor(cutoff, dtype=torch.float64)
     p, u, d = _steps(target_halves.detach(), target_counts)
     keep = d > 1e-9
-    a = learned_amplitudes(field, p[keep], u[keep])
+    p, u, d = p[keep], u[keep], d[keep]
+    a = torch.cat([learned_amplitudes(field, p[s], u[s]) for s in _chunks(p.shape[0])])
     x = a / cut.to(a.device) - 1
-    return (d[keep].to(a.device) * _hinge(margin - x)).sum()
+    return (d.to(a.device) * _hinge(margin - x)).sum()
 
 
 def tangent_sum(field, target_halves, target_counts, cutoff) -> torch.Tensor:
@@ -171,16 +185,21 @@ def tangent_sum(field, target_halves, target_counts, cutoff) -> torch.Tensor:
     Returns:
         0-d float64 tensor (mm).
     """
-    from ..fod.peak_grad import basis_directional_derivatives, tangent_basis
-
     p, u, d = _steps(target_halves.detach(), target_counts)
     keep = d > 1e-9
     p, u, d = p[keep], u[keep], d[keep]
     if p.shape[0] == 0:
         return torch.zeros((), dtype=torch.float64)
-    e1, e2 = tangent_basis(u)
-    with torch.no_grad():
-        _, dY, _ = basis_directional_derivatives(u, torch.stack([e1, e2]), field.lmax, order=1)
-    g = learned_contractions(field, p, dY)  # [2, m]
+    g = torch.cat([_tangent_gradient(field, p[s], u[s]) for s in _chunks(p.shape[0])], 1)
     cut = float(torch.as_tensor(cutoff).detach())  # a unit: no pull on a learned cutoff
     return (d.to(g.device) * g.pow(2).sum(0)).sum() / cut**2
+
+
+def _tangent_gradient(field, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``[2, n]`` the FOD's tangential gradient ``g`` at ``p [n, 3]`` along unit ``u [n, 3]``
+    (:func:`tangent_sum`), differentiable in the learned rows."""
+    from ..fod.peak_grad import basis_directional_derivatives, tangent_basis
+
+    e1, e2 = tangent_basis(u)
+    _, dY, _ = basis_directional_derivatives(u, torch.stack([e1, e2]), field.lmax, order=1)
+    return learned_contractions(field, p, dY)

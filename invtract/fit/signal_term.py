@@ -351,9 +351,12 @@ class SignalTerm:
         coupling_cv, start change [V, K] or None)``: ``"auto"`` resolved to a number (the
         cross-validation) and, when ``coupled``, :meth:`start_change`. Under ``--nproc`` rank 0
         computes it and the others :meth:`adopt` it."""
+        from ..heap import release_free_heap
+
         change = self.start_change(sh_start, voxels).cpu() if coupled else None
         if not coupled and self.grid is not None:  # without a grid "auto" fails at first use
             self._coupling_weight(self._usable(voxels)[0])
+        release_free_heap()  # the solves' few-MB temporaries (invtract.heap)
         return self.spatial, self.coupling_cv, change
 
     def adopt(self, prepared) -> torch.Tensor | None:

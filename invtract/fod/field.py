@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ConfigError, ShapeError
 from ..io.geometry import scanner2voxel
-from .interp import sample_fod
+from .interp import nonzero_rows, sample_fod
 from .peaks import mrtrix_peak
 from .sh import lmax_from_n
 
@@ -86,6 +86,7 @@ class FODField:
         dtype: torch.dtype | None = None,
         voxel_sizes: tuple | None = None,
         copy: bool = True,
+        nonzero: torch.Tensor | None = None,
     ) -> FODField:
         """Build from an ``[X, Y, Z, K]`` array and its ``[4, 4]`` voxel->scanner affine.
 
@@ -94,7 +95,9 @@ class FODField:
         as it is (no copy) unless ``device`` / ``dtype`` ask for another; if it requires grad,
         the field stays differentiable w.r.t. it. ``dtype`` defaults to float32 for numpy
         (tckgen parity) and to the tensor's own, ``device`` to the CPU / the tensor's own.
-        ``voxel_sizes`` (mm) default to the affine's column norms.
+        ``voxel_sizes`` (mm) default to the affine's column norms. ``nonzero``: the ``[X*Y*Z]``
+        bool mask of voxels with any non-zero coefficient, when the caller has it (computed
+        otherwise).
         """
         if torch.is_tensor(sh):
             sh_t = sh.to(device=device or sh.device, dtype=dtype or sh.dtype)
@@ -105,7 +108,7 @@ class FODField:
         flat = sh_t.reshape(-1, K)
         affine = np.array(affine, np.float64)
         s2v = torch.as_tensor(scanner2voxel(affine), device=sh_t.device)
-        nonzero = (flat.detach() != 0).any(-1)
+        nonzero = nonzero_rows(flat) if nonzero is None else nonzero.to(flat.device)
         if voxel_sizes is None:
             voxel_sizes = np.linalg.norm(affine[:3, :3], axis=0)
         sizes = tuple(float(v) for v in voxel_sizes[:3])
@@ -127,7 +130,7 @@ class FODField:
             )
         flat = sh.reshape(n, sh.shape[-1])
         if changed is None:
-            nonzero = (flat.detach() != 0).any(-1)
+            nonzero = nonzero_rows(flat)
         else:
             nonzero = self.nonzero_flat.to(flat.device, copy=True)
             idx = changed.to(flat.device)

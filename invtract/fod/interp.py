@@ -17,7 +17,26 @@ import torch
 
 from ..tracking.rules import FOV_HALF_VOXEL, WEIGHT_THRESHOLD
 
-__all__ = ["VoxelGrid", "world_to_voxel", "corner_weights", "sample_fod"]
+__all__ = ["VoxelGrid", "world_to_voxel", "corner_weights", "sample_fod", "nonzero_rows"]
+
+#: rows tested at a time by :func:`nonzero_rows` (a ``[rows, K]`` bool temporary: ~45 MB)
+NONZERO_CHUNK = 1 << 20
+
+
+def nonzero_rows(flat: torch.Tensor, after_chunk=None) -> torch.Tensor:
+    """``[N]`` bool: the rows of ``flat [N, K]`` with any non-zero value (no gradient).
+
+    Computed :data:`NONZERO_CHUNK` rows at a time: on a whole-brain FOD (10 M voxels x 45)
+    the one-shot ``(flat != 0).any(-1)`` would hold a 432 MB ``[N, K]`` bool temporary beside
+    the coefficients. ``after_chunk()``, if given, is called after each chunk (e.g. to release
+    a memory-mapped ``flat``'s pages: :func:`invtract.io.scratch.release`)."""
+    flat = flat.detach()
+    out = torch.empty(flat.shape[0], dtype=torch.bool, device=flat.device)
+    for a in range(0, flat.shape[0], NONZERO_CHUNK):
+        torch.any(flat[a : a + NONZERO_CHUNK] != 0, -1, out=out[a : a + NONZERO_CHUNK])
+        if after_chunk is not None:
+            after_chunk()
+    return out
 
 
 @dataclass(frozen=True)
@@ -124,7 +143,7 @@ def sample_fod(
     if N == 0:
         return sh_flat.new_zeros((0, K)), torch.zeros(0, dtype=torch.bool, device=pos_mm.device)
     if nonzero_flat is None:
-        nonzero_flat = (sh_flat != 0).any(-1)
+        nonzero_flat = nonzero_rows(sh_flat)
     v = world_to_voxel(pos_mm, scanner2voxel)
     index, weights, inside = corner_weights(v, shape, weight_dtype=sh_flat.dtype)
     n = torch.tensor(shape, device=v.device, dtype=torch.int64)

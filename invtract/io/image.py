@@ -477,7 +477,44 @@ def save_nifti(
     img.set_qform(affine, code=q_code if q_code > 0 else 1)
     img.header.set_slope_inter(1.0, 0.0)
     with atomic_output(path, suffix=suffix) as tmp:
-        nib.save(img, tmp)
+        if _is_scratch_volumes(arr):
+            _save_released(img, arr, tmp)
+        else:
+            nib.save(img, tmp)
+
+
+#: volumes of a scratch array gathered per pass of :func:`_save_released`
+SAVE_VOLUME_GROUP = 5
+
+
+def _is_scratch_volumes(arr: np.ndarray) -> bool:
+    from .scratch import is_scratch
+
+    return arr.ndim == 4 and arr.flags.c_contiguous and is_scratch(arr)
+
+
+def _save_released(img, arr: np.ndarray, tmp: str) -> None:
+    """``nib.save(img, tmp)`` for a C-ordered ``[X, Y, Z, K]`` scratch array (the same bytes)
+    without faulting the whole array into memory: NIfTI stores volume after volume (x fastest),
+    so each pass gathers :data:`SAVE_VOLUME_GROUP` volumes from x-slabs, releasing the
+    array's pages after each slab, and writes them; memory: the group, not the array."""
+    from nibabel.openers import Opener
+    from nibabel.volumeutils import seek_tell
+
+    from .voxel_major import released_slabs
+
+    img.update_header()
+    hdr = img.header
+    X, Y, Z, K = arr.shape
+    with Opener(tmp, "wb") as f:
+        hdr.write_to(f)
+        seek_tell(f, hdr.get_data_offset(), write0=True)
+        for k0 in range(0, K, SAVE_VOLUME_GROUP):
+            k1 = min(K, k0 + SAVE_VOLUME_GROUP)
+            group = np.empty((k1 - k0, Z, Y, X), np.float32)  # the file's order, C-ordered
+            for sl, _ in released_slabs(arr):
+                group[..., sl[0]] = arr[sl][..., k0:k1].transpose(3, 2, 1, 0)
+            f.write(memoryview(group).cast("B"))
 
 
 def save_mif(path: str | os.PathLike, image: Image, *, overwrite: bool = True) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..fod.interp import nonzero_rows
 from .rules import GMWMI_ACCURACY, TISSUE_SUM_THRESHOLD
 
 __all__ = [
@@ -59,7 +60,7 @@ class TissueImage:
         data = torch.as_tensor(np.asarray(act.data, np.float64), device=device)
         flat = data.reshape(-1, data.shape[-1])
         nan = torch.isnan(flat).any(-1, keepdim=True)
-        nonzero = (flat != 0).any(-1)
+        nonzero = nonzero_rows(flat)
         flat = torch.cat([torch.nan_to_num(flat, nan=0.0), nan.to(flat.dtype)], -1)
         s2v = torch.as_tensor(np.asarray(act.scanner2voxel, np.float64)[:3, :4], device=device)
         return cls(flat, tuple(int(v) for v in data.shape[:3]), s2v, nonzero)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..fod.field import FODField
+from ..fod.interp import nonzero_rows
 from ..fod.legendre import legendre_index, legendre_table, lut_increment, n_legendre
 from ..params import ResolvedParameters
 from .act import ActImage
@@ -70,7 +71,7 @@ class ActField:
         data = torch.as_tensor(np.ascontiguousarray(act.data, np.float32), device=device)
         flat = data.reshape(-1, data.shape[-1])
         s2v = torch.as_tensor(np.asarray(act.scanner2voxel, np.float64)[:3, :4], device=device)
-        return cls(flat, tuple(int(v) for v in data.shape[:3]), s2v, (flat != 0).any(-1))
+        return cls(flat, tuple(int(v) for v in data.shape[:3]), s2v, nonzero_rows(flat))
 
 
 def sample_eigen(flat, shape, scanner2voxel, pos, nonzero=None):

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ConfigError, ShapeError
 from ..fod.field import FODField
+from ..fod.interp import nonzero_rows
 from ..fod.peak_grad import refine_peak
 from ..fod.sh_layout import lmax_from_n
 from ..params import ResolvedParameters
@@ -263,7 +264,7 @@ def seed_test_torch(
         flat,
         tuple(int(v) for v in sh_t.shape[:3]),
         torch.as_tensor(np.asarray(scanner2voxel, np.float64)[:3, :4]),
-        (flat != 0).any(-1),
+        nonzero_rows(flat),
         lmax_from_n(int(sh_t.shape[-1])),
     )
     rois = rois or RoiSet()

@@ -245,3 +245,41 @@ def test_tangent_is_a_known_weight_computed_without_tracking():
     want = tangent_sum(field, paired.halves, paired.counts, 0.1) / len(paired)
     torch.testing.assert_close(out["tangent"], want.to(out["tangent"].dtype))
     assert out["n_missing"] == len(paired)
+
+
+def test_path_terms_in_chunks_equal_one_shot_and_no_grad_skips_only_the_gradient(monkeypatch):
+    """The terms evaluate target steps in chunks of ``STEP_CHUNK`` (bounded temporaries on a
+    whole-brain bundle): the value equals the one-shot evaluation bit for bit, the gradient to
+    float32 rounding (a row met by several chunks sums their parts in another order); under
+    ``no_grad`` (the selection, held-out evaluations) the value is the same."""
+    from invtract.fit import path_terms
+
+    field, img = _example()
+    paired = _paired_example()
+    pts = paired.streamlines.points.double()
+    flat = torch.unique(_voxels_of(field, img, pts))
+    base = field.sh_flat[flat] * 0.2
+
+    def both(chunk):
+        monkeypatch.setattr(path_terms, "STEP_CHUNK", chunk)
+        out = []
+        for fn in (
+            lambda f: reach_sum(f, paired.halves, paired.counts, 0.1, margin=0.1),
+            lambda f: tangent_sum(f, paired.halves, paired.counts, 0.1),
+        ):
+            rows = base.clone().requires_grad_(True)
+            value = fn(field.with_rows(flat, rows))
+            value.backward()
+            with torch.no_grad():
+                plain = fn(field.with_rows(flat, rows))
+            out.append((value.detach(), rows.grad, plain))
+        return out
+
+    n_steps = int((paired.counts - 1).clamp_min(0).sum())
+    one_shot, chunked = both(n_steps + 1), both(97)
+    assert n_steps > 5 * 97
+    for (v1, g1, p1), (v2, g2, p2) in zip(one_shot, chunked):
+        assert float(v1) > 0 and g1.abs().sum() > 0
+        assert torch.equal(v1, v2)
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6 * float(g1.abs().max()))
+        assert torch.equal(p1, v1) and torch.equal(p2, v1)

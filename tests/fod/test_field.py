@@ -62,3 +62,19 @@ def test_from_image_of_loaded_nifti_samples_as_from_array(shared_data):
     ca, va = a.sample(pts.float())
     cb, vb = b.sample(pts.float())
     assert va.all() and torch.equal(ca, cb) and torch.equal(va, vb)
+
+
+def test_nonzero_rows_in_chunks_equals_the_one_shot_mask(monkeypatch):
+    """The non-zero voxel mask is computed in chunks (a whole brain's one-shot ``[N, K]`` bool
+    temporary would be 432 MB), calling ``after_chunk`` after each."""
+    from invtract.fod import interp
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(1000, 15, generator=g)
+    flat[torch.rand(1000, generator=g) < 0.3] = 0
+    flat[5, :14] = 0  # one non-zero coefficient is enough
+    monkeypatch.setattr(interp, "NONZERO_CHUNK", 64)
+    calls = []
+    got = interp.nonzero_rows(flat, after_chunk=lambda: calls.append(1))
+    assert torch.equal(got, (flat != 0).any(-1)) and bool(got[5])
+    assert 250 < int((~got).sum()) < 350 and len(calls) == 16

@@ -1,0 +1,74 @@
+"""Scratch arrays (invtract.io.scratch): a working copy in an unlinked file's shared mapping,
+resident only where touched; the FOD fit's copy and its NIfTI output through them."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from invtract.fit.optimise import c_order_fod, fod_field
+from invtract.io import image as image_io
+from invtract.io import voxel_major
+from invtract.io.image import Image, save_nifti
+from invtract.io.scratch import is_scratch, release, scratch_array
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS"))
+
+
+def test_a_scratch_array_has_no_name_keeps_its_values_and_leaves_memory_when_released(tmp_path):
+    a = scratch_array((64, 1024, 1024), np.float32, tmp_path)  # 256 MiB
+    assert list(tmp_path.iterdir()) == []  # unlinked: nothing left behind
+    assert is_scratch(a) and is_scratch(a[3:5]) and not is_scratch(np.zeros(3))
+    assert float(a[7].max()) == 0.0
+    a[:] = 2.5
+    if os.path.exists("/proc/self/status"):
+        before = _rss_kb()
+        release(a)
+        assert before - _rss_kb() > 200 * 1024  # the written pages left the resident set
+    assert float(a[40].sum()) == 2.5 * 1024 * 1024  # ... and kept their values
+    plain = np.ones(4)
+    release(plain)  # not a scratch array: nothing happens
+    assert plain.sum() == 4
+
+
+def test_c_order_fod_into_scratch_equals_the_copy_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(voxel_major, "BLOCK_BYTES", 3000)  # many slabs
+    rng = np.random.default_rng(0)
+    src = np.asfortranarray(rng.standard_normal((6, 5, 7, 15)).astype(np.float32))
+    src[2, 3] = 0  # all-zero voxels
+    mem, scr = c_order_fod(src), c_order_fod(src, tmp_path)
+    assert is_scratch(scr) and not is_scratch(mem) and scr.flags.c_contiguous
+    assert np.array_equal(mem, scr)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    f_mem, f_scr = (fod_field(Image(a, aff, (2.0, 2.0, 2.0), "x")) for a in (mem, scr))
+    assert torch.equal(f_mem.nonzero_flat, f_scr.nonzero_flat)
+    assert int((~f_scr.nonzero_flat).sum()) == 7
+    f_scr.sh_flat[3] = 9.0  # the field shares the scratch copy (a fit writes its rows there)
+    assert float(scr.reshape(-1, 15)[3, 0]) == 9.0
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_save_nifti_of_a_scratch_array_writes_the_same_image(tmp_path, monkeypatch, suffix):
+    """A scratch array is written volume group by volume group from released slabs: the file
+    holds the same bytes as nibabel's own writer makes from an array in memory."""
+    monkeypatch.setattr(voxel_major, "BLOCK_BYTES", 4000)
+    monkeypatch.setattr(image_io, "SAVE_VOLUME_GROUP", 4)
+    a = np.random.default_rng(1).standard_normal((7, 5, 6, 11)).astype(np.float32)
+    s = scratch_array(a.shape, np.float32, tmp_path)
+    s[:] = a
+    aff = np.diag([1.25, 1.5, 2.0, 1.0])
+    aff[:3, 3] = [3, -4, 5]
+    save_nifti(tmp_path / f"mem{suffix}", a, aff)
+    save_nifti(tmp_path / f"scr{suffix}", s, aff)
+    raw = [(tmp_path / f"{n}{suffix}").read_bytes() for n in ("mem", "scr")]
+    if suffix.endswith(".gz"):
+        raw = [gzip.decompress(r) for r in raw]
+    assert len(raw[0]) > a.nbytes and raw[0] == raw[1]
+    assert np.array_equal(image_io.load_image(tmp_path / f"scr{suffix}").data, a)
