@@ -289,7 +289,7 @@ class Fit:
         if started is None:
             return 0
         world, run_dir, ckpt, start_it = started
-        data = _bundle_data(args, world, run_dir)
+        data = _bundle_data(args, world)
         params0 = data["params0"]
         logger = None
         if world.is_main:
@@ -385,12 +385,13 @@ def _signal_inputs(args) -> dict:
 SCRATCH_BYTES = 256 * 2**20
 
 
-def _bundle_data(args, world=None, run_dir=None) -> dict:
+def _bundle_data(args, world=None) -> dict:
     """The FOD image, the target (with its seeds), the starting tracking parameters and the
     signal term (``--dwi``, else None; solved on rank 0 and broadcast under ``world``).
 
-    An FOD over :data:`SCRATCH_BYTES` is copied into a scratch file beside ``run_dir``
-    (:mod:`invtract.io.scratch`): the fit then holds in memory only the part it reads."""
+    An FOD over :data:`SCRATCH_BYTES` is copied into a scratch file in the temporary folder
+    (``TMPDIR``; :mod:`invtract.io.scratch`): the fit then holds in memory only the part it
+    reads."""
     import torch
 
     from ..fit.config import header_lengths
@@ -402,10 +403,7 @@ def _bundle_data(args, world=None, run_dir=None) -> dict:
     params0 = tracking_parameters(args)
     img = load_fod(args.fod, sh_basis=args.sh_basis)
     # one C-ordered copy that the fit and finish_run share (a mapped .mif's pages released)
-    scratch = None
-    if run_dir is not None and int(img.data.nbytes) > SCRATCH_BYTES:
-        scratch = Path(run_dir).resolve().parent
-        scratch = scratch if scratch.is_dir() else None
+    scratch = int(img.data.nbytes) > SCRATCH_BYTES
     img = dataclasses.replace(img, data=c_order_fod(img.data, scratch))
     target = load_tractogram(args.target)
     if len(target) == 0:

@@ -346,15 +346,16 @@ class FitResult:
         return flat.reshape(self.sh.shape)
 
 
-def c_order_fod(data, scratch: str | os.PathLike | None = None) -> np.ndarray:
+def c_order_fod(data, scratch: bool | str | os.PathLike = False) -> np.ndarray:
     """``data`` ``[X, Y, Z, K]`` as a C-ordered float32 array: ``data`` itself when it is one,
     else one copy, made slab by slab along the slowest axis in memory. Pages of a memory-mapped
     source (a ``.mif``'s coefficient-major layout, an uncompressed NIfTI) are released from
     the resident set as each slab is copied, so the peak is about one copy, not two.
 
-    ``scratch``: a folder; the copy is then a :func:`~invtract.io.scratch.scratch_array` there
-    (an unlinked file's shared mapping), its pages released too: the copy costs one slab of
-    memory, and later only the pages a fit touches are resident."""
+    ``scratch``: True (the system's temporary folder, ``TMPDIR``) or a folder: the copy is then a
+    :func:`~invtract.io.scratch.scratch_array` there (an unlinked file's shared mapping), its
+    pages released too: the copy costs one slab of memory, and later only the pages a fit
+    touches are resident."""
     if torch.is_tensor(data):
         data = data.detach().cpu().numpy()
     a = np.asarray(data)
@@ -363,10 +364,10 @@ def c_order_fod(data, scratch: str | os.PathLike | None = None) -> np.ndarray:
     from ..io.scratch import release, scratch_array
     from ..io.voxel_major import released_slabs
 
-    if scratch is None:
+    if scratch is False:
         out = np.empty(a.shape, np.float32)
     else:
-        out = scratch_array(a.shape, np.float32, scratch)
+        out = scratch_array(a.shape, np.float32, None if scratch is True else scratch)
     for sl, _ in released_slabs(a):
         out[sl] = a[sl]
         release(out)

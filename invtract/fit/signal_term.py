@@ -60,6 +60,8 @@ LOW_LMAX = 4
 NOISE_SAMPLE = 16384
 #: voxels solved (and their objective computed: ``[B, 300]`` float64) at a time
 SOLVE_BLOCK = 65536
+#: CSD alone's output (bytes) above which it is kept in a scratch file (``_zeros_kept``)
+SCRATCH_BYTES = 256 * 2**20
 
 
 def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
@@ -100,6 +102,17 @@ def _shell_signals(dwi, volumes: np.ndarray, mask: np.ndarray | None):
     idx = torch.from_numpy(index)
     usable[idx] = True
     return torch.from_numpy(values), usable, idx
+
+
+def _zeros_kept(shape: tuple, scratch) -> np.ndarray:
+    """A zero float32 array of ``shape`` for CSD alone's output: a scratch array when over
+    :data:`SCRATCH_BYTES` and ``scratch`` is True (the temporary folder) or a folder
+    (:mod:`invtract.io.scratch`), else in memory."""
+    from ..io.scratch import scratch_array
+
+    if scratch is not False and 4 * int(np.prod(shape)) > SCRATCH_BYTES:
+        return scratch_array(shape, np.float32, None if scratch is True else scratch)
+    return np.zeros(shape, np.float32)
 
 
 def noise_sample(idx: torch.Tensor, n: int | None = None) -> torch.Tensor:
@@ -144,6 +157,8 @@ class SignalTerm:
             held-out prediction error}}`` (``result.json``'s ``signal``), else None.
         others: ``[X*Y*Z, P-K]`` float32 coefficients of the other tissues, stacked in
             ``msmt.tissues`` order (multi-tissue, ``keep_csd`` only), else None.
+        csd_rms: with ``keep_csd``, the mean RMS residual (signal units) of ``csd`` over the
+            usable voxels (:meth:`residual`'s value, summed while solving), else None.
     """
 
     model: CSDModel
@@ -158,7 +173,9 @@ class SignalTerm:
     others: torch.Tensor | None = None
     spatial: float | str = 0.0
     coupling_cv: dict | None = None
+    csd_rms: float | None = None
     _row: torch.Tensor = field(init=False, repr=False, compare=False)
+    _csd_array: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = int(self.usable.sum())
@@ -184,6 +201,7 @@ class SignalTerm:
         response,
         mask: np.ndarray | None = None,
         keep_csd: bool = False,
+        scratch: bool | str | os.PathLike = False,
         **opts,
     ) -> SignalTerm:
         """From a ``[X, Y, Z, N_all]`` DWI (an array or an opened
@@ -193,40 +211,51 @@ class SignalTerm:
         csd``), or a list of one per tissue, the FOD's first (multi-shell multi-tissue CSD,
         ``dwi2fod msmt_csd``; the other tissues' coefficients are solved once and held fixed).
         ``opts`` go to :func:`~invtract.fod.csd.csd_model` (``lmax``, ``neg_lambda``, ...).
+        ``scratch``: with ``keep_csd``, True (the temporary folder, ``TMPDIR``) or a folder
+        to keep :attr:`csd` in when it is over :data:`SCRATCH_BYTES` (a
+        :func:`~invtract.io.scratch.scratch_array`: written block by block, its pages
+        released, so the whole FOD is never resident).
         """
+        keep = (keep_csd, scratch)
         if isinstance(response, (list, tuple)) and len(response) > 1:
-            return cls._build_msmt(dwi, grad, list(response), mask, keep_csd, **opts)
+            return cls._build_msmt(dwi, grad, list(response), mask, keep, **opts)
         if isinstance(response, (list, tuple)):
             response = response[0]
         model = csd_model(grad, response, **opts)
-        return cls._unsolved(model, dwi, model.volumes, mask, keep_csd)
+        return cls._unsolved(model, dwi, model.volumes, mask, keep)
 
     @classmethod
-    def _unsolved(cls, model, dwi, volumes, mask, keep_csd, msmt=None) -> SignalTerm:
-        """The term on ``dwi[..., volumes]`` with the noise sample solved (:meth:`_finish`)."""
+    def _unsolved(cls, model, dwi, volumes, mask, keep, msmt=None) -> SignalTerm:
+        """The term on ``dwi[..., volumes]`` with the noise sample solved (:meth:`_finish`;
+        ``keep``: ``(keep_csd, scratch)`` of :meth:`build`)."""
         sig, usable, idx = _shell_signals(dwi, volumes, mask)
         ref = torch.zeros(usable.shape, dtype=torch.float64)
         ref[usable] = torch.nan
         term = cls(model, sig, usable, ref, 1.0, None, grid=(dwi.shape[:3], None), msmt=msmt)
-        term._finish(idx, keep_csd)
+        term._finish(idx, *keep)
         return term
 
     @classmethod
-    def _build_msmt(cls, dwi, grad, responses, mask, keep_csd, lmax=None, neg_lambda=1.0):
+    def _build_msmt(cls, dwi, grad, responses, mask, keep, lmax=None, neg_lambda=1.0):
         """:meth:`build` with one response per tissue (``dwi2fod msmt_csd``)."""
         from ..fod.msmt import msmt_model, wm_signal_model
 
         mm = msmt_model(grad, responses, lmax)
         wm = wm_signal_model(mm, neg_lambda)
-        return cls._unsolved(wm, dwi, np.arange(grad.shape[0]), mask, keep_csd, msmt=mm)
+        return cls._unsolved(wm, dwi, np.arange(grad.shape[0]), mask, keep, msmt=mm)
 
-    def _finish(self, idx: torch.Tensor, keep_csd: bool) -> None:
+    def _finish(self, idx: torch.Tensor, keep_csd: bool, scratch=False) -> None:
         """Solve the noise sample of the usable voxels ``idx`` (all of them with ``keep_csd``,
-        which also keeps the coefficients) and set :attr:`variance`."""
+        which also keeps the coefficients, in a scratch file in ``scratch`` when large, and
+        their :attr:`csd_rms`) and set :attr:`variance`."""
+        from ..io.scratch import release
+
         sample = idx if keep_csd else noise_sample(idx)
         n_all = self.usable.numel()
+        csd = None
         if keep_csd:
-            self.csd = torch.zeros(n_all, self.model.n_coeffs, dtype=torch.float32)
+            csd = self._csd_array = _zeros_kept((n_all, self.model.n_coeffs), scratch)
+            self.csd = torch.from_numpy(csd)
         rest = None
         if keep_csd and self.msmt is not None:
             a, b = self.msmt.tissues[0]
@@ -234,17 +263,24 @@ class SignalTerm:
             rest[a:b] = False
             self.others = torch.zeros(n_all, int(rest.sum()), dtype=torch.float32)
         parts = []  # (voxels, mean squared residual) per block
+        rms = 0.0  # keep_csd: summed as residual() sums it (same blocks, same order)
 
         def sink(block, b, c, x):
+            nonlocal rms
             parts.append((block.numel(), noise_variance(b, self.model, c)))
             if keep_csd:
-                self.csd[block] = c.float()
+                c32 = c.float()
+                self.csd[block] = c32
+                release(csd)
+                rms += float(signal_residual(c32.double(), b, self.model).sum())
             if rest is not None:
                 self.others[block] = x[:, rest].float()
 
         self._solve(sample, sink)
         n = sum(k for k, _ in parts)
         self.variance = parts[0][1] if len(parts) == 1 else sum(k * v for k, v in parts) / n
+        if keep_csd:
+            self.csd_rms = rms / max(1, sample.numel())
 
     def _solve(self, idx: torch.Tensor, sink: Callable | None = None) -> None:
         """Solve CSD in the usable voxels ``idx`` (not solved before), :data:`SOLVE_BLOCK` at a
@@ -421,6 +457,13 @@ class SignalTerm:
 
         return hook
 
+    def csd_volume(self) -> np.ndarray:
+        """:attr:`csd` as the ``[X, Y, Z, K]`` array it is kept in (a view: a scratch array
+        stays one, so :func:`~invtract.io.image.save_nifti` writes it from released slabs)."""
+        if self._csd_array is None:
+            raise InvtractError("the signal term was not built with keep_csd")
+        return self._csd_array.reshape(tuple(self.grid[0]) + (self.model.n_coeffs,))
+
     def residual(self, sh: torch.Tensor, voxels: torch.Tensor) -> float:
         """Mean RMS signal residual (signal units) of ``sh [X*Y*Z, K]`` over usable ``voxels``."""
         v = voxels.long()
@@ -539,23 +582,24 @@ def check_signal_config(weights: Mapping, learn, have_signal: bool, spatial=0.0)
         log.warning("--dwi: [loss.weights] signal is 0, the signal term is off")
 
 
-def signal_from_args(args, fod_image=None, keep_csd: bool = False, world=None):
+def signal_from_args(args, fod_image=None, keep_csd: bool = False, world=None, scratch=False):
     """The :class:`SignalTerm` of ``--dwi ... --response ...`` (None without ``--dwi``).
 
     With a multi-process ``world`` (:class:`~invtract.fit.distributed.World`, ``--nproc``),
     rank 0 alone reads the DWI and solves CSD; the other ranks receive its term (one
     broadcast, :meth:`~invtract.fit.distributed.World.on_main`: an error there is raised on every
-    rank), so every rank holds the same term without repeating the solve.
+    rank), so every rank holds the same term without repeating the solve. ``keep_csd``,
+    ``scratch``: see :meth:`SignalTerm.build`.
     """
     if not check_signal_args(args):
         return None
     from functools import partial
 
-    build = partial(_build_from_args, args, fod_image, keep_csd)
+    build = partial(_build_from_args, args, fod_image, keep_csd, scratch)
     return build() if world is None else world.on_main(build)
 
 
-def _build_from_args(args, fod_image, keep_csd: bool) -> SignalTerm:
+def _build_from_args(args, fod_image, keep_csd: bool, scratch=False) -> SignalTerm:
     """:func:`signal_from_args`'s work on one process."""
     from ..io.image import check_same_grid, load_mask
 
@@ -570,7 +614,7 @@ def _build_from_args(args, fod_image, keep_csd: bool) -> SignalTerm:
     t0 = time.perf_counter()
     files = _responses(args)
     responses = [load_response(f, anisotropic=i == 0) for i, f in enumerate(files)]
-    term = SignalTerm.build(dwi, grad, responses, mask, keep_csd)
+    term = SignalTerm.build(dwi, grad, responses, mask, keep_csd, scratch)
     log.info(
         "signal term: %s b=%.0f (%d directions), lmax %d, %d voxels, sigma %.4g (%.1f s)",
         f"{len(files)} tissues, every shell up to" if term.msmt else "shell",
@@ -605,10 +649,9 @@ def run_csd_only(args) -> int:
     run_dir = resolve_run_dir(args.run or "csd")
     check_writable_dir(run_dir)
     t0 = time.perf_counter()
-    term = signal_from_args(args, keep_csd=True)
+    term = signal_from_args(args, keep_csd=True, scratch=True)
     shape3, affine = term.grid
-    shape = shape3 + (term.model.n_coeffs,)
-    save_nifti(run_dir / "fitted_fod.nii.gz", term.csd.reshape(shape).numpy(), affine)
+    save_nifti(run_dir / "fitted_fod.nii.gz", term.csd_volume(), affine)
     tissues = []
     if term.others is not None:
         k0 = term.msmt.tissues[1][0]
@@ -625,7 +668,7 @@ def run_csd_only(args) -> int:
         "lmax": term.model.lmax,
         "n_voxels": int(vox.numel()),
         "noise_sigma": term.variance**0.5,
-        "signal_rms_residual": term.residual(term.csd, vox),
+        "signal_rms_residual": term.csd_rms,
         "seconds": time.perf_counter() - t0,
         "fitted_fod": "fitted_fod.nii.gz",
     }

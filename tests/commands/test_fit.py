@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 
 import numpy as np
 import pytest
@@ -416,14 +417,16 @@ def test_split_scores_from_one_tracking_equal_tracking_each_split():
 def test_a_fod_fit_through_a_scratch_copy_of_the_fod_is_the_same_fit(
     tmp_path, small_target, monkeypatch
 ):
-    """An FOD over ``SCRATCH_BYTES`` is copied into an unlinked scratch file beside the run
-    (invtract.io.scratch): same losses, same fitted FOD file, nothing left on disk."""
+    """An FOD over ``SCRATCH_BYTES`` is copied into an unlinked scratch file in the temporary
+    folder (invtract.io.scratch): same losses, same fitted FOD file, nothing left on disk."""
     from invtract.commands import fit as fit_cmd
     from invtract.io import scratch
 
     made = []
     real = scratch.scratch_array
     monkeypatch.setattr(scratch, "scratch_array", lambda *a: made.append(a) or real(*a))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # as TMPDIR would
     out = {}
     for name, limit in (("ram", fit_cmd.SCRATCH_BYTES), ("scratch", 0)):
         monkeypatch.setattr(fit_cmd, "SCRATCH_BYTES", limit)
@@ -433,8 +436,9 @@ def test_a_fod_fit_through_a_scratch_copy_of_the_fod_is_the_same_fit(
             json.loads((run / "result.json").read_text()),
             (run / "fitted_fod.nii.gz").read_bytes(),
         )
-    assert len(made) == 1 and made[0][2] == (tmp_path / "runs").resolve()
+    assert len(made) == 1 and made[0][2] is None  # the temporary folder
     assert out["ram"][0]["final_loss"] == out["scratch"][0]["final_loss"]
     assert out["ram"][0]["final_heldout_mdf_mm"] == out["scratch"][0]["final_heldout_mdf_mm"]
     assert out["ram"][1] == out["scratch"][1]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ram", "scratch"]
+    assert list((tmp_path / "tmp").iterdir()) == []

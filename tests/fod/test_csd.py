@@ -17,6 +17,7 @@ import torch
 from scipy.special import eval_legendre
 
 from invtract.cli import main
+from invtract.fit.signal_term import SignalTerm, load_dwi
 from invtract.fod.csd import (
     constraint_directions,
     convolution_matrix,
@@ -152,6 +153,41 @@ def test_cli_csd_alone_reproduces_dwi2fod(tmp_path, crop, fsl, capsys):
     np.testing.assert_allclose(out.affine, read_mif(CSD / "fod_ref.mif")[1], atol=1e-4)
     res = json.loads((run / "result.json").read_text())
     assert res["n_voxels"] == 75 and res["n_directions"] == 50 and res["noise_sigma"] > 0
+
+
+def test_cli_csd_alone_through_a_scratch_output_writes_the_same_files(tmp_path, monkeypatch):
+    """CSD alone keeps an output over ``SCRATCH_BYTES`` in a scratch file (written block by
+    block, pages released, saved from released slabs): same FOD file, same result.json
+    numbers; the RMS residual summed while solving equals ``SignalTerm.residual``'s."""
+    import tempfile
+
+    from invtract.fit import signal_term
+    from invtract.io import scratch
+
+    made = []
+    real = scratch.scratch_array
+    monkeypatch.setattr(scratch, "scratch_array", lambda *a: made.append(a) or real(*a))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(signal_term, "SOLVE_BLOCK", 16)  # several blocks
+    args = ["fit", "--fit", "fod", "--dwi", str(CSD / "dwi.mif"), "--mask", str(CSD / "mask.mif"),
+            "--response", str(CSD / "response_wm.txt")]  # fmt: skip
+    out = {}
+    for name, limit in (("ram", signal_term.SCRATCH_BYTES), ("scratch", 0)):
+        monkeypatch.setattr(signal_term, "SCRATCH_BYTES", limit)
+        assert main([*args, "--run", str(tmp_path / name)]) == 0
+        res = json.loads((tmp_path / name / "result.json").read_text())
+        out[name] = (res, (tmp_path / name / "fitted_fod.nii.gz").read_bytes())
+    assert len(made) == 1 and list((tmp_path / "tmp").iterdir()) == []
+    assert out["ram"][1] == out["scratch"][1]
+    for key in ("n_voxels", "noise_sigma", "signal_rms_residual"):
+        assert out["ram"][0][key] == out["scratch"][0][key]
+
+    dwi, grad = load_dwi(str(CSD / "dwi.mif"))
+    mask = read_mif(CSD / "mask.mif")[0] > 0
+    term = SignalTerm.build(dwi, grad, load_response(CSD / "response_wm.txt"), mask, True)
+    vox = torch.nonzero(term.usable).flatten()
+    assert term.csd_rms == term.residual(term.csd, vox) > 0
 
 
 def test_rotation_generators_turn_the_fod():
