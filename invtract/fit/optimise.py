@@ -361,13 +361,13 @@ def c_order_fod(data, scratch: bool | str | os.PathLike = False) -> np.ndarray:
     a = np.asarray(data)
     if a.dtype == np.float32 and a.flags.c_contiguous:
         return a
-    from ..io.scratch import release, scratch_array
+    from ..io.scratch import release, scratch_or_memory
     from ..io.voxel_major import released_slabs
 
     if scratch is False:
         out = np.empty(a.shape, np.float32)
     else:
-        out = scratch_array(a.shape, np.float32, None if scratch is True else scratch)
+        out = scratch_or_memory(a.shape, np.float32, scratch)
     for sl, _ in released_slabs(a):
         out[sl] = a[sl]
         release(out)

@@ -108,10 +108,10 @@ def _zeros_kept(shape: tuple, scratch) -> np.ndarray:
     """A zero float32 array of ``shape`` for CSD alone's output: a scratch array when over
     :data:`SCRATCH_BYTES` and ``scratch`` is True (the temporary folder) or a folder
     (:mod:`invtract.io.scratch`), else in memory."""
-    from ..io.scratch import scratch_array
+    from ..io.scratch import scratch_or_memory
 
     if scratch is not False and 4 * int(np.prod(shape)) > SCRATCH_BYTES:
-        return scratch_array(shape, np.float32, None if scratch is True else scratch)
+        return scratch_or_memory(shape, np.float32, scratch)
     return np.zeros(shape, np.float32)
 
 

@@ -14,20 +14,64 @@ makes releasing safe here and not on a copy-on-write mapping of an input file.
 
 from __future__ import annotations
 
+import errno
+import logging
 import mmap
 import os
 import tempfile
 
 import numpy as np
 
-__all__ = ["scratch_array", "is_scratch", "release"]
+__all__ = ["scratch_array", "scratch_or_memory", "is_scratch", "release"]
+
+log = logging.getLogger("invtract")
 
 
 def scratch_array(shape: tuple, dtype, folder: str | os.PathLike | None = None) -> np.memmap:
     """A writable, zero-filled C-ordered array of ``shape`` and ``dtype`` in a shared mapping
-    of an unlinked temporary file in ``folder`` (default: the system's temporary folder)."""
+    of an unlinked temporary file in ``folder`` (default: the system's temporary folder).
+
+    The file's blocks are allocated up front, so a full disk is an ``OSError`` here, not a
+    crash (``SIGBUS``) at the first write that finds no space.
+
+    Raises:
+        OSError: ``folder`` cannot hold the array (or cannot be written).
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     with tempfile.TemporaryFile(dir=folder) as f:  # the mapping keeps the file alive
+        _allocate(f.fileno(), nbytes)
         return np.memmap(f, dtype=dtype, mode="w+", shape=tuple(shape))
+
+
+def scratch_or_memory(shape: tuple, dtype, folder: bool | str | os.PathLike = True) -> np.ndarray:
+    """A zero-filled array of ``shape`` and ``dtype``: a :func:`scratch_array` in ``folder``
+    (True: the system's temporary folder, ``TMPDIR``), or, when that folder cannot hold it, an
+    array in memory (with a warning that says why and what to set)."""
+    where = None if folder is True else folder
+    try:
+        return scratch_array(shape, dtype, where)
+    except OSError as err:
+        gb = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize / 1e9
+        place = where or tempfile.gettempdir()
+        log.warning(
+            "no %.2f GB scratch file in %s (%s): kept in memory instead (set TMPDIR to a folder "
+            "with room)", gb, place, err.strerror or err,
+        )  # fmt: skip
+        return np.zeros(shape, dtype)
+
+
+def _allocate(fd: int, nbytes: int) -> None:
+    """Reserve ``nbytes`` of disk for the file ``fd`` (where the file system cannot, the file
+    is only extended: a sparse file, as before)."""
+    if nbytes <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except AttributeError:  # not POSIX (Windows): np.memmap extends the file
+        pass
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
 
 
 def _mapping(arr) -> np.memmap | None:

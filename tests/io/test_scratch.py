@@ -72,3 +72,30 @@ def test_save_nifti_of_a_scratch_array_writes_the_same_image(tmp_path, monkeypat
         raw = [gzip.decompress(r) for r in raw]
     assert len(raw[0]) > a.nbytes and raw[0] == raw[1]
     assert np.array_equal(image_io.load_image(tmp_path / f"scr{suffix}").data, a)
+
+
+def test_a_folder_without_room_is_an_error_up_front_and_the_copy_falls_back_to_memory(
+    tmp_path, monkeypatch, caplog
+):
+    """The scratch file's blocks are reserved before any write (a full disk would otherwise
+    kill the process with SIGBUS at some later write); where that fails, the caller's copy is
+    kept in memory with a warning naming the folder and TMPDIR."""
+    import errno
+
+    from invtract.io import scratch
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space"):
+        scratch_array((1000, 10), np.float32, tmp_path)
+    with caplog.at_level("WARNING", logger="invtract"):
+        a = scratch.scratch_or_memory((1000, 10), np.float32, tmp_path)
+    assert not is_scratch(a) and a.shape == (1000, 10) and float(np.abs(a).max()) == 0.0
+    assert "No space left" in caplog.text and "TMPDIR" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+    b = scratch.scratch_or_memory((10, 10), np.float32, tmp_path / "missing")
+    assert not is_scratch(b)
+    monkeypatch.undo()
+    assert is_scratch(scratch.scratch_or_memory((10, 10), np.float32, tmp_path))
