@@ -381,17 +381,13 @@ def _signal_inputs(args) -> dict:
     return out
 
 
-#: FODs larger than this (bytes) are kept in a scratch file during a fit (``_bundle_data``)
-SCRATCH_BYTES = 256 * 2**20
-
-
 def _bundle_data(args, world=None) -> dict:
     """The FOD image, the target (with its seeds), the starting tracking parameters and the
     signal term (``--dwi``, else None; solved on rank 0 and broadcast under ``world``).
 
-    An FOD over :data:`SCRATCH_BYTES` is copied into a scratch file in the temporary folder
-    (``TMPDIR``; :mod:`invtract.io.scratch`): the fit then holds in memory only the part it
-    reads."""
+    A large FOD (over :data:`invtract.io.scratch.SCRATCH_BYTES`) is copied into a scratch file
+    in the temporary folder (``TMPDIR``; :mod:`invtract.io.scratch`): the fit then holds in
+    memory only the part it reads."""
     import torch
 
     from ..fit.config import header_lengths
@@ -403,8 +399,7 @@ def _bundle_data(args, world=None) -> dict:
     params0 = tracking_parameters(args)
     img = load_fod(args.fod, sh_basis=args.sh_basis)
     # one C-ordered copy that the fit and finish_run share (a mapped .mif's pages released)
-    scratch = int(img.data.nbytes) > SCRATCH_BYTES
-    img = dataclasses.replace(img, data=c_order_fod(img.data, scratch))
+    img = dataclasses.replace(img, data=c_order_fod(img.data, scratch=True))
     target = load_tractogram(args.target)
     if len(target) == 0:
         raise ConfigError(f"{args.target}: the target bundle has no streamlines")

@@ -352,10 +352,10 @@ def c_order_fod(data, scratch: bool | str | os.PathLike = False) -> np.ndarray:
     source (a ``.mif``'s coefficient-major layout, an uncompressed NIfTI) are released from
     the resident set as each slab is copied, so the peak is about one copy, not two.
 
-    ``scratch``: True (the system's temporary folder, ``TMPDIR``) or a folder: the copy is then a
-    :func:`~invtract.io.scratch.scratch_array` there (an unlinked file's shared mapping), its
-    pages released too: the copy costs one slab of memory, and later only the pages a fit
-    touches are resident."""
+    ``scratch``: True (the system's temporary folder, ``TMPDIR``) or a folder: a large copy
+    (:func:`~invtract.io.scratch.scratch_or_memory`) is then made in a scratch file there (an
+    unlinked file's shared mapping), its pages released too: the copy costs one slab of
+    memory, and later only the pages a fit touches are resident."""
     if torch.is_tensor(data):
         data = data.detach().cpu().numpy()
     a = np.asarray(data)
@@ -364,10 +364,7 @@ def c_order_fod(data, scratch: bool | str | os.PathLike = False) -> np.ndarray:
     from ..io.scratch import release, scratch_or_memory
     from ..io.voxel_major import released_slabs
 
-    if scratch is False:
-        out = np.empty(a.shape, np.float32)
-    else:
-        out = scratch_or_memory(a.shape, np.float32, scratch)
+    out = scratch_or_memory(a.shape, np.float32, scratch)
     for sl, _ in released_slabs(a):
         out[sl] = a[sl]
         release(out)

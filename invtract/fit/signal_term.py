@@ -60,8 +60,6 @@ LOW_LMAX = 4
 NOISE_SAMPLE = 16384
 #: voxels solved (and their objective computed: ``[B, 300]`` float64) at a time
 SOLVE_BLOCK = 65536
-#: CSD alone's output (bytes) above which it is kept in a scratch file (``_zeros_kept``)
-SCRATCH_BYTES = 256 * 2**20
 
 
 def load_dwi(path: str, fslgrad: tuple[str, str] | None = None):
@@ -102,17 +100,6 @@ def _shell_signals(dwi, volumes: np.ndarray, mask: np.ndarray | None):
     idx = torch.from_numpy(index)
     usable[idx] = True
     return torch.from_numpy(values), usable, idx
-
-
-def _zeros_kept(shape: tuple, scratch) -> np.ndarray:
-    """A zero float32 array of ``shape`` for CSD alone's output: a scratch array when over
-    :data:`SCRATCH_BYTES` and ``scratch`` is True (the temporary folder) or a folder
-    (:mod:`invtract.io.scratch`), else in memory."""
-    from ..io.scratch import scratch_or_memory
-
-    if scratch is not False and 4 * int(np.prod(shape)) > SCRATCH_BYTES:
-        return scratch_or_memory(shape, np.float32, scratch)
-    return np.zeros(shape, np.float32)
 
 
 def noise_sample(idx: torch.Tensor, n: int | None = None) -> torch.Tensor:
@@ -212,8 +199,8 @@ class SignalTerm:
         ``dwi2fod msmt_csd``; the other tissues' coefficients are solved once and held fixed).
         ``opts`` go to :func:`~invtract.fod.csd.csd_model` (``lmax``, ``neg_lambda``, ...).
         ``scratch``: with ``keep_csd``, True (the temporary folder, ``TMPDIR``) or a folder
-        to keep :attr:`csd` in when it is over :data:`SCRATCH_BYTES` (a
-        :func:`~invtract.io.scratch.scratch_array`: written block by block, its pages
+        to keep :attr:`csd` in when it is large
+        (:func:`~invtract.io.scratch.scratch_or_memory`: written block by block, its pages
         released, so the whole FOD is never resident).
         """
         keep = (keep_csd, scratch)
@@ -248,13 +235,14 @@ class SignalTerm:
         """Solve the noise sample of the usable voxels ``idx`` (all of them with ``keep_csd``,
         which also keeps the coefficients, in a scratch file in ``scratch`` when large, and
         their :attr:`csd_rms`) and set :attr:`variance`."""
-        from ..io.scratch import release
+        from ..io.scratch import release, scratch_or_memory
 
         sample = idx if keep_csd else noise_sample(idx)
         n_all = self.usable.numel()
         csd = None
         if keep_csd:
-            csd = self._csd_array = _zeros_kept((n_all, self.model.n_coeffs), scratch)
+            csd = scratch_or_memory((n_all, self.model.n_coeffs), np.float32, scratch)
+            self._csd_array = csd
             self.csd = torch.from_numpy(csd)
         rest = None
         if keep_csd and self.msmt is not None:

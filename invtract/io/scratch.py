@@ -26,6 +26,9 @@ __all__ = ["scratch_array", "scratch_or_memory", "is_scratch", "release"]
 
 log = logging.getLogger("invtract")
 
+#: arrays of at most this many bytes stay in memory (:func:`scratch_or_memory`)
+SCRATCH_BYTES = 256 * 2**20
+
 
 def scratch_array(shape: tuple, dtype, folder: str | os.PathLike | None = None) -> np.memmap:
     """A writable, zero-filled C-ordered array of ``shape`` and ``dtype`` in a shared mapping
@@ -44,14 +47,18 @@ def scratch_array(shape: tuple, dtype, folder: str | os.PathLike | None = None) 
 
 
 def scratch_or_memory(shape: tuple, dtype, folder: bool | str | os.PathLike = True) -> np.ndarray:
-    """A zero-filled array of ``shape`` and ``dtype``: a :func:`scratch_array` in ``folder``
-    (True: the system's temporary folder, ``TMPDIR``), or, when that folder cannot hold it, an
-    array in memory (with a warning that says why and what to set)."""
+    """A zero-filled array of ``shape`` and ``dtype``: in memory up to :data:`SCRATCH_BYTES`
+    or with ``folder`` False, else a :func:`scratch_array` in ``folder`` (True: the system's
+    temporary folder, ``TMPDIR``), or in memory when that folder cannot hold it (with a warning
+    that says why and what to set)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if folder is False or nbytes <= SCRATCH_BYTES:
+        return np.zeros(shape, dtype)
     where = None if folder is True else folder
     try:
         return scratch_array(shape, dtype, where)
     except OSError as err:
-        gb = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize / 1e9
+        gb = nbytes / 1e9
         place = where or tempfile.gettempdir()
         log.warning(
             "no %.2f GB scratch file in %s (%s): kept in memory instead (set TMPDIR to a folder "

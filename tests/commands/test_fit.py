@@ -417,9 +417,9 @@ def test_split_scores_from_one_tracking_equal_tracking_each_split():
 def test_a_fod_fit_through_a_scratch_copy_of_the_fod_is_the_same_fit(
     tmp_path, small_target, monkeypatch
 ):
-    """An FOD over ``SCRATCH_BYTES`` is copied into an unlinked scratch file in the temporary
-    folder (invtract.io.scratch): same losses, same fitted FOD file, nothing left on disk."""
-    from invtract.commands import fit as fit_cmd
+    """An FOD over ``scratch.SCRATCH_BYTES`` is copied into an unlinked scratch file in the
+    temporary folder (invtract.io.scratch): same losses, same fitted FOD file, nothing left on
+    disk."""
     from invtract.io import scratch
 
     made = []
@@ -428,8 +428,8 @@ def test_a_fod_fit_through_a_scratch_copy_of_the_fod_is_the_same_fit(
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # as TMPDIR would
     out = {}
-    for name, limit in (("ram", fit_cmd.SCRATCH_BYTES), ("scratch", 0)):
-        monkeypatch.setattr(fit_cmd, "SCRATCH_BYTES", limit)
+    for name, limit in (("ram", scratch.SCRATCH_BYTES), ("scratch", 0)):
+        monkeypatch.setattr(scratch, "SCRATCH_BYTES", limit)
         run = tmp_path / "runs" / name
         assert main(_quick(small_target, run, ["--fit", "fod"])) == 0
         out[name] = (

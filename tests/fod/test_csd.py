@@ -156,7 +156,7 @@ def test_cli_csd_alone_reproduces_dwi2fod(tmp_path, crop, fsl, capsys):
 
 
 def test_cli_csd_alone_through_a_scratch_output_writes_the_same_files(tmp_path, monkeypatch):
-    """CSD alone keeps an output over ``SCRATCH_BYTES`` in a scratch file (written block by
+    """CSD alone keeps an output over ``scratch.SCRATCH_BYTES`` in a scratch file (written block by
     block, pages released, saved from released slabs): same FOD file, same result.json
     numbers; the RMS residual summed while solving equals ``SignalTerm.residual``'s."""
     import tempfile
@@ -173,8 +173,8 @@ def test_cli_csd_alone_through_a_scratch_output_writes_the_same_files(tmp_path, 
     args = ["fit", "--fit", "fod", "--dwi", str(CSD / "dwi.mif"), "--mask", str(CSD / "mask.mif"),
             "--response", str(CSD / "response_wm.txt")]  # fmt: skip
     out = {}
-    for name, limit in (("ram", signal_term.SCRATCH_BYTES), ("scratch", 0)):
-        monkeypatch.setattr(signal_term, "SCRATCH_BYTES", limit)
+    for name, limit in (("ram", scratch.SCRATCH_BYTES), ("scratch", 0)):
+        monkeypatch.setattr(scratch, "SCRATCH_BYTES", limit)
         assert main([*args, "--run", str(tmp_path / name)]) == 0
         res = json.loads((tmp_path / name / "result.json").read_text())
         out[name] = (res, (tmp_path / name / "fitted_fod.nii.gz").read_bytes())

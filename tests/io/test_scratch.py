@@ -12,7 +12,7 @@ import torch
 
 from invtract.fit.optimise import c_order_fod, fod_field
 from invtract.io import image as image_io
-from invtract.io import voxel_major
+from invtract.io import scratch, voxel_major
 from invtract.io.image import Image, save_nifti
 from invtract.io.scratch import is_scratch, release, scratch_array
 
@@ -40,6 +40,7 @@ def test_a_scratch_array_has_no_name_keeps_its_values_and_leaves_memory_when_rel
 
 def test_c_order_fod_into_scratch_equals_the_copy_in_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(voxel_major, "BLOCK_BYTES", 3000)  # many slabs
+    monkeypatch.setattr(scratch, "SCRATCH_BYTES", 0)  # any size goes to a scratch file
     rng = np.random.default_rng(0)
     src = np.asfortranarray(rng.standard_normal((6, 5, 7, 15)).astype(np.float32))
     src[2, 3] = 0  # all-zero voxels
@@ -82,12 +83,11 @@ def test_a_folder_without_room_is_an_error_up_front_and_the_copy_falls_back_to_m
     kept in memory with a warning naming the folder and TMPDIR."""
     import errno
 
-    from invtract.io import scratch
-
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(scratch, "SCRATCH_BYTES", 0)
     with pytest.raises(OSError, match="No space"):
         scratch_array((1000, 10), np.float32, tmp_path)
     with caplog.at_level("WARNING", logger="invtract"):
@@ -98,4 +98,7 @@ def test_a_folder_without_room_is_an_error_up_front_and_the_copy_falls_back_to_m
     b = scratch.scratch_or_memory((10, 10), np.float32, tmp_path / "missing")
     assert not is_scratch(b)
     monkeypatch.undo()
+    assert not is_scratch(scratch.scratch_or_memory((10, 10), np.float32, tmp_path))  # small
+    monkeypatch.setattr(scratch, "SCRATCH_BYTES", 0)
     assert is_scratch(scratch.scratch_or_memory((10, 10), np.float32, tmp_path))
+    assert not is_scratch(scratch.scratch_or_memory((10, 10), np.float32, False))
