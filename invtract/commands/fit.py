@@ -397,7 +397,7 @@ def _bundle_data(args, world=None) -> dict:
     from ..io.tractogram import load_tractogram, load_tractogram_header
 
     params0 = tracking_parameters(args)
-    img = load_fod(args.fod, sh_basis=args.sh_basis)
+    img = load_fod(args.fod, sh_basis=args.sh_basis, scratch=True)
     # one C-ordered copy that the fit and finish_run share (a mapped .mif's pages released)
     img = dataclasses.replace(img, data=c_order_fod(img.data, scratch=True))
     target = load_tractogram(args.target)

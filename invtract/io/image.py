@@ -127,13 +127,15 @@ def _read_raw(
     path: str | os.PathLike,
     voxel_major: bool = False,
     header_only: bool = False,
+    scratch=False,
 ) -> tuple[np.ndarray, MRtrixGeometry, tuple, str]:
     """``(data, geometry, (inter, slope), path)``: data in the axis order MRtrix3 uses after
     opening the image (:func:`invtract.io.geometry.realign`), no scaling applied -- except
     that with ``voxel_major`` a 4-D NIfTI is read block by block into a voxel-major float32
     array (:func:`invtract.io.voxel_major.read_voxel_major`),
     already scaled (scaling ``(0.0, 1.0)`` is returned). With ``header_only`` the realigned
-    shape comes in place of the data (a NIfTI's data unread; a ``.mif``'s mapped, unread)."""
+    shape comes in place of the data (a NIfTI's data unread; a ``.mif``'s mapped, unread).
+    ``scratch``: passed to :func:`~invtract.io.voxel_major.read_voxel_major`."""
     path = str(path)
     if os.path.isdir(path):
         raise FormatError(f"{path}: is a directory, not an image file")
@@ -164,7 +166,7 @@ def _read_raw(
         return tuple(geometry.shape[: len(full)]) + tuple(full[3:]), geometry, scaling, path
     if img is not None:
         if voxel_major and len(img.shape) == 4:
-            data = _nifti_call(path, read_voxel_major, img, geometry, scaling, path)
+            data = _nifti_call(path, read_voxel_major, img, geometry, scaling, path, scratch)
             return data, geometry, (0.0, 1.0), path
         data = _nifti_call(path, lambda: np.asanyarray(img.dataobj.get_unscaled()))
     if data.ndim < 3:  # not an image we can track on; callers raise their shape errors
@@ -202,11 +204,14 @@ def _open_nifti(path: str) -> tuple[nib.Nifti1Image, np.ndarray, tuple, tuple]:
     return img, transform, spacing, (inter, slope)
 
 
-def load_image(path: str | os.PathLike) -> Image:
+def load_image(path: str | os.PathLike, scratch: bool | str | os.PathLike = False) -> Image:
     """Load a NIfTI or MRtrix image as float32.
 
     Args:
         path: ``.nii``, ``.nii.gz``, ``.mif``, ``.mih`` (data file next to it) or ``.mif.gz``.
+        scratch: True (the temporary folder, ``TMPDIR``) or a folder: a large 4-D NIfTI is
+            read into a scratch array there (:mod:`invtract.io.scratch`: resident only where
+            touched), not into memory.
 
     Returns:
         :class:`Image` with float32 ``data`` (intensity scaling -- NIfTI ``scl_slope`` /
@@ -216,7 +221,7 @@ def load_image(path: str | os.PathLike) -> Image:
     Raises:
         FormatError: unknown extension, missing or unreadable/malformed file (names the path).
     """
-    raw, geo, scaling, path = _read_raw(path, voxel_major=True)
+    raw, geo, scaling, path = _read_raw(path, voxel_major=True, scratch=scratch)
     identity = scaling == (0.0, 1.0) and raw.dtype == np.float32
     if raw.ndim == 4 and not (identity and is_voxel_major(raw)):
         # the tracker's layout, made once in slabs (a 4-D NIfTI already is: read in blocks)
@@ -292,7 +297,9 @@ def _check_affine(affine: np.ndarray, path: str | None) -> None:
         raise FormatError(f"{path}: image affine is singular (det {det:g}):\n{affine}")
 
 
-def load_fod(path: str | os.PathLike, sh_basis: str = "mrtrix") -> Image:
+def load_fod(
+    path: str | os.PathLike, sh_basis: str = "mrtrix", scratch: bool | str | os.PathLike = False
+) -> Image:
     """Load and validate a spherical-harmonic FOD image.
 
     NaN voxels are kept (the tracker treats them as "no data", as MRtrix does).
@@ -302,6 +309,7 @@ def load_fod(path: str | os.PathLike, sh_basis: str = "mrtrix") -> Image:
         sh_basis: coefficient convention of the file, one of
             :data:`invtract.io.sh_basis.SH_BASES`; converted to MRtrix3's basis. Directions
             stay in the image's own frame (MRtrix FODs are in scanner space).
+        scratch: see :func:`load_image`.
 
     Returns:
         :class:`Image` with float32 ``data`` ``[X, Y, Z, K]`` in the MRtrix3 SH basis.
@@ -318,7 +326,7 @@ def load_fod(path: str | os.PathLike, sh_basis: str = "mrtrix") -> Image:
         ``Math::SH::check`` (core/math/SH.h): 4-D and N == (lmax+1)(lmax+2)/2, lmax even.
     """
     _check_basis(sh_basis)
-    image = load_image(path)
+    image = load_image(path, scratch)
     if image.data.ndim != 4:
         raise ShapeError(
             f"{image.path}: FOD image must be 4-D [X, Y, Z, K] (SH coefficients on the 4th "
@@ -342,10 +350,13 @@ def _to_mrtrix_basis_in_place(data: np.ndarray, sh_basis: str) -> np.ndarray:
     place (a private copy first if it is read-only): no full-size temporary, layout kept."""
     if not data.flags.writeable:
         data = copy_voxel_major(data)
+    from .scratch import release
+
     step = max(1, 2**22 // max(1, data.shape[0] * data.shape[1] * data.shape[3]))
     for z0 in range(0, data.shape[2], step):
         slab = data[:, :, z0 : z0 + step]
         slab[...] = to_mrtrix_basis(slab, sh_basis)
+        release(data)  # a scratch array's pages (nothing for an array in memory)
     return data
 
 

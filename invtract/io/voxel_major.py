@@ -24,6 +24,7 @@ Intensity scaling is applied per block exactly as :func:`invtract.io.image.load_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 from typing import TYPE_CHECKING
@@ -156,18 +157,23 @@ def file_order_view(out: np.ndarray, geometry: MRtrixGeometry) -> np.ndarray:
     return np.transpose(view, inverse + list(range(3, out.ndim)))
 
 
-def _allocate(file_shape: tuple, geometry: MRtrixGeometry) -> np.ndarray:
+def _allocate(file_shape: tuple, geometry: MRtrixGeometry, scratch=False) -> np.ndarray:
     """A new float32 ``[X', Y', Z', K]`` array in realigned order, stored voxel by voxel with
     the *file's* axes as the memory order (its x fastest, z slowest, K innermost) and every
     stride positive: a slab of file slices is then one contiguous block of it (for an axial
-    file, MRtrix's own FOD layout ``+1,+2,+3,+0``)."""
+    file, MRtrix's own FOD layout ``+1,+2,+3,+0``). ``scratch``: see :func:`read_voxel_major`."""
+    from .scratch import scratch_or_memory
+
     X, Y, Z, K = file_shape
-    memory = empty_float32((Z, Y, X, K))  # memory axis 2 - a holds file axis a
+    if scratch is False:
+        memory = empty_float32((Z, Y, X, K))  # memory axis 2 - a holds file axis a
+    else:
+        memory = scratch_or_memory((Z, Y, X, K), np.float32, scratch)
     return np.transpose(memory, [2 - p for p in geometry.perm] + [3])
 
 
 def read_voxel_major(
-    img: nib.Nifti1Image, geometry: MRtrixGeometry, scaling: tuple, path: str
+    img: nib.Nifti1Image, geometry: MRtrixGeometry, scaling: tuple, path: str, scratch=False
 ) -> np.ndarray:
     """Read a 4-D NIfTI's voxels into a new float32 ``[X', Y', Z', K]`` array in the realigned
     (MRtrix) axis order, scaled.
@@ -177,6 +183,10 @@ def read_voxel_major(
         geometry: :func:`invtract.io.geometry.realign` of the image's header.
         scaling: ``(inter, slope)``.
         path: the file, for error messages.
+        scratch: True (the temporary folder) or a folder: a large result is a scratch array
+            there (:func:`invtract.io.scratch.scratch_or_memory`), filled slab by slab with
+            its pages released; a ``.nii.gz`` is then first unpacked into a temporary file
+            there, so that it too is read in slabs, not in passes over the whole result.
 
     Returns:
         float32 ``[X', Y', Z', K]``, each voxel's K values contiguous, all strides positive,
@@ -185,18 +195,53 @@ def read_voxel_major(
     Raises:
         FormatError: the file ends before its data do.
     """
+    from .scratch import is_scratch, release
+
     proxy = img.dataobj
-    out = _allocate(tuple(int(s) for s in proxy.shape), geometry)
+    out = _allocate(tuple(int(s) for s in proxy.shape), geometry, scratch)
     dst = file_order_view(out, geometry)  # [X, Y, Z, K] in the file's order, writes into out
     from nibabel.openers import ImageOpener  # here: nibabel is only needed for 4-D NIfTIs
 
     opener = ImageOpener(proxy.file_like)
+    mapped = is_scratch(out)
     with opener as f:
+        raw = f
         if str(path).lower().endswith(".gz"):
+            raw = _unpacked(f, scratch) if mapped else None
+        if raw is None:
             _fill_volume_groups(f, dst, proxy, scaling, path)
         else:
-            _fill_slabs(f, dst, proxy, scaling, path)
+            with contextlib.ExitStack() as stack:
+                if raw is not f:
+                    stack.enter_context(raw)
+                _fill_slabs(raw, dst, proxy, scaling, path, after=lambda: release(out))
     return out
+
+
+def _unpacked(f, folder):
+    """A temporary file (unlinked, in ``folder``; True: the temporary folder) holding the
+    whole decompressed stream ``f``, or None (with a warning) when the folder has no room."""
+    import logging
+    import shutil
+    import tempfile
+
+    try:
+        tmp = tempfile.TemporaryFile(dir=None if folder is True else folder)
+        try:
+            shutil.copyfileobj(f, tmp, READ_BYTES)
+            tmp.flush()
+        except BaseException:
+            tmp.close()
+            raise
+    except OSError as err:
+        logging.getLogger("invtract").warning(
+            "could not unpack the image into a temporary file (%s): reading it in passes over "
+            "the whole result instead (set TMPDIR to a folder with room)",
+            err.strerror or err,
+        )
+        f.seek(0)
+        return None
+    return tmp
 
 
 def _read_exact(f, buf: np.ndarray, path: str) -> None:
@@ -219,8 +264,9 @@ def _slab_slices(slice_bytes: int, Z: int) -> int:
     return max(1, min(Z, budget // max(1, slice_bytes)))
 
 
-def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str) -> None:
-    """Uncompressed file: for each slab of ``S`` file z-slices, one strip per volume."""
+def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str, after=None) -> None:
+    """Uncompressed file: for each slab of ``S`` file z-slices, one strip per volume;
+    ``after()`` after each slab, if given."""
     X, Y, Z, K = dst.shape
     item = proxy.dtype.itemsize
     slice_bytes = X * Y * item
@@ -233,6 +279,8 @@ def _fill_slabs(f, dst: np.ndarray, proxy, scaling: tuple, path: str) -> None:
             f.seek(int(proxy.offset) + (k * Z + z0) * slice_bytes)
             _read_exact(f, block[k], path)
         dst[:, :, z0:z1, :] = scaled_float32(block, scaling).transpose(3, 2, 1, 0)
+        if after is not None:
+            after()
 
 
 def _fill_volume_groups(f, dst: np.ndarray, proxy, scaling: tuple, path: str) -> None:

@@ -436,7 +436,10 @@ def test_a_fod_fit_through_a_scratch_copy_of_the_fod_is_the_same_fit(
             json.loads((run / "result.json").read_text()),
             (run / "fitted_fod.nii.gz").read_bytes(),
         )
-    assert len(made) == 1 and made[0][2] is None  # the temporary folder
+    # the example FOD (.nii.gz, unpacked to a temporary file) read into one scratch array in
+    # its voxel order, then the C-ordered copy into another; both in the temporary folder
+    assert [m[0] for m in made] == [(6, 40, 40, 45), (40, 40, 6, 45)]
+    assert all(m[2] is None for m in made)
     assert out["ram"][0]["final_loss"] == out["scratch"][0]["final_loss"]
     assert out["ram"][0]["final_heldout_mdf_mm"] == out["scratch"][0]["final_heldout_mdf_mm"]
     assert out["ram"][1] == out["scratch"][1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -102,3 +103,49 @@ def test_a_folder_without_room_is_an_error_up_front_and_the_copy_falls_back_to_m
     monkeypatch.setattr(scratch, "SCRATCH_BYTES", 0)
     assert is_scratch(scratch.scratch_or_memory((10, 10), np.float32, tmp_path))
     assert not is_scratch(scratch.scratch_or_memory((10, 10), np.float32, False))
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_nifti_fod_read_into_scratch_equals_the_one_read_into_memory(
+    tmp_path, monkeypatch, suffix
+):
+    """``load_fod(..., scratch=True)`` reads a 4-D NIfTI in slabs into a scratch array (a
+    ``.nii.gz`` unpacked to a temporary file first), SH basis conversion included: the same
+    values as the read into memory, and no file left behind."""
+    from invtract.io.image import load_fod
+
+    monkeypatch.setattr(voxel_major, "BLOCK_BYTES", 5000)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((9, 7, 8, 15)).astype(np.float32)
+    aff = np.diag([-2.0, 2.0, 2.5, 1.0])  # a flipped axis: realigned on reading
+    path = tmp_path / f"fod{suffix}"
+    save_nifti(path, a, aff)
+    for basis in ("mrtrix", "descoteaux07"):
+        mem = load_fod(path, sh_basis=basis)
+        monkeypatch.setattr(scratch, "SCRATCH_BYTES", 0)
+        scr = load_fod(path, sh_basis=basis, scratch=True)
+        monkeypatch.setattr(scratch, "SCRATCH_BYTES", 256 * 2**20)
+        assert is_scratch(scr.data) and not is_scratch(mem.data)
+        assert np.array_equal(scr.data, mem.data) and np.allclose(scr.affine, mem.affine)
+    assert [p for p in (tmp_path / "tmp").iterdir() if p.is_file()] == []
+
+
+def test_a_nifti_gz_that_cannot_be_unpacked_is_read_in_passes(tmp_path, monkeypatch, caplog):
+    from invtract.io.image import load_fod
+
+    a = np.random.default_rng(3).standard_normal((5, 4, 6, 6)).astype(np.float32)
+    save_nifti(tmp_path / "fod.nii.gz", a, np.eye(4))
+    mem = load_fod(tmp_path / "fod.nii.gz")
+    monkeypatch.setattr(scratch, "SCRATCH_BYTES", 0)
+    import shutil
+
+    def no_room(src, dst, length=0):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", no_room)  # unpacking the .gz fails
+    with caplog.at_level("WARNING", logger="invtract"):
+        scr = load_fod(tmp_path / "fod.nii.gz", scratch=True)
+    assert "could not unpack" in caplog.text and "TMPDIR" in caplog.text
+    assert is_scratch(scr.data) and np.array_equal(scr.data, mem.data)
