@@ -149,3 +149,18 @@ def test_a_nifti_gz_that_cannot_be_unpacked_is_read_in_passes(tmp_path, monkeypa
         scr = load_fod(tmp_path / "fod.nii.gz", scratch=True)
     assert "could not unpack" in caplog.text and "TMPDIR" in caplog.text
     assert is_scratch(scr.data) and np.array_equal(scr.data, mem.data)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_truncated_nifti_read_into_scratch_is_a_one_line_error(tmp_path, monkeypatch, suffix):
+    from invtract.errors import FormatError
+    from invtract.io.image import load_fod
+
+    a = np.random.default_rng(4).standard_normal((9, 8, 7, 15)).astype(np.float32)
+    path = tmp_path / f"fod{suffix}"
+    save_nifti(path, a, np.eye(4))
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) * 2 // 3])
+    monkeypatch.setattr(scratch, "SCRATCH_BYTES", 0)
+    with pytest.raises(FormatError, match=str(path)):
+        load_fod(path, scratch=True)
