@@ -81,22 +81,19 @@ def _allocate(fd: int, nbytes: int) -> None:
             raise
 
 
-def _mapping(arr) -> np.memmap | None:
-    while isinstance(arr, np.ndarray):
-        if isinstance(arr, np.memmap):
-            return arr
-        arr = arr.base
-    return None
-
-
 def is_scratch(arr) -> bool:
     """True when ``arr`` is (a view of) a :func:`scratch_array` (a shared, writable mapping)."""
-    m = _mapping(arr)
-    return m is not None and m.mode == "w+" and isinstance(m._mmap, mmap.mmap)
+    from .voxel_major import memmap_of
+
+    m = memmap_of(arr)
+    return m is not None and m.mode == "w+"
 
 
 def release(arr) -> None:
     """Drop a scratch array's pages from the process's resident set (their values stay in the
     page cache and file); nothing for any other array."""
-    if is_scratch(arr) and hasattr(mmap, "MADV_DONTNEED"):
-        _mapping(arr)._mmap.madvise(mmap.MADV_DONTNEED)
+    from .voxel_major import file_mapping
+
+    mapping = file_mapping(arr) if is_scratch(arr) else None
+    if mapping is not None:
+        mapping.madvise(mmap.MADV_DONTNEED)

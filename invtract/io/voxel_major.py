@@ -47,6 +47,7 @@ __all__ = [
     "masked_voxel_values",
     "read_masked_volumes",
     "released_slabs",
+    "memmap_of",
     "file_mapping",
 ]
 
@@ -117,16 +118,20 @@ def copy_voxel_major(src: np.ndarray, scaling: tuple = (0.0, 1.0)) -> np.ndarray
     return out
 
 
-def file_mapping(arr: np.ndarray) -> mmap.mmap | None:
-    """The ``mmap`` behind a (view of a) read-only-used ``np.memmap``, if the platform can
-    release its pages."""
-    if not hasattr(mmap, "MADV_DONTNEED"):
-        return None
+def memmap_of(arr) -> np.memmap | None:
+    """The ``np.memmap`` that ``arr`` is (a view of), with a live mapping; else None."""
     while isinstance(arr, np.ndarray):
         if isinstance(arr, np.memmap) and isinstance(arr._mmap, mmap.mmap):
-            return arr._mmap
+            return arr
         arr = arr.base
     return None
+
+
+def file_mapping(arr: np.ndarray) -> mmap.mmap | None:
+    """The ``mmap`` behind a (view of a) read-only-used ``np.memmap`` (:func:`memmap_of`), if
+    the platform can release its pages."""
+    m = memmap_of(arr) if hasattr(mmap, "MADV_DONTNEED") else None
+    return None if m is None else m._mmap
 
 
 def released_slabs(src: np.ndarray, spatial: bool = False):
