@@ -390,11 +390,16 @@ def fod_field(fod, device: torch.device | str = "cpu"):
         if not field.sh_flat.is_contiguous():
             field = field.with_sh(field.sh_flat.contiguous())
     elif hasattr(fod, "data") and hasattr(fod, "affine"):
-        sh = _writable(c_order_fod(fod.data))
+        from ..fod.interp import nonzero_rows
+        from ..io.scratch import release
+
+        arr = _writable(c_order_fod(fod.data))
+        sh = torch.from_numpy(arr)
+        # the non-zero mask here, so a scratch copy's pages are released chunk by chunk
+        nonzero = nonzero_rows(sh.reshape(-1, sh.shape[-1]), lambda: release(arr))
         field = FODField.from_array(
-            torch.from_numpy(sh), fod.affine, voxel_sizes=getattr(fod, "voxel_sizes", None),
-            nonzero=_scratch_nonzero(sh),
-        )  # fmt: skip
+            sh, fod.affine, voxel_sizes=getattr(fod, "voxel_sizes", None), nonzero=nonzero
+        )
     else:
         data, affine = fod
         field = FODField.from_array(torch.from_numpy(_writable(c_order_fod(data))), affine)
@@ -419,18 +424,6 @@ def _owned(field, fod):
         shared = buf.device.type == "cpu" and np.may_share_memory(np.asarray(data), buf.numpy())
     # the same values: the non-zero mask stays valid
     return dataclasses.replace(field, sh_flat=buf.clone()) if shared else field
-
-
-def _scratch_nonzero(sh: np.ndarray) -> torch.Tensor | None:
-    """The non-zero voxel mask of a scratch copy (:func:`c_order_fod`), its pages released
-    chunk by chunk; None for an array in memory (the field computes it)."""
-    from ..fod.interp import nonzero_rows
-    from ..io.scratch import is_scratch, release
-
-    if not is_scratch(sh):
-        return None
-    flat = torch.from_numpy(sh).reshape(-1, sh.shape[-1])
-    return nonzero_rows(flat, after_chunk=lambda: release(sh))
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
