@@ -207,19 +207,14 @@ def read_voxel_major(
     dst = file_order_view(out, geometry)  # [X, Y, Z, K] in the file's order, writes into out
     from nibabel.openers import ImageOpener  # here: nibabel is only needed for 4-D NIfTIs
 
-    opener = ImageOpener(proxy.file_like)
-    mapped = is_scratch(out)
-    with opener as f:
-        raw = f
-        if str(path).lower().endswith(".gz"):
-            raw = _unpacked(f, scratch) if mapped else None
-        if raw is None:
+    gz = str(path).lower().endswith(".gz")
+    with ImageOpener(proxy.file_like) as f:
+        unpacked = _unpacked(f, scratch) if gz and is_scratch(out) else None
+        if gz and unpacked is None:  # a gzip stream: passes over the whole result
             _fill_volume_groups(f, dst, proxy, scaling, path)
-        else:
-            with contextlib.ExitStack() as stack:
-                if raw is not f:
-                    stack.enter_context(raw)
-                _fill_slabs(raw, dst, proxy, scaling, path, after=lambda: release(out))
+            return out
+        with unpacked or contextlib.nullcontext(f) as raw:
+            _fill_slabs(raw, dst, proxy, scaling, path, after=lambda: release(out))
     return out
 
 
