@@ -6,8 +6,16 @@ hard with the default parameters and compared pair by pair with their targets: t
 (20 points, as ``result.json``'s ``*_heldout_mdf_mm``) and, per half, the tracked length minus
 the target's (mm; + runs past the target, - stops short).
 
+``--oracle`` adds the FOD a perfect fit of the learned voxels would give: the start with every
+voxel the fit changed set to the full-data FOD (the targets' truth).
+
+Per FOD, ``teacher_forced`` replays each target step alone: the peak ascent (spec 3.3) from the
+target's previous direction at the step's start, as tckgen's next step would be on that FOD.
+A step *leaves the path* when the peak is more than 10 degrees from the target's step or below
+the cutoff; steps are split by how much the target turns there (< 2 degrees, >= 2 degrees).
+
     python benchmarks/fod_fit_pairs.py --work runs/fod_fit --case B20 [--train] [--worst 10]
-        [--fod NAME=PATH ...]
+        [--oracle] [--fod NAME=PATH ...]
 
 Needs a finished ``fod_fit.py --methods fod+signal --cases CASE --work WORK`` run.
 """
@@ -20,6 +28,7 @@ import json
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -32,7 +41,7 @@ from invtract.fit.scoring import ScoreConfig, score_tracking  # noqa: E402
 from invtract.io.image import load_fod  # noqa: E402
 from invtract.io.seeds import seeds_from_reference  # noqa: E402
 from invtract.io.tractogram import load_tractogram  # noqa: E402
-from invtract.params import TrackingParameters  # noqa: E402
+from invtract.params import DEFAULTS, TrackingParameters  # noqa: E402
 from invtract.tracking.api import Seeding, track  # noqa: E402
 
 
@@ -44,8 +53,7 @@ def half_lengths(points: np.ndarray, seed_index: int) -> np.ndarray:
 
 def per_pair(fod_path: Path, target, pos, dirs) -> dict:
     """Per-pair MDF and half-length differences of hard tracking on ``fod_path``."""
-    img = load_fod(fod_path)
-    field = fod_field(dataclasses.replace(img, data=c_order_fod(img.data)))
+    field = _field(fod_path)
     res = track(field, Seeding("list", positions=pos, directions=dirs), TrackingParameters())
     cfg = ScoreConfig()
     mdf = np.full(len(target), np.nan)
@@ -64,6 +72,60 @@ def per_pair(fod_path: Path, target, pos, dirs) -> dict:
     return {"mdf": mdf, "diff": diff, "missing": int(len(target) - len(res.seed_ids))}
 
 
+#: a replayed step leaves the path beyond this angle (degrees) to the target's step
+LEAVE_DEG = 10.0
+#: target steps that turn by at least this much (degrees) are counted apart
+TURN_DEG = 2.0
+
+
+def _field(fod_path: Path):
+    img = load_fod(fod_path)
+    return fod_field(dataclasses.replace(img, data=c_order_fod(img.data)))
+
+
+def teacher_forced(fod_path: Path, target, pos) -> dict:
+    """Each target step replayed alone on ``fod_path`` (module docstring): fractions of steps
+    that leave the path, over all steps and by the target's turn there."""
+    p, u0, u1 = [], [], []
+    for j in range(len(target)):
+        t = target[j].numpy().astype(np.float64)
+        s = int(np.linalg.norm(t - pos[j], axis=1).argmin())
+        for half in (t[s:], t[s::-1]):
+            d = np.diff(half, axis=0)
+            d /= np.linalg.norm(d, axis=1, keepdims=True).clip(1e-12)
+            p.append(half[1:-1])
+            u0.append(d[:-1])
+            u1.append(d[1:])
+    p, u0, u1 = (np.concatenate(x) for x in (p, u0, u1))
+    field = _field(fod_path)
+    c, _ = field.sample(torch.as_tensor(p, dtype=torch.float32))
+    amp, peak = field.peak(c, torch.as_tensor(u0, dtype=torch.float32))
+    cut = DEFAULTS["cutoff"]  # tckgen's default, as the fits track
+    off = np.degrees(np.arccos(np.clip((peak.numpy() * u1).sum(1), -1, 1)))
+    leaves = ~(off <= LEAVE_DEG) | ~(amp.numpy() >= cut)
+    turning = np.degrees(np.arccos(np.clip((u0 * u1).sum(1), -1, 1))) >= TURN_DEG
+    return {
+        "steps": int(leaves.size),
+        "leaves_path": float(leaves.mean()),
+        "turning_steps": int(turning.sum()),
+        "leaves_path_turning": float(leaves[turning].mean()) if turning.any() else None,
+        "leaves_path_straight": float(leaves[~turning].mean()) if (~turning).any() else None,
+    }
+
+
+def oracle_fod(work: Path, case: str, start: Path, final: Path) -> Path:
+    """The start FOD with the voxels the fit changed set to the full-data FOD (written to
+    ``work/oracle_CASE.nii.gz``)."""
+    img = nib.load(start)
+    s = img.get_fdata(dtype=np.float32)
+    changed = (nib.load(final).get_fdata(dtype=np.float32) != s).any(-1)
+    full = nib.load(ROOT.parent / "shared" / "data" / "real_msmt15" / "fod.nii.gz")
+    s[changed] = full.get_fdata(dtype=np.float32)[changed]
+    out = work / f"oracle_{case}.nii.gz"
+    nib.save(nib.Nifti1Image(s, img.affine, img.header), out)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", required=True, help="fod_fit.py's --work folder")
@@ -72,6 +134,9 @@ def main() -> int:
     p.add_argument("--worst", type=int, default=10, help="pairs listed (largest MDF)")
     p.add_argument(
         "--fod", action="append", default=[], metavar="NAME=PATH", help="another FOD to compare"
+    )
+    p.add_argument(
+        "--oracle", action="store_true", help="add the start with the learned voxels' truth"
     )
     args = p.parse_args()
     work, region, n = Path(args.work), args.case.rstrip("0123456789"), args.case[1:]
@@ -89,6 +154,8 @@ def main() -> int:
         "start": work / f"real_fod{n}.nii.gz",
         "final": work / f"run_{args.case}_fod+signal" / "fitted_fod.nii.gz",
     }
+    if args.oracle:
+        fods["oracle"] = oracle_fod(work, args.case, fods["start"], fods["final"])
     fods.update(dict(kv.split("=", 1) for kv in args.fod))
     out: dict = {"case": args.case, "split": "train" if args.train else "heldout"}
     rows = {}
@@ -102,6 +169,7 @@ def main() -> int:
             "median_abs_length_difference_mm": float(np.nanmedian(d)),
             "halves_off_by_more_than_2mm": float(np.nanmean(d > 2)),
             "missing": r["missing"],
+            "teacher_forced": teacher_forced(Path(path), sub, pos),
         }
     worst = np.argsort(-np.nan_to_num(sum(r["mdf"] for r in rows.values())))
     out["worst_pairs"] = [
