@@ -300,8 +300,8 @@ def csd_solve(signals: torch.Tensor, model: CSDModel, chunk: int = 1024) -> torc
         ``[V, K]`` float64 coefficients (zero where a signal is not finite). Not differentiable
         (a solver; the objective it minimises is :func:`csd_objective`).
     """
-    P, K = model.H.shape
-    HH = (model.H[:, :, None] * model.H[:, None, :]).reshape(P, K * K)  # rows' outer products
+    rows, cols = torch.tril_indices(model.n_coeffs, model.n_coeffs)
+    HH = model.H[:, rows] * model.H[:, cols]  # [P, K(K+1)/2]: rows' outer products, lower half
     out = []
     for a in range(0, signals.shape[0], chunk):
         out.append(_solve_chunk(signals[a : a + chunk], model, HH))
@@ -311,9 +311,10 @@ def csd_solve(signals: torch.Tensor, model: CSDModel, chunk: int = 1024) -> torc
 
 
 def _solve_chunk(signals: torch.Tensor, model: CSDModel, HH: torch.Tensor) -> torch.Tensor:
-    """The active-set iteration on ``[V, N]`` signals; ``HH [P, K*K]``: the outer products of
-    the constraint rows, so each voxel's normal matrix ``base + sum_{p negative} H_p H_p^T`` is
-    one matrix product for the whole chunk (not a ``[V, P, K]`` masked copy of ``H``)."""
+    """The active-set iteration on ``[V, N]`` signals; ``HH [P, K(K+1)/2]``: the lower halves
+    of the constraint rows' outer products, so each voxel's normal matrix ``base + sum_{p
+    negative} H_p H_p^T`` is one matrix product for the whole chunk (not a ``[V, P, K]`` masked
+    copy of ``H``), over the lower half only (the matrix is symmetric), then mirrored."""
     b, ok = _prepare(signals)
     V, K = b.shape[0], model.n_coeffs
     M, H = model.M, model.H
@@ -321,6 +322,7 @@ def _solve_chunk(signals: torch.Tensor, model: CSDModel, HH: torch.Tensor) -> to
     rhs = b @ M  # [V, K] = M^T b
     F = torch.zeros(V, K, dtype=torch.float64)
     F[:, : model.init.shape[0]] = b @ model.init.T
+    base_low, mirror = _lower_half(base)
     old = None
     active = torch.ones(V, dtype=torch.bool)
     for _ in range(model.niter):
@@ -330,12 +332,22 @@ def _solve_chunk(signals: torch.Tensor, model: CSDModel, HH: torch.Tensor) -> to
         if not bool(active.any()):
             break
         idx = torch.nonzero(active).flatten()
-        work = base + (neg[idx].to(H.dtype) @ HH).view(-1, K, K)
+        work = ((neg[idx].to(H.dtype) @ HH) + base_low)[:, mirror].view(-1, K, K)
         L = torch.linalg.cholesky(work)
         F[idx] = torch.cholesky_solve(rhs[idx, :, None], L)[..., 0]
         old = neg
     F[~ok] = 0.0
     return F
+
+
+def _lower_half(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a's lower half [K(K+1)/2] in tril_indices order, mirror [K*K])``: ``low[:, mirror]``
+    is the symmetric ``[K*K]`` matrix with that lower half."""
+    K = a.shape[0]
+    rows, cols = torch.tril_indices(K, K)
+    pos = torch.zeros(K, K, dtype=torch.long)
+    pos[rows, cols] = torch.arange(rows.numel())
+    return a[rows, cols], torch.maximum(pos, pos.T).reshape(-1)
 
 
 @lru_cache(maxsize=4)
