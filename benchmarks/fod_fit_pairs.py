@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from invtract.fit.bundle import split_indices  # noqa: E402
+from invtract.fit.objective import PairedTarget  # noqa: E402
 from invtract.fit.optimise import c_order_fod, fod_field  # noqa: E402
 from invtract.fit.scoring import ScoreConfig, score_tracking  # noqa: E402
 from invtract.io.image import load_fod  # noqa: E402
@@ -51,9 +52,8 @@ def half_lengths(points: np.ndarray, seed_index: int) -> np.ndarray:
     return np.array([seg[:seed_index].sum(), seg[seed_index:].sum()])
 
 
-def per_pair(fod_path: Path, target, pos, dirs) -> dict:
-    """Per-pair MDF and half-length differences of hard tracking on ``fod_path``."""
-    field = _field(fod_path)
+def per_pair(field, target, pos, dirs) -> dict:
+    """Per-pair MDF and half-length differences of hard tracking on the FOD ``field``."""
     res = track(field, Seeding("list", positions=pos, directions=dirs), TrackingParameters())
     cfg = ScoreConfig()
     mdf = np.full(len(target), np.nan)
@@ -83,27 +83,20 @@ def _field(fod_path: Path):
     return fod_field(dataclasses.replace(img, data=c_order_fod(img.data)))
 
 
-def teacher_forced(fod_path: Path, target, pos) -> dict:
-    """Each target step replayed alone on ``fod_path`` (module docstring): fractions of steps
-    that leave the path, over all steps and by the target's turn there."""
-    p, u0, u1 = [], [], []
-    for j in range(len(target)):
-        t = target[j].numpy().astype(np.float64)
-        s = int(np.linalg.norm(t - pos[j], axis=1).argmin())
-        for half in (t[s:], t[s::-1]):
-            d = np.diff(half, axis=0)
-            d /= np.linalg.norm(d, axis=1, keepdims=True).clip(1e-12)
-            p.append(half[1:-1])
-            u0.append(d[:-1])
-            u1.append(d[1:])
-    p, u0, u1 = (np.concatenate(x) for x in (p, u0, u1))
-    field = _field(fod_path)
-    c, _ = field.sample(torch.as_tensor(p, dtype=torch.float32))
-    amp, peak = field.peak(c, torch.as_tensor(u0, dtype=torch.float32))
-    cut = DEFAULTS["cutoff"]  # tckgen's default, as the fits track
-    off = np.degrees(np.arccos(np.clip((peak.numpy() * u1).sum(1), -1, 1)))
-    leaves = ~(off <= LEAVE_DEG) | ~(amp.numpy() >= cut)
-    turning = np.degrees(np.arccos(np.clip((u0 * u1).sum(1), -1, 1))) >= TURN_DEG
+def teacher_forced(field, paired: PairedTarget) -> dict:
+    """Each step of the ``paired`` targets' halves replayed alone on the FOD ``field`` (module
+    docstring): fractions of steps that leave the path, over all steps and by the target's turn
+    there."""
+    halves = paired.halves.double()  # [S, 2, H, 3], outward from the seed
+    d = torch.nn.functional.normalize(halves[:, :, 1:] - halves[:, :, :-1], dim=-1, eps=1e-12)
+    j = torch.arange(1, max(halves.shape[2] - 1, 1))
+    inner = j < (paired.counts[..., None] - 1)  # steps j >= 1 (a previous step to come from)
+    p, u0, u1 = halves[:, :, 1:-1][inner], d[:, :, :-1][inner], d[:, :, 1:][inner]
+    c, _ = field.sample(p.float())
+    amp, peak = field.peak(c, u0.float())
+    off = torch.rad2deg(torch.arccos((peak.double() * u1).sum(-1).clamp(-1, 1)))
+    leaves = (~(off <= LEAVE_DEG) | ~(amp >= DEFAULTS["cutoff"])).numpy()  # tckgen's cutoff
+    turning = (torch.rad2deg(torch.arccos((u0 * u1).sum(-1).clamp(-1, 1))) >= TURN_DEG).numpy()
     return {
         "steps": int(leaves.size),
         "leaves_path": float(leaves.mean()),
@@ -158,9 +151,11 @@ def main() -> int:
         fods["oracle"] = oracle_fod(work, args.case, fods["start"], fods["final"])
     fods.update(dict(kv.split("=", 1) for kv in args.fod))
     out: dict = {"case": args.case, "split": "train" if args.train else "heldout"}
+    paired = PairedTarget.build(sub, torch.as_tensor(pos), torch.as_tensor(dirs))
     rows = {}
     for name, path in fods.items():
-        r = rows[name] = per_pair(path, sub, pos, dirs)
+        field = _field(Path(path))  # loaded once for both views
+        r = rows[name] = per_pair(field, sub, pos, dirs)
         d = np.abs(r["diff"])
         out[name] = {
             "mean_mdf_mm": float(np.nanmean(r["mdf"])),
@@ -169,7 +164,7 @@ def main() -> int:
             "median_abs_length_difference_mm": float(np.nanmedian(d)),
             "halves_off_by_more_than_2mm": float(np.nanmean(d > 2)),
             "missing": r["missing"],
-            "teacher_forced": teacher_forced(Path(path), sub, pos),
+            "teacher_forced": teacher_forced(field, paired),
         }
     worst = np.argsort(-np.nan_to_num(sum(r["mdf"] for r in rows.values())))
     out["worst_pairs"] = [
