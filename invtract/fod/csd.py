@@ -300,7 +300,7 @@ def csd_solve(signals: torch.Tensor, model: CSDModel, chunk: int = 1024) -> torc
         ``[V, K]`` float64 coefficients (zero where a signal is not finite). Not differentiable
         (a solver; the objective it minimises is :func:`csd_objective`).
     """
-    rows, cols = torch.tril_indices(model.n_coeffs, model.n_coeffs)
+    rows, cols, _ = _lower_half(model.n_coeffs)
     HH = model.H[:, rows] * model.H[:, cols]  # [P, K(K+1)/2]: rows' outer products, lower half
     out = []
     for a in range(0, signals.shape[0], chunk):
@@ -322,7 +322,8 @@ def _solve_chunk(signals: torch.Tensor, model: CSDModel, HH: torch.Tensor) -> to
     rhs = b @ M  # [V, K] = M^T b
     F = torch.zeros(V, K, dtype=torch.float64)
     F[:, : model.init.shape[0]] = b @ model.init.T
-    base_low, mirror = _lower_half(base)
+    rows, cols, mirror = _lower_half(K)
+    base_low = base[rows, cols]
     old = None
     active = torch.ones(V, dtype=torch.bool)
     for _ in range(model.niter):
@@ -340,14 +341,15 @@ def _solve_chunk(signals: torch.Tensor, model: CSDModel, HH: torch.Tensor) -> to
     return F
 
 
-def _lower_half(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a's lower half [K(K+1)/2] in tril_indices order, mirror [K*K])``: ``low[:, mirror]``
-    is the symmetric ``[K*K]`` matrix with that lower half."""
-    K = a.shape[0]
+@lru_cache(maxsize=4)
+def _lower_half(K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, cols, mirror)``: the lower half's ``K(K+1)/2`` entries of a ``[K, K]`` matrix
+    (``tril_indices`` order) and ``mirror [K*K]``, such that ``low[..., mirror]`` is the
+    symmetric matrix (flattened) whose lower half is ``low``."""
     rows, cols = torch.tril_indices(K, K)
     pos = torch.zeros(K, K, dtype=torch.long)
     pos[rows, cols] = torch.arange(rows.numel())
-    return a[rows, cols], torch.maximum(pos, pos.T).reshape(-1)
+    return rows, cols, torch.maximum(pos, pos.T).reshape(-1)
 
 
 @lru_cache(maxsize=4)
