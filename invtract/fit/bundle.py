@@ -46,7 +46,7 @@ __all__ = ["BundleProblem", "SHARDABLE_TERMS", "split_indices", "fod_overlap"]
 FEATURE_CHUNK = 64
 
 #: data terms that are sums over pairs (a data-parallel fit may use only these)
-SHARDABLE_TERMS = ("mdf", "vertex", "extent", "margin", "reach", "tangent")
+SHARDABLE_TERMS = ("mdf", "vertex", "extent", "margin", "reach", "tangent", "replay")
 
 
 def split_indices(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

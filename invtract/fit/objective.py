@@ -110,11 +110,11 @@ __all__ = [
 
 #: tractogram loss terms (keys of ``LossConfig.weights``)
 TERMS = (
-    "mdf", "vertex", "extent", "margin", "centre", "reach", "tangent",
+    "mdf", "vertex", "extent", "margin", "centre", "reach", "tangent", "replay",
     "paired", "chamfer", "length", "density",
 )  # fmt: skip
 #: data terms that read the target paths alone (no tracking; :mod:`invtract.fit.path_terms`)
-TARGET_ONLY_TERMS = ("reach", "tangent")
+TARGET_ONLY_TERMS = ("reach", "tangent", "replay")
 #: FOD regulariser terms
 FOD_TERMS = ("nonneg", "smooth", "prior")
 #: regulariser of the learned thresholds (computed by :func:`invtract.fit.optimise.fit`)
@@ -146,6 +146,7 @@ class LossConfig:
     coverage_weight: float = 1.0
     sphere_points: int = 256
     reach_margin: float = 0.1
+    replay_sigma_deg: float = 10.0
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> LossConfig:
@@ -409,12 +410,14 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
 def _target_only_term(name, target, field, cutoff, config) -> torch.Tensor:
     """``reach`` or ``tangent`` (:mod:`invtract.fit.path_terms`) per pair, on every pair's target
     path."""
-    from .path_terms import reach_sum, tangent_sum
+    from .path_terms import reach_sum, replay_sum, tangent_sum
 
     if field is None or cutoff is None:
         raise ConfigError(f"{name} needs the FOD field and the cutoff")
     if name == "reach":
         total = reach_sum(field, target.halves, target.counts, cutoff, config.reach_margin)
+    elif name == "replay":
+        total = replay_sum(field, target.halves, target.counts, cutoff, config.replay_sigma_deg)
     else:
         total = tangent_sum(field, target.halves, target.counts, cutoff)
     return total / len(target)

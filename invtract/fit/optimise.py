@@ -146,6 +146,7 @@ DEFAULT_CONFIG: dict = {
         "coverage_weight": 1.0,
         "sphere_points": 256,
         "reach_margin": 0.1,  # reach: relative amplitude margin above the cutoff
+        "replay_sigma_deg": 10.0,  # replay: scale of the robust loss on the replayed steps
         "weights": {"mdf": 1.0, "vertex": 1.0, "margin": 1.0, "centre": 0.05, "anchor": 0.01},
     },
 }
@@ -198,7 +199,7 @@ RULES: dict = {
             "loss.temperature_mm",
             "loss.radius_mm",
         ],  # fmt: skip
-        non_negative=["fod.margin_vox", "loss.reach_margin"],
+        non_negative=["fod.margin_vox", "loss.reach_margin", "loss.replay_sigma_deg"],
         unit=["fit.heldout_fraction"],
         choices={"optimizer.name": ("signum", "adam", "sgd"), "signal.start": ("csd", "coupled")},
         at_least={"fit.seeds_per_iteration": 1, "loss.n_points": 2, "loss.sphere_points": 4},

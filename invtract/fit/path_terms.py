@@ -203,3 +203,72 @@ def _tangent_gradient(field, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     e1, e2 = tangent_basis(u)
     _, dY, _ = basis_directional_derivatives(u, torch.stack([e1, e2]), field.lmax, order=1)
     return learned_contractions(field, p, dY)
+
+
+def _turns(halves: torch.Tensor, counts: torch.Tensor):
+    """``(p [m, 3], u_prev [m, 3], u_next [m, 3], d [m])``: for each step ``j >= 1`` of the
+    target halves (a previous step to come from), its start ``p``, the previous step's and its
+    own unit direction and its length (float64)."""
+    d = halves[..., 1:, :] - halves[..., :-1, :]
+    j = torch.arange(1, max(halves.shape[2] - 1, 1), device=halves.device)
+    valid = j[None, None] < (counts.to(halves.device)[..., None] - 1)
+    prev, nxt = d[..., :-1, :][valid].double(), d[..., 1:, :][valid].double()
+    n1 = nxt.norm(dim=-1)
+    p = halves[..., 1:-1, :][valid].double()
+    unit = torch.nn.functional.normalize
+    return p, unit(prev, dim=-1, eps=1e-12), unit(nxt, dim=-1, eps=1e-12), n1
+
+
+def replay_sum(field, target_halves, target_counts, cutoff, sigma_deg: float) -> torch.Tensor:
+    """Sum over the steps ``j >= 1`` of the target halves of ``d rho(|t - delta|^2)`` (mm x
+    rad^2): each step replayed alone, as tckgen takes it.
+
+    At the step's start ``p`` the MRtrix peak ascent (spec 3.3; no gradient) runs from the
+    target's previous direction ``u0`` on the current FOD and finds ``u*``: tckgen's next
+    direction. ``t`` is the target's direction ``u1`` in the tangent plane at ``u*`` (radians,
+    ~ the angle between them) and ``delta = -H^-1 g`` the implicit displacement of the peak
+    (:func:`~invtract.fod.peak_grad.implicit_peak`: zero-valued, its gradient is the peak's
+    Jacobian in the learned rows, ``H`` detached with eigenvalues <= -cutoff). The gradient moves
+    the peak tckgen would find onto the target's direction, also where it is another lobe: the
+    peak the fit's FOD ends at, not the tangent at ``u1`` of ``tangent``.
+    ``rho(s) = sigma^2 log(1 + s / sigma^2)`` (Cauchy) bounds the pull of lobes far off.
+    Steps whose peak is not finite or below the cutoff are left to ``reach``.
+
+    Args:
+        field: the FOD (learned rows may require grad).
+        target_halves: ``[P, 2, H, 3]`` target halves (mm); target_counts: ``[P, 2]``.
+        cutoff: the cutoff (a threshold for the steps, detached).
+        sigma_deg: ``sigma`` of ``rho`` (degrees; ``[loss] replay_sigma_deg``).
+
+    Returns:
+        0-d float64 tensor.
+    """
+    p, u0, u1, d = _turns(target_halves.detach(), target_counts)
+    cut = float(torch.as_tensor(cutoff).detach())
+    s2 = float(torch.deg2rad(torch.tensor(float(sigma_deg)))) ** 2
+    parts = [torch.zeros(0, dtype=torch.float64)]
+    for sl in _chunks(p.shape[0]):
+        with torch.no_grad():  # tckgen's next direction from the target's state
+            c, _ = field.sample(p[sl].to(field.sh_flat.dtype))
+            amp, peak = field.peak(c, u0[sl].to(c.dtype))
+            ok = torch.isfinite(peak).all(-1) & (amp >= cut) & (d[sl] > 1e-9)
+        if bool(ok.any()):
+            r2 = _replay_residual(field, p[sl][ok], peak[ok].double(), u1[sl][ok], cut)
+            parts.append(d[sl][ok].to(r2.device) * s2 * torch.log1p(r2 / s2))
+    return torch.cat([x.to(parts[-1].device) for x in parts]).sum()
+
+
+def _replay_residual(field, p, peak, u1, eps: float) -> torch.Tensor:
+    """``[n]`` ``|t - delta|^2`` of :func:`replay_sum` at converged peaks ``peak [n, 3]``
+    (value ``|t|^2``; gradient through ``delta`` in the learned rows)."""
+    from ..fod.peak_grad import _peak_operator, _regularised_solve
+
+    _, M, e1, e2 = _peak_operator(peak, field.lmax)
+    q = learned_contractions(field, p, M.permute(1, 0, 2))  # [6, n]: g1, g2, gu, h11, h22, h++
+    g1, g2, gu, h11, h22, hpp = q.unbind(0)
+    h12 = 0.5 * (hpp - h11 - h22)
+    H = torch.stack([torch.stack([h11 - gu, h12], -1), torch.stack([h12, h22 - gu], -1)], -2)
+    x = _regularised_solve(torch.stack([g1, g2], -1), H.detach(), eps)
+    delta = -(x - x.detach())  # the peak's displacement in (e1, e2): zero-valued
+    t = torch.stack([(u1 * e1).sum(-1), (u1 * e2).sum(-1)], -1)
+    return (t - delta).pow(2).sum(-1)

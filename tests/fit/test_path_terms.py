@@ -1,6 +1,6 @@
 """The target-path terms (invtract.fit.path_terms): ``reach`` (FOD amplitudes along the target
-paths) and ``tangent`` (the target's directions are FOD peaks), differentiable in the learned
-rows."""
+paths), ``tangent`` (the target's directions are FOD peaks) and ``replay`` (each target step
+replayed alone lands on the target's direction), differentiable in the learned rows."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from invtract.fit.path_terms import (
     learned_amplitudes,
     learned_contractions,
     reach_sum,
+    replay_sum,
     tangent_sum,
 )
 from invtract.fod.field import FODField
@@ -266,6 +267,7 @@ def test_path_terms_in_chunks_equal_one_shot_and_no_grad_skips_only_the_gradient
         for fn in (
             lambda f: reach_sum(f, paired.halves, paired.counts, 0.1, margin=0.1),
             lambda f: tangent_sum(f, paired.halves, paired.counts, 0.1),
+            lambda f: replay_sum(f, paired.halves, paired.counts, 0.1, 10.0),
         ):
             rows = base.clone().requires_grad_(True)
             value = fn(field.with_rows(flat, rows))
@@ -283,3 +285,91 @@ def test_path_terms_in_chunks_equal_one_shot_and_no_grad_skips_only_the_gradient
         assert torch.equal(v1, v2)
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6 * float(g1.abs().max()))
         assert torch.equal(p1, v1) and torch.equal(p2, v1)
+
+
+def _noisy(field, img, scale, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    sh = field.sh_flat
+    noisy = sh + scale * sh.abs().mean() * torch.randn(sh.shape, generator=g, dtype=sh.dtype)
+    noisy = torch.where(sh != 0, noisy, sh)
+    return FODField.from_array(noisy.reshape(*field.shape, -1), img.affine)
+
+
+def test_replay_is_near_zero_on_the_fod_tckgen_tracked():
+    """The example target is tckgen's on the example FOD: the ascent from each step's previous
+    direction finds the target's next direction (to float32 rounding); with 30% coefficient
+    noise it does not."""
+    field, img = _example()
+    paired = _paired_example()
+    on_truth = float(replay_sum(field, paired.halves, paired.counts, 0.1, 10.0)) / len(paired)
+    other = _noisy(field, img, 0.3)
+    on_noisy = float(replay_sum(other, paired.halves, paired.counts, 0.1, 10.0)) / len(paired)
+    assert on_noisy > 1e-4
+    assert on_truth < 1e-3 * on_noisy
+
+
+def _replayed_value(field, halves, counts, sigma_deg):
+    """``replay``'s value from first principles: the float64 peaks polished to critical points
+    (``refine_peak``), ``|t|^2 = 1 - (u* . u1)^2``, the Cauchy loss, times the step length."""
+    from invtract.fod.peak_grad import refine_peak
+
+    h = halves.double()
+    d = torch.nn.functional.normalize(h[:, :, 1:] - h[:, :, :-1], dim=-1)
+    n = (h[:, :, 1:] - h[:, :, :-1]).norm(dim=-1)
+    j = torch.arange(1, h.shape[2] - 1)
+    inner = j < (counts[..., None] - 1)
+    p, u0, u1, step = h[:, :, 1:-1][inner], d[:, :, :-1][inner], d[:, :, 1:][inner], n[:, :, 1:]
+    c, _ = field.sample(p)
+    _, peak = field.peak(c, u0)
+    peak = refine_peak(c, peak, field.lmax, iterations=6)
+    s2 = torch.deg2rad(torch.tensor(sigma_deg, dtype=torch.float64)) ** 2
+    r2 = 1 - (peak * u1).sum(-1) ** 2
+    return (step[inner] * s2 * torch.log1p(r2 / s2)).sum()
+
+
+def test_replay_gradient_matches_finite_differences_through_the_peak_search():
+    """float64: the term's value is the replayed peaks' (polished) Cauchy loss, and its
+    gradient in the learned rows (the peaks' implicit Jacobian) matches central differences of
+    that value, the peak search rerun at each perturbed FOD. No gradient to the cutoff."""
+    field, img = _example(torch.float64)
+    field = _noisy(field, img, 0.3)
+    paired = _paired_example().subset([0, 1, 2])
+    halves, counts = paired.halves[:, :, :12], paired.counts.clamp_max(12)
+    pts = halves.reshape(-1, 3).double()
+    few = torch.unique(corner_weights(world_to_voxel(pts, field.scanner2voxel), field.shape,
+                                      torch.float64)[0])  # fmt: skip
+    r = field.sh_flat[few].clone().requires_grad_(True)
+    cut = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    value = replay_sum(field.with_rows(few, r), halves, counts, cut, 10.0)
+    assert float(value.detach()) > 1e-5
+    torch.testing.assert_close(
+        value.detach(), _replayed_value(field, halves, counts, 10.0), rtol=1e-3, atol=0
+    )
+    value.backward()
+    assert cut.grad is None and r.grad.abs().sum() > 0
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        v = torch.randn(r.shape, generator=g, dtype=torch.float64)
+        eps = 1e-5 / float(v.abs().max())
+        f_plus, f_minus = (
+            _replayed_value(field.with_rows(few, (r + s * eps * v).detach()), halves, counts, 10.0)
+            for s in (1, -1)
+        )
+        fd = float(f_plus - f_minus) / (2 * eps)
+        assert abs(fd - float((r.grad * v).sum())) <= 1e-2 * abs(fd) + 1e-9
+
+
+def test_replay_is_a_known_weight_computed_without_tracking():
+    """``[loss.weights] replay`` reaches ``paired_terms`` (targets alone) with its sigma."""
+    field, _ = _example()
+    paired = _paired_example()
+    cfg = LossConfig.from_dict({"weights": {"replay": 1.0}, "replay_sigma_deg": 5.0})
+    assert cfg.active() == ["replay"] and "replay" in objective.TARGET_ONLY_TERMS
+
+    class _Res:
+        seed_ids = torch.zeros(0, dtype=torch.long)
+        points = torch.zeros(0, 3)
+
+    out = paired_terms(_Res(), paired, cfg, field=field, cutoff=0.1)
+    want = replay_sum(field, paired.halves, paired.counts, 0.1, 5.0) / len(paired)
+    torch.testing.assert_close(out["replay"], want.to(out["replay"].dtype))
