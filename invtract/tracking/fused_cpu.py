@@ -1468,6 +1468,37 @@ def track_fused_cpu_peaks(
     return out
 
 
+@njit(**_JIT)
+def _peaks_kernel(c, u, out, lut, inc, zint, zflt, pint, pflt, mstart, lmax):
+    """``out[i] = (amplitude, ux, uy, uz)``: :func:`_get_peak` from each ``u[i]`` on ``c[i]``."""
+    AL = np.empty(n_legendre_nb(lmax), dtype=np.float32)
+    for i in range(c.shape[0]):
+        a, x, y, z = _get_peak(c[i], u[i, 0], u[i, 1], u[i, 2], lut, inc, zint, zflt, pint,
+                               pflt, mstart, lmax, AL)  # fmt: skip
+        out[i, 0], out[i, 1], out[i, 2], out[i, 3] = a, x, y, z
+
+
+def peaks(c: np.ndarray, u: np.ndarray, lmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """The MRtrix peak ascent (spec 3.3) of the tracking kernel, from each start direction:
+    ``(amplitude [N], direction [N, 3])`` float32, NaN where it did not converge; the same
+    values as :func:`invtract.fod.peaks.mrtrix_peak` on float32 input (test), ~10x faster.
+
+    Args:
+        c: ``[N, K]`` SH coefficients (cast to float32).
+        u: ``[N, 3]`` unit start directions (cast to float32).
+        lmax: their SH degree.
+    """
+    if not available():
+        raise RuntimeError(f"numba is not available: {_NUMBA_ERROR}")
+    _prepare_numba_target()
+    c = np.ascontiguousarray(c, dtype=np.float32)
+    u = np.ascontiguousarray(u, dtype=np.float32).reshape(-1, 3)
+    lut = np.ascontiguousarray(legendre_table(lmax), dtype=np.float32).reshape(-1)
+    out = np.empty((c.shape[0], 4), dtype=np.float32)
+    _peaks_kernel(c, u, out, lut, np.float32(lut_increment()), *_kernel_tables(lmax), lmax)
+    return out[:, 0].copy(), out[:, 1:].copy()
+
+
 def warmup() -> float:
     """Compile (or load from cache) every kernel on a tiny problem; returns seconds taken."""
     from ..params import TrackingParameters

@@ -498,3 +498,34 @@ assert dot(np.ones(3), np.arange(3.0)) == 3.0
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_batch_peaks_equal_the_torch_ascent():
+    """``fused_cpu.peaks`` (the kernel's ``_get_peak`` over a batch of start directions) finds
+        the peaks :func:`invtract.fod.peaks.mrtrix_peak` finds, to float32 rounding, on the real
+        FOD at random points and start directions (a search that stops at the 50th iteration may
+    end either side of it)."""
+    import torch
+
+    from invtract.fit.optimise import c_order_fod
+    from invtract.fod.field import FODField
+    from invtract.fod.peaks import mrtrix_peak
+    from invtract.io.image import load_fod
+
+    img = load_fod(need_data("real_msmt15", "fod.nii.gz"))
+    affine = img.affine
+    field = FODField.from_array(torch.from_numpy(c_order_fod(img.data)).float(), affine)
+    g = torch.Generator().manual_seed(3)
+    X = torch.tensor(field.shape, dtype=torch.float64)
+    vox = torch.rand(4000, 3, generator=g, dtype=torch.float64) * (X - 1)
+    A = torch.as_tensor(affine, dtype=torch.float64)
+    c, ok = field.sample((vox @ A[:3, :3].T + A[:3, 3]).float())
+    u = torch.nn.functional.normalize(torch.randn(4000, 3, generator=g), dim=-1)
+    a_ref, d_ref = mrtrix_peak(c, u, field.lmax)
+    a, d = fused_cpu.peaks(c.numpy(), u.numpy(), field.lmax)
+    assert int(ok.sum()) > 1000 and np.isfinite(a).sum() > 1000
+    both = np.isfinite(a) & np.isfinite(a_ref.numpy())
+    assert (np.isnan(a) != np.isnan(a_ref.numpy())).sum() <= 4  # searches at 50 iterations
+    np.testing.assert_allclose(a[both], a_ref.numpy()[both], rtol=1e-5, atol=1e-6)
+    cos = (d[both] * d_ref.numpy()[both]).sum(-1)
+    assert np.degrees(np.arccos(np.clip(cos, -1, 1))).max() < 0.05
