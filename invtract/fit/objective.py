@@ -67,6 +67,11 @@ Terms (all scanner mm unless stated; each is a mean over paired streamlines):
   target half along the step (over ``cutoff^2``; :mod:`invtract.fit.path_terms`): SD_Stream
   steps along FOD peaks, so it is ~0 on the FOD the target was tracked on. Quadratic in the
   learned FOD rows; no tracking.
+* ``replay``: each target step replayed alone (the MRtrix ascent from the target's previous
+  direction, no gradient) and a robust loss on the angle from the peak it finds to the
+  target's step, through the peak's implicit Jacobian
+  (:func:`~invtract.fit.path_terms.replay_sum`, ``replay_sigma_deg``); ~0 on the FOD the
+  target was tracked on. No tracking.
 * ``paired``, ``chamfer``, ``length``, ``density``: :func:`invtract.losses.paired_loss` (full
   streamlines, MDF + coverage, weighted by each streamline's mean survival weight),
   :func:`~invtract.losses.chamfer_loss` (unpaired), :func:`~invtract.losses.length_loss` (W1

@@ -1,9 +1,10 @@
-"""Data terms that read the target's steps alone (no tracking): ``reach`` and ``tangent``.
+"""Data terms that read the target's steps alone (no tracking): ``reach``, ``tangent`` and
+``replay`` (each step replayed alone by the peak ascent; :func:`replay_sum`).
 
-Both evaluate the learned FOD at the start ``p`` of every step of every target half, along the
-step's direction ``u``, and are exact in the learned FOD rows (:func:`learned_amplitudes`,
-:func:`learned_contractions`: trilinear weights times a vector of the SH basis, through
-:meth:`~invtract.fod.field.FODField.with_rows`).
+``reach`` and ``tangent`` evaluate the learned FOD at the start ``p`` of every step of every
+target half, along the step's direction ``u``, and are exact in the learned FOD rows
+(:func:`learned_amplitudes`, :func:`learned_contractions`: trilinear weights times a vector of
+the SH basis, through :meth:`~invtract.fod.field.FODField.with_rows`).
 
 **reach** keeps the target's paths open. SD_Stream stops a streamline at the first step whose
 FOD peak amplitude is below the cutoff (tckgen's "model" stop), so every step a target half
