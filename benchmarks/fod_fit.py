@@ -412,10 +412,8 @@ def run_case(name: str, args, work: Path, regions: dict) -> dict:
 
 
 def signal_config(args, work: Path) -> Path:
-    """``configs/fit_fod_dwi.toml`` with ``--signal-weight`` and ``--signal-weights`` applied.
-
-    (A ``--set loss.weights.X=V`` would replace the whole weights table.)
-    """
+    """``configs/fit_fod_dwi.toml`` with ``--signal-weight`` and ``--signal-weights`` applied
+    (the ``fod+signal`` fit's weights only; ``--set loss.weights.X=V`` changes both fits')."""
     from invtract.fit.config import find_config, read_toml, toml_dumps
 
     cfg = read_toml(find_config("fit_fod_dwi"))

@@ -97,12 +97,16 @@ def _free_table(key: str, value) -> dict:
     return out
 
 
-def merge_config(base: Mapping, override: Mapping, prefix: str = "") -> dict:
+def merge_config(
+    base: Mapping, override: Mapping, prefix: str = "", *, free_keys: bool = False
+) -> dict:
     """Deep merge of ``override`` into ``base``: tables merge, values replace.
 
     Every key of ``override`` must exist in ``base`` and its value must have the type of
     ``base``'s (see the module docstring); tables named in :data:`FREE_TABLES` are replaced as
-    a whole. Raises :class:`ConfigError` (one line, naming ``section.key``) otherwise.
+    a whole (a config file's ``[loss.weights]`` is the fit's set of terms), or with
+    ``free_keys`` merged key by key (a ``--set loss.weights.X=V`` flag changes ``X`` only).
+    Raises :class:`ConfigError` (one line, naming ``section.key``) otherwise.
     """
     out = copy.deepcopy(dict(base))
     for k, v in override.items():
@@ -111,11 +115,11 @@ def merge_config(base: Mapping, override: Mapping, prefix: str = "") -> dict:
             where = f"[{prefix[:-1]}]" if prefix else "the config"
             raise ConfigError(f"unknown config key {key!r} in {where}; known: {sorted(out)}")
         if k in FREE_TABLES:
-            out[k] = _free_table(key, v)
+            out[k] = {**out[k], **_free_table(key, v)} if free_keys else _free_table(key, v)
         elif isinstance(out[k], dict):
             if not isinstance(v, Mapping):
                 raise ConfigError(f"config [{key}] must be a table, got {v!r}")
-            out[k] = merge_config(out[k], v, f"{key}.")
+            out[k] = merge_config(out[k], v, f"{key}.", free_keys=free_keys)
         else:
             out[k] = v if key in MIXED_KEYS else _typed(key, out[k], v)
     return out
@@ -143,8 +147,9 @@ def layered_config(
     ignore=("tracking", "inputs"),
 ) -> dict:
     """``defaults`` < TOML file ``base`` (the default config file of the fit, part of the
-    defaults) < ``example`` < TOML file ``path`` (the user's ``--config``) < ``overrides``;
-    ``ignore`` sections of the files are dropped; each layer is type-checked."""
+    defaults) < ``example`` < TOML file ``path`` (the user's ``--config``) < ``overrides``
+    (the command-line flags: a weight flag changes that weight only); ``ignore`` sections of
+    the files are dropped; each layer is type-checked."""
     cfg = copy.deepcopy(dict(defaults))
     if base is not None:
         cfg = _merge_file(cfg, base, ignore)
@@ -153,7 +158,7 @@ def layered_config(
     if path is not None:
         cfg = _merge_file(cfg, path, ignore)
     if overrides:
-        cfg = merge_config(cfg, overrides)
+        cfg = merge_config(cfg, overrides, free_keys=True)
     return cfg
 
 

@@ -188,6 +188,19 @@ def test_precedence_defaults_example_config_set(tmp_path):
     assert merge_config(DEFAULT_CONFIG, {"optimizer": {"lr": 1}})["optimizer"]["lr"] == 1.0
 
 
+def test_a_weight_flag_changes_that_weight_and_a_config_file_sets_the_terms(tmp_path):
+    """``--set loss.weights.X=V`` (the overrides layer) adds or changes ``X`` and keeps the
+    other weights; a config file's ``[loss.weights]`` is the whole set of terms."""
+    base = DEFAULT_CONFIG["loss"]["weights"]
+    cfg = load_config(None, {"loss": {"weights": {"tangent": 0.5, "mdf": 2}}})
+    assert cfg["loss"]["weights"] == {**base, "tangent": 0.5, "mdf": 2.0}
+    path = tmp_path / "c.toml"
+    path.write_text(toml_dumps({"loss": {"weights": {"mdf": 1.0}}}))
+    assert load_config(path)["loss"]["weights"] == {"mdf": 1.0}
+    cfg = load_config(path, {"loss": {"weights": {"reach": 1}}})
+    assert cfg["loss"]["weights"] == {"mdf": 1.0, "reach": 1.0}
+
+
 def test_shipped_configs_are_the_defaults():
     from invtract.fit.config import find_config
     from invtract.fit.connectome_fit import CONNECTOME_DEFAULTS, load_connectome_config
