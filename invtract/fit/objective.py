@@ -413,8 +413,8 @@ def paired_terms(res, target: PairedTarget, config: LossConfig, *, shape=None, a
 
 
 def _target_only_term(name, target, field, cutoff, config) -> torch.Tensor:
-    """``reach`` or ``tangent`` (:mod:`invtract.fit.path_terms`) per pair, on every pair's target
-    path."""
+    """``reach``, ``tangent`` or ``replay`` (:mod:`invtract.fit.path_terms`) per pair, on every
+    pair's target path."""
     from .path_terms import reach_sum, replay_sum, tangent_sum
 
     if field is None or cutoff is None:

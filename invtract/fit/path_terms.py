@@ -251,15 +251,14 @@ def replay_sum(field, target_halves, target_counts, cutoff, sigma_deg: float) ->
     p, u0, u1, d = _turns(target_halves.detach(), target_counts)
     cut = float(torch.as_tensor(cutoff).detach())
     s2 = float(torch.deg2rad(torch.tensor(float(sigma_deg)))) ** 2
-    parts = [torch.zeros(0, dtype=torch.float64)]
+    parts = []
     for sl in _chunks(p.shape[0]):
         with torch.no_grad():  # tckgen's next direction from the target's state
             amp, peak = _replayed_peaks(field, p[sl], u0[sl])
             ok = torch.isfinite(peak).all(-1) & (amp >= cut) & (d[sl] > 1e-9)
-        if bool(ok.any()):
-            r2 = _replay_residual(field, p[sl][ok], peak[ok].double(), u1[sl][ok], amp[ok])
-            parts.append(d[sl][ok].to(r2.device) * s2 * torch.log1p(r2 / s2))
-    return torch.cat([x.to(parts[-1].device) for x in parts]).sum()
+        r2 = _replay_residual(field, p[sl][ok], peak[ok].double(), u1[sl][ok], amp[ok])
+        parts.append(d[sl][ok].to(r2.device) * s2 * torch.log1p(r2 / s2))
+    return torch.cat(parts).sum()
 
 
 def _replayed_peaks(field, p: torch.Tensor, u0: torch.Tensor):
@@ -279,14 +278,11 @@ def _replayed_peaks(field, p: torch.Tensor, u0: torch.Tensor):
 def _replay_residual(field, p, peak, u1, amp) -> torch.Tensor:
     """``[n]`` ``|t - delta|^2`` of :func:`replay_sum` at converged peaks ``peak [n, 3]`` of
     amplitude ``amp [n]`` (value ``|t|^2``; gradient through ``delta`` in the learned rows)."""
-    from ..fod.peak_grad import _peak_operator, _regularised_solve
+    from ..fod.peak_grad import _peak_operator, _regularised_solve, geometry_from_derivatives
 
     _, M, e1, e2 = _peak_operator(peak, field.lmax)
-    q = learned_contractions(field, p, M.permute(1, 0, 2))  # [6, n]: g1, g2, gu, h11, h22, h++
-    g1, g2, gu, h11, h22, hpp = q.unbind(0)
-    h12 = 0.5 * (hpp - h11 - h22)
-    H = torch.stack([torch.stack([h11 - gu, h12], -1), torch.stack([h12, h22 - gu], -1)], -2)
-    x = _regularised_solve(torch.stack([g1, g2], -1), H.detach(), amp.to(H))
+    g, H = geometry_from_derivatives(learned_contractions(field, p, M.permute(1, 0, 2)).T)
+    x = _regularised_solve(g, H.detach(), amp.to(H))
     delta = -(x - x.detach())  # the peak's displacement in (e1, e2): zero-valued
     t = torch.stack([(u1 * e1).sum(-1), (u1 * e2).sum(-1)], -1)
     return (t - delta).pow(2).sum(-1)

@@ -167,7 +167,14 @@ def peak_geometry(c: torch.Tensor, u_star: torch.Tensor, lmax: int | None = None
 
 
 def _geometry_from_operator(c64, M):
-    q = torch.bmm(M, c64.unsqueeze(-1)).squeeze(-1)  # [N, 6]
+    return geometry_from_derivatives(torch.bmm(M, c64.unsqueeze(-1)).squeeze(-1))
+
+
+def geometry_from_derivatives(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g_T [N, 2], H_T [N, 2, 2])`` from ``q [N, 6]``, the amplitude's derivatives
+    ``(g1, g2, gu, h11, h22, h++)`` that the rows of :func:`_peak_operator`'s ``M`` give: the
+    Riemannian Hessian is the Euclidean one in the tangent plane minus ``gu`` (the radial
+    derivative) times the identity; ``h12`` from the second derivative along ``e1 + e2``."""
     g1, g2, gu, h11, h22, hpp = q.unbind(-1)
     h12 = 0.5 * (hpp - h11 - h22)
     gT = torch.stack([g1, g2], -1)
