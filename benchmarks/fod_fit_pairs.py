@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from invtract.fit.bundle import split_indices  # noqa: E402
 from invtract.fit.objective import PairedTarget  # noqa: E402
 from invtract.fit.optimise import c_order_fod, fod_field  # noqa: E402
+from invtract.fit.path_terms import replayed_peaks, target_turns  # noqa: E402
 from invtract.fit.scoring import ScoreConfig, score_tracking  # noqa: E402
 from invtract.io.image import load_fod  # noqa: E402
 from invtract.io.seeds import seeds_from_reference  # noqa: E402
@@ -87,13 +88,8 @@ def teacher_forced(field, paired: PairedTarget) -> dict:
     """Each step of the ``paired`` targets' halves replayed alone on the FOD ``field`` (module
     docstring): fractions of steps that leave the path, over all steps and by the target's turn
     there."""
-    halves = paired.halves.double()  # [S, 2, H, 3], outward from the seed
-    d = torch.nn.functional.normalize(halves[:, :, 1:] - halves[:, :, :-1], dim=-1, eps=1e-12)
-    j = torch.arange(1, max(halves.shape[2] - 1, 1))
-    inner = j < (paired.counts[..., None] - 1)  # steps j >= 1 (a previous step to come from)
-    p, u0, u1 = halves[:, :, 1:-1][inner], d[:, :, :-1][inner], d[:, :, 1:][inner]
-    c, _ = field.sample(p.float())
-    amp, peak = field.peak(c, u0.float())
+    p, u0, u1, _ = target_turns(paired.halves, paired.counts)  # steps j >= 1 of every half
+    amp, peak = replayed_peaks(field, p, u0)  # as the replay term does
     off = torch.rad2deg(torch.arccos((peak.double() * u1).sum(-1).clamp(-1, 1)))
     leaves = (~(off <= LEAVE_DEG) | ~(amp >= DEFAULTS["cutoff"])).numpy()  # tckgen's cutoff
     turning = (torch.rad2deg(torch.arccos((u0 * u1).sum(-1).clamp(-1, 1))) >= TURN_DEG).numpy()

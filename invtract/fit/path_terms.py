@@ -44,7 +44,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["learned_amplitudes", "learned_contractions", "reach_sum", "tangent_sum"]
+__all__ = [
+    "learned_amplitudes",
+    "learned_contractions",
+    "reach_sum",
+    "tangent_sum",
+    "replay_sum",
+    "target_turns",
+    "replayed_peaks",
+]
 
 #: hinge softness (relative amplitude units)
 REACH_TAU = 0.02
@@ -206,7 +214,7 @@ def _tangent_gradient(field, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return learned_contractions(field, p, dY)
 
 
-def _turns(halves: torch.Tensor, counts: torch.Tensor):
+def target_turns(halves: torch.Tensor, counts: torch.Tensor):
     """``(p [m, 3], u_prev [m, 3], u_next [m, 3], d [m])``: for each step ``j >= 1`` of the
     target halves (a previous step to come from), its start ``p``, the previous step's and its
     own unit direction and its length (float64)."""
@@ -248,20 +256,20 @@ def replay_sum(field, target_halves, target_counts, cutoff, sigma_deg: float) ->
     Returns:
         0-d float64 tensor.
     """
-    p, u0, u1, d = _turns(target_halves.detach(), target_counts)
+    p, u0, u1, d = target_turns(target_halves.detach(), target_counts)
     cut = float(torch.as_tensor(cutoff).detach())
     s2 = float(torch.deg2rad(torch.tensor(float(sigma_deg)))) ** 2
     parts = []
     for sl in _chunks(p.shape[0]):
         with torch.no_grad():  # tckgen's next direction from the target's state
-            amp, peak = _replayed_peaks(field, p[sl], u0[sl])
+            amp, peak = replayed_peaks(field, p[sl], u0[sl])
             ok = torch.isfinite(peak).all(-1) & (amp >= cut) & (d[sl] > 1e-9)
         r2 = _replay_residual(field, p[sl][ok], peak[ok].double(), u1[sl][ok], amp[ok])
         parts.append(d[sl][ok].to(r2.device) * s2 * torch.log1p(r2 / s2))
     return torch.cat(parts).sum()
 
 
-def _replayed_peaks(field, p: torch.Tensor, u0: torch.Tensor):
+def replayed_peaks(field, p: torch.Tensor, u0: torch.Tensor):
     """``(amplitude [n], peak [n, 3])``: the MRtrix ascent from ``u0`` on the FOD at ``p``
     (float32, as tckgen), by the numba tracking kernel's peak search when it can run (~7x
     faster than :meth:`~invtract.fod.field.FODField.peak`; both are spec 3.3, equal to float32
