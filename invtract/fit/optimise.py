@@ -116,6 +116,8 @@ COMMON_DEFAULTS: dict = {
         "sign_eps": 1e-9,
         "lr_sh": 0.01,
         "grad_clip": 0.0,
+        "sh_spike": 5.0,  # SH-gradient spike guard (Trainer._spike_guard; 0: off)
+        "sh_spike_mode": "skip",
     },
     "temperature": {
         "amplitude_start": 0.1,
@@ -174,12 +176,14 @@ COMMON_RULES: dict = {
             "fit.iterations",
             "fit.image_every",
             "optimizer.grad_clip",
+            "optimizer.sh_spike",
             "optimizer.sign_eps",
             "optimizer.lr_end",
         ],  # fmt: skip
         unit=["optimizer.beta1", "optimizer.beta2"],
         choices={
             "fit.mode": ("joint", "alternate"),
+            "optimizer.sh_spike_mode": ("skip", "clip"),
             "fit.path": ("efficient", "plain"),
             "fit.device": ("cpu", "cuda"),
             "fit.space": ("log", "bounded"),

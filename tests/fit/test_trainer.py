@@ -66,6 +66,59 @@ def test_signum_flip_decay_converges_where_a_fixed_schedule_oscillates():
     assert abs(damped.best["values"]["step_mm"] - 1.0) < 2e-3
 
 
+class ShProblem(Problem):
+    """Loss ``|rows - 1|^2`` over 8 learned SH rows (Adam); at iteration ``spike_at`` the
+    gradient is that of ``1e6 x`` a term on one coefficient (a near-singular peak's Jacobian in
+    the tracking gradient), or nothing at all with ``drop_at``."""
+
+    def __init__(self, spike_at=None, drop_at=None):
+        super().__init__()
+        self.config = {"toy": "sh"}
+        self.state = LearnedState(
+            {"step_mm": 0.2, "angle_deg": 60.0, "cutoff": 0.1},
+            ["sh"], DEFAULT_CONFIG["bounds"], "log", torch.zeros(2, 2, 2, 3),
+            voxels=torch.arange(8),
+        )  # fmt: skip
+        self.spike_at, self.drop_at = spike_at, drop_at
+
+    def _loss(self):
+        return (self.state.rows() - 1).pow(2).sum()
+
+    def training_step(self, it, world):
+        total = self._loss()
+        if it == self.spike_at:
+            total = total + 1e6 * self.state.rows()[3, 1]
+        if it == self.drop_at:
+            total = total * 0
+        return StepOutput(total=total, terms={"l": float(total.detach())})
+
+    def selection_loss(self, world):
+        with torch.no_grad():
+            return float(self._loss())
+
+
+def _sh_settings(**kw):
+    return TrainSettings(iterations=60, optimizer="adam", lr=0.1, lr_sh=0.05, **kw)
+
+
+def test_sh_gradient_spikes_are_dropped_or_clipped():
+    """``sh_spike``: an SH gradient above that multiple of the previous iterations' median norm
+    is dropped (``skip``: the run equals one whose loss had no gradient there) or scaled to the
+    bound (``clip``); unguarded, Adam's momentum carries the spike on for many steps."""
+    free = Trainer(_sh_settings()).fit(ShProblem(spike_at=10))
+    skip = Trainer(_sh_settings(sh_spike=5.0)).fit(ShProblem(spike_at=10))
+    drop = Trainer(_sh_settings()).fit(ShProblem(drop_at=10))
+    clip = Trainer(_sh_settings(sh_spike=5.0, sh_spike_mode="clip")).fit(ShProblem(spike_at=10))
+    assert free.final_loss > 10 * drop.final_loss
+    assert skip.final_loss == drop.final_loss and skip.final_values == drop.final_values
+    assert skip.history[10]["grad_scale/sh"] == 0.0
+    assert all("grad_scale/sh" not in h for i, h in enumerate(skip.history) if i != 10)
+    norms = [h["grad_norm/sh"] for h in clip.history]
+    bound = 5.0 * sorted(norms[:10])[4:6][0] / 2 + 5.0 * sorted(norms[:10])[4:6][1] / 2
+    assert clip.history[10]["grad_scale/sh"] == pytest.approx(bound / norms[10], rel=1e-9)
+    assert drop.final_loss < clip.final_loss < free.final_loss
+
+
 def test_best_iterate_includes_the_start_and_iterations_zero_is_finite():
     out = Trainer(_settings(iterations=0)).fit(VProblem())
     assert out.best["iteration"] == 0 and out.iterations == 0
