@@ -78,7 +78,7 @@ class TrainSettings:
     sign_eps: float = 1e-9
     lr_sh: float = 0.01
     grad_clip: float = 0.0
-    sh_spike: float = 0.0
+    sh_spike: float = 5.0
     sh_spike_mode: str = "skip"
     alternate: bool = False
     eval_every: int = 5
@@ -102,8 +102,8 @@ class TrainSettings:
             sign_eps=float(o.get("sign_eps", 1e-9)),
             lr_sh=float(o["lr_sh"]),
             grad_clip=float(o["grad_clip"]),
-            sh_spike=float(o.get("sh_spike", 0.0)),
-            sh_spike_mode=str(o.get("sh_spike_mode", "skip")),
+            sh_spike=float(o.get("sh_spike", cls.sh_spike)),
+            sh_spike_mode=str(o.get("sh_spike_mode", cls.sh_spike_mode)),
             alternate=f.get("mode", "joint") == "alternate",
             eval_every=max(int(f.get("eval_every", 5)), 1),
             image_every=max(int(f.get("image_every", 0)), 0),
@@ -322,7 +322,7 @@ class Trainer:
         log.info("SH gradient spike: norm %.4g > %.4g; scaled by %.3g", gn_sh, bound, factor)
         return factor
 
-    def _step(self, it: int, out: StepOutput, state: LearnedState, opts, history=()) -> dict:
+    def _step(self, it: int, out: StepOutput, state: LearnedState, opts, history) -> dict:
         """Back-propagate, sum gradients over ranks, check, clip and step."""
         opt_p, opt_sh = opts
         loss = self.world.sum({"l": float(out.total.detach())})["l"]
